@@ -1,0 +1,164 @@
+//! LoRA on a `Model`: `add_lora`, `save_adapter`, `load_adapter`, `save_merged`,
+//! `trainable_parameters`, `print_trainable_parameters`.
+
+use super::model::Model;
+use crate::nn::peft::{self, LoraSpec, Targets};
+use crate::script::options::{guard, parse};
+use rhai::{Dynamic, Engine, EvalAltResult, FuncRegistration, Map};
+use serde::Deserialize;
+use tch::Kind;
+
+type Res<T> = Result<T, Box<EvalAltResult>>;
+
+/// Options of `model.add_lora(#{...})`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraOptions {
+    /// Rank (default 8).
+    pub r: Option<i64>,
+    /// Scaling numerator (default 16): the update is scaled by alpha / r.
+    pub alpha: Option<f64>,
+    pub dropout: Option<f64>,
+    /// Module names (`["q_proj", "v_proj"]`), `"all-linear"`, or a regex over module paths.
+    pub targets: Option<serde_json::Value>,
+    /// Scale by alpha / √r (rank-stabilised LoRA).
+    pub use_rslora: Option<bool>,
+}
+
+/// Options of `model.save_merged(dir, #{...})`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeOptions {
+    /// `fp32`, `fp16`, `bf16` (default: the model's dtype; fp32 stays fp32).
+    pub dtype: Option<String>,
+    /// Largest shard, e.g. `"5GB"`, `"500MB"` (default 5GB).
+    pub max_shard_size: Option<String>,
+}
+
+fn parse_size(s: &str) -> anyhow::Result<usize> {
+    let s = s.trim().to_uppercase();
+    let (num, mult) = if let Some(n) = s.strip_suffix("GB") {
+        (n, 1e9)
+    } else if let Some(n) = s.strip_suffix("MB") {
+        (n, 1e6)
+    } else if let Some(n) = s.strip_suffix("KB") {
+        (n, 1e3)
+    } else {
+        (s.as_str(), 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("invalid size `{s}` (e.g. \"5GB\", \"500MB\")"))?;
+    Ok((v * mult) as usize)
+}
+
+fn targets_of(v: Option<serde_json::Value>) -> anyhow::Result<Targets> {
+    Ok(match v {
+        None => Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
+        Some(serde_json::Value::String(s)) if s == "all-linear" => Targets::AllLinear,
+        Some(serde_json::Value::String(s)) => Targets::Regex(s),
+        Some(serde_json::Value::Array(a)) => Targets::Names(
+            a.iter()
+                .map(|v| v.as_str().map(String::from).ok_or_else(|| anyhow::anyhow!("add_lora: targets must be strings, got {v}")))
+                .collect::<anyhow::Result<_>>()?,
+        ),
+        Some(other) => anyhow::bail!("add_lora: targets must be an array of names, \"all-linear\" or a regex, got {other}"),
+    })
+}
+
+/// (trainable, total) parameter counts.
+pub fn parameter_counts(m: &Model) -> (i64, i64) {
+    let m = m.0.borrow();
+    let trainable: i64 = peft::adapter_tensors(&m.net).iter().map(|(_, t)| t.numel() as i64).sum();
+    let base: i64 = m.net.state_dict().iter().map(|(_, t)| t.numel() as i64).sum();
+    (trainable, base + trainable)
+}
+
+pub fn register(engine: &mut Engine) {
+    FuncRegistration::new("add_lora")
+        .with_comments(["/// Adds LoRA adapters #{r, alpha, dropout, targets, use_rslora} (defaults 8, 16, 0.0, [\"q_proj\",\"v_proj\"]); only adapters train."])
+        .with_params_info(["model: &mut Model", "options: Map", "Model"])
+        .register_into_engine(engine, |m: &mut Model, opts: Map| -> Res<Model> {
+            let o: LoraOptions = parse("add_lora", &opts)?;
+            guard("add_lora", || {
+                let spec = LoraSpec {
+                    r: o.r.unwrap_or(8),
+                    alpha: o.alpha.unwrap_or(16.0),
+                    dropout: o.dropout.unwrap_or(0.0),
+                    targets: targets_of(o.targets)?,
+                    use_rslora: o.use_rslora.unwrap_or(false),
+                };
+                let mut inner = m.0.borrow_mut();
+                let names = peft::add_lora(&mut inner.net, &spec, Kind::Float)?;
+                tracing::info!("added LoRA r={} alpha={} to {} layers", spec.r, spec.alpha, names.len());
+                inner.lora = Some(spec);
+                Ok(())
+            })?;
+            Ok(m.clone())
+        });
+    FuncRegistration::new("trainable_parameters")
+        .with_comments(["/// #{trainable, total, percent}: parameter counts, as peft's print_trainable_parameters."])
+        .with_params_info(["model: &mut Model", "Map"])
+        .register_into_engine(engine, |m: &mut Model| -> Map {
+            let (t, all) = parameter_counts(m);
+            let mut map = Map::new();
+            map.insert("trainable".into(), Dynamic::from(t));
+            map.insert("total".into(), Dynamic::from(all));
+            map.insert("percent".into(), Dynamic::from(100.0 * t as f64 / all.max(1) as f64));
+            map
+        });
+    FuncRegistration::new("print_trainable_parameters")
+        .with_comments(["/// Prints `trainable params: N || all params: M || trainable%: P` like peft."])
+        .with_params_info(["model: &mut Model", "()"])
+        .register_into_engine(engine, |m: &mut Model| {
+            let (t, all) = parameter_counts(m);
+            tracing::info!("trainable params: {t} || all params: {all} || trainable%: {:.4}", 100.0 * t as f64 / all.max(1) as f64);
+        });
+    FuncRegistration::new("save_adapter")
+        .with_comments(["/// Writes the adapter in PEFT format (adapter_config.json, adapter_model.safetensors) plus the tokenizer files."])
+        .with_params_info(["model: &mut Model", "dir: &str", "()"])
+        .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<()> {
+            guard("save_adapter", || {
+                let m = m.0.borrow();
+                let spec = m.lora.as_ref().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters (call add_lora or load_adapter first)"))?;
+                let dir = std::path::Path::new(dir);
+                peft::save_adapter(&m.net, spec, &m.source, dir)?;
+                m.tokenizer.save(dir)?;
+                tracing::info!("saved adapter to {}", dir.display());
+                Ok(())
+            })
+        });
+    FuncRegistration::new("load_adapter")
+        .with_comments(["/// Loads a PEFT LoRA adapter directory onto the model (replacing any adapters it has)."])
+        .with_params_info(["model: &mut Model", "dir: &str", "Model"])
+        .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<Model> {
+            guard("load_adapter", || {
+                let mut inner = m.0.borrow_mut();
+                let spec = peft::load_adapter(&mut inner.net, &super::resolve(dir), Kind::Float)?;
+                inner.lora = Some(spec);
+                Ok(())
+            })?;
+            Ok(m.clone())
+        });
+    let save_merged = |m: &mut Model, dir: &str, o: MergeOptions| -> Res<()> {
+        guard("save_merged", || {
+            let m = m.0.borrow();
+            let kind = match o.dtype.as_deref() {
+                Some(d) => crate::models::parse_dtype(d, None)?,
+                None => m.net.kind,
+            };
+            let shard = parse_size(o.max_shard_size.as_deref().unwrap_or("5GB"))?;
+            crate::models::save::save_merged(&m, std::path::Path::new(dir), kind, shard)?;
+            tracing::info!("saved merged model to {dir}");
+            Ok(())
+        })
+    };
+    FuncRegistration::new("save_merged")
+        .with_comments(["/// Writes a standalone model directory with the adapters folded in (safetensors shards, config, tokenizer)."])
+        .with_params_info(["model: &mut Model", "dir: &str", "()"])
+        .register_into_engine(engine, move |m: &mut Model, dir: &str| save_merged(m, dir, MergeOptions::default()));
+    FuncRegistration::new("save_merged")
+        .with_comments(["/// save_merged with #{dtype, max_shard_size}."])
+        .with_params_info(["model: &mut Model", "dir: &str", "options: Map", "()"])
+        .register_into_engine(engine, move |m: &mut Model, dir: &str, opts: Map| -> Res<()> {
+            save_merged(m, dir, parse("save_merged", &opts)?)
+        });
+}

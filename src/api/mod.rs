@@ -1,0 +1,58 @@
+//! The recipe surface: one file per Rhai namespace, each a thin adapter that parses options,
+//! calls core Rust, and maps errors.
+
+pub mod dataset;
+pub mod lora;
+pub mod metrics;
+pub mod model;
+pub mod train;
+
+use rhai::Engine;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+static RECIPE_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// The directory of the running recipe; relative paths are tried against the working
+/// directory first, then against it.
+pub fn set_recipe_dir(dir: PathBuf) {
+    let _ = RECIPE_DIR.set(dir);
+}
+
+pub fn recipe_dir() -> PathBuf {
+    RECIPE_DIR.get().cloned().unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Resolves a path argument: as given if it exists (or is absolute), else next to the recipe.
+pub fn resolve(p: &str) -> PathBuf {
+    let path = PathBuf::from(p);
+    if path.is_absolute() || path.exists() {
+        return path;
+    }
+    let alt = recipe_dir().join(&path);
+    if alt.exists() { alt } else { path }
+}
+
+/// Registers every ftscript type and function.
+pub fn register(engine: &mut Engine) {
+    model::register(engine);
+    lora::register(engine);
+    dataset::register(engine);
+    train::register(engine);
+    metrics::register(engine);
+}
+
+type Validator = fn(&serde_json::Value) -> Result<(), String>;
+
+/// The options struct behind each function that takes an option map, for `ftscript check`.
+pub fn option_validator(function: &str) -> Option<Validator> {
+    use crate::script::options::validate;
+    Some(match function {
+        "load_model" => validate::<model::LoadOptions>,
+        "generate" => validate::<model::GenerateOptions>,
+        "add_lora" => validate::<lora::LoraOptions>,
+        "save_merged" => validate::<lora::MergeOptions>,
+        "train" => validate::<train::TrainOptions>,
+        _ => return None,
+    })
+}

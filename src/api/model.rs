@@ -1,0 +1,196 @@
+//! `load_model`, `Model` and `Tokenizer`.
+
+use crate::generate::{self, Sampling};
+use crate::models::{self, LoadedModel};
+use crate::script::options::{from_json, guard, parse, rt_any};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, FuncRegistration, Map};
+use serde::Deserialize;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+type Res<T> = Result<T, Box<EvalAltResult>>;
+
+/// A model shared between the recipe's variables.
+#[derive(Clone)]
+pub struct Model(pub Rc<RefCell<LoadedModel>>);
+
+/// A model's tokenizer (shares the model).
+#[derive(Clone)]
+pub struct Tokenizer(pub Rc<RefCell<LoadedModel>>);
+
+/// Options of `load_model(path, #{...})`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadOptions {
+    /// `auto` (the checkpoint's dtype), `fp32`, `fp16`, `bf16`.
+    pub dtype: Option<String>,
+    /// `auto`, `cpu`, `cuda`, `cuda:N`.
+    pub device: Option<String>,
+    /// `nf4`, `fp4`, `int8` (4-bit loading).
+    pub quantize: Option<String>,
+    pub double_quant: Option<bool>,
+    pub compute_dtype: Option<String>,
+    pub quant_skip: Option<Vec<String>>,
+    /// Hub revision (branch, tag or commit).
+    pub revision: Option<String>,
+}
+
+/// Options of `model.generate(prompt, #{...})`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateOptions {
+    pub max_new_tokens: Option<usize>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub seed: Option<u64>,
+}
+
+pub fn load_model(spec: &str, opts: LoadOptions) -> anyhow::Result<LoadedModel> {
+    if let Some(q) = &opts.quantize {
+        anyhow::bail!("quantize `{q}`: 4-bit loading is not available in this build yet");
+    }
+    let path = crate::api::resolve(spec);
+    if !path.exists() {
+        anyhow::bail!("model `{spec}` not found: no such directory or .gguf file");
+    }
+    let device = models::parse_device(opts.device.as_deref().unwrap_or("auto"))?;
+    let started = std::time::Instant::now();
+    let m = models::load(&path, opts.dtype.as_deref().unwrap_or("auto"), device)?;
+    tracing::info!(
+        "loaded {} ({} layers, {:.1}M parameters, {:?}, {:?}) in {:.1}s",
+        m.source,
+        m.net.layers.len(),
+        m.net.state_dict().iter().map(|(_, t)| t.numel()).sum::<usize>() as f64 / 1e6,
+        m.net.kind,
+        m.net.device,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(m)
+}
+
+fn sampling(o: GenerateOptions) -> Sampling {
+    let d = Sampling::default();
+    Sampling {
+        max_new_tokens: o.max_new_tokens.unwrap_or(d.max_new_tokens),
+        temperature: o.temperature.unwrap_or(d.temperature),
+        top_p: o.top_p.unwrap_or(d.top_p),
+        top_k: o.top_k.unwrap_or(d.top_k),
+        seed: o.seed.unwrap_or(d.seed),
+    }
+}
+
+fn generate_text(m: &LoadedModel, prompt: &str, s: &Sampling) -> anyhow::Result<String> {
+    let ids = m.tokenizer.encode(prompt, true)?;
+    let started = std::time::Instant::now();
+    let out = generate::generate_ids(m, &ids, s)?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::debug!("generated {} tokens in {secs:.2}s ({:.1} tokens/s)", out.len(), out.len() as f64 / secs.max(1e-9));
+    m.tokenizer.decode(&out, true)
+}
+
+/// `[#{role, content}, ...]` or a plain user message → the chat template's prompt text.
+fn chat_prompt(m: &LoadedModel, messages: Dynamic) -> anyhow::Result<String> {
+    let messages = if messages.is_string() {
+        serde_json::json!([{"role": "user", "content": messages.into_string().unwrap()}])
+    } else {
+        crate::script::options::to_json(&messages)
+    };
+    let t = &m.tokenizer;
+    let template = t
+        .chat_template
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("{}: the tokenizer has no chat_template", m.source))?;
+    crate::data::template::render_chat(template, &messages, true, t.bos_token.as_deref(), t.eos_token.as_deref())
+}
+
+pub fn register(engine: &mut Engine) {
+    engine.register_type_with_name::<Model>("Model");
+    engine.register_type_with_name::<Tokenizer>("Tokenizer");
+
+    FuncRegistration::new("load_model")
+        .with_comments(["/// Loads a Hugging Face model directory or a .gguf file (defaults: dtype auto, device auto)."])
+        .with_params_info(["path: &str", "Model"])
+        .register_into_engine(engine, |path: &str| -> Res<Model> {
+            guard("load_model", || Ok(Model(Rc::new(RefCell::new(load_model(path, LoadOptions::default())?)))))
+        });
+    FuncRegistration::new("load_model")
+        .with_comments(["/// Loads a model with options #{dtype, device, quantize, double_quant, compute_dtype, quant_skip, revision}."])
+        .with_params_info(["path: &str", "options: Map", "Model"])
+        .register_into_engine(engine, |path: &str, opts: Map| -> Res<Model> {
+            let opts: LoadOptions = parse("load_model", &opts)?;
+            guard("load_model", || Ok(Model(Rc::new(RefCell::new(load_model(path, opts)?)))))
+        });
+    FuncRegistration::new("generate")
+        .with_comments(["/// Generates a continuation of `prompt` (greedy, up to 64 new tokens)."])
+        .with_params_info(["model: &mut Model", "prompt: &str", "String"])
+        .register_into_engine(engine, |m: &mut Model, prompt: &str| -> Res<String> {
+            guard("generate", || generate_text(&m.0.borrow(), prompt, &Sampling::default()))
+        });
+    FuncRegistration::new("generate")
+        .with_comments(["/// Generates with #{max_new_tokens, temperature (0 = greedy), top_p, top_k, seed}; stops at EOS."])
+        .with_params_info(["model: &mut Model", "prompt: &str", "options: Map", "String"])
+        .register_into_engine(engine, |m: &mut Model, prompt: &str, opts: Map| -> Res<String> {
+            let s = sampling(parse("generate", &opts)?);
+            guard("generate", || generate_text(&m.0.borrow(), prompt, &s))
+        });
+    FuncRegistration::new("chat_prompt")
+        .with_comments(["/// Renders a user message, or an array of #{role, content} messages, with the model's chat template (generation prompt added)."])
+        .with_params_info(["model: &mut Model", "messages: Dynamic", "String"])
+        .register_into_engine(engine, |m: &mut Model, messages: Dynamic| -> Res<String> {
+            guard("chat_prompt", || chat_prompt(&m.0.borrow(), messages))
+        });
+    FuncRegistration::new("loss")
+        .with_comments(["/// Mean next-token negative log-likelihood (natural log) of `text`."])
+        .with_params_info(["model: &mut Model", "text: &str", "f64"])
+        .register_into_engine(engine, |m: &mut Model, text: &str| -> Res<f64> {
+            guard("loss", || {
+                let m = m.0.borrow();
+                let ids = m.tokenizer.encode(text, true)?;
+                generate::loss_of_ids(&m, &ids)
+            })
+        });
+    FuncRegistration::new("config")
+        .with_comments(["/// The model's config.json as a map."])
+        .with_params_info(["model: &mut Model", "Map"])
+        .register_into_engine(engine, |m: &mut Model| -> Map {
+            from_json(&m.0.borrow().config_json).cast::<Map>()
+        });
+    engine.register_get("tokenizer", |m: &mut Model| Tokenizer(m.0.clone()));
+    engine.register_get("config", |m: &mut Model| from_json(&m.0.borrow().config_json).cast::<Map>());
+
+    FuncRegistration::new("encode")
+        .with_comments(["/// Token ids of `text`, with BOS/EOS as the tokenizer's post-processor adds them."])
+        .with_params_info(["tokenizer: &mut Tokenizer", "text: &str", "Array"])
+        .register_into_engine(engine, |t: &mut Tokenizer, text: &str| -> Res<Array> {
+            let ids = t.0.borrow().tokenizer.encode(text, true).map_err(rt_any)?;
+            Ok(ids.into_iter().map(Dynamic::from).collect())
+        });
+    FuncRegistration::new("decode")
+        .with_comments(["/// Text of token ids (special tokens skipped)."])
+        .with_params_info(["tokenizer: &mut Tokenizer", "ids: Array", "String"])
+        .register_into_engine(engine, |t: &mut Tokenizer, ids: Array| -> Res<String> {
+            let ids: Vec<i64> = ids.iter().map(|d| d.as_int().map_err(|_| format!("decode: ids must be integers, got {}", d.type_name()))).collect::<Result<_, _>>()?;
+            t.0.borrow().tokenizer.decode(&ids, true).map_err(rt_any)
+        });
+    engine.register_get("eos_id", |t: &mut Tokenizer| t.0.borrow().tokenizer.eos_id.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
+    engine.register_get("bos_id", |t: &mut Tokenizer| t.0.borrow().tokenizer.bos_id.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
+    engine.register_get("pad_id", |t: &mut Tokenizer| t.0.borrow().tokenizer.pad_id);
+    engine.register_get("vocab_size", |t: &mut Tokenizer| t.0.borrow().tokenizer.vocab_size() as i64);
+
+    FuncRegistration::new("import_gguf")
+        .with_comments(["/// Converts a llama-family .gguf file into a Hugging Face model directory (config, safetensors, tokenizer)."])
+        .with_params_info(["gguf: &str", "dir: &str", "()"])
+        .register_into_engine(engine, |gguf: &str, dir: &str| -> Res<()> {
+            guard("import_gguf", || import_gguf(&crate::api::resolve(gguf), std::path::Path::new(dir)))
+        });
+}
+
+/// `ftscript import FILE.gguf DIR` and `import_gguf(...)`.
+pub fn import_gguf(gguf: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<()> {
+    let import = crate::models::gguf::import_llama(gguf)?;
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    crate::models::gguf::write_hf_dir(&import, dir)?;
+    tracing::info!("imported {} into {}", gguf.display(), dir.display());
+    Ok(())
+}

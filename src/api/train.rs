@@ -1,0 +1,322 @@
+//! `train(model, #{...})`: option parsing, formatting records (by template name or a Rhai
+//! function), callbacks, and the result map. The loop itself is `crate::train::trainer`.
+
+use super::dataset::Dataset;
+use super::model::Model;
+use crate::data::format::{format_builtin, Example, Formatted, TokenizeOptions, IGNORE};
+use crate::script::options::{from_json, guard, parse, to_json};
+use crate::train::batch::BatchConfig;
+use crate::train::logger::RunLogger;
+use crate::train::schedule::Schedule;
+use crate::train::trainer::{self, Control, Hooks, TrainConfig, TrainData};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+type Res<T> = Result<T, Box<EvalAltResult>>;
+
+/// Options of `train(model, #{...})`; `train`, `eval`, `format` and the `on_*` callbacks are
+/// Rhai values taken out before the rest is deserialized.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainOptions {
+    pub train: Option<IgnoredAny>,
+    pub eval: Option<IgnoredAny>,
+    pub format: Option<IgnoredAny>,
+    pub on_log: Option<IgnoredAny>,
+    pub on_eval: Option<IgnoredAny>,
+    pub on_step: Option<IgnoredAny>,
+    pub max_length: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub eval_batch_size: Option<usize>,
+    pub grad_accum: Option<usize>,
+    pub epochs: Option<usize>,
+    pub max_steps: Option<usize>,
+    pub lr: Option<f64>,
+    pub scheduler: Option<String>,
+    pub warmup_steps: Option<usize>,
+    pub warmup_ratio: Option<f64>,
+    pub weight_decay: Option<f64>,
+    pub adam_beta1: Option<f64>,
+    pub adam_beta2: Option<f64>,
+    pub adam_eps: Option<f64>,
+    pub max_grad_norm: Option<f64>,
+    pub precision: Option<String>,
+    pub gradient_checkpointing: Option<serde_json::Value>,
+    pub log_every: Option<usize>,
+    pub eval_every: Option<usize>,
+    pub save_every: Option<usize>,
+    pub save_total_limit: Option<usize>,
+    pub output_dir: Option<String>,
+    pub seed: Option<u64>,
+    pub resume: Option<bool>,
+    pub packing: Option<bool>,
+    /// `longest` (per batch, default) or `max_length`.
+    pub padding: Option<String>,
+    pub train_on_prompt: Option<bool>,
+    pub shuffle: Option<bool>,
+}
+
+/// How records become examples.
+enum Format {
+    Builtin(String),
+    Function(FnPtr),
+    /// Records already hold `input_ids` (and optionally `labels`).
+    Tokens,
+}
+
+fn format_of(v: Option<&Dynamic>, first: Option<&serde_json::Value>) -> anyhow::Result<Format> {
+    match v {
+        Some(d) if d.is_fnptr() => Ok(Format::Function(d.clone().cast::<FnPtr>())),
+        Some(d) if d.is_string() => {
+            let s = d.clone().into_string().unwrap();
+            if s == "tokens" {
+                return Ok(Format::Tokens);
+            }
+            if !crate::data::format::BUILTIN_FORMATS.contains(&s.as_str()) {
+                anyhow::bail!(
+                    "train: unknown format `{s}`; valid: {}, tokens, or a function",
+                    crate::data::format::BUILTIN_FORMATS.join(", ")
+                );
+            }
+            Ok(Format::Builtin(s))
+        }
+        Some(d) => anyhow::bail!("train: format must be a template name or a function, got {}", d.type_name()),
+        None => {
+            // infer from the first record's fields
+            let has = |k: &str| first.and_then(|r| r.get(k)).is_some();
+            Ok(if has("input_ids") {
+                Format::Tokens
+            } else if has("messages") {
+                Format::Builtin("chat_template".into())
+            } else if has("instruction") {
+                Format::Builtin("alpaca".into())
+            } else if has("text") {
+                Format::Builtin("text".into())
+            } else {
+                anyhow::bail!("train: cannot infer the format of the records; pass format: \"alpaca\" | \"chatml\" | \"chat_template\" | \"text\" | \"tokens\" or a function")
+            })
+        }
+    }
+}
+
+fn ints(v: &serde_json::Value, what: &str, i: usize) -> anyhow::Result<Vec<i64>> {
+    v.as_array()
+        .and_then(|a| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<i64>>>())
+        .ok_or_else(|| anyhow::anyhow!("record {i}: `{what}` must be an array of integers"))
+}
+
+/// Formats and tokenizes a dataset (Rhai format functions run here, on the recipe's thread;
+/// tokenization runs on worker threads and is cached).
+fn examples(
+    ctx: &NativeCallContext,
+    m: &Model,
+    ds: &Dataset,
+    fmt: &Format,
+    o: &TokenizeOptions,
+) -> Res<Vec<Example>> {
+    let records = &ds.0.records;
+    let model = m.0.borrow();
+    let tok = &model.tokenizer;
+    match fmt {
+        Format::Tokens => records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let ids = ints(r.get("input_ids").unwrap_or(&serde_json::Value::Null), "input_ids", i)?;
+                let labels = match r.get("labels") {
+                    Some(l) => ints(l, "labels", i)?,
+                    None => ids.clone(),
+                };
+                anyhow::ensure!(labels.len() == ids.len(), "record {i}: `labels` and `input_ids` differ in length");
+                let n = if o.max_length > 0 { ids.len().min(o.max_length) } else { ids.len() };
+                Ok(Example { input_ids: ids[..n].to_vec(), labels: labels[..n].iter().map(|&l| if l < 0 { IGNORE } else { l }).collect() })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(|e| format!("train: {}: {e}", ds.0.origin).into()),
+        Format::Builtin(name) => {
+            let items = records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| format_builtin(name, r, i, tok))
+                .collect::<anyhow::Result<Vec<_>>>()
+                .map_err(|e| -> Box<EvalAltResult> { format!("train: {}: {e:#}", ds.0.origin).into() })?;
+            guard("train", || crate::data::cache::tokenize_all(items, tok, o))
+        }
+        Format::Function(f) => {
+            let mut items = Vec::with_capacity(records.len());
+            for (i, r) in records.iter().enumerate() {
+                let out: Dynamic = f
+                    .call_within_context(ctx, (from_json(r),))
+                    .map_err(|e| -> Box<EvalAltResult> { format!("train: format function failed on record {i}: {e}").into() })?;
+                items.push(Formatted::from_value(&to_json(&out), i).map_err(|e| -> Box<EvalAltResult> { format!("train: {e}").into() })?);
+            }
+            guard("train", || crate::data::cache::tokenize_all(items, tok, o))
+        }
+    }
+}
+
+/// Recipe callbacks: each option is a function or an array of functions.
+struct RhaiHooks<'a> {
+    ctx: &'a NativeCallContext<'a>,
+    on_step: Vec<FnPtr>,
+    on_log: Vec<FnPtr>,
+    on_eval: Vec<FnPtr>,
+}
+
+fn callbacks(v: Option<&Dynamic>, name: &str) -> Res<Vec<FnPtr>> {
+    match v {
+        None => Ok(vec![]),
+        Some(d) if d.is_fnptr() => Ok(vec![d.clone().cast::<FnPtr>()]),
+        Some(d) if d.is_array() => d
+            .clone()
+            .cast::<Array>()
+            .into_iter()
+            .map(|x| if x.is_fnptr() { Ok(x.cast::<FnPtr>()) } else { Err(format!("train: {name} must hold functions, got {}", x.type_name()).into()) })
+            .collect(),
+        Some(d) => Err(format!("train: {name} must be a function or an array of functions, got {}", d.type_name()).into()),
+    }
+}
+
+impl RhaiHooks<'_> {
+    fn call(&self, fns: &[FnPtr], name: &str, metrics: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
+        let mut control = Control::Continue;
+        for f in fns {
+            let arg = from_json(&serde_json::Value::Object(metrics.clone()));
+            let out: Dynamic = f.call_within_context(self.ctx, (arg,)).map_err(|e| anyhow::anyhow!("{name} callback failed: {e}"))?;
+            if out.clone().into_string().map(|s| s == "stop").unwrap_or(false) {
+                control = Control::Stop;
+            }
+        }
+        Ok(control)
+    }
+}
+
+impl Hooks for RhaiHooks<'_> {
+    fn on_step(&mut self, m: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
+        self.call(&self.on_step, "on_step", m)
+    }
+    fn on_log(&mut self, m: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
+        self.call(&self.on_log, "on_log", m)
+    }
+    fn on_eval(&mut self, m: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
+        self.call(&self.on_eval, "on_eval", m)
+    }
+}
+
+fn dataset_opt(map: &Map, key: &str) -> Res<Option<Dataset>> {
+    match map.get(key) {
+        None => Ok(None),
+        Some(d) if d.is_unit() => Ok(None),
+        Some(d) => d
+            .clone()
+            .try_cast::<Dataset>()
+            .map(Some)
+            .ok_or_else(|| format!("train: `{key}` must be a Dataset (from load_dataset), got {}", d.type_name()).into()),
+    }
+}
+
+fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
+    let o: TrainOptions = parse("train", &opts)?;
+    let train_ds = dataset_opt(&opts, "train")?.ok_or("train: missing option `train` (the training Dataset)")?;
+    let eval_ds = dataset_opt(&opts, "eval")?;
+    let fmt = format_of(opts.get("format"), train_ds.0.records.first()).map_err(|e| -> Box<EvalAltResult> { e.to_string().into() })?;
+    let max_length = o.max_length.unwrap_or(1024);
+    let tok_opts = TokenizeOptions { max_length, train_on_prompt: o.train_on_prompt.unwrap_or(false) };
+    let train_ex = examples(&ctx, m, &train_ds, &fmt, &tok_opts)?;
+    let eval_ex = match &eval_ds {
+        Some(d) => Some(examples(&ctx, m, d, &fmt, &tok_opts)?),
+        None => None,
+    };
+    let mut hooks = RhaiHooks {
+        ctx: &ctx,
+        on_step: callbacks(opts.get("on_step"), "on_step")?,
+        on_log: callbacks(opts.get("on_log"), "on_log")?,
+        on_eval: callbacks(opts.get("on_eval"), "on_eval")?,
+    };
+    let result = guard("train", || {
+        let mut model = m.0.borrow_mut();
+        let model = &mut *model;
+        let spec = model.lora.clone().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters; call model.add_lora(#{{...}}) first"))?;
+        let precision = match o.precision.as_deref() {
+            None | Some("auto") => model.net.kind,
+            Some(p) => crate::models::parse_dtype(p, None)?,
+        };
+        let gradient_checkpointing = match &o.gradient_checkpointing {
+            None => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::String(s)) if s == "auto" => false,
+            Some(v) => anyhow::bail!("gradient_checkpointing must be true, false or \"auto\", got {v}"),
+        };
+        let batch_size = o.batch_size.unwrap_or(4);
+        let cfg = TrainConfig {
+            batch: BatchConfig {
+                batch_size,
+                max_length,
+                pad_to_max_length: match o.padding.as_deref() {
+                    None | Some("longest") => false,
+                    Some("max_length") => true,
+                    Some(p) => anyhow::bail!("padding must be \"longest\" or \"max_length\", got \"{p}\""),
+                },
+                packing: o.packing.unwrap_or(false),
+                pad_id: model.tokenizer.pad_id,
+                shuffle: o.shuffle.unwrap_or(true),
+                seed: o.seed.unwrap_or(42),
+            },
+            eval_batch_size: o.eval_batch_size.unwrap_or(batch_size),
+            grad_accum: o.grad_accum.unwrap_or(1).max(1),
+            epochs: o.epochs.unwrap_or(1),
+            max_steps: o.max_steps,
+            lr: o.lr.unwrap_or(2e-4),
+            scheduler: Schedule::parse(o.scheduler.as_deref().unwrap_or("linear"))?,
+            warmup_steps: o.warmup_steps,
+            warmup_ratio: o.warmup_ratio.unwrap_or(0.0),
+            weight_decay: o.weight_decay.unwrap_or(0.0),
+            adam_beta1: o.adam_beta1.unwrap_or(0.9),
+            adam_beta2: o.adam_beta2.unwrap_or(0.999),
+            adam_eps: o.adam_eps.unwrap_or(1e-8),
+            max_grad_norm: o.max_grad_norm.unwrap_or(1.0),
+            precision,
+            gradient_checkpointing,
+            log_every: o.log_every.unwrap_or(10).max(1),
+            eval_every: o.eval_every.filter(|_| eval_ex.is_some()),
+            save_every: o.save_every,
+            save_total_limit: o.save_total_limit,
+            output_dir: PathBuf::from(o.output_dir.clone().unwrap_or_else(|| "runs/ftscript".into())),
+            seed: o.seed.unwrap_or(42),
+            resume: o.resume.unwrap_or(false),
+        };
+        let data = TrainData { train: Arc::new(train_ex), eval: eval_ex.map(Arc::new) };
+        let mut logger = RunLogger::create(&cfg.output_dir)?;
+        let source = model.source.clone();
+        let r = trainer::train(&mut model.net, &spec, &source, &data, &cfg, &mut hooks, &mut logger)?;
+        Ok((r, cfg.output_dir))
+    })?;
+    let (r, out_dir) = result;
+    let mut map = Map::new();
+    map.insert("steps".into(), Dynamic::from(r.steps as i64));
+    map.insert("epoch".into(), Dynamic::from(r.epoch));
+    map.insert("train_loss".into(), Dynamic::from(r.train_loss));
+    map.insert("eval_loss".into(), r.eval_loss.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
+    map.insert("stopped_early".into(), Dynamic::from(r.stopped_early));
+    map.insert("tokens_per_sec".into(), Dynamic::from(r.tokens_per_sec));
+    map.insert("output_dir".into(), Dynamic::from(out_dir.display().to_string()));
+    map.insert(
+        "checkpoint".into(),
+        r.checkpoint.map(|c| Dynamic::from(c.display().to_string())).unwrap_or(Dynamic::UNIT),
+    );
+    map.insert("log_history".into(), from_json(&serde_json::Value::Array(r.log_history)));
+    Ok(map)
+}
+
+pub fn register(engine: &mut Engine) {
+    FuncRegistration::new("train")
+        .with_comments(["/// Trains the model's LoRA adapters on #{train, eval, format, ...}; returns #{steps, train_loss, eval_loss, stopped_early, ...}."])
+        .with_params_info(["model: Model", "options: Map", "Map"])
+        .register_into_engine(engine, |ctx: NativeCallContext, m: Model, opts: Map| -> Res<Map> {
+            let mut m = m;
+            train_fn(ctx, &mut m, opts)
+        });
+}

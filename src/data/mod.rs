@@ -1,0 +1,5 @@
+//! Datasets, templates, tokenization and batching.
+pub mod cache;
+pub mod dataset;
+pub mod format;
+pub mod template;

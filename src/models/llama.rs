@@ -1,0 +1,382 @@
+//! The Llama family decoder (Llama 1/2/3, Mistral, Qwen2), mirroring transformers'
+//! `modeling_llama.py` op for op so logits match:
+//!
+//! ```text
+//! h = embed(ids)
+//! for each layer:  h = h + o(attn(rope(q(n1(h))), rope(k(n1(h))), v(n1(h))))
+//!                  h = h + down(silu(gate(n2(h))) * up(n2(h)))
+//! logits = lm_head(norm(h))          (lm_head = embedᵀ when embeddings are tied)
+//! ```
+//! `n(x) = w · x / √(mean(x²) + ε)` computed in fp32 (RMSNorm); attention is
+//! `softmax(q kᵀ / √d + mask) v` through libtorch's `scaled_dot_product_attention`, with
+//! grouped-query attention (k/v heads shared by `heads / kv_heads` query heads).
+
+use super::config::{LlamaConfig, RopeScaling};
+use crate::nn::{Linear, WeightSource};
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+/// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale.
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = xf * (var + self.eps).rsqrt();
+        &self.weight * normed.to_kind(kind)
+    }
+}
+
+/// Rotary position embedding: frequencies `θ^(-2i/d)`, rescaled per `rope_scaling`.
+pub struct Rope {
+    head_dim: i64,
+    theta: f64,
+    scaling: RopeScaling,
+}
+
+impl Rope {
+    /// `1 / θ^(2i/d)` for `i < d/2`, computed in fp32 like transformers.
+    fn base_inv_freq(&self, theta: f64) -> Tensor {
+        let d = self.head_dim;
+        let exps = Tensor::arange_start_step(0, d, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float) / d as f64;
+        Tensor::pow_scalar(theta, &exps).reciprocal()
+    }
+
+    /// Inverse frequencies for a sequence whose largest position is `max_pos`.
+    pub fn inv_freq(&self, max_pos: i64) -> Tensor {
+        match &self.scaling {
+            RopeScaling::Default => self.base_inv_freq(self.theta),
+            RopeScaling::Linear { factor } => self.base_inv_freq(self.theta) / *factor,
+            RopeScaling::Dynamic { factor, original_max_position_embeddings } => {
+                let len = (max_pos + 1).max(*original_max_position_embeddings as i64) as f64;
+                let d = self.head_dim as f64;
+                let base = self.theta
+                    * ((factor * len / *original_max_position_embeddings as f64) - (factor - 1.0)).powf(d / (d - 2.0));
+                self.base_inv_freq(base)
+            }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let inv = self.base_inv_freq(self.theta);
+                let old = *original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);
+                let scaled = wavelen.gt(low_wavelen).where_self(&(&inv / *factor), &inv);
+                let smooth = ((wavelen.reciprocal() * old) - *low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smoothed = (1.0 - &smooth) * &scaled / *factor + &smooth * &scaled;
+                let medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
+                medium.where_self(&smoothed, &scaled)
+            }
+        }
+    }
+
+    /// `(cos, sin)` of shape `[B, 1, T, d]` for positions `[B, T]`, in `kind`.
+    pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let max_pos = if matches!(self.scaling, RopeScaling::Dynamic { .. }) {
+            positions.max().int64_value(&[])
+        } else {
+            0
+        };
+        let inv = self.inv_freq(max_pos).to_device(positions.device());
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv.view([1, 1, -1]);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        (emb.cos().to_kind(kind).unsqueeze(1), emb.sin().to_kind(kind).unsqueeze(1))
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin`, where `rotate_half([a, b]) = [-b, a]` over the last dim.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let x1 = x.narrow(3, 0, half);
+    let x2 = x.narrow(3, half, half);
+    let rotated = Tensor::cat(&[&(-x2), &x1], 3);
+    x * cos + rotated * sin
+}
+
+/// Which keys each query may attend to.
+pub enum AttnMask {
+    /// Causal over the whole row (right padding needs nothing more: labels mask the pads).
+    Causal,
+    /// Causal within segments: `[B, T]` ids; several packed examples share a row.
+    Segments(Tensor),
+}
+
+/// Keys and values seen so far, per layer, for incremental decoding.
+#[derive(Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> i64 {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.size()[2]).unwrap_or(0)
+    }
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    n_heads: i64,
+    n_kv_heads: i64,
+    head_dim: i64,
+    sliding_window: Option<i64>,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: &AttnMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().unwrap();
+        let shape = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
+        let q = shape(self.q_proj.forward(x, train), self.n_heads);
+        let k = shape(self.k_proj.forward(x, train), self.n_kv_heads);
+        let v = shape(self.v_proj.forward(x, train), self.n_kv_heads);
+        let (cos, sin) = cos_sin;
+        let q = apply_rope(&q, cos, sin);
+        let mut k = apply_rope(&k, cos, sin);
+        let mut v = v;
+        let mut past = 0;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                past = pk.size()[2];
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let kv_len = past + t;
+        let window = self.sliding_window.filter(|w| *w < kv_len);
+        let explicit: Option<Tensor> = match mask {
+            AttnMask::Segments(seg) => {
+                // allowed(i, j) = j ≤ i and seg[i] == seg[j]
+                let same = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1));
+                let causal = Tensor::ones([t, t], (Kind::Bool, x.device())).tril(0);
+                let mut m = same.logical_and(&causal);
+                if let Some(w) = window {
+                    m = m.logical_and(&Tensor::ones([t, t], (Kind::Bool, x.device())).triu(-(w - 1)));
+                }
+                Some(m.unsqueeze(1))
+            }
+            AttnMask::Causal if past == 0 && window.is_none() => None,
+            AttnMask::Causal if t == 1 && window.is_none() => None,
+            AttnMask::Causal => {
+                // query i sits at position past+i: allowed(i, j) = j ≤ past+i (and past+i−j < w)
+                let qpos = Tensor::arange_start(past, kv_len, (Kind::Int64, x.device())).unsqueeze(1);
+                let kpos = Tensor::arange(kv_len, (Kind::Int64, x.device())).unsqueeze(0);
+                let mut m = kpos.le_tensor(&qpos);
+                if let Some(w) = window {
+                    m = m.logical_and(&(&qpos - &kpos).lt(w));
+                }
+                Some(m)
+            }
+        };
+        let is_causal = explicit.is_none() && t > 1;
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            explicit.as_ref(),
+            0.0,
+            is_causal,
+            None,
+            self.n_kv_heads != self.n_heads,
+        );
+        let y = y.transpose(1, 2).contiguous().view([b, t, self.n_heads * self.head_dim]);
+        self.o_proj.forward(&y, train)
+    }
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let g = self.gate_proj.forward(x, train).silu();
+        self.down_proj.forward(&(g * self.up_proj.forward(x, train)), train)
+    }
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: &AttnMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Tensor {
+        let a = self.self_attn.forward(&self.input_layernorm.forward(h), cos_sin, mask, cache, train);
+        let h = h + a;
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), train);
+        h + m
+    }
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the output projection is tied to the embeddings.
+    pub lm_head: Option<Linear>,
+    pub rope: Rope,
+    pub kind: Kind,
+    pub device: Device,
+}
+
+impl Llama {
+    /// Builds the model from checkpoint tensors named as in transformers' state dict.
+    pub fn load(config: LlamaConfig, weights: &WeightSource, kind: Kind, device: Device) -> Result<Llama> {
+        let c = &config;
+        let (h, i) = (c.hidden_size as i64, c.intermediate_size as i64);
+        let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
+        let load = |name: &str, shape: &[i64]| weights.load(name, shape, kind, device);
+        let linear = |name: String, out: i64, inp: i64, bias: bool| -> Result<Linear> {
+            Ok(Linear {
+                weight: load(&format!("{name}.weight"), &[out, inp])?,
+                bias: if bias { Some(load(&format!("{name}.bias"), &[out])?) } else { None },
+                lora: None,
+                name,
+            })
+        };
+        let norm = |name: String| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: load(&format!("{name}.weight"), &[h])?, eps: c.rms_norm_eps })
+        };
+        let mut layers = vec![];
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let window = c.sliding_window.filter(|_| l >= c.sliding_window_from_layer).map(|w| w as i64);
+            layers.push(DecoderLayer {
+                input_layernorm: norm(format!("{p}.input_layernorm"))?,
+                self_attn: Attention {
+                    q_proj: linear(format!("{p}.self_attn.q_proj"), nh * hd, h, c.qkv_bias)?,
+                    k_proj: linear(format!("{p}.self_attn.k_proj"), nkv * hd, h, c.qkv_bias)?,
+                    v_proj: linear(format!("{p}.self_attn.v_proj"), nkv * hd, h, c.qkv_bias)?,
+                    o_proj: linear(format!("{p}.self_attn.o_proj"), h, nh * hd, c.o_bias)?,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    sliding_window: window,
+                },
+                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm"))?,
+                mlp: Mlp {
+                    gate_proj: linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias)?,
+                    up_proj: linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
+                    down_proj: linear(format!("{p}.mlp.down_proj"), h, i, c.mlp_bias)?,
+                },
+            });
+        }
+        let vocab = c.vocab_size as i64;
+        let embed_tokens = load("model.embed_tokens.weight", &[vocab, h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(linear("lm_head".into(), vocab, h, false)?)
+        };
+        Ok(Llama {
+            rope: Rope { head_dim: hd, theta: c.rope_theta, scaling: c.rope_scaling.clone() },
+            norm: norm("model.norm".into())?,
+            embed_tokens,
+            layers,
+            lm_head,
+            kind,
+            device,
+            config,
+        })
+    }
+
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+    }
+
+    /// Final norm and output projection: hidden `[B, T, H]` → logits `[B, T, V]`.
+    pub fn head(&self, h: &Tensor, train: bool) -> Tensor {
+        let h = self.norm.forward(h);
+        match &self.lm_head {
+            Some(l) => l.forward(&h, train),
+            None => h.matmul(&self.embed_tokens.tr()),
+        }
+    }
+
+    /// Hidden states after the last decoder layer (before the final norm).
+    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        let cos_sin = self.rope.cos_sin(positions, self.kind);
+        let mut h = self.embed(ids);
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize_with(self.layers.len(), || None);
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            h = layer.forward(&h, &cos_sin, mask, slot, train);
+        }
+        h
+    }
+
+    /// Logits for token ids `[B, T]` at `positions` `[B, T]`.
+    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        let h = self.hidden(ids, positions, mask, cache, train);
+        self.head(&h, train)
+    }
+
+    /// Every linear layer with its checkpoint name, in model order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![];
+        for l in &self.layers {
+            let a = &l.self_attn;
+            v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
+            v.extend([&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]);
+        }
+        v.extend(self.lm_head.iter());
+        v
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = vec![];
+        for l in &mut self.layers {
+            let a = &mut l.self_attn;
+            v.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            let m = &mut l.mlp;
+            v.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+        }
+        v.extend(self.lm_head.iter_mut());
+        v
+    }
+
+    /// The full state dict, named as in transformers (LoRA not merged).
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.shallow_clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            v.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight.shallow_clone()));
+            v.push((format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.shallow_clone()));
+        }
+        for lin in self.linears() {
+            v.push((format!("{}.weight", lin.name), lin.weight.shallow_clone()));
+            if let Some(b) = &lin.bias {
+                v.push((format!("{}.bias", lin.name), b.shallow_clone()));
+            }
+        }
+        v.push(("model.norm.weight".into(), self.norm.weight.shallow_clone()));
+        v
+    }
+}

@@ -1,0 +1,139 @@
+//! Model loading: a Hugging Face model directory or a GGUF file → a [`LoadedModel`].
+
+pub mod config;
+pub mod gguf;
+pub mod llama;
+pub mod save;
+
+use crate::nn::WeightSource;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use config::LlamaConfig;
+use llama::Llama;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// A model ready to run: the network, its tokenizer, and the files it came from.
+pub struct LoadedModel {
+    pub net: Llama,
+    pub tokenizer: Tokenizer,
+    /// config.json as read (written back, with `torch_dtype` updated, when saving merged).
+    pub config_json: serde_json::Value,
+    pub generation_config: Option<serde_json::Value>,
+    /// Where the model came from (a directory, a GGUF file, or a Hub id).
+    pub source: String,
+    /// The LoRA settings of the adapters on the model, if any.
+    pub lora: Option<crate::nn::peft::LoraSpec>,
+}
+
+/// `"auto" | "cpu" | "cuda" | "cuda:N"` → a libtorch device.
+pub fn parse_device(s: &str) -> Result<Device> {
+    Ok(match s {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" | "gpu" => {
+            if !tch::Cuda::is_available() {
+                bail!("device `cuda` requested but CUDA is not available (no GPU, or libtorch_cuda not linked)");
+            }
+            Device::Cuda(0)
+        }
+        s if s.starts_with("cuda:") => {
+            let n: usize = s[5..].parse().with_context(|| format!("invalid device `{s}`"))?;
+            let count = tch::Cuda::device_count() as usize;
+            if n >= count {
+                bail!("device `{s}` requested but {count} CUDA device(s) are visible");
+            }
+            Device::Cuda(n)
+        }
+        other => bail!("unknown device `{other}`; valid: auto, cpu, cuda, cuda:N"),
+    })
+}
+
+/// `"auto" | "fp32" | "fp16" | "bf16"` (and the torch spellings) → a kind; `auto` reads
+/// the checkpoint's `torch_dtype`/`dtype`.
+pub fn parse_dtype(s: &str, config_dtype: Option<&str>) -> Result<Kind> {
+    Ok(match s {
+        "auto" => match config_dtype {
+            Some("bfloat16") => Kind::BFloat16,
+            Some("float16") => Kind::Half,
+            _ => Kind::Float,
+        },
+        "fp32" | "float32" | "float" => Kind::Float,
+        "fp16" | "float16" | "half" => Kind::Half,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        other => bail!("unknown dtype `{other}`; valid: auto, fp32, fp16, bf16"),
+    })
+}
+
+pub fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    }
+}
+
+/// Loads a model directory (config.json + safetensors + tokenizer) or a `.gguf` file.
+pub fn load(path: &Path, dtype: &str, device: Device) -> Result<LoadedModel> {
+    if path.extension().map(|e| e == "gguf").unwrap_or(false) {
+        return load_gguf(path, dtype, device);
+    }
+    if !path.is_dir() {
+        bail!("{}: no such model directory or .gguf file", path.display());
+    }
+    let config_path = path.join("config.json");
+    if !config_path.exists() {
+        bail!("{}: missing config.json", path.display());
+    }
+    let config_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?,
+    )
+    .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
+    let config = LlamaConfig::from_json(&config_json).with_context(|| config_path.display().to_string())?;
+    let kind = parse_dtype(dtype, config.dtype.as_deref())?;
+    let weights = WeightSource::open_dir(path)?;
+    let tokenizer = Tokenizer::from_dir(path, config.bos_token_id, config.eos_token_ids.first().copied(), config.pad_token_id)?;
+    let generation_config = std::fs::read_to_string(path.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let net = Llama::load(config, &weights, kind, device)?;
+    Ok(LoadedModel { net, tokenizer, config_json, generation_config, source: path.display().to_string(), lora: None })
+}
+
+fn load_gguf(path: &Path, dtype: &str, device: Device) -> Result<LoadedModel> {
+    let import = gguf::import_llama(path)?;
+    let config = LlamaConfig::from_json(&import.config).with_context(|| path.display().to_string())?;
+    let kind = parse_dtype(dtype, config.dtype.as_deref())?;
+    let mut tensors = HashMap::new();
+    for (name, shape, data) in &import.tensors {
+        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        tensors.insert(name.clone(), Tensor::from_slice(data).view(shape.as_slice()));
+    }
+    let files = vec![
+        ("tokenizer.json".to_string(), import.tokenizer_json.clone().into_bytes()),
+        ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&import.tokenizer_config)?),
+    ];
+    let tokenizer = Tokenizer::from_files(files, &path.display().to_string(), config.bos_token_id, config.eos_token_ids.first().copied(), config.pad_token_id)?;
+    let net = Llama::load(config, &WeightSource::Memory(tensors), kind, device)?;
+    Ok(LoadedModel {
+        net,
+        tokenizer,
+        config_json: import.config.clone(),
+        generation_config: Some(import.generation_config.clone()),
+        source: path.display().to_string(),
+        lora: None,
+    })
+}
+
+/// Resolves what `load_model` was given: an existing path, else (later) a Hub id.
+pub fn resolve_path(spec: &str, base: &Path) -> Result<PathBuf> {
+    let p = PathBuf::from(spec);
+    let candidates = if p.is_absolute() { vec![p.clone()] } else { vec![p.clone(), base.join(&p)] };
+    for c in &candidates {
+        if c.exists() {
+            return Ok(c.clone());
+        }
+    }
+    bail!("model `{spec}` not found: no such directory or file (Hub ids need the Hub cache; see README)")
+}

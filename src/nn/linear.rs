@@ -1,0 +1,69 @@
+//! The one linear layer every projection of a model uses: a frozen base weight, an optional
+//! bias, and an optional LoRA adapter on top.
+
+use tch::{Kind, Tensor};
+
+/// A LoRA adapter (Hu et al., 2021) for a linear layer `W: [out, in]`:
+///
+/// `y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ` with `A: [r, in]`, `B: [out, r]`,
+/// `s = alpha / r` (or `alpha / √r` with rsLoRA).
+/// A starts Kaiming-uniform (`U(-1/√in, 1/√in)`, peft's `a=√5`), B starts at zero, so the
+/// adapted layer starts equal to the base layer.
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+impl Lora {
+    pub fn new(in_features: i64, out_features: i64, r: i64, scale: f64, dropout: f64, kind: Kind, device: tch::Device) -> Lora {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let a = Tensor::empty([r, in_features], (kind, device)).uniform_(-bound, bound).set_requires_grad(true);
+        let b = Tensor::zeros([out_features, r], (kind, device)).set_requires_grad(true);
+        Lora { a, b, scale, dropout }
+    }
+
+    /// `s · dropout(x) Aᵀ Bᵀ`, computed in `x`'s dtype (adapters may be kept in fp32 while the
+    /// base runs in bf16/fp16; gradients flow back to them through the cast).
+    pub fn delta(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
+        let (a, b) = if self.a.kind() == x.kind() {
+            (self.a.shallow_clone(), self.b.shallow_clone())
+        } else {
+            (self.a.to_kind(x.kind()), self.b.to_kind(x.kind()))
+        };
+        x.matmul(&a.tr()).matmul(&b.tr()) * self.scale
+    }
+
+    /// The dense update `s · B A`, shaped like the base weight.
+    pub fn merged_delta(&self) -> Tensor {
+        self.b.matmul(&self.a) * self.scale
+    }
+}
+
+/// A linear projection `y = x Wᵀ + b` named by its path in the checkpoint (e.g.
+/// `model.layers.0.self_attn.q_proj`), with an optional LoRA adapter.
+pub struct Linear {
+    pub name: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    pub fn in_features(&self) -> i64 {
+        self.weight.size()[1]
+    }
+    pub fn out_features(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.lora {
+            Some(l) => y + l.delta(x, train),
+            None => y,
+        }
+    }
+}

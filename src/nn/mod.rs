@@ -1,0 +1,7 @@
+//! Layers and weight files.
+pub mod linear;
+pub mod peft;
+pub mod weights;
+
+pub use linear::{Linear, Lora};
+pub use weights::WeightSource;

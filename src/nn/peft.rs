@@ -1,0 +1,270 @@
+//! LoRA injection and the PEFT adapter format.
+//!
+//! Files (as `peft` writes them): `adapter_config.json` and `adapter_model.safetensors` with keys
+//! `base_model.model.<module>.lora_A.weight` (`[r, in]`) and `...lora_B.weight` (`[out, r]`),
+//! where `<module>` is the linear layer's name in the base model's state dict
+//! (e.g. `model.layers.0.self_attn.q_proj`).
+
+use super::linear::Lora;
+use super::weights::{save_safetensors, write_atomic, WeightSource};
+use crate::models::llama::Llama;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// Which linear layers get adapters.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets {
+    /// Module names matched as peft does: equal to the last path segment(s), e.g. `q_proj`.
+    Names(Vec<String>),
+    /// A regex that must match the whole module path (peft's string form).
+    Regex(String),
+    /// Every linear layer except the output projection.
+    AllLinear,
+}
+
+impl Targets {
+    pub fn matches(&self, module: &str) -> Result<bool> {
+        Ok(match self {
+            Targets::Names(names) => names.iter().any(|n| module == n || module.ends_with(&format!(".{n}"))),
+            Targets::Regex(re) => {
+                let re = regex::Regex::new(&format!("^(?:{re})$")).with_context(|| format!("invalid targets regex `{re}`"))?;
+                re.is_match(module)
+            }
+            Targets::AllLinear => module != "lm_head",
+        })
+    }
+}
+
+/// A LoRA configuration, mirroring the fields of peft's `LoraConfig` we support.
+#[derive(Debug, Clone)]
+pub struct LoraSpec {
+    pub r: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Targets,
+    pub use_rslora: bool,
+}
+
+impl LoraSpec {
+    /// `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+    }
+}
+
+/// `adapter_config.json`, field for field as peft writes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub auto_mapping: Option<serde_json::Value>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default = "bias_none")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub inference_mode: bool,
+    #[serde(default = "yes")]
+    pub init_lora_weights: serde_json::Value,
+    #[serde(default)]
+    pub layers_pattern: Option<serde_json::Value>,
+    #[serde(default)]
+    pub layers_to_transform: Option<serde_json::Value>,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    pub peft_type: String,
+    pub r: i64,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    pub target_modules: serde_json::Value,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+fn bias_none() -> String {
+    "none".into()
+}
+fn yes() -> serde_json::Value {
+    serde_json::Value::Bool(true)
+}
+
+/// Adds fresh adapters to every matching linear layer; returns the adapted module names.
+/// Adapters of kind `kind` (fp32 for mixed precision) on the model's device.
+pub fn add_lora(net: &mut Llama, spec: &LoraSpec, kind: Kind) -> Result<Vec<String>> {
+    if spec.r <= 0 {
+        bail!("add_lora: r must be positive, got {}", spec.r);
+    }
+    let device = net.device;
+    let mut names = vec![];
+    for lin in net.linears_mut() {
+        if spec.targets.matches(&lin.name)? {
+            let (out, inp) = (lin.out_features(), lin.in_features());
+            lin.lora = Some(Lora::new(inp, out, spec.r, spec.scale(), spec.dropout, kind, device));
+            names.push(lin.name.clone());
+        }
+    }
+    if names.is_empty() {
+        let available: Vec<String> = {
+            let mut s: Vec<String> = net.linears().iter().map(|l| l.name.rsplit('.').next().unwrap().to_string()).collect();
+            s.sort();
+            s.dedup();
+            s
+        };
+        bail!("add_lora: targets {:?} match no linear layer; available: {}", spec.targets, available.join(", "));
+    }
+    Ok(names)
+}
+
+/// The trainable adapter tensors, `(peft key, tensor)`, sorted by key (a fixed order on every rank).
+pub fn adapter_tensors(net: &Llama) -> Vec<(String, Tensor)> {
+    let mut v = vec![];
+    for lin in net.linears() {
+        if let Some(l) = &lin.lora {
+            v.push((format!("base_model.model.{}.lora_A.weight", lin.name), l.a.shallow_clone()));
+            v.push((format!("base_model.model.{}.lora_B.weight", lin.name), l.b.shallow_clone()));
+        }
+    }
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The distinct last path segments of adapted modules (`["q_proj", "v_proj"]`).
+fn target_suffixes(net: &Llama) -> Vec<String> {
+    let mut s: Vec<String> = net
+        .linears()
+        .iter()
+        .filter(|l| l.lora.is_some())
+        .map(|l| l.name.rsplit('.').next().unwrap().to_string())
+        .collect();
+    s.sort();
+    s.dedup();
+    s
+}
+
+/// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir` (each atomically).
+pub fn save_adapter(net: &Llama, spec: &LoraSpec, base_model: &str, dir: &Path) -> Result<()> {
+    let tensors: BTreeMap<String, Tensor> = adapter_tensors(net).into_iter().map(|(k, t)| (k, t.detach())).collect();
+    if tensors.is_empty() {
+        bail!("save_adapter: the model has no LoRA adapters (call add_lora or load_adapter first)");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let target_modules = match &spec.targets {
+        Targets::Regex(re) => serde_json::Value::String(re.clone()),
+        _ => serde_json::json!(target_suffixes(net)),
+    };
+    let config = AdapterConfig {
+        alpha_pattern: BTreeMap::new(),
+        auto_mapping: None,
+        base_model_name_or_path: Some(base_model.to_string()),
+        bias: "none".into(),
+        fan_in_fan_out: false,
+        inference_mode: true,
+        init_lora_weights: serde_json::Value::Bool(true),
+        layers_pattern: None,
+        layers_to_transform: None,
+        lora_alpha: spec.alpha,
+        lora_dropout: spec.dropout,
+        modules_to_save: None,
+        peft_type: "LORA".into(),
+        r: spec.r,
+        rank_pattern: BTreeMap::new(),
+        revision: None,
+        target_modules,
+        task_type: Some("CAUSAL_LM".into()),
+        use_dora: false,
+        use_rslora: spec.use_rslora,
+    };
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    save_safetensors(&tensors, &dir.join("adapter_model.safetensors"), Some(meta))?;
+    write_atomic(&dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    Ok(())
+}
+
+/// Reads a peft LoRA adapter directory and installs its weights (replacing existing adapters).
+/// Returns the spec it describes. `kind` is the adapters' dtype.
+pub fn load_adapter(net: &mut Llama, dir: &Path, kind: Kind) -> Result<LoraSpec> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
+    let cfg: AdapterConfig =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a peft adapter config", cfg_path.display()))?;
+    if cfg.peft_type != "LORA" {
+        bail!("{}: peft_type `{}` is not supported (only LORA)", cfg_path.display(), cfg.peft_type);
+    }
+    if cfg.use_dora {
+        bail!("{}: DoRA adapters are not supported", cfg_path.display());
+    }
+    let file = dir.join("adapter_model.safetensors");
+    if !file.exists() {
+        bail!("{}: missing adapter_model.safetensors (adapter_model.bin is not supported)", dir.display());
+    }
+    let weights = WeightSource::open_files(&[file.clone()])?;
+    let targets = match &cfg.target_modules {
+        serde_json::Value::String(s) if s == "all-linear" => Targets::AllLinear,
+        serde_json::Value::String(s) => Targets::Regex(s.clone()),
+        serde_json::Value::Array(a) => Targets::Names(a.iter().filter_map(|v| v.as_str().map(String::from)).collect()),
+        other => bail!("{}: unsupported target_modules {other}", cfg_path.display()),
+    };
+    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora };
+    let device = net.device;
+    let mut found = 0;
+    for lin in net.linears_mut() {
+        let key_a = format!("base_model.model.{}.lora_A.weight", lin.name);
+        let key_b = format!("base_model.model.{}.lora_B.weight", lin.name);
+        if !weights.contains(&key_a) {
+            lin.lora = None;
+            continue;
+        }
+        // rank_pattern / alpha_pattern: peft matches these keys as suffixes of the module name
+        let short = lin.name.clone();
+        let r = cfg.rank_pattern.iter().find(|(k, _)| short.ends_with(k.as_str())).map(|(_, v)| *v).unwrap_or(cfg.r);
+        let alpha = cfg.alpha_pattern.iter().find(|(k, _)| short.ends_with(k.as_str())).map(|(_, v)| *v).unwrap_or(cfg.lora_alpha);
+        let (out, inp) = (lin.out_features(), lin.in_features());
+        let a = weights.load(&key_a, &[r, inp], kind, device)?.set_requires_grad(true);
+        let b = weights.load(&key_b, &[out, r], kind, device)?.set_requires_grad(true);
+        let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        lin.lora = Some(Lora { a, b, scale, dropout: cfg.lora_dropout });
+        found += 1;
+    }
+    if found == 0 {
+        bail!("{}: no adapter tensor matches a linear layer of this model", file.display());
+    }
+    let unused: Vec<String> = weights
+        .names()
+        .into_iter()
+        .filter(|n| {
+            let module = n.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight").trim_end_matches(".lora_B.weight");
+            !net.linears().iter().any(|l| l.name == module)
+        })
+        .collect();
+    if !unused.is_empty() {
+        bail!("{}: tensor `{}` names no linear layer of this model", file.display(), unused[0]);
+    }
+    Ok(spec)
+}
+
+/// Folds every adapter into its base weight (`W ← W + s·B·A`) and removes the adapters.
+pub fn merge(net: &mut Llama) {
+    let _g = tch::no_grad_guard();
+    for lin in net.linears_mut() {
+        if let Some(l) = lin.lora.take() {
+            let delta = l.merged_delta().to_kind(lin.weight.kind());
+            lin.weight = (&lin.weight + delta).detach();
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Option maps (`#{r: 8, alpha: 16}`) → `deny_unknown_fields` structs, with errors that name
+//! the offending key and list the valid ones.
+
+use rhai::{Dynamic, EvalAltResult, Map};
+use serde::de::DeserializeOwned;
+
+/// A Rhai value as JSON (custom types, such as datasets or models, become their type name).
+pub fn to_json(value: &Dynamic) -> serde_json::Value {
+    if value.is_map() {
+        let map = value.read_lock::<Map>().unwrap();
+        return serde_json::Value::Object(map.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect());
+    }
+    if value.is_array() {
+        let arr = value.read_lock::<rhai::Array>().unwrap();
+        return serde_json::Value::Array(arr.iter().map(to_json).collect());
+    }
+    if value.is_fnptr() {
+        return serde_json::Value::String(format!("<function {}>", value.clone().cast::<rhai::FnPtr>().fn_name()));
+    }
+    match serde_json::to_value(value) {
+        Ok(v) => v,
+        Err(_) => serde_json::Value::String(format!("<{}>", value.type_name())),
+    }
+}
+
+/// JSON → a Rhai value.
+pub fn from_json(value: &serde_json::Value) -> Dynamic {
+    match value {
+        serde_json::Value::Null => Dynamic::UNIT,
+        serde_json::Value::Bool(b) => Dynamic::from(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from(i),
+            None => Dynamic::from(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => Dynamic::from(s.clone()),
+        serde_json::Value::Array(a) => Dynamic::from_array(a.iter().map(from_json).collect()),
+        serde_json::Value::Object(o) => {
+            Dynamic::from_map(o.iter().map(|(k, v)| (k.as_str().into(), from_json(v))).collect())
+        }
+    }
+}
+
+/// Deserializes `map` into `T`; `what` names the call in the message (`add_lora: unknown field ...`).
+pub fn parse<T: DeserializeOwned>(what: &str, map: &Map) -> Result<T, Box<EvalAltResult>> {
+    let json = serde_json::Value::Object(map.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect());
+    serde_json::from_value(json).map_err(|e| format!("{what}: {e}").into())
+}
+
+/// Checks a JSON object against `T` the way `parse` would, for `ftscript check`.
+pub fn validate<T: DeserializeOwned>(json: &serde_json::Value) -> Result<(), String> {
+    serde_json::from_value::<T>(json.clone()).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Turns any error into a Rhai runtime error carrying its full context chain.
+pub fn rt<E: std::fmt::Display>(e: E) -> Box<EvalAltResult> {
+    e.to_string().into()
+}
+
+/// `anyhow` errors with their causes, `outer: inner: innermost`.
+pub fn rt_any(e: anyhow::Error) -> Box<EvalAltResult> {
+    format!("{e:#}").into()
+}
+
+/// Runs `f`, turning a libtorch panic into a Rhai error (nothing panics across the script boundary).
+pub fn guard<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, Box<EvalAltResult>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e:#}").into()),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "internal error".into());
+            let first = msg.lines().next().unwrap_or("").to_string();
+            Err(format!("{what}: {first}").into())
+        }
+    }
+}

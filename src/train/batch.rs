@@ -1,0 +1,169 @@
+//! Micro-batches: which examples go together each epoch, and how they become tensors
+//! (right padding, or packing several examples into one row with attention kept within each).
+
+use crate::data::format::Example;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    pub batch_size: usize,
+    pub max_length: usize,
+    /// Pad every row to `max_length` instead of the longest row of the batch.
+    pub pad_to_max_length: bool,
+    /// Concatenate examples into rows of `max_length` tokens.
+    pub packing: bool,
+    pub pad_id: i64,
+    pub shuffle: bool,
+    pub seed: u64,
+}
+
+/// A micro-batch on the CPU. Labels are not shifted; -100 marks positions without loss.
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub labels: Tensor,
+    pub positions: Tensor,
+    /// Example ids per position when rows are packed.
+    pub segments: Option<Tensor>,
+    /// Tokens that carry a loss after the shift (`labels[:, 1:] != -100`).
+    pub n_label_tokens: i64,
+    /// Non-padding tokens, for throughput.
+    pub n_tokens: i64,
+}
+
+/// A row: the examples it holds, in order.
+type Row = Vec<usize>;
+
+/// The rows of micro-batches for `epoch`: a seeded shuffle of the examples (seed + epoch), then
+/// either one example per row, or examples packed first-fit in that order into rows of
+/// `max_length`; rows are grouped `batch_size` at a time (the last batch may be smaller).
+pub fn plan_epoch(examples: &[Example], cfg: &BatchConfig, epoch: usize) -> Vec<Vec<Row>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    if cfg.shuffle {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64));
+        order.shuffle(&mut rng);
+    }
+    let rows: Vec<Row> = if cfg.packing {
+        let mut rows = vec![];
+        let mut cur: Row = vec![];
+        let mut len = 0;
+        for i in order {
+            let n = examples[i].input_ids.len().min(cfg.max_length);
+            if len + n > cfg.max_length && !cur.is_empty() {
+                rows.push(std::mem::take(&mut cur));
+                len = 0;
+            }
+            cur.push(i);
+            len += n;
+        }
+        if !cur.is_empty() {
+            rows.push(cur);
+        }
+        rows
+    } else {
+        order.into_iter().map(|i| vec![i]).collect()
+    };
+    rows.chunks(cfg.batch_size.max(1)).map(|c| c.to_vec()).collect()
+}
+
+/// Builds the tensors of one micro-batch. In packed rows the first token of every example gets
+/// label -100, so no example is trained to predict the start of the next one.
+pub fn collate(examples: &[Example], rows: &[Row], cfg: &BatchConfig) -> Batch {
+    let mut flat: Vec<(Vec<i64>, Vec<i64>, Vec<i64>, Vec<i64>)> = vec![];
+    for row in rows {
+        let (mut ids, mut labels, mut pos, mut seg) = (vec![], vec![], vec![], vec![]);
+        for (k, &i) in row.iter().enumerate() {
+            let e = &examples[i];
+            let n = e.input_ids.len().min(cfg.max_length);
+            ids.extend_from_slice(&e.input_ids[..n]);
+            let start = labels.len();
+            labels.extend_from_slice(&e.labels[..n]);
+            if cfg.packing && n > 0 {
+                labels[start] = -100;
+            }
+            pos.extend(0..n as i64);
+            seg.extend(std::iter::repeat(k as i64).take(n));
+        }
+        flat.push((ids, labels, pos, seg));
+    }
+    let longest = flat.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
+    let width = if cfg.pad_to_max_length { cfg.max_length.max(longest) } else { longest };
+    let (b, t) = (flat.len() as i64, width as i64);
+    let (mut ids, mut labels, mut pos, mut seg) = (vec![], vec![], vec![], vec![]);
+    let mut n_tokens = 0;
+    for (i, l, p, s) in flat {
+        let pad = width - i.len();
+        n_tokens += i.len() as i64;
+        let last_pos = p.last().copied().unwrap_or(-1);
+        ids.extend(i.into_iter().chain(std::iter::repeat(cfg.pad_id).take(pad)));
+        labels.extend(l.into_iter().chain(std::iter::repeat(-100).take(pad)));
+        pos.extend(p.into_iter().chain((1..=pad as i64).map(|k| last_pos + k)));
+        seg.extend(s.into_iter().chain(std::iter::repeat(-1).take(pad)));
+    }
+    let n_label_tokens = {
+        let mut n = 0;
+        for r in 0..b as usize {
+            n += labels[r * width + 1..(r + 1) * width].iter().filter(|&&x| x != -100).count() as i64;
+        }
+        n
+    };
+    Batch {
+        input_ids: Tensor::from_slice(&ids).view([b, t]),
+        labels: Tensor::from_slice(&labels).view([b, t]),
+        positions: Tensor::from_slice(&pos).view([b, t]),
+        segments: if cfg.packing { Some(Tensor::from_slice(&seg).view([b, t])) } else { None },
+        n_label_tokens,
+        n_tokens,
+    }
+}
+
+/// Summed next-token cross-entropy over label tokens: `Σ −log softmax(logits[t])[labels[t+1]]`,
+/// in fp32.
+pub fn loss_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
+    let (b, t, v) = logits.size3().unwrap();
+    let pred = logits.narrow(1, 0, t - 1).to_kind(Kind::Float).reshape([b * (t - 1), v]);
+    let target = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
+    pred.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Sum, -100, 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    fn ex(ids: &[i64], labels: &[i64]) -> Example {
+        Example { input_ids: ids.to_vec(), labels: labels.to_vec() }
+    }
+    fn cfg(packing: bool) -> BatchConfig {
+        BatchConfig { batch_size: 2, max_length: 6, pad_to_max_length: false, packing, pad_id: 0, shuffle: false, seed: 0 }
+    }
+
+    #[test]
+    fn pads_right_and_counts_label_tokens() {
+        let e = vec![ex(&[5, 6, 7], &[-100, 6, 7]), ex(&[8, 9], &[8, 9])];
+        let plan = plan_epoch(&e, &cfg(false), 0);
+        assert_eq!(plan.len(), 1);
+        let b = collate(&e, &plan[0], &cfg(false));
+        assert_eq!(Vec::<i64>::try_from(b.input_ids.view([-1])).unwrap(), vec![5, 6, 7, 8, 9, 0]);
+        assert_eq!(Vec::<i64>::try_from(b.labels.view([-1])).unwrap(), vec![-100, 6, 7, 8, 9, -100]);
+        assert_eq!(b.n_label_tokens, 3);
+    }
+
+    #[test]
+    fn packs_with_segment_starts_masked() {
+        let e = vec![ex(&[1, 2, 3], &[1, 2, 3]), ex(&[4, 5], &[4, 5]), ex(&[6, 7, 8], &[6, 7, 8])];
+        let plan = plan_epoch(&e, &cfg(true), 0);
+        assert_eq!(plan[0], vec![vec![0, 1], vec![2]]);
+        let b = collate(&e, &plan[0], &cfg(true));
+        assert_eq!(Vec::<i64>::try_from(b.labels.get(0)).unwrap(), vec![-100, 2, 3, -100, 5]);
+        assert_eq!(Vec::<i64>::try_from(b.positions.get(0)).unwrap(), vec![0, 1, 2, 0, 1]);
+        assert_eq!(Vec::<i64>::try_from(b.segments.unwrap().get(0)).unwrap(), vec![0, 0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn shuffle_is_seeded() {
+        let e: Vec<Example> = (0..20).map(|i| ex(&[i], &[i])).collect();
+        let c = BatchConfig { shuffle: true, ..cfg(false) };
+        assert_eq!(plan_epoch(&e, &c, 0), plan_epoch(&e, &c, 0));
+        assert_ne!(plan_epoch(&e, &c, 0), plan_epoch(&e, &c, 1));
+    }
+}

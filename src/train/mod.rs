@@ -1,0 +1,8 @@
+//! Training: batches, the loop, optimizer and schedule, checkpoints, run logs, metrics.
+pub mod batch;
+pub mod checkpoint;
+pub mod logger;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;

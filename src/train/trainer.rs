@@ -1,0 +1,342 @@
+//! The training loop, in one readable function: accumulation, clipping, logging, evaluation,
+//! checkpointing and callbacks are all visible in [`train`].
+//!
+//! The loss of an optimizer step is the mean over every label token of its accumulation window
+//! (`Σ token losses / Σ label tokens`), not the mean of per-micro-batch means.
+
+use super::batch::{collate, loss_sum, plan_epoch, Batch, BatchConfig};
+use super::checkpoint::{self, TrainerState};
+use super::logger::RunLogger;
+use super::optim::{clip_grad_norm, AdamW};
+use super::schedule::{lr_at, Schedule};
+use crate::data::format::Example;
+use crate::models::llama::{AttnMask, Llama};
+use crate::nn::peft::{self, LoraSpec};
+use anyhow::{bail, Result};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub batch: BatchConfig,
+    pub eval_batch_size: usize,
+    pub grad_accum: usize,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub lr: f64,
+    pub scheduler: Schedule,
+    pub warmup_steps: Option<usize>,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
+    pub max_grad_norm: f64,
+    /// Compute dtype of the frozen weights (adapters stay fp32).
+    pub precision: Kind,
+    pub gradient_checkpointing: bool,
+    pub log_every: usize,
+    pub eval_every: Option<usize>,
+    pub save_every: Option<usize>,
+    pub save_total_limit: Option<usize>,
+    pub output_dir: PathBuf,
+    pub seed: u64,
+    pub resume: bool,
+}
+
+/// What a callback asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Recipe callbacks; each receives the current metrics.
+pub trait Hooks {
+    fn on_step(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
+    fn on_log(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
+    fn on_eval(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
+}
+
+/// Everything `train` needs besides the model.
+pub struct TrainData {
+    pub train: Arc<Vec<Example>>,
+    pub eval: Option<Arc<Vec<Example>>>,
+}
+
+/// Moves a CPU batch to the model's device.
+fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, AttnMask) {
+    let mask = match &b.segments {
+        Some(s) => AttnMask::Segments(s.to_device(device)),
+        None => AttnMask::Causal,
+    };
+    (b.input_ids.to_device(device), b.labels.to_device(device), b.positions.to_device(device), mask)
+}
+
+/// Forward and backward of one micro-batch; `weight` scales the summed loss (1/window tokens,
+/// times the fp16 loss scale). Returns the summed loss (detached).
+///
+/// With gradient checkpointing, the forward runs without a graph keeping only each layer's
+/// input; backward then recomputes one layer at a time (`∂L/∂x_l` from `∂L/∂x_{l+1}` through
+/// `Σ layer(x_l) · g`), re-seeding dropout so the recomputation sees the same masks.
+fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: bool, seed: i64) -> Tensor {
+    let (ids, labels, positions, mask) = to_device(b, net.device);
+    if !checkpointing {
+        tch::manual_seed(seed);
+        let logits = net.forward(&ids, &positions, &mask, None, true);
+        let loss = loss_sum(&logits, &labels);
+        (&loss * weight).backward();
+        return loss.detach();
+    }
+    let cos_sin = net.rope.cos_sin(&positions, net.kind);
+    let mut inputs = vec![];
+    let h = tch::no_grad(|| {
+        let mut h = net.embed(&ids);
+        for (l, layer) in net.layers.iter().enumerate() {
+            tch::manual_seed(seed + l as i64);
+            inputs.push(h.shallow_clone());
+            h = layer.forward(&h, &cos_sin, &mask, None, true);
+        }
+        h
+    });
+    let top = h.detach().set_requires_grad(true);
+    let loss = loss_sum(&net.head(&top, true), &labels);
+    (&loss * weight).backward();
+    let mut grad = top.grad();
+    for (l, layer) in net.layers.iter().enumerate().rev() {
+        let x = inputs[l].detach().set_requires_grad(l > 0);
+        tch::manual_seed(seed + l as i64);
+        let out = layer.forward(&x, &cos_sin, &mask, None, true);
+        (out * &grad).sum(Kind::Float).backward();
+        if l > 0 {
+            grad = x.grad();
+        }
+    }
+    loss.detach()
+}
+
+/// Token-weighted mean loss over a dataset, without gradients.
+pub fn evaluate(net: &Llama, examples: &[Example], cfg: &BatchConfig) -> Result<(f64, i64)> {
+    let _g = tch::no_grad_guard();
+    let cfg = BatchConfig { shuffle: false, ..cfg.clone() };
+    let mut total = Tensor::zeros([], (Kind::Double, net.device));
+    let mut tokens = 0;
+    for rows in plan_epoch(examples, &cfg, 0) {
+        let b = collate(examples, &rows, &cfg);
+        let (ids, labels, positions, mask) = to_device(&b, net.device);
+        let logits = net.forward(&ids, &positions, &mask, None, false);
+        total += loss_sum(&logits, &labels).to_kind(Kind::Double);
+        tokens += b.n_label_tokens;
+    }
+    if tokens == 0 {
+        bail!("evaluation set has no label tokens");
+    }
+    Ok((total.double_value(&[]) / tokens as f64, tokens))
+}
+
+/// The outcome of a run, returned to the recipe.
+#[derive(Debug, Clone, Default)]
+pub struct TrainResult {
+    pub steps: usize,
+    pub epoch: f64,
+    pub train_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub stopped_early: bool,
+    pub tokens_per_sec: f64,
+    pub checkpoint: Option<PathBuf>,
+    pub log_history: Vec<Value>,
+}
+
+/// Casts the frozen weights to the compute dtype (adapters are left in fp32).
+fn set_precision(net: &mut Llama, kind: Kind) {
+    if net.kind == kind {
+        return;
+    }
+    tracing::info!("casting frozen weights from {:?} to {:?} for training", net.kind, kind);
+    let _g = tch::no_grad_guard();
+    net.embed_tokens = net.embed_tokens.to_kind(kind);
+    net.norm.weight = net.norm.weight.to_kind(kind);
+    for l in &mut net.layers {
+        l.input_layernorm.weight = l.input_layernorm.weight.to_kind(kind);
+        l.post_attention_layernorm.weight = l.post_attention_layernorm.weight.to_kind(kind);
+    }
+    for lin in net.linears_mut() {
+        lin.weight = lin.weight.to_kind(kind);
+        lin.bias = lin.bias.as_ref().map(|b| b.to_kind(kind));
+    }
+    net.kind = kind;
+}
+
+/// Trains the model's LoRA adapters.
+pub fn train(
+    net: &mut Llama,
+    spec: &LoraSpec,
+    base_model: &str,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    hooks: &mut dyn Hooks,
+    logger: &mut RunLogger,
+) -> Result<TrainResult> {
+    let params: Vec<Tensor> = peft::adapter_tensors(net).into_iter().map(|(_, t)| t).collect();
+    if params.is_empty() {
+        bail!("train: the model has no LoRA adapters; call model.add_lora(#{{...}}) first");
+    }
+    if data.train.is_empty() {
+        bail!("train: the training set is empty");
+    }
+    set_precision(net, cfg.precision);
+    let fp16 = cfg.precision == Kind::Half;
+    let plan_len = plan_epoch(&data.train, &cfg.batch, 0).len();
+    let steps_per_epoch = plan_len.div_ceil(cfg.grad_accum);
+    let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
+    let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total_steps as f64).ceil() as usize);
+    let mut opt = AdamW::new(&params, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay);
+    let mut state = TrainerState::default();
+    state.loss_scale = if fp16 { 65536.0 } else { 1.0 };
+
+    if cfg.resume {
+        if let Some(dir) = checkpoint::latest(&cfg.output_dir)? {
+            state = checkpoint::load(&dir, net, &params, &mut opt)?;
+            tracing::info!("resumed from {} (step {}, epoch {}, batch {})", dir.display(), state.step, state.epoch, state.batch_in_epoch);
+        } else {
+            tracing::info!("resume: no checkpoint in {}, starting fresh", cfg.output_dir.display());
+        }
+    }
+    let trainable: i64 = params.iter().map(|p| p.numel() as i64).sum();
+    tracing::info!(
+        "training: {} examples, {plan_len} micro-batches/epoch, batch {} × accumulation {}, {total_steps} steps, warmup {warmup}, {trainable} trainable parameters",
+        data.train.len(),
+        cfg.batch.batch_size,
+        cfg.grad_accum
+    );
+
+    let progress = indicatif::ProgressBar::new(total_steps as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]")
+            .unwrap(),
+    );
+    progress.set_position(state.step as u64);
+    let mut result = TrainResult { log_history: state.log_history.clone(), ..Default::default() };
+    let started = std::time::Instant::now();
+    let mut window_tokens = 0i64;
+    let mut log_loss_sum = 0.0;
+    let mut log_steps = 0usize;
+    let mut plan = plan_epoch(&data.train, &cfg.batch, state.epoch);
+    let mut stop = false;
+
+    while state.step < total_steps && !stop {
+        if state.batch_in_epoch >= plan.len() {
+            state.epoch += 1;
+            state.batch_in_epoch = 0;
+            plan = plan_epoch(&data.train, &cfg.batch, state.epoch);
+        }
+        // one optimizer step: a window of up to grad_accum micro-batches, never across epochs
+        let end = (state.batch_in_epoch + cfg.grad_accum).min(plan.len());
+        let batches: Vec<Batch> = plan[state.batch_in_epoch..end].iter().map(|rows| collate(&data.train, rows, &cfg.batch)).collect();
+        let n_label: i64 = batches.iter().map(|b| b.n_label_tokens).sum();
+        let lr = lr_at(cfg.scheduler, cfg.lr, state.step, total_steps, warmup);
+        let mut loss_total = Tensor::zeros([], (Kind::Float, net.device));
+        for (k, b) in batches.iter().enumerate() {
+            let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((state.step * 64 + k) as i64 * 1009);
+            let weight = state.loss_scale / n_label.max(1) as f64;
+            loss_total += forward_backward(net, b, weight, cfg.gradient_checkpointing, seed);
+            window_tokens += b.n_tokens;
+        }
+        if state.loss_scale != 1.0 {
+            let _g = tch::no_grad_guard();
+            for p in &params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(1.0 / state.loss_scale);
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&params, cfg.max_grad_norm).double_value(&[]);
+        let loss = loss_total.double_value(&[]) / n_label.max(1) as f64;
+        let skipped = fp16 && !grad_norm.is_finite();
+        if skipped {
+            state.loss_scale /= 2.0;
+            state.good_steps = 0;
+            tracing::warn!("fp16: non-finite gradients, skipping step {} and halving the loss scale to {}", state.step + 1, state.loss_scale);
+        } else {
+            opt.step(&params, lr);
+            if fp16 {
+                state.good_steps += 1;
+                if state.good_steps % 2000 == 0 {
+                    state.loss_scale *= 2.0;
+                }
+            }
+        }
+        for p in &params {
+            let mut p = p.shallow_clone();
+            p.zero_grad();
+        }
+        state.step += 1;
+        state.batch_in_epoch = end;
+        progress.set_position(state.step as u64);
+        log_loss_sum += loss;
+        log_steps += 1;
+        let epoch_f = state.epoch as f64 + state.batch_in_epoch as f64 / plan.len() as f64;
+        result.train_loss = loss;
+
+        let mut m = Map::new();
+        m.insert("step".into(), json!(state.step));
+        m.insert("epoch".into(), json!(epoch_f));
+        m.insert("loss".into(), json!(loss));
+        m.insert("lr".into(), json!(lr));
+        m.insert("grad_norm".into(), json!(grad_norm));
+        stop |= hooks.on_step(&m)? == Control::Stop;
+
+        if state.step % cfg.log_every == 0 || state.step == total_steps || stop {
+            let secs = started.elapsed().as_secs_f64();
+            let tps = window_tokens as f64 / secs.max(1e-9);
+            let mut m = m.clone();
+            m.insert("loss".into(), json!(log_loss_sum / log_steps as f64));
+            m.insert("tokens_per_sec".into(), json!(tps));
+            m.insert("elapsed_sec".into(), json!(secs));
+            if fp16 {
+                m.insert("loss_scale".into(), json!(state.loss_scale));
+            }
+            progress.set_message(format!("loss {:.4}", log_loss_sum / log_steps as f64));
+            progress.suspend(|| tracing::info!("step {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s", state.step, log_loss_sum / log_steps as f64, lr, grad_norm, tps));
+            logger.log(state.step, &m)?;
+            state.log_history.push(Value::Object(m.clone()));
+            log_loss_sum = 0.0;
+            log_steps = 0;
+            result.tokens_per_sec = tps;
+            stop |= hooks.on_log(&m)? == Control::Stop;
+        }
+        let eval_now = cfg.eval_every.map(|e| state.step % e == 0).unwrap_or(false) || (state.step == total_steps && cfg.eval_every.is_some());
+        if let (true, Some(eval)) = (eval_now, &data.eval) {
+            let (eval_loss, tokens) = evaluate(net, eval, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() })?;
+            let mut m = Map::new();
+            m.insert("step".into(), json!(state.step));
+            m.insert("epoch".into(), json!(epoch_f));
+            m.insert("eval_loss".into(), json!(eval_loss));
+            m.insert("eval_ppl".into(), json!(eval_loss.exp()));
+            m.insert("eval_tokens".into(), json!(tokens));
+            progress.suspend(|| tracing::info!("step {} eval_loss {:.4} eval_ppl {:.3}", state.step, eval_loss, eval_loss.exp()));
+            logger.log(state.step, &m)?;
+            state.log_history.push(Value::Object(m.clone()));
+            result.eval_loss = Some(eval_loss);
+            stop |= hooks.on_eval(&m)? == Control::Stop;
+        }
+        let save_now = cfg.save_every.map(|s| state.step % s == 0).unwrap_or(false);
+        if save_now || stop || state.step == total_steps {
+            let dir = checkpoint::save(&cfg.output_dir, net, spec, base_model, &params, &opt, &state)?;
+            checkpoint::prune(&cfg.output_dir, cfg.save_total_limit)?;
+            result.checkpoint = Some(dir);
+        }
+    }
+    progress.finish_and_clear();
+    if stop && state.step < total_steps {
+        tracing::info!("training stopped by a callback at step {}", state.step);
+        result.stopped_early = true;
+    }
+    result.steps = state.step;
+    result.epoch = state.epoch as f64 + state.batch_in_epoch as f64 / plan.len().max(1) as f64;
+    result.log_history = state.log_history.clone();
+    Ok(result)
+}

@@ -1,0 +1,75 @@
+//! Shared helpers for the integration tests: the project's Python (the reference stack), the
+//! ftscript binary, and the demo model.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The project's virtualenv Python (scripts/setup.sh creates it).
+pub fn python() -> PathBuf {
+    let p = root().join(".venv/bin/python");
+    assert!(p.exists(), "{} missing: run scripts/setup.sh", p.display());
+    p
+}
+
+/// Runs a Python script from tests/py with arguments; panics with its output on failure.
+pub fn py(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(root().join("tests/py").join(script))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .output()
+        .expect("cannot start python");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "python {script} {args:?} failed:\n{text}");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs the ftscript binary.
+pub fn ftscript(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ftscript"))
+        .args(args)
+        .current_dir(cwd)
+        .env("FTSCRIPT_LOG", "info")
+        .output()
+        .expect("cannot start ftscript")
+}
+
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// The demo model directory (SmolLM2-135M-Instruct imported from its GGUF by scripts/setup.sh).
+pub fn demo_model() -> PathBuf {
+    let p = root().join("models/smollm2-135m-instruct");
+    assert!(p.join("config.json").exists(), "{} missing: run scripts/setup.sh", p.display());
+    p
+}
+
+pub fn demo_gguf() -> PathBuf {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} missing: run scripts/setup.sh", p.display());
+    p
+}
+
+/// Tensors of a safetensors file.
+pub fn read_safetensors(path: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    let src = ftscript::nn::WeightSource::open_files(&[path.to_path_buf()]).unwrap();
+    src.names().into_iter().map(|n| {
+        let t = src.load_any(&n).unwrap();
+        (n, t)
+    }).collect()
+}
+
+/// max |a − b| / max |b|
+pub fn rel_err(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    let a = a.to_kind(tch::Kind::Double);
+    let b = b.to_kind(tch::Kind::Double);
+    (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12)
+}

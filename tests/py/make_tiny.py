@@ -1,0 +1,85 @@
+"""Makes tiny random-init models with transformers and the reference outputs ftscript must match.
+
+usage: make_tiny.py OUT_DIR [NAME ...]
+
+For each model NAME it writes OUT_DIR/NAME/ (save_pretrained: config.json, model.safetensors,
+tokenizer files) and OUT_DIR/NAME/reference.safetensors with
+  ids     [2, T]  int64  token ids (two rows)
+  logits  [2, T, V] fp32 transformers' logits for those ids
+  greedy  [20]    int64  20 greedy tokens after ids[0] (EOS disabled)
+"""
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
+                          Qwen2Config)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Fine-tuning adapts a pretrained language model to a new task.",
+    "Paris is the capital of France; Berlin is the capital of Germany.",
+    "def add(a, b):\n    return a + b\n",
+    "12345 + 678 = 13023, naïve café, 東京, emoji 🙂",
+] * 20
+
+
+def tiny_tokenizer(bos=True):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+              bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5)
+
+CONFIGS = {
+    "llama_gqa": lambda: LlamaConfig(**COMMON, rope_theta=10000.0),
+    "llama3_rope": lambda: LlamaConfig(**{**COMMON, "max_position_embeddings": 64}, rope_theta=500000.0,
+                                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama_linear_rope": lambda: LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=8, rope_theta=10000.0),
+    "qwen2_tied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True, rope_theta=1000000.0),
+}
+
+
+def main():
+    out = sys.argv[1]
+    names = sys.argv[2:] or list(CONFIGS)
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    for seed, name in enumerate(names):
+        torch.manual_seed(seed)
+        cfg = CONFIGS[name]()
+        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
+        with torch.no_grad():  # random init is small; widen it so logits are far from uniform
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.08)
+        d = os.path.join(out, name)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, cfg.vocab_size, (2, 24), generator=gen)
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+            greedy = model.generate(ids[:1, :10], max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                    pad_token_id=2)[0, 10:]
+        save_file({"ids": ids.contiguous(), "logits": logits.contiguous(), "greedy": greedy.contiguous()},
+                  os.path.join(d, "reference.safetensors"))
+        print(f"made {d}")
+
+
+if __name__ == "__main__":
+    main()
