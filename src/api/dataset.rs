@@ -110,7 +110,19 @@ fn describe(ds: &mut Dataset) -> String {
     format!("Dataset({} records from {})", ds.0.len(), ds.0.origin)
 }
 
+/// Rhai reserves `eval` as a keyword, so `split.eval`, `#{train, eval}` and `let eval = ...`
+/// would not parse; the recipe surface uses `eval` as a name, so it is read as an identifier
+/// (`eval("code")` still works: calls are dispatched by name).
+#[allow(deprecated)] // `on_parse_token` is marked volatile, not deprecated
+pub fn allow_eval_as_name(engine: &mut Engine) {
+    engine.on_parse_token(|token, _, _| match token {
+        rhai::Token::Reserved(s) if s.as_str() == "eval" => rhai::Token::Identifier(s),
+        t => t,
+    });
+}
+
 pub fn register(engine: &mut Engine) {
+    allow_eval_as_name(engine);
     engine.register_type_with_name::<Dataset>("Dataset");
     engine.register_iterator::<Dataset>();
 
@@ -220,6 +232,13 @@ mod tests {
         let out: Array = e.eval(script).unwrap();
         let out: Vec<String> = out.iter().map(|d| d.to_string()).collect();
         assert_eq!(out, ["4", "2", "6", "22", "6", "24", "8", "4", "2", "Dataset(4 records from array)"]);
+    }
+
+    #[test]
+    fn eval_is_a_name() {
+        let e = engine();
+        let v: i64 = e.eval("let eval = 2; let m = #{train: 1, eval: eval}; m.eval + eval(\"1 + 1\")").unwrap();
+        assert_eq!(v, 4);
     }
 
     #[test]

@@ -65,11 +65,11 @@ impl Rope {
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 let wavelen = inv.reciprocal() * (2.0 * std::f64::consts::PI);
-                let scaled = wavelen.gt(low_wavelen).where_self(&(&inv / *factor), &inv);
+                let scaled = (&inv / *factor).where_self(&wavelen.gt(low_wavelen), &inv);
                 let smooth = ((wavelen.reciprocal() * old) - *low_freq_factor) / (high_freq_factor - low_freq_factor);
-                let smoothed = (1.0 - &smooth) * &scaled / *factor + &smooth * &scaled;
+                let smoothed: Tensor = (1.0 - &smooth) * &scaled / *factor + &smooth * &scaled;
                 let medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
-                medium.where_self(&smoothed, &scaled)
+                smoothed.where_self(&medium, &scaled)
             }
         }
     }
