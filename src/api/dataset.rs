@@ -110,19 +110,7 @@ fn describe(ds: &mut Dataset) -> String {
     format!("Dataset({} records from {})", ds.0.len(), ds.0.origin)
 }
 
-/// Rhai reserves `eval` as a keyword, so `split.eval`, `#{train, eval}` and `let eval = ...`
-/// would not parse; the recipe surface uses `eval` as a name, so it is read as an identifier
-/// (`eval("code")` still works: calls are dispatched by name).
-#[allow(deprecated)] // `on_parse_token` is marked volatile, not deprecated
-pub fn allow_eval_as_name(engine: &mut Engine) {
-    engine.on_parse_token(|token, _, _| match token {
-        rhai::Token::Reserved(s) if s.as_str() == "eval" => rhai::Token::Identifier(s),
-        t => t,
-    });
-}
-
 pub fn register(engine: &mut Engine) {
-    allow_eval_as_name(engine);
     engine.register_type_with_name::<Dataset>("Dataset");
     engine.register_iterator::<Dataset>();
 
@@ -209,8 +197,14 @@ pub fn register(engine: &mut Engine) {
 mod tests {
     use super::*;
 
+    /// As `script::new_engine` sets it up: `eval` is a name (`split.eval`), not a keyword.
+    #[allow(deprecated)]
     fn engine() -> Engine {
         let mut e = Engine::new();
+        e.on_parse_token(|token, _, _| match token {
+            rhai::Token::Reserved(s) if s.as_str() == "eval" => rhai::Token::Identifier(s),
+            t => t,
+        });
         register(&mut e);
         e
     }

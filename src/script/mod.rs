@@ -60,6 +60,13 @@ pub fn new_engine(recipe_dir: &Path) -> Engine {
     engine.set_max_string_size(64 << 20);
     engine.set_optimization_level(rhai::OptimizationLevel::None);
     engine.set_module_resolver(Resolver { files: FileModuleResolver::new_with_path(recipe_dir) });
+    // `eval` is reserved in Rhai, but the recipe surface uses it as a name (`#{train, eval}`,
+    // `data.eval`): recipes never evaluate strings as code, so it becomes a plain identifier.
+    #[allow(deprecated)]
+    engine.on_parse_token(|token, _, _| match token {
+        rhai::Token::Reserved(s) if s.as_str() == "eval" => rhai::Token::Identifier(s),
+        t => t,
+    });
     engine.on_print(|s| tracing::info!(target: "recipe", "{s}"));
     engine.on_debug(|s, src, pos| {
         let at = match (src, pos.line()) {
