@@ -1,6 +1,7 @@
 //! The recipe surface: one file per Rhai namespace, each a thin adapter that parses options,
 //! calls core Rust, and maps errors.
 
+pub mod callbacks;
 pub mod dataset;
 pub mod lora;
 pub mod metrics;
@@ -40,6 +41,7 @@ pub fn register(engine: &mut Engine) {
     dataset::register(engine);
     train::register(engine);
     metrics::register(engine);
+    callbacks::register(engine);
 }
 
 type Validator = fn(&serde_json::Value) -> Result<(), String>;
@@ -53,6 +55,7 @@ pub fn option_validator(function: &str) -> Option<Validator> {
         "add_lora" => validate::<lora::LoraOptions>,
         "save_merged" => validate::<lora::MergeOptions>,
         "train" => validate::<train::TrainOptions>,
+        "early_stopping" | "early_stopping_callback" => validate::<callbacks::EarlyStoppingOptions>,
         _ => return None,
     })
 }

@@ -1,5 +1,6 @@
 //! Training: batches, the loop, optimizer and schedule, checkpoints, run logs, metrics.
 pub mod batch;
+pub mod callbacks;
 pub mod checkpoint;
 pub mod logger;
 pub mod metrics;

@@ -1,0 +1,109 @@
+//! Callbacks, early stopping, checkpoints and resume, through real recipes on a tiny model.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn run_recipe(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    let out = ftscript(&["run", path.to_str().unwrap()], dir);
+    let t = text(&out);
+    assert!(out.status.success(), "recipe {name} failed:\n{t}");
+    t
+}
+
+fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A tiny model plus a small text dataset, shared by the tests below.
+fn setup(d: &Path) -> String {
+    py("make_tiny.py", &[d.to_str().unwrap(), "llama_gqa"]);
+    let mut lines = String::new();
+    for i in 0..48 {
+        lines.push_str(&format!("{{\"text\": \"record {i}: the quick brown fox jumps over the lazy dog {}\"}}\n", i * 7 % 13));
+    }
+    std::fs::write(d.join("data.jsonl"), lines).unwrap();
+    d.join("llama_gqa").display().to_string()
+}
+
+const TRAIN_OPTS: &str = r#"train: data.train, eval: data.eval, batch_size: 4, lr: 3e-3, log_every: 1"#;
+
+#[test]
+fn early_stopping_stops_where_the_patience_rule_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    let (patience, min_delta) = (2, 0.02);
+    run_recipe(
+        d,
+        "es.rhai",
+        &format!(
+            r#"
+import "ft/callbacks" as cb;
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 8 }});
+let data = load_dataset("data.jsonl").split(8, 1);
+let r = train(m, #{{ {TRAIN_OPTS}, max_steps: 40, eval_every: 2, output_dir: "es",
+    on_eval: cb::early_stopping(#{{ metric: "eval_loss", patience: {patience}, min_delta: {min_delta} }}) }});
+print(`RESULT steps=${{r.steps}} stopped=${{r.stopped_early}}`);
+"#
+        ),
+    );
+    // apply the rule by hand to the eval losses the run logged
+    let evals: Vec<(u64, f64)> = metrics(&d.join("es/metrics.jsonl"))
+        .iter()
+        .filter_map(|m| Some((m.get("step")?.as_u64()?, m.get("eval_loss")?.as_f64()?)))
+        .collect();
+    let (mut best, mut bad, mut predicted) = (f64::INFINITY, 0, 40);
+    for &(step, loss) in &evals {
+        if loss < best - min_delta {
+            best = loss;
+            bad = 0;
+        } else {
+            bad += 1;
+            if bad >= patience {
+                predicted = step;
+                break;
+            }
+        }
+    }
+    assert!(predicted < 40, "the run should plateau within 40 steps; eval losses {evals:?}");
+    let last_step = evals.last().unwrap().0;
+    assert_eq!(last_step, predicted, "training ran to step {last_step}, the rule says stop at {predicted}: {evals:?}");
+    assert!(d.join(format!("es/checkpoint-{predicted}/adapter_model.safetensors")).exists(), "no checkpoint at the stop");
+}
+
+#[test]
+fn stop_from_a_callback_keeps_a_checkpoint_and_resume_is_bit_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    let recipe = |out: &str, stop_at: i64, resume: bool| {
+        format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1 }});
+let data = load_dataset("data.jsonl").split(8, 1);
+let r = train(m, #{{ {TRAIN_OPTS}, max_steps: 12, seed: 3, output_dir: "{out}", resume: {resume},
+    on_step: |s| if s.step == {stop_at} {{ "stop" }} }});
+print(`RESULT steps=${{r.steps}} stopped=${{r.stopped_early}}`);
+"#
+        )
+    };
+    let full = run_recipe(d, "full.rhai", &recipe("full", -1, false));
+    assert!(full.contains("RESULT steps=12 stopped=false"), "{full}");
+    let stopped = run_recipe(d, "part1.rhai", &recipe("part", 5, false));
+    assert!(stopped.contains("RESULT steps=5 stopped=true"), "{stopped}");
+    assert!(d.join("part/checkpoint-5/adapter_model.safetensors").exists());
+    assert!(d.join("part/checkpoint-5/optimizer.safetensors").exists());
+    let resumed = run_recipe(d, "part2.rhai", &recipe("part", -1, true));
+    assert!(resumed.contains("RESULT steps=12 stopped=false"), "{resumed}");
+    let a = read_safetensors(&d.join("full/checkpoint-12/adapter_model.safetensors"));
+    let b = read_safetensors(&d.join("part/checkpoint-12/adapter_model.safetensors"));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "{k} differs after resume (max diff {})", (t - &b[k]).abs().max().double_value(&[]));
+    }
+}

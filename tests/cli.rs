@@ -1,0 +1,164 @@
+//! The command line: check, api, --set, --version, and clear one-line errors (never a panic)
+//! for bad models and bad recipes.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn write(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p.display().to_string()
+}
+
+/// Runs a recipe that must fail; returns the first line of its error output.
+fn fails(dir: &Path, recipe: &str) -> String {
+    let r = write(dir, "bad.rhai", recipe);
+    let out = ftscript(&["run", &r], dir);
+    let t = text(&out);
+    assert!(!out.status.success(), "expected failure:\n{t}");
+    assert!(!t.contains("panicked"), "panic instead of an error:\n{t}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in:\n{t}")).to_string()
+}
+
+#[test]
+fn every_shipped_recipe_passes_check() {
+    let scripts = root().join("scripts");
+    let mut recipes: Vec<String> = std::fs::read_dir(&scripts)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().map(|e| e == "rhai").unwrap_or(false))
+        .map(|p| p.display().to_string())
+        .collect();
+    recipes.sort();
+    assert!(!recipes.is_empty());
+    let mut args = vec!["check"];
+    args.extend(recipes.iter().map(|s| s.as_str()));
+    let out = ftscript(&args, &root());
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn check_finds_unknown_option_keys_without_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = write(tmp.path(), "typo.rhai", "let m = load_model(\"nowhere\");\n\nm.add_lora(#{ rr: 8, alpha: 16 });\n");
+    let out = ftscript(&["check", &r], tmp.path());
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("typo.rhai:3:") && t.contains("`rr`") && t.contains("`alpha`"), "{t}");
+}
+
+#[test]
+fn api_lists_every_function_and_each_is_used_by_a_shipped_script() {
+    let out = ftscript(&["api"], &root());
+    assert!(out.status.success());
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut sources = String::new();
+    for dir in ["scripts", "stdlib"] {
+        for e in std::fs::read_dir(root().join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().map(|e| e == "rhai").unwrap_or(false) {
+                sources.push_str(&std::fs::read_to_string(p).unwrap());
+            }
+        }
+    }
+    let mut unused = vec![];
+    for line in listing.lines().filter(|l| !l.starts_with(' ')) {
+        let name = line.split('(').next().unwrap();
+        let used = if let Some(prop) = name.strip_prefix("get$") {
+            sources.contains(&format!(".{prop}"))
+        } else if name.starts_with("index$") {
+            true
+        } else if !name.chars().next().unwrap().is_alphabetic() {
+            true // operators
+        } else {
+            sources.contains(&format!("{name}("))
+        };
+        if !used {
+            unused.push(name.to_string());
+        }
+    }
+    for must in ["load_model", "add_lora", "train", "load_dataset", "generate", "save_adapter", "save_merged"] {
+        assert!(listing.contains(&format!("{must}(")), "api does not list {must}:\n{listing}");
+    }
+    unused.sort();
+    unused.dedup();
+    assert!(unused.is_empty(), "functions no script under scripts/ uses: {unused:?}");
+}
+
+#[test]
+fn set_overrides_declared_constants_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = write(tmp.path(), "c.rhai", "const epochs = 1;\nconst name = \"a\";\nprint(`epochs=${epochs} name=${name}`);\n");
+    let out = ftscript(&["run", &r, "--set", "epochs=5", "--set", "name=bob"], tmp.path());
+    assert!(text(&out).contains("epochs=5 name=bob"), "{}", text(&out));
+    let out = ftscript(&["run", &r, "--set", "lr=1"], tmp.path());
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("`lr`") && t.contains("epochs, name"), "{t}");
+    let out = ftscript(&["--version"], tmp.path());
+    assert!(out.status.success() && text(&out).contains("ftscript "));
+}
+
+#[test]
+fn recipe_errors_name_line_column_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let e = fails(d, "let x = 1;\nlet y = ;\n");
+    assert!(e.contains("bad.rhai:2:"), "{e}");
+    let e = fails(d, "let m = load_model(\"x\", #{ dtype: \"fp32\", rr: 8 });\n");
+    assert!(e.contains("bad.rhai:1:") && e.contains("`rr`") && e.contains("`dtype`") && e.contains("`device`"), "{e}");
+}
+
+#[test]
+fn bad_models_give_one_line_errors_naming_file_key_or_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    py("make_tiny.py", &[d.to_str().unwrap(), "llama_gqa"]);
+    let good = d.join("llama_gqa");
+    let copy = |name: &str| {
+        let dst = d.join(name);
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(&good).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+        }
+        dst
+    };
+    let edit_config = |dir: &Path, f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let p = dir.join("config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        f(v.as_object_mut().unwrap());
+        std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    };
+    let load = |dir: &Path| fails(d, &format!("let m = load_model(\"{}\");\n", dir.display()));
+
+    let missing = copy("missing_key");
+    edit_config(&missing, &|c| {
+        c.remove("hidden_size");
+    });
+    let e = load(&missing);
+    assert!(e.contains("config.json") && e.contains("hidden_size"), "{e}");
+
+    let arch = copy("unknown_arch");
+    edit_config(&arch, &|c| {
+        c.insert("architectures".into(), serde_json::json!(["GPT2LMHeadModel"]));
+    });
+    let e = load(&arch);
+    assert!(e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM") && e.contains("Qwen2ForCausalLM"), "{e}");
+
+    let truncated = copy("truncated");
+    let st = truncated.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load(&truncated);
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+
+    let shape = copy("wrong_shape");
+    let mut tensors: std::collections::BTreeMap<String, tch::Tensor> =
+        read_safetensors(&shape.join("model.safetensors")).into_iter().collect();
+    tensors.insert("model.layers.1.mlp.up_proj.weight".into(), tch::Tensor::zeros([3, 3], (tch::Kind::Float, tch::Device::Cpu)));
+    ftscript::nn::weights::save_safetensors(&tensors, &shape.join("model.safetensors"), None).unwrap();
+    let e = load(&shape);
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("[3, 3]"), "{e}");
+}

@@ -1,0 +1,113 @@
+"""The peft / HF Trainer side of the LoRA tests.
+
+usage:
+  peft_reference.py init MODEL OUT        peft LoRA adapters for MODEL: OUT/init (B = 0, as peft
+                                          initialises; the training start point) and OUT/random
+                                          (B random, for logit checks), OUT/train.jsonl (token
+                                          records), OUT/ids.json, OUT/random_logits.safetensors
+  peft_reference.py train MODEL OUT       HF Trainer + peft from OUT/init on OUT/train.jsonl, in
+                                          order; per-step losses → OUT/hf_losses.json
+  peft_reference.py adapter-logits MODEL ADAPTER IDS_JSON OUT_FILE
+                                          logits of PeftModel.from_pretrained(MODEL, ADAPTER)
+  peft_reference.py model-logits MODEL IDS_JSON OUT_FILE
+                                          logits of a plain transformers model (e.g. a merged one)
+"""
+import json
+import os
+import sys
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+# the settings ftscript's side uses too (tests/training.rs)
+TRAIN = dict(batch_size=2, grad_accum=4, steps=20, lr=2e-3, warmup=2, weight_decay=0.01, max_grad_norm=0.5)
+
+
+def load(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().contiguous()
+
+
+def init(model_dir, out):
+    torch.manual_seed(123)
+    model = get_peft_model(load(model_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(os.path.join(out, "init"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(os.path.join(out, "random"))
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 300, (2, 16), generator=gen).tolist()
+    json.dump(ids, open(os.path.join(out, "ids.json"), "w"))
+    save_file({"logits": logits_of(model, ids)}, os.path.join(out, "random_logits.safetensors"))
+    # variable-length token records; the first label of each is masked (as a prompt token would be)
+    with open(os.path.join(out, "train.jsonl"), "w") as f:
+        for i in range(TRAIN["batch_size"] * TRAIN["grad_accum"] * TRAIN["steps"] // 2):
+            n = int(torch.randint(8, 24, (1,), generator=gen))
+            ids = torch.randint(3, 300, (n,), generator=gen).tolist()
+            labels = [-100] + ids[1:]
+            f.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+
+
+class Records(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.rows = [json.loads(line) for line in open(path)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def collate(rows):
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = lambda xs, v: xs + [v] * (width - len(xs))
+    return {
+        "input_ids": torch.tensor([pad(r["input_ids"], 2) for r in rows]),
+        "labels": torch.tensor([pad(r["labels"], -100) for r in rows]),
+        "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
+    }
+
+
+class InOrder(Trainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def train(model_dir, out):
+    model = PeftModel.from_pretrained(load(model_dir), os.path.join(out, "init"), is_trainable=True)
+    args = TrainingArguments(
+        output_dir=os.path.join(out, "hf"), per_device_train_batch_size=TRAIN["batch_size"],
+        gradient_accumulation_steps=TRAIN["grad_accum"], max_steps=TRAIN["steps"], learning_rate=TRAIN["lr"],
+        lr_scheduler_type="linear", warmup_steps=TRAIN["warmup"], weight_decay=TRAIN["weight_decay"],
+        max_grad_norm=TRAIN["max_grad_norm"], logging_steps=1, save_strategy="no", report_to=[],
+        dataloader_drop_last=False, seed=0, use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+    trainer = InOrder(model=model, args=args, train_dataset=Records(os.path.join(out, "train.jsonl")),
+                      data_collator=collate)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    json.dump({"losses": losses, "settings": TRAIN}, open(os.path.join(out, "hf_losses.json"), "w"))
+    model.save_pretrained(os.path.join(out, "hf_trained"))
+
+
+def adapter_logits(model_dir, adapter, ids_json, out_file):
+    model = PeftModel.from_pretrained(load(model_dir), adapter).eval()
+    save_file({"logits": logits_of(model, json.load(open(ids_json)))}, out_file)
+
+
+def model_logits(model_dir, ids_json, out_file):
+    save_file({"logits": logits_of(load(model_dir), json.load(open(ids_json)))}, out_file)
+
+
+if __name__ == "__main__":
+    cmd, *rest = sys.argv[1:]
+    {"init": init, "train": train, "adapter-logits": adapter_logits, "model-logits": model_logits}[cmd](*rest)
