@@ -17,9 +17,11 @@ pub struct Lora {
 }
 
 impl Lora {
-    pub fn new(in_features: i64, out_features: i64, r: i64, scale: f64, dropout: f64, kind: Kind, device: tch::Device) -> Lora {
+    /// Fresh adapter; A is drawn from `rng` (seeded by the caller, so runs are reproducible).
+    pub fn new(in_features: i64, out_features: i64, r: i64, scale: f64, dropout: f64, kind: Kind, device: tch::Device, rng: &mut impl rand::Rng) -> Lora {
         let bound = 1.0 / (in_features as f64).sqrt();
-        let a = Tensor::empty([r, in_features], (kind, device)).uniform_(-bound, bound).set_requires_grad(true);
+        let values: Vec<f32> = (0..r * in_features).map(|_| rng.gen_range(-bound..bound) as f32).collect();
+        let a = Tensor::from_slice(&values).view([r, in_features]).to_kind(kind).to_device(device).set_requires_grad(true);
         let b = Tensor::zeros([out_features, r], (kind, device)).set_requires_grad(true);
         Lora { a, b, scale, dropout }
     }

@@ -46,6 +46,8 @@ pub struct LoraSpec {
     pub dropout: f64,
     pub targets: Targets,
     pub use_rslora: bool,
+    /// Seed for A's initialisation.
+    pub seed: u64,
 }
 
 impl LoraSpec {
@@ -111,10 +113,11 @@ pub fn add_lora(net: &mut Llama, spec: &LoraSpec, kind: Kind) -> Result<Vec<Stri
     }
     let device = net.device;
     let mut names = vec![];
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(spec.seed);
     for lin in net.linears_mut() {
         if spec.targets.matches(&lin.name)? {
             let (out, inp) = (lin.out_features(), lin.in_features());
-            lin.lora = Some(Lora::new(inp, out, spec.r, spec.scale(), spec.dropout, kind, device));
+            lin.lora = Some(Lora::new(inp, out, spec.r, spec.scale(), spec.dropout, kind, device, &mut rng));
             names.push(lin.name.clone());
         }
     }
@@ -220,7 +223,7 @@ pub fn load_adapter(net: &mut Llama, dir: &Path, kind: Kind) -> Result<LoraSpec>
         serde_json::Value::Array(a) => Targets::Names(a.iter().filter_map(|v| v.as_str().map(String::from)).collect()),
         other => bail!("{}: unsupported target_modules {other}", cfg_path.display()),
     };
-    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora };
+    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, seed: 0 };
     let device = net.device;
     let mut found = 0;
     for lin in net.linears_mut() {
