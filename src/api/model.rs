@@ -150,12 +150,6 @@ pub fn register(engine: &mut Engine) {
                 generate::loss_of_ids(&m, &ids)
             })
         });
-    FuncRegistration::new("config")
-        .with_comments(["/// The model's config.json as a map."])
-        .with_params_info(["model: &mut Model", "Map"])
-        .register_into_engine(engine, |m: &mut Model| -> Map {
-            from_json(&m.0.borrow().config_json).cast::<Map>()
-        });
     engine.register_get("tokenizer", |m: &mut Model| Tokenizer(m.0.clone()));
     engine.register_get("config", |m: &mut Model| from_json(&m.0.borrow().config_json).cast::<Map>());
 
