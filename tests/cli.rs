@@ -162,3 +162,12 @@ fn bad_models_give_one_line_errors_naming_file_key_or_tensor() {
     let e = load(&shape);
     assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("[3, 3]"), "{e}");
 }
+
+#[test]
+fn readme_lists_every_function() {
+    let out = ftscript(&["api"], &root());
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let missing: Vec<&str> = listing.lines().filter(|l| !l.starts_with(' ') && !readme.contains(*l)).collect();
+    assert!(missing.is_empty(), "README.md lacks these signatures (paste `ftscript api` into it): {missing:?}");
+}
