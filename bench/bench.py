@@ -1,0 +1,105 @@
+"""Side-by-side LoRA training throughput: ftscript vs HF transformers + peft on the same GPU.
+
+Both sides train the same random-init Llama-shaped model (bf16, SDPA) on full-length random
+token batches with the seed recipe (LoRA r=8, alpha=32, dropout 0.05, q_proj+v_proj, AdamW,
+clip 1.0), timing the median step after warm-up. The model is made once by transformers
+(save_pretrained) and loaded by ftscript; hf_baseline.py (the Python peer) builds the same
+shapes with the same seed.
+
+usage: python3 bench/bench.py SHAPE [--seq 2048] [--bs 4] [--steps 12] [--no-ckpt] [--peer lora|liger|qlora|none]
+  needs target/release/ftscript (LD_LIBRARY_PATH to torch/lib on the GPU machine)
+"""
+import argparse, json, os, subprocess, sys, tempfile, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from hf_baseline import SHAPES  # noqa: E402
+
+
+def make_model(shape, out):
+    import torch
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    if os.path.exists(os.path.join(out, "config.json")):
+        return
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                  bos_token="t1", eos_token="t2")
+    tok.save_pretrained(out)
+
+
+def ftscript_run(model_dir, a, work):
+    import random
+    rng = random.Random(1)
+    steps = a.warmup + a.steps
+    data = os.path.join(work, "tokens.jsonl")
+    with open(data, "w") as f:
+        for _ in range(a.bs * steps):
+            f.write(json.dumps({"input_ids": [rng.randrange(32000) for _ in range(a.seq)]}) + "\n")
+    out = os.path.join(work, "run")
+    recipe = os.path.join(work, "bench.rhai")
+    targets = json.dumps(a.targets.split(","))
+    with open(recipe, "w") as f:
+        f.write(f"""
+let m = load_model("{model_dir}", #{{ dtype: "bf16", device: "cuda" }});
+m.add_lora(#{{ r: {a.r}, alpha: {a.alpha}, dropout: 0.05, targets: {targets} }});
+let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: false, max_length: {a.seq},
+    batch_size: {a.bs}, max_steps: {steps}, lr: 2e-4, scheduler: "constant", max_grad_norm: 1.0,
+    precision: "bf16", gradient_checkpointing: {"false" if a.no_ckpt else "true"}, log_every: 1,
+    output_dir: "{out}", save_every: 100000 }});
+""")
+    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
+    t0 = time.time()
+    binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
+    p = subprocess.run([binary, "run", recipe], env=env,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("ftscript failed")
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+    elapsed = [r["elapsed_sec"] for r in rows]
+    dts = sorted(b - a_ for a_, b in zip(elapsed[a.warmup:], elapsed[a.warmup + 1:]))
+    med = dts[len(dts) // 2]
+    peak = round(max(r.get("peak_gib", 0.0) for r in rows), 2)
+    return dict(peer="ftscript", step_s_median=round(med, 4), tokens_per_s=round(a.bs * a.seq / med),
+                peak_gib=peak, loss=round(rows[0]["loss"], 3), wall_s=round(time.time() - t0, 1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shape")
+    ap.add_argument("--seq", type=int, default=2048); ap.add_argument("--bs", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=12); ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-ckpt", action="store_true"); ap.add_argument("--targets", default="q_proj,v_proj")
+    ap.add_argument("--r", type=int, default=8); ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--peer", default="lora")
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix=f"bench-{a.shape}-", dir="/tmp")
+    model_dir = f"/tmp/bench-model-{a.shape}"
+    make_model(a.shape, model_dir)
+    ours = ftscript_run(model_dir, a, work)
+    print(json.dumps(dict(ours, shape=a.shape, ckpt=not a.no_ckpt, targets=a.targets, r=a.r)), flush=True)
+    if a.peer != "none":
+        args = [sys.executable, os.path.join(HERE, "hf_baseline.py"), a.shape, a.peer, "--seq", str(a.seq), "--bs", str(a.bs),
+                "--steps", str(a.steps), "--targets", a.targets, "--r", str(a.r), "--alpha", str(a.alpha)]
+        if a.no_ckpt:
+            args.append("--no-ckpt")
+        p = subprocess.run(args, capture_output=True, text=True)
+        peer = json.loads([l for l in p.stdout.splitlines() if l.startswith("{")][-1]) if p.returncode == 0 else None
+        if peer is None:
+            print(p.stderr[-2000:], file=sys.stderr)
+        else:
+            print(json.dumps(peer), flush=True)
+            print(f"RATIO {a.shape} ckpt={not a.no_ckpt} {a.targets} r={a.r}: ftscript {ours['tokens_per_s']} tok/s "
+                  f"vs {peer['peer']} {peer['tokens_per_s']} tok/s = {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x; "
+                  f"loss {ours['loss']} vs {peer['loss']}; peak GiB {ours['peak_gib']} vs {peer['peak_gib']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
