@@ -107,3 +107,36 @@ print(`RESULT steps=${{r.steps}} stopped=${{r.stopped_early}}`);
         assert!(t.equal(&b[k]), "{k} differs after resume (max diff {})", (t - &b[k]).abs().max().double_value(&[]));
     }
 }
+
+#[test]
+fn run_logs_are_read_by_tensorboard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    run_recipe(
+        d,
+        "tb.rhai",
+        &format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 8 }});
+let data = load_dataset("data.jsonl").split(8, 1);
+train(m, #{{ {TRAIN_OPTS}, max_steps: 6, eval_every: 3, output_dir: "tb" }});
+"#
+        ),
+    );
+    let logged = metrics(&d.join("tb/metrics.jsonl"));
+    let tb: serde_json::Value = serde_json::from_str(&py("tb_read.py", &[d.join("tb").to_str().unwrap()])).unwrap();
+    let series = |tag: &str| -> Vec<(u64, f64)> {
+        tb[tag].as_array().unwrap_or_else(|| panic!("no {tag} in {tb}")).iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect()
+    };
+    let want_loss: Vec<(u64, f64)> = logged.iter().filter_map(|m| Some((m.get("step")?.as_u64()?, m.get("loss")?.as_f64()?))).collect();
+    let want_eval: Vec<(u64, f64)> = logged.iter().filter_map(|m| Some((m.get("step")?.as_u64()?, m.get("eval_loss")?.as_f64()?))).collect();
+    for (want, got) in [(want_loss, series("train/loss")), (want_eval, series("eval/loss"))] {
+        assert_eq!(want.len(), got.len(), "{want:?} vs {got:?}");
+        for ((s1, v1), (s2, v2)) in want.iter().zip(&got) {
+            assert_eq!(s1, s2);
+            assert!((v1 - v2).abs() < 1e-5 * v1.abs().max(1.0), "{v1} vs {v2}");
+        }
+    }
+}
