@@ -4,15 +4,6 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn run_recipe(dir: &Path, name: &str, body: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, body).unwrap();
-    let out = ftscript(&["run", path.to_str().unwrap()], dir);
-    let t = text(&out);
-    assert!(out.status.success(), "recipe {name} failed:\n{t}");
-    t
-}
-
 fn metrics(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }

@@ -31,14 +31,6 @@ fn losses(metrics_jsonl: &Path) -> Vec<f64> {
         .collect()
 }
 
-fn run_recipe(dir: &Path, name: &str, body: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, body).unwrap();
-    let out = ftscript(&["run", path.to_str().unwrap()], dir);
-    let t = text(&out);
-    assert!(out.status.success(), "recipe {name} failed:\n{t}");
-    t
-}
 
 #[test]
 fn lora_training_and_adapters_match_hf_and_peft() {

@@ -73,3 +73,14 @@ pub fn rel_err(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     let b = b.to_kind(tch::Kind::Double);
     (&a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(1e-12)
 }
+
+/// Writes `body` as `dir/name` and runs it with `ftscript run` in `dir`; panics with the output
+/// on failure, else returns it.
+pub fn run_recipe(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    let out = ftscript(&["run", path.to_str().unwrap()], dir);
+    let t = text(&out);
+    assert!(out.status.success(), "recipe {name} failed:\n{t}");
+    t
+}
