@@ -48,6 +48,24 @@ fn imported_demo_model_matches_transformers() {
     let direct = ftscript::models::load(&demo_gguf(), "fp32", Device::Cpu).unwrap();
     assert!(logits(&direct, &ids).equal(&ours), "load_model(.gguf) differs from the imported directory");
 
+    // the chat template renders as transformers' apply_chat_template does
+    let conversations = serde_json::json!([
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}],
+    ]);
+    std::fs::write(d.join("chats.json"), conversations.to_string()).unwrap();
+    let want: Vec<String> = serde_json::from_str(&py("chat_reference.py", &[dir.to_str().unwrap(), d.join("chats.json").to_str().unwrap()])).unwrap();
+    let mut k = 0;
+    for msgs in conversations.as_array().unwrap() {
+        for gen in [true, false] {
+            let t = &m.tokenizer;
+            let got = ftscript::data::template::render_chat(t.chat_template.as_deref().unwrap(), msgs, gen, t.bos_token.as_deref(), t.eos_token.as_deref()).unwrap();
+            assert_eq!(got, want[k], "chat template rendering differs (add_generation_prompt={gen})");
+            k += 1;
+        }
+    }
+
     // and it answers
     let prompt = ftscript::data::template::render_chat(
         m.tokenizer.chat_template.as_deref().unwrap(),
