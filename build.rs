@@ -4,17 +4,75 @@
 //! because no symbol is referenced directly; CUDA then stays off without a word. We link it
 //! again with `--no-as-needed`, and record an rpath to the wheel's `torch/lib` so the binary
 //! runs without `LD_LIBRARY_PATH` (which still takes precedence, e.g. on the GPU machine).
-use std::path::PathBuf;
+//!
+//! It also compiles `src/dist/shim.cpp`, the C ABI over PyTorch's c10d (TCPStore, Gloo, NCCL
+//! with the `nccl` feature), against the wheel's headers; Gloo's own headers come from Debian's
+//! `libgloo-dev` (scripts/setup.sh), the symbols from `libtorch_cpu.so` / `libtorch_cuda.so`.
+use std::path::{Path, PathBuf};
+
+fn build_dist_shim(libtorch: &Path) {
+    println!("cargo:rerun-if-changed=src/dist/shim.cpp");
+    println!("cargo:rerun-if-env-changed=FTSCRIPT_CUDA_INCLUDE");
+    let include = libtorch.join("include");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .file("src/dist/shim.cpp")
+        .flag("-std=c++17")
+        .flag_if_supported("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"));
+    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
+        // nccl.h and the CUDA headers come from the pip packages torch installs
+        // (nvidia-nccl-cu13, nvidia-cuda-runtime, + nvidia-cuda-crt / nvidia-cuda-cccl)
+        let nvidia = libtorch.join("../nvidia");
+        for dir in ["nccl/include", "cu13/include", "cu13/include/cccl", "cuda_runtime/include"] {
+            let d = nvidia.join(dir);
+            if d.exists() {
+                b.include(d);
+            }
+        }
+        if let Ok(extra) = std::env::var("FTSCRIPT_CUDA_INCLUDE") {
+            for d in extra.split(':').filter(|d| !d.is_empty()) {
+                b.include(d);
+            }
+        }
+        b.define("USE_C10D_NCCL", None).define("USE_CUDA", None);
+        println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+    b.compile("ftscript_dist_shim");
+}
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let libtorch = PathBuf::from(std::env::var("LIBTORCH").unwrap_or_else(|_| ".venv/libtorch".into()));
     let lib = std::fs::canonicalize(libtorch.join("lib")).unwrap_or_else(|_| libtorch.join("lib"));
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    build_dist_shim(&std::fs::canonicalize(&libtorch).unwrap_or(libtorch.clone()));
     if lib.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-L{}", lib.display());
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    cuda_memory_shim(&libtorch, &lib);
+}
+
+/// Compiles `src/cuda/memory.cpp` (allocator statistics) against the wheel's c10 headers.
+fn cuda_memory_shim(libtorch: &std::path::Path, lib: &std::path::Path) {
+    println!("cargo:rerun-if-changed=src/cuda/memory.cpp");
+    let root = std::fs::canonicalize(libtorch).unwrap_or_else(|_| libtorch.to_path_buf());
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .warnings(false)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .file("src/cuda/memory.cpp")
+        .compile("ftscript_cuda_memory");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=c10");
 }

@@ -36,6 +36,18 @@ PYEOF
   mv "$gguf.part" "$gguf"
 fi
 
+# Gloo's headers (the torch wheel ships c10d's but not Gloo's; the code is in libtorch_cpu.so),
+# for the distributed shim that build.rs compiles
+if [ ! -f /usr/include/gloo/algorithm.h ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing libgloo-dev (Gloo headers for multi-process training)"
+    apt-get update -qq && apt-get install -y -qq libgloo-dev
+  else
+    echo "setup: Gloo headers missing; run as root: apt-get update && apt-get install -y libgloo-dev" >&2
+    exit 1
+  fi
+fi
+
 echo "setup: building ftscript (release)"
 cargo build --release --quiet
 if [ ! -f models/smollm2-135m-instruct/config.json ]; then

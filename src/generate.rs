@@ -98,11 +98,17 @@ pub fn generate_ids(model: &LoadedModel, prompt_ids: &[i64], s: &Sampling) -> Re
     for _ in 0..s.max_new_tokens {
         let t = input.size()[1];
         let positions = Tensor::arange_start(pos, pos + t, (Kind::Int64, net.device)).view([1, -1]);
-        let logits = net.forward(&input, &positions, &AttnMask::Causal, Some(&mut cache), false);
+        // only the last position's logits are needed: project just that row
+        let h = net.hidden(&input, &positions, &AttnMask::Causal, Some(&mut cache), false);
         pos += t;
-        let last = logits.select(1, t - 1).squeeze_dim(0).to_kind(Kind::Float).to_device(tch::Device::Cpu);
-        let v: Vec<f32> = Vec::<f32>::try_from(&last)?;
-        let next = choose(&v, s, &mut rng);
+        let last = net.head(&h.narrow(1, t - 1, 1), false).view([-1]);
+        let next = if s.temperature <= 0.0 {
+            // greedy: pick on the device, move one integer instead of the vocabulary's logits
+            last.argmax(0, false).int64_value(&[])
+        } else {
+            let v: Vec<f32> = Vec::<f32>::try_from(&last.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
+            choose(&v, s, &mut rng)
+        };
         if stops.contains(&next) {
             break;
         }

@@ -1,7 +1,10 @@
 //! ftscript: fine-tune large language models with short Rhai recipes, on libtorch.
 pub mod api;
+pub mod cuda;
 pub mod data;
+pub mod dist;
 pub mod generate;
+pub mod hub;
 pub mod models;
 pub mod nn;
 pub mod script;

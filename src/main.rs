@@ -18,6 +18,9 @@ enum Command {
     /// Run a recipe.
     Run {
         recipe: PathBuf,
+        /// Let the recipe publish to the Hugging Face Hub (`hub_push`); off by default.
+        #[arg(long)]
+        allow_push: bool,
         /// Override a top-level `const` of the recipe: --set key=value (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -29,13 +32,62 @@ enum Command {
     },
     /// List every recipe function with its signature and documentation.
     Api,
+    /// Run a recipe data-parallel: one process per GPU (or CPU process), torchrun-style.
+    Launch {
+        /// Processes on this node (usually its GPU count).
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
+        /// Nodes in the run.
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
+        /// This node's index, 0..nnodes.
+        #[arg(long, default_value_t = 0)]
+        node_rank: usize,
+        /// Address of node 0 (it hosts the rendezvous store).
+        #[arg(long, default_value = "127.0.0.1")]
+        master_addr: String,
+        /// Port of the rendezvous store (default: a free port on one node, 29500 across nodes).
+        #[arg(long)]
+        master_port: Option<u16>,
+        recipe: PathBuf,
+        /// Override a top-level `const` of the recipe: --set key=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Convert a llama-family .gguf file into a Hugging Face model directory.
     Import { gguf: PathBuf, dir: PathBuf },
+    /// Push a folder (an adapter or a model) to a Hugging Face Hub repo, creating it if needed.
+    Push {
+        dir: PathBuf,
+        /// `org/name`
+        repo: String,
+        /// Create the repo private.
+        #[arg(long)]
+        private: bool,
+        /// Branch to commit to (default main).
+        #[arg(long)]
+        revision: Option<String>,
+        /// Commit message.
+        #[arg(long, short = 'm')]
+        message: Option<String>,
+        /// Open a pull request instead of committing to the branch.
+        #[arg(long)]
+        create_pr: bool,
+    },
+    /// Download a Hub repo into the Hugging Face cache and print its snapshot directory.
+    Download {
+        /// `org/name`
+        repo: String,
+        #[arg(long)]
+        revision: Option<String>,
+    },
 }
 
 fn init_logging() {
+    // in a data-parallel run only rank 0 talks, unless FTSCRIPT_LOG says otherwise
+    let default = if ftscript::dist::is_main_process() { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FTSCRIPT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -118,10 +170,41 @@ fn main() -> ExitCode {
     // the default hook from printing a backtrace banner for errors we turn into messages.
     std::panic::set_hook(Box::new(|info| tracing::debug!("panic: {info}")));
     let result = match &cli.command {
-        Command::Run { recipe, set } => run(recipe, set),
+        Command::Run { recipe, set, allow_push } => {
+            ftscript::api::hub::set_allow_push(*allow_push);
+            run(recipe, set)
+        }
         Command::Check { recipes } => check(recipes),
         Command::Api => api(),
+        Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, set } => {
+            let opts = ftscript::dist::launch::LaunchOptions {
+                nproc_per_node: *nproc_per_node,
+                nnodes: *nnodes,
+                node_rank: *node_rank,
+                master_addr: master_addr.clone(),
+                master_port: *master_port,
+            };
+            let mut args = vec!["run".to_string(), recipe.display().to_string()];
+            for kv in set {
+                args.extend(["--set".to_string(), kv.clone()]);
+            }
+            ftscript::dist::launch::launch(&opts, &args)
+        }
         Command::Import { gguf, dir } => ftscript::api::model::import_gguf(gguf, dir),
+        Command::Push { dir, repo, private, revision, message, create_pr } => {
+            let opts = ftscript::hub::PushOptions {
+                private: *private,
+                revision: revision.clone(),
+                commit_message: message.clone(),
+                create_pr: *create_pr,
+                hyperparameters: vec![],
+            };
+            ftscript::hub::push(&ftscript::hub::HubConfig::from_env(), dir, repo, &opts).map(|url| println!("{url}"))
+        }
+        Command::Download { repo, revision } => {
+            let cfg = ftscript::hub::HubConfig::from_env();
+            ftscript::hub::snapshot_download(&cfg, repo, revision.as_deref(), ftscript::hub::Filter::All).map(|p| println!("{}", p.display()))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -70,7 +70,7 @@ fn targets_of(v: Option<serde_json::Value>) -> anyhow::Result<Targets> {
 pub fn parameter_counts(m: &Model) -> (i64, i64) {
     let m = m.0.borrow();
     let trainable: i64 = peft::adapter_tensors(&m.net).iter().map(|(_, t)| t.numel() as i64).sum();
-    let base: i64 = m.net.state_dict().iter().map(|(_, t)| t.numel() as i64).sum();
+    let base = m.net.num_params() as i64;
     (trainable, base + trainable)
 }
 

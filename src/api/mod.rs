@@ -3,6 +3,8 @@
 
 pub mod callbacks;
 pub mod dataset;
+pub mod dist;
+pub mod hub;
 pub mod lora;
 pub mod metrics;
 pub mod model;
@@ -40,8 +42,10 @@ pub fn register(engine: &mut Engine) {
     lora::register(engine);
     dataset::register(engine);
     train::register(engine);
+    dist::register(engine);
     metrics::register(engine);
     callbacks::register(engine);
+    hub::register(engine);
 }
 
 type Validator = fn(&serde_json::Value) -> Result<(), String>;
@@ -56,6 +60,8 @@ pub fn option_validator(function: &str) -> Option<Validator> {
         "save_merged" => validate::<lora::MergeOptions>,
         "train" => validate::<train::TrainOptions>,
         "early_stopping" | "early_stopping_callback" => validate::<callbacks::EarlyStoppingOptions>,
+        "hub_push" => validate::<hub::PushArgs>,
+        "hub_download" => validate::<hub::DownloadArgs>,
         _ => return None,
     })
 }

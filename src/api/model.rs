@@ -26,7 +26,7 @@ pub struct LoadOptions {
     pub dtype: Option<String>,
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     pub device: Option<String>,
-    /// `nf4`, `fp4`, `int8` (4-bit loading).
+    /// `nf4`, `fp4` (4-bit, bitsandbytes' format) or `int8` (per-row absmax).
     pub quantize: Option<String>,
     pub double_quant: Option<bool>,
     pub compute_dtype: Option<String>,
@@ -47,26 +47,72 @@ pub struct GenerateOptions {
 }
 
 pub fn load_model(spec: &str, opts: LoadOptions) -> anyhow::Result<LoadedModel> {
-    if let Some(q) = &opts.quantize {
-        anyhow::bail!("quantize `{q}`: 4-bit loading is not available in this build yet");
+    let quant = quant_config(&opts)?;
+    let mut path = crate::api::resolve(spec);
+    let mut hub_id = None;
+    if !path.exists() && crate::hub::is_repo_id(spec) {
+        // not a local path: a Hub id, through the huggingface_hub cache
+        let cfg = crate::hub::HubConfig::from_env();
+        path = crate::hub::snapshot_download(&cfg, spec, opts.revision.as_deref(), crate::hub::Filter::Safetensors)
+            .map_err(|e| anyhow::anyhow!("model `{spec}` is no local directory or .gguf file, and from the Hub: {e:#}"))?;
+        hub_id = Some(spec.to_string());
     }
-    let path = crate::api::resolve(spec);
     if !path.exists() {
         anyhow::bail!("model `{spec}` not found: no such directory or .gguf file");
     }
     let device = models::parse_device(opts.device.as_deref().unwrap_or("auto"))?;
     let started = std::time::Instant::now();
-    let m = models::load(&path, opts.dtype.as_deref().unwrap_or("auto"), device)?;
+    let mut m = models::load_with(&path, opts.dtype.as_deref().unwrap_or("auto"), device, quant.as_ref())?;
+    if let Some(c) = &opts.compute_dtype {
+        let kind = models::parse_dtype(c, None)?;
+        m.net.set_dtype(kind);
+    }
+    if let Some(id) = hub_id {
+        m.source = id; // adapters record the Hub id as their base model, as peft does
+    }
     tracing::info!(
         "loaded {} ({} layers, {:.1}M parameters, {:?}, {:?}) in {:.1}s",
         m.source,
         m.net.layers.len(),
-        m.net.state_dict().iter().map(|(_, t)| t.numel()).sum::<usize>() as f64 / 1e6,
+        m.net.num_params() as f64 / 1e6,
         m.net.kind,
         m.net.device,
         started.elapsed().as_secs_f64()
     );
     Ok(m)
+}
+
+/// `quantize`, `double_quant`, `quant_skip`, `compute_dtype` → the 4-bit settings (checked).
+fn quant_config(o: &LoadOptions) -> anyhow::Result<Option<crate::nn::quant::QuantConfig>> {
+    use crate::nn::quant::{QuantConfig, QuantType};
+    let Some(q) = o.quantize.as_deref() else {
+        if o.double_quant.is_some() || o.quant_skip.is_some() || o.compute_dtype.is_some() {
+            anyhow::bail!("double_quant, quant_skip and compute_dtype apply to quantized models: add quantize: \"nf4\" (or \"fp4\"), or use dtype");
+        }
+        return Ok(None);
+    };
+    let qtype = QuantType::parse(q).map_err(|e| anyhow::anyhow!("quantize: {e}"))?;
+    if qtype == QuantType::Int8 && o.double_quant.is_some() {
+        anyhow::bail!("double_quant applies to nf4/fp4, not int8");
+    }
+    Ok(Some(QuantConfig { qtype, double_quant: o.double_quant.unwrap_or(false), skip: o.quant_skip.clone().unwrap_or_default() }))
+}
+
+/// `model.memory()`: bytes of weights by kind, and the CUDA allocator's view when on a GPU.
+fn memory(m: &LoadedModel) -> Map {
+    let (quantized, dense, adapters) = m.net.weight_bytes();
+    let mut map = Map::new();
+    map.insert("quantized".into(), Dynamic::from(quantized as i64));
+    map.insert("dense".into(), Dynamic::from(dense as i64));
+    map.insert("adapters".into(), Dynamic::from(adapters as i64));
+    map.insert("total".into(), Dynamic::from((quantized + dense + adapters) as i64));
+    if let Some(a) = crate::cuda::allocated(m.net.device) {
+        map.insert("cuda_allocated".into(), Dynamic::from(a as i64));
+    }
+    if let Some(p) = crate::cuda::peak_allocated(m.net.device) {
+        map.insert("cuda_peak".into(), Dynamic::from(p as i64));
+    }
+    map
 }
 
 fn sampling(o: GenerateOptions) -> Sampling {
@@ -149,6 +195,16 @@ pub fn register(engine: &mut Engine) {
                 let ids = m.tokenizer.encode(text, true)?;
                 generate::loss_of_ids(&m, &ids)
             })
+        });
+    FuncRegistration::new("memory")
+        .with_comments(["/// Bytes of weights by kind #{quantized, dense, adapters, total}, plus #{cuda_allocated, cuda_peak} on a GPU."])
+        .with_params_info(["model: &mut Model", "Map"])
+        .register_into_engine(engine, |m: &mut Model| -> Res<Map> { Ok(memory(&m.0.borrow())) });
+    FuncRegistration::new("save_quantized")
+        .with_comments(["/// Saves a 4-bit model in bitsandbytes' format (transformers loads it with its quantization_config; reloads without re-quantizing); adapters not included."])
+        .with_params_info(["model: &mut Model", "dir: &str", "()"])
+        .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<()> {
+            guard("save_quantized", || crate::models::save::save_quantized(&m.0.borrow(), std::path::Path::new(dir)))
         });
     engine.register_get("tokenizer", |m: &mut Model| Tokenizer(m.0.clone()));
     engine.register_get("config", |m: &mut Model| from_json(&m.0.borrow().config_json).cast::<Map>());

@@ -289,7 +289,8 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
             resume: o.resume.unwrap_or(false),
         };
         let data = TrainData { train: Arc::new(train_ex), eval: eval_ex.map(Arc::new) };
-        let mut logger = RunLogger::create(&cfg.output_dir)?;
+        // run logs are written by the main process only
+        let mut logger = if crate::dist::is_main_process() { RunLogger::create(&cfg.output_dir)? } else { RunLogger::disabled() };
         let source = model.source.clone();
         let r = trainer::train(&mut model.net, &spec, &source, &data, &cfg, &mut hooks, &mut logger)?;
         Ok((r, cfg.output_dir))

@@ -12,6 +12,8 @@
 //! grouped-query attention (k/v heads shared by `heads / kv_heads` query heads).
 
 use super::config::{LlamaConfig, RopeScaling};
+use crate::nn::linear::Weight;
+use crate::nn::quant::QuantConfig;
 use crate::nn::{Linear, WeightSource};
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -248,13 +250,34 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from checkpoint tensors named as in transformers' state dict.
     pub fn load(config: LlamaConfig, weights: &WeightSource, kind: Kind, device: Device) -> Result<Llama> {
+        Self::load_quantized(config, weights, kind, device, None)
+    }
+
+    /// [`Llama::load`], storing the decoder's linear layers in 4 bits per `quant`: each weight
+    /// is read (in `kind`, on `device`), quantized, and its dense copy dropped before the next
+    /// is read, so at most one dense matrix exists at a time.
+    pub fn load_quantized(config: LlamaConfig, weights: &WeightSource, kind: Kind, device: Device, quant: Option<&QuantConfig>) -> Result<Llama> {
         let c = &config;
         let (h, i) = (c.hidden_size as i64, c.intermediate_size as i64);
         let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
         let load = |name: &str, shape: &[i64]| weights.load(name, shape, kind, device);
         let linear = |name: String, out: i64, inp: i64, bias: bool| -> Result<Linear> {
+            // a 4-bit weight saved in bitsandbytes' format loads as it is (no re-quantizing)
+            let get = |k: &str| -> Result<Option<Tensor>> { if weights.contains(k) { Ok(Some(weights.load_any(k)?)) } else { Ok(None) } };
+            let weight = if let Some(q) = crate::nn::quant::Quant4::from_bnb(&get, &name, device)? {
+                if q.shape != [out, inp] {
+                    anyhow::bail!("4-bit tensor `{name}.weight` has shape {:?}, expected {:?}", q.shape, [out, inp]);
+                }
+                Weight::Quant4(q)
+            } else {
+                let dense = load(&format!("{name}.weight"), &[out, inp])?;
+                match quant.filter(|q| q.applies(&name)) {
+                    Some(q) => q.quantize(&dense)?,
+                    None => Weight::Dense(dense),
+                }
+            };
             Ok(Linear {
-                weight: load(&format!("{name}.weight"), &[out, inp])?,
+                weight,
                 bias: if bias { Some(load(&format!("{name}.bias"), &[out])?) } else { None },
                 lora: None,
                 name,
@@ -363,7 +386,40 @@ impl Llama {
         v
     }
 
-    /// The full state dict, named as in transformers (LoRA not merged).
+    /// Casts the dense weights (embeddings, norms, dense linear layers) to `kind`; 4-bit
+    /// weights stay as they are and dequantize to the input's dtype.
+    pub fn set_dtype(&mut self, kind: Kind) {
+        let _g = tch::no_grad_guard();
+        self.embed_tokens = self.embed_tokens.to_kind(kind);
+        self.norm.weight = self.norm.weight.to_kind(kind);
+        for l in &mut self.layers {
+            l.input_layernorm.weight = l.input_layernorm.weight.to_kind(kind);
+            l.post_attention_layernorm.weight = l.post_attention_layernorm.weight.to_kind(kind);
+        }
+        for lin in self.linears_mut() {
+            lin.weight = lin.weight.to_kind(kind);
+            lin.bias = lin.bias.as_ref().map(|b| b.to_kind(kind));
+        }
+        self.kind = kind;
+    }
+
+    /// Bytes of the weights by kind: `(quantized, dense, adapters)`.
+    pub fn weight_bytes(&self) -> (usize, usize, usize) {
+        let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let quantized: usize = self.linears().iter().filter(|l| l.weight.is_quantized()).map(|l| l.weight.bytes()).sum();
+        let dense: usize = self.state_dict().iter().map(|(_, t)| size(t)).sum();
+        let adapters: usize = self.linears().iter().filter_map(|l| l.lora.as_ref()).map(|l| size(&l.a) + size(&l.b)).sum();
+        (quantized, dense, adapters)
+    }
+
+    /// Number of base parameters (quantized weights count their dequantized elements).
+    pub fn num_params(&self) -> usize {
+        let quantized: usize = self.linears().iter().filter(|l| l.weight.is_quantized()).map(|l| l.weight.numel()).sum();
+        quantized + self.state_dict().iter().map(|(_, t)| t.numel()).sum::<usize>()
+    }
+
+    /// The dense tensors of the state dict, named as in transformers (LoRA not merged).
+    /// 4-bit weights are not in it (they would have to be dequantized): see [`Linear::weight`].
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.shallow_clone())];
         for (i, l) in self.layers.iter().enumerate() {
@@ -371,7 +427,9 @@ impl Llama {
             v.push((format!("model.layers.{i}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight.shallow_clone()));
         }
         for lin in self.linears() {
-            v.push((format!("{}.weight", lin.name), lin.weight.shallow_clone()));
+            if let Weight::Dense(w) = &lin.weight {
+                v.push((format!("{}.weight", lin.name), w.shallow_clone()));
+            }
             if let Some(b) = &lin.bias {
                 v.push((format!("{}.bias", lin.name), b.shallow_clone()));
             }

@@ -27,16 +27,17 @@ pub struct LoadedModel {
     pub lora: Option<crate::nn::peft::LoraSpec>,
 }
 
-/// `"auto" | "cpu" | "cuda" | "cuda:N"` → a libtorch device.
+/// `"auto" | "cpu" | "cuda" | "cuda:N"` → a libtorch device. In a data-parallel run, `auto` and
+/// `cuda` mean this process's GPU, `cuda:LOCAL_RANK`.
 pub fn parse_device(s: &str) -> Result<Device> {
     Ok(match s {
-        "auto" => Device::cuda_if_available(),
+        "auto" => crate::dist::local_cuda_device().unwrap_or(Device::Cpu),
         "cpu" => Device::Cpu,
         "cuda" | "gpu" => {
             if !tch::Cuda::is_available() {
                 bail!("device `cuda` requested but CUDA is not available (no GPU, or libtorch_cuda not linked)");
             }
-            Device::Cuda(0)
+            crate::dist::local_cuda_device().unwrap_or(Device::Cuda(0))
         }
         s if s.starts_with("cuda:") => {
             let n: usize = s[5..].parse().with_context(|| format!("invalid device `{s}`"))?;
@@ -76,8 +77,14 @@ pub fn dtype_name(kind: Kind) -> &'static str {
 
 /// Loads a model directory (config.json + safetensors + tokenizer) or a `.gguf` file.
 pub fn load(path: &Path, dtype: &str, device: Device) -> Result<LoadedModel> {
+    load_with(path, dtype, device, None)
+}
+
+/// [`load`], with the decoder's linear layers quantized to 4 bits as they stream in when
+/// `quant` is given.
+pub fn load_with(path: &Path, dtype: &str, device: Device, quant: Option<&crate::nn::quant::QuantConfig>) -> Result<LoadedModel> {
     if path.extension().map(|e| e == "gguf").unwrap_or(false) {
-        return load_gguf(path, dtype, device);
+        return load_gguf(path, dtype, device, quant);
     }
     if !path.is_dir() {
         bail!("{}: no such model directory or .gguf file", path.display());
@@ -97,11 +104,11 @@ pub fn load(path: &Path, dtype: &str, device: Device) -> Result<LoadedModel> {
     let generation_config = std::fs::read_to_string(path.join("generation_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
-    let net = Llama::load(config, &weights, kind, device)?;
+    let net = Llama::load_quantized(config, &weights, kind, device, quant)?;
     Ok(LoadedModel { net, tokenizer, config_json, generation_config, source: path.display().to_string(), lora: None })
 }
 
-fn load_gguf(path: &Path, dtype: &str, device: Device) -> Result<LoadedModel> {
+fn load_gguf(path: &Path, dtype: &str, device: Device, quant: Option<&crate::nn::quant::QuantConfig>) -> Result<LoadedModel> {
     let import = gguf::import_llama(path)?;
     let config = LlamaConfig::from_json(&import.config).with_context(|| path.display().to_string())?;
     let kind = parse_dtype(dtype, config.dtype.as_deref())?;
@@ -115,7 +122,7 @@ fn load_gguf(path: &Path, dtype: &str, device: Device) -> Result<LoadedModel> {
         ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&import.tokenizer_config)?),
     ];
     let tokenizer = Tokenizer::from_files(files, &path.display().to_string(), config.bos_token_id, config.eos_token_ids.first().copied(), config.pad_token_id)?;
-    let net = Llama::load(config, &WeightSource::Memory(tensors), kind, device)?;
+    let net = Llama::load_quantized(config, &WeightSource::Memory(tensors), kind, device, quant)?;
     Ok(LoadedModel {
         net,
         tokenizer,

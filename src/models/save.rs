@@ -11,23 +11,37 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-/// The model's tensors with adapters merged, in state-dict order, computed lazily.
-fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, Box<dyn Fn() -> Tensor + '_>)> {
+/// The model's tensors with adapters merged, in state-dict order, computed lazily: a 4-bit
+/// weight is dequantized (and its adapter folded in) only when its shard is written, so a
+/// QLoRA model never exists twice in memory. Each entry: name, element count, maker.
+fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, usize, Box<dyn Fn() -> Tensor + '_>)> {
     let net = &m.net;
-    let mut v: Vec<(String, Box<dyn Fn() -> Tensor + '_>)> = vec![];
-    for (name, t) in net.state_dict() {
-        let module = name.strip_suffix(".weight").unwrap_or("");
-        let lin = net.linears().into_iter().find(|l| l.name == module && l.lora.is_some());
-        match lin {
-            Some(lin) => v.push((
-                name,
-                Box::new(move || {
-                    let _g = tch::no_grad_guard();
-                    let l = lin.lora.as_ref().unwrap();
-                    (lin.weight.to_kind(Kind::Float) + l.merged_delta().to_kind(Kind::Float)).to_kind(kind).to_device(Device::Cpu)
-                }),
-            )),
-            None => v.push((name, Box::new(move || t.detach().to_kind(kind).to_device(Device::Cpu)))),
+    let mut v: Vec<(String, usize, Box<dyn Fn() -> Tensor + '_>)> = vec![];
+    let dense = net.state_dict();
+    let linear_of = |name: &str| net.linears().into_iter().find(|l| Some(l.name.as_str()) == name.strip_suffix(".weight"));
+    let merged = move |lin: &'_ crate::nn::Linear| -> Tensor {
+        let _g = tch::no_grad_guard();
+        let w = lin.weight.dense();
+        match &lin.lora {
+            Some(l) => (w.to_kind(Kind::Float) + l.merged_delta().to_kind(Kind::Float)).to_kind(kind).to_device(Device::Cpu),
+            None => w.to_kind(kind).to_device(Device::Cpu),
+        }
+    };
+    let mut names: Vec<String> = dense.iter().map(|(n, _)| n.clone()).collect();
+    for lin in net.linears() {
+        if lin.weight.is_quantized() {
+            names.push(format!("{}.weight", lin.name));
+        }
+    }
+    for name in names {
+        match linear_of(&name) {
+            Some(lin) if lin.lora.is_some() || lin.weight.is_quantized() => {
+                v.push((name, lin.weight.numel(), Box::new(move || merged(lin))));
+            }
+            _ => {
+                let t = dense.iter().find(|(n, _)| *n == name).map(|(_, t)| t.shallow_clone()).unwrap();
+                v.push((name, t.numel(), Box::new(move || t.detach().to_kind(kind).to_device(Device::Cpu))));
+            }
         }
     }
     v
@@ -42,7 +56,7 @@ pub fn save_merged(m: &LoadedModel, dir: &Path, kind: Kind, max_shard_bytes: usi
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut cur = 0usize;
     let mut total = 0usize;
-    let sizes: Vec<usize> = m.net.state_dict().iter().map(|(_, t)| t.numel() * elt).collect();
+    let sizes: Vec<usize> = tensors.iter().map(|(_, n, _)| n * elt).collect();
     for (i, &sz) in sizes.iter().enumerate() {
         if cur + sz > max_shard_bytes && !shards.last().unwrap().is_empty() {
             shards.push(vec![]);
@@ -60,7 +74,7 @@ pub fn save_merged(m: &LoadedModel, dir: &Path, kind: Kind, max_shard_bytes: usi
         let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, n) };
         let mut map = BTreeMap::new();
         for &i in idx {
-            let (name, make) = &tensors[i];
+            let (name, _, make) = &tensors[i];
             map.insert(name.clone(), make());
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
         }
@@ -79,6 +93,65 @@ pub fn save_merged(m: &LoadedModel, dir: &Path, kind: Kind, max_shard_bytes: usi
         if obj.contains_key("torch_dtype") {
             obj.insert("torch_dtype".into(), name.into());
         }
+    }
+    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+    if let Some(g) = &m.generation_config {
+        write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(g)?.as_bytes())?;
+    }
+    m.tokenizer.save(dir)?;
+    Ok(())
+}
+
+/// Writes a 4-bit model in bitsandbytes' serialization (see [`crate::nn::quant::Quant4::bnb_tensors`]):
+/// `model.safetensors` with the packed weights and quant states, dense tensors as they are, and
+/// config.json with transformers' `quantization_config`, so that
+/// `AutoModelForCausalLM.from_pretrained(dir)` loads it as `Linear4bit` layers and ftscript
+/// reloads it without quantizing again. LoRA adapters are not included (`save_adapter`).
+pub fn save_quantized(m: &LoadedModel, dir: &Path) -> Result<()> {
+    use crate::nn::linear::Weight;
+    let quantized: Vec<_> = m.net.linears().into_iter().filter_map(|l| match &l.weight { Weight::Quant4(q) => Some((l, q)), _ => None }).collect();
+    if m.net.linears().iter().any(|l| matches!(l.weight, Weight::Int8(_))) {
+        anyhow::bail!("save_quantized: int8 weights are not saved in bitsandbytes' format yet (use save_merged)");
+    }
+    let Some((_, first)) = quantized.first() else {
+        anyhow::bail!("save_quantized: the model has no 4-bit weights (load it with #{{quantize: \"nf4\"}})");
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut map = BTreeMap::new();
+    for (name, t) in m.net.state_dict() {
+        map.insert(name, t.detach().to_device(Device::Cpu));
+    }
+    for (lin, q) in &quantized {
+        for (k, t) in q.bnb_tensors(&lin.name) {
+            map.insert(k, t);
+        }
+    }
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    save_safetensors(&map, &dir.join("model.safetensors"), Some(meta))?;
+    let skip: Vec<String> = m.net.linears().iter().filter(|l| !l.weight.is_quantized()).map(|l| l.name.clone()).collect();
+    let mut config = m.config_json.clone();
+    if let Some(obj) = config.as_object_mut() {
+        let name = super::dtype_name(m.net.kind);
+        obj.insert(if obj.contains_key("torch_dtype") { "torch_dtype" } else { "dtype" }.into(), name.into());
+        obj.insert(
+            "quantization_config".into(),
+            serde_json::json!({
+                "quant_method": "bitsandbytes",
+                "_load_in_8bit": false,
+                "_load_in_4bit": true,
+                "llm_int8_threshold": 6.0,
+                "llm_int8_skip_modules": if skip.is_empty() { serde_json::Value::Null } else { serde_json::json!(skip) },
+                "llm_int8_enable_fp32_cpu_offload": false,
+                "llm_int8_has_fp16_weight": false,
+                "bnb_4bit_quant_type": first.qtype.name(),
+                "bnb_4bit_use_double_quant": first.nested.is_some(),
+                "bnb_4bit_compute_dtype": name,
+                "bnb_4bit_quant_storage": "uint8",
+                "load_in_4bit": true,
+                "load_in_8bit": false,
+            }),
+        );
     }
     write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
     if let Some(g) = &m.generation_config {

@@ -1,7 +1,77 @@
-//! The one linear layer every projection of a model uses: a frozen base weight, an optional
-//! bias, and an optional LoRA adapter on top.
+//! The one linear layer every projection of a model uses: a frozen base weight (dense, or
+//! 4-bit in bitsandbytes' format), an optional bias, and an optional LoRA adapter on top.
 
+use super::quant::{Int8Rows, Quant4};
 use tch::{Kind, Tensor};
+
+/// A frozen base weight `[out, in]`: dense, or 4-bit ([`Quant4`], NF4/FP4) dequantized block
+/// by block on every forward (`W = code[q] · absmax`, never kept dense between calls).
+pub enum Weight {
+    Dense(Tensor),
+    Quant4(Quant4),
+    /// 8 bits with a scale per row ([`Int8Rows`]), dequantized at each forward.
+    Int8(Int8Rows),
+}
+
+impl Weight {
+    pub fn size(&self) -> Vec<i64> {
+        match self {
+            Weight::Dense(t) => t.size(),
+            Weight::Quant4(q) => q.shape.clone(),
+            Weight::Int8(q) => q.q.size(),
+        }
+    }
+    pub fn numel(&self) -> usize {
+        self.size().iter().product::<i64>() as usize
+    }
+    /// The dtype of the (dequantized) weight.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Weight::Dense(t) => t.kind(),
+            Weight::Quant4(q) => q.dtype,
+            Weight::Int8(q) => q.dtype,
+        }
+    }
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self, Weight::Dense(_))
+    }
+    /// Bytes held by the weight (codes and quantization state when quantized).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.numel() * t.kind().elt_size_in_bytes(),
+            Weight::Quant4(q) => q.bytes(),
+            Weight::Int8(q) => q.bytes(),
+        }
+    }
+    /// A dense weight cast to `kind`; a quantized one unchanged (it dequantizes to the input's
+    /// dtype at each forward).
+    pub fn to_kind(&self, kind: Kind) -> Weight {
+        match self {
+            Weight::Dense(t) => Weight::Dense(t.to_kind(kind)),
+            Weight::Quant4(q) => Weight::Quant4(q.shallow_clone()),
+            Weight::Int8(q) => Weight::Int8(q.shallow_clone()),
+        }
+    }
+    /// The weight as a dense tensor in its own dtype (dequantized: a new tensor each call).
+    pub fn dense(&self) -> Tensor {
+        match self {
+            Weight::Dense(t) => t.shallow_clone(),
+            Weight::Quant4(q) => q.dequantize(q.dtype),
+            Weight::Int8(q) => q.dequantize(q.dtype),
+        }
+    }
+    /// The dense weight for an input of dtype `kind`. Like bitsandbytes' `matmul_4bit`, a
+    /// 4-bit weight is dequantized to its stored dtype, then cast to the compute dtype.
+    pub fn for_input(&self, kind: Kind) -> Tensor {
+        match self {
+            Weight::Dense(t) => t.shallow_clone(),
+            Weight::Quant4(q) if q.dtype == kind || q.dtype == Kind::Float => q.dequantize(kind),
+            Weight::Quant4(q) => q.dequantize(q.dtype).to_kind(kind),
+            Weight::Int8(q) if q.dtype == kind || q.dtype == Kind::Float => q.dequantize(kind),
+            Weight::Int8(q) => q.dequantize(q.dtype).to_kind(kind),
+        }
+    }
+}
 
 /// A LoRA adapter (Hu et al., 2021) for a linear layer `W: [out, in]`:
 ///
@@ -48,7 +118,7 @@ impl Lora {
 /// `model.layers.0.self_attn.q_proj`), with an optional LoRA adapter.
 pub struct Linear {
     pub name: String,
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
 }
@@ -62,7 +132,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let y = x.linear(&self.weight.for_input(x.kind()), self.bias.as_ref());
         match &self.lora {
             Some(l) => y + l.delta(x, train),
             None => y,

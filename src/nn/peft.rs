@@ -267,7 +267,7 @@ pub fn merge(net: &mut Llama) {
     for lin in net.linears_mut() {
         if let Some(l) = lin.lora.take() {
             let delta = l.merged_delta().to_kind(lin.weight.kind());
-            lin.weight = (&lin.weight + delta).detach();
+            lin.weight = super::linear::Weight::Dense((&lin.weight.dense() + delta).detach());
         }
     }
 }

@@ -167,3 +167,35 @@ mod tests {
         assert_ne!(plan_epoch(&e, &c, 0), plan_epoch(&e, &c, 1));
     }
 }
+
+/// Rows of the vocabulary projection computed at once by [`head_loss_backward`].
+pub const LOSS_CHUNK_ROWS: i64 = 2048;
+
+/// Final norm, output projection and summed next-token cross-entropy from the last hidden
+/// states `h` `[B, T, H]`, with each chunk of `LOSS_CHUNK_ROWS` positions projected, scored
+/// and back-propagated (scaled by `weight`) before the next: full-vocabulary logits never exist
+/// for the whole batch (peak `chunk × V` fp32 instead of `B·T × V`). Gradients reach `h`'s graph
+/// through `Σ h · ∂L/∂h`. Returns the summed loss (detached).
+pub fn head_loss_backward(net: &crate::models::llama::Llama, h: &Tensor, labels: &Tensor, weight: f64) -> Tensor {
+    let (b, t, hidden) = h.size3().unwrap();
+    let flat = h.narrow(1, 0, t - 1).reshape([b * (t - 1), hidden]);
+    let rows = flat.detach().set_requires_grad(true);
+    let target = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
+    let n = b * (t - 1);
+    let mut total = Tensor::zeros([], (Kind::Float, h.device()));
+    let mut start = 0;
+    while start < n {
+        let len = LOSS_CHUNK_ROWS.min(n - start);
+        let tg = target.narrow(0, start, len);
+        let logits = net.head(&rows.narrow(0, start, len).unsqueeze(0), true).squeeze_dim(0);
+        let loss = logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(&tg, None, tch::Reduction::Sum, -100, 0.0);
+        (&loss * weight).backward();
+        total += loss.detach();
+        start += len;
+    }
+    let g = rows.grad();
+    if flat.requires_grad() && g.defined() {
+        (flat * g).sum(Kind::Float).backward();
+    }
+    total
+}

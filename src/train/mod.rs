@@ -3,6 +3,7 @@ pub mod batch;
 pub mod callbacks;
 pub mod checkpoint;
 pub mod logger;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;

@@ -3,6 +3,12 @@
 //!
 //! The loss of an optimizer step is the mean over every label token of its accumulation window
 //! (`Σ token losses / Σ label tokens`), not the mean of per-micro-batch means.
+//!
+//! Data parallel (`WORLD_SIZE` > 1, see [`crate::dist`]): every rank plans the same seeded
+//! epoch; an optimizer step's window holds `grad_accum × world` micro-batches and rank `r`
+//! takes those at positions `k ≡ r (mod world)`. Each rank scales its summed loss by
+//! `1 / (label tokens of the whole window)` (an all-reduced count), so the all-reduced **sum**
+//! of the gradients is exactly the single-process gradient of the same global batch.
 
 use super::batch::{collate, loss_sum, plan_epoch, Batch, BatchConfig};
 use super::checkpoint::{self, TrainerState};
@@ -10,6 +16,7 @@ use super::logger::RunLogger;
 use super::optim::{clip_grad_norm, AdamW};
 use super::schedule::{lr_at, Schedule};
 use crate::data::format::Example;
+use crate::dist::ProcessGroup;
 use crate::models::llama::{AttnMask, Llama};
 use crate::nn::peft::{self, LoraSpec};
 use anyhow::{bail, Result};
@@ -119,21 +126,35 @@ fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: bool, se
 
 /// Token-weighted mean loss over a dataset, without gradients.
 pub fn evaluate(net: &Llama, examples: &[Example], cfg: &BatchConfig) -> Result<(f64, i64)> {
+    evaluate_sharded(net, examples, cfg, None)
+}
+
+/// [`evaluate`] with the batches shared out across the ranks of `pg` and the sums reduced.
+pub fn evaluate_sharded(net: &Llama, examples: &[Example], cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<(f64, i64)> {
     let _g = tch::no_grad_guard();
     let cfg = BatchConfig { shuffle: false, ..cfg.clone() };
     let mut total = Tensor::zeros([], (Kind::Double, net.device));
     let mut tokens = 0;
-    for rows in plan_epoch(examples, &cfg, 0) {
+    let (rank, world) = pg.map(|g| (g.rank, g.world_size)).unwrap_or((0, 1));
+    for (j, rows) in plan_epoch(examples, &cfg, 0).into_iter().enumerate() {
+        if j % world != rank {
+            continue;
+        }
         let b = collate(examples, &rows, &cfg);
         let (ids, labels, positions, mask) = to_device(&b, net.device);
         let logits = net.forward(&ids, &positions, &mask, None, false);
         total += loss_sum(&logits, &labels).to_kind(Kind::Double);
         tokens += b.n_label_tokens;
     }
+    let mut total = total.double_value(&[]);
+    if let Some(g) = pg {
+        let s = g.sum_f64(&[total, tokens as f64])?;
+        (total, tokens) = (s[0], s[1] as i64);
+    }
     if tokens == 0 {
         bail!("evaluation set has no label tokens");
     }
-    Ok((total.double_value(&[]) / tokens as f64, tokens))
+    Ok((total / tokens as f64, tokens))
 }
 
 /// The outcome of a run, returned to the recipe.
@@ -188,8 +209,13 @@ pub fn train(
     }
     set_precision(net, cfg.precision);
     let fp16 = cfg.precision == Kind::Half;
+    let pg = crate::dist::group()?;
+    let (rank, world) = pg.map(|g| (g.rank, g.world_size)).unwrap_or((0, 1));
+    let main = rank == 0;
     let plan_len = plan_epoch(&data.train, &cfg.batch, 0).len();
-    let steps_per_epoch = plan_len.div_ceil(cfg.grad_accum);
+    // micro-batches per optimizer step, over all ranks
+    let window = cfg.grad_accum * world;
+    let steps_per_epoch = plan_len.div_ceil(window);
     let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
     let warmup = cfg.warmup_steps.unwrap_or((cfg.warmup_ratio * total_steps as f64).ceil() as usize);
     let mut opt = AdamW::new(&params, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay);
@@ -204,21 +230,37 @@ pub fn train(
             tracing::info!("resume: no checkpoint in {}, starting fresh", cfg.output_dir.display());
         }
     }
+    if let Some(g) = pg {
+        // every rank starts from rank 0's adapters, moments and position
+        g.bucketed(&params, |t| g.broadcast(t, 0))?;
+        g.bucketed(&opt.m, |t| g.broadcast(t, 0))?;
+        g.bucketed(&opt.v, |t| g.broadcast(t, 0))?;
+        let pos = Tensor::from_slice(&[state.step as f64, state.epoch as f64, state.batch_in_epoch as f64, state.loss_scale, state.good_steps as f64, opt.step as f64]);
+        g.broadcast(&pos, 0)?;
+        let pos = Vec::<f64>::try_from(pos)?;
+        (state.step, state.epoch, state.batch_in_epoch, state.loss_scale, state.good_steps) = (pos[0] as usize, pos[1] as usize, pos[2] as usize, pos[3], pos[4] as usize);
+        opt.step = pos[5] as _;
+        // give every adapter a (zero) gradient, so a rank without micro-batches in a window
+        // still has a full bucket to contribute
+        let zero = params.iter().map(|p| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, net.device)), |a, b| a + b);
+        zero.backward();
+    }
     let trainable: i64 = params.iter().map(|p| p.numel() as i64).sum();
     tracing::info!(
-        "training: {} examples, {plan_len} micro-batches/epoch, batch {} × accumulation {}, {total_steps} steps, warmup {warmup}, {trainable} trainable parameters",
+        "training: {} examples, {plan_len} micro-batches/epoch, batch {} × accumulation {} × {world} process(es), {total_steps} steps, warmup {warmup}, {trainable} trainable parameters",
         data.train.len(),
         cfg.batch.batch_size,
         cfg.grad_accum
     );
 
-    let progress = indicatif::ProgressBar::new(total_steps as u64);
+    let progress = if main { indicatif::ProgressBar::new(total_steps as u64) } else { indicatif::ProgressBar::hidden() };
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]")
             .unwrap(),
     );
     progress.set_position(state.step as u64);
     let mut result = TrainResult { log_history: state.log_history.clone(), ..Default::default() };
+    crate::cuda::reset_peak(net.device);
     let started = std::time::Instant::now();
     let mut window_tokens = 0i64;
     let mut log_loss_sum = 0.0;
@@ -232,18 +274,36 @@ pub fn train(
             state.batch_in_epoch = 0;
             plan = plan_epoch(&data.train, &cfg.batch, state.epoch);
         }
-        // one optimizer step: a window of up to grad_accum micro-batches, never across epochs
-        let end = (state.batch_in_epoch + cfg.grad_accum).min(plan.len());
-        let batches: Vec<Batch> = plan[state.batch_in_epoch..end].iter().map(|rows| collate(&data.train, rows, &cfg.batch)).collect();
-        let n_label: i64 = batches.iter().map(|b| b.n_label_tokens).sum();
+        // one optimizer step: a window of up to grad_accum × world micro-batches, never across
+        // epochs; this rank takes every world-th one
+        let end = (state.batch_in_epoch + window).min(plan.len());
+        let mine: Vec<(usize, Batch)> = (state.batch_in_epoch..end)
+            .map(|j| j - state.batch_in_epoch)
+            .filter(|k| k % world == rank)
+            .map(|k| (k, collate(&data.train, &plan[state.batch_in_epoch + k], &cfg.batch)))
+            .collect();
+        let mut n_label: i64 = mine.iter().map(|(_, b)| b.n_label_tokens).sum();
+        if let Some(g) = pg {
+            n_label = g.sum_f64(&[n_label as f64])?[0] as i64;
+        }
         let lr = lr_at(cfg.scheduler, cfg.lr, state.step, total_steps, warmup);
         let mut loss_total = Tensor::zeros([], (Kind::Float, net.device));
-        for (k, b) in batches.iter().enumerate() {
+        let mut step_tokens = 0i64;
+        for (k, b) in &mine {
             let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((state.step * 64 + k) as i64 * 1009);
             let weight = state.loss_scale / n_label.max(1) as f64;
             loss_total += forward_backward(net, b, weight, cfg.gradient_checkpointing, seed);
-            window_tokens += b.n_tokens;
+            step_tokens += b.n_tokens;
         }
+        let mut loss_sum = loss_total.double_value(&[]);
+        if let Some(g) = pg {
+            // Σ over ranks of (local loss gradient / window tokens) = the global batch's gradient
+            let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+            g.bucketed(&grads, |t| g.all_reduce_sum(t))?;
+            let s = g.sum_f64(&[loss_sum, step_tokens as f64])?;
+            (loss_sum, step_tokens) = (s[0], s[1] as i64);
+        }
+        window_tokens += step_tokens;
         if state.loss_scale != 1.0 {
             let _g = tch::no_grad_guard();
             for p in &params {
@@ -254,7 +314,7 @@ pub fn train(
             }
         }
         let grad_norm = clip_grad_norm(&params, cfg.max_grad_norm).double_value(&[]);
-        let loss = loss_total.double_value(&[]) / n_label.max(1) as f64;
+        let loss = loss_sum / n_label.max(1) as f64;
         let skipped = fp16 && !grad_norm.is_finite();
         if skipped {
             state.loss_scale /= 2.0;
@@ -299,6 +359,9 @@ pub fn train(
             if fp16 {
                 m.insert("loss_scale".into(), json!(state.loss_scale));
             }
+            if let Some(peak) = crate::cuda::peak_allocated(net.device) {
+                m.insert("peak_gib".into(), json!(peak as f64 / (1u64 << 30) as f64));
+            }
             progress.set_message(format!("loss {:.4}", log_loss_sum / log_steps as f64));
             progress.suspend(|| tracing::info!("step {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s", state.step, log_loss_sum / log_steps as f64, lr, grad_norm, tps));
             logger.log(state.step, &m)?;
@@ -310,7 +373,7 @@ pub fn train(
         }
         let eval_now = cfg.eval_every.map(|e| state.step % e == 0).unwrap_or(false) || (state.step == total_steps && cfg.eval_every.is_some());
         if let (true, Some(eval)) = (eval_now, &data.eval) {
-            let (eval_loss, tokens) = evaluate(net, eval, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() })?;
+            let (eval_loss, tokens) = evaluate_sharded(net, eval, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() }, pg)?;
             let mut m = Map::new();
             m.insert("step".into(), json!(state.step));
             m.insert("epoch".into(), json!(epoch_f));
@@ -323,10 +386,23 @@ pub fn train(
             result.eval_loss = Some(eval_loss);
             stop |= hooks.on_eval(&m)? == Control::Stop;
         }
+        if let Some(g) = pg {
+            // a stop asked for on any rank stops every rank, at the same step
+            stop = g.sum_f64(&[stop as u8 as f64])?[0] > 0.0;
+        }
         let save_now = cfg.save_every.map(|s| state.step % s == 0).unwrap_or(false);
         if save_now || stop || state.step == total_steps {
-            let dir = checkpoint::save(&cfg.output_dir, net, spec, base_model, &params, &opt, &state)?;
-            checkpoint::prune(&cfg.output_dir, cfg.save_total_limit)?;
+            // rank 0 writes; the others wait until the checkpoint is complete
+            let dir = if main {
+                let dir = checkpoint::save(&cfg.output_dir, net, spec, base_model, &params, &opt, &state)?;
+                checkpoint::prune(&cfg.output_dir, cfg.save_total_limit)?;
+                dir
+            } else {
+                cfg.output_dir.join(format!("checkpoint-{}", state.step))
+            };
+            if let Some(g) = pg {
+                g.barrier()?;
+            }
             result.checkpoint = Some(dir);
         }
     }

@@ -1,0 +1,54 @@
+// CUDA caching-allocator statistics (what torch.cuda.memory_allocated / max_memory_allocated
+// report), which tch does not bind. Every entry point catches C++ exceptions and returns -1.
+#include <c10/core/CachingDeviceAllocator.h>
+#include <cstdint>
+
+namespace {
+const size_t kAggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+// The CUDA caching allocator, through c10's device-generic interface (no CUDA headers needed).
+c10::DeviceAllocator* cuda() { return c10::getDeviceAllocator(c10::DeviceType::CUDA); }
+}
+
+extern "C" int64_t ftscript_cuda_allocated(int device) {
+  try {
+    return cuda()->getDeviceStats(device).allocated_bytes[kAggregate].current;
+  } catch (...) {
+    return -1;
+  }
+}
+
+extern "C" int64_t ftscript_cuda_peak_allocated(int device) {
+  try {
+    return cuda()->getDeviceStats(device).allocated_bytes[kAggregate].peak;
+  } catch (...) {
+    return -1;
+  }
+}
+
+extern "C" int64_t ftscript_cuda_reset_peak(int device) {
+  try {
+    cuda()->resetPeakStats(device);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Free and total device memory (cudaMemGetInfo), looked up at run time in the CUDA runtime that
+// libtorch_cuda already loaded, so no CUDA headers or extra link step are needed.
+#include <dlfcn.h>
+#include <cstddef>
+
+extern "C" int64_t ftscript_cuda_mem_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
+  using SetDevice = int (*)(int);
+  using MemGetInfo = int (*)(size_t*, size_t*);
+  auto set_device = reinterpret_cast<SetDevice>(dlsym(RTLD_DEFAULT, "cudaSetDevice"));
+  auto mem_get_info = reinterpret_cast<MemGetInfo>(dlsym(RTLD_DEFAULT, "cudaMemGetInfo"));
+  if (!set_device || !mem_get_info) return -1;
+  if (set_device(device) != 0) return -1;
+  size_t f = 0, t = 0;
+  if (mem_get_info(&f, &t) != 0) return -1;
+  *free_bytes = static_cast<int64_t>(f);
+  *total_bytes = static_cast<int64_t>(t);
+  return 0;
+}

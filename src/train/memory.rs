@@ -1,0 +1,36 @@
+//! Deciding whether gradient checkpointing is needed (`gradient_checkpointing: "auto"`).
+//!
+//! Without checkpointing, backward keeps every decoder layer's activations. Per token and
+//! layer that is about `10·H + 4·I` values (norm outputs, q/k/v, attention output, residuals,
+//! gate/up projections and their SiLU product; flash attention keeps no T×T matrix), each in
+//! the compute dtype, plus LoRA's dropout copies of its inputs. Checkpointing keeps one `H`
+//! vector per layer instead and recomputes the rest, costing one more forward pass.
+
+use crate::models::config::LlamaConfig;
+use tch::{Device, Kind};
+
+/// Activation bytes one micro-batch of `tokens` tokens keeps for backward without checkpointing.
+pub fn activation_bytes(c: &LlamaConfig, tokens: u64, kind: Kind, lora_layers_per_block: u64) -> u64 {
+    let h = c.hidden_size as u64;
+    let i = c.intermediate_size as u64;
+    let per_token_layer = 10 * h + 4 * i + lora_layers_per_block * h;
+    per_token_layer * tokens * c.num_hidden_layers as u64 * kind.elt_size_in_bytes() as u64
+}
+
+/// `(checkpoint?, why)`: checkpoint unless the activations fit in 85% of the free device memory.
+pub fn plan(c: &LlamaConfig, tokens: u64, kind: Kind, lora_layers_per_block: u64, device: Device) -> (bool, String) {
+    let need = activation_bytes(c, tokens, kind, lora_layers_per_block);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match crate::cuda::mem_info(device) {
+        Some((free, total)) => {
+            let budget = free as f64 * 0.85;
+            if (need as f64) < budget {
+                (false, format!("activations need ~{:.1} GiB, {:.1} of {:.1} GiB free: no checkpointing (faster)", gib(need), gib(free), gib(total)))
+            } else {
+                (true, format!("activations need ~{:.1} GiB but only {:.1} GiB are free: checkpointing each decoder layer", gib(need), gib(free)))
+            }
+        }
+        None if device == Device::Cpu => (false, format!("on the CPU (activations ~{:.1} GiB): no checkpointing", gib(need))),
+        None => (true, "free device memory unknown: checkpointing to be safe".into()),
+    }
+}

@@ -1,0 +1,411 @@
+//! The Hugging Face Hub against a local test Hub (tests/py/hub_server.py on 127.0.0.1): the
+//! server validated by the real Python client, ftscript's pushes (LFS, multipart, model card,
+//! retries, no partial commits, --allow-push), downloads into the cache Python shares, offline
+//! use, and the token never leaking into output or files.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const TOKEN: &str = "hf_TestSecretToken0123456789abcdef";
+
+/// The test Hub, killed on drop.
+struct Hub {
+    child: Child,
+    url: String,
+    root: PathBuf,
+}
+
+impl Hub {
+    fn start(root: &Path, multipart_threshold: u64, chunk_size: u64) -> Hub {
+        let mut child = Command::new(python())
+            .arg(common::root().join("tests/py/hub_server.py"))
+            .arg(root)
+            .args(["--token", TOKEN, "--multipart-threshold", &multipart_threshold.to_string(), "--chunk-size", &chunk_size.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start the test hub");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line.trim().strip_prefix("READY ").unwrap_or_else(|| panic!("hub_server did not start: {line}")).to_string();
+        Hub { child, url, root: root.to_path_buf() }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.root.join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn commits(&self, repo: &str) -> Vec<Value> {
+        self.events().into_iter().filter(|e| e["event"] == "commit" && e["repo"] == repo).collect()
+    }
+
+    fn fail_next(&self, route: &str, status: u16, count: u32) {
+        let out = Command::new(python())
+            .args(["-c", &format!(
+                "import urllib.request,json;urllib.request.urlopen(urllib.request.Request('{}/_test/fail',data=json.dumps({{'route':'{route}','status':{status},'count':{count}}}).encode(),method='POST'))",
+                self.url
+            )])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Environment of a Hub client: the test Hub, the token, a private HF_HOME.
+fn hub_env(cmd: &mut Command, hub: &str, home: &Path, token: bool) {
+    cmd.env("HF_ENDPOINT", hub)
+        .env("HF_HOME", home)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HUGGINGFACE_HUB_CACHE")
+        .env_remove("HF_TOKEN_PATH")
+        .env_remove("HUGGING_FACE_HUB_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .env("HF_HUB_DISABLE_XET", "1")
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .env("FTSCRIPT_HUB_BACKOFF_MS", "50")
+        .env("FTSCRIPT_LOG", "info");
+    if token {
+        cmd.env("HF_TOKEN", TOKEN);
+    } else {
+        cmd.env_remove("HF_TOKEN");
+    }
+}
+
+/// Runs tests/py/hub_client.py; panics on failure.
+fn client(args: &[&str], hub: &str, home: &Path, offline: bool) -> Output {
+    let mut cmd = Command::new(python());
+    cmd.arg(root().join("tests/py/hub_client.py")).args(args);
+    hub_env(&mut cmd, hub, home, true);
+    if offline {
+        cmd.env("HF_HUB_OFFLINE", "1");
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "hub_client {args:?} failed:\n{}", text(&out));
+    out
+}
+
+fn ft(args: &[&str], cwd: &Path, hub: &str, home: &Path, offline: bool) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ftscript"));
+    cmd.args(args).current_dir(cwd);
+    hub_env(&mut cmd, hub, home, true);
+    if offline {
+        cmd.env("HF_HUB_OFFLINE", "1");
+    }
+    cmd.output().unwrap()
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(data))
+}
+
+/// {relative path: sha256} of every file under `dir`.
+fn digests(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().to_string();
+                out.insert(rel, sha256(&std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+fn downloaded(json_path: &Path) -> (PathBuf, BTreeMap<String, String>) {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
+    let files = v["files"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
+    (PathBuf::from(v["snapshot"].as_str().unwrap()), files)
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// No file under `dirs` and no output contains the token.
+fn assert_token_absent(outputs: &[&Output], dirs: &[&Path]) {
+    for o in outputs {
+        assert!(!text(o).contains(TOKEN), "the token appears in the output:\n{}", text(o));
+    }
+    let needle = TOKEN.as_bytes();
+    for d in dirs {
+        let mut stack = vec![d.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                let meta = std::fs::symlink_metadata(&p).unwrap();
+                if meta.is_dir() {
+                    stack.push(p);
+                } else if meta.is_file() {
+                    let data = std::fs::read(&p).unwrap();
+                    assert!(!data.windows(needle.len()).any(|w| w == needle), "the token is written in {}", p.display());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn python_client_round_trips_files_through_the_test_hub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = Hub::start(&tmp.path().join("server"), 5_000_000, 4_000_000);
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("config.json"), "{\"model_type\": \"llama\"}\n").unwrap();
+    std::fs::write(src.join("sub/notes.txt"), "hello hub\n").unwrap();
+    std::fs::write(src.join("small.safetensors"), noise(300_000, 1)).unwrap();
+    std::fs::write(src.join("big.bin"), noise(12_000_000, 2)).unwrap();
+    client(&["upload", "org/roundtrip", src.to_str().unwrap()], &hub.url, &tmp.path().join("home_up"), false);
+
+    let events = hub.events();
+    let uploads: Vec<&Value> = events.iter().filter(|e| e["event"] == "lfs_upload").collect();
+    let big_sha = sha256(&std::fs::read(src.join("big.bin")).unwrap());
+    assert!(uploads.iter().any(|e| e["oid"] == big_sha.as_str() && e["transfer"] == "multipart" && e["parts"] == 3), "{events:?}");
+    assert!(uploads.iter().any(|e| e["transfer"] == "basic" && e["size"] == 300_000), "{events:?}");
+    let commit = &hub.commits("org/roundtrip")[0];
+    let via = |p: &str| commit["files"].as_array().unwrap().iter().find(|f| f["path"] == p).unwrap()["via"].clone();
+    assert_eq!(via("big.bin"), "lfs");
+    assert_eq!(via("small.safetensors"), "lfs");
+    assert_eq!(via("config.json"), "inline");
+    assert!(events.iter().all(|e| e["event"] != "token_leak"), "the client sent its token to a storage URL");
+
+    let out = tmp.path().join("down.json");
+    client(&["download", "org/roundtrip", out.to_str().unwrap()], &hub.url, &tmp.path().join("home_down"), false);
+    let (snapshot, files) = downloaded(&out);
+    assert_eq!(files, digests(&src));
+    assert!(snapshot.starts_with(tmp.path().join("home_down/hub/models--org--roundtrip/snapshots")), "{}", snapshot.display());
+}
+
+/// An adapter folder as save_adapter writes it, with a 30 MB weight file, inside a run directory.
+fn adapter_folder(run: &Path) -> PathBuf {
+    let dir = run.join("adapter");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"base_model_name_or_path": "org/tiny", "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("adapter_model.safetensors"), noise(30_000_000, 3)).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), "{\"version\": \"1.0\"}\n").unwrap();
+    std::fs::write(run.join("metrics.jsonl"), "{\"step\": 10, \"loss\": 1.5}\n{\"step\": 20, \"loss\": 0.75, \"eval_loss\": 0.8125}\n").unwrap();
+    dir
+}
+
+#[test]
+fn ftscript_pushes_an_adapter_through_lfs_and_python_downloads_identical_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let hub = Hub::start(&t.join("server"), 20_000_000, 8_000_000);
+    let home = t.join("home");
+    let adapter = adapter_folder(&t.join("run"));
+
+    let push = ft(&["push", adapter.to_str().unwrap(), "org/adapter", "-m", "first adapter"], t, &hub.url, &home, false);
+    assert!(push.status.success(), "{}", text(&push));
+    let url = String::from_utf8_lossy(&push.stdout).trim().to_string();
+    assert!(url.starts_with(&format!("{}/org/adapter/commit/", hub.url)), "{url}");
+
+    // server side: the weights arrived through LFS multipart, nothing large was inlined
+    let weights_sha = sha256(&std::fs::read(adapter.join("adapter_model.safetensors")).unwrap());
+    let events = hub.events();
+    assert!(
+        events.iter().any(|e| e["event"] == "lfs_upload" && e["oid"] == weights_sha.as_str() && e["transfer"] == "multipart" && e["parts"] == 4),
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| e["event"] != "token_leak"), "ftscript sent its token to a storage URL");
+    let commits = hub.commits("org/adapter");
+    assert_eq!(commits.len(), 1);
+    assert_eq!(commits[0]["message"], "first adapter");
+    for f in commits[0]["files"].as_array().unwrap() {
+        let expect = if f["path"] == "adapter_model.safetensors" { "lfs" } else { "inline" };
+        assert_eq!(f["via"], expect, "{f}");
+    }
+
+    // Python gets the same bytes, plus the model card
+    let out = t.join("down.json");
+    client(&["download", "org/adapter", out.to_str().unwrap()], &hub.url, &t.join("home_py"), false);
+    let (snapshot, mut files) = downloaded(&out);
+    let card = std::fs::read_to_string(snapshot.join("README.md")).unwrap();
+    files.remove("README.md");
+    assert_eq!(files, digests(&adapter));
+    assert!(card.starts_with("---\n"), "{card}");
+    for want in ["base_model: \"org/tiny\"", "library_name: peft", "- ftscript", "| r | 16 |", "| lora_alpha | 32 |", "| eval_loss | 0.8125 |", "| loss | 0.75 |"] {
+        assert!(card.contains(want), "model card lacks {want}:\n{card}");
+    }
+
+    // a recipe may push only with --allow-push
+    let recipe = t.join("push.rhai");
+    std::fs::write(
+        &recipe,
+        format!("let url = hub_push(\"{}\", \"org/adapter\", #{{ commit_message: \"from a recipe\", create_pr: true }});\nprint(`url=${{url}}`);\n", adapter.display()),
+    )
+    .unwrap();
+    let denied = ft(&["run", recipe.to_str().unwrap()], t, &hub.url, &home, false);
+    let dt = text(&denied);
+    assert!(!denied.status.success() && dt.contains("--allow-push") && dt.contains("ftscript run --allow-push"), "{dt}");
+    assert!(dt.contains("push.rhai:1:"), "the error names the recipe line: {dt}");
+    assert_eq!(hub.commits("org/adapter").len(), 1, "a refused push must not commit");
+    let allowed = ft(&["run", "--allow-push", recipe.to_str().unwrap()], t, &hub.url, &home, false);
+    let at = text(&allowed);
+    assert!(allowed.status.success(), "{at}");
+    assert!(at.contains(&format!("url={}/org/adapter/discussions/1", hub.url)), "{at}");
+    let commits = hub.commits("org/adapter");
+    assert_eq!(commits.len(), 2);
+    assert_eq!(commits[1]["create_pr"], true);
+    // the weights were already on the Hub: not uploaded a second time
+    assert_eq!(hub.events().iter().filter(|e| e["event"] == "lfs_upload" && e["oid"] == weights_sha.as_str()).count(), 1);
+
+    // without a token: a clear error, no commit
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ftscript"));
+    cmd.args(["push", adapter.to_str().unwrap(), "org/other"]).current_dir(t);
+    hub_env(&mut cmd, &hub.url, &home, false);
+    let no_token = cmd.output().unwrap();
+    assert!(!no_token.status.success() && text(&no_token).contains("HF_TOKEN"), "{}", text(&no_token));
+    assert!(hub.commits("org/other").is_empty());
+    // the token file ($HF_HOME/token, as `hf auth login` writes it) works instead of HF_TOKEN
+    let login = tempfile::tempdir().unwrap();
+    std::fs::write(login.path().join("token"), format!("{TOKEN}\n")).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ftscript"));
+    cmd.args(["push", adapter.to_str().unwrap(), "org/other"]).current_dir(t);
+    hub_env(&mut cmd, &hub.url, login.path(), false);
+    let from_file = cmd.output().unwrap();
+    assert!(from_file.status.success(), "{}", text(&from_file));
+    assert_eq!(hub.commits("org/other").len(), 1);
+
+    assert_token_absent(&[&push, &denied, &allowed, &no_token, &from_file], &[t]);
+}
+
+#[test]
+fn pushes_retry_transient_errors_and_never_leave_a_partial_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let hub = Hub::start(&t.join("server"), 20_000_000, 8_000_000);
+    let home = t.join("home");
+    let dir = t.join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), "{\"architectures\": [\"LlamaForCausalLM\"]}\n").unwrap();
+    std::fs::write(dir.join("model.safetensors"), noise(1_000_000, 4)).unwrap();
+    std::fs::write(dir.join("README.md"), "---\nlicense: mit\n---\n# mine\n").unwrap();
+
+    // two 503s on the batch and a 429 on the commit: retried with backoff, one commit
+    hub.fail_next("batch", 503, 2);
+    hub.fail_next("commit", 429, 1);
+    let ok = ft(&["push", dir.to_str().unwrap(), "org/retry"], t, &hub.url, &home, false);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(text(&ok).contains("HTTP 503, retrying"), "{}", text(&ok));
+    let commits = hub.commits("org/retry");
+    assert_eq!(commits.len(), 1);
+    let paths: Vec<&str> = commits[0]["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["README.md", "config.json", "model.safetensors"], "the folder's own README.md is kept");
+
+    // an upload that keeps failing: the push fails before any commit
+    std::fs::write(dir.join("model.safetensors"), noise(1_000_000, 5)).unwrap();
+    hub.fail_next("upload", 500, 100);
+    let failed = ft(&["push", dir.to_str().unwrap(), "org/retry"], t, &hub.url, &home, false);
+    assert!(!failed.status.success(), "{}", text(&failed));
+    assert!(text(&failed).contains("model.safetensors"), "{}", text(&failed));
+    assert_eq!(hub.commits("org/retry").len(), 1, "a failed push must leave no commit");
+    assert_token_absent(&[&ok, &failed], &[t]);
+}
+
+#[test]
+fn python_uploads_ftscript_downloads_and_the_cache_is_shared_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    py("make_tiny.py", &[t.to_str().unwrap(), "llama_gqa"]);
+    let model = t.join("llama_gqa");
+    let mut hub = Hub::start(&t.join("server"), 20_000_000, 8_000_000);
+    client(&["upload", "org/tiny", model.to_str().unwrap()], &hub.url, &t.join("home_up"), false);
+
+    // ftscript downloads into an empty cache: load_model by Hub id, hub_download
+    let home = t.join("home_ft");
+    let recipe = t.join("load.rhai");
+    std::fs::write(
+        &recipe,
+        "let m = load_model(\"org/tiny\", #{ revision: \"main\" });\nprint(`loss=${m.loss(\"The quick brown fox\")}`);\nprint(`dir=${hub_download(\"org/tiny\")}`);\nm.add_lora(#{ r: 4 });\nm.save_adapter(\"adapter_out\");\n",
+    )
+    .unwrap();
+    let online = ft(&["run", recipe.to_str().unwrap()], t, &hub.url, &home, false);
+    let ot = text(&online);
+    assert!(online.status.success(), "{ot}");
+    let dir = ot.lines().find_map(|l| l.split("dir=").nth(1)).unwrap().trim().to_string();
+    let snap = PathBuf::from(&dir);
+    assert!(snap.starts_with(home.join("hub/models--org--tiny/snapshots")), "{dir}");
+    assert!(std::fs::symlink_metadata(snap.join("config.json")).unwrap().file_type().is_symlink());
+    let commit = std::fs::read_to_string(home.join("hub/models--org--tiny/refs/main")).unwrap();
+    assert_eq!(snap.file_name().unwrap().to_str().unwrap(), commit.trim());
+    assert_eq!(digests(&snap), digests(&model));
+    // an adapter trained on a Hub model names the Hub id as its base, as peft does
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(t.join("adapter_out/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], "org/tiny");
+
+    // a half-downloaded blob resumes with Range: remove a snapshot link, leave a partial blob
+    let weights_sha = sha256(&std::fs::read(model.join("model.safetensors")).unwrap());
+    let blob = home.join("hub/models--org--tiny/blobs").join(&weights_sha);
+    let bytes = std::fs::read(&blob).unwrap();
+    std::fs::remove_file(&blob).unwrap();
+    std::fs::remove_file(snap.join("model.safetensors")).unwrap();
+    std::fs::write(home.join(format!("hub/models--org--tiny/blobs/{weights_sha}.incomplete")), &bytes[..bytes.len() / 2]).unwrap();
+    let resumed = ft(&["download", "org/tiny"], t, &hub.url, &home, false);
+    assert!(resumed.status.success() && text(&resumed).contains("resuming model.safetensors"), "{}", text(&resumed));
+    assert_eq!(std::fs::read(&blob).unwrap(), bytes);
+
+    // Python reads ftscript's cache offline
+    let out = t.join("offline.json");
+    client(&["download", "org/tiny", out.to_str().unwrap()], &hub.url, &home, true);
+    let (psnap, files) = downloaded(&out);
+    assert_eq!(psnap, snap);
+    assert_eq!(files, digests(&model));
+    let loaded = client(&["load", "org/tiny"], &hub.url, &home, true);
+    assert!(text(&loaded).contains("loaded LlamaForCausalLM"), "{}", text(&loaded));
+
+    // and ftscript reads Python's cache
+    let py_home = t.join("home_py");
+    client(&["download", "org/tiny", t.join("py.json").to_str().unwrap()], &hub.url, &py_home, false);
+
+    // offline, nothing touches the network: the server is gone and both caches still serve
+    let _ = hub.child.kill();
+    let _ = hub.child.wait();
+    let off = ft(&["run", recipe.to_str().unwrap()], t, &hub.url, &py_home, true);
+    assert!(off.status.success(), "{}", text(&off));
+    let loss = |o: &Output| text(o).lines().find_map(|l| l.split("loss=").nth(1).map(|s| s.trim().to_string())).unwrap();
+    assert_eq!(loss(&off), loss(&online));
+    let missing = t.join("missing.rhai");
+    std::fs::write(&missing, "let m = load_model(\"org/absent\");\n").unwrap();
+    let miss = ft(&["run", missing.to_str().unwrap()], t, &hub.url, &py_home, true);
+    let mt = text(&miss);
+    assert!(!miss.status.success() && mt.contains("org/absent") && mt.contains("HF_HUB_OFFLINE"), "{mt}");
+    assert_token_absent(&[&online, &resumed, &off, &miss, &loaded], &[t]);
+}

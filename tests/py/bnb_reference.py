@@ -1,0 +1,140 @@
+"""bitsandbytes' own 4-bit quantization of test matrices, for tests/quant.rs.
+
+usage: bnb_reference.py OUT.safetensors [MODEL_DIR] [--device cuda] [--small]
+       bnb_reference.py logits MODEL_DIR nf4|fp4 dq|nodq OUT.safetensors
+       bnb_reference.py saved-logits QUANTIZED_DIR OUT.safetensors
+       bnb_reference.py int8 OUT.safetensors [MODEL_DIR]
+
+The second form loads MODEL_DIR in transformers with BitsAndBytesConfig (4-bit, fp32 compute,
+on CPU) and writes `logits` [1, 10, V] for the fixed ids in `ids` [1, 10]; the third loads a
+directory saved 4-bit (by ftscript's save_quantized) as it is and writes the same.
+
+Quantizes random matrices (several shapes and dtypes, including sizes that are not multiples
+of 64 or 256) and, with MODEL_DIR, a few real weights of that model, with
+`bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type, compress_statistics)` for
+nf4/fp4 with and without double quantization, on the device bitsandbytes runs on here
+(`--device cuda` for the GPU machine), and writes, for each case `C` and variant `V`
+(`nf4`, `nf4_dq`, `fp4`, `fp4_dq`):
+
+  C.input               the matrix (its own dtype)
+  C.V.packed            uint8 [(n+1)/2, 1]
+  C.V.absmax            fp32 [blocks] (uint8 with double quant)
+  C.V.quant_map         fp32 [16]
+  C.V.nested_absmax     fp32, C.V.nested_quant_map fp32 [256], C.V.offset fp32 [1]  (double quant)
+  C.V.dequant           dequantize_4bit(...) in the matrix's dtype
+and a metadata entry `device` (cpu or cuda).
+"""
+import sys
+
+import torch
+import bitsandbytes.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+torch._dynamo.config.recompile_limit = 64  # bitsandbytes torch.compiles its CPU dequantize fallback per dtype/shape
+
+
+def cases(model_dir, small=False):
+    g = torch.Generator().manual_seed(1234)
+    out = {}
+    shapes = [(64, 64), (128, 96), (100, 70), (33, 7), (257, 129), (1000, 300), (5,), (576, 576)]
+    if small:  # a fixture small enough to commit
+        shapes = [(64, 64), (100, 70), (33, 7), (257, 129), (5,)]
+    for shape in shapes:
+        for dt, name in [(torch.float32, "f32"), (torch.bfloat16, "bf16"), (torch.float16, "f16")]:
+            w = (torch.randn(*shape, generator=g) * 0.02).to(dt)
+            out[f"rand_{'x'.join(map(str, shape))}_{name}"] = w
+    # outliers and exact zeros
+    w = torch.randn(300, 64, generator=g) * 0.02
+    w[::7] *= 40
+    w[5] = 0
+    w[:, 3] = 0
+    out["outliers_f32"] = w
+    if model_dir:
+        with safe_open(f"{model_dir}/model.safetensors", "pt") as f:
+            names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+                     "model.layers.7.mlp.down_proj.weight", "model.layers.29.mlp.gate_proj.weight"]
+            for name in names[1:2] if small else names:
+                t = f.get_tensor(name)
+                out["demo." + name] = t
+                out["demo_bf16." + name] = t.to(torch.bfloat16)
+    return out
+
+
+IDS = [[0, 5, 17, 42, 99, 123, 7, 250, 3, 64]]
+
+
+def hf_logits(model_dir, qt, dq, out):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq == "dq",
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, device_map="cpu",
+                                                 dtype=torch.float32)
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        logits = model(ids).logits
+    save_file({"ids": ids, "logits": logits.float().contiguous()}, out)
+
+
+def saved_logits(model_dir, out):
+    """Logits of a model directory saved 4-bit (its config.json carries quantization_config)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit", type(model.model.layers[0].self_attn.q_proj)
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        logits = model(ids).logits
+    save_file({"ids": ids, "logits": logits.float().contiguous()}, out)
+
+
+def int8(out, model_dir=None):
+    """bitsandbytes' int8_vectorwise_quant (LLM.int8() weights, threshold 0): C.input, C.CB, C.SCB, C.dequant."""
+    tensors = {}
+    for case, w in cases(model_dir, small=True).items():
+        if w.dim() != 2:
+            continue
+        cb, scb, _ = F.int8_vectorwise_quant(w.clone())
+        tensors[f"{case}.input"] = w.contiguous()
+        tensors[f"{case}.CB"] = cb
+        tensors[f"{case}.SCB"] = scb
+        tensors[f"{case}.dequant"] = F.int8_vectorwise_dequant(cb, scb)
+    save_file(tensors, out)
+
+
+def main():
+    args = sys.argv[1:]
+    if args[0] == "int8":
+        return int8(*args[1:])
+    if args[0] == "logits":
+        return hf_logits(*args[1:])
+    if args[0] == "saved-logits":
+        return saved_logits(*args[1:])
+    device = "cpu"
+    if "--device" in args:
+        i = args.index("--device")
+        device = args[i + 1]
+        del args[i:i + 2]
+    small = "--small" in args
+    args = [a for a in args if a != "--small"]
+    path, model_dir = args[0], (args[1] if len(args) > 1 else None)
+    tensors = {}
+    for case, w in cases(model_dir, small).items():
+        tensors[f"{case}.input"] = w.contiguous()
+        for qt in ["nf4", "fp4"]:
+            for dq in [False, True]:
+                v = f"{case}.{qt}{'_dq' if dq else ''}"
+                q, st = F.quantize_4bit(w.to(device), blocksize=64, quant_type=qt, compress_statistics=dq)
+                d = F.dequantize_4bit(q, st)
+                tensors[f"{v}.packed"] = q.cpu()
+                tensors[f"{v}.absmax"] = st.absmax.cpu()
+                tensors[f"{v}.quant_map"] = st.code.cpu()
+                if dq:
+                    tensors[f"{v}.nested_absmax"] = st.state2.absmax.cpu()
+                    tensors[f"{v}.nested_quant_map"] = st.state2.code.cpu()
+                    tensors[f"{v}.offset"] = st.offset.reshape(1).float().cpu()
+                tensors[f"{v}.dequant"] = d.cpu().contiguous()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"device": device})
+
+
+if __name__ == "__main__":
+    main()

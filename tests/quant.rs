@@ -1,0 +1,261 @@
+//! 4-bit quantization against bitsandbytes itself (run live on CPU from the project venv):
+//! packed codes, absmax, double-quant state and dequantized weights must be the same bits,
+//! for random matrices (odd sizes included) and real weights of the demo model.
+
+mod common;
+use common::*;
+use ftscript::nn::quant::{Flavor, Quant4, QuantType};
+use std::collections::HashMap;
+use tch::{Kind, Tensor};
+
+/// Same bits (so +0 ≠ -0 and NaN = NaN).
+fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    if a.size() != b.size() || a.kind() != b.kind() {
+        return false;
+    }
+    let int = match a.kind() {
+        Kind::Float => Kind::Int,
+        Kind::Half | Kind::BFloat16 => Kind::Int16,
+        _ => return a.equal(b),
+    };
+    a.contiguous().view_dtype(int).equal(&b.contiguous().view_dtype(int))
+}
+
+fn check_against(reference: &HashMap<String, Tensor>, flavor: Flavor) -> usize {
+    let mut cases: Vec<&str> = reference.keys().filter_map(|k| k.strip_suffix(".input")).collect();
+    cases.sort();
+    assert!(cases.len() >= 15, "too few cases: {cases:?}");
+    let mut failures = vec![];
+    let mut checked = 0;
+    for case in &cases {
+        let w = &reference[&format!("{case}.input")];
+        for (qt, dq) in [(QuantType::Nf4, false), (QuantType::Nf4, true), (QuantType::Fp4, false), (QuantType::Fp4, true)] {
+            let v = format!("{case}.{}{}", qt.name(), if dq { "_dq" } else { "" });
+            let r = |k: &str| &reference[&format!("{v}.{k}")];
+            let device = if flavor == Flavor::Cuda { tch::Device::Cuda(0) } else { tch::Device::Cpu };
+            let q = Quant4::quantize(&w.to_device(device), qt, dq, flavor).unwrap().to_device(tch::Device::Cpu);
+            let mut bad = vec![];
+            if !same_bits(&q.packed, r("packed")) {
+                let n = q.packed.ne_tensor(r("packed")).sum(Kind::Int64).int64_value(&[]);
+                bad.push(format!("packed ({n} bytes differ)"));
+            }
+            if !same_bits(&q.absmax, r("absmax")) {
+                bad.push("absmax".into());
+            }
+            if !same_bits(&ftscript::nn::quant::code4(qt, tch::Device::Cpu), r("quant_map")) {
+                bad.push("quant_map".into());
+            }
+            if let Some(n) = &q.nested {
+                if !same_bits(&n.absmax, r("nested_absmax")) {
+                    bad.push("nested_absmax".into());
+                }
+                if !same_bits(&n.code, r("nested_quant_map")) {
+                    bad.push("nested_quant_map".into());
+                }
+                if n.offset as f64 != r("offset").double_value(&[0]) {
+                    bad.push(format!("offset {} vs {}", n.offset, r("offset").double_value(&[0])));
+                }
+            } else if dq {
+                bad.push("no nested state".into());
+            }
+            // dequantize bnb's own codes and ours: same bits. bitsandbytes' CPU dequantization
+            // falls back to torch (FP4 code 8 → +0 instead of -0) when the last dim is odd.
+            let ours = q.to_device(device).dequantize(w.kind()).to_device(tch::Device::Cpu);
+            let theirs = r("dequant");
+            let odd = w.size().last().copied().unwrap_or(0) % 2 == 1;
+            let ok = if qt == QuantType::Fp4 && odd { ours.equal(theirs) && (&ours + 0.0).equal(&(theirs + 0.0)) } else { same_bits(&ours, theirs) };
+            if !ok {
+                let diff = (ours.to_kind(Kind::Double) - theirs.to_kind(Kind::Double)).abs().max().double_value(&[]);
+                bad.push(format!("dequantized (max diff {diff:e})"));
+            }
+            checked += 1;
+            if !bad.is_empty() {
+                failures.push(format!("{v}: {}", bad.join(", ")));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {checked} differ from bitsandbytes:\n{}", failures.len(), failures.join("\n"));
+    checked
+}
+
+#[test]
+fn nf4_fp4_and_double_quant_match_bitsandbytes_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bnb.safetensors");
+    py("bnb_reference.py", &[out.to_str().unwrap(), demo_model().to_str().unwrap()]);
+    let reference = read_safetensors(&out);
+    let n = check_against(&reference, Flavor::Cpu);
+    println!("{n} quantizations identical to bitsandbytes");
+}
+
+/// bitsandbytes' CUDA kernels, quantizing on the GPU (the nested offset is a torch mean, whose
+/// reduction order is the device's), against a fixture made there with
+/// `tests/py/bnb_reference.py FIXTURE models/smollm2-135m-instruct --device cuda --small`;
+/// FIXTURE is `$FTSCRIPT_BNB_CUDA_FIXTURE` or tests/fixtures/bnb_cuda.safetensors. Skipped
+/// without CUDA or without the fixture.
+#[test]
+fn matches_bitsandbytes_cuda_fixture() {
+    let path = std::env::var("FTSCRIPT_BNB_CUDA_FIXTURE").map(std::path::PathBuf::from).unwrap_or_else(|_| root().join("tests/fixtures/bnb_cuda.safetensors"));
+    if !path.exists() || !tch::Cuda::is_available() {
+        eprintln!("skipped: needs CUDA and {}", path.display());
+        return;
+    }
+    let reference = read_safetensors(&path);
+    let n = check_against(&reference, Flavor::Cuda);
+    println!("{n} quantizations on CUDA identical to bitsandbytes' CUDA kernels");
+}
+
+/// Dequantized weights are close to the originals (sanity, independent of bitsandbytes).
+#[test]
+fn roundtrip_error_is_small() {
+    tch::manual_seed(0);
+    let w = Tensor::randn([256, 192], (Kind::Float, tch::Device::Cpu));
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        for dq in [false, true] {
+            let q = Quant4::quantize(&w, qt, dq, Flavor::Cpu).unwrap();
+            let d = q.dequantize(Kind::Float);
+            let rel = (&d - &w).norm().double_value(&[]) / w.norm().double_value(&[]);
+            assert!(rel < 0.15, "{qt:?} dq={dq}: relative error {rel}");
+            assert!(q.bytes() < (w.numel() * 4) / 7, "{qt:?}: {} bytes", q.bytes());
+        }
+    }
+}
+
+/// QLoRA on a tiny model: a 4-bit NF4 (double-quant) base, LoRA on every linear layer, loss
+/// goes down; the adapter on the 4-bit base and `save_merged` (dequantized + merged, shard by
+/// shard) give the same logits.
+#[test]
+fn qlora_trains_and_merges() {
+    use ftscript::models::llama::AttnMask;
+    use ftscript::nn::quant::QuantConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    py("make_tiny.py", &[d.to_str().unwrap(), "llama_gqa"]);
+    let model = d.join("llama_gqa");
+    let sentences = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Fine-tuning adapts a pretrained language model to a new task.",
+        "Paris is the capital of France; Berlin is the capital of Germany.",
+        "def add(a, b):\n    return a + b\n",
+    ];
+    let lines: Vec<String> = (0..32).map(|i| serde_json::json!({"text": sentences[i % 4]}).to_string()).collect();
+    std::fs::write(d.join("train.jsonl"), lines.join("\n")).unwrap();
+    let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
+    let recipe = format!(
+        r#"
+let m = load_model("{m}", #{{ dtype: "fp32", device: "cpu", quantize: "nf4", double_quant: true }});
+let mem = m.memory();
+print(`memory ${{mem}}`);
+if mem.quantized == 0 || mem.adapters != 0 {{ throw "expected quantized weights and no adapters"; }}
+m.add_lora(#{{ r: 8, alpha: 16, targets: "all-linear", seed: 0 }});
+if m.memory().adapters == 0 {{ throw "adapters not counted"; }}
+let r = train(m, #{{
+    train: load_dataset("{o}/train.jsonl"), batch_size: 4, max_steps: 24, lr: 3e-3,
+    scheduler: "constant", log_every: 1, gradient_checkpointing: true, output_dir: "{o}/ft",
+}});
+m.save_adapter("{o}/adapter");
+m.save_merged("{o}/merged");
+"#
+    );
+    std::fs::write(d.join("qlora.rhai"), recipe).unwrap();
+    let out = ftscript(&["run", d.join("qlora.rhai").to_str().unwrap()], d);
+    let t = text(&out);
+    assert!(out.status.success(), "qlora recipe failed:\n{t}");
+    let losses: Vec<f64> = std::fs::read_to_string(d.join("ft/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("loss").and_then(|l| l.as_f64()))
+        .collect();
+    assert_eq!(losses.len(), 24, "{losses:?}");
+    let first = losses[..3].iter().sum::<f64>() / 3.0;
+    let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(last < first - 1.0, "QLoRA loss should fall: {losses:?}");
+    println!("QLoRA loss {first:.3} -> {last:.3}");
+
+    // the trained adapter on the 4-bit base == the merged dense model
+    let q = QuantConfig { qtype: QuantType::Nf4, double_quant: true, skip: vec![] };
+    let mut qm = ftscript::models::load_with(&model, "fp32", tch::Device::Cpu, Some(&q)).unwrap();
+    assert!(qm.net.linears().iter().all(|l| l.weight.is_quantized() == (l.name != "lm_head")));
+    ftscript::nn::peft::load_adapter(&mut qm.net, &d.join("adapter"), Kind::Float).unwrap();
+    let merged = ftscript::models::load(&d.join("merged"), "fp32", tch::Device::Cpu).unwrap();
+    assert!(merged.net.linears().iter().all(|l| !l.weight.is_quantized()));
+    let ids = Tensor::from_slice(&[0i64, 5, 17, 42, 99, 123, 7, 250, 3, 64]).view([1, 10]);
+    let pos = Tensor::arange(10, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
+    let a = tch::no_grad(|| qm.net.forward(&ids, &pos, &AttnMask::Causal, None, false));
+    let b = tch::no_grad(|| merged.net.forward(&ids, &pos, &AttnMask::Causal, None, false));
+    let err = rel_err(&a, &b);
+    assert!(err < 1e-4, "QLoRA adapter vs merged logits: rel err {err:e}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("merged/config.json")).unwrap()).unwrap();
+    assert!(config.get("quantization_config").is_none());
+}
+
+/// A model quantized by ftscript computes the same logits as transformers + bitsandbytes
+/// (`BitsAndBytesConfig(load_in_4bit, fp32 compute)`, on CPU) on the same checkpoint.
+#[test]
+fn quantized_forward_matches_transformers_bitsandbytes() {
+    use ftscript::models::llama::AttnMask;
+    use ftscript::nn::quant::QuantConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    py("make_tiny.py", &[d.to_str().unwrap(), "llama_gqa"]);
+    let model = d.join("llama_gqa");
+    for (qt, dq) in [(QuantType::Nf4, true), (QuantType::Fp4, false)] {
+        let out = d.join(format!("hf_{}_{dq}.safetensors", qt.name()));
+        py("bnb_reference.py", &["logits", model.to_str().unwrap(), qt.name(), if dq { "dq" } else { "nodq" }, out.to_str().unwrap()]);
+        let r = read_safetensors(&out);
+        let q = QuantConfig { qtype: qt, double_quant: dq, skip: vec![] };
+        let m = ftscript::models::load_with(&model, "fp32", tch::Device::Cpu, Some(&q)).unwrap();
+        let ids = &r["ids"];
+        let pos = Tensor::arange(ids.size()[1], (Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
+        let ours = tch::no_grad(|| m.net.forward(ids, &pos, &AttnMask::Causal, None, false));
+        let err = rel_err(&ours, &r["logits"]);
+        assert!(err < 1e-5, "{qt:?} dq={dq}: logits differ from transformers+bitsandbytes, rel err {err:e}");
+        // saved in bitsandbytes' format: transformers loads it (Linear4bit) with the same logits,
+        // and ftscript reloads the same 4-bit tensors without quantizing again
+        let saved = d.join(format!("saved_{}_{dq}", qt.name()));
+        ftscript::models::save::save_quantized(&m, &saved).unwrap();
+        let hf_out = d.join(format!("hf_saved_{}_{dq}.safetensors", qt.name()));
+        py("bnb_reference.py", &["saved-logits", saved.to_str().unwrap(), hf_out.to_str().unwrap()]);
+        let err = rel_err(&ours, &read_safetensors(&hf_out)["logits"]);
+        assert!(err < 1e-5, "{qt:?} dq={dq}: saved model in transformers: rel err {err:e}");
+        let re = ftscript::models::load(&saved, "auto", tch::Device::Cpu).unwrap();
+        for (a, b) in re.net.linears().iter().zip(m.net.linears()) {
+            use ftscript::nn::linear::Weight;
+            match (&a.weight, &b.weight) {
+                (Weight::Quant4(x), Weight::Quant4(y)) => {
+                    assert!(x.packed.equal(&y.packed) && x.absmax.equal(&y.absmax) && x.shape == y.shape, "{}", a.name);
+                    assert_eq!(x.nested.as_ref().map(|n| n.offset), y.nested.as_ref().map(|n| n.offset));
+                }
+                (Weight::Dense(x), Weight::Dense(y)) => assert!(x.equal(y), "{}", a.name),
+                _ => panic!("{}: reloaded with another kind of weight", a.name),
+            }
+        }
+        let again = tch::no_grad(|| re.net.forward(ids, &pos, &AttnMask::Causal, None, false));
+        assert!(again.equal(&ours), "reloaded 4-bit model computes other logits");
+        // and they differ from the dense model's (the quantization is really applied)
+        let dense = ftscript::models::load(&model, "fp32", tch::Device::Cpu).unwrap();
+        let dl = tch::no_grad(|| dense.net.forward(ids, &pos, &AttnMask::Causal, None, false));
+        assert!(rel_err(&dl, &r["logits"]) > 1e-4);
+    }
+}
+
+/// int8 (per-row absmax, LLM.int8() without outlier decomposition) against bitsandbytes'
+/// `int8_vectorwise_quant` / `int8_vectorwise_dequant`: same codes, scales and dequantized bits.
+#[test]
+fn int8_rows_match_bitsandbytes() {
+    use ftscript::nn::quant::Int8Rows;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("int8.safetensors");
+    py("bnb_reference.py", &["int8", out.to_str().unwrap(), demo_model().to_str().unwrap()]);
+    let r = read_safetensors(&out);
+    let mut cases: Vec<&str> = r.keys().filter_map(|k| k.strip_suffix(".input")).collect();
+    cases.sort();
+    assert!(cases.len() >= 10, "{cases:?}");
+    for c in cases {
+        let q = Int8Rows::quantize(&r[&format!("{c}.input")]).unwrap();
+        assert!(q.q.equal(&r[&format!("{c}.CB")]), "{c}: int8 codes differ");
+        assert!(same_bits(&q.scb, &r[&format!("{c}.SCB")]), "{c}: SCB differs");
+        assert!(same_bits(&q.dequantize(Kind::Float), &r[&format!("{c}.dequant")]), "{c}: dequantized differs");
+    }
+}
