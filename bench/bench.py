@@ -51,7 +51,7 @@ let m = load_model("{model_dir}", #{{ dtype: "bf16", device: "cuda" }});
 m.add_lora(#{{ r: {a.r}, alpha: {a.alpha}, dropout: 0.05, targets: {targets} }});
 let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: false, max_length: {a.seq},
     batch_size: {a.bs}, max_steps: {steps}, lr: 2e-4, scheduler: "constant", max_grad_norm: 1.0,
-    precision: "bf16", gradient_checkpointing: {"false" if a.no_ckpt else "true"}, log_every: 1,
+    precision: "bf16", gradient_checkpointing: {'"auto"' if a.auto else ("false" if a.no_ckpt else "true")}, log_every: 1,
     output_dir: "{out}", save_every: 100000 }});
 """)
     env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
@@ -79,12 +79,13 @@ def main():
     ap.add_argument("--no-ckpt", action="store_true"); ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--r", type=int, default=8); ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--peer", default="lora")
+    ap.add_argument("--auto", action="store_true", help='ftscript decides (gradient_checkpointing: "auto")')
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix=f"bench-{a.shape}-", dir="/tmp")
     model_dir = f"/tmp/bench-model-{a.shape}"
     make_model(a.shape, model_dir)
     ours = ftscript_run(model_dir, a, work)
-    print(json.dumps(dict(ours, shape=a.shape, ckpt=not a.no_ckpt, targets=a.targets, r=a.r)), flush=True)
+    print(json.dumps(dict(ours, shape=a.shape, ckpt="auto" if a.auto else not a.no_ckpt, targets=a.targets, r=a.r)), flush=True)
     if a.peer != "none":
         args = [sys.executable, os.path.join(HERE, "hf_baseline.py"), a.shape, a.peer, "--seq", str(a.seq), "--bs", str(a.bs),
                 "--steps", str(a.steps), "--targets", a.targets, "--r", str(a.r), "--alpha", str(a.alpha)]

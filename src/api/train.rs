@@ -245,9 +245,9 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
             Some(p) => crate::models::parse_dtype(p, None)?,
         };
         let gradient_checkpointing = match &o.gradient_checkpointing {
-            None => false,
-            Some(serde_json::Value::Bool(b)) => *b,
-            Some(serde_json::Value::String(s)) if s == "auto" => false,
+            None => None,
+            Some(serde_json::Value::Bool(b)) => Some(*b),
+            Some(serde_json::Value::String(s)) if s == "auto" => None,
             Some(v) => anyhow::bail!("gradient_checkpointing must be true, false or \"auto\", got {v}"),
         };
         let batch_size = o.batch_size.unwrap_or(4);

@@ -10,7 +10,7 @@
 //! `1 / (label tokens of the whole window)` (an all-reduced count), so the all-reduced **sum**
 //! of the gradients is exactly the single-process gradient of the same global batch.
 
-use super::batch::{collate, loss_sum, plan_epoch, Batch, BatchConfig};
+use super::batch::{collate, head_loss_backward, loss_sum, plan_epoch, Batch, BatchConfig};
 use super::checkpoint::{self, TrainerState};
 use super::logger::RunLogger;
 use super::optim::{clip_grad_norm, AdamW};
@@ -43,7 +43,8 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     /// Compute dtype of the frozen weights (adapters stay fp32).
     pub precision: Kind,
-    pub gradient_checkpointing: bool,
+    /// Recompute each decoder layer in backward; `None` = decide from free device memory.
+    pub gradient_checkpointing: Option<bool>,
     pub log_every: usize,
     pub eval_every: Option<usize>,
     pub save_every: Option<usize>,
@@ -92,10 +93,8 @@ fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: bool, se
     let (ids, labels, positions, mask) = to_device(b, net.device);
     if !checkpointing {
         tch::manual_seed(seed);
-        let logits = net.forward(&ids, &positions, &mask, None, true);
-        let loss = loss_sum(&logits, &labels);
-        (&loss * weight).backward();
-        return loss.detach();
+        let h = net.hidden(&ids, &positions, &mask, None, true);
+        return head_loss_backward(net, &h, &labels, weight);
     }
     let cos_sin = net.rope.cos_sin(&positions, net.kind);
     let mut inputs = vec![];
@@ -109,8 +108,7 @@ fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: bool, se
         h
     });
     let top = h.detach().set_requires_grad(true);
-    let loss = loss_sum(&net.head(&top, true), &labels);
-    (&loss * weight).backward();
+    let loss = head_loss_backward(net, &top, &labels, weight);
     let mut grad = top.grad();
     for (l, layer) in net.layers.iter().enumerate().rev() {
         let x = inputs[l].detach().set_requires_grad(l > 0);
@@ -121,7 +119,7 @@ fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: bool, se
             grad = x.grad();
         }
     }
-    loss.detach()
+    loss
 }
 
 /// Token-weighted mean loss over a dataset, without gradients.
@@ -245,6 +243,20 @@ pub fn train(
         let zero = params.iter().map(|p| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, net.device)), |a, b| a + b);
         zero.backward();
     }
+    let checkpointing = match cfg.gradient_checkpointing {
+        Some(on) => on,
+        None => {
+            let longest = data.train.iter().map(|e| e.input_ids.len()).max().unwrap_or(1).min(cfg.batch.max_length);
+            let row = if cfg.batch.packing || cfg.batch.pad_to_max_length { cfg.batch.max_length } else { longest };
+            let adapted = net.layers.first().map(|l| {
+                let a = &l.self_attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj].iter().filter(|x| x.lora.is_some()).count()
+            });
+            let (on, why) = super::memory::plan(&net.config, (cfg.batch.batch_size * row) as u64, net.kind, adapted.unwrap_or(0) as u64, net.device);
+            tracing::info!("gradient_checkpointing auto: {why}");
+            on
+        }
+    };
     let trainable: i64 = params.iter().map(|p| p.numel() as i64).sum();
     tracing::info!(
         "training: {} examples, {plan_len} micro-batches/epoch, batch {} × accumulation {} × {world} process(es), {total_steps} steps, warmup {warmup}, {trainable} trainable parameters",
@@ -292,7 +304,7 @@ pub fn train(
         for (k, b) in &mine {
             let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((state.step * 64 + k) as i64 * 1009);
             let weight = state.loss_scale / n_label.max(1) as f64;
-            loss_total += forward_backward(net, b, weight, cfg.gradient_checkpointing, seed);
+            loss_total += forward_backward(net, b, weight, checkpointing, seed);
             step_tokens += b.n_tokens;
         }
         let mut loss_sum = loss_total.double_value(&[]);
