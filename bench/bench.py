@@ -45,9 +45,10 @@ def ftscript_run(model_dir, a, work):
     out = os.path.join(work, "run")
     recipe = os.path.join(work, "bench.rhai")
     targets = json.dumps(a.targets.split(","))
+    quant = f', quantize: "{a.quantize}", double_quant: true, compute_dtype: "bf16"' if a.quantize else ""
     with open(recipe, "w") as f:
         f.write(f"""
-let m = load_model("{model_dir}", #{{ dtype: "bf16", device: "cuda" }});
+let m = load_model("{model_dir}", #{{ dtype: "bf16", device: "cuda"{quant} }});
 m.add_lora(#{{ r: {a.r}, alpha: {a.alpha}, dropout: 0.05, targets: {targets} }});
 let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: false, max_length: {a.seq},
     batch_size: {a.bs}, max_steps: {steps}, lr: 2e-4, scheduler: "constant", max_grad_norm: 1.0,
@@ -79,6 +80,7 @@ def main():
     ap.add_argument("--no-ckpt", action="store_true"); ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--r", type=int, default=8); ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--peer", default="lora")
+    ap.add_argument("--quantize", default=None, help="nf4 | fp4: QLoRA on a 4-bit base (use with --peer qlora)")
     ap.add_argument("--auto", action="store_true", help='ftscript decides (gradient_checkpointing: "auto")')
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix=f"bench-{a.shape}-", dir="/tmp")
