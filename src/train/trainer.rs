@@ -170,22 +170,10 @@ pub struct TrainResult {
 
 /// Casts the frozen weights to the compute dtype (adapters are left in fp32).
 fn set_precision(net: &mut Llama, kind: Kind) {
-    if net.kind == kind {
-        return;
+    if net.kind != kind {
+        tracing::info!("casting frozen weights from {:?} to {:?} for training", net.kind, kind);
+        net.set_dtype(kind);
     }
-    tracing::info!("casting frozen weights from {:?} to {:?} for training", net.kind, kind);
-    let _g = tch::no_grad_guard();
-    net.embed_tokens = net.embed_tokens.to_kind(kind);
-    net.norm.weight = net.norm.weight.to_kind(kind);
-    for l in &mut net.layers {
-        l.input_layernorm.weight = l.input_layernorm.weight.to_kind(kind);
-        l.post_attention_layernorm.weight = l.post_attention_layernorm.weight.to_kind(kind);
-    }
-    for lin in net.linears_mut() {
-        lin.weight = lin.weight.to_kind(kind);
-        lin.bias = lin.bias.as_ref().map(|b| b.to_kind(kind));
-    }
-    net.kind = kind;
 }
 
 /// Trains the model's LoRA adapters.
