@@ -126,9 +126,7 @@ pub fn loss_of_ids(model: &LoadedModel, ids: &[i64]) -> Result<f64> {
     let input = Tensor::from_slice(ids).view([1, -1]).to_device(net.device);
     let t = ids.len() as i64;
     let positions = Tensor::arange(t, (Kind::Int64, net.device)).view([1, -1]);
-    let logits = net.forward(&input, &positions, &AttnMask::Causal, None, false).to_kind(Kind::Float);
-    let pred = logits.narrow(1, 0, t - 1).reshape([t - 1, -1]);
-    let target = input.narrow(1, 1, t - 1).reshape([t - 1]);
-    let loss = pred.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Mean, -100, 0.0);
+    let logits = net.forward(&input, &positions, &AttnMask::Causal, None, false);
+    let loss = crate::train::batch::loss_sum(&logits, &input) / (t - 1) as f64;
     Ok(loss.double_value(&[]))
 }

@@ -4,19 +4,9 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn metrics(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
 /// A tiny model plus a small text dataset, shared by the tests below.
 fn setup(d: &Path) -> String {
-    py("make_tiny.py", &[d.to_str().unwrap(), "llama_gqa"]);
-    let mut lines = String::new();
-    for i in 0..48 {
-        lines.push_str(&format!("{{\"text\": \"record {i}: the quick brown fox jumps over the lazy dog {}\"}}\n", i * 7 % 13));
-    }
-    std::fs::write(d.join("data.jsonl"), lines).unwrap();
-    d.join("llama_gqa").display().to_string()
+    tiny_model_and_text(d, 48)
 }
 
 const TRAIN_OPTS: &str = r#"train: data.train, eval: data.eval, batch_size: 4, lr: 3e-3, log_every: 1"#;

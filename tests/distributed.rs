@@ -9,17 +9,7 @@ use std::time::{Duration, Instant};
 /// A tiny model and 50 text records (42 train after the split: the last optimizer step's window
 /// is partial, so one rank gets no micro-batch in it).
 fn setup(d: &Path) -> String {
-    py("make_tiny.py", &[d.to_str().unwrap(), "llama_gqa"]);
-    let mut lines = String::new();
-    for i in 0..50 {
-        lines.push_str(&format!("{{\"text\": \"record {i}: the quick brown fox jumps over the lazy dog {}\"}}\n", i * 7 % 13));
-    }
-    std::fs::write(d.join("data.jsonl"), lines).unwrap();
-    d.join("llama_gqa").display().to_string()
-}
-
-fn metrics(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    tiny_model_and_text(d, 50)
 }
 
 #[test]

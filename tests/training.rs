@@ -22,13 +22,7 @@ fn ftscript_logits(model: &Path, adapter: Option<&Path>, ids_json: &Path) -> Ten
 }
 
 fn losses(metrics_jsonl: &Path) -> Vec<f64> {
-    std::fs::read_to_string(metrics_jsonl)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v.get("loss").is_some())
-        .map(|v| v["loss"].as_f64().unwrap())
-        .collect()
+    metrics(metrics_jsonl).iter().filter_map(|v| v.get("loss")?.as_f64()).collect()
 }
 
 

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use config::LlamaConfig;
 use llama::Llama;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// A model ready to run: the network, its tokenizer, and the files it came from.
@@ -131,16 +131,4 @@ fn load_gguf(path: &Path, dtype: &str, device: Device, quant: Option<&crate::nn:
         source: path.display().to_string(),
         lora: None,
     })
-}
-
-/// Resolves what `load_model` was given: an existing path, else (later) a Hub id.
-pub fn resolve_path(spec: &str, base: &Path) -> Result<PathBuf> {
-    let p = PathBuf::from(spec);
-    let candidates = if p.is_absolute() { vec![p.clone()] } else { vec![p.clone(), base.join(&p)] };
-    for c in &candidates {
-        if c.exists() {
-            return Ok(c.clone());
-        }
-    }
-    bail!("model `{spec}` not found: no such directory or file (Hub ids need the Hub cache; see README)")
 }

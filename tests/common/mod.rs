@@ -84,3 +84,20 @@ pub fn run_recipe(dir: &Path, name: &str, body: &str) -> String {
     assert!(out.status.success(), "recipe {name} failed:\n{t}");
     t
 }
+
+/// A tiny transformers-made Llama (`dir/llama_gqa`) and `n` short text records in
+/// `dir/data.jsonl`; returns the model's path.
+pub fn tiny_model_and_text(dir: &Path, n: usize) -> String {
+    py("make_tiny.py", &[dir.to_str().unwrap(), "llama_gqa"]);
+    let mut lines = String::new();
+    for i in 0..n {
+        lines.push_str(&format!("{{\"text\": \"record {i}: the quick brown fox jumps over the lazy dog {}\"}}\n", i * 7 % 13));
+    }
+    std::fs::write(dir.join("data.jsonl"), lines).unwrap();
+    dir.join("llama_gqa").display().to_string()
+}
+
+/// The lines of a run's `metrics.jsonl`.
+pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
