@@ -33,3 +33,38 @@ fn logits_and_greedy_tokens_match_transformers() {
         assert_eq!(got, until_eos, "{name}: greedy tokens differ");
     }
 }
+
+/// `random_init`: the architecture and tokenizer of a directory that holds no weights, with
+/// transformers' Llama init (linear/embedding ~ N(0, initializer_range²), norms 1), the same on
+/// every load.
+#[test]
+fn random_init_reads_no_weights_and_follows_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    py("make_tiny.py", &[dir.path().to_str().unwrap()]);
+    let src = dir.path().join("llama_gqa");
+    let bare = dir.path().join("bare");
+    std::fs::create_dir(&bare).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let p = f.unwrap().path();
+        if !p.to_string_lossy().ends_with(".safetensors") {
+            std::fs::copy(&p, bare.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    assert!(ftscript::models::load(&bare, "fp32", Device::Cpu).is_err(), "a directory without weights must not load normally");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bare.join("config.json")).unwrap()).unwrap();
+    let std_want = config["initializer_range"].as_f64().unwrap_or(0.02);
+    let a = ftscript::models::init_random(&bare, "fp32", Device::Cpu, None).unwrap();
+    let b = ftscript::models::init_random(&bare, "fp32", Device::Cpu, None).unwrap();
+    for ((name, x), (_, y)) in a.net.state_dict().iter().zip(b.net.state_dict().iter()) {
+        assert!(x.equal(y), "{name} differs between two random inits");
+        let (mean, std) = (x.mean(Kind::Float).double_value(&[]), x.std(true).double_value(&[]));
+        if name.ends_with("norm.weight") {
+            assert_eq!((mean, std), (1.0, 0.0), "{name}");
+        } else {
+            assert!(mean.abs() < 0.15 * std_want && (std / std_want - 1.0).abs() < 0.05, "{name}: mean {mean}, std {std}, want std {std_want}");
+        }
+    }
+    let q0 = &a.net.layers[0].self_attn.q_proj.weight.dense();
+    let q1 = &a.net.layers[1].self_attn.q_proj.weight.dense();
+    assert!(!q0.equal(q1), "layers must get different draws");
+}

@@ -24,8 +24,10 @@ pub struct Tokenizer(pub Rc<RefCell<LoadedModel>>);
 pub struct LoadOptions {
     /// `auto` (the checkpoint's dtype), `fp32`, `fp16`, `bf16`.
     pub dtype: Option<String>,
-    /// `auto`, `cpu`, `cuda`, `cuda:N`.
+    /// `auto`, `cpu`, `cuda`, `cuda:N`, `cuda:0,1` (decoder layers split across those GPUs).
     pub device: Option<String>,
+    /// Fresh weights from config.json (transformers' `from_config`); the checkpoint's are not read.
+    pub random_init: Option<bool>,
     /// `nf4`, `fp4` (4-bit, bitsandbytes' format) or `int8` (per-row absmax).
     pub quantize: Option<String>,
     pub double_quant: Option<bool>,
@@ -60,9 +62,14 @@ pub fn load_model(spec: &str, opts: LoadOptions) -> anyhow::Result<LoadedModel> 
     if !path.exists() {
         anyhow::bail!("model `{spec}` not found: no such directory or .gguf file");
     }
-    let device = models::parse_device(opts.device.as_deref().unwrap_or("auto"))?;
+    let device = models::placement::parse_device_spec(opts.device.as_deref().unwrap_or("auto"))?;
     let started = std::time::Instant::now();
-    let mut m = models::load_with(&path, opts.dtype.as_deref().unwrap_or("auto"), device, quant.as_ref())?;
+    let dtype = opts.dtype.as_deref().unwrap_or("auto");
+    let mut m = if opts.random_init.unwrap_or(false) {
+        models::init_random(&path, dtype, device, quant.as_ref())?
+    } else {
+        models::load_with(&path, dtype, device, quant.as_ref())?
+    };
     if let Some(c) = &opts.compute_dtype {
         let kind = models::parse_dtype(c, None)?;
         m.net.set_dtype(kind);
@@ -76,7 +83,7 @@ pub fn load_model(spec: &str, opts: LoadOptions) -> anyhow::Result<LoadedModel> 
         m.net.layers.len(),
         m.net.num_params() as f64 / 1e6,
         m.net.kind,
-        m.net.device,
+        m.net.devices(),
         started.elapsed().as_secs_f64()
     );
     Ok(m)
@@ -106,10 +113,12 @@ fn memory(m: &LoadedModel) -> Map {
     map.insert("dense".into(), Dynamic::from(dense as i64));
     map.insert("adapters".into(), Dynamic::from(adapters as i64));
     map.insert("total".into(), Dynamic::from((quantized + dense + adapters) as i64));
-    if let Some(a) = crate::cuda::allocated(m.net.device) {
+    // summed over the GPUs of a split model
+    let devices = m.net.devices();
+    if let Some(a) = devices.iter().map(|&d| crate::cuda::allocated(d)).sum::<Option<u64>>() {
         map.insert("cuda_allocated".into(), Dynamic::from(a as i64));
     }
-    if let Some(p) = crate::cuda::peak_allocated(m.net.device) {
+    if let Some(p) = devices.iter().map(|&d| crate::cuda::peak_allocated(d)).sum::<Option<u64>>() {
         map.insert("cuda_peak".into(), Dynamic::from(p as i64));
     }
     map
@@ -161,7 +170,7 @@ pub fn register(engine: &mut Engine) {
             guard("load_model", || Ok(Model(Rc::new(RefCell::new(load_model(path, LoadOptions::default())?)))))
         });
     FuncRegistration::new("load_model")
-        .with_comments(["/// Loads a model with options #{dtype, device, quantize, double_quant, compute_dtype, quant_skip, revision}."])
+        .with_comments(["/// Loads a model with options #{dtype, device, quantize, double_quant, compute_dtype, quant_skip, revision, random_init}."])
         .with_params_info(["path: &str", "options: Map", "Model"])
         .register_into_engine(engine, |path: &str, opts: Map| -> Res<Model> {
             let opts: LoadOptions = parse("load_model", &opts)?;

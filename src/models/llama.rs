@@ -12,6 +12,7 @@
 //! grouped-query attention (k/v heads shared by `heads / kv_heads` query heads).
 
 use super::config::{LlamaConfig, RopeScaling};
+use super::placement::Placement;
 use crate::nn::linear::Weight;
 use crate::nn::quant::QuantConfig;
 use crate::nn::{Linear, WeightSource};
@@ -105,6 +106,43 @@ pub enum AttnMask {
     Causal,
     /// Causal within segments: `[B, T]` ids; several packed examples share a row.
     Segments(Tensor),
+}
+
+impl AttnMask {
+    pub fn to_device(&self, d: Device) -> AttnMask {
+        match self {
+            AttnMask::Causal => AttnMask::Causal,
+            AttnMask::Segments(s) => AttnMask::Segments(s.to_device(d)),
+        }
+    }
+}
+
+/// What every layer of one forward shares (rotary cos/sin, the attention mask), with a copy
+/// on each device of a model split across GPUs.
+pub struct LayerInputs {
+    copies: Vec<(Device, (Tensor, Tensor), AttnMask)>,
+}
+
+impl LayerInputs {
+    pub fn new(cos_sin: (Tensor, Tensor), mask: &AttnMask) -> LayerInputs {
+        let d = cos_sin.0.device();
+        LayerInputs { copies: vec![(d, cos_sin, mask.to_device(d))] }
+    }
+
+    /// The shared inputs on `d`, copied there on first use.
+    fn on(&mut self, d: Device) -> (&(Tensor, Tensor), &AttnMask) {
+        let i = match self.copies.iter().position(|c| c.0 == d) {
+            Some(i) => i,
+            None => {
+                let (_, (cos, sin), mask) = &self.copies[0];
+                let copy = (d, (cos.to_device(d), sin.to_device(d)), mask.to_device(d));
+                self.copies.push(copy);
+                self.copies.len() - 1
+            }
+        };
+        let (_, cs, m) = &self.copies[i];
+        (cs, m)
+    }
 }
 
 /// Keys and values seen so far, per layer, for incremental decoding.
@@ -213,6 +251,8 @@ impl Mlp {
 }
 
 pub struct DecoderLayer {
+    /// Where the layer's weights live (layers of one model may sit on different GPUs).
+    pub device: Device,
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
@@ -244,24 +284,28 @@ pub struct Llama {
     pub lm_head: Option<Linear>,
     pub rope: Rope,
     pub kind: Kind,
+    /// Where the embeddings live: inputs go here.
     pub device: Device,
+    /// Where the final norm and output head live: logits come from here.
+    pub head_device: Device,
 }
 
 impl Llama {
     /// Builds the model from checkpoint tensors named as in transformers' state dict.
     pub fn load(config: LlamaConfig, weights: &WeightSource, kind: Kind, device: Device) -> Result<Llama> {
-        Self::load_quantized(config, weights, kind, device, None)
+        let placement = Placement::single(device, config.num_hidden_layers);
+        Self::load_quantized(config, weights, kind, &placement, None)
     }
 
-    /// [`Llama::load`], storing the decoder's linear layers in 4 bits per `quant`: each weight
-    /// is read (in `kind`, on `device`), quantized, and its dense copy dropped before the next
-    /// is read, so at most one dense matrix exists at a time.
-    pub fn load_quantized(config: LlamaConfig, weights: &WeightSource, kind: Kind, device: Device, quant: Option<&QuantConfig>) -> Result<Llama> {
+    /// [`Llama::load`] onto the devices of `placement`, storing the decoder's linear layers in
+    /// 4 bits per `quant`: each weight is read (in `kind`, on its device), quantized, and its
+    /// dense copy dropped before the next is read, so at most one dense matrix exists at a time.
+    pub fn load_quantized(config: LlamaConfig, weights: &WeightSource, kind: Kind, placement: &Placement, quant: Option<&QuantConfig>) -> Result<Llama> {
         let c = &config;
         let (h, i) = (c.hidden_size as i64, c.intermediate_size as i64);
         let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
-        let load = |name: &str, shape: &[i64]| weights.load(name, shape, kind, device);
-        let linear = |name: String, out: i64, inp: i64, bias: bool| -> Result<Linear> {
+        let load = |name: &str, shape: &[i64], device: Device| weights.load(name, shape, kind, device);
+        let linear = |name: String, out: i64, inp: i64, bias: bool, device: Device| -> Result<Linear> {
             // a 4-bit weight saved in bitsandbytes' format loads as it is (no re-quantizing)
             let get = |k: &str| -> Result<Option<Tensor>> { if weights.contains(k) { Ok(Some(weights.load_any(k)?)) } else { Ok(None) } };
             let weight = if let Some(q) = crate::nn::quant::Quant4::from_bnb(&get, &name, device)? {
@@ -270,7 +314,7 @@ impl Llama {
                 }
                 Weight::Quant4(q)
             } else {
-                let dense = load(&format!("{name}.weight"), &[out, inp])?;
+                let dense = load(&format!("{name}.weight"), &[out, inp], device)?;
                 match quant.filter(|q| q.applies(&name)) {
                     Some(q) => q.quantize(&dense)?,
                     None => Weight::Dense(dense),
@@ -278,53 +322,57 @@ impl Llama {
             };
             Ok(Linear {
                 weight,
-                bias: if bias { Some(load(&format!("{name}.bias"), &[out])?) } else { None },
+                bias: if bias { Some(load(&format!("{name}.bias"), &[out], device)?) } else { None },
                 lora: None,
                 name,
             })
         };
-        let norm = |name: String| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: load(&format!("{name}.weight"), &[h])?, eps: c.rms_norm_eps })
+        let norm = |name: String, device: Device| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: load(&format!("{name}.weight"), &[h], device)?, eps: c.rms_norm_eps })
         };
         let mut layers = vec![];
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            let d = placement.layers[l];
             let window = c.sliding_window.filter(|_| l >= c.sliding_window_from_layer).map(|w| w as i64);
             layers.push(DecoderLayer {
-                input_layernorm: norm(format!("{p}.input_layernorm"))?,
+                device: d,
+                input_layernorm: norm(format!("{p}.input_layernorm"), d)?,
                 self_attn: Attention {
-                    q_proj: linear(format!("{p}.self_attn.q_proj"), nh * hd, h, c.qkv_bias)?,
-                    k_proj: linear(format!("{p}.self_attn.k_proj"), nkv * hd, h, c.qkv_bias)?,
-                    v_proj: linear(format!("{p}.self_attn.v_proj"), nkv * hd, h, c.qkv_bias)?,
-                    o_proj: linear(format!("{p}.self_attn.o_proj"), h, nh * hd, c.o_bias)?,
+                    q_proj: linear(format!("{p}.self_attn.q_proj"), nh * hd, h, c.qkv_bias, d)?,
+                    k_proj: linear(format!("{p}.self_attn.k_proj"), nkv * hd, h, c.qkv_bias, d)?,
+                    v_proj: linear(format!("{p}.self_attn.v_proj"), nkv * hd, h, c.qkv_bias, d)?,
+                    o_proj: linear(format!("{p}.self_attn.o_proj"), h, nh * hd, c.o_bias, d)?,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     head_dim: hd,
                     sliding_window: window,
                 },
-                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm"))?,
+                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm"), d)?,
                 mlp: Mlp {
-                    gate_proj: linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias)?,
-                    up_proj: linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias)?,
-                    down_proj: linear(format!("{p}.mlp.down_proj"), h, i, c.mlp_bias)?,
+                    gate_proj: linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias, d)?,
+                    up_proj: linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias, d)?,
+                    down_proj: linear(format!("{p}.mlp.down_proj"), h, i, c.mlp_bias, d)?,
                 },
             });
         }
         let vocab = c.vocab_size as i64;
-        let embed_tokens = load("model.embed_tokens.weight", &[vocab, h])?;
+        let embed_tokens = load("model.embed_tokens.weight", &[vocab, h], placement.embed)?;
+        let head_device = if c.tie_word_embeddings { placement.embed } else { placement.head };
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(linear("lm_head".into(), vocab, h, false)?)
+            Some(linear("lm_head".into(), vocab, h, false, head_device)?)
         };
         Ok(Llama {
             rope: Rope { head_dim: hd, theta: c.rope_theta, scaling: c.rope_scaling.clone() },
-            norm: norm("model.norm".into())?,
+            norm: norm("model.norm".into(), head_device)?,
             embed_tokens,
             layers,
             lm_head,
             kind,
-            device,
+            device: placement.embed,
+            head_device,
             config,
         })
     }
@@ -333,9 +381,10 @@ impl Llama {
         Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
     }
 
-    /// Final norm and output projection: hidden `[B, T, H]` → logits `[B, T, V]`.
+    /// Final norm and output projection: hidden `[B, T, H]` → logits `[B, T, V]` (on
+    /// `head_device`).
     pub fn head(&self, h: &Tensor, train: bool) -> Tensor {
-        let h = self.norm.forward(h);
+        let h = self.norm.forward(&h.to_device(self.head_device));
         match &self.lm_head {
             Some(l) => l.forward(&h, train),
             None => h.matmul(&self.embed_tokens.tr()),
@@ -344,16 +393,34 @@ impl Llama {
 
     /// Hidden states after the last decoder layer (before the final norm).
     pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
-        let cos_sin = self.rope.cos_sin(positions, self.kind);
+        let mut shared = LayerInputs::new(self.rope.cos_sin(positions, self.kind), mask);
         let mut h = self.embed(ids);
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);
         }
-        for (l, layer) in self.layers.iter().enumerate() {
+        for l in 0..self.layers.len() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            h = layer.forward(&h, &cos_sin, mask, slot, train);
+            h = self.layer_forward(l, &h, &mut shared, slot, train);
         }
         h
+    }
+
+    /// Decoder layer `l` on hidden states `h`, moved first to the layer's device if needed.
+    pub fn layer_forward(&self, l: usize, h: &Tensor, shared: &mut LayerInputs, cache: Option<&mut Option<(Tensor, Tensor)>>, train: bool) -> Tensor {
+        let layer = &self.layers[l];
+        let (cos_sin, mask) = shared.on(layer.device);
+        layer.forward(&h.to_device(layer.device), cos_sin, mask, cache, train)
+    }
+
+    /// The devices the model uses, each once (one, unless split across GPUs).
+    pub fn devices(&self) -> Vec<Device> {
+        let mut v = vec![self.device];
+        for d in self.layers.iter().map(|l| l.device).chain([self.head_device]) {
+            if !v.contains(&d) {
+                v.push(d);
+            }
+        }
+        v
     }
 
     /// Logits for token ids `[B, T]` at `positions` `[B, T]`.

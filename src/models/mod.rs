@@ -3,13 +3,16 @@
 pub mod config;
 pub mod gguf;
 pub mod llama;
+pub mod placement;
 pub mod save;
 
 use crate::nn::WeightSource;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use config::LlamaConfig;
+use crate::nn::quant::QuantConfig;
 use llama::Llama;
+use placement::{DeviceSpec, Placement};
 use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -80,10 +83,42 @@ pub fn load(path: &Path, dtype: &str, device: Device) -> Result<LoadedModel> {
     load_with(path, dtype, device, None)
 }
 
-/// [`load`], with the decoder's linear layers quantized to 4 bits as they stream in when
-/// `quant` is given.
-pub fn load_with(path: &Path, dtype: &str, device: Device, quant: Option<&crate::nn::quant::QuantConfig>) -> Result<LoadedModel> {
+/// [`load`], with the decoder's linear layers quantized as they stream in when `quant` is
+/// given, onto one device or split across GPUs.
+pub fn load_with(path: &Path, dtype: &str, device: impl Into<DeviceSpec>, quant: Option<&QuantConfig>) -> Result<LoadedModel> {
+    load_dir(path, dtype, &device.into(), quant, false)
+}
+
+/// A model directory's architecture and tokenizer with freshly initialized weights, as
+/// transformers' `from_config` makes them (see [`WeightSource::Random`]); no weights are read.
+pub fn init_random(path: &Path, dtype: &str, device: impl Into<DeviceSpec>, quant: Option<&QuantConfig>) -> Result<LoadedModel> {
+    load_dir(path, dtype, &device.into(), quant, true)
+}
+
+/// Where each part goes: `spec`'s one device, or the decoder balanced over its GPUs by the
+/// bytes its weights take in `kind` (or quantized).
+fn placement(config: &LlamaConfig, spec: &DeviceSpec, kind: Kind, quant: Option<&QuantConfig>) -> Placement {
+    match spec {
+        DeviceSpec::One(d) => Placement::single(*d, config.num_hidden_layers),
+        DeviceSpec::Split(gpus) => {
+            let dense = kind.elt_size_in_bytes() as f64;
+            let linear = match quant.map(|q| q.qtype) {
+                Some(crate::nn::quant::QuantType::Int8) => 1.0,
+                Some(_) => 0.53,
+                None => dense,
+            };
+            let p = Placement::balanced(config, gpus, dense, linear);
+            tracing::info!("device auto: {}", p.describe());
+            p
+        }
+    }
+}
+
+fn load_dir(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&QuantConfig>, random: bool) -> Result<LoadedModel> {
     if path.extension().map(|e| e == "gguf").unwrap_or(false) {
+        if random {
+            bail!("{}: random_init needs a model directory (config.json + tokenizer), not a GGUF file", path.display());
+        }
         return load_gguf(path, dtype, device, quant);
     }
     if !path.is_dir() {
@@ -99,16 +134,22 @@ pub fn load_with(path: &Path, dtype: &str, device: Device, quant: Option<&crate:
     .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
     let config = LlamaConfig::from_json(&config_json).with_context(|| config_path.display().to_string())?;
     let kind = parse_dtype(dtype, config.dtype.as_deref())?;
-    let weights = WeightSource::open_dir(path)?;
+    let weights = if random {
+        let std = config_json.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+        WeightSource::Random { std, seed: 0 }
+    } else {
+        WeightSource::open_dir(path)?
+    };
     let tokenizer = Tokenizer::from_dir(path, config.bos_token_id, config.eos_token_ids.first().copied(), config.pad_token_id)?;
     let generation_config = std::fs::read_to_string(path.join("generation_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
-    let net = Llama::load_quantized(config, &weights, kind, device, quant)?;
+    let placement = placement(&config, device, kind, quant);
+    let net = Llama::load_quantized(config, &weights, kind, &placement, quant)?;
     Ok(LoadedModel { net, tokenizer, config_json, generation_config, source: path.display().to_string(), lora: None })
 }
 
-fn load_gguf(path: &Path, dtype: &str, device: Device, quant: Option<&crate::nn::quant::QuantConfig>) -> Result<LoadedModel> {
+fn load_gguf(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&QuantConfig>) -> Result<LoadedModel> {
     let import = gguf::import_llama(path)?;
     let config = LlamaConfig::from_json(&import.config).with_context(|| path.display().to_string())?;
     let kind = parse_dtype(dtype, config.dtype.as_deref())?;
@@ -122,7 +163,8 @@ fn load_gguf(path: &Path, dtype: &str, device: Device, quant: Option<&crate::nn:
         ("tokenizer_config.json".to_string(), serde_json::to_vec_pretty(&import.tokenizer_config)?),
     ];
     let tokenizer = Tokenizer::from_files(files, &path.display().to_string(), config.bos_token_id, config.eos_token_ids.first().copied(), config.pad_token_id)?;
-    let net = Llama::load_quantized(config, &WeightSource::Memory(tensors), kind, device, quant)?;
+    let placement = placement(&config, device, kind, quant);
+    let net = Llama::load_quantized(config, &WeightSource::Memory(tensors), kind, &placement, quant)?;
     Ok(LoadedModel {
         net,
         tokenizer,

@@ -32,6 +32,13 @@ impl Weight {
             Weight::Int8(q) => q.dtype,
         }
     }
+    pub fn device(&self) -> tch::Device {
+        match self {
+            Weight::Dense(t) => t.device(),
+            Weight::Quant4(q) => q.packed.device(),
+            Weight::Int8(q) => q.q.device(),
+        }
+    }
     pub fn is_quantized(&self) -> bool {
         !matches!(self, Weight::Dense(_))
     }

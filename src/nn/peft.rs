@@ -106,18 +106,17 @@ fn yes() -> serde_json::Value {
 }
 
 /// Adds fresh adapters to every matching linear layer; returns the adapted module names.
-/// Adapters of kind `kind` (fp32 for mixed precision) on the model's device.
+/// Adapters of kind `kind` (fp32 for mixed precision) on the device of the layer they adapt.
 pub fn add_lora(net: &mut Llama, spec: &LoraSpec, kind: Kind) -> Result<Vec<String>> {
     if spec.r <= 0 {
         bail!("add_lora: r must be positive, got {}", spec.r);
     }
-    let device = net.device;
     let mut names = vec![];
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(spec.seed);
     for lin in net.linears_mut() {
         if spec.targets.matches(&lin.name)? {
             let (out, inp) = (lin.out_features(), lin.in_features());
-            lin.lora = Some(Lora::new(inp, out, spec.r, spec.scale(), spec.dropout, kind, device, &mut rng));
+            lin.lora = Some(Lora::new(inp, out, spec.r, spec.scale(), spec.dropout, kind, lin.weight.device(), &mut rng));
             names.push(lin.name.clone());
         }
     }
@@ -224,7 +223,6 @@ pub fn load_adapter(net: &mut Llama, dir: &Path, kind: Kind) -> Result<LoraSpec>
         other => bail!("{}: unsupported target_modules {other}", cfg_path.display()),
     };
     let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, seed: 0 };
-    let device = net.device;
     let mut found = 0;
     for lin in net.linears_mut() {
         let key_a = format!("base_model.model.{}.lora_A.weight", lin.name);
@@ -238,6 +236,7 @@ pub fn load_adapter(net: &mut Llama, dir: &Path, kind: Kind) -> Result<LoraSpec>
         let r = cfg.rank_pattern.iter().find(|(k, _)| short.ends_with(k.as_str())).map(|(_, v)| *v).unwrap_or(cfg.r);
         let alpha = cfg.alpha_pattern.iter().find(|(k, _)| short.ends_with(k.as_str())).map(|(_, v)| *v).unwrap_or(cfg.lora_alpha);
         let (out, inp) = (lin.out_features(), lin.in_features());
+        let device = lin.weight.device();
         let a = weights.load(&key_a, &[r, inp], kind, device)?.set_requires_grad(true);
         let b = weights.load(&key_b, &[out, r], kind, device)?.set_requires_grad(true);
         let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };

@@ -39,6 +39,12 @@ pub enum WeightSource {
     Safetensors { files: Vec<(PathBuf, Mmap)>, index: HashMap<String, Entry> },
     /// Tensors already in memory (e.g. dequantized from GGUF).
     Memory(HashMap<String, Tensor>),
+    /// No checkpoint: fresh weights as transformers' `_init_weights` makes them for Llama —
+    /// linear layers and embeddings `N(0, std²)`, norms 1, biases 0 — drawn on the target
+    /// device from a seed derived from `seed` and the tensor's name, so a tensor's values do
+    /// not depend on load order or device placement (every rank of a data-parallel run gets
+    /// the same model).
+    Random { std: f64, seed: u64 },
 }
 
 impl WeightSource {
@@ -101,6 +107,7 @@ impl WeightSource {
         match self {
             WeightSource::Safetensors { index, .. } => index.contains_key(name),
             WeightSource::Memory(m) => m.contains_key(name),
+            WeightSource::Random { .. } => false,
         }
     }
 
@@ -108,6 +115,7 @@ impl WeightSource {
         let mut v: Vec<String> = match self {
             WeightSource::Safetensors { index, .. } => index.keys().cloned().collect(),
             WeightSource::Memory(m) => m.keys().cloned().collect(),
+            WeightSource::Random { .. } => vec![],
         };
         v.sort();
         v
@@ -121,11 +129,15 @@ impl WeightSource {
                 None => files.first().map(|f| f.0.display().to_string()).unwrap_or_default(),
             },
             WeightSource::Memory(_) => "imported weights".into(),
+            WeightSource::Random { .. } => "random init".into(),
         }
     }
 
     /// Loads tensor `name`, checks its shape, converts it to `kind` and moves it to `device`.
     pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        if let WeightSource::Random { std, seed } = self {
+            return Ok(random_init(name, shape, *std, *seed, kind, device));
+        }
         let t = self.load_any(name)?;
         if t.size() != shape {
             bail!(
@@ -156,8 +168,23 @@ impl WeightSource {
                 .get(name)
                 .map(|t| t.shallow_clone())
                 .with_context(|| format!("imported weights: missing tensor `{name}`")),
+            WeightSource::Random { .. } => bail!("random init: tensor `{name}` has no stored form"),
         }
     }
+}
+
+/// One tensor of [`WeightSource::Random`].
+fn random_init(name: &str, shape: &[i64], std: f64, seed: u64, kind: Kind, device: Device) -> Tensor {
+    if name.ends_with("norm.weight") {
+        return Tensor::ones(shape, (kind, device));
+    }
+    if name.ends_with(".bias") {
+        return Tensor::zeros(shape, (kind, device));
+    }
+    // FNV-1a of the name, mixed with the seed
+    let h = name.bytes().fold(0xcbf29ce484222325u64 ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    tch::manual_seed((h >> 1) as i64);
+    (Tensor::randn(shape, (Kind::Float, device)) * std).to_kind(kind)
 }
 
 /// Writes tensors to a safetensors file atomically (temporary name, then rename).

@@ -180,9 +180,9 @@ pub fn head_loss_backward(net: &crate::models::llama::Llama, h: &Tensor, labels:
     let (b, t, hidden) = h.size3().unwrap();
     let flat = h.narrow(1, 0, t - 1).reshape([b * (t - 1), hidden]);
     let rows = flat.detach().set_requires_grad(true);
-    let target = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
+    let target = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]).to_device(net.head_device);
     let n = b * (t - 1);
-    let mut total = Tensor::zeros([], (Kind::Float, h.device()));
+    let mut total = Tensor::zeros([], (Kind::Float, net.head_device));
     let mut start = 0;
     while start < n {
         let len = LOSS_CHUNK_ROWS.min(n - start);

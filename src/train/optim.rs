@@ -66,13 +66,15 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
     if grads.is_empty() {
         return Tensor::from(0.0f32);
     }
-    let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(tch::Kind::Float).norm()).collect();
+    // (gradients of a model split across GPUs live on several devices: reduce on the first)
+    let first = grads[0].device();
+    let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(tch::Kind::Float).norm().to_device(first)).collect();
     let total = Tensor::stack(&norms, 0).norm();
     if max_norm > 0.0 {
         let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
         for g in &grads {
             let mut g = g.shallow_clone();
-            let _ = g.g_mul_(&coef.to_kind(g.kind()));
+            let _ = g.g_mul_(&coef.to_kind(g.kind()).to_device(g.device()));
         }
     }
     total

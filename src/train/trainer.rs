@@ -17,7 +17,7 @@ use super::optim::{clip_grad_norm, AdamW};
 use super::schedule::{lr_at, Schedule};
 use crate::data::format::Example;
 use crate::dist::ProcessGroup;
-use crate::models::llama::{AttnMask, Llama};
+use crate::models::llama::{AttnMask, LayerInputs, Llama};
 use crate::nn::peft::{self, LoraSpec};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
@@ -96,25 +96,26 @@ fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: bool, se
         let h = net.hidden(&ids, &positions, &mask, None, true);
         return head_loss_backward(net, &h, &labels, weight);
     }
-    let cos_sin = net.rope.cos_sin(&positions, net.kind);
+    let mut shared = LayerInputs::new(net.rope.cos_sin(&positions, net.kind), &mask);
     let mut inputs = vec![];
     let h = tch::no_grad(|| {
         let mut h = net.embed(&ids);
-        for (l, layer) in net.layers.iter().enumerate() {
+        for l in 0..net.layers.len() {
             tch::manual_seed(seed + l as i64);
+            h = h.to_device(net.layers[l].device);
             inputs.push(h.shallow_clone());
-            h = layer.forward(&h, &cos_sin, &mask, None, true);
+            h = net.layer_forward(l, &h, &mut shared, None, true);
         }
         h
     });
     let top = h.detach().set_requires_grad(true);
     let loss = head_loss_backward(net, &top, &labels, weight);
     let mut grad = top.grad();
-    for (l, layer) in net.layers.iter().enumerate().rev() {
+    for l in (0..net.layers.len()).rev() {
         let x = inputs[l].detach().set_requires_grad(l > 0);
         tch::manual_seed(seed + l as i64);
-        let out = layer.forward(&x, &cos_sin, &mask, None, true);
-        (out * &grad).sum(Kind::Float).backward();
+        let out = net.layer_forward(l, &x, &mut shared, None, true);
+        (out * grad.to_device(x.device())).sum(Kind::Float).backward();
         if l > 0 {
             grad = x.grad();
         }
@@ -131,7 +132,7 @@ pub fn evaluate(net: &Llama, examples: &[Example], cfg: &BatchConfig) -> Result<
 pub fn evaluate_sharded(net: &Llama, examples: &[Example], cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<(f64, i64)> {
     let _g = tch::no_grad_guard();
     let cfg = BatchConfig { shuffle: false, ..cfg.clone() };
-    let mut total = Tensor::zeros([], (Kind::Double, net.device));
+    let mut total = Tensor::zeros([], (Kind::Double, net.head_device));
     let mut tokens = 0;
     let (rank, world) = pg.map(|g| (g.rank, g.world_size)).unwrap_or((0, 1));
     for (j, rows) in plan_epoch(examples, &cfg, 0).into_iter().enumerate() {
@@ -141,7 +142,7 @@ pub fn evaluate_sharded(net: &Llama, examples: &[Example], cfg: &BatchConfig, pg
         let b = collate(examples, &rows, &cfg);
         let (ids, labels, positions, mask) = to_device(&b, net.device);
         let logits = net.forward(&ids, &positions, &mask, None, false);
-        total += loss_sum(&logits, &labels).to_kind(Kind::Double);
+        total += loss_sum(&logits, &labels.to_device(logits.device())).to_kind(Kind::Double);
         tokens += b.n_label_tokens;
     }
     let mut total = total.double_value(&[]);
@@ -260,7 +261,9 @@ pub fn train(
     );
     progress.set_position(state.step as u64);
     let mut result = TrainResult { log_history: state.log_history.clone(), ..Default::default() };
-    crate::cuda::reset_peak(net.device);
+    for d in net.devices() {
+        crate::cuda::reset_peak(d);
+    }
     let started = std::time::Instant::now();
     let mut window_tokens = 0i64;
     let mut log_loss_sum = 0.0;
@@ -287,7 +290,7 @@ pub fn train(
             n_label = g.sum_f64(&[n_label as f64])?[0] as i64;
         }
         let lr = lr_at(cfg.scheduler, cfg.lr, state.step, total_steps, warmup);
-        let mut loss_total = Tensor::zeros([], (Kind::Float, net.device));
+        let mut loss_total = Tensor::zeros([], (Kind::Float, net.head_device));
         let mut step_tokens = 0i64;
         for (k, b) in &mine {
             let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((state.step * 64 + k) as i64 * 1009);
@@ -359,8 +362,13 @@ pub fn train(
             if fp16 {
                 m.insert("loss_scale".into(), json!(state.loss_scale));
             }
-            if let Some(peak) = crate::cuda::peak_allocated(net.device) {
-                m.insert("peak_gib".into(), json!(peak as f64 / (1u64 << 30) as f64));
+            // the busiest GPU's peak (and each GPU's, for a model split across several)
+            let peaks: Vec<f64> = net.devices().into_iter().filter_map(crate::cuda::peak_allocated).map(|p| p as f64 / (1u64 << 30) as f64).collect();
+            if let Some(max) = peaks.iter().cloned().reduce(f64::max) {
+                m.insert("peak_gib".into(), json!(max));
+            }
+            if peaks.len() > 1 {
+                m.insert("peak_gib_per_device".into(), json!(peaks));
             }
             progress.set_message(format!("loss {:.4}", log_loss_sum / log_steps as f64));
             progress.suspend(|| tracing::info!("step {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s", state.step, log_loss_sum / log_steps as f64, lr, grad_norm, tps));
