@@ -19,8 +19,7 @@ from hf_baseline import SHAPES  # noqa: E402
 
 def make_model(shape, out):
     import torch
-    from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
     if os.path.exists(os.path.join(out, "config.json")):
         return
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, torch_dtype="bfloat16")
@@ -28,7 +27,14 @@ def make_model(shape, out):
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
-    vocab = {f"t{i}": i for i in range(cfg.vocab_size)}
+    write_tokenizer(out, cfg.vocab_size)
+
+
+def write_tokenizer(out, vocab_size):
+    """A word-level tokenizer `t0 … t{V-1}` (the benches feed token ids; ftscript needs one)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"t{i}": i for i in range(vocab_size)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                   bos_token="t1", eos_token="t2")
     tok.save_pretrained(out)

@@ -259,3 +259,34 @@ fn int8_rows_match_bitsandbytes() {
         assert!(same_bits(&q.dequantize(Kind::Float), &r[&format!("{c}.dequant")]), "{c}: dequantized differs");
     }
 }
+
+/// On a GPU: the demo model quantized there (NF4 + double quant, bf16 compute, bitsandbytes'
+/// CUDA rounding) and saved by ftscript loads in transformers + bitsandbytes on the GPU with the
+/// same logits. Skipped without CUDA (CI); run on the GPU machine (see bench/README.md).
+#[test]
+fn saved_4bit_model_matches_transformers_on_cuda() {
+    use ftscript::models::llama::AttnMask;
+    use ftscript::nn::quant::QuantConfig;
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: needs CUDA");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = tch::Device::Cuda(0);
+    for (qt, dq) in [(QuantType::Nf4, true), (QuantType::Fp4, false)] {
+        let q = QuantConfig { qtype: qt, double_quant: dq, skip: vec![] };
+        let m = ftscript::models::load_with(&demo_gguf(), "bf16", dev, Some(&q)).unwrap();
+        let saved = tmp.path().join(format!("saved_{}", qt.name()));
+        ftscript::models::save::save_quantized(&m, &saved).unwrap();
+        let out = tmp.path().join(format!("hf_{}.safetensors", qt.name()));
+        py("bnb_reference.py", &["saved-logits", saved.to_str().unwrap(), out.to_str().unwrap(), "--device", "cuda"]);
+        let r = read_safetensors(&out);
+        let ids = r["ids"].to_device(dev);
+        let pos = Tensor::arange(ids.size()[1], (Kind::Int64, dev)).unsqueeze(0);
+        let ours = tch::no_grad(|| m.net.forward(&ids, &pos, &AttnMask::Causal, None, false)).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+        let err = rel_err(&ours, &r["logits"]);
+        let argmax_same = ours.argmax(-1, false).equal(&r["logits"].argmax(-1, false));
+        println!("{qt:?} dq={dq}: bf16 logits on CUDA vs transformers+bitsandbytes: max rel err {err:.2e}, argmax equal: {argmax_same}");
+        assert!(err <= 1e-3 && argmax_same, "{qt:?}: saved 4-bit model in transformers on CUDA: rel err {err:e}");
+    }
+}

@@ -2,12 +2,13 @@
 
 usage: bnb_reference.py OUT.safetensors [MODEL_DIR] [--device cuda] [--small]
        bnb_reference.py logits MODEL_DIR nf4|fp4 dq|nodq OUT.safetensors
-       bnb_reference.py saved-logits QUANTIZED_DIR OUT.safetensors
+       bnb_reference.py saved-logits QUANTIZED_DIR OUT.safetensors [--device cuda]
        bnb_reference.py int8 OUT.safetensors [MODEL_DIR]
 
 The second form loads MODEL_DIR in transformers with BitsAndBytesConfig (4-bit, fp32 compute,
 on CPU) and writes `logits` [1, 10, V] for the fixed ids in `ids` [1, 10]; the third loads a
-directory saved 4-bit (by ftscript's save_quantized) as it is and writes the same.
+directory saved 4-bit (by ftscript's save_quantized) as it is and writes the same (on CPU, or
+on the GPU with `--device cuda`, where bitsandbytes runs its CUDA kernels).
 
 Quantizes random matrices (several shapes and dtypes, including sizes that are not multiples
 of 64 or 256) and, with MODEL_DIR, a few real weights of that model, with
@@ -76,14 +77,15 @@ def hf_logits(model_dir, qt, dq, out):
     save_file({"ids": ids, "logits": logits.float().contiguous()}, out)
 
 
-def saved_logits(model_dir, out):
+def saved_logits(model_dir, out, *opts):
     """Logits of a model directory saved 4-bit (its config.json carries quantization_config)."""
+    device = opts[1] if opts[:1] == ("--device",) else "cpu"
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit", type(model.model.layers[0].self_attn.q_proj)
     ids = torch.tensor(IDS)
     with torch.no_grad():
-        logits = model(ids).logits
+        logits = model(ids.to(device)).logits.cpu()
     save_file({"ids": ids, "logits": logits.float().contiguous()}, out)
 
 
