@@ -100,6 +100,11 @@ pub fn env() -> Option<&'static DistEnv> {
     ENV.get_or_init(|| DistEnv::from_env().ok().flatten()).as_ref()
 }
 
+/// Whether a launcher (`ftscript launch`, torchrun) started this process, even as a world of one.
+pub fn launched() -> bool {
+    std::env::var_os("WORLD_SIZE").is_some()
+}
+
 pub fn rank() -> usize {
     env().map(|e| e.rank).unwrap_or(0)
 }

@@ -80,13 +80,13 @@ impl From<Device> for DeviceSpec {
     }
 }
 
-/// `"auto" | "cpu" | "cuda" | "cuda:N" | "cuda:0,1"`. `auto` is this process's GPU in a
-/// data-parallel run; otherwise the decoder split over every visible GPU when there are several
+/// `"auto" | "cpu" | "cuda" | "cuda:N" | "cuda:0,1"`. `auto` is this process's GPU when a
+/// launcher started it (data parallel, even with one process); otherwise the decoder split over every visible GPU when there are several
 /// (as `device_map="auto"`), the one GPU, or the CPU. `cuda` means this process's GPU.
 pub fn parse_device_spec(s: &str) -> Result<DeviceSpec> {
     let count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
     Ok(match s {
-        "auto" if crate::dist::env().is_none() && count > 1 => DeviceSpec::Split((0..count).map(Device::Cuda).collect()),
+        "auto" if !crate::dist::launched() && count > 1 => DeviceSpec::Split((0..count).map(Device::Cuda).collect()),
         s if s.starts_with("cuda:") && s.contains(',') => {
             let mut gpus = vec![];
             for part in s[5..].split(',') {

@@ -114,6 +114,11 @@ const FP4_RAW: [f32; 16] = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.
 const FP4_ORDER: [i64; 16] = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3];
 /// FP4 magnitude codes in increasing value (for the CUDA rule: sign bit from `x < 0`).
 const FP4_MAG_ORDER: [i64; 8] = [0, 1, 6, 7, 4, 5, 2, 3];
+/// The thresholds bitsandbytes' CUDA kernel (`dQuantizeFP4`) compares `|x|` against, between
+/// consecutive magnitudes of [`FP4_MAG_ORDER`]: the midpoints written as short float literals
+/// (0.583333 is not the fp32 midpoint 7/12, and values such as a bf16 7/12 fall on the other
+/// side of it).
+const FP4_CUDA_PIVOTS: [f32; 7] = [0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333];
 
 /// The 16 code values (fp32) as bitsandbytes' `get_4bit_type` returns them (FP4's code 8 is +0).
 pub fn code4(q: QuantType, device: Device) -> Tensor {
@@ -224,8 +229,7 @@ fn codes4(scaled: &Tensor, q: QuantType, flavor: Flavor) -> Tensor {
         }
         (QuantType::Fp4, Flavor::Cuda) => {
             let order = Tensor::from_slice(&FP4_MAG_ORDER).to_device(dev);
-            let sorted = code.index_select(0, &order);
-            let bounds = (sorted.narrow(0, 0, 7) + sorted.narrow(0, 1, 7)) / 2.0;
+            let bounds = Tensor::from_slice(&FP4_CUDA_PIVOTS).to_device(dev);
             let mag = order.index_select(0, &scaled.abs().bucketize(&bounds, false, false).view([-1]));
             mag + scaled.lt(0.0).to_kind(Kind::Int64) * 8
         }
@@ -264,6 +268,13 @@ impl Quant4 {
     /// Quantizes `w` (any float dtype, any shape) like bitsandbytes' `quantize_4bit` with
     /// `blocksize=64`; `double_quant` is its `compress_statistics`.
     pub fn quantize(w: &Tensor, q: QuantType, double_quant: bool, flavor: Flavor) -> Result<Quant4> {
+        Self::quantize_with_offset(w, q, double_quant, flavor, None)
+    }
+
+    /// [`Quant4::quantize`] with double quantization's offset given instead of computed as
+    /// `mean(absmax)`: a mean's last bit depends on the device's reduction order, so a test
+    /// reproducing bitsandbytes' CUDA results on the CPU takes the offset the GPU computed.
+    pub fn quantize_with_offset(w: &Tensor, q: QuantType, double_quant: bool, flavor: Flavor, offset: Option<f32>) -> Result<Quant4> {
         let dtype = w.kind();
         if !matches!(dtype, Kind::Float | Kind::Half | Kind::BFloat16) {
             bail!("4-bit quantization needs a fp32/fp16/bf16 tensor, got {dtype:?}");
@@ -280,11 +291,22 @@ impl Quant4 {
         if scaled.numel() % 2 == 1 {
             scaled = scaled.constant_pad_nd([0, 1]);
         }
-        let codes = codes4(&scaled, q, flavor).to_kind(Kind::Uint8).view([-1, 2]);
+        let mut codes = codes4(&scaled, q, flavor);
+        if flavor == Flavor::Cuda {
+            // a block whose absmax is 0 scales to 0 · (1/0) = NaN on the GPU, which fails every
+            // comparison of the kernel's search: code 0
+            let zero = absmax.eq(0.0).repeat_interleave_self_int(BLOCKSIZE, None, None).narrow(0, 0, a.numel() as i64);
+            let zero = zero.constant_pad_nd([0, codes.numel() as i64 - zero.numel() as i64]);
+            codes = codes.masked_fill(&zero, 0);
+        }
+        let codes = codes.to_kind(Kind::Uint8).view([-1, 2]);
         let hi = codes.select(1, 0).bitwise_left_shift_tensor_scalar(4);
         let packed = hi.bitwise_or_tensor(&codes.select(1, 1)).unsqueeze(1);
         let (absmax, nested) = if double_quant {
-            let offset = absmax.mean(Kind::Float);
+            let offset = match offset {
+                Some(o) => Tensor::from(o).to_device(absmax.device()),
+                None => absmax.mean(Kind::Float),
+            };
             let centered = &absmax - &offset;
             let code = dynamic_map().to_device(a.device());
             let (q8, nested_absmax) = quantize_blockwise_8bit(&centered, &code, NESTED_BLOCKSIZE, flavor);
