@@ -63,6 +63,7 @@ fn main() {
 /// Compiles `src/cuda/memory.cpp` (allocator statistics) against the wheel's c10 headers.
 fn cuda_memory_shim(libtorch: &std::path::Path, lib: &std::path::Path) {
     println!("cargo:rerun-if-changed=src/cuda/memory.cpp");
+    println!("cargo:rerun-if-changed=src/cuda/rtc.cpp");
     let root = std::fs::canonicalize(libtorch).unwrap_or_else(|_| libtorch.to_path_buf());
     cc::Build::new()
         .cpp(true)
@@ -72,6 +73,7 @@ fn cuda_memory_shim(libtorch: &std::path::Path, lib: &std::path::Path) {
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .file("src/cuda/memory.cpp")
+        .file("src/cuda/rtc.cpp")
         .compile("ftscript_cuda_memory");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10");

@@ -1,5 +1,8 @@
 //! CUDA memory statistics from PyTorch's caching allocator (`src/cuda/memory.cpp`), measured
-//! the way `torch.cuda.memory_allocated` / `max_memory_allocated` measure them.
+//! the way `torch.cuda.memory_allocated` / `max_memory_allocated` measure them; ftscript's own
+//! kernels in [`kernels`].
+
+pub mod kernels;
 
 extern "C" {
     fn ftscript_cuda_allocated(device: i32) -> i64;

@@ -133,13 +133,19 @@ pub fn code4(q: QuantType, device: Device) -> Tensor {
     }
 }
 
-/// The code values the dequantization kernels use (FP4 code 8 is -0.0).
+/// The code values the dequantization kernels use (FP4 code 8 is -0.0), made once per device.
 fn dequant_code4(q: QuantType, device: Device) -> Tensor {
+    static CACHE: std::sync::Mutex<Vec<(QuantType, Device, Tensor)>> = std::sync::Mutex::new(vec![]);
+    let mut cache = CACHE.lock().unwrap();
+    if let Some((_, _, t)) = cache.iter().find(|(k, d, _)| *k == q && *d == device) {
+        return t.shallow_clone();
+    }
     let c = code4(q, device);
     if q == QuantType::Fp4 {
         let mut eight = c.narrow(0, 8, 1);
         let _ = eight.fill_(-0.0);
     }
+    cache.push((q, device, c.shallow_clone()));
     c
 }
 
@@ -338,6 +344,18 @@ impl Quant4 {
     /// The weight, dequantized to `kind` (bitsandbytes' `dequantize_4bit` gives the stored
     /// dtype; other kinds are cast from fp32 directly).
     pub fn dequantize(&self, kind: Kind) -> Tensor {
+        let _g = tch::no_grad_guard();
+        let absmax = self.absmax_f32();
+        let code = dequant_code4(self.qtype, self.packed.device());
+        match crate::cuda::kernels::dequant4(&self.packed, &absmax, &code, self.numel(), self.blocksize, kind) {
+            Some(w) => w.view(self.shape.as_slice()),
+            None => self.dequantize_ops(kind),
+        }
+    }
+
+    /// [`Quant4::dequantize`] with libtorch ops (the CPU path, and the reference the CUDA
+    /// kernel is tested against).
+    pub fn dequantize_ops(&self, kind: Kind) -> Tensor {
         let _g = tch::no_grad_guard();
         let dev = self.packed.device();
         let n = self.numel();

@@ -1,0 +1,62 @@
+//! ftscript's own CUDA kernels (`src/cuda/kernels.cu`), compiled at run time by NVRTC for the
+//! GPU in use and launched on torch's current stream (`src/cuda/rtc.cpp`). Each wrapper returns
+//! `None` when the tensors are not on a GPU or the kernels cannot be built (no libnvrtc: the
+//! reason is logged once), and the caller falls back to libtorch ops with the same results.
+
+use std::ffi::{c_char, c_void, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use tch::{Device, Kind, Tensor};
+
+const SOURCE: &str = concat!(include_str!("kernels.cu"), "\0");
+
+extern "C" {
+    fn ftscript_rtc_launch(src: *const c_char, device: i32, name: *const c_char, grid: u32, block: u32, params: *mut *mut c_void, err: *mut c_char, err_len: usize) -> i32;
+}
+
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Launches `name` over `threads` threads (blocks of 256) on GPU `device`; false (once logged,
+/// then always) if the kernels are unavailable.
+fn launch(device: usize, name: &str, threads: i64, params: &mut [*mut c_void]) -> bool {
+    if DISABLED.load(Ordering::Relaxed) || threads <= 0 {
+        return false;
+    }
+    let block = 256i64;
+    let grid = (threads + block - 1) / block;
+    let name_c = CString::new(name).unwrap();
+    let mut err = vec![0u8; 4096];
+    // SAFETY: params point at live argument values matching the kernel's signature; the
+    // tensors they reference outlive the launch (stream-ordered by the caching allocator).
+    let rc = unsafe { ftscript_rtc_launch(SOURCE.as_ptr() as *const c_char, device as i32, name_c.as_ptr(), grid as u32, block as u32, params.as_mut_ptr(), err.as_mut_ptr() as *mut c_char, err.len()) };
+    if rc != 0 {
+        let msg = String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).to_string();
+        tracing::warn!("CUDA kernels unavailable, using libtorch ops instead: {msg}");
+        DISABLED.store(true, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
+fn ptr<T>(v: &mut T) -> *mut c_void {
+    v as *mut T as *mut c_void
+}
+
+/// 4-bit dequantization in one pass: `out[i] = code[nibble i] · absmax[i / blocksize]` (fp32,
+/// then cast to `kind`), from `packed` (uint8, two codes per byte, high nibble first), `absmax`
+/// (fp32 per block) and `code` (16 fp32 values), all on one GPU. Bit-identical to the op path
+/// of [`crate::nn::quant::Quant4::dequantize`].
+pub fn dequant4(packed: &Tensor, absmax: &Tensor, code: &Tensor, n: i64, blocksize: i64, kind: Kind) -> Option<Tensor> {
+    let Device::Cuda(d) = packed.device() else { return None };
+    let name = match kind {
+        Kind::BFloat16 => "dequant4_bf16",
+        Kind::Half => "dequant4_f16",
+        Kind::Float => "dequant4_f32",
+        _ => return None,
+    };
+    let (packed, absmax, code) = (packed.contiguous(), absmax.contiguous(), code.contiguous());
+    let out = Tensor::empty([n], (kind, packed.device()));
+    let (mut p, mut a, mut c, mut o) = (packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr());
+    let (mut n_, mut bs) = (n, blocksize as i32);
+    let mut params = [ptr(&mut p), ptr(&mut a), ptr(&mut c), ptr(&mut o), ptr(&mut n_), ptr(&mut bs)];
+    launch(d, name, (n + 7) / 8, &mut params).then_some(out)
+}

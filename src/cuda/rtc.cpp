@@ -1,0 +1,190 @@
+// Run-time compiled CUDA kernels: NVRTC (the libnvrtc that ships beside torch's CUDA runtime)
+// turns src/cuda/kernels.cu into a cubin for each GPU it is used on; the driver API loads it
+// and launches on torch's current stream of that GPU. Everything is looked up with dlopen/dlsym,
+// so building needs no CUDA toolkit and a CPU-only machine never touches any of it. Errors
+// come back as text; no C++ exception crosses the C boundary.
+#include <c10/core/Device.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+typedef int (*nvrtcCreateProgram_t)(void**, const char*, const char*, int, const char* const*, const char* const*);
+typedef int (*nvrtcCompileProgram_t)(void*, int, const char* const*);
+typedef int (*nvrtcGetSize_t)(void*, size_t*);
+typedef int (*nvrtcGetData_t)(void*, char*);
+typedef int (*nvrtcDestroyProgram_t)(void**);
+typedef int (*cuInit_t)(unsigned);
+typedef int (*cuDeviceGet_t)(int*, int);
+typedef int (*cuDeviceGetAttribute_t)(int*, int, int);
+typedef int (*cuModuleLoadData_t)(void**, const void*);
+typedef int (*cuModuleGetFunction_t)(void**, void*, const char*);
+typedef int (*cuLaunchKernel_t)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**, void**);
+
+struct Api {
+  nvrtcCreateProgram_t create;
+  nvrtcCompileProgram_t compile;
+  nvrtcGetSize_t log_size, cubin_size;
+  nvrtcGetData_t log, cubin;
+  nvrtcDestroyProgram_t destroy;
+  cuInit_t init;
+  cuDeviceGet_t device_get;
+  cuDeviceGetAttribute_t attribute;
+  cuModuleLoadData_t load;
+  cuModuleGetFunction_t function;
+  cuLaunchKernel_t launch;
+};
+
+std::mutex mutex;
+std::string load_error;
+Api* api = nullptr;
+bool tried = false;
+std::map<int, void*> modules;                        // device → module
+std::map<std::pair<int, std::string>, void*> funcs;  // (device, kernel) → function
+
+// libnvrtc sits beside the libcudart that libtorch_cuda loaded (torch's pip wheels keep both
+// in nvidia/cu13/lib); fall back to the loader's search path.
+void* open_nvrtc() {
+  std::ifstream maps("/proc/self/maps");
+  std::string line;
+  while (std::getline(maps, line)) {
+    auto at = line.find('/');
+    auto lib = line.find("libcudart.so");
+    if (at == std::string::npos || lib == std::string::npos) continue;
+    std::string dir = line.substr(at, lib - at);
+    for (const char* name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"}) {
+      if (void* h = dlopen((dir + name).c_str(), RTLD_NOW | RTLD_GLOBAL)) return h;
+    }
+  }
+  for (const char* name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"}) {
+    if (void* h = dlopen(name, RTLD_NOW | RTLD_GLOBAL)) return h;
+  }
+  return nullptr;
+}
+
+Api* get_api() {
+  if (tried) return api;
+  tried = true;
+  void* nvrtc = open_nvrtc();
+  void* cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+  if (!nvrtc || !cuda) {
+    load_error = !nvrtc ? "libnvrtc not found beside libcudart or on the library path" : "libcuda.so.1 (the driver) not found";
+    return nullptr;
+  }
+  Api a;
+  bool ok = true;
+  auto sym = [&](void* lib, const char* name) {
+    void* s = dlsym(lib, name);
+    if (!s) {
+      ok = false;
+      load_error = std::string("missing symbol ") + name;
+    }
+    return s;
+  };
+  a.create = (nvrtcCreateProgram_t)sym(nvrtc, "nvrtcCreateProgram");
+  a.compile = (nvrtcCompileProgram_t)sym(nvrtc, "nvrtcCompileProgram");
+  a.log_size = (nvrtcGetSize_t)sym(nvrtc, "nvrtcGetProgramLogSize");
+  a.log = (nvrtcGetData_t)sym(nvrtc, "nvrtcGetProgramLog");
+  a.cubin_size = (nvrtcGetSize_t)sym(nvrtc, "nvrtcGetCUBINSize");
+  a.cubin = (nvrtcGetData_t)sym(nvrtc, "nvrtcGetCUBIN");
+  a.destroy = (nvrtcDestroyProgram_t)sym(nvrtc, "nvrtcDestroyProgram");
+  a.init = (cuInit_t)sym(cuda, "cuInit");
+  a.device_get = (cuDeviceGet_t)sym(cuda, "cuDeviceGet");
+  a.attribute = (cuDeviceGetAttribute_t)sym(cuda, "cuDeviceGetAttribute");
+  a.load = (cuModuleLoadData_t)sym(cuda, "cuModuleLoadData");
+  a.function = (cuModuleGetFunction_t)sym(cuda, "cuModuleGetFunction");
+  a.launch = (cuLaunchKernel_t)sym(cuda, "cuLaunchKernel");
+  if (!ok || a.init(0) != 0) {
+    if (ok) load_error = "cuInit failed";
+    return nullptr;
+  }
+  api = new Api(a);
+  return api;
+}
+
+// The module for `device` (current), compiled from `src` on first use.
+void* module_for(int device, const char* src, std::string& err) {
+  auto it = modules.find(device);
+  if (it != modules.end()) return it->second;
+  int dev = 0, major = 0, minor = 0;
+  api->device_get(&dev, device);
+  api->attribute(&major, 75, dev);  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+  api->attribute(&minor, 76, dev);  // ..._MINOR
+  std::string arch = "--gpu-arch=sm_" + std::to_string(major) + std::to_string(minor);
+  const char* opts[] = {arch.c_str(), "--std=c++17", "--fmad=false"};
+  void* prog = nullptr;
+  if (api->create(&prog, src, "ftscript_kernels.cu", 0, nullptr, nullptr) != 0) {
+    err = "nvrtcCreateProgram failed";
+    return nullptr;
+  }
+  int rc = api->compile(prog, 3, opts);
+  if (rc != 0) {
+    size_t n = 0;
+    api->log_size(prog, &n);
+    std::string log(n, '\0');
+    api->log(prog, &log[0]);
+    err = "NVRTC could not compile the kernels for " + arch.substr(11) + ": " + log;
+    api->destroy(&prog);
+    return nullptr;
+  }
+  size_t n = 0;
+  api->cubin_size(prog, &n);
+  std::vector<char> cubin(n);
+  api->cubin(prog, cubin.data());
+  api->destroy(&prog);
+  void* module = nullptr;
+  if (api->load(&module, cubin.data()) != 0) {
+    err = "cuModuleLoadData failed for " + arch.substr(11);
+    return nullptr;
+  }
+  modules[device] = module;
+  return module;
+}
+}  // namespace
+
+// Launches kernel `name` of `src` on GPU `device` over a 1-D grid, on torch's current stream
+// there. Returns 0, or -1 with a message in `err`.
+extern "C" int ftscript_rtc_launch(const char* src, int device, const char* name, unsigned grid, unsigned block,
+                                   void** params, char* err, size_t err_len) {
+  std::string msg;
+  try {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!get_api()) {
+      msg = load_error;
+    } else {
+      auto impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+      c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+      c10::Device previous = impl->exchangeDevice(d);
+      void* fn = nullptr;
+      auto key = std::make_pair(device, std::string(name));
+      auto it = funcs.find(key);
+      if (it != funcs.end()) {
+        fn = it->second;
+      } else if (void* module = module_for(device, src, msg)) {
+        if (api->function(&fn, module, name) != 0) msg = std::string("no kernel ") + name;
+        else funcs[key] = fn;
+      }
+      if (fn) {
+        void* stream = impl->getStream(d).native_handle();
+        if (api->launch(fn, grid, 1, 1, block, 1, 1, 0, stream, params, nullptr) != 0) msg = std::string("launch of ") + name + " failed";
+      }
+      impl->setDevice(previous);
+    }
+  } catch (const std::exception& e) {
+    msg = e.what();
+  } catch (...) {
+    msg = "unknown C++ exception";
+  }
+  if (msg.empty()) return 0;
+  std::snprintf(err, err_len, "%s", msg.c_str());
+  return -1;
+}
