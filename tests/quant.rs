@@ -342,6 +342,7 @@ fn cuda_dequant_kernel_matches_op_path() {
             let q = Quant4::quantize(&w, qt, dq, Flavor::Cuda).unwrap();
             for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
                 let fast = q.dequantize(kind);
+                assert!(ftscript::cuda::kernels::unavailable_reason().is_none(), "kernel unavailable: {:?}", ftscript::cuda::kernels::unavailable_reason());
                 let slow = q.dequantize_ops(kind);
                 assert!(same_bits(&fast.to_device(tch::Device::Cpu), &slow.to_device(tch::Device::Cpu)), "{shape:?} {qt:?} dq={dq} {kind:?}");
                 checked += 1;
@@ -351,6 +352,6 @@ fn cuda_dequant_kernel_matches_op_path() {
     // and the kernel really ran (no silent fallback to the op path)
     let q = Quant4::quantize(&Tensor::randn([64, 64], (Kind::Float, dev)), QuantType::Nf4, false, Flavor::Cuda).unwrap();
     let code = Tensor::from_slice(&[0f32; 16]).to_device(dev);
-    assert!(ftscript::cuda::kernels::dequant4(&q.packed, &q.absmax, &code, 4096, 64, Kind::BFloat16).is_some(), "kernel unavailable");
+    assert!(ftscript::cuda::kernels::dequant4(&q.packed, &q.absmax, &code, 4096, 64, Kind::BFloat16).is_some(), "kernel unavailable: {:?}", ftscript::cuda::kernels::unavailable_reason());
     println!("{checked} dequantizations identical between the CUDA kernel and the op path");
 }

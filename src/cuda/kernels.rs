@@ -10,10 +10,17 @@ use tch::{Device, Kind, Tensor};
 const SOURCE: &str = concat!(include_str!("kernels.cu"), "\0");
 
 extern "C" {
+    fn ftscript_rtc_compile(src: *const c_char, arch: i32, err: *mut c_char, err_len: usize) -> i64;
     fn ftscript_rtc_launch(src: *const c_char, device: i32, name: *const c_char, grid: u32, block: u32, params: *mut *mut c_void, err: *mut c_char, err_len: usize) -> i32;
 }
 
 static DISABLED: AtomicBool = AtomicBool::new(false);
+static REASON: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Why the kernels are not in use, once a launch failed.
+pub fn unavailable_reason() -> Option<String> {
+    REASON.lock().unwrap().clone()
+}
 
 /// Launches `name` over `threads` threads (blocks of 256) on GPU `device`; false (once logged,
 /// then always) if the kernels are unavailable.
@@ -31,10 +38,23 @@ fn launch(device: usize, name: &str, threads: i64, params: &mut [*mut c_void]) -
     if rc != 0 {
         let msg = String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).to_string();
         tracing::warn!("CUDA kernels unavailable, using libtorch ops instead: {msg}");
+        *REASON.lock().unwrap() = Some(msg);
         DISABLED.store(true, Ordering::Relaxed);
         return false;
     }
     true
+}
+
+/// Compiles the kernels for compute capability `arch` (e.g. 90) without a GPU: the cubin's
+/// size in bytes, or NVRTC's error.
+pub fn compile_check(arch: i32) -> Result<usize, String> {
+    let mut err = vec![0u8; 8192];
+    // SAFETY: SOURCE is NUL-terminated; err is writable for its length.
+    let n = unsafe { ftscript_rtc_compile(SOURCE.as_ptr() as *const c_char, arch, err.as_mut_ptr() as *mut c_char, err.len()) };
+    if n < 0 {
+        return Err(String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).to_string());
+    }
+    Ok(n as usize)
 }
 
 fn ptr<T>(v: &mut T) -> *mut c_void {
@@ -59,4 +79,17 @@ pub fn dequant4(packed: &Tensor, absmax: &Tensor, code: &Tensor, n: i64, blocksi
     let (mut n_, mut bs) = (n, blocksize as i32);
     let mut params = [ptr(&mut p), ptr(&mut a), ptr(&mut c), ptr(&mut o), ptr(&mut n_), ptr(&mut bs)];
     launch(d, name, (n + 7) / 8, &mut params).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernel source compiles for the GPUs we run on (Ampere, Hopper), with the NVRTC that
+    /// ships beside torch's CUDA runtime, on a machine without a GPU.
+    #[test]
+    fn kernels_compile_for_ampere_and_hopper() {
+        for arch in [80, 90] {
+            let size = super::compile_check(arch).unwrap_or_else(|e| panic!("sm_{arch}: {e}"));
+            assert!(size > 1000, "sm_{arch}: cubin of {size} bytes");
+        }
+    }
 }

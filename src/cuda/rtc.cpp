@@ -6,6 +6,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <dirent.h>
 #include <dlfcn.h>
 
 #include <cstdint>
@@ -52,7 +53,8 @@ std::map<int, void*> modules;                        // device → module
 std::map<std::pair<int, std::string>, void*> funcs;  // (device, kernel) → function
 
 // libnvrtc sits beside the libcudart that libtorch_cuda loaded (torch's pip wheels keep both
-// in nvidia/cu13/lib); fall back to the loader's search path.
+// in nvidia/cu13/lib); fall back to the loader's search path. NVRTC opens its builtins library
+// by name, which that directory is not on: load it first by its full path.
 void* open_nvrtc() {
   std::ifstream maps("/proc/self/maps");
   std::string line;
@@ -61,6 +63,13 @@ void* open_nvrtc() {
     auto lib = line.find("libcudart.so");
     if (at == std::string::npos || lib == std::string::npos) continue;
     std::string dir = line.substr(at, lib - at);
+    if (DIR* d = opendir(dir.c_str())) {
+      while (dirent* e = readdir(d)) {
+        std::string name = e->d_name;
+        if (name.rfind("libnvrtc-builtins.so.", 0) == 0) dlopen((dir + name).c_str(), RTLD_NOW | RTLD_GLOBAL);
+      }
+      closedir(d);
+    }
     for (const char* name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"}) {
       if (void* h = dlopen((dir + name).c_str(), RTLD_NOW | RTLD_GLOBAL)) return h;
     }
@@ -71,12 +80,13 @@ void* open_nvrtc() {
   return nullptr;
 }
 
-Api* get_api() {
+// NVRTC, and the driver unless `compile_only`.
+Api* get_api(bool compile_only = false) {
   if (tried) return api;
-  tried = true;
   void* nvrtc = open_nvrtc();
-  void* cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-  if (!nvrtc || !cuda) {
+  void* cuda = compile_only ? nullptr : dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+  if (!nvrtc || (!cuda && !compile_only)) {
+    tried = true;
     load_error = !nvrtc ? "libnvrtc not found beside libcudart or on the library path" : "libcuda.so.1 (the driver) not found";
     return nullptr;
   }
@@ -97,6 +107,12 @@ Api* get_api() {
   a.cubin_size = (nvrtcGetSize_t)sym(nvrtc, "nvrtcGetCUBINSize");
   a.cubin = (nvrtcGetData_t)sym(nvrtc, "nvrtcGetCUBIN");
   a.destroy = (nvrtcDestroyProgram_t)sym(nvrtc, "nvrtcDestroyProgram");
+  if (compile_only) {
+    static Api nvrtc_only;
+    nvrtc_only = a;
+    return ok ? &nvrtc_only : nullptr;
+  }
+  tried = true;
   a.init = (cuInit_t)sym(cuda, "cuInit");
   a.device_get = (cuDeviceGet_t)sym(cuda, "cuDeviceGet");
   a.attribute = (cuDeviceGetAttribute_t)sym(cuda, "cuDeviceGetAttribute");
@@ -111,6 +127,32 @@ Api* get_api() {
   return api;
 }
 
+// `src` compiled by NVRTC for sm_<arch> into `cubin`; false with the log in `err`.
+bool compile(Api* a, const char* src, int arch, std::vector<char>& cubin, std::string& err) {
+  std::string flag = "--gpu-architecture=sm_" + std::to_string(arch);
+  const char* opts[] = {flag.c_str(), "--std=c++17", "--fmad=false"};
+  void* prog = nullptr;
+  if (a->create(&prog, src, "ftscript_kernels.cu", 0, nullptr, nullptr) != 0) {
+    err = "nvrtcCreateProgram failed";
+    return false;
+  }
+  bool ok = a->compile(prog, 3, opts) == 0;
+  if (!ok) {
+    size_t n = 0;
+    a->log_size(prog, &n);
+    std::string log(n, '\0');
+    a->log(prog, &log[0]);
+    err = "NVRTC could not compile the kernels for sm_" + std::to_string(arch) + ": " + log;
+  } else {
+    size_t n = 0;
+    a->cubin_size(prog, &n);
+    cubin.resize(n);
+    a->cubin(prog, cubin.data());
+  }
+  a->destroy(&prog);
+  return ok;
+}
+
 // The module for `device` (current), compiled from `src` on first use.
 void* module_for(int device, const char* src, std::string& err) {
   auto it = modules.find(device);
@@ -119,31 +161,11 @@ void* module_for(int device, const char* src, std::string& err) {
   api->device_get(&dev, device);
   api->attribute(&major, 75, dev);  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
   api->attribute(&minor, 76, dev);  // ..._MINOR
-  std::string arch = "--gpu-arch=sm_" + std::to_string(major) + std::to_string(minor);
-  const char* opts[] = {arch.c_str(), "--std=c++17", "--fmad=false"};
-  void* prog = nullptr;
-  if (api->create(&prog, src, "ftscript_kernels.cu", 0, nullptr, nullptr) != 0) {
-    err = "nvrtcCreateProgram failed";
-    return nullptr;
-  }
-  int rc = api->compile(prog, 3, opts);
-  if (rc != 0) {
-    size_t n = 0;
-    api->log_size(prog, &n);
-    std::string log(n, '\0');
-    api->log(prog, &log[0]);
-    err = "NVRTC could not compile the kernels for " + arch.substr(11) + ": " + log;
-    api->destroy(&prog);
-    return nullptr;
-  }
-  size_t n = 0;
-  api->cubin_size(prog, &n);
-  std::vector<char> cubin(n);
-  api->cubin(prog, cubin.data());
-  api->destroy(&prog);
+  std::vector<char> cubin;
+  if (!compile(api, src, major * 10 + minor, cubin, err)) return nullptr;
   void* module = nullptr;
   if (api->load(&module, cubin.data()) != 0) {
-    err = "cuModuleLoadData failed for " + arch.substr(11);
+    err = "cuModuleLoadData failed for sm_" + std::to_string(major * 10 + minor);
     return nullptr;
   }
   modules[device] = module;
@@ -185,6 +207,23 @@ extern "C" int ftscript_rtc_launch(const char* src, int device, const char* name
     msg = "unknown C++ exception";
   }
   if (msg.empty()) return 0;
+  std::snprintf(err, err_len, "%s", msg.c_str());
+  return -1;
+}
+
+// Compiles `src` for sm_<arch> without a GPU (a check for the build machine): the cubin's size,
+// or -1 with a message in `err`.
+extern "C" int64_t ftscript_rtc_compile(const char* src, int arch, char* err, size_t err_len) {
+  std::string msg;
+  std::vector<char> cubin;
+  try {
+    std::lock_guard<std::mutex> lock(mutex);
+    Api* a = get_api(true);
+    if (!a) msg = load_error.empty() ? "libnvrtc not found" : load_error;
+    else if (compile(a, src, arch, cubin, msg)) return static_cast<int64_t>(cubin.size());
+  } catch (...) {
+    msg = "unknown C++ exception";
+  }
   std::snprintf(err, err_len, "%s", msg.c_str());
   return -1;
 }
