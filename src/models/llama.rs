@@ -19,10 +19,10 @@ use crate::nn::{Linear, WeightSource};
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-/// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale. On a GPU,
-/// libtorch's fused kernel (`_fused_rms_norm`, one pass forward and one backward instead of
-/// ~7 elementwise kernels each way); it scales before the cast back, so in bf16 it may differ
-/// from transformers by one rounding.
+/// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale. On a GPU the
+/// normalisation is libtorch's fused kernel (`_fused_rms_norm`, one pass each way instead of
+/// ~6 elementwise kernels) and the scaling stays a separate product after the cast, as in
+/// transformers, so bf16 results keep its rounding.
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
@@ -30,9 +30,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        if x.device().is_cuda() && x.kind() == self.weight.kind() {
+        if x.device().is_cuda() {
             let h = self.weight.size()[0];
-            return x.internal_fused_rms_norm([h].as_slice(), Some(&self.weight), self.eps).0;
+            return &self.weight * x.internal_fused_rms_norm([h].as_slice(), None::<Tensor>, self.eps).0;
         }
         let kind = x.kind();
         let xf = x.to_kind(Kind::Float);
