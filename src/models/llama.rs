@@ -19,18 +19,19 @@ use crate::nn::{Linear, WeightSource};
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-/// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale. On a GPU the
-/// normalisation is libtorch's fused kernel (`_fused_rms_norm`, one pass each way instead of
-/// ~6 elementwise kernels) and the scaling stays a separate product after the cast, as in
-/// transformers, so bf16 results keep its rounding.
+/// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale. When training
+/// on a GPU the normalisation is libtorch's fused kernel (`_fused_rms_norm`, one pass each way
+/// instead of ~6 elementwise kernels; its fp32 sum may round differently in the last bit), with
+/// the scaling kept as a separate product after the cast; inference and evaluation use
+/// transformers' exact op sequence.
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
 }
 
 impl RmsNorm {
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        if x.device().is_cuda() {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if train && x.device().is_cuda() {
             let h = self.weight.size()[0];
             return &self.weight * x.internal_fused_rms_norm([h].as_slice(), None::<Tensor>, self.eps).0;
         }
@@ -275,9 +276,9 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Tensor {
-        let a = self.self_attn.forward(&self.input_layernorm.forward(h), cos_sin, mask, cache, train);
+        let a = self.self_attn.forward(&self.input_layernorm.forward(h, train), cos_sin, mask, cache, train);
         let h = h + a;
-        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h), train);
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h, train), train);
         h + m
     }
 }
@@ -391,7 +392,7 @@ impl Llama {
     /// Final norm and output projection: hidden `[B, T, H]` → logits `[B, T, V]` (on
     /// `head_device`).
     pub fn head(&self, h: &Tensor, train: bool) -> Tensor {
-        let h = self.norm.forward(&h.to_device(self.head_device));
+        let h = self.norm.forward(&h.to_device(self.head_device), train);
         match &self.lm_head {
             Some(l) => l.forward(&h, train),
             None => h.matmul(&self.embed_tokens.tr()),
