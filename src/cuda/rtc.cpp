@@ -45,6 +45,8 @@ struct Api {
   cuLaunchKernel_t launch;
 };
 
+const char* const kNvrtcNames[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"};
+
 std::mutex mutex;
 std::string load_error;
 Api* api = nullptr;
@@ -70,11 +72,11 @@ void* open_nvrtc() {
       }
       closedir(d);
     }
-    for (const char* name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"}) {
+    for (const char* name : kNvrtcNames) {
       if (void* h = dlopen((dir + name).c_str(), RTLD_NOW | RTLD_GLOBAL)) return h;
     }
   }
-  for (const char* name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"}) {
+  for (const char* name : kNvrtcNames) {
     if (void* h = dlopen(name, RTLD_NOW | RTLD_GLOBAL)) return h;
   }
   return nullptr;
