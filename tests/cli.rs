@@ -161,6 +161,17 @@ fn bad_models_give_one_line_errors_naming_file_key_or_tensor() {
     ftscript::nn::weights::save_safetensors(&tensors, &shape.join("model.safetensors"), None).unwrap();
     let e = load(&shape);
     assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("[3, 3]"), "{e}");
+
+    // GPUs that are not there, and random_init on a GGUF file
+    let split = |device: &str| fails(d, &format!("let m = load_model(\"{}\", #{{ device: \"{device}\" }});\n", good.display()));
+    if !tch::Cuda::is_available() {
+        let e = split("cuda:0,1");
+        assert!(e.contains("cuda:0,1") && e.contains("0 CUDA device(s)"), "{e}");
+    }
+    let e = split("tpu");
+    assert!(e.contains("`tpu`") && e.contains("cuda:N"), "{e}");
+    let e = fails(d, &format!("let m = load_model(\"{}\", #{{ random_init: true }});\n", demo_gguf().display()));
+    assert!(e.contains(".gguf") && e.contains("random_init needs a model directory"), "{e}");
 }
 
 #[test]
