@@ -984,8 +984,7 @@ fn string_array(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
 /// - `"llama"` (sentencepiece BPE): normalizer Prepend("▁") (if add_space_prefix) + Replace
 ///   (" " -> "▁"), no pre-tokenizer, decoder Replace+ByteFallback... as transformers;
 /// - post-processor: TemplateProcessing that adds nothing, as in transformers, which ignores
-///   `tokenizer.ggml.add_bos_token`; with FTSCRIPT_GGUF_HONOR_ADD_BOS=1 it adds bos/eos
-///   per the GGUF flags.
+///   `tokenizer.ggml.add_bos_token` / `add_eos_token` (llama.cpp follows them).
 fn build_tokenizer(g: &GgufFile) -> Result<BuiltTokenizer> {
     let p = g.path.display();
     let model = g.meta_str("tokenizer.ggml.model").unwrap_or("llama").to_string();
@@ -1031,13 +1030,6 @@ fn build_tokenizer(g: &GgufFile) -> Result<BuiltTokenizer> {
     let pad_id = tok_id("tokenizer.ggml.padding_token_id")?;
     let name = |id: Option<u64>| id.map(|i| tokens[i as usize].clone());
     let (bos, eos, unk, pad) = (name(bos_id), name(eos_id), name(unk_id), name(pad_id));
-    // transformers (v5) does not carry tokenizer.ggml.add_bos_token / add_eos_token over to
-    // the converted tokenizer, so its GGUF tokenizer never adds bos/eos; we mirror that for
-    // identical ids. Set FTSCRIPT_GGUF_HONOR_ADD_BOS=1 to follow the GGUF flags (llama.cpp's
-    // behaviour) instead.
-    let honor = std::env::var("FTSCRIPT_GGUF_HONOR_ADD_BOS").is_ok_and(|v| v == "1");
-    let add_bos = honor && g.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(false) && bos.is_some();
-    let add_eos = honor && g.meta_bool("tokenizer.ggml.add_eos_token").unwrap_or(false) && eos.is_some();
     let add_prefix_space = g.meta_bool("tokenizer.ggml.add_space_prefix");
 
     // Special (control) tokens; without type information, fall back to unk/bos/eos.
@@ -1095,37 +1087,11 @@ fn build_tokenizer(g: &GgufFile) -> Result<BuiltTokenizer> {
         (json!({"type": "Sequence", "normalizers": norms}), Value::Null, json!({"type": "Sequence", "decoders": decs}))
     };
 
-    // TemplateProcessing, as transformers' update_post_processor writes it.
-    let piece = |id: &str, type_id: u32, special: bool| {
-        if special {
-            json!({"SpecialToken": {"id": id, "type_id": type_id}})
-        } else {
-            json!({"Sequence": {"id": id, "type_id": type_id}})
-        }
-    };
-    let mut single = Vec::new();
-    let mut pair = Vec::new();
-    let mut specials = Map::new();
-    let bos_s = bos.clone().unwrap_or_default();
-    let eos_s = eos.clone().unwrap_or_default();
-    if add_bos {
-        single.push(piece(&bos_s, 0, true));
-        specials.insert(bos_s.clone(), json!({"id": bos_s, "ids": [bos_id], "tokens": [bos_s]}));
-    }
-    single.push(piece("A", 0, false));
-    if add_eos {
-        single.push(piece(&eos_s, 0, true));
-        specials.insert(eos_s.clone(), json!({"id": eos_s, "ids": [eos_id], "tokens": [eos_s]}));
-    }
-    pair.extend(single.iter().cloned());
-    if add_bos {
-        pair.push(piece(&bos_s, 1, true));
-    }
-    pair.push(piece("B", 1, false));
-    if add_eos {
-        pair.push(piece(&eos_s, 1, true));
-    }
-    let post = json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials});
+    // TemplateProcessing as transformers' update_post_processor writes it with add_bos_token
+    // and add_eos_token off: the sequences as they are.
+    let piece = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+    let post = json!({"type": "TemplateProcessing", "single": [piece("A", 0)], "pair": [piece("A", 0), piece("B", 1)],
+                      "special_tokens": {}});
 
     let mut tj = Map::new();
     tj.insert("version".into(), json!("1.0"));
@@ -1156,8 +1122,10 @@ fn build_tokenizer(g: &GgufFile) -> Result<BuiltTokenizer> {
         );
     }
     let mut tc = Map::new();
-    tc.insert("add_bos_token".into(), json!(add_bos));
-    tc.insert("add_eos_token".into(), json!(add_eos));
+    // transformers (v5) does not carry tokenizer.ggml.add_bos_token / add_eos_token over to
+    // the converted tokenizer, so its GGUF tokenizer never adds bos/eos; same ids here
+    tc.insert("add_bos_token".into(), json!(false));
+    tc.insert("add_eos_token".into(), json!(false));
     tc.insert("add_prefix_space".into(), json!(if model == "gpt2" { false } else { add_prefix_space.unwrap_or(true) }));
     tc.insert("added_tokens_decoder".into(), Value::Object(decoder_map));
     tc.insert("bos_token".into(), json!(bos));
