@@ -349,7 +349,7 @@ impl Quant4 {
         let code = dequant_code4(self.qtype, self.packed.device());
         match crate::cuda::kernels::dequant4(&self.packed, &absmax, &code, self.numel(), self.blocksize, kind) {
             Some(w) => w.view(self.shape.as_slice()),
-            None => self.dequantize_ops(kind),
+            None => self.dequantize_with(&absmax, &code, kind),
         }
     }
 
@@ -357,11 +357,14 @@ impl Quant4 {
     /// kernel is tested against).
     pub fn dequantize_ops(&self, kind: Kind) -> Tensor {
         let _g = tch::no_grad_guard();
+        self.dequantize_with(&self.absmax_f32(), &dequant_code4(self.qtype, self.packed.device()), kind)
+    }
+
+    /// The op path from the fp32 absmax per block and the 16 code values.
+    fn dequantize_with(&self, absmax: &Tensor, code: &Tensor, kind: Kind) -> Tensor {
         let dev = self.packed.device();
         let n = self.numel();
-        let absmax = self.absmax_f32();
         // one lookup per byte: [code[b >> 4], code[b & 15]]
-        let code = dequant_code4(self.qtype, dev);
         let b = Tensor::arange(256, (Kind::Int64, dev));
         let pair = Tensor::stack(&[code.index_select(0, &b.bitwise_right_shift_tensor_scalar(4)), code.index_select(0, &b.bitwise_and(15))], 1);
         let vals = pair.index_select(0, &self.packed.view([-1]).to_kind(Kind::Int)).view([-1]);
