@@ -114,8 +114,7 @@ fn recipe_errors_name_line_column_and_key() {
 fn bad_models_give_one_line_errors_naming_file_key_or_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    py("make_tiny.py", &[d.to_str().unwrap(), "llama_gqa"]);
-    let good = d.join("llama_gqa");
+    let good = tiny_llama(d);
     let copy = |name: &str| {
         let dst = d.join(name);
         std::fs::create_dir_all(&dst).unwrap();

@@ -344,8 +344,7 @@ fn pushes_retry_transient_errors_and_never_leave_a_partial_commit() {
 fn python_uploads_ftscript_downloads_and_the_cache_is_shared_both_ways() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
-    py("make_tiny.py", &[t.to_str().unwrap(), "llama_gqa"]);
-    let model = t.join("llama_gqa");
+    let model = tiny_llama(t);
     let mut hub = Hub::start(&t.join("server"), 20_000_000, 8_000_000);
     client(&["upload", "org/tiny", model.to_str().unwrap()], &hub.url, &t.join("home_up"), false);
 

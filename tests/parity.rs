@@ -40,8 +40,7 @@ fn logits_and_greedy_tokens_match_transformers() {
 #[test]
 fn random_init_reads_no_weights_and_follows_the_config() {
     let dir = tempfile::tempdir().unwrap();
-    py("make_tiny.py", &[dir.path().to_str().unwrap()]);
-    let src = dir.path().join("llama_gqa");
+    let src = tiny_llama(dir.path());
     let bare = dir.path().join("bare");
     std::fs::create_dir(&bare).unwrap();
     for f in std::fs::read_dir(&src).unwrap() {

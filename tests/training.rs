@@ -30,8 +30,7 @@ fn losses(metrics_jsonl: &Path) -> Vec<f64> {
 fn lora_training_and_adapters_match_hf_and_peft() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    py("make_tiny.py", &[d.to_str().unwrap(), "llama_gqa"]);
-    let model = d.join("llama_gqa");
+    let model = tiny_llama(d);
     let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
     py("peft_reference.py", &["init", m, o]);
     py("peft_reference.py", &["train", m, o]);

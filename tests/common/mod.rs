@@ -85,16 +85,22 @@ pub fn run_recipe(dir: &Path, name: &str, body: &str) -> String {
     t
 }
 
-/// A tiny transformers-made Llama (`dir/llama_gqa`) and `n` short text records in
-/// `dir/data.jsonl`; returns the model's path.
-pub fn tiny_model_and_text(dir: &Path, n: usize) -> String {
+/// A tiny transformers-made Llama with grouped-query attention, `dir/llama_gqa` (config,
+/// safetensors, tokenizer, reference logits); returns its path.
+pub fn tiny_llama(dir: &Path) -> PathBuf {
     py("make_tiny.py", &[dir.to_str().unwrap(), "llama_gqa"]);
+    dir.join("llama_gqa")
+}
+
+/// [`tiny_llama`] and `n` short text records in `dir/data.jsonl`; returns the model's path.
+pub fn tiny_model_and_text(dir: &Path, n: usize) -> String {
+    let model = tiny_llama(dir);
     let mut lines = String::new();
     for i in 0..n {
         lines.push_str(&format!("{{\"text\": \"record {i}: the quick brown fox jumps over the lazy dog {}\"}}\n", i * 7 % 13));
     }
     std::fs::write(dir.join("data.jsonl"), lines).unwrap();
-    dir.join("llama_gqa").display().to_string()
+    model.display().to_string()
 }
 
 /// The lines of a run's `metrics.jsonl`.
