@@ -57,13 +57,16 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
-    cuda_memory_shim(&libtorch, &lib);
+    cuda_shims(&libtorch, &lib);
 }
 
-/// Compiles `src/cuda/memory.cpp` (allocator statistics) against the wheel's c10 headers.
-fn cuda_memory_shim(libtorch: &std::path::Path, lib: &std::path::Path) {
-    println!("cargo:rerun-if-changed=src/cuda/memory.cpp");
-    println!("cargo:rerun-if-changed=src/cuda/rtc.cpp");
+/// Compiles `src/cuda/*.cpp` (allocator statistics, run-time compiled kernels and their
+/// autograd functions, multi-tensor optimizer steps, the profiler) against the wheel's headers.
+fn cuda_shims(libtorch: &std::path::Path, lib: &std::path::Path) {
+    const FILES: [&str; 5] = ["src/cuda/memory.cpp", "src/cuda/rtc.cpp", "src/cuda/autograd.cpp", "src/cuda/optim.cpp", "src/cuda/profile.cpp"];
+    for f in FILES {
+        println!("cargo:rerun-if-changed={f}");
+    }
     let root = std::fs::canonicalize(libtorch).unwrap_or_else(|_| libtorch.to_path_buf());
     cc::Build::new()
         .cpp(true)
@@ -72,9 +75,9 @@ fn cuda_memory_shim(libtorch: &std::path::Path, lib: &std::path::Path) {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
-        .file("src/cuda/memory.cpp")
-        .file("src/cuda/rtc.cpp")
-        .compile("ftscript_cuda_memory");
+        .files(FILES)
+        .compile("ftscript_cuda");
     println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
 }

@@ -7,6 +7,7 @@ clip 1.0), timing the median step after warm-up. The model is made once by trans
 shapes with the same seed.
 
 usage: python3 bench/bench.py SHAPE [--seq 2048] [--bs 4] [--steps 12] [--no-ckpt] [--peer lora|liger|qlora|none]
+       [--auto] [--profile]
   needs target/release/ftscript (LD_LIBRARY_PATH to torch/lib on the GPU machine)
 """
 import argparse, json, os, subprocess, sys, tempfile, time
@@ -49,6 +50,9 @@ def ftscript_run(model_dir, a, work):
         for _ in range(a.bs * steps):
             f.write(json.dumps({"input_ids": [rng.randrange(32000) for _ in range(a.seq)]}) + "\n")
     out = os.path.join(work, "run")
+    # with --profile, two more steps run under libtorch's profiler, after the timed ones
+    profile = f", profile: #{{ start: {steps + 1}, steps: 2 }}" if a.profile else ""
+    total = steps + 2 if a.profile else steps
     recipe = os.path.join(work, "bench.rhai")
     targets = json.dumps(a.targets.split(","))
     quant = f', quantize: "{a.quantize}", double_quant: true, compute_dtype: "bf16"' if a.quantize else ""
@@ -57,9 +61,9 @@ def ftscript_run(model_dir, a, work):
 let m = load_model("{model_dir}", #{{ dtype: "bf16", device: "cuda"{quant} }});
 m.add_lora(#{{ r: {a.r}, alpha: {a.alpha}, dropout: 0.05, targets: {targets} }});
 let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: false, max_length: {a.seq},
-    batch_size: {a.bs}, max_steps: {steps}, lr: 2e-4, scheduler: "constant", max_grad_norm: 1.0,
+    batch_size: {a.bs}, max_steps: {total}, lr: 2e-4, scheduler: "constant", max_grad_norm: 1.0,
     precision: "bf16", gradient_checkpointing: {'"auto"' if a.auto else ("false" if a.no_ckpt else "true")}, log_every: 1,
-    output_dir: "{out}", save_every: 100000 }});
+    output_dir: "{out}", save_every: 100000{profile} }});
 """)
     env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
     t0 = time.time()
@@ -69,7 +73,9 @@ let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: f
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
         raise SystemExit("ftscript failed")
-    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l][:steps]
+    if a.profile:
+        print(open(os.path.join(out, "profile", "summary.txt")).read(), file=sys.stderr, flush=True)
     elapsed = [r["elapsed_sec"] for r in rows]
     dts = sorted(b - a_ for a_, b in zip(elapsed[a.warmup:], elapsed[a.warmup + 1:]))
     med = dts[len(dts) // 2]
@@ -88,6 +94,7 @@ def main():
     ap.add_argument("--peer", default="lora")
     ap.add_argument("--quantize", default=None, help="nf4 | fp4: QLoRA on a 4-bit base (use with --peer qlora)")
     ap.add_argument("--auto", action="store_true", help='ftscript decides (gradient_checkpointing: "auto")')
+    ap.add_argument("--profile", action="store_true", help="profile two more ftscript steps; print the summary")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix=f"bench-{a.shape}-", dir="/tmp")
     model_dir = f"/tmp/bench-model-{a.shape}"

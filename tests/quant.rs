@@ -8,19 +8,6 @@ use ftscript::nn::quant::{Flavor, Quant4, QuantType};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
-/// Same bits (so +0 ≠ -0 and NaN = NaN).
-fn same_bits(a: &Tensor, b: &Tensor) -> bool {
-    if a.size() != b.size() || a.kind() != b.kind() {
-        return false;
-    }
-    let int = match a.kind() {
-        Kind::Float => Kind::Int,
-        Kind::Half | Kind::BFloat16 => Kind::Int16,
-        _ => return a.equal(b),
-    };
-    a.contiguous().view_dtype(int).equal(&b.contiguous().view_dtype(int))
-}
-
 fn check_against(reference: &HashMap<String, Tensor>, flavor: Flavor) -> usize {
     let mut cases: Vec<&str> = reference.keys().filter_map(|k| k.strip_suffix(".input")).collect();
     cases.sort();

@@ -57,6 +57,20 @@ pub struct TrainOptions {
     pub padding: Option<String>,
     pub train_on_prompt: Option<bool>,
     pub shuffle: Option<bool>,
+    /// `#{start: N, steps: K}`: profile K optimizer steps from step N.
+    pub profile: Option<ProfileOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileOptions {
+    pub start: usize,
+    #[serde(default = "one")]
+    pub steps: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// How records become examples.
@@ -287,6 +301,11 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
             output_dir: PathBuf::from(o.output_dir.clone().unwrap_or_else(|| "runs/ftscript".into())),
             seed: o.seed.unwrap_or(42),
             resume: o.resume.unwrap_or(false),
+            profile: match &o.profile {
+                Some(p) if p.start == 0 || p.steps == 0 => anyhow::bail!("profile: start and steps count from 1, got start {} steps {}", p.start, p.steps),
+                Some(p) => Some(trainer::ProfileSteps { start: p.start, steps: p.steps }),
+                None => None,
+            },
         };
         let data = TrainData { train: Arc::new(train_ex), eval: eval_ex.map(Arc::new) };
         // run logs are written by the main process only

@@ -1,6 +1,7 @@
 // ftscript's own CUDA kernels, compiled at run time by NVRTC for the GPU at hand
-// (src/cuda/kernels.rs, src/cuda/rtc.cpp). No headers: the bf16/fp16 stores round to nearest
-// even, as torch's casts do, so results equal the libtorch-op paths bit for bit.
+// (src/cuda/kernels.rs, src/cuda/rtc.cpp, src/cuda/autograd.cpp). No headers: values are
+// loaded into fp32, computed there, and stored rounding to nearest even, as torch's
+// elementwise kernels do (`opmath`), rounding wherever torch's unfused op chain rounds.
 
 __device__ __forceinline__ unsigned short f32_to_bf16(float f) {
   unsigned int u = __float_as_uint(f);
@@ -15,21 +16,64 @@ __device__ __forceinline__ unsigned short f32_to_f16(float f) {
   return h;
 }
 
+__device__ __forceinline__ float f16_to_f32(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
 struct alignas(16) U4 {
   unsigned int x, y, z, w;
 };
 
-struct StoreBf16 {
+// Storage types: `T` in memory, `load` to fp32, `cvt` back (rounding to nearest even).
+struct Bf16 {
   typedef unsigned short T;
+  __device__ static float load(T v) { return __uint_as_float(((unsigned int)v) << 16); }
   __device__ static T cvt(float f) { return f32_to_bf16(f); }
 };
-struct StoreF16 {
+struct F16 {
   typedef unsigned short T;
+  __device__ static float load(T v) { return f16_to_f32(v); }
   __device__ static T cvt(float f) { return f32_to_f16(f); }
 };
-struct StoreF32 {
+struct F32 {
   typedef float T;
+  __device__ static float load(T v) { return v; }
   __device__ static T cvt(float f) { return f; }
+};
+
+// `x` rounded to the storage type and back, as an op's bf16/fp16 output is before the next op.
+template <typename S>
+__device__ __forceinline__ float rnd(float x) {
+  return S::load(S::cvt(x));
+}
+
+// Eight consecutive elements, moved as 16-byte words when `vec` (all pointers 16-byte aligned
+// and the eight in range), element by element otherwise.
+template <typename S>
+struct Chunk {
+  alignas(16) typename S::T v[8];
+  __device__ void load(const typename S::T* p, long long e, long long n, bool vec) {
+    if (vec && e + 8 <= n) {
+      const U4* src = reinterpret_cast<const U4*>(p + e);
+      U4* dst = reinterpret_cast<U4*>(v);
+#pragma unroll
+      for (int k = 0; k < (int)(sizeof(v) / 16); k++) dst[k] = src[k];
+    } else {
+      for (int k = 0; k < 8; k++) v[k] = e + k < n ? p[e + k] : (typename S::T)0;
+    }
+  }
+  __device__ void store(typename S::T* p, long long e, long long n, bool vec) const {
+    if (vec && e + 8 <= n) {
+      const U4* src = reinterpret_cast<const U4*>(v);
+      U4* dst = reinterpret_cast<U4*>(p + e);
+#pragma unroll
+      for (int k = 0; k < (int)(sizeof(v) / 16); k++) dst[k] = src[k];
+    } else {
+      for (int k = 0; k < 8 && e + k < n; k++) p[e + k] = v[k];
+    }
+  }
 };
 
 // 4-bit dequantization (bitsandbytes' dequantize_4bit): element i = code[nibble i] ·
@@ -68,11 +112,110 @@ __device__ void dequant4(const unsigned char* packed, const float* absmax, const
 }
 
 extern "C" __global__ void dequant4_bf16(const unsigned char* p, const float* a, const float* c, unsigned short* o, long long n, int bs) {
-  dequant4<StoreBf16>(p, a, c, o, n, bs);
+  dequant4<Bf16>(p, a, c, o, n, bs);
 }
 extern "C" __global__ void dequant4_f16(const unsigned char* p, const float* a, const float* c, unsigned short* o, long long n, int bs) {
-  dequant4<StoreF16>(p, a, c, o, n, bs);
+  dequant4<F16>(p, a, c, o, n, bs);
 }
 extern "C" __global__ void dequant4_f32(const unsigned char* p, const float* a, const float* c, float* o, long long n, int bs) {
-  dequant4<StoreF32>(p, a, c, o, n, bs);
+  dequant4<F32>(p, a, c, o, n, bs);
 }
+
+// SwiGLU, `out = silu(g) · u` with `silu(g) = g / (1 + e^-g)`, rounding silu(g) to the storage
+// type before the product as transformers' `act_fn(gate) * up` does. One thread per 8 elements.
+template <typename S>
+__device__ void swiglu_fwd(const typename S::T* g, const typename S::T* u, typename S::T* out, long long n, int vec) {
+  long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (e >= n) return;
+  Chunk<S> cg, cu, co;
+  cg.load(g, e, n, vec);
+  cu.load(u, e, n, vec);
+#pragma unroll
+  for (int k = 0; k < 8; k++) {
+    float x = S::load(cg.v[k]);
+    co.v[k] = S::cvt(rnd<S>(x / (1.0f + expf(-x))) * S::load(cu.v[k]));
+  }
+  co.store(out, e, n, vec);
+}
+
+// Its backward from the saved inputs: `du = dy · silu(g)`, `dg = (dy · u) · σ(g)(1 + g(1 − σ(g)))`
+// (σ the logistic function; `dy · u` rounded first, as autograd's product backward is).
+template <typename S>
+__device__ void swiglu_bwd(const typename S::T* dy, const typename S::T* g, const typename S::T* u,
+                           typename S::T* dg, typename S::T* du, long long n, int vec) {
+  long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (e >= n) return;
+  Chunk<S> cd, cg, cu, og, ou;
+  cd.load(dy, e, n, vec);
+  cg.load(g, e, n, vec);
+  cu.load(u, e, n, vec);
+#pragma unroll
+  for (int k = 0; k < 8; k++) {
+    float d = S::load(cd.v[k]), x = S::load(cg.v[k]);
+    float den = 1.0f + expf(-x), sig = 1.0f / den;
+    ou.v[k] = S::cvt(d * rnd<S>(x / den));
+    // torch's kernel computes `dy · σ · (1 + x(1 − σ))` with the multiply-add fused
+    og.v[k] = S::cvt(rnd<S>(d * S::load(cu.v[k])) * sig * __fmaf_rn(x, 1.0f - sig, 1.0f));
+  }
+  og.store(dg, e, n, vec);
+  ou.store(du, e, n, vec);
+}
+
+// Rotary embedding of `x` [B, T, heads, D] (contiguous) with `cos`, `sin` [B, T, D]:
+// `out = x·cos + rotate_half(x)·sin`, `rotate_half([a, b]) = [−b, a]`, each product rounded
+// before the sum as transformers' `q * cos + rotate_half(q) * sin` rounds. `sign` −1 gives the
+// backward (the transposed rotation) from `dy`. Each thread takes `width` pairs (j, j + D/2) of
+// one head: 8, moved as 16-byte words, when D/2 is a multiple of 8 and the rows are aligned
+// (`vec`), else 1.
+template <typename S>
+__device__ void rope(const typename S::T* x, const typename S::T* cos, const typename S::T* sin, typename S::T* out,
+                     unsigned int groups, int heads, int dim, float sign, int vec) {
+  unsigned int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= groups) return;
+  const int half = dim / 2, width = vec ? 8 : 1;
+  const unsigned int per_row = half / width;
+  const unsigned int row = t / per_row;  // (b, t, head)
+  const int j = (int)(t % per_row) * width;
+  const unsigned int pos = row / heads;  // (b, t)
+  const typename S::T* xr = x + (size_t)row * dim;
+  const typename S::T* c = cos + (size_t)pos * dim;
+  const typename S::T* s = sin + (size_t)pos * dim;
+  typename S::T* o = out + (size_t)row * dim;
+  Chunk<S> x1, x2, c1, c2, s1, s2, o1, o2;
+  x1.load(xr, j, j + width, vec);
+  x2.load(xr, j + half, j + half + width, vec);
+  c1.load(c, j, j + width, vec);
+  c2.load(c, j + half, j + half + width, vec);
+  s1.load(s, j, j + width, vec);
+  s2.load(s, j + half, j + half + width, vec);
+#pragma unroll
+  for (int k = 0; k < 8; k++) {
+    float a = S::load(x1.v[k]), b = S::load(x2.v[k]);
+    float ca = S::load(c1.v[k]), cb = S::load(c2.v[k]), sa = S::load(s1.v[k]), sb = S::load(s2.v[k]);
+    if (sign > 0) {
+      o1.v[k] = S::cvt(rnd<S>(a * ca) + rnd<S>(-b * sa));
+      o2.v[k] = S::cvt(rnd<S>(b * cb) + rnd<S>(a * sb));
+    } else {
+      o1.v[k] = S::cvt(rnd<S>(a * ca) + rnd<S>(b * sb));
+      o2.v[k] = S::cvt(rnd<S>(b * cb) + rnd<S>(-a * sa));
+    }
+  }
+  o1.store(o, j, j + width, vec);
+  o2.store(o, j + half, j + half + width, vec);
+}
+
+#define FTSCRIPT_TYPED(S, suffix)                                                                                  \
+  extern "C" __global__ void swiglu_fwd_##suffix(const S::T* g, const S::T* u, S::T* o, long long n, int vec) {    \
+    swiglu_fwd<S>(g, u, o, n, vec);                                                                                \
+  }                                                                                                                \
+  extern "C" __global__ void swiglu_bwd_##suffix(const S::T* dy, const S::T* g, const S::T* u, S::T* dg, S::T* du, \
+                                                 long long n, int vec) {                                          \
+    swiglu_bwd<S>(dy, g, u, dg, du, n, vec);                                                                       \
+  }                                                                                                                \
+  extern "C" __global__ void rope_##suffix(const S::T* x, const S::T* c, const S::T* s, S::T* o,                  \
+                                           unsigned int groups, int heads, int dim, float sign, int vec) {        \
+    rope<S>(x, c, s, o, groups, heads, dim, sign, vec);                                                            \
+  }
+FTSCRIPT_TYPED(Bf16, bf16)
+FTSCRIPT_TYPED(F16, f16)
+FTSCRIPT_TYPED(F32, f32)

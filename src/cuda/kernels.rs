@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_void, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor};
 
-const SOURCE: &str = concat!(include_str!("kernels.cu"), "\0");
+pub(super) const SOURCE: &str = concat!(include_str!("kernels.cu"), "\0");
 
 extern "C" {
     fn ftscript_rtc_compile(src: *const c_char, arch: i32, err: *mut c_char, err_len: usize) -> i64;
@@ -22,20 +22,15 @@ pub fn unavailable_reason() -> Option<String> {
     REASON.lock().unwrap().clone()
 }
 
-/// Launches `name` over `threads` threads (blocks of 256) on GPU `device`; false (once logged,
-/// then always) if the kernels are unavailable.
-fn launch(device: usize, name: &str, threads: i64, params: &mut [*mut c_void]) -> bool {
-    if DISABLED.load(Ordering::Relaxed) || threads <= 0 {
+/// Runs `call` (a C entry point that writes an error message and returns non-zero on failure)
+/// unless the kernels are known to be unavailable; on failure logs the reason once, and from
+/// then on every caller falls back to libtorch ops. True if it ran.
+pub(super) fn checked(call: impl FnOnce(*mut c_char, usize) -> i32) -> bool {
+    if DISABLED.load(Ordering::Relaxed) {
         return false;
     }
-    let block = 256i64;
-    let grid = (threads + block - 1) / block;
-    let name_c = CString::new(name).unwrap();
     let mut err = vec![0u8; 4096];
-    // SAFETY: params point at live argument values matching the kernel's signature; the
-    // tensors they reference outlive the launch (stream-ordered by the caching allocator).
-    let rc = unsafe { ftscript_rtc_launch(SOURCE.as_ptr() as *const c_char, device as i32, name_c.as_ptr(), grid as u32, block as u32, params.as_mut_ptr(), err.as_mut_ptr() as *mut c_char, err.len()) };
-    if rc != 0 {
+    if call(err.as_mut_ptr() as *mut c_char, err.len()) != 0 {
         let msg = String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).to_string();
         tracing::warn!("CUDA kernels unavailable, using libtorch ops instead: {msg}");
         *REASON.lock().unwrap() = Some(msg);
@@ -43,6 +38,20 @@ fn launch(device: usize, name: &str, threads: i64, params: &mut [*mut c_void]) -
         return false;
     }
     true
+}
+
+/// Launches `name` over `threads` threads (blocks of 256) on GPU `device`; false if the
+/// kernels are unavailable.
+fn launch(device: usize, name: &str, threads: i64, params: &mut [*mut c_void]) -> bool {
+    if threads <= 0 {
+        return false;
+    }
+    let block = 256i64;
+    let grid = (threads + block - 1) / block;
+    let name_c = CString::new(name).unwrap();
+    // SAFETY: params point at live argument values matching the kernel's signature; the
+    // tensors they reference outlive the launch (stream-ordered by the caching allocator).
+    checked(|err, len| unsafe { ftscript_rtc_launch(SOURCE.as_ptr() as *const c_char, device as i32, name_c.as_ptr(), grid as u32, block as u32, params.as_mut_ptr(), err, len) })
 }
 
 /// Compiles the kernels for compute capability `arch` (e.g. 90) without a GPU: the cubin's

@@ -1,8 +1,11 @@
-//! CUDA memory statistics from PyTorch's caching allocator (`src/cuda/memory.cpp`), measured
-//! the way `torch.cuda.memory_allocated` / `max_memory_allocated` measure them; ftscript's own
-//! kernels in [`kernels`].
+//! What ftscript adds to libtorch in C++ (`src/cuda/*.cpp`): CUDA memory statistics from
+//! PyTorch's caching allocator (`memory.cpp`), measured the way `torch.cuda.memory_allocated` /
+//! `max_memory_allocated` measure them; ftscript's own kernels ([`kernels`]), fused training ops
+//! with their backward ([`autograd`]); the profiler ([`profile`]).
 
+pub mod autograd;
 pub mod kernels;
+pub mod profile;
 
 extern "C" {
     fn ftscript_cuda_allocated(device: i32) -> i64;

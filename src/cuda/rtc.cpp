@@ -30,6 +30,9 @@ typedef int (*cuDeviceGetAttribute_t)(int*, int, int);
 typedef int (*cuModuleLoadData_t)(void**, const void*);
 typedef int (*cuModuleGetFunction_t)(void**, void*, const char*);
 typedef int (*cuLaunchKernel_t)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**, void**);
+typedef int (*cuDevicePrimaryCtxRetain_t)(void**, int);
+typedef int (*cuCtxGetCurrent_t)(void**);
+typedef int (*cuCtxSetCurrent_t)(void*);
 
 struct Api {
   nvrtcCreateProgram_t create;
@@ -43,6 +46,9 @@ struct Api {
   cuModuleLoadData_t load;
   cuModuleGetFunction_t function;
   cuLaunchKernel_t launch;
+  cuDevicePrimaryCtxRetain_t primary_ctx;
+  cuCtxGetCurrent_t get_ctx;
+  cuCtxSetCurrent_t set_ctx;
 };
 
 const char* const kNvrtcNames[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"};
@@ -52,6 +58,7 @@ std::string load_error;
 Api* api = nullptr;
 bool tried = false;
 std::map<int, void*> modules;                        // device → module
+std::map<int, void*> contexts;                       // device → its primary context
 std::map<std::pair<int, std::string>, void*> funcs;  // (device, kernel) → function
 
 // libnvrtc sits beside the libcudart that libtorch_cuda loaded (torch's pip wheels keep both
@@ -121,6 +128,9 @@ Api* get_api(bool compile_only = false) {
   a.load = (cuModuleLoadData_t)sym(cuda, "cuModuleLoadData");
   a.function = (cuModuleGetFunction_t)sym(cuda, "cuModuleGetFunction");
   a.launch = (cuLaunchKernel_t)sym(cuda, "cuLaunchKernel");
+  a.primary_ctx = (cuDevicePrimaryCtxRetain_t)sym(cuda, "cuDevicePrimaryCtxRetain");
+  a.get_ctx = (cuCtxGetCurrent_t)sym(cuda, "cuCtxGetCurrent");
+  a.set_ctx = (cuCtxSetCurrent_t)sym(cuda, "cuCtxSetCurrent");
   if (!ok || a.init(0) != 0) {
     if (ok) load_error = "cuInit failed";
     return nullptr;
@@ -188,6 +198,17 @@ extern "C" int ftscript_rtc_launch(const char* src, int device, const char* name
       auto impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
       c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
       c10::Device previous = impl->exchangeDevice(d);
+      // the runtime (torch) makes the device's primary context current lazily, per thread; a
+      // thread of autograd's engine may not have one yet: the driver API needs it current
+      auto ctx = contexts.find(device);
+      if (ctx == contexts.end()) {
+        int dev = 0;
+        void* c = nullptr;
+        api->device_get(&dev, device);
+        if (api->primary_ctx(&c, dev) == 0) ctx = contexts.emplace(device, c).first;
+      }
+      void* current = nullptr;
+      if (ctx != contexts.end() && (api->get_ctx(&current) != 0 || current != ctx->second)) api->set_ctx(ctx->second);
       void* fn = nullptr;
       auto key = std::make_pair(device, std::string(name));
       auto it = funcs.find(key);

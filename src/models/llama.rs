@@ -20,10 +20,10 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 /// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale. When training
-/// on a GPU the normalisation is libtorch's fused kernel (`_fused_rms_norm`, one pass each way
-/// instead of ~6 elementwise kernels; its fp32 sum may round differently in the last bit), with
-/// the scaling kept as a separate product after the cast; inference and evaluation use
-/// transformers' exact op sequence.
+/// on a GPU it is libtorch's fused kernel (`_fused_rms_norm`, one pass each way instead of ~8
+/// elementwise kernels), which scales before the cast (one rounding instead of two, and its
+/// fp32 sum may round differently in the last bit); inference and evaluation use transformers'
+/// exact op sequence.
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
@@ -31,9 +31,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if train && x.device().is_cuda() {
+        if fused(x, train) {
             let h = self.weight.size()[0];
-            return &self.weight * x.internal_fused_rms_norm([h].as_slice(), None::<Tensor>, self.eps).0;
+            return x.internal_fused_rms_norm([h].as_slice(), Some(&self.weight), self.eps).0;
         }
         let kind = x.kind();
         let xf = x.to_kind(Kind::Float);
@@ -99,13 +99,28 @@ impl Rope {
     }
 }
 
+/// Whether to use the fused training kernels (`crate::cuda::autograd`): while training on a
+/// GPU. They round like transformers' ops in the forward (the backward may differ in the last
+/// bit); inference and evaluation keep transformers' exact op sequence.
+fn fused(x: &Tensor, train: bool) -> bool {
+    train && x.device().is_cuda()
+}
+
+/// Projected queries or keys `[B, T, heads·d]` → rotated `[B, heads, T, d]`:
 /// `x·cos + rotate_half(x)·sin`, where `rotate_half([a, b]) = [-b, a]` over the last dim.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
+fn rotate(y: Tensor, heads: i64, head_dim: i64, (cos, sin): &(Tensor, Tensor), train: bool) -> Tensor {
+    let (b, t, _) = y.size3().unwrap();
+    let y = y.view([b, t, heads, head_dim]);
+    if fused(&y, train) {
+        if let Some(r) = crate::cuda::autograd::rope(&y, &cos.squeeze_dim(1), &sin.squeeze_dim(1)) {
+            return r.transpose(1, 2);
+        }
+    }
+    let x = y.transpose(1, 2);
+    let x1 = x.narrow(3, 0, head_dim / 2);
+    let x2 = x.narrow(3, head_dim / 2, head_dim / 2);
     let rotated = Tensor::cat(&[&(-x2), &x1], 3);
-    x * cos + rotated * sin
+    &x * cos + rotated * sin
 }
 
 /// Which keys each query may attend to.
@@ -186,14 +201,9 @@ impl Attention {
         train: bool,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
-        let shape = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
-        let q = shape(self.q_proj.forward(x, train), self.n_heads);
-        let k = shape(self.k_proj.forward(x, train), self.n_kv_heads);
-        let v = shape(self.v_proj.forward(x, train), self.n_kv_heads);
-        let (cos, sin) = cos_sin;
-        let q = apply_rope(&q, cos, sin);
-        let mut k = apply_rope(&k, cos, sin);
-        let mut v = v;
+        let q = rotate(self.q_proj.forward(x, train), self.n_heads, self.head_dim, cos_sin, train);
+        let mut k = rotate(self.k_proj.forward(x, train), self.n_kv_heads, self.head_dim, cos_sin, train);
+        let mut v = self.v_proj.forward(x, train).view([b, t, self.n_kv_heads, self.head_dim]).transpose(1, 2);
         let mut past = 0;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -252,9 +262,24 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let g = self.gate_proj.forward(x, train).silu();
-        self.down_proj.forward(&(g * self.up_proj.forward(x, train)), train)
+    /// `silu(gate) · up` from the gate and up projections: the input of `down_proj`.
+    pub fn swiglu(gate: &Tensor, up: &Tensor, train: bool) -> Tensor {
+        if fused(gate, train) {
+            if let Some(m) = crate::cuda::autograd::swiglu(gate, up) {
+                return m;
+            }
+        }
+        gate.silu() * up
+    }
+
+    /// `(∂L/∂gate, ∂L/∂up)` of [`Mlp::swiglu`] from `∂L/∂m`, without a graph:
+    /// `∂up = ∂m · silu(gate)`, `∂gate = ∂m · up · σ(gate)(1 + gate(1 − σ(gate)))`.
+    pub fn swiglu_grads(dm: &Tensor, gate: &Tensor, up: &Tensor) -> (Tensor, Tensor) {
+        let _g = tch::no_grad_guard();
+        if let Some(r) = crate::cuda::autograd::swiglu_backward(dm, gate, up) {
+            return r;
+        }
+        (gate.silu_backward(&(dm * up)), dm * gate.silu())
     }
 }
 
@@ -276,10 +301,25 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Tensor {
+        let (h, gate, up) = self.forward_to_mlp(h, cos_sin, mask, cache, train);
+        h + self.mlp.down_proj.forward(&Mlp::swiglu(&gate, &up, train), train)
+    }
+
+    /// The layer up to the MLP's product: the residual stream after attention `h`, and the
+    /// gate and up projections (the layer's output is `h + down(silu(gate) · up)`).
+    pub fn forward_to_mlp(
+        &self,
+        h: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: &AttnMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> (Tensor, Tensor, Tensor) {
         let a = self.self_attn.forward(&self.input_layernorm.forward(h, train), cos_sin, mask, cache, train);
         let h = h + a;
-        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&h, train), train);
-        h + m
+        let x = self.post_attention_layernorm.forward(&h, train);
+        let (gate, up) = (self.mlp.gate_proj.forward(&x, train), self.mlp.up_proj.forward(&x, train));
+        (h, gate, up)
     }
 }
 
@@ -418,6 +458,13 @@ impl Llama {
         let layer = &self.layers[l];
         let (cos_sin, mask) = shared.on(layer.device);
         layer.forward(&h.to_device(layer.device), cos_sin, mask, cache, train)
+    }
+
+    /// [`DecoderLayer::forward_to_mlp`] of layer `l` (`h` already on the layer's device).
+    pub fn layer_forward_to_mlp(&self, l: usize, h: &Tensor, shared: &mut LayerInputs, train: bool) -> (Tensor, Tensor, Tensor) {
+        let layer = &self.layers[l];
+        let (cos_sin, mask) = shared.on(layer.device);
+        layer.forward_to_mlp(h, cos_sin, mask, None, train)
     }
 
     /// The devices the model uses, each once (one, unless split across GPUs).

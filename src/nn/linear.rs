@@ -103,16 +103,20 @@ impl Lora {
         Lora { a, b, scale, dropout }
     }
 
-    /// `s · dropout(x) Aᵀ Bᵀ`, computed in `x`'s dtype (adapters may be kept in fp32 while the
-    /// base runs in bf16/fp16; gradients flow back to them through the cast).
-    pub fn delta(&self, x: &Tensor, train: bool) -> Tensor {
+    /// `y + s · dropout(x) Aᵀ Bᵀ` for the base output `y` `[N, out]` of `x` `[N, in]`, added into
+    /// `y` in place by one GEMM (`y += (s · dropout(x) Aᵀ) Bᵀ`: the scale applies to the
+    /// `[N, r]` product, and no `[N, out]` delta is formed). Computed in `x`'s dtype (adapters
+    /// may be kept in fp32 while the base runs in bf16/fp16; gradients flow back through the
+    /// cast).
+    pub fn add_to(&self, mut y: Tensor, x: &Tensor, train: bool) -> Tensor {
         let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let (a, b) = if self.a.kind() == x.kind() {
             (self.a.shallow_clone(), self.b.shallow_clone())
         } else {
             (self.a.to_kind(x.kind()), self.b.to_kind(x.kind()))
         };
-        x.matmul(&a.tr()).matmul(&b.tr()) * self.scale
+        let _ = y.addmm_(&(x.matmul(&a.tr()) * self.scale), &b.tr());
+        y
     }
 
     /// The dense update `s · B A`, shaped like the base weight.
@@ -138,11 +142,22 @@ impl Linear {
         self.weight.size()[0]
     }
 
+    /// `x Wᵀ + b` (+ the adapter's update) over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = x.linear(&self.weight.for_input(x.kind()), self.bias.as_ref());
-        match &self.lora {
-            Some(l) => y + l.delta(x, train),
+        let mut shape = x.size();
+        let x2 = x.reshape([-1, self.in_features()]);
+        let y = x2.linear(&self.weight.for_input(x.kind()), self.bias.as_ref());
+        let y = match &self.lora {
+            Some(l) => l.add_to(y, &x2, train),
             None => y,
-        }
+        };
+        *shape.last_mut().unwrap() = self.out_features();
+        y.view(shape.as_slice())
+    }
+
+    /// `∂L/∂x = ∂L/∂y · W` through the frozen base weight alone (the adapter's part and the
+    /// weight's own gradient are autograd's business).
+    pub fn base_input_grad(&self, dy: &Tensor) -> Tensor {
+        dy.matmul(&self.weight.for_input(dy.kind()))
     }
 }

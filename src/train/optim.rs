@@ -6,7 +6,28 @@
 //! p ← p − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε)
 //! ```
 
+use std::ffi::c_char;
 use tch::Tensor;
+use torch_sys::C_tensor;
+
+// Multi-tensor versions (src/cuda/optim.cpp).
+extern "C" {
+    fn ftscript_adamw_fused(params: *const *const C_tensor, exp_avg: *const *const C_tensor, exp_avg_sq: *const *const C_tensor, n: i32, step: i64, lr: f64, beta1: f64, beta2: f64, weight_decay: f64, eps: f64, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_clip_grad_norm(params: *const *const C_tensor, n: i32, max_norm: f64, total: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+}
+
+fn ptrs(ts: &[Tensor]) -> Vec<*const C_tensor> {
+    ts.iter().map(|t| t.as_ptr()).collect()
+}
+
+/// Runs a C entry point that reports failure as text.
+fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> i32) -> anyhow::Result<()> {
+    let mut err = vec![0u8; 4096];
+    if f(err.as_mut_ptr() as *mut c_char, err.len()) != 0 {
+        anyhow::bail!("{what}: {}", String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]));
+    }
+    Ok(())
+}
 
 pub struct AdamW {
     pub beta1: f64,
@@ -33,8 +54,18 @@ impl AdamW {
         }
     }
 
-    /// One update of every parameter from its `.grad()` at learning rate `lr`.
-    pub fn step(&mut self, params: &[Tensor], lr: f64) {
+    /// One update of every parameter from its `.grad()` at learning rate `lr`: on a GPU by
+    /// torch's fused multi-tensor kernel (one launch per device instead of ~8 per parameter),
+    /// elsewhere op by op.
+    pub fn step(&mut self, params: &[Tensor], lr: f64) -> anyhow::Result<()> {
+        if params.first().is_some_and(|p| p.device().is_cuda()) {
+            self.step += 1;
+            let (p, m, v) = (ptrs(params), ptrs(&self.m), ptrs(&self.v));
+            // SAFETY: the pointers are live tensors borrowed for the call.
+            return call("AdamW", |err, len| unsafe {
+                ftscript_adamw_fused(p.as_ptr(), m.as_ptr(), v.as_ptr(), p.len() as i32, self.step, lr, self.beta1, self.beta2, self.weight_decay, self.eps, err, len)
+            });
+        }
         let _g = tch::no_grad_guard();
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
@@ -54,28 +85,19 @@ impl AdamW {
             let denom = self.v[i].sqrt() / bc2.sqrt() + self.eps;
             let _ = p.g_sub_(&(&self.m[i] / denom * (lr / bc1)));
         }
+        Ok(())
     }
 }
 
 /// Global L2 norm of the gradients; scales them down to `max_norm` when above it, as
-/// `torch.nn.utils.clip_grad_norm_` does (coefficient `max_norm / (norm + 1e-6)`, clamped to 1).
-/// Returns the norm before clipping (a 0-dim tensor; no host sync).
-pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
-    let _g = tch::no_grad_guard();
-    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
-    if grads.is_empty() {
-        return Tensor::from(0.0f32);
-    }
-    // (gradients of a model split across GPUs live on several devices: reduce on the first)
-    let first = grads[0].device();
-    let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(tch::Kind::Float).norm().to_device(first)).collect();
-    let total = Tensor::stack(&norms, 0).norm();
-    if max_norm > 0.0 {
-        let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
-        for g in &grads {
-            let mut g = g.shallow_clone();
-            let _ = g.g_mul_(&coef.to_kind(g.kind()).to_device(g.device()));
-        }
-    }
-    total
+/// `torch.nn.utils.clip_grad_norm_` does (coefficient `max_norm / (norm + 1e-6)`, clamped to 1),
+/// with one multi-tensor kernel per device and dtype. Returns the norm before clipping (a 0-dim
+/// tensor; no host sync).
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> anyhow::Result<Tensor> {
+    let p = ptrs(params);
+    let mut total: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: the pointers are live tensors borrowed for the call; `total` comes back allocated
+    // with `new` and is owned by the result.
+    call("clip_grad_norm", |err, len| unsafe { ftscript_clip_grad_norm(p.as_ptr(), p.len() as i32, max_norm, &mut total, err, len) })?;
+    Ok(unsafe { Tensor::from_ptr(total) })
 }

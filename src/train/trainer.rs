@@ -17,7 +17,7 @@ use super::optim::{clip_grad_norm, AdamW};
 use super::schedule::{lr_at, Schedule};
 use crate::data::format::Example;
 use crate::dist::ProcessGroup;
-use crate::models::llama::{AttnMask, LayerInputs, Llama};
+use crate::models::llama::{AttnMask, LayerInputs, Llama, Mlp};
 use crate::nn::peft::{self, LoraSpec};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
@@ -52,6 +52,16 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     pub seed: u64,
     pub resume: bool,
+    /// Profile these optimizer steps (main process only).
+    pub profile: Option<ProfileSteps>,
+}
+
+/// `steps` optimizer steps from step `start` (1-based, as logged), profiled into
+/// `<output_dir>/profile/` (`trace.json`, `summary.txt`).
+#[derive(Debug, Clone, Copy)]
+pub struct ProfileSteps {
+    pub start: usize,
+    pub steps: usize,
 }
 
 /// What a callback asks for.
@@ -86,41 +96,77 @@ fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, AttnMas
 /// Forward and backward of one micro-batch; `weight` scales the summed loss (1/window tokens,
 /// times the fp16 loss scale). Returns the summed loss (detached).
 ///
-/// With gradient checkpointing, the forward runs without a graph keeping only each layer's
-/// input; backward then recomputes one layer at a time (`∂L/∂x_l` from `∂L/∂x_{l+1}` through
-/// `Σ layer(x_l) · g`), re-seeding dropout so the recomputation sees the same masks.
-fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: bool, seed: i64) -> Tensor {
+/// Dropout is seeded per layer (`seed + l`), so a run draws the same masks with and without
+/// checkpointing. With gradient checkpointing, the forward runs without a graph keeping only
+/// each layer's input; backward then recomputes one layer at a time (`∂L/∂x_l` from
+/// `g = ∂L/∂x_{l+1}`), re-seeding dropout so the recomputation sees the same masks. The
+/// recomputation stops at the MLP's gate and up projections: the layer's output
+/// `x_{l+1} = h + down(m)`, `m = silu(gate) · up`, is not needed for backward, so `h` gets `g`,
+/// `m` gets `∂m = g · W_down` (plus, with a LoRA adapter on `down_proj`, the adapter's share,
+/// from `m` formed without a graph), and gate and up get SwiGLU's gradients from `∂m`.
+fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: bool, seed: i64) -> Result<Tensor> {
     let (ids, labels, positions, mask) = to_device(b, net.device);
-    if !checkpointing {
-        tch::manual_seed(seed);
-        let h = net.hidden(&ids, &positions, &mask, None, true);
-        return head_loss_backward(net, &h, &labels, weight);
-    }
     let mut shared = LayerInputs::new(net.rope.cos_sin(&positions, net.kind), &mask);
     let mut inputs = vec![];
-    let h = tch::no_grad(|| {
+    let forward = |inputs: &mut Vec<Tensor>, shared: &mut LayerInputs| {
         let mut h = net.embed(&ids);
         for l in 0..net.layers.len() {
             tch::manual_seed(seed + l as i64);
             h = h.to_device(net.layers[l].device);
-            inputs.push(h.shallow_clone());
-            h = net.layer_forward(l, &h, &mut shared, None, true);
+            if checkpointing {
+                inputs.push(h.shallow_clone());
+            }
+            h = net.layer_forward(l, &h, shared, None, true);
         }
         h
-    });
+    };
+    if !checkpointing {
+        let h = forward(&mut inputs, &mut shared);
+        return head_loss_backward(net, &h, &labels, weight);
+    }
+    let h = tch::no_grad(|| forward(&mut inputs, &mut shared));
     let top = h.detach().set_requires_grad(true);
-    let loss = head_loss_backward(net, &top, &labels, weight);
+    let loss = head_loss_backward(net, &top, &labels, weight)?;
     let mut grad = top.grad();
     for l in (0..net.layers.len()).rev() {
         let x = inputs[l].detach().set_requires_grad(l > 0);
         tch::manual_seed(seed + l as i64);
-        let out = net.layer_forward(l, &x, &mut shared, None, true);
-        (out * grad.to_device(x.device())).sum(Kind::Float).backward();
+        let (h, gate, up) = net.layer_forward_to_mlp(l, &x, &mut shared, true);
+        let g = grad.to_device(x.device());
+        let down = &net.layers[l].mlp.down_proj;
+        let mut dm = down.base_input_grad(&g);
+        if let Some(lora) = &down.lora {
+            let m = tch::no_grad(|| Mlp::swiglu(&gate, &up, true)).set_requires_grad(true);
+            let (n, out) = (g.numel() as i64 / down.out_features(), down.out_features());
+            let delta = lora.add_to(Tensor::zeros([n, out], (g.kind(), g.device())), &m.reshape([n, down.in_features()]), true);
+            crate::cuda::autograd::backward(&[(&delta, &g.reshape([n, out]))])?;
+            dm += m.grad();
+        }
+        let (dgate, dup) = Mlp::swiglu_grads(&dm, &gate, &up);
+        drop(dm);
+        crate::cuda::autograd::backward(&[(&h, &g), (&gate, &dgate), (&up, &dup)])?;
         if l > 0 {
             grad = x.grad();
         }
     }
-    loss
+    Ok(loss)
+}
+
+/// Stops `running` once the GPUs are idle and writes `profile/trace.json` and
+/// `profile/summary.txt` (also logged) under `dir`.
+fn write_profile(running: crate::cuda::profile::Profiler, net: &Llama, dir: &std::path::Path, p: ProfileSteps) -> Result<()> {
+    for d in net.devices() {
+        if let tch::Device::Cuda(i) = d {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+    let out = dir.join("profile");
+    std::fs::create_dir_all(&out)?;
+    let summary = running.stop(&out.join("trace.json"))?;
+    let text = format!("steps {}..={} (times are totals over the {} steps)\n{}", p.start, p.start + p.steps - 1, p.steps, summary.table(25));
+    crate::nn::weights::write_atomic(&out.join("summary.txt"), text.as_bytes())?;
+    tracing::info!("profile written to {}:\n{text}", out.display());
+    Ok(())
 }
 
 /// Token-weighted mean loss over a dataset, without gradients.
@@ -270,8 +316,13 @@ pub fn train(
     let mut log_steps = 0usize;
     let mut plan = plan_epoch(&data.train, &cfg.batch, state.epoch);
     let mut stop = false;
+    let mut profiler = None;
 
     while state.step < total_steps && !stop {
+        if let Some(p) = cfg.profile.filter(|p| main && p.start == state.step + 1) {
+            tracing::info!("profiling steps {}..={}", p.start, p.start + p.steps - 1);
+            profiler = Some(crate::cuda::profile::start(net.device.is_cuda())?);
+        }
         if state.batch_in_epoch >= plan.len() {
             state.epoch += 1;
             state.batch_in_epoch = 0;
@@ -295,7 +346,7 @@ pub fn train(
         for (k, b) in &mine {
             let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((state.step * 64 + k) as i64 * 1009);
             let weight = state.loss_scale / n_label.max(1) as f64;
-            loss_total += forward_backward(net, b, weight, checkpointing, seed);
+            loss_total += forward_backward(net, b, weight, checkpointing, seed)?;
             step_tokens += b.n_tokens;
         }
         let mut loss_sum = loss_total.double_value(&[]);
@@ -316,7 +367,7 @@ pub fn train(
                 }
             }
         }
-        let grad_norm = clip_grad_norm(&params, cfg.max_grad_norm).double_value(&[]);
+        let grad_norm = clip_grad_norm(&params, cfg.max_grad_norm)?.double_value(&[]);
         let loss = loss_sum / n_label.max(1) as f64;
         let skipped = fp16 && !grad_norm.is_finite();
         if skipped {
@@ -324,7 +375,7 @@ pub fn train(
             state.good_steps = 0;
             tracing::warn!("fp16: non-finite gradients, skipping step {} and halving the loss scale to {}", state.step + 1, state.loss_scale);
         } else {
-            opt.step(&params, lr);
+            opt.step(&params, lr)?;
             if fp16 {
                 state.good_steps += 1;
                 if state.good_steps % 2000 == 0 {
@@ -339,6 +390,11 @@ pub fn train(
         state.step += 1;
         state.batch_in_epoch = end;
         progress.set_position(state.step as u64);
+        if let Some(p) = cfg.profile.filter(|p| p.start + p.steps == state.step + 1) {
+            if let Some(running) = profiler.take() {
+                progress.suspend(|| write_profile(running, net, &cfg.output_dir, p))?;
+            }
+        }
         log_loss_sum += loss;
         log_steps += 1;
         let epoch_f = state.epoch as f64 + state.batch_in_epoch as f64 / plan.len() as f64;

@@ -107,3 +107,17 @@ pub fn tiny_model_and_text(dir: &Path, n: usize) -> String {
 pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
+
+/// Same bits (so +0 ≠ -0 and NaN = NaN).
+pub fn same_bits(a: &tch::Tensor, b: &tch::Tensor) -> bool {
+    use tch::Kind;
+    if a.size() != b.size() || a.kind() != b.kind() {
+        return false;
+    }
+    let int = match a.kind() {
+        Kind::Float => Kind::Int,
+        Kind::Half | Kind::BFloat16 => Kind::Int16,
+        _ => return a.equal(b),
+    };
+    a.contiguous().view_dtype(int).equal(&b.contiguous().view_dtype(int))
+}
