@@ -60,10 +60,11 @@ fn main() {
     cuda_shims(&libtorch, &lib);
 }
 
-/// Compiles `src/cuda/*.cpp` (allocator statistics, run-time compiled kernels and their
-/// autograd functions, multi-tensor optimizer steps, the profiler) against the wheel's headers.
+/// Compiles `src/cuda/*.cpp` (allocator statistics, offloading, run-time compiled kernels and
+/// their autograd functions, multi-tensor optimizer steps, the profiler) against the wheel's
+/// headers.
 fn cuda_shims(libtorch: &std::path::Path, lib: &std::path::Path) {
-    const FILES: [&str; 5] = ["src/cuda/memory.cpp", "src/cuda/rtc.cpp", "src/cuda/autograd.cpp", "src/cuda/optim.cpp", "src/cuda/profile.cpp"];
+    const FILES: [&str; 6] = ["src/cuda/memory.cpp", "src/cuda/offload.cpp", "src/cuda/rtc.cpp", "src/cuda/autograd.cpp", "src/cuda/optim.cpp", "src/cuda/profile.cpp"];
     for f in FILES {
         println!("cargo:rerun-if-changed={f}");
     }

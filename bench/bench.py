@@ -7,7 +7,7 @@ clip 1.0), timing the median step after warm-up. The model is made once by trans
 shapes with the same seed.
 
 usage: python3 bench/bench.py SHAPE [--seq 2048] [--bs 4] [--steps 12] [--no-ckpt] [--peer lora|liger|qlora|none]
-       [--auto] [--profile]
+       [--auto] [--offload] [--profile]
   needs target/release/ftscript (LD_LIBRARY_PATH to torch/lib on the GPU machine)
 """
 import argparse, json, os, subprocess, sys, tempfile, time
@@ -53,6 +53,7 @@ def ftscript_run(model_dir, a, work):
     # with --profile, two more steps run under libtorch's profiler, after the timed ones
     profile = f", profile: #{{ start: {steps + 1}, steps: 2 }}" if a.profile else ""
     total = steps + 2 if a.profile else steps
+    ckpt = '"auto"' if a.auto else '"offload"' if a.offload else "false" if a.no_ckpt else "true"
     recipe = os.path.join(work, "bench.rhai")
     targets = json.dumps(a.targets.split(","))
     quant = f', quantize: "{a.quantize}", double_quant: true, compute_dtype: "bf16"' if a.quantize else ""
@@ -62,7 +63,7 @@ let m = load_model("{model_dir}", #{{ dtype: "bf16", device: "cuda"{quant} }});
 m.add_lora(#{{ r: {a.r}, alpha: {a.alpha}, dropout: 0.05, targets: {targets} }});
 let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: false, max_length: {a.seq},
     batch_size: {a.bs}, max_steps: {total}, lr: 2e-4, scheduler: "constant", max_grad_norm: 1.0,
-    precision: "bf16", gradient_checkpointing: {'"auto"' if a.auto else ("false" if a.no_ckpt else "true")}, log_every: 1,
+    precision: "bf16", gradient_checkpointing: {ckpt}, log_every: 1,
     output_dir: "{out}", save_every: 100000{profile} }});
 """)
     env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
@@ -95,12 +96,13 @@ def main():
     ap.add_argument("--quantize", default=None, help="nf4 | fp4: QLoRA on a 4-bit base (use with --peer qlora)")
     ap.add_argument("--auto", action="store_true", help='ftscript decides (gradient_checkpointing: "auto")')
     ap.add_argument("--profile", action="store_true", help="profile two more ftscript steps; print the summary")
+    ap.add_argument("--offload", action="store_true", help='ftscript keeps checkpoints in host memory (gradient_checkpointing: "offload")')
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix=f"bench-{a.shape}-", dir="/tmp")
     model_dir = f"/tmp/bench-model-{a.shape}"
     make_model(a.shape, model_dir)
     ours = ftscript_run(model_dir, a, work)
-    print(json.dumps(dict(ours, shape=a.shape, ckpt="auto" if a.auto else not a.no_ckpt, targets=a.targets, r=a.r)), flush=True)
+    print(json.dumps(dict(ours, shape=a.shape, ckpt="auto" if a.auto else "offload" if a.offload else not a.no_ckpt, targets=a.targets, r=a.r)), flush=True)
     if a.peer != "none":
         args = [sys.executable, os.path.join(HERE, "hf_baseline.py"), a.shape, a.peer, "--seq", str(a.seq), "--bs", str(a.bs),
                 "--steps", str(a.steps), "--targets", a.targets, "--r", str(a.r), "--alpha", str(a.alpha)]

@@ -138,3 +138,34 @@ m.save_adapter("{o}/{name}/adapter");
     assert!(summary.starts_with("steps 2..=2"), "{summary}");
     assert!(d.join("ckpt/profile/trace.json").exists());
 }
+
+/// On a GPU: checkpoints kept in host memory (`gradient_checkpointing: "offload"`, copied on a
+/// side stream) train exactly as checkpoints kept on the GPU. Skipped without CUDA (CI).
+#[test]
+fn offloaded_checkpoints_train_like_kept_ones() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: needs CUDA");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 24);
+    let o = d.to_str().unwrap();
+    for (name, mode) in [("kept", "true"), ("offload", "\"offload\"")] {
+        run_recipe(
+            d,
+            &format!("{name}.rhai"),
+            &format!(
+                r#"
+let m = load_model("{model}", #{{ dtype: "fp32", device: "cuda" }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: "all-linear", seed: 3 }});
+train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 4, max_length: 32, max_steps: 3, lr: 1e-2,
+    log_every: 1, gradient_checkpointing: {mode}, output_dir: "{o}/{name}" }});
+"#
+            ),
+        );
+    }
+    let (kept, offload) = (losses(&d.join("kept/metrics.jsonl")), losses(&d.join("offload/metrics.jsonl")));
+    assert_eq!(kept.len(), 3);
+    assert_eq!(kept, offload, "offloading changed the training");
+}

@@ -260,9 +260,11 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
         };
         let gradient_checkpointing = match &o.gradient_checkpointing {
             None => None,
-            Some(serde_json::Value::Bool(b)) => Some(*b),
+            Some(serde_json::Value::Bool(true)) => Some(trainer::Checkpointing::On),
+            Some(serde_json::Value::Bool(false)) => Some(trainer::Checkpointing::Off),
             Some(serde_json::Value::String(s)) if s == "auto" => None,
-            Some(v) => anyhow::bail!("gradient_checkpointing must be true, false or \"auto\", got {v}"),
+            Some(serde_json::Value::String(s)) if s == "offload" => Some(trainer::Checkpointing::Offload),
+            Some(v) => anyhow::bail!("gradient_checkpointing must be true, false, \"auto\" or \"offload\", got {v}"),
         };
         let batch_size = o.batch_size.unwrap_or(4);
         let cfg = TrainConfig {

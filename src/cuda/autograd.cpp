@@ -61,15 +61,16 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list saved = ctx->get_saved_variables();
-    return gradients(grads[0], saved[0], saved[1]);
+    return gradients(grads[0], saved[0], saved[1], false);
   }
-  // (∂L/∂gate, ∂L/∂up) from ∂L/∂out.
-  static variable_list gradients(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up) {
+  // (∂L/∂gate, ∂L/∂up) from ∂L/∂out, into new tensors or over `gate` and `up` (contiguous).
+  static variable_list gradients(const at::Tensor& dout, const at::Tensor& gate, const at::Tensor& up, bool in_place) {
     TORCH_CHECK(dout.sizes() == gate.sizes() && gate.sizes() == up.sizes() && dout.scalar_type() == gate.scalar_type() &&
                     gate.scalar_type() == up.scalar_type(),
                 "swiglu backward: shapes or dtypes differ");
     at::Tensor dy = dout.contiguous(), g = gate.contiguous(), u = up.contiguous();
-    at::Tensor dg = at::empty_like(g), du = at::empty_like(u);
+    TORCH_CHECK(!in_place || (gate.is_contiguous() && up.is_contiguous()), "swiglu backward in place: not contiguous");
+    at::Tensor dg = in_place ? g : at::empty_like(g), du = in_place ? u : at::empty_like(u);
     long long n = g.numel();
     int vec = aligned16({&dy, &g, &u, &dg, &du});
     void *pd = dy.data_ptr(), *pg = g.data_ptr(), *pu = u.data_ptr(), *pdg = dg.data_ptr(), *pdu = du.data_ptr();
@@ -131,15 +132,11 @@ extern "C" int ftscript_swiglu(const char* src, const at::Tensor* gate, const at
   });
 }
 
-extern "C" int ftscript_swiglu_backward(const char* src, const at::Tensor* dout, const at::Tensor* gate,
-                                        const at::Tensor* up, at::Tensor** dgate, at::Tensor** dup, char* err,
-                                        size_t err_len) {
+extern "C" int ftscript_swiglu_backward_(const char* src, const at::Tensor* dout, const at::Tensor* gate,
+                                         const at::Tensor* up, char* err, size_t err_len) {
   return guarded(err, err_len, [&] {
     kernel_source = src;
-    c10::NoGradGuard no_grad;
-    variable_list g = SwiGlu::gradients(*dout, *gate, *up);
-    *dgate = new at::Tensor(g[0]);
-    *dup = new at::Tensor(g[1]);
+    SwiGlu::gradients(*dout, *gate, *up, true);
   });
 }
 

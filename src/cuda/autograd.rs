@@ -10,7 +10,7 @@ use torch_sys::C_tensor;
 
 extern "C" {
     fn ftscript_swiglu(src: *const c_char, gate: *const C_tensor, up: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
-    fn ftscript_swiglu_backward(src: *const c_char, dout: *const C_tensor, gate: *const C_tensor, up: *const C_tensor, dgate: *mut *mut C_tensor, dup: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_swiglu_backward_(src: *const c_char, dout: *const C_tensor, gate: *const C_tensor, up: *const C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_rope(src: *const c_char, x: *const C_tensor, cos: *const C_tensor, sin: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_backward(roots: *const *const C_tensor, grads: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
 }
@@ -31,16 +31,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Option<Tensor> {
     fused(gate, |out, err, len| unsafe { ftscript_swiglu(SOURCE.as_ptr() as *const c_char, gate.as_ptr(), up.as_ptr(), out, err, len) })
 }
 
-/// SwiGLU's backward on its own: `(∂L/∂gate, ∂L/∂up)` of `silu(gate) · up` from `∂L/∂out`
-/// (the kernel of [`swiglu`]'s backward, no graph).
-pub fn swiglu_backward(dout: &Tensor, gate: &Tensor, up: &Tensor) -> Option<(Tensor, Tensor)> {
-    if !gate.device().is_cuda() {
-        return None;
+/// SwiGLU's backward on its own, in place: `(∂L/∂gate, ∂L/∂up)` of `silu(gate) · up` from
+/// `∂L/∂out`, written over `gate` and `up` (contiguous, on a GPU; the kernel of [`swiglu`]'s
+/// backward, no graph). False, with nothing written, when it cannot run.
+pub fn swiglu_backward_in_place(dout: &Tensor, gate: &Tensor, up: &Tensor) -> bool {
+    if !gate.device().is_cuda() || !gate.is_contiguous() || !up.is_contiguous() {
+        return false;
     }
-    let (mut dg, mut du): (*mut C_tensor, *mut C_tensor) = (std::ptr::null_mut(), std::ptr::null_mut());
-    let ok = checked(|err, len| unsafe { ftscript_swiglu_backward(SOURCE.as_ptr() as *const c_char, dout.as_ptr(), gate.as_ptr(), up.as_ptr(), &mut dg, &mut du, err, len) });
-    // SAFETY: on success both are tensors allocated with `new`, owned by the results.
-    ok.then(|| unsafe { (Tensor::from_ptr(dg), Tensor::from_ptr(du)) })
+    checked(|err, len| unsafe { ftscript_swiglu_backward_(SOURCE.as_ptr() as *const c_char, dout.as_ptr(), gate.as_ptr(), up.as_ptr(), err, len) })
 }
 
 /// Rotary embedding of `x` `[B, T, heads, d]` by `cos`, `sin` `[B, T, d]`:

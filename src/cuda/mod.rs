@@ -44,3 +44,59 @@ pub fn mem_info(device: tch::Device) -> Option<(u64, u64)> {
     let rc = unsafe { ftscript_cuda_mem_info(i, &mut free, &mut total) };
     (rc == 0).then_some((free as u64, total as u64))
 }
+
+extern "C" {
+    fn ftscript_offload(t: *const torch_sys::C_tensor, host: *mut *mut torch_sys::C_tensor, err: *mut std::ffi::c_char, err_len: usize) -> i32;
+    fn ftscript_prefetch(host: *const torch_sys::C_tensor, device: i32, out: *mut *mut torch_sys::C_tensor, event: *mut *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
+    fn ftscript_prefetch_wait(event: *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
+}
+
+/// Runs a C entry point that reports failure as text.
+fn call(what: &str, f: impl FnOnce(*mut std::ffi::c_char, usize) -> i32) -> anyhow::Result<()> {
+    let mut err = vec![0u8; 4096];
+    if f(err.as_mut_ptr() as *mut std::ffi::c_char, err.len()) != 0 {
+        anyhow::bail!("{what}: {}", String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]));
+    }
+    Ok(())
+}
+
+/// A GPU tensor kept in pinned host memory ([`offload`]) until it is needed again.
+pub struct Offloaded {
+    host: tch::Tensor,
+    device: usize,
+}
+
+/// A tensor on its way back to the GPU ([`Offloaded::prefetch`]).
+pub struct Prefetch {
+    tensor: tch::Tensor,
+    event: *mut std::ffi::c_void,
+}
+
+/// Copies GPU tensor `t` to pinned host memory on a side stream, overlapping the compute that
+/// follows; `t`'s device memory is released once the copy is done (if nothing else holds it).
+pub fn offload(t: &tch::Tensor) -> anyhow::Result<Offloaded> {
+    let tch::Device::Cuda(device) = t.device() else { anyhow::bail!("offload: {:?} is not a GPU", t.device()) };
+    let mut host = std::ptr::null_mut();
+    // SAFETY: `t` is live for the call; `host` comes back allocated with `new`, owned below.
+    call("offload", |err, len| unsafe { ftscript_offload(t.as_ptr(), &mut host, err, len) })?;
+    Ok(Offloaded { host: unsafe { tch::Tensor::from_ptr(host) }, device })
+}
+
+impl Offloaded {
+    /// Starts the copy back to the GPU on the side stream.
+    pub fn prefetch(&self) -> anyhow::Result<Prefetch> {
+        let (mut out, mut event) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: the host tensor is live; `out` and `event` come back owned by the result.
+        call("prefetch", |err, len| unsafe { ftscript_prefetch(self.host.as_ptr(), self.device as i32, &mut out, &mut event, err, len) })?;
+        Ok(Prefetch { tensor: unsafe { tch::Tensor::from_ptr(out) }, event })
+    }
+}
+
+impl Prefetch {
+    /// The tensor, once the current stream has waited for the copy.
+    pub fn wait(self) -> anyhow::Result<tch::Tensor> {
+        // SAFETY: the event came from ftscript_prefetch and is freed by this call, once.
+        call("prefetch", |err, len| unsafe { ftscript_prefetch_wait(self.event, err, len) })?;
+        Ok(self.tensor)
+    }
+}

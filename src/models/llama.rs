@@ -273,13 +273,60 @@ impl Mlp {
     }
 
     /// `(∂L/∂gate, ∂L/∂up)` of [`Mlp::swiglu`] from `∂L/∂m`, without a graph:
-    /// `∂up = ∂m · silu(gate)`, `∂gate = ∂m · up · σ(gate)(1 + gate(1 − σ(gate)))`.
-    pub fn swiglu_grads(dm: &Tensor, gate: &Tensor, up: &Tensor) -> (Tensor, Tensor) {
+    /// `∂up = ∂m · silu(gate)`, `∂gate = ∂m · up · σ(gate)(1 + gate(1 − σ(gate)))`. On a GPU they
+    /// are written over `gate` and `up` (whose memory is returned), elsewhere into new tensors.
+    pub fn swiglu_grads(dm: &Tensor, gate: Tensor, up: Tensor) -> (Tensor, Tensor) {
         let _g = tch::no_grad_guard();
-        if let Some(r) = crate::cuda::autograd::swiglu_backward(dm, gate, up) {
-            return r;
+        if crate::cuda::autograd::swiglu_backward_in_place(dm, &gate, &up) {
+            return (gate, up);
         }
-        (gate.silu_backward(&(dm * up)), dm * gate.silu())
+        (gate.silu_backward(&(dm * &up)), dm * gate.silu())
+    }
+
+    /// `down(silu(gate(x)) · up(x))`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let (gate, up) = (self.gate_proj.forward(x, train), self.up_proj.forward(x, train));
+        self.down_proj.forward(&Mlp::swiglu(&gate, &up, train), train)
+    }
+
+    /// Backward through the MLP from `∂L/∂y` at its output `dy`, recomputing what it needs from
+    /// its input `x` (which has a graph), for checkpointed training: the roots to hand to
+    /// autograd, `(x, ∂L/∂x through the frozen weights)` and one `(adapter output, gradient)` per
+    /// adapter. The frozen projections run without a graph and their input gradients are formed
+    /// directly (`∂x = ∂gate·W_gate + ∂up·W_up`, `∂m = dy·W_down`), the output `down(m)` is never
+    /// computed, and with no adapter on gate/up the `[B, T, I]` tensors are freed before the
+    /// rest of backward. Dropout draws in the order of the forward (gate, up, down).
+    pub fn recompute_backward(&self, x: &Tensor, dy: &Tensor) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
+        let x2 = x.reshape([-1, self.gate_proj.in_features()]);
+        let dy2 = dy.reshape([-1, self.down_proj.out_features()]);
+        let project = |p: &Linear| {
+            let base = tch::no_grad(|| x2.linear(&p.weight.for_input(x2.kind()), p.bias.as_ref()));
+            match &p.lora {
+                Some(l) => l.add_to(base, &x2, true),
+                None => base,
+            }
+        };
+        let (gate, up) = (project(&self.gate_proj), project(&self.up_proj));
+        let mut dm = self.down_proj.base_input_grad(&dy2);
+        if let Some(l) = &self.down_proj.lora {
+            let m = tch::no_grad(|| Mlp::swiglu(&gate, &up, true)).set_requires_grad(true);
+            let delta = l.add_to(dy2.zeros_like(), &m, true);
+            crate::cuda::autograd::backward(&[(&delta, &dy2)])?;
+            dm += m.grad();
+        }
+        let adapted = (self.gate_proj.lora.is_some(), self.up_proj.lora.is_some());
+        let (dgate, dup) = Mlp::swiglu_grads(&dm, gate.shallow_clone(), up.shallow_clone());
+        drop(dm);
+        let mut dx = self.gate_proj.base_input_grad(&dgate);
+        let _ = dx.addmm_(&dup, &self.up_proj.weight.for_input(dup.kind()));
+        let mut roots = vec![(x2, dx)];
+        if adapted.0 {
+            roots.push((gate, dgate));
+        }
+        if adapted.1 {
+            roots.push((up, dup));
+        }
+        Ok(roots)
     }
 }
 
@@ -301,25 +348,24 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Tensor {
-        let (h, gate, up) = self.forward_to_mlp(h, cos_sin, mask, cache, train);
-        h + self.mlp.down_proj.forward(&Mlp::swiglu(&gate, &up, train), train)
+        let (h, x) = self.attention_block(h, cos_sin, mask, cache, train);
+        h + self.mlp.forward(&x, train)
     }
 
-    /// The layer up to the MLP's product: the residual stream after attention `h`, and the
-    /// gate and up projections (the layer's output is `h + down(silu(gate) · up)`).
-    pub fn forward_to_mlp(
+    /// The layer up to its MLP: the residual stream after attention `h`, and the MLP's input
+    /// `post_attention_layernorm(h)` (the layer's output is `h + mlp(x)`).
+    pub fn attention_block(
         &self,
         h: &Tensor,
         cos_sin: &(Tensor, Tensor),
         mask: &AttnMask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
-    ) -> (Tensor, Tensor, Tensor) {
+    ) -> (Tensor, Tensor) {
         let a = self.self_attn.forward(&self.input_layernorm.forward(h, train), cos_sin, mask, cache, train);
         let h = h + a;
         let x = self.post_attention_layernorm.forward(&h, train);
-        let (gate, up) = (self.mlp.gate_proj.forward(&x, train), self.mlp.up_proj.forward(&x, train));
-        (h, gate, up)
+        (h, x)
     }
 }
 
@@ -460,11 +506,11 @@ impl Llama {
         layer.forward(&h.to_device(layer.device), cos_sin, mask, cache, train)
     }
 
-    /// [`DecoderLayer::forward_to_mlp`] of layer `l` (`h` already on the layer's device).
-    pub fn layer_forward_to_mlp(&self, l: usize, h: &Tensor, shared: &mut LayerInputs, train: bool) -> (Tensor, Tensor, Tensor) {
+    /// [`DecoderLayer::attention_block`] of layer `l` (`h` already on the layer's device).
+    pub fn layer_attention_block(&self, l: usize, h: &Tensor, shared: &mut LayerInputs, train: bool) -> (Tensor, Tensor) {
         let layer = &self.layers[l];
         let (cos_sin, mask) = shared.on(layer.device);
-        layer.forward_to_mlp(h, cos_sin, mask, None, train)
+        layer.attention_block(h, cos_sin, mask, None, train)
     }
 
     /// The devices the model uses, each once (one, unless split across GPUs).

@@ -17,7 +17,7 @@ use super::optim::{clip_grad_norm, AdamW};
 use super::schedule::{lr_at, Schedule};
 use crate::data::format::Example;
 use crate::dist::ProcessGroup;
-use crate::models::llama::{AttnMask, LayerInputs, Llama, Mlp};
+use crate::models::llama::{AttnMask, LayerInputs, Llama};
 use crate::nn::peft::{self, LoraSpec};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
@@ -44,7 +44,7 @@ pub struct TrainConfig {
     /// Compute dtype of the frozen weights (adapters stay fp32).
     pub precision: Kind,
     /// Recompute each decoder layer in backward; `None` = decide from free device memory.
-    pub gradient_checkpointing: Option<bool>,
+    pub gradient_checkpointing: Option<Checkpointing>,
     pub log_every: usize,
     pub eval_every: Option<usize>,
     pub save_every: Option<usize>,
@@ -54,6 +54,18 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Profile these optimizer steps (main process only).
     pub profile: Option<ProfileSteps>,
+}
+
+/// What backward keeps of the forward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Checkpointing {
+    /// Every layer's activations.
+    Off,
+    /// Each decoder layer's input on the GPU; the rest is recomputed in backward.
+    On,
+    /// Each decoder layer's input in pinned host memory (copied out during the forward and
+    /// back one layer ahead during backward, on a side stream); the rest is recomputed.
+    Offload,
 }
 
 /// `steps` optimizer steps from step `start` (1-based, as logged), profiled into
@@ -99,52 +111,62 @@ fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, AttnMas
 /// Dropout is seeded per layer (`seed + l`), so a run draws the same masks with and without
 /// checkpointing. With gradient checkpointing, the forward runs without a graph keeping only
 /// each layer's input; backward then recomputes one layer at a time (`∂L/∂x_l` from
-/// `g = ∂L/∂x_{l+1}`), re-seeding dropout so the recomputation sees the same masks. The
-/// recomputation stops at the MLP's gate and up projections: the layer's output
-/// `x_{l+1} = h + down(m)`, `m = silu(gate) · up`, is not needed for backward, so `h` gets `g`,
-/// `m` gets `∂m = g · W_down` (plus, with a LoRA adapter on `down_proj`, the adapter's share,
-/// from `m` formed without a graph), and gate and up get SwiGLU's gradients from `∂m`.
-fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: bool, seed: i64) -> Result<Tensor> {
+/// `g = ∂L/∂x_{l+1}`), re-seeding dropout so the recomputation sees the same masks. Only the
+/// attention block gets a graph: the MLP's part is formed directly ([`Mlp::recompute_backward`]).
+fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: Checkpointing, seed: i64) -> Result<Tensor> {
+    /// A layer's input kept for its recomputation.
+    enum Kept {
+        Gpu(Tensor),
+        Host(crate::cuda::Offloaded),
+    }
     let (ids, labels, positions, mask) = to_device(b, net.device);
     let mut shared = LayerInputs::new(net.rope.cos_sin(&positions, net.kind), &mask);
     let mut inputs = vec![];
-    let forward = |inputs: &mut Vec<Tensor>, shared: &mut LayerInputs| {
+    let forward = |inputs: &mut Vec<Kept>, shared: &mut LayerInputs| -> Result<Tensor> {
         let mut h = net.embed(&ids);
         for l in 0..net.layers.len() {
             tch::manual_seed(seed + l as i64);
             h = h.to_device(net.layers[l].device);
-            if checkpointing {
-                inputs.push(h.shallow_clone());
+            match checkpointing {
+                Checkpointing::Off => {}
+                Checkpointing::On => inputs.push(Kept::Gpu(h.shallow_clone())),
+                Checkpointing::Offload => inputs.push(Kept::Host(crate::cuda::offload(&h)?)),
             }
             h = net.layer_forward(l, &h, shared, None, true);
         }
-        h
+        Ok(h)
     };
-    if !checkpointing {
-        let h = forward(&mut inputs, &mut shared);
+    if checkpointing == Checkpointing::Off {
+        let h = forward(&mut inputs, &mut shared)?;
         return head_loss_backward(net, &h, &labels, weight);
     }
-    let h = tch::no_grad(|| forward(&mut inputs, &mut shared));
+    let h = tch::no_grad(|| forward(&mut inputs, &mut shared))?;
+    // an offloaded input starts back to the GPU while the layer above it runs backward
+    let prefetch = |k: Option<&Kept>| -> Result<Option<crate::cuda::Prefetch>> {
+        match k {
+            Some(Kept::Host(o)) => Ok(Some(o.prefetch()?)),
+            _ => Ok(None),
+        }
+    };
+    let mut pending = prefetch(inputs.last())?;
     let top = h.detach().set_requires_grad(true);
     let loss = head_loss_backward(net, &top, &labels, weight)?;
     let mut grad = top.grad();
     for l in (0..net.layers.len()).rev() {
-        let x = inputs[l].detach().set_requires_grad(l > 0);
+        let x = match (&inputs[l], pending.take()) {
+            (Kept::Gpu(t), _) => t.shallow_clone(),
+            (Kept::Host(_), Some(p)) => p.wait()?,
+            (Kept::Host(o), None) => o.prefetch()?.wait()?,
+        };
+        pending = prefetch(l.checked_sub(1).map(|k| &inputs[k]))?;
+        let x = x.detach().set_requires_grad(l > 0);
         tch::manual_seed(seed + l as i64);
-        let (h, gate, up) = net.layer_forward_to_mlp(l, &x, &mut shared, true);
+        let (h, xm) = net.layer_attention_block(l, &x, &mut shared, true);
         let g = grad.to_device(x.device());
-        let down = &net.layers[l].mlp.down_proj;
-        let mut dm = down.base_input_grad(&g);
-        if let Some(lora) = &down.lora {
-            let m = tch::no_grad(|| Mlp::swiglu(&gate, &up, true)).set_requires_grad(true);
-            let (n, out) = (g.numel() as i64 / down.out_features(), down.out_features());
-            let delta = lora.add_to(Tensor::zeros([n, out], (g.kind(), g.device())), &m.reshape([n, down.in_features()]), true);
-            crate::cuda::autograd::backward(&[(&delta, &g.reshape([n, out]))])?;
-            dm += m.grad();
-        }
-        let (dgate, dup) = Mlp::swiglu_grads(&dm, &gate, &up);
-        drop(dm);
-        crate::cuda::autograd::backward(&[(&h, &g), (&gate, &dgate), (&up, &dup)])?;
+        let mut roots = net.layers[l].mlp.recompute_backward(&xm, &g)?;
+        drop(xm);
+        roots.push((h, g));
+        crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>())?;
         if l > 0 {
             grad = x.grad();
         }
@@ -279,7 +301,11 @@ pub fn train(
         zero.backward();
     }
     let checkpointing = match cfg.gradient_checkpointing {
-        Some(on) => on,
+        Some(Checkpointing::Offload) if !net.devices().iter().all(|d| d.is_cuda()) => {
+            tracing::info!("gradient_checkpointing \"offload\": the model is not on a GPU, keeping checkpoints where they are");
+            Checkpointing::On
+        }
+        Some(c) => c,
         None => {
             let longest = data.train.iter().map(|e| e.input_ids.len()).max().unwrap_or(1).min(cfg.batch.max_length);
             let row = if cfg.batch.packing || cfg.batch.pad_to_max_length { cfg.batch.max_length } else { longest };
@@ -289,7 +315,7 @@ pub fn train(
             });
             let (on, why) = super::memory::plan(&net.config, (cfg.batch.batch_size * row) as u64, net.kind, adapted.unwrap_or(0) as u64, net.device);
             tracing::info!("gradient_checkpointing auto: {why}");
-            on
+            if on { Checkpointing::On } else { Checkpointing::Off }
         }
     };
     let trainable: i64 = params.iter().map(|p| p.numel() as i64).sum();
