@@ -93,50 +93,54 @@ m.save_merged("{o}/ft_merged");
     assert!(err < 1e-4, "merged model logits differ from adapter-applied logits: rel err {err:.3e}");
 }
 
-/// Gradient checkpointing (recompute each layer up to `down_proj` in backward) trains exactly
-/// as the full graph does: same losses, same adapters — with LoRA on every projection (so the
-/// adapter on `down_proj` is handled outside the recomputation), dropout (re-seeded for the
-/// recomputation), and packed rows (the segment mask); also the first profile of a run.
+/// Gradient checkpointing (each layer's attention recomputed in backward, the MLP's gradients
+/// formed directly) trains exactly as the full graph does: same losses, same adapters — with
+/// LoRA on every projection (adapters inside the MLP) and on q/v only (the frozen MLP's blocked
+/// path), dropout (re-seeded for the recomputation), and packed rows (the segment mask); also
+/// the first profile of a run.
 #[test]
 fn gradient_checkpointing_matches_the_full_graph() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model = tiny_model_and_text(d, 24);
     let o = d.to_str().unwrap();
-    let run = |name: &str, ckpt: bool| {
-        run_recipe(
-            d,
-            &format!("{name}.rhai"),
-            &format!(
-                r#"
+    for (targets, adapted) in [("\"all-linear\"", 7), ("[\"q_proj\", \"v_proj\"]", 2)] {
+        let run = |name: &str, ckpt: bool| {
+            run_recipe(
+                d,
+                &format!("{name}.rhai"),
+                &format!(
+                    r#"
 let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
-m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: "all-linear", seed: 3 }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: {targets}, seed: 3 }});
 train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 4, max_length: 32, packing: true,
     max_steps: 3, lr: 1e-2, log_every: 1, gradient_checkpointing: {ckpt}, output_dir: "{o}/{name}",
     profile: #{{ start: 2, steps: 1 }} }});
 m.save_adapter("{o}/{name}/adapter");
 "#
-            ),
-        );
-    };
-    run("full", false);
-    run("ckpt", true);
-    let (full, ckpt) = (losses(&d.join("full/metrics.jsonl")), losses(&d.join("ckpt/metrics.jsonl")));
-    assert_eq!(full.len(), 3);
-    for (a, b) in full.iter().zip(&ckpt) {
-        assert!((a - b).abs() < 1e-6, "losses differ: {full:?} vs {ckpt:?}");
+                ),
+            );
+        };
+        let (full_name, ckpt_name) = (format!("full{adapted}"), format!("ckpt{adapted}"));
+        run(&full_name, false);
+        run(&ckpt_name, true);
+        let (full, ckpt) = (losses(&d.join(&full_name).join("metrics.jsonl")), losses(&d.join(&ckpt_name).join("metrics.jsonl")));
+        assert_eq!(full.len(), 3);
+        for (a, b) in full.iter().zip(&ckpt) {
+            assert!((a - b).abs() < 1e-6, "{targets}: losses differ: {full:?} vs {ckpt:?}");
+        }
+        let a = read_safetensors(&d.join(&full_name).join("adapter/adapter_model.safetensors"));
+        let b = read_safetensors(&d.join(&ckpt_name).join("adapter/adapter_model.safetensors"));
+        assert_eq!(a.len(), 3 * adapted * 2, "{targets}: adapters on {adapted} projections of the 3 layers");
+        for (k, t) in &a {
+            let err = rel_err(t, &b[k]);
+            assert!(err < 1e-5, "{k}: rel err {err:.3e} between the checkpointed and the full run");
+        }
+        assert!(a.values().any(|t| t.abs().max().double_value(&[]) > 0.0));
+        let summary = std::fs::read_to_string(d.join(&ckpt_name).join("profile/summary.txt")).unwrap();
+        assert!(summary.starts_with("steps 2..=2"), "{summary}");
+        assert!(d.join(&ckpt_name).join("profile/trace.json").exists());
     }
-    let a = read_safetensors(&d.join("full/adapter/adapter_model.safetensors"));
-    let b = read_safetensors(&d.join("ckpt/adapter/adapter_model.safetensors"));
-    assert_eq!(a.len(), 3 * 7 * 2, "adapters on all 7 projections of the 3 layers");
-    for (k, t) in &a {
-        let err = rel_err(t, &b[k]);
-        assert!(err < 1e-5, "{k}: rel err {err:.3e} between the checkpointed and the full run");
-    }
-    assert!(a.values().any(|t| t.abs().max().double_value(&[]) > 0.0));
-    let summary = std::fs::read_to_string(d.join("ckpt/profile/summary.txt")).unwrap();
-    assert!(summary.starts_with("steps 2..=2"), "{summary}");
-    assert!(d.join("ckpt/profile/trace.json").exists());
 }
 
 /// On a GPU: checkpoints kept in host memory (`gradient_checkpointing: "offload"`, copied on a

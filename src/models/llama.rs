@@ -299,6 +299,9 @@ impl Mlp {
     pub fn recompute_backward(&self, x: &Tensor, dy: &Tensor) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
         let x2 = x.reshape([-1, self.gate_proj.in_features()]);
         let dy2 = dy.reshape([-1, self.down_proj.out_features()]);
+        if [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|p| p.lora.is_none()) {
+            return Ok(vec![(x2.shallow_clone(), self.frozen_input_grad(&x2, &dy2))]);
+        }
         let project = |p: &Linear| {
             let base = tch::no_grad(|| x2.linear(&p.weight.for_input(x2.kind()), p.bias.as_ref()));
             match &p.lora {
@@ -328,7 +331,34 @@ impl Mlp {
         }
         Ok(roots)
     }
+
+    /// `∂L/∂x` of an MLP without adapters, for rows `x2` `[N, H]` and `∂L/∂y` `dy2`, in
+    /// `RECOMPUTE_ROW_BLOCKS` blocks of rows, so that only one block's `[rows, I]` tensors exist
+    /// at a time.
+    fn frozen_input_grad(&self, x2: &Tensor, dy2: &Tensor) -> Tensor {
+        let _g = tch::no_grad_guard();
+        let (wg, wu) = (self.gate_proj.weight.for_input(x2.kind()), self.up_proj.weight.for_input(x2.kind()));
+        let n = x2.size()[0];
+        let rows = ((n + RECOMPUTE_ROW_BLOCKS - 1) / RECOMPUTE_ROW_BLOCKS).max(1);
+        let dx = x2.empty_like();
+        let mut start = 0;
+        while start < n {
+            let len = rows.min(n - start);
+            let xb = x2.narrow(0, start, len);
+            let (gate, up) = (xb.linear(&wg, self.gate_proj.bias.as_ref()), xb.linear(&wu, self.up_proj.bias.as_ref()));
+            let dm = self.down_proj.base_input_grad(&dy2.narrow(0, start, len));
+            let (dgate, dup) = Mlp::swiglu_grads(&dm, gate, up);
+            let mut out = dx.narrow(0, start, len);
+            let _ = dgate.mm_out(&out, &wg);
+            let _ = out.addmm_(&dup, &wu);
+            start += len;
+        }
+        dx
+    }
 }
+
+/// Blocks of rows in which [`Mlp::recompute_backward`] forms a frozen MLP's input gradient.
+const RECOMPUTE_ROW_BLOCKS: i64 = 2;
 
 pub struct DecoderLayer {
     /// Where the layer's weights live (layers of one model may sit on different GPUs).
