@@ -110,12 +110,15 @@ fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, AttnMas
 ///
 /// Dropout is seeded per layer (`seed + l`), so a run draws the same masks with and without
 /// checkpointing. With gradient checkpointing, the forward runs without a graph keeping only
-/// each layer's input; backward then recomputes one layer at a time (`∂L/∂x_l` from
+/// each layer's input (the first layer's, the embeddings, is looked up again); backward then
+/// recomputes one layer at a time (`∂L/∂x_l` from
 /// `g = ∂L/∂x_{l+1}`), re-seeding dropout so the recomputation sees the same masks. Only the
 /// attention block gets a graph: the MLP's part is formed directly ([`Mlp::recompute_backward`]).
 fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: Checkpointing, seed: i64) -> Result<Tensor> {
     /// A layer's input kept for its recomputation.
     enum Kept {
+        /// The first layer's input: the embeddings of the ids, looked up again when needed.
+        Embedding,
         Gpu(Tensor),
         Host(crate::cuda::Offloaded),
     }
@@ -129,6 +132,7 @@ fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: Checkpoi
             h = h.to_device(net.layers[l].device);
             match checkpointing {
                 Checkpointing::Off => {}
+                _ if l == 0 => inputs.push(Kept::Embedding),
                 Checkpointing::On => inputs.push(Kept::Gpu(h.shallow_clone())),
                 Checkpointing::Offload => inputs.push(Kept::Host(crate::cuda::offload(&h)?)),
             }
@@ -154,6 +158,7 @@ fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: Checkpoi
     let mut grad = top.grad();
     for l in (0..net.layers.len()).rev() {
         let x = match (&inputs[l], pending.take()) {
+            (Kept::Embedding, _) => net.embed(&ids).to_device(net.layers[0].device),
             (Kept::Gpu(t), _) => t.shallow_clone(),
             (Kept::Host(_), Some(p)) => p.wait()?,
             (Kept::Host(o), None) => o.prefetch()?.wait()?,
