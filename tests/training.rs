@@ -105,7 +105,7 @@ fn gradient_checkpointing_matches_the_full_graph() {
     let model = tiny_model_and_text(d, 24);
     let o = d.to_str().unwrap();
     for (targets, adapted) in [("\"all-linear\"", 7), ("[\"q_proj\", \"v_proj\"]", 2)] {
-        let run = |name: &str, ckpt: bool| {
+        let run = |name: &str, ckpt: &str| {
             run_recipe(
                 d,
                 &format!("{name}.rhai"),
@@ -121,22 +121,31 @@ m.save_adapter("{o}/{name}/adapter");
                 ),
             );
         };
-        let (full_name, ckpt_name) = (format!("full{adapted}"), format!("ckpt{adapted}"));
-        run(&full_name, false);
-        run(&ckpt_name, true);
-        let (full, ckpt) = (losses(&d.join(&full_name).join("metrics.jsonl")), losses(&d.join(&ckpt_name).join("metrics.jsonl")));
-        assert_eq!(full.len(), 3);
-        for (a, b) in full.iter().zip(&ckpt) {
-            assert!((a - b).abs() < 1e-6, "{targets}: losses differ: {full:?} vs {ckpt:?}");
-        }
+        let full_name = format!("full{adapted}");
+        run(&full_name, "false");
+        let full = losses(&d.join(&full_name).join("metrics.jsonl"));
         let a = read_safetensors(&d.join(&full_name).join("adapter/adapter_model.safetensors"));
-        let b = read_safetensors(&d.join(&ckpt_name).join("adapter/adapter_model.safetensors"));
+        assert_eq!(full.len(), 3);
         assert_eq!(a.len(), 3 * adapted * 2, "{targets}: adapters on {adapted} projections of the 3 layers");
-        for (k, t) in &a {
-            let err = rel_err(t, &b[k]);
-            assert!(err < 1e-5, "{k}: rel err {err:.3e} between the checkpointed and the full run");
-        }
         assert!(a.values().any(|t| t.abs().max().double_value(&[]) > 0.0));
+        // "offload" on the CPU keeps the checkpoints where they are, but recomputes as on a GPU
+        // (from the residual after attention, without o_proj)
+        for mode in ["true", "\"offload\""] {
+            let name = format!("ckpt{adapted}{}", mode.len());
+            run(&name, mode);
+            let ckpt = losses(&d.join(&name).join("metrics.jsonl"));
+            for (x, y) in full.iter().zip(&ckpt) {
+                assert!((x - y).abs() < 1e-6, "{targets} {mode}: losses differ: {full:?} vs {ckpt:?}");
+            }
+            let b = read_safetensors(&d.join(&name).join("adapter/adapter_model.safetensors"));
+            for (k, t) in &a {
+                let err = rel_err(t, &b[k]);
+                // fp32 rounding, which Adam's normalisation amplifies, stays below 1e-4; a missing or
+                // wrong gradient moves an element by ~lr (1e-2 against entries of ~0.1)
+                assert!(err < 1e-3, "{k}: rel err {err:.3e} between the {mode} and the full run");
+            }
+        }
+        let ckpt_name = format!("ckpt{adapted}4");
         let summary = std::fs::read_to_string(d.join(&ckpt_name).join("profile/summary.txt")).unwrap();
         assert!(summary.starts_with("steps 2..=2"), "{summary}");
         assert!(d.join(&ckpt_name).join("profile/trace.json").exists());

@@ -48,8 +48,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
 }
 
 /// Back-propagates `Σᵢ ⟨rootᵢ, gradᵢ⟩` into the leaves' `.grad` (what `backward(gradient=…)`
-/// does for one root), without forming the products.
+/// does for one root), without forming the products. Roots that do not require a gradient are
+/// skipped.
 pub fn backward(roots: &[(&Tensor, &Tensor)]) -> anyhow::Result<()> {
+    let roots: Vec<&(&Tensor, &Tensor)> = roots.iter().filter(|(t, _)| t.requires_grad()).collect();
+    if roots.is_empty() {
+        return Ok(());
+    }
     let r: Vec<*const C_tensor> = roots.iter().map(|(t, _)| t.as_ptr()).collect();
     let g: Vec<*const C_tensor> = roots.iter().map(|(_, g)| g.as_ptr()).collect();
     let mut err = vec![0u8; 4096];

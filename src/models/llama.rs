@@ -200,6 +200,18 @@ impl Attention {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Tensor {
+        self.o_proj.forward(&self.heads(x, cos_sin, mask, cache, train), train)
+    }
+
+    /// The attention heads' output `[B, T, heads·d]`, before `o_proj`.
+    fn heads(
+        &self,
+        x: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: &AttnMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let q = rotate(self.q_proj.forward(x, train), self.n_heads, self.head_dim, cos_sin, train);
         let mut k = rotate(self.k_proj.forward(x, train), self.n_kv_heads, self.head_dim, cos_sin, train);
@@ -250,8 +262,7 @@ impl Attention {
             None,
             self.n_kv_heads != self.n_heads,
         );
-        let y = y.transpose(1, 2).contiguous().view([b, t, self.n_heads * self.head_dim]);
-        self.o_proj.forward(&y, train)
+        y.transpose(1, 2).contiguous().view([b, t, self.n_heads * self.head_dim])
     }
 }
 
@@ -397,6 +408,21 @@ impl DecoderLayer {
         let x = self.post_attention_layernorm.forward(&h, train);
         (h, x)
     }
+
+    /// Backward through the attention half, `h = x + o_proj(heads(input_layernorm(x)))`, from
+    /// `∂L/∂h` `dh`, recomputing from the layer input `x` (with a graph) all but `o_proj`'s
+    /// forward, whose output backward does not need: the roots to hand to autograd (the heads'
+    /// output with `dh · W_o`, `x` with `dh` for the residual, `o_proj`'s adapter if any).
+    pub fn attention_recompute_backward(&self, x: &Tensor, dh: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask) -> Vec<(Tensor, Tensor)> {
+        let o = &self.self_attn.o_proj;
+        let y = self.self_attn.heads(&self.input_layernorm.forward(x, true), cos_sin, mask, None, true);
+        let (y2, dh2) = (y.reshape([-1, o.in_features()]), dh.reshape([-1, o.out_features()]));
+        let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2)), (x.shallow_clone(), dh.shallow_clone())];
+        if let Some(l) = &o.lora {
+            roots.push((l.add_to(dh2.zeros_like(), &y2, true), dh2));
+        }
+        roots
+    }
 }
 
 pub struct Llama {
@@ -541,6 +567,13 @@ impl Llama {
         let layer = &self.layers[l];
         let (cos_sin, mask) = shared.on(layer.device);
         layer.attention_block(h, cos_sin, mask, None, train)
+    }
+
+    /// [`DecoderLayer::attention_recompute_backward`] of layer `l` (`x` on the layer's device).
+    pub fn layer_attention_recompute_backward(&self, l: usize, x: &Tensor, dh: &Tensor, shared: &mut LayerInputs) -> Vec<(Tensor, Tensor)> {
+        let layer = &self.layers[l];
+        let (cos_sin, mask) = shared.on(layer.device);
+        layer.attention_recompute_backward(x, dh, cos_sin, mask)
     }
 
     /// The devices the model uses, each once (one, unless split across GPUs).

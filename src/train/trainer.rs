@@ -105,73 +105,125 @@ fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, AttnMas
     (b.input_ids.to_device(device), b.labels.to_device(device), b.positions.to_device(device), mask)
 }
 
+/// A tensor kept from the forward for the recomputation in backward.
+enum Kept {
+    /// The first layer's input: the embeddings of the ids, looked up again when needed.
+    Embedding,
+    Device(Tensor),
+    /// In pinned host memory, copied on a side stream.
+    Host(crate::cuda::Offloaded),
+}
+
+impl Kept {
+    /// `t` itself, or a host copy of it when `offload` and it is on a GPU.
+    fn keep(t: &Tensor, offload: bool) -> Result<Kept> {
+        Ok(if offload && t.device().is_cuda() { Kept::Host(crate::cuda::offload(t)?) } else { Kept::Device(t.shallow_clone()) })
+    }
+
+    /// Starts copying a host copy back (so it lands while the layer above runs backward).
+    fn prefetch(&self) -> Result<Option<crate::cuda::Prefetch>> {
+        match self {
+            Kept::Host(o) => Ok(Some(o.prefetch()?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The tensor, on the GPU again, from `pending` (its prefetch) if started.
+    fn get(&self, pending: Option<crate::cuda::Prefetch>, net: &Llama, ids: &Tensor) -> Result<Tensor> {
+        Ok(match (self, pending) {
+            (Kept::Embedding, _) => net.embed(ids).to_device(net.layers[0].device),
+            (Kept::Device(t), _) => t.shallow_clone(),
+            (Kept::Host(_), Some(p)) => p.wait()?,
+            (Kept::Host(o), None) => o.prefetch()?.wait()?,
+        })
+    }
+}
+
 /// Forward and backward of one micro-batch; `weight` scales the summed loss (1/window tokens,
 /// times the fp16 loss scale). Returns the summed loss (detached).
 ///
-/// Dropout is seeded per layer (`seed + l`), so a run draws the same masks with and without
-/// checkpointing. With gradient checkpointing, the forward runs without a graph keeping only
-/// each layer's input (the first layer's, the embeddings, is looked up again); backward then
-/// recomputes one layer at a time (`∂L/∂x_l` from
-/// `g = ∂L/∂x_{l+1}`), re-seeding dropout so the recomputation sees the same masks. Only the
-/// attention block gets a graph: the MLP's part is formed directly ([`Mlp::recompute_backward`]).
+/// Dropout is seeded per half layer (`seed + 2l` for attention, `+ 1` for the MLP), so a run
+/// draws the same masks with and without checkpointing, whichever half is recomputed first.
+/// With gradient checkpointing, the forward runs without a graph keeping only each layer's
+/// input (the first layer's, the embeddings, is looked up again); backward then recomputes one
+/// layer at a time (`∂L/∂x_l` from `g = ∂L/∂x_{l+1}`). Only the attention block gets a graph:
+/// the MLP's part is formed directly ([`Mlp::recompute_backward`]). When offloading, the
+/// residual after attention is kept too (host memory is plentiful): the MLP's part starts from
+/// it, and attention's recomputation skips `o_proj`
+/// ([`DecoderLayer::attention_recompute_backward`](crate::models::llama::DecoderLayer::attention_recompute_backward)).
 fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: Checkpointing, seed: i64) -> Result<Tensor> {
-    /// A layer's input kept for its recomputation.
-    enum Kept {
-        /// The first layer's input: the embeddings of the ids, looked up again when needed.
-        Embedding,
-        Gpu(Tensor),
-        Host(crate::cuda::Offloaded),
-    }
+    let offload = checkpointing == Checkpointing::Offload;
     let (ids, labels, positions, mask) = to_device(b, net.device);
     let mut shared = LayerInputs::new(net.rope.cos_sin(&positions, net.kind), &mask);
-    let mut inputs = vec![];
-    let forward = |inputs: &mut Vec<Kept>, shared: &mut LayerInputs| -> Result<Tensor> {
+    // per layer: its input and, when offloading, the residual after attention
+    let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
+    let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<Tensor> {
         let mut h = net.embed(&ids);
         for l in 0..net.layers.len() {
-            tch::manual_seed(seed + l as i64);
             h = h.to_device(net.layers[l].device);
-            match checkpointing {
-                Checkpointing::Off => {}
-                _ if l == 0 => inputs.push(Kept::Embedding),
-                Checkpointing::On => inputs.push(Kept::Gpu(h.shallow_clone())),
-                Checkpointing::Offload => inputs.push(Kept::Host(crate::cuda::offload(&h)?)),
+            let input = match checkpointing {
+                Checkpointing::Off => None,
+                _ if l == 0 => Some(Kept::Embedding),
+                _ => Some(Kept::keep(&h, offload)?),
+            };
+            tch::manual_seed(seed + 2 * l as i64);
+            let (mid, x) = net.layer_attention_block(l, &h, shared, true);
+            tch::manual_seed(seed + 2 * l as i64 + 1);
+            h = &mid + net.layers[l].mlp.forward(&x, true);
+            if let Some(input) = input {
+                kept.push((input, if offload { Some(Kept::keep(&mid, true)?) } else { None }));
             }
-            h = net.layer_forward(l, &h, shared, None, true);
         }
         Ok(h)
     };
     if checkpointing == Checkpointing::Off {
-        let h = forward(&mut inputs, &mut shared)?;
+        let h = forward(&mut kept, &mut shared)?;
         return head_loss_backward(net, &h, &labels, weight);
     }
-    let h = tch::no_grad(|| forward(&mut inputs, &mut shared))?;
-    // an offloaded input starts back to the GPU while the layer above it runs backward
-    let prefetch = |k: Option<&Kept>| -> Result<Option<crate::cuda::Prefetch>> {
+    let h = tch::no_grad(|| forward(&mut kept, &mut shared))?;
+    let prefetch = |k: Option<&(Kept, Option<Kept>)>| -> Result<(Option<crate::cuda::Prefetch>, Option<crate::cuda::Prefetch>)> {
         match k {
-            Some(Kept::Host(o)) => Ok(Some(o.prefetch()?)),
-            _ => Ok(None),
+            Some((x, mid)) => Ok((x.prefetch()?, match mid { Some(m) => m.prefetch()?, None => None })),
+            None => Ok((None, None)),
         }
     };
-    let mut pending = prefetch(inputs.last())?;
+    let mut pending = prefetch(kept.last())?;
     let top = h.detach().set_requires_grad(true);
     let loss = head_loss_backward(net, &top, &labels, weight)?;
     let mut grad = top.grad();
     for l in (0..net.layers.len()).rev() {
-        let x = match (&inputs[l], pending.take()) {
-            (Kept::Embedding, _) => net.embed(&ids).to_device(net.layers[0].device),
-            (Kept::Gpu(t), _) => t.shallow_clone(),
-            (Kept::Host(_), Some(p)) => p.wait()?,
-            (Kept::Host(o), None) => o.prefetch()?.wait()?,
+        let (px, pm) = std::mem::replace(&mut pending, (None, None));
+        let x = kept[l].0.get(px, net, &ids)?;
+        let mid = match &kept[l].1 {
+            Some(m) => Some(m.get(pm, net, &ids)?),
+            None => None,
         };
-        pending = prefetch(l.checked_sub(1).map(|k| &inputs[k]))?;
+        pending = prefetch(l.checked_sub(1).map(|k| &kept[k]))?;
         let x = x.detach().set_requires_grad(l > 0);
-        tch::manual_seed(seed + l as i64);
-        let (h, xm) = net.layer_attention_block(l, &x, &mut shared, true);
         let g = grad.to_device(x.device());
-        let mut roots = net.layers[l].mlp.recompute_backward(&xm, &g)?;
-        drop(xm);
-        roots.push((h, g));
-        crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>())?;
+        let layer = &net.layers[l];
+        let backward = |roots: Vec<(Tensor, Tensor)>| crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>());
+        match mid {
+            None => {
+                tch::manual_seed(seed + 2 * l as i64);
+                let (h, xm) = net.layer_attention_block(l, &x, &mut shared, true);
+                tch::manual_seed(seed + 2 * l as i64 + 1);
+                let mut roots = layer.mlp.recompute_backward(&xm, &g)?;
+                drop(xm);
+                roots.push((h, g));
+                backward(roots)?;
+            }
+            Some(mid) => {
+                let mid = mid.detach().set_requires_grad(true);
+                tch::manual_seed(seed + 2 * l as i64 + 1);
+                let xm = layer.post_attention_layernorm.forward(&mid, true);
+                backward(layer.mlp.recompute_backward(&xm, &g)?)?;
+                drop(xm);
+                let dmid = g + mid.grad();
+                tch::manual_seed(seed + 2 * l as i64);
+                backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared))?;
+            }
+        }
         if l > 0 {
             grad = x.grad();
         }
@@ -306,10 +358,6 @@ pub fn train(
         zero.backward();
     }
     let checkpointing = match cfg.gradient_checkpointing {
-        Some(Checkpointing::Offload) if !net.devices().iter().all(|d| d.is_cuda()) => {
-            tracing::info!("gradient_checkpointing \"offload\": the model is not on a GPU, keeping checkpoints where they are");
-            Checkpointing::On
-        }
         Some(c) => c,
         None => {
             let longest = data.train.iter().map(|e| e.input_ids.len()).max().unwrap_or(1).min(cfg.batch.max_length);
