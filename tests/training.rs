@@ -153,7 +153,8 @@ m.save_adapter("{o}/{name}/adapter");
 }
 
 /// On a GPU: checkpoints kept in host memory (`gradient_checkpointing: "offload"`, copied on a
-/// side stream) train exactly as checkpoints kept on the GPU. Skipped without CUDA (CI).
+/// side stream and back) train as checkpoints kept on the GPU (same losses up to fp32 rounding:
+/// the recomputation differs, see the test above). Skipped without CUDA (CI).
 #[test]
 fn offloaded_checkpoints_train_like_kept_ones() {
     if !tch::Cuda::is_available() {
@@ -180,5 +181,7 @@ train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 4, max_length: 3
     }
     let (kept, offload) = (losses(&d.join("kept/metrics.jsonl")), losses(&d.join("offload/metrics.jsonl")));
     assert_eq!(kept.len(), 3);
-    assert_eq!(kept, offload, "offloading changed the training");
+    for (a, b) in kept.iter().zip(&offload) {
+        assert!((a - b).abs() < 1e-6, "offloading changed the training: {kept:?} vs {offload:?}");
+    }
 }
