@@ -4,6 +4,7 @@
 // new ones come back allocated with `new` (tch frees them); errors come back as text, no C++
 // exception crosses the boundary.
 #include <ATen/ATen.h>
+#include "guarded.h"
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -109,24 +110,11 @@ struct Rope : public torch::autograd::Function<Rope> {
     return {dx, at::Tensor(), at::Tensor()};
   }
 };
-
-template <typename F>
-int guarded(char* err, size_t err_len, F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    std::snprintf(err, err_len, "%s", e.what());
-  } catch (...) {
-    std::snprintf(err, err_len, "unknown C++ exception");
-  }
-  return -1;
-}
 }  // namespace
 
 extern "C" int ftscript_swiglu(const char* src, const at::Tensor* gate, const at::Tensor* up, at::Tensor** out,
                                char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return ftscript_guarded(err, err_len, [&] {
     kernel_source = src;
     *out = new at::Tensor(SwiGlu::apply(*gate, *up));
   });
@@ -134,7 +122,7 @@ extern "C" int ftscript_swiglu(const char* src, const at::Tensor* gate, const at
 
 extern "C" int ftscript_swiglu_backward_(const char* src, const at::Tensor* dout, const at::Tensor* gate,
                                          const at::Tensor* up, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return ftscript_guarded(err, err_len, [&] {
     kernel_source = src;
     SwiGlu::gradients(*dout, *gate, *up, true);
   });
@@ -142,7 +130,7 @@ extern "C" int ftscript_swiglu_backward_(const char* src, const at::Tensor* dout
 
 extern "C" int ftscript_rope(const char* src, const at::Tensor* x, const at::Tensor* cos, const at::Tensor* sin,
                              at::Tensor** out, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return ftscript_guarded(err, err_len, [&] {
     kernel_source = src;
     *out = new at::Tensor(Rope::apply(*x, *cos, *sin));
   });
@@ -151,7 +139,7 @@ extern "C" int ftscript_rope(const char* src, const at::Tensor* x, const at::Ten
 // Accumulates into the leaves' `.grad` the gradient of Σᵢ ⟨roots[i], grads[i]⟩.
 extern "C" int ftscript_backward(const at::Tensor* const* roots, const at::Tensor* const* grads, int n, char* err,
                                  size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return ftscript_guarded(err, err_len, [&] {
     std::vector<at::Tensor> r, g;
     for (int i = 0; i < n; i++) {
       r.push_back(*roots[i]);

@@ -57,11 +57,6 @@ pub fn backward(roots: &[(&Tensor, &Tensor)]) -> anyhow::Result<()> {
     }
     let r: Vec<*const C_tensor> = roots.iter().map(|(t, _)| t.as_ptr()).collect();
     let g: Vec<*const C_tensor> = roots.iter().map(|(_, g)| g.as_ptr()).collect();
-    let mut err = vec![0u8; 4096];
     // SAFETY: the pointers are live tensors borrowed for the call.
-    let rc = unsafe { ftscript_backward(r.as_ptr(), g.as_ptr(), r.len() as i32, err.as_mut_ptr() as *mut c_char, err.len()) };
-    if rc != 0 {
-        anyhow::bail!("backward: {}", String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]));
-    }
-    Ok(())
+    super::call("backward", |err, len| unsafe { ftscript_backward(r.as_ptr(), g.as_ptr(), r.len() as i32, err, len) })
 }

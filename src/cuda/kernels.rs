@@ -31,7 +31,7 @@ pub(super) fn checked(call: impl FnOnce(*mut c_char, usize) -> i32) -> bool {
     }
     let mut err = vec![0u8; 4096];
     if call(err.as_mut_ptr() as *mut c_char, err.len()) != 0 {
-        let msg = String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).to_string();
+        let msg = super::message(&err);
         tracing::warn!("CUDA kernels unavailable, using libtorch ops instead: {msg}");
         *REASON.lock().unwrap() = Some(msg);
         DISABLED.store(true, Ordering::Relaxed);
@@ -61,7 +61,7 @@ pub fn compile_check(arch: i32) -> Result<usize, String> {
     // SAFETY: SOURCE is NUL-terminated; err is writable for its length.
     let n = unsafe { ftscript_rtc_compile(SOURCE.as_ptr() as *const c_char, arch, err.as_mut_ptr() as *mut c_char, err.len()) };
     if n < 0 {
-        return Err(String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).to_string());
+        return Err(super::message(&err));
     }
     Ok(n as usize)
 }

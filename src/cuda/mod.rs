@@ -51,11 +51,16 @@ extern "C" {
     fn ftscript_prefetch_wait(event: *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
 }
 
-/// Runs a C entry point that reports failure as text.
-fn call(what: &str, f: impl FnOnce(*mut std::ffi::c_char, usize) -> i32) -> anyhow::Result<()> {
+/// The NUL-terminated message a C entry point wrote into `err`.
+pub(crate) fn message(err: &[u8]) -> String {
+    String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).to_string()
+}
+
+/// Runs a C entry point of `src/cuda/*.cpp` that returns non-zero with a message on failure.
+pub(crate) fn call(what: &str, f: impl FnOnce(*mut std::ffi::c_char, usize) -> i32) -> anyhow::Result<()> {
     let mut err = vec![0u8; 4096];
     if f(err.as_mut_ptr() as *mut std::ffi::c_char, err.len()) != 0 {
-        anyhow::bail!("{what}: {}", String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]));
+        anyhow::bail!("{what}: {}", message(&err));
     }
     Ok(())
 }

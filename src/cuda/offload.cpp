@@ -2,6 +2,7 @@
 // compute on torch's current stream (for gradient checkpointing with the checkpoints kept in host
 // memory). Device-generic c10 interfaces only: no CUDA headers. Errors come back as text.
 #include <ATen/ATen.h>
+#include "guarded.h"
 #include <c10/core/Event.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -29,23 +30,12 @@ void after(const c10::Stream& from, const c10::Stream& to) {
   e.record(from);
   e.block(to);
 }
-
-template <typename F>
-int guarded(char* err, size_t err_len, F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    std::snprintf(err, err_len, "%s", e.what());
-  }
-  return -1;
-}
 }  // namespace
 
 // Copies GPU tensor `t` into new pinned host memory on the side stream, once the current
 // stream has produced it; `t`'s memory is not reused before the copy is done.
 extern "C" int ftscript_offload(const at::Tensor* t, at::Tensor** host, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return ftscript_guarded(err, err_len, [&] {
     c10::Device d = t->device();
     c10::Stream main = cuda()->getStream(d), side = side_stream(d);
     at::Tensor h = at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true));
@@ -63,7 +53,7 @@ extern "C" int ftscript_offload(const at::Tensor* t, at::Tensor** host, char* er
 // tensor may be used once ftscript_prefetch_wait(*event) was called.
 extern "C" int ftscript_prefetch(const at::Tensor* host, int device, at::Tensor** out, void** event, char* err,
                                  size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return ftscript_guarded(err, err_len, [&] {
     c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
     c10::Stream main = cuda()->getStream(d), side = side_stream(d);
     at::Tensor t = at::empty(host->sizes(), host->options().device(d).pinned_memory(false));
@@ -81,7 +71,7 @@ extern "C" int ftscript_prefetch(const at::Tensor* host, int device, at::Tensor*
 
 // The current stream waits for a prefetch to land; frees the event.
 extern "C" int ftscript_prefetch_wait(void* event, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return ftscript_guarded(err, err_len, [&] {
     auto* done = static_cast<c10::Event*>(event);
     done->block(cuda()->getStream(done->device()));
     delete done;

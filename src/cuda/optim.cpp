@@ -4,6 +4,7 @@
 // runs). Tensors are grouped by device and dtype, as torch.optim groups them. A C boundary for
 // Rust: tensors travel as `at::Tensor*`; errors come back as text.
 #include <ATen/ATen.h>
+#include "guarded.h"
 #include <c10/core/GradMode.h>
 
 #include <cstdio>
@@ -18,19 +19,6 @@ std::map<std::pair<std::string, at::ScalarType>, std::vector<int>> groups(const 
     if (params[i]->grad().defined()) g[{params[i]->device().str(), params[i]->scalar_type()}].push_back(i);
   return g;
 }
-
-template <typename F>
-int guarded(char* err, size_t err_len, F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    std::snprintf(err, err_len, "%s", e.what());
-  } catch (...) {
-    std::snprintf(err, err_len, "unknown C++ exception");
-  }
-  return -1;
-}
 }  // namespace
 
 // One AdamW step (decoupled weight decay) at step number `step` (1-based) of every parameter
@@ -38,7 +26,7 @@ int guarded(char* err, size_t err_len, F f) {
 extern "C" int ftscript_adamw_fused(const at::Tensor* const* params, const at::Tensor* const* exp_avg,
                                     const at::Tensor* const* exp_avg_sq, int n, long long step, double lr, double beta1,
                                     double beta2, double weight_decay, double eps, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return ftscript_guarded(err, err_len, [&] {
     c10::NoGradGuard no_grad;
     for (const auto& [key, idx] : groups(params, n)) {
       std::vector<at::Tensor> p, g, m, v;
@@ -59,7 +47,7 @@ extern "C" int ftscript_adamw_fused(const at::Tensor* const* params, const at::T
 // when `max_norm` > 0, gradients are scaled by min(1, max_norm / (norm + 1e-6)).
 extern "C" int ftscript_clip_grad_norm(const at::Tensor* const* params, int n, double max_norm, at::Tensor** total,
                                        char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return ftscript_guarded(err, err_len, [&] {
     c10::NoGradGuard no_grad;
     auto gs = groups(params, n);
     std::vector<std::vector<at::Tensor>> grads;

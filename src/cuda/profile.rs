@@ -2,6 +2,7 @@
 //! (`train(..., #{profile: #{start: 5, steps: 2}})`): a Chrome trace of CPU ops and GPU kernels
 //! (open it in Perfetto or `chrome://tracing`), and a summary of GPU time by kind of kernel.
 
+use super::message;
 use anyhow::{bail, Result};
 use std::ffi::{c_char, CStr, CString};
 use std::path::Path;
@@ -11,10 +12,6 @@ extern "C" {
     fn ftscript_profile_start(cuda: i32, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_profile_stop(path: *const c_char, err: *mut c_char, err_len: usize) -> *mut c_char;
     fn ftscript_free_text(text: *mut c_char);
-}
-
-fn message(err: &[u8]) -> String {
-    String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).to_string()
 }
 
 /// A running profile.

@@ -192,17 +192,6 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos_sin: &(Tensor, Tensor),
-        mask: &AttnMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        train: bool,
-    ) -> Tensor {
-        self.o_proj.forward(&self.heads(x, cos_sin, mask, cache, train), train)
-    }
-
     /// The attention heads' output `[B, T, heads·d]`, before `o_proj`.
     fn heads(
         &self,
@@ -403,7 +392,8 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> (Tensor, Tensor) {
-        let a = self.self_attn.forward(&self.input_layernorm.forward(h, train), cos_sin, mask, cache, train);
+        let attn = &self.self_attn;
+        let a = attn.o_proj.forward(&attn.heads(&self.input_layernorm.forward(h, train), cos_sin, mask, cache, train), train);
         let h = h + a;
         let x = self.post_attention_layernorm.forward(&h, train);
         (h, x)

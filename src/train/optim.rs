@@ -20,14 +20,6 @@ fn ptrs(ts: &[Tensor]) -> Vec<*const C_tensor> {
     ts.iter().map(|t| t.as_ptr()).collect()
 }
 
-/// Runs a C entry point that reports failure as text.
-fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> i32) -> anyhow::Result<()> {
-    let mut err = vec![0u8; 4096];
-    if f(err.as_mut_ptr() as *mut c_char, err.len()) != 0 {
-        anyhow::bail!("{what}: {}", String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]));
-    }
-    Ok(())
-}
 
 pub struct AdamW {
     pub beta1: f64,
@@ -62,7 +54,7 @@ impl AdamW {
             self.step += 1;
             let (p, m, v) = (ptrs(params), ptrs(&self.m), ptrs(&self.v));
             // SAFETY: the pointers are live tensors borrowed for the call.
-            return call("AdamW", |err, len| unsafe {
+            return crate::cuda::call("AdamW", |err, len| unsafe {
                 ftscript_adamw_fused(p.as_ptr(), m.as_ptr(), v.as_ptr(), p.len() as i32, self.step, lr, self.beta1, self.beta2, self.weight_decay, self.eps, err, len)
             });
         }
@@ -98,6 +90,6 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> anyhow::Result<Tensor
     let mut total: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: the pointers are live tensors borrowed for the call; `total` comes back allocated
     // with `new` and is owned by the result.
-    call("clip_grad_norm", |err, len| unsafe { ftscript_clip_grad_norm(p.as_ptr(), p.len() as i32, max_norm, &mut total, err, len) })?;
+    crate::cuda::call("clip_grad_norm", |err, len| unsafe { ftscript_clip_grad_norm(p.as_ptr(), p.len() as i32, max_norm, &mut total, err, len) })?;
     Ok(unsafe { Tensor::from_ptr(total) })
 }
