@@ -85,6 +85,17 @@ let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: f
                 peak_gib=peak, loss=round(rows[0]["loss"], 3), wall_s=round(time.time() - t0, 1))
 
 
+H200_BF16_FLOPS = 989.4e12  # dense bf16 tensor-core peak of the H200 SXM
+
+
+def useful_flops_per_token(nparams, shape, seq):
+    """The work a LoRA step must do per token, whatever the implementation: forward 2N and the
+    activation gradients 2N through the frozen weights (no recomputation counted), plus causal
+    attention's QKᵀ and AV forward and backward (2.5× the forward)."""
+    attn_fwd = 2 * 2 * shape["num_hidden_layers"] * seq * shape["hidden_size"] / 2
+    return 2 * 2 * nparams + 3.5 * attn_fwd
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("shape")
@@ -114,8 +125,10 @@ def main():
             print(p.stderr[-2000:], file=sys.stderr)
         else:
             print(json.dumps(peer), flush=True)
+            mfu = lambda tok_s: tok_s * useful_flops_per_token(peer["params"], SHAPES[a.shape], a.seq) / H200_BF16_FLOPS
             print(f"RATIO {a.shape} ckpt={not a.no_ckpt} {a.targets} r={a.r}: ftscript {ours['tokens_per_s']} tok/s "
                   f"vs {peer['peer']} {peer['tokens_per_s']} tok/s = {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x; "
+                  f"MFU {mfu(ours['tokens_per_s']):.1%} vs {mfu(peer['tokens_per_s']):.1%}; "
                   f"loss {ours['loss']} vs {peer['loss']}; peak GiB {ours['peak_gib']} vs {peer['peak_gib']}", flush=True)
 
 
