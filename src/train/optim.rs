@@ -20,7 +20,6 @@ fn ptrs(ts: &[Tensor]) -> Vec<*const C_tensor> {
     ts.iter().map(|t| t.as_ptr()).collect()
 }
 
-
 pub struct AdamW {
     pub beta1: f64,
     pub beta2: f64,
