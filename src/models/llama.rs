@@ -99,9 +99,10 @@ impl Rope {
     }
 }
 
-/// Whether to use the fused training kernels (`crate::cuda::autograd`): while training on a
-/// GPU. They round like transformers' ops in the forward (the backward may differ in the last
-/// bit); inference and evaluation keep transformers' exact op sequence.
+/// Whether to use the fused training kernels: while training on a GPU. SwiGLU and RoPE
+/// (`crate::cuda::autograd`) round exactly like transformers' ops; RMSNorm rounds once where
+/// transformers rounds twice ([`RmsNorm`]). Inference and evaluation keep transformers' exact
+/// op sequence.
 fn fused(x: &Tensor, train: bool) -> bool {
     train && x.device().is_cuda()
 }

@@ -63,8 +63,9 @@ pub enum Checkpointing {
     Off,
     /// Each decoder layer's input on the GPU; the rest is recomputed in backward.
     On,
-    /// Each decoder layer's input in pinned host memory (copied out during the forward and
-    /// back one layer ahead during backward, on a side stream); the rest is recomputed.
+    /// Each decoder layer's input and its residual after attention in pinned host memory
+    /// (copied out during the forward and back one layer ahead during backward, on a side
+    /// stream); the rest, but for `o_proj`, is recomputed.
     Offload,
 }
 
