@@ -321,8 +321,8 @@ impl Mlp {
         let adapted = (self.gate_proj.lora.is_some(), self.up_proj.lora.is_some());
         let (dgate, dup) = Mlp::swiglu_grads(&dm, gate.shallow_clone(), up.shallow_clone());
         drop(dm);
-        let mut dx = self.gate_proj.base_input_grad(&dgate);
-        let _ = dx.addmm_(&dup, &self.up_proj.weight.for_input(dup.kind()));
+        let dx = x2.empty_like();
+        tch::no_grad(|| Mlp::gate_up_input_grad(&dgate, &dup, &self.gate_up_weights(x2.kind()), &dx));
         let mut roots = vec![(x2, dx)];
         if adapted.0 {
             roots.push((gate, dgate));
@@ -338,7 +338,7 @@ impl Mlp {
     /// at a time.
     fn frozen_input_grad(&self, x2: &Tensor, dy2: &Tensor) -> Tensor {
         let _g = tch::no_grad_guard();
-        let (wg, wu) = (self.gate_proj.weight.for_input(x2.kind()), self.up_proj.weight.for_input(x2.kind()));
+        let w = self.gate_up_weights(x2.kind());
         let n = x2.size()[0];
         let rows = ((n + RECOMPUTE_ROW_BLOCKS - 1) / RECOMPUTE_ROW_BLOCKS).max(1);
         let dx = x2.empty_like();
@@ -346,15 +346,26 @@ impl Mlp {
         while start < n {
             let len = rows.min(n - start);
             let xb = x2.narrow(0, start, len);
-            let (gate, up) = (xb.linear(&wg, self.gate_proj.bias.as_ref()), xb.linear(&wu, self.up_proj.bias.as_ref()));
+            let (gate, up) = (xb.linear(&w.0, self.gate_proj.bias.as_ref()), xb.linear(&w.1, self.up_proj.bias.as_ref()));
             let dm = self.down_proj.base_input_grad(&dy2.narrow(0, start, len));
             let (dgate, dup) = Mlp::swiglu_grads(&dm, gate, up);
-            let mut out = dx.narrow(0, start, len);
-            let _ = dgate.mm_out(&out, &wg);
-            let _ = out.addmm_(&dup, &wu);
+            Mlp::gate_up_input_grad(&dgate, &dup, &w, &dx.narrow(0, start, len));
             start += len;
         }
         dx
+    }
+
+    /// The frozen gate and up weights for inputs of dtype `kind` (4-bit ones dequantized).
+    fn gate_up_weights(&self, kind: Kind) -> (Tensor, Tensor) {
+        (self.gate_proj.weight.for_input(kind), self.up_proj.weight.for_input(kind))
+    }
+
+    /// `out = ∂gate · W_gate + ∂up · W_up`, the input gradient through the frozen gate and up
+    /// weights `(W_gate, W_up)`, written into `out` (no graph).
+    fn gate_up_input_grad(dgate: &Tensor, dup: &Tensor, (wg, wu): &(Tensor, Tensor), out: &Tensor) {
+        let mut out = out.shallow_clone();
+        let _ = dgate.mm_out(&out, wg);
+        let _ = out.addmm_(dup, wu);
     }
 }
 

@@ -208,7 +208,7 @@ pub fn head_loss_backward(net: &crate::models::llama::Llama, h: &Tensor, labels:
     };
     let chunk = (LOSS_CHUNK_ELEMENTS / w.size()[0]).max(1);
     let mut total = Tensor::zeros([], (Kind::Float, net.head_device));
-    let dnormed = normed.zeros_like();
+    let dnormed = normed.empty_like(); // every row is written below
     let _g = tch::no_grad_guard();
     let mut start = 0;
     while start < n {
