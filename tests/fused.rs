@@ -98,3 +98,69 @@ fn fused_rope_matches_the_rotate_half_ops() {
         }
     }
 }
+
+/// The projections of one input as one autograd node (`autograd::projections`, whose backward
+/// accumulates LoRA's masked input gradient with the `lora_dx` kernel) against separate
+/// layers through autograd: outputs and the gradients of the input and the adapters, with the
+/// same dropout masks (both draw them with `native_dropout` in projection order).
+#[test]
+fn shared_projections_match_separate_layers_on_the_gpu() {
+    let Some(dev) = cuda() else { return };
+    for kind in [Kind::BFloat16, Kind::Float] {
+        // rows aligned for the kernel (256 columns), and not (100: the ops' fallback)
+        for (inp, rank) in [(256i64, 8i64), (256, 5), (100, 8)] {
+            tch::manual_seed(3);
+            let x0 = Tensor::randn([300, inp], (kind, dev));
+            let outs = [192i64, 64, 192];
+            let w: Vec<Tensor> = outs.iter().map(|&o| Tensor::randn([o, inp], (kind, dev)) * 0.05).collect();
+            let adapters: Vec<Option<(Tensor, Tensor)>> = outs
+                .iter()
+                .enumerate()
+                .map(|(i, &o)| (i != 1).then(|| (leaf(&(Tensor::randn([rank, inp], (Kind::Float, dev)) * 0.1)), leaf(&(Tensor::randn([o, rank], (Kind::Float, dev)) * 0.1)))))
+                .collect();
+            let dys: Vec<Tensor> = outs.iter().map(|&o| Tensor::randn([300, o], (kind, dev))).collect();
+            let run = |fused: bool| -> Vec<Tensor> {
+                for (a, b) in adapters.iter().flatten() {
+                    for t in [a, b] {
+                        let mut g = t.grad();
+                        if g.defined() {
+                            let _ = g.zero_();
+                        }
+                    }
+                }
+                let x = leaf(&x0);
+                tch::manual_seed(11);
+                let ys: Vec<Tensor> = if fused {
+                    let parts: Vec<_> = w.iter().zip(&adapters).map(|(w, a)| (w.shallow_clone(), None, a.as_ref().map(|(a, b)| (a, b, 2.0, 0.25)))).collect();
+                    autograd::projections(&x, &parts).unwrap()
+                } else {
+                    w.iter()
+                        .zip(&adapters)
+                        .map(|(w, a)| {
+                            let y = x.linear(w, None::<&Tensor>);
+                            match a {
+                                Some((a, b)) => y + x.native_dropout(0.25, true).0.matmul(&a.to_kind(kind).tr()).matmul(&b.to_kind(kind).tr()) * 2.0,
+                                None => y,
+                            }
+                        })
+                        .collect()
+                };
+                let roots: Vec<(&Tensor, &Tensor)> = ys.iter().zip(&dys).collect();
+                autograd::backward(&roots).unwrap();
+                let mut all: Vec<Tensor> = ys.iter().map(|y| y.detach()).collect();
+                all.push(x.grad());
+                for (a, b) in adapters.iter().flatten() {
+                    all.extend([a.grad().copy(), b.grad().copy()]);
+                }
+                all
+            };
+            let (fused, ops) = (run(true), run(false));
+            let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+            for (i, (f, o)) in fused.iter().zip(&ops).enumerate() {
+                let (f, o) = (f.to_kind(Kind::Double), o.to_kind(Kind::Double));
+                let err = (&f - &o).abs().max().double_value(&[]) / o.abs().max().double_value(&[]).max(1e-30);
+                assert!(err < tol, "{kind:?} in {inp} r {rank}: tensor {i} differs by {err} (relative to its largest value)");
+            }
+        }
+    }
+}

@@ -87,10 +87,12 @@ struct Rope : public torch::autograd::Function<Rope> {
     TORCH_CHECK(x.numel() / 2 < (1LL << 32), "rope: tensor too large");
     int heads = (int)x.size(2), dim = (int)x.size(3);
     int vec = (dim / 2) % 8 == 0 ? aligned16({&x, &cos, &sin, &out}) : 0;
-    unsigned int groups = (unsigned int)(x.numel() / 2 / (vec ? 8 : 1));
+    // one thread per (position, group of 4 heads, 8 pairs or 1): kernels.cu's ROPE_HEADS
+    long long positions = x.size(0) * x.size(1), per_row = dim / 2 / (vec ? 8 : 1);
+    unsigned int threads = (unsigned int)(positions * ((heads + 3) / 4) * per_row);
     void *px = x.data_ptr(), *pc = cos.data_ptr(), *ps = sin.data_ptr(), *po = out.data_ptr();
-    void* params[] = {&px, &pc, &ps, &po, &groups, &heads, &dim, &sign, &vec};
-    launch("rope", x, groups, params);
+    void* params[] = {&px, &pc, &ps, &po, &threads, &heads, &dim, &sign, &vec};
+    launch("rope", x, threads, params);
   }
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
     TORCH_CHECK(x.dim() == 4 && cos.dim() == 3 && cos.sizes() == sin.sizes() && x.size(0) == cos.size(0) &&
@@ -108,6 +110,98 @@ struct Rope : public torch::autograd::Function<Rope> {
     at::Tensor dy = grads[0].contiguous(), dx = at::empty_like(dy);
     run(dy, saved[0], saved[1], dx, -1.0f);
     return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+// dx += scale · mask ⊙ (u A): one kernel (kernels.cu's `lora_dx`) on a GPU when the rows are
+// 16-byte aligned, else the ops (whose u A and masked product round separately).
+void masked_accumulate(at::Tensor& dx, const at::Tensor& mask, const at::Tensor& u, const at::Tensor& a, double scale) {
+  at::Tensor m = mask.contiguous(), uc = u.contiguous(), ac = a.contiguous();
+  long long rows = dx.size(0);
+  int dim = (int)dx.size(1), rank = (int)a.size(0);
+  if (dx.is_cuda() && dx.is_contiguous() && dim % 8 == 0 && aligned16({&dx, &m, &uc, &ac}) &&
+      m.scalar_type() == at::kBool) {
+    void *pd = dx.data_ptr(), *pm = m.data_ptr(), *pu = uc.data_ptr(), *pa = ac.data_ptr();
+    float s = (float)scale;
+    void* params[] = {&pd, &pm, &pu, &pa, &rows, &dim, &rank, &s};
+    launch("lora_dx", dx, rows * (dim / 8), params);
+    return;
+  }
+  dx.add_(at::native_dropout_backward(at::mm(u, a), mask, scale));
+}
+
+// The projections of one input x [N, in] by frozen weights W_i [out_i, in] (biases b_i), some with
+// a LoRA adapter (A_j [r, in], B_j [out_i, r], fp32 or x's dtype, scale s_j, dropout p_j):
+// `y_i = x W_iᵀ + b_i + s_j · (dropout_j(x) A_jᵀ) B_jᵀ`, as separate linear layers compute them
+// (the same kernels, dropout masks drawn in projection order). Backward forms
+// `∂x = Σ ∂y_i W_i + Σ mask_j ⊙ (s_j ∂y_i B_j) A_j / (1 − p_j)` by accumulating GEMMs into one
+// buffer, where autograd would add up a separate tensor per projection and adapter.
+struct Projections : public torch::autograd::Function<Projections> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList a, at::TensorList b,
+                               std::vector<at::Tensor> weights, std::vector<at::Tensor> biases,
+                               std::vector<int64_t> adapter_of, std::vector<double> scales,
+                               std::vector<double> dropouts) {
+    TORCH_CHECK(x.dim() == 2, "projections: x must be 2-D, got ", x.sizes());
+    variable_list ys;
+    std::vector<at::Tensor> saved;  // per adapter: dropout(x), mask (or undefined), s·xa, A, B in x's dtype
+    for (size_t i = 0; i < weights.size(); i++) {
+      at::Tensor y = biases[i].defined() ? at::addmm(biases[i], x, weights[i].t()) : at::mm(x, weights[i].t());
+      int64_t j = adapter_of[i];
+      if (j >= 0) {
+        at::Tensor aj = a[j].to(x.scalar_type()), bj = b[j].to(x.scalar_type()), xd = x, mask;
+        if (dropouts[j] > 0) std::tie(xd, mask) = at::native_dropout(x, dropouts[j], true);
+        at::Tensor xa = at::mm(xd, aj.t()) * scales[j];
+        y.addmm_(xa, bj.t());
+        for (const at::Tensor& t : {xd, mask, xa, aj, bj}) saved.push_back(t);
+      }
+      ys.push_back(y);
+    }
+    ctx->saved_data["weights"] = weights;
+    ctx->saved_data["adapter_of"] = adapter_of;
+    ctx->saved_data["scales"] = scales;
+    ctx->saved_data["dropouts"] = dropouts;
+    ctx->saved_data["saved"] = saved;
+    ctx->saved_data["adapters"] = (int64_t)a.size();
+    return ys;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list dys) {
+    auto weights = ctx->saved_data["weights"].toTensorVector();
+    auto adapter_of = ctx->saved_data["adapter_of"].toIntVector();
+    auto scales = ctx->saved_data["scales"].toDoubleVector();
+    auto dropouts = ctx->saved_data["dropouts"].toDoubleVector();
+    auto saved = ctx->saved_data["saved"].toTensorVector();
+    int64_t m = ctx->saved_data["adapters"].toInt();
+    bool want_x = ctx->needs_input_grad(0);
+    at::Tensor dx;
+    auto accumulate = [&](const at::Tensor& d, const at::Tensor& w) {
+      if (!dx.defined()) dx = at::mm(d, w);
+      else dx.addmm_(d, w);
+    };
+    variable_list da(m), db(m);
+    for (size_t i = 0, k = 0; i < weights.size(); i++) {
+      int64_t j = adapter_of[i];
+      const at::Tensor& dy = dys[i];
+      if (j >= 0) k++;
+      if (!dy.defined()) continue;
+      if (want_x) accumulate(dy, weights[i]);
+      if (j < 0) continue;
+      const at::Tensor *xd = &saved[5 * (k - 1)], *mask = xd + 1, *xa = xd + 2, *aj = xd + 3, *bj = xd + 4;
+      at::Tensor u = at::mm(dy, *bj) * scales[j];  // ∂L/∂(dropout(x) Aᵀ)
+      db[j] = at::mm(dy.t(), *xa);
+      da[j] = at::mm(u.t(), *xd);
+      if (!want_x) continue;
+      if (mask->defined()) {
+        if (!dx.defined()) dx = at::zeros_like(*xd);
+        masked_accumulate(dx, *mask, u, *aj, 1.0 / (1.0 - dropouts[j]));
+      } else {
+        accumulate(u, *aj);
+      }
+    }
+    variable_list grads = {dx};
+    for (int64_t j = 0; j < m; j++) grads.push_back(da[j]);
+    for (int64_t j = 0; j < m; j++) grads.push_back(db[j]);
+    for (int k = 0; k < 5; k++) grads.push_back(at::Tensor());  // the non-tensor arguments
+    return grads;
   }
 };
 }  // namespace
@@ -148,3 +242,28 @@ extern "C" int ftscript_backward(const at::Tensor* const* roots, const at::Tenso
     torch::autograd::backward(r, g);
   });
 }
+
+// [`Projections`] of `x` by `n` frozen weights (`biases[i]` may be null); projection i has the
+// adapter `adapter_of[i]` (−1: none) of the `m` given by `a`, `b`, `scales`, `dropouts`.
+extern "C" int ftscript_projections(const char* src, const at::Tensor* x, const at::Tensor* const* weights,
+                                    const at::Tensor* const* biases, const int64_t* adapter_of, int n,
+                                    const at::Tensor* const* a, const at::Tensor* const* b, const double* scales,
+                                    const double* dropouts, int m, at::Tensor** out, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    kernel_source = src;
+    std::vector<at::Tensor> w, bias, av, bv;
+    for (int i = 0; i < n; i++) {
+      w.push_back(*weights[i]);
+      bias.push_back(biases[i] ? *biases[i] : at::Tensor());
+    }
+    for (int j = 0; j < m; j++) {
+      av.push_back(*a[j]);
+      bv.push_back(*b[j]);
+    }
+    variable_list ys = Projections::apply(*x, at::TensorList(av), at::TensorList(bv), w, bias, std::vector<int64_t>(adapter_of, adapter_of + n),
+                                          std::vector<double>(scales, scales + m),
+                                          std::vector<double>(dropouts, dropouts + m));
+    for (int i = 0; i < n; i++) out[i] = new at::Tensor(ys[i]);
+  });
+}
+

@@ -12,6 +12,7 @@ extern "C" {
     fn ftscript_swiglu(src: *const c_char, gate: *const C_tensor, up: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_swiglu_backward_(src: *const c_char, dout: *const C_tensor, gate: *const C_tensor, up: *const C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_rope(src: *const c_char, x: *const C_tensor, cos: *const C_tensor, sin: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_projections(src: *const c_char, x: *const C_tensor, weights: *const *const C_tensor, biases: *const *const C_tensor, adapter_of: *const i64, n: i32, a: *const *const C_tensor, b: *const *const C_tensor, scales: *const f64, dropouts: *const f64, m: i32, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_backward(roots: *const *const C_tensor, grads: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
 }
 
@@ -59,4 +60,44 @@ pub fn backward(roots: &[(&Tensor, &Tensor)]) -> anyhow::Result<()> {
     let g: Vec<*const C_tensor> = roots.iter().map(|(_, g)| g.as_ptr()).collect();
     // SAFETY: the pointers are live tensors borrowed for the call.
     super::call("backward", |err, len| unsafe { ftscript_backward(r.as_ptr(), g.as_ptr(), r.len() as i32, err, len) })
+}
+
+/// A LoRA adapter as [`projections`] takes it: `(A, B, scale, dropout)`.
+pub type Adapter<'a> = (&'a Tensor, &'a Tensor, f64, f64);
+
+/// The projections of one input `x` `[N, in]`, `y_i = x W_iᵀ + b_i (+ s · (dropout(x) Aᵀ) Bᵀ)`,
+/// as one autograd node (`src/cuda/autograd.cpp`, `Projections`), whose backward accumulates
+/// `∂L/∂x` from every projection and adapter into one buffer. Works on any device.
+pub fn projections(x: &Tensor, parts: &[(Tensor, Option<&Tensor>, Option<Adapter>)]) -> anyhow::Result<Vec<Tensor>> {
+    let weights: Vec<*const C_tensor> = parts.iter().map(|p| p.0.as_ptr()).collect();
+    let biases: Vec<*const C_tensor> = parts.iter().map(|p| p.1.map_or(std::ptr::null(), |b| b.as_ptr())).collect();
+    let adapters: Vec<&Adapter> = parts.iter().filter_map(|p| p.2.as_ref()).collect();
+    let mut next = 0;
+    let adapter_of: Vec<i64> = parts.iter().map(|p| if p.2.is_some() { next += 1; next - 1 } else { -1 }).collect();
+    let a: Vec<*const C_tensor> = adapters.iter().map(|l| l.0.as_ptr()).collect();
+    let b: Vec<*const C_tensor> = adapters.iter().map(|l| l.1.as_ptr()).collect();
+    let scales: Vec<f64> = adapters.iter().map(|l| l.2).collect();
+    let dropouts: Vec<f64> = adapters.iter().map(|l| l.3).collect();
+    let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); parts.len()];
+    // SAFETY: the pointers are live tensors borrowed for the call; on success every `out[i]` is a
+    // tensor allocated with `new`, owned (and freed) by the result.
+    super::call("projections", |err, len| unsafe {
+        ftscript_projections(
+            SOURCE.as_ptr() as *const c_char,
+            x.as_ptr(),
+            weights.as_ptr(),
+            biases.as_ptr(),
+            adapter_of.as_ptr(),
+            parts.len() as i32,
+            a.as_ptr(),
+            b.as_ptr(),
+            scales.as_ptr(),
+            dropouts.as_ptr(),
+            adapters.len() as i32,
+            out.as_mut_ptr(),
+            err,
+            len,
+        )
+    })?;
+    Ok(out.into_iter().map(|t| unsafe { Tensor::from_ptr(t) }).collect())
 }

@@ -3,11 +3,19 @@
 // loaded into fp32, computed there, and stored rounding to nearest even, as torch's
 // elementwise kernels do (`opmath`), rounding wherever torch's unfused op chain rounds.
 
+// Round to nearest even. From sm_80 on, the hardware conversion torch's `BFloat16(float)` uses
+// there (`__float2bfloat16`); before, the same rounding in integer arithmetic.
 __device__ __forceinline__ unsigned short f32_to_bf16(float f) {
+#if __CUDA_ARCH__ >= 800
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
   unsigned int u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return (unsigned short)(u >> 16);
+#endif
 }
 
 __device__ __forceinline__ unsigned short f32_to_f16(float f) {
@@ -165,43 +173,90 @@ __device__ void swiglu_bwd(const typename S::T* dy, const typename S::T* g, cons
 // `out = x·cos + rotate_half(x)·sin`, `rotate_half([a, b]) = [−b, a]`, each product rounded
 // before the sum as transformers' `q * cos + rotate_half(q) * sin` rounds. `sign` −1 gives the
 // backward (the transposed rotation) from `dy`. Each thread takes `width` pairs (j, j + D/2) of
-// one head: 8, moved as 16-byte words, when D/2 is a multiple of 8 and the rows are aligned
-// (`vec`), else 1.
+// `ROPE_HEADS` heads of one position, loading that position's cos/sin once: 8 pairs, moved as
+// 16-byte words, when D/2 is a multiple of 8 and the rows are aligned (`vec`), else 1. Threads
+// are numbered (position, head group, j) with j fastest.
+#define ROPE_HEADS 4
 template <typename S>
-__device__ void rope(const typename S::T* x, const typename S::T* cos, const typename S::T* sin, typename S::T* out,
-                     unsigned int groups, int heads, int dim, float sign, int vec) {
+__device__ void rope(const typename S::T* __restrict__ x, const typename S::T* __restrict__ cos,
+                     const typename S::T* __restrict__ sin, typename S::T* __restrict__ out, unsigned int threads,
+                     int heads, int dim, float sign, int vec) {
   unsigned int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= groups) return;
+  if (t >= threads) return;
   const int half = dim / 2, width = vec ? 8 : 1;
-  const unsigned int per_row = half / width;
-  const unsigned int row = t / per_row;  // (b, t, head)
+  const unsigned int per_row = half / width, groups = (heads + ROPE_HEADS - 1) / ROPE_HEADS;
   const int j = (int)(t % per_row) * width;
-  const unsigned int pos = row / heads;  // (b, t)
-  const typename S::T* xr = x + (size_t)row * dim;
+  const unsigned int rest = t / per_row;
+  const unsigned int pos = rest / groups;  // (b, t)
+  const int h0 = (int)(rest % groups) * ROPE_HEADS;
+  const int nh = min(ROPE_HEADS, heads - h0);
+  Chunk<S> c1, c2, s1, s2, x1[ROPE_HEADS], x2[ROPE_HEADS];
   const typename S::T* c = cos + (size_t)pos * dim;
   const typename S::T* s = sin + (size_t)pos * dim;
-  typename S::T* o = out + (size_t)row * dim;
-  Chunk<S> x1, x2, c1, c2, s1, s2, o1, o2;
-  x1.load(xr, j, j + width, vec);
-  x2.load(xr, j + half, j + half + width, vec);
   c1.load(c, j, j + width, vec);
   c2.load(c, j + half, j + half + width, vec);
   s1.load(s, j, j + width, vec);
   s2.load(s, j + half, j + half + width, vec);
+  const size_t first = ((size_t)pos * heads + h0) * dim;
 #pragma unroll
-  for (int k = 0; k < 8; k++) {
-    float a = S::load(x1.v[k]), b = S::load(x2.v[k]);
-    float ca = S::load(c1.v[k]), cb = S::load(c2.v[k]), sa = S::load(s1.v[k]), sb = S::load(s2.v[k]);
-    if (sign > 0) {
-      o1.v[k] = S::cvt(rnd<S>(a * ca) + rnd<S>(-b * sa));
-      o2.v[k] = S::cvt(rnd<S>(b * cb) + rnd<S>(a * sb));
-    } else {
-      o1.v[k] = S::cvt(rnd<S>(a * ca) + rnd<S>(b * sb));
-      o2.v[k] = S::cvt(rnd<S>(b * cb) + rnd<S>(-a * sa));
+  for (int h = 0; h < ROPE_HEADS; h++) {
+    if (h < nh) {
+      x1[h].load(x + first + (size_t)h * dim, j, j + width, vec);
+      x2[h].load(x + first + (size_t)h * dim, j + half, j + half + width, vec);
     }
   }
-  o1.store(o, j, j + width, vec);
-  o2.store(o, j + half, j + half + width, vec);
+#pragma unroll
+  for (int h = 0; h < ROPE_HEADS; h++) {
+    if (h >= nh) continue;
+    Chunk<S> o1, o2;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      float a = S::load(x1[h].v[k]), b = S::load(x2[h].v[k]);
+      float ca = S::load(c1.v[k]), cb = S::load(c2.v[k]), sa = S::load(s1.v[k]), sb = S::load(s2.v[k]);
+      if (sign > 0) {
+        o1.v[k] = S::cvt(rnd<S>(a * ca) + rnd<S>(-b * sa));
+        o2.v[k] = S::cvt(rnd<S>(b * cb) + rnd<S>(a * sb));
+      } else {
+        o1.v[k] = S::cvt(rnd<S>(a * ca) + rnd<S>(b * sb));
+        o2.v[k] = S::cvt(rnd<S>(b * cb) + rnd<S>(-a * sa));
+      }
+    }
+    o1.store(out + first + (size_t)h * dim, j, j + width, vec);
+    o2.store(out + first + (size_t)h * dim, j + half, j + half + width, vec);
+  }
+}
+
+// LoRA's input gradient through dropout, accumulated: `dx[n, j] += scale · mask[n, j] ·
+// Σ_k u[n, k] A[k, j]` for dx [N, D], mask [N, D] (bytes, 0/1), u [N, r], A [r, D], with the sum
+// in fp32 and one rounding. One thread per 8 consecutive j of a row (D a multiple of 8, all
+// pointers 16-byte aligned: the caller checks).
+template <typename S>
+__device__ void lora_dx(typename S::T* __restrict__ dx, const unsigned char* __restrict__ mask,
+                        const typename S::T* __restrict__ u, const typename S::T* __restrict__ a, long long n_rows,
+                        int dim, int rank, float scale) {
+  long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const int per_row = dim / 8;
+  if (t >= n_rows * per_row) return;
+  const long long row = t / per_row;
+  const int j = (int)(t % per_row) * 8;
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int k = 0; k < rank; k++) {
+    float uk = S::load(u[row * rank + k]);
+    Chunk<S> ak;
+    ak.load(a + (size_t)k * dim, j, dim, true);
+#pragma unroll
+    for (int c = 0; c < 8; c++) acc[c] = __fmaf_rn(uk, S::load(ak.v[c]), acc[c]);
+  }
+  const size_t e = (size_t)row * dim;
+  Chunk<S> d;
+  d.load(dx + e, j, dim, true);
+  unsigned long long m = *reinterpret_cast<const unsigned long long*>(mask + e + j);
+#pragma unroll
+  for (int c = 0; c < 8; c++) {
+    float keep = (float)((m >> (8 * c)) & 0xffull);
+    d.v[c] = S::cvt(S::load(d.v[c]) + scale * keep * acc[c]);
+  }
+  d.store(dx + e, j, dim, true);
 }
 
 #define FTSCRIPT_TYPED(S, suffix)                                                                                  \
@@ -213,8 +268,12 @@ __device__ void rope(const typename S::T* x, const typename S::T* cos, const typ
     swiglu_bwd<S>(dy, g, u, dg, du, n, vec);                                                                       \
   }                                                                                                                \
   extern "C" __global__ void rope_##suffix(const S::T* x, const S::T* c, const S::T* s, S::T* o,                  \
-                                           unsigned int groups, int heads, int dim, float sign, int vec) {        \
-    rope<S>(x, c, s, o, groups, heads, dim, sign, vec);                                                            \
+                                           unsigned int threads, int heads, int dim, float sign, int vec) {       \
+    rope<S>(x, c, s, o, threads, heads, dim, sign, vec);                                                            \
+  }                                                                                                                \
+  extern "C" __global__ void lora_dx_##suffix(S::T* dx, const unsigned char* m, const S::T* u, const S::T* a,     \
+                                              long long rows, int dim, int rank, float scale) {                   \
+    lora_dx<S>(dx, m, u, a, rows, dim, rank, scale);                                                               \
   }
 FTSCRIPT_TYPED(Bf16, bf16)
 FTSCRIPT_TYPED(F16, f16)

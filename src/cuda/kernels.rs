@@ -95,8 +95,8 @@ mod tests {
     /// The kernel source compiles for the GPUs we run on (Ampere, Hopper), with the NVRTC that
     /// ships beside torch's CUDA runtime, on a machine without a GPU.
     #[test]
-    fn kernels_compile_for_ampere_and_hopper() {
-        for arch in [80, 90] {
+    fn kernels_compile_for_turing_ampere_and_hopper() {
+        for arch in [75, 80, 90] {
             let size = super::compile_check(arch).unwrap_or_else(|e| panic!("sm_{arch}: {e}"));
             assert!(size > 1000, "sm_{arch}: cubin of {size} bytes");
         }

@@ -72,3 +72,15 @@ extern "C" int ftscript_clip_grad_norm(const at::Tensor* const* params, int n, d
     *total = new at::Tensor(norm);
   });
 }
+
+// Sets every defined gradient to zero, one multi-tensor kernel per device and dtype.
+extern "C" int ftscript_zero_grads(const at::Tensor* const* params, int n, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    c10::NoGradGuard no_grad;
+    for (const auto& [key, idx] : groups(params, n)) {
+      std::vector<at::Tensor> g;
+      for (int i : idx) g.push_back(params[i]->grad());
+      at::_foreach_zero_(g);
+    }
+  });
+}

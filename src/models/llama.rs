@@ -203,9 +203,10 @@ impl Attention {
         train: bool,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
-        let q = rotate(self.q_proj.forward(x, train), self.n_heads, self.head_dim, cos_sin, train);
-        let mut k = rotate(self.k_proj.forward(x, train), self.n_kv_heads, self.head_dim, cos_sin, train);
-        let mut v = self.v_proj.forward(x, train).view([b, t, self.n_kv_heads, self.head_dim]).transpose(1, 2);
+        let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x, train).try_into().unwrap();
+        let q = rotate(q, self.n_heads, self.head_dim, cos_sin, train);
+        let mut k = rotate(k, self.n_kv_heads, self.head_dim, cos_sin, train);
+        let mut v = v.view([b, t, self.n_kv_heads, self.head_dim]).transpose(1, 2);
         let mut past = 0;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -286,7 +287,7 @@ impl Mlp {
 
     /// `down(silu(gate(x)) · up(x))`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let (gate, up) = (self.gate_proj.forward(x, train), self.up_proj.forward(x, train));
+        let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.gate_proj, &self.up_proj], x, train).try_into().unwrap();
         self.down_proj.forward(&Mlp::swiglu(&gate, &up, train), train)
     }
 
@@ -314,7 +315,7 @@ impl Mlp {
         let mut dm = self.down_proj.base_input_grad(&dy2);
         if let Some(l) = &self.down_proj.lora {
             let m = tch::no_grad(|| Mlp::swiglu(&gate, &up, true)).set_requires_grad(true);
-            let delta = l.add_to(dy2.zeros_like(), &m, true);
+            let delta = l.delta(&m, true);
             crate::cuda::autograd::backward(&[(&delta, &dy2)])?;
             dm += m.grad();
         }
@@ -421,7 +422,7 @@ impl DecoderLayer {
         let (y2, dh2) = (y.reshape([-1, o.in_features()]), dh.reshape([-1, o.out_features()]));
         let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2)), (x.shallow_clone(), dh.shallow_clone())];
         if let Some(l) = &o.lora {
-            roots.push((l.add_to(dh2.zeros_like(), &y2, true), dh2));
+            roots.push((l.delta(&y2, true), dh2));
         }
         roots
     }

@@ -105,18 +105,29 @@ impl Lora {
 
     /// `y + s · dropout(x) Aᵀ Bᵀ` for the base output `y` `[N, out]` of `x` `[N, in]`, added into
     /// `y` in place by one GEMM (`y += (s · dropout(x) Aᵀ) Bᵀ`: the scale applies to the
-    /// `[N, r]` product, and no `[N, out]` delta is formed). Computed in `x`'s dtype (adapters
-    /// may be kept in fp32 while the base runs in bf16/fp16; gradients flow back through the
-    /// cast).
+    /// `[N, r]` product, and no `[N, out]` delta is formed).
     pub fn add_to(&self, mut y: Tensor, x: &Tensor, train: bool) -> Tensor {
+        let (xa, b) = self.down(x, train);
+        let _ = y.addmm_(&xa, &b.tr());
+        y
+    }
+
+    /// The update alone, `(s · dropout(x) Aᵀ) Bᵀ` `[N, out]`.
+    pub fn delta(&self, x: &Tensor, train: bool) -> Tensor {
+        let (xa, b) = self.down(x, train);
+        xa.matmul(&b.tr())
+    }
+
+    /// `s · dropout(x) Aᵀ` `[N, r]` and `B`, in `x`'s dtype (adapters may be kept in fp32 while the
+    /// base runs in bf16/fp16; gradients flow back through the cast).
+    fn down(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
         let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let (a, b) = if self.a.kind() == x.kind() {
             (self.a.shallow_clone(), self.b.shallow_clone())
         } else {
             (self.a.to_kind(x.kind()), self.b.to_kind(x.kind()))
         };
-        let _ = y.addmm_(&(x.matmul(&a.tr()) * self.scale), &b.tr());
-        y
+        (x.matmul(&a.tr()) * self.scale, b)
     }
 
     /// The dense update `s · B A`, shaped like the base weight.
@@ -155,9 +166,110 @@ impl Linear {
         y.view(shape.as_slice())
     }
 
+    /// `layers`' projections of one input `x` (q, k, v; or gate, up). While training on a GPU
+    /// they form one autograd node whose backward sums the input's gradient from every
+    /// projection and adapter in one buffer ([`crate::cuda::autograd::projections`]);
+    /// otherwise each layer's [`Linear::forward`]. Errors panic, as tch's ops do (the script
+    /// layer turns them into errors).
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
+        if !(train && x.device().is_cuda()) {
+            return layers.iter().map(|l| l.forward(x, train)).collect();
+        }
+        let mut shape = x.size();
+        let x2 = x.reshape([-1, *shape.last().unwrap()]);
+        let parts: Vec<_> = layers
+            .iter()
+            .map(|l| (l.weight.for_input(x.kind()), l.bias.as_ref(), l.lora.as_ref().map(|a| (&a.a, &a.b, a.scale, a.dropout))))
+            .collect();
+        let ys = crate::cuda::autograd::projections(&x2, &parts).unwrap_or_else(|e| panic!("{e:#}"));
+        ys.into_iter()
+            .zip(layers)
+            .map(|(y, l)| {
+                *shape.last_mut().unwrap() = l.out_features();
+                y.view(shape.as_slice())
+            })
+            .collect()
+    }
+
     /// `∂L/∂x = ∂L/∂y · W` through the frozen base weight alone (the adapter's part and the
     /// weight's own gradient are autograd's business).
     pub fn base_input_grad(&self, dy: &Tensor) -> Tensor {
         dy.matmul(&self.weight.for_input(dy.kind()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn layer(out: i64, inp: i64, adapter: Option<f64>, bias: bool) -> Linear {
+        let w = Tensor::randn([out, inp], (Kind::Float, Device::Cpu)) * 0.1;
+        let lora = adapter.map(|dropout| {
+            let mut l = Lora::new(inp, out, 4, 2.0, dropout, Kind::Float, Device::Cpu, &mut rand::thread_rng());
+            l.b = (Tensor::randn([out, 4], (Kind::Float, Device::Cpu)) * 0.1).set_requires_grad(true);
+            l
+        });
+        Linear { name: "p".into(), weight: Weight::Dense(w), bias: bias.then(|| Tensor::randn([out], (Kind::Float, Device::Cpu))), lora }
+    }
+
+    /// The fused projections node against separate layers through autograd: outputs and the
+    /// gradients of the input and of every adapter, with and without dropout (the same masks:
+    /// both draw them with `native_dropout`, in projection order, from the same seed).
+    #[test]
+    fn shared_projections_match_separate_layers() {
+        tch::manual_seed(0);
+        for dropout in [0.0, 0.3] {
+            let layers = [layer(6, 8, Some(dropout), false), layer(5, 8, None, true), layer(6, 8, Some(dropout), false)];
+            let refs: Vec<&Linear> = layers.iter().collect();
+            let x0 = Tensor::randn([7, 8], (Kind::Float, Device::Cpu));
+            let dys: Vec<Tensor> = layers.iter().map(|l| Tensor::randn([7, l.out_features()], (Kind::Float, Device::Cpu))).collect();
+            let run = |fused: bool| {
+                let x = x0.copy().set_requires_grad(true);
+                tch::manual_seed(7);
+                let ys: Vec<Tensor> = if fused {
+                    let parts: Vec<_> = refs.iter().map(|l| (l.weight.dense(), l.bias.as_ref(), l.lora.as_ref().map(|a| (&a.a, &a.b, a.scale, a.dropout)))).collect();
+                    crate::cuda::autograd::projections(&x, &parts).unwrap()
+                } else {
+                    refs.iter()
+                        .map(|l| {
+                            let y = x.linear(&l.weight.dense(), l.bias.as_ref());
+                            match &l.lora {
+                                Some(a) => {
+                                    let xd = if a.dropout > 0.0 { x.native_dropout(a.dropout, true).0 } else { x.shallow_clone() };
+                                    y + xd.matmul(&a.a.tr()).matmul(&a.b.tr()) * a.scale
+                                }
+                                None => y,
+                            }
+                        })
+                        .collect()
+                };
+                let roots: Vec<(&Tensor, &Tensor)> = ys.iter().zip(&dys).collect();
+                for l in &layers {
+                    if let Some(a) = &l.lora {
+                        let (mut ga, mut gb) = (a.a.grad(), a.b.grad());
+                        if ga.defined() {
+                            let _ = (ga.zero_(), gb.zero_());
+                        }
+                    }
+                }
+                crate::cuda::autograd::backward(&roots).unwrap();
+                let mut grads = vec![x.grad()];
+                for l in &layers {
+                    if let Some(a) = &l.lora {
+                        grads.push(a.a.grad().copy());
+                        grads.push(a.b.grad().copy());
+                    }
+                }
+                (ys.into_iter().map(|y| y.detach()).collect::<Vec<_>>(), grads)
+            };
+            let (ys, gs) = run(true);
+            let (ye, ge) = run(false);
+            for (a, b) in ys.iter().zip(&ye).chain(gs.iter().zip(&ge)) {
+                let err = (a - b).abs().max().double_value(&[]);
+                assert!(err < 1e-5, "dropout {dropout}: differs by {err}");
+            }
+            assert!(gs[0].abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        }
     }
 }

@@ -14,6 +14,7 @@ use torch_sys::C_tensor;
 extern "C" {
     fn ftscript_adamw_fused(params: *const *const C_tensor, exp_avg: *const *const C_tensor, exp_avg_sq: *const *const C_tensor, n: i32, step: i64, lr: f64, beta1: f64, beta2: f64, weight_decay: f64, eps: f64, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_clip_grad_norm(params: *const *const C_tensor, n: i32, max_norm: f64, total: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_zero_grads(params: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
 }
 
 fn ptrs(ts: &[Tensor]) -> Vec<*const C_tensor> {
@@ -91,4 +92,12 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> anyhow::Result<Tensor
     // with `new` and is owned by the result.
     crate::cuda::call("clip_grad_norm", |err, len| unsafe { ftscript_clip_grad_norm(p.as_ptr(), p.len() as i32, max_norm, &mut total, err, len) })?;
     Ok(unsafe { Tensor::from_ptr(total) })
+}
+
+/// Sets the parameters' gradients to zero (those that have one), with one multi-tensor kernel
+/// per device and dtype instead of one per parameter.
+pub fn zero_grads(params: &[Tensor]) -> anyhow::Result<()> {
+    let p = ptrs(params);
+    // SAFETY: the pointers are live tensors borrowed for the call.
+    crate::cuda::call("zero_grads", |err, len| unsafe { ftscript_zero_grads(p.as_ptr(), p.len() as i32, err, len) })
 }

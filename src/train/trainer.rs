@@ -13,7 +13,7 @@
 use super::batch::{collate, head_loss_backward, loss_sum, plan_epoch, Batch, BatchConfig};
 use super::checkpoint::{self, TrainerState};
 use super::logger::RunLogger;
-use super::optim::{clip_grad_norm, AdamW};
+use super::optim::{clip_grad_norm, zero_grads, AdamW};
 use super::schedule::{lr_at, Schedule};
 use crate::data::format::Example;
 use crate::dist::ProcessGroup;
@@ -429,15 +429,11 @@ pub fn train(
             loss_total += forward_backward(net, b, weight, checkpointing, seed)?;
             step_tokens += b.n_tokens;
         }
-        let mut loss_sum = loss_total.double_value(&[]);
         if let Some(g) = pg {
             // Σ over ranks of (local loss gradient / window tokens) = the global batch's gradient
             let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
             g.bucketed(&grads, |t| g.all_reduce_sum(t))?;
-            let s = g.sum_f64(&[loss_sum, step_tokens as f64])?;
-            (loss_sum, step_tokens) = (s[0], s[1] as i64);
         }
-        window_tokens += step_tokens;
         if state.loss_scale != 1.0 {
             let _g = tch::no_grad_guard();
             for p in &params {
@@ -447,9 +443,10 @@ pub fn train(
                 }
             }
         }
-        let grad_norm = clip_grad_norm(&params, cfg.max_grad_norm)?.double_value(&[]);
-        let loss = loss_sum / n_label.max(1) as f64;
-        let skipped = fp16 && !grad_norm.is_finite();
+        let norm = clip_grad_norm(&params, cfg.max_grad_norm)?;
+        // fp16 must see the norm before stepping; otherwise the step is queued first and the loss
+        // and norm come back in one transfer, the step's only wait for the GPU
+        let skipped = fp16 && !norm.double_value(&[]).is_finite();
         if skipped {
             state.loss_scale /= 2.0;
             state.good_steps = 0;
@@ -463,10 +460,16 @@ pub fn train(
                 }
             }
         }
-        for p in &params {
-            let mut p = p.shallow_clone();
-            p.zero_grad();
+        zero_grads(&params)?;
+        let read = Tensor::stack(&[loss_total.to_kind(Kind::Double), norm.to_device(loss_total.device()).to_kind(Kind::Double)], 0);
+        let read = Vec::<f64>::try_from(read.to_device(tch::Device::Cpu))?;
+        let (mut loss_sum, grad_norm) = (read[0], read[1]);
+        if let Some(g) = pg {
+            let s = g.sum_f64(&[loss_sum, step_tokens as f64])?;
+            (loss_sum, step_tokens) = (s[0], s[1] as i64);
         }
+        window_tokens += step_tokens;
+        let loss = loss_sum / n_label.max(1) as f64;
         state.step += 1;
         state.batch_in_epoch = end;
         progress.set_position(state.step as u64);
