@@ -88,6 +88,14 @@ let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: f
 H200_BF16_FLOPS = 989.4e12  # dense bf16 tensor-core peak of the H200 SXM
 
 
+def base_params(shape):
+    """Weights of the (untied) Llama shape, counted dense whatever the storage (4-bit included)."""
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return 2 * shape["vocab_size"] * h + layers * per_layer + h
+
+
 def useful_flops_per_token(nparams, shape, seq):
     """The work a LoRA step must do per token, whatever the implementation: forward 2N and the
     activation gradients 2N through the frozen weights (no recomputation counted), plus causal
@@ -125,7 +133,7 @@ def main():
             print(p.stderr[-2000:], file=sys.stderr)
         else:
             print(json.dumps(peer), flush=True)
-            mfu = lambda tok_s: tok_s * useful_flops_per_token(peer["params"], SHAPES[a.shape], a.seq) / H200_BF16_FLOPS
+            mfu = lambda tok_s: tok_s * useful_flops_per_token(base_params(SHAPES[a.shape]), SHAPES[a.shape], a.seq) / H200_BF16_FLOPS
             print(f"RATIO {a.shape} ckpt={not a.no_ckpt} {a.targets} r={a.r}: ftscript {ours['tokens_per_s']} tok/s "
                   f"vs {peer['peer']} {peer['tokens_per_s']} tok/s = {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x; "
                   f"MFU {mfu(ours['tokens_per_s']):.1%} vs {mfu(peer['tokens_per_s']):.1%}; "

@@ -64,7 +64,7 @@ impl Profiler {
 pub fn kind_of(kernel: &str) -> &'static str {
     let k = kernel.to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| k.contains(w));
-    if has(&["swiglu", "rope_", "dequant4"]) {
+    if has(&["swiglu", "rope_", "dequant4", "lora_dx"]) {
         "ftscript fused kernels"
     } else if has(&["flash", "fmha", "attention", "sdpa"]) {
         "attention"
@@ -143,6 +143,7 @@ mod tests {
         assert_eq!(kind_of("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64"), "matmul");
         assert_eq!(kind_of("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>"), "attention");
         assert_eq!(kind_of("swiglu_bwd_bf16"), "ftscript fused kernels");
+        assert_eq!(kind_of("lora_dx_bf16"), "ftscript fused kernels");
         assert_eq!(kind_of("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>"), "elementwise");
         assert_eq!(kind_of("Memcpy DtoD (Device -> Device)"), "copies");
         let s = Summary::of(10.0, vec![("a_gemm".to_string(), 3.0), ("a_gemm".to_string(), 1.0), ("Memset".to_string(), 1.0)].into_iter());
