@@ -8,6 +8,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -113,6 +114,9 @@ struct Rope : public torch::autograd::Function<Rope> {
   }
 };
 
+// Set once a kernel launch from a backward failed (no NVRTC, say): the ops do the work from then on.
+std::atomic<bool> backward_kernels_failed{false};
+
 // dx += scale · mask ⊙ (u A): one kernel (kernels.cu's `lora_dx`) on a GPU when the rows are
 // 16-byte aligned, else the ops (whose u A and masked product round separately).
 void masked_accumulate(at::Tensor& dx, const at::Tensor& mask, const at::Tensor& u, const at::Tensor& a, double scale) {
@@ -120,12 +124,17 @@ void masked_accumulate(at::Tensor& dx, const at::Tensor& mask, const at::Tensor&
   long long rows = dx.size(0);
   int dim = (int)dx.size(1), rank = (int)a.size(0);
   if (dx.is_cuda() && dx.is_contiguous() && dim % 8 == 0 && aligned16({&dx, &m, &uc, &ac}) &&
-      m.scalar_type() == at::kBool) {
+      m.scalar_type() == at::kBool && !backward_kernels_failed) {
     void *pd = dx.data_ptr(), *pm = m.data_ptr(), *pu = uc.data_ptr(), *pa = ac.data_ptr();
     float s = (float)scale;
     void* params[] = {&pd, &pm, &pu, &pa, &rows, &dim, &rank, &s};
-    launch("lora_dx", dx, rows * (dim / 8), params);
-    return;
+    try {
+      launch("lora_dx", dx, rows * (dim / 8), params);
+      return;
+    } catch (const std::exception& e) {
+      backward_kernels_failed = true;
+      fprintf(stderr, "ftscript: lora_dx kernel unavailable, using libtorch ops instead: %s\n", e.what());
+    }
   }
   dx.add_(at::native_dropout_backward(at::mm(u, a), mask, scale));
 }
