@@ -157,6 +157,7 @@ struct Projections : public torch::autograd::Function<Projections> {
       at::Tensor y = biases[i].defined() ? at::addmm(biases[i], x, weights[i].t()) : at::mm(x, weights[i].t());
       int64_t j = adapter_of[i];
       if (j >= 0) {
+        TORCH_CHECK(j == (int64_t)saved.size() / 5, "projections: adapters must be numbered in projection order");
         at::Tensor aj = a[j].to(x.scalar_type()), bj = b[j].to(x.scalar_type()), xd = x, mask;
         if (dropouts[j] > 0) std::tie(xd, mask) = at::native_dropout(x, dropouts[j], true);
         at::Tensor xa = at::mm(xd, aj.t()) * scales[j];
@@ -187,14 +188,14 @@ struct Projections : public torch::autograd::Function<Projections> {
       else dx.addmm_(d, w);
     };
     variable_list da(m), db(m);
-    for (size_t i = 0, k = 0; i < weights.size(); i++) {
+    for (size_t i = 0; i < weights.size(); i++) {
       int64_t j = adapter_of[i];
       const at::Tensor& dy = dys[i];
-      if (j >= 0) k++;
       if (!dy.defined()) continue;
       if (want_x) accumulate(dy, weights[i]);
       if (j < 0) continue;
-      const at::Tensor *xd = &saved[5 * (k - 1)], *mask = xd + 1, *xa = xd + 2, *aj = xd + 3, *bj = xd + 4;
+      // forward saved adapter j's five tensors j-th (adapters are numbered in projection order)
+      const at::Tensor *xd = &saved[5 * j], *mask = xd + 1, *xa = xd + 2, *aj = xd + 3, *bj = xd + 4;
       at::Tensor u = at::mm(dy, *bj) * scales[j];  // ∂L/∂(dropout(x) Aᵀ)
       db[j] = at::mm(dy.t(), *xa);
       da[j] = at::mm(u.t(), *xd);
