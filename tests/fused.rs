@@ -8,9 +8,10 @@ use common::*;
 use ftscript::cuda::autograd;
 use tch::{Device, Kind, Tensor};
 
-fn cuda() -> Option<Device> {
+/// The GPU, with [`RNG`] held for the test's duration; `None` (the test skips) without CUDA.
+fn cuda() -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
     if tch::Cuda::is_available() {
-        Some(Device::Cuda(0))
+        Some((Device::Cuda(0), RNG.lock().unwrap_or_else(|e| e.into_inner())))
     } else {
         eprintln!("skipped: needs CUDA");
         None
@@ -34,7 +35,7 @@ fn ulps(a: &Tensor, b: &Tensor) -> (f64, f64) {
     (worst, differing)
 }
 
-/// Held by every test here: they draw from libtorch's global generators, and the projections
+/// Held by every test here (taken by [`cuda`]): they draw from libtorch's global generators, and the projections
 /// test needs the same dropout masks in two runs, which a test drawing on another thread would
 /// change.
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -45,8 +46,7 @@ fn leaf(t: &Tensor) -> Tensor {
 
 #[test]
 fn fused_swiglu_matches_silu_times_up() {
-    let Some(dev) = cuda() else { return };
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((dev, _rng)) = cuda() else { return };
     tch::manual_seed(1);
     for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
         // a transformer's shape, and one whose size is not a multiple of 8
@@ -75,8 +75,7 @@ fn fused_swiglu_matches_silu_times_up() {
 
 #[test]
 fn fused_rope_matches_the_rotate_half_ops() {
-    let Some(dev) = cuda() else { return };
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((dev, _rng)) = cuda() else { return };
     tch::manual_seed(2);
     for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
         for (b, t, heads, d) in [(2i64, 256i64, 32i64, 128i64), (3, 17, 5, 64)] {
@@ -112,8 +111,7 @@ fn fused_rope_matches_the_rotate_half_ops() {
 /// same dropout masks (both draw them with `native_dropout` in projection order).
 #[test]
 fn shared_projections_match_separate_layers_on_the_gpu() {
-    let Some(dev) = cuda() else { return };
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((dev, _rng)) = cuda() else { return };
     for kind in [Kind::BFloat16, Kind::Float] {
         // rows aligned for the kernel (256 columns), and not (100: the ops' fallback)
         for (inp, rank) in [(256i64, 8i64), (256, 5), (100, 8)] {
