@@ -74,6 +74,10 @@ let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: f
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
         raise SystemExit("ftscript failed")
+    # warnings (a kernel falling back to libtorch ops, say) explain a slow number
+    for line in (p.stdout + p.stderr).splitlines():
+        if "WARN" in line or "ERROR" in line:
+            print("ftscript:", line[-600:], file=sys.stderr)
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l][:steps]
     if a.profile:
         print(open(os.path.join(out, "profile", "summary.txt")).read(), file=sys.stderr, flush=True)

@@ -174,3 +174,87 @@ fn shared_projections_match_separate_layers_on_the_gpu() {
         }
     }
 }
+
+/// The fused cross-entropy (one kernel: loss per row, gradient written over the logits) against
+/// the ops it replaces: the summed loss to fp32 rounding, the gradient to the last bit of the
+/// dtype (the kernel's log-sum-exp sums in another order), with ignored rows (-100) zero. A
+/// 32k vocabulary, and one that is not a multiple of 8 (no vector loads).
+#[test]
+fn fused_cross_entropy_matches_the_ops() {
+    let Some((dev, _rng)) = cuda() else { return };
+    tch::manual_seed(4);
+    for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
+        for (rows, vocab) in [(512i64, 32000i64), (37, 1001)] {
+            let z = (Tensor::randn([rows, vocab], (Kind::Float, dev)) * 4.0).to_kind(kind);
+            let target = Tensor::randint(vocab, [rows], (Kind::Int64, dev));
+            let _ = target.narrow(0, 0, 3).fill_(-100);
+            let zk = z.copy();
+            // (for fp32 logits the ops work in place over `z`)
+            let (loss_ops, grad_ops) = ftscript::train::batch::cross_entropy_with_grad_ops(&z, &target, 0.25);
+            let loss = ftscript::cuda::kernels::cross_entropy_grad_(&zk, &target, 0.25).unwrap_or_else(|| panic!("kernel unavailable: {:?}", ftscript::cuda::kernels::unavailable_reason()));
+            let (a, b) = (loss.double_value(&[]), loss_ops.double_value(&[]));
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{kind:?} {rows}x{vocab}: loss {a} vs {b}");
+            assert_eq!(zk.narrow(0, 0, 3).abs().max().double_value(&[]), 0.0, "ignored rows have a gradient");
+            let (worst, differing) = ulps(&zk, &grad_ops);
+            println!("cross-entropy {kind:?} {rows}x{vocab}: worst {worst:.2} ulp, {:.4}% of elements differ", differing * 100.0);
+            // an fp32 gradient shows the log-sum-exp's own rounding (|Δlse| ≈ 2⁻²⁴·lse, ~10 ulp);
+            // fp16 gradients below 2⁻¹⁴ are subnormal, where one step (2⁻²⁴) is many "ulp"
+            let (max_ulp, max_differing) = if kind == Kind::Float { (64.0, 1.0) } else { (2.0, 0.02) };
+            let normal = grad_ops.abs().ge(if kind == Kind::Half { 2f64.powi(-14) } else { 0.0 });
+            let (worst, _) = ulps(&zk.masked_select(&normal), &grad_ops.masked_select(&normal));
+            let tiny = (&zk - &grad_ops).abs().masked_select(&normal.logical_not()).to_kind(Kind::Double);
+            let tiny = if tiny.numel() > 0 { tiny.max().double_value(&[]) } else { 0.0 };
+            assert!(worst <= max_ulp && differing <= max_differing && tiny <= 2f64.powi(-23), "{kind:?} {rows}x{vocab}: gradient {worst} ulp, {differing} differ, subnormals off by {tiny}");
+        }
+    }
+}
+
+/// RMSNorm with the residual add fused (`add_rms_norm`) against the ops it replaces, `s = h + δ`
+/// then libtorch's `_fused_rms_norm(s)`: the sum to the bit, the norm to 2 units in the last
+/// place of bf16/fp16 (the fp32 sum of squares adds in another order); backward — the norm's input gradient
+/// plus the sum's own, rounded once (autograd rounds twice, so cancelling terms leave it far off
+/// in relative terms) — to 2 units of the exact fp64 value; with and without δ, widths 64 to
+/// 8192; and `None` for a width the kernel does not take.
+#[test]
+fn fused_residual_rms_norm_matches_the_ops() {
+    let Some((dev, _rng)) = cuda() else { return };
+    tch::manual_seed(6);
+    for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
+        for (shape, with_delta) in [([2i64, 128, 4096], true), ([3, 37, 64], true), ([1, 16, 8192], true), ([2, 64, 4096], false)] {
+            let h0 = Tensor::randn(shape, (kind, dev));
+            let d0 = Tensor::randn(shape, (kind, dev));
+            let w = (Tensor::randn([shape[2]], (Kind::Float, dev)) * 0.1 + 1.0).to_kind(kind);
+            let (dsum, dy) = (Tensor::randn(shape, (kind, dev)), Tensor::randn(shape, (kind, dev)));
+            let (h, d) = (leaf(&h0), leaf(&d0));
+            let (sum, out) = autograd::add_rms_norm(&h, with_delta.then_some(&d), &w, 1e-5).unwrap_or_else(|| panic!("kernel unavailable: {:?}", ftscript::cuda::kernels::unavailable_reason()));
+            let (h2, d2) = (leaf(&h0), leaf(&d0));
+            let sum2 = if with_delta { &h2 + &d2 } else { h2.shallow_clone() };
+            let out2 = sum2.internal_fused_rms_norm([shape[2]].as_slice(), Some(&w), 1e-5).0;
+            assert!(same_bits(&sum, &sum2), "{kind:?} {shape:?}: the sum differs");
+            let (worst, differing) = ulps(&out, &out2);
+            // fp32 output shows the two sums' own rounding (~1e-7 relative, a few ulp)
+            let (max_ulp, max_differing) = if kind == Kind::Float { (32.0, 1.0) } else { (2.0, 0.01) };
+            assert!(worst <= max_ulp && differing <= max_differing, "{kind:?} {shape:?}: norm {worst} ulp, {differing} differ");
+            // without δ the sum is h itself: its own gradient would reach h apart (autograd adds it)
+            let dsum = if with_delta { dsum } else { dsum.zeros_like() };
+            autograd::backward(&[(&sum, &dsum), (&out, &dy)]).unwrap();
+            autograd::backward(&[(&sum2, &dsum), (&out2, &dy)]).unwrap();
+            // exact: dsum + r·g − s·r³·mean(g ⊙ s), g = w ⊙ dy, r = 1/√(mean(s²) + ε), in fp64
+            let f = |t: &Tensor| t.to_kind(Kind::Double);
+            let s = f(&sum2);
+            let r = (s.square().mean_dim(-1, true, Kind::Double) + 1e-5).rsqrt();
+            let g = f(&dy) * f(&w);
+            let exact = f(&dsum) + &r * &g - &s * r.pow_tensor_scalar(3) * (&g * &s).mean_dim(-1, true, Kind::Double);
+            let exact = exact.to_kind(kind);
+            let (worst, differing) = ulps(&h.grad(), &exact);
+            let (worst_ops, _) = ulps(&h2.grad(), &exact);
+            println!("add_rms_norm {kind:?} {shape:?}: backward worst {worst:.2} ulp from exact, {:.4}% differ (the ops: {worst_ops:.2})", differing * 100.0);
+            assert!(worst <= 2.0 && differing < 0.05, "{kind:?} {shape:?}: input gradient {worst} ulp from exact, {differing} differ");
+            if with_delta {
+                assert!(same_bits(&h.grad(), &d.grad()), "{kind:?} {shape:?}: h and δ got different gradients");
+            }
+        }
+    }
+    let odd = Tensor::randn([2, 5, 100], (Kind::BFloat16, dev));
+    assert!(autograd::add_rms_norm(&odd, None, &Tensor::ones([100], (Kind::BFloat16, dev)), 1e-5).is_none());
+}

@@ -47,6 +47,12 @@ int aligned16(std::initializer_list<const at::Tensor*> ts) {
   return 1;
 }
 
+// `t` contiguous, starting on a 16-byte boundary (copied if it must be).
+at::Tensor aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return aligned16({&c}) ? c : c.clone();
+}
+
 // silu(gate) · up; saves the two inputs (not the SiLU output, which backward recomputes).
 struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
@@ -111,6 +117,56 @@ struct Rope : public torch::autograd::Function<Rope> {
     at::Tensor dy = grads[0].contiguous(), dx = at::empty_like(dy);
     run(dy, saved[0], saved[1], dx, -1.0f);
     return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+// RMSNorm of `h + delta` by a frozen weight w over the last dimension (a multiple of 8, at most
+// 8192): returns (h + delta, norm) — or, without delta (`has_delta` false; pass h), (norm). Backward
+// adds the norm's input gradient to the sum's own in the same kernel and hands the total to both
+// h and delta, as autograd's add would. Saves the sum and the per-row 1/rms.
+struct AddRmsNorm : public torch::autograd::Function<AddRmsNorm> {
+  static const unsigned threads = 256;  // kernels.cu's RMS_THREADS
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& delta,
+                               const at::Tensor& w, double eps, bool has_delta) {
+    const int64_t dim = h.size(-1);
+    TORCH_CHECK(dim % 8 == 0 && dim <= 8192 && w.dim() == 1 && w.size(0) == dim && w.scalar_type() == h.scalar_type() &&
+                    delta.sizes() == h.sizes() && delta.scalar_type() == h.scalar_type(),
+                "add_rms_norm: h ", h.sizes(), ", delta ", delta.sizes(), ", weight ", w.sizes(), " do not fit");
+    at::Tensor hc = aligned(h), dc = has_delta ? aligned(delta) : at::Tensor(), wc = aligned(w);
+    at::Tensor sum = has_delta ? at::empty_like(hc) : hc, out = at::empty_like(hc);
+    const int64_t rows = hc.numel() / dim;
+    at::Tensor rstd = at::empty({rows}, hc.options().dtype(at::kFloat));
+    void *ph = hc.data_ptr(), *pd = has_delta ? dc.data_ptr() : nullptr, *pw = wc.data_ptr(), *ps = sum.data_ptr(),
+         *po = out.data_ptr(), *pr = rstd.data_ptr();
+    int d = (int)dim;
+    float e = (float)eps;
+    void* params[] = {&ph, &pd, &pw, &ps, &po, &pr, &d, &e};
+    launch("add_rms_norm", hc, rows * threads, params);
+    ctx->save_for_backward({sum, wc, rstd});
+    ctx->saved_data["has_delta"] = has_delta;
+    if (has_delta) return {sum, out};
+    return {out};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &sum = saved[0], &w = saved[1], &rstd = saved[2];
+    const bool has_delta = ctx->saved_data["has_delta"].toBool();
+    const at::Tensor& dsum_in = has_delta ? grads[0] : at::Tensor();
+    const at::Tensor& dy_in = has_delta ? grads[1] : grads[0];
+    at::Tensor dsum = dsum_in.defined() ? aligned(dsum_in) : at::Tensor(), dx;
+    if (dy_in.defined()) {
+      at::Tensor dy = aligned(dy_in);
+      dx = at::empty_like(sum);
+      const int64_t dim = sum.size(-1), rows = sum.numel() / dim;
+      void *pdy = dy.data_ptr(), *ps = sum.data_ptr(), *pw = w.data_ptr(), *pr = rstd.data_ptr(),
+           *pres = dsum.defined() ? dsum.data_ptr() : nullptr, *pdx = dx.data_ptr();
+      int d = (int)dim;
+      void* params[] = {&pdy, &ps, &pw, &pr, &pres, &pdx, &d};
+      launch("rms_norm_bwd", sum, rows * threads, params);
+    } else {
+      dx = dsum;
+    }
+    return {dx, has_delta ? dx : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -277,3 +333,14 @@ extern "C" int ftscript_projections(const char* src, const at::Tensor* x, const 
   });
 }
 
+
+// [`AddRmsNorm`] of `h` and `delta` (null: none) by `w`: `*sum` (null without delta) and `*out`.
+extern "C" int ftscript_add_rms_norm(const char* src, const at::Tensor* h, const at::Tensor* delta, const at::Tensor* w,
+                                     double eps, at::Tensor** sum, at::Tensor** out, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    kernel_source = src;
+    variable_list r = AddRmsNorm::apply(*h, delta ? *delta : *h, *w, eps, delta != nullptr);
+    *sum = delta ? new at::Tensor(r[0]) : nullptr;
+    *out = new at::Tensor(r.back());
+  });
+}

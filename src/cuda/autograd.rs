@@ -13,6 +13,7 @@ extern "C" {
     fn ftscript_swiglu_backward_(src: *const c_char, dout: *const C_tensor, gate: *const C_tensor, up: *const C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_rope(src: *const c_char, x: *const C_tensor, cos: *const C_tensor, sin: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_projections(src: *const c_char, x: *const C_tensor, weights: *const *const C_tensor, biases: *const *const C_tensor, adapter_of: *const i64, n: i32, a: *const *const C_tensor, b: *const *const C_tensor, scales: *const f64, dropouts: *const f64, m: i32, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_add_rms_norm(src: *const c_char, h: *const C_tensor, delta: *const C_tensor, w: *const C_tensor, eps: f64, sum: *mut *mut C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_backward(roots: *const *const C_tensor, grads: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
 }
 
@@ -46,6 +47,22 @@ pub fn swiglu_backward_in_place(dout: &Tensor, gate: &Tensor, up: &Tensor) -> bo
 /// `x·cos + rotate_half(x)·sin` in one kernel each way, output laid out like `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
     fused(x, |out, err, len| unsafe { ftscript_rope(SOURCE.as_ptr() as *const c_char, x.as_ptr(), cos.as_ptr(), sin.as_ptr(), out, err, len) })
+}
+
+/// RMSNorm after a residual add, `(s, w ⊙ s / √(mean(s²) + ε))` for `s = h + delta` (or `h`), over
+/// the last dimension, one kernel each way; backward adds the norm's input gradient to the
+/// sum's own. The norm rounds once, as libtorch's `_fused_rms_norm`; `w` must be frozen and in
+/// `h`'s dtype, rows a multiple of 8 wide and at most 8192. `None` where it cannot run.
+pub fn add_rms_norm(h: &Tensor, delta: Option<&Tensor>, w: &Tensor, eps: f64) -> Option<(Tensor, Tensor)> {
+    let width = *h.size().last()?;
+    if !h.device().is_cuda() || w.requires_grad() || w.kind() != h.kind() || width % 8 != 0 || width > 8192 {
+        return None;
+    }
+    let (mut sum, mut out): (*mut C_tensor, *mut C_tensor) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let d = delta.map_or(std::ptr::null(), |t| t.as_ptr());
+    // SAFETY: on success `out` (and `sum`, given a delta) are tensors allocated with `new`.
+    checked(|err, len| unsafe { ftscript_add_rms_norm(SOURCE.as_ptr() as *const c_char, h.as_ptr(), d, w.as_ptr(), eps, &mut sum, &mut out, err, len) })
+        .then(|| unsafe { (if sum.is_null() { h.shallow_clone() } else { Tensor::from_ptr(sum) }, Tensor::from_ptr(out)) })
 }
 
 /// Back-propagates `Σᵢ ⟨rootᵢ, gradᵢ⟩` into the leaves' `.grad` (what `backward(gradient=…)`

@@ -259,6 +259,165 @@ __device__ void lora_dx(typename S::T* __restrict__ dx, const unsigned char* __r
   d.store(dx + e, j, dim, true);
 }
 
+// Cross-entropy of logits z [n, V] (rows contiguous) against `target` [n] (−100: no loss), for
+// a loss summed over rows and scaled by `weight`: row i's loss `valid · (lse_i − z[i, t_i])` goes
+// to `loss[i]` (fp32; a target outside [0, V) gives NaN) and the gradient
+// `weight · valid · (softmax(z_i) − onehot(t_i))` is written over z, computed in fp32 with one
+// rounding, as `cross_entropy_with_grad`'s ops compute it. One block of CE_THREADS per row: a
+// pass for the maximum and Σ e^(z − max) (merged chunk by chunk), then a pass for the gradient.
+#define CE_THREADS 256
+__device__ __forceinline__ void merge_max_sum(float& m, float& s, float m2, float s2) {
+  const float hi = fmaxf(m, m2);
+  if (hi == -__int_as_float(0x7f800000)) return;  // both empty
+  s = s * expf(m - hi) + s2 * expf(m2 - hi);
+  m = hi;
+}
+template <typename S>
+__device__ void cross_entropy(typename S::T* __restrict__ z, const long long* __restrict__ target,
+                              float* __restrict__ loss, int vocab, float weight, int vec) {
+  __shared__ float red_m[CE_THREADS / 32], red_s[CE_THREADS / 32], zt_shared;
+  typename S::T* zr = z + (long long)blockIdx.x * vocab;
+  const long long t = target[blockIdx.x];
+  const bool valid = t != -100, in_range = t >= 0 && t < vocab;
+  if (threadIdx.x == 0) zt_shared = in_range ? S::load(zr[t]) : 0.0f;
+  float m = -__int_as_float(0x7f800000), sum = 0.0f;
+  for (int e = threadIdx.x * 8; e < vocab; e += CE_THREADS * 8) {
+    Chunk<S> c;
+    c.load(zr, e, vocab, vec);
+    const int k_end = min(8, vocab - e);
+    float cm = -__int_as_float(0x7f800000);
+    for (int k = 0; k < k_end; k++) cm = fmaxf(cm, S::load(c.v[k]));
+    float cs = 0.0f;
+    for (int k = 0; k < k_end; k++) cs += expf(S::load(c.v[k]) - cm);
+    merge_max_sum(m, sum, cm, cs);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, sum, off);
+    merge_max_sum(m, sum, m2, s2);
+  }
+  if (threadIdx.x % 32 == 0) {
+    red_m[threadIdx.x / 32] = m;
+    red_s[threadIdx.x / 32] = sum;
+  }
+  __syncthreads();
+  m = red_m[0];
+  sum = red_s[0];
+  for (int w = 1; w < CE_THREADS / 32; w++) merge_max_sum(m, sum, red_m[w], red_s[w]);
+  const float lse = m + logf(sum), scale = valid ? weight : 0.0f;
+  if (threadIdx.x == 0) loss[blockIdx.x] = !valid ? 0.0f : in_range ? lse - zt_shared : __int_as_float(0x7fc00000);
+  for (int e = threadIdx.x * 8; e < vocab; e += CE_THREADS * 8) {
+    Chunk<S> c;
+    c.load(zr, e, vocab, vec);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      const float p = expf(S::load(c.v[k]) - lse);
+      c.v[k] = S::cvt(scale * (e + k == t ? p - 1.0f : p));
+    }
+    c.store(zr, e, vocab, vec);
+  }
+}
+
+// RMSNorm after a residual add, as `_fused_rms_norm(h + δ)` computes it: s = h + δ rounded to
+// the storage type (written to `sum`; δ may be null, then s = h and nothing is written),
+// rstd = 1/√(mean(s²) + eps) in fp32 (to `rstd`), out = (s · rstd) · w with one rounding. One
+// block of RMS_THREADS per row; each thread keeps its RMS_CHUNKS 8-element chunks in registers
+// (rows up to RMS_THREADS · 8 · RMS_CHUNKS elements, a multiple of 8, 16-byte aligned: the
+// caller checks).
+#define RMS_THREADS 256
+#define RMS_CHUNKS 4
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();  // `shared` may still be read from a previous call
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < RMS_THREADS / 32; w++) total += shared[w];
+  return total;
+}
+template <typename S>
+__device__ void add_rms_norm(const typename S::T* __restrict__ h, const typename S::T* __restrict__ delta,
+                             const typename S::T* __restrict__ w, typename S::T* __restrict__ sum,
+                             typename S::T* __restrict__ out, float* __restrict__ rstd, int dim, float eps) {
+  __shared__ float partial[RMS_THREADS / 32];
+  const size_t base = (size_t)blockIdx.x * dim;
+  Chunk<S> sc[RMS_CHUNKS];
+  float sq = 0.0f;
+#pragma unroll
+  for (int i = 0; i < RMS_CHUNKS; i++) {
+    const int e = (threadIdx.x + i * RMS_THREADS) * 8;
+    if (e >= dim) break;
+    sc[i].load(h + base, e, dim, true);
+    if (delta) {
+      Chunk<S> d;
+      d.load(delta + base, e, dim, true);
+#pragma unroll
+      for (int k = 0; k < 8; k++) sc[i].v[k] = S::cvt(S::load(sc[i].v[k]) + S::load(d.v[k]));
+      sc[i].store(sum + base, e, dim, true);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      const float v = S::load(sc[i].v[k]);
+      sq = __fmaf_rn(v, v, sq);
+    }
+  }
+  const float r = rsqrtf(block_sum(sq, partial) / dim + eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+#pragma unroll
+  for (int i = 0; i < RMS_CHUNKS; i++) {
+    const int e = (threadIdx.x + i * RMS_THREADS) * 8;
+    if (e >= dim) break;
+    Chunk<S> wc, o;
+    wc.load(w, e, dim, true);
+#pragma unroll
+    for (int k = 0; k < 8; k++) o.v[k] = S::cvt(S::load(sc[i].v[k]) * r * S::load(wc.v[k]));
+    o.store(out + base, e, dim, true);
+  }
+}
+
+// Its backward, with the residual's gradient added: `dx = dres + rstd · g − s · rstd³ · mean(g ⊙ s)`
+// for g = w ⊙ dy, in fp32 with one rounding (`dres` may be null). Same layout as the forward.
+template <typename S>
+__device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typename S::T* __restrict__ s,
+                             const typename S::T* __restrict__ w, const float* __restrict__ rstd,
+                             const typename S::T* __restrict__ dres, typename S::T* __restrict__ dx, int dim) {
+  __shared__ float partial[RMS_THREADS / 32];
+  const size_t base = (size_t)blockIdx.x * dim;
+  Chunk<S> sc[RMS_CHUNKS];
+  float g[RMS_CHUNKS][8];
+  float dot = 0.0f;
+#pragma unroll
+  for (int i = 0; i < RMS_CHUNKS; i++) {
+    const int e = (threadIdx.x + i * RMS_THREADS) * 8;
+    if (e >= dim) break;
+    Chunk<S> dc, wc;
+    dc.load(dy + base, e, dim, true);
+    wc.load(w, e, dim, true);
+    sc[i].load(s + base, e, dim, true);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      g[i][k] = S::load(dc.v[k]) * S::load(wc.v[k]);
+      dot = __fmaf_rn(g[i][k], S::load(sc[i].v[k]), dot);
+    }
+  }
+  const float r = rstd[blockIdx.x];
+  const float c = block_sum(dot, partial) / dim * r * r * r;
+#pragma unroll
+  for (int i = 0; i < RMS_CHUNKS; i++) {
+    const int e = (threadIdx.x + i * RMS_THREADS) * 8;
+    if (e >= dim) break;
+    Chunk<S> o;
+    if (dres) o.load(dres + base, e, dim, true);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      const float v = r * g[i][k] - S::load(sc[i].v[k]) * c;
+      o.v[k] = S::cvt(dres ? S::load(o.v[k]) + v : v);
+    }
+    o.store(dx + base, e, dim, true);
+  }
+}
+
 #define FTSCRIPT_TYPED(S, suffix)                                                                                  \
   extern "C" __global__ void swiglu_fwd_##suffix(const S::T* g, const S::T* u, S::T* o, long long n, int vec) {    \
     swiglu_fwd<S>(g, u, o, n, vec);                                                                                \
@@ -274,6 +433,18 @@ __device__ void lora_dx(typename S::T* __restrict__ dx, const unsigned char* __r
   extern "C" __global__ void lora_dx_##suffix(S::T* dx, const unsigned char* m, const S::T* u, const S::T* a,     \
                                               long long rows, int dim, int rank, float scale) {                   \
     lora_dx<S>(dx, m, u, a, rows, dim, rank, scale);                                                               \
+  }                                                                                                                \
+  extern "C" __global__ void cross_entropy_##suffix(S::T* z, const long long* t, float* loss, int vocab, float w,  \
+                                                    int vec) {                                                    \
+    cross_entropy<S>(z, t, loss, vocab, w, vec);                                                                   \
+  }                                                                                                                \
+  extern "C" __global__ void add_rms_norm_##suffix(const S::T* h, const S::T* d, const S::T* w, S::T* sum,         \
+                                                   S::T* out, float* rstd, int dim, float eps) {                  \
+    add_rms_norm<S>(h, d, w, sum, out, rstd, dim, eps);                                                            \
+  }                                                                                                                \
+  extern "C" __global__ void rms_norm_bwd_##suffix(const S::T* dy, const S::T* s, const S::T* w, const float* rstd, \
+                                                   const S::T* dres, S::T* dx, int dim) {                         \
+    rms_norm_bwd<S>(dy, s, w, rstd, dres, dx, dim);                                                                \
   }
 FTSCRIPT_TYPED(Bf16, bf16)
 FTSCRIPT_TYPED(F16, f16)

@@ -90,6 +90,34 @@ pub fn dequant4(packed: &Tensor, absmax: &Tensor, code: &Tensor, n: i64, blocksi
     launch(d, name, (n + 7) / 8, &mut params).then_some(out)
 }
 
+/// Cross-entropy of `logits` `[n, V]` (contiguous, on a GPU) against `target` `[n]` (-100: no
+/// loss) in one kernel: the summed loss (fp32 scalar), and `weight · (softmax(z) − onehot(target))`
+/// (zero on ignored rows) written over `logits`. The same fp32 math as the ops of
+/// [`crate::train::batch::cross_entropy_with_grad`] in two passes over the row instead of ~15,
+/// with no fp32 copy. `None` (nothing written) where it cannot run.
+pub fn cross_entropy_grad_(logits: &Tensor, target: &Tensor, weight: f64) -> Option<Tensor> {
+    let Device::Cuda(d) = logits.device() else { return None };
+    let name = match logits.kind() {
+        Kind::BFloat16 => "cross_entropy_bf16",
+        Kind::Half => "cross_entropy_f16",
+        Kind::Float => "cross_entropy_f32",
+        _ => return None,
+    };
+    let (n, vocab) = logits.size2().ok()?;
+    if !logits.is_contiguous() || vocab >= 1 << 31 {
+        return None;
+    }
+    let target = target.to_kind(Kind::Int64).contiguous();
+    let loss = Tensor::empty([n], (Kind::Float, logits.device()));
+    let row_bytes = vocab * logits.kind().elt_size_in_bytes() as i64;
+    let mut vec = (row_bytes % 16 == 0 && logits.data_ptr() as usize % 16 == 0) as i32;
+    let (mut z, mut t, mut l) = (logits.data_ptr(), target.data_ptr(), loss.data_ptr());
+    let (mut v, mut w) = (vocab as i32, weight as f32);
+    let mut params = [ptr(&mut z), ptr(&mut t), ptr(&mut l), ptr(&mut v), ptr(&mut w), ptr(&mut vec)];
+    // one block (kernels.cu's CE_THREADS = 256 threads) per row
+    launch(d, name, n * 256, &mut params).then(|| loss.sum(Kind::Float))
+}
+
 #[cfg(test)]
 mod tests {
     /// The kernel source compiles for the GPUs we run on (Ampere, Hopper), with the NVRTC that

@@ -20,10 +20,10 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 /// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale. When training
-/// on a GPU it is libtorch's fused kernel (`_fused_rms_norm`, one pass each way instead of ~8
-/// elementwise kernels), which scales before the cast (one rounding instead of two, and its
-/// fp32 sum may round differently in the last bit); inference and evaluation use transformers'
-/// exact op sequence.
+/// on a GPU it is one kernel each way (ftscript's `add_rms_norm`, or libtorch's
+/// `_fused_rms_norm` where that cannot run) instead of ~8 elementwise kernels, scaling before
+/// the cast (one rounding instead of two; the fp32 sum may round differently in the last bit);
+/// inference and evaluation use transformers' exact op sequence.
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
@@ -32,9 +32,35 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         if fused(x, train) {
+            if let Some((_, normed)) = crate::cuda::autograd::add_rms_norm(x, None, &self.weight, self.eps) {
+                return normed;
+            }
             let h = self.weight.size()[0];
             return x.internal_fused_rms_norm([h].as_slice(), Some(&self.weight), self.eps).0;
         }
+        self.exact(x)
+    }
+
+    /// The residual add before the norm, `(h + delta, norm(h + delta))` (`(h, norm(h))` without
+    /// `delta`). Training on a GPU, the add is part of the norm's kernel each way (and backward
+    /// adds the norm's input gradient to the residual's); otherwise the add, then
+    /// [`RmsNorm::forward`].
+    pub fn forward_residual(&self, h: &Tensor, delta: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
+        if fused(h, train) {
+            if let Some(r) = crate::cuda::autograd::add_rms_norm(h, delta, &self.weight, self.eps) {
+                return r;
+            }
+        }
+        let sum = match delta {
+            Some(d) => h + d,
+            None => h.shallow_clone(),
+        };
+        let normed = self.forward(&sum, train);
+        (sum, normed)
+    }
+
+    /// transformers' op sequence.
+    fn exact(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
         let xf = x.to_kind(Kind::Float);
         let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
@@ -391,25 +417,28 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Tensor {
-        let (h, x) = self.attention_block(h, cos_sin, mask, cache, train);
+        let (_, h, x) = self.attention_block(h, None, cos_sin, mask, cache, train);
         h + self.mlp.forward(&x, train)
     }
 
-    /// The layer up to its MLP: the residual stream after attention `h`, and the MLP's input
-    /// `post_attention_layernorm(h)` (the layer's output is `h + mlp(x)`).
+    /// The layer up to its MLP, from its input `h + pending` (`pending`: the previous layer's
+    /// MLP output, when its residual add is left to this layer's first norm, which fuses it):
+    /// that input, the residual stream after attention `mid`, and the MLP's input
+    /// `post_attention_layernorm(mid)` (the layer's output is `mid + mlp(x)`).
     pub fn attention_block(
         &self,
         h: &Tensor,
+        pending: Option<&Tensor>,
         cos_sin: &(Tensor, Tensor),
         mask: &AttnMask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
-    ) -> (Tensor, Tensor) {
+    ) -> (Tensor, Tensor, Tensor) {
         let attn = &self.self_attn;
-        let a = attn.o_proj.forward(&attn.heads(&self.input_layernorm.forward(h, train), cos_sin, mask, cache, train), train);
-        let h = h + a;
-        let x = self.post_attention_layernorm.forward(&h, train);
-        (h, x)
+        let (input, normed) = self.input_layernorm.forward_residual(h, pending, train);
+        let a = attn.o_proj.forward(&attn.heads(&normed, cos_sin, mask, cache, train), train);
+        let (mid, x) = self.post_attention_layernorm.forward_residual(&input, Some(&a), train);
+        (input, mid, x)
     }
 
     /// Backward through the attention half, `h = x + o_proj(heads(input_layernorm(x)))`, from
@@ -565,11 +594,12 @@ impl Llama {
         layer.forward(&h.to_device(layer.device), cos_sin, mask, cache, train)
     }
 
-    /// [`DecoderLayer::attention_block`] of layer `l` (`h` already on the layer's device).
-    pub fn layer_attention_block(&self, l: usize, h: &Tensor, shared: &mut LayerInputs, train: bool) -> (Tensor, Tensor) {
+    /// [`DecoderLayer::attention_block`] of layer `l` (`h` and `pending` already on the layer's
+    /// device).
+    pub fn layer_attention_block(&self, l: usize, h: &Tensor, pending: Option<&Tensor>, shared: &mut LayerInputs, train: bool) -> (Tensor, Tensor, Tensor) {
         let layer = &self.layers[l];
         let (cos_sin, mask) = shared.on(layer.device);
-        layer.attention_block(h, cos_sin, mask, None, train)
+        layer.attention_block(h, pending, cos_sin, mask, None, train)
     }
 
     /// [`DecoderLayer::attention_recompute_backward`] of layer `l` (`x` on the layer's device).

@@ -174,8 +174,19 @@ pub const LOSS_CHUNK_ELEMENTS: i64 = 1 << 25;
 
 /// Summed cross-entropy of logits `z` `[n, V]` against `target` `[n]` (-100: no loss), and its
 /// gradient scaled by `weight`, `weight · (softmax(z) − onehot(target))` (zero on ignored rows),
-/// in the logits' dtype. Computed in fp32, the gradient in place over one fp32 copy of `z`.
+/// in the logits' dtype. Computed in fp32: on a GPU by one kernel, the gradient written over
+/// `logits` ([`crate::cuda::kernels::cross_entropy_grad_`]); elsewhere by ops, the gradient in
+/// place over one fp32 copy of `z`.
 pub fn cross_entropy_with_grad(logits: &Tensor, target: &Tensor, weight: f64) -> (Tensor, Tensor) {
+    let _g = tch::no_grad_guard();
+    if let Some(loss) = crate::cuda::kernels::cross_entropy_grad_(logits, target, weight) {
+        return (loss, logits.shallow_clone());
+    }
+    cross_entropy_with_grad_ops(logits, target, weight)
+}
+
+/// [`cross_entropy_with_grad`] by libtorch ops (off the GPU; the reference for the kernel).
+pub fn cross_entropy_with_grad_ops(logits: &Tensor, target: &Tensor, weight: f64) -> (Tensor, Tensor) {
     let _g = tch::no_grad_guard();
     let mut z = logits.to_kind(Kind::Float);
     let lse = z.logsumexp([-1].as_slice(), true);

@@ -158,24 +158,33 @@ fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: Checkpoi
     let mut shared = LayerInputs::new(net.rope.cos_sin(&positions, net.kind), &mask);
     // per layer: its input and, when offloading, the residual after attention
     let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
+    // Each layer leaves its output `mid + mlp(x)` unadded: the next layer's first norm adds it
+    // in its kernel ([`RmsNorm::forward_residual`](crate::models::llama::RmsNorm::forward_residual)).
     let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<Tensor> {
         let mut h = net.embed(&ids);
+        let mut pending: Option<Tensor> = None;
         for l in 0..net.layers.len() {
-            h = h.to_device(net.layers[l].device);
+            let device = net.layers[l].device;
+            h = h.to_device(device);
+            let added = pending.take().map(|p| p.to_device(device));
+            tch::manual_seed(seed + 2 * l as i64);
+            let (input, mid, x) = net.layer_attention_block(l, &h, added.as_ref(), shared, true);
             let input = match checkpointing {
                 Checkpointing::Off => None,
                 _ if l == 0 => Some(Kept::Embedding),
-                _ => Some(Kept::keep(&h, offload)?),
+                _ => Some(Kept::keep(&input, offload)?),
             };
-            tch::manual_seed(seed + 2 * l as i64);
-            let (mid, x) = net.layer_attention_block(l, &h, shared, true);
             tch::manual_seed(seed + 2 * l as i64 + 1);
-            h = &mid + net.layers[l].mlp.forward(&x, true);
+            pending = Some(net.layers[l].mlp.forward(&x, true));
             if let Some(input) = input {
                 kept.push((input, if offload { Some(Kept::keep(&mid, true)?) } else { None }));
             }
+            h = mid;
         }
-        Ok(h)
+        Ok(match pending {
+            Some(m) => h + m,
+            None => h,
+        })
     };
     if checkpointing == Checkpointing::Off {
         let h = forward(&mut kept, &mut shared)?;
@@ -207,7 +216,7 @@ fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: Checkpoi
         match mid {
             None => {
                 tch::manual_seed(seed + 2 * l as i64);
-                let (h, xm) = net.layer_attention_block(l, &x, &mut shared, true);
+                let (_, h, xm) = net.layer_attention_block(l, &x, None, &mut shared, true);
                 tch::manual_seed(seed + 2 * l as i64 + 1);
                 let mut roots = layer.mlp.recompute_backward(&xm, &g)?;
                 drop(xm);
