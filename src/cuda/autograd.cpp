@@ -185,7 +185,7 @@ void masked_accumulate(at::Tensor& dx, const at::Tensor& mask, const at::Tensor&
     float s = (float)scale;
     void* params[] = {&pd, &pm, &pu, &pa, &rows, &dim, &rank, &s};
     try {
-      launch("lora_dx", dx, rows * (dim / 8), params);
+      launch("lora_dx", dx, (rows + 3) / 4 * (dim / 8), params);  // kernels.cu's LORA_DX_ROWS rows a thread
       return;
     } catch (const std::exception& e) {
       backward_kernels_failed = true;

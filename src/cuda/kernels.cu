@@ -228,35 +228,54 @@ __device__ void rope(const typename S::T* __restrict__ x, const typename S::T* _
 
 // LoRA's input gradient through dropout, accumulated: `dx[n, j] += scale · mask[n, j] ·
 // Σ_k u[n, k] A[k, j]` for dx [N, D], mask [N, D] (bytes, 0/1), u [N, r], A [r, D], with the sum
-// in fp32 and one rounding. One thread per 8 consecutive j of a row (D a multiple of 8, all
-// pointers 16-byte aligned: the caller checks).
+// in fp32 and one rounding. One thread per 8 consecutive j of LORA_DX_ROWS consecutive rows
+// (each A chunk is read once for them; D a multiple of 8, all pointers 16-byte aligned: the
+// caller checks); threads are numbered (group of rows, chunk) with the chunk fastest.
+#define LORA_DX_ROWS 4
 template <typename S>
 __device__ void lora_dx(typename S::T* __restrict__ dx, const unsigned char* __restrict__ mask,
                         const typename S::T* __restrict__ u, const typename S::T* __restrict__ a, long long n_rows,
                         int dim, int rank, float scale) {
   long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const int per_row = dim / 8;
-  if (t >= n_rows * per_row) return;
-  const long long row = t / per_row;
-  const int j = (int)(t % per_row) * 8;
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const long long row0 = t / per_row * LORA_DX_ROWS;
+  if (row0 >= n_rows) return;
+  const int j = (int)(t % per_row) * 8, rows = (int)min((long long)LORA_DX_ROWS, n_rows - row0);
+  Chunk<S> d[LORA_DX_ROWS];
+  unsigned long long m[LORA_DX_ROWS];
+#pragma unroll
+  for (int i = 0; i < LORA_DX_ROWS; i++) {
+    if (i >= rows) break;
+    const size_t first = (size_t)(row0 + i) * dim;
+    d[i].load(dx + first, j, dim, true);
+    m[i] = *reinterpret_cast<const unsigned long long*>(mask + first + j);
+  }
+  float acc[LORA_DX_ROWS][8];
+#pragma unroll
+  for (int i = 0; i < LORA_DX_ROWS; i++)
+#pragma unroll
+    for (int c = 0; c < 8; c++) acc[i][c] = 0.0f;
   for (int k = 0; k < rank; k++) {
-    float uk = S::load(u[row * rank + k]);
     Chunk<S> ak;
     ak.load(a + (size_t)k * dim, j, dim, true);
 #pragma unroll
-    for (int c = 0; c < 8; c++) acc[c] = __fmaf_rn(uk, S::load(ak.v[c]), acc[c]);
-  }
-  const size_t e = (size_t)row * dim;
-  Chunk<S> d;
-  d.load(dx + e, j, dim, true);
-  unsigned long long m = *reinterpret_cast<const unsigned long long*>(mask + e + j);
+    for (int i = 0; i < LORA_DX_ROWS; i++) {
+      if (i >= rows) break;
+      const float uk = S::load(u[(row0 + i) * rank + k]);
 #pragma unroll
-  for (int c = 0; c < 8; c++) {
-    float keep = (float)((m >> (8 * c)) & 0xffull);
-    d.v[c] = S::cvt(S::load(d.v[c]) + scale * keep * acc[c]);
+      for (int c = 0; c < 8; c++) acc[i][c] = __fmaf_rn(uk, S::load(ak.v[c]), acc[i][c]);
+    }
   }
-  d.store(dx + e, j, dim, true);
+#pragma unroll
+  for (int i = 0; i < LORA_DX_ROWS; i++) {
+    if (i >= rows) break;
+#pragma unroll
+    for (int c = 0; c < 8; c++) {
+      const float keep = (float)((m[i] >> (8 * c)) & 0xffull);
+      d[i].v[c] = S::cvt(S::load(d[i].v[c]) + scale * keep * acc[i][c]);
+    }
+    d[i].store(dx + (size_t)(row0 + i) * dim, j, dim, true);
+  }
 }
 
 // Cross-entropy of logits z [n, V] (rows contiguous) against `target` [n] (−100: no loss), for
@@ -384,7 +403,7 @@ __device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typenam
                              const typename S::T* __restrict__ dres, typename S::T* __restrict__ dx, int dim) {
   __shared__ float partial[RMS_THREADS / 32];
   const size_t base = (size_t)blockIdx.x * dim;
-  Chunk<S> sc[RMS_CHUNKS];
+  Chunk<S> sc[RMS_CHUNKS], o[RMS_CHUNKS];
   float g[RMS_CHUNKS][8];
   float dot = 0.0f;
 #pragma unroll
@@ -395,6 +414,7 @@ __device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typenam
     dc.load(dy + base, e, dim, true);
     wc.load(w, e, dim, true);
     sc[i].load(s + base, e, dim, true);
+    if (dres) o[i].load(dres + base, e, dim, true);  // loaded early: it lands during the reduction
 #pragma unroll
     for (int k = 0; k < 8; k++) {
       g[i][k] = S::load(dc.v[k]) * S::load(wc.v[k]);
@@ -407,14 +427,12 @@ __device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typenam
   for (int i = 0; i < RMS_CHUNKS; i++) {
     const int e = (threadIdx.x + i * RMS_THREADS) * 8;
     if (e >= dim) break;
-    Chunk<S> o;
-    if (dres) o.load(dres + base, e, dim, true);
 #pragma unroll
     for (int k = 0; k < 8; k++) {
       const float v = r * g[i][k] - S::load(sc[i].v[k]) * c;
-      o.v[k] = S::cvt(dres ? S::load(o.v[k]) + v : v);
+      o[i].v[k] = S::cvt(dres ? S::load(o[i].v[k]) + v : v);
     }
-    o.store(dx + base, e, dim, true);
+    o[i].store(dx + base, e, dim, true);
   }
 }
 
