@@ -174,9 +174,9 @@ pub const LOSS_CHUNK_ELEMENTS: i64 = 1 << 25;
 
 /// Summed cross-entropy of logits `z` `[n, V]` against `target` `[n]` (-100: no loss), and its
 /// gradient scaled by `weight`, `weight · (softmax(z) − onehot(target))` (zero on ignored rows),
-/// in the logits' dtype. Computed in fp32: on a GPU by one kernel, the gradient written over
-/// `logits` ([`crate::cuda::kernels::cross_entropy_grad_`]); elsewhere by ops, the gradient in
-/// place over one fp32 copy of `z`.
+/// in the logits' dtype. Computed in fp32: on a GPU by one kernel
+/// ([`crate::cuda::kernels::cross_entropy_grad_`]), elsewhere by ops. The logits are used up:
+/// the gradient may be written over them.
 pub fn cross_entropy_with_grad(logits: &Tensor, target: &Tensor, weight: f64) -> (Tensor, Tensor) {
     let _g = tch::no_grad_guard();
     if let Some(loss) = crate::cuda::kernels::cross_entropy_grad_(logits, target, weight) {
@@ -185,7 +185,9 @@ pub fn cross_entropy_with_grad(logits: &Tensor, target: &Tensor, weight: f64) ->
     cross_entropy_with_grad_ops(logits, target, weight)
 }
 
-/// [`cross_entropy_with_grad`] by libtorch ops (off the GPU; the reference for the kernel).
+/// [`cross_entropy_with_grad`] by libtorch ops (off the GPU; the reference for the kernel), the
+/// gradient in place over an fp32 copy of the logits — over the logits themselves when they
+/// are fp32.
 pub fn cross_entropy_with_grad_ops(logits: &Tensor, target: &Tensor, weight: f64) -> (Tensor, Tensor) {
     let _g = tch::no_grad_guard();
     let mut z = logits.to_kind(Kind::Float);
