@@ -333,7 +333,6 @@ extern "C" int ftscript_projections(const char* src, const at::Tensor* x, const 
   });
 }
 
-
 // [`AddRmsNorm`] of `h` and `delta` (null: none) by `w`: `*sum` (null without delta) and `*out`.
 extern "C" int ftscript_add_rms_norm(const char* src, const at::Tensor* h, const at::Tensor* delta, const at::Tensor* w,
                                      double eps, at::Tensor** sum, at::Tensor** out, char* err, size_t err_len) {

@@ -285,9 +285,10 @@ __device__ void lora_dx(typename S::T* __restrict__ dx, const unsigned char* __r
 // rounding, as `cross_entropy_with_grad`'s ops compute it. One block of CE_THREADS per row: a
 // pass for the maximum and Σ e^(z − max) (merged chunk by chunk), then a pass for the gradient.
 #define CE_THREADS 256
+#define NEG_INF (-__int_as_float(0x7f800000))
 __device__ __forceinline__ void merge_max_sum(float& m, float& s, float m2, float s2) {
   const float hi = fmaxf(m, m2);
-  if (hi == -__int_as_float(0x7f800000)) return;  // both empty
+  if (hi == NEG_INF) return;  // both empty
   s = s * expf(m - hi) + s2 * expf(m2 - hi);
   m = hi;
 }
@@ -299,12 +300,12 @@ __device__ void cross_entropy(typename S::T* __restrict__ z, const long long* __
   const long long t = target[blockIdx.x];
   const bool valid = t != -100, in_range = t >= 0 && t < vocab;
   if (threadIdx.x == 0) zt_shared = in_range ? S::load(zr[t]) : 0.0f;
-  float m = -__int_as_float(0x7f800000), sum = 0.0f;
+  float m = NEG_INF, sum = 0.0f;
   for (int e = threadIdx.x * 8; e < vocab; e += CE_THREADS * 8) {
     Chunk<S> c;
     c.load(zr, e, vocab, vec);
     const int k_end = min(8, vocab - e);
-    float cm = -__int_as_float(0x7f800000);
+    float cm = NEG_INF;
     for (int k = 0; k < k_end; k++) cm = fmaxf(cm, S::load(c.v[k]));
     float cs = 0.0f;
     for (int k = 0; k < k_end; k++) cs += expf(S::load(c.v[k]) - cm);

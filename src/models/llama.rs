@@ -31,20 +31,12 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if fused(x, train) {
-            if let Some((_, normed)) = crate::cuda::autograd::add_rms_norm(x, None, &self.weight, self.eps) {
-                return normed;
-            }
-            let h = self.weight.size()[0];
-            return x.internal_fused_rms_norm([h].as_slice(), Some(&self.weight), self.eps).0;
-        }
-        self.exact(x)
+        self.forward_residual(x, None, train).1
     }
 
     /// The residual add before the norm, `(h + delta, norm(h + delta))` (`(h, norm(h))` without
     /// `delta`). Training on a GPU, the add is part of the norm's kernel each way (and backward
-    /// adds the norm's input gradient to the residual's); otherwise the add, then
-    /// [`RmsNorm::forward`].
+    /// adds the norm's input gradient to the residual's); otherwise the add, then the norm.
     pub fn forward_residual(&self, h: &Tensor, delta: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
         if fused(h, train) {
             if let Some(r) = crate::cuda::autograd::add_rms_norm(h, delta, &self.weight, self.eps) {
@@ -55,17 +47,17 @@ impl RmsNorm {
             Some(d) => h + d,
             None => h.shallow_clone(),
         };
-        let normed = self.forward(&sum, train);
-        (sum, normed)
-    }
-
-    /// transformers' op sequence.
-    fn exact(&self, x: &Tensor) -> Tensor {
-        let kind = x.kind();
-        let xf = x.to_kind(Kind::Float);
+        if fused(&sum, train) {
+            let width = self.weight.size()[0];
+            let normed = sum.internal_fused_rms_norm([width].as_slice(), Some(&self.weight), self.eps).0;
+            return (sum, normed);
+        }
+        // transformers' op sequence
+        let kind = sum.kind();
+        let xf = sum.to_kind(Kind::Float);
         let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        let normed = xf * (var + self.eps).rsqrt();
-        &self.weight * normed.to_kind(kind)
+        let normed = &self.weight * (xf * (var + self.eps).rsqrt()).to_kind(kind);
+        (sum, normed)
     }
 }
 
