@@ -115,7 +115,7 @@ fn shared_projections_match_separate_layers_on_the_gpu() {
     for kind in [Kind::BFloat16, Kind::Float] {
         // rows aligned for the kernel (256 columns), and not (100: the ops' fallback); 301 rows,
         // so the kernel's last group of rows is short
-        for (inp, rank) in [(256i64, 8i64), (256, 5), (100, 8)] {
+        for (inp, rank) in [(256i64, 8i64), (256, 16), (256, 5), (100, 8)] {
             tch::manual_seed(3);
             let x0 = Tensor::randn([301, inp], (kind, dev));
             let outs = [192i64, 64, 192];

@@ -24,8 +24,8 @@ using torch::autograd::variable_list;
 // kernels.cu's text, handed over (static, NUL-terminated) by every call from Rust.
 const char* kernel_source = nullptr;
 
-// Launches `base`_<dtype of `like`> over `threads` threads on `like`'s GPU.
-void launch(const char* base, const at::Tensor& like, long long threads, void** params) {
+// Launches `base`_<dtype of `like`> over `threads` threads, in blocks of `block`, on `like`'s GPU.
+void launch(const char* base, const at::Tensor& like, long long threads, void** params, unsigned block = 256) {
   if (threads <= 0) return;
   std::string name = base;
   switch (like.scalar_type()) {
@@ -34,7 +34,6 @@ void launch(const char* base, const at::Tensor& like, long long threads, void** 
     case at::kFloat: name += "_f32"; break;
     default: throw std::runtime_error(name + ": unsupported dtype " + std::string(c10::toString(like.scalar_type())));
   }
-  const unsigned block = 256;
   char err[4096] = {0};
   if (ftscript_rtc_launch(kernel_source, like.get_device(), name.c_str(), (unsigned)((threads + block - 1) / block), block,
                           params, err, sizeof err) != 0)
@@ -162,7 +161,10 @@ struct AddRmsNorm : public torch::autograd::Function<AddRmsNorm> {
            *pres = dsum.defined() ? dsum.data_ptr() : nullptr, *pdx = dx.data_ptr();
       int d = (int)dim;
       void* params[] = {&pdy, &ps, &pw, &pr, &pres, &pdx, &d};
-      launch("rms_norm_bwd", sum, rows * threads, params);
+      if (dim % 256 == 0)  // one 8-element chunk a thread
+        launch("rms_norm_bwd1", sum, rows * (dim / 8), params, (unsigned)(dim / 8));
+      else
+        launch("rms_norm_bwd", sum, rows * threads, params);
     } else {
       dx = dsum;
     }
@@ -185,7 +187,13 @@ void masked_accumulate(at::Tensor& dx, const at::Tensor& mask, const at::Tensor&
     float s = (float)scale;
     void* params[] = {&pd, &pm, &pu, &pa, &rows, &dim, &rank, &s};
     try {
-      launch("lora_dx", dx, (rows + 3) / 4 * (dim / 8), params);  // kernels.cu's LORA_DX_ROWS rows a thread
+      // kernels.cu's instances: rank 8 (4 rows a thread), 16 (2 rows), any other (4 rows)
+      if (rank == 8)
+        launch("lora_dx_r8", dx, (rows + 3) / 4 * (dim / 8), params, 128);
+      else if (rank == 16)
+        launch("lora_dx_r16", dx, (rows + 1) / 2 * (dim / 8), params, 128);
+      else
+        launch("lora_dx", dx, (rows + 3) / 4 * (dim / 8), params);
       return;
     } catch (const std::exception& e) {
       backward_kernels_failed = true;
@@ -193,6 +201,19 @@ void masked_accumulate(at::Tensor& dx, const at::Tensor& mask, const at::Tensor&
     }
   }
   dx.add_(at::native_dropout_backward(at::mm(u, a), mask, scale));
+}
+
+// s · (m1 m2), the scale applied inside the GEMM (β = 0: the uninitialized output is not read).
+at::Tensor scaled_mm(const at::Tensor& m1, const at::Tensor& m2, double s) {
+  at::Tensor out = at::empty({m1.size(0), m2.size(1)}, m1.options());
+  return at::addmm_out(out, out, m1, m2, 0, s);
+}
+
+// m1 m2 in `dtype` (an adapter's fp32 gradient from bf16/fp16 factors: cuBLAS writes its fp32
+// sums unrounded, and autograd has no cast to add).
+at::Tensor mm_to(const at::Tensor& m1, const at::Tensor& m2, at::ScalarType dtype) {
+  if (dtype == m1.scalar_type() || !m1.is_cuda()) return at::mm(m1, m2);
+  return at::mm(m1, m2, dtype);
 }
 
 // The projections of one input x [N, in] by frozen weights W_i [out_i, in] (biases b_i), some with
@@ -216,7 +237,7 @@ struct Projections : public torch::autograd::Function<Projections> {
         TORCH_CHECK(j == (int64_t)saved.size() / 5, "projections: adapters must be numbered in projection order");
         at::Tensor aj = a[j].to(x.scalar_type()), bj = b[j].to(x.scalar_type()), xd = x, mask;
         if (dropouts[j] > 0) std::tie(xd, mask) = at::native_dropout(x, dropouts[j], true);
-        at::Tensor xa = at::mm(xd, aj.t()) * scales[j];
+        at::Tensor xa = scaled_mm(xd, aj.t(), scales[j]);
         y.addmm_(xa, bj.t());
         for (const at::Tensor& t : {xd, mask, xa, aj, bj}) saved.push_back(t);
       }
@@ -228,6 +249,9 @@ struct Projections : public torch::autograd::Function<Projections> {
     ctx->saved_data["dropouts"] = dropouts;
     ctx->saved_data["saved"] = saved;
     ctx->saved_data["adapters"] = (int64_t)a.size();
+    std::vector<int64_t> dtypes;  // the adapters' own, for their gradients
+    for (const at::Tensor& t : a) dtypes.push_back((int64_t)t.scalar_type());
+    ctx->saved_data["dtypes"] = dtypes;
     return ys;
   }
   static variable_list backward(AutogradContext* ctx, variable_list dys) {
@@ -237,6 +261,7 @@ struct Projections : public torch::autograd::Function<Projections> {
     auto dropouts = ctx->saved_data["dropouts"].toDoubleVector();
     auto saved = ctx->saved_data["saved"].toTensorVector();
     int64_t m = ctx->saved_data["adapters"].toInt();
+    auto dtypes = ctx->saved_data["dtypes"].toIntVector();
     bool want_x = ctx->needs_input_grad(0);
     at::Tensor dx;
     auto accumulate = [&](const at::Tensor& d, const at::Tensor& w) {
@@ -252,9 +277,9 @@ struct Projections : public torch::autograd::Function<Projections> {
       if (j < 0) continue;
       // forward saved adapter j's five tensors j-th (adapters are numbered in projection order)
       const at::Tensor *xd = &saved[5 * j], *mask = xd + 1, *xa = xd + 2, *aj = xd + 3, *bj = xd + 4;
-      at::Tensor u = at::mm(dy, *bj) * scales[j];  // ∂L/∂(dropout(x) Aᵀ)
-      db[j] = at::mm(dy.t(), *xa);
-      da[j] = at::mm(u.t(), *xd);
+      at::Tensor u = scaled_mm(dy, *bj, scales[j]);  // ∂L/∂(dropout(x) Aᵀ)
+      db[j] = mm_to(dy.t(), *xa, (at::ScalarType)dtypes[j]);
+      da[j] = mm_to(u.t(), *xd, (at::ScalarType)dtypes[j]);
       if (!want_x) continue;
       if (mask->defined()) {
         if (!dx.defined()) dx = at::zeros_like(*xd);

@@ -228,38 +228,74 @@ __device__ void rope(const typename S::T* __restrict__ x, const typename S::T* _
 
 // LoRA's input gradient through dropout, accumulated: `dx[n, j] += scale · mask[n, j] ·
 // Σ_k u[n, k] A[k, j]` for dx [N, D], mask [N, D] (bytes, 0/1), u [N, r], A [r, D], with the sum
-// in fp32 and one rounding. One thread per 8 consecutive j of LORA_DX_ROWS consecutive rows
-// (each A chunk is read once for them; D a multiple of 8, all pointers 16-byte aligned: the
-// caller checks); threads are numbered (group of rows, chunk) with the chunk fastest.
-#define LORA_DX_ROWS 4
+// in fp32 and one rounding. One thread per 8 consecutive j of `ROWS` consecutive rows (each A
+// chunk is read once for them; D a multiple of 8, all pointers 16-byte aligned: the caller
+// checks); threads are numbered (group of rows, chunk) with the chunk fastest. `R` > 0 is the
+// rank known at compile time: all of A's chunks and u's rows are then loaded up front, so the
+// thread waits for memory once rather than once per k (R = 0: the rank is `rank`).
 template <typename S>
+__device__ __forceinline__ void lora_dx_store(Chunk<S>& d, unsigned long long mask, const float* acc, float scale,
+                                              typename S::T* row, int j, int dim, bool in_range) {
+  if (!in_range) return;
+#pragma unroll
+  for (int c = 0; c < 8; c++) {
+    const float keep = (float)((mask >> (8 * c)) & 0xffull);
+    d.v[c] = S::cvt(S::load(d.v[c]) + scale * keep * acc[c]);
+  }
+  d.store(row, j, dim, true);
+}
+template <typename S, int R, int ROWS>
 __device__ void lora_dx(typename S::T* __restrict__ dx, const unsigned char* __restrict__ mask,
                         const typename S::T* __restrict__ u, const typename S::T* __restrict__ a, long long n_rows,
                         int dim, int rank, float scale) {
   long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const int per_row = dim / 8;
-  const long long row0 = t / per_row * LORA_DX_ROWS;
+  const long long row0 = t / per_row * ROWS;
   if (row0 >= n_rows) return;
-  const int j = (int)(t % per_row) * 8, rows = (int)min((long long)LORA_DX_ROWS, n_rows - row0);
-  Chunk<S> d[LORA_DX_ROWS];
-  unsigned long long m[LORA_DX_ROWS];
+  const int j = (int)(t % per_row) * 8, rows = (int)min((long long)ROWS, n_rows - row0);
+  Chunk<S> d[ROWS];
+  unsigned long long m[ROWS];
 #pragma unroll
-  for (int i = 0; i < LORA_DX_ROWS; i++) {
+  for (int i = 0; i < ROWS; i++) {
     if (i >= rows) break;
     const size_t first = (size_t)(row0 + i) * dim;
     d[i].load(dx + first, j, dim, true);
     m[i] = *reinterpret_cast<const unsigned long long*>(mask + first + j);
   }
-  float acc[LORA_DX_ROWS][8];
+  float acc[ROWS][8];
+  if (R > 0) {
+    constexpr int RK = R > 0 ? R : 8;
+    Chunk<S> ak[RK], uk[ROWS][RK / 8];
 #pragma unroll
-  for (int i = 0; i < LORA_DX_ROWS; i++)
+    for (int i = 0; i < ROWS; i++)
+#pragma unroll
+      for (int k = 0; k < RK / 8; k++)
+        if (i < rows) uk[i][k].load(u + (row0 + i) * RK, k * 8, RK, true);
+#pragma unroll
+    for (int k = 0; k < RK; k++) ak[k].load(a + (size_t)k * dim, j, dim, true);
+#pragma unroll
+    for (int i = 0; i < ROWS; i++) {
+#pragma unroll
+      for (int c = 0; c < 8; c++) acc[i][c] = 0.0f;
+#pragma unroll
+      for (int k = 0; k < RK; k++) {
+        const float uik = S::load(uk[i][k / 8].v[k % 8]);
+#pragma unroll
+        for (int c = 0; c < 8; c++) acc[i][c] = __fmaf_rn(uik, S::load(ak[k].v[c]), acc[i][c]);
+      }
+      lora_dx_store<S>(d[i], m[i], acc[i], scale, dx + (size_t)(row0 + i) * dim, j, dim, i < rows);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < ROWS; i++)
 #pragma unroll
     for (int c = 0; c < 8; c++) acc[i][c] = 0.0f;
   for (int k = 0; k < rank; k++) {
     Chunk<S> ak;
     ak.load(a + (size_t)k * dim, j, dim, true);
 #pragma unroll
-    for (int i = 0; i < LORA_DX_ROWS; i++) {
+    for (int i = 0; i < ROWS; i++) {
       if (i >= rows) break;
       const float uk = S::load(u[(row0 + i) * rank + k]);
 #pragma unroll
@@ -267,15 +303,7 @@ __device__ void lora_dx(typename S::T* __restrict__ dx, const unsigned char* __r
     }
   }
 #pragma unroll
-  for (int i = 0; i < LORA_DX_ROWS; i++) {
-    if (i >= rows) break;
-#pragma unroll
-    for (int c = 0; c < 8; c++) {
-      const float keep = (float)((m[i] >> (8 * c)) & 0xffull);
-      d[i].v[c] = S::cvt(S::load(d[i].v[c]) + scale * keep * acc[i][c]);
-    }
-    d[i].store(dx + (size_t)(row0 + i) * dim, j, dim, true);
-  }
+  for (int i = 0; i < ROWS; i++) lora_dx_store<S>(d[i], m[i], acc[i], scale, dx + (size_t)(row0 + i) * dim, j, dim, i < rows);
 }
 
 // Cross-entropy of logits z [n, V] (rows contiguous) against `target` [n] (−100: no loss), for
@@ -353,14 +381,14 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
   if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
   __syncthreads();
   float total = 0.0f;
-  for (int w = 0; w < RMS_THREADS / 32; w++) total += shared[w];
+  for (int w = 0; w < (int)blockDim.x / 32; w++) total += shared[w];
   return total;
 }
 template <typename S>
 __device__ void add_rms_norm(const typename S::T* __restrict__ h, const typename S::T* __restrict__ delta,
                              const typename S::T* __restrict__ w, typename S::T* __restrict__ sum,
                              typename S::T* __restrict__ out, float* __restrict__ rstd, int dim, float eps) {
-  __shared__ float partial[RMS_THREADS / 32];
+  __shared__ float partial[32];
   const size_t base = (size_t)blockIdx.x * dim;
   Chunk<S> sc[RMS_CHUNKS];
   float sq = 0.0f;
@@ -397,19 +425,21 @@ __device__ void add_rms_norm(const typename S::T* __restrict__ h, const typename
 }
 
 // Its backward, with the residual's gradient added: `dx = dres + rstd · g − s · rstd³ · mean(g ⊙ s)`
-// for g = w ⊙ dy, in fp32 with one rounding (`dres` may be null). Same layout as the forward.
-template <typename S>
+// for g = w ⊙ dy, in fp32 with one rounding (`dres` may be null). A block per row, as the forward:
+// `CHUNKS` = RMS_CHUNKS with RMS_THREADS threads, or 1 with D / 8 threads (D a multiple of 256),
+// which holds a quarter of the registers, so twice as many rows are in flight.
+template <typename S, int CHUNKS>
 __device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typename S::T* __restrict__ s,
                              const typename S::T* __restrict__ w, const float* __restrict__ rstd,
                              const typename S::T* __restrict__ dres, typename S::T* __restrict__ dx, int dim) {
-  __shared__ float partial[RMS_THREADS / 32];
+  __shared__ float partial[32];
   const size_t base = (size_t)blockIdx.x * dim;
-  Chunk<S> sc[RMS_CHUNKS], o[RMS_CHUNKS];
-  float g[RMS_CHUNKS][8];
+  Chunk<S> sc[CHUNKS], o[CHUNKS];
+  float g[CHUNKS][8];
   float dot = 0.0f;
 #pragma unroll
-  for (int i = 0; i < RMS_CHUNKS; i++) {
-    const int e = (threadIdx.x + i * RMS_THREADS) * 8;
+  for (int i = 0; i < CHUNKS; i++) {
+    const int e = (threadIdx.x + i * blockDim.x) * 8;
     if (e >= dim) break;
     Chunk<S> dc, wc;
     dc.load(dy + base, e, dim, true);
@@ -425,8 +455,8 @@ __device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typenam
   const float r = rstd[blockIdx.x];
   const float c = block_sum(dot, partial) / dim * r * r * r;
 #pragma unroll
-  for (int i = 0; i < RMS_CHUNKS; i++) {
-    const int e = (threadIdx.x + i * RMS_THREADS) * 8;
+  for (int i = 0; i < CHUNKS; i++) {
+    const int e = (threadIdx.x + i * blockDim.x) * 8;
     if (e >= dim) break;
 #pragma unroll
     for (int k = 0; k < 8; k++) {
@@ -451,7 +481,15 @@ __device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typenam
   }                                                                                                                \
   extern "C" __global__ void lora_dx_##suffix(S::T* dx, const unsigned char* m, const S::T* u, const S::T* a,     \
                                               long long rows, int dim, int rank, float scale) {                   \
-    lora_dx<S>(dx, m, u, a, rows, dim, rank, scale);                                                               \
+    lora_dx<S, 0, 4>(dx, m, u, a, rows, dim, rank, scale);                                                         \
+  }                                                                                                                \
+  extern "C" __global__ void lora_dx_r8_##suffix(S::T* dx, const unsigned char* m, const S::T* u, const S::T* a,  \
+                                                 long long rows, int dim, int rank, float scale) {                \
+    lora_dx<S, 8, 4>(dx, m, u, a, rows, dim, rank, scale);                                                         \
+  }                                                                                                                \
+  extern "C" __global__ void lora_dx_r16_##suffix(S::T* dx, const unsigned char* m, const S::T* u, const S::T* a, \
+                                                  long long rows, int dim, int rank, float scale) {               \
+    lora_dx<S, 16, 2>(dx, m, u, a, rows, dim, rank, scale);                                                        \
   }                                                                                                                \
   extern "C" __global__ void cross_entropy_##suffix(S::T* z, const long long* t, float* loss, int vocab, float w,  \
                                                     int vec) {                                                    \
@@ -463,7 +501,11 @@ __device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typenam
   }                                                                                                                \
   extern "C" __global__ void rms_norm_bwd_##suffix(const S::T* dy, const S::T* s, const S::T* w, const float* rstd, \
                                                    const S::T* dres, S::T* dx, int dim) {                         \
-    rms_norm_bwd<S>(dy, s, w, rstd, dres, dx, dim);                                                                \
+    rms_norm_bwd<S, RMS_CHUNKS>(dy, s, w, rstd, dres, dx, dim);                                                    \
+  }                                                                                                                \
+  extern "C" __global__ void rms_norm_bwd1_##suffix(const S::T* dy, const S::T* s, const S::T* w, const float* rstd, \
+                                                    const S::T* dres, S::T* dx, int dim) {                        \
+    rms_norm_bwd<S, 1>(dy, s, w, rstd, dres, dx, dim);                                                             \
   }
 FTSCRIPT_TYPED(Bf16, bf16)
 FTSCRIPT_TYPED(F16, f16)
