@@ -226,13 +226,7 @@ __device__ void rope(const typename S::T* __restrict__ x, const typename S::T* _
   }
 }
 
-// LoRA's input gradient through dropout, accumulated: `dx[n, j] += scale · mask[n, j] ·
-// Σ_k u[n, k] A[k, j]` for dx [N, D], mask [N, D] (bytes, 0/1), u [N, r], A [r, D], with the sum
-// in fp32 and one rounding. One thread per 8 consecutive j of `ROWS` consecutive rows (each A
-// chunk is read once for them; D a multiple of 8, all pointers 16-byte aligned: the caller
-// checks); threads are numbered (group of rows, chunk) with the chunk fastest. `R` > 0 is the
-// rank known at compile time: all of A's chunks and u's rows are then loaded up front, so the
-// thread waits for memory once rather than once per k (R = 0: the rank is `rank`).
+// dx's row chunk `d` += scale · mask ⊙ acc, rounded once and stored (rows past the end: nothing).
 template <typename S>
 __device__ __forceinline__ void lora_dx_store(Chunk<S>& d, unsigned long long mask, const float* acc, float scale,
                                               typename S::T* row, int j, int dim, bool in_range) {
@@ -244,6 +238,15 @@ __device__ __forceinline__ void lora_dx_store(Chunk<S>& d, unsigned long long ma
   }
   d.store(row, j, dim, true);
 }
+
+// LoRA's input gradient through dropout, accumulated: `dx[n, j] += scale · mask[n, j] ·
+// Σ_k u[n, k] A[k, j]` for dx [N, D], mask [N, D] (bytes, 0/1), u [N, r], A [r, D], with the sum
+// in fp32 and one rounding. One thread per 8 consecutive j of `ROWS` consecutive rows (each A
+// chunk is read once for them; D a multiple of 8, all pointers 16-byte aligned: the caller
+// checks); threads are numbered (group of rows, chunk) with the chunk fastest. `R` > 0 is the
+// rank known at compile time: all of A's chunks and u's rows are then loaded up front, so the
+// thread waits for memory once rather than once per k (R a multiple of 8; R = 0: the rank is
+// `rank`).
 template <typename S, int R, int ROWS>
 __device__ void lora_dx(typename S::T* __restrict__ dx, const unsigned char* __restrict__ mask,
                         const typename S::T* __restrict__ u, const typename S::T* __restrict__ a, long long n_rows,
@@ -264,7 +267,7 @@ __device__ void lora_dx(typename S::T* __restrict__ dx, const unsigned char* __r
   }
   float acc[ROWS][8];
   if (R > 0) {
-    constexpr int RK = R > 0 ? R : 8;
+    constexpr int RK = R > 0 ? R : 8;  // (8 only so that the R = 0 instance compiles)
     Chunk<S> ak[RK], uk[ROWS][RK / 8];
 #pragma unroll
     for (int i = 0; i < ROWS; i++)
