@@ -38,7 +38,8 @@ impl RmsNorm {
     /// `delta`). Training on a GPU, the add is part of the norm's kernel each way (and backward
     /// adds the norm's input gradient to the residual's); otherwise the add, then the norm.
     pub fn forward_residual(&self, h: &Tensor, delta: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
-        if fused(h, train) {
+        let fused = fused(h, train);
+        if fused {
             if let Some(r) = crate::cuda::autograd::add_rms_norm(h, delta, &self.weight, self.eps) {
                 return r;
             }
@@ -47,7 +48,7 @@ impl RmsNorm {
             Some(d) => h + d,
             None => h.shallow_clone(),
         };
-        if fused(&sum, train) {
+        if fused {
             let width = self.weight.size()[0];
             let normed = sum.internal_fused_rms_norm([width].as_slice(), Some(&self.weight), self.eps).0;
             return (sum, normed);
