@@ -49,6 +49,8 @@ extern "C" {
     fn ftscript_offload(t: *const torch_sys::C_tensor, host: *mut *mut torch_sys::C_tensor, err: *mut std::ffi::c_char, err_len: usize) -> i32;
     fn ftscript_prefetch(host: *const torch_sys::C_tensor, device: i32, out: *mut *mut torch_sys::C_tensor, event: *mut *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
     fn ftscript_prefetch_wait(event: *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
+    fn ftscript_to_host(t: *const torch_sys::C_tensor, host: *mut *mut torch_sys::C_tensor, event: *mut *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
+    fn ftscript_host_wait(event: *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
 }
 
 /// The NUL-terminated message a C entry point wrote into `err`.
@@ -103,5 +105,53 @@ impl Prefetch {
         // SAFETY: the event came from ftscript_prefetch and is freed by this call, once.
         call("prefetch", |err, len| unsafe { ftscript_prefetch_wait(self.event, err, len) })?;
         Ok(self.tensor)
+    }
+}
+
+/// Host tensor `t` on `device`. To a GPU through pinned memory, in the stream's order: the host
+/// does not wait for the work queued before, as a copy from pageable memory would.
+pub fn upload(t: &tch::Tensor, device: tch::Device) -> tch::Tensor {
+    if device.is_cuda() && !t.device().is_cuda() {
+        t.pin_memory(device).to_device_(device, t.kind(), true, false)
+    } else {
+        t.to_device(device)
+    }
+}
+
+/// A GPU tensor on its way to pinned host memory, copied in the current stream's order: reading
+/// it waits for the work queued before the copy, not for what was queued after.
+pub struct HostCopy {
+    host: tch::Tensor,
+    event: Option<std::ptr::NonNull<std::ffi::c_void>>,
+}
+
+/// Starts copying `t` to the host ([`HostCopy::wait`] for it); a CPU tensor is kept as is.
+pub fn to_host(t: &tch::Tensor) -> anyhow::Result<HostCopy> {
+    if !t.device().is_cuda() {
+        return Ok(HostCopy { host: t.shallow_clone(), event: None });
+    }
+    let (mut host, mut event) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: `t` is live for the call; `host` and `event` come back owned by the result.
+    call("to_host", |err, len| unsafe { ftscript_to_host(t.as_ptr(), &mut host, &mut event, err, len) })?;
+    Ok(HostCopy { host: unsafe { tch::Tensor::from_ptr(host) }, event: std::ptr::NonNull::new(event) })
+}
+
+impl HostCopy {
+    /// The host tensor, once the copy has landed.
+    pub fn wait(mut self) -> anyhow::Result<tch::Tensor> {
+        if let Some(e) = self.event.take() {
+            // SAFETY: the event came from ftscript_to_host and is freed by this call, once.
+            call("to_host", |err, len| unsafe { ftscript_host_wait(e.as_ptr(), err, len) })?;
+        }
+        Ok(self.host.shallow_clone())
+    }
+}
+
+impl Drop for HostCopy {
+    fn drop(&mut self) {
+        if let Some(e) = self.event.take() {
+            // SAFETY: as in `wait`; a copy never waited for is waited for here, freeing its event.
+            let _ = call("to_host", |err, len| unsafe { ftscript_host_wait(e.as_ptr(), err, len) });
+        }
     }
 }

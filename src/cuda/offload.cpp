@@ -77,3 +77,25 @@ extern "C" int ftscript_prefetch_wait(void* event, char* err, size_t err_len) {
     delete done;
   });
 }
+
+// Starts copying GPU tensor `t` into new pinned host memory on the current stream, after the
+// work queued so far; `*event` marks the copy's end (ftscript_host_wait).
+extern "C" int ftscript_to_host(const at::Tensor* t, at::Tensor** host, void** event, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    at::Tensor h = at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true));
+    h.copy_(*t, /*non_blocking=*/true);
+    auto* done = new c10::Event(c10::DeviceType::CUDA);
+    done->record(cuda()->getStream(t->device()));
+    *host = new at::Tensor(h);
+    *event = done;
+  });
+}
+
+// Blocks the host until the copy of ftscript_to_host has landed; frees the event.
+extern "C" int ftscript_host_wait(void* event, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    auto* done = static_cast<c10::Event*>(event);
+    done->synchronize();
+    delete done;
+  });
+}

@@ -111,7 +111,7 @@ impl Rope {
         } else {
             0
         };
-        let inv = self.inv_freq(max_pos).to_device(positions.device());
+        let inv = crate::cuda::upload(&self.inv_freq(max_pos), positions.device());
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
         (emb.cos().to_kind(kind).unsqueeze(1), emb.sin().to_kind(kind).unsqueeze(1))

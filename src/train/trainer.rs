@@ -4,6 +4,12 @@
 //! The loss of an optimizer step is the mean over every label token of its accumulation window
 //! (`Σ token losses / Σ label tokens`), not the mean of per-micro-batch means.
 //!
+//! On a GPU the host never waits for a step to finish before queueing the next one's forward
+//! and backward: a step's loss and gradient norm travel to pinned host memory behind its
+//! update, and are read (logged, handed to callbacks) while the next step computes. The next
+//! update is queued only after that, so what callbacks, evaluations and checkpoints see is
+//! exactly what a loop without the overlap would show them.
+//!
 //! Data parallel (`WORLD_SIZE` > 1, see [`crate::dist`]): every rank plans the same seeded
 //! epoch; an optimizer step's window holds `grad_accum × world` micro-batches and rank `r`
 //! takes those at positions `k ≡ r (mod world)`. Each rank scales its summed loss by
@@ -97,13 +103,14 @@ pub struct TrainData {
     pub eval: Option<Arc<Vec<Example>>>,
 }
 
-/// Moves a CPU batch to the model's device.
+/// Moves a CPU batch to the model's device (without waiting for the GPU: [`crate::cuda::upload`]).
 fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, AttnMask) {
+    let put = |t: &Tensor| crate::cuda::upload(t, device);
     let mask = match &b.segments {
-        Some(s) => AttnMask::Segments(s.to_device(device)),
+        Some(s) => AttnMask::Segments(put(s)),
         None => AttnMask::Causal,
     };
-    (b.input_ids.to_device(device), b.labels.to_device(device), b.positions.to_device(device), mask)
+    (put(&b.input_ids), put(&b.labels), put(&b.positions), mask)
 }
 
 /// A tensor kept from the forward for the recomputation in backward.
@@ -291,6 +298,20 @@ pub fn evaluate_sharded(net: &Llama, examples: &[Example], cfg: &BatchConfig, pg
     Ok((total / tokens as f64, tokens))
 }
 
+/// An optimizer step whose gradients (then update) are queued on the GPU, not yet read back.
+struct QueuedStep {
+    epoch: usize,
+    /// The position in the epoch's plan after the step, and the plan's length.
+    end: usize,
+    plan_len: usize,
+    lr: f64,
+    /// Label tokens of the whole window (all ranks) and this rank's tokens.
+    n_label: i64,
+    tokens: i64,
+    /// `[Σ token losses, gradient norm]` on its way to the host, once the update is queued.
+    read: Option<crate::cuda::HostCopy>,
+}
+
 /// The outcome of a run, returned to the recipe.
 #[derive(Debug, Clone, Default)]
 pub struct TrainResult {
@@ -403,40 +424,159 @@ pub fn train(
     let mut window_tokens = 0i64;
     let mut log_loss_sum = 0.0;
     let mut log_steps = 0usize;
-    let mut plan = plan_epoch(&data.train, &cfg.batch, state.epoch);
     let mut stop = false;
     let mut profiler = None;
+    // where the next step's micro-batches start: (epoch, position in its plan, the plan)
+    let (mut epoch, mut position) = (state.epoch, state.batch_in_epoch);
+    let mut plan = plan_epoch(&data.train, &cfg.batch, epoch);
+    let mut finished_plan_len = plan.len();
+    // Steps overlap by one: step n + 1's forward and backward are queued before step n's loss
+    // is read, logged and shown to the callbacks, so the GPU does not wait for the host
+    // between steps. Step n + 1's update is queued only after that, so a callback's stop, an
+    // evaluation or a checkpoint sees exactly the adapters of step n.
+    let mut queued = state.step; // steps whose update is queued
+    let mut pending: Option<QueuedStep> = None;
 
-    while state.step < total_steps && !stop {
-        if let Some(p) = cfg.profile.filter(|p| main && p.start == state.step + 1) {
-            tracing::info!("profiling steps {}..={}", p.start, p.start + p.steps - 1);
-            profiler = Some(crate::cuda::profile::start(net.device.is_cuda())?);
+    loop {
+        // the last profiled step is finished before the next is queued, so the trace ends with it
+        let profile_ends = cfg.profile.is_some_and(|p| main && pending.is_some() && p.start + p.steps - 1 == queued);
+        let mut next = None;
+        if queued < total_steps && !stop && !profile_ends {
+            if let Some(p) = cfg.profile.filter(|p| main && p.start == queued + 1) {
+                tracing::info!("profiling steps {}..={}", p.start, p.start + p.steps - 1);
+                profiler = Some(crate::cuda::profile::start(net.device.is_cuda())?);
+            }
+            if position >= plan.len() {
+                epoch += 1;
+                position = 0;
+                plan = plan_epoch(&data.train, &cfg.batch, epoch);
+            }
+            // one optimizer step: a window of up to grad_accum × world micro-batches, never
+            // across epochs; this rank takes every world-th one
+            let end = (position + window).min(plan.len());
+            let mine: Vec<(usize, Batch)> =
+                (0..end - position).filter(|k| k % world == rank).map(|k| (k, collate(&data.train, &plan[position + k], &cfg.batch))).collect();
+            let mut n_label: i64 = mine.iter().map(|(_, b)| b.n_label_tokens).sum();
+            if let Some(g) = pg {
+                n_label = g.sum_f64(&[n_label as f64])?[0] as i64;
+            }
+            let mut loss_total = Tensor::zeros([], (Kind::Float, net.head_device));
+            let mut tokens = 0i64;
+            for (k, b) in &mine {
+                let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((queued * 64 + k) as i64 * 1009);
+                let weight = state.loss_scale / n_label.max(1) as f64;
+                loss_total += forward_backward(net, b, weight, checkpointing, seed)?;
+                tokens += b.n_tokens;
+            }
+            let lr = lr_at(cfg.scheduler, cfg.lr, queued, total_steps, warmup);
+            next = Some((QueuedStep { epoch, end, plan_len: plan.len(), lr, n_label, tokens, read: None }, loss_total));
+            position = end;
         }
-        if state.batch_in_epoch >= plan.len() {
-            state.epoch += 1;
-            state.batch_in_epoch = 0;
-            plan = plan_epoch(&data.train, &cfg.batch, state.epoch);
+
+        if let Some(done) = pending.take() {
+            let read = Vec::<f64>::try_from(done.read.expect("a queued step's read").wait()?)?;
+            let (mut loss_sum, grad_norm) = (read[0], read[1]);
+            let mut step_tokens = done.tokens;
+            if let Some(g) = pg {
+                let s = g.sum_f64(&[loss_sum, step_tokens as f64])?;
+                (loss_sum, step_tokens) = (s[0], s[1] as i64);
+            }
+            window_tokens += step_tokens;
+            let loss = loss_sum / done.n_label.max(1) as f64;
+            state.step += 1;
+            (state.epoch, state.batch_in_epoch, finished_plan_len) = (done.epoch, done.end, done.plan_len);
+            progress.set_position(state.step as u64);
+            if let Some(p) = cfg.profile.filter(|p| p.start + p.steps == state.step + 1) {
+                if let Some(running) = profiler.take() {
+                    progress.suspend(|| write_profile(running, net, &cfg.output_dir, p))?;
+                }
+            }
+            log_loss_sum += loss;
+            log_steps += 1;
+            let epoch_f = state.epoch as f64 + state.batch_in_epoch as f64 / done.plan_len as f64;
+            result.train_loss = loss;
+
+            let mut m = Map::new();
+            m.insert("step".into(), json!(state.step));
+            m.insert("epoch".into(), json!(epoch_f));
+            m.insert("loss".into(), json!(loss));
+            m.insert("lr".into(), json!(done.lr));
+            m.insert("grad_norm".into(), json!(grad_norm));
+            stop |= hooks.on_step(&m)? == Control::Stop;
+
+            if state.step % cfg.log_every == 0 || state.step == total_steps || stop {
+                let secs = started.elapsed().as_secs_f64();
+                let tps = window_tokens as f64 / secs.max(1e-9);
+                let mut m = m.clone();
+                m.insert("loss".into(), json!(log_loss_sum / log_steps as f64));
+                m.insert("tokens_per_sec".into(), json!(tps));
+                m.insert("elapsed_sec".into(), json!(secs));
+                if fp16 {
+                    m.insert("loss_scale".into(), json!(state.loss_scale));
+                }
+                // the busiest GPU's peak (and each GPU's, for a model split across several)
+                let peaks: Vec<f64> = net.devices().into_iter().filter_map(crate::cuda::peak_allocated).map(|p| p as f64 / (1u64 << 30) as f64).collect();
+                if let Some(max) = peaks.iter().cloned().reduce(f64::max) {
+                    m.insert("peak_gib".into(), json!(max));
+                }
+                if peaks.len() > 1 {
+                    m.insert("peak_gib_per_device".into(), json!(peaks));
+                }
+                progress.set_message(format!("loss {:.4}", log_loss_sum / log_steps as f64));
+                progress.suspend(|| tracing::info!("step {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s", state.step, log_loss_sum / log_steps as f64, done.lr, grad_norm, tps));
+                logger.log(state.step, &m)?;
+                state.log_history.push(Value::Object(m.clone()));
+                log_loss_sum = 0.0;
+                log_steps = 0;
+                result.tokens_per_sec = tps;
+                stop |= hooks.on_log(&m)? == Control::Stop;
+            }
+            let eval_now = cfg.eval_every.map(|e| state.step % e == 0).unwrap_or(false) || (state.step == total_steps && cfg.eval_every.is_some());
+            if let (true, Some(eval)) = (eval_now, &data.eval) {
+                let (eval_loss, tokens) = evaluate_sharded(net, eval, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() }, pg)?;
+                let mut m = Map::new();
+                m.insert("step".into(), json!(state.step));
+                m.insert("epoch".into(), json!(epoch_f));
+                m.insert("eval_loss".into(), json!(eval_loss));
+                m.insert("eval_ppl".into(), json!(eval_loss.exp()));
+                m.insert("eval_tokens".into(), json!(tokens));
+                progress.suspend(|| tracing::info!("step {} eval_loss {:.4} eval_ppl {:.3}", state.step, eval_loss, eval_loss.exp()));
+                logger.log(state.step, &m)?;
+                state.log_history.push(Value::Object(m.clone()));
+                result.eval_loss = Some(eval_loss);
+                stop |= hooks.on_eval(&m)? == Control::Stop;
+            }
+            if let Some(g) = pg {
+                // a stop asked for on any rank stops every rank, at the same step
+                stop = g.sum_f64(&[stop as u8 as f64])?[0] > 0.0;
+            }
+            let save_now = cfg.save_every.map(|s| state.step % s == 0).unwrap_or(false);
+            if save_now || stop || state.step == total_steps {
+                // rank 0 writes; the others wait until the checkpoint is complete
+                let dir = if main {
+                    let dir = checkpoint::save(&cfg.output_dir, net, spec, base_model, &params, &opt, &state)?;
+                    checkpoint::prune(&cfg.output_dir, cfg.save_total_limit)?;
+                    dir
+                } else {
+                    cfg.output_dir.join(format!("checkpoint-{}", state.step))
+                };
+                if let Some(g) = pg {
+                    g.barrier()?;
+                }
+                result.checkpoint = Some(dir);
+            }
         }
-        // one optimizer step: a window of up to grad_accum × world micro-batches, never across
-        // epochs; this rank takes every world-th one
-        let end = (state.batch_in_epoch + window).min(plan.len());
-        let mine: Vec<(usize, Batch)> = (state.batch_in_epoch..end)
-            .map(|j| j - state.batch_in_epoch)
-            .filter(|k| k % world == rank)
-            .map(|k| (k, collate(&data.train, &plan[state.batch_in_epoch + k], &cfg.batch)))
-            .collect();
-        let mut n_label: i64 = mine.iter().map(|(_, b)| b.n_label_tokens).sum();
-        if let Some(g) = pg {
-            n_label = g.sum_f64(&[n_label as f64])?[0] as i64;
-        }
-        let lr = lr_at(cfg.scheduler, cfg.lr, state.step, total_steps, warmup);
-        let mut loss_total = Tensor::zeros([], (Kind::Float, net.head_device));
-        let mut step_tokens = 0i64;
-        for (k, b) in &mine {
-            let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((state.step * 64 + k) as i64 * 1009);
-            let weight = state.loss_scale / n_label.max(1) as f64;
-            loss_total += forward_backward(net, b, weight, checkpointing, seed)?;
-            step_tokens += b.n_tokens;
+
+        let Some((mut step, loss_total)) = next else {
+            if queued >= total_steps || stop {
+                break;
+            }
+            continue;
+        };
+        if stop {
+            // the next step's gradients are dropped, its update never queued
+            zero_grads(&params)?;
+            break;
         }
         if let Some(g) = pg {
             // Σ over ranks of (local loss gradient / window tokens) = the global batch's gradient
@@ -453,15 +593,14 @@ pub fn train(
             }
         }
         let norm = clip_grad_norm(&params, cfg.max_grad_norm)?;
-        // fp16 must see the norm before stepping; otherwise the step is queued first and the loss
-        // and norm come back in one transfer, the step's only wait for the GPU
+        // fp16 must see the norm before stepping; otherwise nothing here waits for the GPU
         let skipped = fp16 && !norm.double_value(&[]).is_finite();
         if skipped {
             state.loss_scale /= 2.0;
             state.good_steps = 0;
-            tracing::warn!("fp16: non-finite gradients, skipping step {} and halving the loss scale to {}", state.step + 1, state.loss_scale);
+            tracing::warn!("fp16: non-finite gradients, skipping step {} and halving the loss scale to {}", queued + 1, state.loss_scale);
         } else {
-            opt.step(&params, lr)?;
+            opt.step(&params, step.lr)?;
             if fp16 {
                 state.good_steps += 1;
                 if state.good_steps % 2000 == 0 {
@@ -470,97 +609,9 @@ pub fn train(
             }
         }
         zero_grads(&params)?;
-        let read = Tensor::stack(&[loss_total.to_kind(Kind::Double), norm.to_device(loss_total.device()).to_kind(Kind::Double)], 0);
-        let read = Vec::<f64>::try_from(read.to_device(tch::Device::Cpu))?;
-        let (mut loss_sum, grad_norm) = (read[0], read[1]);
-        if let Some(g) = pg {
-            let s = g.sum_f64(&[loss_sum, step_tokens as f64])?;
-            (loss_sum, step_tokens) = (s[0], s[1] as i64);
-        }
-        window_tokens += step_tokens;
-        let loss = loss_sum / n_label.max(1) as f64;
-        state.step += 1;
-        state.batch_in_epoch = end;
-        progress.set_position(state.step as u64);
-        if let Some(p) = cfg.profile.filter(|p| p.start + p.steps == state.step + 1) {
-            if let Some(running) = profiler.take() {
-                progress.suspend(|| write_profile(running, net, &cfg.output_dir, p))?;
-            }
-        }
-        log_loss_sum += loss;
-        log_steps += 1;
-        let epoch_f = state.epoch as f64 + state.batch_in_epoch as f64 / plan.len() as f64;
-        result.train_loss = loss;
-
-        let mut m = Map::new();
-        m.insert("step".into(), json!(state.step));
-        m.insert("epoch".into(), json!(epoch_f));
-        m.insert("loss".into(), json!(loss));
-        m.insert("lr".into(), json!(lr));
-        m.insert("grad_norm".into(), json!(grad_norm));
-        stop |= hooks.on_step(&m)? == Control::Stop;
-
-        if state.step % cfg.log_every == 0 || state.step == total_steps || stop {
-            let secs = started.elapsed().as_secs_f64();
-            let tps = window_tokens as f64 / secs.max(1e-9);
-            let mut m = m.clone();
-            m.insert("loss".into(), json!(log_loss_sum / log_steps as f64));
-            m.insert("tokens_per_sec".into(), json!(tps));
-            m.insert("elapsed_sec".into(), json!(secs));
-            if fp16 {
-                m.insert("loss_scale".into(), json!(state.loss_scale));
-            }
-            // the busiest GPU's peak (and each GPU's, for a model split across several)
-            let peaks: Vec<f64> = net.devices().into_iter().filter_map(crate::cuda::peak_allocated).map(|p| p as f64 / (1u64 << 30) as f64).collect();
-            if let Some(max) = peaks.iter().cloned().reduce(f64::max) {
-                m.insert("peak_gib".into(), json!(max));
-            }
-            if peaks.len() > 1 {
-                m.insert("peak_gib_per_device".into(), json!(peaks));
-            }
-            progress.set_message(format!("loss {:.4}", log_loss_sum / log_steps as f64));
-            progress.suspend(|| tracing::info!("step {} loss {:.4} lr {:.3e} grad_norm {:.3} {:.0} tok/s", state.step, log_loss_sum / log_steps as f64, lr, grad_norm, tps));
-            logger.log(state.step, &m)?;
-            state.log_history.push(Value::Object(m.clone()));
-            log_loss_sum = 0.0;
-            log_steps = 0;
-            result.tokens_per_sec = tps;
-            stop |= hooks.on_log(&m)? == Control::Stop;
-        }
-        let eval_now = cfg.eval_every.map(|e| state.step % e == 0).unwrap_or(false) || (state.step == total_steps && cfg.eval_every.is_some());
-        if let (true, Some(eval)) = (eval_now, &data.eval) {
-            let (eval_loss, tokens) = evaluate_sharded(net, eval, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() }, pg)?;
-            let mut m = Map::new();
-            m.insert("step".into(), json!(state.step));
-            m.insert("epoch".into(), json!(epoch_f));
-            m.insert("eval_loss".into(), json!(eval_loss));
-            m.insert("eval_ppl".into(), json!(eval_loss.exp()));
-            m.insert("eval_tokens".into(), json!(tokens));
-            progress.suspend(|| tracing::info!("step {} eval_loss {:.4} eval_ppl {:.3}", state.step, eval_loss, eval_loss.exp()));
-            logger.log(state.step, &m)?;
-            state.log_history.push(Value::Object(m.clone()));
-            result.eval_loss = Some(eval_loss);
-            stop |= hooks.on_eval(&m)? == Control::Stop;
-        }
-        if let Some(g) = pg {
-            // a stop asked for on any rank stops every rank, at the same step
-            stop = g.sum_f64(&[stop as u8 as f64])?[0] > 0.0;
-        }
-        let save_now = cfg.save_every.map(|s| state.step % s == 0).unwrap_or(false);
-        if save_now || stop || state.step == total_steps {
-            // rank 0 writes; the others wait until the checkpoint is complete
-            let dir = if main {
-                let dir = checkpoint::save(&cfg.output_dir, net, spec, base_model, &params, &opt, &state)?;
-                checkpoint::prune(&cfg.output_dir, cfg.save_total_limit)?;
-                dir
-            } else {
-                cfg.output_dir.join(format!("checkpoint-{}", state.step))
-            };
-            if let Some(g) = pg {
-                g.barrier()?;
-            }
-            result.checkpoint = Some(dir);
-        }
+        step.read = Some(crate::cuda::to_host(&Tensor::stack(&[loss_total.to_kind(Kind::Double), norm.to_device(loss_total.device()).to_kind(Kind::Double)], 0))?);
+        pending = Some(step);
+        queued += 1;
     }
     progress.finish_and_clear();
     if stop && state.step < total_steps {
@@ -568,7 +619,7 @@ pub fn train(
         result.stopped_early = true;
     }
     result.steps = state.step;
-    result.epoch = state.epoch as f64 + state.batch_in_epoch as f64 / plan.len().max(1) as f64;
+    result.epoch = state.epoch as f64 + state.batch_in_epoch as f64 / finished_plan_len.max(1) as f64;
     result.log_history = state.log_history.clone();
     Ok(result)
 }
