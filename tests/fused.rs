@@ -108,11 +108,13 @@ fn fused_rope_matches_the_rotate_half_ops() {
 /// The projections of one input as one autograd node (`autograd::projections`, whose backward
 /// accumulates LoRA's masked input gradient with the `lora_dx` kernel) against separate
 /// layers through autograd: outputs and the gradients of the input and the adapters, with the
-/// same dropout masks (both draw them with `native_dropout` in projection order).
+/// same dropout masks (both draw them with `native_dropout` in projection order); with LoRA's
+/// work on the current stream and on the side stream (`autograd::overlap_lora`).
 #[test]
 fn shared_projections_match_separate_layers_on_the_gpu() {
     let Some((dev, _rng)) = cuda() else { return };
-    for kind in [Kind::BFloat16, Kind::Float] {
+    for (kind, overlap) in [(Kind::BFloat16, false), (Kind::BFloat16, true), (Kind::Float, false), (Kind::Float, true)] {
+        autograd::overlap_lora(overlap);
         // rows aligned for the kernel (256 columns), and not (100: the ops' fallback); 301 rows,
         // so the kernel's last group of rows is short
         for (inp, rank) in [(256i64, 8i64), (256, 16), (256, 5), (100, 8)] {
@@ -171,9 +173,10 @@ fn shared_projections_match_separate_layers_on_the_gpu() {
                     (&f - &o).abs().max().double_value(&[]) / o.abs().max().double_value(&[]).max(1e-30)
                 })
                 .collect();
-            assert!(errs.iter().all(|e| *e < tol), "{kind:?} in {inp} r {rank}: outputs, input gradient, adapter gradients differ by {errs:?} (relative to the largest value)");
+            assert!(errs.iter().all(|e| *e < tol), "{kind:?} in {inp} r {rank}, side stream {overlap}: outputs, input gradient, adapter gradients differ by {errs:?} (relative to the largest value)");
         }
     }
+    autograd::overlap_lora(false);
 }
 
 /// The fused cross-entropy (one kernel: loss per row, gradient written over the logits) against

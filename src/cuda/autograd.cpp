@@ -7,10 +7,17 @@
 #include "guarded.h"
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -216,6 +223,45 @@ at::Tensor mm_to(const at::Tensor& m1, const at::Tensor& m2, at::ScalarType dtyp
   return at::mm(m1, m2, dtype);
 }
 
+// Whether Projections run LoRA's work on a side stream (ftscript_overlap_lora).
+std::atomic<bool> overlap_lora{false};
+
+// LoRA's work beside the frozen GEMMs: on a second stream of the GPU (one per GPU, taken once
+// from torch's pool), its memory-bound kernels run in the SMs that the GEMMs' tails leave idle.
+// `Side` opens with the side stream waiting for what the current stream has queued; tensors
+// made on the side are handed over (the allocator keeps their memory until the current
+// stream's uses are done); `join` makes the current stream wait for the side's work.
+class Side {
+ public:
+  explicit Side(const at::Tensor& like)
+      : impl_(c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)), main_(impl_->getStream(like.device())),
+        side_(stream(like.device())) {
+    wait(main_, side_);
+  }
+  c10::Stream stream() const { return side_; }
+  void hand_over(const at::Tensor& t) const {
+    if (t.defined()) impl_->recordDataPtrOnStream(t.storage().data_ptr(), main_);
+  }
+  void join() const { wait(side_, main_); }
+
+ private:
+  static void wait(const c10::Stream& on, const c10::Stream& waiter) {
+    c10::Event e(c10::DeviceType::CUDA);
+    e.record(on);
+    e.block(waiter);
+  }
+  c10::Stream stream(c10::Device d) const {
+    static std::mutex m;
+    static std::map<int, c10::Stream> streams;
+    std::lock_guard<std::mutex> lock(m);
+    auto it = streams.find(d.index());
+    if (it == streams.end()) it = streams.emplace(d.index(), impl_->getStreamFromGlobalPool(d, false)).first;
+    return it->second;
+  }
+  const c10::impl::DeviceGuardImplInterface* impl_;
+  c10::Stream main_, side_;
+};
+
 // The projections of one input x [N, in] by frozen weights W_i [out_i, in] (biases b_i), some with
 // a LoRA adapter (A_j [r, in], B_j [out_i, r], fp32 or x's dtype, scale s_j, dropout p_j):
 // `y_i = x W_iᵀ + b_i + s_j · (dropout_j(x) A_jᵀ) B_jᵀ`, as separate linear layers compute them
@@ -228,21 +274,34 @@ struct Projections : public torch::autograd::Function<Projections> {
                                std::vector<int64_t> adapter_of, std::vector<double> scales,
                                std::vector<double> dropouts) {
     TORCH_CHECK(x.dim() == 2, "projections: x must be 2-D, got ", x.sizes());
-    variable_list ys;
-    std::vector<at::Tensor> saved;  // per adapter: dropout(x), mask (or undefined), s·xa, A, B in x's dtype
-    for (size_t i = 0; i < weights.size(); i++) {
-      at::Tensor y = biases[i].defined() ? at::addmm(biases[i], x, weights[i].t()) : at::mm(x, weights[i].t());
-      int64_t j = adapter_of[i];
-      if (j >= 0) {
-        TORCH_CHECK(j == (int64_t)saved.size() / 5, "projections: adapters must be numbered in projection order");
+    for (size_t i = 0; i < weights.size(); i++)
+      TORCH_CHECK(adapter_of[i] < 0 || adapter_of[i] == std::count_if(adapter_of.begin(), adapter_of.begin() + i,
+                                                                      [](int64_t j) { return j >= 0; }),
+                  "projections: adapters must be numbered in projection order");
+    // per adapter: dropout(x), mask (or undefined), s·xa, A, B in x's dtype; drawn in adapter
+    // order, as separate layers draw their masks
+    std::vector<at::Tensor> saved;
+    std::optional<Side> side;
+    if (overlap_lora && x.is_cuda() && !a.empty()) side.emplace(x);
+    {
+      std::optional<c10::StreamGuard> on_side;
+      if (side) on_side.emplace(side->stream());
+      for (size_t j = 0; j < a.size(); j++) {
         at::Tensor aj = a[j].to(x.scalar_type()), bj = b[j].to(x.scalar_type()), xd = x, mask;
         if (dropouts[j] > 0) std::tie(xd, mask) = at::native_dropout(x, dropouts[j], true);
         at::Tensor xa = scaled_mm(xd, aj.t(), scales[j]);
-        y.addmm_(xa, bj.t());
-        for (const at::Tensor& t : {xd, mask, xa, aj, bj}) saved.push_back(t);
+        for (const at::Tensor& t : {xd, mask, xa, aj, bj}) {
+          saved.push_back(t);
+          if (side) side->hand_over(t);
+        }
       }
-      ys.push_back(y);
     }
+    variable_list ys;
+    for (size_t i = 0; i < weights.size(); i++)
+      ys.push_back(biases[i].defined() ? at::addmm(biases[i], x, weights[i].t()) : at::mm(x, weights[i].t()));
+    if (side) side->join();
+    for (size_t i = 0; i < weights.size(); i++)
+      if (adapter_of[i] >= 0) ys[i].addmm_(saved[5 * adapter_of[i] + 2], saved[5 * adapter_of[i] + 4].t());
     ctx->saved_data["weights"] = weights;
     ctx->saved_data["adapter_of"] = adapter_of;
     ctx->saved_data["scales"] = scales;
@@ -268,24 +327,38 @@ struct Projections : public torch::autograd::Function<Projections> {
       if (!dx.defined()) dx = at::mm(d, w);
       else dx.addmm_(d, w);
     };
-    variable_list da(m), db(m);
-    for (size_t i = 0; i < weights.size(); i++) {
-      int64_t j = adapter_of[i];
-      const at::Tensor& dy = dys[i];
-      if (!dy.defined()) continue;
-      if (want_x) accumulate(dy, weights[i]);
-      if (j < 0) continue;
-      // forward saved adapter j's five tensors j-th (adapters are numbered in projection order)
-      const at::Tensor *xd = &saved[5 * j], *mask = xd + 1, *xa = xd + 2, *aj = xd + 3, *bj = xd + 4;
-      at::Tensor u = scaled_mm(dy, *bj, scales[j]);  // ∂L/∂(dropout(x) Aᵀ)
-      db[j] = mm_to(dy.t(), *xa, (at::ScalarType)dtypes[j]);
-      da[j] = mm_to(u.t(), *xd, (at::ScalarType)dtypes[j]);
-      if (!want_x) continue;
+    // the adapters' GEMMs on the side stream while the frozen weights' run on this one
+    variable_list da(m), db(m), us(m);
+    std::optional<Side> side;
+    if (overlap_lora && m > 0 && saved[0].is_cuda()) side.emplace(saved[0]);
+    {
+      std::optional<c10::StreamGuard> on_side;
+      if (side) on_side.emplace(side->stream());
+      for (size_t i = 0; i < weights.size(); i++) {
+        int64_t j = adapter_of[i];
+        const at::Tensor& dy = dys[i];
+        if (j < 0 || !dy.defined()) continue;
+        // forward saved adapter j's five tensors j-th (adapters are numbered in projection order)
+        const at::Tensor *xd = &saved[5 * j], *xa = xd + 2, *bj = xd + 4;
+        us[j] = scaled_mm(dy, *bj, scales[j]);  // ∂L/∂(dropout(x) Aᵀ)
+        db[j] = mm_to(dy.t(), *xa, (at::ScalarType)dtypes[j]);
+        da[j] = mm_to(us[j].t(), *xd, (at::ScalarType)dtypes[j]);
+        if (side)
+          for (const at::Tensor& t : {us[j], da[j], db[j]}) side->hand_over(t);
+      }
+    }
+    if (want_x)
+      for (size_t i = 0; i < weights.size(); i++)
+        if (dys[i].defined()) accumulate(dys[i], weights[i]);
+    if (side) side->join();
+    for (int64_t j = 0; j < m && want_x; j++) {
+      if (!us[j].defined()) continue;
+      const at::Tensor *xd = &saved[5 * j], *mask = xd + 1, *aj = xd + 3;
       if (mask->defined()) {
         if (!dx.defined()) dx = at::zeros_like(*xd);
-        masked_accumulate(dx, *mask, u, *aj, 1.0 / (1.0 - dropouts[j]));
+        masked_accumulate(dx, *mask, us[j], *aj, 1.0 / (1.0 - dropouts[j]));
       } else {
-        accumulate(u, *aj);
+        accumulate(us[j], *aj);
       }
     }
     variable_list grads = {dx};
@@ -320,6 +393,9 @@ extern "C" int ftscript_rope(const char* src, const at::Tensor* x, const at::Ten
     *out = new at::Tensor(Rope::apply(*x, *cos, *sin));
   });
 }
+
+// Turns the side stream of Projections on or off (off at start).
+extern "C" void ftscript_overlap_lora(int on) { overlap_lora = on != 0; }
 
 // Accumulates into the leaves' `.grad` the gradient of Σᵢ ⟨roots[i], grads[i]⟩.
 extern "C" int ftscript_backward(const at::Tensor* const* roots, const at::Tensor* const* grads, int n, char* err,

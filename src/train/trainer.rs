@@ -402,6 +402,8 @@ pub fn train(
             if on { Checkpointing::On } else { Checkpointing::Off }
         }
     };
+    // memory comes first where layers are recomputed to save it
+    crate::cuda::autograd::overlap_lora(checkpointing == Checkpointing::Off);
     let trainable: i64 = params.iter().map(|p| p.numel() as i64).sum();
     tracing::info!(
         "training: {} examples, {plan_len} micro-batches/epoch, batch {} × accumulation {} × {world} process(es), {total_steps} steps, warmup {warmup}, {trainable} trainable parameters",
