@@ -298,7 +298,7 @@ pub fn evaluate_sharded(net: &Llama, examples: &[Example], cfg: &BatchConfig, pg
     Ok((total / tokens as f64, tokens))
 }
 
-/// An optimizer step whose gradients (then update) are queued on the GPU, not yet read back.
+/// What the loop keeps of an optimizer step queued on the GPU until its loss is read back.
 struct QueuedStep {
     epoch: usize,
     /// The position in the epoch's plan after the step, and the plan's length.
@@ -308,8 +308,6 @@ struct QueuedStep {
     /// Label tokens of the whole window (all ranks) and this rank's tokens.
     n_label: i64,
     tokens: i64,
-    /// `[Σ token losses, gradient norm]` on its way to the host, once the update is queued.
-    read: Option<crate::cuda::HostCopy>,
 }
 
 /// The outcome of a run, returned to the recipe.
@@ -432,12 +430,11 @@ pub fn train(
     let (mut epoch, mut position) = (state.epoch, state.batch_in_epoch);
     let mut plan = plan_epoch(&data.train, &cfg.batch, epoch);
     let mut finished_plan_len = plan.len();
-    // Steps overlap by one: step n + 1's forward and backward are queued before step n's loss
-    // is read, logged and shown to the callbacks, so the GPU does not wait for the host
-    // between steps. Step n + 1's update is queued only after that, so a callback's stop, an
-    // evaluation or a checkpoint sees exactly the adapters of step n.
+    // steps overlap by one (see the module's doc): each iteration queues step n + 1's forward
+    // and backward, finishes step n (its loss and norm, `[Σ token losses, ‖g‖]`, arriving on
+    // the host), then queues step n + 1's update
     let mut queued = state.step; // steps whose update is queued
-    let mut pending: Option<QueuedStep> = None;
+    let mut pending: Option<(QueuedStep, crate::cuda::HostCopy)> = None;
 
     loop {
         // the last profiled step is finished before the next is queued, so the trace ends with it
@@ -471,12 +468,12 @@ pub fn train(
                 tokens += b.n_tokens;
             }
             let lr = lr_at(cfg.scheduler, cfg.lr, queued, total_steps, warmup);
-            next = Some((QueuedStep { epoch, end, plan_len: plan.len(), lr, n_label, tokens, read: None }, loss_total));
+            next = Some((QueuedStep { epoch, end, plan_len: plan.len(), lr, n_label, tokens }, loss_total));
             position = end;
         }
 
-        if let Some(done) = pending.take() {
-            let read = Vec::<f64>::try_from(done.read.expect("a queued step's read").wait()?)?;
+        if let Some((done, read)) = pending.take() {
+            let read = Vec::<f64>::try_from(read.wait()?)?;
             let (mut loss_sum, grad_norm) = (read[0], read[1]);
             let mut step_tokens = done.tokens;
             if let Some(g) = pg {
@@ -569,7 +566,7 @@ pub fn train(
             }
         }
 
-        let Some((mut step, loss_total)) = next else {
+        let Some((step, loss_total)) = next else {
             if queued >= total_steps || stop {
                 break;
             }
@@ -611,8 +608,8 @@ pub fn train(
             }
         }
         zero_grads(&params)?;
-        step.read = Some(crate::cuda::to_host(&Tensor::stack(&[loss_total.to_kind(Kind::Double), norm.to_device(loss_total.device()).to_kind(Kind::Double)], 0))?);
-        pending = Some(step);
+        let read = crate::cuda::to_host(&Tensor::stack(&[loss_total.to_kind(Kind::Double), norm.to_device(loss_total.device()).to_kind(Kind::Double)], 0))?;
+        pending = Some((step, read));
         queued += 1;
     }
     progress.finish_and_clear();
