@@ -65,7 +65,7 @@ fn main() {
 /// headers.
 fn cuda_shims(libtorch: &std::path::Path, lib: &std::path::Path) {
     const FILES: [&str; 6] = ["src/cuda/memory.cpp", "src/cuda/offload.cpp", "src/cuda/rtc.cpp", "src/cuda/autograd.cpp", "src/cuda/optim.cpp", "src/cuda/profile.cpp"];
-    for f in FILES.iter().chain(&["src/cuda/guarded.h"]) {
+    for f in FILES.iter().chain(&["src/cuda/guarded.h", "src/cuda/streams.h"]) {
         println!("cargo:rerun-if-changed={f}");
     }
     let root = std::fs::canonicalize(libtorch).unwrap_or_else(|_| libtorch.to_path_buf());

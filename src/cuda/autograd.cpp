@@ -7,16 +7,12 @@
 #include "guarded.h"
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <c10/core/Event.h>
+#include "streams.h"
 #include <c10/core/StreamGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -226,39 +222,24 @@ at::Tensor mm_to(const at::Tensor& m1, const at::Tensor& m2, at::ScalarType dtyp
 // Whether Projections run LoRA's work on a side stream (ftscript_overlap_lora).
 std::atomic<bool> overlap_lora{false};
 
-// LoRA's work beside the frozen GEMMs: on a second stream of the GPU (one per GPU, taken once
-// from torch's pool), its memory-bound kernels run in the SMs that the GEMMs' tails leave idle.
-// `Side` opens with the side stream waiting for what the current stream has queued; tensors
-// made on the side are handed over (the allocator keeps their memory until the current
-// stream's uses are done); `join` makes the current stream wait for the side's work.
+// LoRA's work beside the frozen GEMMs: on its side stream of the GPU, its memory-bound kernels
+// run in the SMs that the GEMMs' tails leave idle. `Side` opens with the side stream waiting for
+// what the current stream has queued; tensors made on the side are handed over (the allocator
+// keeps their memory until the current stream's uses are done); `join` makes the current stream
+// wait for the side's work.
 class Side {
  public:
   explicit Side(const at::Tensor& like)
-      : impl_(c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)), main_(impl_->getStream(like.device())),
-        side_(stream(like.device())) {
-    wait(main_, side_);
+      : main_(ftscript_cuda()->getStream(like.device())), side_(ftscript_side_stream(like.device(), SideUse::Lora)) {
+    ftscript_after(main_, side_);
   }
   c10::Stream stream() const { return side_; }
   void hand_over(const at::Tensor& t) const {
-    if (t.defined()) impl_->recordDataPtrOnStream(t.storage().data_ptr(), main_);
+    if (t.defined()) ftscript_cuda()->recordDataPtrOnStream(t.storage().data_ptr(), main_);
   }
-  void join() const { wait(side_, main_); }
+  void join() const { ftscript_after(side_, main_); }
 
  private:
-  static void wait(const c10::Stream& on, const c10::Stream& waiter) {
-    c10::Event e(c10::DeviceType::CUDA);
-    e.record(on);
-    e.block(waiter);
-  }
-  c10::Stream stream(c10::Device d) const {
-    static std::mutex m;
-    static std::map<int, c10::Stream> streams;
-    std::lock_guard<std::mutex> lock(m);
-    auto it = streams.find(d.index());
-    if (it == streams.end()) it = streams.emplace(d.index(), impl_->getStreamFromGlobalPool(d, false)).first;
-    return it->second;
-  }
-  const c10::impl::DeviceGuardImplInterface* impl_;
   c10::Stream main_, side_;
 };
 
@@ -274,10 +255,9 @@ struct Projections : public torch::autograd::Function<Projections> {
                                std::vector<int64_t> adapter_of, std::vector<double> scales,
                                std::vector<double> dropouts) {
     TORCH_CHECK(x.dim() == 2, "projections: x must be 2-D, got ", x.sizes());
-    for (size_t i = 0; i < weights.size(); i++)
-      TORCH_CHECK(adapter_of[i] < 0 || adapter_of[i] == std::count_if(adapter_of.begin(), adapter_of.begin() + i,
-                                                                      [](int64_t j) { return j >= 0; }),
-                  "projections: adapters must be numbered in projection order");
+    int64_t next_adapter = 0;
+    for (int64_t j : adapter_of)
+      TORCH_CHECK(j < 0 || j == next_adapter++, "projections: adapters must be numbered in projection order");
     // per adapter: dropout(x), mask (or undefined), s·xa, A, B in x's dtype; drawn in adapter
     // order, as separate layers draw their masks
     std::vector<at::Tensor> saved;

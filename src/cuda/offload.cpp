@@ -3,48 +3,24 @@
 // memory). Device-generic c10 interfaces only: no CUDA headers. Errors come back as text.
 #include <ATen/ATen.h>
 #include "guarded.h"
-#include <c10/core/Event.h>
+#include "streams.h"
 #include <c10/core/StreamGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <cstdio>
-#include <map>
-#include <mutex>
-
-namespace {
-const c10::impl::DeviceGuardImplInterface* cuda() { return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA); }
-
-// One side stream per GPU, taken once from torch's pool.
-c10::Stream side_stream(c10::Device d) {
-  static std::mutex m;
-  static std::map<int, c10::Stream> streams;
-  std::lock_guard<std::mutex> lock(m);
-  auto it = streams.find(d.index());
-  if (it == streams.end()) it = streams.emplace(d.index(), cuda()->getStreamFromGlobalPool(d, false)).first;
-  return it->second;
-}
-
-// `to` (on `side`) waits for the work queued so far on `from`.
-void after(const c10::Stream& from, const c10::Stream& to) {
-  c10::Event e(c10::DeviceType::CUDA);
-  e.record(from);
-  e.block(to);
-}
-}  // namespace
 
 // Copies GPU tensor `t` into new pinned host memory on the side stream, once the current
 // stream has produced it; `t`'s memory is not reused before the copy is done.
 extern "C" int ftscript_offload(const at::Tensor* t, at::Tensor** host, char* err, size_t err_len) {
   return ftscript_guarded(err, err_len, [&] {
     c10::Device d = t->device();
-    c10::Stream main = cuda()->getStream(d), side = side_stream(d);
+    c10::Stream main = ftscript_cuda()->getStream(d), side = ftscript_side_stream(d, SideUse::Offload);
     at::Tensor h = at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true));
-    after(main, side);
+    ftscript_after(main, side);
     {
       c10::StreamGuard guard(side);
       h.copy_(*t, /*non_blocking=*/true);
     }
-    cuda()->recordDataPtrOnStream(t->storage().data_ptr(), side);
+    ftscript_cuda()->recordDataPtrOnStream(t->storage().data_ptr(), side);
     *host = new at::Tensor(h);
   });
 }
@@ -55,9 +31,9 @@ extern "C" int ftscript_prefetch(const at::Tensor* host, int device, at::Tensor*
                                  size_t err_len) {
   return ftscript_guarded(err, err_len, [&] {
     c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
-    c10::Stream main = cuda()->getStream(d), side = side_stream(d);
+    c10::Stream main = ftscript_cuda()->getStream(d), side = ftscript_side_stream(d, SideUse::Offload);
     at::Tensor t = at::empty(host->sizes(), host->options().device(d).pinned_memory(false));
-    after(main, side);  // t's memory is free in the current stream's order
+    ftscript_after(main, side);  // t's memory is free in the current stream's order
     {
       c10::StreamGuard guard(side);
       t.copy_(*host, /*non_blocking=*/true);
@@ -73,7 +49,7 @@ extern "C" int ftscript_prefetch(const at::Tensor* host, int device, at::Tensor*
 extern "C" int ftscript_prefetch_wait(void* event, char* err, size_t err_len) {
   return ftscript_guarded(err, err_len, [&] {
     auto* done = static_cast<c10::Event*>(event);
-    done->block(cuda()->getStream(done->device()));
+    done->block(ftscript_cuda()->getStream(done->device()));
     delete done;
   });
 }
@@ -85,7 +61,7 @@ extern "C" int ftscript_to_host(const at::Tensor* t, at::Tensor** host, void** e
     at::Tensor h = at::empty(t->sizes(), t->options().device(at::kCPU).pinned_memory(true));
     h.copy_(*t, /*non_blocking=*/true);
     auto* done = new c10::Event(c10::DeviceType::CUDA);
-    done->record(cuda()->getStream(t->device()));
+    done->record(ftscript_cuda()->getStream(t->device()));
     *host = new at::Tensor(h);
     *event = done;
   });
