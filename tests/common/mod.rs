@@ -67,6 +67,13 @@ pub fn read_safetensors(path: &Path) -> std::collections::HashMap<String, tch::T
     }).collect()
 }
 
+/// The `__metadata__` entries of a safetensors file.
+pub fn safetensors_metadata(path: &Path) -> std::collections::HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
 /// max |a − b| / max |b|
 pub fn rel_err(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     let a = a.to_kind(tch::Kind::Double);

@@ -23,16 +23,68 @@ nf4/fp4 with and without double quantization, on the device bitsandbytes runs on
   C.V.quant_map         fp32 [16]
   C.V.nested_absmax     fp32, C.V.nested_quant_map fp32 [256], C.V.offset fp32 [1]  (double quant)
   C.V.dequant           dequantize_4bit(...) in the matrix's dtype
-and a metadata entry `device` (cpu or cuda).
+and metadata entries `device` (cpu or cuda) and `dequant_path` (see below).
+
+Pinned CPU paths. bitsandbytes 0.50's CPU backend changes path with the CPU's features:
+- its native `dequantize_4bit` / `dequantize_blockwise` kernels take an AVX512F branch where the CPU
+  has it, which gives FP4 code 8 as +0 instead of -0 and misplaces values whose 64-blocks straddle
+  rows (128×96 differs by ~3e-2); the quantization (`quantize_4bit`) is portable torch code;
+- `Linear4bit` repacks its weight and multiplies through another kernel (bf16, or one fetched from
+  the Hub by the `kernels` package) on CPUs with AVX512-BF16.
+So on the CPU every dequantization here goes through bitsandbytes' portable torch implementation
+(its `default` backend's code, which every CPU runs the same way, registered below as the CPU
+kernels of bitsandbytes' dequantize ops), `Linear4bit` is kept off the
+AVX512-BF16 path, and `kernels` cannot be imported (no network). The portable path gives FP4
+code 8 as +0; bitsandbytes' native and CUDA kernels give -0 (tests/quant.rs checks that sign
+against the CUDA fixture).
 """
 import sys
+import warnings
+
+sys.modules["kernels"] = None  # bitsandbytes would fetch a CPU GEMM from the Hub through it
 
 import torch
+import bitsandbytes
 import bitsandbytes.functional as F
+from bitsandbytes.backends.default import ops as portable
+from bitsandbytes.backends.utils import _get_4bit_code
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-torch._dynamo.config.recompile_limit = 64  # bitsandbytes torch.compiles its CPU dequantize fallback per dtype/shape
+torch._dynamo.config.recompile_limit = 64  # bitsandbytes torch.compiles its portable dequantize per dtype/shape
+
+
+def _dequantize_4bit_portable(A, absmax, blocksize, quant_type, shape, dtype):
+    q = A.view(torch.uint8).reshape(-1)
+    return portable._dequantize_4bit_compute(q, absmax.float(), _get_4bit_code(quant_type, q.device), blocksize, shape, dtype)
+
+
+def _dequantize_blockwise_portable(A, absmax, code, blocksize, dtype):
+    return portable._dequantize_blockwise_compute(A.reshape(-1), absmax, code, blocksize, dtype).reshape(A.shape)
+
+
+# bitsandbytes' ops on CPU tensors (F.dequantize_4bit, the nested absmax, Linear4bit's GEMM) now
+# dequantize through its portable code
+_pinned = torch.library.Library("bitsandbytes", "IMPL")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "Overriding a previously registered kernel": that is the point
+    _pinned.impl("dequantize_4bit", _dequantize_4bit_portable, "CPU", allow_override=True)
+    _pinned.impl("dequantize_blockwise", _dequantize_blockwise_portable, "CPU", allow_override=True)
+
+
+def pin_portable_cpu_path(model):
+    """Keeps transformers' `Linear4bit` layers on bitsandbytes' portable CPU path (see above)."""
+    layers = [m for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    assert layers, "no Linear4bit layers"
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    return layers
+
+
+def check_portable(layers):
+    """Fails if any layer took the repacked AVX512-BF16 path after all."""
+    packed = [m for m in layers if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert not packed, f"{len(packed)} Linear4bit layers were repacked for the AVX512-BF16 path"
 
 
 def cases(model_dir, small=False):
@@ -71,9 +123,11 @@ def hf_logits(model_dir, qt, dq, out):
                              bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg, device_map="cpu",
                                                  dtype=torch.float32)
+    layers = pin_portable_cpu_path(model)
     ids = torch.tensor(IDS)
     with torch.no_grad():
         logits = model(ids).logits
+    check_portable(layers)
     save_file({"ids": ids, "logits": logits.float().contiguous()}, out)
 
 
@@ -83,9 +137,11 @@ def saved_logits(model_dir, out, *opts):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit", type(model.model.layers[0].self_attn.q_proj)
+    layers = pin_portable_cpu_path(model) if device == "cpu" else []
     ids = torch.tensor(IDS)
     with torch.no_grad():
         logits = model(ids.to(device)).logits.cpu()
+    check_portable(layers)
     save_file({"ids": ids, "logits": logits.float().contiguous()}, out)
 
 
@@ -135,7 +191,7 @@ def main():
                     tensors[f"{v}.nested_quant_map"] = st.state2.code.cpu()
                     tensors[f"{v}.offset"] = st.offset.reshape(1).float().cpu()
                 tensors[f"{v}.dequant"] = d.cpu().contiguous()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"device": device})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"device": device, "dequant_path": "cuda" if device != "cpu" else "portable"})
 
 
 if __name__ == "__main__":
