@@ -29,6 +29,9 @@ enum Command {
     Check {
         #[arg(required = true)]
         recipes: Vec<PathBuf>,
+        /// Check with a top-level `const` overridden, as `run --set` would: --set key=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// List every recipe function with its signature and documentation.
     Api,
@@ -101,24 +104,28 @@ fn engine_for(recipe: &Path) -> rhai::Engine {
     script::new_engine(dir)
 }
 
-fn run(recipe_path: &Path, set: &[String]) -> Result<()> {
-    let engine = engine_for(recipe_path);
-    let mut recipe = Recipe::load(&engine, recipe_path)?;
+/// Loads a recipe with its `--set` overrides applied.
+fn load(engine: &rhai::Engine, recipe_path: &Path, set: &[String]) -> Result<Recipe> {
+    let mut recipe = Recipe::load(engine, recipe_path)?;
     let mut overrides = vec![];
     for kv in set {
         let Some((k, v)) = kv.split_once('=') else { bail!("--set {kv}: expected KEY=VALUE") };
-        overrides.push((k.trim().to_string(), script::parse_set_value(&engine, v)));
+        overrides.push((k.trim().to_string(), script::parse_set_value(v)));
     }
     recipe.apply_overrides(&overrides)?;
-    recipe.run(&engine)?;
-    Ok(())
+    Ok(recipe)
 }
 
-fn check(paths: &[PathBuf]) -> Result<()> {
+fn run(recipe_path: &Path, set: &[String]) -> Result<()> {
+    let engine = engine_for(recipe_path);
+    load(&engine, recipe_path, set)?.run(&engine)
+}
+
+fn check(paths: &[PathBuf], set: &[String]) -> Result<()> {
     let mut failed = 0;
     for path in paths {
         let engine = engine_for(path);
-        let problems = match Recipe::load(&engine, path) {
+        let problems = match load(&engine, path, set) {
             Ok(recipe) => script::check::check(&engine, &recipe),
             Err(e) => vec![e.to_string()],
         };
@@ -174,7 +181,7 @@ fn main() -> ExitCode {
             ftscript::api::hub::set_allow_push(*allow_push);
             run(recipe, set)
         }
-        Command::Check { recipes } => check(recipes),
+        Command::Check { recipes, set } => check(recipes, set),
         Command::Api => api(),
         Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, set } => {
             let opts = ftscript::dist::launch::LaunchOptions {

@@ -57,7 +57,15 @@ fn early_stopping(opts: Map) -> Res<FnPtr> {
         let m = metrics_arg(args)?;
         let mut s = state.borrow_mut();
         let Some(v) = m.get(s.metric.as_str()).and_then(|v| v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64))) else {
-            return Ok(Dynamic::UNIT);
+            // a metric the report does not hold would never stop the run
+            let keys: Vec<&str> = m.keys().map(|k| k.as_str()).collect();
+            let hint = crate::script::options::did_you_mean(&s.metric, keys.iter().copied()).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+            return Err(format!(
+                "early_stopping: this report has no metric `{}`{hint}; it holds {} (eval metrics reach on_eval, loss and lr on_step and on_log)",
+                s.metric,
+                keys.join(", ")
+            )
+            .into());
         };
         if s.update(v) {
             let step = m.get("step").map(|s| s.to_string()).unwrap_or_default();
@@ -83,7 +91,7 @@ fn sample_printer(model: Model, prompts: Array, opts: Map) -> Res<FnPtr> {
     FnPtr::from_fn("sample_printer", move |_ctx, args| {
         let m = metrics_arg(args)?;
         let step = m.get("step").map(|s| s.to_string()).unwrap_or_default();
-        let inner = model.0.borrow();
+        let inner = model.get();
         for p in &prompts {
             let out = crate::script::options::guard("sample_printer", || {
                 let ids = inner.tokenizer.encode(p, true)?;

@@ -68,7 +68,7 @@ fn targets_of(v: Option<serde_json::Value>) -> anyhow::Result<Targets> {
 
 /// (trainable, total) parameter counts.
 pub fn parameter_counts(m: &Model) -> (i64, i64) {
-    let m = m.0.borrow();
+    let m = m.get();
     let trainable: i64 = peft::adapter_tensors(&m.net).iter().map(|(_, t)| t.numel() as i64).sum();
     let base = m.net.num_params() as i64;
     (trainable, base + trainable)
@@ -89,7 +89,7 @@ pub fn register(engine: &mut Engine) {
                     use_rslora: o.use_rslora.unwrap_or(false),
                     seed: o.seed.unwrap_or(0),
                 };
-                let mut inner = m.0.borrow_mut();
+                let mut inner = m.get_mut("add_lora")?;
                 let names = peft::add_lora(&mut inner.net, &spec, Kind::Float)?;
                 tracing::info!("added LoRA r={} alpha={} to {} layers", spec.r, spec.alpha, names.len());
                 inner.lora = Some(spec);
@@ -120,7 +120,7 @@ pub fn register(engine: &mut Engine) {
         .with_params_info(["model: &mut Model", "dir: &str", "()"])
         .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<()> {
             guard("save_adapter", || {
-                let m = m.0.borrow();
+                let m = m.get();
                 let spec = m.lora.as_ref().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters (call add_lora or load_adapter first)"))?;
                 let dir = std::path::Path::new(dir);
                 peft::save_adapter(&m.net, spec, &m.source, dir)?;
@@ -134,7 +134,7 @@ pub fn register(engine: &mut Engine) {
         .with_params_info(["model: &mut Model", "dir: &str", "Model"])
         .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<Model> {
             guard("load_adapter", || {
-                let mut inner = m.0.borrow_mut();
+                let mut inner = m.get_mut("load_adapter")?;
                 let spec = peft::load_adapter(&mut inner.net, &super::resolve(dir), Kind::Float)?;
                 inner.lora = Some(spec);
                 Ok(())
@@ -143,7 +143,7 @@ pub fn register(engine: &mut Engine) {
         });
     let save_merged = |m: &mut Model, dir: &str, o: MergeOptions| -> Res<()> {
         guard("save_merged", || {
-            let m = m.0.borrow();
+            let m = m.get();
             let kind = match o.dtype.as_deref() {
                 Some(d) => crate::models::parse_dtype(d, None)?,
                 None => m.net.kind,

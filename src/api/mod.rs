@@ -58,7 +58,7 @@ pub fn option_validator(function: &str) -> Option<Validator> {
         "generate" => validate::<model::GenerateOptions>,
         "add_lora" => validate::<lora::LoraOptions>,
         "save_merged" => validate::<lora::MergeOptions>,
-        "train" => validate::<train::TrainOptions>,
+        "train" => train::validate_options,
         "early_stopping" | "early_stopping_callback" => validate::<callbacks::EarlyStoppingOptions>,
         "hub_push" => validate::<hub::PushArgs>,
         "hub_download" => validate::<hub::DownloadArgs>,

@@ -14,6 +14,20 @@ type Res<T> = Result<T, Box<EvalAltResult>>;
 #[derive(Clone)]
 pub struct Model(pub Rc<RefCell<LoadedModel>>);
 
+impl Model {
+    /// The model, for a call that reads it (callbacks may read it while `train` runs).
+    pub fn get(&self) -> std::cell::Ref<'_, LoadedModel> {
+        self.0.borrow()
+    }
+
+    /// The model, for `what`, a call that changes it: refused while `train` runs (from a callback).
+    pub fn get_mut(&self, what: &str) -> anyhow::Result<std::cell::RefMut<'_, LoadedModel>> {
+        self.0
+            .try_borrow_mut()
+            .map_err(|_| anyhow::anyhow!("the model is training; {what} cannot change it from inside a train callback"))
+    }
+}
+
 /// A model's tokenizer (shares the model).
 #[derive(Clone)]
 pub struct Tokenizer(pub Rc<RefCell<LoadedModel>>);
@@ -115,12 +129,9 @@ fn memory(m: &LoadedModel) -> Map {
     map.insert("total".into(), Dynamic::from((quantized + dense + adapters) as i64));
     // summed over the GPUs of a split model
     let devices = m.net.devices();
-    if let Some(a) = devices.iter().map(|&d| crate::cuda::allocated(d)).sum::<Option<u64>>() {
-        map.insert("cuda_allocated".into(), Dynamic::from(a as i64));
-    }
-    if let Some(p) = devices.iter().map(|&d| crate::cuda::peak_allocated(d)).sum::<Option<u64>>() {
-        map.insert("cuda_peak".into(), Dynamic::from(p as i64));
-    }
+    let on_gpu = |bytes: Option<u64>| bytes.map(|b| Dynamic::from(b as i64)).unwrap_or(Dynamic::UNIT);
+    map.insert("cuda_allocated".into(), on_gpu(devices.iter().map(|&d| crate::cuda::allocated(d)).sum::<Option<u64>>()));
+    map.insert("cuda_peak".into(), on_gpu(devices.iter().map(|&d| crate::cuda::peak_allocated(d)).sum::<Option<u64>>()));
     map
 }
 
@@ -180,43 +191,43 @@ pub fn register(engine: &mut Engine) {
         .with_comments(["/// Generates a continuation of `prompt` (greedy, up to 64 new tokens)."])
         .with_params_info(["model: &mut Model", "prompt: &str", "String"])
         .register_into_engine(engine, |m: &mut Model, prompt: &str| -> Res<String> {
-            guard("generate", || generate_text(&m.0.borrow(), prompt, &Sampling::default()))
+            guard("generate", || generate_text(&m.get(), prompt, &Sampling::default()))
         });
     FuncRegistration::new("generate")
         .with_comments(["/// Generates with #{max_new_tokens, temperature (0 = greedy), top_p, top_k, seed}; stops at EOS."])
         .with_params_info(["model: &mut Model", "prompt: &str", "options: Map", "String"])
         .register_into_engine(engine, |m: &mut Model, prompt: &str, opts: Map| -> Res<String> {
             let s = sampling(parse("generate", &opts)?);
-            guard("generate", || generate_text(&m.0.borrow(), prompt, &s))
+            guard("generate", || generate_text(&m.get(), prompt, &s))
         });
     FuncRegistration::new("chat_prompt")
         .with_comments(["/// Renders a user message, or an array of #{role, content} messages, with the model's chat template (generation prompt added)."])
         .with_params_info(["model: &mut Model", "messages: Dynamic", "String"])
         .register_into_engine(engine, |m: &mut Model, messages: Dynamic| -> Res<String> {
-            guard("chat_prompt", || chat_prompt(&m.0.borrow(), messages))
+            guard("chat_prompt", || chat_prompt(&m.get(), messages))
         });
     FuncRegistration::new("loss")
         .with_comments(["/// Mean next-token negative log-likelihood (natural log) of `text`."])
         .with_params_info(["model: &mut Model", "text: &str", "f64"])
         .register_into_engine(engine, |m: &mut Model, text: &str| -> Res<f64> {
             guard("loss", || {
-                let m = m.0.borrow();
+                let m = m.get();
                 let ids = m.tokenizer.encode(text, true)?;
                 generate::loss_of_ids(&m, &ids)
             })
         });
     FuncRegistration::new("memory")
-        .with_comments(["/// Bytes of weights by kind #{quantized, dense, adapters, total}, plus #{cuda_allocated, cuda_peak} on a GPU."])
+        .with_comments(["/// Bytes of weights by kind #{quantized, dense, adapters, total}, plus #{cuda_allocated, cuda_peak} (bytes on a GPU, () elsewhere)."])
         .with_params_info(["model: &mut Model", "Map"])
-        .register_into_engine(engine, |m: &mut Model| -> Res<Map> { Ok(memory(&m.0.borrow())) });
+        .register_into_engine(engine, |m: &mut Model| -> Res<Map> { Ok(memory(&m.get())) });
     FuncRegistration::new("save_quantized")
         .with_comments(["/// Saves a 4-bit model in bitsandbytes' format (transformers loads it with its quantization_config; reloads without re-quantizing); adapters not included."])
         .with_params_info(["model: &mut Model", "dir: &str", "()"])
         .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<()> {
-            guard("save_quantized", || crate::models::save::save_quantized(&m.0.borrow(), std::path::Path::new(dir)))
+            guard("save_quantized", || crate::models::save::save_quantized(&m.get(), std::path::Path::new(dir)))
         });
     engine.register_get("tokenizer", |m: &mut Model| Tokenizer(m.0.clone()));
-    engine.register_get("config", |m: &mut Model| from_json(&m.0.borrow().config_json).cast::<Map>());
+    engine.register_get("config", |m: &mut Model| from_json(&m.get().config_json).cast::<Map>());
 
     FuncRegistration::new("encode")
         .with_comments(["/// Token ids of `text`, with BOS/EOS as the tokenizer's post-processor adds them."])

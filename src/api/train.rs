@@ -52,6 +52,8 @@ pub struct TrainOptions {
     pub output_dir: Option<String>,
     pub seed: Option<u64>,
     pub resume: Option<bool>,
+    /// Clear an `output_dir` that holds an earlier run (without it, or `resume`, such a directory is refused).
+    pub overwrite: Option<bool>,
     pub packing: Option<bool>,
     /// `longest` (per batch, default) or `max_length`.
     pub padding: Option<String>,
@@ -73,6 +75,27 @@ fn one() -> usize {
     1
 }
 
+/// The options of `train` that take one of a few names (checked before any work, and by `ftscript check`).
+const CHOICES: &[(&str, &[&str])] = &[
+    ("scheduler", &["linear", "cosine", "constant", "constant_with_warmup"]),
+    ("precision", &["auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16"]),
+    ("padding", &["longest", "max_length"]),
+    ("gradient_checkpointing", &["auto", "offload"]),
+    ("format", &["alpaca", "chatml", "text", "chat_template", "tokens"]),
+];
+
+/// `train`'s option map checked as `train` will read it: known keys with the right types, and
+/// each named choice one of its names (with "did you mean").
+pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
+    crate::script::options::validate::<TrainOptions>(json)?;
+    for (key, names) in CHOICES {
+        if let Some(v) = json.get(*key).and_then(|v| v.as_str()) {
+            crate::script::options::one_of(key, v, names)?;
+        }
+    }
+    Ok(())
+}
+
 /// How records become examples.
 enum Format {
     Builtin(String),
@@ -90,10 +113,7 @@ fn format_of(v: Option<&Dynamic>, first: Option<&serde_json::Value>) -> anyhow::
                 return Ok(Format::Tokens);
             }
             if !crate::data::format::BUILTIN_FORMATS.contains(&s.as_str()) {
-                anyhow::bail!(
-                    "train: unknown format `{s}`; valid: {}, tokens, or a function",
-                    crate::data::format::BUILTIN_FORMATS.join(", ")
-                );
+                anyhow::bail!("train: unknown format `{s}`; valid: {}, tokens, or a function", crate::data::format::BUILTIN_FORMATS.join(", "));
             }
             Ok(Format::Builtin(s))
         }
@@ -172,12 +192,14 @@ fn examples(
     }
 }
 
-/// Recipe callbacks: each option is a function or an array of functions.
+/// Recipe callbacks: each option is a function or an array of functions. The first failure is
+/// kept as Rhai reported it (with the callback's file:line), for `train` to return.
 struct RhaiHooks<'a> {
     ctx: &'a NativeCallContext<'a>,
     on_step: Vec<FnPtr>,
     on_log: Vec<FnPtr>,
     on_eval: Vec<FnPtr>,
+    failure: Option<(String, Box<EvalAltResult>)>,
 }
 
 fn callbacks(v: Option<&Dynamic>, name: &str) -> Res<Vec<FnPtr>> {
@@ -195,13 +217,19 @@ fn callbacks(v: Option<&Dynamic>, name: &str) -> Res<Vec<FnPtr>> {
 }
 
 impl RhaiHooks<'_> {
-    fn call(&self, fns: &[FnPtr], name: &str, metrics: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
+    /// Calls `fns` in order with gradients off (a callback may generate or compute a loss).
+    fn call(&mut self, which: fn(&Self) -> &[FnPtr], name: &str, metrics: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
+        let _eval = tch::no_grad_guard();
         let mut control = Control::Continue;
-        for f in fns {
+        for f in which(self) {
             let arg = from_json(&serde_json::Value::Object(metrics.clone()));
-            let out: Dynamic = f.call_within_context(self.ctx, (arg,)).map_err(|e| anyhow::anyhow!("{name} callback failed: {e}"))?;
-            if out.clone().into_string().map(|s| s == "stop").unwrap_or(false) {
-                control = Control::Stop;
+            match f.call_within_context::<Dynamic>(self.ctx, (arg,)) {
+                Ok(out) if out.clone().into_string().is_ok_and(|s| s == "stop") => control = Control::Stop,
+                Ok(_) => {}
+                Err(e) => {
+                    let what = format!("{name} callback failed");
+                    anyhow::bail!(self.failure.insert((what, e)).0.clone());
+                }
             }
         }
         Ok(control)
@@ -210,13 +238,13 @@ impl RhaiHooks<'_> {
 
 impl Hooks for RhaiHooks<'_> {
     fn on_step(&mut self, m: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
-        self.call(&self.on_step, "on_step", m)
+        self.call(|h| &h.on_step, "on_step", m)
     }
     fn on_log(&mut self, m: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
-        self.call(&self.on_log, "on_log", m)
+        self.call(|h| &h.on_log, "on_log", m)
     }
     fn on_eval(&mut self, m: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
-        self.call(&self.on_eval, "on_eval", m)
+        self.call(|h| &h.on_eval, "on_eval", m)
     }
 }
 
@@ -232,8 +260,48 @@ fn dataset_opt(map: &Map, key: &str) -> Res<Option<Dataset>> {
     }
 }
 
+/// What an `output_dir` holds of an earlier run, if anything: metrics, event files, checkpoints.
+fn earlier_run(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    let mut found: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n == "metrics.jsonl" || n.starts_with("events.out.tfevents") || n.starts_with("checkpoint-"))
+        .collect();
+    found.sort();
+    found
+}
+
+/// Refuses an `output_dir` that holds an earlier run unless the run resumes it, or clears it
+/// with `overwrite` (main process only: the others write no run files).
+fn claim_output_dir(dir: &std::path::Path, resume: bool, overwrite: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(!(resume && overwrite), "resume and overwrite exclude each other: resume continues the run in output_dir, overwrite clears it");
+    let earlier = earlier_run(dir);
+    if earlier.is_empty() || resume || !crate::dist::is_main_process() {
+        return Ok(());
+    }
+    if overwrite {
+        tracing::info!("overwrite: clearing {}", dir.display());
+        return std::fs::remove_dir_all(dir).map_err(|e| anyhow::anyhow!("overwrite: cannot clear {}: {e}", dir.display()));
+    }
+    let shown: Vec<&str> = earlier.iter().map(String::as_str).take(4).collect();
+    anyhow::bail!(
+        "output_dir `{}` holds an earlier run ({}{}); pass resume: true to continue it, overwrite: true to start over, or another output_dir",
+        dir.display(),
+        shown.join(", "),
+        if earlier.len() > shown.len() { ", ..." } else { "" }
+    )
+}
+
 fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
+    let mut json = to_json(&Dynamic::from_map(opts.clone()));
+    if opts.get("format").is_some_and(|f| f.is_fnptr()) {
+        json.as_object_mut().map(|o| o.remove("format"));
+    }
+    validate_options(&json).map_err(|e| format!("train: {e}"))?;
     let o: TrainOptions = parse("train", &opts)?;
+    let output_dir = PathBuf::from(o.output_dir.clone().unwrap_or_else(|| "runs/ftscript".into()));
+    guard("train", || claim_output_dir(&output_dir, o.resume.unwrap_or(false), o.overwrite.unwrap_or(false)))?;
     let train_ds = dataset_opt(&opts, "train")?.ok_or("train: missing option `train` (the training Dataset)")?;
     let eval_ds = dataset_opt(&opts, "eval")?;
     let fmt = format_of(opts.get("format"), train_ds.0.records.first()).map_err(|e| -> Box<EvalAltResult> { e.to_string().into() })?;
@@ -249,10 +317,10 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
         on_step: callbacks(opts.get("on_step"), "on_step")?,
         on_log: callbacks(opts.get("on_log"), "on_log")?,
         on_eval: callbacks(opts.get("on_eval"), "on_eval")?,
+        failure: None,
     };
     let result = guard("train", || {
-        let mut model = m.0.borrow_mut();
-        let model = &mut *model;
+        let mut model = m.get();
         let spec = model.lora.clone().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters; call model.add_lora(#{{...}}) first"))?;
         let precision = match o.precision.as_deref() {
             None | Some("auto") => model.net.kind,
@@ -300,7 +368,7 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
             eval_every: o.eval_every.filter(|_| eval_ex.is_some()),
             save_every: o.save_every,
             save_total_limit: o.save_total_limit,
-            output_dir: PathBuf::from(o.output_dir.clone().unwrap_or_else(|| "runs/ftscript".into())),
+            output_dir: output_dir.clone(),
             seed: o.seed.unwrap_or(42),
             resume: o.resume.unwrap_or(false),
             profile: match &o.profile {
@@ -313,9 +381,23 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
         // run logs are written by the main process only
         let mut logger = if crate::dist::is_main_process() { RunLogger::create(&cfg.output_dir)? } else { RunLogger::disabled() };
         let source = model.source.clone();
-        let r = trainer::train(&mut model.net, &spec, &source, &data, &cfg, &mut hooks, &mut logger)?;
-        Ok((r, cfg.output_dir))
+        if model.net.kind != cfg.precision {
+            drop(model);
+            trainer::set_precision(&mut m.get_mut("train")?.net, cfg.precision);
+            model = m.get();
+        }
+        // the model is only read from here on: callbacks may use it too
+        match trainer::train(&model.net, &spec, &source, &data, &cfg, &mut hooks, &mut logger) {
+            Ok(r) => Ok(Ok((r, cfg.output_dir))),
+            // a callback failed: its own error (so that it renders at the callback's file:line),
+            // after where training stopped (the trainer's outermost context)
+            Err(e) => match hooks.failure.take() {
+                Some((what, failure)) => Ok(Err(crate::script::prefix_error(failure, &format!("train: {what}, {e}")))),
+                None => Err(e),
+            },
+        }
     })?;
+    let result = result?;
     let (r, out_dir) = result;
     let mut map = Map::new();
     map.insert("steps".into(), Dynamic::from(r.steps as i64));

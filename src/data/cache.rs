@@ -57,8 +57,17 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Tokenizes every item (in order), or loads the result from the cache.
+/// Fails when no example keeps a token to learn from (every prompt reaches `max_length`).
 pub fn tokenize_all(items: Vec<Formatted>, tok: &Tokenizer, o: &TokenizeOptions) -> Result<Vec<Example>> {
-    tokenize_all_in(&cache_dir(), &items, tok, o)
+    let examples = tokenize_all_in(&cache_dir(), &items, tok, o)?;
+    if !examples.is_empty() && examples.iter().all(|e| e.n_labelled() == 0) {
+        let longest = items.iter().filter_map(|f| crate::data::format::prompt_tokens(f, tok)).max().unwrap_or(0);
+        anyhow::bail!(
+            "no example keeps a token to learn from: max_length {} ends every one inside its prompt (the longest prompt has {longest} tokens); raise max_length or shorten the prompts",
+            o.max_length
+        );
+    }
+    Ok(examples)
 }
 
 /// `tokenize_all` with an explicit cache directory.

@@ -207,6 +207,14 @@ fn encode_start(tok: &Tokenizer, text: &str) -> Result<Vec<i64>> {
 /// labels = -100 on prompt tokens unless train_on_prompt; response ids and the EOS keep their
 /// labels (also when pad == eos). Text: encode(text, true) ++ [eos], all labelled. EOS is not
 /// added twice. Truncated to max_length (the start is kept).
+/// Tokens of a pair's prompt (BOS included where the tokenizer adds it); `None` for plain text.
+pub fn prompt_tokens(f: &Formatted, tok: &Tokenizer) -> Option<usize> {
+    match f {
+        Formatted::Pair { prompt, .. } => encode_start(tok, prompt).ok().map(|p| p.len()),
+        Formatted::Text(_) => None,
+    }
+}
+
 pub fn tokenize(f: &Formatted, tok: &Tokenizer, o: &TokenizeOptions) -> Result<Example> {
     let push_eos = |ids: &mut Vec<i64>| {
         if let Some(eos) = tok.eos_id {

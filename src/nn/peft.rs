@@ -107,9 +107,27 @@ fn yes() -> serde_json::Value {
 
 /// Adds fresh adapters to every matching linear layer; returns the adapted module names.
 /// Adapters of kind `kind` (fp32 for mixed precision) on the device of the layer they adapt.
+/// Every target name must match a layer (an error names the one that does not, before any adapter
+/// is added); a name matched in fewer decoder layers than the model has is warned about.
 pub fn add_lora(net: &mut Llama, spec: &LoraSpec, kind: Kind) -> Result<Vec<String>> {
     if spec.r <= 0 {
         bail!("add_lora: r must be positive, got {}", spec.r);
+    }
+    let modules: Vec<String> = net.linears().iter().map(|l| l.name.clone()).collect();
+    let mut kinds: Vec<String> = modules.iter().map(|n| n.rsplit('.').next().unwrap_or(n).to_string()).collect();
+    kinds.sort();
+    kinds.dedup();
+    if let Targets::Names(names) = &spec.targets {
+        for name in names {
+            let hits = modules.iter().filter(|m| Targets::Names(vec![name.clone()]).matches(m).unwrap_or(false)).count();
+            if hits == 0 {
+                let hint = crate::script::options::did_you_mean(name, kinds.iter().map(String::as_str)).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+                bail!("add_lora: target `{name}` matches no linear layer{hint}; the model's linear layers: {}", kinds.join(", "));
+            }
+            if hits < net.layers.len() {
+                tracing::warn!("add_lora: target `{name}` matches {hits} module(s), fewer than the model's {} decoder layers", net.layers.len());
+            }
+        }
     }
     let mut names = vec![];
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(spec.seed);
@@ -121,13 +139,7 @@ pub fn add_lora(net: &mut Llama, spec: &LoraSpec, kind: Kind) -> Result<Vec<Stri
         }
     }
     if names.is_empty() {
-        let available: Vec<String> = {
-            let mut s: Vec<String> = net.linears().iter().map(|l| l.name.rsplit('.').next().unwrap().to_string()).collect();
-            s.sort();
-            s.dedup();
-            s
-        };
-        bail!("add_lora: targets {:?} match no linear layer; available: {}", spec.targets, available.join(", "));
+        bail!("add_lora: targets {:?} match no linear layer; the model's linear layers: {}", spec.targets, kinds.join(", "));
     }
     Ok(names)
 }

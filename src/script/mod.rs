@@ -51,7 +51,7 @@ pub struct Recipe {
     pub ast: AST,
 }
 
-/// An engine with limits, the module resolver, `print`/`debug` routed to tracing, and every
+/// An engine with limits, the module resolver, `print` to stdout and `debug` to tracing, and every
 /// ftscript function registered.
 pub fn new_engine(recipe_dir: &Path) -> Engine {
     let mut engine = Engine::new();
@@ -67,7 +67,13 @@ pub fn new_engine(recipe_dir: &Path) -> Engine {
         rhai::Token::Reserved(s) if s.as_str() == "eval" => rhai::Token::Identifier(s),
         t => t,
     });
-    engine.on_print(|s| tracing::info!(target: "recipe", "{s}"));
+    // the recipe's own text goes to stdout as written (logs go to stderr); in a data-parallel run,
+    // rank 0's only
+    engine.on_print(|s| {
+        if crate::dist::is_main_process() {
+            println!("{s}");
+        }
+    });
     engine.on_debug(|s, src, pos| {
         let at = match (src, pos.line()) {
             (Some(src), Some(l)) => format!("{src}:{l}: "),
@@ -76,6 +82,9 @@ pub fn new_engine(recipe_dir: &Path) -> Engine {
         };
         tracing::debug!(target: "recipe", "{at}{s}")
     });
+    // reading a key that a map does not hold is an error (as in Python), not a silent `()`: a
+    // typo in a metric name (`m.eval_los`) would otherwise compare as unit forever
+    engine.set_fail_on_invalid_map_property(true);
     crate::api::register(&mut engine);
     engine
 }
@@ -85,10 +94,12 @@ impl Recipe {
     pub fn load(engine: &Engine, path: &Path) -> Result<Recipe> {
         let source = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read recipe {}: {e}", path.display()))?;
-        let mut ast = match engine.compile(&source) {
+        let ast = match engine.compile(&source) {
             Ok(ast) => ast,
             Err(e) => bail!("{}", render_at(path, &source, &e.to_string(), e.position())),
         };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut ast = with_module_functions(engine, ast, dir)?;
         ast.set_source(path.display().to_string());
         Ok(Recipe { path: path.to_path_buf(), source, ast })
     }
@@ -105,13 +116,16 @@ impl Recipe {
             .collect()
     }
 
-    /// Replaces the value of top-level constants with `--set key=value` values.
+    /// Replaces the value of top-level constants with `--set key=value` values. A value must have
+    /// the type of the constant's literal in the recipe (an integer also serves a float, and any
+    /// value a string); a constant set by an expression takes any value.
     pub fn apply_overrides(&mut self, overrides: &[(String, Dynamic)]) -> Result<()> {
         let declared = self.declared_constants();
         for (key, _) in overrides {
             if !declared.contains(key) {
+                let hint = options::did_you_mean(key, declared.iter().map(String::as_str)).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
                 bail!(
-                    "--set {key}: the recipe declares no constant `{key}`; declared: {}",
+                    "--set {key}: the recipe declares no constant `{key}`{hint}; declared: {}",
                     if declared.is_empty() { "(none)".to_string() } else { declared.join(", ") }
                 );
             }
@@ -120,9 +134,13 @@ impl Recipe {
         for s in stmts.iter_mut() {
             if let rhai::Stmt::Var(x, flags, _) = s {
                 if flags.contains(rhai::ASTFlags::CONSTANT) {
-                    if let Some((_, v)) = overrides.iter().find(|(k, _)| k.as_str() == x.0.name.as_str()) {
+                    if let Some((key, v)) = overrides.iter().find(|(k, _)| k.as_str() == x.0.name.as_str()) {
                         let pos = x.1.position();
-                        x.1 = rhai::Expr::from_dynamic(v.clone(), pos);
+                        let value = match x.1.get_literal_value(None) {
+                            Some(old) => typed_like(key, v, &old).map_err(|e| anyhow::anyhow!("{}", render_at(&self.path, &self.source, &e, pos)))?,
+                            None => v.clone(),
+                        };
+                        x.1 = rhai::Expr::from_dynamic(value, pos);
                     }
                 }
             }
@@ -154,6 +172,55 @@ impl Recipe {
     }
 }
 
+/// The recipe's AST with the functions of every module it imports (transitively) merged under its
+/// own. Rhai looks a closure returned by a module function up by name in the caller's library,
+/// where it is missing (`Function not found: anon$…`); with the modules' functions, closures
+/// included, in the recipe's library, such closures can be called from the recipe and as
+/// callbacks. The recipe's functions win over a module's of the same name and arity. A module
+/// that does not compile is reported at its file:line:column.
+fn with_module_functions(engine: &Engine, ast: AST, dir: &Path) -> Result<AST> {
+    let mut seen: Vec<String> = vec![];
+    let mut todo = imports_of(&ast);
+    let mut lib = AST::empty();
+    while let Some(name) = todo.pop() {
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name.clone());
+        let (label, source) = match STDLIB.iter().find(|(n, _)| *n == name) {
+            Some((_, src)) => (name.clone(), src.to_string()),
+            None => {
+                let file = dir.join(&name).with_extension("rhai");
+                match std::fs::read_to_string(&file) {
+                    Ok(text) => (file.display().to_string(), text),
+                    Err(_) => continue, // the import itself reports a missing module, at its line
+                }
+            }
+        };
+        let module = match engine.compile(&source) {
+            Ok(m) => m,
+            Err(e) => bail!("{}", render_at(Path::new(&label), &source, &format!("in module `{name}`: {}", e.err_type()), e.position())),
+        };
+        todo.extend(imports_of(&module));
+        lib = module.clone_functions_only().merge(&lib);
+    }
+    Ok(lib.merge(&ast))
+}
+
+/// The module paths of an AST's `import "..."` statements that are string literals.
+fn imports_of(ast: &AST) -> Vec<String> {
+    let mut found = vec![];
+    ast.walk(&mut |nodes: &[rhai::ASTNode]| {
+        if let Some(rhai::ASTNode::Stmt(rhai::Stmt::Import(x, _))) = nodes.last() {
+            if let rhai::Expr::StringConstant(s, _) = &x.0 {
+                found.push(s.to_string());
+            }
+        }
+        true
+    });
+    found
+}
+
 /// Unwraps function-call and module wrappers down to the error that happened, keeping the
 /// innermost position inside the recipe.
 fn innermost(err: &EvalAltResult) -> (String, Position, Option<String>) {
@@ -171,6 +238,9 @@ fn innermost(err: &EvalAltResult) -> (String, Position, Option<String>) {
             (format!("in module `{name}`: {m}"), *pos, None)
         }
         EvalAltResult::ErrorRuntime(v, pos) => (v.to_string(), *pos, None),
+        EvalAltResult::ErrorPropertyNotFound(key, pos) => {
+            (format!("the map has no key `{key}`; to read a key that may be missing, test `\"{key}\" in map` first"), *pos, None)
+        }
         other => {
             let mut s = other.to_string();
             // Rhai appends " (line l, position c)"; we print the position ourselves.
@@ -180,6 +250,20 @@ fn innermost(err: &EvalAltResult) -> (String, Position, Option<String>) {
             (s, other.position(), None)
         }
     }
+}
+
+/// `err` with `prefix: ` before the message of the error that happened (the innermost one), all
+/// positions kept, so it still renders at the line that failed.
+pub fn prefix_error(err: Box<EvalAltResult>, prefix: &str) -> Box<EvalAltResult> {
+    Box::new(match *err {
+        EvalAltResult::ErrorInFunctionCall(name, src, inner, pos) => EvalAltResult::ErrorInFunctionCall(name, src, prefix_error(inner, prefix), pos),
+        EvalAltResult::ErrorInModule(name, inner, pos) => EvalAltResult::ErrorInModule(name, prefix_error(inner, prefix), pos),
+        EvalAltResult::ErrorRuntime(v, pos) => EvalAltResult::ErrorRuntime(format!("{prefix}: {v}").into(), pos),
+        other => {
+            let (msg, pos, _) = innermost(&other);
+            EvalAltResult::ErrorRuntime(format!("{prefix}: {msg}").into(), pos)
+        }
+    })
 }
 
 /// Renders `path:line:col: msg` with the offending source line under it.
@@ -200,11 +284,31 @@ pub fn render_at(path: &Path, source: &str, msg: &str, pos: Position) -> String 
     }
 }
 
+/// `value` (from `--set key=...`) as the type of `declared`, the constant's literal in the recipe.
+fn typed_like(key: &str, value: &Dynamic, declared: &Dynamic) -> std::result::Result<Dynamic, String> {
+    let kind = |d: &Dynamic| match d.type_name() {
+        "i64" => "an integer",
+        "f64" => "a number",
+        "bool" => "true or false",
+        "string" | "ImmutableString" => "a string",
+        "array" => "an array",
+        "map" => "a map",
+        other => if other.contains("String") { "a string" } else { "a value" },
+    };
+    let shown = if value.is_string() { format!("\"{value}\"") } else { value.to_string() };
+    let converted = match (kind(declared), kind(value)) {
+        (want, got) if want == got => Some(value.clone()),
+        ("a number", "an integer") => value.as_int().ok().map(|i| Dynamic::from(i as f64)),
+        ("a string", _) => Some(Dynamic::from(value.to_string())),
+        ("a value", _) => Some(value.clone()),
+        _ => None,
+    };
+    converted.ok_or_else(|| format!("--set {key}={shown}: `{key}` is {} in the recipe (here {declared}), not {}", kind(declared), kind(value)))
+}
+
 /// Parses a `--set` value: a Rhai literal (number, bool, string, array, map), else a string.
-pub fn parse_set_value(engine: &Engine, text: &str) -> Dynamic {
-    let bare = Engine::new_raw();
-    let _ = engine;
-    match bare.eval_expression::<Dynamic>(text) {
+pub fn parse_set_value(text: &str) -> Dynamic {
+    match Engine::new_raw().eval_expression::<Dynamic>(text) {
         Ok(v) => v,
         Err(_) => Dynamic::from(text.to_string()),
     }

@@ -43,12 +43,55 @@ pub fn from_json(value: &serde_json::Value) -> Dynamic {
 /// Deserializes `map` into `T`; `what` names the call in the message (`add_lora: unknown field ...`).
 pub fn parse<T: DeserializeOwned>(what: &str, map: &Map) -> Result<T, Box<EvalAltResult>> {
     let json = serde_json::Value::Object(map.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect());
-    serde_json::from_value(json).map_err(|e| format!("{what}: {e}").into())
+    serde_json::from_value(json).map_err(|e| format!("{what}: {}", with_hint(e)).into())
 }
 
 /// Checks a JSON object against `T` the way `parse` would, for `ftscript check`.
 pub fn validate<T: DeserializeOwned>(json: &serde_json::Value) -> Result<(), String> {
-    serde_json::from_value::<T>(json.clone()).map(|_| ()).map_err(|e| e.to_string())
+    serde_json::from_value::<T>(json.clone()).map(|_| ()).map_err(with_hint)
+}
+
+/// serde's message, with "did you mean" after an unknown field or variant that is close to a valid one.
+fn with_hint(e: serde_json::Error) -> String {
+    let msg = e.to_string();
+    let re = regex::Regex::new(r"unknown (?:field|variant) `([^`]*)`, expected (?:one of )?(.*)").expect("a valid regex");
+    let hint = re.captures(&msg).and_then(|c| {
+        let valid: Vec<&str> = c[2].split(", ").map(|v| v.trim_matches(|ch| ch == '`' || ch == ' ').trim_start_matches("or `").trim_end_matches('`')).collect();
+        did_you_mean(&c[1], valid.into_iter()).map(|v| format!(" (did you mean `{v}`?)"))
+    });
+    format!("{msg}{}", hint.unwrap_or_default())
+}
+
+/// The candidate closest to `word` by edit distance, if it is close enough to be a likely typo
+/// (at most a third of the word's length, and at least one edit).
+pub fn did_you_mean<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (word.chars().count() / 3).max(1);
+    candidates.map(|c| (edit_distance(word, c), c)).filter(|(d, _)| *d <= limit).min_by_key(|(d, _)| *d).map(|(_, c)| c)
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions; case-insensitive).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.to_lowercase().chars().collect(), b.to_lowercase().chars().collect());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(diag + (ca != cb) as usize);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// Checks that `value` is one of `valid` for option `key`, with "did you mean" for a near miss.
+pub fn one_of(key: &str, value: &str, valid: &[&str]) -> Result<(), String> {
+    if valid.contains(&value) {
+        return Ok(());
+    }
+    let hint = did_you_mean(value, valid.iter().copied()).map(|v| format!(" (did you mean \"{v}\"?)")).unwrap_or_default();
+    Err(format!("{key} \"{value}\" is not one of {}{hint}", valid.join(", ")))
 }
 
 /// Turns any error into a Rhai runtime error carrying its full context chain.

@@ -90,7 +90,10 @@ pub enum Control {
     Stop,
 }
 
-/// Recipe callbacks; each receives the current metrics.
+/// Recipe callbacks; each receives the current metrics. They run with gradients off, may use
+/// the model (it is only read while training), and see the adapters as of the step reported.
+/// A callback that fails stops training like a `Stop`, with a checkpoint at the current step;
+/// `train` then returns the failure.
 pub trait Hooks {
     fn on_step(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
     fn on_log(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
@@ -323,17 +326,30 @@ pub struct TrainResult {
     pub log_history: Vec<Value>,
 }
 
-/// Casts the frozen weights to the compute dtype (adapters are left in fp32).
-fn set_precision(net: &mut Llama, kind: Kind) {
+/// Casts the frozen weights to the compute dtype (adapters are left in fp32); done before
+/// [`train`], which only reads the model.
+pub fn set_precision(net: &mut Llama, kind: Kind) {
     if net.kind != kind {
         tracing::info!("casting frozen weights from {:?} to {:?} for training", net.kind, kind);
         net.set_dtype(kind);
     }
 }
 
-/// Trains the model's LoRA adapters.
+/// Whether a callback asked to stop (a failure counts as a stop, and is kept in `failure`).
+fn asks_stop(outcome: Result<Control>, failure: &mut Option<anyhow::Error>) -> bool {
+    match outcome {
+        Ok(c) => c == Control::Stop,
+        Err(e) => {
+            failure.get_or_insert(e);
+            true
+        }
+    }
+}
+
+/// Trains the model's LoRA adapters (the frozen weights already in `cfg.precision`:
+/// [`set_precision`]).
 pub fn train(
-    net: &mut Llama,
+    net: &Llama,
     spec: &LoraSpec,
     base_model: &str,
     data: &TrainData,
@@ -343,12 +359,12 @@ pub fn train(
 ) -> Result<TrainResult> {
     let params: Vec<Tensor> = peft::adapter_tensors(net).into_iter().map(|(_, t)| t).collect();
     if params.is_empty() {
-        bail!("train: the model has no LoRA adapters; call model.add_lora(#{{...}}) first");
+        bail!("the model has no LoRA adapters; call model.add_lora(#{{...}}) first");
     }
     if data.train.is_empty() {
-        bail!("train: the training set is empty");
+        bail!("the training set is empty");
     }
-    set_precision(net, cfg.precision);
+    anyhow::ensure!(net.kind == cfg.precision, "the frozen weights are {:?}, the run's precision {:?}", net.kind, cfg.precision);
     let fp16 = cfg.precision == Kind::Half;
     let pg = crate::dist::group()?;
     let (rank, world) = pg.map(|g| (g.rank, g.world_size)).unwrap_or((0, 1));
@@ -366,6 +382,14 @@ pub fn train(
     if cfg.resume {
         if let Some(dir) = checkpoint::latest(&cfg.output_dir)? {
             state = checkpoint::load(&dir, net, &params, &mut opt)?;
+            if state.step >= total_steps {
+                bail!(
+                    "resume: {} is at step {}, and this run trains {total_steps} steps: nothing is left to train; raise max_steps (or epochs) above {}",
+                    dir.display(),
+                    state.step,
+                    state.step
+                );
+            }
             tracing::info!("resumed from {} (step {}, epoch {}, batch {})", dir.display(), state.step, state.epoch, state.batch_in_epoch);
         } else {
             tracing::info!("resume: no checkpoint in {}, starting fresh", cfg.output_dir.display());
@@ -425,6 +449,8 @@ pub fn train(
     let mut log_loss_sum = 0.0;
     let mut log_steps = 0usize;
     let mut stop = false;
+    // the first callback failure: training stops, with a checkpoint, and returns it
+    let mut failure: Option<anyhow::Error> = None;
     let mut profiler = None;
     // where the next step's micro-batches start: (epoch, position in its plan, the plan)
     let (mut epoch, mut position) = (state.epoch, state.batch_in_epoch);
@@ -501,7 +527,7 @@ pub fn train(
             m.insert("loss".into(), json!(loss));
             m.insert("lr".into(), json!(done.lr));
             m.insert("grad_norm".into(), json!(grad_norm));
-            stop |= hooks.on_step(&m)? == Control::Stop;
+            stop |= asks_stop(hooks.on_step(&m), &mut failure);
 
             if state.step % cfg.log_every == 0 || state.step == total_steps || stop {
                 let secs = started.elapsed().as_secs_f64();
@@ -528,7 +554,7 @@ pub fn train(
                 log_loss_sum = 0.0;
                 log_steps = 0;
                 result.tokens_per_sec = tps;
-                stop |= hooks.on_log(&m)? == Control::Stop;
+                stop |= asks_stop(hooks.on_log(&m), &mut failure);
             }
             let eval_now = cfg.eval_every.map(|e| state.step % e == 0).unwrap_or(false) || (state.step == total_steps && cfg.eval_every.is_some());
             if let (true, Some(eval)) = (eval_now, &data.eval) {
@@ -543,7 +569,7 @@ pub fn train(
                 logger.log(state.step, &m)?;
                 state.log_history.push(Value::Object(m.clone()));
                 result.eval_loss = Some(eval_loss);
-                stop |= hooks.on_eval(&m)? == Control::Stop;
+                stop |= asks_stop(hooks.on_eval(&m), &mut failure);
             }
             if let Some(g) = pg {
                 // a stop asked for on any rank stops every rank, at the same step
@@ -613,6 +639,10 @@ pub fn train(
         queued += 1;
     }
     progress.finish_and_clear();
+    if let Some(e) = failure {
+        let kept = result.checkpoint.as_ref().map(|c| format!(" (checkpoint kept: {})", c.display())).unwrap_or_default();
+        return Err(e.context(format!("stopped at step {}{kept}", state.step)));
+    }
     if stop && state.step < total_steps {
         tracing::info!("training stopped by a callback at step {}", state.step);
         result.stopped_early = true;
