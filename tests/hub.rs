@@ -304,7 +304,19 @@ fn ftscript_pushes_an_adapter_through_lfs_and_python_downloads_identical_bytes()
     assert!(from_file.status.success(), "{}", text(&from_file));
     assert_eq!(hub.commits("org/other").len(), 1);
 
-    assert_token_absent(&[&push, &denied, &allowed, &no_token, &from_file], &[t]);
+    // the shipped recipe, to the end: push, then download it back through the cache
+    let script = root().join("scripts/push_adapter.rhai");
+    let sets = [format!("adapter_dir={:?}", adapter.display().to_string()), "repo_id=\"org/from-recipe\"".into(), "download_check=true".into()];
+    let mut args = vec!["run", "--allow-push", script.to_str().unwrap()];
+    for kv in &sets {
+        args.extend(["--set", kv.as_str()]);
+    }
+    let shipped = ft(&args, t, &hub.url, &home, false);
+    let st = text(&shipped);
+    assert!(shipped.status.success() && st.contains("pushed: ") && st.contains("main is at "), "{st}");
+    assert_eq!(hub.commits("org/from-recipe").len(), 1);
+
+    assert_token_absent(&[&push, &denied, &allowed, &no_token, &from_file, &shipped], &[t]);
 }
 
 #[test]

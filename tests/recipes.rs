@@ -1,0 +1,278 @@
+//! Recipes as users write and share them, run on a tiny model (CPU): every recipe in `scripts/`
+//! to the end, hooks that use the model, a closure from an imported module as a callback, and the
+//! common mistakes, each caught before the first step with a message that names it.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+/// ChatML, for the tiny model (the shipped recipes prompt through the model's chat template).
+const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// The tiny Llama with a chat template.
+fn tiny_chat_model(d: &Path) -> PathBuf {
+    let model = tiny_llama(d);
+    let path = model.join("tokenizer_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["chat_template"] = CHAT_TEMPLATE.into();
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    model
+}
+
+/// `ftscript <command> scripts/<script> --set k=v ...` in `cwd`; panics with the output on failure.
+fn run_script(command: &[&str], script: &str, sets: &[(&str, String)], cwd: &Path) -> String {
+    let path = root().join("scripts").join(script);
+    let mut args: Vec<String> = command.iter().map(|s| s.to_string()).collect();
+    args.push(path.display().to_string());
+    for (k, v) in sets {
+        args.extend(["--set".to_string(), format!("{k}={v}")]);
+    }
+    let out = ftscript(&args.iter().map(String::as_str).collect::<Vec<_>>(), cwd);
+    let t = text(&out);
+    assert!(out.status.success(), "scripts/{script} failed:\n{t}");
+    t
+}
+
+/// A `--set` string value (quoted, so it stays a string whatever it holds).
+fn s(v: impl AsRef<str>) -> String {
+    format!("{:?}", v.as_ref())
+}
+
+#[test]
+fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = s(tiny_chat_model(d).display().to_string());
+    // records shaped like data/kv2json.jsonl, short enough for the tiny model's 300-token vocabulary
+    let lines: Vec<String> = (0..64)
+        .map(|i| serde_json::json!({"instruction": "As JSON.", "input": format!("age: {i}; name: Al"), "output": format!("{{\"name\": \"Al\", \"age\": {i}}}")}).to_string())
+        .collect();
+    std::fs::write(d.join("kv.jsonl"), lines.join("\n")).unwrap();
+    let data = s(d.join("kv.jsonl").display().to_string());
+    let out = |name: &str| s(d.join(name).display().to_string());
+    let mut ran = vec![];
+    let mut run = |command: &[&str], script: &'static str, sets: &[(&str, String)]| {
+        let t = run_script(command, script, sets, d);
+        ran.push(script);
+        t
+    };
+    let t = run(&["run"], "quickstart.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("quickstart")), ("n_eval", "2".into()), ("max_steps", "3".into())]);
+    assert!(t.contains("exact match after"), "{t}");
+    assert!(d.join("quickstart/adapter/adapter_model.safetensors").exists());
+    run(&["run"], "merge_adapter.rhai", &[("model_dir", model.clone()), ("adapter_dir", out("quickstart/adapter")), ("merged_dir", out("merged"))]);
+    assert!(d.join("merged/config.json").exists());
+    let t = run(&["run"], "alpaca_lora.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("alpaca")), ("max_steps", "4".into())]);
+    assert!(t.contains("sample at step") && d.join("alpaca/merged/config.json").exists(), "{t}");
+    run(&["run"], "big_model.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("big")), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
+    run(&["run"], "qlora.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("qlora")), ("device", s("cpu")), ("max_steps", "2".into())]);
+    assert!(d.join("qlora/merged/config.json").exists());
+    run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
+    run(&["run"], "eval_metrics.rhai", &[]);
+    run(&["run"], "inspect.rhai", &[("model_dir", model.clone())]);
+    run(&["run"], "import_gguf.rhai", &[("gguf", s(demo_gguf().display().to_string())), ("out_dir", out("imported"))]);
+    run(&["launch", "--nproc-per-node", "2"], "multi_gpu.rhai", &[("model_path", model.clone()), ("data_path", data.clone()), ("out", out("multi")), ("dtype", s("fp32")), ("max_steps", "2".into())]);
+    // push_adapter.rhai needs the test Hub: tests/hub.rs runs it to the end
+    ran.push("push_adapter.rhai");
+    let mut shipped: Vec<String> = std::fs::read_dir(root().join("scripts"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".rhai"))
+        .collect();
+    shipped.sort();
+    let mut covered: Vec<String> = ran.iter().map(|s| s.to_string()).collect();
+    covered.sort();
+    assert_eq!(shipped, covered, "every recipe in scripts/ must run here (or in tests/hub.rs)");
+}
+
+/// A tiny model and 48 short records in `d`, as `(model path, data path)`.
+fn setup(d: &Path) -> String {
+    tiny_model_and_text(d, 48)
+}
+
+#[test]
+fn a_hook_generates_with_the_model_and_sees_the_adapters_of_its_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    // on_eval generates for two held-out prompts and scores them; it stops the run at step 3 of
+    // 6, while step 4's forward and backward are already queued: what it generated must be what
+    // the model generates after train returns
+    let t = run_recipe(
+        d,
+        "hook.rhai",
+        &format!(
+            r#"
+import "ft/callbacks" as cb;
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1 }});
+let data = load_dataset("data.jsonl").split(8, 1);
+let prompts = ["record 3: the quick", "record 5: the"];
+let refs = ["brown fox", "quick brown fox"];
+let seen = [];
+let r = train(m, #{{ train: data.train, eval: data.eval, batch_size: 4, lr: 3e-2, log_every: 1, max_steps: 6, eval_every: 3,
+    output_dir: "hook",
+    on_step: cb::sample_printer(m, ["record 1:"], #{{ max_new_tokens: 4 }}),
+    on_eval: |s| {{
+        let gens = prompts.map(|p| m.generate(p, #{{ max_new_tokens: 8 }}));
+        print(`EVAL step=${{s.step}} em=${{exact_match(gens, refs)}} bleu=${{bleu(gens, refs)}} loss=${{m.loss(prompts[0])}}`);
+        seen.push(gens);
+        if s.step == 3 {{ "stop" }}
+    }} }});
+let after = prompts.map(|p| m.generate(p, #{{ max_new_tokens: 8 }}));
+print(`RESULT steps=${{r.steps}} stopped=${{r.stopped_early}} same=${{seen[seen.len() - 1] == after}}`);
+print(`GEN ${{after}}`);
+"#
+        ),
+    );
+    assert!(t.contains("RESULT steps=3 stopped=true same=true"), "{t}");
+    assert!(t.contains("EVAL step=3 em="), "{t}");
+    assert_eq!(t.matches("sample at step").count(), 3, "sample_printer runs at every step:\n{t}");
+}
+
+#[test]
+fn a_module_returns_a_stateful_early_stopping_closure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    std::fs::write(
+        d.join("rules.rhai"),
+        r#"
+/// Stops once the eval loss has not improved by `min_delta` for `patience` evaluations.
+fn patience_rule(patience, min_delta) {
+    let state = #{ best: 1e30, bad: 0 };
+    |m| {
+        if m.eval_loss < state.best - min_delta { state.best = m.eval_loss; state.bad = 0; } else { state.bad += 1; }
+        if state.bad >= patience { "stop" }
+    }
+}
+"#,
+    )
+    .unwrap();
+    let recipe = format!(
+        r#"
+import "rules" as rules;
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 8 }});
+let data = load_dataset("data.jsonl").split(8, 1);
+let rule = rules::patience_rule(2, 0.02);
+let r = train(m, #{{ train: data.train, eval: data.eval, batch_size: 4, lr: 3e-3, log_every: 1, max_steps: 40, eval_every: 2,
+    output_dir: "es", on_eval: rule }});
+print(`RESULT steps=${{r.steps}} stopped=${{r.stopped_early}}`);
+"#
+    );
+    std::fs::write(d.join("es.rhai"), &recipe).unwrap();
+    let check = ftscript(&["check", "es.rhai"], d);
+    assert!(check.status.success(), "{}", text(&check));
+    let t = run_recipe(d, "es.rhai", &recipe);
+    let evals: Vec<(u64, f64)> = metrics(&d.join("es/metrics.jsonl")).iter().filter_map(|m| Some((m.get("step")?.as_u64()?, m.get("eval_loss")?.as_f64()?))).collect();
+    let (mut best, mut bad, mut predicted) = (1e30, 0, 40);
+    for &(step, loss) in &evals {
+        if loss < best - 0.02 {
+            best = loss;
+            bad = 0;
+        } else {
+            bad += 1;
+        }
+        if bad >= 2 {
+            predicted = step;
+            break;
+        }
+    }
+    assert!(predicted < 40, "the run should plateau within 40 steps: {evals:?}");
+    assert!(t.contains(&format!("RESULT steps={predicted} stopped=true")), "the rule says stop at {predicted}: {evals:?}\n{t}");
+}
+
+/// A recipe that trains the tiny model with `opts` added to train's options (and `lora` as
+/// add_lora's), for the table of mistakes below.
+fn mistake_recipe(model: &str, lora: &str, opts: &str) -> String {
+    format!(
+        r#"
+import "ft/callbacks" as cb;
+const max_steps = 4;
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 8, {lora} }});
+let data = load_dataset("data.jsonl").split(8, 1);
+let r = train(m, #{{ train: data.train, eval: data.eval, batch_size: 4, log_every: 1, eval_every: 2, max_steps: max_steps, {opts} }});
+"#
+    )
+}
+
+#[test]
+fn mistakes_fail_before_the_first_step_and_name_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    // (what, add_lora options, train options, --set, expected in the error, caught by `check`,
+    // caught before the first step (else at the first report that lacks the metric))
+    let table: &[(&str, &str, &str, &[&str], &[&str], bool, bool)] = &[
+        ("--set of the wrong type", "", "output_dir: \"o1\"", &["max_steps=five"], &["--set max_steps=\"five\"", "`max_steps` is an integer"], true, true),
+        ("format typo", "", "output_dir: \"o2\", format: \"alpca\"", &[], &["format \"alpca\" is not one of", "did you mean \"alpaca\""], true, true),
+        ("scheduler typo", "", "output_dir: \"o3\", scheduler: \"cosin\"", &[], &["did you mean \"cosine\""], true, true),
+        ("option key typo", "", "output_dir: \"o4\", warmup_step: 2", &[], &["unknown field `warmup_step`", "did you mean `warmup_steps`"], true, true),
+        ("LoRA target typo", "targets: [\"q_prj\", \"v_proj\"]", "output_dir: \"o5\"", &[], &["target `q_prj` matches no linear layer", "did you mean `q_proj`"], false, true),
+        ("early stopping on a metric no report has", "", "output_dir: \"o6\", on_eval: cb::early_stopping(#{ metric: \"eval_los\" })", &[], &["no metric `eval_los`", "did you mean `eval_loss`"], false, false),
+        ("a hook reads a metric no report has", "", "output_dir: \"o7\", on_step: |s| if s.los > 9.0 { \"stop\" }", &[], &["has no key `los`"], false, false),
+        ("max_length shorter than every prompt", "", "output_dir: \"o8\", max_length: 3, format: |r| #{ prompt: r.text, response: \"x\" }", &[], &["no example keeps a token to learn from", "max_length 3", "longest prompt has"], false, true),
+    ];
+    let mut failed = vec![];
+    for (what, lora, opts, set, expected, static_, before_first_step) in table {
+        let path = d.join("mistake.rhai");
+        std::fs::write(&path, mistake_recipe(&model, lora, opts)).unwrap();
+        let mut args = vec!["run", "mistake.rhai"];
+        for kv in set.iter() {
+            args.extend(["--set", kv]);
+        }
+        let out = ftscript(&args, d);
+        let t = text(&out);
+        let ok = !out.status.success() && !t.contains("panicked") && expected.iter().all(|e| t.contains(e)) && !(*before_first_step && t.contains(" step 1 loss"));
+        if !ok {
+            failed.push(format!("{what}: expected {expected:?} before the first step, got:\n{t}"));
+        }
+        if *static_ {
+            args[0] = "check";
+            let out = ftscript(&args, d);
+            let t = text(&out);
+            if out.status.success() || !expected.iter().all(|e| t.contains(e)) {
+                failed.push(format!("{what}: `ftscript check` should catch it ({expected:?}):\n{t}"));
+            }
+        }
+    }
+    // a target that matches fewer modules than the model has layers: a warning, and training runs
+    let partial = run_recipe(d, "partial.rhai", &mistake_recipe(&model, "targets: [\"layers.0.self_attn.q_proj\", \"v_proj\"]", "output_dir: \"p\""));
+    if !partial.contains("target `layers.0.self_attn.q_proj` matches 1 module(s), fewer than the model's 3 decoder layers") {
+        failed.push(format!("partial target match: no warning:\n{partial}"));
+    }
+    // an output_dir that holds a run: refused, unless resume or overwrite
+    let again = ftscript(&["run", "partial.rhai"], d);
+    let t = text(&again);
+    if again.status.success() || !t.contains("output_dir `p` holds an earlier run") || !t.contains("overwrite: true") {
+        failed.push(format!("reused output_dir: expected a refusal:\n{t}"));
+    }
+    run_recipe(d, "over.rhai", &mistake_recipe(&model, "", "output_dir: \"p\", overwrite: true"));
+    let lines = metrics(&d.join("p/metrics.jsonl"));
+    if lines.iter().filter(|m| m["step"] == 2 && m.get("loss").is_some()).count() != 1 {
+        failed.push(format!("overwrite should start the run's metrics afresh: {lines:?}"));
+    }
+    // resuming beyond max_steps
+    std::fs::write(d.join("resume.rhai"), mistake_recipe(&model, "", "output_dir: \"p\", resume: true")).unwrap();
+    let out = ftscript(&["run", "resume.rhai", "--set", "max_steps=3"], d);
+    let t = text(&out);
+    if out.status.success() || !t.contains("is at step 4, and this run trains 3 steps: nothing is left to train") {
+        failed.push(format!("resume beyond max_steps: expected an error:\n{t}"));
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+}
+
+#[test]
+fn a_failing_callback_keeps_a_checkpoint_and_names_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    let recipe = mistake_recipe(&model, "", "output_dir: \"f\",\n    on_step: |s| if s.step == 3 { throw \"bad metric\"; }");
+    std::fs::write(d.join("fail.rhai"), &recipe).unwrap();
+    let out = ftscript(&["run", "fail.rhai"], d);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("fail.rhai:8:") && t.contains("on_step callback failed, stopped at step 3") && t.contains("bad metric"), "{t}");
+    assert!(d.join("f/checkpoint-3/adapter_model.safetensors").exists(), "no checkpoint at the failing step:\n{t}");
+}
