@@ -96,6 +96,13 @@ impl Tokenizer {
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
+    /// Token ids of `text` and, per token, the byte range of `text` it covers (empty for a
+    /// special token the post-processor adds).
+    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        Ok((enc.get_ids().iter().map(|&i| i as i64).collect(), enc.get_offsets().to_vec()))
+    }
+
     pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
         self.inner.decode(&ids, skip_special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))

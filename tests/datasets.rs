@@ -106,3 +106,58 @@ fn api_lists_dataset_functions() {
         assert!(out.contains(want), "missing `{want}` in:\n{out}");
     }
 }
+
+/// ChatML with transformers' assistant-mask markers around each assistant turn's text and end.
+const MARKED_CHATML: &str = "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n{% generation %}{{ m.content }}<|im_end|>\n{% endgeneration %}{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[test]
+fn multi_turn_chat_learns_every_assistant_turn_like_transformers_and_trl() {
+    use ftscript::data::format::{format_builtin, tokenize, TokenizeOptions, TrainOn, IGNORE};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_llama(tmp.path());
+    let set_template = |template: &str| {
+        let path = model.join("tokenizer_config.json");
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["chat_template"] = template.into();
+        std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        ftscript::tokenizer::Tokenizer::from_dir(&model, Some(0), Some(1), None).unwrap()
+    };
+    let conversations = serde_json::json!([
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
+         {"role": "user", "content": "good"}, {"role": "assistant", "content": "bye, café 🙂"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+         {"role": "user", "content": "and 3 + 3?"}, {"role": "assistant", "content": "6"},
+         {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "The quick brown fox."}],
+        [{"role": "user", "content": "def add(a, b):"}, {"role": "assistant", "content": "    return a + b\n"},
+         {"role": "user", "content": "Paris?"}, {"role": "assistant", "content": "the capital of France"}],
+    ]);
+    let conv_path = tmp.path().join("conversations.json");
+    std::fs::write(&conv_path, conversations.to_string()).unwrap();
+    let marked = set_template(MARKED_CHATML);
+    let out = tmp.path().join("masks.json");
+    common::py("chat_mask_reference.py", &[model.to_str().unwrap(), conv_path.to_str().unwrap(), out.to_str().unwrap()]);
+    let reference: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    // the same template without the markers: ftscript finds each assistant turn by rendering prefixes
+    let unmarked = MARKED_CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "");
+    let plain = set_template(&unmarked);
+    let opts = TokenizeOptions { max_length: 0, train_on_prompt: false };
+    let ints = |v: &serde_json::Value| -> Vec<i64> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
+    for (i, (conv, want)) in conversations.as_array().unwrap().iter().zip(&reference).enumerate() {
+        let record = serde_json::json!({ "messages": conv });
+        let ids = ints(&want["input_ids"]);
+        let hf_labels: Vec<i64> = ids.iter().zip(ints(&want["assistant_masks"])).map(|(&id, m)| if m == 1 { id } else { IGNORE }).collect();
+        assert_eq!(hf_labels, ints(&want["trl_labels"]), "conversation {i}: transformers' and TRL's masks differ");
+        let turns = conv.as_array().unwrap().iter().filter(|m| m["role"] == "assistant").count();
+        assert!(turns >= 2, "conversation {i} should have several assistant turns");
+        for (what, tok) in [("marked", &marked), ("unmarked", &plain)] {
+            let f = format_builtin("chat_template", &record, i, tok, TrainOn::AllAssistantTurns).unwrap();
+            let ex = tokenize(&f, tok, &opts).unwrap();
+            assert_eq!(ex.input_ids, ids, "conversation {i} ({what} template): token ids differ from apply_chat_template");
+            assert_eq!(ex.labels, hf_labels, "conversation {i} ({what} template): labels differ from transformers' assistant mask");
+        }
+        // train_on: "last" learns only the last assistant turn
+        let f = format_builtin("chat_template", &record, i, &plain, TrainOn::LastAssistantTurn).unwrap();
+        let last = tokenize(&f, &plain, &opts).unwrap();
+        assert!(last.n_labelled() > 0 && last.n_labelled() < hf_labels.iter().filter(|&&l| l != IGNORE).count(), "conversation {i}");
+    }
+}

@@ -3,7 +3,7 @@
 
 use super::dataset::Dataset;
 use super::model::Model;
-use crate::data::format::{format_builtin, Example, Formatted, TokenizeOptions, IGNORE};
+use crate::data::format::{format_builtin, Example, Formatted, TokenizeOptions, TrainOn, IGNORE};
 use crate::script::options::{from_json, guard, parse, to_json};
 use crate::train::batch::BatchConfig;
 use crate::train::logger::RunLogger;
@@ -58,6 +58,8 @@ pub struct TrainOptions {
     /// `longest` (per batch, default) or `max_length`.
     pub padding: Option<String>,
     pub train_on_prompt: Option<bool>,
+    /// Multi-turn chat (`chat_template`): `all` assistant turns (default) or the `last` one.
+    pub train_on: Option<String>,
     pub shuffle: Option<bool>,
     /// `#{start: N, steps: K}`: profile K optimizer steps from step N.
     pub profile: Option<ProfileOptions>,
@@ -82,6 +84,7 @@ const CHOICES: &[(&str, &[&str])] = &[
     ("padding", &["longest", "max_length"]),
     ("gradient_checkpointing", &["auto", "offload"]),
     ("format", &["alpaca", "chatml", "text", "chat_template", "tokens"]),
+    ("train_on", &["all", "last"]),
 ];
 
 /// `train`'s option map checked as `train` will read it: known keys with the right types, and
@@ -150,6 +153,7 @@ fn examples(
     ds: &Dataset,
     fmt: &Format,
     o: &TokenizeOptions,
+    train_on: TrainOn,
 ) -> Res<Vec<Example>> {
     let records = &ds.0.records;
     let model = m.0.borrow();
@@ -174,7 +178,7 @@ fn examples(
             let items = records
                 .iter()
                 .enumerate()
-                .map(|(i, r)| format_builtin(name, r, i, tok))
+                .map(|(i, r)| format_builtin(name, r, i, tok, train_on))
                 .collect::<anyhow::Result<Vec<_>>>()
                 .map_err(|e| -> Box<EvalAltResult> { format!("train: {}: {e:#}", ds.0.origin).into() })?;
             guard("train", || crate::data::cache::tokenize_all(items, tok, o))
@@ -307,9 +311,10 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
     let fmt = format_of(opts.get("format"), train_ds.0.records.first()).map_err(|e| -> Box<EvalAltResult> { e.to_string().into() })?;
     let max_length = o.max_length.unwrap_or(1024);
     let tok_opts = TokenizeOptions { max_length, train_on_prompt: o.train_on_prompt.unwrap_or(false) };
-    let train_ex = examples(&ctx, m, &train_ds, &fmt, &tok_opts)?;
+    let train_on = if o.train_on.as_deref() == Some("last") { TrainOn::LastAssistantTurn } else { TrainOn::AllAssistantTurns };
+    let train_ex = examples(&ctx, m, &train_ds, &fmt, &tok_opts, train_on)?;
     let eval_ex = match &eval_ds {
-        Some(d) => Some(examples(&ctx, m, d, &fmt, &tok_opts)?),
+        Some(d) => Some(examples(&ctx, m, d, &fmt, &tok_opts, train_on)?),
         None => None,
     };
     let mut hooks = RhaiHooks {

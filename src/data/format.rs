@@ -15,6 +15,17 @@ pub const BUILTIN_FORMATS: &[&str] = &["alpaca", "chatml", "text", "chat_templat
 pub enum Formatted {
     Pair { prompt: String, response: String },
     Text(String),
+    /// A rendered conversation and the byte ranges of it to learn (the assistant turns).
+    Chat { text: String, learn: Vec<std::ops::Range<usize>> },
+}
+
+/// Which assistant turns of a multi-turn conversation `chat_template` trains on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TrainOn {
+    /// Every assistant turn (TRL's `assistant_only_loss`); the rest is masked.
+    AllAssistantTurns,
+    /// The last assistant turn, everything before it being the prompt.
+    LastAssistantTurn,
 }
 
 impl Formatted {
@@ -43,10 +54,11 @@ impl Formatted {
     }
 
     /// The texts, in order, with a tag telling the kinds apart (for cache keys).
-    pub fn parts(&self) -> (u8, &str, &str) {
+    pub fn parts(&self) -> (u8, std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>) {
         match self {
-            Formatted::Pair { prompt, response } => (b'P', prompt, response),
-            Formatted::Text(t) => (b'T', t, ""),
+            Formatted::Pair { prompt, response } => (b'P', prompt.into(), response.into()),
+            Formatted::Text(t) => (b'T', t.into(), "".into()),
+            Formatted::Chat { text, learn } => (b'C', text.into(), format!("{learn:?}").into()),
         }
     }
 }
@@ -122,7 +134,7 @@ pub fn alpaca_prompt(instruction: &str, input: Option<&str>) -> String {
 /// (the model's own Jinja template over `messages` records: prompt = everything before the last
 /// assistant message rendered with add_generation_prompt, response = the rest). Errors name the
 /// missing field and the record index.
-pub fn format_builtin(name: &str, record: &Value, index: usize, tok: &Tokenizer) -> Result<Formatted> {
+pub fn format_builtin(name: &str, record: &Value, index: usize, tok: &Tokenizer, train_on: TrainOn) -> Result<Formatted> {
     match name {
         "alpaca" => {
             let what = "the alpaca template reads instruction, output and an optional input";
@@ -146,14 +158,17 @@ pub fn format_builtin(name: &str, record: &Value, index: usize, tok: &Tokenizer)
             })
         }
         "text" => Ok(Formatted::Text(string_field(record, "text", index, "the text template reads text")?)),
-        "chat_template" => chat_template(record, index, tok),
+        "chat_template" => chat_template(record, index, tok, train_on),
         other => bail!("unknown format `{other}`; built-in formats: {}", BUILTIN_FORMATS.join(", ")),
     }
 }
 
-/// The model's chat template over `record.messages`: the conversation up to the last assistant
-/// message is the prompt (with the generation prompt), that message (as rendered) the response.
-fn chat_template(record: &Value, index: usize, tok: &Tokenizer) -> Result<Formatted> {
+/// The model's chat template over `record.messages`. Every assistant turn: the whole conversation,
+/// learning the parts the template marks with `{% generation %}` or, for a template without such
+/// markers, each assistant message as rendered (the text between the conversation before it with
+/// the generation prompt, and the conversation up to it). The last turn: the conversation up to
+/// the last assistant message is the prompt (with the generation prompt), that message the response.
+fn chat_template(record: &Value, index: usize, tok: &Tokenizer, train_on: TrainOn) -> Result<Formatted> {
     let messages = match record.get("messages") {
         Some(Value::Array(m)) => m,
         Some(v) => bail!("record {index}: field `messages` must be an array of #{{role, content}}, got {v}"),
@@ -164,26 +179,50 @@ fn chat_template(record: &Value, index: usize, tok: &Tokenizer) -> Result<Format
             bail!("record {index}: message {j} has no string `role`");
         }
     }
-    let Some(last) = messages.iter().rposition(|m| m.get("role").and_then(|r| r.as_str()) == Some("assistant")) else {
+    let is_assistant = |m: &Value| m.get("role").and_then(|r| r.as_str()) == Some("assistant");
+    let Some(last) = messages.iter().rposition(is_assistant) else {
         bail!("record {index}: `messages` has no assistant message to train on");
     };
     let Some(template) = tok.chat_template.as_deref() else {
         bail!("the chat_template format needs a tokenizer with a chat_template (tokenizer_config.json has none)");
     };
     let render = |msgs: &[Value], gen: bool| {
-        super::template::render_chat(template, &Value::Array(msgs.to_vec()), gen, tok.bos_token.as_deref(), tok.eos_token.as_deref())
+        super::template::render_chat_spans(template, &Value::Array(msgs.to_vec()), gen, tok.bos_token.as_deref(), tok.eos_token.as_deref())
             .map_err(|e| anyhow::anyhow!("record {index}: {e:#}"))
     };
-    let prompt = render(&messages[..last], true)?;
-    let full = render(&messages[..=last], false)?;
-    let Some(response) = full.strip_prefix(prompt.as_str()) else {
-        bail!(
+    let not_a_prefix = || {
+        anyhow::anyhow!(
             "record {index}: the chat template renders the conversation differently from its prefix \
              (the prompt is not a prefix of the full text), so the response cannot be told apart; \
              use a format function that returns #{{prompt, response}}"
-        );
+        )
     };
-    Ok(Formatted::Pair { response: response.to_string(), prompt })
+    match train_on {
+        TrainOn::LastAssistantTurn => {
+            let (prompt, _) = render(&messages[..last], true)?;
+            let (full, _) = render(&messages[..=last], false)?;
+            let response = full.strip_prefix(prompt.as_str()).ok_or_else(not_a_prefix)?;
+            Ok(Formatted::Pair { response: response.to_string(), prompt })
+        }
+        TrainOn::AllAssistantTurns => {
+            let (text, marked) = render(messages, false)?;
+            if !marked.is_empty() {
+                return Ok(Formatted::Chat { text, learn: marked });
+            }
+            // assistant message `k` as rendered: after the conversation before it (with the
+            // generation prompt), up to the end of the conversation through it
+            let mut learn = vec![];
+            for k in (0..messages.len()).filter(|&k| is_assistant(&messages[k])) {
+                let (prompt, _) = render(&messages[..k], true)?;
+                let (upto, _) = render(&messages[..=k], false)?;
+                if !upto.starts_with(prompt.as_str()) || !text.starts_with(upto.as_str()) {
+                    return Err(not_a_prefix());
+                }
+                learn.push(prompt.len()..upto.len());
+            }
+            Ok(Formatted::Chat { text, learn })
+        }
+    }
 }
 
 /// `encode(text, true)`, without a doubled BOS (a template that writes `bos_token` itself) and
@@ -203,18 +242,22 @@ fn encode_start(tok: &Tokenizer, text: &str) -> Result<Vec<i64>> {
     Ok(ids)
 }
 
-/// Pair: ids = encode(prompt, add_special=true) ++ encode(response, add_special=false) ++ [eos];
-/// labels = -100 on prompt tokens unless train_on_prompt; response ids and the EOS keep their
-/// labels (also when pad == eos). Text: encode(text, true) ++ [eos], all labelled. EOS is not
-/// added twice. Truncated to max_length (the start is kept).
 /// Tokens of a pair's prompt (BOS included where the tokenizer adds it); `None` for plain text.
 pub fn prompt_tokens(f: &Formatted, tok: &Tokenizer) -> Option<usize> {
     match f {
         Formatted::Pair { prompt, .. } => encode_start(tok, prompt).ok().map(|p| p.len()),
-        Formatted::Text(_) => None,
+        Formatted::Text(_) | Formatted::Chat { .. } => None,
     }
 }
 
+/// Pair: ids = encode(prompt, add_special=true) ++ encode(response, add_special=false) ++ [eos];
+/// labels = -100 on prompt tokens unless train_on_prompt; response ids and the EOS keep their
+/// labels (also when pad == eos). Text: encode(text, true) ++ [eos], all labelled. EOS is not
+/// added twice. Chat: encode(text, false), as transformers tokenizes a rendered chat template (the
+/// template writes BOS and each turn's end itself); a token is learnt when it lies between the
+/// token holding the first byte of a learnt range and the one holding its last byte, both
+/// included, as transformers' `return_assistant_tokens_mask` does. Truncated to max_length (the
+/// start is kept).
 pub fn tokenize(f: &Formatted, tok: &Tokenizer, o: &TokenizeOptions) -> Result<Example> {
     let push_eos = |ids: &mut Vec<i64>| {
         if let Some(eos) = tok.eos_id {
@@ -238,6 +281,18 @@ pub fn tokenize(f: &Formatted, tok: &Tokenizer, o: &TokenizeOptions) -> Result<E
             let mut ids = encode_start(tok, text)?;
             push_eos(&mut ids);
             (ids.clone(), ids)
+        }
+        Formatted::Chat { text, learn } => {
+            let (ids, offsets) = tok.encode_with_offsets(text, false)?;
+            let holding = |byte: usize| offsets.iter().position(|&(s, e)| s <= byte && byte < e);
+            let mut learnt = vec![o.train_on_prompt; ids.len()];
+            for range in learn.iter().filter(|r| !r.is_empty()) {
+                let Some(first) = holding(range.start) else { break };
+                let last = holding(range.end - 1).unwrap_or(ids.len() - 1);
+                learnt[first..=last].iter_mut().for_each(|l| *l = true);
+            }
+            let labels = ids.iter().zip(&learnt).map(|(&id, &l)| if l { id } else { IGNORE }).collect();
+            (ids, labels)
         }
     };
     if o.max_length > 0 {
@@ -347,7 +402,7 @@ pub(crate) mod tests {
     fn alpaca_texts_and_missing_fields() {
         let t = test_tokenizer(None);
         let r = json!({"instruction": "Add.", "input": "1 2", "output": "3"});
-        let Formatted::Pair { prompt, response } = format_builtin("alpaca", &r, 0, &t).unwrap() else { panic!() };
+        let Formatted::Pair { prompt, response } = format_builtin("alpaca", &r, 0, &t, TrainOn::LastAssistantTurn).unwrap() else { panic!() };
         assert_eq!(
             prompt,
             "Below is an instruction that describes a task, paired with an input that provides further context. \
@@ -355,20 +410,20 @@ pub(crate) mod tests {
         );
         assert_eq!(response, "3");
         let r = json!({"instruction": "Hi.", "input": "", "output": 3});
-        let Formatted::Pair { prompt, response } = format_builtin("alpaca", &r, 0, &t).unwrap() else { panic!() };
+        let Formatted::Pair { prompt, response } = format_builtin("alpaca", &r, 0, &t, TrainOn::LastAssistantTurn).unwrap() else { panic!() };
         assert_eq!(
             prompt,
             "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nHi.\n\n### Response:\n"
         );
         assert_eq!(response, "3");
-        let e = format_builtin("alpaca", &json!({"instruction": "x"}), 17, &t).unwrap_err().to_string();
+        let e = format_builtin("alpaca", &json!({"instruction": "x"}), 17, &t, TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("record 17") && e.contains("missing field `output`"), "{e}");
-        let e = format_builtin("text", &json!({"body": "x"}), 4, &t).unwrap_err().to_string();
+        let e = format_builtin("text", &json!({"body": "x"}), 4, &t, TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("record 4") && e.contains("`text`") && e.contains("[body]"), "{e}");
-        let e = format_builtin("nope", &json!({}), 0, &t).unwrap_err().to_string();
+        let e = format_builtin("nope", &json!({}), 0, &t, TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("alpaca, chatml, text, chat_template"), "{e}");
         let Formatted::Pair { prompt, response } =
-            format_builtin("chatml", &json!({"instruction": "Q", "output": "A"}), 0, &t).unwrap() else { panic!() };
+            format_builtin("chatml", &json!({"instruction": "Q", "output": "A"}), 0, &t, TrainOn::LastAssistantTurn).unwrap() else { panic!() };
         assert_eq!(prompt, "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n");
         assert_eq!(response, "A<|im_end|>");
     }
@@ -384,20 +439,20 @@ pub(crate) mod tests {
             {"role": "user", "content": "good"},
             {"role": "assistant", "content": "bye"},
         ]});
-        let f = format_builtin("chat_template", &r, 0, &t).unwrap();
+        let f = format_builtin("chat_template", &r, 0, &t, TrainOn::LastAssistantTurn).unwrap();
         assert_eq!(
             f,
             pair("<|user|> hello </s> <|assistant|> world </s> <|user|> good </s> <|assistant|> ", "bye </s> ")
         );
-        let e = format_builtin("chat_template", &json!({"messages": [{"role": "user", "content": "x"}]}), 3, &t)
+        let e = format_builtin("chat_template", &json!({"messages": [{"role": "user", "content": "x"}]}), 3, &t, TrainOn::LastAssistantTurn)
             .unwrap_err()
             .to_string();
         assert!(e.contains("record 3") && e.contains("no assistant"), "{e}");
-        let e = format_builtin("chat_template", &r, 0, &test_tokenizer(None)).unwrap_err().to_string();
+        let e = format_builtin("chat_template", &r, 0, &test_tokenizer(None), TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("chat_template"), "{e}");
         // a template whose generation prompt is not what the assistant turn starts with
         let odd = "{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}{% if add_generation_prompt %}GEN {% endif %}";
-        let e = format_builtin("chat_template", &r, 5, &test_tokenizer(Some(odd))).unwrap_err().to_string();
+        let e = format_builtin("chat_template", &r, 5, &test_tokenizer(Some(odd)), TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("record 5") && e.contains("prefix"), "{e}");
     }
 

@@ -11,18 +11,49 @@ pub fn render_chat(
     bos_token: Option<&str>,
     eos_token: Option<&str>,
 ) -> Result<String> {
+    Ok(render_chat_spans(template, messages, add_generation_prompt, bos_token, eos_token)?.0)
+}
+
+/// Opens and closes a `{% generation %}` block in the rendered text (Unicode private use).
+const GEN_OPEN: char = '\u{F8F0}';
+const GEN_CLOSE: char = '\u{F8F1}';
+
+/// [`render_chat`], plus the byte ranges of the text that the template marks with
+/// `{% generation %}...{% endgeneration %}` (transformers' assistant-mask markers; empty when
+/// it has none). The tags become marker characters in the output, then are cut out.
+pub fn render_chat_spans(
+    template: &str,
+    messages: &serde_json::Value,
+    add_generation_prompt: bool,
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+) -> Result<(String, Vec<std::ops::Range<usize>>)> {
+    let tag = |name: &str, marker: char| {
+        let re = regex::Regex::new(&format!(r"\{{%(-?)\s*{name}\s*(-?)%\}}")).expect("a valid regex");
+        move |t: &str| re.replace_all(t, format!("{{{{$1 '{marker}' $2}}}}").as_str()).into_owned()
+    };
+    let template = tag("endgeneration", GEN_CLOSE)(&tag("generation", GEN_OPEN)(template));
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
     env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
-    env.add_template("chat", template).context("chat_template does not parse")?;
+    env.add_template("chat", &template).context("chat_template does not parse")?;
     let ctx = minijinja::context! {
         messages => minijinja::Value::from_serialize(messages),
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
     };
-    env.get_template("chat")?.render(ctx).context("chat_template failed to render")
+    let marked = env.get_template("chat")?.render(ctx).context("chat_template failed to render")?;
+    let (mut text, mut spans, mut open) = (String::with_capacity(marked.len()), vec![], None);
+    for c in marked.chars() {
+        match c {
+            GEN_OPEN => open = Some(text.len()),
+            GEN_CLOSE => spans.extend(open.take().map(|start| start..text.len())),
+            c => text.push(c),
+        }
+    }
+    Ok((text, spans))
 }

@@ -44,6 +44,11 @@ fn literal_map(entries: &[(rhai::Ident, Expr)]) -> (serde_json::Value, bool) {
     let mut obj = serde_json::Map::new();
     for (k, v) in entries {
         let value = match v.get_literal_value(None) {
+            // a function literal (a closure as `format` or a callback) stands for its result
+            Some(d) if d.is_fnptr() => {
+                all = false;
+                serde_json::Value::Null
+            }
             Some(d) => super::options::to_json(&d),
             None => {
                 all = false;
