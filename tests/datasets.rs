@@ -86,9 +86,11 @@ fn malformed_jsonl_names_file_and_line() {
 
 #[test]
 fn callback_and_index_errors_name_the_record() {
-    let (ok, out) = run("let ds = load_dataset(\"data/train.jsonl\");\nlet m = ds.map(|r| if r.n == 6 { 1 } else { r });\n");
+    // the record is named by its file and line (line 8: a blank line precedes it), also after a
+    // shuffle, a split and a filter
+    let (ok, out) = run("let ds = load_dataset(\"data/train.jsonl\").shuffle(3).split(2, 1).train.filter(|r| r.n != 9);\nlet m = ds.map(|r| if r.n == 6 { 1 } else { r });\n");
     assert!(!ok, "{out}");
-    assert!(out.contains("map: record 6") && out.contains("must return a map"), "{out}");
+    assert!(out.contains("map: data/train.jsonl:8") && out.contains("must return a map"), "{out}");
     let (ok, out) = run("let ds = load_dataset(\"data/train.jsonl\");\nprint(ds[10]);\n");
     assert!(!ok, "{out}");
     assert!(out.contains("index 10 out of range") && out.contains("recipe.rhai:2"), "{out}");
@@ -150,13 +152,13 @@ fn multi_turn_chat_learns_every_assistant_turn_like_transformers_and_trl() {
         let turns = conv.as_array().unwrap().iter().filter(|m| m["role"] == "assistant").count();
         assert!(turns >= 2, "conversation {i} should have several assistant turns");
         for (what, tok) in [("marked", &marked), ("unmarked", &plain)] {
-            let f = format_builtin("chat_template", &record, i, tok, TrainOn::AllAssistantTurns).unwrap();
+            let f = format_builtin("chat_template", &record, &format!("conversation {i}"), tok, TrainOn::AllAssistantTurns).unwrap();
             let ex = tokenize(&f, tok, &opts).unwrap();
             assert_eq!(ex.input_ids, ids, "conversation {i} ({what} template): token ids differ from apply_chat_template");
             assert_eq!(ex.labels, hf_labels, "conversation {i} ({what} template): labels differ from transformers' assistant mask");
         }
         // train_on: "last" learns only the last assistant turn
-        let f = format_builtin("chat_template", &record, i, &plain, TrainOn::LastAssistantTurn).unwrap();
+        let f = format_builtin("chat_template", &record, &format!("conversation {i}"), &plain, TrainOn::LastAssistantTurn).unwrap();
         let last = tokenize(&f, &plain, &opts).unwrap();
         assert!(last.n_labelled() > 0 && last.n_labelled() < hf_labels.iter().filter(|&&l| l != IGNORE).count(), "conversation {i}");
     }

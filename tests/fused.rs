@@ -1,21 +1,18 @@
 //! The fused training kernels (src/cuda/kernels.cu, with their autograd functions in
 //! src/cuda/autograd.cpp) against the libtorch ops they replace, on a GPU: the forward gives
 //! the same bits (each op's rounding is reproduced), the backward the same values up to the
-//! last bit where libtorch's own kernel fuses a multiply-add. Skipped without CUDA (CI).
+//! last bit where libtorch's own kernel fuses a multiply-add. Ignored (reported as such) unless asked
+//! for with `--include-ignored`, which fails them without CUDA.
 
 mod common;
 use common::*;
 use ftscript::cuda::autograd;
 use tch::{Device, Kind, Tensor};
 
-/// The GPU, with [`RNG`] held for the test's duration; `None` (the test skips) without CUDA.
+/// The GPU, with [`RNG`] held for the test's duration.
 fn cuda() -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
-    if tch::Cuda::is_available() {
-        Some((Device::Cuda(0), RNG.lock().unwrap_or_else(|e| e.into_inner())))
-    } else {
-        eprintln!("skipped: needs CUDA");
-        None
-    }
+    assert!(tch::Cuda::is_available(), "this test needs CUDA");
+    Some((Device::Cuda(0), RNG.lock().unwrap_or_else(|e| e.into_inner())))
 }
 
 /// The largest difference in units of the dtype's precision at each element's magnitude (plus
@@ -45,6 +42,7 @@ fn leaf(t: &Tensor) -> Tensor {
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
 fn fused_swiglu_matches_silu_times_up() {
     let Some((dev, _rng)) = cuda() else { return };
     tch::manual_seed(1);
@@ -74,6 +72,7 @@ fn fused_swiglu_matches_silu_times_up() {
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
 fn fused_rope_matches_the_rotate_half_ops() {
     let Some((dev, _rng)) = cuda() else { return };
     tch::manual_seed(2);
@@ -111,6 +110,7 @@ fn fused_rope_matches_the_rotate_half_ops() {
 /// same dropout masks (both draw them with `native_dropout` in projection order); with LoRA's
 /// work on the current stream and on the side stream (`autograd::overlap_lora`).
 #[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
 fn shared_projections_match_separate_layers_on_the_gpu() {
     let Some((dev, _rng)) = cuda() else { return };
     for (kind, overlap) in [(Kind::BFloat16, false), (Kind::BFloat16, true), (Kind::Float, false), (Kind::Float, true)] {
@@ -184,6 +184,7 @@ fn shared_projections_match_separate_layers_on_the_gpu() {
 /// dtype (the kernel's log-sum-exp sums in another order), with ignored rows (-100) zero. A
 /// 32k vocabulary, and one that is not a multiple of 8 (no vector loads).
 #[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
 fn fused_cross_entropy_matches_the_ops() {
     let Some((dev, _rng)) = cuda() else { return };
     tch::manual_seed(4);
@@ -220,6 +221,7 @@ fn fused_cross_entropy_matches_the_ops() {
 /// in relative terms) — to 2 units of the exact fp64 value; with and without δ, widths 64 to
 /// 8192; and `None` for a width the kernel does not take.
 #[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
 fn fused_residual_rms_norm_matches_the_ops() {
     let Some((dev, _rng)) = cuda() else { return };
     tch::manual_seed(6);

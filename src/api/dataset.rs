@@ -67,36 +67,36 @@ fn index(ds: &Dataset, i: i64) -> Res<Map> {
     Ok(from_json(&ds.0.records[i as usize]).cast::<Map>())
 }
 
-/// Calls `f` on record `i`; errors name the call and the record.
-fn call_on(ctx: &NativeCallContext, what: &str, f: &FnPtr, i: usize, record: &Value) -> Res<Dynamic> {
-    f.call_within_context::<Dynamic>(ctx, (from_json(record),))
-        .map_err(|e| format!("{what}: record {i}: {}", e).into())
+/// Calls `f` on record `i`; errors name the call and the record (its file and line).
+fn call_on(ctx: &NativeCallContext, what: &str, f: &FnPtr, ds: &data::Dataset, i: usize) -> Res<Dynamic> {
+    f.call_within_context::<Dynamic>(ctx, (from_json(&ds.records[i]),))
+        .map_err(|e| crate::script::prefix_error(e, &format!("{what}: {}", ds.place(i))))
 }
 
 fn map(ctx: NativeCallContext, ds: &mut Dataset, f: FnPtr) -> Res<Dataset> {
     let mut out = Vec::with_capacity(ds.0.len());
-    for (i, r) in ds.0.records.iter().enumerate() {
-        let v = call_on(&ctx, "map", &f, i, r)?;
+    for i in 0..ds.0.len() {
+        let v = call_on(&ctx, "map", &f, &ds.0, i)?;
         if !v.is_map() {
-            return Err(format!("map: record {i}: the function must return a map (#{{...}}), got {}", v.type_name()).into());
+            return Err(format!("map: {}: the function must return a map (#{{...}}), got {}", ds.0.place(i), v.type_name()).into());
         }
-        out.push(to_json(&v));
+        out.push((to_json(&v), ds.0.place(i).clone()));
     }
-    Ok(Dataset(data::Dataset::from_records(out, ds.0.origin.clone())))
+    Ok(Dataset(data::Dataset::with_places(out, ds.0.origin.clone())))
 }
 
 fn filter(ctx: NativeCallContext, ds: &mut Dataset, f: FnPtr) -> Res<Dataset> {
     let mut out = vec![];
-    for (i, r) in ds.0.records.iter().enumerate() {
-        let v = call_on(&ctx, "filter", &f, i, r)?;
+    for i in 0..ds.0.len() {
+        let v = call_on(&ctx, "filter", &f, &ds.0, i)?;
         let keep = v
             .as_bool()
-            .map_err(|t| format!("filter: record {i}: the function must return true or false, got {t}"))?;
+            .map_err(|t| format!("filter: {}: the function must return true or false, got {t}", ds.0.place(i)))?;
         if keep {
-            out.push(r.clone());
+            out.push((ds.0.records[i].clone(), ds.0.place(i).clone()));
         }
     }
-    Ok(Dataset(data::Dataset::from_records(out, ds.0.origin.clone())))
+    Ok(Dataset(data::Dataset::with_places(out, ds.0.origin.clone())))
 }
 
 fn split_map((train, eval): (data::Dataset, data::Dataset)) -> Map {
@@ -239,11 +239,11 @@ mod tests {
     fn errors_name_the_record() {
         let e = engine();
         let err = e.eval::<Dynamic>("dataset([#{a: 1}, #{b: 2}]).map(|r| #{a: r.a + 1})").unwrap_err().to_string();
-        assert!(err.contains("map: record 1"), "{err}");
+        assert!(err.contains("map: array record 1"), "{err}");
         let err = e.eval::<Dynamic>("dataset([#{a: 1}]).map(|r| r.a)").unwrap_err().to_string();
-        assert!(err.contains("map: record 0") && err.contains("must return a map"), "{err}");
+        assert!(err.contains("map: array record 0") && err.contains("must return a map"), "{err}");
         let err = e.eval::<Dynamic>("dataset([#{a: 1}]).filter(|r| 1)").unwrap_err().to_string();
-        assert!(err.contains("filter: record 0") && err.contains("true or false"), "{err}");
+        assert!(err.contains("filter: array record 0") && err.contains("true or false"), "{err}");
         let err = e.eval::<Dynamic>("dataset([#{a: 1}])[1]").unwrap_err().to_string();
         assert!(err.contains("index 1 out of range") && err.contains("1 records"), "{err}");
         let err = e.eval::<Dynamic>("dataset([#{a: 1}])[-1]").unwrap_err().to_string();

@@ -139,10 +139,10 @@ fn format_of(v: Option<&Dynamic>, first: Option<&serde_json::Value>) -> anyhow::
     }
 }
 
-fn ints(v: &serde_json::Value, what: &str, i: usize) -> anyhow::Result<Vec<i64>> {
+fn ints(v: &serde_json::Value, what: &str, at: &crate::data::dataset::Place) -> anyhow::Result<Vec<i64>> {
     v.as_array()
         .and_then(|a| a.iter().map(|x| x.as_i64()).collect::<Option<Vec<i64>>>())
-        .ok_or_else(|| anyhow::anyhow!("record {i}: `{what}` must be an array of integers"))
+        .ok_or_else(|| anyhow::anyhow!("{at}: `{what}` must be an array of integers"))
 }
 
 /// Formats and tokenizes a dataset (Rhai format functions run here, on the recipe's thread;
@@ -163,24 +163,25 @@ fn examples(
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let ids = ints(r.get("input_ids").unwrap_or(&serde_json::Value::Null), "input_ids", i)?;
+                let at = ds.0.place(i);
+                let ids = ints(r.get("input_ids").unwrap_or(&serde_json::Value::Null), "input_ids", at)?;
                 let labels = match r.get("labels") {
-                    Some(l) => ints(l, "labels", i)?,
+                    Some(l) => ints(l, "labels", at)?,
                     None => ids.clone(),
                 };
-                anyhow::ensure!(labels.len() == ids.len(), "record {i}: `labels` and `input_ids` differ in length");
+                anyhow::ensure!(labels.len() == ids.len(), "{at}: `labels` and `input_ids` differ in length");
                 let n = if o.max_length > 0 { ids.len().min(o.max_length) } else { ids.len() };
                 Ok(Example { input_ids: ids[..n].to_vec(), labels: labels[..n].iter().map(|&l| if l < 0 { IGNORE } else { l }).collect() })
             })
             .collect::<anyhow::Result<Vec<_>>>()
-            .map_err(|e| format!("train: {}: {e}", ds.0.origin).into()),
+            .map_err(|e| format!("train: {e}").into()),
         Format::Builtin(name) => {
             let items = records
                 .iter()
                 .enumerate()
-                .map(|(i, r)| format_builtin(name, r, i, tok, train_on))
+                .map(|(i, r)| format_builtin(name, r, &ds.0.place(i).to_string(), tok, train_on))
                 .collect::<anyhow::Result<Vec<_>>>()
-                .map_err(|e| -> Box<EvalAltResult> { format!("train: {}: {e:#}", ds.0.origin).into() })?;
+                .map_err(|e| -> Box<EvalAltResult> { format!("train: {e:#}").into() })?;
             guard("train", || crate::data::cache::tokenize_all(items, tok, o))
         }
         Format::Function(f) => {
@@ -188,8 +189,8 @@ fn examples(
             for (i, r) in records.iter().enumerate() {
                 let out: Dynamic = f
                     .call_within_context(ctx, (from_json(r),))
-                    .map_err(|e| -> Box<EvalAltResult> { format!("train: format function failed on record {i}: {e}").into() })?;
-                items.push(Formatted::from_value(&to_json(&out), i).map_err(|e| -> Box<EvalAltResult> { format!("train: {e}").into() })?);
+                    .map_err(|e| crate::script::prefix_error(e, &format!("train: the format function failed on {}", ds.0.place(i))))?;
+                items.push(Formatted::from_value(&to_json(&out), &ds.0.place(i).to_string()).map_err(|e| -> Box<EvalAltResult> { format!("train: {e}").into() })?);
             }
             guard("train", || crate::data::cache::tokenize_all(items, tok, o))
         }

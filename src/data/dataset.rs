@@ -15,13 +15,52 @@ use std::rc::Rc;
 #[derive(Clone, Debug)]
 pub struct Dataset {
     pub records: Rc<Vec<Value>>,
+    /// Where each record came from, kept through shuffles, splits and filters, for messages.
+    places: Rc<Vec<Place>>,
     /// Where the records came from (a path, `a + b`, `array`), for messages.
     pub origin: String,
 }
 
+/// A record's source: a JSONL file's line (1-based), or its index in a JSON or Rhai array.
+#[derive(Clone, Debug)]
+pub struct Place {
+    source: Rc<str>,
+    line: Option<usize>,
+    index: usize,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}", self.source),
+            None => write!(f, "{} record {}", self.source, self.index),
+        }
+    }
+}
+
 impl Dataset {
+    /// Records of an array (their places are their indices in it).
     pub fn from_records(records: Vec<Value>, origin: impl Into<String>) -> Dataset {
-        Dataset { records: Rc::new(records), origin: origin.into() }
+        let origin: String = origin.into();
+        let source: Rc<str> = origin.as_str().into();
+        let places = (0..records.len()).map(|index| Place { source: source.clone(), line: None, index }).collect();
+        Dataset { records: Rc::new(records), places: Rc::new(places), origin }
+    }
+
+    /// Records with their places, e.g. a subset of another dataset's.
+    pub fn with_places(records: Vec<(Value, Place)>, origin: impl Into<String>) -> Dataset {
+        let (records, places) = records.into_iter().unzip();
+        Dataset { records: Rc::new(records), places: Rc::new(places), origin: origin.into() }
+    }
+
+    /// Where record `i` came from: `file:line`, or `origin record i`.
+    pub fn place(&self, i: usize) -> &Place {
+        &self.places[i]
+    }
+
+    /// The records with their places.
+    fn pairs(&self) -> impl Iterator<Item = (Value, Place)> + '_ {
+        self.records.iter().cloned().zip(self.places.iter().cloned())
     }
 
     /// Reads a JSONL file (one object per line, blank lines skipped) or a JSON file whose top
@@ -43,12 +82,16 @@ impl Dataset {
             }
             reader.consume(skip);
         };
-        let records = match first {
-            None => vec![],
-            Some(b'[') => read_json_array(reader, &name)?,
-            Some(_) => read_jsonl(reader, &name)?,
-        };
-        Ok(Dataset::from_records(records, name))
+        Ok(match first {
+            None => Dataset::from_records(vec![], name),
+            Some(b'[') => Dataset::from_records(read_json_array(reader, &name)?, name),
+            Some(_) => {
+                let source: Rc<str> = name.as_str().into();
+                let lines = read_jsonl(reader, &name)?;
+                let places = lines.into_iter().enumerate().map(|(index, (v, line))| (v, Place { source: source.clone(), line: Some(line), index }));
+                Dataset::with_places(places.collect(), name)
+            }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -65,9 +108,9 @@ impl Dataset {
 
     /// The records in a seeded random order (the same seed gives the same order).
     pub fn shuffle(&self, seed: u64) -> Dataset {
-        let mut records = self.records.as_ref().clone();
+        let mut records: Vec<(Value, Place)> = self.pairs().collect();
         records.shuffle(&mut StdRng::seed_from_u64(seed));
-        Dataset::from_records(records, self.origin.clone())
+        Dataset::with_places(records, self.origin.clone())
     }
 
     /// `(train, eval)`: after a seeded shuffle, `eval` gets `round(len * fraction)` records and
@@ -84,26 +127,22 @@ impl Dataset {
         if n_eval > self.len() {
             bail!("split: cannot take {n_eval} eval records from a dataset of {}", self.len());
         }
-        let shuffled = self.shuffle(seed);
-        let mut train = shuffled.records.as_ref().clone();
-        let eval: Vec<Value> = train.drain(..n_eval).collect();
+        let mut train: Vec<(Value, Place)> = self.shuffle(seed).pairs().collect();
+        let eval: Vec<(Value, Place)> = train.drain(..n_eval).collect();
         Ok((
-            Dataset::from_records(train, format!("{} (train split)", self.origin)),
-            Dataset::from_records(eval, format!("{} (eval split)", self.origin)),
+            Dataset::with_places(train, format!("{} (train split)", self.origin)),
+            Dataset::with_places(eval, format!("{} (eval split)", self.origin)),
         ))
     }
 
     /// The records of `self` followed by those of `other`.
     pub fn concat(&self, other: &Dataset) -> Dataset {
-        let mut records = Vec::with_capacity(self.len() + other.len());
-        records.extend(self.records.iter().cloned());
-        records.extend(other.records.iter().cloned());
-        Dataset::from_records(records, format!("{} + {}", self.origin, other.origin))
+        Dataset::with_places(self.pairs().chain(other.pairs()).collect(), format!("{} + {}", self.origin, other.origin))
     }
 
     /// The first `n` records (all of them if there are fewer).
     pub fn take(&self, n: usize) -> Dataset {
-        Dataset::from_records(self.records.iter().take(n).cloned().collect(), self.origin.clone())
+        Dataset::with_places(self.pairs().take(n).collect(), self.origin.clone())
     }
 }
 
@@ -116,7 +155,8 @@ fn line_error(e: &serde_json::Error) -> String {
     format!("{msg} at column {}", e.column())
 }
 
-fn read_jsonl(mut reader: impl BufRead, name: &str) -> Result<Vec<Value>> {
+/// The records of a JSONL stream, each with its 1-based line.
+fn read_jsonl(mut reader: impl BufRead, name: &str) -> Result<Vec<(Value, usize)>> {
     let mut records = vec![];
     let mut bytes = Vec::new();
     let mut lineno = 0usize;
@@ -140,7 +180,7 @@ fn read_jsonl(mut reader: impl BufRead, name: &str) -> Result<Vec<Value>> {
         if !value.is_object() {
             bail!("{name}:{lineno}: expected a JSON object per line, found {}", kind(&value));
         }
-        records.push(value);
+        records.push((value, lineno));
     }
     Ok(records)
 }

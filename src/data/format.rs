@@ -29,25 +29,25 @@ pub enum TrainOn {
 }
 
 impl Formatted {
-    /// A format function's result: `{prompt, response}` or `{text}` (record `index` in errors).
-    pub fn from_value(v: &Value, index: usize) -> Result<Formatted> {
+    /// A format function's result: `{prompt, response}` or `{text}` (`at` names the record in errors).
+    pub fn from_value(v: &Value, at: &str) -> Result<Formatted> {
         let Some(obj) = v.as_object() else {
-            bail!("record {index}: the format function must return #{{prompt, response}} or #{{text}}, got {v}");
+            bail!("{at}: the format function must return #{{prompt, response}} or #{{text}}, got {v}");
         };
         let has = |k: &str| obj.contains_key(k);
         if has("prompt") || has("response") {
             if has("text") {
-                bail!("record {index}: the format function returned both `text` and `prompt`/`response`; return one kind");
+                bail!("{at}: the format function returned both `text` and `prompt`/`response`; return one kind");
             }
-            let prompt = string_field(v, "prompt", index, "format function result")?;
-            let response = string_field(v, "response", index, "format function result")?;
+            let prompt = string_field(v, "prompt", at, "format function result")?;
+            let response = string_field(v, "response", at, "format function result")?;
             Ok(Formatted::Pair { prompt, response })
         } else if has("text") {
-            Ok(Formatted::Text(string_field(v, "text", index, "format function result")?))
+            Ok(Formatted::Text(string_field(v, "text", at, "format function result")?))
         } else {
             let keys: Vec<&str> = obj.keys().map(|k| k.as_str()).collect();
             bail!(
-                "record {index}: the format function must return #{{prompt, response}} or #{{text}}, got keys [{}]",
+                "{at}: the format function must return #{{prompt, response}} or #{{text}}, got keys [{}]",
                 keys.join(", ")
             )
         }
@@ -93,23 +93,23 @@ impl Default for TokenizeOptions {
 
 /// `record[key]` as a string: numbers and booleans are written out, anything else is an error
 /// that names the field, the record and what needs it.
-fn string_field(record: &Value, key: &str, index: usize, what: &str) -> Result<String> {
+fn string_field(record: &Value, key: &str, at: &str, what: &str) -> Result<String> {
     match record.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(v.to_string()),
         None | Some(Value::Null) => {
             let have: Vec<&str> = record.as_object().map(|o| o.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
-            bail!("record {index}: missing field `{key}` ({what}; the record has [{}])", have.join(", "))
+            bail!("{at}: missing field `{key}` ({what}; the record has [{}])", have.join(", "))
         }
-        Some(v) => bail!("record {index}: field `{key}` must be a string ({what}), got {v}"),
+        Some(v) => bail!("{at}: field `{key}` must be a string ({what}), got {v}"),
     }
 }
 
 /// `record[key]` if present, non-null and non-empty.
-fn optional_field(record: &Value, key: &str, index: usize, what: &str) -> Result<Option<String>> {
+fn optional_field(record: &Value, key: &str, at: &str, what: &str) -> Result<Option<String>> {
     match record.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(_) => Ok(Some(string_field(record, key, index, what)?).filter(|s| !s.is_empty())),
+        Some(_) => Ok(Some(string_field(record, key, at, what)?).filter(|s| !s.is_empty())),
     }
 }
 
@@ -133,21 +133,21 @@ pub fn alpaca_prompt(instruction: &str, input: Option<&str>) -> String {
 /// texts, identical to stdlib/templates.rhai), "chatml", "text" (record.text), "chat_template"
 /// (the model's own Jinja template over `messages` records: prompt = everything before the last
 /// assistant message rendered with add_generation_prompt, response = the rest). Errors name the
-/// missing field and the record index.
-pub fn format_builtin(name: &str, record: &Value, index: usize, tok: &Tokenizer, train_on: TrainOn) -> Result<Formatted> {
+/// missing field and the record (`at`: its file and line, or its place in a dataset built in the recipe).
+pub fn format_builtin(name: &str, record: &Value, at: &str, tok: &Tokenizer, train_on: TrainOn) -> Result<Formatted> {
     match name {
         "alpaca" => {
             let what = "the alpaca template reads instruction, output and an optional input";
-            let instruction = string_field(record, "instruction", index, what)?;
-            let input = optional_field(record, "input", index, what)?;
-            let output = string_field(record, "output", index, what)?;
+            let instruction = string_field(record, "instruction", at, what)?;
+            let input = optional_field(record, "input", at, what)?;
+            let output = string_field(record, "output", at, what)?;
             Ok(Formatted::Pair { prompt: alpaca_prompt(&instruction, input.as_deref()), response: output })
         }
         "chatml" => {
             let what = "the chatml template reads instruction, output and an optional input";
-            let instruction = string_field(record, "instruction", index, what)?;
-            let input = optional_field(record, "input", index, what)?;
-            let output = string_field(record, "output", index, what)?;
+            let instruction = string_field(record, "instruction", at, what)?;
+            let input = optional_field(record, "input", at, what)?;
+            let output = string_field(record, "output", at, what)?;
             let user = match input {
                 Some(input) => format!("{instruction}\n\n{input}"),
                 None => instruction,
@@ -157,8 +157,8 @@ pub fn format_builtin(name: &str, record: &Value, index: usize, tok: &Tokenizer,
                 response: format!("{output}<|im_end|>"),
             })
         }
-        "text" => Ok(Formatted::Text(string_field(record, "text", index, "the text template reads text")?)),
-        "chat_template" => chat_template(record, index, tok, train_on),
+        "text" => Ok(Formatted::Text(string_field(record, "text", at, "the text template reads text")?)),
+        "chat_template" => chat_template(record, at, tok, train_on),
         other => bail!("unknown format `{other}`; built-in formats: {}", BUILTIN_FORMATS.join(", ")),
     }
 }
@@ -168,31 +168,31 @@ pub fn format_builtin(name: &str, record: &Value, index: usize, tok: &Tokenizer,
 /// markers, each assistant message as rendered (the text between the conversation before it with
 /// the generation prompt, and the conversation up to it). The last turn: the conversation up to
 /// the last assistant message is the prompt (with the generation prompt), that message the response.
-fn chat_template(record: &Value, index: usize, tok: &Tokenizer, train_on: TrainOn) -> Result<Formatted> {
+fn chat_template(record: &Value, at: &str, tok: &Tokenizer, train_on: TrainOn) -> Result<Formatted> {
     let messages = match record.get("messages") {
         Some(Value::Array(m)) => m,
-        Some(v) => bail!("record {index}: field `messages` must be an array of #{{role, content}}, got {v}"),
-        None => bail!("record {index}: missing field `messages` (the chat_template format reads messages: [#{{role, content}}, ...])"),
+        Some(v) => bail!("{at}: field `messages` must be an array of #{{role, content}}, got {v}"),
+        None => bail!("{at}: missing field `messages` (the chat_template format reads messages: [#{{role, content}}, ...])"),
     };
     for (j, m) in messages.iter().enumerate() {
         if m.get("role").and_then(|r| r.as_str()).is_none() {
-            bail!("record {index}: message {j} has no string `role`");
+            bail!("{at}: message {j} has no string `role`");
         }
     }
     let is_assistant = |m: &Value| m.get("role").and_then(|r| r.as_str()) == Some("assistant");
     let Some(last) = messages.iter().rposition(is_assistant) else {
-        bail!("record {index}: `messages` has no assistant message to train on");
+        bail!("{at}: `messages` has no assistant message to train on");
     };
     let Some(template) = tok.chat_template.as_deref() else {
         bail!("the chat_template format needs a tokenizer with a chat_template (tokenizer_config.json has none)");
     };
     let render = |msgs: &[Value], gen: bool| {
         super::template::render_chat_spans(template, &Value::Array(msgs.to_vec()), gen, tok.bos_token.as_deref(), tok.eos_token.as_deref())
-            .map_err(|e| anyhow::anyhow!("record {index}: {e:#}"))
+            .map_err(|e| anyhow::anyhow!("{at}: {e:#}"))
     };
     let not_a_prefix = || {
         anyhow::anyhow!(
-            "record {index}: the chat template renders the conversation differently from its prefix \
+            "{at}: the chat template renders the conversation differently from its prefix \
              (the prompt is not a prefix of the full text), so the response cannot be told apart; \
              use a format function that returns #{{prompt, response}}"
         )
@@ -402,7 +402,7 @@ pub(crate) mod tests {
     fn alpaca_texts_and_missing_fields() {
         let t = test_tokenizer(None);
         let r = json!({"instruction": "Add.", "input": "1 2", "output": "3"});
-        let Formatted::Pair { prompt, response } = format_builtin("alpaca", &r, 0, &t, TrainOn::LastAssistantTurn).unwrap() else { panic!() };
+        let Formatted::Pair { prompt, response } = format_builtin("alpaca", &r, "record 0", &t, TrainOn::LastAssistantTurn).unwrap() else { panic!() };
         assert_eq!(
             prompt,
             "Below is an instruction that describes a task, paired with an input that provides further context. \
@@ -410,20 +410,20 @@ pub(crate) mod tests {
         );
         assert_eq!(response, "3");
         let r = json!({"instruction": "Hi.", "input": "", "output": 3});
-        let Formatted::Pair { prompt, response } = format_builtin("alpaca", &r, 0, &t, TrainOn::LastAssistantTurn).unwrap() else { panic!() };
+        let Formatted::Pair { prompt, response } = format_builtin("alpaca", &r, "record 0", &t, TrainOn::LastAssistantTurn).unwrap() else { panic!() };
         assert_eq!(
             prompt,
             "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nHi.\n\n### Response:\n"
         );
         assert_eq!(response, "3");
-        let e = format_builtin("alpaca", &json!({"instruction": "x"}), 17, &t, TrainOn::LastAssistantTurn).unwrap_err().to_string();
+        let e = format_builtin("alpaca", &json!({"instruction": "x"}), "record 17", &t, TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("record 17") && e.contains("missing field `output`"), "{e}");
-        let e = format_builtin("text", &json!({"body": "x"}), 4, &t, TrainOn::LastAssistantTurn).unwrap_err().to_string();
+        let e = format_builtin("text", &json!({"body": "x"}), "record 4", &t, TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("record 4") && e.contains("`text`") && e.contains("[body]"), "{e}");
-        let e = format_builtin("nope", &json!({}), 0, &t, TrainOn::LastAssistantTurn).unwrap_err().to_string();
+        let e = format_builtin("nope", &json!({}), "record 0", &t, TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("alpaca, chatml, text, chat_template"), "{e}");
         let Formatted::Pair { prompt, response } =
-            format_builtin("chatml", &json!({"instruction": "Q", "output": "A"}), 0, &t, TrainOn::LastAssistantTurn).unwrap() else { panic!() };
+            format_builtin("chatml", &json!({"instruction": "Q", "output": "A"}), "record 0", &t, TrainOn::LastAssistantTurn).unwrap() else { panic!() };
         assert_eq!(prompt, "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n");
         assert_eq!(response, "A<|im_end|>");
     }
@@ -439,29 +439,29 @@ pub(crate) mod tests {
             {"role": "user", "content": "good"},
             {"role": "assistant", "content": "bye"},
         ]});
-        let f = format_builtin("chat_template", &r, 0, &t, TrainOn::LastAssistantTurn).unwrap();
+        let f = format_builtin("chat_template", &r, "record 0", &t, TrainOn::LastAssistantTurn).unwrap();
         assert_eq!(
             f,
             pair("<|user|> hello </s> <|assistant|> world </s> <|user|> good </s> <|assistant|> ", "bye </s> ")
         );
-        let e = format_builtin("chat_template", &json!({"messages": [{"role": "user", "content": "x"}]}), 3, &t, TrainOn::LastAssistantTurn)
+        let e = format_builtin("chat_template", &json!({"messages": [{"role": "user", "content": "x"}]}), "record 3", &t, TrainOn::LastAssistantTurn)
             .unwrap_err()
             .to_string();
         assert!(e.contains("record 3") && e.contains("no assistant"), "{e}");
-        let e = format_builtin("chat_template", &r, 0, &test_tokenizer(None), TrainOn::LastAssistantTurn).unwrap_err().to_string();
+        let e = format_builtin("chat_template", &r, "record 0", &test_tokenizer(None), TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("chat_template"), "{e}");
         // a template whose generation prompt is not what the assistant turn starts with
         let odd = "{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}{% if add_generation_prompt %}GEN {% endif %}";
-        let e = format_builtin("chat_template", &r, 5, &test_tokenizer(Some(odd)), TrainOn::LastAssistantTurn).unwrap_err().to_string();
+        let e = format_builtin("chat_template", &r, "record 5", &test_tokenizer(Some(odd)), TrainOn::LastAssistantTurn).unwrap_err().to_string();
         assert!(e.contains("record 5") && e.contains("prefix"), "{e}");
     }
 
     #[test]
     fn format_function_results() {
-        assert_eq!(Formatted::from_value(&json!({"prompt": "p", "response": "r"}), 0).unwrap(), pair("p", "r"));
-        assert_eq!(Formatted::from_value(&json!({"text": "t"}), 0).unwrap(), Formatted::Text("t".into()));
-        let e = Formatted::from_value(&json!({"prompt": "p"}), 9).unwrap_err().to_string();
+        assert_eq!(Formatted::from_value(&json!({"prompt": "p", "response": "r"}), "record 0").unwrap(), pair("p", "r"));
+        assert_eq!(Formatted::from_value(&json!({"text": "t"}), "record 0").unwrap(), Formatted::Text("t".into()));
+        let e = Formatted::from_value(&json!({"prompt": "p"}), "record 9").unwrap_err().to_string();
         assert!(e.contains("record 9") && e.contains("`response`"), "{e}");
-        assert!(Formatted::from_value(&json!({"x": 1}), 0).is_err());
+        assert!(Formatted::from_value(&json!({"x": 1}), "record 0").is_err());
     }
 }

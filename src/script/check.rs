@@ -8,7 +8,20 @@ use rhai::{ASTNode, Engine, Expr, Scope};
 pub fn check(engine: &Engine, recipe: &Recipe) -> Vec<String> {
     let mut problems = vec![];
     if let Err(e) = engine.compile_into_self_contained(&Scope::new(), &recipe.source) {
-        problems.push(super::render_at(&recipe.path, &recipe.source, &format!("import: {e}"), e.position()));
+        // a module that cannot be resolved is reported without a position: use its import's
+        let (text, mut pos, _) = super::innermost(&e);
+        let missing = ["Module not found: ", "Undefined module: "].iter().find_map(|p| text.split(p).nth(1)).map(|n| n.split(" (").next().unwrap_or(n).to_string());
+        if let Some(name) = missing {
+            recipe.ast.walk(&mut |nodes: &[ASTNode]| {
+                if let Some(ASTNode::Stmt(rhai::Stmt::Import(x, _))) = nodes.last() {
+                    if matches!(&x.0, Expr::StringConstant(s, _) if s.as_str() == name.as_str()) {
+                        pos = x.0.position();
+                    }
+                }
+                true
+            });
+        }
+        problems.push(super::render_at(&recipe.path, &recipe.source, &format!("import: {text}"), pos));
     }
     recipe.ast.walk(&mut |nodes: &[ASTNode]| {
         let call = match nodes.last() {

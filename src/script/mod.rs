@@ -223,7 +223,7 @@ fn imports_of(ast: &AST) -> Vec<String> {
 
 /// Unwraps function-call and module wrappers down to the error that happened, keeping the
 /// innermost position inside the recipe.
-fn innermost(err: &EvalAltResult) -> (String, Position, Option<String>) {
+pub(crate) fn innermost(err: &EvalAltResult) -> (String, Position, Option<String>) {
     match err {
         EvalAltResult::ErrorInFunctionCall(_, src, inner, pos) => {
             let (m, p, s) = innermost(inner);

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU tests, on a GPU machine without Rust (the device machine: no toolchain, no network).
+# Here:   cargo test --release --no-run && bash bench/gpu_tests.sh --collect   (copies the test
+#         binaries and ftscript into .gpu/, which git ignores)
+# There:  bash bench/gpu_tests.sh      (with .gpu carried)
+# The test binaries look for the repository, its Python and the ftscript binary where they were
+# built; there that path is linked to the copy, and the machine's python3 (torch, transformers,
+# peft) stands in for the project's virtualenv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tests=(fused training quant recipes callbacks)
+if [ "${1:-}" = "--collect" ]; then
+  mkdir -p .gpu
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  for t in "${tests[@]}"; do
+    cp "$(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1)" ".gpu/$t"
+  done
+  cp target/release/ftscript .gpu/ftscript
+  pwd > .gpu/built-in
+  exit 0
+fi
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
+built=$(cat .gpu/built-in)
+if [ "$built" != "$PWD" ]; then
+  mkdir -p "$(dirname "$built")" && ln -sfn "$PWD" "$built"
+fi
+mkdir -p .venv/bin target/release
+[ -x .venv/bin/python ] || ln -sf "$(command -v python3)" .venv/bin/python
+cp .gpu/ftscript target/release/ftscript
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+run() { echo "== $*"; "$@"; }
+run .gpu/fused --include-ignored --test-threads=1
+run .gpu/quant --include-ignored --exact cuda_dequant_kernel_matches_op_path matches_bitsandbytes_cuda_fixture
+run .gpu/training --include-ignored --exact offloaded_checkpoints_train_like_kept_ones
+run .gpu/recipes --exact a_hook_generates_with_the_model_and_sees_the_adapters_of_its_step a_failing_callback_keeps_a_checkpoint_and_names_its_line
+run .gpu/callbacks --exact early_stopping_stops_where_the_patience_rule_says
