@@ -19,18 +19,21 @@ if [ "${1:-}" = "--collect" ]; then
   pwd > .gpu/built-in
   exit 0
 fi
-export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-/opt/torch/.venv/lib/python3.12/site-packages/torch/lib}
+torch_lib=$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))")/lib
+export LD_LIBRARY_PATH=$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 built=$(cat .gpu/built-in)
 if [ "$built" != "$PWD" ]; then
   mkdir -p "$(dirname "$built")" && ln -sfn "$PWD" "$built"
 fi
 mkdir -p .venv/bin target/release
-[ -x .venv/bin/python ] || ln -sf "$(command -v python3)" .venv/bin/python
+# a wrapper, not a link: a linked venv python would lose its site-packages
+[ -x .venv/bin/python ] || printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > .venv/bin/python
+chmod +x .venv/bin/python
 cp .gpu/ftscript target/release/ftscript
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 run() { echo "== $*"; "$@"; }
-run .gpu/fused --include-ignored --test-threads=1
-run .gpu/quant --include-ignored --exact cuda_dequant_kernel_matches_op_path matches_bitsandbytes_cuda_fixture
+[ "${1:-}" = "--skip-kernels" ] || run .gpu/fused --include-ignored --test-threads=1
+[ "${1:-}" = "--skip-kernels" ] || run .gpu/quant --include-ignored --exact cuda_dequant_kernel_matches_op_path matches_bitsandbytes_cuda_fixture
 run .gpu/training --include-ignored --exact offloaded_checkpoints_train_like_kept_ones
 run .gpu/recipes --exact a_hook_generates_with_the_model_and_sees_the_adapters_of_its_step a_failing_callback_keeps_a_checkpoint_and_names_its_line
 run .gpu/callbacks --exact early_stopping_stops_where_the_patience_rule_says

@@ -115,9 +115,6 @@ fn format_of(v: Option<&Dynamic>, first: Option<&serde_json::Value>) -> anyhow::
             if s == "tokens" {
                 return Ok(Format::Tokens);
             }
-            if !crate::data::format::BUILTIN_FORMATS.contains(&s.as_str()) {
-                anyhow::bail!("train: unknown format `{s}`; valid: {}, tokens, or a function", crate::data::format::BUILTIN_FORMATS.join(", "));
-            }
             Ok(Format::Builtin(s))
         }
         Some(d) => anyhow::bail!("train: format must be a template name or a function, got {}", d.type_name()),
@@ -156,7 +153,7 @@ fn examples(
     train_on: TrainOn,
 ) -> Res<Vec<Example>> {
     let records = &ds.0.records;
-    let model = m.0.borrow();
+    let model = m.get();
     let tok = &model.tokenizer;
     match fmt {
         Format::Tokens => records
