@@ -32,8 +32,8 @@ Pinned CPU paths. bitsandbytes 0.50's CPU backend changes path with the CPU's fe
 - `Linear4bit` repacks its weight and multiplies through another kernel (bf16, or one fetched from
   the Hub by the `kernels` package) on CPUs with AVX512-BF16.
 So on the CPU every dequantization here goes through bitsandbytes' portable torch implementation
-(its `default` backend's code, which every CPU runs the same way, registered below as the CPU
-kernels of bitsandbytes' dequantize ops), `Linear4bit` is kept off the
+(its `default` backend's code, run eagerly, which every CPU runs the same way, registered below
+as the CPU kernels of bitsandbytes' dequantize ops), `Linear4bit` is kept off the
 AVX512-BF16 path, and `kernels` cannot be imported (no network). The portable path gives FP4
 code 8 as +0; bitsandbytes' native and CUDA kernels give -0 (tests/quant.rs checks that sign
 against the CUDA fixture).
@@ -51,16 +51,19 @@ from bitsandbytes.backends.utils import _get_4bit_code
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-torch._dynamo.config.recompile_limit = 64  # bitsandbytes torch.compiles its portable dequantize per dtype/shape
+# bitsandbytes torch.compiles these; the eager originals (`__wrapped__`) are used, since inductor
+# generates code for the CPU it finds (and crashed under ATEN_CPU_CAPABILITY=avx2 here)
+_dequantize_4bit_eager = portable._dequantize_4bit_compute.__wrapped__
+_dequantize_blockwise_eager = portable._dequantize_blockwise_compute.__wrapped__
 
 
 def _dequantize_4bit_portable(A, absmax, blocksize, quant_type, shape, dtype):
     q = A.view(torch.uint8).reshape(-1)
-    return portable._dequantize_4bit_compute(q, absmax.float(), _get_4bit_code(quant_type, q.device), blocksize, shape, dtype)
+    return _dequantize_4bit_eager(q, absmax.float(), _get_4bit_code(quant_type, q.device), blocksize, shape, dtype)
 
 
 def _dequantize_blockwise_portable(A, absmax, code, blocksize, dtype):
-    return portable._dequantize_blockwise_compute(A.reshape(-1), absmax, code, blocksize, dtype).reshape(A.shape)
+    return _dequantize_blockwise_eager(A.reshape(-1), absmax, code, blocksize, dtype).reshape(A.shape)
 
 
 # bitsandbytes' ops on CPU tensors (F.dequantize_4bit, the nested absmax, Linear4bit's GEMM) now
