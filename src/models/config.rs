@@ -53,17 +53,7 @@ fn default_max_pos() -> usize {
     2048
 }
 
-/// How rotary frequencies are rescaled for long contexts (`rope_type` in config.json).
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    Default,
-    /// Positions divided by `factor`.
-    Linear { factor: f64 },
-    /// NTK-aware: base grows as `theta * (factor*len/max_pos - (factor-1))^(d/(d-2))` once `len > max_pos`.
-    Dynamic { factor: f64, original_max_position_embeddings: usize },
-    /// Llama 3.1: low frequencies divided by `factor`, high kept, the band between interpolated.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
-}
+pub use crate::nn::rope::RopeScaling;
 
 /// The resolved configuration of a Llama-family decoder.
 #[derive(Debug, Clone)]

@@ -1,8 +1,21 @@
-//! Layers and weight files.
+//! Layers and weight files: the building blocks every model family shares.
+pub mod attention;
 pub mod linear;
+pub mod mlp;
+pub mod norm;
 pub mod peft;
 pub mod quant;
+pub mod rope;
 pub mod weights;
 
 pub use linear::{Linear, Lora};
 pub use weights::WeightSource;
+use tch::Tensor;
+
+/// Whether to use the fused training kernels: while training on a GPU. SwiGLU and RoPE
+/// (`crate::cuda::autograd`) round exactly like transformers' ops; RMSNorm rounds once where
+/// transformers rounds twice ([`norm::RmsNorm`]). Inference and evaluation keep transformers' exact
+/// op sequence.
+pub(crate) fn fused(x: &Tensor, train: bool) -> bool {
+    train && x.device().is_cuda()
+}

@@ -1,0 +1,61 @@
+//! What attention layers share: the mask kind, the per-forward inputs every layer reads (rotary
+//! cos/sin and the mask, copied to each device of a split model), and the KV cache.
+
+use tch::{Device, Tensor};
+
+/// Which keys each query may attend to.
+pub enum AttnMask {
+    /// Causal over the whole row (right padding needs nothing more: labels mask the pads).
+    Causal,
+    /// Causal within segments: `[B, T]` ids; several packed examples share a row.
+    Segments(Tensor),
+}
+
+impl AttnMask {
+    pub fn to_device(&self, d: Device) -> AttnMask {
+        match self {
+            AttnMask::Causal => AttnMask::Causal,
+            AttnMask::Segments(s) => AttnMask::Segments(s.to_device(d)),
+        }
+    }
+}
+
+/// What every layer of one forward shares (rotary cos/sin, the attention mask), with a copy
+/// on each device of a model split across GPUs.
+pub struct LayerInputs {
+    copies: Vec<(Device, (Tensor, Tensor), AttnMask)>,
+}
+
+impl LayerInputs {
+    pub fn new(cos_sin: (Tensor, Tensor), mask: &AttnMask) -> LayerInputs {
+        let d = cos_sin.0.device();
+        LayerInputs { copies: vec![(d, cos_sin, mask.to_device(d))] }
+    }
+
+    /// The shared inputs on `d`, copied there on first use.
+    pub fn on(&mut self, d: Device) -> (&(Tensor, Tensor), &AttnMask) {
+        let i = match self.copies.iter().position(|c| c.0 == d) {
+            Some(i) => i,
+            None => {
+                let (_, (cos, sin), mask) = &self.copies[0];
+                let copy = (d, (cos.to_device(d), sin.to_device(d)), mask.to_device(d));
+                self.copies.push(copy);
+                self.copies.len() - 1
+            }
+        };
+        let (_, cs, m) = &self.copies[i];
+        (cs, m)
+    }
+}
+
+/// Keys and values seen so far, per layer, for incremental decoding.
+#[derive(Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> i64 {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.size()[2]).unwrap_or(0)
+    }
+}

@@ -1,0 +1,121 @@
+//! The gated MLP, `down(silu(gate(x)) · up(x))`, with its fused SwiGLU and the checkpointed
+//! backward that forms the frozen projections' input gradients directly.
+
+use super::{fused, Linear};
+use tch::{Kind, Tensor};
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// `silu(gate) · up` from the gate and up projections: the input of `down_proj`.
+    pub fn swiglu(gate: &Tensor, up: &Tensor, train: bool) -> Tensor {
+        if fused(gate, train) {
+            if let Some(m) = crate::cuda::autograd::swiglu(gate, up) {
+                return m;
+            }
+        }
+        gate.silu() * up
+    }
+
+    /// `(∂L/∂gate, ∂L/∂up)` of [`Mlp::swiglu`] from `∂L/∂m`, without a graph:
+    /// `∂up = ∂m · silu(gate)`, `∂gate = ∂m · up · σ(gate)(1 + gate(1 − σ(gate)))`. On a GPU they
+    /// are written over `gate` and `up` (whose memory is returned), elsewhere into new tensors.
+    pub fn swiglu_grads(dm: &Tensor, gate: Tensor, up: Tensor) -> (Tensor, Tensor) {
+        let _g = tch::no_grad_guard();
+        if crate::cuda::autograd::swiglu_backward_in_place(dm, &gate, &up) {
+            return (gate, up);
+        }
+        (gate.silu_backward(&(dm * &up)), dm * gate.silu())
+    }
+
+    /// `down(silu(gate(x)) · up(x))`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.gate_proj, &self.up_proj], x, train).try_into().unwrap();
+        self.down_proj.forward(&Mlp::swiglu(&gate, &up, train), train)
+    }
+
+    /// Backward through the MLP from `∂L/∂y` at its output `dy`, recomputing what it needs from
+    /// its input `x` (which has a graph), for checkpointed training: the roots to hand to
+    /// autograd, `(x, ∂L/∂x through the frozen weights)` and one `(adapter output, gradient)` per
+    /// adapter. The frozen projections run without a graph and their input gradients are formed
+    /// directly (`∂x = ∂gate·W_gate + ∂up·W_up`, `∂m = dy·W_down`), the output `down(m)` is never
+    /// computed, and with no adapter on gate/up the `[B, T, I]` tensors are freed before the
+    /// rest of backward. Dropout draws in the order of the forward (gate, up, down).
+    pub fn recompute_backward(&self, x: &Tensor, dy: &Tensor) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
+        let x2 = x.reshape([-1, self.gate_proj.in_features()]);
+        let dy2 = dy.reshape([-1, self.down_proj.out_features()]);
+        if [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|p| p.lora.is_none()) {
+            return Ok(vec![(x2.shallow_clone(), self.frozen_input_grad(&x2, &dy2))]);
+        }
+        let project = |p: &Linear| {
+            let base = tch::no_grad(|| x2.linear(&p.weight.for_input(x2.kind()), p.bias.as_ref()));
+            match &p.lora {
+                Some(l) => l.add_to(base, &x2, true),
+                None => base,
+            }
+        };
+        let (gate, up) = (project(&self.gate_proj), project(&self.up_proj));
+        let mut dm = self.down_proj.base_input_grad(&dy2);
+        if let Some(l) = &self.down_proj.lora {
+            let m = tch::no_grad(|| Mlp::swiglu(&gate, &up, true)).set_requires_grad(true);
+            let delta = l.delta(&m, true);
+            crate::cuda::autograd::backward(&[(&delta, &dy2)])?;
+            dm += m.grad();
+        }
+        let adapted = (self.gate_proj.lora.is_some(), self.up_proj.lora.is_some());
+        let (dgate, dup) = Mlp::swiglu_grads(&dm, gate.shallow_clone(), up.shallow_clone());
+        drop(dm);
+        let dx = x2.empty_like();
+        tch::no_grad(|| Mlp::gate_up_input_grad(&dgate, &dup, &self.gate_up_weights(x2.kind()), &dx));
+        let mut roots = vec![(x2, dx)];
+        if adapted.0 {
+            roots.push((gate, dgate));
+        }
+        if adapted.1 {
+            roots.push((up, dup));
+        }
+        Ok(roots)
+    }
+
+    /// `∂L/∂x` of an MLP without adapters, for rows `x2` `[N, H]` and `∂L/∂y` `dy2`, in
+    /// `RECOMPUTE_ROW_BLOCKS` blocks of rows, so that only one block's `[rows, I]` tensors exist
+    /// at a time.
+    fn frozen_input_grad(&self, x2: &Tensor, dy2: &Tensor) -> Tensor {
+        let _g = tch::no_grad_guard();
+        let w = self.gate_up_weights(x2.kind());
+        let n = x2.size()[0];
+        let rows = ((n + RECOMPUTE_ROW_BLOCKS - 1) / RECOMPUTE_ROW_BLOCKS).max(1);
+        let dx = x2.empty_like();
+        let mut start = 0;
+        while start < n {
+            let len = rows.min(n - start);
+            let xb = x2.narrow(0, start, len);
+            let (gate, up) = (xb.linear(&w.0, self.gate_proj.bias.as_ref()), xb.linear(&w.1, self.up_proj.bias.as_ref()));
+            let dm = self.down_proj.base_input_grad(&dy2.narrow(0, start, len));
+            let (dgate, dup) = Mlp::swiglu_grads(&dm, gate, up);
+            Mlp::gate_up_input_grad(&dgate, &dup, &w, &dx.narrow(0, start, len));
+            start += len;
+        }
+        dx
+    }
+
+    /// The frozen gate and up weights for inputs of dtype `kind` (4-bit ones dequantized).
+    fn gate_up_weights(&self, kind: Kind) -> (Tensor, Tensor) {
+        (self.gate_proj.weight.for_input(kind), self.up_proj.weight.for_input(kind))
+    }
+
+    /// `out = ∂gate · W_gate + ∂up · W_up`, the input gradient through the frozen gate and up
+    /// weights `(W_gate, W_up)`, written into `out` (no graph).
+    fn gate_up_input_grad(dgate: &Tensor, dup: &Tensor, (wg, wu): &(Tensor, Tensor), out: &Tensor) {
+        let mut out = out.shallow_clone();
+        let _ = dgate.mm_out(&out, wg);
+        let _ = out.addmm_(dup, wu);
+    }
+}
+
+/// Blocks of rows in which [`Mlp::recompute_backward`] forms a frozen MLP's input gradient.
+const RECOMPUTE_ROW_BLOCKS: i64 = 2;
