@@ -127,6 +127,6 @@ pub fn loss_of_ids(model: &LoadedModel, ids: &[i64]) -> Result<f64> {
     let t = ids.len() as i64;
     let positions = Tensor::arange(t, (Kind::Int64, net.device)).view([1, -1]);
     let logits = net.forward(&input, &positions, &AttnMask::Causal, None, false);
-    let loss = crate::train::batch::loss_sum(&logits, &input.to_device(logits.device())) / (t - 1) as f64;
+    let loss = crate::nn::loss::loss_sum(&logits, &input.to_device(logits.device())) / (t - 1) as f64;
     Ok(loss.double_value(&[]))
 }

@@ -93,7 +93,7 @@ pub fn dequant4(packed: &Tensor, absmax: &Tensor, code: &Tensor, n: i64, blocksi
 /// Cross-entropy of `logits` `[n, V]` (contiguous, on a GPU) against `target` `[n]` (-100: no
 /// loss) in one kernel: the summed loss (fp32 scalar), and `weight · (softmax(z) − onehot(target))`
 /// (zero on ignored rows) written over `logits`. The same fp32 math as the ops of
-/// [`crate::train::batch::cross_entropy_with_grad`] in two passes over the row instead of ~15,
+/// [`crate::nn::loss::cross_entropy_with_grad`] in two passes over the row instead of ~15,
 /// with no fp32 copy. `None` (nothing written) where it cannot run.
 pub fn cross_entropy_grad_(logits: &Tensor, target: &Tensor, weight: f64) -> Option<Tensor> {
     let Device::Cuda(d) = logits.device() else { return None };

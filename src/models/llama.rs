@@ -12,12 +12,14 @@
 //! grouped-query attention (k/v heads shared by `heads / kv_heads` query heads).
 
 use super::config::LlamaConfig;
+use super::Checkpointing;
 use super::placement::Placement;
 pub use crate::nn::attention::{AttnMask, KvCache, LayerInputs};
 pub use crate::nn::mlp::Mlp;
 pub use crate::nn::norm::RmsNorm;
 use crate::nn::linear::Weight;
 use crate::nn::quant::QuantConfig;
+use crate::nn::loss;
 use crate::nn::rope::{rotate, Rope};
 use crate::nn::{Linear, WeightSource};
 use anyhow::Result;
@@ -309,6 +311,31 @@ impl Llama {
         layer.attention_recompute_backward(x, dh, cos_sin, mask)
     }
 
+    /// Linear layers with an adapter in one decoder layer (the first), for memory planning.
+    pub fn adapted_per_layer(&self) -> usize {
+        self.layers.first().map_or(0, |l| {
+            let a = &l.self_attn;
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj].iter().filter(|x| x.lora.is_some()).count()
+        })
+    }
+
+    /// Final norm, output projection and summed next-token cross-entropy from the last hidden
+    /// states `h` `[B, T, H]`, back-propagated (scaled by `weight`) into `h`'s graph; returns the
+    /// summed loss (detached): the norm keeps its graph, the projection and the loss are
+    /// [`loss::linear_cross_entropy_backward`] (through autograd when the projection has an adapter).
+    pub fn head_loss_backward(&self, h: &Tensor, labels: &Tensor, weight: f64) -> Result<Tensor> {
+        let (b, t, hidden) = h.size3().unwrap();
+        let n = b * (t - 1);
+        let flat = h.narrow(1, 0, t - 1).reshape([n, hidden]).to_device(self.head_device);
+        let target = labels.narrow(1, 1, t - 1).reshape([n]).to_device(self.head_device);
+        let normed = self.norm.forward(&flat, true);
+        match &self.lm_head {
+            None => loss::linear_cross_entropy_backward(&normed, &self.embed_tokens, None, &target, weight),
+            Some(l) if l.lora.is_none() => loss::linear_cross_entropy_backward(&normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), &target, weight),
+            Some(l) => loss::linear_cross_entropy_backward_autograd(l, &normed, &target, weight),
+        }
+    }
+
     /// The devices the model uses, each once (one, unless split across GPUs).
     pub fn devices(&self) -> Vec<Device> {
         let mut v = vec![self.device];
@@ -400,5 +427,144 @@ impl Llama {
         }
         v.push(("model.norm.weight".into(), self.norm.weight.shallow_clone()));
         v
+    }
+}
+
+/// A tensor kept from the forward for the recomputation in backward.
+enum Kept {
+    /// The first layer's input: the embeddings of the ids, looked up again when needed.
+    Embedding,
+    Device(Tensor),
+    /// In pinned host memory, copied on a side stream.
+    Host(crate::cuda::Offloaded),
+}
+
+impl Kept {
+    /// `t` itself, or a host copy of it when `offload` and it is on a GPU.
+    fn keep(t: &Tensor, offload: bool) -> Result<Kept> {
+        Ok(if offload && t.device().is_cuda() { Kept::Host(crate::cuda::offload(t)?) } else { Kept::Device(t.shallow_clone()) })
+    }
+
+    /// Starts copying a host copy back (so it lands while the layer above runs backward).
+    fn prefetch(&self) -> Result<Option<crate::cuda::Prefetch>> {
+        match self {
+            Kept::Host(o) => Ok(Some(o.prefetch()?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The tensor, on the GPU again, from `pending` (its prefetch) if started.
+    fn get(&self, pending: Option<crate::cuda::Prefetch>, net: &Llama, ids: &Tensor) -> Result<Tensor> {
+        Ok(match (self, pending) {
+            (Kept::Embedding, _) => net.embed(ids).to_device(net.layers[0].device),
+            (Kept::Device(t), _) => t.shallow_clone(),
+            (Kept::Host(_), Some(p)) => p.wait()?,
+            (Kept::Host(o), None) => o.prefetch()?.wait()?,
+        })
+    }
+}
+
+/// The training path: each decoder layer kept or recomputed as `Checkpointing` says, the fused head.
+impl Llama {
+    /// Forward and backward of one micro-batch (its tensors on the model's device); `weight`
+    /// scales the summed loss (1/window tokens, times the fp16 loss scale). Returns the summed
+    /// loss (detached). The trainer asks only this of the model.
+    ///
+    /// Dropout is seeded per half layer (`seed + 2l` for attention, `+ 1` for the MLP), so a run
+    /// draws the same masks with and without checkpointing, whichever half is recomputed first.
+    /// With gradient checkpointing, the forward runs without a graph keeping only each layer's
+    /// input (the first layer's, the embeddings, is looked up again); backward then recomputes one
+    /// layer at a time (`∂L/∂x_l` from `g = ∂L/∂x_{l+1}`). Only the attention block gets a graph:
+    /// the MLP's part is formed directly ([`Mlp::recompute_backward`]). When offloading, the
+    /// residual after attention is kept too (host memory is plentiful): the MLP's part starts from
+    /// it, and attention's recomputation skips `o_proj`
+    /// ([`DecoderLayer::attention_recompute_backward`](crate::models::llama::DecoderLayer::attention_recompute_backward)).
+    pub fn loss_and_backward(&self, ids: &Tensor, labels: &Tensor, positions: &Tensor, mask: &AttnMask, weight: f64, checkpointing: Checkpointing, seed: i64) -> Result<Tensor> {
+        let net = self;
+        let offload = checkpointing == Checkpointing::Offload;
+        let mut shared = LayerInputs::new(net.rope.cos_sin(positions, net.kind), mask);
+        // per layer: its input and, when offloading, the residual after attention
+        let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
+        // Each layer leaves its output `mid + mlp(x)` unadded: the next layer's first norm adds it
+        // in its kernel ([`RmsNorm::forward_residual`](crate::models::llama::RmsNorm::forward_residual)).
+        let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<Tensor> {
+            let mut h = net.embed(ids);
+            let mut pending: Option<Tensor> = None;
+            for l in 0..net.layers.len() {
+                let device = net.layers[l].device;
+                h = h.to_device(device);
+                let added = pending.take().map(|p| p.to_device(device));
+                tch::manual_seed(seed + 2 * l as i64);
+                let (input, mid, x) = net.layer_attention_block(l, &h, added.as_ref(), shared, true);
+                let input = match checkpointing {
+                    Checkpointing::Off => None,
+                    _ if l == 0 => Some(Kept::Embedding),
+                    _ => Some(Kept::keep(&input, offload)?),
+                };
+                tch::manual_seed(seed + 2 * l as i64 + 1);
+                pending = Some(net.layers[l].mlp.forward(&x, true));
+                if let Some(input) = input {
+                    kept.push((input, if offload { Some(Kept::keep(&mid, true)?) } else { None }));
+                }
+                h = mid;
+            }
+            Ok(match pending {
+                Some(m) => h + m,
+                None => h,
+            })
+        };
+        if checkpointing == Checkpointing::Off {
+            let h = forward(&mut kept, &mut shared)?;
+            return net.head_loss_backward(&h, labels, weight);
+        }
+        let h = tch::no_grad(|| forward(&mut kept, &mut shared))?;
+        let prefetch = |k: Option<&(Kept, Option<Kept>)>| -> Result<(Option<crate::cuda::Prefetch>, Option<crate::cuda::Prefetch>)> {
+            match k {
+                Some((x, mid)) => Ok((x.prefetch()?, match mid { Some(m) => m.prefetch()?, None => None })),
+                None => Ok((None, None)),
+            }
+        };
+        let mut pending = prefetch(kept.last())?;
+        let top = h.detach().set_requires_grad(true);
+        let loss = net.head_loss_backward(&top, labels, weight)?;
+        let mut grad = top.grad();
+        for l in (0..net.layers.len()).rev() {
+            let (px, pm) = std::mem::replace(&mut pending, (None, None));
+            let x = kept[l].0.get(px, net, ids)?;
+            let mid = match &kept[l].1 {
+                Some(m) => Some(m.get(pm, net, ids)?),
+                None => None,
+            };
+            pending = prefetch(l.checked_sub(1).map(|k| &kept[k]))?;
+            let x = x.detach().set_requires_grad(l > 0);
+            let g = grad.to_device(x.device());
+            let layer = &net.layers[l];
+            let backward = |roots: Vec<(Tensor, Tensor)>| crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>());
+            match mid {
+                None => {
+                    tch::manual_seed(seed + 2 * l as i64);
+                    let (_, h, xm) = net.layer_attention_block(l, &x, None, &mut shared, true);
+                    tch::manual_seed(seed + 2 * l as i64 + 1);
+                    let mut roots = layer.mlp.recompute_backward(&xm, &g)?;
+                    drop(xm);
+                    roots.push((h, g));
+                    backward(roots)?;
+                }
+                Some(mid) => {
+                    let mid = mid.detach().set_requires_grad(true);
+                    tch::manual_seed(seed + 2 * l as i64 + 1);
+                    let xm = layer.post_attention_layernorm.forward(&mid, true);
+                    backward(layer.mlp.recompute_backward(&xm, &g)?)?;
+                    drop(xm);
+                    let dmid = g + mid.grad();
+                    tch::manual_seed(seed + 2 * l as i64);
+                    backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared))?;
+                }
+            }
+            if l > 0 {
+                grad = x.grad();
+            }
+        }
+        Ok(loss)
     }
 }

@@ -17,6 +17,19 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
+/// What backward keeps of the forward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Checkpointing {
+    /// Every layer's activations.
+    Off,
+    /// Each decoder layer's input on the GPU; the rest is recomputed in backward.
+    On,
+    /// Each decoder layer's input and its residual after attention in pinned host memory
+    /// (copied out during the forward and back one layer ahead during backward, on a side
+    /// stream); the rest, but for `o_proj`, is recomputed.
+    Offload,
+}
+
 /// A model ready to run: the network, its tokenizer, and the files it came from.
 pub struct LoadedModel {
     pub net: Llama,

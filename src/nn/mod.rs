@@ -1,6 +1,7 @@
 //! Layers and weight files: the building blocks every model family shares.
 pub mod attention;
 pub mod linear;
+pub mod loss;
 pub mod mlp;
 pub mod norm;
 pub mod peft;

@@ -2,7 +2,8 @@
 //! checkpointing and callbacks are all visible in [`train`].
 //!
 //! The loss of an optimizer step is the mean over every label token of its accumulation window
-//! (`Σ token losses / Σ label tokens`), not the mean of per-micro-batch means.
+//! (`Σ token losses / Σ label tokens`), not the mean of per-micro-batch means. The model computes
+//! each micro-batch's loss and gradients ([`Llama::loss_and_backward`]): the loop names no layer.
 //!
 //! On a GPU the host never waits for a step to finish before queueing the next one's forward
 //! and backward: a step's loss and gradient norm travel to pinned host memory behind its
@@ -16,14 +17,15 @@
 //! `1 / (label tokens of the whole window)` (an all-reduced count), so the all-reduced **sum**
 //! of the gradients is exactly the single-process gradient of the same global batch.
 
-use super::batch::{collate, head_loss_backward, loss_sum, plan_epoch, Batch, BatchConfig};
+use super::batch::{collate, plan_epoch, Batch, BatchConfig};
+use crate::nn::loss::loss_sum;
 use super::checkpoint::{self, TrainerState};
 use super::logger::RunLogger;
 use super::optim::{clip_grad_norm, zero_grads, AdamW};
 use super::schedule::{lr_at, Schedule};
 use crate::data::format::Example;
 use crate::dist::ProcessGroup;
-use crate::models::llama::{AttnMask, LayerInputs, Llama};
+use crate::models::llama::{AttnMask, Llama};
 use crate::nn::peft::{self, LoraSpec};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
@@ -62,18 +64,7 @@ pub struct TrainConfig {
     pub profile: Option<ProfileSteps>,
 }
 
-/// What backward keeps of the forward.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Checkpointing {
-    /// Every layer's activations.
-    Off,
-    /// Each decoder layer's input on the GPU; the rest is recomputed in backward.
-    On,
-    /// Each decoder layer's input and its residual after attention in pinned host memory
-    /// (copied out during the forward and back one layer ahead during backward, on a side
-    /// stream); the rest, but for `o_proj`, is recomputed.
-    Offload,
-}
+pub use crate::models::Checkpointing;
 
 /// `steps` optimizer steps from step `start` (1-based, as logged), profiled into
 /// `<output_dir>/profile/` (`trace.json`, `summary.txt`).
@@ -114,141 +105,6 @@ fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, AttnMas
         None => AttnMask::Causal,
     };
     (put(&b.input_ids), put(&b.labels), put(&b.positions), mask)
-}
-
-/// A tensor kept from the forward for the recomputation in backward.
-enum Kept {
-    /// The first layer's input: the embeddings of the ids, looked up again when needed.
-    Embedding,
-    Device(Tensor),
-    /// In pinned host memory, copied on a side stream.
-    Host(crate::cuda::Offloaded),
-}
-
-impl Kept {
-    /// `t` itself, or a host copy of it when `offload` and it is on a GPU.
-    fn keep(t: &Tensor, offload: bool) -> Result<Kept> {
-        Ok(if offload && t.device().is_cuda() { Kept::Host(crate::cuda::offload(t)?) } else { Kept::Device(t.shallow_clone()) })
-    }
-
-    /// Starts copying a host copy back (so it lands while the layer above runs backward).
-    fn prefetch(&self) -> Result<Option<crate::cuda::Prefetch>> {
-        match self {
-            Kept::Host(o) => Ok(Some(o.prefetch()?)),
-            _ => Ok(None),
-        }
-    }
-
-    /// The tensor, on the GPU again, from `pending` (its prefetch) if started.
-    fn get(&self, pending: Option<crate::cuda::Prefetch>, net: &Llama, ids: &Tensor) -> Result<Tensor> {
-        Ok(match (self, pending) {
-            (Kept::Embedding, _) => net.embed(ids).to_device(net.layers[0].device),
-            (Kept::Device(t), _) => t.shallow_clone(),
-            (Kept::Host(_), Some(p)) => p.wait()?,
-            (Kept::Host(o), None) => o.prefetch()?.wait()?,
-        })
-    }
-}
-
-/// Forward and backward of one micro-batch; `weight` scales the summed loss (1/window tokens,
-/// times the fp16 loss scale). Returns the summed loss (detached).
-///
-/// Dropout is seeded per half layer (`seed + 2l` for attention, `+ 1` for the MLP), so a run
-/// draws the same masks with and without checkpointing, whichever half is recomputed first.
-/// With gradient checkpointing, the forward runs without a graph keeping only each layer's
-/// input (the first layer's, the embeddings, is looked up again); backward then recomputes one
-/// layer at a time (`∂L/∂x_l` from `g = ∂L/∂x_{l+1}`). Only the attention block gets a graph:
-/// the MLP's part is formed directly ([`Mlp::recompute_backward`]). When offloading, the
-/// residual after attention is kept too (host memory is plentiful): the MLP's part starts from
-/// it, and attention's recomputation skips `o_proj`
-/// ([`DecoderLayer::attention_recompute_backward`](crate::models::llama::DecoderLayer::attention_recompute_backward)).
-fn forward_backward(net: &Llama, b: &Batch, weight: f64, checkpointing: Checkpointing, seed: i64) -> Result<Tensor> {
-    let offload = checkpointing == Checkpointing::Offload;
-    let (ids, labels, positions, mask) = to_device(b, net.device);
-    let mut shared = LayerInputs::new(net.rope.cos_sin(&positions, net.kind), &mask);
-    // per layer: its input and, when offloading, the residual after attention
-    let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
-    // Each layer leaves its output `mid + mlp(x)` unadded: the next layer's first norm adds it
-    // in its kernel ([`RmsNorm::forward_residual`](crate::models::llama::RmsNorm::forward_residual)).
-    let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<Tensor> {
-        let mut h = net.embed(&ids);
-        let mut pending: Option<Tensor> = None;
-        for l in 0..net.layers.len() {
-            let device = net.layers[l].device;
-            h = h.to_device(device);
-            let added = pending.take().map(|p| p.to_device(device));
-            tch::manual_seed(seed + 2 * l as i64);
-            let (input, mid, x) = net.layer_attention_block(l, &h, added.as_ref(), shared, true);
-            let input = match checkpointing {
-                Checkpointing::Off => None,
-                _ if l == 0 => Some(Kept::Embedding),
-                _ => Some(Kept::keep(&input, offload)?),
-            };
-            tch::manual_seed(seed + 2 * l as i64 + 1);
-            pending = Some(net.layers[l].mlp.forward(&x, true));
-            if let Some(input) = input {
-                kept.push((input, if offload { Some(Kept::keep(&mid, true)?) } else { None }));
-            }
-            h = mid;
-        }
-        Ok(match pending {
-            Some(m) => h + m,
-            None => h,
-        })
-    };
-    if checkpointing == Checkpointing::Off {
-        let h = forward(&mut kept, &mut shared)?;
-        return head_loss_backward(net, &h, &labels, weight);
-    }
-    let h = tch::no_grad(|| forward(&mut kept, &mut shared))?;
-    let prefetch = |k: Option<&(Kept, Option<Kept>)>| -> Result<(Option<crate::cuda::Prefetch>, Option<crate::cuda::Prefetch>)> {
-        match k {
-            Some((x, mid)) => Ok((x.prefetch()?, match mid { Some(m) => m.prefetch()?, None => None })),
-            None => Ok((None, None)),
-        }
-    };
-    let mut pending = prefetch(kept.last())?;
-    let top = h.detach().set_requires_grad(true);
-    let loss = head_loss_backward(net, &top, &labels, weight)?;
-    let mut grad = top.grad();
-    for l in (0..net.layers.len()).rev() {
-        let (px, pm) = std::mem::replace(&mut pending, (None, None));
-        let x = kept[l].0.get(px, net, &ids)?;
-        let mid = match &kept[l].1 {
-            Some(m) => Some(m.get(pm, net, &ids)?),
-            None => None,
-        };
-        pending = prefetch(l.checked_sub(1).map(|k| &kept[k]))?;
-        let x = x.detach().set_requires_grad(l > 0);
-        let g = grad.to_device(x.device());
-        let layer = &net.layers[l];
-        let backward = |roots: Vec<(Tensor, Tensor)>| crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>());
-        match mid {
-            None => {
-                tch::manual_seed(seed + 2 * l as i64);
-                let (_, h, xm) = net.layer_attention_block(l, &x, None, &mut shared, true);
-                tch::manual_seed(seed + 2 * l as i64 + 1);
-                let mut roots = layer.mlp.recompute_backward(&xm, &g)?;
-                drop(xm);
-                roots.push((h, g));
-                backward(roots)?;
-            }
-            Some(mid) => {
-                let mid = mid.detach().set_requires_grad(true);
-                tch::manual_seed(seed + 2 * l as i64 + 1);
-                let xm = layer.post_attention_layernorm.forward(&mid, true);
-                backward(layer.mlp.recompute_backward(&xm, &g)?)?;
-                drop(xm);
-                let dmid = g + mid.grad();
-                tch::manual_seed(seed + 2 * l as i64);
-                backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared))?;
-            }
-        }
-        if l > 0 {
-            grad = x.grad();
-        }
-    }
-    Ok(loss)
 }
 
 /// Stops `running` once the GPUs are idle and writes `profile/trace.json` and
@@ -415,11 +271,7 @@ pub fn train(
         None => {
             let longest = data.train.iter().map(|e| e.input_ids.len()).max().unwrap_or(1).min(cfg.batch.max_length);
             let row = if cfg.batch.packing || cfg.batch.pad_to_max_length { cfg.batch.max_length } else { longest };
-            let adapted = net.layers.first().map(|l| {
-                let a = &l.self_attn;
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj].iter().filter(|x| x.lora.is_some()).count()
-            });
-            let (on, why) = super::memory::plan(&net.config, (cfg.batch.batch_size * row) as u64, net.kind, adapted.unwrap_or(0) as u64, net.device);
+            let (on, why) = super::memory::plan(&net.config, (cfg.batch.batch_size * row) as u64, net.kind, net.adapted_per_layer() as u64, net.device);
             tracing::info!("gradient_checkpointing auto: {why}");
             if on { Checkpointing::On } else { Checkpointing::Off }
         }
@@ -490,7 +342,8 @@ pub fn train(
             for (k, b) in &mine {
                 let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((queued * 64 + k) as i64 * 1009);
                 let weight = state.loss_scale / n_label.max(1) as f64;
-                loss_total += forward_backward(net, b, weight, checkpointing, seed)?;
+                let (ids, labels, positions, mask) = to_device(b, net.device);
+                loss_total += net.loss_and_backward(&ids, &labels, &positions, &mask, weight, checkpointing, seed)?;
                 tokens += b.n_tokens;
             }
             let lr = lr_at(cfg.scheduler, cfg.lr, queued, total_steps, warmup);
