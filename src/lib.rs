@@ -3,6 +3,7 @@ pub mod api;
 pub mod cuda;
 pub mod data;
 pub mod dist;
+pub mod env;
 pub mod generate;
 pub mod hub;
 pub mod models;

@@ -35,6 +35,8 @@ enum Command {
     },
     /// List every recipe function with its signature and documentation.
     Api,
+    /// Print versions, what is compiled in, the GPUs and the Hub settings (never the token), for bug reports.
+    Env,
     /// Run a recipe data-parallel: one process per GPU (or CPU process), torchrun-style.
     Launch {
         /// Processes on this node (usually its GPU count).
@@ -183,6 +185,12 @@ fn main() -> ExitCode {
         }
         Command::Check { recipes, set } => check(recipes, set),
         Command::Api => api(),
+        Command::Env => {
+            for (name, value) in ftscript::env::report() {
+                println!("{name:<14} {value}");
+            }
+            Ok(())
+        }
         Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, set } => {
             let opts = ftscript::dist::launch::LaunchOptions {
                 nproc_per_node: *nproc_per_node,

@@ -181,3 +181,24 @@ fn readme_lists_every_function() {
     let missing: Vec<&str> = listing.lines().filter(|l| !l.starts_with(' ') && !readme.contains(*l)).collect();
     assert!(missing.is_empty(), "README.md lacks these signatures (paste `ftscript api` into it): {missing:?}");
 }
+
+#[test]
+fn env_reports_versions_and_the_hub_without_the_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = "hf_EnvReportSecret0123456789";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftscript"))
+        .arg("env")
+        .env("HF_TOKEN", secret)
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HOME", tmp.path())
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let torch: String = py_eval("import torch; print(torch.__version__)");
+    for want in [format!("ftscript       {}", env!("CARGO_PKG_VERSION")), format!("libtorch       {}", torch.trim()), "Hub endpoint   http://127.0.0.1:9".into(), "Hub token      set".into(), format!("Hub cache      {}", tmp.path().join("hub").display())] {
+        assert!(t.contains(&want), "`ftscript env` lacks {want:?}:\n{t}");
+    }
+    assert!(t.contains("CUDA") && t.contains("NVRTC kernels") && t.contains("gloo"), "{t}");
+    assert!(!t.contains(secret), "the token leaked:\n{t}");
+}

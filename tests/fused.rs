@@ -195,7 +195,7 @@ fn fused_cross_entropy_matches_the_ops() {
             let _ = target.narrow(0, 0, 3).fill_(-100);
             let zk = z.copy();
             // (for fp32 logits the ops work in place over `z`)
-            let (loss_ops, grad_ops) = ftscript::train::batch::cross_entropy_with_grad_ops(&z, &target, 0.25);
+            let (loss_ops, grad_ops) = ftscript::nn::loss::cross_entropy_with_grad_ops(&z, &target, 0.25);
             let loss = ftscript::cuda::kernels::cross_entropy_grad_(&zk, &target, 0.25).unwrap_or_else(|| panic!("kernel unavailable: {:?}", ftscript::cuda::kernels::unavailable_reason()));
             let (a, b) = (loss.double_value(&[]), loss_ops.double_value(&[]));
             assert!((a - b).abs() <= 1e-5 * b.abs(), "{kind:?} {rows}x{vocab}: loss {a} vs {b}");

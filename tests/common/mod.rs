@@ -128,3 +128,10 @@ pub fn same_bits(a: &tch::Tensor, b: &tch::Tensor) -> bool {
     };
     a.contiguous().view_dtype(int).equal(&b.contiguous().view_dtype(int))
 }
+
+/// Runs `code` with the project's Python; its stdout.
+pub fn py_eval(code: &str) -> String {
+    let out = Command::new(python()).args(["-c", code]).output().expect("cannot start python");
+    assert!(out.status.success(), "python -c {code:?} failed:\n{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
