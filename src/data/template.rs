@@ -28,11 +28,14 @@ pub fn render_chat_spans(
     bos_token: Option<&str>,
     eos_token: Option<&str>,
 ) -> Result<(String, Vec<std::ops::Range<usize>>)> {
-    let tag = |name: &str, marker: char| {
-        let re = regex::Regex::new(&format!(r"\{{%(-?)\s*{name}\s*(-?)%\}}")).expect("a valid regex");
-        move |t: &str| re.replace_all(t, format!("{{{{$1 '{marker}' $2}}}}").as_str()).into_owned()
-    };
-    let template = tag("endgeneration", GEN_CLOSE)(&tag("generation", GEN_OPEN)(template));
+    // `{%- generation -%}` → `{{- 'GEN_OPEN' -}}`, and the same for `endgeneration`
+    static TAGS: std::sync::OnceLock<[(regex::Regex, String); 2]> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        [("endgeneration", GEN_CLOSE), ("generation", GEN_OPEN)].map(|(name, marker)| {
+            (regex::Regex::new(&format!(r"\{{%(-?)\s*{name}\s*(-?)%\}}")).expect("a valid regex"), format!("{{{{$1 '{marker}' $2}}}}"))
+        })
+    });
+    let template = tags.iter().fold(template.to_string(), |t, (re, to)| re.replace_all(&t, to.as_str()).into_owned());
     let mut env = minijinja::Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
