@@ -1,6 +1,6 @@
 //! Text generation with a KV cache, and scoring.
 
-use crate::models::llama::{AttnMask, KvCache};
+use crate::models::decoder::{AttnMask, KvCache};
 use crate::models::LoadedModel;
 use anyhow::Result;
 use rand::{Rng, SeedableRng};

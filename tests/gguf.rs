@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use ftscript::generate::{generate_ids, Sampling};
-use ftscript::models::llama::AttnMask;
+use ftscript::models::decoder::AttnMask;
 use tch::{Device, Kind, Tensor};
 
 fn logits(m: &ftscript::models::LoadedModel, ids: &[Vec<i64>]) -> Tensor {

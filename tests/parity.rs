@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use ftscript::generate::{generate_ids, Sampling};
-use ftscript::models::llama::AttnMask;
+use ftscript::models::decoder::AttnMask;
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -11,7 +11,7 @@ fn logits_and_greedy_tokens_match_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
     py("make_tiny.py", &[out]);
-    for name in ["llama_gqa", "llama3_rope", "llama_linear_rope", "mistral", "qwen2_tied"] {
+    for name in ["llama_gqa", "llama3_rope", "llama_linear_rope", "mistral", "qwen2_tied", "qwen3"] {
         let d = dir.path().join(name);
         let reference = read_safetensors(&d.join("reference.safetensors"));
         let m = ftscript::models::load(&d, "fp32", Device::Cpu).unwrap();
@@ -35,7 +35,7 @@ fn logits_and_greedy_tokens_match_transformers() {
 }
 
 /// `random_init`: the architecture and tokenizer of a directory that holds no weights, with
-/// transformers' Llama init (linear/embedding ~ N(0, initializer_range²), norms 1), the same on
+/// transformers' Decoder init (linear/embedding ~ N(0, initializer_range²), norms 1), the same on
 /// every load.
 #[test]
 fn random_init_reads_no_weights_and_follows_the_config() {

@@ -158,7 +158,7 @@ fn roundtrip_error_is_small() {
 /// shard) give the same logits.
 #[test]
 fn qlora_trains_and_merges() {
-    use ftscript::models::llama::AttnMask;
+    use ftscript::models::decoder::AttnMask;
     use ftscript::nn::quant::QuantConfig;
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
@@ -225,7 +225,7 @@ m.save_merged("{o}/merged");
 /// (`BitsAndBytesConfig(load_in_4bit, fp32 compute)`, on CPU) on the same checkpoint.
 #[test]
 fn quantized_forward_matches_transformers_bitsandbytes() {
-    use ftscript::models::llama::AttnMask;
+    use ftscript::models::decoder::AttnMask;
     use ftscript::nn::quant::QuantConfig;
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
@@ -305,7 +305,7 @@ fn saved_4bit_model_matches_transformers_in_bf16() {
 }
 
 fn saved_4bit_bf16_logits(dev: tch::Device) {
-    use ftscript::models::llama::AttnMask;
+    use ftscript::models::decoder::AttnMask;
     use ftscript::nn::quant::QuantConfig;
     let tmp = tempfile::tempdir().unwrap();
     let device = if dev.is_cuda() { "cuda" } else { "cpu" };

@@ -11,7 +11,11 @@ const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{
 
 /// The tiny Llama with a chat template.
 fn tiny_chat_model(d: &Path) -> PathBuf {
-    let model = tiny_llama(d);
+    with_chat_template(tiny_llama(d))
+}
+
+/// The tiny model at `model`, given a chat template.
+fn with_chat_template(model: PathBuf) -> PathBuf {
     let path = model.join("tokenizer_config.json");
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["chat_template"] = CHAT_TEMPLATE.into();
@@ -66,6 +70,9 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     run(&["run"], "big_model.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("big")), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
     run(&["run"], "qlora.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("qlora")), ("device", s("cpu")), ("max_steps", "2".into())]);
     assert!(d.join("qlora/merged/config.json").exists());
+    let qwen3 = s(with_chat_template(tiny(d, "qwen3")).display().to_string());
+    let t = run(&["run"], "qwen3_chat.rhai", &[("model_dir", qwen3), ("data_file", data.clone()), ("output_dir", out("qwen3")), ("max_steps", "2".into())]);
+    assert!(t.contains("steps 2,") && d.join("qwen3/adapter/adapter_model.safetensors").exists(), "{t}");
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
     run(&["run"], "eval_metrics.rhai", &[]);
     run(&["run"], "inspect.rhai", &[("model_dir", model.clone())]);

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use ftscript::models::llama::AttnMask;
+use ftscript::models::decoder::AttnMask;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -28,9 +28,21 @@ fn losses(metrics_jsonl: &Path) -> Vec<f64> {
 
 #[test]
 fn lora_training_and_adapters_match_hf_and_peft() {
+    lora_matches_hf_and_peft("llama_gqa");
+}
+
+#[test]
+fn qwen3_lora_training_and_adapters_match_hf_and_peft() {
+    lora_matches_hf_and_peft("qwen3");
+}
+
+/// On the tiny model `name`: a peft adapter loads with peft's logits; 20 steps train as HF
+/// Trainer + peft do from the same adapter; the trained adapter loads in peft and the merged
+/// model in transformers, both with ftscript's logits.
+fn lora_matches_hf_and_peft(name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let model = tiny_llama(d);
+    let model = tiny(d, name);
     let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
     py("peft_reference.py", &["init", m, o]);
     py("peft_reference.py", &["train", m, o]);
@@ -41,7 +53,7 @@ fn lora_training_and_adapters_match_hf_and_peft() {
     let ours = ftscript_logits(&model, Some(&d.join("random")), &d.join("ids.json"));
     let theirs = &read_safetensors(&d.join("random_logits.safetensors"))["logits"];
     let err = rel_err(&ours, theirs);
-    assert!(err < 1e-4, "peft adapter logits differ: rel err {err:.3e}");
+    assert!(err < 1e-4, "{name}: peft adapter logits differ: rel err {err:.3e}");
 
     // 2. the same training run as HF Trainer + peft, from peft's initial adapter
     run_recipe(
@@ -73,9 +85,11 @@ m.save_merged("{o}/ft_merged");
     let theirs: Vec<f64> = hf["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     assert_eq!(ours.len(), theirs.len(), "step counts differ: {ours:?} vs {theirs:?}");
     for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-        assert!((a - b).abs() < 1e-3, "step {}: ftscript loss {a} vs HF Trainer {b}\nours {ours:?}\nHF {theirs:?}", i + 1);
+        assert!((a - b).abs() < 1e-3, "{name} step {}: ftscript loss {a} vs HF Trainer {b}\nours {ours:?}\nHF {theirs:?}", i + 1);
     }
-    assert!(theirs.first().unwrap() - theirs.last().unwrap() > 0.05, "the reference run should learn: {theirs:?}");
+    if name == "llama_gqa" {
+        assert!(theirs.first().unwrap() - theirs.last().unwrap() > 0.05, "the reference run should learn: {theirs:?}");
+    }
 
     // 3. the adapter ftscript trained loads in peft with the same logits
     let ad = d.join("ft_adapter");
@@ -83,14 +97,45 @@ m.save_merged("{o}/ft_merged");
     let ours = ftscript_logits(&model, Some(&ad), &d.join("ids.json"));
     let theirs = &read_safetensors(&d.join("peft_ft.safetensors"))["logits"];
     let err = rel_err(&ours, theirs);
-    assert!(err < 1e-4, "ftscript adapter in peft: logits differ, rel err {err:.3e}");
+    assert!(err < 1e-4, "{name}: ftscript adapter in peft: logits differ, rel err {err:.3e}");
+    // the comparisons mean something only if training moved the model away from its start
+    let moved = rel_err(&ours, &ftscript_logits(&model, None, &d.join("ids.json")));
+    assert!(moved > 1e-3, "{name}: 20 steps left the logits where they started (rel change {moved:.2e})");
 
     // 4. save_merged loads in transformers and matches the adapter-applied logits
     let merged = d.join("ft_merged");
     py("peft_reference.py", &["model-logits", merged.to_str().unwrap(), d.join("ids.json").to_str().unwrap(), d.join("merged.safetensors").to_str().unwrap()]);
     let theirs = &read_safetensors(&d.join("merged.safetensors"))["logits"];
     let err = rel_err(&ours, theirs);
-    assert!(err < 1e-4, "merged model logits differ from adapter-applied logits: rel err {err:.3e}");
+    assert!(err < 1e-4, "{name}: merged model logits differ from adapter-applied logits: rel err {err:.3e}");
+}
+
+/// peft's per-module ranks and alphas (`rank_pattern`, `alpha_pattern`) survive a load/save
+/// round trip: the adapter ftscript saves carries them and loads in peft with the same logits.
+#[test]
+fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_llama(d);
+    let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
+    std::fs::write(d.join("ids.json"), "[[5, 17, 42, 99, 120, 7, 250, 31, 64, 12]]").unwrap();
+    py("peft_reference.py", &["patterned", m, o]);
+    let theirs = &read_safetensors(&d.join("patterned_logits.safetensors"))["logits"];
+    let ours = ftscript_logits(&model, Some(&d.join("patterned")), &d.join("ids.json"));
+    let err = rel_err(&ours, theirs);
+    assert!(err < 1e-4, "a peft adapter with patterns: logits differ, rel err {err:.3e}");
+
+    run_recipe(d, "resave.rhai", &format!("let m = load_model(\"{m}\", #{{ dtype: \"fp32\" }});\nm.load_adapter(\"{o}/patterned\");\nm.save_adapter(\"{o}/resaved\");\n"));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("resaved/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["r"], 4, "{config}");
+    let ranks = config["rank_pattern"].as_object().unwrap();
+    let alphas = config["alpha_pattern"].as_object().unwrap();
+    assert!(ranks.len() == 3 && ranks.iter().all(|(k, v)| k.ends_with("v_proj") && v == 6), "rank_pattern {ranks:?}");
+    assert!(alphas.len() == 3 && alphas.iter().all(|(k, v)| k.ends_with("q_proj") && v == 20.0), "alpha_pattern {alphas:?}");
+    py("peft_reference.py", &["adapter-logits", m, d.join("resaved").to_str().unwrap(), d.join("ids.json").to_str().unwrap(), d.join("resaved_logits.safetensors").to_str().unwrap()]);
+    let again = &read_safetensors(&d.join("resaved_logits.safetensors"))["logits"];
+    let err = rel_err(again, theirs);
+    assert!(err < 1e-4, "the re-saved adapter in peft: logits differ, rel err {err:.3e}");
 }
 
 /// Gradient checkpointing (each layer's attention recomputed in backward, the MLP's gradients

@@ -1,49 +1,41 @@
-//! `config.json` of a Hugging Face causal LM, in both forms found in the wild:
+//! The resolved configuration every decoder family produces ([`DecoderConfig`]), and the
+//! config.json keys the families share ([`CommonConfig`]), in both forms found in the wild:
 //! the classic one (`torch_dtype`, `rope_theta`, `rope_scaling`) and the one transformers 5
-//! writes (`dtype`, `rope_parameters` holding `rope_theta` and the scaling fields).
+//! writes (`dtype`, `rope_parameters` holding `rope_theta` and the scaling fields). Each
+//! family's own keys are read in its file (`llama.rs`, `qwen3.rs`, ...).
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
 
-/// Architectures this build can load (the `architectures[0]` of config.json).
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
-
-/// A serde mirror of the fields of config.json that the Llama family uses.
+/// A serde mirror of the config.json keys every decoder family has; a family's `Config`
+/// flattens it beside its own keys.
 #[derive(Debug, Clone, Deserialize)]
-struct RawConfig {
-    architectures: Option<Vec<String>>,
-    model_type: Option<String>,
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
+pub struct CommonConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
     #[serde(default = "default_eps")]
-    rms_norm_eps: f64,
-    rope_theta: Option<f64>,
-    rope_scaling: Option<serde_json::Value>,
-    rope_parameters: Option<serde_json::Value>,
+    pub rms_norm_eps: f64,
+    pub rope_theta: Option<f64>,
+    pub rope_scaling: Option<serde_json::Value>,
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_max_pos")]
-    max_position_embeddings: usize,
+    pub max_position_embeddings: usize,
     #[serde(default)]
-    tie_word_embeddings: bool,
-    torch_dtype: Option<String>,
-    dtype: Option<String>,
-    bos_token_id: Option<serde_json::Value>,
-    eos_token_id: Option<serde_json::Value>,
-    pad_token_id: Option<serde_json::Value>,
-    sliding_window: Option<serde_json::Value>,
-    use_sliding_window: Option<bool>,
-    max_window_layers: Option<usize>,
-    #[serde(default)]
-    attention_bias: bool,
-    #[serde(default)]
-    mlp_bias: bool,
-    hidden_act: Option<String>,
+    pub tie_word_embeddings: bool,
+    pub torch_dtype: Option<String>,
+    pub dtype: Option<String>,
+    pub bos_token_id: Option<serde_json::Value>,
+    pub eos_token_id: Option<serde_json::Value>,
+    pub pad_token_id: Option<serde_json::Value>,
+    pub hidden_act: Option<String>,
+    /// transformers 5: `"sliding_attention"` or `"full_attention"` for each layer.
+    pub layer_types: Option<Vec<String>>,
 }
 
 fn default_eps() -> f64 {
@@ -55,9 +47,11 @@ fn default_max_pos() -> usize {
 
 pub use crate::nn::rope::RopeScaling;
 
-/// The resolved configuration of a Llama-family decoder.
+/// What a decoder is made of, resolved from a family's config.json: the shapes, and which of
+/// the shared blocks' variants its layers use.
 #[derive(Debug, Clone)]
-pub struct LlamaConfig {
+pub struct DecoderConfig {
+    /// `architectures[0]` (or the one `model_type` names).
     pub architecture: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -76,18 +70,21 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<i64>,
     pub eos_token_ids: Vec<i64>,
     pub pad_token_id: Option<i64>,
-    /// Attention sees at most this many previous positions (Mistral; Qwen2 when enabled).
+    /// Attention sees at most this many previous positions in the layers `sliding_layers` marks.
     pub sliding_window: Option<usize>,
-    /// Layers from this index on use the sliding window (Qwen2's `max_window_layers`).
-    pub sliding_window_from_layer: usize,
+    /// For each layer, whether it uses the sliding window.
+    pub sliding_layers: Vec<bool>,
     /// q/k/v projections carry a bias (Qwen2; Llama's `attention_bias`).
     pub qkv_bias: bool,
     /// o_proj carries a bias (Llama's `attention_bias`).
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Each head's query and key are RMS-normalized over `head_dim` before RoPE (Qwen3's
+    /// `q_norm`, `k_norm`).
+    pub qk_norm: bool,
 }
 
-fn token_ids(v: &Option<serde_json::Value>) -> Vec<i64> {
+pub(crate) fn token_ids(v: &Option<serde_json::Value>) -> Vec<i64> {
     match v {
         Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
         Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
@@ -95,7 +92,7 @@ fn token_ids(v: &Option<serde_json::Value>) -> Vec<i64> {
     }
 }
 
-impl LlamaConfig {
+impl DecoderConfig {
     /// Reads and validates `config.json`; errors name the file and the offending key.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -105,79 +102,107 @@ impl LlamaConfig {
         Self::from_json(&json).with_context(|| format!("{}", path.display()))
     }
 
+    /// config.json → the family its `architectures[0]` (or `model_type`) names → its decoder.
     pub fn from_json(json: &serde_json::Value) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_value(json.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let architecture = match (&raw.architectures, &raw.model_type) {
-            (Some(a), _) if !a.is_empty() => a[0].clone(),
-            (_, Some(t)) => match t.as_str() {
-                "llama" => "LlamaForCausalLM".into(),
-                "mistral" => "MistralForCausalLM".into(),
-                "qwen2" => "Qwen2ForCausalLM".into(),
-                other => other.to_string(),
-            },
-            _ => bail!("missing key `architectures` (and no `model_type`)"),
-        };
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
-            bail!(
-                "unsupported architecture `{architecture}`; supported: {}",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            );
+        let family = super::family_of(json)?;
+        let config = (family.config)(json)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// The window of layer `l`, if it has one.
+    pub fn window_of(&self, l: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.sliding_layers.get(l).copied().unwrap_or(false))
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", self.num_attention_heads, self.num_key_value_heads);
         }
-        if let Some(act) = &raw.hidden_act {
+        if self.sliding_layers.len() != self.num_hidden_layers {
+            bail!("layer_types has {} entries for {} layers", self.sliding_layers.len(), self.num_hidden_layers);
+        }
+        Ok(())
+    }
+}
+
+impl CommonConfig {
+    /// Reads a family's `Config` (its keys plus these) from config.json; a missing or mistyped
+    /// key is named.
+    pub fn parse<T: serde::de::DeserializeOwned>(json: &serde_json::Value) -> Result<T> {
+        serde_json::from_value(json.clone()).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The decoder these keys describe, as Llama builds it (no biases, no window, plain
+    /// attention); `architecture` is the family's. Families change the fields that differ.
+    pub fn decoder(&self, architecture: &str) -> Result<DecoderConfig> {
+        if let Some(act) = &self.hidden_act {
             if act != "silu" && act != "swish" {
-                bail!("unsupported hidden_act `{act}`; supported: silu");
+                bail!("unsupported hidden_act `{act}` for {architecture}; supported: silu");
             }
         }
-        if raw.num_attention_heads == 0 || raw.hidden_size % raw.num_attention_heads != 0 && raw.head_dim.is_none() {
-            bail!("hidden_size {} is not divisible by num_attention_heads {}", raw.hidden_size, raw.num_attention_heads);
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
+            bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
         }
-        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_key_value_heads == 0 || raw.num_attention_heads % num_key_value_heads != 0 {
-            bail!("num_attention_heads {} is not a multiple of num_key_value_heads {num_key_value_heads}", raw.num_attention_heads);
+        let num_key_value_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        if num_key_value_heads == 0 {
+            bail!("num_key_value_heads is 0");
         }
         // transformers 5 nests rope settings in `rope_parameters`; older files use `rope_theta` + `rope_scaling`.
-        let rope_params = raw.rope_parameters.clone().or(raw.rope_scaling.clone());
-        let rope_theta = raw
+        let rope_params = self.rope_parameters.clone().or(self.rope_scaling.clone());
+        let rope_theta = self
             .rope_theta
             .or_else(|| rope_params.as_ref().and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()))
             .unwrap_or(10000.0);
-        let rope_scaling = parse_rope_scaling(rope_params.as_ref(), raw.max_position_embeddings)?;
-        let is_qwen2 = architecture == "Qwen2ForCausalLM";
-        let window = raw.sliding_window.as_ref().and_then(|v| v.as_u64()).map(|v| v as usize);
-        let (sliding_window, sliding_window_from_layer) = if is_qwen2 {
-            if raw.use_sliding_window.unwrap_or(false) {
-                (window, raw.max_window_layers.unwrap_or(0))
-            } else {
-                (None, 0)
-            }
-        } else {
-            (window, 0)
-        };
-        Ok(LlamaConfig {
-            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads),
-            architecture,
-            vocab_size: raw.vocab_size,
-            hidden_size: raw.hidden_size,
-            intermediate_size: raw.intermediate_size,
-            num_hidden_layers: raw.num_hidden_layers,
-            num_attention_heads: raw.num_attention_heads,
+        Ok(DecoderConfig {
+            architecture: architecture.to_string(),
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
             num_key_value_heads,
-            rms_norm_eps: raw.rms_norm_eps,
+            rms_norm_eps: self.rms_norm_eps,
             rope_theta,
-            rope_scaling,
-            max_position_embeddings: raw.max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings,
-            dtype: raw.dtype.or(raw.torch_dtype),
-            bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
-            eos_token_ids: token_ids(&raw.eos_token_id),
-            pad_token_id: token_ids(&raw.pad_token_id).first().copied(),
-            sliding_window,
-            sliding_window_from_layer,
-            qkv_bias: is_qwen2 || raw.attention_bias,
-            o_bias: raw.attention_bias,
-            mlp_bias: raw.mlp_bias,
+            rope_scaling: parse_rope_scaling(rope_params.as_ref(), self.max_position_embeddings)?,
+            max_position_embeddings: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
+            dtype: self.dtype.clone().or(self.torch_dtype.clone()),
+            bos_token_id: token_ids(&self.bos_token_id).first().copied(),
+            eos_token_ids: token_ids(&self.eos_token_id),
+            pad_token_id: token_ids(&self.pad_token_id).first().copied(),
+            sliding_window: None,
+            sliding_layers: vec![false; self.num_hidden_layers],
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
         })
     }
+
+    /// The sliding layers as `layer_types` lists them, or (older files) those from
+    /// `max_window_layers` on; an unknown layer type is named.
+    pub fn sliding_layers(&self, max_window_layers: Option<usize>) -> Result<Vec<bool>> {
+        let Some(types) = &self.layer_types else {
+            let from = max_window_layers.unwrap_or(0);
+            return Ok((0..self.num_hidden_layers).map(|l| l >= from).collect());
+        };
+        types
+            .iter()
+            .enumerate()
+            .map(|(l, t)| match t.as_str() {
+                "sliding_attention" => Ok(true),
+                "full_attention" => Ok(false),
+                other => bail!("layer_types[{l}] is `{other}`; supported: sliding_attention, full_attention"),
+            })
+            .collect()
+    }
+}
+
+/// `sliding_window` as written: a number, or null / absent.
+pub(crate) fn window(v: &Option<serde_json::Value>) -> Option<usize> {
+    v.as_ref().and_then(|v| v.as_u64()).map(|v| v as usize)
 }
 
 fn parse_rope_scaling(params: Option<&serde_json::Value>, max_pos: usize) -> Result<RopeScaling> {
@@ -217,8 +242,8 @@ mod tests {
         let v5 = serde_json::json!({"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,
             "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,
             "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}});
-        let a = LlamaConfig::from_json(&classic).unwrap();
-        let b = LlamaConfig::from_json(&v5).unwrap();
+        let a = DecoderConfig::from_json(&classic).unwrap();
+        let b = DecoderConfig::from_json(&v5).unwrap();
         assert_eq!(a.rope_theta, 500000.0);
         assert_eq!(a.rope_scaling, b.rope_scaling);
         assert_eq!(a.rope_theta, b.rope_theta);
@@ -228,15 +253,15 @@ mod tests {
     fn unknown_architecture_lists_supported() {
         let j = serde_json::json!({"architectures":["GPT2LMHeadModel"],"vocab_size":10,"hidden_size":8,
             "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2});
-        let e = LlamaConfig::from_json(&j).unwrap_err().to_string();
-        assert!(e.contains("GPT2LMHeadModel") && e.contains("Qwen2ForCausalLM"), "{e}");
+        let e = DecoderConfig::from_json(&j).unwrap_err().to_string();
+        assert!(e.contains("GPT2LMHeadModel") && e.contains("Qwen2ForCausalLM") && e.contains("Qwen3ForCausalLM"), "{e}");
     }
 
     #[test]
     fn missing_key_is_named() {
         let j = serde_json::json!({"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":8,
             "num_hidden_layers":1,"num_attention_heads":2});
-        let e = LlamaConfig::from_json(&j).unwrap_err().to_string();
+        let e = DecoderConfig::from_json(&j).unwrap_err().to_string();
         assert!(e.contains("intermediate_size"), "{e}");
     }
 }

@@ -1,17 +1,60 @@
 //! Model loading: a Hugging Face model directory or a GGUF file → a [`LoadedModel`].
+//!
+//! Every decoder family is the one [`Decoder`] (shared blocks from `crate::nn`), built from the
+//! [`DecoderConfig`] its config.json resolves to. The trainer, generation, checkpoints, peft and
+//! saving talk to `Decoder` and name no family.
+//!
+//! Adding a dense family: one file here with a serde `Config` mirroring its config.json
+//! (flattening [`config::CommonConfig`]) and a function `config.json → DecoderConfig` that sets
+//! the variants it uses (a block the decoder lacks goes into `crate::nn` and behind a field of
+//! `DecoderConfig`), plus one line in [`FAMILIES`]. Then a tiny model of it in
+//! `tests/py/make_tiny.py` (its parity test) and a row in README's "Supported architectures".
 
 pub mod config;
+pub mod decoder;
 pub mod gguf;
 pub mod llama;
 pub mod placement;
+pub mod qwen3;
 pub mod save;
+
+/// A family: the `architectures[0]` and `model_type` its config.json names, and how that
+/// config.json becomes a decoder.
+pub struct Family {
+    pub architecture: &'static str,
+    pub model_type: &'static str,
+    pub config: fn(&serde_json::Value) -> Result<DecoderConfig>,
+}
+
+/// The families this build loads.
+pub const FAMILIES: &[Family] = &[
+    Family { architecture: "LlamaForCausalLM", model_type: "llama", config: llama::llama },
+    Family { architecture: "MistralForCausalLM", model_type: "mistral", config: llama::mistral },
+    Family { architecture: "Qwen2ForCausalLM", model_type: "qwen2", config: llama::qwen2 },
+    Family { architecture: "Qwen3ForCausalLM", model_type: "qwen3", config: qwen3::qwen3 },
+];
+
+/// The family of a config.json, by `architectures[0]` (or `model_type` when that is absent).
+pub fn family_of(json: &serde_json::Value) -> Result<&'static Family> {
+    let architecture = json.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str());
+    let model_type = json.get("model_type").and_then(|t| t.as_str());
+    let found = match (architecture, model_type) {
+        (Some(a), _) => FAMILIES.iter().find(|f| f.architecture == a),
+        (None, Some(t)) => FAMILIES.iter().find(|f| f.model_type == t),
+        (None, None) => bail!("missing key `architectures` (and no `model_type`)"),
+    };
+    found.with_context(|| {
+        let supported: Vec<&str> = FAMILIES.iter().map(|f| f.architecture).collect();
+        format!("unsupported architecture `{}`; supported: {}", architecture.or(model_type).unwrap_or_default(), supported.join(", "))
+    })
+}
 
 use crate::nn::WeightSource;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
-use config::LlamaConfig;
+use config::DecoderConfig;
 use crate::nn::quant::QuantConfig;
-use llama::Llama;
+use decoder::Decoder;
 use placement::{DeviceSpec, Placement};
 use std::collections::HashMap;
 use std::path::Path;
@@ -32,7 +75,7 @@ pub enum Checkpointing {
 
 /// A model ready to run: the network, its tokenizer, and the files it came from.
 pub struct LoadedModel {
-    pub net: Llama,
+    pub net: Decoder,
     pub tokenizer: Tokenizer,
     /// config.json as read (written back, with `torch_dtype` updated, when saving merged).
     pub config_json: serde_json::Value,
@@ -110,7 +153,7 @@ pub fn init_random(path: &Path, dtype: &str, device: impl Into<DeviceSpec>, quan
 
 /// Where each part goes: `spec`'s one device, or the decoder balanced over its GPUs by the
 /// bytes its weights take in `kind` (or quantized).
-fn placement(config: &LlamaConfig, spec: &DeviceSpec, kind: Kind, quant: Option<&QuantConfig>) -> Placement {
+fn placement(config: &DecoderConfig, spec: &DeviceSpec, kind: Kind, quant: Option<&QuantConfig>) -> Placement {
     match spec {
         DeviceSpec::One(d) => Placement::single(*d, config.num_hidden_layers),
         DeviceSpec::Split(gpus) => {
@@ -145,7 +188,7 @@ fn load_dir(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&QuantC
         &std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?,
     )
     .with_context(|| format!("{}: not valid JSON", config_path.display()))?;
-    let config = LlamaConfig::from_json(&config_json).with_context(|| config_path.display().to_string())?;
+    let config = DecoderConfig::from_json(&config_json).with_context(|| config_path.display().to_string())?;
     let kind = parse_dtype(dtype, config.dtype.as_deref())?;
     let weights = if random {
         let std = config_json.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
@@ -158,13 +201,13 @@ fn load_dir(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&QuantC
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
     let placement = placement(&config, device, kind, quant);
-    let net = Llama::load_quantized(config, &weights, kind, &placement, quant)?;
+    let net = Decoder::load_quantized(config, &weights, kind, &placement, quant)?;
     Ok(LoadedModel { net, tokenizer, config_json, generation_config, source: path.display().to_string(), lora: None })
 }
 
 fn load_gguf(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&QuantConfig>) -> Result<LoadedModel> {
     let import = gguf::import_llama(path)?;
-    let config = LlamaConfig::from_json(&import.config).with_context(|| path.display().to_string())?;
+    let config = DecoderConfig::from_json(&import.config).with_context(|| path.display().to_string())?;
     let kind = parse_dtype(dtype, config.dtype.as_deref())?;
     let mut tensors = HashMap::new();
     for (name, shape, data) in &import.tensors {
@@ -177,7 +220,7 @@ fn load_gguf(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&Quant
     ];
     let tokenizer = Tokenizer::from_files(files, &path.display().to_string(), config.bos_token_id, config.eos_token_ids.first().copied(), config.pad_token_id)?;
     let placement = placement(&config, device, kind, quant);
-    let net = Llama::load_quantized(config, &WeightSource::Memory(tensors), kind, &placement, quant)?;
+    let net = Decoder::load_quantized(config, &WeightSource::Memory(tensors), kind, &placement, quant)?;
     Ok(LoadedModel {
         net,
         tokenizer,

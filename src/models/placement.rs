@@ -5,7 +5,7 @@
 //! autograd carries the gradients back across the same copies. One GPU works at a time: the
 //! point is fitting a model that one GPU cannot hold, not speed.
 
-use super::config::LlamaConfig;
+use super::config::DecoderConfig;
 use anyhow::{bail, Context, Result};
 use tch::Device;
 
@@ -27,7 +27,7 @@ impl Placement {
     /// the embeddings count on the first GPU, an untied output head on the last (a tied head
     /// shares the embeddings, so it stays on the first). `bytes_per_weight` is what one weight
     /// of a decoder linear layer costs (2 in bf16, ~0.53 in 4 bits with its absmax).
-    pub fn balanced(c: &LlamaConfig, gpus: &[Device], dense_bytes: f64, bytes_per_weight: f64) -> Placement {
+    pub fn balanced(c: &DecoderConfig, gpus: &[Device], dense_bytes: f64, bytes_per_weight: f64) -> Placement {
         let n = gpus.len();
         let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
         let (q, kv) = ((c.num_attention_heads * c.head_dim) as f64, (c.num_key_value_heads * c.head_dim) as f64);
@@ -106,13 +106,13 @@ pub fn parse_device_spec(s: &str) -> Result<DeviceSpec> {
 mod tests {
     use super::*;
 
-    fn config(layers: usize, tied: bool) -> LlamaConfig {
+    fn config(layers: usize, tied: bool) -> DecoderConfig {
         let json = serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
             "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 32,
             "vocab_size": 32000, "rms_norm_eps": 1e-5, "tie_word_embeddings": tied
         });
-        LlamaConfig::from_json(&json).unwrap()
+        DecoderConfig::from_json(&json).unwrap()
     }
 
     #[test]

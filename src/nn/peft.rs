@@ -7,7 +7,7 @@
 
 use super::linear::Lora;
 use super::weights::{save_safetensors, write_atomic, WeightSource};
-use crate::models::llama::Llama;
+use crate::models::decoder::Decoder;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -109,7 +109,7 @@ fn yes() -> serde_json::Value {
 /// Adapters of kind `kind` (fp32 for mixed precision) on the device of the layer they adapt.
 /// Every target name must match a layer (an error names the one that does not, before any adapter
 /// is added); a name matched in fewer decoder layers than the model has is warned about.
-pub fn add_lora(net: &mut Llama, spec: &LoraSpec, kind: Kind) -> Result<Vec<String>> {
+pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<String>> {
     if spec.r <= 0 {
         bail!("add_lora: r must be positive, got {}", spec.r);
     }
@@ -145,7 +145,7 @@ pub fn add_lora(net: &mut Llama, spec: &LoraSpec, kind: Kind) -> Result<Vec<Stri
 }
 
 /// The trainable adapter tensors, `(peft key, tensor)`, sorted by key (a fixed order on every rank).
-pub fn adapter_tensors(net: &Llama) -> Vec<(String, Tensor)> {
+pub fn adapter_tensors(net: &Decoder) -> Vec<(String, Tensor)> {
     let mut v = vec![];
     for lin in net.linears() {
         if let Some(l) = &lin.lora {
@@ -158,7 +158,7 @@ pub fn adapter_tensors(net: &Llama) -> Vec<(String, Tensor)> {
 }
 
 /// The distinct last path segments of adapted modules (`["q_proj", "v_proj"]`).
-fn target_suffixes(net: &Llama) -> Vec<String> {
+fn target_suffixes(net: &Decoder) -> Vec<String> {
     let mut s: Vec<String> = net
         .linears()
         .iter()
@@ -170,8 +170,28 @@ fn target_suffixes(net: &Llama) -> Vec<String> {
     s
 }
 
+/// peft's `rank_pattern` and `alpha_pattern` for the adapters whose rank or alpha differ from
+/// `spec`'s `r` and `alpha` (e.g. loaded from an adapter with patterns), keyed by module name
+/// (peft matches a key against the end of the module path). The alpha is recovered from the
+/// adapter's scale: `s·r` (or `s·√r` with rsLoRA).
+fn patterns(net: &Decoder, spec: &LoraSpec) -> (BTreeMap<String, i64>, BTreeMap<String, f64>) {
+    let (mut ranks, mut alphas) = (BTreeMap::new(), BTreeMap::new());
+    for lin in net.linears() {
+        let Some(l) = &lin.lora else { continue };
+        let r = l.a.size()[0];
+        let alpha = if spec.use_rslora { l.scale * (r as f64).sqrt() } else { l.scale * r as f64 };
+        if r != spec.r {
+            ranks.insert(lin.name.clone(), r);
+        }
+        if (alpha - spec.alpha).abs() > 1e-9 * spec.alpha.abs().max(1.0) {
+            alphas.insert(lin.name.clone(), alpha);
+        }
+    }
+    (ranks, alphas)
+}
+
 /// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir` (each atomically).
-pub fn save_adapter(net: &Llama, spec: &LoraSpec, base_model: &str, dir: &Path) -> Result<()> {
+pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path) -> Result<()> {
     let tensors: BTreeMap<String, Tensor> = adapter_tensors(net).into_iter().map(|(k, t)| (k, t.detach())).collect();
     if tensors.is_empty() {
         bail!("save_adapter: the model has no LoRA adapters (call add_lora or load_adapter first)");
@@ -181,8 +201,9 @@ pub fn save_adapter(net: &Llama, spec: &LoraSpec, base_model: &str, dir: &Path) 
         Targets::Regex(re) => serde_json::Value::String(re.clone()),
         _ => serde_json::json!(target_suffixes(net)),
     };
+    let (rank_pattern, alpha_pattern) = patterns(net, spec);
     let config = AdapterConfig {
-        alpha_pattern: BTreeMap::new(),
+        alpha_pattern,
         auto_mapping: None,
         base_model_name_or_path: Some(base_model.to_string()),
         bias: "none".into(),
@@ -196,7 +217,7 @@ pub fn save_adapter(net: &Llama, spec: &LoraSpec, base_model: &str, dir: &Path) 
         modules_to_save: None,
         peft_type: "LORA".into(),
         r: spec.r,
-        rank_pattern: BTreeMap::new(),
+        rank_pattern,
         revision: None,
         target_modules,
         task_type: Some("CAUSAL_LM".into()),
@@ -212,7 +233,7 @@ pub fn save_adapter(net: &Llama, spec: &LoraSpec, base_model: &str, dir: &Path) 
 
 /// Reads a peft LoRA adapter directory and installs its weights (replacing existing adapters).
 /// Returns the spec it describes. `kind` is the adapters' dtype.
-pub fn load_adapter(net: &mut Llama, dir: &Path, kind: Kind) -> Result<LoraSpec> {
+pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpec> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
     let cfg: AdapterConfig =
@@ -243,10 +264,11 @@ pub fn load_adapter(net: &mut Llama, dir: &Path, kind: Kind) -> Result<LoraSpec>
             lin.lora = None;
             continue;
         }
-        // rank_pattern / alpha_pattern: peft matches these keys as suffixes of the module name
-        let short = lin.name.clone();
-        let r = cfg.rank_pattern.iter().find(|(k, _)| short.ends_with(k.as_str())).map(|(_, v)| *v).unwrap_or(cfg.r);
-        let alpha = cfg.alpha_pattern.iter().find(|(k, _)| short.ends_with(k.as_str())).map(|(_, v)| *v).unwrap_or(cfg.lora_alpha);
+        // rank_pattern / alpha_pattern: a key matches the module path's last segments
+        let name = lin.name.as_str();
+        let matches = |k: &str| name == k || name.ends_with(&format!(".{k}"));
+        let r = cfg.rank_pattern.iter().find(|(k, _)| matches(k)).map(|(_, v)| *v).unwrap_or(cfg.r);
+        let alpha = cfg.alpha_pattern.iter().find(|(k, _)| matches(k)).map(|(_, v)| *v).unwrap_or(cfg.lora_alpha);
         let (out, inp) = (lin.out_features(), lin.in_features());
         let device = lin.weight.device();
         let a = weights.load(&key_a, &[r, inp], kind, device)?.set_requires_grad(true);
@@ -273,7 +295,7 @@ pub fn load_adapter(net: &mut Llama, dir: &Path, kind: Kind) -> Result<LoraSpec>
 }
 
 /// Folds every adapter into its base weight (`W ← W + s·B·A`) and removes the adapters.
-pub fn merge(net: &mut Llama) {
+pub fn merge(net: &mut Decoder) {
     let _g = tch::no_grad_guard();
     for lin in net.linears_mut() {
         if let Some(l) = lin.lora.take() {

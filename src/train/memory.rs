@@ -6,11 +6,11 @@
 //! the compute dtype, plus LoRA's dropout copies of its inputs. Checkpointing keeps one `H`
 //! vector per layer instead and recomputes the rest, costing one more forward pass.
 
-use crate::models::config::LlamaConfig;
+use crate::models::config::DecoderConfig;
 use tch::{Device, Kind};
 
 /// Activation bytes one micro-batch of `tokens` tokens keeps for backward without checkpointing.
-pub fn activation_bytes(c: &LlamaConfig, tokens: u64, kind: Kind, lora_layers_per_block: u64) -> u64 {
+pub fn activation_bytes(c: &DecoderConfig, tokens: u64, kind: Kind, lora_layers_per_block: u64) -> u64 {
     let h = c.hidden_size as u64;
     let i = c.intermediate_size as u64;
     let per_token_layer = 10 * h + 4 * i + lora_layers_per_block * h;
@@ -18,7 +18,7 @@ pub fn activation_bytes(c: &LlamaConfig, tokens: u64, kind: Kind, lora_layers_pe
 }
 
 /// `(checkpoint?, why)`: checkpoint unless the activations fit in 85% of the free device memory.
-pub fn plan(c: &LlamaConfig, tokens: u64, kind: Kind, lora_layers_per_block: u64, device: Device) -> (bool, String) {
+pub fn plan(c: &DecoderConfig, tokens: u64, kind: Kind, lora_layers_per_block: u64, device: Device) -> (bool, String) {
     let need = activation_bytes(c, tokens, kind, lora_layers_per_block);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match crate::cuda::mem_info(device) {

@@ -3,7 +3,7 @@
 //!
 //! The loss of an optimizer step is the mean over every label token of its accumulation window
 //! (`Σ token losses / Σ label tokens`), not the mean of per-micro-batch means. The model computes
-//! each micro-batch's loss and gradients ([`Llama::loss_and_backward`]): the loop names no layer.
+//! each micro-batch's loss and gradients ([`Decoder::loss_and_backward`]): the loop names no layer.
 //!
 //! On a GPU the host never waits for a step to finish before queueing the next one's forward
 //! and backward: a step's loss and gradient norm travel to pinned host memory behind its
@@ -25,7 +25,7 @@ use super::optim::{clip_grad_norm, zero_grads, AdamW};
 use super::schedule::{lr_at, Schedule};
 use crate::data::format::Example;
 use crate::dist::ProcessGroup;
-use crate::models::llama::{AttnMask, Llama};
+use crate::models::decoder::{AttnMask, Decoder};
 use crate::nn::peft::{self, LoraSpec};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
@@ -109,7 +109,7 @@ fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, AttnMas
 
 /// Stops `running` once the GPUs are idle and writes `profile/trace.json` and
 /// `profile/summary.txt` (also logged) under `dir`.
-fn write_profile(running: crate::cuda::profile::Profiler, net: &Llama, dir: &std::path::Path, p: ProfileSteps) -> Result<()> {
+fn write_profile(running: crate::cuda::profile::Profiler, net: &Decoder, dir: &std::path::Path, p: ProfileSteps) -> Result<()> {
     for d in net.devices() {
         if let tch::Device::Cuda(i) = d {
             tch::Cuda::synchronize(i as i64);
@@ -125,12 +125,12 @@ fn write_profile(running: crate::cuda::profile::Profiler, net: &Llama, dir: &std
 }
 
 /// Token-weighted mean loss over a dataset, without gradients.
-pub fn evaluate(net: &Llama, examples: &[Example], cfg: &BatchConfig) -> Result<(f64, i64)> {
+pub fn evaluate(net: &Decoder, examples: &[Example], cfg: &BatchConfig) -> Result<(f64, i64)> {
     evaluate_sharded(net, examples, cfg, None)
 }
 
 /// [`evaluate`] with the batches shared out across the ranks of `pg` and the sums reduced.
-pub fn evaluate_sharded(net: &Llama, examples: &[Example], cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<(f64, i64)> {
+pub fn evaluate_sharded(net: &Decoder, examples: &[Example], cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<(f64, i64)> {
     let _g = tch::no_grad_guard();
     let cfg = BatchConfig { shuffle: false, ..cfg.clone() };
     let mut total = Tensor::zeros([], (Kind::Double, net.head_device));
@@ -184,7 +184,7 @@ pub struct TrainResult {
 
 /// Casts the frozen weights to the compute dtype (adapters are left in fp32); done before
 /// [`train`], which only reads the model.
-pub fn set_precision(net: &mut Llama, kind: Kind) {
+pub fn set_precision(net: &mut Decoder, kind: Kind) {
     if net.kind != kind {
         tracing::info!("casting frozen weights from {:?} to {:?} for training", net.kind, kind);
         net.set_dtype(kind);
@@ -205,7 +205,7 @@ fn asks_stop(outcome: Result<Control>, failure: &mut Option<anyhow::Error>) -> b
 /// Trains the model's LoRA adapters (the frozen weights already in `cfg.precision`:
 /// [`set_precision`]).
 pub fn train(
-    net: &Llama,
+    net: &Decoder,
     spec: &LoraSpec,
     base_model: &str,
     data: &TrainData,

@@ -92,11 +92,16 @@ pub fn run_recipe(dir: &Path, name: &str, body: &str) -> String {
     t
 }
 
-/// A tiny transformers-made Llama with grouped-query attention, `dir/llama_gqa` (config,
+/// A tiny transformers-made Decoder with grouped-query attention, `dir/llama_gqa` (config,
 /// safetensors, tokenizer, reference logits); returns its path.
 pub fn tiny_llama(dir: &Path) -> PathBuf {
-    py("make_tiny.py", &[dir.to_str().unwrap(), "llama_gqa"]);
-    dir.join("llama_gqa")
+    tiny(dir, "llama_gqa")
+}
+
+/// The tiny model `name` of `tests/py/make_tiny.py`, made in `dir`; returns its directory.
+pub fn tiny(dir: &Path, name: &str) -> PathBuf {
+    py("make_tiny.py", &[dir.to_str().unwrap(), name]);
+    dir.join(name)
 }
 
 /// [`tiny_llama`] and `n` short text records in `dir/data.jsonl`; returns the model's path.

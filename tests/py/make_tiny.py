@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
-                          Qwen2Config)
+                          Qwen2Config, Qwen3Config)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -51,6 +51,9 @@ CONFIGS = {
     "llama_linear_rope": lambda: LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=8, rope_theta=10000.0),
     "qwen2_tied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True, rope_theta=1000000.0),
+    # head_dim apart from hidden/heads, q/k norms, a window on layers 1 and 2 shorter than the ids
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16, rope_theta=1000000.0, use_sliding_window=True,
+                                 sliding_window=8, max_window_layers=1),
 }
 
 

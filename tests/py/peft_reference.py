@@ -11,6 +11,9 @@ usage:
                                           logits of PeftModel.from_pretrained(MODEL, ADAPTER)
   peft_reference.py model-logits MODEL IDS_JSON OUT_FILE
                                           logits of a plain transformers model (e.g. a merged one)
+  peft_reference.py patterned MODEL OUT   OUT/patterned: a peft adapter with a rank_pattern and an
+                                          alpha_pattern (B random), its logits for OUT/ids.json in
+                                          OUT/patterned_logits.safetensors
 """
 import json
 import os
@@ -108,6 +111,21 @@ def model_logits(model_dir, ids_json, out_file):
     save_file({"logits": logits_of(load(model_dir), json.load(open(ids_json)))}, out_file)
 
 
+def patterned(model_dir, out):
+    torch.manual_seed(7)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                        rank_pattern={"v_proj": 6}, alpha_pattern={"q_proj": 20}, task_type="CAUSAL_LM")
+    model = get_peft_model(load(model_dir), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(os.path.join(out, "patterned"))
+    ids = json.load(open(os.path.join(out, "ids.json")))
+    save_file({"logits": logits_of(model, ids)}, os.path.join(out, "patterned_logits.safetensors"))
+
+
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"init": init, "train": train, "adapter-logits": adapter_logits, "model-logits": model_logits}[cmd](*rest)
+    {"init": init, "train": train, "adapter-logits": adapter_logits, "model-logits": model_logits,
+     "patterned": patterned}[cmd](*rest)

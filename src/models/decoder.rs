@@ -1,0 +1,613 @@
+//! The decoder every family builds (Llama 1/2/3, Mistral, Qwen2, Qwen3), mirroring
+//! transformers' `modeling_llama.py` (and the families' variants of it) op for op so logits match:
+//!
+//! ```text
+//! h = embed(ids)
+//! for each layer:  h = h + o(attn(rope(qn(q(n1(h)))), rope(kn(k(n1(h)))), v(n1(h))))
+//!                  h = h + down(silu(gate(n2(h))) * up(n2(h)))
+//! logits = lm_head(norm(h))          (lm_head = embedᵀ when embeddings are tied)
+//! ```
+//! `n(x) = w · x / √(mean(x²) + ε)` computed in fp32 (RMSNorm); `qn`, `kn` are RMSNorms over
+//! each head's `head_dim` (Qwen3; identity elsewhere); attention is
+//! `softmax(q kᵀ / √d + mask) v` through libtorch's `scaled_dot_product_attention`, with
+//! grouped-query attention (k/v heads shared by `heads / kv_heads` query heads) and a sliding
+//! window on the layers the config marks.
+
+use super::config::DecoderConfig;
+use super::Checkpointing;
+use super::placement::Placement;
+pub use crate::nn::attention::{AttnMask, KvCache, LayerInputs};
+pub use crate::nn::mlp::Mlp;
+pub use crate::nn::norm::RmsNorm;
+use crate::nn::linear::Weight;
+use crate::nn::quant::QuantConfig;
+use crate::nn::loss;
+use crate::nn::rope::{rotate, Rope};
+use crate::nn::{Linear, WeightSource};
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    /// Per-head RMSNorms of the query and key over `head_dim`, before RoPE (Qwen3).
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    n_heads: i64,
+    n_kv_heads: i64,
+    head_dim: i64,
+    sliding_window: Option<i64>,
+}
+
+impl Attention {
+    /// The attention heads' output `[B, T, heads·d]`, before `o_proj`.
+    fn heads(
+        &self,
+        x: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: &AttnMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().unwrap();
+        let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x, train).try_into().unwrap();
+        let q = rotate(self.head_norm(&self.q_norm, q, self.n_heads, train), self.n_heads, self.head_dim, cos_sin, train);
+        let mut k = rotate(self.head_norm(&self.k_norm, k, self.n_kv_heads, train), self.n_kv_heads, self.head_dim, cos_sin, train);
+        let mut v = v.view([b, t, self.n_kv_heads, self.head_dim]).transpose(1, 2);
+        let mut past = 0;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                past = pk.size()[2];
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let kv_len = past + t;
+        let window = self.sliding_window.filter(|w| *w < kv_len);
+        let explicit: Option<Tensor> = match mask {
+            AttnMask::Segments(seg) => {
+                // allowed(i, j) = j ≤ i and seg[i] == seg[j]
+                let same = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1));
+                let causal = Tensor::ones([t, t], (Kind::Bool, x.device())).tril(0);
+                let mut m = same.logical_and(&causal);
+                if let Some(w) = window {
+                    m = m.logical_and(&Tensor::ones([t, t], (Kind::Bool, x.device())).triu(-(w - 1)));
+                }
+                Some(m.unsqueeze(1))
+            }
+            AttnMask::Causal if past == 0 && window.is_none() => None,
+            AttnMask::Causal if t == 1 && window.is_none() => None,
+            AttnMask::Causal => {
+                // query i sits at position past+i: allowed(i, j) = j ≤ past+i (and past+i−j < w)
+                let qpos = Tensor::arange_start(past, kv_len, (Kind::Int64, x.device())).unsqueeze(1);
+                let kpos = Tensor::arange(kv_len, (Kind::Int64, x.device())).unsqueeze(0);
+                let mut m = kpos.le_tensor(&qpos);
+                if let Some(w) = window {
+                    m = m.logical_and(&(&qpos - &kpos).lt(w));
+                }
+                Some(m)
+            }
+        };
+        let is_causal = explicit.is_none() && t > 1;
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            explicit.as_ref(),
+            0.0,
+            is_causal,
+            None,
+            self.n_kv_heads != self.n_heads,
+        );
+        y.transpose(1, 2).contiguous().view([b, t, self.n_heads * self.head_dim])
+    }
+}
+
+impl Attention {
+    /// `y` `[B, T, heads·d]` with each head normalized by `norm` over its `d` values, if given.
+    fn head_norm(&self, norm: &Option<RmsNorm>, y: Tensor, heads: i64, train: bool) -> Tensor {
+        match norm {
+            None => y,
+            Some(n) => {
+                let (b, t, _) = y.size3().unwrap();
+                n.forward(&y.view([b, t, heads, self.head_dim]), train).view([b, t, heads * self.head_dim])
+            }
+        }
+    }
+}
+
+pub struct DecoderLayer {
+    /// Where the layer's weights live (layers of one model may sit on different GPUs).
+    pub device: Device,
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// The layer's norms with their names under the layer's prefix.
+    pub fn norms(&self) -> Vec<(&'static str, &RmsNorm)> {
+        let a = &self.self_attn;
+        let mut v = vec![("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)];
+        v.extend(a.q_norm.iter().map(|n| ("self_attn.q_norm", n)));
+        v.extend(a.k_norm.iter().map(|n| ("self_attn.k_norm", n)));
+        v
+    }
+
+    pub fn norms_mut(&mut self) -> Vec<&mut RmsNorm> {
+        let a = &mut self.self_attn;
+        let mut v = vec![&mut self.input_layernorm, &mut self.post_attention_layernorm];
+        v.extend(a.q_norm.iter_mut());
+        v.extend(a.k_norm.iter_mut());
+        v
+    }
+
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        cos_sin: &(Tensor, Tensor),
+        mask: &AttnMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Tensor {
+        let (_, h, x) = self.attention_block(h, None, cos_sin, mask, cache, train);
+        h + self.mlp.forward(&x, train)
+    }
+
+    /// The layer up to its MLP, from its input `h + pending` (`pending`: the previous layer's
+    /// MLP output, when its residual add is left to this layer's first norm, which fuses it):
+    /// that input, the residual stream after attention `mid`, and the MLP's input
+    /// `post_attention_layernorm(mid)` (the layer's output is `mid + mlp(x)`).
+    pub fn attention_block(
+        &self,
+        h: &Tensor,
+        pending: Option<&Tensor>,
+        cos_sin: &(Tensor, Tensor),
+        mask: &AttnMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> (Tensor, Tensor, Tensor) {
+        let attn = &self.self_attn;
+        let (input, normed) = self.input_layernorm.forward_residual(h, pending, train);
+        let a = attn.o_proj.forward(&attn.heads(&normed, cos_sin, mask, cache, train), train);
+        let (mid, x) = self.post_attention_layernorm.forward_residual(&input, Some(&a), train);
+        (input, mid, x)
+    }
+
+    /// Backward through the attention half, `h = x + o_proj(heads(input_layernorm(x)))`, from
+    /// `∂L/∂h` `dh`, recomputing from the layer input `x` (with a graph) all but `o_proj`'s
+    /// forward, whose output backward does not need: the roots to hand to autograd (the heads'
+    /// output with `dh · W_o`, `x` with `dh` for the residual, `o_proj`'s adapter if any).
+    pub fn attention_recompute_backward(&self, x: &Tensor, dh: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask) -> Vec<(Tensor, Tensor)> {
+        let o = &self.self_attn.o_proj;
+        let y = self.self_attn.heads(&self.input_layernorm.forward(x, true), cos_sin, mask, None, true);
+        let (y2, dh2) = (y.reshape([-1, o.in_features()]), dh.reshape([-1, o.out_features()]));
+        let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2)), (x.shallow_clone(), dh.shallow_clone())];
+        if let Some(l) = &o.lora {
+            roots.push((l.delta(&y2, true), dh2));
+        }
+        roots
+    }
+}
+
+pub struct Decoder {
+    pub config: DecoderConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the output projection is tied to the embeddings.
+    pub lm_head: Option<Linear>,
+    pub rope: Rope,
+    pub kind: Kind,
+    /// Where the embeddings live: inputs go here.
+    pub device: Device,
+    /// Where the final norm and output head live: logits come from here.
+    pub head_device: Device,
+}
+
+impl Decoder {
+    /// Builds the model from checkpoint tensors named as in transformers' state dict.
+    pub fn load(config: DecoderConfig, weights: &WeightSource, kind: Kind, device: Device) -> Result<Decoder> {
+        let placement = Placement::single(device, config.num_hidden_layers);
+        Self::load_quantized(config, weights, kind, &placement, None)
+    }
+
+    /// [`Decoder::load`] onto the devices of `placement`, storing the decoder's linear layers in
+    /// 4 bits per `quant`: each weight is read (in `kind`, on its device), quantized, and its
+    /// dense copy dropped before the next is read, so at most one dense matrix exists at a time.
+    pub fn load_quantized(config: DecoderConfig, weights: &WeightSource, kind: Kind, placement: &Placement, quant: Option<&QuantConfig>) -> Result<Decoder> {
+        let c = &config;
+        let (h, i) = (c.hidden_size as i64, c.intermediate_size as i64);
+        let (nh, nkv, hd) = (c.num_attention_heads as i64, c.num_key_value_heads as i64, c.head_dim as i64);
+        let load = |name: &str, shape: &[i64], device: Device| weights.load(name, shape, kind, device);
+        let linear = |name: String, out: i64, inp: i64, bias: bool, device: Device| -> Result<Linear> {
+            // a 4-bit weight saved in bitsandbytes' format loads as it is (no re-quantizing)
+            let get = |k: &str| -> Result<Option<Tensor>> { if weights.contains(k) { Ok(Some(weights.load_any(k)?)) } else { Ok(None) } };
+            let weight = if let Some(q) = crate::nn::quant::Quant4::from_bnb(&get, &name, device)? {
+                if q.shape != [out, inp] {
+                    anyhow::bail!("4-bit tensor `{name}.weight` has shape {:?}, expected {:?}", q.shape, [out, inp]);
+                }
+                Weight::Quant4(q)
+            } else {
+                let dense = load(&format!("{name}.weight"), &[out, inp], device)?;
+                match quant.filter(|q| q.applies(&name)) {
+                    Some(q) => q.quantize(&dense)?,
+                    None => Weight::Dense(dense),
+                }
+            };
+            Ok(Linear {
+                weight,
+                bias: if bias { Some(load(&format!("{name}.bias"), &[out], device)?) } else { None },
+                lora: None,
+                name,
+            })
+        };
+        let norm_of = |name: String, width: i64, device: Device| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: load(&format!("{name}.weight"), &[width], device)?, eps: c.rms_norm_eps })
+        };
+        let norm = |name: String, device: Device| norm_of(name, h, device);
+        let head_norm = |name: String, device: Device| -> Result<Option<RmsNorm>> {
+            if c.qk_norm { Ok(Some(norm_of(name, hd, device)?)) } else { Ok(None) }
+        };
+        let mut layers = vec![];
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let d = placement.layers[l];
+            let window = c.window_of(l).map(|w| w as i64);
+            layers.push(DecoderLayer {
+                device: d,
+                input_layernorm: norm(format!("{p}.input_layernorm"), d)?,
+                self_attn: Attention {
+                    q_proj: linear(format!("{p}.self_attn.q_proj"), nh * hd, h, c.qkv_bias, d)?,
+                    k_proj: linear(format!("{p}.self_attn.k_proj"), nkv * hd, h, c.qkv_bias, d)?,
+                    v_proj: linear(format!("{p}.self_attn.v_proj"), nkv * hd, h, c.qkv_bias, d)?,
+                    o_proj: linear(format!("{p}.self_attn.o_proj"), h, nh * hd, c.o_bias, d)?,
+                    q_norm: head_norm(format!("{p}.self_attn.q_norm"), d)?,
+                    k_norm: head_norm(format!("{p}.self_attn.k_norm"), d)?,
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    head_dim: hd,
+                    sliding_window: window,
+                },
+                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm"), d)?,
+                mlp: Mlp {
+                    gate_proj: linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias, d)?,
+                    up_proj: linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias, d)?,
+                    down_proj: linear(format!("{p}.mlp.down_proj"), h, i, c.mlp_bias, d)?,
+                },
+            });
+        }
+        let vocab = c.vocab_size as i64;
+        let embed_tokens = load("model.embed_tokens.weight", &[vocab, h], placement.embed)?;
+        let head_device = if c.tie_word_embeddings { placement.embed } else { placement.head };
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(linear("lm_head".into(), vocab, h, false, head_device)?)
+        };
+        Ok(Decoder {
+            rope: Rope::new(hd, c.rope_theta, c.rope_scaling.clone()),
+            norm: norm("model.norm".into(), head_device)?,
+            embed_tokens,
+            layers,
+            lm_head,
+            kind,
+            device: placement.embed,
+            head_device,
+            config,
+        })
+    }
+
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+    }
+
+    /// Final norm and output projection: hidden `[B, T, H]` → logits `[B, T, V]` (on
+    /// `head_device`).
+    pub fn head(&self, h: &Tensor, train: bool) -> Tensor {
+        let h = self.norm.forward(&h.to_device(self.head_device), train);
+        match &self.lm_head {
+            Some(l) => l.forward(&h, train),
+            None => h.matmul(&self.embed_tokens.tr()),
+        }
+    }
+
+    /// Hidden states after the last decoder layer (before the final norm).
+    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        let mut shared = LayerInputs::new(self.rope.cos_sin(positions, self.kind), mask);
+        let mut h = self.embed(ids);
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize_with(self.layers.len(), || None);
+        }
+        for l in 0..self.layers.len() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            h = self.layer_forward(l, &h, &mut shared, slot, train);
+        }
+        h
+    }
+
+    /// Decoder layer `l` on hidden states `h`, moved first to the layer's device if needed.
+    pub fn layer_forward(&self, l: usize, h: &Tensor, shared: &mut LayerInputs, cache: Option<&mut Option<(Tensor, Tensor)>>, train: bool) -> Tensor {
+        let layer = &self.layers[l];
+        let (cos_sin, mask) = shared.on(layer.device);
+        layer.forward(&h.to_device(layer.device), cos_sin, mask, cache, train)
+    }
+
+    /// [`DecoderLayer::attention_block`] of layer `l` (`h` and `pending` already on the layer's
+    /// device).
+    pub fn layer_attention_block(&self, l: usize, h: &Tensor, pending: Option<&Tensor>, shared: &mut LayerInputs, train: bool) -> (Tensor, Tensor, Tensor) {
+        let layer = &self.layers[l];
+        let (cos_sin, mask) = shared.on(layer.device);
+        layer.attention_block(h, pending, cos_sin, mask, None, train)
+    }
+
+    /// [`DecoderLayer::attention_recompute_backward`] of layer `l` (`x` on the layer's device).
+    pub fn layer_attention_recompute_backward(&self, l: usize, x: &Tensor, dh: &Tensor, shared: &mut LayerInputs) -> Vec<(Tensor, Tensor)> {
+        let layer = &self.layers[l];
+        let (cos_sin, mask) = shared.on(layer.device);
+        layer.attention_recompute_backward(x, dh, cos_sin, mask)
+    }
+
+    /// Linear layers with an adapter in one decoder layer (the first), for memory planning.
+    pub fn adapted_per_layer(&self) -> usize {
+        self.layers.first().map_or(0, |l| {
+            let a = &l.self_attn;
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj].iter().filter(|x| x.lora.is_some()).count()
+        })
+    }
+
+    /// Final norm, output projection and summed next-token cross-entropy from the last hidden
+    /// states `h` `[B, T, H]`, back-propagated (scaled by `weight`) into `h`'s graph; returns the
+    /// summed loss (detached): the norm keeps its graph, the projection and the loss are
+    /// [`loss::linear_cross_entropy_backward`] (through autograd when the projection has an adapter).
+    pub fn head_loss_backward(&self, h: &Tensor, labels: &Tensor, weight: f64) -> Result<Tensor> {
+        let (b, t, hidden) = h.size3().unwrap();
+        let n = b * (t - 1);
+        let flat = h.narrow(1, 0, t - 1).reshape([n, hidden]).to_device(self.head_device);
+        let target = labels.narrow(1, 1, t - 1).reshape([n]).to_device(self.head_device);
+        let normed = self.norm.forward(&flat, true);
+        match &self.lm_head {
+            None => loss::linear_cross_entropy_backward(&normed, &self.embed_tokens, None, &target, weight),
+            Some(l) if l.lora.is_none() => loss::linear_cross_entropy_backward(&normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), &target, weight),
+            Some(l) => loss::linear_cross_entropy_backward_autograd(l, &normed, &target, weight),
+        }
+    }
+
+    /// The devices the model uses, each once (one, unless split across GPUs).
+    pub fn devices(&self) -> Vec<Device> {
+        let mut v = vec![self.device];
+        for d in self.layers.iter().map(|l| l.device).chain([self.head_device]) {
+            if !v.contains(&d) {
+                v.push(d);
+            }
+        }
+        v
+    }
+
+    /// Logits for token ids `[B, T]` at `positions` `[B, T]`.
+    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        let h = self.hidden(ids, positions, mask, cache, train);
+        self.head(&h, train)
+    }
+
+    /// Every linear layer with its checkpoint name, in model order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![];
+        for l in &self.layers {
+            let a = &l.self_attn;
+            v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
+            v.extend([&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]);
+        }
+        v.extend(self.lm_head.iter());
+        v
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = vec![];
+        for l in &mut self.layers {
+            let a = &mut l.self_attn;
+            v.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            let m = &mut l.mlp;
+            v.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+        }
+        v.extend(self.lm_head.iter_mut());
+        v
+    }
+
+    /// Casts the dense weights (embeddings, norms, dense linear layers) to `kind`; 4-bit
+    /// weights stay as they are and dequantize to the input's dtype.
+    pub fn set_dtype(&mut self, kind: Kind) {
+        let _g = tch::no_grad_guard();
+        self.embed_tokens = self.embed_tokens.to_kind(kind);
+        self.norm.weight = self.norm.weight.to_kind(kind);
+        for l in &mut self.layers {
+            for n in l.norms_mut() {
+                n.weight = n.weight.to_kind(kind);
+            }
+        }
+        for lin in self.linears_mut() {
+            lin.weight = lin.weight.to_kind(kind);
+            lin.bias = lin.bias.as_ref().map(|b| b.to_kind(kind));
+        }
+        self.kind = kind;
+    }
+
+    /// Bytes of the weights by kind: `(quantized, dense, adapters)`.
+    pub fn weight_bytes(&self) -> (usize, usize, usize) {
+        let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let quantized: usize = self.linears().iter().filter(|l| l.weight.is_quantized()).map(|l| l.weight.bytes()).sum();
+        let dense: usize = self.state_dict().iter().map(|(_, t)| size(t)).sum();
+        let adapters: usize = self.linears().iter().filter_map(|l| l.lora.as_ref()).map(|l| size(&l.a) + size(&l.b)).sum();
+        (quantized, dense, adapters)
+    }
+
+    /// Number of base parameters (quantized weights count their dequantized elements).
+    pub fn num_params(&self) -> usize {
+        let quantized: usize = self.linears().iter().filter(|l| l.weight.is_quantized()).map(|l| l.weight.numel()).sum();
+        quantized + self.state_dict().iter().map(|(_, t)| t.numel()).sum::<usize>()
+    }
+
+    /// The dense tensors of the state dict, named as in transformers (LoRA not merged).
+    /// 4-bit weights are not in it (they would have to be dequantized): see [`Linear::weight`].
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.shallow_clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, n) in l.norms() {
+                v.push((format!("model.layers.{i}.{name}.weight"), n.weight.shallow_clone()));
+            }
+        }
+        for lin in self.linears() {
+            if let Weight::Dense(w) = &lin.weight {
+                v.push((format!("{}.weight", lin.name), w.shallow_clone()));
+            }
+            if let Some(b) = &lin.bias {
+                v.push((format!("{}.bias", lin.name), b.shallow_clone()));
+            }
+        }
+        v.push(("model.norm.weight".into(), self.norm.weight.shallow_clone()));
+        v
+    }
+}
+
+/// A tensor kept from the forward for the recomputation in backward.
+enum Kept {
+    /// The first layer's input: the embeddings of the ids, looked up again when needed.
+    Embedding,
+    Device(Tensor),
+    /// In pinned host memory, copied on a side stream.
+    Host(crate::cuda::Offloaded),
+}
+
+impl Kept {
+    /// `t` itself, or a host copy of it when `offload` and it is on a GPU.
+    fn keep(t: &Tensor, offload: bool) -> Result<Kept> {
+        Ok(if offload && t.device().is_cuda() { Kept::Host(crate::cuda::offload(t)?) } else { Kept::Device(t.shallow_clone()) })
+    }
+
+    /// Starts copying a host copy back (so it lands while the layer above runs backward).
+    fn prefetch(&self) -> Result<Option<crate::cuda::Prefetch>> {
+        match self {
+            Kept::Host(o) => Ok(Some(o.prefetch()?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The tensor, on the GPU again, from `pending` (its prefetch) if started.
+    fn get(&self, pending: Option<crate::cuda::Prefetch>, net: &Decoder, ids: &Tensor) -> Result<Tensor> {
+        Ok(match (self, pending) {
+            (Kept::Embedding, _) => net.embed(ids).to_device(net.layers[0].device),
+            (Kept::Device(t), _) => t.shallow_clone(),
+            (Kept::Host(_), Some(p)) => p.wait()?,
+            (Kept::Host(o), None) => o.prefetch()?.wait()?,
+        })
+    }
+}
+
+/// The training path: each decoder layer kept or recomputed as `Checkpointing` says, the fused head.
+impl Decoder {
+    /// Forward and backward of one micro-batch (its tensors on the model's device); `weight`
+    /// scales the summed loss (1/window tokens, times the fp16 loss scale). Returns the summed
+    /// loss (detached). The trainer asks only this of the model.
+    ///
+    /// Dropout is seeded per half layer (`seed + 2l` for attention, `+ 1` for the MLP), so a run
+    /// draws the same masks with and without checkpointing, whichever half is recomputed first.
+    /// With gradient checkpointing, the forward runs without a graph keeping only each layer's
+    /// input (the first layer's, the embeddings, is looked up again); backward then recomputes one
+    /// layer at a time (`∂L/∂x_l` from `g = ∂L/∂x_{l+1}`). Only the attention block gets a graph:
+    /// the MLP's part is formed directly ([`Mlp::recompute_backward`]). When offloading, the
+    /// residual after attention is kept too (host memory is plentiful): the MLP's part starts from
+    /// it, and attention's recomputation skips `o_proj`
+    /// ([`DecoderLayer::attention_recompute_backward`](crate::models::decoder::DecoderLayer::attention_recompute_backward)).
+    pub fn loss_and_backward(&self, ids: &Tensor, labels: &Tensor, positions: &Tensor, mask: &AttnMask, weight: f64, checkpointing: Checkpointing, seed: i64) -> Result<Tensor> {
+        let net = self;
+        let offload = checkpointing == Checkpointing::Offload;
+        let mut shared = LayerInputs::new(net.rope.cos_sin(positions, net.kind), mask);
+        // per layer: its input and, when offloading, the residual after attention
+        let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
+        // Each layer leaves its output `mid + mlp(x)` unadded: the next layer's first norm adds it
+        // in its kernel ([`RmsNorm::forward_residual`](crate::models::decoder::RmsNorm::forward_residual)).
+        let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<Tensor> {
+            let mut h = net.embed(ids);
+            let mut pending: Option<Tensor> = None;
+            for l in 0..net.layers.len() {
+                let device = net.layers[l].device;
+                h = h.to_device(device);
+                let added = pending.take().map(|p| p.to_device(device));
+                tch::manual_seed(seed + 2 * l as i64);
+                let (input, mid, x) = net.layer_attention_block(l, &h, added.as_ref(), shared, true);
+                let input = match checkpointing {
+                    Checkpointing::Off => None,
+                    _ if l == 0 => Some(Kept::Embedding),
+                    _ => Some(Kept::keep(&input, offload)?),
+                };
+                tch::manual_seed(seed + 2 * l as i64 + 1);
+                pending = Some(net.layers[l].mlp.forward(&x, true));
+                if let Some(input) = input {
+                    kept.push((input, if offload { Some(Kept::keep(&mid, true)?) } else { None }));
+                }
+                h = mid;
+            }
+            Ok(match pending {
+                Some(m) => h + m,
+                None => h,
+            })
+        };
+        if checkpointing == Checkpointing::Off {
+            let h = forward(&mut kept, &mut shared)?;
+            return net.head_loss_backward(&h, labels, weight);
+        }
+        let h = tch::no_grad(|| forward(&mut kept, &mut shared))?;
+        let prefetch = |k: Option<&(Kept, Option<Kept>)>| -> Result<(Option<crate::cuda::Prefetch>, Option<crate::cuda::Prefetch>)> {
+            match k {
+                Some((x, mid)) => Ok((x.prefetch()?, match mid { Some(m) => m.prefetch()?, None => None })),
+                None => Ok((None, None)),
+            }
+        };
+        let mut pending = prefetch(kept.last())?;
+        let top = h.detach().set_requires_grad(true);
+        let loss = net.head_loss_backward(&top, labels, weight)?;
+        let mut grad = top.grad();
+        for l in (0..net.layers.len()).rev() {
+            let (px, pm) = std::mem::replace(&mut pending, (None, None));
+            let x = kept[l].0.get(px, net, ids)?;
+            let mid = match &kept[l].1 {
+                Some(m) => Some(m.get(pm, net, ids)?),
+                None => None,
+            };
+            pending = prefetch(l.checked_sub(1).map(|k| &kept[k]))?;
+            let x = x.detach().set_requires_grad(l > 0);
+            let g = grad.to_device(x.device());
+            let layer = &net.layers[l];
+            let backward = |roots: Vec<(Tensor, Tensor)>| crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>());
+            match mid {
+                None => {
+                    tch::manual_seed(seed + 2 * l as i64);
+                    let (_, h, xm) = net.layer_attention_block(l, &x, None, &mut shared, true);
+                    tch::manual_seed(seed + 2 * l as i64 + 1);
+                    let mut roots = layer.mlp.recompute_backward(&xm, &g)?;
+                    drop(xm);
+                    roots.push((h, g));
+                    backward(roots)?;
+                }
+                Some(mid) => {
+                    let mid = mid.detach().set_requires_grad(true);
+                    tch::manual_seed(seed + 2 * l as i64 + 1);
+                    let xm = layer.post_attention_layernorm.forward(&mid, true);
+                    backward(layer.mlp.recompute_backward(&xm, &g)?)?;
+                    drop(xm);
+                    let dmid = g + mid.grad();
+                    tch::manual_seed(seed + 2 * l as i64);
+                    backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared))?;
+                }
+            }
+            if l > 0 {
+                grad = x.grad();
+            }
+        }
+        Ok(loss)
+    }
+}
