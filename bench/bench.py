@@ -1,6 +1,6 @@
 """Side-by-side LoRA training throughput: ftscript vs HF transformers + peft on the same GPU.
 
-Both sides train the same random-init Llama-shaped model (bf16, SDPA) on full-length random
+Both sides train the same random-init Llama- or Qwen3-shaped model (bf16, SDPA) on full-length random
 token batches with the seed recipe (LoRA r=8, alpha=32, dropout 0.05, q_proj+v_proj, AdamW,
 clip 1.0), timing the median step after warm-up. The model is made once by transformers
 (save_pretrained) and loaded by ftscript; hf_baseline.py (the Python peer) builds the same
@@ -15,18 +15,18 @@ import argparse, json, os, subprocess, sys, tempfile, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from hf_baseline import SHAPES  # noqa: E402
+from hf_baseline import SHAPES, family  # noqa: E402
 
 
 def make_model(shape, out):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
     if os.path.exists(os.path.join(out, "config.json")):
         return
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, torch_dtype="bfloat16")
+    Config, Model, _, fields = family(shape)
+    cfg = Config(**fields, max_position_embeddings=4096, torch_dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = Model(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     write_tokenizer(out, cfg.vocab_size)
 

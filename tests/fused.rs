@@ -219,23 +219,30 @@ fn fused_cross_entropy_matches_the_ops() {
 /// place of bf16/fp16 (the fp32 sum of squares adds in another order); backward — the norm's input gradient
 /// plus the sum's own, rounded once (autograd rounds twice, so cancelling terms leave it far off
 /// in relative terms) — to 2 units of the exact fp64 value; with and without δ, widths 64 to
-/// 8192; and `None` for a width the kernel does not take.
+/// 8192 (a warp per row up to 256, a block per row above); and `None` for a width the kernel
+/// does not take.
 #[test]
 #[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
 fn fused_residual_rms_norm_matches_the_ops() {
     let Some((dev, _rng)) = cuda() else { return };
     tch::manual_seed(6);
     for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
-        for (shape, with_delta) in [([2i64, 128, 4096], true), ([3, 37, 64], true), ([1, 16, 8192], true), ([2, 64, 4096], false)] {
+        // widths up to 256 take the warp-per-row kernels (per-head q/k norms: [B, T, heads, 128])
+        let shapes: [(&[i64], bool); 7] = [
+            (&[2, 128, 4096], true), (&[3, 37, 64], true), (&[1, 16, 8192], true), (&[2, 64, 4096], false),
+            (&[2, 64, 8, 128], false), (&[4, 33, 256], true), (&[5, 7, 136], true),
+        ];
+        for (shape, with_delta) in shapes {
+            let width = *shape.last().unwrap();
             let h0 = Tensor::randn(shape, (kind, dev));
             let d0 = Tensor::randn(shape, (kind, dev));
-            let w = (Tensor::randn([shape[2]], (Kind::Float, dev)) * 0.1 + 1.0).to_kind(kind);
+            let w = (Tensor::randn([width], (Kind::Float, dev)) * 0.1 + 1.0).to_kind(kind);
             let (dsum, dy) = (Tensor::randn(shape, (kind, dev)), Tensor::randn(shape, (kind, dev)));
             let (h, d) = (leaf(&h0), leaf(&d0));
             let (sum, out) = autograd::add_rms_norm(&h, with_delta.then_some(&d), &w, 1e-5).unwrap_or_else(|| panic!("kernel unavailable: {:?}", ftscript::cuda::kernels::unavailable_reason()));
             let (h2, d2) = (leaf(&h0), leaf(&d0));
             let sum2 = if with_delta { &h2 + &d2 } else { h2.shallow_clone() };
-            let out2 = sum2.internal_fused_rms_norm([shape[2]].as_slice(), Some(&w), 1e-5).0;
+            let out2 = sum2.internal_fused_rms_norm([width].as_slice(), Some(&w), 1e-5).0;
             assert!(same_bits(&sum, &sum2), "{kind:?} {shape:?}: the sum differs");
             let (worst, differing) = ulps(&out, &out2);
             // fp32 output shows the two sums' own rounding (~1e-7 relative, a few ulp)

@@ -142,8 +142,12 @@ struct AddRmsNorm : public torch::autograd::Function<AddRmsNorm> {
          *po = out.data_ptr(), *pr = rstd.data_ptr();
     int d = (int)dim;
     float e = (float)eps;
-    void* params[] = {&ph, &pd, &pw, &ps, &po, &pr, &d, &e};
-    launch("add_rms_norm", hc, rows * threads, params);
+    long long n = rows;
+    void* params[] = {&ph, &pd, &pw, &ps, &po, &pr, &d, &e, &n};
+    if (dim <= 256)  // a warp per row
+      launch("add_rms_norm_rows", hc, rows * 32, params);
+    else
+      launch("add_rms_norm", hc, rows * threads, params);
     ctx->save_for_backward({sum, wc, rstd});
     ctx->saved_data["has_delta"] = has_delta;
     if (has_delta) return {sum, out};
@@ -163,8 +167,11 @@ struct AddRmsNorm : public torch::autograd::Function<AddRmsNorm> {
       void *pdy = dy.data_ptr(), *ps = sum.data_ptr(), *pw = w.data_ptr(), *pr = rstd.data_ptr(),
            *pres = dsum.defined() ? dsum.data_ptr() : nullptr, *pdx = dx.data_ptr();
       int d = (int)dim;
-      void* params[] = {&pdy, &ps, &pw, &pr, &pres, &pdx, &d};
-      if (dim % 256 == 0)  // one 8-element chunk a thread
+      long long n = rows;
+      void* params[] = {&pdy, &ps, &pw, &pr, &pres, &pdx, &d, &n};
+      if (dim <= 256)  // a warp per row
+        launch("rms_norm_bwd_rows", sum, rows * 32, params);
+      else if (dim % 256 == 0)  // one 8-element chunk a thread
         launch("rms_norm_bwd1", sum, rows * (dim / 8), params, (unsigned)(dim / 8));
       else
         launch("rms_norm_bwd", sum, rows * threads, params);

@@ -472,6 +472,88 @@ __device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typenam
   }
 }
 
+// The same two kernels for rows of at most 256 elements (each head's query or key in Qwen3's
+// q/k norms): a warp per row, a lane per 8-element chunk, RMS_THREADS / 32 rows a block, the sums
+// by warp shuffles alone (a block per row would leave most of its threads idle).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+template <typename S>
+__device__ void add_rms_norm_rows(const typename S::T* __restrict__ h, const typename S::T* __restrict__ delta,
+                                  const typename S::T* __restrict__ w, typename S::T* __restrict__ sum,
+                                  typename S::T* __restrict__ out, float* __restrict__ rstd, int dim, float eps,
+                                  long long rows) {
+  const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;  // a whole warp: the shuffles below see all 32 lanes
+  const int e = (threadIdx.x % 32) * 8;
+  const bool mine = e < dim;
+  const size_t base = (size_t)row * dim;
+  Chunk<S> sc;
+  float sq = 0.0f;
+  if (mine) {
+    sc.load(h + base, e, dim, true);
+    if (delta) {
+      Chunk<S> d;
+      d.load(delta + base, e, dim, true);
+#pragma unroll
+      for (int k = 0; k < 8; k++) sc.v[k] = S::cvt(S::load(sc.v[k]) + S::load(d.v[k]));
+      sc.store(sum + base, e, dim, true);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      const float v = S::load(sc.v[k]);
+      sq = __fmaf_rn(v, v, sq);
+    }
+  }
+  const float r = rsqrtf(warp_sum(sq) / dim + eps);
+  if (threadIdx.x % 32 == 0) rstd[row] = r;
+  if (mine) {
+    Chunk<S> wc, o;
+    wc.load(w, e, dim, true);
+#pragma unroll
+    for (int k = 0; k < 8; k++) o.v[k] = S::cvt(S::load(sc.v[k]) * r * S::load(wc.v[k]));
+    o.store(out + base, e, dim, true);
+  }
+}
+template <typename S>
+__device__ void rms_norm_bwd_rows(const typename S::T* __restrict__ dy, const typename S::T* __restrict__ s,
+                                  const typename S::T* __restrict__ w, const float* __restrict__ rstd,
+                                  const typename S::T* __restrict__ dres, typename S::T* __restrict__ dx, int dim,
+                                  long long rows) {
+  const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int e = (threadIdx.x % 32) * 8;
+  const bool mine = e < dim;
+  const size_t base = (size_t)row * dim;
+  Chunk<S> sc, o;
+  float g[8];
+  float dot = 0.0f;
+  if (mine) {
+    Chunk<S> dc, wc;
+    dc.load(dy + base, e, dim, true);
+    wc.load(w, e, dim, true);
+    sc.load(s + base, e, dim, true);
+    if (dres) o.load(dres + base, e, dim, true);
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      g[k] = S::load(dc.v[k]) * S::load(wc.v[k]);
+      dot = __fmaf_rn(g[k], S::load(sc.v[k]), dot);
+    }
+  }
+  const float r = rstd[row];
+  const float c = warp_sum(dot) / dim * r * r * r;
+  if (mine) {
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      const float v = r * g[k] - S::load(sc.v[k]) * c;
+      o.v[k] = S::cvt(dres ? S::load(o.v[k]) + v : v);
+    }
+    o.store(dx + base, e, dim, true);
+  }
+}
+
 #define FTSCRIPT_TYPED(S, suffix)                                                                                  \
   extern "C" __global__ void swiglu_fwd_##suffix(const S::T* g, const S::T* u, S::T* o, long long n, int vec) {    \
     swiglu_fwd<S>(g, u, o, n, vec);                                                                                \
@@ -511,6 +593,15 @@ __device__ void rms_norm_bwd(const typename S::T* __restrict__ dy, const typenam
   extern "C" __global__ void rms_norm_bwd1_##suffix(const S::T* dy, const S::T* s, const S::T* w, const float* rstd, \
                                                     const S::T* dres, S::T* dx, int dim) {                        \
     rms_norm_bwd<S, 1>(dy, s, w, rstd, dres, dx, dim);                                                             \
+  }                                                                                                                \
+  extern "C" __global__ void add_rms_norm_rows_##suffix(const S::T* h, const S::T* d, const S::T* w, S::T* sum,    \
+                                                        S::T* out, float* rstd, int dim, float eps, long long rows) { \
+    add_rms_norm_rows<S>(h, d, w, sum, out, rstd, dim, eps, rows);                                                 \
+  }                                                                                                                \
+  extern "C" __global__ void rms_norm_bwd_rows_##suffix(const S::T* dy, const S::T* s, const S::T* w,              \
+                                                        const float* rstd, const S::T* dres, S::T* dx, int dim,    \
+                                                        long long rows) {                                          \
+    rms_norm_bwd_rows<S>(dy, s, w, rstd, dres, dx, dim, rows);                                                     \
   }
 FTSCRIPT_TYPED(Bf16, bf16)
 FTSCRIPT_TYPED(F16, f16)
