@@ -36,6 +36,11 @@ fn qwen3_lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("qwen3");
 }
 
+#[test]
+fn gemma2_lora_training_and_adapters_match_hf_and_peft() {
+    lora_matches_hf_and_peft("gemma2");
+}
+
 /// On the tiny model `name`: a peft adapter loads with peft's logits; 20 steps train as HF
 /// Trainer + peft do from the same adapter; the trained adapter loads in peft and the merged
 /// model in transformers, both with ftscript's logits.
@@ -145,9 +150,22 @@ fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
 /// the first profile of a run.
 #[test]
 fn gradient_checkpointing_matches_the_full_graph() {
+    checkpointing_matches_the_full_graph("llama_gqa");
+}
+
+/// As above for the families whose layers differ: Qwen3's q/k norms (inside the recomputed
+/// attention), Gemma 2's output norms (the layer recomputed whole under autograd), GeGLU,
+/// soft-capped attention scores and logits.
+#[test]
+fn qwen3_and_gemma2_checkpoint_like_the_full_graph() {
+    checkpointing_matches_the_full_graph("qwen3");
+    checkpointing_matches_the_full_graph("gemma2");
+}
+
+fn checkpointing_matches_the_full_graph(model_name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let model = tiny_model_and_text(d, 24);
+    let model = tiny_and_text(d, model_name, 24);
     let o = d.to_str().unwrap();
     for (targets, adapted) in [("\"all-linear\"", 7), ("[\"q_proj\", \"v_proj\"]", 2)] {
         let run = |name: &str, ckpt: &str| {
@@ -180,14 +198,14 @@ m.save_adapter("{o}/{name}/adapter");
             run(&name, mode);
             let ckpt = losses(&d.join(&name).join("metrics.jsonl"));
             for (x, y) in full.iter().zip(&ckpt) {
-                assert!((x - y).abs() < 1e-6, "{targets} {mode}: losses differ: {full:?} vs {ckpt:?}");
+                assert!((x - y).abs() < 1e-6, "{model_name} {targets} {mode}: losses differ: {full:?} vs {ckpt:?}");
             }
             let b = read_safetensors(&d.join(&name).join("adapter/adapter_model.safetensors"));
             for (k, t) in &a {
                 let err = rel_err(t, &b[k]);
                 // fp32 rounding, which Adam's normalisation amplifies, stays below 1e-4; a missing or
                 // wrong gradient moves an element by ~lr (1e-2 against entries of ~0.1)
-                assert!(err < 1e-3, "{k}: rel err {err:.3e} between the {mode} and the full run");
+                assert!(err < 1e-3, "{model_name} {k}: rel err {err:.3e} between the {mode} and the full run");
             }
         }
         let ckpt_name = format!("ckpt{adapted}4");

@@ -45,6 +45,7 @@ fn default_max_pos() -> usize {
     2048
 }
 
+pub use crate::nn::mlp::Activation;
 pub use crate::nn::rope::RopeScaling;
 
 /// What a decoder is made of, resolved from a family's config.json: the shapes, and which of
@@ -79,9 +80,26 @@ pub struct DecoderConfig {
     /// o_proj carries a bias (Llama's `attention_bias`).
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// Each head's query and key are RMS-normalized over `head_dim` before RoPE (Qwen3's
-    /// `q_norm`, `k_norm`).
+    /// Each head's query and key are RMS-normalized over `head_dim` before RoPE (Qwen3's and
+    /// Gemma 3's `q_norm`, `k_norm`).
     pub qk_norm: bool,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// Norms scale by `1 + w` (Gemma).
+    pub norm_unit_offset: bool,
+    /// The attention and MLP outputs are normalized before their residual adds (Gemma 2/3's
+    /// `post_attention_layernorm`, `post_feedforward_layernorm`; the MLP's input norm is then
+    /// `pre_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// The embeddings are multiplied by `√hidden_size` (rounded to the weights' dtype; Gemma).
+    pub embed_scale: bool,
+    /// Attention's `qkᵀ` scale when not `1/√head_dim` (Gemma's `query_pre_attn_scalar^-½`).
+    pub attn_scale: Option<f64>,
+    /// Attention scores soft-capped, `c·tanh(s/c)`, before the mask (Gemma 2's
+    /// `attn_logit_softcapping`).
+    pub attn_softcap: Option<f64>,
+    /// Logits soft-capped, `c·tanh(z/c)` (Gemma 2's `final_logit_softcapping`).
+    pub final_softcap: Option<f64>,
 }
 
 pub(crate) fn token_ids(v: &Option<serde_json::Value>) -> Vec<i64> {
@@ -136,11 +154,10 @@ impl CommonConfig {
     /// The decoder these keys describe, as Llama builds it (no biases, no window, plain
     /// attention); `architecture` is the family's. Families change the fields that differ.
     pub fn decoder(&self, architecture: &str) -> Result<DecoderConfig> {
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" && act != "swish" {
-                bail!("unsupported hidden_act `{act}` for {architecture}; supported: silu");
-            }
-        }
+        let activation = match &self.hidden_act {
+            Some(name) => Activation::from_name(name).with_context(|| format!("hidden_act of {architecture}"))?,
+            None => Activation::Silu,
+        };
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
             bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
         }
@@ -178,6 +195,13 @@ impl CommonConfig {
             o_bias: false,
             mlp_bias: false,
             qk_norm: false,
+            activation,
+            norm_unit_offset: false,
+            sandwich_norms: false,
+            embed_scale: false,
+            attn_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
         })
     }
 

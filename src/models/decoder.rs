@@ -1,17 +1,19 @@
-//! The decoder every family builds (Llama 1/2/3, Mistral, Qwen2, Qwen3), mirroring
+//! The decoder every family builds (Llama 1/2/3, Mistral, Qwen2, Qwen3, Gemma 2), mirroring
 //! transformers' `modeling_llama.py` (and the families' variants of it) op for op so logits match:
 //!
 //! ```text
-//! h = embed(ids)
-//! for each layer:  h = h + o(attn(rope(qn(q(n1(h)))), rope(kn(k(n1(h)))), v(n1(h))))
-//!                  h = h + down(silu(gate(n2(h))) * up(n2(h)))
-//! logits = lm_head(norm(h))          (lm_head = embedᵀ when embeddings are tied)
+//! h = embed(ids) (· √H)
+//! for each layer:  h = h + (pa)(o(attn(rope(qn(q(n1(h)))), rope(kn(k(n1(h)))), v(n1(h)))))
+//!                  h = h + (pm)(down(act(gate(n2(h))) * up(n2(h))))
+//! logits = cap(lm_head(norm(h)))          (lm_head = embedᵀ when embeddings are tied)
 //! ```
-//! `n(x) = w · x / √(mean(x²) + ε)` computed in fp32 (RMSNorm); `qn`, `kn` are RMSNorms over
-//! each head's `head_dim` (Qwen3; identity elsewhere); attention is
-//! `softmax(q kᵀ / √d + mask) v` through libtorch's `scaled_dot_product_attention`, with
-//! grouped-query attention (k/v heads shared by `heads / kv_heads` query heads) and a sliding
-//! window on the layers the config marks.
+//! `n(x) = w · x / √(mean(x²) + ε)` computed in fp32 (RMSNorm; `(1 + w)` in Gemma); `qn`, `kn`
+//! are RMSNorms over each head's `head_dim` (Qwen3), `pa`, `pm` the output norms of Gemma 2's
+//! "sandwich" layers, `cap(z) = c·tanh(z/c)` Gemma 2's soft-cap (identity elsewhere); `act` is
+//! SiLU or GELU-tanh. Attention is `softmax(q kᵀ · s + mask) v` (`s = 1/√d` unless the family
+//! sets it) through libtorch's `scaled_dot_product_attention`, with grouped-query attention (k/v
+//! heads shared by `heads / kv_heads` query heads) and a sliding window on the layers the config
+//! marks; with soft-capped scores (Gemma 2) it is computed op by op, as transformers' eager path.
 
 use super::config::DecoderConfig;
 use super::Checkpointing;
@@ -39,6 +41,10 @@ pub struct Attention {
     n_kv_heads: i64,
     head_dim: i64,
     sliding_window: Option<i64>,
+    /// `qkᵀ`'s scale when not `1/√head_dim`.
+    scale: Option<f64>,
+    /// Scores soft-capped at ±this before the mask.
+    softcap: Option<f64>,
 }
 
 impl Attention {
@@ -92,16 +98,22 @@ impl Attention {
             }
         };
         let is_causal = explicit.is_none() && t > 1;
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            explicit.as_ref(),
-            0.0,
-            is_causal,
-            None,
-            self.n_kv_heads != self.n_heads,
-        );
+        let y = match self.softcap {
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, explicit.as_ref(), 0.0, is_causal, self.scale, self.n_kv_heads != self.n_heads),
+            Some(cap) => {
+                // transformers' eager attention: scores, soft-cap, mask, softmax in fp32
+                let groups = self.n_heads / self.n_kv_heads;
+                let (k, v) = (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None));
+                let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+                let scores = crate::nn::loss::softcap(&(q.matmul(&k.transpose(2, 3)) * scale), Some(cap));
+                let allowed = match explicit {
+                    Some(m) => m,
+                    None => Tensor::ones([t, kv_len], (Kind::Bool, x.device())).tril(past),
+                };
+                let scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+                scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+            }
+        };
         y.transpose(1, 2).contiguous().view([b, t, self.n_heads * self.head_dim])
     }
 }
@@ -122,28 +134,34 @@ impl Attention {
 pub struct DecoderLayer {
     /// Where the layer's weights live (layers of one model may sit on different GPUs).
     pub device: Device,
+    /// Attention's input norm (`input_layernorm`).
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
-    pub post_attention_layernorm: RmsNorm,
+    /// Attention's output norm, before the residual add (Gemma 2's `post_attention_layernorm`).
+    pub attn_out_norm: Option<RmsNorm>,
+    /// The MLP's input norm (Llama's `post_attention_layernorm`, Gemma 2's `pre_feedforward_layernorm`).
+    pub mlp_norm: RmsNorm,
     pub mlp: Mlp,
+    /// The MLP's output norm, before the residual add (Gemma 2's `post_feedforward_layernorm`).
+    pub mlp_out_norm: Option<RmsNorm>,
 }
 
 impl DecoderLayer {
-    /// The layer's norms with their names under the layer's prefix.
-    pub fn norms(&self) -> Vec<(&'static str, &RmsNorm)> {
+    /// The layer's norms, in checkpoint order.
+    pub fn norms(&self) -> Vec<&RmsNorm> {
         let a = &self.self_attn;
-        let mut v = vec![("input_layernorm", &self.input_layernorm), ("post_attention_layernorm", &self.post_attention_layernorm)];
-        v.extend(a.q_norm.iter().map(|n| ("self_attn.q_norm", n)));
-        v.extend(a.k_norm.iter().map(|n| ("self_attn.k_norm", n)));
-        v
+        [Some(&self.input_layernorm), a.q_norm.as_ref(), a.k_norm.as_ref(), self.attn_out_norm.as_ref(), Some(&self.mlp_norm), self.mlp_out_norm.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     pub fn norms_mut(&mut self) -> Vec<&mut RmsNorm> {
         let a = &mut self.self_attn;
-        let mut v = vec![&mut self.input_layernorm, &mut self.post_attention_layernorm];
-        v.extend(a.q_norm.iter_mut());
-        v.extend(a.k_norm.iter_mut());
-        v
+        [Some(&mut self.input_layernorm), a.q_norm.as_mut(), a.k_norm.as_mut(), self.attn_out_norm.as_mut(), Some(&mut self.mlp_norm), self.mlp_out_norm.as_mut()]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     pub fn forward(
@@ -155,13 +173,30 @@ impl DecoderLayer {
         train: bool,
     ) -> Tensor {
         let (_, h, x) = self.attention_block(h, None, cos_sin, mask, cache, train);
-        h + self.mlp.forward(&x, train)
+        h + self.mlp_block(&x, train)
+    }
+
+    /// The MLP's contribution to the residual stream from its input `x`: `mlp(x)`, normalized
+    /// by the output norm if the layer has one.
+    pub fn mlp_block(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = self.mlp.forward(x, train);
+        match &self.mlp_out_norm {
+            Some(n) => n.forward(&y, train),
+            None => y,
+        }
+    }
+
+    /// Whether backward may take the hand-written checkpointed path ([`Mlp::recompute_backward`],
+    /// [`DecoderLayer::attention_recompute_backward`]), which knows no output norms; otherwise the
+    /// layer is recomputed whole under autograd.
+    pub fn plain(&self) -> bool {
+        self.attn_out_norm.is_none() && self.mlp_out_norm.is_none()
     }
 
     /// The layer up to its MLP, from its input `h + pending` (`pending`: the previous layer's
     /// MLP output, when its residual add is left to this layer's first norm, which fuses it):
     /// that input, the residual stream after attention `mid`, and the MLP's input
-    /// `post_attention_layernorm(mid)` (the layer's output is `mid + mlp(x)`).
+    /// `mlp_norm(mid)` (the layer's output is `mid + mlp_block(x)`).
     pub fn attention_block(
         &self,
         h: &Tensor,
@@ -173,8 +208,11 @@ impl DecoderLayer {
     ) -> (Tensor, Tensor, Tensor) {
         let attn = &self.self_attn;
         let (input, normed) = self.input_layernorm.forward_residual(h, pending, train);
-        let a = attn.o_proj.forward(&attn.heads(&normed, cos_sin, mask, cache, train), train);
-        let (mid, x) = self.post_attention_layernorm.forward_residual(&input, Some(&a), train);
+        let mut a = attn.o_proj.forward(&attn.heads(&normed, cos_sin, mask, cache, train), train);
+        if let Some(n) = &self.attn_out_norm {
+            a = n.forward(&a, train);
+        }
+        let (mid, x) = self.mlp_norm.forward_residual(&input, Some(&a), train);
         (input, mid, x)
     }
 
@@ -247,9 +285,16 @@ impl Decoder {
             })
         };
         let norm_of = |name: String, width: i64, device: Device| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: load(&format!("{name}.weight"), &[width], device)?, eps: c.rms_norm_eps })
+            let mut weight = load(&format!("{name}.weight"), &[width], device)?;
+            if c.norm_unit_offset && matches!(weights, WeightSource::Random { .. }) {
+                weight = weight.zeros_like(); // transformers' init: `1 + w` starts at 1
+            }
+            Ok(RmsNorm { weight, eps: c.rms_norm_eps, unit_offset: c.norm_unit_offset, name })
         };
         let norm = |name: String, device: Device| norm_of(name, h, device);
+        let sandwich = |name: String, device: Device| -> Result<Option<RmsNorm>> {
+            if c.sandwich_norms { Ok(Some(norm(name, device)?)) } else { Ok(None) }
+        };
         let head_norm = |name: String, device: Device| -> Result<Option<RmsNorm>> {
             if c.qk_norm { Ok(Some(norm_of(name, hd, device)?)) } else { Ok(None) }
         };
@@ -272,13 +317,18 @@ impl Decoder {
                     n_kv_heads: nkv,
                     head_dim: hd,
                     sliding_window: window,
+                    scale: c.attn_scale,
+                    softcap: c.attn_softcap,
                 },
-                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm"), d)?,
+                attn_out_norm: sandwich(format!("{p}.post_attention_layernorm"), d)?,
+                mlp_norm: norm(format!("{p}.{}", if c.sandwich_norms { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }), d)?,
                 mlp: Mlp {
                     gate_proj: linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias, d)?,
                     up_proj: linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias, d)?,
                     down_proj: linear(format!("{p}.mlp.down_proj"), h, i, c.mlp_bias, d)?,
+                    act: c.activation,
                 },
+                mlp_out_norm: sandwich(format!("{p}.post_feedforward_layernorm"), d)?,
             });
         }
         let vocab = c.vocab_size as i64;
@@ -303,17 +353,25 @@ impl Decoder {
     }
 
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+        let e = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        if self.config.embed_scale {
+            // transformers multiplies by √H rounded to the weights' dtype
+            let scale = Tensor::from((self.config.hidden_size as f64).sqrt()).to_kind(e.kind()).to_device(e.device());
+            e * scale
+        } else {
+            e
+        }
     }
 
     /// Final norm and output projection: hidden `[B, T, H]` → logits `[B, T, V]` (on
     /// `head_device`).
     pub fn head(&self, h: &Tensor, train: bool) -> Tensor {
         let h = self.norm.forward(&h.to_device(self.head_device), train);
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(l) => l.forward(&h, train),
             None => h.matmul(&self.embed_tokens.tr()),
-        }
+        };
+        loss::softcap(&logits, self.config.final_softcap)
     }
 
     /// Hidden states after the last decoder layer (before the final norm).
@@ -370,10 +428,11 @@ impl Decoder {
         let flat = h.narrow(1, 0, t - 1).reshape([n, hidden]).to_device(self.head_device);
         let target = labels.narrow(1, 1, t - 1).reshape([n]).to_device(self.head_device);
         let normed = self.norm.forward(&flat, true);
+        let cap = self.config.final_softcap;
         match &self.lm_head {
-            None => loss::linear_cross_entropy_backward(&normed, &self.embed_tokens, None, &target, weight),
-            Some(l) if l.lora.is_none() => loss::linear_cross_entropy_backward(&normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), &target, weight),
-            Some(l) => loss::linear_cross_entropy_backward_autograd(l, &normed, &target, weight),
+            None => loss::linear_cross_entropy_backward(&normed, &self.embed_tokens, None, &target, weight, cap),
+            Some(l) if l.lora.is_none() => loss::linear_cross_entropy_backward(&normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), &target, weight, cap),
+            Some(l) => loss::linear_cross_entropy_backward_autograd(l, &normed, &target, weight, cap),
         }
     }
 
@@ -455,10 +514,8 @@ impl Decoder {
     /// 4-bit weights are not in it (they would have to be dequantized): see [`Linear::weight`].
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.shallow_clone())];
-        for (i, l) in self.layers.iter().enumerate() {
-            for (name, n) in l.norms() {
-                v.push((format!("model.layers.{i}.{name}.weight"), n.weight.shallow_clone()));
-            }
+        for n in self.layers.iter().flat_map(|l| l.norms()) {
+            v.push((format!("{}.weight", n.name), n.weight.shallow_clone()));
         }
         for lin in self.linears() {
             if let Weight::Dense(w) = &lin.weight {
@@ -468,7 +525,7 @@ impl Decoder {
                 v.push((format!("{}.bias", lin.name), b.shallow_clone()));
             }
         }
-        v.push(("model.norm.weight".into(), self.norm.weight.shallow_clone()));
+        v.push((format!("{}.weight", self.norm.name), self.norm.weight.shallow_clone()));
         v
     }
 }
@@ -545,7 +602,7 @@ impl Decoder {
                     _ => Some(Kept::keep(&input, offload)?),
                 };
                 tch::manual_seed(seed + 2 * l as i64 + 1);
-                pending = Some(net.layers[l].mlp.forward(&x, true));
+                pending = Some(net.layers[l].mlp_block(&x, true));
                 if let Some(input) = input {
                     kept.push((input, if offload { Some(Kept::keep(&mid, true)?) } else { None }));
                 }
@@ -584,6 +641,13 @@ impl Decoder {
             let layer = &net.layers[l];
             let backward = |roots: Vec<(Tensor, Tensor)>| crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>());
             match mid {
+                _ if !layer.plain() => {
+                    // the whole layer under autograd, with the forward's dropout draws
+                    tch::manual_seed(seed + 2 * l as i64);
+                    let (_, h, xm) = net.layer_attention_block(l, &x, None, &mut shared, true);
+                    tch::manual_seed(seed + 2 * l as i64 + 1);
+                    backward(vec![(h + layer.mlp_block(&xm, true), g)])?;
+                }
                 None => {
                     tch::manual_seed(seed + 2 * l as i64);
                     let (_, h, xm) = net.layer_attention_block(l, &x, None, &mut shared, true);
@@ -596,7 +660,7 @@ impl Decoder {
                 Some(mid) => {
                     let mid = mid.detach().set_requires_grad(true);
                     tch::manual_seed(seed + 2 * l as i64 + 1);
-                    let xm = layer.post_attention_layernorm.forward(&mid, true);
+                    let xm = layer.mlp_norm.forward(&mid, true);
                     backward(layer.mlp.recompute_backward(&xm, &g)?)?;
                     drop(xm);
                     let dmid = g + mid.grad();

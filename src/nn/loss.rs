@@ -49,8 +49,9 @@ pub fn cross_entropy_with_grad_ops(logits: &Tensor, target: &Tensor, weight: f64
 /// the summed loss (detached). A fused linear cross-entropy: the frozen projection `(w, bias)`
 /// and the loss run without a graph, `LOSS_CHUNK_ELEMENTS` logits at a time, each chunk's
 /// `∂L/∂x = (∂L/∂z) W` formed directly, so neither full-vocabulary logits nor autograd's copies
-/// of a chunk's softmax ever exist.
-pub fn linear_cross_entropy_backward(normed: &Tensor, w: &Tensor, bias: Option<&Tensor>, target: &Tensor, weight: f64) -> anyhow::Result<Tensor> {
+/// of a chunk's softmax ever exist. With `softcap` `c` (Gemma 2) the loss sees `c·tanh(z/c)`,
+/// whose gradient carries the factor `1 − tanh²(z/c)`.
+pub fn linear_cross_entropy_backward(normed: &Tensor, w: &Tensor, bias: Option<&Tensor>, target: &Tensor, weight: f64, softcap: Option<f64>) -> anyhow::Result<Tensor> {
     let n = normed.size()[0];
     let chunk = (LOSS_CHUNK_ELEMENTS / w.size()[0]).max(1);
     let mut total = Tensor::zeros([], (Kind::Float, normed.device()));
@@ -60,7 +61,14 @@ pub fn linear_cross_entropy_backward(normed: &Tensor, w: &Tensor, bias: Option<&
     while start < n {
         let len = chunk.min(n - start);
         let logits = normed.narrow(0, start, len).linear(w, bias);
-        let (loss, dlogits) = cross_entropy_with_grad(&logits, &target.narrow(0, start, len), weight);
+        let (loss, dlogits) = match softcap {
+            None => cross_entropy_with_grad(&logits, &target.narrow(0, start, len), weight),
+            Some(c) => {
+                let t = (&logits / c).tanh();
+                let (loss, d) = cross_entropy_with_grad(&(&t * c), &target.narrow(0, start, len), weight);
+                (loss, d * (1.0 - t.square()))
+            }
+        };
         drop(logits);
         let _ = dlogits.mm_out(&dnormed.narrow(0, start, len), w);
         total += loss;
@@ -72,9 +80,18 @@ pub fn linear_cross_entropy_backward(normed: &Tensor, w: &Tensor, bias: Option<&
     Ok(total)
 }
 
+/// `c·tanh(z/c)`: logits soft-capped at ±`c` (Gemma 2's `final_logit_softcapping`), in
+/// transformers' op order.
+pub fn softcap(z: &Tensor, cap: Option<f64>) -> Tensor {
+    match cap {
+        None => z.shallow_clone(),
+        Some(c) => (z / c).tanh() * c,
+    }
+}
+
 /// [`linear_cross_entropy_backward`] through autograd, chunk by chunk, for an output projection
 /// with an adapter (which needs its graph).
-pub fn linear_cross_entropy_backward_autograd(head: &super::Linear, normed: &Tensor, target: &Tensor, weight: f64) -> anyhow::Result<Tensor> {
+pub fn linear_cross_entropy_backward_autograd(head: &super::Linear, normed: &Tensor, target: &Tensor, weight: f64, cap: Option<f64>) -> anyhow::Result<Tensor> {
     let n = normed.size()[0];
     let rows = normed.detach().set_requires_grad(true);
     let chunk = (LOSS_CHUNK_ELEMENTS / head.out_features()).max(1);
@@ -82,7 +99,7 @@ pub fn linear_cross_entropy_backward_autograd(head: &super::Linear, normed: &Ten
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = head.forward(&rows.narrow(0, start, len), true);
+        let logits = softcap(&head.forward(&rows.narrow(0, start, len), true), cap);
         let loss = logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(&target.narrow(0, start, len), None, tch::Reduction::Sum, -100, 0.0);
         (&loss * weight).backward();
         total += loss.detach();

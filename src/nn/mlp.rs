@@ -1,41 +1,75 @@
-//! The gated MLP, `down(silu(gate(x)) · up(x))`, with its fused SwiGLU and the checkpointed
-//! backward that forms the frozen projections' input gradients directly.
+//! The gated MLP, `down(act(gate(x)) · up(x))` with `act` SiLU (SwiGLU: Llama, Qwen) or GELU's
+//! tanh approximation (GeGLU: Gemma), with the fused SwiGLU and the checkpointed backward that
+//! forms the frozen projections' input gradients directly.
 
 use super::{fused, Linear};
+use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
+
+/// The gate's activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// `x · σ(x)` (config.json's `silu` / `swish`).
+    Silu,
+    /// `x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))` (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Activation {
+    /// config.json's `hidden_act` / `hidden_activation` name.
+    pub fn from_name(name: &str) -> Result<Activation> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
+            other => bail!("unsupported activation `{other}`; supported: silu, gelu_pytorch_tanh"),
+        })
+    }
+}
 
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    pub act: Activation,
 }
 
 impl Mlp {
-    /// `silu(gate) · up` from the gate and up projections: the input of `down_proj`.
-    pub fn swiglu(gate: &Tensor, up: &Tensor, train: bool) -> Tensor {
-        if fused(gate, train) {
-            if let Some(m) = crate::cuda::autograd::swiglu(gate, up) {
-                return m;
+    /// `act(gate) · up` from the gate and up projections: the input of `down_proj` (SwiGLU in
+    /// one kernel each way when training on a GPU).
+    pub fn gated(&self, gate: &Tensor, up: &Tensor, train: bool) -> Tensor {
+        match self.act {
+            Activation::Silu => {
+                if fused(gate, train) {
+                    if let Some(m) = crate::cuda::autograd::swiglu(gate, up) {
+                        return m;
+                    }
+                }
+                gate.silu() * up
             }
+            Activation::GeluTanh => gate.gelu("tanh") * up,
         }
-        gate.silu() * up
     }
 
-    /// `(∂L/∂gate, ∂L/∂up)` of [`Mlp::swiglu`] from `∂L/∂m`, without a graph:
-    /// `∂up = ∂m · silu(gate)`, `∂gate = ∂m · up · σ(gate)(1 + gate(1 − σ(gate)))`. On a GPU they
+    /// `(∂L/∂gate, ∂L/∂up)` of [`Mlp::gated`] from `∂L/∂m`, without a graph: `∂up = ∂m · act(gate)`,
+    /// `∂gate = ∂m · up · act′(gate)` (SiLU: `σ(gate)(1 + gate(1 − σ(gate)))`). On a GPU SwiGLU's
     /// are written over `gate` and `up` (whose memory is returned), elsewhere into new tensors.
-    pub fn swiglu_grads(dm: &Tensor, gate: Tensor, up: Tensor) -> (Tensor, Tensor) {
+    pub fn gated_grads(&self, dm: &Tensor, gate: Tensor, up: Tensor) -> (Tensor, Tensor) {
         let _g = tch::no_grad_guard();
-        if crate::cuda::autograd::swiglu_backward_in_place(dm, &gate, &up) {
-            return (gate, up);
+        match self.act {
+            Activation::Silu => {
+                if crate::cuda::autograd::swiglu_backward_in_place(dm, &gate, &up) {
+                    return (gate, up);
+                }
+                (gate.silu_backward(&(dm * &up)), dm * gate.silu())
+            }
+            Activation::GeluTanh => (gate.gelu_backward(&(dm * &up), "tanh"), dm * gate.gelu("tanh")),
         }
-        (gate.silu_backward(&(dm * &up)), dm * gate.silu())
     }
 
-    /// `down(silu(gate(x)) · up(x))`.
+    /// `down(act(gate(x)) · up(x))`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.gate_proj, &self.up_proj], x, train).try_into().unwrap();
-        self.down_proj.forward(&Mlp::swiglu(&gate, &up, train), train)
+        self.down_proj.forward(&self.gated(&gate, &up, train), train)
     }
 
     /// Backward through the MLP from `∂L/∂y` at its output `dy`, recomputing what it needs from
@@ -61,13 +95,13 @@ impl Mlp {
         let (gate, up) = (project(&self.gate_proj), project(&self.up_proj));
         let mut dm = self.down_proj.base_input_grad(&dy2);
         if let Some(l) = &self.down_proj.lora {
-            let m = tch::no_grad(|| Mlp::swiglu(&gate, &up, true)).set_requires_grad(true);
+            let m = tch::no_grad(|| self.gated(&gate, &up, true)).set_requires_grad(true);
             let delta = l.delta(&m, true);
             crate::cuda::autograd::backward(&[(&delta, &dy2)])?;
             dm += m.grad();
         }
         let adapted = (self.gate_proj.lora.is_some(), self.up_proj.lora.is_some());
-        let (dgate, dup) = Mlp::swiglu_grads(&dm, gate.shallow_clone(), up.shallow_clone());
+        let (dgate, dup) = self.gated_grads(&dm, gate.shallow_clone(), up.shallow_clone());
         drop(dm);
         let dx = x2.empty_like();
         tch::no_grad(|| Mlp::gate_up_input_grad(&dgate, &dup, &self.gate_up_weights(x2.kind()), &dx));
@@ -96,7 +130,7 @@ impl Mlp {
             let xb = x2.narrow(0, start, len);
             let (gate, up) = (xb.linear(&w.0, self.gate_proj.bias.as_ref()), xb.linear(&w.1, self.up_proj.bias.as_ref()));
             let dm = self.down_proj.base_input_grad(&dy2.narrow(0, start, len));
-            let (dgate, dup) = Mlp::swiglu_grads(&dm, gate, up);
+            let (dgate, dup) = self.gated_grads(&dm, gate, up);
             Mlp::gate_up_input_grad(&dgate, &dup, &w, &dx.narrow(0, start, len));
             start += len;
         }

@@ -1,4 +1,5 @@
-//! RMSNorm, `w · x / √(mean(x²) + ε)` computed in fp32 as transformers does.
+//! RMSNorm, `w · x / √(mean(x²) + ε)` computed in fp32 as transformers does (Gemma's variant:
+//! `(1 + w) · x / √(mean(x²) + ε)`).
 
 use super::fused;
 use tch::{Kind, Tensor};
@@ -9,8 +10,14 @@ use tch::{Kind, Tensor};
 /// the cast (one rounding instead of two; the fp32 sum may round differently in the last bit);
 /// inference and evaluation use transformers' exact op sequence.
 pub struct RmsNorm {
+    /// The checkpoint name of the norm (`model.layers.0.input_layernorm`); its tensor is `{name}.weight`.
+    pub name: String,
     pub weight: Tensor,
     pub eps: f64,
+    /// Gemma's norms scale by `1 + w` (their weights are stored centred on 0), multiplying in
+    /// fp32 before the cast back: `((x / rms) · (1 + w)).to(dtype)`; Llama's cast first,
+    /// `w · (x / rms).to(dtype)`.
+    pub unit_offset: bool,
 }
 
 impl RmsNorm {
@@ -23,8 +30,10 @@ impl RmsNorm {
     /// adds the norm's input gradient to the residual's); otherwise the add, then the norm.
     pub fn forward_residual(&self, h: &Tensor, delta: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
         let fused = fused(h, train);
+        // the fused kernels scale by a weight in the input's dtype: Gemma's `1 + w` rounded to it
+        let scale = if self.unit_offset && fused { (self.weight.to_kind(Kind::Float) + 1.0).to_kind(h.kind()) } else { self.weight.shallow_clone() };
         if fused {
-            if let Some(r) = crate::cuda::autograd::add_rms_norm(h, delta, &self.weight, self.eps) {
+            if let Some(r) = crate::cuda::autograd::add_rms_norm(h, delta, &scale, self.eps) {
                 return r;
             }
         }
@@ -34,14 +43,18 @@ impl RmsNorm {
         };
         if fused {
             let width = self.weight.size()[0];
-            let normed = sum.internal_fused_rms_norm([width].as_slice(), Some(&self.weight), self.eps).0;
+            let normed = sum.internal_fused_rms_norm([width].as_slice(), Some(&scale), self.eps).0;
             return (sum, normed);
         }
         // transformers' op sequence
         let kind = sum.kind();
         let xf = sum.to_kind(Kind::Float);
         let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        let normed = &self.weight * (xf * (var + self.eps).rsqrt()).to_kind(kind);
+        let normed = if self.unit_offset {
+            (xf * (var + self.eps).rsqrt() * (self.weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
+        } else {
+            &self.weight * (xf * (var + self.eps).rsqrt()).to_kind(kind)
+        };
         (sum, normed)
     }
 }

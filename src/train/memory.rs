@@ -4,22 +4,28 @@
 //! layer that is about `10·H + 4·I` values (norm outputs, q/k/v, attention output, residuals,
 //! gate/up projections and their SiLU product; flash attention keeps no T×T matrix), each in
 //! the compute dtype, plus LoRA's dropout copies of its inputs. Checkpointing keeps one `H`
-//! vector per layer instead and recomputes the rest, costing one more forward pass.
+//! vector per layer instead and recomputes the rest, costing one more forward pass. Soft-capped
+//! attention (Gemma 2) is computed op by op and keeps about four `[heads, T, T]` score
+//! matrices per row and layer (the capped scores, the fp32 softmax and its cast), counted in fp32.
 
 use crate::models::config::DecoderConfig;
 use tch::{Device, Kind};
 
-/// Activation bytes one micro-batch of `tokens` tokens keeps for backward without checkpointing.
-pub fn activation_bytes(c: &DecoderConfig, tokens: u64, kind: Kind, lora_layers_per_block: u64) -> u64 {
+/// Activation bytes one micro-batch of `rows` rows of `row_len` tokens keeps for backward
+/// without checkpointing.
+pub fn activation_bytes(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64) -> u64 {
     let h = c.hidden_size as u64;
     let i = c.intermediate_size as u64;
+    let layers = c.num_hidden_layers as u64;
     let per_token_layer = 10 * h + 4 * i + lora_layers_per_block * h;
-    per_token_layer * tokens * c.num_hidden_layers as u64 * kind.elt_size_in_bytes() as u64
+    let dense = per_token_layer * rows * row_len * layers * kind.elt_size_in_bytes() as u64;
+    let scores = if c.attn_softcap.is_some() { 4 * rows * c.num_attention_heads as u64 * row_len * row_len * layers * 4 } else { 0 };
+    dense + scores
 }
 
 /// `(checkpoint?, why)`: checkpoint unless the activations fit in 85% of the free device memory.
-pub fn plan(c: &DecoderConfig, tokens: u64, kind: Kind, lora_layers_per_block: u64, device: Device) -> (bool, String) {
-    let need = activation_bytes(c, tokens, kind, lora_layers_per_block);
+pub fn plan(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64, device: Device) -> (bool, String) {
+    let need = activation_bytes(c, rows, row_len, kind, lora_layers_per_block);
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match crate::cuda::mem_info(device) {
         Some((free, total)) => {

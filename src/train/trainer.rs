@@ -271,7 +271,7 @@ pub fn train(
         None => {
             let longest = data.train.iter().map(|e| e.input_ids.len()).max().unwrap_or(1).min(cfg.batch.max_length);
             let row = if cfg.batch.packing || cfg.batch.pad_to_max_length { cfg.batch.max_length } else { longest };
-            let (on, why) = super::memory::plan(&net.config, (cfg.batch.batch_size * row) as u64, net.kind, net.adapted_per_layer() as u64, net.device);
+            let (on, why) = super::memory::plan(&net.config, cfg.batch.batch_size as u64, row as u64, net.kind, net.adapted_per_layer() as u64, net.device);
             tracing::info!("gradient_checkpointing auto: {why}");
             if on { Checkpointing::On } else { Checkpointing::Off }
         }

@@ -106,7 +106,12 @@ pub fn tiny(dir: &Path, name: &str) -> PathBuf {
 
 /// [`tiny_llama`] and `n` short text records in `dir/data.jsonl`; returns the model's path.
 pub fn tiny_model_and_text(dir: &Path, n: usize) -> String {
-    let model = tiny_llama(dir);
+    tiny_and_text(dir, "llama_gqa", n)
+}
+
+/// The tiny model `name` and `n` short text records in `dir/data.jsonl`; returns the model's path.
+pub fn tiny_and_text(dir: &Path, name: &str, n: usize) -> String {
+    let model = tiny(dir, name);
     let mut lines = String::new();
     for i in 0..n {
         lines.push_str(&format!("{{\"text\": \"record {i}: the quick brown fox jumps over the lazy dog {}\"}}\n", i * 7 % 13));

@@ -14,8 +14,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -54,7 +54,15 @@ CONFIGS = {
     # head_dim apart from hidden/heads, q/k norms, a window on layers 1 and 2 shorter than the ids
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16, rope_theta=1000000.0, use_sliding_window=True,
                                  sliding_window=8, max_window_layers=1),
+    # soft-caps low enough to bite, the query scale apart from head_dim, windows on layers 0 and 2
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                   final_logit_softcapping=3.0, sliding_window=8, pad_token_id=2),
 }
+
+
+def attention(cfg):
+    """Gemma 2's soft-capped scores exist only in transformers' eager attention (SDPA skips them)."""
+    return "eager" if cfg.model_type == "gemma2" else "sdpa"
 
 
 def main():
@@ -65,11 +73,13 @@ def main():
     for seed, name in enumerate(names):
         torch.manual_seed(seed)
         cfg = CONFIGS[name]()
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, attn_implementation=attention(cfg)).eval()
         with torch.no_grad():  # random init is small; widen it so logits are far from uniform
             for p in model.parameters():
                 if p.dim() == 2:
                     p.normal_(0, 0.08)
+                else:  # norms and biases away from their init, so reading them matters
+                    p.add_(torch.randn_like(p) * 0.1)
         d = os.path.join(out, name)
         model.save_pretrained(d)
         tok.save_pretrained(d)

@@ -29,7 +29,10 @@ TRAIN = dict(batch_size=2, grad_accum=4, steps=20, lr=2e-3, warmup=2, weight_dec
 
 
 def load(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    # Gemma 2's soft-capped attention scores exist only in transformers' eager attention
+    gemma2 = json.load(open(os.path.join(model_dir, "config.json"))).get("model_type") == "gemma2"
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                attn_implementation="eager" if gemma2 else "sdpa").eval()
 
 
 def logits_of(model, ids):
