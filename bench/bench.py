@@ -1,6 +1,6 @@
 """Side-by-side LoRA training throughput: ftscript vs HF transformers + peft on the same GPU.
 
-Both sides train the same random-init Llama- or Qwen3-shaped model (bf16, SDPA) on full-length random
+Both sides train the same random-init Llama-, Qwen3- or Gemma-2-shaped model (bf16, SDPA) on full-length random
 token batches with the seed recipe (LoRA r=8, alpha=32, dropout 0.05, q_proj+v_proj, AdamW,
 clip 1.0), timing the median step after warm-up. The model is made once by transformers
 (save_pretrained) and loaded by ftscript; hf_baseline.py (the Python peer) builds the same
@@ -93,10 +93,12 @@ H200_BF16_FLOPS = 989.4e12  # dense bf16 tensor-core peak of the H200 SXM
 
 
 def base_params(shape):
-    """Weights of the (untied) Llama shape, counted dense whatever the storage (4-bit included)."""
+    """Weights of the shape (the output head counted apart from the embeddings), dense whatever
+    the storage (4-bit included)."""
     h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    head_dim = shape.get("head_dim", h // shape["num_attention_heads"])
+    q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h
     return 2 * shape["vocab_size"] * h + layers * per_layer + h
 
 
