@@ -73,9 +73,11 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     let qwen3 = s(with_chat_template(tiny(d, "qwen3")).display().to_string());
     let t = run(&["run"], "qwen3_chat.rhai", &[("model_dir", qwen3), ("data_file", data.clone()), ("output_dir", out("qwen3")), ("max_steps", "2".into())]);
     assert!(t.contains("steps 2,") && d.join("qwen3/adapter/adapter_model.safetensors").exists(), "{t}");
-    let gemma2 = s(with_chat_template(tiny(d, "gemma2")).display().to_string());
-    let t = run(&["run"], "gemma2_qlora.rhai", &[("model_dir", gemma2), ("data_file", data.clone()), ("output_dir", out("gemma2")), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
-    assert!(t.contains("steps 2,") && d.join("gemma2/adapter/adapter_model.safetensors").exists(), "{t}");
+    for gemma in ["gemma2", "gemma3"] {
+        let model = s(with_chat_template(tiny(d, gemma)).display().to_string());
+        let t = run(&["run"], "gemma_qlora.rhai", &[("model_dir", model), ("data_file", data.clone()), ("output_dir", out(gemma)), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
+        assert!(t.contains("steps 2,") && d.join(gemma).join("adapter/adapter_model.safetensors").exists(), "{gemma}: {t}");
+    }
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
     run(&["run"], "eval_metrics.rhai", &[]);
     run(&["run"], "inspect.rhai", &[("model_dir", model.clone())]);

@@ -41,6 +41,11 @@ fn gemma2_lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("gemma2");
 }
 
+#[test]
+fn gemma3_lora_training_and_adapters_match_hf_and_peft() {
+    lora_matches_hf_and_peft("gemma3");
+}
+
 /// On the tiny model `name`: a peft adapter loads with peft's logits; 20 steps train as HF
 /// Trainer + peft do from the same adapter; the trained adapter loads in peft and the merged
 /// model in transformers, both with ftscript's logits.
@@ -155,11 +160,12 @@ fn gradient_checkpointing_matches_the_full_graph() {
 
 /// As above for the families whose layers differ: Qwen3's q/k norms (inside the recomputed
 /// attention), Gemma 2's output norms (the layer recomputed whole under autograd), GeGLU,
-/// soft-capped attention scores and logits.
+/// soft-capped attention scores and logits, Gemma 3's two rotary tables.
 #[test]
-fn qwen3_and_gemma2_checkpoint_like_the_full_graph() {
-    checkpointing_matches_the_full_graph("qwen3");
-    checkpointing_matches_the_full_graph("gemma2");
+fn qwen3_and_gemma_checkpoint_like_the_full_graph() {
+    for family in ["qwen3", "gemma2", "gemma3"] {
+        checkpointing_matches_the_full_graph(family);
+    }
 }
 
 fn checkpointing_matches_the_full_graph(model_name: &str) {

@@ -100,6 +100,9 @@ pub struct DecoderConfig {
     pub attn_softcap: Option<f64>,
     /// Logits soft-capped, `c·tanh(z/c)` (Gemma 2's `final_logit_softcapping`).
     pub final_softcap: Option<f64>,
+    /// The sliding-window layers' own RoPE base and scaling (Gemma 3's local RoPE, 10,000 beside
+    /// the global layers' 1,000,000); `None`: every layer uses `rope_theta` / `rope_scaling`.
+    pub local_rope: Option<(f64, RopeScaling)>,
 }
 
 pub(crate) fn token_ids(v: &Option<serde_json::Value>) -> Vec<i64> {
@@ -202,6 +205,7 @@ impl CommonConfig {
             attn_scale: None,
             attn_softcap: None,
             final_softcap: None,
+            local_rope: None,
         })
     }
 
@@ -229,7 +233,7 @@ pub(crate) fn window(v: &Option<serde_json::Value>) -> Option<usize> {
     v.as_ref().and_then(|v| v.as_u64()).map(|v| v as usize)
 }
 
-fn parse_rope_scaling(params: Option<&serde_json::Value>, max_pos: usize) -> Result<RopeScaling> {
+pub(crate) fn parse_rope_scaling(params: Option<&serde_json::Value>, max_pos: usize) -> Result<RopeScaling> {
     let Some(p) = params.filter(|p| p.is_object()) else { return Ok(RopeScaling::Default) };
     let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
     let num = |key: &str| -> Result<f64> {

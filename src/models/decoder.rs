@@ -1,4 +1,4 @@
-//! The decoder every family builds (Llama 1/2/3, Mistral, Qwen2, Qwen3, Gemma 2), mirroring
+//! The decoder every family builds (Llama 1/2/3, Mistral, Qwen2, Qwen3, Gemma 2 and 3), mirroring
 //! transformers' `modeling_llama.py` (and the families' variants of it) op for op so logits match:
 //!
 //! ```text
@@ -13,7 +13,8 @@
 //! SiLU or GELU-tanh. Attention is `softmax(q kᵀ · s + mask) v` (`s = 1/√d` unless the family
 //! sets it) through libtorch's `scaled_dot_product_attention`, with grouped-query attention (k/v
 //! heads shared by `heads / kv_heads` query heads) and a sliding window on the layers the config
-//! marks; with soft-capped scores (Gemma 2) it is computed op by op, as transformers' eager path.
+//! marks (with its own RoPE base in Gemma 3); with soft-capped scores (Gemma 2) it is computed
+//! op by op, as transformers' eager path.
 
 use super::config::DecoderConfig;
 use super::Checkpointing;
@@ -134,6 +135,8 @@ impl Attention {
 pub struct DecoderLayer {
     /// Where the layer's weights live (layers of one model may sit on different GPUs).
     pub device: Device,
+    /// Which rotary table of [`Decoder::ropes`] the layer reads.
+    pub rope: usize,
     /// Attention's input norm (`input_layernorm`).
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
@@ -239,7 +242,8 @@ pub struct Decoder {
     pub norm: RmsNorm,
     /// `None` when the output projection is tied to the embeddings.
     pub lm_head: Option<Linear>,
-    pub rope: Rope,
+    /// The rotary embeddings: the model's, and the sliding layers' own when they differ (Gemma 3).
+    pub ropes: Vec<Rope>,
     pub kind: Kind,
     /// Where the embeddings live: inputs go here.
     pub device: Device,
@@ -305,6 +309,7 @@ impl Decoder {
             let window = c.window_of(l).map(|w| w as i64);
             layers.push(DecoderLayer {
                 device: d,
+                rope: if c.local_rope.is_some() && window.is_some() { 1 } else { 0 },
                 input_layernorm: norm(format!("{p}.input_layernorm"), d)?,
                 self_attn: Attention {
                     q_proj: linear(format!("{p}.self_attn.q_proj"), nh * hd, h, c.qkv_bias, d)?,
@@ -340,7 +345,7 @@ impl Decoder {
             Some(linear("lm_head".into(), vocab, h, false, head_device)?)
         };
         Ok(Decoder {
-            rope: Rope::new(hd, c.rope_theta, c.rope_scaling.clone()),
+            ropes: std::iter::once((c.rope_theta, c.rope_scaling.clone())).chain(c.local_rope.clone()).map(|(theta, scaling)| Rope::new(hd, theta, scaling)).collect(),
             norm: norm("model.norm".into(), head_device)?,
             embed_tokens,
             layers,
@@ -350,6 +355,11 @@ impl Decoder {
             head_device,
             config,
         })
+    }
+
+    /// What every layer reads in one forward at `positions`: each rotary table's cos/sin, the mask.
+    pub fn layer_inputs(&self, positions: &Tensor, mask: &AttnMask) -> LayerInputs {
+        LayerInputs::new(self.ropes.iter().map(|r| r.cos_sin(positions, self.kind)).collect(), mask)
     }
 
     pub fn embed(&self, ids: &Tensor) -> Tensor {
@@ -376,7 +386,7 @@ impl Decoder {
 
     /// Hidden states after the last decoder layer (before the final norm).
     pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
-        let mut shared = LayerInputs::new(self.rope.cos_sin(positions, self.kind), mask);
+        let mut shared = self.layer_inputs(positions, mask);
         let mut h = self.embed(ids);
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);
@@ -391,7 +401,7 @@ impl Decoder {
     /// Decoder layer `l` on hidden states `h`, moved first to the layer's device if needed.
     pub fn layer_forward(&self, l: usize, h: &Tensor, shared: &mut LayerInputs, cache: Option<&mut Option<(Tensor, Tensor)>>, train: bool) -> Tensor {
         let layer = &self.layers[l];
-        let (cos_sin, mask) = shared.on(layer.device);
+        let (cos_sin, mask) = shared.on(layer.device, layer.rope);
         layer.forward(&h.to_device(layer.device), cos_sin, mask, cache, train)
     }
 
@@ -399,14 +409,14 @@ impl Decoder {
     /// device).
     pub fn layer_attention_block(&self, l: usize, h: &Tensor, pending: Option<&Tensor>, shared: &mut LayerInputs, train: bool) -> (Tensor, Tensor, Tensor) {
         let layer = &self.layers[l];
-        let (cos_sin, mask) = shared.on(layer.device);
+        let (cos_sin, mask) = shared.on(layer.device, layer.rope);
         layer.attention_block(h, pending, cos_sin, mask, None, train)
     }
 
     /// [`DecoderLayer::attention_recompute_backward`] of layer `l` (`x` on the layer's device).
     pub fn layer_attention_recompute_backward(&self, l: usize, x: &Tensor, dh: &Tensor, shared: &mut LayerInputs) -> Vec<(Tensor, Tensor)> {
         let layer = &self.layers[l];
-        let (cos_sin, mask) = shared.on(layer.device);
+        let (cos_sin, mask) = shared.on(layer.device, layer.rope);
         layer.attention_recompute_backward(x, dh, cos_sin, mask)
     }
 
@@ -582,7 +592,7 @@ impl Decoder {
     pub fn loss_and_backward(&self, ids: &Tensor, labels: &Tensor, positions: &Tensor, mask: &AttnMask, weight: f64, checkpointing: Checkpointing, seed: i64) -> Result<Tensor> {
         let net = self;
         let offload = checkpointing == Checkpointing::Offload;
-        let mut shared = LayerInputs::new(net.rope.cos_sin(positions, net.kind), mask);
+        let mut shared = net.layer_inputs(positions, mask);
         // per layer: its input and, when offloading, the residual after attention
         let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
         // Each layer leaves its output `mid + mlp(x)` unadded: the next layer's first norm adds it

@@ -13,6 +13,7 @@
 pub mod config;
 pub mod decoder;
 pub mod gemma2;
+pub mod gemma3;
 pub mod gguf;
 pub mod llama;
 pub mod placement;
@@ -34,6 +35,7 @@ pub const FAMILIES: &[Family] = &[
     Family { architecture: "Qwen2ForCausalLM", model_type: "qwen2", config: llama::qwen2 },
     Family { architecture: "Qwen3ForCausalLM", model_type: "qwen3", config: qwen3::qwen3 },
     Family { architecture: "Gemma2ForCausalLM", model_type: "gemma2", config: gemma2::gemma2 },
+    Family { architecture: "Gemma3ForCausalLM", model_type: "gemma3_text", config: gemma3::gemma3 },
 ];
 
 /// The family of a config.json, by `architectures[0]` (or `model_type` when that is absent).

@@ -20,31 +20,33 @@ impl AttnMask {
     }
 }
 
-/// What every layer of one forward shares (rotary cos/sin, the attention mask), with a copy
-/// on each device of a model split across GPUs.
+/// What every layer of one forward shares (rotary cos/sin tables, the attention mask), with a
+/// copy on each device of a model split across GPUs. Most models have one rotary table; Gemma 3
+/// has a second for its sliding-window layers.
 pub struct LayerInputs {
-    copies: Vec<(Device, (Tensor, Tensor), AttnMask)>,
+    copies: Vec<(Device, Vec<(Tensor, Tensor)>, AttnMask)>,
 }
 
 impl LayerInputs {
-    pub fn new(cos_sin: (Tensor, Tensor), mask: &AttnMask) -> LayerInputs {
-        let d = cos_sin.0.device();
-        LayerInputs { copies: vec![(d, cos_sin, mask.to_device(d))] }
+    pub fn new(tables: Vec<(Tensor, Tensor)>, mask: &AttnMask) -> LayerInputs {
+        let d = tables[0].0.device();
+        LayerInputs { copies: vec![(d, tables, mask.to_device(d))] }
     }
 
-    /// The shared inputs on `d`, copied there on first use.
-    pub fn on(&mut self, d: Device) -> (&(Tensor, Tensor), &AttnMask) {
+    /// Rotary table `table` and the mask on `d`, copied there on first use.
+    pub fn on(&mut self, d: Device, table: usize) -> (&(Tensor, Tensor), &AttnMask) {
         let i = match self.copies.iter().position(|c| c.0 == d) {
             Some(i) => i,
             None => {
-                let (_, (cos, sin), mask) = &self.copies[0];
-                let copy = (d, (cos.to_device(d), sin.to_device(d)), mask.to_device(d));
+                let (_, tables, mask) = &self.copies[0];
+                let tables = tables.iter().map(|(cos, sin)| (cos.to_device(d), sin.to_device(d))).collect();
+                let copy = (d, tables, mask.to_device(d));
                 self.copies.push(copy);
                 self.copies.len() - 1
             }
         };
-        let (_, cs, m) = &self.copies[i];
-        (cs, m)
+        let (_, tables, m) = &self.copies[i];
+        (&tables[table], m)
     }
 }
 
