@@ -1,6 +1,6 @@
 """Side-by-side LoRA training throughput: ftscript vs HF transformers + peft on the same GPU.
 
-Both sides train the same random-init Llama-, Qwen3- or Gemma-2-shaped model (bf16, SDPA) on full-length random
+Both sides train the same random-init Llama-, Qwen3- or Gemma-shaped model (bf16, SDPA) on full-length random
 token batches with the seed recipe (LoRA r=8, alpha=32, dropout 0.05, q_proj+v_proj, AdamW,
 clip 1.0), timing the median step after warm-up. The model is made once by transformers
 (save_pretrained) and loaded by ftscript; hf_baseline.py (the Python peer) builds the same

@@ -6,7 +6,8 @@
 //! keyed by `full_attention` / `sliding_attention` (transformers 5), or `rope_theta` +
 //! `rope_scaling` for the global layers and `rope_local_base_freq` for the sliding ones (older files).
 
-use super::config::{parse_rope_scaling, window, Activation, CommonConfig, DecoderConfig, RopeScaling};
+use super::config::{parse_rope_scaling, CommonConfig, DecoderConfig, RopeScaling};
+use super::gemma2::GemmaKeys;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
@@ -14,27 +15,16 @@ use serde::Deserialize;
 struct Config {
     #[serde(flatten)]
     common: CommonConfig,
-    hidden_activation: Option<String>,
-    #[serde(default = "default_query_scalar")]
-    query_pre_attn_scalar: f64,
+    #[serde(flatten)]
+    gemma: GemmaKeys,
     attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
-    #[serde(default = "default_window")]
-    sliding_window: Option<serde_json::Value>,
     #[serde(default = "default_pattern")]
     sliding_window_pattern: usize,
     #[serde(default = "default_local_base")]
     rope_local_base_freq: f64,
-    #[serde(default)]
-    attention_bias: bool,
 }
 
-fn default_query_scalar() -> f64 {
-    256.0
-}
-fn default_window() -> Option<serde_json::Value> {
-    Some(4096.into())
-}
 fn default_pattern() -> usize {
     6
 }
@@ -51,21 +41,10 @@ fn rope_of(entry: &serde_json::Value, default_theta: f64, max_pos: usize) -> Res
 /// `Gemma3ForCausalLM`.
 pub fn gemma3(json: &serde_json::Value) -> Result<DecoderConfig> {
     let c: Config = CommonConfig::parse(json)?;
-    let mut d = c.common.decoder("Gemma3ForCausalLM")?;
-    d.activation = match &c.hidden_activation {
-        Some(name) => Activation::from_name(name)?,
-        None => Activation::GeluTanh,
-    };
-    d.qkv_bias = c.attention_bias;
-    d.o_bias = c.attention_bias;
+    let mut d = c.gemma.decoder(&c.common, "Gemma3ForCausalLM")?;
     d.qk_norm = true;
-    d.norm_unit_offset = true;
-    d.sandwich_norms = true;
-    d.embed_scale = true;
-    d.attn_scale = Some(c.query_pre_attn_scalar.powf(-0.5));
     d.attn_softcap = c.attn_logit_softcapping;
     d.final_softcap = c.final_logit_softcapping;
-    d.sliding_window = window(&c.sliding_window);
     d.sliding_layers = match c.common.layer_types {
         Some(_) => c.common.sliding_layers(None)?,
         None => (0..d.num_hidden_layers).map(|l| (l + 1) % c.sliding_window_pattern != 0).collect(),
@@ -91,4 +70,30 @@ pub fn gemma3(json: &serde_json::Value) -> Result<DecoderConfig> {
     };
     d.local_rope = Some(local);
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> DecoderConfig {
+        let mut j = serde_json::json!({"architectures": ["Gemma3ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 12, "num_attention_heads": 2, "head_dim": 4});
+        j.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        DecoderConfig::from_json(&j).unwrap()
+    }
+
+    /// The file format Gemma 3 shipped with (transformers 4.5x): `rope_theta` + `rope_scaling`
+    /// for the global layers, `rope_local_base_freq` for the sliding ones, `sliding_window_pattern`.
+    #[test]
+    fn reads_the_older_rope_keys_and_the_pattern() {
+        let d = config(serde_json::json!({"rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "rope_local_base_freq": 1e4, "sliding_window": 512, "sliding_window_pattern": 6}));
+        assert_eq!((d.rope_theta, d.rope_scaling.clone()), (1e6, RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(d.local_rope, Some((1e4, RopeScaling::Default)));
+        let full: Vec<usize> = (0..12).filter(|&l| d.window_of(l).is_none()).collect();
+        assert_eq!(full, [5, 11]);
+        assert_eq!(d.window_of(0), Some(512));
+        assert_eq!((d.attn_softcap, d.final_softcap), (None, None));
+    }
 }

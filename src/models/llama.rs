@@ -8,18 +8,31 @@ use super::config::{window, CommonConfig, DecoderConfig};
 use anyhow::Result;
 use serde::Deserialize;
 
+/// The keys of the Llama family (Qwen3's too) beside the common ones.
 #[derive(Debug, Clone, Deserialize)]
-struct Config {
+pub(super) struct Config {
     #[serde(flatten)]
-    common: CommonConfig,
+    pub common: CommonConfig,
     #[serde(default)]
-    attention_bias: bool,
+    pub attention_bias: bool,
     #[serde(default)]
-    mlp_bias: bool,
-    sliding_window: Option<serde_json::Value>,
-    /// Qwen2 only.
-    use_sliding_window: Option<bool>,
-    max_window_layers: Option<usize>,
+    pub mlp_bias: bool,
+    pub sliding_window: Option<serde_json::Value>,
+    /// Qwen2 and Qwen3.
+    pub use_sliding_window: Option<bool>,
+    pub max_window_layers: Option<usize>,
+}
+
+impl Config {
+    /// Qwen's window: only with `use_sliding_window`, on the layers `layer_types` marks (from
+    /// `max_window_layers` on, in older files).
+    pub(super) fn qwen_window(&self, d: &mut DecoderConfig) -> Result<()> {
+        if self.use_sliding_window.unwrap_or(false) {
+            d.sliding_window = window(&self.sliding_window);
+            d.sliding_layers = self.common.sliding_layers(self.max_window_layers)?;
+        }
+        Ok(())
+    }
 }
 
 /// `LlamaForCausalLM`.
@@ -41,15 +54,11 @@ pub fn mistral(json: &serde_json::Value) -> Result<DecoderConfig> {
     Ok(d)
 }
 
-/// `Qwen2ForCausalLM`: biased q/k/v; the window only with `use_sliding_window`, on the layers
-/// `layer_types` marks (from `max_window_layers` on, in older files).
+/// `Qwen2ForCausalLM`: biased q/k/v; [Qwen's window](Config::qwen_window).
 pub fn qwen2(json: &serde_json::Value) -> Result<DecoderConfig> {
     let c: Config = CommonConfig::parse(json)?;
     let mut d = c.common.decoder("Qwen2ForCausalLM")?;
     d.qkv_bias = true;
-    if c.use_sliding_window.unwrap_or(false) {
-        d.sliding_window = window(&c.sliding_window);
-        d.sliding_layers = c.common.sliding_layers(c.max_window_layers)?;
-    }
+    c.qwen_window(&mut d)?;
     Ok(d)
 }

@@ -4,21 +4,9 @@
 //! `hidden_size / num_attention_heads` differs), no biases unless `attention_bias`, and a
 //! sliding window only with `use_sliding_window`, on the layers `layer_types` marks.
 
-use super::config::{window, CommonConfig, DecoderConfig};
+use super::config::{CommonConfig, DecoderConfig};
+use super::llama::Config;
 use anyhow::Result;
-use serde::Deserialize;
-
-#[derive(Debug, Clone, Deserialize)]
-struct Config {
-    #[serde(flatten)]
-    common: CommonConfig,
-    #[serde(default)]
-    attention_bias: bool,
-    sliding_window: Option<serde_json::Value>,
-    #[serde(default)]
-    use_sliding_window: bool,
-    max_window_layers: Option<usize>,
-}
 
 /// `Qwen3ForCausalLM`.
 pub fn qwen3(json: &serde_json::Value) -> Result<DecoderConfig> {
@@ -27,9 +15,6 @@ pub fn qwen3(json: &serde_json::Value) -> Result<DecoderConfig> {
     d.qk_norm = true;
     d.qkv_bias = c.attention_bias;
     d.o_bias = c.attention_bias;
-    if c.use_sliding_window {
-        d.sliding_window = window(&c.sliding_window);
-        d.sliding_layers = c.common.sliding_layers(c.max_window_layers)?;
-    }
+    c.qwen_window(&mut d)?;
     Ok(d)
 }
