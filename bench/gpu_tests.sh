@@ -8,7 +8,7 @@
 # peft) stands in for the project's virtualenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tests=(fused training quant recipes callbacks)
+tests=(fused training quant recipes callbacks parity)
 if [ "${1:-}" = "--collect" ]; then
   mkdir -p .gpu
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
@@ -37,3 +37,4 @@ run() { echo "== $*"; "$@"; }
 run .gpu/training --include-ignored --exact offloaded_checkpoints_train_like_kept_ones
 run .gpu/recipes --exact a_hook_generates_with_the_model_and_sees_the_adapters_of_its_step a_failing_callback_keeps_a_checkpoint_and_names_its_line
 run .gpu/callbacks --exact early_stopping_stops_where_the_patience_rule_says
+run .gpu/parity --include-ignored --exact bf16_training_loss_on_the_gpu_matches_transformers --nocapture
