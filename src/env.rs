@@ -29,6 +29,16 @@ pub fn report() -> Vec<(&'static str, String)> {
     rows
 }
 
+/// What `ftscript --version` prints after the name: the version, the distributed backends
+/// compiled in and the architectures this build loads.
+pub fn long_version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let families: Vec<&str> = crate::models::FAMILIES.iter().map(|f| f.architecture).collect();
+        format!("{}\ndistributed: {}\narchitectures: {}", env!("CARGO_PKG_VERSION"), compiled_in(), families.join(", "))
+    })
+}
+
 /// The distributed backends this binary can use.
 fn compiled_in() -> String {
     if cfg!(feature = "nccl") { "gloo, nccl".into() } else { "gloo (nccl not compiled in: build with --features nccl)".into() }

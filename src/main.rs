@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "ftscript", version, about = "Fine-tune large language models with short Rhai recipes")]
+#[command(name = "ftscript", version, long_version = ftscript::env::long_version(), about = "Fine-tune large language models with short Rhai recipes")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -97,7 +97,8 @@ fn set_overrides_declared_constants_only() {
     let t = text(&out);
     assert!(!out.status.success() && t.contains("`lr`") && t.contains("epochs, name"), "{t}");
     let out = ftscript(&["--version"], tmp.path());
-    assert!(out.status.success() && text(&out).contains("ftscript "));
+    let t = text(&out);
+    assert!(out.status.success() && t.contains("ftscript ") && t.contains("distributed: gloo") && t.contains("Gemma3ForCausalLM"), "{t}");
 }
 
 #[test]
