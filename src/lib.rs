@@ -6,6 +6,7 @@ pub mod dist;
 pub mod env;
 pub mod generate;
 pub mod hub;
+pub mod init;
 pub mod models;
 pub mod nn;
 pub mod script;

@@ -59,6 +59,14 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Start a recipe from a commented template: lora, qlora, chat (multi-turn SFT with the
+    /// model's chat template), multi-gpu.
+    Init {
+        /// The new recipe's file (`.rhai` is added when it has no extension).
+        name: PathBuf,
+        #[arg(long, default_value = "lora", value_parser = ["lora", "qlora", "chat", "multi-gpu"])]
+        template: String,
+    },
     /// Convert a llama-family .gguf file into a Hugging Face model directory.
     Import { gguf: PathBuf, dir: PathBuf },
     /// Push a folder (an adapter or a model) to a Hugging Face Hub repo, creating it if needed.
@@ -205,6 +213,7 @@ fn main() -> ExitCode {
             }
             ftscript::dist::launch::launch(&opts, &args)
         }
+        Command::Init { name, template } => ftscript::init::write(name, template).map(|p| println!("wrote {} (template {template}); try: ftscript check {}", p.display(), p.display())),
         Command::Import { gguf, dir } => ftscript::api::model::import_gguf(gguf, dir),
         Command::Push { dir, repo, private, revision, message, create_pr } => {
             let opts = ftscript::hub::PushOptions {

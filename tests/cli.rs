@@ -203,3 +203,25 @@ fn env_reports_versions_and_the_hub_without_the_token() {
     assert!(t.contains("CUDA") && t.contains("NVRTC kernels") && t.contains("gloo"), "{t}");
     assert!(!t.contains(secret), "the token leaked:\n{t}");
 }
+
+/// `ftscript init` writes each template as a recipe that passes `check`, its usage line naming
+/// the new file; it never overwrites, and an unknown template lists the real ones.
+#[test]
+fn init_writes_templates_that_pass_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for (template, _, _) in ftscript::init::TEMPLATES {
+        let name = format!("my_{}", template.replace('-', "_"));
+        let out = ftscript(&["init", &name, "--template", template], d);
+        assert!(out.status.success(), "{}", text(&out));
+        let file = d.join(format!("{name}.rhai"));
+        let recipe = std::fs::read_to_string(&file).unwrap();
+        assert!(recipe.contains(&format!("{name}.rhai")) && !recipe.contains("scripts/alpaca") && !recipe.contains("scripts/qlora"), "{recipe}");
+        let out = ftscript(&["check", file.to_str().unwrap()], d);
+        assert!(out.status.success(), "{template}: {}", text(&out));
+        let again = ftscript(&["init", &name, "--template", template], d);
+        assert!(!again.status.success() && text(&again).contains("already exists"), "{}", text(&again));
+    }
+    let out = ftscript(&["init", "x", "--template", "dpo"], d);
+    assert!(!out.status.success() && text(&out).contains("qlora"), "{}", text(&out));
+}
