@@ -402,6 +402,11 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
     })?;
     let result = result?;
     let (r, out_dir) = result;
+    if r.interrupted {
+        let at = r.checkpoint.as_ref().map(|c| format!(", checkpoint saved in {}", c.display())).unwrap_or_default();
+        eprintln!("interrupted at step {}{at}; run the recipe again with `resume: true` to continue", r.steps);
+        std::process::exit(0);
+    }
     let mut map = Map::new();
     map.insert("steps".into(), Dynamic::from(r.steps as i64));
     map.insert("epoch".into(), Dynamic::from(r.epoch));

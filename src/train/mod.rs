@@ -2,6 +2,7 @@
 pub mod batch;
 pub mod callbacks;
 pub mod checkpoint;
+pub mod interrupt;
 pub mod logger;
 pub mod memory;
 pub mod metrics;

@@ -180,6 +180,8 @@ pub struct TrainResult {
     pub tokens_per_sec: f64,
     pub checkpoint: Option<PathBuf>,
     pub log_history: Vec<Value>,
+    /// A SIGINT or SIGTERM stopped the run (after saving `checkpoint`).
+    pub interrupted: bool,
 }
 
 /// Casts the frozen weights to the compute dtype (adapters are left in fp32); done before
@@ -301,6 +303,7 @@ pub fn train(
     let mut log_loss_sum = 0.0;
     let mut log_steps = 0usize;
     let mut stop = false;
+    let signals = super::interrupt::Guard::install();
     // the first callback failure: training stops, with a checkpoint, and returns it
     let mut failure: Option<anyhow::Error> = None;
     let mut profiler = None;
@@ -424,6 +427,7 @@ pub fn train(
                 result.eval_loss = Some(eval_loss);
                 stop |= asks_stop(hooks.on_eval(&m), &mut failure);
             }
+            stop |= super::interrupt::interrupted();
             if let Some(g) = pg {
                 // a stop asked for on any rank stops every rank, at the same step
                 stop = g.sum_f64(&[stop as u8 as f64])?[0] > 0.0;
@@ -496,7 +500,9 @@ pub fn train(
         let kept = result.checkpoint.as_ref().map(|c| format!(" (checkpoint kept: {})", c.display())).unwrap_or_default();
         return Err(e.context(format!("stopped at step {}{kept}", state.step)));
     }
-    if stop && state.step < total_steps {
+    result.interrupted = super::interrupt::interrupted();
+    drop(signals);
+    if stop && state.step < total_steps && !result.interrupted {
         tracing::info!("training stopped by a callback at step {}", state.step);
         result.stopped_early = true;
     }
