@@ -122,58 +122,73 @@ train(m, #{{ {TRAIN_OPTS}, max_steps: 6, eval_every: 3, output_dir: "tb" }});
     }
 }
 
-/// Ctrl-C (SIGINT) during training: the step in flight finishes, a checkpoint is saved, the
-/// process exits 0 saying how to resume (the rest of the recipe does not run), and the same
-/// recipe with `resume: true` continues from that checkpoint.
+/// Ctrl-C (SIGINT) or SIGTERM during training: the step in flight finishes, a checkpoint is
+/// saved, the process exits 0 saying how to resume (the rest of the recipe does not run), and the
+/// same recipe with `resume: true` continues from that checkpoint, ending with the adapter an
+/// uninterrupted run of as many steps makes, bit for bit (CPU, fp32, dropout and shuffling on).
 #[test]
-fn sigint_saves_a_checkpoint_and_resume_continues() {
+fn a_signal_saves_a_checkpoint_and_resume_continues_bit_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model = tiny_model_and_text(d, 24);
     let o = d.to_str().unwrap();
-    let recipe = |resume: bool, steps: usize| {
+    let recipe = |out: &str, resume: bool, steps: usize| {
         format!(
             r#"
 let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
-m.add_lora(#{{ r: 4, alpha: 8, targets: ["q_proj", "v_proj"] }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: ["q_proj", "v_proj"] }});
 let r = train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 2, max_length: 32, max_steps: {steps},
-    lr: 1e-3, log_every: 1, output_dir: "{o}/run", resume: {resume} }});
+    lr: 1e-3, scheduler: "constant", log_every: 1, output_dir: "{o}/{out}", resume: {resume} }});
 print(`finished at step ${{r.steps}}`);
+m.save_adapter("{o}/{out}/adapter");
 "#
         )
     };
-    std::fs::write(d.join("long.rhai"), recipe(false, 100_000)).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ftscript"))
-        .args(["run", "long.rhai"])
-        .current_dir(d)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = d.join("run/metrics.jsonl");
-    let started = std::time::Instant::now();
-    while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 2 {
-        assert!(started.elapsed().as_secs() < 300, "no training steps logged");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    // SAFETY: signals our own child, which is alive until waited for.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let out = child.wait_with_output().unwrap();
-    let t = text(&out);
-    assert!(out.status.success(), "an interrupted run exits 0: {t}");
-    assert!(t.contains("interrupted at step") && t.contains("resume: true") && !t.contains("finished at step"), "{t}");
-    let checkpoints: Vec<usize> = std::fs::read_dir(d.join("run"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok())
-        .collect();
-    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
-    let at = checkpoints[0];
-    assert!(at >= 2 && t.contains(&format!("interrupted at step {at}")), "{t}");
+    for (signal, name) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
+        let out = format!("run-{name}");
+        std::fs::write(d.join("long.rhai"), recipe(&out, false, 100_000)).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ftscript"))
+            .args(["run", "long.rhai"])
+            .current_dir(d)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = d.join(&out).join("metrics.jsonl");
+        let started = std::time::Instant::now();
+        while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 2 {
+            assert!(started.elapsed().as_secs() < 300, "no training steps logged");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // SAFETY: signals our own child, which is alive until waited for.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let done = child.wait_with_output().unwrap();
+        let t = text(&done);
+        assert!(done.status.success(), "{name}: an interrupted run exits 0: {t}");
+        assert!(t.contains("interrupted at step") && t.contains("resume: true") && !t.contains("finished at step"), "{name}: {t}");
+        let checkpoints: Vec<usize> = std::fs::read_dir(d.join(&out))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("checkpoint-")?.parse().ok())
+            .collect();
+        assert_eq!(checkpoints.len(), 1, "{name}: {checkpoints:?}");
+        let at = checkpoints[0];
+        assert!(at >= 2 && t.contains(&format!("interrupted at step {at}")), "{name}: {t}");
 
-    std::fs::write(d.join("resume.rhai"), recipe(true, at + 2)).unwrap();
-    let out = ftscript(&["run", "resume.rhai"], d);
-    let t = text(&out);
-    assert!(out.status.success() && t.contains(&format!("finished at step {}", at + 2)), "{t}");
-    let steps: Vec<i64> = metrics(&log).iter().filter_map(|v| v.get("step")?.as_i64()).collect();
-    assert_eq!(steps.last(), Some(&(at as i64 + 2)), "{steps:?}");
+        std::fs::write(d.join("resume.rhai"), recipe(&out, true, at + 2)).unwrap();
+        let resumed = ftscript(&["run", "resume.rhai"], d);
+        let t = text(&resumed);
+        assert!(resumed.status.success() && t.contains(&format!("finished at step {}", at + 2)), "{name}: {t}");
+        let straight = format!("straight-{name}");
+        std::fs::write(d.join("straight.rhai"), recipe(&straight, false, at + 2)).unwrap();
+        let run = ftscript(&["run", "straight.rhai"], d);
+        assert!(run.status.success(), "{}", text(&run));
+        let (a, b) = (
+            read_safetensors(&d.join(&out).join("adapter/adapter_model.safetensors")),
+            read_safetensors(&d.join(&straight).join("adapter/adapter_model.safetensors")),
+        );
+        assert_eq!(a.len(), b.len());
+        for (k, x) in &a {
+            assert!(same_bits(x, &b[k]), "{name}: {k} differs between the interrupted-and-resumed run and a straight one");
+        }
+    }
 }
