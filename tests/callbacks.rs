@@ -192,3 +192,47 @@ m.save_adapter("{o}/{out}/adapter");
         }
     }
 }
+
+/// A non-finite step (NaN gradients injected at step 3). By default training stops with an
+/// error naming the step and what to try, and no checkpoint holds the step (the last is step
+/// 2's, finite). With `on_nan: "skip"` that step's update is skipped and training goes on to the
+/// end with finite adapters. More skipped steps than `max_skipped_steps` stop.
+#[test]
+fn a_nan_step_stops_training_or_is_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 24);
+    let o = d.to_str().unwrap();
+    let run = |name: &str, extra: &str| {
+        let recipe = format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
+m.add_lora(#{{ r: 4, alpha: 8, targets: ["q_proj", "v_proj"] }});
+let r = train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 2, max_length: 32, max_steps: 5, lr: 1e-3,
+    log_every: 1, save_every: 1, output_dir: "{o}/{name}", {extra} }});
+print(`finished at step ${{r.steps}}`);
+m.save_adapter("{o}/{name}/adapter");
+"#
+        );
+        std::fs::write(d.join(format!("{name}.rhai")), recipe).unwrap();
+        ftscript(&["run", &format!("{name}.rhai")], d)
+    };
+    let adapters_finite = |dir: &Path| read_safetensors(&dir.join("adapter_model.safetensors")).values().all(|t| t.isfinite().all().int64_value(&[]) != 0);
+
+    let out = run("stop", "inject_nan_steps: [3]");
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("step 3: the loss is NaN") && t.contains("halving the learning rate") && t.contains("checkpoint-2"), "{t}");
+    let mut kept: Vec<String> = std::fs::read_dir(d.join("stop")).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("checkpoint-")).collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-1", "checkpoint-2"]);
+    assert!(adapters_finite(&d.join("stop/checkpoint-2")));
+
+    let out = run("skip", r#"inject_nan_steps: [3], on_nan: "skip""#);
+    let t = text(&out);
+    assert!(out.status.success() && t.contains("step 3: non-finite gradient norm, update skipped") && t.contains("finished at step 5"), "{t}");
+    assert!(adapters_finite(&d.join("skip/adapter")));
+
+    let out = run("too_many", r#"inject_nan_steps: [2, 3], on_nan: "skip", max_skipped_steps: 1"#);
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("more than max_skipped_steps 1"), "{t}");
+}

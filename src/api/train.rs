@@ -63,6 +63,12 @@ pub struct TrainOptions {
     pub shuffle: Option<bool>,
     /// `#{start: N, steps: K}`: profile K optimizer steps from step N.
     pub profile: Option<ProfileOptions>,
+    /// A non-finite loss or gradient norm: `stop` (default) or `skip` the update.
+    pub on_nan: Option<String>,
+    /// With `on_nan: "skip"`: how many steps may be skipped before training stops (default 10).
+    pub max_skipped_steps: Option<usize>,
+    /// Steps whose gradients are made NaN, to try `on_nan` (tests).
+    pub inject_nan_steps: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +91,7 @@ const CHOICES: &[(&str, &[&str])] = &[
     ("gradient_checkpointing", &["auto", "offload"]),
     ("format", &["alpaca", "chatml", "text", "chat_template", "tokens"]),
     ("train_on", &["all", "last"]),
+    ("on_nan", &["stop", "skip"]),
 ];
 
 /// `train`'s option map checked as `train` will read it: known keys with the right types, and
@@ -374,6 +381,12 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
             output_dir: output_dir.clone(),
             seed: o.seed.unwrap_or(42),
             resume: o.resume.unwrap_or(false),
+            on_nan: match o.on_nan.as_deref() {
+                None | Some("stop") => trainer::OnNan::Stop,
+                Some("skip") => trainer::OnNan::Skip { max_skipped: o.max_skipped_steps.unwrap_or(10) },
+                Some(other) => anyhow::bail!("on_nan must be \"stop\" or \"skip\", got \"{other}\""),
+            },
+            inject_nan_steps: o.inject_nan_steps.clone().unwrap_or_default(),
             profile: match &o.profile {
                 Some(p) if p.start == 0 || p.steps == 0 => anyhow::bail!("profile: start and steps count from 1, got start {} steps {}", p.start, p.steps),
                 Some(p) => Some(trainer::ProfileSteps { start: p.start, steps: p.steps }),

@@ -62,9 +62,24 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Profile these optimizer steps (main process only).
     pub profile: Option<ProfileSteps>,
+    /// What a non-finite loss or gradient norm does.
+    pub on_nan: OnNan,
+    /// Steps whose gradients are made NaN (to test `on_nan`).
+    pub inject_nan_steps: Vec<usize>,
 }
 
 pub use crate::models::Checkpointing;
+
+/// What a step with a non-finite loss or gradient norm does (fp16's overflow steps, which its loss
+/// scaling expects, are skipped either way).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OnNan {
+    /// Training stops with an error before the next checkpoint; the last one is intact.
+    Stop,
+    /// The update is skipped (the gradient norm is read before every update for it: on a GPU
+    /// the host then waits for each step's backward); more than `max_skipped` such steps stop.
+    Skip { max_skipped: usize },
+}
 
 /// `steps` optimizer steps from step `start` (1-based, as logged), profiled into
 /// `<output_dir>/profile/` (`trace.json`, `summary.txt`).
@@ -182,6 +197,12 @@ pub struct TrainResult {
     pub log_history: Vec<Value>,
     /// A SIGINT or SIGTERM stopped the run (after saving `checkpoint`).
     pub interrupted: bool,
+}
+
+/// Whether every element of `params` is finite (one read from the device).
+fn finite(params: &[Tensor]) -> bool {
+    let _g = tch::no_grad_guard();
+    params.iter().all(|p| p.isfinite().all().int64_value(&[]) != 0)
 }
 
 /// Casts the frozen weights to the compute dtype (adapters are left in fp32); done before
@@ -303,6 +324,9 @@ pub fn train(
     let mut log_loss_sum = 0.0;
     let mut log_steps = 0usize;
     let mut stop = false;
+    // steps whose update was skipped for a non-finite gradient norm, not yet reported
+    let mut skipped_steps: std::collections::BTreeSet<usize> = Default::default();
+    let mut skipped_total = 0usize;
     let signals = super::interrupt::Guard::install();
     // the first callback failure: training stops, with a checkpoint, and returns it
     let mut failure: Option<anyhow::Error> = None;
@@ -346,8 +370,12 @@ pub fn train(
                 let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((queued * 64 + k) as i64 * 1009);
                 let weight = state.loss_scale / n_label.max(1) as f64;
                 let (ids, labels, positions, mask) = to_device(b, net.device);
+                let weight = if cfg.inject_nan_steps.contains(&(queued + 1)) { f64::NAN } else { weight };
                 loss_total += net.loss_and_backward(&ids, &labels, &positions, &mask, weight, checkpointing, seed)?;
                 tokens += b.n_tokens;
+            }
+            if cfg.inject_nan_steps.contains(&(queued + 1)) {
+                loss_total = loss_total * f64::NAN;
             }
             let lr = lr_at(cfg.scheduler, cfg.lr, queued, total_steps, warmup);
             next = Some((QueuedStep { epoch, end, plan_len: plan.len(), lr, n_label, tokens }, loss_total));
@@ -364,6 +392,16 @@ pub fn train(
             }
             window_tokens += step_tokens;
             let loss = loss_sum / done.n_label.max(1) as f64;
+            if !(loss.is_finite() && grad_norm.is_finite()) && !skipped_steps.remove(&(state.step + 1)) {
+                // its update is applied already: stop before any checkpoint holds it
+                let kept = result.checkpoint.as_ref().map(|c| format!("the last checkpoint, {}, is intact", c.display())).unwrap_or_else(|| "no checkpoint was saved".into());
+                failure = Some(anyhow::anyhow!(
+                    "step {}: the loss is {loss} and the gradient norm {grad_norm}; {kept}. Try halving the learning rate (lr {}), bf16 instead of fp16 (or fp32), or on_nan: \"skip\"",
+                    state.step + 1,
+                    cfg.lr
+                ));
+                break;
+            }
             state.step += 1;
             (state.epoch, state.batch_in_epoch, finished_plan_len) = (done.epoch, done.end, done.plan_len);
             progress.set_position(state.step as u64);
@@ -433,6 +471,10 @@ pub fn train(
                 stop = g.sum_f64(&[stop as u8 as f64])?[0] > 0.0;
             }
             let save_now = cfg.save_every.map(|s| state.step % s == 0).unwrap_or(false);
+            if (save_now || stop || state.step == total_steps) && !finite(&params) {
+                failure = Some(anyhow::anyhow!("step {}: the adapters hold non-finite values after the update; not saved. Try halving the learning rate (lr {})", state.step, cfg.lr));
+                break;
+            }
             if save_now || stop || state.step == total_steps {
                 // rank 0 writes; the others wait until the checkpoint is complete
                 let dir = if main {
@@ -476,11 +518,25 @@ pub fn train(
         }
         let norm = clip_grad_norm(&params, cfg.max_grad_norm)?;
         // fp16 must see the norm before stepping; otherwise nothing here waits for the GPU
-        let skipped = fp16 && !norm.double_value(&[]).is_finite();
+        let skip_nan = matches!(cfg.on_nan, OnNan::Skip { .. });
+        let skipped = (fp16 || skip_nan) && !norm.double_value(&[]).is_finite();
         if skipped {
-            state.loss_scale /= 2.0;
-            state.good_steps = 0;
-            tracing::warn!("fp16: non-finite gradients, skipping step {} and halving the loss scale to {}", queued + 1, state.loss_scale);
+            skipped_steps.insert(queued + 1);
+            if fp16 {
+                state.loss_scale /= 2.0;
+                state.good_steps = 0;
+                tracing::warn!("fp16: non-finite gradients, skipping step {} and halving the loss scale to {}", queued + 1, state.loss_scale);
+            } else {
+                skipped_total += 1;
+                let (epoch, end) = (step.epoch, step.end);
+                tracing::warn!("step {}: non-finite gradient norm, update skipped (epoch {epoch}, micro-batches before {end}; {skipped_total} skipped so far)", queued + 1);
+                if let OnNan::Skip { max_skipped } = cfg.on_nan {
+                    if skipped_total > max_skipped {
+                        zero_grads(&params)?;
+                        bail!("step {}: {skipped_total} steps skipped for non-finite gradients, more than max_skipped_steps {max_skipped}; try halving the learning rate (lr {})", queued + 1, cfg.lr);
+                    }
+                }
+            }
         } else {
             opt.step(&params, step.lr)?;
             if fp16 {
