@@ -236,3 +236,71 @@ m.save_adapter("{o}/{name}/adapter");
     let t = text(&out);
     assert!(!out.status.success() && t.contains("more than max_skipped_steps 1"), "{t}");
 }
+
+/// SIGKILL at five moments (right after a step is logged, at varying delays, so some land while
+/// its checkpoint is written), resuming each time: every `checkpoint-*` left behind is complete,
+/// half-written ones are removed on the next start, and the final adapter equals an
+/// uninterrupted run's bit for bit (CPU, fp32, dropout and shuffling on).
+#[test]
+fn runs_killed_at_any_moment_resume_to_the_same_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 24);
+    let o = d.to_str().unwrap();
+    let steps = 60; // more than five kills can reach, each a few steps after the last
+    let recipe = |out: &str| {
+        format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: ["q_proj", "v_proj"] }});
+train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 2, max_length: 32, max_steps: {steps}, lr: 1e-3,
+    scheduler: "cosine", log_every: 1, save_every: 1, output_dir: "{o}/{out}", resume: true }});
+m.save_adapter("{o}/{out}/adapter");
+"#
+        )
+    };
+    std::fs::write(d.join("straight.rhai"), recipe("straight")).unwrap();
+    let out = ftscript(&["run", "straight.rhai"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::write(d.join("killed.rhai"), recipe("killed")).unwrap();
+    let log = d.join("killed/metrics.jsonl");
+    let logged = || std::fs::read_to_string(&log).map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count()).unwrap_or(0);
+    for delay_ms in [0u64, 3, 9, 1, 20] {
+        let before = logged();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ftscript"))
+            .args(["run", "killed.rhai"])
+            .current_dir(d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while logged() <= before {
+            assert!(started.elapsed().as_secs() < 300, "no step logged");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        for e in std::fs::read_dir(d.join("killed")).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("checkpoint-") {
+                for f in ["adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "trainer_state.json"] {
+                    assert!(e.path().join(f).exists(), "{name} lacks {f} after a kill {delay_ms} ms after a step");
+                }
+            }
+        }
+    }
+    let out = ftscript(&["run", "killed.rhai"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    let leftovers: Vec<String> = std::fs::read_dir(d.join("killed")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.contains(".tmp-")).collect();
+    assert!(leftovers.is_empty(), "half-written checkpoints left: {leftovers:?}");
+    let (a, b) = (
+        read_safetensors(&d.join("killed/adapter/adapter_model.safetensors")),
+        read_safetensors(&d.join("straight/adapter/adapter_model.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    for (k, x) in &a {
+        assert!(same_bits(x, &b[k]), "{k} differs between the killed-and-resumed run and a straight one");
+    }
+}

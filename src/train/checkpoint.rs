@@ -55,6 +55,21 @@ pub fn list(output_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v.into_iter().map(|(_, p)| p).collect())
 }
 
+/// Removes the half-written checkpoints (`.checkpoint-N.tmp-PID/`) a killed run left in
+/// `output_dir`; returns how many.
+pub fn remove_partial(output_dir: &Path) -> Result<usize> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else { return Ok(0) };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(".checkpoint-") && name.contains(".tmp-") && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path()).with_context(|| format!("cannot remove {}", e.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(list(output_dir)?.pop())
 }

@@ -258,6 +258,12 @@ pub fn train(
     let mut state = TrainerState::default();
     state.loss_scale = if fp16 { 65536.0 } else { 1.0 };
 
+    if main {
+        let removed = checkpoint::remove_partial(&cfg.output_dir)?;
+        if removed > 0 {
+            tracing::info!("removed {removed} half-written checkpoint(s) an interrupted run left in {}", cfg.output_dir.display());
+        }
+    }
     if cfg.resume {
         if let Some(dir) = checkpoint::latest(&cfg.output_dir)? {
             state = checkpoint::load(&dir, net, &params, &mut opt)?;
