@@ -122,6 +122,26 @@ train(m, #{{ {TRAIN_OPTS}, max_steps: 6, eval_every: 3, output_dir: "tb" }});
     }
 }
 
+/// `ftscript run RECIPE` in `d`, in the background (its output piped).
+fn spawn_run(d: &Path, recipe: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ftscript"))
+        .args(["run", recipe])
+        .current_dir(d)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The adapters saved in `a` and `b` are the same, bit for bit.
+fn assert_same_adapters(a: &Path, b: &Path) {
+    let (x, y) = (read_safetensors(&a.join("adapter_model.safetensors")), read_safetensors(&b.join("adapter_model.safetensors")));
+    assert_eq!(x.len(), y.len());
+    for (k, t) in &x {
+        assert!(same_bits(t, &y[k]), "{k} differs between {} and {}", a.display(), b.display());
+    }
+}
+
 /// Ctrl-C (SIGINT) or SIGTERM during training: the step in flight finishes, a checkpoint is
 /// saved, the process exits 0 saying how to resume (the rest of the recipe does not run), and the
 /// same recipe with `resume: true` continues from that checkpoint, ending with the adapter an
@@ -147,13 +167,7 @@ m.save_adapter("{o}/{out}/adapter");
     for (signal, name) in [(libc::SIGINT, "int"), (libc::SIGTERM, "term")] {
         let out = format!("run-{name}");
         std::fs::write(d.join("long.rhai"), recipe(&out, false, 100_000)).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ftscript"))
-            .args(["run", "long.rhai"])
-            .current_dir(d)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_run(d, "long.rhai");
         let log = d.join(&out).join("metrics.jsonl");
         let started = std::time::Instant::now();
         while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 2 {
@@ -182,14 +196,7 @@ m.save_adapter("{o}/{out}/adapter");
         std::fs::write(d.join("straight.rhai"), recipe(&straight, false, at + 2)).unwrap();
         let run = ftscript(&["run", "straight.rhai"], d);
         assert!(run.status.success(), "{}", text(&run));
-        let (a, b) = (
-            read_safetensors(&d.join(&out).join("adapter/adapter_model.safetensors")),
-            read_safetensors(&d.join(&straight).join("adapter/adapter_model.safetensors")),
-        );
-        assert_eq!(a.len(), b.len());
-        for (k, x) in &a {
-            assert!(same_bits(x, &b[k]), "{name}: {k} differs between the interrupted-and-resumed run and a straight one");
-        }
+        assert_same_adapters(&d.join(&out).join("adapter"), &d.join(&straight).join("adapter"));
     }
 }
 
@@ -267,13 +274,7 @@ m.save_adapter("{o}/{out}/adapter");
     let logged = || std::fs::read_to_string(&log).map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count()).unwrap_or(0);
     for delay_ms in [0u64, 3, 9, 1, 20] {
         let before = logged();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ftscript"))
-            .args(["run", "killed.rhai"])
-            .current_dir(d)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_run(d, "killed.rhai");
         let started = std::time::Instant::now();
         while logged() <= before {
             assert!(started.elapsed().as_secs() < 300, "no step logged");
@@ -295,12 +296,5 @@ m.save_adapter("{o}/{out}/adapter");
     assert!(out.status.success(), "{}", text(&out));
     let leftovers: Vec<String> = std::fs::read_dir(d.join("killed")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.contains(".tmp-")).collect();
     assert!(leftovers.is_empty(), "half-written checkpoints left: {leftovers:?}");
-    let (a, b) = (
-        read_safetensors(&d.join("killed/adapter/adapter_model.safetensors")),
-        read_safetensors(&d.join("straight/adapter/adapter_model.safetensors")),
-    );
-    assert_eq!(a.len(), b.len());
-    for (k, x) in &a {
-        assert!(same_bits(x, &b[k]), "{k} differs between the killed-and-resumed run and a straight one");
-    }
+    assert_same_adapters(&d.join("killed/adapter"), &d.join("straight/adapter"));
 }
