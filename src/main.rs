@@ -64,7 +64,7 @@ enum Command {
     Init {
         /// The new recipe's file (`.rhai` is added when it has no extension).
         name: PathBuf,
-        #[arg(long, default_value = "lora", value_parser = ["lora", "qlora", "chat", "multi-gpu"])]
+        #[arg(long, default_value = "lora", value_parser = clap::builder::PossibleValuesParser::new(ftscript::init::TEMPLATES.iter().map(|t| t.0)))]
         template: String,
     },
     /// Convert a llama-family .gguf file into a Hugging Face model directory.

@@ -133,6 +133,20 @@ fn spawn_run(d: &Path, recipe: &str) -> std::process::Child {
         .unwrap()
 }
 
+/// Training steps logged so far in the run log `log` (lines with a loss).
+fn logged_steps(log: &Path) -> usize {
+    std::fs::read_to_string(log).map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count()).unwrap_or(0)
+}
+
+/// Waits (polling every millisecond, five minutes at most) until `log` holds `n` logged steps.
+fn wait_for_logged_steps(log: &Path, n: usize) {
+    let started = std::time::Instant::now();
+    while logged_steps(log) < n {
+        assert!(started.elapsed().as_secs() < 300, "{}: {n} steps not logged in 5 minutes", log.display());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// The adapters saved in `a` and `b` are the same, bit for bit.
 fn assert_same_adapters(a: &Path, b: &Path) {
     let (x, y) = (read_safetensors(&a.join("adapter_model.safetensors")), read_safetensors(&b.join("adapter_model.safetensors")));
@@ -168,12 +182,7 @@ m.save_adapter("{o}/{out}/adapter");
         let out = format!("run-{name}");
         std::fs::write(d.join("long.rhai"), recipe(&out, false, 100_000)).unwrap();
         let child = spawn_run(d, "long.rhai");
-        let log = d.join(&out).join("metrics.jsonl");
-        let started = std::time::Instant::now();
-        while std::fs::read_to_string(&log).map(|t| t.lines().count()).unwrap_or(0) < 2 {
-            assert!(started.elapsed().as_secs() < 300, "no training steps logged");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_for_logged_steps(&d.join(&out).join("metrics.jsonl"), 2);
         // SAFETY: signals our own child, which is alive until waited for.
         assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
         let done = child.wait_with_output().unwrap();
@@ -271,15 +280,10 @@ m.save_adapter("{o}/{out}/adapter");
     assert!(out.status.success(), "{}", text(&out));
     std::fs::write(d.join("killed.rhai"), recipe("killed")).unwrap();
     let log = d.join("killed/metrics.jsonl");
-    let logged = || std::fs::read_to_string(&log).map(|t| t.lines().filter(|l| l.contains("\"loss\"")).count()).unwrap_or(0);
     for delay_ms in [0u64, 3, 9, 1, 20] {
-        let before = logged();
+        let before = logged_steps(&log);
         let mut child = spawn_run(d, "killed.rhai");
-        let started = std::time::Instant::now();
-        while logged() <= before {
-            assert!(started.elapsed().as_secs() < 300, "no step logged");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        wait_for_logged_steps(&log, before + 1);
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();

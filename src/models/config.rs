@@ -209,12 +209,11 @@ impl CommonConfig {
         })
     }
 
-    /// The sliding layers as `layer_types` lists them, or (older files) those from
-    /// `max_window_layers` on; an unknown layer type is named.
-    pub fn sliding_layers(&self, max_window_layers: Option<usize>) -> Result<Vec<bool>> {
+    /// The sliding layers as `layer_types` lists them, or (older files, without the key) as the
+    /// family's rule `sliding(l)` says; an unknown layer type is named.
+    pub fn sliding_layers(&self, sliding: impl Fn(usize) -> bool) -> Result<Vec<bool>> {
         let Some(types) = &self.layer_types else {
-            let from = max_window_layers.unwrap_or(0);
-            return Ok((0..self.num_hidden_layers).map(|l| l >= from).collect());
+            return Ok((0..self.num_hidden_layers).map(sliding).collect());
         };
         types
             .iter()

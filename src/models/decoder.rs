@@ -85,8 +85,8 @@ impl Attention {
                 }
                 Some(m.unsqueeze(1))
             }
-            AttnMask::Causal if past == 0 && window.is_none() => None,
-            AttnMask::Causal if t == 1 && window.is_none() => None,
+            // SDPA's own causal mask serves; eager attention (soft-capped scores) needs it written out
+            AttnMask::Causal if (past == 0 || t == 1) && window.is_none() && self.softcap.is_none() => None,
             AttnMask::Causal => {
                 // query i sits at position past+i: allowed(i, j) = j ≤ past+i (and past+i−j < w)
                 let qpos = Tensor::arange_start(past, kv_len, (Kind::Int64, x.device())).unsqueeze(1);
@@ -107,19 +107,14 @@ impl Attention {
                 let (k, v) = (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None));
                 let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
                 let scores = crate::nn::loss::softcap(&(q.matmul(&k.transpose(2, 3)) * scale), Some(cap));
-                let allowed = match explicit {
-                    Some(m) => m,
-                    None => Tensor::ones([t, kv_len], (Kind::Bool, x.device())).tril(past),
-                };
+                let allowed = explicit.expect("eager attention always has its mask written out");
                 let scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
                 scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
             }
         };
         y.transpose(1, 2).contiguous().view([b, t, self.n_heads * self.head_dim])
     }
-}
 
-impl Attention {
     /// `y` `[B, T, heads·d]` with each head normalized by `norm` over its `d` values, if given.
     fn head_norm(&self, norm: &Option<RmsNorm>, y: Tensor, heads: i64, train: bool) -> Tensor {
         match norm {

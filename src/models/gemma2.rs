@@ -75,10 +75,7 @@ pub fn gemma2(json: &serde_json::Value) -> Result<DecoderConfig> {
     let mut d = c.gemma.decoder(&c.common, "Gemma2ForCausalLM")?;
     d.attn_softcap = c.attn_logit_softcapping;
     d.final_softcap = c.final_logit_softcapping;
-    d.sliding_layers = match c.common.layer_types {
-        Some(_) => c.common.sliding_layers(None)?,
-        None => (0..d.num_hidden_layers).map(|l| l % 2 == 0).collect(),
-    };
+    d.sliding_layers = c.common.sliding_layers(|l| l % 2 == 0)?;
     Ok(d)
 }
 

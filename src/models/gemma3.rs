@@ -45,10 +45,7 @@ pub fn gemma3(json: &serde_json::Value) -> Result<DecoderConfig> {
     d.qk_norm = true;
     d.attn_softcap = c.attn_logit_softcapping;
     d.final_softcap = c.final_logit_softcapping;
-    d.sliding_layers = match c.common.layer_types {
-        Some(_) => c.common.sliding_layers(None)?,
-        None => (0..d.num_hidden_layers).map(|l| (l + 1) % c.sliding_window_pattern != 0).collect(),
-    };
+    d.sliding_layers = c.common.sliding_layers(|l| (l + 1) % c.sliding_window_pattern != 0)?;
     let max_pos = d.max_position_embeddings;
     let by_type = c.common.rope_parameters.as_ref().filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
     let local = match by_type {

@@ -29,7 +29,8 @@ impl Config {
     pub(super) fn qwen_window(&self, d: &mut DecoderConfig) -> Result<()> {
         if self.use_sliding_window.unwrap_or(false) {
             d.sliding_window = window(&self.sliding_window);
-            d.sliding_layers = self.common.sliding_layers(self.max_window_layers)?;
+            let from = self.max_window_layers.unwrap_or(0);
+            d.sliding_layers = self.common.sliding_layers(|l| l >= from)?;
         }
         Ok(())
     }
@@ -50,7 +51,7 @@ pub fn mistral(json: &serde_json::Value) -> Result<DecoderConfig> {
     let c: Config = CommonConfig::parse(json)?;
     let mut d = c.common.decoder("MistralForCausalLM")?;
     d.sliding_window = window(&c.sliding_window);
-    d.sliding_layers = c.common.sliding_layers(None)?;
+    d.sliding_layers = c.common.sliding_layers(|_| true)?;
     Ok(d)
 }
 

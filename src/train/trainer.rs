@@ -372,15 +372,15 @@ pub fn train(
             }
             let mut loss_total = Tensor::zeros([], (Kind::Float, net.head_device));
             let mut tokens = 0i64;
+            let poisoned = cfg.inject_nan_steps.contains(&(queued + 1));
             for (k, b) in &mine {
                 let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((queued * 64 + k) as i64 * 1009);
-                let weight = state.loss_scale / n_label.max(1) as f64;
+                let weight = if poisoned { f64::NAN } else { state.loss_scale / n_label.max(1) as f64 };
                 let (ids, labels, positions, mask) = to_device(b, net.device);
-                let weight = if cfg.inject_nan_steps.contains(&(queued + 1)) { f64::NAN } else { weight };
                 loss_total += net.loss_and_backward(&ids, &labels, &positions, &mask, weight, checkpointing, seed)?;
                 tokens += b.n_tokens;
             }
-            if cfg.inject_nan_steps.contains(&(queued + 1)) {
+            if poisoned {
                 loss_total = loss_total * f64::NAN;
             }
             let lr = lr_at(cfg.scheduler, cfg.lr, queued, total_steps, warmup);
