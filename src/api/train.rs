@@ -8,12 +8,13 @@ use crate::script::options::{from_json, guard, parse, to_json};
 use crate::train::batch::BatchConfig;
 use crate::train::logger::RunLogger;
 use crate::train::schedule::Schedule;
-use crate::train::trainer::{self, Control, Hooks, TrainConfig, TrainData};
+use crate::train::objective::{Objective, Sft};
+use crate::train::preference::{DpoLoss, Preference, PreferenceObjective};
+use crate::train::trainer::{self, Control, Hooks, TrainConfig};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 type Res<T> = Result<T, Box<EvalAltResult>>;
 
@@ -69,6 +70,19 @@ pub struct TrainOptions {
     pub max_skipped_steps: Option<usize>,
     /// Steps whose gradients are made NaN, to try `on_nan` (tests).
     pub inject_nan_steps: Option<Vec<usize>>,
+    /// `sft` (default), `dpo`, `orpo` or `kto`.
+    pub objective: Option<String>,
+    /// Preference objectives: the strength β of the reference (DPO, KTO) or of the odds-ratio term (ORPO); 0.1.
+    pub beta: Option<f64>,
+    /// DPO: `sigmoid` (default), `hinge`, `ipo` or `robust`.
+    pub loss_type: Option<String>,
+    /// DPO's `robust` loss: the probability that a preference label is flipped.
+    pub label_smoothing: Option<f64>,
+    /// DPO, KTO: compute the reference log-probabilities once before training.
+    pub precompute_ref_log_probs: Option<bool>,
+    /// KTO: the weights of desirable and undesirable examples' losses (1.0 each).
+    pub desirable_weight: Option<f64>,
+    pub undesirable_weight: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +106,22 @@ const CHOICES: &[(&str, &[&str])] = &[
     ("format", &["alpaca", "chatml", "text", "chat_template", "tokens"]),
     ("train_on", &["all", "last"]),
     ("on_nan", &["stop", "skip"]),
+    ("objective", &["sft", "dpo", "orpo", "kto"]),
+    ("loss_type", DpoLoss::NAMES),
+];
+
+/// Options that only some objectives read: (option, the objectives that read it).
+const OBJECTIVE_OPTIONS: &[(&str, &[&str])] = &[
+    ("beta", &["dpo", "orpo", "kto"]),
+    ("loss_type", &["dpo"]),
+    ("label_smoothing", &["dpo"]),
+    ("precompute_ref_log_probs", &["dpo", "kto"]),
+    ("desirable_weight", &["kto"]),
+    ("undesirable_weight", &["kto"]),
+    ("format", &["sft"]),
+    ("packing", &["sft"]),
+    ("train_on_prompt", &["sft"]),
+    ("train_on", &["sft"]),
 ];
 
 /// `train`'s option map checked as `train` will read it: known keys with the right types, and
@@ -101,6 +131,12 @@ pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
     for (key, names) in CHOICES {
         if let Some(v) = json.get(*key).and_then(|v| v.as_str()) {
             crate::script::options::one_of(key, v, names)?;
+        }
+    }
+    let objective = json.get("objective").and_then(|v| v.as_str()).unwrap_or("sft");
+    for (key, readers) in OBJECTIVE_OPTIONS {
+        if json.get(*key).is_some() && !readers.contains(&objective) {
+            return Err(format!("`{key}` applies to objective {}, and this run's objective is \"{objective}\"", readers.iter().map(|r| format!("\"{r}\"")).collect::<Vec<_>>().join(" or ")));
         }
     }
     Ok(())
@@ -313,14 +349,22 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
     guard("train", || claim_output_dir(&output_dir, o.resume.unwrap_or(false), o.overwrite.unwrap_or(false)))?;
     let train_ds = dataset_opt(&opts, "train")?.ok_or("train: missing option `train` (the training Dataset)")?;
     let eval_ds = dataset_opt(&opts, "eval")?;
-    let fmt = format_of(opts.get("format"), train_ds.0.records.first()).map_err(|e| -> Box<EvalAltResult> { e.to_string().into() })?;
     let max_length = o.max_length.unwrap_or(1024);
-    let tok_opts = TokenizeOptions { max_length, train_on_prompt: o.train_on_prompt.unwrap_or(false) };
-    let train_on = if o.train_on.as_deref() == Some("last") { TrainOn::LastAssistantTurn } else { TrainOn::AllAssistantTurns };
-    let train_ex = examples(&ctx, m, &train_ds, &fmt, &tok_opts, train_on)?;
-    let eval_ex = match &eval_ds {
-        Some(d) => Some(examples(&ctx, m, d, &fmt, &tok_opts, train_on)?),
-        None => None,
+    let batch_size = o.batch_size.unwrap_or(4);
+    let eval_batch_size = o.eval_batch_size.unwrap_or(batch_size);
+    let objective_name = o.objective.clone().unwrap_or_else(|| "sft".into());
+    let mut objective: Box<dyn Objective> = if objective_name == "sft" {
+        let fmt = format_of(opts.get("format"), train_ds.0.records.first()).map_err(|e| -> Box<EvalAltResult> { e.to_string().into() })?;
+        let tok_opts = TokenizeOptions { max_length, train_on_prompt: o.train_on_prompt.unwrap_or(false) };
+        let train_on = if o.train_on.as_deref() == Some("last") { TrainOn::LastAssistantTurn } else { TrainOn::AllAssistantTurns };
+        let train_ex = examples(&ctx, m, &train_ds, &fmt, &tok_opts, train_on)?;
+        let eval_ex = match &eval_ds {
+            Some(d) => examples(&ctx, m, d, &fmt, &tok_opts, train_on)?,
+            None => vec![],
+        };
+        Box::new(Sft::new(train_ex, eval_ex))
+    } else {
+        guard("train", || preference_objective(&objective_name, &o, m, &train_ds, eval_ds.as_ref(), batch_size, eval_batch_size))?
     };
     let mut hooks = RhaiHooks {
         ctx: &ctx,
@@ -344,7 +388,6 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
             Some(serde_json::Value::String(s)) if s == "offload" => Some(trainer::Checkpointing::Offload),
             Some(v) => anyhow::bail!("gradient_checkpointing must be true, false, \"auto\" or \"offload\", got {v}"),
         };
-        let batch_size = o.batch_size.unwrap_or(4);
         let cfg = TrainConfig {
             batch: BatchConfig {
                 batch_size,
@@ -359,7 +402,7 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
                 shuffle: o.shuffle.unwrap_or(true),
                 seed: o.seed.unwrap_or(42),
             },
-            eval_batch_size: o.eval_batch_size.unwrap_or(batch_size),
+            eval_batch_size,
             grad_accum: o.grad_accum.unwrap_or(1).max(1),
             epochs: o.epochs.unwrap_or(1),
             max_steps: o.max_steps,
@@ -375,7 +418,7 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
             precision,
             gradient_checkpointing,
             log_every: o.log_every.unwrap_or(10).max(1),
-            eval_every: o.eval_every.filter(|_| eval_ex.is_some()),
+            eval_every: o.eval_every.filter(|_| eval_ds.is_some()),
             save_every: o.save_every,
             save_total_limit: o.save_total_limit,
             output_dir: output_dir.clone(),
@@ -393,7 +436,6 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
                 None => None,
             },
         };
-        let data = TrainData { train: Arc::new(train_ex), eval: eval_ex.map(Arc::new) };
         // run logs are written by the main process only
         let mut logger = if crate::dist::is_main_process() { RunLogger::create(&cfg.output_dir)? } else { RunLogger::disabled() };
         let source = model.source.clone();
@@ -402,8 +444,9 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
             trainer::set_precision(&mut m.get_mut("train")?.net, cfg.precision);
             model = m.get();
         }
+        objective.prepare(&model.net, &BatchConfig { batch_size: eval_batch_size, ..cfg.batch.clone() })?;
         // the model is only read from here on: callbacks may use it too
-        match trainer::train(&model.net, &spec, &source, &data, &cfg, &mut hooks, &mut logger) {
+        match trainer::train(&model.net, &spec, &source, objective.as_ref(), &cfg, &mut hooks, &mut logger) {
             Ok(r) => Ok(Ok((r, cfg.output_dir))),
             // a callback failed: its own error (so that it renders at the callback's file:line),
             // after where training stopped (the trainer's outermost context)
@@ -434,6 +477,34 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
     );
     map.insert("log_history".into(), from_json(&serde_json::Value::Array(r.log_history)));
     Ok(map)
+}
+
+/// The preference objective `name` over the records of `train` (and `eval`), tokenized as TRL
+/// tokenizes them (errors name the record).
+#[allow(clippy::too_many_arguments)]
+fn preference_objective(name: &str, o: &TrainOptions, m: &Model, train: &Dataset, eval: Option<&Dataset>, batch_size: usize, eval_batch_size: usize) -> anyhow::Result<Box<dyn Objective>> {
+    let model = m.get();
+    let tok = &model.tokenizer;
+    let beta = o.beta.unwrap_or(0.1);
+    anyhow::ensure!(beta > 0.0, "beta must be positive, got {beta}");
+    fn records(ds: Option<&Dataset>) -> Vec<(&serde_json::Value, String)> {
+        ds.map(|d| d.0.records.iter().enumerate().map(|(i, r)| (r, d.0.place(i).to_string())).collect()).unwrap_or_default()
+    }
+    let (train, eval) = (records(Some(train)), records(eval));
+    if name == "kto" {
+        let judged = |rs: &[(&serde_json::Value, String)]| rs.iter().map(|(r, at)| crate::data::preference::judged(r, at, tok)).collect::<anyhow::Result<Vec<_>>>();
+        let kind = Preference::Kto { beta, desirable_weight: o.desirable_weight.unwrap_or(1.0), undesirable_weight: o.undesirable_weight.unwrap_or(1.0) };
+        let objective = PreferenceObjective::judged(kind, judged(&train)?, judged(&eval)?, batch_size, eval_batch_size);
+        return Ok(Box::new(objective.precompute_reference(o.precompute_ref_log_probs == Some(true))));
+    }
+    let kind = match name {
+        "dpo" => Preference::Dpo { beta, loss: DpoLoss::parse(o.loss_type.as_deref().unwrap_or("sigmoid"), o.label_smoothing.unwrap_or(0.0))? },
+        "orpo" => Preference::Orpo { beta },
+        other => anyhow::bail!("unknown objective \"{other}\""),
+    };
+    let pairs = |rs: &[(&serde_json::Value, String)]| rs.iter().map(|(r, at)| crate::data::preference::pair(r, at, tok)).collect::<anyhow::Result<Vec<_>>>();
+    let objective = PreferenceObjective::pairs(kind, pairs(&train)?, pairs(&eval)?);
+    Ok(Box::new(objective.precompute_reference(o.precompute_ref_log_probs == Some(true))))
 }
 
 pub fn register(engine: &mut Engine) {

@@ -93,7 +93,7 @@ impl Default for TokenizeOptions {
 
 /// `record[key]` as a string: numbers and booleans are written out, anything else is an error
 /// that names the field, the record and what needs it.
-fn string_field(record: &Value, key: &str, at: &str, what: &str) -> Result<String> {
+pub(crate) fn string_field(record: &Value, key: &str, at: &str, what: &str) -> Result<String> {
     match record.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(v.to_string()),

@@ -2,4 +2,5 @@
 pub mod cache;
 pub mod dataset;
 pub mod format;
+pub mod preference;
 pub mod template;

@@ -428,17 +428,63 @@ impl Decoder {
     /// summed loss (detached): the norm keeps its graph, the projection and the loss are
     /// [`loss::linear_cross_entropy_backward`] (through autograd when the projection has an adapter).
     pub fn head_loss_backward(&self, h: &Tensor, labels: &Tensor, weight: f64) -> Result<Tensor> {
+        let (normed, target) = self.head_rows(h, labels);
+        self.projection_loss_backward(&normed, &target, weight, None)
+    }
+
+    /// The rows that predict a next token: `h[:, :-1]` through the final norm (keeping its graph)
+    /// `[B·(T-1), H]`, and their targets `labels[:, 1:]` `[B·(T-1)]`, on `head_device`.
+    fn head_rows(&self, h: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
         let (b, t, hidden) = h.size3().unwrap();
         let n = b * (t - 1);
         let flat = h.narrow(1, 0, t - 1).reshape([n, hidden]).to_device(self.head_device);
         let target = labels.narrow(1, 1, t - 1).reshape([n]).to_device(self.head_device);
-        let normed = self.norm.forward(&flat, true);
+        (self.norm.forward(&flat, true), target)
+    }
+
+    /// [`loss::linear_cross_entropy_backward`] through the output projection, each row's
+    /// gradient also scaled by `row_weight` if given.
+    fn projection_loss_backward(&self, normed: &Tensor, target: &Tensor, weight: f64, row_weight: Option<&Tensor>) -> Result<Tensor> {
         let cap = self.config.final_softcap;
         match &self.lm_head {
-            None => loss::linear_cross_entropy_backward(&normed, &self.embed_tokens, None, &target, weight, cap),
-            Some(l) if l.lora.is_none() => loss::linear_cross_entropy_backward(&normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), &target, weight, cap),
-            Some(l) => loss::linear_cross_entropy_backward_autograd(l, &normed, &target, weight, cap),
+            None => loss::linear_cross_entropy_backward(normed, &self.embed_tokens, None, target, weight, cap, row_weight),
+            Some(l) if l.lora.is_none() => loss::linear_cross_entropy_backward(normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), target, weight, cap, row_weight),
+            Some(l) => loss::linear_cross_entropy_backward_autograd(l, normed, target, weight, cap, row_weight),
         }
+    }
+
+    /// The output projection (soft-capped) of normed rows: logits.
+    fn project(&self, normed: &Tensor) -> Tensor {
+        let logits = match &self.lm_head {
+            Some(l) => l.forward(normed, false),
+            None => normed.matmul(&self.embed_tokens.tr()),
+        };
+        loss::softcap(&logits, self.config.final_softcap)
+    }
+
+    /// The head for an objective on sequence log-probabilities (DPO, ORPO, KTO), from the last
+    /// hidden states `h` `[B, T, H]`: first, without a graph, what the model predicts for each
+    /// next token `labels[:, 1:]` ([`loss::NextTokenStats`], `[B, T-1]` each); `loss_of` forms
+    /// the objective's loss from them, its `logp` a leaf `ℓ`. Then `w = weight · ∂loss/∂ℓ` is
+    /// back-propagated into `h`'s graph (when it has one) as a cross-entropy whose token `t`
+    /// carries weight `−w_t` (`log p = −CE`), by the fused linear cross-entropy: full-vocabulary
+    /// logits never exist. Returns what `loss_of` returns besides the loss.
+    pub fn next_token_head_backward<R>(&self, h: &Tensor, labels: &Tensor, weight: f64, loss_of: impl FnOnce(&loss::NextTokenStats) -> Result<(Tensor, R)>) -> Result<R> {
+        let (b, t, _) = h.size3().unwrap();
+        let (normed, target) = self.head_rows(h, labels);
+        let vocab = self.embed_tokens.size()[0];
+        let stats = loss::next_token_stats(&normed, vocab, &target, |x| self.project(x)).view(&[b, t - 1]);
+        let leaf = stats.logp.detach().set_requires_grad(normed.requires_grad());
+        let (loss, out) = loss_of(&loss::NextTokenStats { logp: leaf.shallow_clone(), ..stats })?;
+        if normed.requires_grad() {
+            loss.backward();
+            let g = leaf.grad();
+            if g.defined() {
+                let row_weight = (g * -weight).reshape([-1]);
+                let _ = self.projection_loss_backward(&normed, &target, 1.0, Some(&row_weight))?;
+            }
+        }
+        Ok(out)
     }
 
     /// The devices the model uses, each once (one, unless split across GPUs).
@@ -585,6 +631,13 @@ impl Decoder {
     /// it, and attention's recomputation skips `o_proj`
     /// ([`DecoderLayer::attention_recompute_backward`](crate::models::decoder::DecoderLayer::attention_recompute_backward)).
     pub fn loss_and_backward(&self, ids: &Tensor, labels: &Tensor, positions: &Tensor, mask: &AttnMask, weight: f64, checkpointing: Checkpointing, seed: i64) -> Result<Tensor> {
+        self.backward_through_head(ids, positions, mask, checkpointing, seed, |h| self.head_loss_backward(h, labels, weight))
+    }
+
+    /// The training forward and backward of [`Decoder::loss_and_backward`] around any `head`:
+    /// `head` receives the last hidden states `[B, T, H]` and back-propagates its loss into
+    /// their graph (checkpointed: into a leaf whose gradient then flows down the layers).
+    pub fn backward_through_head<R>(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, checkpointing: Checkpointing, seed: i64, head: impl FnOnce(&Tensor) -> Result<R>) -> Result<R> {
         let net = self;
         let offload = checkpointing == Checkpointing::Offload;
         let mut shared = net.layer_inputs(positions, mask);
@@ -620,7 +673,7 @@ impl Decoder {
         };
         if checkpointing == Checkpointing::Off {
             let h = forward(&mut kept, &mut shared)?;
-            return net.head_loss_backward(&h, labels, weight);
+            return head(&h);
         }
         let h = tch::no_grad(|| forward(&mut kept, &mut shared))?;
         let prefetch = |k: Option<&(Kept, Option<Kept>)>| -> Result<(Option<crate::cuda::Prefetch>, Option<crate::cuda::Prefetch>)> {
@@ -631,8 +684,12 @@ impl Decoder {
         };
         let mut pending = prefetch(kept.last())?;
         let top = h.detach().set_requires_grad(true);
-        let loss = net.head_loss_backward(&top, labels, weight)?;
+        let loss = head(&top)?;
         let mut grad = top.grad();
+        if !grad.defined() {
+            // the head's loss does not depend on the model
+            return Ok(loss);
+        }
         for l in (0..net.layers.len()).rev() {
             let (px, pm) = std::mem::replace(&mut pending, (None, None));
             let x = kept[l].0.get(px, net, ids)?;

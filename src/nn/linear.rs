@@ -2,7 +2,27 @@
 //! 4-bit in bitsandbytes' format), an optional bias, and an optional LoRA adapter on top.
 
 use super::quant::{Int8Rows, Quant4};
+use std::cell::Cell;
 use tch::{Kind, Tensor};
+
+thread_local! {
+    /// Set inside [`without_adapters`].
+    static ADAPTERS_OFF: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every LoRA adapter bypassed in forward passes on this thread: the base model,
+/// as peft's `disable_adapter()` gives it (the reference model of DPO and KTO). Forward only:
+/// training paths keep their adapters.
+pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ADAPTERS_OFF.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ADAPTERS_OFF.with(|c| c.replace(true)));
+    f()
+}
 
 /// A frozen base weight `[out, in]`: dense, or 4-bit ([`Quant4`], NF4/FP4) dequantized block
 /// by block on every forward (`W = code[q] · absmax`, never kept dense between calls).
@@ -159,8 +179,8 @@ impl Linear {
         let x2 = x.reshape([-1, self.in_features()]);
         let y = x2.linear(&self.weight.for_input(x.kind()), self.bias.as_ref());
         let y = match &self.lora {
-            Some(l) => l.add_to(y, &x2, train),
-            None => y,
+            Some(l) if !ADAPTERS_OFF.with(Cell::get) => l.add_to(y, &x2, train),
+            _ => y,
         };
         *shape.last_mut().unwrap() = self.out_features();
         y.view(shape.as_slice())
@@ -172,7 +192,7 @@ impl Linear {
     /// otherwise each layer's [`Linear::forward`]. Errors panic, as tch's ops do (the script
     /// layer turns them into errors).
     pub fn forward_shared(layers: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
-        if !(train && x.device().is_cuda()) {
+        if !(train && x.device().is_cuda()) || ADAPTERS_OFF.with(Cell::get) {
             return layers.iter().map(|l| l.forward(x, train)).collect();
         }
         let mut shape = x.size();

@@ -33,13 +33,14 @@ pub struct Batch {
 }
 
 /// A row: the examples it holds, in order.
-type Row = Vec<usize>;
+pub type Row = Vec<usize>;
 
-/// The rows of micro-batches for `epoch`: a seeded shuffle of the examples (seed + epoch), then
-/// either one example per row, or examples packed first-fit in that order into rows of
-/// `max_length`; rows are grouped `batch_size` at a time (the last batch may be smaller).
-pub fn plan_epoch(examples: &[Example], cfg: &BatchConfig, epoch: usize) -> Vec<Vec<Row>> {
-    let mut order: Vec<usize> = (0..examples.len()).collect();
+/// The rows of micro-batches for `epoch`, from the examples' token `lengths`: a seeded shuffle
+/// of the examples (seed + epoch), then either one example per row, or examples packed first-fit
+/// in that order into rows of `max_length`; rows are grouped `batch_size` at a time (the last
+/// batch may be smaller).
+pub fn plan_epoch(lengths: &[usize], cfg: &BatchConfig, epoch: usize) -> Vec<Vec<Row>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
     if cfg.shuffle {
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64));
         order.shuffle(&mut rng);
@@ -49,7 +50,7 @@ pub fn plan_epoch(examples: &[Example], cfg: &BatchConfig, epoch: usize) -> Vec<
         let mut cur: Row = vec![];
         let mut len = 0;
         for i in order {
-            let n = examples[i].input_ids.len().min(cfg.max_length);
+            let n = lengths[i].min(cfg.max_length);
             if len + n > cfg.max_length && !cur.is_empty() {
                 rows.push(std::mem::take(&mut cur));
                 len = 0;
@@ -124,6 +125,9 @@ mod tests {
     fn ex(ids: &[i64], labels: &[i64]) -> Example {
         Example { input_ids: ids.to_vec(), labels: labels.to_vec() }
     }
+    fn lens(e: &[Example]) -> Vec<usize> {
+        e.iter().map(|x| x.input_ids.len()).collect()
+    }
     fn cfg(packing: bool) -> BatchConfig {
         BatchConfig { batch_size: 2, max_length: 6, pad_to_max_length: false, packing, pad_id: 0, shuffle: false, seed: 0 }
     }
@@ -131,7 +135,7 @@ mod tests {
     #[test]
     fn pads_right_and_counts_label_tokens() {
         let e = vec![ex(&[5, 6, 7], &[-100, 6, 7]), ex(&[8, 9], &[8, 9])];
-        let plan = plan_epoch(&e, &cfg(false), 0);
+        let plan = plan_epoch(&lens(&e), &cfg(false), 0);
         assert_eq!(plan.len(), 1);
         let b = collate(&e, &plan[0], &cfg(false));
         assert_eq!(Vec::<i64>::try_from(b.input_ids.view([-1])).unwrap(), vec![5, 6, 7, 8, 9, 0]);
@@ -142,7 +146,7 @@ mod tests {
     #[test]
     fn packs_with_segment_starts_masked() {
         let e = vec![ex(&[1, 2, 3], &[1, 2, 3]), ex(&[4, 5], &[4, 5]), ex(&[6, 7, 8], &[6, 7, 8])];
-        let plan = plan_epoch(&e, &cfg(true), 0);
+        let plan = plan_epoch(&lens(&e), &cfg(true), 0);
         assert_eq!(plan[0], vec![vec![0, 1], vec![2]]);
         let b = collate(&e, &plan[0], &cfg(true));
         assert_eq!(Vec::<i64>::try_from(b.labels.get(0)).unwrap(), vec![-100, 2, 3, -100, 5]);
@@ -154,7 +158,7 @@ mod tests {
     fn shuffle_is_seeded() {
         let e: Vec<Example> = (0..20).map(|i| ex(&[i], &[i])).collect();
         let c = BatchConfig { shuffle: true, ..cfg(false) };
-        assert_eq!(plan_epoch(&e, &c, 0), plan_epoch(&e, &c, 0));
-        assert_ne!(plan_epoch(&e, &c, 0), plan_epoch(&e, &c, 1));
+        assert_eq!(plan_epoch(&lens(&e), &c, 0), plan_epoch(&lens(&e), &c, 0));
+        assert_ne!(plan_epoch(&lens(&e), &c, 0), plan_epoch(&lens(&e), &c, 1));
     }
 }

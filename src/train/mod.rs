@@ -6,6 +6,8 @@ pub mod interrupt;
 pub mod logger;
 pub mod memory;
 pub mod metrics;
+pub mod objective;
 pub mod optim;
+pub mod preference;
 pub mod schedule;
 pub mod trainer;

@@ -1,9 +1,12 @@
 //! The training loop, in one readable function: accumulation, clipping, logging, evaluation,
 //! checkpointing and callbacks are all visible in [`train`].
 //!
-//! The loss of an optimizer step is the mean over every label token of its accumulation window
-//! (`Σ token losses / Σ label tokens`), not the mean of per-micro-batch means. The model computes
-//! each micro-batch's loss and gradients ([`Decoder::loss_and_backward`]): the loop names no layer.
+//! The loop optimizes an [`Objective`] (SFT, DPO, ORPO, KTO): the objective plans nothing but
+//! says how long its examples are, computes each micro-batch's loss and gradients, and names its
+//! metrics; the loop names no layer and no loss. The loss of an optimizer step is
+//! `Σ micro-batch losses / Σ units` over its accumulation window, a unit being what the objective
+//! averages over: a label token for SFT (so the loss is the mean over every label token of the
+//! window, not the mean of per-micro-batch means), a micro-batch for the preference objectives.
 //!
 //! On a GPU the host never waits for a step to finish before queueing the next one's forward
 //! and backward: a step's loss and gradient norm travel to pinned host memory behind its
@@ -14,23 +17,21 @@
 //! Data parallel (`WORLD_SIZE` > 1, see [`crate::dist`]): every rank plans the same seeded
 //! epoch; an optimizer step's window holds `grad_accum × world` micro-batches and rank `r`
 //! takes those at positions `k ≡ r (mod world)`. Each rank scales its summed loss by
-//! `1 / (label tokens of the whole window)` (an all-reduced count), so the all-reduced **sum**
-//! of the gradients is exactly the single-process gradient of the same global batch.
+//! `1 / (units of the whole window)` (every rank counts them from the plan), so the all-reduced
+//! **sum** of the gradients is exactly the single-process gradient of the same global batch.
 
-use super::batch::{collate, plan_epoch, Batch, BatchConfig};
-use crate::nn::loss::loss_sum;
+use super::batch::{plan_epoch, BatchConfig, Row};
 use super::checkpoint::{self, TrainerState};
+use super::objective::{Backward, Objective, Split};
 use super::logger::RunLogger;
 use super::optim::{clip_grad_norm, zero_grads, AdamW};
 use super::schedule::{lr_at, Schedule};
-use crate::data::format::Example;
 use crate::dist::ProcessGroup;
-use crate::models::decoder::{AttnMask, Decoder};
+use crate::models::decoder::Decoder;
 use crate::nn::peft::{self, LoraSpec};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
-use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone)]
@@ -106,22 +107,6 @@ pub trait Hooks {
     fn on_eval(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
 }
 
-/// Everything `train` needs besides the model.
-pub struct TrainData {
-    pub train: Arc<Vec<Example>>,
-    pub eval: Option<Arc<Vec<Example>>>,
-}
-
-/// Moves a CPU batch to the model's device (without waiting for the GPU: [`crate::cuda::upload`]).
-fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, AttnMask) {
-    let put = |t: &Tensor| crate::cuda::upload(t, device);
-    let mask = match &b.segments {
-        Some(s) => AttnMask::Segments(put(s)),
-        None => AttnMask::Causal,
-    };
-    (put(&b.input_ids), put(&b.labels), put(&b.positions), mask)
-}
-
 /// Stops `running` once the GPUs are idle and writes `profile/trace.json` and
 /// `profile/summary.txt` (also logged) under `dir`.
 fn write_profile(running: crate::cuda::profile::Profiler, net: &Decoder, dir: &std::path::Path, p: ProfileSteps) -> Result<()> {
@@ -139,37 +124,63 @@ fn write_profile(running: crate::cuda::profile::Profiler, net: &Decoder, dir: &s
     Ok(())
 }
 
-/// Token-weighted mean loss over a dataset, without gradients.
-pub fn evaluate(net: &Decoder, examples: &[Example], cfg: &BatchConfig) -> Result<(f64, i64)> {
-    evaluate_sharded(net, examples, cfg, None)
+/// Sums of a step's (or an evaluation's) loss and metrics, as read back from the device:
+/// `[loss, (value, count) per metric]`.
+fn stack_sums(loss: &Tensor, metrics: &Option<Tensor>) -> Tensor {
+    let loss = loss.to_kind(Kind::Double).reshape([1]);
+    match metrics {
+        Some(m) => {
+            let m = m.to_kind(Kind::Double).to_device(loss.device()).reshape([-1]);
+            Tensor::cat(&[loss, m], 0)
+        }
+        None => loss,
+    }
 }
 
-/// [`evaluate`] with the batches shared out across the ranks of `pg` and the sums reduced.
-pub fn evaluate_sharded(net: &Decoder, examples: &[Example], cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<(f64, i64)> {
+/// Adds `names`' metrics from `sums` (`[(value, count)...]`, as [`stack_sums`] lays them out
+/// after the loss) to `m`, each as `prefix + name`: `Σ value / Σ count`, left out where the count is 0.
+fn insert_metrics(m: &mut Map<String, Value>, prefix: &str, names: &[&str], sums: &[f64]) {
+    for (k, name) in names.iter().enumerate() {
+        let (v, c) = (sums[2 * k], sums[2 * k + 1]);
+        if c > 0.0 {
+            m.insert(format!("{prefix}{name}"), json!(v / c));
+        }
+    }
+}
+
+/// The objective's mean loss and metrics over its evaluation examples, without gradients, as
+/// logged: `eval_loss`, `eval_<metric>`, and the objective's extras. With `pg`, the micro-batches
+/// are shared out across its ranks and the sums reduced.
+pub fn evaluate(net: &Decoder, objective: &dyn Objective, cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<Map<String, Value>> {
     let _g = tch::no_grad_guard();
     let cfg = BatchConfig { shuffle: false, ..cfg.clone() };
-    let mut total = Tensor::zeros([], (Kind::Double, net.head_device));
-    let mut tokens = 0;
+    let names = objective.metric_names();
+    let mut sums = Tensor::zeros([1 + 2 * names.len() as i64], (Kind::Double, net.head_device));
+    let mut units = 0.0;
     let (rank, world) = pg.map(|g| (g.rank, g.world_size)).unwrap_or((0, 1));
-    for (j, rows) in plan_epoch(examples, &cfg, 0).into_iter().enumerate() {
+    for (j, rows) in plan_epoch(objective.lengths(Split::Eval), &cfg, 0).into_iter().enumerate() {
         if j % world != rank {
             continue;
         }
-        let b = collate(examples, &rows, &cfg);
-        let (ids, labels, positions, mask) = to_device(&b, net.device);
-        let logits = net.forward(&ids, &positions, &mask, None, false);
-        total += loss_sum(&logits, &labels.to_device(logits.device())).to_kind(Kind::Double);
-        tokens += b.n_label_tokens;
+        let step = objective.step(net, Split::Eval, &rows, &cfg, None)?;
+        sums += stack_sums(&step.loss, &step.metrics).to_device(net.head_device);
+        units += objective.units(Split::Eval, &rows, &cfg);
     }
-    let mut total = total.double_value(&[]);
+    let mut sums = Vec::<f64>::try_from(sums)?;
+    sums.push(units);
     if let Some(g) = pg {
-        let s = g.sum_f64(&[total, tokens as f64])?;
-        (total, tokens) = (s[0], s[1] as i64);
+        sums = g.sum_f64(&sums)?;
     }
-    if tokens == 0 {
-        bail!("evaluation set has no label tokens");
+    let units = sums.pop().unwrap_or(0.0);
+    if units == 0.0 {
+        bail!("the evaluation set has nothing to evaluate (no label tokens)");
     }
-    Ok((total / tokens as f64, tokens))
+    let loss = sums[0] / units;
+    let mut m = Map::new();
+    m.insert("eval_loss".into(), json!(loss));
+    m.extend(objective.eval_extras(loss, units));
+    insert_metrics(&mut m, "eval_", names, &sums[1..]);
+    Ok(m)
 }
 
 /// What the loop keeps of an optimizer step queued on the GPU until its loss is read back.
@@ -179,8 +190,8 @@ struct QueuedStep {
     end: usize,
     plan_len: usize,
     lr: f64,
-    /// Label tokens of the whole window (all ranks) and this rank's tokens.
-    n_label: i64,
+    /// Units of the whole window (all ranks) and this rank's tokens.
+    units: f64,
     tokens: i64,
 }
 
@@ -231,7 +242,7 @@ pub fn train(
     net: &Decoder,
     spec: &LoraSpec,
     base_model: &str,
-    data: &TrainData,
+    objective: &dyn Objective,
     cfg: &TrainConfig,
     hooks: &mut dyn Hooks,
     logger: &mut RunLogger,
@@ -240,15 +251,17 @@ pub fn train(
     if params.is_empty() {
         bail!("the model has no LoRA adapters; call model.add_lora(#{{...}}) first");
     }
-    if data.train.is_empty() {
+    let lengths = objective.lengths(Split::Train);
+    if lengths.is_empty() {
         bail!("the training set is empty");
     }
+    let names = objective.metric_names();
     anyhow::ensure!(net.kind == cfg.precision, "the frozen weights are {:?}, the run's precision {:?}", net.kind, cfg.precision);
     let fp16 = cfg.precision == Kind::Half;
     let pg = crate::dist::group()?;
     let (rank, world) = pg.map(|g| (g.rank, g.world_size)).unwrap_or((0, 1));
     let main = rank == 0;
-    let plan_len = plan_epoch(&data.train, &cfg.batch, 0).len();
+    let plan_len = plan_epoch(lengths, &cfg.batch, 0).len();
     // micro-batches per optimizer step, over all ranks
     let window = cfg.grad_accum * world;
     let steps_per_epoch = plan_len.div_ceil(window);
@@ -298,9 +311,10 @@ pub fn train(
     let checkpointing = match cfg.gradient_checkpointing {
         Some(c) => c,
         None => {
-            let longest = data.train.iter().map(|e| e.input_ids.len()).max().unwrap_or(1).min(cfg.batch.max_length);
+            let longest = lengths.iter().copied().max().unwrap_or(1).min(cfg.batch.max_length);
             let row = if cfg.batch.packing || cfg.batch.pad_to_max_length { cfg.batch.max_length } else { longest };
-            let (on, why) = super::memory::plan(&net.config, cfg.batch.batch_size as u64, row as u64, net.kind, net.adapted_per_layer() as u64, net.device);
+            let rows = cfg.batch.batch_size * objective.rows_per_example();
+            let (on, why) = super::memory::plan(&net.config, rows as u64, row as u64, net.kind, net.adapted_per_layer() as u64, net.device);
             tracing::info!("gradient_checkpointing auto: {why}");
             if on { Checkpointing::On } else { Checkpointing::Off }
         }
@@ -310,7 +324,7 @@ pub fn train(
     let trainable: i64 = params.iter().map(|p| p.numel() as i64).sum();
     tracing::info!(
         "training: {} examples, {plan_len} micro-batches/epoch, batch {} × accumulation {} × {world} process(es), {total_steps} steps, warmup {warmup}, {trainable} trainable parameters",
-        data.train.len(),
+        lengths.len(),
         cfg.batch.batch_size,
         cfg.grad_accum
     );
@@ -329,6 +343,8 @@ pub fn train(
     let mut window_tokens = 0i64;
     let mut log_loss_sum = 0.0;
     let mut log_steps = 0usize;
+    // the objective's metrics since the last log: (Σ value, Σ count) each
+    let mut log_metric_sums = vec![0.0; 2 * names.len()];
     let mut stop = false;
     // steps whose update was skipped for a non-finite gradient norm, not yet reported
     let mut skipped_steps: std::collections::BTreeSet<usize> = Default::default();
@@ -339,10 +355,10 @@ pub fn train(
     let mut profiler = None;
     // where the next step's micro-batches start: (epoch, position in its plan, the plan)
     let (mut epoch, mut position) = (state.epoch, state.batch_in_epoch);
-    let mut plan = plan_epoch(&data.train, &cfg.batch, epoch);
+    let mut plan = plan_epoch(lengths, &cfg.batch, epoch);
     let mut finished_plan_len = plan.len();
     // steps overlap by one (see the module's doc): each iteration queues step n + 1's forward
-    // and backward, finishes step n (its loss and norm, `[Σ token losses, ‖g‖]`, arriving on
+    // and backward, finishes step n (its loss and norm, `[‖g‖, Σ loss, Σ metrics…]`, arriving on
     // the host), then queues step n + 1's update
     let mut queued = state.step; // steps whose update is queued
     let mut pending: Option<(QueuedStep, crate::cuda::HostCopy)> = None;
@@ -359,45 +375,43 @@ pub fn train(
             if position >= plan.len() {
                 epoch += 1;
                 position = 0;
-                plan = plan_epoch(&data.train, &cfg.batch, epoch);
+                plan = plan_epoch(lengths, &cfg.batch, epoch);
             }
             // one optimizer step: a window of up to grad_accum × world micro-batches, never
             // across epochs; this rank takes every world-th one
             let end = (position + window).min(plan.len());
-            let mine: Vec<(usize, Batch)> =
-                (0..end - position).filter(|k| k % world == rank).map(|k| (k, collate(&data.train, &plan[position + k], &cfg.batch))).collect();
-            let mut n_label: i64 = mine.iter().map(|(_, b)| b.n_label_tokens).sum();
-            if let Some(g) = pg {
-                n_label = g.sum_f64(&[n_label as f64])?[0] as i64;
-            }
-            let mut loss_total = Tensor::zeros([], (Kind::Float, net.head_device));
+            let window_rows: &[Vec<Row>] = &plan[position..end];
+            let units: f64 = window_rows.iter().map(|rows| objective.units(Split::Train, rows, &cfg.batch)).sum();
+            let mut sums = Tensor::zeros([1 + 2 * names.len() as i64], (Kind::Double, net.head_device));
             let mut tokens = 0i64;
             let poisoned = cfg.inject_nan_steps.contains(&(queued + 1));
-            for (k, b) in &mine {
+            for (k, rows) in window_rows.iter().enumerate().filter(|(k, _)| k % world == rank) {
                 let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((queued * 64 + k) as i64 * 1009);
-                let weight = if poisoned { f64::NAN } else { state.loss_scale / n_label.max(1) as f64 };
-                let (ids, labels, positions, mask) = to_device(b, net.device);
-                loss_total += net.loss_and_backward(&ids, &labels, &positions, &mask, weight, checkpointing, seed)?;
-                tokens += b.n_tokens;
+                let weight = if poisoned { f64::NAN } else { state.loss_scale / units.max(1.0) };
+                let step = objective.step(net, Split::Train, rows, &cfg.batch, Some(Backward { weight, checkpointing, seed }))?;
+                sums += stack_sums(&step.loss, &step.metrics).to_device(net.head_device);
+                tokens += step.tokens;
             }
             if poisoned {
-                loss_total = loss_total * f64::NAN;
+                sums = sums * f64::NAN;
             }
             let lr = lr_at(cfg.scheduler, cfg.lr, queued, total_steps, warmup);
-            next = Some((QueuedStep { epoch, end, plan_len: plan.len(), lr, n_label, tokens }, loss_total));
+            next = Some((QueuedStep { epoch, end, plan_len: plan.len(), lr, units, tokens }, sums));
             position = end;
         }
 
         if let Some((done, read)) = pending.take() {
-            let read = Vec::<f64>::try_from(read.wait()?)?;
-            let (mut loss_sum, grad_norm) = (read[0], read[1]);
-            let mut step_tokens = done.tokens;
+            // [‖g‖, loss, metrics...]
+            let mut read = Vec::<f64>::try_from(read.wait()?)?;
+            let grad_norm = read.remove(0);
+            read.push(done.tokens as f64);
             if let Some(g) = pg {
-                let s = g.sum_f64(&[loss_sum, step_tokens as f64])?;
-                (loss_sum, step_tokens) = (s[0], s[1] as i64);
+                read = g.sum_f64(&read)?;
             }
+            let step_tokens = read.pop().unwrap_or(0.0) as i64;
             window_tokens += step_tokens;
-            let loss = loss_sum / done.n_label.max(1) as f64;
+            let loss = read[0] / done.units.max(1.0);
+            let step_metrics = &read[1..];
             if !(loss.is_finite() && grad_norm.is_finite()) && !skipped_steps.remove(&(state.step + 1)) {
                 // its update is applied already: stop before any checkpoint holds it
                 let kept = result.checkpoint.as_ref().map(|c| format!("the last checkpoint, {}, is intact", c.display())).unwrap_or_else(|| "no checkpoint was saved".into());
@@ -418,6 +432,9 @@ pub fn train(
             }
             log_loss_sum += loss;
             log_steps += 1;
+            for (acc, v) in log_metric_sums.iter_mut().zip(step_metrics) {
+                *acc += v;
+            }
             let epoch_f = state.epoch as f64 + state.batch_in_epoch as f64 / done.plan_len as f64;
             result.train_loss = loss;
 
@@ -427,6 +444,7 @@ pub fn train(
             m.insert("loss".into(), json!(loss));
             m.insert("lr".into(), json!(done.lr));
             m.insert("grad_norm".into(), json!(grad_norm));
+            insert_metrics(&mut m, "", names, step_metrics);
             stop |= asks_stop(hooks.on_step(&m), &mut failure);
 
             if state.step % cfg.log_every == 0 || state.step == total_steps || stop {
@@ -434,6 +452,8 @@ pub fn train(
                 let tps = window_tokens as f64 / secs.max(1e-9);
                 let mut m = m.clone();
                 m.insert("loss".into(), json!(log_loss_sum / log_steps as f64));
+                insert_metrics(&mut m, "", names, &log_metric_sums);
+                log_metric_sums.iter_mut().for_each(|v| *v = 0.0);
                 m.insert("tokens_per_sec".into(), json!(tps));
                 m.insert("elapsed_sec".into(), json!(secs));
                 if fp16 {
@@ -457,15 +477,15 @@ pub fn train(
                 stop |= asks_stop(hooks.on_log(&m), &mut failure);
             }
             let eval_now = cfg.eval_every.map(|e| state.step % e == 0).unwrap_or(false) || (state.step == total_steps && cfg.eval_every.is_some());
-            if let (true, Some(eval)) = (eval_now, &data.eval) {
-                let (eval_loss, tokens) = evaluate_sharded(net, eval, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() }, pg)?;
+            if eval_now && !objective.lengths(Split::Eval).is_empty() {
+                let measured = evaluate(net, objective, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() }, pg)?;
+                let eval_loss = measured["eval_loss"].as_f64().unwrap_or(f64::NAN);
                 let mut m = Map::new();
                 m.insert("step".into(), json!(state.step));
                 m.insert("epoch".into(), json!(epoch_f));
-                m.insert("eval_loss".into(), json!(eval_loss));
-                m.insert("eval_ppl".into(), json!(eval_loss.exp()));
-                m.insert("eval_tokens".into(), json!(tokens));
-                progress.suspend(|| tracing::info!("step {} eval_loss {:.4} eval_ppl {:.3}", state.step, eval_loss, eval_loss.exp()));
+                m.extend(measured);
+                let shown: Vec<String> = m.iter().filter(|(k, _)| k.starts_with("eval_")).map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN))).collect();
+                progress.suspend(|| tracing::info!("step {} {}", state.step, shown.join(" ")));
                 logger.log(state.step, &m)?;
                 state.log_history.push(Value::Object(m.clone()));
                 result.eval_loss = Some(eval_loss);
@@ -497,7 +517,7 @@ pub fn train(
             }
         }
 
-        let Some((step, loss_total)) = next else {
+        let Some((step, sums)) = next else {
             if queued >= total_steps || stop {
                 break;
             }
@@ -553,7 +573,7 @@ pub fn train(
             }
         }
         zero_grads(&params)?;
-        let read = crate::cuda::to_host(&Tensor::stack(&[loss_total.to_kind(Kind::Double), norm.to_device(loss_total.device()).to_kind(Kind::Double)], 0))?;
+        let read = crate::cuda::to_host(&Tensor::cat(&[norm.to_device(sums.device()).to_kind(Kind::Double).reshape([1]), sums], 0))?;
         pending = Some((step, read));
         queued += 1;
     }

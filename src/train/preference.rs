@@ -1,0 +1,497 @@
+//! Preference objectives as TRL 1.x defines them: DPO (with its IPO, hinge and robust losses),
+//! ORPO and KTO. Each micro-batch's loss is a mean over its pairs (or examples), so a window's
+//! loss is the mean over its micro-batches, as TRL's (the Trainer divides each micro-batch's loss
+//! by the accumulation steps). Sequences are `prompt ++ completion`, right-padded, chosen rows
+//! before rejected ones in one forward; `log π(y|x)` is the sum of the completion tokens' log
+//! probabilities, computed by the model's fused head
+//! ([`Decoder::next_token_head_backward`]) without full-vocabulary logits.
+//!
+//! The reference model of DPO and KTO is the model with its adapters bypassed (peft's
+//! `disable_adapter()`, one copy of the weights), run without gradients, or its log
+//! probabilities computed once before training (`precompute_ref_log_probs`).
+
+use super::batch::{BatchConfig, Row};
+use super::objective::{Backward, Objective, Split, Step};
+use crate::data::preference::{Judged, Pair};
+use crate::models::decoder::{AttnMask, Decoder};
+use crate::nn::linear::without_adapters;
+use crate::nn::loss::NextTokenStats;
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+/// DPO's loss on the reward margin `Δ = (log π/π_ref)(chosen) − (log π/π_ref)(rejected)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DpoLoss {
+    /// `−log σ(βΔ)` (Rafailov et al., 2023).
+    Sigmoid,
+    /// `relu(1 − βΔ)` (SLiC).
+    Hinge,
+    /// `(Δ̄ − 1/(2β))²`, Δ̄ with each log ratio averaged over its completion tokens (Azar et al., 2023).
+    Ipo,
+    /// `(−(1−ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε)`, ε the probability of a flipped label (rDPO).
+    Robust { label_smoothing: f64 },
+}
+
+impl DpoLoss {
+    pub const NAMES: &'static [&'static str] = &["sigmoid", "hinge", "ipo", "robust"];
+
+    pub fn parse(name: &str, label_smoothing: f64) -> Result<DpoLoss> {
+        Ok(match name {
+            "sigmoid" => DpoLoss::Sigmoid,
+            "hinge" => DpoLoss::Hinge,
+            "ipo" => DpoLoss::Ipo,
+            "robust" if (0.0..0.5).contains(&label_smoothing) => DpoLoss::Robust { label_smoothing },
+            "robust" => bail!("loss_type \"robust\": label_smoothing must lie in [0, 0.5), got {label_smoothing}"),
+            other => bail!("loss_type must be one of {:?}, got \"{other}\"", DpoLoss::NAMES),
+        })
+    }
+}
+
+/// Which preference objective, with its settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Preference {
+    Dpo { beta: f64, loss: DpoLoss },
+    /// Odds-ratio preference optimization (Hong et al., 2024): the chosen sequences' NLL (every
+    /// token, prompt included, as TRL) minus `β · mean log σ(log odds(chosen) − log odds(rejected))`,
+    /// odds from the completions' mean token log-probabilities. No reference model.
+    Orpo { beta: f64 },
+    /// Kahneman–Tversky optimization (Ethayarajh et al., 2024) on unpaired judged completions:
+    /// desirable `1 − σ(β(r − z))`, undesirable `1 − σ(β(z − r))`, weighted, `r` the log ratio to
+    /// the reference, `z = max(0, mean KL estimate)` from mismatched (prompt, completion) pairs.
+    Kto { beta: f64, desirable_weight: f64, undesirable_weight: f64 },
+}
+
+/// The examples of one split.
+enum Examples {
+    Pairs(Vec<Pair>),
+    /// Judged completions, each with the completion its KL estimate pairs it with.
+    Judged(Vec<(Judged, Vec<i64>)>),
+}
+
+impl Examples {
+    fn len(&self) -> usize {
+        match self {
+            Examples::Pairs(p) => p.len(),
+            Examples::Judged(j) => j.len(),
+        }
+    }
+}
+
+/// A preference objective over its training and evaluation examples.
+pub struct PreferenceObjective {
+    kind: Preference,
+    examples: [Examples; 2],
+    lengths: [Vec<usize>; 2],
+    /// Compute the reference log-probabilities before training ([`Objective::prepare`]).
+    precompute: bool,
+    /// Reference log-probabilities per example, computed before training: (chosen, rejected) of
+    /// a pair, (completion, KL completion) of a judged example.
+    reference: Option<[Vec<[f64; 2]>; 2]>,
+}
+
+/// KTO's mismatched completions: within each run of `batch_size` examples (dataset order),
+/// example `i` takes the completion of `i − 1`, the first the last's (TRL's rotation).
+pub fn kl_completions(examples: &[Judged], batch_size: usize) -> Vec<Vec<i64>> {
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(batch_size.max(1)) {
+        for i in 0..chunk.len() {
+            out.push(chunk[(i + chunk.len() - 1) % chunk.len()].completion.clone());
+        }
+    }
+    out
+}
+
+/// `prompt ++ completion` sequences as one right-padded micro-batch on the model's device.
+struct Sequences {
+    ids: Tensor,
+    positions: Tensor,
+    /// Every real token (its next-token log-probability is measured); -100 on padding.
+    labels: Tensor,
+    /// `[R, T-1]` fp32, on the head's device: 1 where position `t` predicts a completion token.
+    completion: Tensor,
+    tokens: i64,
+}
+
+impl Sequences {
+    /// The sequences `prompt ++ completion`, each cut to `max_length` (its start kept).
+    fn new(parts: &[(&[i64], &[i64])], cfg: &BatchConfig, net: &Decoder) -> Sequences {
+        let rows: Vec<(Vec<i64>, usize)> = parts
+            .iter()
+            .map(|(p, c)| {
+                let mut ids = p.to_vec();
+                ids.extend_from_slice(c);
+                ids.truncate(cfg.max_length);
+                (ids, p.len())
+            })
+            .collect();
+        let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(2);
+        let (b, t) = (rows.len() as i64, width as i64);
+        let (mut ids, mut labels, mut completion) = (vec![], vec![], vec![]);
+        let mut tokens = 0;
+        for (row, prompt) in &rows {
+            tokens += row.len() as i64;
+            let pad = width - row.len();
+            ids.extend(row.iter().copied().chain(std::iter::repeat(cfg.pad_id).take(pad)));
+            labels.extend(row.iter().copied().chain(std::iter::repeat(-100).take(pad)));
+            // position t predicts token t + 1
+            completion.extend((1..width).map(|k| (k >= *prompt && k < row.len()) as u8 as f32));
+        }
+        let put = |v: &[i64]| crate::cuda::upload(&Tensor::from_slice(v).view([b, t]), net.device);
+        Sequences {
+            ids: put(&ids),
+            positions: crate::cuda::upload(&Tensor::arange(t, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0).expand([b, t], true).contiguous(), net.device),
+            labels: put(&labels),
+            completion: Tensor::from_slice(&completion).view([b, t - 1]).to_device(net.head_device),
+            tokens,
+        }
+    }
+
+    /// `Σ_t completion · x` per row.
+    fn per_row(&self, x: &Tensor) -> Tensor {
+        (x * &self.completion).sum_dim_intlist([1].as_slice(), false, Kind::Float)
+    }
+
+    /// The sequences' next-token statistics without gradients (adapters bypassed for the
+    /// reference model).
+    fn stats(&self, net: &Decoder, reference: bool) -> Result<Tensor> {
+        let run = || -> Result<Tensor> {
+            let _g = tch::no_grad_guard();
+            let h = net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false);
+            net.next_token_head_backward(&h, &self.labels, 0.0, |s| Ok((Tensor::zeros([], (Kind::Float, s.logp.device())), self.per_row(&s.logp))))
+        };
+        if reference {
+            without_adapters(run)
+        } else {
+            run()
+        }
+    }
+
+    /// The objective's loss from the sequences' statistics, back-propagated with `backward`
+    /// (or only measured without): returns what `loss_of` returns besides the loss.
+    fn loss<R>(&self, net: &Decoder, backward: Option<Backward>, loss_of: impl FnOnce(&NextTokenStats) -> Result<(Tensor, R)>) -> Result<R> {
+        match backward {
+            Some(bw) => net.backward_through_head(&self.ids, &self.positions, &AttnMask::Causal, bw.checkpointing, bw.seed, |h| net.next_token_head_backward(h, &self.labels, bw.weight, loss_of)),
+            None => {
+                let _g = tch::no_grad_guard();
+                let h = net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false);
+                net.next_token_head_backward(&h, &self.labels, 0.0, loss_of)
+            }
+        }
+    }
+}
+
+/// A metric of one micro-batch: its value and 1, or 0 and 0 where it has nothing to measure
+/// (both scalars on the device: nothing waits for the GPU).
+type Metric = (Tensor, Tensor);
+
+/// A metric every micro-batch has.
+fn always(v: Tensor) -> Metric {
+    let one = v.ones_like();
+    (v, one)
+}
+
+/// A metric the micro-batch may lack (known on the host).
+fn present(v: Option<Tensor>, device: tch::Device) -> Metric {
+    match v {
+        Some(v) => always(v),
+        None => (Tensor::zeros([], (Kind::Float, device)), Tensor::zeros([], (Kind::Float, device))),
+    }
+}
+
+/// `Σ x·mask / Σ mask`, a token-weighted mean, present where the mask holds a token.
+fn masked_mean(x: &Tensor, mask: &Tensor) -> Metric {
+    let n = mask.sum(Kind::Float);
+    ((x * mask).sum(Kind::Float) / n.clamp_min(1.0), n.gt(0.0).to_kind(Kind::Float))
+}
+
+/// `[k, 2]`: the metrics' (value, count) rows.
+fn metric_rows(values: Vec<Metric>) -> Tensor {
+    let rows: Vec<Tensor> = values.into_iter().map(|(v, c)| Tensor::stack(&[v.detach().to_kind(Kind::Float).reshape([]), c.to_device(v.device()).to_kind(Kind::Float).reshape([])], 0)).collect();
+    Tensor::stack(&rows, 0)
+}
+
+/// `log(1 − eˣ)` for `x < 0`, stable on both sides of `−ln 2`.
+fn log1mexp(x: &Tensor) -> Tensor {
+    x.lt(-std::f64::consts::LN_2).where_self(&(-x.exp()).log1p(), &(-x.expm1()).log())
+}
+
+const DPO_METRICS: &[&str] = &[
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
+];
+const ORPO_METRICS: &[&str] = &[
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+];
+const KTO_METRICS: &[&str] = &["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "kl", "entropy"];
+
+impl PreferenceObjective {
+    /// DPO or ORPO over pairs.
+    pub fn pairs(kind: Preference, train: Vec<Pair>, eval: Vec<Pair>) -> PreferenceObjective {
+        let len = |p: &Pair| p.prompt.len() + p.chosen.len().max(p.rejected.len());
+        let lengths = [train.iter().map(len).collect(), eval.iter().map(len).collect()];
+        PreferenceObjective { kind, examples: [Examples::Pairs(train), Examples::Pairs(eval)], lengths, precompute: false, reference: None }
+    }
+
+    /// KTO over judged completions; `batch_size` groups the KL estimate's mismatched pairs.
+    pub fn judged(kind: Preference, train: Vec<Judged>, eval: Vec<Judged>, batch_size: usize, eval_batch_size: usize) -> PreferenceObjective {
+        let with_kl = |ex: Vec<Judged>, bs: usize| -> Vec<(Judged, Vec<i64>)> {
+            let kl = kl_completions(&ex, bs);
+            ex.into_iter().zip(kl).collect()
+        };
+        let (train, eval) = (with_kl(train, batch_size), with_kl(eval, eval_batch_size));
+        let len = |(j, kl): &(Judged, Vec<i64>)| j.prompt.len() + j.completion.len().max(kl.len());
+        let lengths = [train.iter().map(len).collect(), eval.iter().map(len).collect()];
+        PreferenceObjective { kind, examples: [Examples::Judged(train), Examples::Judged(eval)], lengths, precompute: false, reference: None }
+    }
+
+    fn index(split: Split) -> usize {
+        (split == Split::Eval) as usize
+    }
+
+    /// The sequences of `rows`: chosen rows, then rejected ones (pairs), or the judged
+    /// completions, then their KL completions.
+    fn sequences(&self, split: Split, rows: &[Row], cfg: &BatchConfig, net: &Decoder) -> (Sequences, Option<Sequences>) {
+        let picked: Vec<usize> = rows.iter().flatten().copied().collect();
+        match &self.examples[Self::index(split)] {
+            Examples::Pairs(p) => {
+                let parts: Vec<(&[i64], &[i64])> = picked.iter().map(|&i| (&p[i].prompt[..], &p[i].chosen[..])).chain(picked.iter().map(|&i| (&p[i].prompt[..], &p[i].rejected[..]))).collect();
+                (Sequences::new(&parts, cfg, net), None)
+            }
+            Examples::Judged(j) => {
+                let parts: Vec<(&[i64], &[i64])> = picked.iter().map(|&i| (&j[i].0.prompt[..], &j[i].0.completion[..])).collect();
+                let kl: Vec<(&[i64], &[i64])> = picked.iter().map(|&i| (&j[i].0.prompt[..], &j[i].1[..])).collect();
+                (Sequences::new(&parts, cfg, net), Some(Sequences::new(&kl, cfg, net)))
+            }
+        }
+    }
+
+    /// Reference log-probabilities of the sequences `main` (and `kl`) of `rows`: precomputed,
+    /// or by the model with its adapters bypassed. `[R]` (and `[B]`).
+    fn reference(&self, split: Split, rows: &[Row], net: &Decoder, main: &Sequences, kl: Option<&Sequences>) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(r) = &self.reference {
+            let r = &r[Self::index(split)];
+            let picked: Vec<usize> = rows.iter().flatten().copied().collect();
+            let first: Vec<f32> = picked.iter().map(|&i| r[i][0] as f32).collect();
+            let second: Vec<f32> = picked.iter().map(|&i| r[i][1] as f32).collect();
+            let put = |v: &[f32]| Tensor::from_slice(v).to_device(net.head_device);
+            return Ok(match kl {
+                // pairs: [chosen..., rejected...]
+                None => (Tensor::cat(&[put(&first), put(&second)], 0), None),
+                Some(_) => (put(&first), Some(put(&second))),
+            });
+        }
+        Ok((main.stats(net, true)?, kl.map(|k| k.stats(net, true)).transpose()?))
+    }
+
+    /// With `on`, every example's reference log-probabilities are computed once before training
+    /// (adapters bypassed), so that training runs one forward per micro-batch fewer.
+    pub fn precompute_reference(self, on: bool) -> PreferenceObjective {
+        PreferenceObjective { precompute: on, ..self }
+    }
+
+    fn compute_reference(&mut self, net: &Decoder, cfg: &BatchConfig) -> Result<()> {
+        let mut out: [Vec<[f64; 2]>; 2] = [vec![], vec![]];
+        for split in [Split::Train, Split::Eval] {
+            let n = self.examples[Self::index(split)].len();
+            let rows: Vec<Row> = (0..n).map(|i| vec![i]).collect();
+            for batch in rows.chunks(cfg.batch_size.max(1)) {
+                let (main, kl) = self.sequences(split, batch, cfg, net);
+                let first = Vec::<f64>::try_from(main.stats(net, true)?.to_kind(Kind::Double))?;
+                let second = match &kl {
+                    Some(k) => Vec::<f64>::try_from(k.stats(net, true)?.to_kind(Kind::Double))?,
+                    None => vec![],
+                };
+                let b = batch.len();
+                for i in 0..b {
+                    out[Self::index(split)].push(match &kl {
+                        None => [first[i], first[b + i]],
+                        Some(_) => [first[i], second[i]],
+                    });
+                }
+            }
+        }
+        tracing::info!("precomputed the reference log-probabilities of {} + {} examples", out[0].len(), out[1].len());
+        self.reference = Some(out);
+        Ok(())
+    }
+
+    fn dpo(&self, s: &NextTokenStats, seq: &Sequences, reference: &Tensor, beta: f64, loss: DpoLoss) -> Result<(Tensor, Tensor)> {
+        let logps = seq.per_row(&s.logp);
+        let b = logps.size()[0] / 2;
+        let (chosen, rejected) = (logps.narrow(0, 0, b), logps.narrow(0, b, b));
+        let (ref_chosen, ref_rejected) = (reference.narrow(0, 0, b), reference.narrow(0, b, b));
+        let chosen_ratio = &chosen - ref_chosen;
+        let rejected_ratio = &rejected - ref_rejected;
+        let delta = &chosen_ratio - &rejected_ratio;
+        let per_pair = match loss {
+            DpoLoss::Sigmoid => -(&delta * beta).log_sigmoid(),
+            DpoLoss::Hinge => (-(&delta * beta) + 1.0).relu(),
+            DpoLoss::Ipo => {
+                let n = seq.completion.sum_dim_intlist([1].as_slice(), false, Kind::Float).clamp_min(1.0);
+                let avg = (&chosen_ratio / n.narrow(0, 0, b)) - (&rejected_ratio / n.narrow(0, b, b));
+                (avg - 1.0 / (2.0 * beta)).square()
+            }
+            DpoLoss::Robust { label_smoothing: e } => (-(&delta * beta).log_sigmoid() * (1.0 - e) + (&delta * -beta).log_sigmoid() * e) / (1.0 - 2.0 * e),
+        };
+        let (cr, rr) = (chosen_ratio.detach() * beta, rejected_ratio.detach() * beta);
+        let comp = &seq.completion;
+        let (cm, rm) = (comp.narrow(0, 0, b), comp.narrow(0, b, b));
+        let metrics = metric_rows(vec![
+            always(cr.mean(Kind::Float)),
+            always(rr.mean(Kind::Float)),
+            always(cr.gt_tensor(&rr).to_kind(Kind::Float).mean(Kind::Float)),
+            always((&cr - &rr).mean(Kind::Float)),
+            always(chosen.detach().mean(Kind::Float)),
+            always(rejected.detach().mean(Kind::Float)),
+            masked_mean(&s.mean_logit.narrow(0, 0, b), &cm),
+            masked_mean(&s.mean_logit.narrow(0, b, b), &rm),
+            masked_mean(&s.entropy, comp),
+            masked_mean(&s.top1.narrow(0, 0, b).to_kind(Kind::Float), &cm),
+        ]);
+        Ok((per_pair.mean(Kind::Float), metrics))
+    }
+
+    fn orpo(&self, s: &NextTokenStats, seq: &Sequences, beta: f64) -> Result<(Tensor, Tensor)> {
+        let n = seq.completion.sum_dim_intlist([1].as_slice(), false, Kind::Float);
+        let avg = seq.per_row(&s.logp) / n;
+        let b = avg.size()[0] / 2;
+        let (chosen, rejected) = (avg.narrow(0, 0, b), avg.narrow(0, b, b));
+        // the chosen sequences' mean token NLL, prompt tokens included
+        let real = seq.labels.narrow(1, 1, seq.labels.size()[1] - 1).narrow(0, 0, b).ne(-100).to_kind(Kind::Float).to_device(s.logp.device());
+        let nll = -(s.logp.narrow(0, 0, b) * &real).sum(Kind::Float) / real.sum(Kind::Float);
+        let log_odds = (&chosen - &rejected) - (log1mexp(&chosen) - log1mexp(&rejected));
+        let ratio = log_odds.log_sigmoid();
+        let loss = &nll - (&ratio * beta).mean(Kind::Float);
+        let (cr, rr) = (chosen.detach() * beta, rejected.detach() * beta);
+        let metrics = metric_rows(vec![
+            always(cr.mean(Kind::Float)),
+            always(rr.mean(Kind::Float)),
+            always(cr.gt_tensor(&rr).to_kind(Kind::Float).mean(Kind::Float)),
+            always((&cr - &rr).mean(Kind::Float)),
+            always(chosen.detach().mean(Kind::Float)),
+            always(rejected.detach().mean(Kind::Float)),
+            // TRL averages these over every position of the rows, padding included
+            always(s.mean_logit.narrow(0, 0, b).mean(Kind::Float)),
+            always(s.mean_logit.narrow(0, b, b).mean(Kind::Float)),
+            always(nll.detach()),
+            always(ratio.detach().mean(Kind::Float)),
+            always(log_odds.detach().mean(Kind::Float)),
+        ]);
+        Ok((loss, metrics))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn kto(&self, s: &NextTokenStats, seq: &Sequences, reference: &Tensor, kl: &Tensor, desirable: &[bool], beta: f64, weights: (f64, f64)) -> Result<(Tensor, Tensor)> {
+        let logps = seq.per_row(&s.logp);
+        let device = logps.device();
+        let ratio = &logps - reference;
+        let mask = Tensor::from_slice(&desirable.iter().map(|&d| d as u8 as f32).collect::<Vec<_>>()).to_device(device);
+        let not = -&mask + 1.0;
+        let chosen_loss = -((&ratio - kl) * beta).sigmoid() + 1.0;
+        let rejected_loss = -((-&ratio + kl) * beta).sigmoid() + 1.0;
+        let per: Tensor = &chosen_loss * &mask * weights.0 + &rejected_loss * &not * weights.1;
+        let loss = per.mean(Kind::Float);
+        let (nc, nr) = (desirable.iter().filter(|&&d| d).count() as f64, desirable.iter().filter(|&&d| !d).count() as f64);
+        let rewards = ratio.detach() * beta;
+        let mean_over = |x: &Tensor, m: &Tensor, n: f64| (n > 0.0).then(|| (x * m).sum(Kind::Float) / n);
+        let (rc, rr) = (mean_over(&rewards, &mask, nc), mean_over(&rewards, &not, nr));
+        let margin = match (&rc, &rr) {
+            (Some(a), Some(b)) => Some(a - b),
+            _ => None,
+        };
+        let comp = &seq.completion;
+        let metrics = metric_rows(vec![
+            present(rc, device),
+            present(rr, device),
+            present(margin, device),
+            present(mean_over(&logps.detach(), &mask, nc), device),
+            present(mean_over(&logps.detach(), &not, nr), device),
+            masked_mean(&s.mean_logit, &(comp * mask.unsqueeze(1))),
+            masked_mean(&s.mean_logit, &(comp * not.unsqueeze(1))),
+            always(kl.shallow_clone()),
+            masked_mean(&s.entropy, comp),
+        ]);
+        Ok((loss, metrics))
+    }
+}
+
+impl Objective for PreferenceObjective {
+    fn lengths(&self, split: Split) -> &[usize] {
+        &self.lengths[Self::index(split)]
+    }
+
+    fn rows_per_example(&self) -> usize {
+        2
+    }
+
+    fn prepare(&mut self, net: &Decoder, cfg: &BatchConfig) -> Result<()> {
+        if self.precompute && self.reference.is_none() {
+            self.compute_reference(net, cfg)?;
+        }
+        Ok(())
+    }
+
+    fn units(&self, _split: Split, _rows: &[Row], _cfg: &BatchConfig) -> f64 {
+        1.0
+    }
+
+    fn step(&self, net: &Decoder, split: Split, rows: &[Row], cfg: &BatchConfig, backward: Option<Backward>) -> Result<Step> {
+        let (main, kl_seq) = self.sequences(split, rows, cfg, net);
+        let tokens = main.tokens + kl_seq.as_ref().map_or(0, |k| k.tokens);
+        let (loss, metrics) = match self.kind {
+            Preference::Dpo { beta, loss } => {
+                let (reference, _) = self.reference(split, rows, net, &main, None)?;
+                main.loss(net, backward, |s| {
+                    let (l, m) = self.dpo(s, &main, &reference, beta, loss)?;
+                    Ok((l.shallow_clone(), (l.detach(), m)))
+                })?
+            }
+            Preference::Orpo { beta } => main.loss(net, backward, |s| {
+                let (l, m) = self.orpo(s, &main, beta)?;
+                Ok((l.shallow_clone(), (l.detach(), m)))
+            })?,
+            Preference::Kto { beta, desirable_weight, undesirable_weight } => {
+                let kl_seq = kl_seq.as_ref().expect("judged examples have KL sequences");
+                let (reference, ref_kl) = self.reference(split, rows, net, &main, Some(kl_seq))?;
+                // the KL estimate: policy (no gradient) against reference on mismatched pairs
+                let policy_kl = kl_seq.stats(net, false)?;
+                let kl = (policy_kl - ref_kl.expect("a KL reference")).mean(Kind::Float).clamp_min(0.0);
+                let desirable: Vec<bool> = match &self.examples[Self::index(split)] {
+                    Examples::Judged(j) => rows.iter().flatten().map(|&i| j[i].0.desirable).collect(),
+                    Examples::Pairs(_) => unreachable!("KTO holds judged examples"),
+                };
+                main.loss(net, backward, |s| {
+                    let (l, m) = self.kto(s, &main, &reference, &kl, &desirable, beta, (desirable_weight, undesirable_weight))?;
+                    Ok((l.shallow_clone(), (l.detach(), m)))
+                })?
+            }
+        };
+        Ok(Step { loss: loss.to_kind(Kind::Float), metrics: Some(metrics), tokens })
+    }
+
+    fn metric_names(&self) -> &'static [&'static str] {
+        match self.kind {
+            Preference::Dpo { .. } => DPO_METRICS,
+            Preference::Orpo { .. } => ORPO_METRICS,
+            Preference::Kto { .. } => KTO_METRICS,
+        }
+    }
+}

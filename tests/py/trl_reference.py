@@ -1,0 +1,141 @@
+"""The TRL side of the preference-objective tests (tests/preference.rs).
+
+  trl_reference.py data MODEL OUT              text records OUT/pairs.jsonl ({prompt, chosen, rejected})
+                                               and OUT/kto.jsonl ({prompt, completion, label}); a peft LoRA
+                                               adapter OUT/init (B drawn at random, so the policy starts
+                                               away from the reference)
+  trl_reference.py dpo MODEL OUT LOSS_TYPE     TRL's DPOTrainer from OUT/init on OUT/pairs.jsonl
+  trl_reference.py orpo MODEL OUT              TRL's ORPOTrainer (trl.experimental.orpo)
+  trl_reference.py kto MODEL OUT               TRL's KTOTrainer on OUT/kto.jsonl
+  trl_reference.py ref-logps MODEL ADAPTER OUT_JSON
+                                               the base model's (adapters disabled) summed log-probabilities
+                                               of each pair's chosen and rejected completion, as TRL
+                                               tokenizes them
+
+Each trainer writes OUT/trl_<name>.json: {"log": [TRL's log entry of each step], "settings": {...}}
+and its trained adapter in OUT/trl_<name>_adapter. The same settings drive ftscript's side: CPU,
+fp32, batch 2, no accumulation, examples in order, no dropout.
+"""
+import json
+import os
+import sys
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+SETTINGS = dict(batch_size=2, steps=10, lr=5e-3, beta=0.1, max_grad_norm=1.0, max_length=128)
+
+WORDS = ["the", "cat", "sat", "on", "mat", "quick", "brown", "fox", "jumps", "over", "lazy", "dog",
+         "def", "add", "return", "café", "naïve", "12345", "678"]
+
+
+def load(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def tokenizer(model_dir):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = "<pad>"
+    return tok
+
+
+def data(model_dir, out):
+    gen = torch.Generator().manual_seed(11)
+    phrase = lambda lo, hi: " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (int(torch.randint(lo, hi, (1,), generator=gen)),), generator=gen))
+    n = SETTINGS["batch_size"] * SETTINGS["steps"]
+    with open(os.path.join(out, "pairs.jsonl"), "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": "Q: " + phrase(2, 8) + "\nA:", "chosen": " " + phrase(1, 9), "rejected": " " + phrase(1, 9)}) + "\n")
+    with open(os.path.join(out, "kto.jsonl"), "w") as f:
+        for i in range(n):
+            label = bool(torch.rand(1, generator=gen) < 0.5) if i % 4 else (i % 8 == 0)
+            f.write(json.dumps({"prompt": "Q: " + phrase(2, 8) + "\nA:", "completion": " " + phrase(1, 9), "label": label}) + "\n")
+    torch.manual_seed(123)
+    model = get_peft_model(load(model_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(os.path.join(out, "init"))
+
+
+def in_order(trainer_class):
+    class InOrder(trainer_class):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+    return InOrder
+
+
+COMMON = lambda out, name: dict(
+    output_dir=os.path.join(out, "trl_" + name), per_device_train_batch_size=SETTINGS["batch_size"],
+    gradient_accumulation_steps=1, max_steps=SETTINGS["steps"], learning_rate=SETTINGS["lr"],
+    lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=SETTINGS["max_grad_norm"],
+    logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
+    beta=SETTINGS["beta"], max_length=SETTINGS["max_length"])
+
+
+def records(path):
+    return Dataset.from_list([json.loads(line) for line in open(path)])
+
+
+def run(trainer, out, name):
+    trainer.train()
+    log = [h for h in trainer.state.log_history if "loss" in h]
+    json.dump({"log": log, "settings": SETTINGS}, open(os.path.join(out, f"trl_{name}.json"), "w"), indent=1)
+    trainer.model.save_pretrained(os.path.join(out, f"trl_{name}_adapter"))
+
+
+def policy(model_dir, out):
+    return PeftModel.from_pretrained(load(model_dir), os.path.join(out, "init"), is_trainable=True)
+
+
+def dpo(model_dir, out, loss_type):
+    from trl import DPOConfig, DPOTrainer
+    args = DPOConfig(**COMMON(out, "dpo_" + loss_type), loss_type=[loss_type])
+    trainer = in_order(DPOTrainer)(model=policy(model_dir, out), args=args, train_dataset=records(os.path.join(out, "pairs.jsonl")),
+                                   processing_class=tokenizer(model_dir))
+    run(trainer, out, "dpo_" + loss_type)
+
+
+def orpo(model_dir, out):
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    args = ORPOConfig(**COMMON(out, "orpo"), max_prompt_length=SETTINGS["max_length"] // 2)
+    trainer = in_order(ORPOTrainer)(model=policy(model_dir, out), args=args, train_dataset=records(os.path.join(out, "pairs.jsonl")),
+                                    processing_class=tokenizer(model_dir))
+    run(trainer, out, "orpo")
+
+
+def kto(model_dir, out):
+    from trl import KTOConfig, KTOTrainer
+    args = KTOConfig(**COMMON(out, "kto"))
+    trainer = in_order(KTOTrainer)(model=policy(model_dir, out), args=args, train_dataset=records(os.path.join(out, "kto.jsonl")),
+                                   processing_class=tokenizer(model_dir))
+    run(trainer, out, "kto")
+
+
+def ref_logps(model_dir, adapter, out_json):
+    """Summed log-probabilities of the completions under the base model (peft adapters disabled)."""
+    tok = tokenizer(model_dir)
+    model = PeftModel.from_pretrained(load(model_dir), adapter).eval()
+    rows = [json.loads(line) for line in open(os.path.join(os.path.dirname(out_json), "pairs.jsonl"))]
+    result = []
+    with torch.no_grad(), model.disable_adapter():
+        for r in rows:
+            p = tok(r["prompt"])["input_ids"]
+            pair = []
+            for c in (r["chosen"], r["rejected"]):
+                ids = tok(r["prompt"] + c + tok.eos_token)["input_ids"]
+                logits = model(torch.tensor([ids])).logits[0].float()
+                logp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+                pair.append(float(logp[len(p) - 1:].sum()))
+            result.append(pair)
+    json.dump(result, open(out_json, "w"))
+
+
+if __name__ == "__main__":
+    cmd, *rest = sys.argv[1:]
+    {"data": data, "dpo": dpo, "orpo": orpo, "kto": kto, "ref-logps": ref_logps}[cmd](*rest)
