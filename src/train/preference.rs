@@ -6,9 +6,12 @@
 //! probabilities, computed by the model's fused head
 //! ([`Decoder::next_token_head_backward`]) without full-vocabulary logits.
 //!
-//! The reference model of DPO and KTO is the model with its adapters bypassed (peft's
-//! `disable_adapter()`, one copy of the weights), run without gradients, or its log
-//! probabilities computed once before training (`precompute_ref_log_probs`).
+//! The reference model of DPO and KTO is the model as training starts, run without gradients
+//! (one copy of the weights, as TRL does with a peft model): with fresh adapters (every `B = 0`)
+//! that is the base model, the adapters bypassed (peft's `disable_adapter()`); with trained ones
+//! (DPO after SFT) the adapters' starting values are kept aside and swapped in (TRL's frozen
+//! "ref" adapter). Or its log probabilities are computed once before training
+//! (`precompute_ref_log_probs`).
 
 use super::batch::{BatchConfig, Row};
 use super::objective::{Backward, Objective, Split, Step};
@@ -16,6 +19,7 @@ use crate::data::preference::{Judged, Pair};
 use crate::models::decoder::{AttnMask, Decoder};
 use crate::nn::linear::without_adapters;
 use crate::nn::loss::NextTokenStats;
+use crate::nn::peft;
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -84,6 +88,8 @@ pub struct PreferenceObjective {
     lengths: [Vec<usize>; 2],
     /// Compute the reference log-probabilities before training ([`Objective::prepare`]).
     precompute: bool,
+    /// The adapters' values as training starts, when they are not fresh ([`Objective::prepare`]).
+    start_adapters: Option<Vec<Tensor>>,
     /// Reference log-probabilities per example, computed before training: (chosen, rejected) of
     /// a pair, (completion, KL completion) of a judged example.
     reference: Option<[Vec<[f64; 2]>; 2]>,
@@ -151,19 +157,11 @@ impl Sequences {
         (x * &self.completion).sum_dim_intlist([1].as_slice(), false, Kind::Float)
     }
 
-    /// The sequences' next-token statistics without gradients (adapters bypassed for the
-    /// reference model).
-    fn stats(&self, net: &Decoder, reference: bool) -> Result<Tensor> {
-        let run = || -> Result<Tensor> {
-            let _g = tch::no_grad_guard();
-            let h = net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false);
-            net.next_token_head_backward(&h, &self.labels, 0.0, |s| Ok((Tensor::zeros([], (Kind::Float, s.logp.device())), self.per_row(&s.logp))))
-        };
-        if reference {
-            without_adapters(run)
-        } else {
-            run()
-        }
+    /// The completions' summed log-probabilities `[R]`, without gradients.
+    fn logps(&self, net: &Decoder) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let h = net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false);
+        net.next_token_head_backward(&h, &self.labels, 0.0, |s| Ok((Tensor::zeros([], (Kind::Float, s.logp.device())), self.per_row(&s.logp))))
     }
 
     /// The objective's loss from the sequences' statistics, back-propagated with `backward`
@@ -212,7 +210,7 @@ fn metric_rows(values: Vec<Metric>) -> Tensor {
 
 /// `log(1 − eˣ)` for `x < 0`, stable on both sides of `−ln 2`.
 fn log1mexp(x: &Tensor) -> Tensor {
-    x.lt(-std::f64::consts::LN_2).where_self(&(-x.exp()).log1p(), &(-x.expm1()).log())
+    (-x.exp()).log1p().where_self(&x.lt(-std::f64::consts::LN_2), &(-x.expm1()).log())
 }
 
 const DPO_METRICS: &[&str] = &[
@@ -247,7 +245,7 @@ impl PreferenceObjective {
     pub fn pairs(kind: Preference, train: Vec<Pair>, eval: Vec<Pair>) -> PreferenceObjective {
         let len = |p: &Pair| p.prompt.len() + p.chosen.len().max(p.rejected.len());
         let lengths = [train.iter().map(len).collect(), eval.iter().map(len).collect()];
-        PreferenceObjective { kind, examples: [Examples::Pairs(train), Examples::Pairs(eval)], lengths, precompute: false, reference: None }
+        PreferenceObjective { kind, examples: [Examples::Pairs(train), Examples::Pairs(eval)], lengths, precompute: false, start_adapters: None, reference: None }
     }
 
     /// KTO over judged completions; `batch_size` groups the KL estimate's mismatched pairs.
@@ -259,7 +257,7 @@ impl PreferenceObjective {
         let (train, eval) = (with_kl(train, batch_size), with_kl(eval, eval_batch_size));
         let len = |(j, kl): &(Judged, Vec<i64>)| j.prompt.len() + j.completion.len().max(kl.len());
         let lengths = [train.iter().map(len).collect(), eval.iter().map(len).collect()];
-        PreferenceObjective { kind, examples: [Examples::Judged(train), Examples::Judged(eval)], lengths, precompute: false, reference: None }
+        PreferenceObjective { kind, examples: [Examples::Judged(train), Examples::Judged(eval)], lengths, precompute: false, start_adapters: None, reference: None }
     }
 
     fn index(split: Split) -> usize {
@@ -298,7 +296,24 @@ impl PreferenceObjective {
                 Some(_) => (put(&first), Some(put(&second))),
             });
         }
-        Ok((main.stats(net, true)?, kl.map(|k| k.stats(net, true)).transpose()?))
+        self.as_reference(net, || Ok((main.logps(net)?, kl.map(|k| k.logps(net)).transpose()?)))
+    }
+
+    /// `f` run on the reference model: the adapters bypassed, or their starting values swapped in.
+    fn as_reference<R>(&self, net: &Decoder, f: impl FnOnce() -> R) -> R {
+        let Some(start) = &self.start_adapters else { return without_adapters(f) };
+        let _g = tch::no_grad_guard();
+        let params: Vec<Tensor> = peft::adapter_tensors(net).into_iter().map(|(_, t)| t).collect();
+        let now: Vec<Tensor> = params.iter().map(|p| p.copy()).collect();
+        let swap = |to: &[Tensor]| {
+            for (mut p, v) in params.iter().map(|p| p.shallow_clone()).zip(to) {
+                p.copy_(v);
+            }
+        };
+        swap(start);
+        let out = f();
+        swap(&now);
+        out
     }
 
     /// With `on`, every example's reference log-probabilities are computed once before training
@@ -314,11 +329,14 @@ impl PreferenceObjective {
             let rows: Vec<Row> = (0..n).map(|i| vec![i]).collect();
             for batch in rows.chunks(cfg.batch_size.max(1)) {
                 let (main, kl) = self.sequences(split, batch, cfg, net);
-                let first = Vec::<f64>::try_from(main.stats(net, true)?.to_kind(Kind::Double))?;
-                let second = match &kl {
-                    Some(k) => Vec::<f64>::try_from(k.stats(net, true)?.to_kind(Kind::Double))?,
-                    None => vec![],
-                };
+                let (first, second) = self.as_reference(net, || -> Result<_> {
+                    let first = Vec::<f64>::try_from(main.logps(net)?.to_kind(Kind::Double))?;
+                    let second = match &kl {
+                        Some(k) => Vec::<f64>::try_from(k.logps(net)?.to_kind(Kind::Double))?,
+                        None => vec![],
+                    };
+                    Ok((first, second))
+                })?;
                 let b = batch.len();
                 for i in 0..b {
                     out[Self::index(split)].push(match &kl {
@@ -388,9 +406,10 @@ impl PreferenceObjective {
             always((&cr - &rr).mean(Kind::Float)),
             always(chosen.detach().mean(Kind::Float)),
             always(rejected.detach().mean(Kind::Float)),
-            // TRL averages these over every position of the rows, padding included
-            always(s.mean_logit.narrow(0, 0, b).mean(Kind::Float)),
-            always(s.mean_logit.narrow(0, b, b).mean(Kind::Float)),
+            // over the completion tokens, as TRL's DPO and KTO (its experimental ORPO also averages
+            // the prompt's and the padding's positions)
+            masked_mean(&s.mean_logit.narrow(0, 0, b), &seq.completion.narrow(0, 0, b)),
+            masked_mean(&s.mean_logit.narrow(0, b, b), &seq.completion.narrow(0, b, b)),
             always(nll.detach()),
             always(ratio.detach().mean(Kind::Float)),
             always(log_odds.detach().mean(Kind::Float)),
@@ -443,6 +462,13 @@ impl Objective for PreferenceObjective {
     }
 
     fn prepare(&mut self, net: &Decoder, cfg: &BatchConfig) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        let adapters = peft::adapter_tensors(net);
+        let fresh = adapters.iter().filter(|(name, _)| name.contains("lora_B")).all(|(_, b)| b.abs().max().double_value(&[]) == 0.0);
+        self.start_adapters = (!fresh).then(|| adapters.iter().map(|(_, t)| t.copy()).collect());
+        if !fresh {
+            tracing::info!("the reference model is the model with its adapters as training starts (they are not fresh: B ≠ 0)");
+        }
         if self.precompute && self.reference.is_none() {
             self.compute_reference(net, cfg)?;
         }
@@ -472,7 +498,7 @@ impl Objective for PreferenceObjective {
                 let kl_seq = kl_seq.as_ref().expect("judged examples have KL sequences");
                 let (reference, ref_kl) = self.reference(split, rows, net, &main, Some(kl_seq))?;
                 // the KL estimate: policy (no gradient) against reference on mismatched pairs
-                let policy_kl = kl_seq.stats(net, false)?;
+                let policy_kl = kl_seq.logps(net)?;
                 let kl = (policy_kl - ref_kl.expect("a KL reference")).mean(Kind::Float).clamp_min(0.0);
                 let desirable: Vec<bool> = match &self.examples[Self::index(split)] {
                     Examples::Judged(j) => rows.iter().flatten().map(|&i| j[i].0.desirable).collect(),

@@ -1,16 +1,14 @@
 """The TRL side of the preference-objective tests (tests/preference.rs).
 
   trl_reference.py data MODEL OUT              text records OUT/pairs.jsonl ({prompt, chosen, rejected})
-                                               and OUT/kto.jsonl ({prompt, completion, label}); a peft LoRA
-                                               adapter OUT/init (B drawn at random, so the policy starts
-                                               away from the reference)
-  trl_reference.py dpo MODEL OUT LOSS_TYPE     TRL's DPOTrainer from OUT/init on OUT/pairs.jsonl
-  trl_reference.py orpo MODEL OUT              TRL's ORPOTrainer (trl.experimental.orpo)
-  trl_reference.py kto MODEL OUT               TRL's KTOTrainer on OUT/kto.jsonl
-  trl_reference.py ref-logps MODEL ADAPTER OUT_JSON
-                                               the base model's (adapters disabled) summed log-probabilities
-                                               of each pair's chosen and rejected completion, as TRL
-                                               tokenizes them
+                                               and OUT/kto.jsonl ({prompt, completion, label}); peft LoRA
+                                               adapters OUT/init (B drawn at random: a trained adapter,
+                                               which TRL copies as the reference) and OUT/fresh (B = 0, as
+                                               peft initialises: the reference is the base model)
+  trl_reference.py dpo MODEL OUT ADAPTER LOSS_TYPE
+                                               TRL's DPOTrainer from OUT/ADAPTER on OUT/pairs.jsonl
+  trl_reference.py orpo MODEL OUT ADAPTER      TRL's ORPOTrainer (trl.experimental.orpo)
+  trl_reference.py kto MODEL OUT ADAPTER       TRL's KTOTrainer on OUT/kto.jsonl
 
 Each trainer writes OUT/trl_<name>.json: {"log": [TRL's log entry of each step], "settings": {...}}
 and its trained adapter in OUT/trl_<name>_adapter. The same settings drive ftscript's side: CPU,
@@ -56,6 +54,7 @@ def data(model_dir, out):
     torch.manual_seed(123)
     model = get_peft_model(load(model_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                        target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(os.path.join(out, "fresh"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -75,7 +74,7 @@ COMMON = lambda out, name: dict(
     gradient_accumulation_steps=1, max_steps=SETTINGS["steps"], learning_rate=SETTINGS["lr"],
     lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=SETTINGS["max_grad_norm"],
     logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
-    beta=SETTINGS["beta"], max_length=SETTINGS["max_length"])
+    beta=SETTINGS["beta"], max_length=SETTINGS["max_length"], bf16=False)  # TRL's configs default to bf16
 
 
 def records(path):
@@ -89,53 +88,34 @@ def run(trainer, out, name):
     trainer.model.save_pretrained(os.path.join(out, f"trl_{name}_adapter"))
 
 
-def policy(model_dir, out):
-    return PeftModel.from_pretrained(load(model_dir), os.path.join(out, "init"), is_trainable=True)
+def policy(model_dir, out, adapter):
+    return PeftModel.from_pretrained(load(model_dir), os.path.join(out, adapter), is_trainable=True)
 
 
-def dpo(model_dir, out, loss_type):
+def dpo(model_dir, out, adapter, loss_type):
     from trl import DPOConfig, DPOTrainer
     args = DPOConfig(**COMMON(out, "dpo_" + loss_type), loss_type=[loss_type])
-    trainer = in_order(DPOTrainer)(model=policy(model_dir, out), args=args, train_dataset=records(os.path.join(out, "pairs.jsonl")),
+    trainer = in_order(DPOTrainer)(model=policy(model_dir, out, adapter), args=args, train_dataset=records(os.path.join(out, "pairs.jsonl")),
                                    processing_class=tokenizer(model_dir))
     run(trainer, out, "dpo_" + loss_type)
 
 
-def orpo(model_dir, out):
+def orpo(model_dir, out, adapter):
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    args = ORPOConfig(**COMMON(out, "orpo"), max_prompt_length=SETTINGS["max_length"] // 2)
-    trainer = in_order(ORPOTrainer)(model=policy(model_dir, out), args=args, train_dataset=records(os.path.join(out, "pairs.jsonl")),
+    args = ORPOConfig(**COMMON(out, "orpo"))
+    trainer = in_order(ORPOTrainer)(model=policy(model_dir, out, adapter), args=args, train_dataset=records(os.path.join(out, "pairs.jsonl")),
                                     processing_class=tokenizer(model_dir))
     run(trainer, out, "orpo")
 
 
-def kto(model_dir, out):
+def kto(model_dir, out, adapter):
     from trl import KTOConfig, KTOTrainer
     args = KTOConfig(**COMMON(out, "kto"))
-    trainer = in_order(KTOTrainer)(model=policy(model_dir, out), args=args, train_dataset=records(os.path.join(out, "kto.jsonl")),
+    trainer = in_order(KTOTrainer)(model=policy(model_dir, out, adapter), args=args, train_dataset=records(os.path.join(out, "kto.jsonl")),
                                    processing_class=tokenizer(model_dir))
     run(trainer, out, "kto")
 
 
-def ref_logps(model_dir, adapter, out_json):
-    """Summed log-probabilities of the completions under the base model (peft adapters disabled)."""
-    tok = tokenizer(model_dir)
-    model = PeftModel.from_pretrained(load(model_dir), adapter).eval()
-    rows = [json.loads(line) for line in open(os.path.join(os.path.dirname(out_json), "pairs.jsonl"))]
-    result = []
-    with torch.no_grad(), model.disable_adapter():
-        for r in rows:
-            p = tok(r["prompt"])["input_ids"]
-            pair = []
-            for c in (r["chosen"], r["rejected"]):
-                ids = tok(r["prompt"] + c + tok.eos_token)["input_ids"]
-                logits = model(torch.tensor([ids])).logits[0].float()
-                logp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
-                pair.append(float(logp[len(p) - 1:].sum()))
-            result.append(pair)
-    json.dump(result, open(out_json, "w"))
-
-
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"data": data, "dpo": dpo, "orpo": orpo, "kto": kto, "ref-logps": ref_logps}[cmd](*rest)
+    {"data": data, "dpo": dpo, "orpo": orpo, "kto": kto}[cmd](*rest)
