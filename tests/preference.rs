@@ -20,7 +20,12 @@ fn compared(key: &str, objective: &str) -> bool {
 /// user writes it) in `d`; asserts every step's loss and metrics agree to 1e-4 (relative, or
 /// absolute below 1). Returns ftscript's output directory.
 fn matches_trl(d: &Path, objective: &str, loss_type: Option<&str>, adapter: &str, extra: &str) -> std::path::PathBuf {
-    let model = tiny_llama(d);
+    matches_trl_on(d, "llama_gqa", objective, loss_type, adapter, extra)
+}
+
+/// [`matches_trl`] on the tiny model `family` of `tests/py/make_tiny.py`.
+fn matches_trl_on(d: &Path, family: &str, objective: &str, loss_type: Option<&str>, adapter: &str, extra: &str) -> std::path::PathBuf {
+    let model = if d.join(family).exists() { d.join(family) } else { tiny(d, family) };
     let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
     if !d.join("pairs.jsonl").exists() {
         py("trl_reference.py", &["data", m, o]);
@@ -142,9 +147,136 @@ fn orpo_matches_trl() {
     matches_trl(tmp.path(), "orpo", None, "init", "");
 }
 
+/// Gemma 2: soft-capped logits inside the sequence log-probabilities and their gradient, tied
+/// embeddings as the output layer.
+#[test]
+fn dpo_on_gemma2_matches_trl() {
+    let tmp = tempfile::tempdir().unwrap();
+    matches_trl_on(tmp.path(), "gemma2", "dpo", Some("sigmoid"), "init", "");
+}
+
 /// From a fresh adapter (B = 0) the reference is the base model: ftscript bypasses the adapters.
 #[test]
 fn kto_matches_trl_from_a_fresh_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     matches_trl(tmp.path(), "kto", None, "fresh", "");
+}
+
+/// The mistakes a user makes with a preference objective are caught before the first step (or at
+/// the first report, for a callback's metric) with a message that names the fix.
+#[test]
+fn preference_mistakes_name_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_llama(d);
+    let m = model.to_str().unwrap();
+    std::fs::write(d.join("pairs.jsonl"), "{\"prompt\": \"Q: a\\nA:\", \"chosen\": \" b\", \"rejected\": \" c\"}\n{\"prompt\": \"Q: d\\nA:\", \"chosen\": \" e\", \"rejeted\": \" f\"}\n").unwrap();
+    std::fs::write(d.join("good.jsonl"), "{\"prompt\": \"Q: a\\nA:\", \"chosen\": \" b\", \"rejected\": \" c\"}\n".repeat(8)).unwrap();
+    // (what, train options, expected in the error, caught by `ftscript check`)
+    let table: &[(&str, &str, &[&str], bool)] = &[
+        ("objective typo", r#"train: load_dataset("good.jsonl"), objective: "dop""#, &["objective \"dop\" is not one of", "did you mean \"dpo\""], true),
+        ("loss_type typo", r#"train: load_dataset("good.jsonl"), objective: "dpo", loss_type: "sigmod""#, &["did you mean \"sigmoid\""], true),
+        ("a DPO option on SFT", r#"train: load_dataset("good.jsonl"), beta: 0.2"#, &["`beta` applies to objective \"dpo\" or \"orpo\" or \"kto\"", "objective is \"sft\""], true),
+        ("a record without `rejected`", r#"train: load_dataset("pairs.jsonl"), objective: "dpo""#, &["pairs.jsonl:2: missing field `rejected`", "rejeted"], false),
+        ("KTO records without a label", r#"train: load_dataset("good.jsonl"), objective: "kto""#, &["good.jsonl:1: missing field `label`"], false),
+        (
+            "early stopping on a misspelt reward metric",
+            r#"train: load_dataset("good.jsonl"), eval: load_dataset("good.jsonl"), objective: "dpo", eval_every: 1, on_eval: cb::early_stopping(#{ metric: "eval_rewards/accuracy", mode: "max" })"#,
+            &["no metric `eval_rewards/accuracy`", "did you mean `eval_rewards/accuracies`"],
+            false,
+        ),
+    ];
+    let mut failed = vec![];
+    for (i, (what, opts, expected, static_)) in table.iter().enumerate() {
+        let recipe = format!(
+            "import \"ft/callbacks\" as cb;\nlet m = load_model(\"{m}\", #{{ dtype: \"fp32\" }});\nm.add_lora(#{{ r: 4, alpha: 8 }});\ntrain(m, #{{ {opts}, batch_size: 2, max_steps: 2, log_every: 1, output_dir: \"o{i}\" }});\n"
+        );
+        std::fs::write(d.join("mistake.rhai"), recipe).unwrap();
+        for command in if *static_ { vec!["run", "check"] } else { vec!["run"] } {
+            let out = ftscript(&[command, "mistake.rhai"], d);
+            let t = text(&out);
+            if out.status.success() || t.contains("panicked") || !expected.iter().all(|e| t.contains(e)) || t.contains(" step 2 loss") {
+                failed.push(format!("{what} ({command}): expected {expected:?}, got:\n{t}"));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+}
+
+/// DPO through the rest of the training machinery: gradient checkpointing trains as the full
+/// graph; two ranks (`ftscript launch`, Gloo) as one process with the same global batch; a run
+/// stopped and resumed ends with the adapter of an uninterrupted one, bit for bit; and a 4-bit
+/// (QLoRA) base trains.
+#[test]
+fn dpo_checkpoints_runs_on_two_ranks_resumes_and_trains_on_a_4bit_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_llama(d);
+    let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
+    py("trl_reference.py", &["data", m, o]);
+    std::fs::write(
+        d.join("dpo.rhai"),
+        format!(
+            r#"
+const out = "base";
+const grad_accum = 4;
+const steps = 4;
+const ckpt = false;
+const resume = false;
+const stop_at = 0;
+const quantize = "none";
+let m = if quantize == "none" {{ load_model("{m}", #{{ dtype: "fp32", device: "cpu" }}) }} else {{ load_model("{m}", #{{ device: "cpu", quantize: quantize, compute_dtype: "fp32" }}) }};
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, seed: 3 }});
+let r = train(m, #{{ train: load_dataset("pairs.jsonl"), objective: "dpo", beta: 0.1, batch_size: 2, grad_accum: grad_accum,
+    max_steps: steps, lr: 5e-3, gradient_checkpointing: ckpt, save_every: 2, log_every: 1, seed: 5, resume: resume, output_dir: out,
+    on_step: |s| if s.step == stop_at {{ "stop" }} }});
+m.save_adapter(`${{out}}/rank${{rank()}}`);
+print(`RESULT steps=${{r.steps}} loss=${{r.train_loss}}`);
+"#
+        ),
+    )
+    .unwrap();
+    let run = |cmd: &[&str], sets: &[&str]| {
+        let mut args: Vec<&str> = cmd.to_vec();
+        args.push("dpo.rhai");
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let out = ftscript(&args, d);
+        let t = text(&out);
+        assert!(out.status.success(), "{args:?} failed:\n{t}");
+        t
+    };
+    let losses = |dir: &str| -> Vec<f64> { metrics(&d.join(dir).join("metrics.jsonl")).iter().filter_map(|v| v.get("loss")?.as_f64()).collect() };
+    let adapter = |dir: &str| read_safetensors(&d.join(dir).join("rank0/adapter_model.safetensors"));
+    run(&["run"], &[]);
+    let base = losses("base");
+    assert_eq!(base.len(), 4);
+    assert!(base.iter().any(|l| (l - base[0]).abs() > 1e-3), "DPO should move the loss: {base:?}");
+    let close = |name: &str, dir: &str, tol: f64| {
+        let (a, b) = (losses(dir), &base);
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= tol * y.abs(), "{name}: losses {a:?} vs {b:?}");
+        }
+        let (a, b) = (adapter(dir), adapter("base"));
+        assert_eq!(a.len(), b.len());
+        for (k, t) in &a {
+            let e = rel_err(t, &b[k]);
+            assert!(e <= tol, "{name}: {k} differs by {e:.2e}");
+        }
+    };
+    run(&["run"], &["out=\"ckpt\"", "ckpt=true"]);
+    close("gradient checkpointing", "ckpt", 1e-5);
+    run(&["launch", "--nproc-per-node", "2"], &["out=\"ranks\"", "grad_accum=2"]);
+    close("two ranks", "ranks", 1e-5);
+    run(&["run"], &["out=\"resumed\"", "stop_at=2"]);
+    run(&["run"], &["out=\"resumed\"", "resume=true"]);
+    let (a, b) = (adapter("resumed"), adapter("base"));
+    for (k, t) in &a {
+        assert!(same_bits(t, &b[k]), "resumed: {k} differs from the uninterrupted run");
+    }
+    let t = run(&["run"], &["out=\"nf4\"", "quantize=\"nf4\""]);
+    let q = losses("nf4");
+    assert!(t.contains("RESULT steps=4") && q.iter().all(|l| l.is_finite()) && q.iter().any(|l| (l - q[0]).abs() > 1e-3), "QLoRA DPO: {q:?}\n{t}");
 }

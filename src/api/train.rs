@@ -133,7 +133,14 @@ pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
             crate::script::options::one_of(key, v, names)?;
         }
     }
-    let objective = json.get("objective").and_then(|v| v.as_str()).unwrap_or("sft");
+    let objective = match json.get("objective") {
+        None => "sft",
+        Some(v) => match v.as_str() {
+            Some(name) => name,
+            // not known before the recipe runs (`ftscript check`)
+            None => return Ok(()),
+        },
+    };
     for (key, readers) in OBJECTIVE_OPTIONS {
         if json.get(*key).is_some() && !readers.contains(&objective) {
             return Err(format!("`{key}` applies to objective {}, and this run's objective is \"{objective}\"", readers.iter().map(|r| format!("\"{r}\"")).collect::<Vec<_>>().join(" or ")));

@@ -634,6 +634,39 @@ impl Decoder {
         self.backward_through_head(ids, positions, mask, checkpointing, seed, |h| self.head_loss_backward(h, labels, weight))
     }
 
+    /// The decoder layers as training runs them (fused kernels on a GPU, dropout drawn from
+    /// `seed + 2l` for attention and `+ 1` for the MLP), the final norm left out; `keep(l, input,
+    /// mid)` sees each layer's input and its residual after attention, for checkpointing.
+    fn training_layers(&self, ids: &Tensor, shared: &mut LayerInputs, seed: i64, mut keep: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>) -> Result<Tensor> {
+        let mut h = self.embed(ids);
+        // each layer leaves its output `mid + mlp(x)` unadded: the next layer's first norm adds it
+        let mut pending: Option<Tensor> = None;
+        for l in 0..self.layers.len() {
+            let device = self.layers[l].device;
+            h = h.to_device(device);
+            let added = pending.take().map(|p| p.to_device(device));
+            tch::manual_seed(seed + 2 * l as i64);
+            let (input, mid, x) = self.layer_attention_block(l, &h, added.as_ref(), shared, true);
+            keep(l, &input, &mid)?;
+            tch::manual_seed(seed + 2 * l as i64 + 1);
+            pending = Some(self.layers[l].mlp_block(&x, true));
+            h = mid;
+        }
+        Ok(match pending {
+            Some(m) => h + m,
+            None => h,
+        })
+    }
+
+    /// The last hidden states as the training path computes them (its kernels, its dropout from
+    /// `seed`), without a graph: a reference model that must agree with the trained one to the
+    /// bit where their weights agree (DPO's, whose log-ratios are then exactly 0) runs this.
+    pub fn training_hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, seed: i64) -> Result<Tensor> {
+        let _g = tch::no_grad_guard();
+        let mut shared = self.layer_inputs(positions, mask);
+        self.training_layers(ids, &mut shared, seed, |_, _, _| Ok(()))
+    }
+
     /// The training forward and backward of [`Decoder::loss_and_backward`] around any `head`:
     /// `head` receives the last hidden states `[B, T, H]` and back-propagates its loss into
     /// their graph (checkpointed: into a leaf whose gradient then flows down the layers).
@@ -643,32 +676,15 @@ impl Decoder {
         let mut shared = net.layer_inputs(positions, mask);
         // per layer: its input and, when offloading, the residual after attention
         let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
-        // Each layer leaves its output `mid + mlp(x)` unadded: the next layer's first norm adds it
-        // in its kernel ([`RmsNorm::forward_residual`](crate::models::decoder::RmsNorm::forward_residual)).
         let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<Tensor> {
-            let mut h = net.embed(ids);
-            let mut pending: Option<Tensor> = None;
-            for l in 0..net.layers.len() {
-                let device = net.layers[l].device;
-                h = h.to_device(device);
-                let added = pending.take().map(|p| p.to_device(device));
-                tch::manual_seed(seed + 2 * l as i64);
-                let (input, mid, x) = net.layer_attention_block(l, &h, added.as_ref(), shared, true);
+            net.training_layers(ids, shared, seed, |l, input, mid| {
                 let input = match checkpointing {
-                    Checkpointing::Off => None,
-                    _ if l == 0 => Some(Kept::Embedding),
-                    _ => Some(Kept::keep(&input, offload)?),
+                    Checkpointing::Off => return Ok(()),
+                    _ if l == 0 => Kept::Embedding,
+                    _ => Kept::keep(input, offload)?,
                 };
-                tch::manual_seed(seed + 2 * l as i64 + 1);
-                pending = Some(net.layers[l].mlp_block(&x, true));
-                if let Some(input) = input {
-                    kept.push((input, if offload { Some(Kept::keep(&mid, true)?) } else { None }));
-                }
-                h = mid;
-            }
-            Ok(match pending {
-                Some(m) => h + m,
-                None => h,
+                kept.push((input, if offload { Some(Kept::keep(mid, true)?) } else { None }));
+                Ok(())
             })
         };
         if checkpointing == Checkpointing::Off {

@@ -192,14 +192,15 @@ impl Linear {
     /// otherwise each layer's [`Linear::forward`]. Errors panic, as tch's ops do (the script
     /// layer turns them into errors).
     pub fn forward_shared(layers: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
-        if !(train && x.device().is_cuda()) || ADAPTERS_OFF.with(Cell::get) {
+        if !(train && x.device().is_cuda()) {
             return layers.iter().map(|l| l.forward(x, train)).collect();
         }
         let mut shape = x.size();
         let x2 = x.reshape([-1, *shape.last().unwrap()]);
+        let off = ADAPTERS_OFF.with(Cell::get);
         let parts: Vec<_> = layers
             .iter()
-            .map(|l| (l.weight.for_input(x.kind()), l.bias.as_ref(), l.lora.as_ref().map(|a| (&a.a, &a.b, a.scale, a.dropout))))
+            .map(|l| (l.weight.for_input(x.kind()), l.bias.as_ref(), l.lora.as_ref().filter(|_| !off).map(|a| (&a.a, &a.b, a.scale, a.dropout))))
             .collect();
         let ys = crate::cuda::autograd::projections(&x2, &parts).unwrap_or_else(|e| panic!("{e:#}"));
         ys.into_iter()

@@ -36,7 +36,7 @@ pub fn check(engine: &Engine, recipe: &Recipe) -> Vec<String> {
                         if let Err(e) = validate(&json) {
                             // Values we cannot know statically stand in as null: only report
                             // what is certain (unknown keys; type errors of constant maps).
-                            let certain = e.contains("unknown field") || e.contains("is not one of") || (all_constant && !e.contains("missing field"));
+                            let certain = e.contains("unknown field") || e.contains("is not one of") || e.contains("applies to objective") || (all_constant && !e.contains("missing field"));
                             if certain {
                                 let at = if map_pos.is_none() { pos } else { *map_pos };
                                 problems.push(super::render_at(&recipe.path, &recipe.source, &format!("{}: {e}", f.name), at));

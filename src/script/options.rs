@@ -72,17 +72,25 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -
 /// Levenshtein distance (insertions, deletions, substitutions; case-insensitive).
 fn edit_distance(a: &str, b: &str) -> usize {
     let (a, b): (Vec<char>, Vec<char>) = (a.to_lowercase().chars().collect(), b.to_lowercase().chars().collect());
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut diag = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let next = (row[j + 1] + 1).min(row[j] + 1).min(diag + (ca != cb) as usize);
-            diag = row[j + 1];
-            row[j + 1] = next;
+    // d[i][j]: edits from a[..i] to b[..j]; an insertion, deletion, substitution or swap of two
+    // neighbours ("dop" → "dpo") costs 1 (optimal string alignment)
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let mut best = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + (a[i - 1] != b[j - 1]) as usize);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
         }
     }
-    row[b.len()]
+    d[a.len()][b.len()]
 }
 
 /// Checks that `value` is one of `valid` for option `key`, with "did you mean" for a near miss.
@@ -118,5 +126,19 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, 
             let first = msg.lines().next().unwrap_or("").to_string();
             Err(format!("{what}: {first}").into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn near_misses_include_swapped_neighbours() {
+        assert_eq!(edit_distance("dop", "dpo"), 1);
+        assert_eq!(edit_distance("cosin", "cosine"), 1);
+        assert_eq!(edit_distance("sigmod", "sigmoid"), 1);
+        assert_eq!(did_you_mean("opro", ["sft", "dpo", "orpo", "kto"].into_iter()), Some("orpo"));
+        assert_eq!(did_you_mean("xyz", ["sft", "dpo"].into_iter()), None);
     }
 }

@@ -157,10 +157,15 @@ impl Sequences {
         (x * &self.completion).sum_dim_intlist([1].as_slice(), false, Kind::Float)
     }
 
-    /// The completions' summed log-probabilities `[R]`, without gradients.
-    fn logps(&self, net: &Decoder) -> Result<Tensor> {
+    /// The completions' summed log-probabilities `[R]`, without gradients: through the training
+    /// path (its kernels, dropout from `seed`) while training, so that the reference agrees with
+    /// the trained model to the bit where their weights do; the evaluation path otherwise.
+    fn logps(&self, net: &Decoder, seed: Option<i64>) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
-        let h = net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false);
+        let h = match seed {
+            Some(seed) => net.training_hidden(&self.ids, &self.positions, &AttnMask::Causal, seed)?,
+            None => net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false),
+        };
         net.next_token_head_backward(&h, &self.labels, 0.0, |s| Ok((Tensor::zeros([], (Kind::Float, s.logp.device())), self.per_row(&s.logp))))
     }
 
@@ -282,8 +287,9 @@ impl PreferenceObjective {
     }
 
     /// Reference log-probabilities of the sequences `main` (and `kl`) of `rows`: precomputed,
-    /// or by the model with its adapters bypassed. `[R]` (and `[B]`).
-    fn reference(&self, split: Split, rows: &[Row], net: &Decoder, main: &Sequences, kl: Option<&Sequences>) -> Result<(Tensor, Option<Tensor>)> {
+    /// or by the reference model (through the training path with `seed` while training). `[R]`
+    /// (and `[B]`).
+    fn reference(&self, split: Split, rows: &[Row], net: &Decoder, main: &Sequences, kl: Option<&Sequences>, seed: Option<i64>) -> Result<(Tensor, Option<Tensor>)> {
         if let Some(r) = &self.reference {
             let r = &r[Self::index(split)];
             let picked: Vec<usize> = rows.iter().flatten().copied().collect();
@@ -296,7 +302,7 @@ impl PreferenceObjective {
                 Some(_) => (put(&first), Some(put(&second))),
             });
         }
-        self.as_reference(net, || Ok((main.logps(net)?, kl.map(|k| k.logps(net)).transpose()?)))
+        self.as_reference(net, || Ok((main.logps(net, seed)?, kl.map(|k| k.logps(net, seed)).transpose()?)))
     }
 
     /// `f` run on the reference model: the adapters bypassed, or their starting values swapped in.
@@ -330,9 +336,10 @@ impl PreferenceObjective {
             for batch in rows.chunks(cfg.batch_size.max(1)) {
                 let (main, kl) = self.sequences(split, batch, cfg, net);
                 let (first, second) = self.as_reference(net, || -> Result<_> {
-                    let first = Vec::<f64>::try_from(main.logps(net)?.to_kind(Kind::Double))?;
+                    // through the training path, as the trained model's log-probabilities are
+                    let first = Vec::<f64>::try_from(main.logps(net, Some(0))?.to_kind(Kind::Double))?;
                     let second = match &kl {
-                        Some(k) => Vec::<f64>::try_from(k.logps(net)?.to_kind(Kind::Double))?,
+                        Some(k) => Vec::<f64>::try_from(k.logps(net, Some(0))?.to_kind(Kind::Double))?,
                         None => vec![],
                     };
                     Ok((first, second))
@@ -481,10 +488,12 @@ impl Objective for PreferenceObjective {
 
     fn step(&self, net: &Decoder, split: Split, rows: &[Row], cfg: &BatchConfig, backward: Option<Backward>) -> Result<Step> {
         let (main, kl_seq) = self.sequences(split, rows, cfg, net);
+        // the reference (and KTO's KL estimate) through the training path while training
+        let seed = backward.map(|b| b.seed);
         let tokens = main.tokens + kl_seq.as_ref().map_or(0, |k| k.tokens);
         let (loss, metrics) = match self.kind {
             Preference::Dpo { beta, loss } => {
-                let (reference, _) = self.reference(split, rows, net, &main, None)?;
+                let (reference, _) = self.reference(split, rows, net, &main, None, seed)?;
                 main.loss(net, backward, |s| {
                     let (l, m) = self.dpo(s, &main, &reference, beta, loss)?;
                     Ok((l.shallow_clone(), (l.detach(), m)))
@@ -496,9 +505,9 @@ impl Objective for PreferenceObjective {
             })?,
             Preference::Kto { beta, desirable_weight, undesirable_weight } => {
                 let kl_seq = kl_seq.as_ref().expect("judged examples have KL sequences");
-                let (reference, ref_kl) = self.reference(split, rows, net, &main, Some(kl_seq))?;
+                let (reference, ref_kl) = self.reference(split, rows, net, &main, Some(kl_seq), seed)?;
                 // the KL estimate: policy (no gradient) against reference on mismatched pairs
-                let policy_kl = kl_seq.logps(net)?;
+                let policy_kl = kl_seq.logps(net, seed)?;
                 let kl = (policy_kl - ref_kl.expect("a KL reference")).mean(Kind::Float).clamp_min(0.0);
                 let desirable: Vec<bool> = match &self.examples[Self::index(split)] {
                     Examples::Judged(j) => rows.iter().flatten().map(|&i| j[i].0.desirable).collect(),
