@@ -3,7 +3,6 @@
 use crate::models::decoder::{AttnMask, KvCache};
 use crate::models::LoadedModel;
 use anyhow::Result;
-use rand::{Rng, SeedableRng};
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone)]
@@ -15,12 +14,14 @@ pub struct Sampling {
     pub top_p: f64,
     /// Keep the `top_k` most likely tokens (0 = off).
     pub top_k: usize,
+    /// Divide a seen token's positive logit by it, multiply a negative one (CTRL's penalty; 1 = off).
+    pub repetition_penalty: f64,
     pub seed: u64,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        Sampling { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: 0 }
     }
 }
 
@@ -40,82 +41,102 @@ pub fn stop_ids(model: &LoadedModel) -> Vec<i64> {
     ids
 }
 
-/// Picks the next token from fp32 logits `[V]` per the sampling settings.
-fn choose(logits: &[f32], s: &Sampling, rng: &mut rand::rngs::StdRng) -> i64 {
-    if s.temperature <= 0.0 {
-        let mut best = 0;
-        for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
-            }
-        }
-        return best as i64;
+/// Next-token logits `[B, V]` (fp32) filtered as transformers' logits processors do, in their
+/// order: the repetition penalty over the ids each row has seen (`seen` `[B, S]`, prompt and
+/// padding included, as transformers'), then temperature, top-k and top-p (which keeps the
+/// smallest set of most likely tokens whose probability reaches `top_p`, at least one).
+pub fn process_logits(logits: &Tensor, seen: &Tensor, s: &Sampling) -> Tensor {
+    let mut z = logits.to_kind(Kind::Float);
+    if s.repetition_penalty != 1.0 {
+        let score = z.gather(1, seen, false);
+        let score = (&score * s.repetition_penalty).where_self(&score.lt(0.0), &(&score / s.repetition_penalty));
+        z = z.scatter(1, seen, &score);
     }
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].partial_cmp(&logits[a]).unwrap_or(std::cmp::Ordering::Equal));
-    if s.top_k > 0 {
-        idx.truncate(s.top_k);
+    if s.temperature > 0.0 {
+        z = z / s.temperature;
     }
-    let max = logits[idx[0]] as f64;
-    let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / s.temperature).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+    if s.top_k > 0 && (s.top_k as i64) < z.size()[1] {
+        let (kth, _) = z.topk(s.top_k as i64, -1, true, true);
+        let threshold = kth.narrow(1, s.top_k as i64 - 1, 1);
+        z = z.masked_fill(&z.lt_tensor(&threshold), f64::NEG_INFINITY);
+    }
     if s.top_p < 1.0 {
-        let mut cum = 0.0;
-        let mut keep = probs.len();
-        for (n, p) in probs.iter().enumerate() {
-            cum += p;
-            if cum >= s.top_p {
-                keep = n + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
-        idx.truncate(keep);
-        let t: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= t);
+        let (sorted, order) = z.sort(-1, false);
+        let cum = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
+        let remove = cum.le(1.0 - s.top_p);
+        let v = remove.size()[1];
+        let _ = remove.narrow(1, v - 1, 1).fill_(0);
+        let remove = remove.scatter(1, &order, &remove);
+        z = z.masked_fill(&remove, f64::NEG_INFINITY);
     }
-    let mut u: f64 = rng.gen();
-    for (n, p) in probs.iter().enumerate() {
-        if u < *p {
-            return idx[n] as i64;
-        }
-        u -= p;
-    }
-    idx[probs.len() - 1] as i64
+    z
 }
 
-/// Generates up to `max_new_tokens` after `prompt_ids`, stopping at EOS; returns the new ids.
-pub fn generate_ids(model: &LoadedModel, prompt_ids: &[i64], s: &Sampling) -> Result<Vec<i64>> {
+/// Generates up to `max_new_tokens` after each prompt, in one batch: prompts left-padded, one
+/// KV cache for the batch, each row stopping at its own stop id; the next tokens are picked on
+/// the device (greedy: argmax; sampling: a draw from the processed distribution, seeded). Returns
+/// each row's new ids, the stop id left out.
+pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -> Result<Vec<Vec<i64>>> {
     let _guard = tch::no_grad_guard();
     let net = &model.net;
-    let stops = stop_ids(model);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(s.seed);
+    let device = net.device;
+    anyhow::ensure!(!prompts.is_empty(), "generate: no prompts");
+    anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "generate: a prompt has no tokens");
+    let (b, width) = (prompts.len() as i64, prompts.iter().map(Vec::len).max().unwrap_or(1) as i64);
+    let pad = model.tokenizer.pad_id;
+    let mut ids = vec![];
+    let mut valid = vec![];
+    for p in prompts {
+        let n = width as usize - p.len();
+        ids.extend(std::iter::repeat(pad).take(n).chain(p.iter().copied()));
+        valid.extend(std::iter::repeat(false).take(n).chain(std::iter::repeat(true).take(p.len())));
+    }
+    let mut input = Tensor::from_slice(&ids).view([b, width]).to_device(device);
+    let mut valid = Tensor::from_slice(&valid).view([b, width]).to_device(device);
+    // positions count real tokens only (a left-padded row starts at 0 where its prompt does)
+    let mut positions = (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+    let mut next_position = valid.sum_dim_intlist([1].as_slice(), false, Kind::Int64);
+    let mut seen = input.shallow_clone();
+    let stops = Tensor::from_slice(&stop_ids(model)).to_device(device);
+    let mut finished = Tensor::zeros([b], (Kind::Bool, device));
     let mut cache = KvCache::default();
-    let mut out = vec![];
-    let mut input = Tensor::from_slice(prompt_ids).view([1, -1]).to_device(net.device);
-    let mut pos = 0i64;
-    for _ in 0..s.max_new_tokens {
+    let mut generated = vec![];
+    if s.temperature > 0.0 {
+        tch::manual_seed(s.seed as i64);
+    }
+    for step in 0..s.max_new_tokens {
         let t = input.size()[1];
-        let positions = Tensor::arange_start(pos, pos + t, (Kind::Int64, net.device)).view([1, -1]);
+        let h = net.hidden(&input, &positions, &AttnMask::Padded(valid.shallow_clone()), Some(&mut cache), false);
         // only the last position's logits are needed: project just that row
-        let h = net.hidden(&input, &positions, &AttnMask::Causal, Some(&mut cache), false);
-        pos += t;
-        let last = net.head(&h.narrow(1, t - 1, 1), false).view([-1]);
-        let next = if s.temperature <= 0.0 {
-            // greedy: pick on the device, move one integer instead of the vocabulary's logits
-            last.argmax(0, false).int64_value(&[])
-        } else {
-            let v: Vec<f32> = Vec::<f32>::try_from(&last.to_kind(Kind::Float).to_device(tch::Device::Cpu))?;
-            choose(&v, s, &mut rng)
-        };
-        if stops.contains(&next) {
+        let logits = process_logits(&net.head(&h.narrow(1, t - 1, 1), false).view([b, -1]), &seen.to_device(net.head_device), s).to_device(device);
+        let next = if s.temperature > 0.0 { logits.softmax(-1, Kind::Float).multinomial(1, false).view([b]) } else { logits.argmax(-1, false) };
+        // a finished row keeps emitting padding
+        let next = Tensor::full([b], pad, (Kind::Int64, device)).where_self(&finished, &next);
+        finished = finished.logical_or(&Tensor::isin(&next, &stops, false, false));
+        generated.push(next.shallow_clone());
+        // one flag read a step: stop when every row has
+        if step + 1 == s.max_new_tokens || finished.all().int64_value(&[]) != 0 {
             break;
         }
-        out.push(next);
-        input = Tensor::from_slice(&[next]).view([1, 1]).to_device(net.device);
+        input = next.view([b, 1]);
+        positions = next_position.view([b, 1]);
+        next_position = next_position + 1;
+        valid = Tensor::cat(&[valid, Tensor::ones([b, 1], (Kind::Bool, device))], 1);
+        seen = Tensor::cat(&[seen, input.shallow_clone()], 1);
     }
-    Ok(out)
+    let all = Tensor::stack(&generated, 1).to_device(tch::Device::Cpu);
+    let stops = stop_ids(model);
+    Ok((0..b)
+        .map(|r| {
+            let row = Vec::<i64>::try_from(all.get(r)).unwrap_or_default();
+            row.into_iter().take_while(|t| !stops.contains(t)).collect()
+        })
+        .collect())
+}
+
+/// [`generate_batch`] of one prompt.
+pub fn generate_ids(model: &LoadedModel, prompt_ids: &[i64], s: &Sampling) -> Result<Vec<i64>> {
+    Ok(generate_batch(model, &[prompt_ids.to_vec()], s)?.remove(0))
 }
 
 /// Mean next-token negative log-likelihood (natural log) of `ids` under the model.

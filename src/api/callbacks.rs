@@ -92,12 +92,9 @@ fn sample_printer(model: Model, prompts: Array, opts: Map) -> Res<FnPtr> {
         let m = metrics_arg(args)?;
         let step = m.get("step").map(|s| s.to_string()).unwrap_or_default();
         let inner = model.get();
-        for p in &prompts {
-            let out = crate::script::options::guard("sample_printer", || {
-                let ids = inner.tokenizer.encode(p, true)?;
-                let gen = crate::generate::generate_ids(&inner, &ids, &sampling)?;
-                inner.tokenizer.decode(&gen, true)
-            })?;
+        // the prompts decoded together
+        let outs = crate::script::options::guard("sample_printer", || super::model::generate_texts(&inner, &prompts, &sampling, prompts.len()))?;
+        for (p, out) in prompts.iter().zip(outs) {
             tracing::info!("sample at step {step}: {p:?} → {out:?}");
         }
         Ok(Dynamic::UNIT)

@@ -4,6 +4,7 @@
 pub mod callbacks;
 pub mod dataset;
 pub mod dist;
+pub mod evaluate;
 pub mod hub;
 pub mod lora;
 pub mod metrics;
@@ -45,6 +46,7 @@ pub fn register(engine: &mut Engine) {
     dist::register(engine);
     metrics::register(engine);
     callbacks::register(engine);
+    evaluate::register(engine);
     hub::register(engine);
 }
 
@@ -59,6 +61,7 @@ pub fn option_validator(function: &str) -> Option<Validator> {
         "add_lora" => validate::<lora::LoraOptions>,
         "save_merged" => validate::<lora::MergeOptions>,
         "train" => train::validate_options,
+        "evaluate" => evaluate::validate_options,
         "early_stopping" | "early_stopping_callback" => validate::<callbacks::EarlyStoppingOptions>,
         "hub_push" => validate::<hub::PushArgs>,
         "hub_download" => validate::<hub::DownloadArgs>,

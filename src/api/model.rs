@@ -59,7 +59,10 @@ pub struct GenerateOptions {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f64>,
     pub seed: Option<u64>,
+    /// Prompts decoded together (an array of prompts; all at once by default).
+    pub batch_size: Option<usize>,
 }
 
 pub fn load_model(spec: &str, opts: LoadOptions) -> anyhow::Result<LoadedModel> {
@@ -142,17 +145,35 @@ fn sampling(o: GenerateOptions) -> Sampling {
         temperature: o.temperature.unwrap_or(d.temperature),
         top_p: o.top_p.unwrap_or(d.top_p),
         top_k: o.top_k.unwrap_or(d.top_k),
+        repetition_penalty: o.repetition_penalty.unwrap_or(d.repetition_penalty),
         seed: o.seed.unwrap_or(d.seed),
     }
 }
 
-fn generate_text(m: &LoadedModel, prompt: &str, s: &Sampling) -> anyhow::Result<String> {
-    let ids = m.tokenizer.encode(prompt, true)?;
+/// Continuations of `prompts`, decoded `batch_size` prompts at a time.
+pub fn generate_texts(m: &LoadedModel, prompts: &[String], s: &Sampling, batch_size: usize) -> anyhow::Result<Vec<String>> {
     let started = std::time::Instant::now();
-    let out = generate::generate_ids(m, &ids, s)?;
+    let ids = prompts.iter().map(|p| m.tokenizer.encode(p, true)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut out = Vec::with_capacity(prompts.len());
+    let mut tokens = 0;
+    for chunk in ids.chunks(batch_size.max(1)) {
+        for generated in generate::generate_batch(m, chunk, s)? {
+            tokens += generated.len();
+            out.push(m.tokenizer.decode(&generated, true)?);
+        }
+    }
     let secs = started.elapsed().as_secs_f64();
-    tracing::debug!("generated {} tokens in {secs:.2}s ({:.1} tokens/s)", out.len(), out.len() as f64 / secs.max(1e-9));
-    m.tokenizer.decode(&out, true)
+    tracing::debug!("generated {tokens} tokens for {} prompt(s) in {secs:.2}s ({:.1} tokens/s)", prompts.len(), tokens as f64 / secs.max(1e-9));
+    Ok(out)
+}
+
+fn generate_text(m: &LoadedModel, prompt: &str, s: &Sampling) -> anyhow::Result<String> {
+    Ok(generate_texts(m, &[prompt.to_string()], s, 1)?.remove(0))
+}
+
+/// The strings of a Rhai array (`what` names it in the error).
+fn strings(a: Array, what: &str) -> Res<Vec<String>> {
+    a.into_iter().map(|p| p.into_string().map_err(|t| -> Box<EvalAltResult> { format!("{what} must be strings, got {t}").into() })).collect()
 }
 
 /// `[#{role, content}, ...]` or a plain user message → the chat template's prompt text.
@@ -194,11 +215,30 @@ pub fn register(engine: &mut Engine) {
             guard("generate", || generate_text(&m.get(), prompt, &Sampling::default()))
         });
     FuncRegistration::new("generate")
-        .with_comments(["/// Generates with #{max_new_tokens, temperature (0 = greedy), top_p, top_k, seed}; stops at EOS."])
+        .with_comments(["/// Generates with #{max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed}; stops at EOS."])
         .with_params_info(["model: &mut Model", "prompt: &str", "options: Map", "String"])
         .register_into_engine(engine, |m: &mut Model, prompt: &str, opts: Map| -> Res<String> {
             let s = sampling(parse("generate", &opts)?);
             guard("generate", || generate_text(&m.get(), prompt, &s))
+        });
+    FuncRegistration::new("generate")
+        .with_comments(["/// Continuations of an array of prompts, decoded together (left-padded, one KV cache, each row stopping at its EOS); greedy, up to 64 new tokens."])
+        .with_params_info(["model: &mut Model", "prompts: Array", "Array"])
+        .register_into_engine(engine, |m: &mut Model, prompts: Array| -> Res<Array> {
+            let prompts = strings(prompts, "generate: prompts")?;
+            let out = guard("generate", || generate_texts(&m.get(), &prompts, &Sampling::default(), prompts.len()))?;
+            Ok(out.into_iter().map(Dynamic::from).collect())
+        });
+    FuncRegistration::new("generate")
+        .with_comments(["/// Continuations of an array of prompts with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, batch_size (all at once)}."])
+        .with_params_info(["model: &mut Model", "prompts: Array", "options: Map", "Array"])
+        .register_into_engine(engine, |m: &mut Model, prompts: Array, opts: Map| -> Res<Array> {
+            let prompts = strings(prompts, "generate: prompts")?;
+            let o: GenerateOptions = parse("generate", &opts)?;
+            let batch = o.batch_size.unwrap_or(prompts.len());
+            let s = sampling(o);
+            let out = guard("generate", || generate_texts(&m.get(), &prompts, &s, batch))?;
+            Ok(out.into_iter().map(Dynamic::from).collect())
         });
     FuncRegistration::new("chat_prompt")
         .with_comments(["/// Renders a user message, or an array of #{role, content} messages, with the model's chat template (generation prompt added)."])

@@ -85,6 +85,18 @@ impl Attention {
                 }
                 Some(m.unsqueeze(1))
             }
+            AttnMask::Padded(valid) => {
+                // allowed(i, j) = j ≤ past+i, key j valid (and past+i−j < w); a padding query
+                // also sees itself, so that no row of scores is all masked (NaN through SDPA)
+                let qpos = Tensor::arange_start(past, kv_len, (Kind::Int64, x.device())).unsqueeze(1);
+                let kpos = Tensor::arange(kv_len, (Kind::Int64, x.device())).unsqueeze(0);
+                let mut m = kpos.le_tensor(&qpos);
+                if let Some(w) = window {
+                    m = m.logical_and(&(&qpos - &kpos).lt(w));
+                }
+                let m = m.unsqueeze(0).logical_and(&valid.unsqueeze(1)).logical_or(&kpos.eq_tensor(&qpos).unsqueeze(0));
+                Some(m.unsqueeze(1))
+            }
             // SDPA's own causal mask serves; eager attention (soft-capped scores) needs it written out
             AttnMask::Causal if (past == 0 || t == 1) && window.is_none() && self.softcap.is_none() => None,
             AttnMask::Causal => {

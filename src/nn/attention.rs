@@ -9,6 +9,9 @@ pub enum AttnMask {
     Causal,
     /// Causal within segments: `[B, T]` ids; several packed examples share a row.
     Segments(Tensor),
+    /// Causal, and only over the keys marked valid: `[B, K]` bool over the whole KV cache
+    /// (left-padded prompts in batched generation).
+    Padded(Tensor),
 }
 
 impl AttnMask {
@@ -16,6 +19,7 @@ impl AttnMask {
         match self {
             AttnMask::Causal => AttnMask::Causal,
             AttnMask::Segments(s) => AttnMask::Segments(s.to_device(d)),
+            AttnMask::Padded(v) => AttnMask::Padded(v.to_device(d)),
         }
     }
 }
