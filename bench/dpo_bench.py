@@ -41,6 +41,17 @@ def records(a, n, path):
                                 "rejected": " " + text(a.response - 1) + " t2"}) + "\n")
 
 
+def peer_json(script, args, what):
+    """Runs the Python peer, `script ARGS --peer-only`, in its own process (so neither side's
+    allocator state touches the other's); returns the JSON line it prints last."""
+    p = subprocess.run([sys.executable, os.path.abspath(script)] + args + ["--peer-only"], capture_output=True, text=True)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if p.returncode != 0 or not lines:
+        print(p.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"the {what} peer failed")
+    return json.loads(lines[-1])
+
+
 def median_step(elapsed, warmup):
     steps = sorted(b - a for a, b in zip(elapsed[warmup:], elapsed[warmup + 1:]))
     return steps[len(steps) // 2]
@@ -142,16 +153,8 @@ def main():
     print(json.dumps(dict(ours, shape=a.shape, ckpt=not a.no_ckpt)), flush=True)
     if a.peer == "none":
         return
-    # the peer in its own process, so neither side's allocator state touches the other's
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), a.shape, "--peer-only", "--prompt", str(a.prompt),
-                        "--response", str(a.response), "--pairs", str(a.pairs), "--steps", str(a.steps),
-                        "--warmup", str(a.warmup)] + (["--no-ckpt"] if a.no_ckpt else []) + (["--precompute"] if a.precompute else []),
-                       capture_output=True, text=True)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
-    if p.returncode != 0 or not lines:
-        print(p.stderr[-3000:], file=sys.stderr)
-        raise SystemExit("the TRL peer failed")
-    peer = json.loads(lines[-1])
+    peer = peer_json(__file__, [a.shape, "--prompt", str(a.prompt), "--response", str(a.response), "--pairs", str(a.pairs), "--steps", str(a.steps),
+                                "--warmup", str(a.warmup)] + (["--no-ckpt"] if a.no_ckpt else []) + (["--precompute"] if a.precompute else []), "TRL")
     print(json.dumps(peer), flush=True)
     print(f"RATIO dpo {a.shape} ckpt={not a.no_ckpt} precompute={a.precompute} prompt {a.prompt} + response {a.response}, {a.pairs} pairs: "
           f"ftscript {ours['pairs_per_s']} pairs/s vs TRL {peer['pairs_per_s']} = {ours['pairs_per_s'] / peer['pairs_per_s']:.2f}x; "

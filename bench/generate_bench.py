@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from bench import make_model  # noqa: E402
-from dpo_bench import words_tokenizer  # noqa: E402
+from dpo_bench import peer_json, words_tokenizer  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -115,13 +115,8 @@ def main():
     work = tempfile.mkdtemp(prefix="gen-bench-", dir="/tmp")
     ours = ftscript_run(model_dir, adapter_dir, a, work)
     print(json.dumps(ours), flush=True)
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), a.shape, "--peer-only", "--batch", str(a.batch), "--prompts", str(a.prompts),
-                        "--prompt-len", str(a.prompt_len), "--new", str(a.new)], capture_output=True, text=True)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
-    if p.returncode != 0 or not lines:
-        print(p.stderr[-3000:], file=sys.stderr)
-        raise SystemExit("the transformers peer failed")
-    peer = json.loads(lines[-1])
+    peer = peer_json(__file__, [a.shape, "--batch", str(a.batch), "--prompts", str(a.prompts), "--prompt-len", str(a.prompt_len), "--new", str(a.new)],
+                     "transformers")
     print(json.dumps(peer), flush=True)
     print(f"RATIO generate {a.shape} batch {a.batch}: ftscript {ours['tokens_per_s']} tok/s vs transformers+peft {peer['tokens_per_s']} = "
           f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x", flush=True)

@@ -83,6 +83,7 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
     anyhow::ensure!(!prompts.is_empty(), "generate: no prompts");
     anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "generate: a prompt has no tokens");
     let (b, width) = (prompts.len() as i64, prompts.iter().map(Vec::len).max().unwrap_or(1) as i64);
+    let ragged = prompts.iter().any(|p| p.len() as i64 != width);
     let pad = model.tokenizer.pad_id;
     let mut ids = vec![];
     let mut valid = vec![];
@@ -106,7 +107,9 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
     }
     for step in 0..s.max_new_tokens {
         let t = input.size()[1];
-        let h = net.hidden(&input, &positions, &AttnMask::Padded(valid.shallow_clone()), Some(&mut cache), false);
+        // without padding the causal mask serves (and costs no ops)
+        let mask = if ragged { AttnMask::Padded(valid.shallow_clone()) } else { AttnMask::Causal };
+        let h = net.hidden(&input, &positions, &mask, Some(&mut cache), false);
         // only the last position's logits are needed: project just that row
         let logits = process_logits(&net.head(&h.narrow(1, t - 1, 1), false).view([b, -1]), &seen.to_device(net.head_device), s).to_device(device);
         let next = if s.temperature > 0.0 { logits.softmax(-1, Kind::Float).multinomial(1, false).view([b]) } else { logits.argmax(-1, false) };

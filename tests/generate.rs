@@ -106,3 +106,43 @@ print(`REF ${{scores.samples[0].reference}}`);
         assert!(!out.status.success() && t.contains("did you mean \"rouge_l\""), "{cmd}: {t}");
     }
 }
+
+/// `eval_generate` scores generated answers at each evaluation: the scores reach metrics.jsonl
+/// and `on_eval` (early stopping on one of them), and a misspelt metric is caught before training.
+#[test]
+fn train_scores_generated_answers_at_each_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 8);
+    let records: Vec<String> = (0..24).map(|i| serde_json::json!({"instruction": format!("say {}", i % 3), "output": "the quick brown fox"}).to_string()).collect();
+    std::fs::write(d.join("qa.jsonl"), records.join("\n")).unwrap();
+    let recipe = |metric: &str, out: &str| {
+        format!(
+            r#"
+import "ft/callbacks" as cb;
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 8 }});
+let data = load_dataset("qa.jsonl").split(6, 1);
+let seen = [];
+let r = train(m, #{{ train: data.train, eval: data.eval, format: "alpaca", batch_size: 4, max_steps: 6, lr: 3e-2, log_every: 1, eval_every: 2,
+    eval_generate: #{{ metrics: ["{metric}", "exact_match"], max_new_tokens: 6, batch_size: 4, samples: 1 }},
+    on_eval: [|s| {{ seen.push(s.eval_exact_match); }}, cb::early_stopping(#{{ metric: "eval_rouge_l", mode: "max", patience: 1 }})],
+    output_dir: "{out}" }});
+print(`RESULT steps=${{r.steps}} seen=${{seen.len()}}`);
+"#
+        )
+    };
+    let t = run_recipe(d, "eg.rhai", &recipe("rouge_l", "eg"));
+    assert!(t.contains("RESULT steps=") && t.contains("eval_generate sample"), "{t}");
+    let evals: Vec<serde_json::Value> = metrics(&d.join("eg/metrics.jsonl")).into_iter().filter(|m| m.get("eval_loss").is_some()).collect();
+    assert!(!evals.is_empty());
+    for e in &evals {
+        for key in ["eval_rouge_l", "eval_exact_match", "eval_generate_seconds"] {
+            assert!(e.get(key).and_then(|v| v.as_f64()).is_some(), "no {key} in {e}");
+        }
+    }
+    std::fs::write(d.join("bad.rhai"), recipe("roug_l", "bad")).unwrap();
+    let out = ftscript(&["run", "bad.rhai"], d);
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("eval_generate: metrics \"roug_l\" is not one of") && !t.contains(" step 1 loss"), "{t}");
+}

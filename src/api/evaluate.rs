@@ -82,15 +82,16 @@ fn pairs(ctx: &NativeCallContext, m: &Model, ds: &Dataset, format: Option<&Dynam
     Ok(out)
 }
 
-fn evaluate(ctx: NativeCallContext, m: &mut Model, ds: Dataset, opts: Map) -> Res<Map> {
+/// `evaluate(model, dataset, opts)`, also run by `train`'s `eval_generate`.
+pub fn evaluate(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: &Map) -> Res<Map> {
     let mut json = to_json(&Dynamic::from_map(opts.clone()));
     if opts.get("format").is_some_and(|f| f.is_fnptr()) {
         json.as_object_mut().map(|o| o.remove("format"));
     }
     validate_options(&json).map_err(|e| format!("evaluate: {e}"))?;
-    let o: EvaluateOptions = parse("evaluate", &opts)?;
+    let o: EvaluateOptions = parse("evaluate", opts)?;
     let metrics: Vec<String> = o.metrics.clone().unwrap_or_else(|| METRICS.iter().map(|s| s.to_string()).collect());
-    let pairs = pairs(&ctx, m, &ds, opts.get("format"))?;
+    let pairs = pairs(ctx, m, ds, opts.get("format"))?;
     if pairs.is_empty() {
         return Err("evaluate: the dataset is empty".into());
     }
@@ -131,5 +132,5 @@ pub fn register(engine: &mut Engine) {
     FuncRegistration::new("evaluate")
         .with_comments(["/// Generates an answer for each record's prompt (greedy, in batches) and scores it against the record's reference: #{exact_match, bleu, rouge_l, samples: [#{prompt, prediction, reference}], records, seconds}; options #{format, metrics, max_new_tokens, batch_size, samples}."])
         .with_params_info(["model: &mut Model", "dataset: Dataset", "options: Map", "Map"])
-        .register_into_engine(engine, |ctx: NativeCallContext, m: &mut Model, ds: Dataset, opts: Map| -> Res<Map> { evaluate(ctx, m, ds, opts) });
+        .register_into_engine(engine, |ctx: NativeCallContext, m: &mut Model, ds: Dataset, opts: Map| -> Res<Map> { evaluate(&ctx, m, &ds, &opts) });
 }

@@ -29,6 +29,8 @@ pub struct TrainOptions {
     pub on_log: Option<IgnoredAny>,
     pub on_eval: Option<IgnoredAny>,
     pub on_step: Option<IgnoredAny>,
+    /// `evaluate`'s options: each evaluation also generates answers for the eval set and scores them.
+    pub eval_generate: Option<IgnoredAny>,
     pub max_length: Option<usize>,
     pub batch_size: Option<usize>,
     pub eval_batch_size: Option<usize>,
@@ -132,6 +134,12 @@ pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
         if let Some(v) = json.get(*key).and_then(|v| v.as_str()) {
             crate::script::options::one_of(key, v, names)?;
         }
+    }
+    if let Some(g) = json.get("eval_generate").and_then(|g| g.as_object()) {
+        let mut g = g.clone();
+        // a format function is checked when it runs
+        g.remove("format");
+        super::evaluate::validate_options(&serde_json::Value::Object(g)).map_err(|e| format!("eval_generate: {e}"))?;
     }
     let objective = match json.get("objective") {
         None => "sft",
@@ -248,6 +256,8 @@ fn examples(
 /// kept as Rhai reported it (with the callback's file:line), for `train` to return.
 struct RhaiHooks<'a> {
     ctx: &'a NativeCallContext<'a>,
+    /// `eval_generate`: the model, the eval set and `evaluate`'s options.
+    eval_generate: Option<(Model, Dataset, Map)>,
     on_step: Vec<FnPtr>,
     on_log: Vec<FnPtr>,
     on_eval: Vec<FnPtr>,
@@ -297,6 +307,31 @@ impl Hooks for RhaiHooks<'_> {
     }
     fn on_eval(&mut self, m: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<Control> {
         self.call(|h| &h.on_eval, "on_eval", m)
+    }
+
+    /// `eval_generate`'s scores as `eval_<metric>` (and the seconds it took); its sample
+    /// triples go to the log.
+    fn eval_extra(&mut self) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        let Some((model, ds, opts)) = &self.eval_generate else { return Ok(Default::default()) };
+        let _eval = tch::no_grad_guard();
+        let scores = match super::evaluate::evaluate(self.ctx, model, ds, opts) {
+            Ok(s) => s,
+            Err(e) => anyhow::bail!(self.failure.insert(("eval_generate failed".into(), e)).0.clone()),
+        };
+        let mut out = serde_json::Map::new();
+        for (k, v) in scores {
+            match k.as_str() {
+                "samples" => {
+                    for s in v.into_array().unwrap_or_default() {
+                        tracing::info!("eval_generate sample: {}", to_json(&s));
+                    }
+                }
+                "records" => {}
+                "seconds" => _ = out.insert("eval_generate_seconds".into(), to_json(&v)),
+                _ => _ = out.insert(format!("eval_{k}"), to_json(&v)),
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -378,6 +413,14 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
         on_step: callbacks(opts.get("on_step"), "on_step")?,
         on_log: callbacks(opts.get("on_log"), "on_log")?,
         on_eval: callbacks(opts.get("on_eval"), "on_eval")?,
+        eval_generate: match opts.get("eval_generate") {
+            None => None,
+            Some(g) => {
+                let g = g.clone().try_cast::<Map>().ok_or("train: eval_generate must be a map of evaluate's options (#{metrics, max_new_tokens, ...})")?;
+                let ds = eval_ds.clone().ok_or("train: eval_generate scores the eval set: pass eval: a Dataset")?;
+                Some((m.clone(), ds, g))
+            }
+        },
         failure: None,
     };
     let result = guard("train", || {

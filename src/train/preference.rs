@@ -218,31 +218,30 @@ fn log1mexp(x: &Tensor) -> Tensor {
     (-x.exp()).log1p().where_self(&x.lt(-std::f64::consts::LN_2), &(-x.expm1()).log())
 }
 
-const DPO_METRICS: &[&str] = &[
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "entropy",
-    "mean_token_accuracy",
-];
-const ORPO_METRICS: &[&str] = &[
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "nll_loss",
-    "log_odds_ratio",
-    "log_odds_chosen",
-];
+/// The metrics of a pair objective (DPO, ORPO), before its own ones.
+const PAIR_METRICS: &[&str] = &["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"];
+const DPO_EXTRA: &[&str] = &["entropy", "mean_token_accuracy"];
+const ORPO_EXTRA: &[&str] = &["nll_loss", "log_odds_ratio", "log_odds_chosen"];
+
+/// [`PAIR_METRICS`]' values for the chosen and rejected rows' log-probabilities (`chosen`,
+/// `rejected` `[B]`) and rewards (`β·`(log-ratio, or log-probability for ORPO)).
+fn pair_metrics(s: &NextTokenStats, seq: &Sequences, chosen: &Tensor, rejected: &Tensor, chosen_rewards: &Tensor, rejected_rewards: &Tensor) -> Vec<Metric> {
+    let b = chosen.size()[0];
+    let (cr, rr) = (chosen_rewards.detach(), rejected_rewards.detach());
+    vec![
+        always(cr.mean(Kind::Float)),
+        always(rr.mean(Kind::Float)),
+        always(cr.gt_tensor(&rr).to_kind(Kind::Float).mean(Kind::Float)),
+        always((&cr - &rr).mean(Kind::Float)),
+        always(chosen.detach().mean(Kind::Float)),
+        always(rejected.detach().mean(Kind::Float)),
+        // over the completion tokens, as TRL's DPO and KTO (its experimental ORPO also averages
+        // the prompt's and the padding's positions)
+        masked_mean(&s.mean_logit.narrow(0, 0, b), &seq.completion.narrow(0, 0, b)),
+        masked_mean(&s.mean_logit.narrow(0, b, b), &seq.completion.narrow(0, b, b)),
+    ]
+}
+
 const KTO_METRICS: &[&str] = &["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "kl", "entropy"];
 
 impl PreferenceObjective {
@@ -376,21 +375,10 @@ impl PreferenceObjective {
             }
             DpoLoss::Robust { label_smoothing: e } => (-(&delta * beta).log_sigmoid() * (1.0 - e) + (&delta * -beta).log_sigmoid() * e) / (1.0 - 2.0 * e),
         };
-        let (cr, rr) = (chosen_ratio.detach() * beta, rejected_ratio.detach() * beta);
-        let comp = &seq.completion;
-        let (cm, rm) = (comp.narrow(0, 0, b), comp.narrow(0, b, b));
-        let metrics = metric_rows(vec![
-            always(cr.mean(Kind::Float)),
-            always(rr.mean(Kind::Float)),
-            always(cr.gt_tensor(&rr).to_kind(Kind::Float).mean(Kind::Float)),
-            always((&cr - &rr).mean(Kind::Float)),
-            always(chosen.detach().mean(Kind::Float)),
-            always(rejected.detach().mean(Kind::Float)),
-            masked_mean(&s.mean_logit.narrow(0, 0, b), &cm),
-            masked_mean(&s.mean_logit.narrow(0, b, b), &rm),
-            masked_mean(&s.entropy, comp),
-            masked_mean(&s.top1.narrow(0, 0, b).to_kind(Kind::Float), &cm),
-        ]);
+        let mut metrics = pair_metrics(s, seq, &chosen, &rejected, &(&chosen_ratio * beta), &(&rejected_ratio * beta));
+        metrics.push(masked_mean(&s.entropy, &seq.completion));
+        metrics.push(masked_mean(&s.top1.narrow(0, 0, b).to_kind(Kind::Float), &seq.completion.narrow(0, 0, b)));
+        let metrics = metric_rows(metrics);
         Ok((per_pair.mean(Kind::Float), metrics))
     }
 
@@ -405,22 +393,9 @@ impl PreferenceObjective {
         let log_odds = (&chosen - &rejected) - (log1mexp(&chosen) - log1mexp(&rejected));
         let ratio = log_odds.log_sigmoid();
         let loss = &nll - (&ratio * beta).mean(Kind::Float);
-        let (cr, rr) = (chosen.detach() * beta, rejected.detach() * beta);
-        let metrics = metric_rows(vec![
-            always(cr.mean(Kind::Float)),
-            always(rr.mean(Kind::Float)),
-            always(cr.gt_tensor(&rr).to_kind(Kind::Float).mean(Kind::Float)),
-            always((&cr - &rr).mean(Kind::Float)),
-            always(chosen.detach().mean(Kind::Float)),
-            always(rejected.detach().mean(Kind::Float)),
-            // over the completion tokens, as TRL's DPO and KTO (its experimental ORPO also averages
-            // the prompt's and the padding's positions)
-            masked_mean(&s.mean_logit.narrow(0, 0, b), &seq.completion.narrow(0, 0, b)),
-            masked_mean(&s.mean_logit.narrow(0, b, b), &seq.completion.narrow(0, b, b)),
-            always(nll.detach()),
-            always(ratio.detach().mean(Kind::Float)),
-            always(log_odds.detach().mean(Kind::Float)),
-        ]);
+        let mut metrics = pair_metrics(s, seq, &chosen, &rejected, &(&chosen * beta), &(&rejected * beta));
+        metrics.extend([always(nll.detach()), always(ratio.detach().mean(Kind::Float)), always(log_odds.detach().mean(Kind::Float))]);
+        let metrics = metric_rows(metrics);
         Ok((loss, metrics))
     }
 
@@ -523,10 +498,13 @@ impl Objective for PreferenceObjective {
     }
 
     fn metric_names(&self) -> &'static [&'static str] {
-        match self.kind {
-            Preference::Dpo { .. } => DPO_METRICS,
-            Preference::Orpo { .. } => ORPO_METRICS,
-            Preference::Kto { .. } => KTO_METRICS,
-        }
+        static DPO: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
+        static ORPO: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
+        let (names, extra) = match self.kind {
+            Preference::Dpo { .. } => (&DPO, DPO_EXTRA),
+            Preference::Orpo { .. } => (&ORPO, ORPO_EXTRA),
+            Preference::Kto { .. } => return KTO_METRICS,
+        };
+        names.get_or_init(|| PAIR_METRICS.iter().chain(extra).copied().collect())
     }
 }

@@ -105,6 +105,11 @@ pub trait Hooks {
     fn on_step(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
     fn on_log(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
     fn on_eval(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
+    /// Metrics an evaluation adds besides the objective's (scores of generated answers), before
+    /// it is logged and handed to `on_eval`.
+    fn eval_extra(&mut self) -> Result<Map<String, Value>> {
+        Ok(Map::new())
+    }
 }
 
 /// Stops `running` once the GPUs are idle and writes `profile/trace.json` and
@@ -484,6 +489,7 @@ pub fn train(
                 m.insert("step".into(), json!(state.step));
                 m.insert("epoch".into(), json!(epoch_f));
                 m.extend(measured);
+                m.extend(progress.suspend(|| hooks.eval_extra())?);
                 let shown: Vec<String> = m.iter().filter(|(k, _)| k.starts_with("eval_")).map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN))).collect();
                 progress.suspend(|| tracing::info!("step {} {}", state.step, shown.join(" ")));
                 logger.log(state.step, &m)?;
