@@ -301,4 +301,10 @@ m.save_adapter("{o}/{out}/adapter");
     let leftovers: Vec<String> = std::fs::read_dir(d.join("killed")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.contains(".tmp-")).collect();
     assert!(leftovers.is_empty(), "half-written checkpoints left: {leftovers:?}");
     assert_same_adapters(&d.join("killed/adapter"), &d.join("straight/adapter"));
+    // the logs hold each step once, as the uninterrupted run's: what a killed run logged after
+    // its last checkpoint is forgotten on resume, in metrics.jsonl and in TensorBoard
+    let losses = |run: &str| -> Vec<(u64, f64)> { metrics(&d.join(run).join("metrics.jsonl")).iter().filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?))).collect() };
+    assert_eq!(losses("killed"), losses("straight"), "metrics.jsonl of the killed and resumed run");
+    let tb = |run: &str| -> serde_json::Value { serde_json::from_str::<serde_json::Value>(&py("tb_read.py", &[d.join(run).to_str().unwrap()])).unwrap()["train/loss"].clone() };
+    assert_eq!(tb("killed"), tb("straight"), "TensorBoard's train/loss of the killed and resumed run");
 }

@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use ftscript::generate::{generate_batch, process_logits, Sampling};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 /// Greedy batched generation of 8 prompts of 3–40 tokens equals transformers' `generate` with
 /// left padding, on the tiny `name` model, fp32 CPU; and each prompt alone gives its row.

@@ -45,6 +45,7 @@ pub fn gemma3(json: &serde_json::Value) -> Result<DecoderConfig> {
     d.qk_norm = true;
     d.attn_softcap = c.attn_logit_softcapping;
     d.final_softcap = c.final_logit_softcapping;
+    anyhow::ensure!(c.sliding_window_pattern > 0, "config.json: sliding_window_pattern must be at least 1 (every n-th layer global), got 0");
     d.sliding_layers = c.common.sliding_layers(|l| (l + 1) % c.sliding_window_pattern != 0)?;
     let max_pos = d.max_position_embeddings;
     let by_type = c.common.rope_parameters.as_ref().filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
@@ -92,5 +93,13 @@ mod tests {
         assert_eq!(full, [5, 11]);
         assert_eq!(d.window_of(0), Some(512));
         assert_eq!((d.attn_softcap, d.final_softcap), (None, None));
+    }
+
+    #[test]
+    fn a_zero_pattern_is_an_error_not_a_panic() {
+        let j = serde_json::json!({"architectures": ["Gemma3ForCausalLM"], "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 12, "num_attention_heads": 2, "head_dim": 4, "sliding_window_pattern": 0});
+        let e = DecoderConfig::from_json(&j).unwrap_err().to_string();
+        assert!(e.contains("sliding_window_pattern must be at least 1"), "{e}");
     }
 }

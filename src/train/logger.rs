@@ -81,12 +81,43 @@ impl RunLogger {
             .append(true)
             .open(dir.join("metrics.jsonl"))
             .with_context(|| format!("cannot open {}/metrics.jsonl", dir.display()))?;
-        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "localhost".into());
-        let path = dir.join(format!("events.out.tfevents.{secs}.{}.{}", host.trim(), std::process::id()));
+        // TensorBoard reads a directory's files in name order: the nanoseconds keep a resumed
+        // run's file after the interrupted one's when both started within a second
+        let path = dir.join(format!("events.out.tfevents.{}.{:09}.{}.{}", now.as_secs(), now.subsec_nanos(), host.trim(), std::process::id()));
         let mut events = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         events.write_all(&record(&event(0, |e| bytes_field(3, b"brain.Event:2", e))))?;
         Ok(RunLogger { jsonl: Some(jsonl), events: Some(events) })
+    }
+
+    /// A run resumed from its checkpoint at `step` forgets what an interrupted run logged after
+    /// it: metrics.jsonl keeps its lines up to `step` (rewritten under a temporary name, then
+    /// renamed), and the event file opens with a `SessionLog.START` at `step + 1`, which makes
+    /// TensorBoard's readers drop the older files' events from there on.
+    pub fn resume_at(&mut self, dir: &Path, step: usize) -> Result<()> {
+        if self.jsonl.is_none() {
+            return Ok(());
+        }
+        let path = dir.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step")?.as_u64()).is_none_or(|s| s as usize <= step))
+            .collect();
+        let dropped = text.lines().count() - kept.len();
+        if dropped > 0 {
+            let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
+            crate::nn::weights::write_atomic(&path, body.as_bytes())?;
+            self.jsonl = Some(std::fs::OpenOptions::new().append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?);
+            tracing::info!("resume: dropped {dropped} metrics line(s) an interrupted run logged after step {step}");
+        }
+        if let Some(f) = &mut self.events {
+            // Event.session_log (field 7) = SessionLog { status: START }
+            f.write_all(&record(&event(step as i64 + 1, |e| bytes_field(7, &[0x08, 0x01], e))))?;
+            f.flush()?;
+        }
+        Ok(())
     }
 
     /// Appends one metrics line; numeric entries (other than step/epoch) become TensorBoard scalars

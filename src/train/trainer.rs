@@ -297,6 +297,8 @@ pub fn train(
         } else {
             tracing::info!("resume: no checkpoint in {}, starting fresh", cfg.output_dir.display());
         }
+        // what an interrupted run logged after the step resumed from (or after none) is dropped
+        logger.resume_at(&cfg.output_dir, state.step)?;
     }
     if let Some(g) = pg {
         // every rank starts from rank 0's adapters, moments and position
