@@ -17,11 +17,13 @@ pub struct Sampling {
     /// Divide a seen token's positive logit by it, multiply a negative one (CTRL's penalty; 1 = off).
     pub repetition_penalty: f64,
     pub seed: u64,
+    /// A row stops once its text contains one of these (the text is cut before it).
+    pub stop: Vec<String>,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: 0 }
+        Sampling { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: 0, stop: vec![] }
     }
 }
 
@@ -73,9 +75,10 @@ pub fn process_logits(logits: &Tensor, seen: &Tensor, s: &Sampling) -> Tensor {
 }
 
 /// Generates up to `max_new_tokens` after each prompt, in one batch: prompts left-padded, one
-/// KV cache for the batch, each row stopping at its own stop id; the next tokens are picked on
-/// the device (greedy: argmax; sampling: a draw from the processed distribution, seeded). Returns
-/// each row's new ids, the stop id left out.
+/// KV cache for the batch, each row stopping at its own stop id (or, with stop strings, once its
+/// decoded text holds one: then each step's tokens are read back to the host); the next tokens
+/// are picked on the device (greedy: argmax; sampling: a draw from the processed distribution,
+/// seeded). Returns each row's new ids, the stop id left out.
 pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -> Result<Vec<Vec<i64>>> {
     let _guard = tch::no_grad_guard();
     let net = &model.net;
@@ -117,6 +120,15 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
         let next = Tensor::full([b], pad, (Kind::Int64, device)).where_self(&finished, &next);
         finished = finished.logical_or(&Tensor::isin(&next, &stops, false, false));
         generated.push(next.shallow_clone());
+        if !s.stop.is_empty() {
+            let rows = Tensor::stack(&generated, 1).to_device(tch::Device::Cpu);
+            let mut done = Vec::<bool>::try_from(finished.to_device(tch::Device::Cpu))?;
+            for (r, d) in done.iter_mut().enumerate().filter(|(_, d)| !**d) {
+                let text = model.tokenizer.decode(&Vec::<i64>::try_from(rows.get(r as i64))?, true)?;
+                *d = s.stop.iter().any(|stop| text.contains(stop.as_str()));
+            }
+            finished = Tensor::from_slice(&done).to_device(device);
+        }
         // one flag read a step: stop when every row has
         if step + 1 == s.max_new_tokens || finished.all().int64_value(&[]) != 0 {
             break;
@@ -135,6 +147,12 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
             row.into_iter().take_while(|t| !stops.contains(t)).collect()
         })
         .collect())
+}
+
+/// `text` up to the first of the stop strings in it.
+pub fn cut_at_stop<'a>(text: &'a str, stop: &[String]) -> &'a str {
+    let end = stop.iter().filter_map(|s| text.find(s.as_str())).min().unwrap_or(text.len());
+    &text[..end]
 }
 
 /// [`generate_batch`] of one prompt.

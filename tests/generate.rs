@@ -88,6 +88,10 @@ print(`SAME ${{batch == alone}} LEN ${{batch.len()}}`);
 let sampled = m.generate(prompts, #{{ max_new_tokens: 6, temperature: 0.8, top_k: 20, top_p: 0.9, repetition_penalty: 1.2, seed: 7, batch_size: 2 }});
 let again = m.generate(prompts, #{{ max_new_tokens: 6, temperature: 0.8, top_k: 20, top_p: 0.9, repetition_penalty: 1.2, seed: 7, batch_size: 2 }});
 print(`SEEDED ${{sampled == again}}`);
+let full = m.generate("the quick", #{{ max_new_tokens: 12 }});
+let piece = full.sub_string(4, 2);
+let cut = m.generate(["the quick", "a"], #{{ max_new_tokens: 12, stop: [piece, "never appears"] }});
+print(`STOP ${{full.len() >= 6 && cut[0] == full.sub_string(0, full.index_of(piece))}}`);
 let scores = evaluate(m, load_dataset("qa.jsonl"), #{{ format: "alpaca", max_new_tokens: 8, batch_size: 4, samples: 2 }});
 print(`EVAL records=${{scores.records}} samples=${{scores.samples.len()}} em=${{scores.exact_match}} bleu=${{scores.bleu}} rouge=${{scores.rouge_l}}`);
 print(`REF ${{scores.samples[0].reference}}`);
@@ -96,6 +100,7 @@ print(`REF ${{scores.samples[0].reference}}`);
     );
     assert!(t.contains("SAME true LEN 3"), "{t}");
     assert!(t.contains("SEEDED true"), "{t}");
+    assert!(t.contains("STOP true"), "{t}");
     assert!(t.contains("EVAL records=6 samples=2 em=0.0"), "{t}");
     assert!(t.contains("REF the quick brown fox"), "{t}");
     // a misspelt metric is caught before anything runs, by `check` too

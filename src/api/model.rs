@@ -61,6 +61,8 @@ pub struct GenerateOptions {
     pub top_k: Option<usize>,
     pub repetition_penalty: Option<f64>,
     pub seed: Option<u64>,
+    /// Strings that end a row's text (left out of it).
+    pub stop: Option<Vec<String>>,
     /// Prompts decoded together (an array of prompts; all at once by default).
     pub batch_size: Option<usize>,
 }
@@ -147,6 +149,7 @@ fn sampling(o: GenerateOptions) -> Sampling {
         top_k: o.top_k.unwrap_or(d.top_k),
         repetition_penalty: o.repetition_penalty.unwrap_or(d.repetition_penalty),
         seed: o.seed.unwrap_or(d.seed),
+        stop: o.stop.unwrap_or_default(),
     }
 }
 
@@ -159,7 +162,7 @@ pub fn generate_texts(m: &LoadedModel, prompts: &[String], s: &Sampling, batch_s
     for chunk in ids.chunks(batch_size.max(1)) {
         for generated in generate::generate_batch(m, chunk, s)? {
             tokens += generated.len();
-            out.push(m.tokenizer.decode(&generated, true)?);
+            out.push(generate::cut_at_stop(&m.tokenizer.decode(&generated, true)?, &s.stop).to_string());
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -215,7 +218,7 @@ pub fn register(engine: &mut Engine) {
             guard("generate", || generate_text(&m.get(), prompt, &Sampling::default()))
         });
     FuncRegistration::new("generate")
-        .with_comments(["/// Generates with #{max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed}; stops at EOS."])
+        .with_comments(["/// Generates with #{max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed, stop: [strings]}; stops at EOS."])
         .with_params_info(["model: &mut Model", "prompt: &str", "options: Map", "String"])
         .register_into_engine(engine, |m: &mut Model, prompt: &str, opts: Map| -> Res<String> {
             let s = sampling(parse("generate", &opts)?);
@@ -230,7 +233,7 @@ pub fn register(engine: &mut Engine) {
             Ok(out.into_iter().map(Dynamic::from).collect())
         });
     FuncRegistration::new("generate")
-        .with_comments(["/// Continuations of an array of prompts with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, batch_size (all at once)}."])
+        .with_comments(["/// Continuations of an array of prompts with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, batch_size (all at once)}."])
         .with_params_info(["model: &mut Model", "prompts: Array", "options: Map", "Array"])
         .register_into_engine(engine, |m: &mut Model, prompts: Array, opts: Map| -> Res<Array> {
             let prompts = strings(prompts, "generate: prompts")?;
