@@ -40,7 +40,11 @@ fn matches_trl_on(d: &Path, family: &str, objective: &str, loss_type: Option<&st
     let trl: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join(format!("trl_{name}.json"))).unwrap()).unwrap();
     let s = &trl["settings"];
     let data = if objective == "kto" { "kto.jsonl" } else { "pairs.jsonl" };
-    let loss_type = loss_type.map(|t| format!("loss_type: \"{t}\",")).unwrap_or_default();
+    let loss_type = match loss_type {
+        Some("robust") => format!("loss_type: \"robust\", label_smoothing: {},", s["robust_label_smoothing"]),
+        Some(t) => format!("loss_type: \"{t}\","),
+        None => String::new(),
+    };
     let out = d.join(format!("ft_{name}{}", if extra.is_empty() { "" } else { "_extra" }));
     run_recipe(
         d,
@@ -139,6 +143,13 @@ fn dpo_matches_trl_and_its_adapter_loads_in_peft() {
 fn ipo_matches_trl() {
     let tmp = tempfile::tempdir().unwrap();
     matches_trl(tmp.path(), "dpo", Some("ipo"), "init", "");
+}
+
+#[test]
+fn hinge_and_robust_dpo_match_trl() {
+    let tmp = tempfile::tempdir().unwrap();
+    matches_trl(tmp.path(), "dpo", Some("hinge"), "init", "");
+    matches_trl(tmp.path(), "dpo", Some("robust"), "init", "");
 }
 
 #[test]

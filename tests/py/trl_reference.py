@@ -23,7 +23,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-SETTINGS = dict(batch_size=2, steps=10, lr=5e-3, beta=0.1, max_grad_norm=1.0, max_length=128)
+SETTINGS = dict(batch_size=2, steps=10, lr=5e-3, beta=0.1, max_grad_norm=1.0, max_length=128, robust_label_smoothing=0.1)
 
 WORDS = ["the", "cat", "sat", "on", "mat", "quick", "brown", "fox", "jumps", "over", "lazy", "dog",
          "def", "add", "return", "café", "naïve", "12345", "678"]
@@ -94,7 +94,8 @@ def policy(model_dir, out, adapter):
 
 def dpo(model_dir, out, adapter, loss_type):
     from trl import DPOConfig, DPOTrainer
-    args = DPOConfig(**COMMON(out, "dpo_" + loss_type), loss_type=[loss_type])
+    smoothing = SETTINGS["robust_label_smoothing"] if loss_type == "robust" else 0.0
+    args = DPOConfig(**COMMON(out, "dpo_" + loss_type), loss_type=[loss_type], label_smoothing=smoothing)
     trainer = in_order(DPOTrainer)(model=policy(model_dir, out, adapter), args=args, train_dataset=records(os.path.join(out, "pairs.jsonl")),
                                    processing_class=tokenizer(model_dir))
     run(trainer, out, "dpo_" + loss_type)
