@@ -40,16 +40,23 @@ def logits_of(model, ids):
         return model(torch.tensor(ids)).logits.float().contiguous()
 
 
-def init(model_dir, out):
+def fresh_and_random_adapters(model, fresh_dir, random_dir):
+    """peft LoRA (r=4, alpha=8, q_proj and v_proj) on `model`, saved as peft initialises it
+    (B = 0) in `fresh_dir` and with B drawn from N(0, 0.05²) in `random_dir`; returns the latter."""
     torch.manual_seed(123)
-    model = get_peft_model(load(model_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    model.save_pretrained(os.path.join(out, "init"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(fresh_dir)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    model.save_pretrained(os.path.join(out, "random"))
+    model.save_pretrained(random_dir)
+    return model
+
+
+def init(model_dir, out):
+    model = fresh_and_random_adapters(load(model_dir), os.path.join(out, "init"), os.path.join(out, "random"))
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 300, (2, 16), generator=gen).tolist()
     json.dump(ids, open(os.path.join(out, "ids.json"), "w"))

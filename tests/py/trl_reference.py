@@ -20,7 +20,8 @@ import sys
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
+from peft_reference import fresh_and_random_adapters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SETTINGS = dict(batch_size=2, steps=10, lr=5e-3, beta=0.1, max_grad_norm=1.0, max_length=128, robust_label_smoothing=0.1)
@@ -51,15 +52,7 @@ def data(model_dir, out):
         for i in range(n):
             label = bool(torch.rand(1, generator=gen) < 0.5) if i % 4 else (i % 8 == 0)
             f.write(json.dumps({"prompt": "Q: " + phrase(2, 8) + "\nA:", "completion": " " + phrase(1, 9), "label": label}) + "\n")
-    torch.manual_seed(123)
-    model = get_peft_model(load(model_dir), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                       target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    model.save_pretrained(os.path.join(out, "fresh"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(os.path.join(out, "init"))
+    fresh_and_random_adapters(load(model_dir), os.path.join(out, "fresh"), os.path.join(out, "init"))
 
 
 def in_order(trainer_class):
