@@ -190,6 +190,7 @@ fn preference_mistakes_name_the_fix() {
         ("a DPO option on SFT", r#"train: load_dataset("good.jsonl"), beta: 0.2"#, &["`beta` applies to objective \"dpo\" or \"orpo\" or \"kto\"", "objective is \"sft\""], true),
         ("a record without `rejected`", r#"train: load_dataset("pairs.jsonl"), objective: "dpo""#, &["pairs.jsonl:2: missing field `rejected`", "rejeted"], false),
         ("KTO records without a label", r#"train: load_dataset("good.jsonl"), objective: "kto""#, &["good.jsonl:1: missing field `label`"], false),
+        ("max_length shorter than every prompt", r#"train: load_dataset("good.jsonl"), objective: "dpo", max_length: 3"#, &["every training prompt fills max_length 3", "raise max_length"], false),
         (
             "early stopping on a misspelt reward metric",
             r#"train: load_dataset("good.jsonl"), eval: load_dataset("good.jsonl"), objective: "dpo", eval_every: 1, on_eval: cb::early_stopping(#{ metric: "eval_rewards/accuracy", mode: "max" })"#,

@@ -541,10 +541,28 @@ fn preference_objective(name: &str, o: &TrainOptions, m: &Model, train: &Dataset
         ds.map(|d| d.0.records.iter().enumerate().map(|(i, r)| (r, d.0.place(i).to_string())).collect()).unwrap_or_default()
     }
     let (train, eval) = (records(Some(train)), records(eval));
+    let max_length = o.max_length.unwrap_or(1024);
+    // as TRL, an example whose prompt alone fills max_length is left out (no completion token
+    // would be left to learn from)
+    fn fitting<T>(mut items: Vec<T>, prompt_len: impl Fn(&T) -> usize, max_length: usize, split: &str) -> anyhow::Result<Vec<T>> {
+        let before = items.len();
+        let longest = items.iter().map(&prompt_len).max().unwrap_or(0);
+        items.retain(|x| prompt_len(x) < max_length);
+        if before > 0 && items.is_empty() {
+            anyhow::bail!("every {split} prompt fills max_length {max_length} (the shortest leaves no completion token; the longest prompt has {longest} tokens): raise max_length");
+        }
+        if items.len() < before {
+            tracing::warn!("{} {split} example(s) left out: their prompt alone fills max_length {max_length}", before - items.len());
+        }
+        Ok(items)
+    }
     if name == "kto" {
-        let judged = |rs: &[(&serde_json::Value, String)]| rs.iter().map(|(r, at)| crate::data::preference::judged(r, at, tok)).collect::<anyhow::Result<Vec<_>>>();
+        let judged = |rs: &[(&serde_json::Value, String)], split: &str| -> anyhow::Result<Vec<_>> {
+            let items = rs.iter().map(|(r, at)| crate::data::preference::judged(r, at, tok)).collect::<anyhow::Result<Vec<_>>>()?;
+            fitting(items, |j| j.prompt.len(), max_length, split)
+        };
         let kind = Preference::Kto { beta, desirable_weight: o.desirable_weight.unwrap_or(1.0), undesirable_weight: o.undesirable_weight.unwrap_or(1.0) };
-        let objective = PreferenceObjective::judged(kind, judged(&train)?, judged(&eval)?, batch_size, eval_batch_size);
+        let objective = PreferenceObjective::judged(kind, judged(&train, "training")?, judged(&eval, "evaluation")?, batch_size, eval_batch_size);
         return Ok(Box::new(objective.precompute_reference(o.precompute_ref_log_probs == Some(true))));
     }
     let kind = match name {
@@ -552,8 +570,11 @@ fn preference_objective(name: &str, o: &TrainOptions, m: &Model, train: &Dataset
         "orpo" => Preference::Orpo { beta },
         other => anyhow::bail!("unknown objective \"{other}\""),
     };
-    let pairs = |rs: &[(&serde_json::Value, String)]| rs.iter().map(|(r, at)| crate::data::preference::pair(r, at, tok)).collect::<anyhow::Result<Vec<_>>>();
-    let objective = PreferenceObjective::pairs(kind, pairs(&train)?, pairs(&eval)?);
+    let pairs = |rs: &[(&serde_json::Value, String)], split: &str| -> anyhow::Result<Vec<_>> {
+        let items = rs.iter().map(|(r, at)| crate::data::preference::pair(r, at, tok)).collect::<anyhow::Result<Vec<_>>>()?;
+        fitting(items, |p| p.prompt.len(), max_length, split)
+    };
+    let objective = PreferenceObjective::pairs(kind, pairs(&train, "training")?, pairs(&eval, "evaluation")?);
     Ok(Box::new(objective.precompute_reference(o.precompute_ref_log_probs == Some(true))))
 }
 
