@@ -92,7 +92,7 @@ impl RunLogger {
     }
 
     /// A run resumed from its checkpoint at `step` forgets what an interrupted run logged after
-    /// it: metrics.jsonl keeps its lines up to `step` (rewritten under a temporary name, then
+    /// it: metrics.jsonl keeps its whole lines up to `step` (rewritten under a temporary name, then
     /// renamed), and the event file opens with a `SessionLog.START` at `step + 1`, which makes
     /// TensorBoard's readers drop the older files' events from there on.
     pub fn resume_at(&mut self, dir: &Path, step: usize) -> Result<()> {
@@ -101,9 +101,10 @@ impl RunLogger {
         }
         let path = dir.join("metrics.jsonl");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // a line a killed run left half-written does not parse: it goes too
         let kept: Vec<&str> = text
             .lines()
-            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v.get("step")?.as_u64()).is_none_or(|s| s as usize <= step))
+            .filter(|l| serde_json::from_str::<Value>(l).ok().is_some_and(|v| v.get("step").and_then(|s| s.as_u64()).is_none_or(|s| s as usize <= step)))
             .collect();
         let dropped = text.lines().count() - kept.len();
         if dropped > 0 {
@@ -124,7 +125,8 @@ impl RunLogger {
     /// tagged `train/<name>` or `eval/<name>`.
     pub fn log(&mut self, step: usize, metrics: &Map<String, Value>) -> Result<()> {
         if let Some(f) = &mut self.jsonl {
-            writeln!(f, "{}", Value::Object(metrics.clone()))?;
+            // one write per line, so that a kill leaves whole lines or a torn last one
+            f.write_all(format!("{}\n", Value::Object(metrics.clone())).as_bytes())?;
             f.flush()?;
         }
         if let Some(f) = &mut self.events {
