@@ -48,6 +48,18 @@ pub struct Attention {
     softcap: Option<f64>,
 }
 
+/// The causal mask `[t, kv_len]` of queries at cache positions `past..kv_len` over keys
+/// `0..kv_len`: allowed(i, j) = j ≤ past+i (and past+i−j < w); and the diagonal j = past+i.
+fn causal_over_cache(past: i64, kv_len: i64, window: Option<i64>, device: tch::Device) -> (Tensor, Tensor) {
+    let qpos = Tensor::arange_start(past, kv_len, (Kind::Int64, device)).unsqueeze(1);
+    let kpos = Tensor::arange(kv_len, (Kind::Int64, device)).unsqueeze(0);
+    let mut m = kpos.le_tensor(&qpos);
+    if let Some(w) = window {
+        m = m.logical_and(&(&qpos - &kpos).lt(w));
+    }
+    (m, kpos.eq_tensor(&qpos))
+}
+
 impl Attention {
     /// The attention heads' output `[B, T, heads·d]`, before `o_proj`.
     fn heads(
@@ -86,29 +98,14 @@ impl Attention {
                 Some(m.unsqueeze(1))
             }
             AttnMask::Padded(valid) => {
-                // allowed(i, j) = j ≤ past+i, key j valid (and past+i−j < w); a padding query
-                // also sees itself, so that no row of scores is all masked (NaN through SDPA)
-                let qpos = Tensor::arange_start(past, kv_len, (Kind::Int64, x.device())).unsqueeze(1);
-                let kpos = Tensor::arange(kv_len, (Kind::Int64, x.device())).unsqueeze(0);
-                let mut m = kpos.le_tensor(&qpos);
-                if let Some(w) = window {
-                    m = m.logical_and(&(&qpos - &kpos).lt(w));
-                }
-                let m = m.unsqueeze(0).logical_and(&valid.unsqueeze(1)).logical_or(&kpos.eq_tensor(&qpos).unsqueeze(0));
-                Some(m.unsqueeze(1))
+                // causal, key j valid; a padding query also sees itself, so that no row of
+                // scores is all masked (NaN through SDPA)
+                let (m, diagonal) = causal_over_cache(past, kv_len, window, x.device());
+                Some(m.unsqueeze(0).logical_and(&valid.unsqueeze(1)).logical_or(&diagonal.unsqueeze(0)).unsqueeze(1))
             }
             // SDPA's own causal mask serves; eager attention (soft-capped scores) needs it written out
             AttnMask::Causal if (past == 0 || t == 1) && window.is_none() && self.softcap.is_none() => None,
-            AttnMask::Causal => {
-                // query i sits at position past+i: allowed(i, j) = j ≤ past+i (and past+i−j < w)
-                let qpos = Tensor::arange_start(past, kv_len, (Kind::Int64, x.device())).unsqueeze(1);
-                let kpos = Tensor::arange(kv_len, (Kind::Int64, x.device())).unsqueeze(0);
-                let mut m = kpos.le_tensor(&qpos);
-                if let Some(w) = window {
-                    m = m.logical_and(&(&qpos - &kpos).lt(w));
-                }
-                Some(m)
-            }
+            AttnMask::Causal => Some(causal_over_cache(past, kv_len, window, x.device()).0),
         };
         let is_causal = explicit.is_none() && t > 1;
         let y = match self.softcap {
@@ -465,6 +462,20 @@ impl Decoder {
         }
     }
 
+    /// What the model predicts for each next token `labels[:, 1:]` from the last hidden states
+    /// `h` `[B, T, H]`, without a graph ([`loss::NextTokenStats`], `[B, T-1]` each).
+    pub fn next_token_stats(&self, h: &Tensor, labels: &Tensor) -> loss::NextTokenStats {
+        let _g = tch::no_grad_guard();
+        let (normed, target) = self.head_rows(h, labels);
+        self.stats_of_rows(&normed, &target, h.size()[0])
+    }
+
+    /// [`loss::next_token_stats`] of [`Decoder::head_rows`]' rows, shaped `[b, rows / b]`.
+    fn stats_of_rows(&self, normed: &Tensor, target: &Tensor, b: i64) -> loss::NextTokenStats {
+        let vocab = self.embed_tokens.size()[0];
+        loss::next_token_stats(normed, vocab, target, |x| self.project(x)).view(&[b, -1])
+    }
+
     /// The output projection (soft-capped) of normed rows: logits.
     fn project(&self, normed: &Tensor) -> Tensor {
         let logits = match &self.lm_head {
@@ -482,10 +493,8 @@ impl Decoder {
     /// carries weight `−w_t` (`log p = −CE`), by the fused linear cross-entropy: full-vocabulary
     /// logits never exist. Returns what `loss_of` returns besides the loss.
     pub fn next_token_head_backward<R>(&self, h: &Tensor, labels: &Tensor, weight: f64, loss_of: impl FnOnce(&loss::NextTokenStats) -> Result<(Tensor, R)>) -> Result<R> {
-        let (b, t, _) = h.size3().unwrap();
         let (normed, target) = self.head_rows(h, labels);
-        let vocab = self.embed_tokens.size()[0];
-        let stats = loss::next_token_stats(&normed, vocab, &target, |x| self.project(x)).view(&[b, t - 1]);
+        let stats = self.stats_of_rows(&normed, &target, h.size()[0]);
         let leaf = stats.logp.detach().set_requires_grad(normed.requires_grad());
         let (loss, out) = loss_of(&loss::NextTokenStats { logp: leaf.shallow_clone(), ..stats })?;
         if normed.requires_grad() {

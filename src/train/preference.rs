@@ -166,7 +166,7 @@ impl Sequences {
             Some(seed) => net.training_hidden(&self.ids, &self.positions, &AttnMask::Causal, seed)?,
             None => net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false),
         };
-        net.next_token_head_backward(&h, &self.labels, 0.0, |s| Ok((Tensor::zeros([], (Kind::Float, s.logp.device())), self.per_row(&s.logp))))
+        Ok(self.per_row(&net.next_token_stats(&h, &self.labels).logp))
     }
 
     /// The objective's loss from the sequences' statistics, back-propagated with `backward`
