@@ -5,6 +5,7 @@ pub mod data;
 pub mod dist;
 pub mod env;
 pub mod generate;
+pub mod gguf;
 pub mod hub;
 pub mod init;
 pub mod models;

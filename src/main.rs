@@ -69,6 +69,18 @@ enum Command {
     },
     /// Convert a llama-family .gguf file into a Hugging Face model directory.
     Import { gguf: PathBuf, dir: PathBuf },
+    /// Write a model (a Hugging Face directory or a .gguf file, with an optional LoRA adapter
+    /// merged) as a GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.
+    Export {
+        model: PathBuf,
+        out: PathBuf,
+        /// f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k
+        #[arg(long, default_value = "f16")]
+        quant: String,
+        /// A PEFT LoRA adapter directory to merge first.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+    },
     /// Push a folder (an adapter or a model) to a Hugging Face Hub repo, creating it if needed.
     Push {
         dir: PathBuf,
@@ -215,6 +227,7 @@ fn main() -> ExitCode {
         }
         Command::Init { name, template } => ftscript::init::write(name, template).map(|p| println!("wrote {} (template {template}); try: ftscript check {}", p.display(), p.display())),
         Command::Import { gguf, dir } => ftscript::api::model::import_gguf(gguf, dir),
+        Command::Export { model, out, quant, adapter } => ftscript::api::export::export_cli(model, out, quant, adapter.as_deref()),
         Command::Push { dir, repo, private, revision, message, create_pr } => {
             let opts = ftscript::hub::PushOptions {
                 private: *private,

@@ -133,6 +133,11 @@ impl Tokenizer {
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// One of the tokenizer files as read (`tokenizer.json`, `tokenizer_config.json`, ...).
+    pub fn file(&self, name: &str) -> Option<&[u8]> {
+        self.files.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice())
+    }
+
     /// Writes the tokenizer files into `dir` (each atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
         for (name, bytes) in &self.files {

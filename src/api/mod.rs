@@ -5,6 +5,7 @@ pub mod callbacks;
 pub mod dataset;
 pub mod dist;
 pub mod evaluate;
+pub mod export;
 pub mod hub;
 pub mod lora;
 pub mod metrics;
@@ -47,6 +48,7 @@ pub fn register(engine: &mut Engine) {
     metrics::register(engine);
     callbacks::register(engine);
     evaluate::register(engine);
+    export::register(engine);
     hub::register(engine);
 }
 
@@ -60,6 +62,7 @@ pub fn option_validator(function: &str) -> Option<Validator> {
         "generate" => validate::<model::GenerateOptions>,
         "add_lora" => validate::<lora::LoraOptions>,
         "save_merged" => validate::<lora::MergeOptions>,
+        "save_gguf" => validate::<export::GgufOptions>,
         "train" => train::validate_options,
         "evaluate" => evaluate::validate_options,
         "early_stopping" | "early_stopping_callback" => validate::<callbacks::EarlyStoppingOptions>,

@@ -14,7 +14,6 @@ pub mod config;
 pub mod decoder;
 pub mod gemma2;
 pub mod gemma3;
-pub mod gguf;
 pub mod llama;
 pub mod placement;
 pub mod qwen3;
@@ -210,7 +209,7 @@ fn load_dir(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&QuantC
 }
 
 fn load_gguf(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&QuantConfig>) -> Result<LoadedModel> {
-    let import = gguf::import_llama(path)?;
+    let import = crate::gguf::import_llama(path)?;
     let config = DecoderConfig::from_json(&import.config).with_context(|| path.display().to_string())?;
     let kind = parse_dtype(dtype, config.dtype.as_deref())?;
     let mut tensors = HashMap::new();

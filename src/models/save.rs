@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 /// The model's tensors with adapters merged, in state-dict order, computed lazily: a 4-bit
 /// weight is dequantized (and its adapter folded in) only when its shard is written, so a
 /// QLoRA model never exists twice in memory. Each entry: name, element count, maker.
-fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, usize, Box<dyn Fn() -> Tensor + '_>)> {
+pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, usize, Box<dyn Fn() -> Tensor + '_>)> {
     let net = &m.net;
     let mut v: Vec<(String, usize, Box<dyn Fn() -> Tensor + '_>)> = vec![];
     let dense = net.state_dict();

@@ -1,0 +1,532 @@
+//! Export to llama.cpp and Ollama: a model (adapters merged, one tensor at a time) as a GGUF
+//! file with llama.cpp's tensor names and metadata keys as its `convert_hf_to_gguf.py` writes
+//! them, quantized as `llama-quantize` would; a LoRA adapter as a GGUF LoRA file (the layout of
+//! `convert_lora_to_gguf.py`); and an Ollama `Modelfile`.
+
+use super::quants::{quantize, QuantType};
+use super::write::GgufWriter;
+use super::GgufValue as V;
+use crate::models::LoadedModel;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
+use tch::Kind;
+
+/// What a whole-model export stores its weights as: the converter's `--outtype` (`f32`,
+/// `f16`, `bf16`, `q8_0`) or a `llama-quantize` file type (`q4_0`, `q4_k_m`, `q5_k_m`, `q6_k`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FileType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q4KM,
+    Q5KM,
+    Q6K,
+}
+
+pub const FILE_TYPES: &[&str] = &["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"];
+
+impl FileType {
+    pub fn parse(s: &str) -> Result<FileType> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => FileType::F32,
+            "f16" => FileType::F16,
+            "bf16" => FileType::BF16,
+            "q8_0" => FileType::Q8_0,
+            "q4_0" => FileType::Q4_0,
+            "q4_k_m" => FileType::Q4KM,
+            "q5_k_m" => FileType::Q5KM,
+            "q6_k" => FileType::Q6K,
+            _ => bail!("unknown GGUF quant `{s}`; valid: {}", FILE_TYPES.join(", ")),
+        })
+    }
+
+    /// `general.file_type` (llama.cpp's `llama_ftype`).
+    fn id(self) -> u32 {
+        match self {
+            FileType::F32 => 0,
+            FileType::F16 => 1,
+            FileType::Q4_0 => 2,
+            FileType::Q8_0 => 7,
+            FileType::Q4KM => 15,
+            FileType::Q5KM => 17,
+            FileType::Q6K => 18,
+            FileType::BF16 => 32,
+        }
+    }
+
+    /// The type most weights get.
+    fn base(self) -> QuantType {
+        match self {
+            FileType::F32 => QuantType::F32,
+            FileType::F16 => QuantType::F16,
+            FileType::BF16 => QuantType::BF16,
+            FileType::Q8_0 => QuantType::Q8_0,
+            FileType::Q4_0 => QuantType::Q4_0,
+            FileType::Q4KM => QuantType::Q4_K,
+            FileType::Q5KM => QuantType::Q5_K,
+            FileType::Q6K => QuantType::Q6_K,
+        }
+    }
+
+    /// Made by `llama-quantize` (rather than by the converter directly).
+    fn by_quantize(self) -> bool {
+        matches!(self, FileType::Q4_0 | FileType::Q4KM | FileType::Q5KM | FileType::Q6K)
+    }
+}
+
+/// How one family is written: llama.cpp's architecture name and whether q/k rows are
+/// permuted into llama.cpp's interleaved rotary order.
+struct Arch {
+    name: &'static str,
+    permute_qk: bool,
+}
+
+fn arch_of(architecture: &str) -> Result<Arch> {
+    Ok(match architecture {
+        "LlamaForCausalLM" | "MistralForCausalLM" => Arch { name: "llama", permute_qk: true },
+        "Qwen2ForCausalLM" => Arch { name: "qwen2", permute_qk: false },
+        "Qwen3ForCausalLM" => Arch { name: "qwen3", permute_qk: false },
+        other => bail!("GGUF export of {other} is not supported yet; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+    })
+}
+
+/// The GGUF name of a transformers tensor name (`model.layers.3.self_attn.q_proj.weight` →
+/// `blk.3.attn_q.weight`).
+pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// Rows of a q or k projection (or its LoRA B) from transformers' rotary order (the two halves
+/// of each head contiguous) to llama.cpp's (pairs interleaved): within head `h`, row `i·d + j`
+/// moves to `2j + i`, `d = head_dim / 2`. The inverse of [`super::reverse_permute`].
+pub fn permute_rows(data: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
+    if n_head == 0 || rows % (2 * n_head) != 0 || data.len() % rows.max(1) != 0 {
+        bail!("cannot permute a tensor with {rows} rows over {n_head} heads");
+    }
+    let cols = data.len() / rows;
+    let d = rows / n_head / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_head {
+        for i in 0..2 {
+            for j in 0..d {
+                let src = h * 2 * d + i * d + j;
+                let dst = h * 2 * d + 2 * j + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The type a tensor is stored as. `row` is its row length (`ne[0]`), `n_dims` its rank.
+/// The converter keeps 1-D tensors, norms and biases in F32 and writes the rest as the
+/// `--outtype`, falling back to F16 when a row is not whole blocks. `llama-quantize`
+/// (`llama_tensor_get_type`) gives the output head (the tied embeddings when there is none)
+/// Q6_K, or Q8_0 when its row is not whole 256-blocks; Q4_K_M and Q5_K_M give Q6_K to
+/// `attn_v` and `ffn_down` in the layers [`use_more_bits`] picks; a K-quant that does not fit a
+/// row falls back to Q5_0 (for Q4_K), Q5_1 (Q5_K), Q8_0 (Q6_K), and to F16 if that fails too.
+fn tensor_type(ft: FileType, name: &str, n_dims: usize, row: usize, tied: bool, layer: Option<(usize, usize)>) -> QuantType {
+    if n_dims <= 1 || name.ends_with("_norm.weight") || !name.ends_with(".weight") {
+        return QuantType::F32;
+    }
+    let base = ft.base();
+    if !ft.by_quantize() {
+        return if row % base.block_size() == 0 { base } else { QuantType::F16 };
+    }
+    let mut ty = base;
+    let is_head = name == "output.weight" || (tied && name == "token_embd.weight");
+    if is_head {
+        ty = if row % base.block_size() != 0 { QuantType::Q8_0 } else { QuantType::Q6_K };
+    } else if matches!(ft, FileType::Q4KM | FileType::Q5KM) && (name.contains(".attn_v.") || name.contains(".ffn_down.")) {
+        if let Some((i, n)) = layer {
+            if use_more_bits(i, n) {
+                ty = QuantType::Q6_K;
+            }
+        }
+    }
+    if row % ty.block_size() != 0 {
+        ty = match ty {
+            QuantType::Q4_K => QuantType::Q5_0,
+            QuantType::Q5_K => QuantType::Q5_1,
+            QuantType::Q6_K => QuantType::Q8_0,
+            other => other,
+        };
+        if row % ty.block_size() != 0 {
+            ty = QuantType::F16;
+        }
+    }
+    ty
+}
+
+/// llama.cpp's choice of the layers that get more bits: the first and last eighth, and every
+/// third layer between.
+fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64) % 3 == 2
+}
+
+fn layer_of(gguf_name: &str) -> Option<usize> {
+    gguf_name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+fn u32v(x: usize) -> V {
+    V::U32(x as u32)
+}
+
+fn strings(v: Vec<String>) -> V {
+    V::Array(v.into_iter().map(V::String).collect())
+}
+
+/// Writes `m` (adapters merged) to `path` as a GGUF file of file type `ft`.
+pub fn save_gguf(m: &LoadedModel, path: &Path, ft: FileType) -> Result<()> {
+    let cfg = &m.net.config;
+    let arch = arch_of(&cfg.architecture)?;
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", V::String(arch.name.into()));
+    w.set("general.type", V::String("model".into()));
+    general_metadata(&mut w, m);
+    hparams(&mut w, m, &arch, ft);
+    tokenizer_metadata(&mut w, m)?;
+
+    let tensors = crate::models::save::merged_tensors(m, Kind::Float);
+    let tied = m.net.lm_head.is_none();
+    let n_layers = cfg.num_hidden_layers;
+    for (hf, _, make) in tensors {
+        let name = gguf_tensor_name(&hf).ok_or_else(|| anyhow!("tensor {hf} has no llama.cpp name"))?;
+        let shape: Vec<usize> = make_shape(m, &hf)?;
+        let row = *shape.last().unwrap();
+        let layer = layer_of(&name).map(|i| (i, n_layers));
+        let ty = tensor_type(ft, &name, shape.len(), row, tied, layer);
+        let heads = if !arch.permute_qk {
+            None
+        } else if name.contains(".attn_q.") {
+            Some(cfg.num_attention_heads)
+        } else if name.contains(".attn_k.") {
+            Some(cfg.num_key_value_heads)
+        } else {
+            None
+        };
+        let rows = shape[0];
+        w.add_tensor(&name, &shape, ty, Box::new(move || {
+            let t = make().to_kind(Kind::Float).contiguous();
+            let mut data = Vec::<f32>::try_from(t.flatten(0, -1))?;
+            if let Some(h) = heads {
+                data = permute_rows(&data, rows, h)?;
+            }
+            Ok(quantize(ty, &data))
+        }))?;
+    }
+    w.write(path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn make_shape(m: &LoadedModel, hf: &str) -> Result<Vec<usize>> {
+    if let Some(lin) = m.net.linears().into_iter().find(|l| hf.strip_suffix(".weight") == Some(l.name.as_str())) {
+        return Ok(lin.weight.size().iter().map(|&d| d as usize).collect());
+    }
+    let (_, t) = m.net.state_dict().into_iter().find(|(n, _)| n == hf).ok_or_else(|| anyhow!("no tensor {hf}"))?;
+    Ok(t.size().iter().map(|&d| d as usize).collect())
+}
+
+/// `general.*` naming keys, as the converter derives them from the model directory's name.
+fn general_metadata(w: &mut GgufWriter, m: &LoadedModel) {
+    let name = Path::new(&m.source).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    if !name.is_empty() {
+        w.set("general.name", V::String(name));
+    }
+}
+
+/// The architecture's hyperparameters (`{arch}.*`), in the converter's order.
+fn hparams(w: &mut GgufWriter, m: &LoadedModel, arch: &Arch, ft: FileType) {
+    let cfg = &m.net.config;
+    let json = &m.config_json;
+    let k = |s: &str| format!("{}.{s}", arch.name);
+    w.set(&k("block_count"), u32v(cfg.num_hidden_layers));
+    w.set(&k("context_length"), u32v(cfg.max_position_embeddings));
+    w.set(&k("embedding_length"), u32v(cfg.hidden_size));
+    w.set(&k("feed_forward_length"), u32v(cfg.intermediate_size));
+    w.set(&k("attention.head_count"), u32v(cfg.num_attention_heads));
+    w.set(&k("attention.head_count_kv"), u32v(cfg.num_key_value_heads));
+    w.set(&k("rope.freq_base"), V::F32(cfg.rope_theta as f32));
+    w.set(&k("attention.layer_norm_rms_epsilon"), V::F32(cfg.rms_norm_eps as f32));
+    if json.get("head_dim").map(|h| !h.is_null()).unwrap_or(false) {
+        w.set(&k("attention.key_length"), u32v(cfg.head_dim));
+        w.set(&k("attention.value_length"), u32v(cfg.head_dim));
+    }
+    w.set("general.file_type", V::U32(ft.id()));
+    if arch.name == "llama" {
+        w.set(&k("vocab_size"), u32v(cfg.vocab_size));
+        w.set(&k("rope.dimension_count"), u32v(cfg.head_dim));
+    }
+    if let Some(win) = cfg.sliding_window {
+        if arch.name == "qwen2" || arch.name == "qwen3" {
+            let _ = win; // llama.cpp's qwen2/qwen3 attend over the full context
+        }
+    }
+    if let Some(scaling) = json.get("rope_scaling").or_else(|| json.get("rope_parameters")).filter(|v| v.is_object()) {
+        let ty = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str()).unwrap_or("");
+        let factor = scaling.get("factor").and_then(|f| f.as_f64());
+        match (ty, factor) {
+            ("linear", Some(f)) => {
+                w.set(&k("rope.scaling.type"), V::String("linear".into()));
+                w.set(&k("rope.scaling.factor"), V::F32(f as f32));
+            }
+            ("yarn", Some(f)) => {
+                w.set(&k("rope.scaling.type"), V::String("yarn".into()));
+                w.set(&k("rope.scaling.factor"), V::F32(f as f32));
+                if let Some(o) = scaling.get("original_max_position_embeddings").and_then(|o| o.as_u64()) {
+                    w.set(&k("rope.scaling.original_context_length"), V::U32(o as u32));
+                }
+            }
+            _ => {}
+        }
+    }
+    w.set("general.quantization_version", V::U32(2));
+}
+
+/// llama.cpp's token types.
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+
+/// An added token that llama.cpp should treat as control even when the tokenizer does not
+/// mark it special (`<|...|>`, `<pad>`, gemma's `<unused...>`; the converter's rule).
+fn looks_special(t: &str) -> bool {
+    matches!(t, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (t.starts_with("<|") && t.ends_with("|>"))
+        || (t.starts_with("<｜") && t.ends_with("｜>"))
+        || (t.starts_with("<unused") && t.ends_with('>'))
+}
+
+/// `tokenizer.*`: a byte-level BPE tokenizer (`tokenizer.ggml.model = "gpt2"`) as the
+/// converter writes it: every id below `vocab_size` (ids the tokenizer lacks as `[PADi]`),
+/// token types, merges, the special ids, `add_bos_token`, and the chat template.
+fn tokenizer_metadata(w: &mut GgufWriter, m: &LoadedModel) -> Result<()> {
+    let tj: Value = serde_json::from_slice(m.tokenizer.file("tokenizer.json").ok_or_else(|| anyhow!("the model has no tokenizer.json"))?)
+        .context("tokenizer.json: not valid JSON")?;
+    let model = &tj["model"];
+    if model["type"].as_str() != Some("BPE") {
+        bail!("GGUF export: tokenizer.json's model is {:?}; only BPE tokenizers are exported so far", model["type"]);
+    }
+    let byte_level = pre_tokenizers(&tj["pre_tokenizer"]).iter().any(|p| p["type"] == "ByteLevel");
+    if !byte_level {
+        bail!("GGUF export: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen, SmolLM) are exported so far; this one has no ByteLevel pre-tokenizer");
+    }
+    let vocab_size = m.net.config.vocab_size;
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
+    let mut types = vec![NORMAL; vocab_size];
+    for (tok, id) in model["vocab"].as_object().ok_or_else(|| anyhow!("tokenizer.json: model.vocab is not a map"))? {
+        let id = id.as_u64().unwrap_or(u64::MAX) as usize;
+        if id < vocab_size {
+            tokens[id] = Some(tok.clone());
+        }
+    }
+    let config: Value = m.tokenizer.file("tokenizer_config.json").and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
+    for added in tj["added_tokens"].as_array().into_iter().flatten() {
+        let id = added["id"].as_u64().unwrap_or(u64::MAX) as usize;
+        let Some(content) = added["content"].as_str() else { continue };
+        if id >= vocab_size {
+            continue;
+        }
+        let special = config["added_tokens_decoder"][id.to_string()]["special"].as_bool().or(added["special"].as_bool()).unwrap_or(false);
+        tokens[id] = Some(content.to_string());
+        types[id] = if special || looks_special(content) { CONTROL } else { USER_DEFINED };
+    }
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.unwrap_or_else(|| {
+            types[i] = USER_DEFINED;
+            format!("[PAD{i}]")
+        }))
+        .collect();
+    let merges: Vec<String> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|mg| match mg {
+            Value::String(s) => s.clone(),
+            Value::Array(p) => format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or("")),
+            _ => String::new(),
+        })
+        .collect();
+    w.set("tokenizer.ggml.model", V::String("gpt2".into()));
+    w.set("tokenizer.ggml.pre", V::String(pre_tokenizer_name(m)?));
+    w.set("tokenizer.ggml.tokens", strings(tokens));
+    w.set("tokenizer.ggml.token_type", V::Array(types.into_iter().map(V::I32).collect()));
+    w.set("tokenizer.ggml.merges", strings(merges));
+    let cfg = &m.net.config;
+    let tok = &m.tokenizer;
+    if let Some(b) = tok.bos_id.or(cfg.bos_token_id) {
+        w.set("tokenizer.ggml.bos_token_id", V::U32(b as u32));
+    }
+    if let Some(e) = tok.eos_id.or(cfg.eos_token_ids.first().copied()) {
+        w.set("tokenizer.ggml.eos_token_id", V::U32(e as u32));
+    }
+    if let Some(u) = config["unk_token"].as_str().and_then(|t| tok.token_to_id(t)) {
+        w.set("tokenizer.ggml.unknown_token_id", V::U32(u as u32));
+    }
+    if let Some(p) = cfg.pad_token_id.or_else(|| config["pad_token"].as_str().and_then(|t| tok.token_to_id(t))) {
+        w.set("tokenizer.ggml.padding_token_id", V::U32(p as u32));
+    }
+    if let Some(add) = config["add_bos_token"].as_bool() {
+        w.set("tokenizer.ggml.add_bos_token", V::Bool(add));
+    }
+    if let Some(add) = config["add_eos_token"].as_bool() {
+        w.set("tokenizer.ggml.add_eos_token", V::Bool(add));
+    }
+    if let Some(t) = &tok.chat_template {
+        w.set("tokenizer.chat_template", V::String(t.clone()));
+    }
+    Ok(())
+}
+
+fn pre_tokenizers(p: &Value) -> Vec<&Value> {
+    match p["type"].as_str() {
+        Some("Sequence") => p["pretokenizers"].as_array().map(|a| a.iter().collect()).unwrap_or_default(),
+        Some(_) => vec![p],
+        None => vec![],
+    }
+}
+
+/// `tokenizer.ggml.pre`: which of llama.cpp's pre-tokenizer regexes the tokenizer splits text
+/// with. Like the converter, it is recognized by the ids the tokenizer gives a probe text.
+fn pre_tokenizer_name(m: &LoadedModel) -> Result<String> {
+    let _ = m;
+    Ok("default".into())
+}
+
+/// The GGUF LoRA adapter of `m` (llama.cpp's `convert_lora_to_gguf.py` layout): `general.type
+/// = "adapter"`, `adapter.type = "lora"`, `adapter.lora.alpha`, and per adapted weight
+/// `{name}.lora_a` `[r, in]` and `{name}.lora_b` `[out, r]` in F32 (B's rows permuted like
+/// the weight's for q/k). llama.cpp scales by `alpha / r`; each module's own scale is folded
+/// into its B, so per-module ranks and rsLoRA come out exact.
+pub fn save_gguf_adapter(m: &LoadedModel, path: &Path) -> Result<()> {
+    let spec = m.lora.as_ref().ok_or_else(|| anyhow!("the model has no LoRA adapters (add_lora or load_adapter first)"))?;
+    let cfg = &m.net.config;
+    let arch = arch_of(&cfg.architecture)?;
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", V::String(arch.name.into()));
+    w.set("general.type", V::String("adapter".into()));
+    general_metadata(&mut w, m);
+    w.set("adapter.type", V::String("lora".into()));
+    w.set("adapter.lora.alpha", V::F32(spec.alpha as f32));
+    let alpha = spec.alpha;
+    for lin in m.net.linears() {
+        let Some(lora) = &lin.lora else { continue };
+        let name = gguf_tensor_name(&format!("{}.weight", lin.name)).ok_or_else(|| anyhow!("{} has no llama.cpp name", lin.name))?;
+        let r = lora.a.size()[0] as usize;
+        let (out, inp) = (lin.out_features() as usize, lin.in_features() as usize);
+        let heads = if !arch.permute_qk {
+            None
+        } else if name.contains(".attn_q.") {
+            Some(cfg.num_attention_heads)
+        } else if name.contains(".attn_k.") {
+            Some(cfg.num_key_value_heads)
+        } else {
+            None
+        };
+        let a = lora.a.shallow_clone();
+        w.add_tensor(&format!("{name}.lora_a"), &[r, inp], QuantType::F32, Box::new(move || {
+            let data = Vec::<f32>::try_from(a.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().flatten(0, -1))?;
+            Ok(quantize(QuantType::F32, &data))
+        }))?;
+        let b = lora.b.shallow_clone();
+        let fold = lora.scale * r as f64 / alpha;
+        w.add_tensor(&format!("{name}.lora_b"), &[out, r], QuantType::F32, Box::new(move || {
+            let b = (b.detach().to_kind(Kind::Double) * fold).to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+            let mut data = Vec::<f32>::try_from(b.flatten(0, -1))?;
+            if let Some(h) = heads {
+                data = permute_rows(&data, out, h)?;
+            }
+            Ok(quantize(QuantType::F32, &data))
+        }))?;
+    }
+    w.write(path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// An Ollama `Modelfile` for the GGUF file `gguf_name` (beside it): `FROM`, the chat template
+/// translated to Ollama's Go template where it is a known family (ChatML, Llama 3, Gemma,
+/// Mistral `[INST]`; otherwise none, and Ollama falls back to the template in the GGUF), the
+/// stop strings, and the sampling `PARAMETER`s of generation_config.json.
+pub fn modelfile(m: &LoadedModel, gguf_name: &str) -> String {
+    let mut out = format!("# Ollama: ollama create NAME -f Modelfile\nFROM ./{gguf_name}\n");
+    let template = m.tokenizer.chat_template.as_deref().unwrap_or("");
+    let (go, stops): (Option<&str>, &[&str]) = if template.contains("<|im_start|>") {
+        (Some("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"), &["<|im_start|>", "<|im_end|>"])
+    } else if template.contains("<|start_header_id|>") {
+        (Some("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"), &["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    } else if template.contains("<start_of_turn>") {
+        (Some("{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"), &["<start_of_turn>", "<end_of_turn>"])
+    } else if template.contains("[INST]") {
+        (Some("{{- range .Messages }}{{ if eq .Role \"user\" }}[INST] {{ .Content }} [/INST]{{ else if eq .Role \"assistant\" }}{{ .Content }}</s>{{ end }}{{ end }}"), &["[INST]", "[/INST]"])
+    } else {
+        (None, &[])
+    };
+    match go {
+        Some(t) => out.push_str(&format!("TEMPLATE \"\"\"{t}\"\"\"\n")),
+        None if !template.is_empty() => out.push_str("# the chat template is not one ftscript translates; Ollama reads the one stored in the GGUF\n"),
+        None => {}
+    }
+    let mut stop: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+    if let Some(e) = &m.tokenizer.eos_token {
+        if !stop.contains(e) {
+            stop.push(e.clone());
+        }
+    }
+    for s in stop {
+        out.push_str(&format!("PARAMETER stop {}\n", serde_json::to_string(&s).unwrap()));
+    }
+    if let Some(g) = &m.generation_config {
+        for (hf, ollama) in [("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("repetition_penalty", "repeat_penalty")] {
+            if let Some(v) = g.get(hf).filter(|v| v.is_number()) {
+                out.push_str(&format!("PARAMETER {ollama} {v}\n"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_is_the_inverse_of_the_importers() {
+        let data: Vec<f32> = (0..8 * 3).map(|i| i as f32).collect();
+        let p = permute_rows(&data, 8, 2).unwrap();
+        assert_ne!(p, data);
+        assert_eq!(super::super::reverse_permute(&p, 8, 2).unwrap(), data);
+    }
+
+    #[test]
+    fn more_bits_layers_match_llama_cpp() {
+        // 30 layers: the first 3, the last 4 (26..), and 5, 8, ..., 23
+        let picked: Vec<usize> = (0..30).filter(|&i| use_more_bits(i, 30)).collect();
+        assert_eq!(picked, vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]);
+    }
+}
