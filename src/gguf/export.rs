@@ -375,7 +375,7 @@ fn tokenizer_metadata(w: &mut GgufWriter, m: &LoadedModel) -> Result<()> {
         })
         .collect();
     w.set("tokenizer.ggml.model", V::String("gpt2".into()));
-    w.set("tokenizer.ggml.pre", V::String(pre_tokenizer_name(m)?));
+    w.set("tokenizer.ggml.pre", V::String(pre_tokenizer_name(&tj)?));
     w.set("tokenizer.ggml.tokens", strings(tokens));
     w.set("tokenizer.ggml.token_type", V::Array(types.into_iter().map(V::I32).collect()));
     w.set("tokenizer.ggml.merges", strings(merges));
@@ -393,16 +393,31 @@ fn tokenizer_metadata(w: &mut GgufWriter, m: &LoadedModel) -> Result<()> {
     if let Some(p) = cfg.pad_token_id.or_else(|| config["pad_token"].as_str().and_then(|t| tok.token_to_id(t))) {
         w.set("tokenizer.ggml.padding_token_id", V::U32(p as u32));
     }
-    if let Some(add) = config["add_bos_token"].as_bool() {
+    let (bos_added, eos_added) = specials_added(&tj["post_processor"]);
+    if let Some(add) = config["add_bos_token"].as_bool().or(bos_added) {
         w.set("tokenizer.ggml.add_bos_token", V::Bool(add));
     }
-    if let Some(add) = config["add_eos_token"].as_bool() {
+    if let Some(add) = config["add_eos_token"].as_bool().or(eos_added) {
         w.set("tokenizer.ggml.add_eos_token", V::Bool(add));
     }
     if let Some(t) = &tok.chat_template {
         w.set("tokenizer.chat_template", V::String(t.clone()));
     }
     Ok(())
+}
+
+/// Whether tokenizer.json's post-processor puts a special token before (BOS) and after (EOS) a
+/// single sequence (`TemplateProcessing`), when it has one.
+fn specials_added(post: &Value) -> (Option<bool>, Option<bool>) {
+    let single = match post["type"].as_str() {
+        Some("TemplateProcessing") => post["single"].as_array(),
+        Some("Sequence") => post["processors"].as_array().and_then(|ps| ps.iter().find(|p| p["type"] == "TemplateProcessing")).and_then(|p| p["single"].as_array()),
+        _ => None,
+    };
+    match single {
+        Some(items) => (Some(items.first().map(|i| i.get("SpecialToken").is_some()).unwrap_or(false)), Some(items.last().map(|i| i.get("SpecialToken").is_some()).unwrap_or(false))),
+        None => (None, None),
+    }
 }
 
 fn pre_tokenizers(p: &Value) -> Vec<&Value> {
@@ -413,11 +428,39 @@ fn pre_tokenizers(p: &Value) -> Vec<&Value> {
     }
 }
 
-/// `tokenizer.ggml.pre`: which of llama.cpp's pre-tokenizer regexes the tokenizer splits text
-/// with. Like the converter, it is recognized by the ids the tokenizer gives a probe text.
-fn pre_tokenizer_name(m: &LoadedModel) -> Result<String> {
-    let _ = m;
-    Ok("default".into())
+/// The GPT-2 regex of byte-level BPE (`ByteLevel` with `use_regex`).
+const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// The split regexes of the pre-tokenizers llama.cpp names (its `tokenizer.ggml.pre`).
+const PRE_REGEXES: &[(&str, &str)] = &[
+    ("llama-bpe", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    ("qwen2", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+];
+
+/// `tokenizer.ggml.pre`: which of llama.cpp's pre-tokenizers splits text as tokenizer.json's
+/// `pre_tokenizer` does, recognized by its structure: the GPT-2 regex alone is `gpt-2`;
+/// single digits, then GPT-2, is `smollm`; a `Split` by a known regex before a regex-free
+/// `ByteLevel` is that regex's name (Llama 3's `llama-bpe`, Qwen's `qwen2`).
+fn pre_tokenizer_name(tokenizer_json: &Value) -> Result<String> {
+    let parts = pre_tokenizers(&tokenizer_json["pre_tokenizer"]);
+    let byte_level_regex = |p: &Value| p["type"] == "ByteLevel" && p["use_regex"].as_bool().unwrap_or(true);
+    let digits = |p: &Value| p["type"] == "Digits" && p["individual_digits"].as_bool() == Some(true);
+    let split_regex = |p: &Value| -> Option<String> {
+        (p["type"] == "Split").then(|| p["pattern"]["Regex"].as_str().map(str::to_string)).flatten()
+    };
+    let name = match parts.as_slice() {
+        [b] if byte_level_regex(b) => Some("gpt-2"),
+        [d, b] if digits(d) && byte_level_regex(b) => Some("smollm"),
+        [s, b] if b["type"] == "ByteLevel" && !byte_level_regex(b) => split_regex(s).and_then(|r| {
+            if r == GPT2_REGEX {
+                return Some("gpt-2");
+            }
+            PRE_REGEXES.iter().find(|(_, re)| *re == r).map(|(n, _)| *n)
+        }),
+        _ => None,
+    };
+    name.map(str::to_string).ok_or_else(|| {
+        anyhow!("GGUF export: tokenizer.json's pre_tokenizer {} is not one llama.cpp names (known: gpt-2, smollm, {})", tokenizer_json["pre_tokenizer"], PRE_REGEXES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "))
+    })
 }
 
 /// The GGUF LoRA adapter of `m` (llama.cpp's `convert_lora_to_gguf.py` layout): `general.type

@@ -436,16 +436,16 @@ impl GgufFile {
             .with_context(|| format!("{}: tensor {}", self.path.display(), name))?;
         Ok((t.shape(), data))
     }
-    fn meta_str(&self, key: &str) -> Option<&str> {
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
         self.metadata.get(key).and_then(|v| v.as_str())
     }
-    fn meta_u64(&self, key: &str) -> Option<u64> {
+    pub fn meta_u64(&self, key: &str) -> Option<u64> {
         self.metadata.get(key).and_then(|v| v.as_u64())
     }
-    fn meta_f64(&self, key: &str) -> Option<f64> {
+    pub fn meta_f64(&self, key: &str) -> Option<f64> {
         self.metadata.get(key).and_then(|v| v.as_f64())
     }
-    fn meta_bool(&self, key: &str) -> Option<bool> {
+    pub fn meta_bool(&self, key: &str) -> Option<bool> {
         self.metadata.get(key).and_then(|v| v.as_bool())
     }
 }

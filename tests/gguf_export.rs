@@ -1,0 +1,194 @@
+//! GGUF export, proved in real llama.cpp: the demo model imported from its GGUF, fine-tuned with
+//! LoRA by `scripts/export_gguf.rhai`, exported as f16, q8_0 and q4_k_m and as a GGUF LoRA
+//! adapter. Metadata, tensor names, types and bytes equal what llama.cpp's own converter (and
+//! `llama_model_quantize`) writes for the same merged model; llama.cpp's logits and greedy
+//! tokens equal ftscript's; the chat template and the tokenizer survive the trip. Tiny Qwen2 and
+//! Qwen3 models take the same path. References: tests/py/llama_cpp_reference.py.
+
+mod common;
+use common::*;
+use ftscript::generate::{generate_ids, Sampling};
+use ftscript::models::decoder::AttnMask;
+use serde_json::{json, Value};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+fn lcpp(args: &[&str]) -> Value {
+    serde_json::from_str(&py("llama_cpp_reference.py", args)).expect("llama_cpp_reference.py printed no JSON")
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// ftscript's logits `[T, V]` for one sequence.
+fn logits(m: &ftscript::models::LoadedModel, ids: &[i64]) -> Tensor {
+    let t = ids.len() as i64;
+    let positions = Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+    tch::no_grad(|| m.net.forward(&Tensor::from_slice(ids).view([1, t]), &positions, &AttnMask::Causal, None, false)).squeeze_dim(0)
+}
+
+fn llama_cpp_logits(gguf: &Path, ids: &[i64], d: &Path, lora: Option<&Path>) -> Tensor {
+    let ids_file = d.join("ids.json");
+    std::fs::write(&ids_file, serde_json::to_string(ids).unwrap()).unwrap();
+    let mut args = vec!["logits", p(gguf), p(&ids_file)];
+    if let Some(l) = lora {
+        args.extend(["--lora", p(l)]);
+    }
+    let v = lcpp(&args);
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    let (t, n) = (rows.len() as i64, rows[0].len() as i64);
+    Tensor::from_slice(&rows.concat()).view([t, n])
+}
+
+fn llama_cpp_greedy(gguf: &Path, ids: &[i64], n: usize, lora: Option<&Path>) -> Vec<i64> {
+    let ids = serde_json::to_string(ids).unwrap();
+    let n = n.to_string();
+    let mut args = vec!["greedy", p(gguf), &ids, &n, "--stop-at-eog"];
+    if let Some(l) = lora {
+        args.extend(["--lora", p(l)]);
+    }
+    serde_json::from_value(lcpp(&args)["tokens"].clone()).unwrap()
+}
+
+/// Every metadata entry and tensor of two dumps equal, but for the `general.*` naming keys
+/// the converter derives from directory names and model cards.
+fn assert_same_file(ours: &Value, theirs: &Value, what: &str) {
+    let naming = |k: &str| k.starts_with("general.") && !matches!(k, "general.architecture" | "general.type" | "general.file_type" | "general.quantization_version" | "general.alignment");
+    let keys = |v: &Value| -> Vec<String> { v["kv"].as_object().unwrap().keys().filter(|k| !naming(k)).cloned().collect() };
+    let (mut ko, mut kt) = (keys(ours), keys(theirs));
+    ko.sort();
+    kt.sort();
+    assert_eq!(ko, kt, "{what}: metadata keys differ");
+    for k in &ko {
+        assert_eq!(ours["kv"][k], theirs["kv"][k], "{what}: metadata {k} differs");
+    }
+    let tensors = |v: &Value| -> std::collections::BTreeMap<String, Value> {
+        v["tensors"].as_array().unwrap().iter().map(|t| (t["name"].as_str().unwrap().to_string(), json!([t["shape"], t["type"], t["sha256"]]))).collect()
+    };
+    let (to, tt) = (tensors(ours), tensors(theirs));
+    assert_eq!(to.keys().collect::<Vec<_>>(), tt.keys().collect::<Vec<_>>(), "{what}: tensor names differ");
+    for (name, o) in &to {
+        assert_eq!(o, &tt[name], "{what}: tensor {name} differs ([shape, type, sha256])");
+    }
+}
+
+#[test]
+fn demo_model_fine_tuned_and_exported_runs_in_llama_cpp_as_in_ftscript() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let out = d.join("out");
+    let lines: Vec<String> = std::fs::read_to_string(root().join("data/kv2json.jsonl")).unwrap().lines().take(32).map(String::from).collect();
+    std::fs::write(d.join("kv.jsonl"), lines.join("\n")).unwrap();
+    let q = |s: &Path| format!("{:?}", s.display().to_string());
+    let run = ftscript(
+        &["run", p(&root().join("scripts/export_gguf.rhai")), "--set", &format!("gguf={}", q(&demo_gguf())), "--set", &format!("data_file={}", q(&d.join("kv.jsonl"))),
+          "--set", &format!("output_dir={}", q(&out)), "--set", "max_steps=4"],
+        d,
+    );
+    assert!(run.status.success(), "scripts/export_gguf.rhai failed:\n{}", text(&run));
+    let modelfile = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+    assert!(modelfile.contains("FROM ./model-q4_k_m.gguf") && modelfile.contains("<|im_start|>{{ .Role }}") && modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
+
+    // ftscript's model: the demo GGUF with the trained adapter (unmerged), and its merged copy
+    let mut m = ftscript::models::load(&demo_gguf(), "fp32", Device::Cpu).unwrap();
+    m.lora = Some(ftscript::nn::peft::load_adapter(&mut m.net, &out.join("adapter"), Kind::Float).unwrap());
+    let merged = d.join("merged");
+    ftscript::models::save::save_merged(&m, &merged, Kind::Float, usize::MAX).unwrap();
+
+    // the converter's files for the same merged model
+    let reference = |name: &str| d.join(name);
+    lcpp(&["convert", p(&merged), p(&reference("ref-f16.gguf")), "--outtype", "f16"]);
+    lcpp(&["convert", p(&merged), p(&reference("ref-q8_0.gguf")), "--outtype", "q8_0"]);
+    lcpp(&["convert", p(&merged), p(&reference("ref-f32.gguf")), "--outtype", "f32"]);
+    lcpp(&["quantize", p(&reference("ref-f32.gguf")), p(&reference("ref-q4_k_m.gguf")), "q4_k_m"]);
+    for quant in ["f16", "q8_0", "q4_k_m"] {
+        let ours = lcpp(&["dump", p(&out.join(format!("model-{quant}.gguf"))), "--hash"]);
+        let theirs = lcpp(&["dump", p(&reference(&format!("ref-{quant}.gguf"))), "--hash"]);
+        assert_same_file(&ours, &theirs, quant);
+    }
+    // the adapter as convert_lora_to_gguf.py writes it from the PEFT directory
+    let base_dir = d.join("base");
+    ftscript::models::save::save_merged(&ftscript::models::load(&demo_gguf(), "fp32", Device::Cpu).unwrap(), &base_dir, Kind::Float, usize::MAX).unwrap();
+    lcpp(&["convert-lora", p(&out.join("adapter")), p(&base_dir), p(&reference("ref-adapter.gguf")), "--outtype", "f32"]);
+    assert_same_file(&lcpp(&["dump", p(&out.join("adapter.gguf")), "--hash"]), &lcpp(&["dump", p(&reference("ref-adapter.gguf")), "--hash"]), "LoRA adapter");
+
+    // llama.cpp runs the f16 export as ftscript runs the model
+    let t = &m.tokenizer;
+    let chats = json!([[{"role": "user", "content": "name: Ada; age: 36 as JSON."}],
+                       [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]]);
+    let rendered: Vec<String> = serde_json::from_value(lcpp(&["chat", p(&out.join("model-f16.gguf")), &chats.to_string()])).unwrap();
+    for (msgs, theirs) in chats.as_array().unwrap().iter().zip(&rendered) {
+        let ours = ftscript::data::template::render_chat(t.chat_template.as_deref().unwrap(), msgs, true, t.bos_token.as_deref(), t.eos_token.as_deref()).unwrap();
+        assert_eq!(&ours, theirs, "llama.cpp renders the exported chat template differently");
+    }
+    let texts = json!(["Hello, world! How are you today?", "digits 12345 and 3.14159", "café naïve 中文 😀", rendered[0]]);
+    let ids: Vec<Vec<i64>> = serde_json::from_value(lcpp(&["tokenize", p(&out.join("model-f16.gguf")), &texts.to_string()])["ids"].clone()).unwrap();
+    for (text, theirs) in texts.as_array().unwrap().iter().zip(&ids) {
+        assert_eq!(&t.encode(text.as_str().unwrap(), true).unwrap(), theirs, "llama.cpp tokenizes {text} differently");
+    }
+    let prompt = t.encode(&rendered[0], true).unwrap();
+    let ours = logits(&m, &prompt);
+    let theirs = llama_cpp_logits(&out.join("model-f16.gguf"), &prompt, d, None);
+    let err = rel_err(&theirs, &ours);
+    println!("llama.cpp f16 logits vs ftscript: max rel err {err:.2e}");
+    assert!(err < 1e-2, "llama.cpp's logits of the f16 export differ from ftscript's: {err:.3e}");
+    let greedy = generate_ids(&m, &prompt, &Sampling { max_new_tokens: 20, ..Default::default() }).unwrap();
+    println!("ftscript greedy: {:?}", t.decode(&greedy, false).unwrap());
+    assert!(greedy.len() >= 10, "the model should answer: {greedy:?}");
+    assert_eq!(llama_cpp_greedy(&out.join("model-f16.gguf"), &prompt, 20, None), greedy, "llama.cpp's greedy tokens (f16) differ from ftscript's");
+    assert_eq!(llama_cpp_greedy(&out.join("model-q8_0.gguf"), &prompt, 20, None), greedy, "llama.cpp's greedy tokens (q8_0) differ from ftscript's");
+    // the base plus the GGUF LoRA adapter is the merged model
+    assert_eq!(llama_cpp_greedy(&out.join("base-f16.gguf"), &prompt, 20, Some(&out.join("adapter.gguf"))), greedy, "base + GGUF LoRA in llama.cpp differs from the merged export");
+    let q4 = llama_cpp_logits(&out.join("model-q4_k_m.gguf"), &prompt, d, None);
+    println!("llama.cpp q4_k_m logits vs ftscript: max rel err {:.2e}", rel_err(&q4, &ours));
+}
+
+#[test]
+fn qwen_families_export_and_match_in_llama_cpp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // (llama.cpp has no sliding window for these families: the ids stay within the tiny ones' 8)
+    for name in ["qwen2_tied", "qwen3", "llama_gqa", "mistral", "llama_linear_rope"] {
+        let dir = tiny(d, name);
+        let mut m = ftscript::models::load(&dir, "fp32", Device::Cpu).unwrap();
+        let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, seed: 1 };
+        ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
+        for lin in m.net.linears_mut() {
+            if let Some(l) = &mut lin.lora {
+                tch::no_grad(|| l.b.copy_(&(Tensor::randn(l.b.size(), (Kind::Float, Device::Cpu)) * 0.05)));
+            }
+        }
+        m.lora = Some(spec);
+        let gguf = d.join(format!("{name}.gguf"));
+        ftscript::gguf::export::save_gguf(&m, &gguf, ftscript::gguf::export::FileType::F32).unwrap();
+        let ids = m.tokenizer.encode("the fox", true).unwrap();
+        assert!(ids.len() <= 8, "{ids:?}");
+        let err = rel_err(&llama_cpp_logits(&gguf, &ids, d, None), &logits(&m, &ids));
+        println!("{name}: llama.cpp f32 logits vs ftscript: max rel err {err:.2e}");
+        // llama.cpp keeps its KV cache in f16: ~1e-3 is its own rounding
+        assert!(err < 2e-3, "{name}: llama.cpp's logits of the export differ from ftscript's: {err:.3e}");
+        let theirs: Vec<Vec<i64>> = serde_json::from_value(lcpp(&["tokenize", p(&gguf), &json!(["the quick brown fox, 12345!"]).to_string()])["ids"].clone()).unwrap();
+        assert_eq!(theirs[0], m.tokenizer.encode("the quick brown fox, 12345!", true).unwrap(), "{name}: llama.cpp tokenizes differently");
+    }
+}
+
+#[test]
+fn bad_export_requests_are_refused_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_llama(d);
+    let recipe = d.join("r.rhai");
+    let cases = [
+        (r#"model.save_gguf("x.gguf", #{ quant: "q4_k_s" });"#, "unknown GGUF quant `q4_k_s`"),
+        (r#"model.save_gguf("x.gguf", #{ qaunt: "q8_0" });"#, "qaunt"),
+        (r#"model.save_gguf_adapter("a.gguf");"#, "no LoRA adapters"),
+    ];
+    for (line, want) in cases {
+        std::fs::write(&recipe, format!("let model = load_model({:?});\n{line}\n", model.display().to_string())).unwrap();
+        let out = ftscript(&["run", p(&recipe)], d);
+        let t = text(&out);
+        assert!(!out.status.success() && t.contains(want), "{line}: expected an error containing {want:?}, got:\n{t}");
+        assert!(!d.join("x.gguf").exists() && !d.join("a.gguf").exists(), "{line}: nothing may be written");
+    }
+}
