@@ -28,10 +28,11 @@ fn logits(m: &ftscript::models::LoadedModel, ids: &[i64]) -> Tensor {
     tch::no_grad(|| m.net.forward(&Tensor::from_slice(ids).view([1, t]), &positions, &AttnMask::Causal, None, false)).squeeze_dim(0)
 }
 
-fn llama_cpp_logits(gguf: &Path, ids: &[i64], d: &Path, lora: Option<&Path>) -> Tensor {
+/// llama.cpp's logits `[T, V]`; `kv` is its KV cache's type (`f16`, its default, or `f32`).
+fn llama_cpp_logits(gguf: &Path, ids: &[i64], d: &Path, kv: &str, lora: Option<&Path>) -> Tensor {
     let ids_file = d.join("ids.json");
     std::fs::write(&ids_file, serde_json::to_string(ids).unwrap()).unwrap();
-    let mut args = vec!["logits", p(gguf), p(&ids_file)];
+    let mut args = vec!["logits", p(gguf), p(&ids_file), "--kv-type", kv];
     if let Some(l) = lora {
         args.extend(["--lora", p(l)]);
     }
@@ -115,7 +116,10 @@ fn demo_model_fine_tuned_and_exported_runs_in_llama_cpp_as_in_ftscript() {
 
     // llama.cpp runs the f16 export as ftscript runs the model
     let t = &m.tokenizer;
-    let chats = json!([[{"role": "user", "content": "name: Ada; age: 36 as JSON."}],
+    // llama.cpp renders a chat template it recognizes by its markers (ChatML here) with its own
+    // code, without Jinja: a template's default system message is not added, so the
+    // conversations bring their own
+    let chats = json!([[{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "name: Ada; age: 36"}],
                        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]]);
     let rendered: Vec<String> = serde_json::from_value(lcpp(&["chat", p(&out.join("model-f16.gguf")), &chats.to_string()])).unwrap();
     for (msgs, theirs) in chats.as_array().unwrap().iter().zip(&rendered) {
@@ -129,19 +133,22 @@ fn demo_model_fine_tuned_and_exported_runs_in_llama_cpp_as_in_ftscript() {
     }
     let prompt = t.encode(&rendered[0], true).unwrap();
     let ours = logits(&m, &prompt);
-    let theirs = llama_cpp_logits(&out.join("model-f16.gguf"), &prompt, d, None);
+    let theirs = llama_cpp_logits(&out.join("model-f16.gguf"), &prompt, d, "f16", None);
     let err = rel_err(&theirs, &ours);
     println!("llama.cpp f16 logits vs ftscript: max rel err {err:.2e}");
     assert!(err < 1e-2, "llama.cpp's logits of the f16 export differ from ftscript's: {err:.3e}");
+    // greedy decoding on a question the model answers with confidence (on a close call, q8_0's
+    // rounding of the activations in llama.cpp's matmuls may flip a token)
+    let question = json!([{"role": "user", "content": "List the days of the week."}]);
+    let prompt = t.encode(&ftscript::data::template::render_chat(t.chat_template.as_deref().unwrap(), &question, true, None, None).unwrap(), true).unwrap();
     let greedy = generate_ids(&m, &prompt, &Sampling { max_new_tokens: 20, ..Default::default() }).unwrap();
     println!("ftscript greedy: {:?}", t.decode(&greedy, false).unwrap());
-    assert!(greedy.len() >= 10, "the model should answer: {greedy:?}");
+    assert_eq!(greedy.len(), 20, "the model should answer at length: {greedy:?}");
     assert_eq!(llama_cpp_greedy(&out.join("model-f16.gguf"), &prompt, 20, None), greedy, "llama.cpp's greedy tokens (f16) differ from ftscript's");
     assert_eq!(llama_cpp_greedy(&out.join("model-q8_0.gguf"), &prompt, 20, None), greedy, "llama.cpp's greedy tokens (q8_0) differ from ftscript's");
     // the base plus the GGUF LoRA adapter is the merged model
     assert_eq!(llama_cpp_greedy(&out.join("base-f16.gguf"), &prompt, 20, Some(&out.join("adapter.gguf"))), greedy, "base + GGUF LoRA in llama.cpp differs from the merged export");
-    let q4 = llama_cpp_logits(&out.join("model-q4_k_m.gguf"), &prompt, d, None);
-    println!("llama.cpp q4_k_m logits vs ftscript: max rel err {:.2e}", rel_err(&q4, &ours));
+    println!("llama.cpp q4_k_m greedy: {:?}", t.decode(&llama_cpp_greedy(&out.join("model-q4_k_m.gguf"), &prompt, 20, None), false).unwrap());
 }
 
 #[test]
@@ -149,7 +156,7 @@ fn qwen_families_export_and_match_in_llama_cpp() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     // (llama.cpp has no sliding window for these families: the ids stay within the tiny ones' 8)
-    for name in ["qwen2_tied", "qwen3", "llama_gqa", "mistral", "llama_linear_rope"] {
+    for name in ["qwen2_tied", "qwen3", "llama_gqa", "mistral", "llama_linear_rope", "llama3_rope"] {
         let dir = tiny(d, name);
         let mut m = ftscript::models::load(&dir, "fp32", Device::Cpu).unwrap();
         let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, seed: 1 };
@@ -164,10 +171,9 @@ fn qwen_families_export_and_match_in_llama_cpp() {
         ftscript::gguf::export::save_gguf(&m, &gguf, ftscript::gguf::export::FileType::F32).unwrap();
         let ids = m.tokenizer.encode("the fox", true).unwrap();
         assert!(ids.len() <= 8, "{ids:?}");
-        let err = rel_err(&llama_cpp_logits(&gguf, &ids, d, None), &logits(&m, &ids));
+        let err = rel_err(&llama_cpp_logits(&gguf, &ids, d, "f32", None), &logits(&m, &ids));
         println!("{name}: llama.cpp f32 logits vs ftscript: max rel err {err:.2e}");
-        // llama.cpp keeps its KV cache in f16: ~1e-3 is its own rounding
-        assert!(err < 2e-3, "{name}: llama.cpp's logits of the export differ from ftscript's: {err:.3e}");
+        assert!(err < 1e-4, "{name}: llama.cpp's logits of the export differ from ftscript's: {err:.3e}");
         let theirs: Vec<Vec<i64>> = serde_json::from_value(lcpp(&["tokenize", p(&gguf), &json!(["the quick brown fox, 12345!"]).to_string()])["ids"].clone()).unwrap();
         assert_eq!(theirs[0], m.tokenizer.encode("the quick brown fox, 12345!", true).unwrap(), "{name}: llama.cpp tokenizes differently");
     }

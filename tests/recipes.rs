@@ -85,6 +85,8 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
     run(&["run"], "eval_metrics.rhai", &[]);
     run(&["run"], "inspect.rhai", &[("model_dir", model.clone())]);
+    let t = run(&["run"], "export_gguf.rhai", &[("gguf", model.clone()), ("data_file", data.clone()), ("output_dir", out("gguf")), ("max_steps", "2".into())]);
+    assert!(t.contains("trained 2 steps") && d.join("gguf/model-q4_k_m.gguf").exists() && d.join("gguf/adapter.gguf").exists() && d.join("gguf/Modelfile").exists(), "{t}");
     run(&["run"], "import_gguf.rhai", &[("gguf", s(demo_gguf().display().to_string())), ("out_dir", out("imported"))]);
     run(&["launch", "--nproc-per-node", "2"], "multi_gpu.rhai", &[("model_path", model.clone()), ("data_path", data.clone()), ("out", out("multi")), ("dtype", s("fp32")), ("max_steps", "2".into())]);
     // push_adapter.rhai needs the test Hub: tests/hub.rs runs it to the end

@@ -213,6 +213,10 @@ pub fn save_gguf(m: &LoadedModel, path: &Path, ft: FileType) -> Result<()> {
     hparams(&mut w, m, &arch, ft);
     tokenizer_metadata(&mut w, m)?;
 
+    if let Some(factors) = llama3_rope_factors(m) {
+        let n = factors.len();
+        w.add_tensor("rope_freqs.weight", &[n], QuantType::F32, Box::new(move || Ok(quantize(QuantType::F32, &factors))))?;
+    }
     let tensors = crate::models::save::merged_tensors(m, Kind::Float);
     let tied = m.net.lm_head.is_none();
     let n_layers = cfg.num_hidden_layers;
@@ -252,6 +256,45 @@ fn make_shape(m: &LoadedModel, hf: &str) -> Result<Vec<usize>> {
     Ok(t.size().iter().map(|&d| d as usize).collect())
 }
 
+/// The rope parameters of config.json (`rope_scaling`, or transformers 5's `rope_parameters`,
+/// the full-attention layers' when they are per layer type).
+fn rope_params(json: &Value) -> Option<&Value> {
+    let p = json.get("rope_scaling").filter(|v| v.is_object()).or_else(|| json.get("rope_parameters").filter(|v| v.is_object()))?;
+    Some(p.get("full_attention").unwrap_or(p))
+}
+
+/// Llama 3's rope scaling as llama.cpp takes it: a `rope_freqs.weight` of one factor per
+/// frequency `f_i = θ^(-2i/d)` that divides it: 1 for wavelengths `2π/f` below
+/// `L/high_freq_factor`, `factor` above `L/low_freq_factor`, and between them
+/// `1 / ((1 - s)/factor + s)` with `s = (L·f/2π - low) / (high - low)`
+/// (`L = original_max_position_embeddings`).
+fn llama3_rope_factors(m: &LoadedModel) -> Option<Vec<f32>> {
+    let p = rope_params(&m.config_json)?;
+    if p.get("rope_type").or_else(|| p.get("type")).and_then(|t| t.as_str()).map(|t| t.to_lowercase()) != Some("llama3".into()) {
+        return None;
+    }
+    let get = |k: &str, d: f64| p.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
+    let base = p.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(m.net.config.rope_theta) as f32;
+    let (factor, low, high, old_ctx) = (get("factor", 8.0), get("low_freq_factor", 1.0), get("high_freq_factor", 4.0), get("original_max_position_embeddings", 8192.0));
+    let dim = m.net.config.head_dim;
+    Some(
+        (0..dim / 2)
+            .map(|i| {
+                let freq = 1.0 / base.powf((2 * i) as f32 / dim as f32);
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen < old_ctx / high {
+                    1.0
+                } else if wavelen > old_ctx / low {
+                    factor
+                } else {
+                    let smooth = (old_ctx / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect(),
+    )
+}
+
 /// `general.*` naming keys, as the converter derives them from the model directory's name.
 fn general_metadata(w: &mut GgufWriter, m: &LoadedModel) {
     let name = Path::new(&m.source).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
@@ -282,12 +325,10 @@ fn hparams(w: &mut GgufWriter, m: &LoadedModel, arch: &Arch, ft: FileType) {
         w.set(&k("vocab_size"), u32v(cfg.vocab_size));
         w.set(&k("rope.dimension_count"), u32v(cfg.head_dim));
     }
-    if let Some(win) = cfg.sliding_window {
-        if arch.name == "qwen2" || arch.name == "qwen3" {
-            let _ = win; // llama.cpp's qwen2/qwen3 attend over the full context
-        }
+    if let Some(win) = cfg.sliding_window.filter(|_| cfg.sliding_layers.iter().any(|&s| s)) {
+        tracing::warn!("llama.cpp's {} attends over the whole context: beyond {win} tokens it will not compute what the sliding-window model computes", arch.name);
     }
-    if let Some(scaling) = json.get("rope_scaling").or_else(|| json.get("rope_parameters")).filter(|v| v.is_object()) {
+    if let Some(scaling) = rope_params(json) {
         let ty = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str()).unwrap_or("");
         let factor = scaling.get("factor").and_then(|f| f.as_f64());
         match (ty, factor) {
@@ -374,8 +415,11 @@ fn tokenizer_metadata(w: &mut GgufWriter, m: &LoadedModel) -> Result<()> {
             _ => String::new(),
         })
         .collect();
+    if let Some(aps) = config["add_prefix_space"].as_bool() {
+        w.set("tokenizer.ggml.add_space_prefix", V::Bool(aps));
+    }
     w.set("tokenizer.ggml.model", V::String("gpt2".into()));
-    w.set("tokenizer.ggml.pre", V::String(pre_tokenizer_name(&tj)?));
+    w.set("tokenizer.ggml.pre", V::String(pre_tokenizer_name(m, &tj)?));
     w.set("tokenizer.ggml.tokens", strings(tokens));
     w.set("tokenizer.ggml.token_type", V::Array(types.into_iter().map(V::I32).collect()));
     w.set("tokenizer.ggml.merges", strings(merges));
@@ -436,11 +480,27 @@ const PRE_REGEXES: &[(&str, &str)] = &[
     ("qwen2", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
 ];
 
-/// `tokenizer.ggml.pre`: which of llama.cpp's pre-tokenizers splits text as tokenizer.json's
-/// `pre_tokenizer` does, recognized by its structure: the GPT-2 regex alone is `gpt-2`;
-/// single digits, then GPT-2, is `smollm`; a `Split` by a known regex before a regex-free
-/// `ByteLevel` is that regex's name (Llama 3's `llama-bpe`, Qwen's `qwen2`).
-fn pre_tokenizer_name(tokenizer_json: &Value) -> Result<String> {
+/// `tokenizer.ggml.pre`: which of llama.cpp's pre-tokenizers splits text as the tokenizer does.
+/// As llama.cpp's converter does, by the sha256 of the ids (printed as a Python list) the
+/// tokenizer gives its probe text, looked up in the converter's table
+/// (`llama_cpp_pre.json`); a tokenizer the table lacks, by the structure of tokenizer.json's
+/// `pre_tokenizer`.
+fn pre_tokenizer_name(m: &LoadedModel, tokenizer_json: &Value) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let known: Value = serde_json::from_str(include_str!("llama_cpp_pre.json")).expect("llama_cpp_pre.json");
+    let ids = m.tokenizer.encode(known["chktxt"].as_str().unwrap_or_default(), true)?;
+    let printed = format!("[{}]", ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", "));
+    let hash: String = Sha256::digest(printed.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    match known["table"].as_array().into_iter().flatten().find(|e| e[0] == hash.as_str()) {
+        Some(e) => Ok(e[1].as_str().unwrap_or_default().to_string()),
+        None => pre_tokenizer_by_structure(tokenizer_json),
+    }
+}
+
+/// The pre-tokenizer's name from its structure: the GPT-2 regex alone is `gpt-2`; single
+/// digits, then GPT-2, is `smollm`; a `Split` by a known regex before a regex-free `ByteLevel`
+/// is that regex's name (Llama 3's `llama-bpe`, Qwen's `qwen2`).
+fn pre_tokenizer_by_structure(tokenizer_json: &Value) -> Result<String> {
     let parts = pre_tokenizers(&tokenizer_json["pre_tokenizer"]);
     let byte_level_regex = |p: &Value| p["type"] == "ByteLevel" && p["use_regex"].as_bool().unwrap_or(true);
     let digits = |p: &Value| p["type"] == "Digits" && p["individual_digits"].as_bool() == Some(true);
@@ -478,6 +538,7 @@ pub fn save_gguf_adapter(m: &LoadedModel, path: &Path) -> Result<()> {
     general_metadata(&mut w, m);
     w.set("adapter.type", V::String("lora".into()));
     w.set("adapter.lora.alpha", V::F32(spec.alpha as f32));
+    w.set("general.quantization_version", V::U32(2));
     let alpha = spec.alpha;
     for lin in m.net.linears() {
         let Some(lora) = &lin.lora else { continue };

@@ -977,10 +977,12 @@ fn string_array(g: &GgufFile, key: &str) -> Result<Option<Vec<String>>> {
 /// Builds tokenizer.json the way transformers' GGUF llama converter does
 /// (`GGUFLlamaConverter` + `TokenizersBackend.update_post_processor`):
 /// - model: BPE over `tokenizer.ggml.tokens` (id = index) and `tokenizer.ggml.merges`
-///   (built from scores when absent), `fuse_unk` and `byte_fallback` on;
+///   (built from scores when absent), `fuse_unk` on, `byte_fallback` on for sentencepiece;
 /// - added tokens: every token of type 3 (control) as a special, non-normalized token;
 /// - `tokenizer.ggml.model == "gpt2"` (byte-level BPE): empty normalizer, ByteLevel
-///   pre-tokenizer (GPT-2 regex, no prefix space), decoder ByteFallback+Fuse+Replace+ByteLevel;
+///   pre-tokenizer (GPT-2 regex, no prefix space), decoder ByteLevel (transformers writes
+///   ByteFallback+Fuse+Replace+ByteLevel and `byte_fallback`, which decode and encode the same
+///   for byte-level BPE but make llama.cpp's converter take the vocabulary for sentencepiece);
 /// - `"llama"` (sentencepiece BPE): normalizer Prepend("▁") (if add_space_prefix) + Replace
 ///   (" " -> "▁"), no pre-tokenizer, decoder Replace+ByteFallback... as transformers;
 /// - post-processor: TemplateProcessing that adds nothing, as in transformers, which ignores
@@ -1062,12 +1064,7 @@ fn build_tokenizer(g: &GgufFile) -> Result<BuiltTokenizer> {
         (
             json!({"type": "Sequence", "normalizers": []}),
             json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true}),
-            json!({"type": "Sequence", "decoders": [
-                {"type": "ByteFallback"},
-                {"type": "Fuse"},
-                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}
-            ]}),
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
         )
     } else {
         let aps = add_prefix_space.unwrap_or(true);
@@ -1107,7 +1104,7 @@ fn build_tokenizer(g: &GgufFile) -> Result<BuiltTokenizer> {
         json!({
             "type": "BPE", "dropout": null, "unk_token": unk,
             "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "fuse_unk": true, "byte_fallback": model != "gpt2", "ignore_merges": false,
             "vocab": Value::Object(vocab), "merges": merges_json,
         }),
     );

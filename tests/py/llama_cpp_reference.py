@@ -10,7 +10,7 @@ Two llama.cpp pieces, both from PyPI (scripts/setup.sh installs them):
 
 usage: llama_cpp_reference.py convert HF_DIR OUT.gguf [--outtype f16|f32|q8_0|bf16] [--bytelevel-fix]
        llama_cpp_reference.py convert-lora ADAPTER_DIR BASE_HF_DIR OUT.gguf [--outtype f16|f32|q8_0|bf16]
-       llama_cpp_reference.py quantize IN.gguf OUT.gguf FTYPE      (q4_k_m, q5_k_m, q6_k, q8_0, q4_0, ...)
+       llama_cpp_reference.py quantize IN.gguf OUT.gguf FTYPE [--allow-requantize]   (q4_k_m, q5_k_m, q6_k, q8_0, q4_0, ...)
        llama_cpp_reference.py dump GGUF [--hash] [--out PATH]
        llama_cpp_reference.py logits GGUF IDS_JSON [--lora ADAPTER.gguf [--scale S]] [--kv-type f16|f32] [--out PATH]
        llama_cpp_reference.py greedy GGUF IDS_JSON N [--lora ADAPTER.gguf [--scale S]] [--kv-type f16|f32]
@@ -432,6 +432,7 @@ def cmd_quantize(a):
     qp = ffi.new("llama_model_quantize_params *", lib.llama_model_quantize_default_params())
     qp.ftype = ft
     qp.nthread = a.threads
+    qp.allow_requantize = a.allow_requantize
     rc = lib.llama_model_quantize(os.fsencode(a.in_gguf), os.fsencode(a.out_gguf), qp)
     if rc != 0:
         sys.exit(f"llama_model_quantize failed: {rc} (LLAMA_CPP_REFERENCE_VERBOSE=1 shows its log)")
@@ -473,6 +474,7 @@ def main():
     p.add_argument("out_gguf")
     p.add_argument("ftype")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--allow-requantize", action="store_true", help="accept an already quantized input")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("dump")
