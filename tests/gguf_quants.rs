@@ -5,7 +5,12 @@
 
 mod common;
 use common::*;
-use ftscript::gguf::quants::{dequantize, quantize, QuantType, QK_K};
+use ftscript::gguf::quants::{quantize, QuantType, QK_K};
+
+/// The importer's dequantization (`ftscript::gguf::dequantize`) of whole blocks.
+fn dequantize(ty: QuantType, bytes: &[u8]) -> Vec<f32> {
+    ftscript::gguf::dequantize(ty.ggml_type(), bytes, bytes.len() / ty.type_size() * ty.block_size()).unwrap()
+}
 use std::path::Path;
 
 const N_PER_ROW: usize = 4 * QK_K;

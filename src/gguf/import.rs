@@ -569,13 +569,8 @@ fn deq_q8_1(b: &[u8], out: &mut Vec<f32>) {
 /// bits of bytes j-4 (scale) and j (min).
 #[inline]
 fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
-    if j < 4 {
-        ((s[j] & 63) as f32, (s[j + 4] & 63) as f32)
-    } else {
-        let sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-        let m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        (sc as f32, m as f32)
-    }
+    let (sc, m) = super::quants::get_scale_min_k4(j, s);
+    (sc as f32, m as f32)
 }
 
 /// Q2_K, 256 values in 84 bytes: `scales: [u8; 16], qs: [u8; 64], d: f16, dmin: f16`; 16

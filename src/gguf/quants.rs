@@ -164,80 +164,6 @@ pub fn quantize(ty: QuantType, x: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Dequantizes `ty`'s bytes (whole blocks) as ggml's `dequantize_row_*` does.
-pub fn dequantize(ty: QuantType, bytes: &[u8]) -> Vec<f32> {
-    let ts = ty.type_size();
-    assert!(bytes.len().is_multiple_of(ts), "{} bytes are not whole {} blocks of {ts} bytes", bytes.len(), ty.name());
-    let mut y = Vec::with_capacity(bytes.len() / ts * ty.block_size());
-    for b in bytes.chunks_exact(ts) {
-        match ty {
-            QuantType::F32 => y.push(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            QuantType::F16 => y.push(f16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-            QuantType::BF16 => y.push(bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-            QuantType::Q8_0 => {
-                let d = f16_at(b, 0);
-                y.extend(b[2..34].iter().map(|&q| (q as i8) as f32 * d));
-            }
-            QuantType::Q4_0 => {
-                let d = f16_at(b, 0);
-                let qs = &b[2..18];
-                y.extend(qs.iter().map(|&q| ((q & 0x0F) as i32 - 8) as f32 * d));
-                y.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
-            }
-            QuantType::Q5_0 | QuantType::Q5_1 => {
-                let (d, m, at) = if ty == QuantType::Q5_0 { (f16_at(b, 0), 0.0, 2) } else { (f16_at(b, 0), f16_at(b, 2), 4) };
-                let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-                let qs = &b[at + 4..at + 20];
-                for half in 0..2 {
-                    for j in 0..16 {
-                        let q = ((qs[j] >> (4 * half)) & 0x0F) as i32 | (((qh >> (16 * half + j)) & 1) << 4) as i32;
-                        y.push(if ty == QuantType::Q5_0 { (q - 16) as f32 * d } else { q as f32 * d + m });
-                    }
-                }
-            }
-            QuantType::Q4_K | QuantType::Q5_K => {
-                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-                let scales = &b[4..16];
-                let (qh, ql): (&[u8], &[u8]) = if ty == QuantType::Q5_K { (&b[16..48], &b[48..176]) } else { (&[], &b[16..144]) };
-                for c in 0..4 {
-                    let q = &ql[32 * c..32 * c + 32];
-                    for half in 0..2 {
-                        let (sc, m) = get_scale_min_k4(2 * c + half, scales);
-                        let (d1, m1) = (d * sc as f32, dmin * m as f32);
-                        for l in 0..32 {
-                            let mut v = (q[l] >> (4 * half)) & 0x0F;
-                            if !qh.is_empty() && qh[l] & (1 << (2 * c + half)) != 0 {
-                                v += 16;
-                            }
-                            y.push(d1 * v as f32 - m1);
-                        }
-                    }
-                }
-            }
-            QuantType::Q6_K => {
-                let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(b, 208));
-                for n in 0..2 {
-                    let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
-                    let mut out = [0f32; 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        out[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        out[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                    }
-                    y.extend_from_slice(&out);
-                }
-            }
-        }
-    }
-    y
-}
-
 // ---------------------------------------------------------------------------------------------
 // scalar conversions
 
@@ -294,9 +220,6 @@ pub fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
-}
 
 fn push_f16(out: &mut Vec<u8>, v: f32) {
     out.extend_from_slice(&f32_to_f16(v).to_le_bytes());
@@ -542,7 +465,7 @@ fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
 }
 
 /// The (sc, m) 6-bit pair of sub-block j from the 12 packed scale bytes of Q4_K/Q5_K.
-fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -700,6 +623,10 @@ fn quantize_block_q6_k(x: &[f32], out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
+    fn deq(t: QuantType, bytes: &[u8]) -> Vec<f32> {
+        crate::gguf::dequantize(t.ggml_type(), bytes, bytes.len() / t.type_size() * t.block_size()).unwrap()
+    }
+
     /// Deterministic N(0, 1) samples (splitmix64 + Box–Muller).
     fn normals(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -728,7 +655,7 @@ mod tests {
             assert_eq!(QuantType::from_name(&t.name().to_lowercase()), Some(t));
             let x = normals(512, 7);
             assert_eq!(quantize(t, &x).len(), t.row_size(512));
-            assert_eq!(dequantize(t, &quantize(t, &x)).len(), 512);
+            assert_eq!(deq(t, &quantize(t, &x)).len(), 512);
         }
     }
 
@@ -737,7 +664,7 @@ mod tests {
         let x = vec![0f32; 512];
         for t in QuantType::ALL {
             assert!(quantize(t, &x).iter().all(|&b| b == 0 || matches!(t, QuantType::Q4_0 | QuantType::Q5_0)), "{t}");
-            assert!(dequantize(t, &quantize(t, &x)).iter().all(|&v| v == 0.0), "{t}");
+            assert!(deq(t, &quantize(t, &x)).iter().all(|&v| v == 0.0), "{t}");
         }
         // Q4_0 stores zero as 8 in each nibble, with d = 0/−8 = −0
         assert!(quantize(QuantType::Q4_0, &x).chunks(18).all(|b| b[..2] == [0, 0x80] && b[2..].iter().all(|&q| q == 0x88)));
@@ -760,7 +687,7 @@ mod tests {
             (QuantType::Q5_K, 0.06),
             (QuantType::Q6_K, 0.03),
         ] {
-            let e = rel_rms(&dequantize(t, &quantize(t, &x)), &x);
+            let e = rel_rms(&deq(t, &quantize(t, &x)), &x);
             assert!(e <= tol, "{t}: relative rms error {e} > {tol}");
         }
     }

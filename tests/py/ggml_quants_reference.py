@@ -17,9 +17,8 @@ Writes into OUT_DIR, for each TYPE:
   TYPE.deq.f32   `gguf.quants.dequantize` of TYPE.ggml, raw f32
 and prints one JSON line: {TYPE: {"bytes": n, "gguf_py": bool, "row_fn": name or null}}.
 
-The wheel's libggml-base needs glibc 2.38 for one import, `__isoc23_strtol`; on an older glibc
-a private copy with that import rebound to plain `strtol` is loaded (see patch_for_old_glibc;
-the quantization code is untouched).
+The wheel's libggml-base needs glibc 2.38 for its `__isoc23_*` imports; on an older glibc,
+scripts/setup.sh rebinds them to the classic functions (the quantization code is untouched).
 
 Needs: numpy, gguf, llama-cpp-py-sync (its libggml-base.so.0).
 """
@@ -29,77 +28,9 @@ import glob
 import importlib.util
 import json
 import os
-import shutil
-import struct
 import sys
-import tempfile
 
 import numpy as np
-
-
-def elf_hash(name):
-    h = 0
-    for c in name:
-        h = ((h << 4) + c) & 0xFFFFFFFF
-        g = h & 0xF0000000
-        if g:
-            h ^= g >> 24
-        h &= ~g & 0xFFFFFFFF
-    return h
-
-
-def patch_for_old_glibc(src, dst):
-    """Copies the shared library `src` to `dst`, rebinding its `__isoc23_*` imports (glibc 2.38's
-    C23 strtol & co., which differ from the plain functions only in accepting "0b" prefixes; ggml
-    uses strtol for environment variables, never in quantization) to the plain functions of
-    GLIBC_2.2.5, so that it loads with an older glibc. Nothing else in the file changes."""
-    data = bytearray(open(src, "rb").read())
-    u16 = lambda o: struct.unpack_from("<H", data, o)[0]
-    u32 = lambda o: struct.unpack_from("<I", data, o)[0]
-    u64 = lambda o: struct.unpack_from("<Q", data, o)[0]
-    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "not a little-endian ELF64 file"
-    shoff, shentsize, shnum = u64(0x28), u16(0x3A), u16(0x3C)
-    sections = []
-    for i in range(shnum):
-        o = shoff + i * shentsize
-        sections.append(dict(type=u32(o + 4), offset=u64(o + 0x18), size=u64(o + 0x20), link=u32(o + 0x28)))
-    by_type = lambda t: next(s for s in sections if s["type"] == t)
-    dynsym, versym, verneed = by_type(11), by_type(0x6FFFFFFF), by_type(0x6FFFFFFE)
-    dynstr = sections[dynsym["link"]]["offset"]
-    cstr = lambda off: bytes(data[dynstr + off:data.index(0, dynstr + off)])
-
-    have = tuple(int(v) for v in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])
-    too_new, base = {}, None  # vna_other -> vernaux offset; GLIBC_2.2.5's (name offset, index)
-    o = verneed["offset"]
-    while True:
-        cnt, file_, aux, nxt = u16(o + 2), cstr(u32(o + 4)), u32(o + 8), u32(o + 12)
-        a = o + aux
-        for _ in range(cnt):
-            name = cstr(u32(a + 8))
-            if file_ == b"libc.so.6" and name.startswith(b"GLIBC_"):
-                ver = tuple(int(v) for v in name[6:].split(b".")[:2])
-                if name == b"GLIBC_2.2.5":
-                    base = (u32(a + 8), u16(a + 6))
-                elif ver > have:
-                    too_new[u16(a + 6)] = a
-            a += u32(a + 12)
-        if not nxt:
-            break
-        o += nxt
-    assert base is not None, "no GLIBC_2.2.5 requirement to rebind to"
-    for i in range(dynsym["size"] // 24):
-        idx = u16(versym["offset"] + 2 * i) & 0x7FFF
-        if idx in too_new:
-            s = dynsym["offset"] + 24 * i
-            name = cstr(u32(s))
-            if not name.startswith(b"__isoc23_"):
-                raise SystemExit(f"{src} needs {name.decode()} of a newer glibc")
-            struct.pack_into("<I", data, s, u32(s) + len(b"__isoc23_"))  # the plain name is its suffix
-            struct.pack_into("<H", data, versym["offset"] + 2 * i, base[1])
-    for a in too_new.values():  # the requirement becomes a duplicate of GLIBC_2.2.5's
-        struct.pack_into("<I", data, a, elf_hash(b"GLIBC_2.2.5"))
-        struct.pack_into("<I", data, a + 8, base[0])
-    open(dst, "wb").write(data)
 
 
 def load_ggml_base():
@@ -110,18 +41,7 @@ def load_ggml_base():
     libs = sorted(glob.glob(os.path.join(pkg, "libggml-base.so*")))
     if not libs:
         sys.exit(f"no libggml-base.so in {pkg}")
-    try:
-        lib = ctypes.CDLL(libs[0])
-    except OSError as e:
-        if "GLIBC_" not in str(e):
-            raise
-        # the wheel is built against glibc 2.38; this system's is older
-        tmp = tempfile.mkdtemp(prefix="ggml-base-")
-        patched = os.path.join(tmp, os.path.basename(libs[0]))
-        patch_for_old_glibc(libs[0], patched)
-        print(f"note: {e}; loading a copy with __isoc23_* rebound to glibc 2.2.5", file=sys.stderr)
-        lib = ctypes.CDLL(patched)
-        shutil.rmtree(tmp)  # mapped already
+    lib = ctypes.CDLL(libs[0])  # on glibc < 2.38, after scripts/setup.sh rebinds its C23 imports
     f32p, voidp, i64 = ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_int64
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, f32p, voidp, i64, i64, i64, f32p]
