@@ -91,6 +91,13 @@ fn demo_model_fine_tuned_and_exported_runs_in_llama_cpp_as_in_ftscript() {
     let modelfile = std::fs::read_to_string(out.join("Modelfile")).unwrap();
     assert!(modelfile.contains("FROM ./model-q4_k_m.gguf") && modelfile.contains("<|im_start|>{{ .Role }}") && modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
 
+    // `ftscript export` on the command line writes the same file as the recipe
+    let cli = d.join("cli/model.gguf");
+    let o = ftscript(&["export", p(&demo_gguf()), p(&cli), "--quant", "q8_0", "--adapter", p(&out.join("adapter"))], d);
+    assert!(o.status.success(), "ftscript export failed:\n{}", text(&o));
+    assert!(std::fs::read(&cli).unwrap() == std::fs::read(out.join("model-q8_0.gguf")).unwrap(), "ftscript export differs from the recipe's save_gguf");
+    assert!(std::fs::read_to_string(d.join("cli/Modelfile")).unwrap().contains("FROM ./model.gguf"));
+
     // ftscript's model: the demo GGUF with the trained adapter (unmerged), and its merged copy
     let mut m = ftscript::models::load(&demo_gguf(), "fp32", Device::Cpu).unwrap();
     m.lora = Some(ftscript::nn::peft::load_adapter(&mut m.net, &out.join("adapter"), Kind::Float).unwrap());
