@@ -5,8 +5,14 @@ use anyhow::{Context, Result};
 use std::path::Path;
 
 /// Files that make up a Hugging Face tokenizer, copied verbatim when a model is saved.
-pub const TOKENIZER_FILES: &[&str] =
-    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "added_tokens.json",
+];
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,

@@ -353,6 +353,7 @@ fn hparams(w: &mut GgufWriter, m: &LoadedModel, arch: &Arch, ft: FileType) {
 const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
 
 /// An added token that llama.cpp should treat as control even when the tokenizer does not
 /// mark it special (`<|...|>`, `<pad>`, gemma's `<unused...>`; the converter's rule).
@@ -363,19 +364,60 @@ fn looks_special(t: &str) -> bool {
         || (t.starts_with("<unused") && t.ends_with('>'))
 }
 
-/// `tokenizer.*`: a byte-level BPE tokenizer (`tokenizer.ggml.model = "gpt2"`) as the
-/// converter writes it: every id below `vocab_size` (ids the tokenizer lacks as `[PADi]`),
-/// token types, merges, the special ids, `add_bos_token`, and the chat template.
+/// `tokenizer.*` as the converter writes them: `add_space_prefix`, the vocabulary (from the
+/// sentencepiece `tokenizer.model` when the model has one, else byte-level BPE from
+/// tokenizer.json), then the special ids, `add_bos`/`add_eos` and the chat template.
 fn tokenizer_metadata(w: &mut GgufWriter, m: &LoadedModel) -> Result<()> {
     let tj: Value = serde_json::from_slice(m.tokenizer.file("tokenizer.json").ok_or_else(|| anyhow!("the model has no tokenizer.json"))?)
         .context("tokenizer.json: not valid JSON")?;
-    let model = &tj["model"];
-    if model["type"].as_str() != Some("BPE") {
-        bail!("GGUF export: tokenizer.json's model is {:?}; only BPE tokenizers are exported so far", model["type"]);
+    let config: Value = m.tokenizer.file("tokenizer_config.json").and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
+    if let Some(aps) = config["add_prefix_space"].as_bool() {
+        w.set("tokenizer.ggml.add_space_prefix", V::Bool(aps));
     }
+    match m.tokenizer.file("tokenizer.model") {
+        Some(spm) => sentencepiece_vocab(w, m, spm, &config)?,
+        None => byte_level_vocab(w, m, &tj, &config)?,
+    }
+    let cfg = &m.net.config;
+    let tok = &m.tokenizer;
+    let id_of = |key: &str| {
+        let v = &config[key];
+        v.as_str().or_else(|| v["content"].as_str()).and_then(|t| tok.token_to_id(t))
+    };
+    if let Some(b) = tok.bos_id.or(cfg.bos_token_id) {
+        w.set("tokenizer.ggml.bos_token_id", V::U32(b as u32));
+    }
+    if let Some(e) = tok.eos_id.or(cfg.eos_token_ids.first().copied()) {
+        w.set("tokenizer.ggml.eos_token_id", V::U32(e as u32));
+    }
+    if let Some(u) = id_of("unk_token") {
+        w.set("tokenizer.ggml.unknown_token_id", V::U32(u as u32));
+    }
+    if let Some(p) = cfg.pad_token_id.or_else(|| id_of("pad_token")) {
+        w.set("tokenizer.ggml.padding_token_id", V::U32(p as u32));
+    }
+    for (kind, add) in special_flags(&tj["post_processor"], &config) {
+        w.set(&format!("tokenizer.ggml.add_{kind}_token"), V::Bool(add));
+    }
+    if let Some(t) = &tok.chat_template {
+        w.set("tokenizer.chat_template", V::String(t.clone()));
+    }
+    Ok(())
+}
+
+/// Whether an added token is special: tokenizer_config's `added_tokens_decoder` says so, or
+/// it looks like a control token.
+fn added_is_special(config: &Value, id: usize, content: &str, fallback: bool) -> bool {
+    config["added_tokens_decoder"][id.to_string()]["special"].as_bool().unwrap_or(fallback) || looks_special(content)
+}
+
+/// A byte-level BPE vocabulary (`tokenizer.ggml.model = "gpt2"`): every id below `vocab_size`
+/// (ids the tokenizer lacks as `[PADi]`), token types, `pre`, and the merges.
+fn byte_level_vocab(w: &mut GgufWriter, m: &LoadedModel, tj: &Value, config: &Value) -> Result<()> {
+    let model = &tj["model"];
     let byte_level = pre_tokenizers(&tj["pre_tokenizer"]).iter().any(|p| p["type"] == "ByteLevel");
-    if !byte_level {
-        bail!("GGUF export: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen, SmolLM) are exported so far; this one has no ByteLevel pre-tokenizer");
+    if model["type"].as_str() != Some("BPE") || !byte_level {
+        bail!("GGUF export: the tokenizer is neither byte-level BPE (tokenizer.json with a ByteLevel pre-tokenizer: Llama 3, Qwen, SmolLM) nor sentencepiece (a tokenizer.model beside it: Llama 2, Mistral 7B)");
     }
     let vocab_size = m.net.config.vocab_size;
     let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
@@ -386,16 +428,14 @@ fn tokenizer_metadata(w: &mut GgufWriter, m: &LoadedModel) -> Result<()> {
             tokens[id] = Some(tok.clone());
         }
     }
-    let config: Value = m.tokenizer.file("tokenizer_config.json").and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
     for added in tj["added_tokens"].as_array().into_iter().flatten() {
         let id = added["id"].as_u64().unwrap_or(u64::MAX) as usize;
         let Some(content) = added["content"].as_str() else { continue };
         if id >= vocab_size {
             continue;
         }
-        let special = config["added_tokens_decoder"][id.to_string()]["special"].as_bool().or(added["special"].as_bool()).unwrap_or(false);
         tokens[id] = Some(content.to_string());
-        types[id] = if special || looks_special(content) { CONTROL } else { USER_DEFINED };
+        types[id] = if added_is_special(config, id, content, added["special"].as_bool().unwrap_or(false)) { CONTROL } else { USER_DEFINED };
     }
     let tokens: Vec<String> = tokens
         .into_iter()
@@ -415,53 +455,187 @@ fn tokenizer_metadata(w: &mut GgufWriter, m: &LoadedModel) -> Result<()> {
             _ => String::new(),
         })
         .collect();
-    if let Some(aps) = config["add_prefix_space"].as_bool() {
-        w.set("tokenizer.ggml.add_space_prefix", V::Bool(aps));
-    }
     w.set("tokenizer.ggml.model", V::String("gpt2".into()));
-    w.set("tokenizer.ggml.pre", V::String(pre_tokenizer_name(m, &tj)?));
+    w.set("tokenizer.ggml.pre", V::String(pre_tokenizer_name(m, tj)?));
     w.set("tokenizer.ggml.tokens", strings(tokens));
     w.set("tokenizer.ggml.token_type", V::Array(types.into_iter().map(V::I32).collect()));
     w.set("tokenizer.ggml.merges", strings(merges));
-    let cfg = &m.net.config;
-    let tok = &m.tokenizer;
-    if let Some(b) = tok.bos_id.or(cfg.bos_token_id) {
-        w.set("tokenizer.ggml.bos_token_id", V::U32(b as u32));
-    }
-    if let Some(e) = tok.eos_id.or(cfg.eos_token_ids.first().copied()) {
-        w.set("tokenizer.ggml.eos_token_id", V::U32(e as u32));
-    }
-    if let Some(u) = config["unk_token"].as_str().and_then(|t| tok.token_to_id(t)) {
-        w.set("tokenizer.ggml.unknown_token_id", V::U32(u as u32));
-    }
-    if let Some(p) = cfg.pad_token_id.or_else(|| config["pad_token"].as_str().and_then(|t| tok.token_to_id(t))) {
-        w.set("tokenizer.ggml.padding_token_id", V::U32(p as u32));
-    }
-    let (bos_added, eos_added) = specials_added(&tj["post_processor"]);
-    if let Some(add) = config["add_bos_token"].as_bool().or(bos_added) {
-        w.set("tokenizer.ggml.add_bos_token", V::Bool(add));
-    }
-    if let Some(add) = config["add_eos_token"].as_bool().or(eos_added) {
-        w.set("tokenizer.ggml.add_eos_token", V::Bool(add));
-    }
-    if let Some(t) = &tok.chat_template {
-        w.set("tokenizer.chat_template", V::String(t.clone()));
-    }
     Ok(())
 }
 
-/// Whether tokenizer.json's post-processor puts a special token before (BOS) and after (EOS) a
-/// single sequence (`TemplateProcessing`), when it has one.
-fn specials_added(post: &Value) -> (Option<bool>, Option<bool>) {
-    let single = match post["type"].as_str() {
-        Some("TemplateProcessing") => post["single"].as_array(),
-        Some("Sequence") => post["processors"].as_array().and_then(|ps| ps.iter().find(|p| p["type"] == "TemplateProcessing")).and_then(|p| p["single"].as_array()),
-        _ => None,
-    };
-    match single {
-        Some(items) => (Some(items.first().map(|i| i.get("SpecialToken").is_some()).unwrap_or(false)), Some(items.last().map(|i| i.get("SpecialToken").is_some()).unwrap_or(false))),
-        None => (None, None),
+/// A sentencepiece vocabulary (`tokenizer.ggml.model = "llama"`) from `tokenizer.model`:
+/// each piece with its score and type (unknown, control, unused and byte pieces keep their
+/// type, the rest are normal), ids up to `vocab_size` the model lacks as unused `[PADi]` with
+/// score -10000; added_tokens.json's tokens as user-defined, then tokenizer_config.json's added
+/// tokens as control or user-defined (`▁` written as a space), both with score -1000.
+fn sentencepiece_vocab(w: &mut GgufWriter, m: &LoadedModel, spm: &[u8], config: &Value) -> Result<()> {
+    let vocab_size = m.net.config.vocab_size;
+    let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
+    let mut scores = vec![-10000f32; vocab_size];
+    let mut types = vec![UNUSED; vocab_size];
+    for (id, (piece, score, kind)) in sentencepiece_pieces(spm).context("tokenizer.model")?.into_iter().enumerate().take(vocab_size) {
+        tokens[id] = piece;
+        scores[id] = score;
+        types[id] = match kind {
+            2 | 3 | 5 | 6 => kind,
+            _ => NORMAL,
+        };
     }
+    let added_json: Value = m.tokenizer.file("added_tokens.json").and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
+    for (content, id) in added_json.as_object().into_iter().flatten() {
+        if let Some(id) = id.as_u64().map(|i| i as usize).filter(|&i| i < vocab_size) {
+            (tokens[id], scores[id], types[id]) = (content.clone(), -1000.0, USER_DEFINED);
+        }
+    }
+    for (id, added) in config["added_tokens_decoder"].as_object().into_iter().flatten() {
+        let (Ok(id), Some(content)) = (id.parse::<usize>(), added["content"].as_str()) else { continue };
+        if id >= vocab_size {
+            continue;
+        }
+        if added_is_special(config, id, content, false) {
+            types[id] = CONTROL;
+            tokens[id] = content.to_string();
+        } else {
+            types[id] = USER_DEFINED;
+            tokens[id] = content.replace('\u{2581}', " ");
+        }
+        scores[id] = -1000.0;
+    }
+    w.set("tokenizer.ggml.model", V::String("llama".into()));
+    w.set("tokenizer.ggml.pre", V::String("default".into()));
+    w.set("tokenizer.ggml.tokens", strings(tokens));
+    w.set("tokenizer.ggml.scores", V::Array(scores.into_iter().map(V::F32).collect()));
+    w.set("tokenizer.ggml.token_type", V::Array(types.into_iter().map(V::I32).collect()));
+    Ok(())
+}
+
+/// The pieces of a sentencepiece model, `(piece, score, type)`: the protobuf `ModelProto`'s
+/// repeated field 1, each a `SentencePiece { piece = 1 (string), score = 2 (float), type = 3
+/// (enum, NORMAL = 1 when absent) }`; every other field is skipped by its wire type.
+fn sentencepiece_pieces(bytes: &[u8]) -> Result<Vec<(String, f32, i32)>> {
+    fn varint(b: &[u8], at: &mut usize) -> Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at).ok_or_else(|| anyhow!("truncated varint"))?;
+            *at += 1;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte < 0x80 {
+                return Ok(v);
+            }
+        }
+        bail!("varint too long")
+    }
+    /// Each field of a message: (number, wire type, its bytes: the varint's value as 8 LE bytes, or the payload).
+    fn fields(b: &[u8]) -> Result<Vec<(u64, u64, &[u8], u64)>> {
+        let mut out = vec![];
+        let mut at = 0;
+        while at < b.len() {
+            let key = varint(b, &mut at)?;
+            let (field, wire) = (key >> 3, key & 7);
+            let (payload, value): (&[u8], u64) = match wire {
+                0 => (&[], varint(b, &mut at)?),
+                1 | 5 => {
+                    let n = if wire == 1 { 8 } else { 4 };
+                    let p = b.get(at..at + n).ok_or_else(|| anyhow!("truncated field {field}"))?;
+                    at += n;
+                    (p, 0)
+                }
+                2 => {
+                    let n = varint(b, &mut at)? as usize;
+                    let p = b.get(at..at + n).ok_or_else(|| anyhow!("truncated field {field}"))?;
+                    at += n;
+                    (p, 0)
+                }
+                _ => bail!("unsupported protobuf wire type {wire} (field {field})"),
+            };
+            out.push((field, wire, payload, value));
+        }
+        Ok(out)
+    }
+    let mut pieces = vec![];
+    for (field, wire, payload, _) in fields(bytes)? {
+        if field != 1 || wire != 2 {
+            continue;
+        }
+        let (mut piece, mut score, mut kind) = (String::new(), 0f32, 1i32);
+        for (f, w, p, v) in fields(payload)? {
+            match (f, w) {
+                (1, 2) => piece = String::from_utf8(p.to_vec()).map_err(|_| anyhow!("a piece is not UTF-8"))?,
+                (2, 5) => score = f32::from_le_bytes(p.try_into().unwrap()),
+                (3, 0) => kind = v as i32,
+                _ => {}
+            }
+        }
+        pieces.push((piece, score, kind));
+    }
+    if pieces.is_empty() {
+        bail!("no sentencepiece pieces (not a sentencepiece model file?)");
+    }
+    Ok(pieces)
+}
+
+/// Which special tokens the tokenizer adds around a text (`add_bos`, `add_eos`, `add_sep`), as
+/// the converter reads them: from tokenizer.json's post-processor first (a `TemplateProcessing`
+/// whose single-text template starts with the BOS (or CLS) token adds BOS, one that ends with a
+/// special token adds EOS, a special token between the pair's two texts is a separator;
+/// `RobertaProcessing` adds all three; `ByteLevel` none), then tokenizer_config.json's
+/// `add_{kind}_token` for the kinds the post-processor left open.
+fn special_flags(post: &Value, config: &Value) -> Vec<(&'static str, bool)> {
+    let token = |k: &str| config[k].as_str().or_else(|| config[k]["content"].as_str()).map(str::to_string);
+    let (bos, cls, eos, sep) = (token("bos_token"), token("cls_token"), token("eos_token"), token("sep_token"));
+    let special = |item: &Value| item["SpecialToken"]["id"].as_str().map(str::to_string);
+    let mut flags: Vec<(&'static str, bool)> = vec![];
+    let set = |flags: &mut Vec<(&'static str, bool)>, kind: &'static str, v: bool, overwrite: bool| match flags.iter_mut().find(|(k, _)| *k == kind) {
+        Some(f) if overwrite => f.1 = v,
+        Some(_) => {}
+        None => flags.push((kind, v)),
+    };
+    let processors: Vec<&Value> = match post["processors"].as_array() {
+        Some(ps) => ps.iter().collect(),
+        None if post.is_object() => vec![post],
+        None => vec![],
+    };
+    for p in processors {
+        match p["type"].as_str() {
+            Some("ByteLevel") => {
+                set(&mut flags, "bos", false, false);
+                set(&mut flags, "eos", false, false);
+            }
+            Some("RobertaProcessing") => ["bos", "eos", "sep"].into_iter().for_each(|k| set(&mut flags, k, true, true)),
+            Some("TemplateProcessing") => {
+                let single = p["single"].as_array().cloned().unwrap_or_default();
+                let (mut first, mut last) = (None, None);
+                if single.len() > 1 {
+                    first = special(&single[0]);
+                    if let Some(f) = &first {
+                        set(&mut flags, "bos", bos.is_none() || Some(f) == bos.as_ref() || Some(f) == cls.as_ref(), true);
+                    }
+                    last = special(&single[single.len() - 1]);
+                    if last.is_some() {
+                        set(&mut flags, "eos", true, true);
+                    }
+                }
+                let pair = p["pair"].as_array().cloned().unwrap_or_default();
+                let start = usize::from(first.is_some() && pair.first().and_then(special) == first);
+                let stop = pair.len() - usize::from(last.is_some() && pair.last().and_then(special) == last);
+                let inner = if start < stop { &pair[start..stop] } else { &[][..] };
+                let seq = |i: &Value| i["Sequence"]["id"].as_str().map(str::to_string);
+                if inner.len() > 2 && seq(&inner[0]).as_deref() == Some("A") && seq(&inner[inner.len() - 1]).as_deref() == Some("B") {
+                    let middle = &inner[1..inner.len() - 1];
+                    let separates = |i: &Value| special(i).is_some_and(|t| Some(&t) == sep.as_ref() || Some(&t) == eos.as_ref());
+                    let add_sep = (separates(&middle[0]) && last.is_none()) || (middle.len() == 2 && separates(&middle[1]));
+                    set(&mut flags, "sep", add_sep, true);
+                }
+            }
+            _ => {}
+        }
+    }
+    for kind in ["bos", "eos", "unk", "sep", "pad", "cls", "mask"] {
+        if let Some(v) = config[format!("add_{kind}_token")].as_bool() {
+            set(&mut flags, kind, v, false);
+        }
+    }
+    flags
 }
 
 fn pre_tokenizers(p: &Value) -> Vec<&Value> {

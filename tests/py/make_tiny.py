@@ -8,13 +8,16 @@ tokenizer files) and OUT_DIR/NAME/reference.safetensors with
   logits  [2, T, V] fp32 transformers' logits for those ids
   greedy  [20]    int64  20 greedy tokens after ids[0] (EOS disabled)
 """
+import json
 import os
+import shutil
+import tempfile
 import sys
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 CORPUS = [
@@ -39,6 +42,21 @@ def tiny_tokenizer(bos=True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+def spm_tokenizer(work):
+    """A sentencepiece BPE tokenizer (byte fallback, as Llama 2 / Mistral 7B): tokenizer.model is
+    trained in `work` and converted by transformers; returns (tokenizer, tokenizer.model path)."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=os.path.join(work, "sp"), vocab_size=320,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    model = os.path.join(work, "tokenizer.model")
+    os.replace(os.path.join(work, "sp.model"), model)
+    with open(os.path.join(work, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+                   "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
+    return AutoTokenizer.from_pretrained(work), model
+
+
 COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
               bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5)
@@ -49,6 +67,8 @@ CONFIGS = {
                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "llama_linear_rope": lambda: LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # a sentencepiece vocabulary (tokenizer.model beside tokenizer.json), as Llama 2 and Mistral 7B
+    "llama_spm": lambda: LlamaConfig(**{**COMMON, "vocab_size": 320}, rope_theta=10000.0),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=8, rope_theta=10000.0),
     "qwen2_tied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True, rope_theta=1000000.0),
     # head_dim apart from hidden/heads, q/k norms, a window on layers 1 and 2 shorter than the ids
@@ -91,7 +111,15 @@ def main():
                     p.add_(torch.randn_like(p) * 0.1)
         d = os.path.join(out, name)
         model.save_pretrained(d)
-        tok.save_pretrained(d)
+        if name == "llama_spm":
+            work = tempfile.mkdtemp()
+            spm_tok, spm_model = spm_tokenizer(work)
+            assert len(spm_tok) <= cfg.vocab_size, len(spm_tok)
+            spm_tok.save_pretrained(d)
+            shutil.copy(spm_model, os.path.join(d, "tokenizer.model"))
+            shutil.rmtree(work)
+        else:
+            tok.save_pretrained(d)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(3, cfg.vocab_size, (2, 24), generator=gen)
         with torch.no_grad():
