@@ -77,25 +77,47 @@ impl FileType {
     }
 }
 
-/// How one family is written: llama.cpp's architecture name and whether q/k rows are
-/// permuted into llama.cpp's interleaved rotary order.
+/// How one family is written: llama.cpp's architecture name, whether q/k rows are permuted
+/// into llama.cpp's interleaved rotary order, and whether norms are stored as `1 + w` (Gemma,
+/// whose norms scale by `1 + w`, for llama.cpp's plain RMS norm).
 struct Arch {
     name: &'static str,
     permute_qk: bool,
+    norm_plus_one: bool,
+}
+
+impl Arch {
+    /// The heads whose rows [`permute_rows`] reorders in tensor `gguf_name` (q's heads for
+    /// `attn_q`, the key/value heads for `attn_k`), when the family needs it.
+    fn rotary_heads(&self, gguf_name: &str, cfg: &crate::models::config::DecoderConfig) -> Option<usize> {
+        if !self.permute_qk {
+            None
+        } else if gguf_name.contains(".attn_q.") {
+            Some(cfg.num_attention_heads)
+        } else if gguf_name.contains(".attn_k.") {
+            Some(cfg.num_key_value_heads)
+        } else {
+            None
+        }
+    }
 }
 
 fn arch_of(architecture: &str) -> Result<Arch> {
+    let arch = |name, permute_qk, norm_plus_one| Arch { name, permute_qk, norm_plus_one };
     Ok(match architecture {
-        "LlamaForCausalLM" | "MistralForCausalLM" => Arch { name: "llama", permute_qk: true },
-        "Qwen2ForCausalLM" => Arch { name: "qwen2", permute_qk: false },
-        "Qwen3ForCausalLM" => Arch { name: "qwen3", permute_qk: false },
-        other => bail!("GGUF export of {other} is not supported yet; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+        "LlamaForCausalLM" | "MistralForCausalLM" => arch("llama", true, false),
+        "Qwen2ForCausalLM" => arch("qwen2", false, false),
+        "Qwen3ForCausalLM" => arch("qwen3", false, false),
+        "Gemma2ForCausalLM" => arch("gemma2", false, true),
+        "Gemma3ForCausalLM" => arch("gemma3", false, true),
+        other => bail!("GGUF export of {other} is not supported; supported: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3"),
     })
 }
 
 /// The GGUF name of a transformers tensor name (`model.layers.3.self_attn.q_proj.weight` →
-/// `blk.3.attn_q.weight`).
-pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+/// `blk.3.attn_q.weight`). With sandwich norms (Gemma 2/3) `post_attention_layernorm` is the
+/// attention output's norm, and the MLP's input norm is `pre_feedforward_layernorm`.
+pub fn gguf_tensor_name(hf: &str, sandwich: bool) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -116,7 +138,9 @@ pub fn gguf_tensor_name(hf: &str) -> Option<String> {
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
         "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
+        "post_attention_layernorm" if sandwich => "post_attention_norm",
+        "post_attention_layernorm" | "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}.{kind}"))
@@ -211,7 +235,7 @@ pub fn save_gguf(m: &LoadedModel, path: &Path, ft: FileType) -> Result<()> {
     w.set("general.type", V::String("model".into()));
     general_metadata(&mut w, m);
     hparams(&mut w, m, &arch, ft);
-    tokenizer_metadata(&mut w, m)?;
+    tokenizer_metadata(&mut w, m, &arch)?;
 
     if let Some(factors) = llama3_rope_factors(m) {
         let n = factors.len();
@@ -221,26 +245,22 @@ pub fn save_gguf(m: &LoadedModel, path: &Path, ft: FileType) -> Result<()> {
     let tied = m.net.lm_head.is_none();
     let n_layers = cfg.num_hidden_layers;
     for (hf, _, make) in tensors {
-        let name = gguf_tensor_name(&hf).ok_or_else(|| anyhow!("tensor {hf} has no llama.cpp name"))?;
+        let name = gguf_tensor_name(&hf, cfg.sandwich_norms).ok_or_else(|| anyhow!("tensor {hf} has no llama.cpp name"))?;
+        let plus_one = arch.norm_plus_one && name.ends_with("norm.weight");
         let shape: Vec<usize> = make_shape(m, &hf)?;
         let row = *shape.last().unwrap();
         let layer = layer_of(&name).map(|i| (i, n_layers));
         let ty = tensor_type(ft, &name, shape.len(), row, tied, layer);
-        let heads = if !arch.permute_qk {
-            None
-        } else if name.contains(".attn_q.") {
-            Some(cfg.num_attention_heads)
-        } else if name.contains(".attn_k.") {
-            Some(cfg.num_key_value_heads)
-        } else {
-            None
-        };
+        let heads = arch.rotary_heads(&name, cfg);
         let rows = shape[0];
         w.add_tensor(&name, &shape, ty, Box::new(move || {
             let t = make().to_kind(Kind::Float).contiguous();
             let mut data = Vec::<f32>::try_from(t.flatten(0, -1))?;
             if let Some(h) = heads {
                 data = permute_rows(&data, rows, h)?;
+            }
+            if plus_one {
+                data.iter_mut().for_each(|x| *x += 1.0);
             }
             Ok(quantize(ty, &data))
         }))?;
@@ -303,42 +323,84 @@ fn general_metadata(w: &mut GgufWriter, m: &LoadedModel) {
     }
 }
 
-/// The architecture's hyperparameters (`{arch}.*`), in the converter's order.
+/// The architecture's hyperparameters (`{arch}.*`) as the converter writes them: the keys every
+/// family has (RoPE base only where config.json names one; the sliding layers' own base as
+/// `rope.freq_base_swa`), Llama's vocabulary size and rotary dimensions, RoPE scaling, and
+/// Gemma's own keys (Gemma 2 lists its keys itself and leaves the RoPE base to llama.cpp's
+/// default; both write soft-caps and the sliding window).
 fn hparams(w: &mut GgufWriter, m: &LoadedModel, arch: &Arch, ft: FileType) {
     let cfg = &m.net.config;
     let json = &m.config_json;
     let k = |s: &str| format!("{}.{s}", arch.name);
+    let f32v = |x: f64| V::F32(x as f32);
+    let rope = rope_params(json);
+    let theta = rope.and_then(|p| p.get("rope_theta")).or_else(|| json.get("rope_theta")).and_then(|t| t.as_f64());
+    let head_dim_given = json.get("head_dim").map(|h| !h.is_null()).unwrap_or(false);
     w.set(&k("block_count"), u32v(cfg.num_hidden_layers));
     w.set(&k("context_length"), u32v(cfg.max_position_embeddings));
     w.set(&k("embedding_length"), u32v(cfg.hidden_size));
     w.set(&k("feed_forward_length"), u32v(cfg.intermediate_size));
     w.set(&k("attention.head_count"), u32v(cfg.num_attention_heads));
     w.set(&k("attention.head_count_kv"), u32v(cfg.num_key_value_heads));
-    w.set(&k("rope.freq_base"), V::F32(cfg.rope_theta as f32));
-    w.set(&k("attention.layer_norm_rms_epsilon"), V::F32(cfg.rms_norm_eps as f32));
-    if json.get("head_dim").map(|h| !h.is_null()).unwrap_or(false) {
+    if arch.name != "gemma2" {
+        if let Some(t) = theta {
+            w.set(&k("rope.freq_base"), f32v(t));
+        }
+        if let Some(t) = json.pointer("/rope_parameters/sliding_attention/rope_theta").and_then(|t| t.as_f64()) {
+            w.set(&k("rope.freq_base_swa"), f32v(t));
+        }
+    }
+    w.set(&k("attention.layer_norm_rms_epsilon"), f32v(cfg.rms_norm_eps));
+    if head_dim_given || arch.name == "gemma2" {
         w.set(&k("attention.key_length"), u32v(cfg.head_dim));
         w.set(&k("attention.value_length"), u32v(cfg.head_dim));
     }
     w.set("general.file_type", V::U32(ft.id()));
-    if arch.name == "llama" {
-        w.set(&k("vocab_size"), u32v(cfg.vocab_size));
-        w.set(&k("rope.dimension_count"), u32v(cfg.head_dim));
+    match arch.name {
+        "llama" => {
+            w.set(&k("vocab_size"), u32v(cfg.vocab_size));
+            w.set(&k("rope.dimension_count"), u32v(cfg.head_dim));
+        }
+        "gemma2" | "gemma3" => {
+            if let Some(c) = json.get("attn_logit_softcapping").and_then(|c| c.as_f64()) {
+                w.set(&k("attn_logit_softcapping"), f32v(c));
+            }
+            if let Some(c) = json.get("final_logit_softcapping").and_then(|c| c.as_f64()).filter(|&c| c != 0.0) {
+                w.set(&k("final_logit_softcapping"), f32v(c));
+            }
+            if arch.name == "gemma2" || json.get("sliding_window_pattern").and_then(|p| p.as_i64()) != Some(1) {
+                if let Some(win) = json.get("sliding_window").and_then(|v| v.as_u64()) {
+                    w.set(&k("attention.sliding_window"), V::U32(win as u32));
+                }
+            }
+            if arch.name == "gemma3" {
+                w.set(&k("rope.freq_base"), f32v(theta.unwrap_or(1e6)));
+                if cfg.sliding_layers.iter().enumerate().any(|(i, &s)| s != ((i + 1) % 6 != 0)) {
+                    tracing::warn!("llama.cpp's gemma3 makes every sixth layer global and the rest sliding: this model's layer types differ, and llama.cpp will not compute what it computes");
+                }
+            }
+            let scale = json.get("query_pre_attn_scalar").and_then(|q| q.as_f64());
+            if scale.is_some_and(|q| q != cfg.head_dim as f64 && q != (cfg.hidden_size / cfg.num_attention_heads) as f64) {
+                tracing::warn!("llama.cpp scales {}'s attention by 1/√head_dim (1/√(hidden/heads) for the 27B): this model's query_pre_attn_scalar {} is not written", arch.name, scale.unwrap());
+            }
+        }
+        _ => {
+            if let Some(win) = cfg.sliding_window.filter(|_| cfg.sliding_layers.iter().any(|&s| s)) {
+                tracing::warn!("llama.cpp's {} attends over the whole context: beyond {win} tokens it will not compute what the sliding-window model computes", arch.name);
+            }
+        }
     }
-    if let Some(win) = cfg.sliding_window.filter(|_| cfg.sliding_layers.iter().any(|&s| s)) {
-        tracing::warn!("llama.cpp's {} attends over the whole context: beyond {win} tokens it will not compute what the sliding-window model computes", arch.name);
-    }
-    if let Some(scaling) = rope_params(json) {
+    if let Some(scaling) = rope.filter(|_| arch.name != "gemma2") {
         let ty = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str()).unwrap_or("");
         let factor = scaling.get("factor").and_then(|f| f.as_f64());
         match (ty, factor) {
             ("linear", Some(f)) => {
                 w.set(&k("rope.scaling.type"), V::String("linear".into()));
-                w.set(&k("rope.scaling.factor"), V::F32(f as f32));
+                w.set(&k("rope.scaling.factor"), f32v(f));
             }
             ("yarn", Some(f)) => {
                 w.set(&k("rope.scaling.type"), V::String("yarn".into()));
-                w.set(&k("rope.scaling.factor"), V::F32(f as f32));
+                w.set(&k("rope.scaling.factor"), f32v(f));
                 if let Some(o) = scaling.get("original_max_position_embeddings").and_then(|o| o.as_u64()) {
                     w.set(&k("rope.scaling.original_context_length"), V::U32(o as u32));
                 }
@@ -366,40 +428,40 @@ fn looks_special(t: &str) -> bool {
 
 /// `tokenizer.*` as the converter writes them: `add_space_prefix`, the vocabulary (from the
 /// sentencepiece `tokenizer.model` when the model has one, else byte-level BPE from
-/// tokenizer.json), then the special ids, `add_bos`/`add_eos` and the chat template.
-fn tokenizer_metadata(w: &mut GgufWriter, m: &LoadedModel) -> Result<()> {
+/// tokenizer.json), then the special ids, which special tokens the tokenizer adds, and the chat
+/// template.
+fn tokenizer_metadata(w: &mut GgufWriter, m: &LoadedModel, arch: &Arch) -> Result<()> {
     let tj: Value = serde_json::from_slice(m.tokenizer.file("tokenizer.json").ok_or_else(|| anyhow!("the model has no tokenizer.json"))?)
         .context("tokenizer.json: not valid JSON")?;
     let config: Value = m.tokenizer.file("tokenizer_config.json").and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
-    if let Some(aps) = config["add_prefix_space"].as_bool() {
+    let gemma = arch.name.starts_with("gemma");
+    if let Some(aps) = config["add_prefix_space"].as_bool().filter(|_| arch.name == "llama") {
         w.set("tokenizer.ggml.add_space_prefix", V::Bool(aps));
     }
     match m.tokenizer.file("tokenizer.model") {
         Some(spm) => sentencepiece_vocab(w, m, spm, &config)?,
+        None if gemma => bail!("GGUF export of {}: llama.cpp's Gemma needs the sentencepiece tokenizer.model beside tokenizer.json", m.net.config.architecture),
         None => byte_level_vocab(w, m, &tj, &config)?,
     }
-    let cfg = &m.net.config;
-    let tok = &m.tokenizer;
-    let id_of = |key: &str| {
-        let v = &config[key];
-        v.as_str().or_else(|| v["content"].as_str()).and_then(|t| tok.token_to_id(t))
-    };
-    if let Some(b) = tok.bos_id.or(cfg.bos_token_id) {
-        w.set("tokenizer.ggml.bos_token_id", V::U32(b as u32));
+    if gemma {
+        w.set("tokenizer.ggml.add_space_prefix", V::Bool(false));
     }
-    if let Some(e) = tok.eos_id.or(cfg.eos_token_ids.first().copied()) {
-        w.set("tokenizer.ggml.eos_token_id", V::U32(e as u32));
-    }
-    if let Some(u) = id_of("unk_token") {
-        w.set("tokenizer.ggml.unknown_token_id", V::U32(u as u32));
-    }
-    if let Some(p) = cfg.pad_token_id.or_else(|| id_of("pad_token")) {
-        w.set("tokenizer.ggml.padding_token_id", V::U32(p as u32));
+    // special ids: tokenizer_config.json's `{kind}_token` found among tokenizer.json's added
+    // tokens, else config.json's `{kind}_token_id`
+    let vocab_size = m.net.config.vocab_size as u64;
+    for (kind, key) in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("sep", "seperator"), ("pad", "padding"), ("cls", "cls"), ("mask", "mask")] {
+        let entry = &config[format!("{kind}_token")];
+        let content = entry.as_str().or_else(|| entry["content"].as_str());
+        let added = content.and_then(|c| tj["added_tokens"].as_array().into_iter().flatten().find(|t| t["content"] == c)).and_then(|t| t["id"].as_u64());
+        let id = added.filter(|&i| i < vocab_size).or_else(|| m.config_json[format!("{kind}_token_id")].as_u64().filter(|&i| i < vocab_size));
+        if let Some(id) = id {
+            w.set(&format!("tokenizer.ggml.{key}_token_id"), V::U32(id as u32));
+        }
     }
     for (kind, add) in special_flags(&tj["post_processor"], &config) {
         w.set(&format!("tokenizer.ggml.add_{kind}_token"), V::Bool(add));
     }
-    if let Some(t) = &tok.chat_template {
+    if let Some(t) = &m.tokenizer.chat_template {
         w.set("tokenizer.chat_template", V::String(t.clone()));
     }
     Ok(())
@@ -716,18 +778,10 @@ pub fn save_gguf_adapter(m: &LoadedModel, path: &Path) -> Result<()> {
     let alpha = spec.alpha;
     for lin in m.net.linears() {
         let Some(lora) = &lin.lora else { continue };
-        let name = gguf_tensor_name(&format!("{}.weight", lin.name)).ok_or_else(|| anyhow!("{} has no llama.cpp name", lin.name))?;
+        let name = gguf_tensor_name(&format!("{}.weight", lin.name), cfg.sandwich_norms).ok_or_else(|| anyhow!("{} has no llama.cpp name", lin.name))?;
         let r = lora.a.size()[0] as usize;
         let (out, inp) = (lin.out_features() as usize, lin.in_features() as usize);
-        let heads = if !arch.permute_qk {
-            None
-        } else if name.contains(".attn_q.") {
-            Some(cfg.num_attention_heads)
-        } else if name.contains(".attn_k.") {
-            Some(cfg.num_key_value_heads)
-        } else {
-            None
-        };
+        let heads = arch.rotary_heads(&name, cfg);
         let a = lora.a.shallow_clone();
         w.add_tensor(&format!("{name}.lora_a"), &[r, inp], QuantType::F32, Box::new(move || {
             let data = Vec::<f32>::try_from(a.detach().to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous().flatten(0, -1))?;

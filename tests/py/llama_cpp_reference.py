@@ -8,7 +8,7 @@ Two llama.cpp pieces, both from PyPI (scripts/setup.sh installs them):
   runtime    libllama build b11739 (commit 0ce8cd114) of llama-cpp-py-sync, driven through its
              low-level CFFI functions (CPU only, llama.cpp's logging silenced)
 
-usage: llama_cpp_reference.py convert HF_DIR OUT.gguf [--outtype f16|f32|q8_0|bf16] [--bytelevel-fix]
+usage: llama_cpp_reference.py convert HF_DIR OUT.gguf [--outtype f16|f32|q8_0|bf16]
        llama_cpp_reference.py convert-lora ADAPTER_DIR BASE_HF_DIR OUT.gguf [--outtype f16|f32|q8_0|bf16]
        llama_cpp_reference.py quantize IN.gguf OUT.gguf FTYPE [--allow-requantize]   (q4_k_m, q5_k_m, q6_k, q8_0, q4_0, ...)
        llama_cpp_reference.py dump GGUF [--hash] [--out PATH]
@@ -25,14 +25,7 @@ Every command prints one JSON document to stdout, or writes it to --out PATH (wi
 `logits` and `hf-logits` write the float32 array [n_tokens, n_vocab] instead).
 
   convert     runs the converter (subprocess, its own gguf-py first on PYTHONPATH);
-              prints {"out", "outtype"}. --bytelevel-fix: convert a copy of HF_DIR (same folder
-              name, files symlinked) whose tokenizer.json has model.byte_fallback=false and a plain
-              ByteLevel decoder, as the original SmolLM2 tokenizer.json has. A tokenizer.json with a
-              ByteLevel pre-tokenizer but byte_fallback=true and the Sequence[ByteFallback, Fuse,
-              Replace, ByteLevel] decoder (what transformers' GGUF tokenizer conversion, and so
-              ftscript's importer, writes) sends the converter down its SentencePiece-style
-              LlamaHfVocab path: tokenizer.ggml.model "llama", pre "default", scores, no merges,
-              a GGUF whose llama_tokenize aborts (no <0xXX> byte tokens)
+              prints {"out", "outtype"}
   convert-lora  runs convert_lora_to_gguf.py on a PEFT adapter dir (adapter_config.json +
               adapter_model.safetensors) with --base BASE_HF_DIR; prints {"out", "outtype"}
   quantize    llama_model_quantize (llama-quantize's library call) with the ftype; prints
@@ -114,30 +107,8 @@ def run_converter(script, args):
         sys.exit(f"{script} failed with exit code {p.returncode}")
 
 
-def bytelevel_fixed_copy(hf_dir, tmp):
-    """A copy of hf_dir (same folder name, files symlinked) with a GPT-2-style tokenizer.json."""
-    src = os.path.abspath(hf_dir)
-    dst = os.path.join(tmp, os.path.basename(src.rstrip("/")))
-    os.makedirs(dst)
-    for f in os.listdir(src):
-        if f != "tokenizer.json":
-            os.symlink(os.path.join(src, f), os.path.join(dst, f))
-    with open(os.path.join(src, "tokenizer.json"), encoding="utf-8") as f:
-        tok = json.load(f)
-    pre = json.dumps(tok.get("pre_tokenizer"))
-    if tok["model"].get("type") == "BPE" and '"ByteLevel"' in pre:
-        tok["model"]["byte_fallback"] = False
-        tok["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-    with open(os.path.join(dst, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(tok, f, ensure_ascii=False)
-    return dst
-
-
 def cmd_convert(a):
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = bytelevel_fixed_copy(a.hf_dir, tmp) if a.bytelevel_fix else a.hf_dir
-        run_converter("convert_hf_to_gguf.py", [hf_dir, "--outtype", a.outtype, "--outfile", a.out_gguf])
+    run_converter("convert_hf_to_gguf.py", [a.hf_dir, "--outtype", a.outtype, "--outfile", a.out_gguf])
     emit({"out": a.out_gguf, "outtype": a.outtype})
 
 
@@ -458,8 +429,6 @@ def main():
     p.add_argument("hf_dir")
     p.add_argument("out_gguf")
     p.add_argument("--outtype", default="f16", choices=OUTTYPES)
-    p.add_argument("--bytelevel-fix", action="store_true",
-                   help="convert a copy whose tokenizer.json is GPT-2 style (byte_fallback off, ByteLevel decoder)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("convert-lora")

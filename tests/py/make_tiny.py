@@ -42,17 +42,19 @@ def tiny_tokenizer(bos=True):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def spm_tokenizer(work):
-    """A sentencepiece BPE tokenizer (byte fallback, as Llama 2 / Mistral 7B): tokenizer.model is
-    trained in `work` and converted by transformers; returns (tokenizer, tokenizer.model path)."""
+def spm_tokenizer(work, gemma=False):
+    """A sentencepiece BPE tokenizer (byte fallback, as Llama 2 / Mistral 7B, or Gemma's, which adds
+    no space before the text): tokenizer.model is trained in `work` and converted by transformers;
+    returns (tokenizer, tokenizer.model path)."""
     import sentencepiece as spm
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=os.path.join(work, "sp"), vocab_size=320,
                                    model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-                                   eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+                                   eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+                                   add_dummy_prefix=not gemma)
     model = os.path.join(work, "tokenizer.model")
     os.replace(os.path.join(work, "sp.model"), model)
     with open(os.path.join(work, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        json.dump({"tokenizer_class": "GemmaTokenizer" if gemma else "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
                    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f)
     return AutoTokenizer.from_pretrained(work), model
 
@@ -60,6 +62,8 @@ def spm_tokenizer(work):
 COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
               bos_token_id=0, eos_token_id=1, rms_norm_eps=1e-5)
+# the sentencepiece models: its vocabulary (up to 320 pieces, and what transformers adds) and special ids (<unk> 0, <s> 1, </s> 2)
+SPM = {**COMMON, "vocab_size": 336, "bos_token_id": 1, "eos_token_id": 2}
 
 CONFIGS = {
     "llama_gqa": lambda: LlamaConfig(**COMMON, rope_theta=10000.0),
@@ -68,7 +72,7 @@ CONFIGS = {
                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "llama_linear_rope": lambda: LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     # a sentencepiece vocabulary (tokenizer.model beside tokenizer.json), as Llama 2 and Mistral 7B
-    "llama_spm": lambda: LlamaConfig(**{**COMMON, "vocab_size": 320}, rope_theta=10000.0),
+    "llama_spm": lambda: LlamaConfig(**SPM, rope_theta=10000.0),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=8, rope_theta=10000.0),
     "qwen2_tied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True, rope_theta=1000000.0),
     # head_dim apart from hidden/heads, q/k norms, a window on layers 1 and 2 shorter than the ids
@@ -82,6 +86,15 @@ CONFIGS = {
                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    # Gemma as llama.cpp runs it: sentencepiece, queries scaled by 1/√head_dim
+    "gemma2_spm": lambda: Gemma2Config(**SPM, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+                                       final_logit_softcapping=3.0, sliding_window=8, pad_token_id=0),
+    # (and Gemma 3's layer pattern, which llama.cpp fixes: five sliding layers, then a global one)
+    "gemma3_spm": lambda: Gemma3TextConfig(**{**SPM, "num_hidden_layers": 6}, head_dim=16, query_pre_attn_scalar=16,
+                                           sliding_window=8, pad_token_id=0,
+                                           layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                                           rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
 }
 
 
@@ -111,9 +124,9 @@ def main():
                     p.add_(torch.randn_like(p) * 0.1)
         d = os.path.join(out, name)
         model.save_pretrained(d)
-        if name == "llama_spm":
+        if name.endswith("_spm"):
             work = tempfile.mkdtemp()
-            spm_tok, spm_model = spm_tokenizer(work)
+            spm_tok, spm_model = spm_tokenizer(work, gemma=name.startswith("gemma"))
             assert len(spm_tok) <= cfg.vocab_size, len(spm_tok)
             spm_tok.save_pretrained(d)
             shutil.copy(spm_model, os.path.join(d, "tokenizer.model"))
