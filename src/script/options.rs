@@ -123,15 +123,37 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, 
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "internal error".into());
-            let first = msg.lines().next().unwrap_or("").to_string();
-            Err(format!("{what}: {first}").into())
+            Err(format!("{what}: {}", panic_message(&msg)).into())
         }
+    }
+}
+
+/// The readable part of a panic's message: its first line, and for a libtorch error unwrapped
+/// by tch (`called `Result::unwrap()` on an `Err` value: Torch("CUDA out of memory. ...\nException
+/// raised from ...")`) the first line of libtorch's own message.
+fn panic_message(msg: &str) -> String {
+    let first = msg.lines().next().unwrap_or("");
+    let inner = first.strip_prefix("called `Result::unwrap()` on an `Err` value: ").unwrap_or(first);
+    match inner.strip_prefix("Torch(\"") {
+        Some(torch) => {
+            let end = [torch.find("\\n"), torch.rfind("\")")].into_iter().flatten().min().unwrap_or(torch.len());
+            format!("libtorch: {}", torch[..end].trim_end())
+        }
+        None => inner.to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_libtorch_panic_reads_as_libtorch_s_first_line() {
+        let msg = "called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.3 GiB total)\\nException raised from malloc at alloc.cpp:1\")";
+        assert_eq!(panic_message(msg), "libtorch: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.3 GiB total)");
+        assert_eq!(panic_message("called `Result::unwrap()` on an `Err` value: Torch(\"shape mismatch\")"), "libtorch: shape mismatch");
+        assert_eq!(panic_message("index out of bounds\nmore"), "index out of bounds");
+    }
 
     #[test]
     fn near_misses_include_swapped_neighbours() {
