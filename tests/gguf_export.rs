@@ -214,6 +214,30 @@ fn sentencepiece_llama_and_gemma_export_as_the_converter_writes_them_and_run_in_
 }
 
 #[test]
+fn a_qlora_model_exports_its_dequantized_weights_with_the_adapter_merged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let dir = tiny_llama(d);
+    let q = ftscript::nn::quant::QuantConfig { qtype: ftscript::nn::quant::QuantType::Nf4, double_quant: true, skip: vec![] };
+    let mut m = ftscript::models::load_with(&dir, "fp32", Device::Cpu, Some(&q)).unwrap();
+    let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, seed: 1 };
+    ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
+    for lin in m.net.linears_mut() {
+        if let Some(l) = &mut lin.lora {
+            tch::no_grad(|| l.b.copy_(&(Tensor::randn(l.b.size(), (Kind::Float, Device::Cpu)) * 0.05)));
+        }
+    }
+    m.lora = Some(spec);
+    assert!(m.net.linears().iter().any(|l| l.weight.is_quantized()));
+    let gguf = d.join("qlora.gguf");
+    ftscript::gguf::export::save_gguf(&m, &gguf, ftscript::gguf::export::FileType::F32).unwrap();
+    let ids = m.tokenizer.encode("the fox", true).unwrap();
+    let err = rel_err(&llama_cpp_logits(&gguf, &ids, d, "f32", None), &logits(&m, &ids));
+    println!("NF4 + LoRA: llama.cpp logits of the export vs ftscript: max rel err {err:.2e}");
+    assert!(err < 1e-4, "the QLoRA model's export differs from it in llama.cpp: {err:.3e}");
+}
+
+#[test]
 fn bad_export_requests_are_refused_with_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
