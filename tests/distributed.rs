@@ -69,6 +69,46 @@ print(`RESULT rank=${{rank()}} world=${{world_size()}} main=${{is_main_process()
 }
 
 #[test]
+fn evaluate_under_launch_shares_the_records_between_ranks_and_scores_as_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    // 7 records: rank 0 generates 4, rank 1 generates 3; batch 1, so no padding differs from the
+    // single process's
+    let recipe = d.join("eval.rhai");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
+let data = load_dataset("data.jsonl").take(7);
+let fmt = |r| #{{ prompt: r.text.sub_string(0, 12), response: r.text.sub_string(12) }};
+let r = evaluate(m, data, #{{ format: fmt, metrics: ["exact_match", "bleu", "rouge_l"], max_new_tokens: 6, batch_size: 1, samples: 7 }});
+let predictions = r.samples.map(|s| s.prediction);
+print(`RESULT rank=${{rank()}} records=${{r.records}} bleu=${{r.bleu}} rouge_l=${{r.rouge_l}} exact_match=${{r.exact_match}} predictions=${{predictions}}`);
+"#
+        ),
+    )
+    .unwrap();
+    let r = recipe.to_str().unwrap();
+    let out = ftscript(&["launch", "--nproc-per-node", "2", r], d);
+    let t = text(&out);
+    assert!(out.status.success(), "launch failed:\n{t}");
+    assert!(t.contains("rank 0 generated 4 of 7 records") && t.contains("rank 1 generated 3 of 7 records"), "{t}");
+    let result = |t: &str, rank: usize| -> String {
+        let line = t.lines().find(|l| l.contains(&format!("RESULT rank={rank} "))).unwrap_or_else(|| panic!("no RESULT of rank {rank}:\n{t}"));
+        line[line.find("records=").unwrap()..].to_string()
+    };
+    // (the launcher shows rank 0's output; every rank gets the same all-reduced predictions)
+    let r0 = result(&t, 0);
+    let single = ftscript(&["run", r], d);
+    let ts = text(&single);
+    assert!(single.status.success(), "single run failed:\n{ts}");
+    assert_eq!(r0, result(&ts, 0), "2 ranks score differently from one process");
+    assert!(r0.contains("records=7"), "{r0}");
+}
+
+#[test]
 fn a_failing_rank_stops_the_launch_quickly() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();

@@ -98,7 +98,14 @@ pub fn evaluate(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: &Map) ->
     let (prompts, references): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
     let sampling = Sampling { max_new_tokens: o.max_new_tokens.unwrap_or(64), ..Default::default() };
     let started = std::time::Instant::now();
-    let predictions = guard("evaluate", || super::model::generate_texts(&m.get(), &prompts, &sampling, o.batch_size.unwrap_or(16)))?;
+    let batch_size = o.batch_size.unwrap_or(16);
+    let predictions = guard("evaluate", || {
+        let model = m.get();
+        match crate::dist::group()? {
+            Some(pg) => generate_sharded(pg, &model, &prompts, &sampling, batch_size),
+            None => super::model::generate_texts(&model, &prompts, &sampling, batch_size),
+        }
+    })?;
     let mut out = Map::new();
     for name in &metrics {
         let score = match name.as_str() {
@@ -126,6 +133,32 @@ pub fn evaluate(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: &Map) ->
     out.insert("records".into(), Dynamic::from(prompts.len() as i64));
     out.insert("seconds".into(), Dynamic::from(started.elapsed().as_secs_f64()));
     Ok(out)
+}
+
+/// Under `ftscript launch`: rank `r` of `w` generates for the records `r, r + w, r + 2w, ...`,
+/// and every rank gets every prediction back (their UTF-8 bytes summed over the ranks into one
+/// buffer in which each rank wrote only its own records'), so the scores are the same everywhere.
+fn generate_sharded(pg: &crate::dist::ProcessGroup, model: &crate::models::LoadedModel, prompts: &[String], s: &Sampling, batch_size: usize) -> anyhow::Result<Vec<String>> {
+    let (rank, world) = (crate::dist::rank(), crate::dist::world_size());
+    let mine: Vec<usize> = (rank..prompts.len()).step_by(world).collect();
+    let local = super::model::generate_texts(model, &mine.iter().map(|&i| prompts[i].clone()).collect::<Vec<_>>(), s, batch_size)?;
+    tracing::info!("evaluate: rank {rank} generated {} of {} records", mine.len(), prompts.len());
+    let mut lengths = vec![0f64; prompts.len()];
+    for (&i, text) in mine.iter().zip(&local) {
+        lengths[i] = text.len() as f64;
+    }
+    let lengths: Vec<usize> = pg.sum_f64(&lengths)?.into_iter().map(|l| l as usize).collect();
+    let offsets: Vec<usize> = lengths.iter().scan(0, |at, &l| Some(std::mem::replace(at, *at + l))).collect();
+    let mut bytes = vec![0i32; lengths.iter().sum::<usize>().max(1)];
+    for (&i, text) in mine.iter().zip(&local) {
+        for (k, b) in text.bytes().enumerate() {
+            bytes[offsets[i] + k] = b as i32;
+        }
+    }
+    let all = tch::Tensor::from_slice(&bytes).to_device(pg.device);
+    pg.all_reduce_sum(&all)?;
+    let bytes: Vec<u8> = Vec::<i32>::try_from(all.to_device(tch::Device::Cpu))?.into_iter().map(|b| b as u8).collect();
+    Ok((0..prompts.len()).map(|i| String::from_utf8_lossy(&bytes[offsets[i]..offsets[i] + lengths[i]]).into_owned()).collect())
 }
 
 pub fn register(engine: &mut Engine) {
