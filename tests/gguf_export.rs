@@ -52,6 +52,18 @@ fn llama_cpp_greedy(gguf: &Path, ids: &[i64], n: usize, lora: Option<&Path>) -> 
     serde_json::from_value(lcpp(&args)["tokens"].clone()).unwrap()
 }
 
+/// LoRA r=4 on every linear layer with a random B (as if trained), so merging changes the model.
+fn add_trained_looking_lora(m: &mut ftscript::models::LoadedModel) {
+    let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, seed: 1 };
+    ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
+    for lin in m.net.linears_mut() {
+        if let Some(l) = &mut lin.lora {
+            tch::no_grad(|| l.b.copy_(&(Tensor::randn(l.b.size(), (Kind::Float, Device::Cpu)) * 0.05)));
+        }
+    }
+    m.lora = Some(spec);
+}
+
 /// Every metadata entry and tensor of two dumps equal, but for the `general.*` naming keys
 /// the converter derives from directory names and model cards.
 fn assert_same_file(ours: &Value, theirs: &Value, what: &str) {
@@ -166,14 +178,7 @@ fn qwen_families_export_and_match_in_llama_cpp() {
     for name in ["qwen2_tied", "qwen3", "llama_gqa", "mistral", "llama_linear_rope", "llama3_rope"] {
         let dir = tiny(d, name);
         let mut m = ftscript::models::load(&dir, "fp32", Device::Cpu).unwrap();
-        let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, seed: 1 };
-        ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
-        for lin in m.net.linears_mut() {
-            if let Some(l) = &mut lin.lora {
-                tch::no_grad(|| l.b.copy_(&(Tensor::randn(l.b.size(), (Kind::Float, Device::Cpu)) * 0.05)));
-            }
-        }
-        m.lora = Some(spec);
+        add_trained_looking_lora(&mut m);
         let gguf = d.join(format!("{name}.gguf"));
         ftscript::gguf::export::save_gguf(&m, &gguf, ftscript::gguf::export::FileType::F32).unwrap();
         let ids = m.tokenizer.encode("the fox", true).unwrap();
@@ -220,14 +225,7 @@ fn a_qlora_model_exports_its_dequantized_weights_with_the_adapter_merged() {
     let dir = tiny_llama(d);
     let q = ftscript::nn::quant::QuantConfig { qtype: ftscript::nn::quant::QuantType::Nf4, double_quant: true, skip: vec![] };
     let mut m = ftscript::models::load_with(&dir, "fp32", Device::Cpu, Some(&q)).unwrap();
-    let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, seed: 1 };
-    ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
-    for lin in m.net.linears_mut() {
-        if let Some(l) = &mut lin.lora {
-            tch::no_grad(|| l.b.copy_(&(Tensor::randn(l.b.size(), (Kind::Float, Device::Cpu)) * 0.05)));
-        }
-    }
-    m.lora = Some(spec);
+    add_trained_looking_lora(&mut m);
     assert!(m.net.linears().iter().any(|l| l.weight.is_quantized()));
     let gguf = d.join("qlora.gguf");
     ftscript::gguf::export::save_gguf(&m, &gguf, ftscript::gguf::export::FileType::F32).unwrap();

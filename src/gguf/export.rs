@@ -87,8 +87,8 @@ struct Arch {
 }
 
 impl Arch {
-    /// The heads whose rows [`permute_rows`] reorders in tensor `gguf_name` (q's heads for
-    /// `attn_q`, the key/value heads for `attn_k`), when the family needs it.
+    /// The heads whose rows [`super::permute_rotary_rows`] reorders in tensor `gguf_name` (q's
+    /// heads for `attn_q`, the key/value heads for `attn_k`), when the family needs it.
     fn rotary_heads(&self, gguf_name: &str, cfg: &crate::models::config::DecoderConfig) -> Option<usize> {
         if !self.permute_qk {
             None
@@ -144,28 +144,6 @@ pub fn gguf_tensor_name(hf: &str, sandwich: bool) -> Option<String> {
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}.{kind}"))
-}
-
-/// Rows of a q or k projection (or its LoRA B) from transformers' rotary order (the two halves
-/// of each head contiguous) to llama.cpp's (pairs interleaved): within head `h`, row `i·d + j`
-/// moves to `2j + i`, `d = head_dim / 2`. The inverse of [`super::reverse_permute`].
-pub fn permute_rows(data: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
-    if n_head == 0 || rows % (2 * n_head) != 0 || data.len() % rows.max(1) != 0 {
-        bail!("cannot permute a tensor with {rows} rows over {n_head} heads");
-    }
-    let cols = data.len() / rows;
-    let d = rows / n_head / 2;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..n_head {
-        for i in 0..2 {
-            for j in 0..d {
-                let src = h * 2 * d + i * d + j;
-                let dst = h * 2 * d + 2 * j + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// The type a tensor is stored as. `row` is its row length (`ne[0]`), `n_dims` its rank.
@@ -257,7 +235,7 @@ pub fn save_gguf(m: &LoadedModel, path: &Path, ft: FileType) -> Result<()> {
             let t = make().to_kind(Kind::Float).contiguous();
             let mut data = Vec::<f32>::try_from(t.flatten(0, -1))?;
             if let Some(h) = heads {
-                data = permute_rows(&data, rows, h)?;
+                data = super::permute_rotary_rows(&data, rows, h, true)?;
             }
             if plus_one {
                 data.iter_mut().for_each(|x| *x += 1.0);
@@ -793,7 +771,7 @@ pub fn save_gguf_adapter(m: &LoadedModel, path: &Path) -> Result<()> {
             let b = (b.detach().to_kind(Kind::Double) * fold).to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
             let mut data = Vec::<f32>::try_from(b.flatten(0, -1))?;
             if let Some(h) = heads {
-                data = permute_rows(&data, out, h)?;
+                data = super::permute_rotary_rows(&data, out, h, true)?;
             }
             Ok(quantize(QuantType::F32, &data))
         }))?;
@@ -848,11 +826,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn permute_is_the_inverse_of_the_importers() {
+    fn rotary_rows_go_to_llama_cpp_and_back() {
         let data: Vec<f32> = (0..8 * 3).map(|i| i as f32).collect();
-        let p = permute_rows(&data, 8, 2).unwrap();
+        let p = super::super::permute_rotary_rows(&data, 8, 2, true).unwrap();
         assert_ne!(p, data);
-        assert_eq!(super::super::reverse_permute(&p, 8, 2).unwrap(), data);
+        assert_eq!(super::super::permute_rotary_rows(&p, 8, 2, false).unwrap(), data);
     }
 
     #[test]

@@ -726,21 +726,22 @@ pub struct HfImport {
 
 const SUPPORTED_ARCHS: &[&str] = &["llama"];
 
-/// Undoes llama.cpp's rotary permutation of q/k projection rows: llama.cpp stores, per head,
-/// rows in interleaved order (pair element i of rotary index j at row 2j+i); HF keeps the two
-/// halves contiguous (row i*dim+j). `data` is row-major with `rows = shape[0]`.
-pub fn reverse_permute(data: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
+/// Moves q/k projection rows between transformers' rotary order (per head, the two halves of
+/// the rotary pairs contiguous: row `i·d + j`) and llama.cpp's (pairs interleaved: row `2j + i`),
+/// `d = head_dim / 2`; `to_llama_cpp` picks the direction. `data` is row-major with
+/// `rows = shape[0]`.
+pub fn permute_rotary_rows(data: &[f32], rows: usize, n_head: usize, to_llama_cpp: bool) -> Result<Vec<f32>> {
     if n_head == 0 || rows % (2 * n_head) != 0 || data.len() % rows.max(1) != 0 {
-        bail!("cannot un-permute a tensor with {rows} rows over {n_head} heads");
+        bail!("cannot permute a tensor with {rows} rows over {n_head} heads");
     }
     let cols = data.len() / rows;
-    let dim = rows / n_head / 2;
+    let d = rows / n_head / 2;
     let mut out = vec![0f32; data.len()];
     for h in 0..n_head {
         for i in 0..2 {
-            for j in 0..dim {
-                let dst = h * 2 * dim + i * dim + j;
-                let src = h * 2 * dim + j * 2 + i;
+            for j in 0..d {
+                let (hf, llama_cpp) = (h * 2 * d + i * d + j, h * 2 * d + 2 * j + i);
+                let (dst, src) = if to_llama_cpp { (llama_cpp, hf) } else { (hf, llama_cpp) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
@@ -841,7 +842,7 @@ pub fn import_llama(path: &Path) -> Result<HfImport> {
             None
         };
         if let Some(h) = permute_heads {
-            data = reverse_permute(&data, shape[0], h).with_context(|| format!("{}: tensor {}", path.display(), t.name))?;
+            data = permute_rotary_rows(&data, shape[0], h, false).with_context(|| format!("{}: tensor {}", path.display(), t.name))?;
         }
         tensors.push((hf, shape, data));
     }
@@ -1403,11 +1404,11 @@ mod tests {
     }
 
     #[test]
-    fn reverse_permute_matches_definition() {
+    fn rotary_rows_from_llama_cpp_match_the_definition() {
         // 2 heads, head dim 4 (dim=2 per half), 1 column; llama.cpp permuted row order per
         // head is [0, 2, 1, 3] of the HF order, so un-permuting must restore 0..8.
         let permuted = [0., 2., 1., 3., 4., 6., 5., 7.];
-        assert_eq!(reverse_permute(&permuted, 8, 2).unwrap(), vec![0., 1., 2., 3., 4., 5., 6., 7.]);
+        assert_eq!(permute_rotary_rows(&permuted, 8, 2, false).unwrap(), vec![0., 1., 2., 3., 4., 5., 6., 7.]);
     }
 
     #[test]
