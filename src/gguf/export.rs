@@ -293,9 +293,13 @@ fn llama3_rope_factors(m: &LoadedModel) -> Option<Vec<f32>> {
     )
 }
 
-/// `general.*` naming keys, as the converter derives them from the model directory's name.
+/// `general.name`: the model's folder, or its file without `.gguf` (a Hub id keeps its last
+/// part). The converter derives more naming keys (basename, size label, ...) from folder names
+/// and model cards; llama.cpp reads none of them.
 fn general_metadata(w: &mut GgufWriter, m: &LoadedModel) {
-    let name = Path::new(&m.source).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let source = Path::new(&m.source);
+    let name = if source.extension().is_some_and(|e| e == "gguf") { source.file_stem() } else { source.file_name() };
+    let name = name.map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
     if !name.is_empty() {
         w.set("general.name", V::String(name));
     }
