@@ -222,10 +222,9 @@ pub fn save_gguf(m: &LoadedModel, path: &Path, ft: FileType) -> Result<()> {
     let tensors = crate::models::save::merged_tensors(m, Kind::Float);
     let tied = m.net.lm_head.is_none();
     let n_layers = cfg.num_hidden_layers;
-    for (hf, _, make) in tensors {
+    for (hf, shape, make) in tensors {
         let name = gguf_tensor_name(&hf, cfg.sandwich_norms).ok_or_else(|| anyhow!("tensor {hf} has no llama.cpp name"))?;
         let plus_one = arch.norm_plus_one && name.ends_with("norm.weight");
-        let shape: Vec<usize> = make_shape(m, &hf)?;
         let row = *shape.last().unwrap();
         let layer = layer_of(&name).map(|i| (i, n_layers));
         let ty = tensor_type(ft, &name, shape.len(), row, tied, layer);
@@ -244,14 +243,6 @@ pub fn save_gguf(m: &LoadedModel, path: &Path, ft: FileType) -> Result<()> {
         }))?;
     }
     w.write(path).with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn make_shape(m: &LoadedModel, hf: &str) -> Result<Vec<usize>> {
-    if let Some(lin) = m.net.linears().into_iter().find(|l| hf.strip_suffix(".weight") == Some(l.name.as_str())) {
-        return Ok(lin.weight.size().iter().map(|&d| d as usize).collect());
-    }
-    let (_, t) = m.net.state_dict().into_iter().find(|(n, _)| n == hf).ok_or_else(|| anyhow!("no tensor {hf}"))?;
-    Ok(t.size().iter().map(|&d| d as usize).collect())
 }
 
 /// The rope parameters of config.json (`rope_scaling`, or transformers 5's `rope_parameters`,

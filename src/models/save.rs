@@ -13,10 +13,11 @@ use tch::{Device, Kind, Tensor};
 
 /// The model's tensors with adapters merged, in state-dict order, computed lazily: a 4-bit
 /// weight is dequantized (and its adapter folded in) only when its shard is written, so a
-/// QLoRA model never exists twice in memory. Each entry: name, element count, maker.
-pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, usize, Box<dyn Fn() -> Tensor + '_>)> {
+/// QLoRA model never exists twice in memory. Each entry: name, shape, maker.
+pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, Vec<usize>, Box<dyn Fn() -> Tensor + '_>)> {
     let net = &m.net;
-    let mut v: Vec<(String, usize, Box<dyn Fn() -> Tensor + '_>)> = vec![];
+    let shape = |size: Vec<i64>| -> Vec<usize> { size.into_iter().map(|d| d as usize).collect() };
+    let mut v: Vec<(String, Vec<usize>, Box<dyn Fn() -> Tensor + '_>)> = vec![];
     let dense = net.state_dict();
     let linear_of = |name: &str| net.linears().into_iter().find(|l| Some(l.name.as_str()) == name.strip_suffix(".weight"));
     let merged = move |lin: &'_ crate::nn::Linear| -> Tensor {
@@ -36,11 +37,11 @@ pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, usize,
     for name in names {
         match linear_of(&name) {
             Some(lin) if lin.lora.is_some() || lin.weight.is_quantized() => {
-                v.push((name, lin.weight.numel(), Box::new(move || merged(lin))));
+                v.push((name, shape(lin.weight.size()), Box::new(move || merged(lin))));
             }
             _ => {
                 let t = dense.iter().find(|(n, _)| *n == name).map(|(_, t)| t.shallow_clone()).unwrap();
-                v.push((name, t.numel(), Box::new(move || t.detach().to_kind(kind).to_device(Device::Cpu))));
+                v.push((name, shape(t.size()), Box::new(move || t.detach().to_kind(kind).to_device(Device::Cpu))));
             }
         }
     }
@@ -56,7 +57,7 @@ pub fn save_merged(m: &LoadedModel, dir: &Path, kind: Kind, max_shard_bytes: usi
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut cur = 0usize;
     let mut total = 0usize;
-    let sizes: Vec<usize> = tensors.iter().map(|(_, n, _)| n * elt).collect();
+    let sizes: Vec<usize> = tensors.iter().map(|(_, shape, _)| shape.iter().product::<usize>() * elt).collect();
     for (i, &sz) in sizes.iter().enumerate() {
         if cur + sz > max_shard_bytes && !shards.last().unwrap().is_empty() {
             shards.push(vec![]);
