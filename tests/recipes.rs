@@ -82,6 +82,9 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     assert!(t.contains("exact match after DPO") && d.join("dpo/adapter/adapter_model.safetensors").exists(), "{t}");
     let t = run(&["run"], "orpo.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("orpo")), ("n_eval", "4".into()), ("max_steps", "3".into())]);
     assert!(t.contains("eval reward accuracy") && d.join("orpo/adapter/adapter_model.safetensors").exists(), "{t}");
+    let t = run(&["run"], "dora.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("dora")), ("max_steps", "3".into())]);
+    let losses: Vec<f64> = t.lines().find_map(|l| l.split_once("loss of one eval record: adapter ")).map(|(_, rest)| rest.split(", merged ").map(|x| x.trim().parse().unwrap()).collect()).unwrap_or_default();
+    assert!(losses.len() == 2 && (losses[0] - losses[1]).abs() < 1e-4 * losses[0], "the merged DoRA model's loss differs from the adapter's: {t}");
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
     run(&["run"], "eval_metrics.rhai", &[]);
     run(&["run"], "inspect.rhai", &[("model_dir", model.clone())]);

@@ -31,6 +31,13 @@ fn lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("llama_gqa");
 }
 
+/// DoRA: peft's DoRA adapter loads with peft's logits, 20 steps follow HF Trainer + peft's
+/// DoRA, and the trained adapter (with its `lora_magnitude_vector`s) loads in peft and merges.
+#[test]
+fn dora_training_and_adapters_match_hf_and_peft() {
+    adapters_match_hf_and_peft("llama_gqa", Some("dora"));
+}
+
 #[test]
 fn qwen3_lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("qwen3");
@@ -46,15 +53,21 @@ fn gemma3_lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("gemma3");
 }
 
-/// On the tiny model `name`: a peft adapter loads with peft's logits; 20 steps train as HF
-/// Trainer + peft do from the same adapter; the trained adapter loads in peft and the merged
-/// model in transformers, both with ftscript's logits.
 fn lora_matches_hf_and_peft(name: &str) {
+    adapters_match_hf_and_peft(name, None);
+}
+
+/// On the tiny model `name`: a peft adapter (LoRA, or the `variant` peft_reference.py names)
+/// loads with peft's logits; 20 steps train as HF Trainer + peft do from the same adapter; the
+/// trained adapter loads in peft and the merged model in transformers, both with ftscript's
+/// logits.
+fn adapters_match_hf_and_peft(name: &str, variant: Option<&str>) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model = tiny(d, name);
     let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
-    py("peft_reference.py", &["init", m, o]);
+    py("peft_reference.py", &[&["init", m, o][..], variant.as_slice()].concat());
+    let name = &format!("{name}{}", variant.map(|v| format!(" ({v})")).unwrap_or_default());
     py("peft_reference.py", &["train", m, o]);
     let hf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("hf_losses.json")).unwrap()).unwrap();
     let s = &hf["settings"];
@@ -97,12 +110,19 @@ m.save_merged("{o}/ft_merged");
     for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
         assert!((a - b).abs() < 1e-3, "{name} step {}: ftscript loss {a} vs HF Trainer {b}\nours {ours:?}\nHF {theirs:?}", i + 1);
     }
-    if name == "llama_gqa" {
+    if name.starts_with("llama_gqa") {
         assert!(theirs.first().unwrap() - theirs.last().unwrap() > 0.05, "the reference run should learn: {theirs:?}");
     }
 
     // 3. the adapter ftscript trained loads in peft with the same logits
     let ad = d.join("ft_adapter");
+    if variant == Some("dora") {
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(config["use_dora"], true, "{config}");
+        let saved = read_safetensors(&ad.join("adapter_model.safetensors"));
+        let magnitudes: Vec<&String> = saved.keys().filter(|k| k.ends_with(".lora_magnitude_vector")).collect();
+        assert_eq!(magnitudes.len(), 3 * 2, "one magnitude per adapted module (3 layers × q, v): {:?}", saved.keys());
+    }
     py("peft_reference.py", &["adapter-logits", m, ad.to_str().unwrap(), d.join("ids.json").to_str().unwrap(), d.join("peft_ft.safetensors").to_str().unwrap()]);
     let ours = ftscript_logits(&model, Some(&ad), &d.join("ids.json"));
     let theirs = &read_safetensors(&d.join("peft_ft.safetensors"))["logits"];
@@ -121,7 +141,8 @@ m.save_merged("{o}/ft_merged");
 }
 
 /// peft's per-module ranks and alphas (`rank_pattern`, `alpha_pattern`) survive a load/save
-/// round trip: the adapter ftscript saves carries them and loads in peft with the same logits.
+/// round trip, with plain LoRA and with DoRA: the adapter ftscript saves carries them and loads
+/// in peft with the same logits, and saving what was loaded from it again gives the same bytes.
 #[test]
 fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
     let tmp = tempfile::tempdir().unwrap();
@@ -129,30 +150,45 @@ fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
     let model = tiny_llama(d);
     let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
     std::fs::write(d.join("ids.json"), "[[5, 17, 42, 99, 120, 7, 250, 31, 64, 12]]").unwrap();
-    py("peft_reference.py", &["patterned", m, o]);
-    let theirs = &read_safetensors(&d.join("patterned_logits.safetensors"))["logits"];
-    let ours = ftscript_logits(&model, Some(&d.join("patterned")), &d.join("ids.json"));
-    let err = rel_err(&ours, theirs);
-    assert!(err < 1e-4, "a peft adapter with patterns: logits differ, rel err {err:.3e}");
+    for variant in [None, Some("dora")] {
+        py("peft_reference.py", &[&["patterned", m, o][..], variant.as_slice()].concat());
+        let theirs = &read_safetensors(&d.join("patterned_logits.safetensors"))["logits"];
+        let ours = ftscript_logits(&model, Some(&d.join("patterned")), &d.join("ids.json"));
+        let err = rel_err(&ours, theirs);
+        assert!(err < 1e-4, "{variant:?}: a peft adapter with patterns: logits differ, rel err {err:.3e}");
 
-    run_recipe(d, "resave.rhai", &format!("let m = load_model(\"{m}\", #{{ dtype: \"fp32\" }});\nm.load_adapter(\"{o}/patterned\");\nm.save_adapter(\"{o}/resaved\");\n"));
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("resaved/adapter_config.json")).unwrap()).unwrap();
-    assert_eq!(config["r"], 4, "{config}");
-    let ranks = config["rank_pattern"].as_object().unwrap();
-    let alphas = config["alpha_pattern"].as_object().unwrap();
-    assert!(ranks.len() == 3 && ranks.iter().all(|(k, v)| k.ends_with("v_proj") && v == 6), "rank_pattern {ranks:?}");
-    assert!(alphas.len() == 3 && alphas.iter().all(|(k, v)| k.ends_with("q_proj") && v == 20.0), "alpha_pattern {alphas:?}");
-    py("peft_reference.py", &["adapter-logits", m, d.join("resaved").to_str().unwrap(), d.join("ids.json").to_str().unwrap(), d.join("resaved_logits.safetensors").to_str().unwrap()]);
-    let again = &read_safetensors(&d.join("resaved_logits.safetensors"))["logits"];
-    let err = rel_err(again, theirs);
-    assert!(err < 1e-4, "the re-saved adapter in peft: logits differ, rel err {err:.3e}");
+        run_recipe(
+            d,
+            "resave.rhai",
+            &format!(
+                "let m = load_model(\"{m}\", #{{ dtype: \"fp32\" }});\nm.load_adapter(\"{o}/patterned\");\nm.save_adapter(\"{o}/resaved\");\n\
+                 let again = load_model(\"{m}\", #{{ dtype: \"fp32\" }});\nagain.load_adapter(\"{o}/resaved\");\nagain.save_adapter(\"{o}/resaved2\");\n"
+            ),
+        );
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("resaved/adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(config["r"], 4, "{config}");
+        assert_eq!(config["use_dora"], variant == Some("dora"), "{config}");
+        let ranks = config["rank_pattern"].as_object().unwrap();
+        let alphas = config["alpha_pattern"].as_object().unwrap();
+        assert!(ranks.len() == 3 && ranks.iter().all(|(k, v)| k.ends_with("v_proj") && v == 6), "rank_pattern {ranks:?}");
+        assert!(alphas.len() == 3 && alphas.iter().all(|(k, v)| k.ends_with("q_proj") && v == 20.0), "alpha_pattern {alphas:?}");
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            let (first, second) = (std::fs::read(d.join("resaved").join(file)).unwrap(), std::fs::read(d.join("resaved2").join(file)).unwrap());
+            assert!(first == second, "{variant:?}: {file} changed in a save → load → save round trip");
+        }
+        py("peft_reference.py", &["adapter-logits", m, d.join("resaved").to_str().unwrap(), d.join("ids.json").to_str().unwrap(), d.join("resaved_logits.safetensors").to_str().unwrap()]);
+        let again = &read_safetensors(&d.join("resaved_logits.safetensors"))["logits"];
+        let err = rel_err(again, theirs);
+        assert!(err < 1e-4, "{variant:?}: the re-saved adapter in peft: logits differ, rel err {err:.3e}");
+    }
 }
 
 /// Gradient checkpointing (each layer's attention recomputed in backward, the MLP's gradients
 /// formed directly) trains exactly as the full graph does: same losses, same adapters — with
 /// LoRA on every projection (adapters inside the MLP) and on q/v only (the frozen MLP's blocked
-/// path), dropout (re-seeded for the recomputation), and packed rows (the segment mask); also
-/// the first profile of a run.
+/// path), DoRA on every projection (the layer recomputed whole under autograd), dropout
+/// (re-seeded for the recomputation), and packed rows (the segment mask); also the first profile
+/// of a run.
 #[test]
 fn gradient_checkpointing_matches_the_full_graph() {
     checkpointing_matches_the_full_graph("llama_gqa");
@@ -173,7 +209,12 @@ fn checkpointing_matches_the_full_graph(model_name: &str) {
     let d = tmp.path();
     let model = tiny_and_text(d, model_name, 24);
     let o = d.to_str().unwrap();
-    for (targets, adapted) in [("\"all-linear\"", 7), ("[\"q_proj\", \"v_proj\"]", 2)] {
+    let mut variants = vec![("\"all-linear\"", 7, false), ("[\"q_proj\", \"v_proj\"]", 2, false)];
+    if model_name == "llama_gqa" {
+        variants.push(("\"all-linear\"", 7, true));
+    }
+    for (targets, adapted, dora) in variants {
+        let adapted_name = format!("{adapted}{}", if dora { "dora" } else { "" });
         let run = |name: &str, ckpt: &str| {
             run_recipe(
                 d,
@@ -181,7 +222,7 @@ fn checkpointing_matches_the_full_graph(model_name: &str) {
                 &format!(
                     r#"
 let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
-m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: {targets}, seed: 3 }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: {targets}, use_dora: {dora}, seed: 3 }});
 train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 4, max_length: 32, packing: true,
     max_steps: 3, lr: 1e-2, log_every: 1, gradient_checkpointing: {ckpt}, output_dir: "{o}/{name}",
     profile: #{{ start: 2, steps: 1 }} }});
@@ -190,21 +231,21 @@ m.save_adapter("{o}/{name}/adapter");
                 ),
             );
         };
-        let full_name = format!("full{adapted}");
+        let full_name = format!("full{adapted_name}");
         run(&full_name, "false");
         let full = losses(&d.join(&full_name).join("metrics.jsonl"));
         let a = read_safetensors(&d.join(&full_name).join("adapter/adapter_model.safetensors"));
         assert_eq!(full.len(), 3);
-        assert_eq!(a.len(), 3 * adapted * 2, "{targets}: adapters on {adapted} projections of the 3 layers");
+        assert_eq!(a.len(), 3 * adapted * if dora { 3 } else { 2 }, "{targets}: adapters on {adapted} projections of the 3 layers");
         assert!(a.values().any(|t| t.abs().max().double_value(&[]) > 0.0));
         // "offload" on the CPU keeps the checkpoints where they are, but recomputes as on a GPU
         // (from the residual after attention, without o_proj)
         for mode in ["true", "\"offload\""] {
-            let name = format!("ckpt{adapted}{}", mode.len());
+            let name = format!("ckpt{adapted_name}{}", mode.len());
             run(&name, mode);
             let ckpt = losses(&d.join(&name).join("metrics.jsonl"));
             for (x, y) in full.iter().zip(&ckpt) {
-                assert!((x - y).abs() < 1e-6, "{model_name} {targets} {mode}: losses differ: {full:?} vs {ckpt:?}");
+                assert!((x - y).abs() < 1e-6, "{model_name} {targets} dora {dora} {mode}: losses differ: {full:?} vs {ckpt:?}");
             }
             let b = read_safetensors(&d.join(&name).join("adapter/adapter_model.safetensors"));
             for (k, t) in &a {
@@ -214,7 +255,7 @@ m.save_adapter("{o}/{name}/adapter");
                 assert!(err < 1e-3, "{model_name} {k}: rel err {err:.3e} between the {mode} and the full run");
             }
         }
-        let ckpt_name = format!("ckpt{adapted}4");
+        let ckpt_name = format!("ckpt{adapted_name}4");
         let summary = std::fs::read_to_string(d.join(&ckpt_name).join("profile/summary.txt")).unwrap();
         assert!(summary.starts_with("steps 2..=2"), "{summary}");
         assert!(d.join(&ckpt_name).join("profile/trace.json").exists());

@@ -23,6 +23,8 @@ pub struct LoraOptions {
     pub targets: Option<serde_json::Value>,
     /// Scale by alpha / √r (rank-stabilised LoRA).
     pub use_rslora: Option<bool>,
+    /// DoRA: learn each output row's magnitude apart from its direction (peft's `use_dora`).
+    pub use_dora: Option<bool>,
     /// Seed of A's random initialisation (default 0): the same seed gives the same adapters.
     pub seed: Option<u64>,
 }
@@ -76,7 +78,7 @@ pub fn parameter_counts(m: &Model) -> (i64, i64) {
 
 pub fn register(engine: &mut Engine) {
     FuncRegistration::new("add_lora")
-        .with_comments(["/// Adds LoRA adapters #{r, alpha, dropout, targets, use_rslora, seed} (defaults 8, 16, 0.0, [\"q_proj\",\"v_proj\"]); only adapters train."])
+        .with_comments(["/// Adds LoRA adapters #{r, alpha, dropout, targets, use_rslora, use_dora, seed} (defaults 8, 16, 0.0, [\"q_proj\",\"v_proj\"]); only adapters train."])
         .with_params_info(["model: &mut Model", "options: Map", "Model"])
         .register_into_engine(engine, |m: &mut Model, opts: Map| -> Res<Model> {
             let o: LoraOptions = parse("add_lora", &opts)?;
@@ -87,11 +89,12 @@ pub fn register(engine: &mut Engine) {
                     dropout: o.dropout.unwrap_or(0.0),
                     targets: targets_of(o.targets)?,
                     use_rslora: o.use_rslora.unwrap_or(false),
+                    use_dora: o.use_dora.unwrap_or(false),
                     seed: o.seed.unwrap_or(0),
                 };
                 let mut inner = m.get_mut("add_lora")?;
                 let names = peft::add_lora(&mut inner.net, &spec, Kind::Float)?;
-                tracing::info!("added LoRA r={} alpha={} to {} layers", spec.r, spec.alpha, names.len());
+                tracing::info!("added {} r={} alpha={} to {} layers", if spec.use_dora { "DoRA" } else { "LoRA" }, spec.r, spec.alpha, names.len());
                 inner.lora = Some(spec);
                 Ok(())
             })?;

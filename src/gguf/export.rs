@@ -739,6 +739,9 @@ fn pre_tokenizer_by_structure(tokenizer_json: &Value) -> Result<String> {
 /// into its B, so per-module ranks and rsLoRA come out exact.
 pub fn save_gguf_adapter(m: &LoadedModel, path: &Path) -> Result<()> {
     let spec = m.lora.as_ref().ok_or_else(|| anyhow!("the model has no LoRA adapters (add_lora or load_adapter first)"))?;
+    if spec.use_dora {
+        bail!("a DoRA adapter has no GGUF LoRA form (llama.cpp applies plain LoRA only): export the model with the adapter merged, model.save_gguf(path)");
+    }
     let cfg = &m.net.config;
     let arch = arch_of(&cfg.architecture)?;
     let mut w = GgufWriter::new();
@@ -750,7 +753,7 @@ pub fn save_gguf_adapter(m: &LoadedModel, path: &Path) -> Result<()> {
     w.set("general.quantization_version", V::U32(2));
     let alpha = spec.alpha;
     for lin in m.net.linears() {
-        let Some(lora) = &lin.lora else { continue };
+        let Some(lora) = lin.lora() else { continue };
         let name = gguf_tensor_name(&format!("{}.weight", lin.name), cfg.sandwich_norms).ok_or_else(|| anyhow!("{} has no llama.cpp name", lin.name))?;
         let r = lora.a.size()[0] as usize;
         let (out, inp) = (lin.out_features() as usize, lin.in_features() as usize);

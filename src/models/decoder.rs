@@ -194,10 +194,10 @@ impl DecoderLayer {
     }
 
     /// Whether backward may take the hand-written checkpointed path ([`Mlp::recompute_backward`],
-    /// [`DecoderLayer::attention_recompute_backward`]), which knows no output norms; otherwise the
-    /// layer is recomputed whole under autograd.
+    /// [`DecoderLayer::attention_recompute_backward`]), which knows no output norms and no
+    /// adapter but plain LoRA; otherwise the layer is recomputed whole under autograd.
     pub fn plain(&self) -> bool {
-        self.attn_out_norm.is_none() && self.mlp_out_norm.is_none()
+        self.attn_out_norm.is_none() && self.mlp_out_norm.is_none() && self.mlp.fusable() && self.self_attn.o_proj.fusable()
     }
 
     /// The layer up to its MLP, from its input `h + pending` (`pending`: the previous layer's
@@ -232,7 +232,7 @@ impl DecoderLayer {
         let y = self.self_attn.heads(&self.input_layernorm.forward(x, true), cos_sin, mask, None, true);
         let (y2, dh2) = (y.reshape([-1, o.in_features()]), dh.reshape([-1, o.out_features()]));
         let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2)), (x.shallow_clone(), dh.shallow_clone())];
-        if let Some(l) = &o.lora {
+        if let Some(l) = o.lora() {
             roots.push((l.delta(&y2, true), dh2));
         }
         roots
@@ -288,7 +288,7 @@ impl Decoder {
             Ok(Linear {
                 weight,
                 bias: if bias { Some(load(&format!("{name}.bias"), &[out], device)?) } else { None },
-                lora: None,
+                adapter: None,
                 name,
             })
         };
@@ -428,7 +428,7 @@ impl Decoder {
     pub fn adapted_per_layer(&self) -> usize {
         self.layers.first().map_or(0, |l| {
             let a = &l.self_attn;
-            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj].iter().filter(|x| x.lora.is_some()).count()
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj].iter().filter(|x| x.adapter.is_some()).count()
         })
     }
 
@@ -457,7 +457,7 @@ impl Decoder {
         let cap = self.config.final_softcap;
         match &self.lm_head {
             None => loss::linear_cross_entropy_backward(normed, &self.embed_tokens, None, target, weight, cap, row_weight),
-            Some(l) if l.lora.is_none() => loss::linear_cross_entropy_backward(normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), target, weight, cap, row_weight),
+            Some(l) if l.adapter.is_none() => loss::linear_cross_entropy_backward(normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), target, weight, cap, row_weight),
             Some(l) => loss::linear_cross_entropy_backward_autograd(l, normed, target, weight, cap, row_weight),
         }
     }
@@ -572,7 +572,7 @@ impl Decoder {
         let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         let quantized: usize = self.linears().iter().filter(|l| l.weight.is_quantized()).map(|l| l.weight.bytes()).sum();
         let dense: usize = self.state_dict().iter().map(|(_, t)| size(t)).sum();
-        let adapters: usize = self.linears().iter().filter_map(|l| l.lora.as_ref()).map(|l| size(&l.a) + size(&l.b)).sum();
+        let adapters: usize = self.linears().iter().filter_map(|l| l.adapter.as_ref()).flat_map(|a| a.tensors()).map(|(_, t)| size(&t)).sum();
         (quantized, dense, adapters)
     }
 

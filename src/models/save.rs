@@ -2,7 +2,7 @@
 //! generation_config.json, tokenizer files, and safetensors shards
 //! (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when over the shard
 //! size, else `model.safetensors`). LoRA adapters are folded in one layer at a time
-//! (`W + s·B·A`), so at most one shard of merged weights is held in memory.
+//! (`W + s·B·A`, or DoRA's rescaled form), so at most one shard of merged weights is held in memory.
 
 use super::LoadedModel;
 use crate::nn::weights::{save_safetensors, write_atomic};
@@ -23,8 +23,8 @@ pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, Vec<us
     let merged = move |lin: &'_ crate::nn::Linear| -> Tensor {
         let _g = tch::no_grad_guard();
         let w = lin.weight.dense();
-        match &lin.lora {
-            Some(l) => (w.to_kind(Kind::Float) + l.merged_delta().to_kind(Kind::Float)).to_kind(kind).to_device(Device::Cpu),
+        match &lin.adapter {
+            Some(a) => a.merged_weight(&w.to_kind(Kind::Float)).to_kind(kind).to_device(Device::Cpu),
             None => w.to_kind(kind).to_device(Device::Cpu),
         }
     };
@@ -36,7 +36,7 @@ pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, Vec<us
     }
     for name in names {
         match linear_of(&name) {
-            Some(lin) if lin.lora.is_some() || lin.weight.is_quantized() => {
+            Some(lin) if lin.adapter.is_some() || lin.weight.is_quantized() => {
                 v.push((name, shape(lin.weight.size()), Box::new(move || merged(lin))));
             }
             _ => {

@@ -1,6 +1,7 @@
 //! The one linear layer every projection of a model uses: a frozen base weight (dense, or
-//! 4-bit in bitsandbytes' format), an optional bias, and an optional LoRA adapter on top.
+//! 4-bit in bitsandbytes' format), an optional bias, and an optional adapter on top.
 
+use super::adapters::{Adapter, Lora};
 use super::quant::{Int8Rows, Quant4};
 use std::cell::Cell;
 use tch::{Kind, Tensor};
@@ -10,7 +11,7 @@ thread_local! {
     static ADAPTERS_OFF: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` with every LoRA adapter bypassed in forward passes on this thread: the base model,
+/// Runs `f` with every adapter bypassed in forward passes on this thread: the base model,
 /// as peft's `disable_adapter()` gives it (the reference model of DPO and KTO). Forward only:
 /// training paths keep their adapters.
 pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
@@ -100,72 +101,26 @@ impl Weight {
     }
 }
 
-/// A LoRA adapter (Hu et al., 2021) for a linear layer `W: [out, in]`:
-///
-/// `y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ` with `A: [r, in]`, `B: [out, r]`,
-/// `s = alpha / r` (or `alpha / √r` with rsLoRA).
-/// A starts Kaiming-uniform (`U(-1/√in, 1/√in)`, peft's `a=√5`), B starts at zero, so the
-/// adapted layer starts equal to the base layer.
-pub struct Lora {
-    pub a: Tensor,
-    pub b: Tensor,
-    pub scale: f64,
-    pub dropout: f64,
-}
-
-impl Lora {
-    /// Fresh adapter; A is drawn from `rng` (seeded by the caller, so runs are reproducible).
-    pub fn new(in_features: i64, out_features: i64, r: i64, scale: f64, dropout: f64, kind: Kind, device: tch::Device, rng: &mut impl rand::Rng) -> Lora {
-        let bound = 1.0 / (in_features as f64).sqrt();
-        let values: Vec<f32> = (0..r * in_features).map(|_| rng.gen_range(-bound..bound) as f32).collect();
-        let a = Tensor::from_slice(&values).view([r, in_features]).to_kind(kind).to_device(device).set_requires_grad(true);
-        let b = Tensor::zeros([out_features, r], (kind, device)).set_requires_grad(true);
-        Lora { a, b, scale, dropout }
-    }
-
-    /// `y + s · dropout(x) Aᵀ Bᵀ` for the base output `y` `[N, out]` of `x` `[N, in]`, added into
-    /// `y` in place by one GEMM (`y += (s · dropout(x) Aᵀ) Bᵀ`: the scale applies to the
-    /// `[N, r]` product, and no `[N, out]` delta is formed).
-    pub fn add_to(&self, mut y: Tensor, x: &Tensor, train: bool) -> Tensor {
-        let (xa, b) = self.down(x, train);
-        let _ = y.addmm_(&xa, &b.tr());
-        y
-    }
-
-    /// The update alone, `(s · dropout(x) Aᵀ) Bᵀ` `[N, out]`.
-    pub fn delta(&self, x: &Tensor, train: bool) -> Tensor {
-        let (xa, b) = self.down(x, train);
-        xa.matmul(&b.tr())
-    }
-
-    /// `s · dropout(x) Aᵀ` `[N, r]` and `B`, in `x`'s dtype (adapters may be kept in fp32 while the
-    /// base runs in bf16/fp16; gradients flow back through the cast).
-    fn down(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
-        let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
-        let (a, b) = if self.a.kind() == x.kind() {
-            (self.a.shallow_clone(), self.b.shallow_clone())
-        } else {
-            (self.a.to_kind(x.kind()), self.b.to_kind(x.kind()))
-        };
-        (x.matmul(&a.tr()) * self.scale, b)
-    }
-
-    /// The dense update `s · B A`, shaped like the base weight.
-    pub fn merged_delta(&self) -> Tensor {
-        self.b.matmul(&self.a) * self.scale
-    }
-}
-
 /// A linear projection `y = x Wᵀ + b` named by its path in the checkpoint (e.g.
-/// `model.layers.0.self_attn.q_proj`), with an optional LoRA adapter.
+/// `model.layers.0.self_attn.q_proj`), with an optional adapter.
 pub struct Linear {
     pub name: String,
     pub weight: Weight,
     pub bias: Option<Tensor>,
-    pub lora: Option<Lora>,
+    pub adapter: Option<Adapter>,
 }
 
 impl Linear {
+    /// The adapter when it is plain LoRA (what the fused kernels handle).
+    pub fn lora(&self) -> Option<&Lora> {
+        self.adapter.as_ref().and_then(Adapter::as_lora)
+    }
+
+    /// No adapter, or plain LoRA: the fused training paths apply.
+    pub fn fusable(&self) -> bool {
+        self.adapter.as_ref().is_none_or(|a| a.as_lora().is_some())
+    }
+
     pub fn in_features(&self) -> i64 {
         self.weight.size()[1]
     }
@@ -178,8 +133,8 @@ impl Linear {
         let mut shape = x.size();
         let x2 = x.reshape([-1, self.in_features()]);
         let y = x2.linear(&self.weight.for_input(x.kind()), self.bias.as_ref());
-        let y = match &self.lora {
-            Some(l) if !ADAPTERS_OFF.with(Cell::get) => l.add_to(y, &x2, train),
+        let y = match &self.adapter {
+            Some(a) if !ADAPTERS_OFF.with(Cell::get) => a.add_to(y, &x2, &self.weight, self.bias.as_ref(), train),
             _ => y,
         };
         *shape.last_mut().unwrap() = self.out_features();
@@ -189,10 +144,10 @@ impl Linear {
     /// `layers`' projections of one input `x` (q, k, v; or gate, up). While training on a GPU
     /// they form one autograd node whose backward sums the input's gradient from every
     /// projection and adapter in one buffer ([`crate::cuda::autograd::projections`]);
-    /// otherwise each layer's [`Linear::forward`]. Errors panic, as tch's ops do (the script
-    /// layer turns them into errors).
+    /// otherwise (or when an adapter is not plain LoRA) each layer's [`Linear::forward`].
+    /// Errors panic, as tch's ops do (the script layer turns them into errors).
     pub fn forward_shared(layers: &[&Linear], x: &Tensor, train: bool) -> Vec<Tensor> {
-        if !(train && x.device().is_cuda()) {
+        if !(train && x.device().is_cuda()) || !layers.iter().all(|l| l.fusable()) {
             return layers.iter().map(|l| l.forward(x, train)).collect();
         }
         let mut shape = x.size();
@@ -200,7 +155,7 @@ impl Linear {
         let off = ADAPTERS_OFF.with(Cell::get);
         let parts: Vec<_> = layers
             .iter()
-            .map(|l| (l.weight.for_input(x.kind()), l.bias.as_ref(), l.lora.as_ref().filter(|_| !off).map(|a| (&a.a, &a.b, a.scale, a.dropout))))
+            .map(|l| (l.weight.for_input(x.kind()), l.bias.as_ref(), l.lora().filter(|_| !off).map(|a| (&a.a, &a.b, a.scale, a.dropout))))
             .collect();
         let ys = crate::cuda::autograd::projections(&x2, &parts).unwrap_or_else(|e| panic!("{e:#}"));
         ys.into_iter()
@@ -231,7 +186,7 @@ mod tests {
             l.b = (Tensor::randn([out, 4], (Kind::Float, Device::Cpu)) * 0.1).set_requires_grad(true);
             l
         });
-        Linear { name: "p".into(), weight: Weight::Dense(w), bias: bias.then(|| Tensor::randn([out], (Kind::Float, Device::Cpu))), lora }
+        Linear { name: "p".into(), weight: Weight::Dense(w), bias: bias.then(|| Tensor::randn([out], (Kind::Float, Device::Cpu))), adapter: lora.map(Adapter::Lora) }
     }
 
     /// The fused projections node against separate layers through autograd: outputs and the
@@ -249,13 +204,13 @@ mod tests {
                 let x = x0.copy().set_requires_grad(true);
                 tch::manual_seed(7);
                 let ys: Vec<Tensor> = if fused {
-                    let parts: Vec<_> = refs.iter().map(|l| (l.weight.dense(), l.bias.as_ref(), l.lora.as_ref().map(|a| (&a.a, &a.b, a.scale, a.dropout)))).collect();
+                    let parts: Vec<_> = refs.iter().map(|l| (l.weight.dense(), l.bias.as_ref(), l.lora().map(|a| (&a.a, &a.b, a.scale, a.dropout)))).collect();
                     crate::cuda::autograd::projections(&x, &parts).unwrap()
                 } else {
                     refs.iter()
                         .map(|l| {
                             let y = x.linear(&l.weight.dense(), l.bias.as_ref());
-                            match &l.lora {
+                            match l.lora() {
                                 Some(a) => {
                                     let xd = if a.dropout > 0.0 { x.native_dropout(a.dropout, true).0 } else { x.shallow_clone() };
                                     y + xd.matmul(&a.a.tr()).matmul(&a.b.tr()) * a.scale
@@ -267,7 +222,7 @@ mod tests {
                 };
                 let roots: Vec<(&Tensor, &Tensor)> = ys.iter().zip(&dys).collect();
                 for l in &layers {
-                    if let Some(a) = &l.lora {
+                    if let Some(a) = l.lora() {
                         let (mut ga, mut gb) = (a.a.grad(), a.b.grad());
                         if ga.defined() {
                             let _ = (ga.zero_(), gb.zero_());
@@ -277,7 +232,7 @@ mod tests {
                 crate::cuda::autograd::backward(&roots).unwrap();
                 let mut grads = vec![x.grad()];
                 for l in &layers {
-                    if let Some(a) = &l.lora {
+                    if let Some(a) = l.lora() {
                         grads.push(a.a.grad().copy());
                         grads.push(a.b.grad().copy());
                     }

@@ -66,6 +66,11 @@ impl Mlp {
         }
     }
 
+    /// Whether every adapter of the MLP is plain LoRA (or absent): [`Mlp::recompute_backward`] applies.
+    pub fn fusable(&self) -> bool {
+        [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|p| p.fusable())
+    }
+
     /// `down(act(gate(x)) · up(x))`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.gate_proj, &self.up_proj], x, train).try_into().unwrap();
@@ -82,25 +87,26 @@ impl Mlp {
     pub fn recompute_backward(&self, x: &Tensor, dy: &Tensor) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
         let x2 = x.reshape([-1, self.gate_proj.in_features()]);
         let dy2 = dy.reshape([-1, self.down_proj.out_features()]);
-        if [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|p| p.lora.is_none()) {
+        anyhow::ensure!(self.fusable(), "internal: the checkpointed MLP backward knows plain LoRA adapters only");
+        if [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|p| p.adapter.is_none()) {
             return Ok(vec![(x2.shallow_clone(), self.frozen_input_grad(&x2, &dy2))]);
         }
         let project = |p: &Linear| {
             let base = tch::no_grad(|| x2.linear(&p.weight.for_input(x2.kind()), p.bias.as_ref()));
-            match &p.lora {
+            match p.lora() {
                 Some(l) => l.add_to(base, &x2, true),
                 None => base,
             }
         };
         let (gate, up) = (project(&self.gate_proj), project(&self.up_proj));
         let mut dm = self.down_proj.base_input_grad(&dy2);
-        if let Some(l) = &self.down_proj.lora {
+        if let Some(l) = self.down_proj.lora() {
             let m = tch::no_grad(|| self.gated(&gate, &up, true)).set_requires_grad(true);
             let delta = l.delta(&m, true);
             crate::cuda::autograd::backward(&[(&delta, &dy2)])?;
             dm += m.grad();
         }
-        let adapted = (self.gate_proj.lora.is_some(), self.up_proj.lora.is_some());
+        let adapted = (self.gate_proj.adapter.is_some(), self.up_proj.adapter.is_some());
         let (dgate, dup) = self.gated_grads(&dm, gate.shallow_clone(), up.shallow_clone());
         drop(dm);
         let dx = x2.empty_like();

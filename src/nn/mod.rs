@@ -1,4 +1,5 @@
 //! Layers and weight files: the building blocks every model family shares.
+pub mod adapters;
 pub mod attention;
 pub mod linear;
 pub mod loss;
@@ -9,7 +10,8 @@ pub mod quant;
 pub mod rope;
 pub mod weights;
 
-pub use linear::{Linear, Lora};
+pub use adapters::{Adapter, Lora};
+pub use linear::Linear;
 pub use weights::WeightSource;
 use tch::Tensor;
 

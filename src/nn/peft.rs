@@ -1,11 +1,12 @@
-//! LoRA injection and the PEFT adapter format.
+//! LoRA (and DoRA) injection and the PEFT adapter format.
 //!
 //! Files (as `peft` writes them): `adapter_config.json` and `adapter_model.safetensors` with keys
-//! `base_model.model.<module>.lora_A.weight` (`[r, in]`) and `...lora_B.weight` (`[out, r]`),
+//! `base_model.model.<module>.lora_A.weight` (`[r, in]`) and `...lora_B.weight` (`[out, r]`)
+//! (and DoRA's `...lora_magnitude_vector` `[out]`, with `use_dora: true` in the config),
 //! where `<module>` is the linear layer's name in the base model's state dict
 //! (e.g. `model.layers.0.self_attn.q_proj`).
 
-use super::linear::Lora;
+use super::adapters::{Adapter, Dora, Lora};
 use super::weights::{save_safetensors, write_atomic, WeightSource};
 use crate::models::decoder::Decoder;
 use anyhow::{bail, Context, Result};
@@ -46,6 +47,8 @@ pub struct LoraSpec {
     pub dropout: f64,
     pub targets: Targets,
     pub use_rslora: bool,
+    /// DoRA: a learnt magnitude per output row ([`Dora`]).
+    pub use_dora: bool,
     /// Seed for A's initialisation.
     pub seed: u64,
 }
@@ -134,7 +137,8 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
     for lin in net.linears_mut() {
         if spec.targets.matches(&lin.name)? {
             let (out, inp) = (lin.out_features(), lin.in_features());
-            lin.lora = Some(Lora::new(inp, out, spec.r, spec.scale(), spec.dropout, kind, lin.weight.device(), &mut rng));
+            let lora = Lora::new(inp, out, spec.r, spec.scale(), spec.dropout, kind, lin.weight.device(), &mut rng);
+            lin.adapter = Some(if spec.use_dora { Adapter::Dora(Dora::new(lora, &lin.weight)) } else { Adapter::Lora(lora) });
             names.push(lin.name.clone());
         }
     }
@@ -148,9 +152,8 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
 pub fn adapter_tensors(net: &Decoder) -> Vec<(String, Tensor)> {
     let mut v = vec![];
     for lin in net.linears() {
-        if let Some(l) = &lin.lora {
-            v.push((format!("base_model.model.{}.lora_A.weight", lin.name), l.a.shallow_clone()));
-            v.push((format!("base_model.model.{}.lora_B.weight", lin.name), l.b.shallow_clone()));
+        for (suffix, t) in lin.adapter.iter().flat_map(Adapter::tensors) {
+            v.push((format!("base_model.model.{}.{suffix}", lin.name), t));
         }
     }
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -162,7 +165,7 @@ fn target_suffixes(net: &Decoder) -> Vec<String> {
     let mut s: Vec<String> = net
         .linears()
         .iter()
-        .filter(|l| l.lora.is_some())
+        .filter(|l| l.adapter.is_some())
         .map(|l| l.name.rsplit('.').next().unwrap().to_string())
         .collect();
     s.sort();
@@ -177,8 +180,8 @@ fn target_suffixes(net: &Decoder) -> Vec<String> {
 fn patterns(net: &Decoder, spec: &LoraSpec) -> (BTreeMap<String, i64>, BTreeMap<String, f64>) {
     let (mut ranks, mut alphas) = (BTreeMap::new(), BTreeMap::new());
     for lin in net.linears() {
-        let Some(l) = &lin.lora else { continue };
-        let r = l.a.size()[0];
+        let Some(l) = lin.adapter.as_ref().map(Adapter::low_rank) else { continue };
+        let r = l.rank();
         let alpha = if spec.use_rslora { l.scale * (r as f64).sqrt() } else { l.scale * r as f64 };
         if r != spec.r {
             ranks.insert(lin.name.clone(), r);
@@ -221,7 +224,7 @@ pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path
         revision: None,
         target_modules,
         task_type: Some("CAUSAL_LM".into()),
-        use_dora: false,
+        use_dora: spec.use_dora,
         use_rslora: spec.use_rslora,
     };
     let mut meta = std::collections::HashMap::new();
@@ -241,9 +244,6 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
     if cfg.peft_type != "LORA" {
         bail!("{}: peft_type `{}` is not supported (only LORA)", cfg_path.display(), cfg.peft_type);
     }
-    if cfg.use_dora {
-        bail!("{}: DoRA adapters are not supported", cfg_path.display());
-    }
     let file = dir.join("adapter_model.safetensors");
     if !file.exists() {
         bail!("{}: missing adapter_model.safetensors (adapter_model.bin is not supported)", dir.display());
@@ -255,13 +255,13 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         serde_json::Value::Array(a) => Targets::Names(a.iter().filter_map(|v| v.as_str().map(String::from)).collect()),
         other => bail!("{}: unsupported target_modules {other}", cfg_path.display()),
     };
-    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, seed: 0 };
+    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, seed: 0 };
     let mut found = 0;
     for lin in net.linears_mut() {
         let key_a = format!("base_model.model.{}.lora_A.weight", lin.name);
         let key_b = format!("base_model.model.{}.lora_B.weight", lin.name);
         if !weights.contains(&key_a) {
-            lin.lora = None;
+            lin.adapter = None;
             continue;
         }
         // rank_pattern / alpha_pattern: a key matches the module path's last segments
@@ -274,7 +274,16 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         let a = weights.load(&key_a, &[r, inp], kind, device)?.set_requires_grad(true);
         let b = weights.load(&key_b, &[out, r], kind, device)?.set_requires_grad(true);
         let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
-        lin.lora = Some(Lora { a, b, scale, dropout: cfg.lora_dropout });
+        let lora = Lora { a, b, scale, dropout: cfg.lora_dropout };
+        lin.adapter = Some(if cfg.use_dora {
+            let key = format!("base_model.model.{}.lora_magnitude_vector", lin.name);
+            if !weights.contains(&key) {
+                bail!("{}: `use_dora` is set but tensor `{key}` is missing", file.display());
+            }
+            Adapter::Dora(Dora { magnitude: weights.load(&key, &[out], kind, device)?.set_requires_grad(true), lora })
+        } else {
+            Adapter::Lora(lora)
+        });
         found += 1;
     }
     if found == 0 {
@@ -284,7 +293,8 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         .names()
         .into_iter()
         .filter(|n| {
-            let module = n.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight").trim_end_matches(".lora_B.weight");
+            let module = n.trim_start_matches("base_model.model.");
+            let module = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"].iter().find_map(|s| module.strip_suffix(s)).unwrap_or(module);
             !net.linears().iter().any(|l| l.name == module)
         })
         .collect();
@@ -294,13 +304,13 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
     Ok(spec)
 }
 
-/// Folds every adapter into its base weight (`W ← W + s·B·A`) and removes the adapters.
+/// Folds every adapter into its base weight (`W ← W + s·B·A`, DoRA's rescaled form) and removes
+/// the adapters.
 pub fn merge(net: &mut Decoder) {
     let _g = tch::no_grad_guard();
     for lin in net.linears_mut() {
-        if let Some(l) = lin.lora.take() {
-            let delta = l.merged_delta().to_kind(lin.weight.kind());
-            lin.weight = super::linear::Weight::Dense((&lin.weight.dense() + delta).detach());
+        if let Some(a) = lin.adapter.take() {
+            lin.weight = super::linear::Weight::Dense(a.merged_weight(&lin.weight.dense()).detach());
         }
     }
 }

@@ -1,18 +1,22 @@
 """The peft / HF Trainer side of the LoRA tests.
 
 usage:
-  peft_reference.py init MODEL OUT        peft LoRA adapters for MODEL: OUT/init (B = 0, as peft
+  peft_reference.py init MODEL OUT [dora]  peft LoRA adapters for MODEL: OUT/init (B = 0, as peft
                                           initialises; the training start point) and OUT/random
                                           (B random, for logit checks), OUT/train.jsonl (token
-                                          records), OUT/ids.json, OUT/random_logits.safetensors
+                                          records), OUT/ids.json, OUT/random_logits.safetensors;
+                                          with `dora`, DoRA adapters (the random one's magnitudes
+                                          moved off the weights' norms too)
   peft_reference.py train MODEL OUT       HF Trainer + peft from OUT/init on OUT/train.jsonl, in
                                           order; per-step losses → OUT/hf_losses.json
   peft_reference.py adapter-logits MODEL ADAPTER IDS_JSON OUT_FILE
                                           logits of PeftModel.from_pretrained(MODEL, ADAPTER)
   peft_reference.py model-logits MODEL IDS_JSON OUT_FILE
                                           logits of a plain transformers model (e.g. a merged one)
-  peft_reference.py patterned MODEL OUT   OUT/patterned: a peft adapter with a rank_pattern and an
-                                          alpha_pattern (B random), its logits for OUT/ids.json in
+  peft_reference.py patterned MODEL OUT [dora]
+                                          OUT/patterned: a peft adapter with a rank_pattern and an
+                                          alpha_pattern (B random; DoRA with moved magnitudes if
+                                          `dora`), its logits for OUT/ids.json in
                                           OUT/patterned_logits.safetensors
 """
 import json
@@ -40,23 +44,27 @@ def logits_of(model, ids):
         return model(torch.tensor(ids)).logits.float().contiguous()
 
 
-def fresh_and_random_adapters(model, fresh_dir, random_dir):
-    """peft LoRA (r=4, alpha=8, q_proj and v_proj) on `model`, saved as peft initialises it
-    (B = 0) in `fresh_dir` and with B drawn from N(0, 0.05²) in `random_dir`; returns the latter."""
+def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False):
+    """peft LoRA (r=4, alpha=8, q_proj and v_proj; DoRA if `dora`) on `model`, saved as peft
+    initialises it (B = 0) in `fresh_dir` and with B drawn from N(0, 0.05²) (and DoRA's
+    magnitudes scaled by 1 + N(0, 0.1²)) in `random_dir`; returns the latter."""
     torch.manual_seed(123)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=dora,
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(fresh_dir)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(random_dir)
     return model
 
 
-def init(model_dir, out):
-    model = fresh_and_random_adapters(load(model_dir), os.path.join(out, "init"), os.path.join(out, "random"))
+def init(model_dir, out, variant=None):
+    model = fresh_and_random_adapters(load(model_dir), os.path.join(out, "init"), os.path.join(out, "random"),
+                                      dora=variant == "dora")
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 300, (2, 16), generator=gen).tolist()
     json.dump(ids, open(os.path.join(out, "ids.json"), "w"))
@@ -121,15 +129,18 @@ def model_logits(model_dir, ids_json, out_file):
     save_file({"logits": logits_of(load(model_dir), json.load(open(ids_json)))}, out_file)
 
 
-def patterned(model_dir, out):
+def patterned(model_dir, out, variant=None):
     torch.manual_seed(7)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                        rank_pattern={"v_proj": 6}, alpha_pattern={"q_proj": 20}, task_type="CAUSAL_LM")
+                        rank_pattern={"v_proj": 6}, alpha_pattern={"q_proj": 20}, task_type="CAUSAL_LM",
+                        use_dora=variant == "dora")
     model = get_peft_model(load(model_dir), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(os.path.join(out, "patterned"))
     ids = json.load(open(os.path.join(out, "ids.json")))
     save_file({"logits": logits_of(model, ids)}, os.path.join(out, "patterned_logits.safetensors"))
