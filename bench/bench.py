@@ -60,7 +60,7 @@ def ftscript_run(model_dir, a, work):
     with open(recipe, "w") as f:
         f.write(f"""
 let m = load_model("{model_dir}", #{{ dtype: "bf16", device: "cuda"{quant} }});
-m.add_lora(#{{ r: {a.r}, alpha: {a.alpha}, dropout: 0.05, targets: {targets} }});
+m.add_lora(#{{ r: {a.r}, alpha: {a.alpha}, dropout: 0.05, targets: {targets}, use_dora: {str(a.dora).lower()} }});
 let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: false, max_length: {a.seq},
     batch_size: {a.bs}, max_steps: {total}, lr: 2e-4, scheduler: "constant", max_grad_norm: 1.0,
     precision: "bf16", gradient_checkpointing: {ckpt}, log_every: 1,
@@ -118,6 +118,7 @@ def main():
     ap.add_argument("--no-ckpt", action="store_true"); ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--r", type=int, default=8); ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--peer", default="lora")
+    ap.add_argument("--dora", action="store_true", help="DoRA adapters on both sides")
     ap.add_argument("--quantize", default=None, help="nf4 | fp4: QLoRA on a 4-bit base (use with --peer qlora)")
     ap.add_argument("--auto", action="store_true", help='ftscript decides (gradient_checkpointing: "auto")')
     ap.add_argument("--profile", action="store_true", help="profile two more ftscript steps; print the summary")
@@ -127,12 +128,14 @@ def main():
     model_dir = f"/tmp/bench-model-{a.shape}"
     make_model(a.shape, model_dir)
     ours = ftscript_run(model_dir, a, work)
-    print(json.dumps(dict(ours, shape=a.shape, ckpt="auto" if a.auto else "offload" if a.offload else not a.no_ckpt, targets=a.targets, r=a.r)), flush=True)
+    print(json.dumps(dict(ours, shape=a.shape, ckpt="auto" if a.auto else "offload" if a.offload else not a.no_ckpt, targets=a.targets, r=a.r, dora=a.dora)), flush=True)
     if a.peer != "none":
         args = [sys.executable, os.path.join(HERE, "hf_baseline.py"), a.shape, a.peer, "--seq", str(a.seq), "--bs", str(a.bs),
                 "--steps", str(a.steps), "--targets", a.targets, "--r", str(a.r), "--alpha", str(a.alpha)]
         if a.no_ckpt:
             args.append("--no-ckpt")
+        if a.dora:
+            args.append("--dora")
         p = subprocess.run(args, capture_output=True, text=True)
         peer = json.loads([l for l in p.stdout.splitlines() if l.startswith("{")][-1]) if p.returncode == 0 else None
         if peer is None:
@@ -140,7 +143,7 @@ def main():
         else:
             print(json.dumps(peer), flush=True)
             mfu = lambda tok_s: tok_s * useful_flops_per_token(base_params(SHAPES[a.shape]), SHAPES[a.shape], a.seq) / H200_BF16_FLOPS
-            print(f"RATIO {a.shape} ckpt={not a.no_ckpt} {a.targets} r={a.r}: ftscript {ours['tokens_per_s']} tok/s "
+            print(f"RATIO {a.shape} ckpt={not a.no_ckpt} {a.targets} r={a.r}{' DoRA' if a.dora else ''}: ftscript {ours['tokens_per_s']} tok/s "
                   f"vs {peer['peer']} {peer['tokens_per_s']} tok/s = {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x; "
                   f"MFU {mfu(ours['tokens_per_s']):.1%} vs {mfu(peer['tokens_per_s']):.1%}; "
                   f"loss {ours['loss']} vs {peer['loss']}; peak GiB {ours['peak_gib']} vs {peer['peak_gib']}", flush=True)

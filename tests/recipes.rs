@@ -298,3 +298,48 @@ fn a_failing_callback_keeps_a_checkpoint_and_names_its_line() {
     assert!(t.contains("fail.rhai:8:") && t.contains("on_step callback failed, stopped at step 3") && t.contains("bad metric"), "{t}");
     assert!(d.join("f/checkpoint-3/adapter_model.safetensors").exists(), "no checkpoint at the failing step:\n{t}");
 }
+
+/// `with_adapters_disabled` as a recipe uses it: inside the closure the trained model generates
+/// and scores as the base model loaded fresh does; outside, the adapters are back; `train`
+/// inside it is refused with a message.
+#[test]
+fn with_adapters_disabled_gives_the_base_model_back_for_its_closure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    let t = run_recipe(
+        d,
+        "base.rhai",
+        &format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+let base = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 16, targets: "all-linear", use_dora: true }});
+train(m, #{{ train: load_dataset("data.jsonl"), batch_size: 4, lr: 5e-2, max_steps: 4, output_dir: "run" }});
+let text = "record 3: the quick brown fox";
+let inside = m.with_adapters_disabled(|base| [base.loss(text), base.generate("record 3:", #{{ max_new_tokens: 6 }})]);
+print(`LOSSES base=${{base.loss(text)}} inside=${{inside[0]}} adapted=${{m.loss(text)}}`);
+print(`GEN base=${{base.generate("record 3:", #{{ max_new_tokens: 6 }})}}|inside=${{inside[1]}}`);
+try {{
+    m.with_adapters_disabled(|base| train(base, #{{ train: load_dataset("data.jsonl"), max_steps: 1, output_dir: "run2" }}));
+    print("REFUSED nothing: train ran");
+}} catch (e) {{
+    print(`REFUSED ${{e}}`);
+}}
+"#
+        ),
+    );
+    let line = t.lines().find(|l| l.starts_with("LOSSES")).unwrap_or_else(|| panic!("{t}"));
+    let v: Vec<f64> = line.split_whitespace().skip(1).map(|kv| kv.split_once('=').unwrap().1.parse().unwrap()).collect();
+    assert!((v[0] - v[1]).abs() < 1e-6, "inside the closure the loss is the base model's: {line}");
+    assert!((v[0] - v[2]).abs() > 1e-2, "the trained adapters change the loss outside it: {line}");
+    let gen = t.lines().find(|l| l.starts_with("GEN")).unwrap();
+    let (base, inside) = gen.trim_start_matches("GEN base=").split_once("|inside=").unwrap();
+    assert_eq!(base, inside, "{t}");
+    assert!(t.contains("REFUSED") && t.contains("train cannot run inside with_adapters_disabled"), "{t}");
+    // the common slip, the closure using the variable the call is made on, gets the fix
+    std::fs::write(d.join("slip.rhai"), format!("let m = load_model(\"{model}\", #{{ dtype: \"fp32\" }});\nm.add_lora(#{{}});\nprint(m.with_adapters_disabled(|| m.loss(\"record 1\")));\n")).unwrap();
+    let out = ftscript(&["run", "slip.rhai"], d);
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("use the value the closure receives") && !t.contains("panicked"), "{t}");
+}

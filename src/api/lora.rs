@@ -1,10 +1,10 @@
 //! LoRA on a `Model`: `add_lora`, `save_adapter`, `load_adapter`, `save_merged`,
-//! `trainable_parameters`, `print_trainable_parameters`.
+//! `with_adapters_disabled`, `trainable_parameters`, `print_trainable_parameters`.
 
 use super::model::Model;
 use crate::nn::peft::{self, LoraSpec, Targets};
 use crate::script::options::{guard, parse};
-use rhai::{Dynamic, Engine, EvalAltResult, FuncRegistration, Map};
+use rhai::{Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext};
 use serde::Deserialize;
 use tch::Kind;
 
@@ -99,6 +99,12 @@ pub fn register(engine: &mut Engine) {
                 Ok(())
             })?;
             Ok(m.clone())
+        });
+    FuncRegistration::new("with_adapters_disabled")
+        .with_comments(["/// Calls `f(model)` with adapters switched off (on every model, for the duration of the call), as peft's `disable_adapter()`: generate, loss and evaluate inside see the base model; returns what `f` returns. Works inside training hooks."])
+        .with_params_info(["model: &mut Model", "f: FnPtr", "Dynamic"])
+        .register_into_engine(engine, |ctx: NativeCallContext, m: &mut Model, f: FnPtr| -> Res<Dynamic> {
+            crate::nn::linear::without_adapters(|| f.call_within_context(&ctx, (Dynamic::from(m.clone()),)))
         });
     FuncRegistration::new("trainable_parameters")
         .with_comments(["/// #{trainable, total, percent}: parameter counts, as peft's print_trainable_parameters."])

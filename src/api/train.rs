@@ -424,6 +424,7 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
         failure: None,
     };
     let result = guard("train", || {
+        anyhow::ensure!(!crate::nn::linear::adapters_disabled(), "train cannot run inside with_adapters_disabled (the adapters it trains are switched off there)");
         let mut model = m.get();
         let spec = model.lora.clone().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters; call model.add_lora(#{{...}}) first"))?;
         let precision = match o.precision.as_deref() {

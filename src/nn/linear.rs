@@ -25,6 +25,11 @@ pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether this thread is inside [`without_adapters`].
+pub fn adapters_disabled() -> bool {
+    ADAPTERS_OFF.with(Cell::get)
+}
+
 /// A frozen base weight `[out, in]`: dense, or 4-bit ([`Quant4`], NF4/FP4) dequantized block
 /// by block on every forward (`W = code[q] · absmax`, never kept dense between calls).
 pub enum Weight {

@@ -238,6 +238,11 @@ pub(crate) fn innermost(err: &EvalAltResult) -> (String, Position, Option<String
             (format!("in module `{name}`: {m}"), *pos, None)
         }
         EvalAltResult::ErrorRuntime(v, pos) => (v.to_string(), *pos, None),
+        EvalAltResult::ErrorDataRace(what, pos) => (
+            format!("data race on {what}: a closure given to this call uses the variable the call is made on, which the call holds; use the value the closure receives instead (`m.with_adapters_disabled(|base| base.loss(text))`)"),
+            *pos,
+            None,
+        ),
         EvalAltResult::ErrorPropertyNotFound(key, pos) => {
             (format!("the map has no key `{key}`; to read a key that may be missing, test `\"{key}\" in map` first"), *pos, None)
         }
