@@ -38,6 +38,15 @@ fn dora_training_and_adapters_match_hf_and_peft() {
     adapters_match_hf_and_peft("llama_gqa", Some("dora"));
 }
 
+/// Trainable token rows (peft's `trainable_token_indices`) beside LoRA, on an untied model and
+/// on a tied one (whose output head's rows are the trained embeddings: their gradient comes
+/// from the fused loss as well as from the embedding lookup).
+#[test]
+fn trainable_tokens_match_hf_and_peft() {
+    adapters_match_hf_and_peft("llama_gqa", Some("tokens"));
+    adapters_match_hf_and_peft("qwen2_tied", Some("tokens"));
+}
+
 #[test]
 fn qwen3_lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("qwen3");
@@ -116,6 +125,16 @@ m.save_merged("{o}/ft_merged");
 
     // 3. the adapter ftscript trained loads in peft with the same logits
     let ad = d.join("ft_adapter");
+    if variant == Some("tokens") {
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(config["trainable_token_indices"], serde_json::json!([5, 17, 42, 99, 120]), "{config}");
+        let saved = read_safetensors(&ad.join("adapter_model.safetensors"));
+        let rows = &saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"];
+        assert_eq!(rows.size(), [5, 64]);
+        let start = read_safetensors(&d.join("init/adapter_model.safetensors"));
+        let moved = rel_err(rows, &start["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]);
+        assert!(moved > 1e-3, "the token rows did not train (rel change {moved:.2e})");
+    }
     if variant == Some("dora") {
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!(config["use_dora"], true, "{config}");
@@ -186,7 +205,8 @@ fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
 /// Gradient checkpointing (each layer's attention recomputed in backward, the MLP's gradients
 /// formed directly) trains exactly as the full graph does: same losses, same adapters — with
 /// LoRA on every projection (adapters inside the MLP) and on q/v only (the frozen MLP's blocked
-/// path), DoRA on every projection (the layer recomputed whole under autograd), dropout
+/// path), DoRA on every projection (the layer recomputed whole under autograd), trainable token
+/// rows (the first layer's input keeps its graph to them), dropout
 /// (re-seeded for the recomputation), and packed rows (the segment mask); also the first profile
 /// of a run.
 #[test]
@@ -209,12 +229,14 @@ fn checkpointing_matches_the_full_graph(model_name: &str) {
     let d = tmp.path();
     let model = tiny_and_text(d, model_name, 24);
     let o = d.to_str().unwrap();
-    let mut variants = vec![("\"all-linear\"", 7, false), ("[\"q_proj\", \"v_proj\"]", 2, false)];
+    // (targets, projections adapted per layer, more add_lora options, tensors per adapted projection, tensors besides)
+    let mut variants = vec![("\"all-linear\"", 7, "", 2, 0), ("[\"q_proj\", \"v_proj\"]", 2, "", 2, 0)];
     if model_name == "llama_gqa" {
-        variants.push(("\"all-linear\"", 7, true));
+        variants.push(("\"all-linear\"", 7, "use_dora: true,", 3, 0));
+        variants.push(("[\"q_proj\", \"v_proj\"]", 2, "trainable_tokens: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],", 2, 1));
     }
-    for (targets, adapted, dora) in variants {
-        let adapted_name = format!("{adapted}{}", if dora { "dora" } else { "" });
+    for (targets, adapted, extra, per_module, besides) in variants {
+        let adapted_name = format!("{adapted}{}", extra.len());
         let run = |name: &str, ckpt: &str| {
             run_recipe(
                 d,
@@ -222,7 +244,7 @@ fn checkpointing_matches_the_full_graph(model_name: &str) {
                 &format!(
                     r#"
 let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
-m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: {targets}, use_dora: {dora}, seed: 3 }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: {targets}, {extra} seed: 3 }});
 train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 4, max_length: 32, packing: true,
     max_steps: 3, lr: 1e-2, log_every: 1, gradient_checkpointing: {ckpt}, output_dir: "{o}/{name}",
     profile: #{{ start: 2, steps: 1 }} }});
@@ -236,7 +258,7 @@ m.save_adapter("{o}/{name}/adapter");
         let full = losses(&d.join(&full_name).join("metrics.jsonl"));
         let a = read_safetensors(&d.join(&full_name).join("adapter/adapter_model.safetensors"));
         assert_eq!(full.len(), 3);
-        assert_eq!(a.len(), 3 * adapted * if dora { 3 } else { 2 }, "{targets}: adapters on {adapted} projections of the 3 layers");
+        assert_eq!(a.len(), 3 * adapted * per_module + besides, "{targets} {extra}: adapters on {adapted} projections of the 3 layers");
         assert!(a.values().any(|t| t.abs().max().double_value(&[]) > 0.0));
         // "offload" on the CPU keeps the checkpoints where they are, but recomputes as on a GPU
         // (from the residual after attention, without o_proj)
@@ -245,7 +267,7 @@ m.save_adapter("{o}/{name}/adapter");
             run(&name, mode);
             let ckpt = losses(&d.join(&name).join("metrics.jsonl"));
             for (x, y) in full.iter().zip(&ckpt) {
-                assert!((x - y).abs() < 1e-6, "{model_name} {targets} dora {dora} {mode}: losses differ: {full:?} vs {ckpt:?}");
+                assert!((x - y).abs() < 1e-6, "{model_name} {targets} {extra} {mode}: losses differ: {full:?} vs {ckpt:?}");
             }
             let b = read_safetensors(&d.join(&name).join("adapter/adapter_model.safetensors"));
             for (k, t) in &a {

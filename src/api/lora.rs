@@ -25,6 +25,8 @@ pub struct LoraOptions {
     pub use_rslora: Option<bool>,
     /// DoRA: learn each output row's magnitude apart from its direction (peft's `use_dora`).
     pub use_dora: Option<bool>,
+    /// Tokens (strings or ids) whose embedding rows train (peft's `trainable_token_indices`).
+    pub trainable_tokens: Option<Vec<serde_json::Value>>,
     /// Seed of A's random initialisation (default 0): the same seed gives the same adapters.
     pub seed: Option<u64>,
 }
@@ -78,7 +80,7 @@ pub fn parameter_counts(m: &Model) -> (i64, i64) {
 
 pub fn register(engine: &mut Engine) {
     FuncRegistration::new("add_lora")
-        .with_comments(["/// Adds LoRA adapters #{r, alpha, dropout, targets, use_rslora, use_dora, seed} (defaults 8, 16, 0.0, [\"q_proj\",\"v_proj\"]); only adapters train."])
+        .with_comments(["/// Adds LoRA adapters #{r, alpha, dropout, targets, use_rslora, use_dora, trainable_tokens, seed} (defaults 8, 16, 0.0, [\"q_proj\",\"v_proj\"]); only adapters train."])
         .with_params_info(["model: &mut Model", "options: Map", "Model"])
         .register_into_engine(engine, |m: &mut Model, opts: Map| -> Res<Model> {
             let o: LoraOptions = parse("add_lora", &opts)?;
@@ -90,9 +92,21 @@ pub fn register(engine: &mut Engine) {
                     targets: targets_of(o.targets)?,
                     use_rslora: o.use_rslora.unwrap_or(false),
                     use_dora: o.use_dora.unwrap_or(false),
+                    trainable_tokens: vec![],
                     seed: o.seed.unwrap_or(0),
                 };
                 let mut inner = m.get_mut("add_lora")?;
+                let mut spec = spec;
+                spec.trainable_tokens = o
+                    .trainable_tokens
+                    .iter()
+                    .flatten()
+                    .map(|t| match t {
+                        serde_json::Value::String(s) => inner.tokenizer.token_to_id(s).ok_or_else(|| anyhow::anyhow!("add_lora: trainable token `{s}` is not a token of the tokenizer (add it first: model.add_tokens([\"{s}\"]))")),
+                        serde_json::Value::Number(n) => n.as_i64().ok_or_else(|| anyhow::anyhow!("add_lora: trainable token {n} is not a token id")),
+                        other => Err(anyhow::anyhow!("add_lora: trainable_tokens holds {other}; give token strings or ids")),
+                    })
+                    .collect::<anyhow::Result<_>>()?;
                 let names = peft::add_lora(&mut inner.net, &spec, Kind::Float)?;
                 tracing::info!("added {} r={} alpha={} to {} layers", if spec.use_dora { "DoRA" } else { "LoRA" }, spec.r, spec.alpha, names.len());
                 inner.lora = Some(spec);

@@ -239,9 +239,19 @@ impl DecoderLayer {
     }
 }
 
+/// peft's trainable tokens (`trainable_token_indices`): rows `ids` of the embedding matrix (and
+/// of the output head when it is tied to it) replaced by the trained `values` `[n, H]`; every
+/// other row stays frozen.
+pub struct TokenRows {
+    pub ids: Vec<i64>,
+    pub values: Tensor,
+}
+
 pub struct Decoder {
     pub config: DecoderConfig,
     pub embed_tokens: Tensor,
+    /// Trainable rows of `embed_tokens`, if any.
+    pub token_rows: Option<TokenRows>,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// `None` when the output projection is tied to the embeddings.
@@ -352,6 +362,7 @@ impl Decoder {
             ropes: std::iter::once((c.rope_theta, c.rope_scaling.clone())).chain(c.local_rope.clone()).map(|(theta, scaling)| Rope::new(hd, theta, scaling)).collect(),
             norm: norm("model.norm".into(), head_device)?,
             embed_tokens,
+            token_rows: None,
             layers,
             lm_head,
             kind,
@@ -366,8 +377,20 @@ impl Decoder {
         LayerInputs::new(self.ropes.iter().map(|r| r.cos_sin(positions, self.kind)).collect(), mask)
     }
 
+    /// The embedding matrix with the trainable token rows (if any) in place: `E.index_copy(ids,
+    /// values)`, with a graph to the values.
+    pub fn embedding_weight(&self) -> Tensor {
+        match &self.token_rows {
+            Some(t) if !crate::nn::linear::adapters_disabled() => {
+                let ids = Tensor::from_slice(&t.ids).to_device(self.embed_tokens.device());
+                self.embed_tokens.index_copy(0, &ids, &t.values.to_kind(self.embed_tokens.kind()))
+            }
+            _ => self.embed_tokens.shallow_clone(),
+        }
+    }
+
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        let e = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
+        let e = Tensor::embedding(&self.embedding_weight(), ids, -1, false, false);
         if self.config.embed_scale {
             // transformers multiplies by √H rounded to the weights' dtype
             let scale = Tensor::from((self.config.hidden_size as f64).sqrt()).to_kind(e.kind()).to_device(e.device());
@@ -383,7 +406,7 @@ impl Decoder {
         let h = self.norm.forward(&h.to_device(self.head_device), train);
         let logits = match &self.lm_head {
             Some(l) => l.forward(&h, train),
-            None => h.matmul(&self.embed_tokens.tr()),
+            None => h.matmul(&self.embedding_weight().tr()),
         };
         loss::softcap(&logits, self.config.final_softcap)
     }
@@ -456,8 +479,19 @@ impl Decoder {
     fn projection_loss_backward(&self, normed: &Tensor, target: &Tensor, weight: f64, row_weight: Option<&Tensor>) -> Result<Tensor> {
         let cap = self.config.final_softcap;
         match &self.lm_head {
-            None => loss::linear_cross_entropy_backward(normed, &self.embed_tokens, None, target, weight, cap, row_weight),
-            Some(l) if l.adapter.is_none() => loss::linear_cross_entropy_backward(normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), target, weight, cap, row_weight),
+            None => match &self.token_rows {
+                // the tied head's trainable rows: their gradient gathered by the fused loss
+                Some(t) if t.values.requires_grad() && !crate::nn::linear::adapters_disabled() => {
+                    let w = self.embedding_weight().detach();
+                    let ids = Tensor::from_slice(&t.ids).to_device(w.device());
+                    let grad = Tensor::zeros([t.ids.len() as i64, w.size()[1]], (Kind::Float, w.device()));
+                    let loss = loss::linear_cross_entropy_backward(normed, &w, None, target, weight, cap, row_weight, Some((&ids, &grad)))?;
+                    crate::cuda::autograd::backward(&[(&t.values, &grad.to_kind(t.values.kind()))])?;
+                    Ok(loss)
+                }
+                _ => loss::linear_cross_entropy_backward(normed, &self.embedding_weight(), None, target, weight, cap, row_weight, None),
+            },
+            Some(l) if l.adapter.is_none() => loss::linear_cross_entropy_backward(normed, &l.weight.for_input(normed.kind()), l.bias.as_ref(), target, weight, cap, row_weight, None),
             Some(l) => loss::linear_cross_entropy_backward_autograd(l, normed, target, weight, cap, row_weight),
         }
     }
@@ -480,7 +514,7 @@ impl Decoder {
     fn project(&self, normed: &Tensor) -> Tensor {
         let logits = match &self.lm_head {
             Some(l) => l.forward(normed, false),
-            None => normed.matmul(&self.embed_tokens.tr()),
+            None => normed.matmul(&self.embedding_weight().tr()),
         };
         loss::softcap(&logits, self.config.final_softcap)
     }
@@ -735,7 +769,9 @@ impl Decoder {
                 None => None,
             };
             pending = prefetch(l.checked_sub(1).map(|k| &kept[k]))?;
-            let x = x.detach().set_requires_grad(l > 0);
+            // the first layer's input is the embeddings, looked up again: with trainable token
+            // rows it keeps its graph to them
+            let x = if l == 0 && net.token_rows.is_some() { x } else { x.detach().set_requires_grad(l > 0) };
             let g = grad.to_device(x.device());
             let layer = &net.layers[l];
             let backward = |roots: Vec<(Tensor, Tensor)>| crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>());

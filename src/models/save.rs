@@ -39,6 +39,9 @@ pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, Vec<us
             Some(lin) if lin.adapter.is_some() || lin.weight.is_quantized() => {
                 v.push((name, shape(lin.weight.size()), Box::new(move || merged(lin))));
             }
+            _ if name == "model.embed_tokens.weight" && net.token_rows.is_some() => {
+                v.push((name, shape(net.embed_tokens.size()), Box::new(move || tch::no_grad(|| net.embedding_weight()).to_kind(kind).to_device(Device::Cpu))));
+            }
             _ => {
                 let t = dense.iter().find(|(n, _)| *n == name).map(|(_, t)| t.shallow_clone()).unwrap();
                 v.push((name, shape(t.size()), Box::new(move || t.detach().to_kind(kind).to_device(Device::Cpu))));

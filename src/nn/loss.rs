@@ -51,7 +51,10 @@ pub fn cross_entropy_with_grad_ops(logits: &Tensor, target: &Tensor, weight: f64
 /// `∂L/∂x = (∂L/∂z) W` formed directly, so neither full-vocabulary logits nor autograd's copies
 /// of a chunk's softmax ever exist. With `softcap` `c` (Gemma 2) the loss sees `c·tanh(z/c)`,
 /// whose gradient carries the factor `1 − tanh²(z/c)`. `row_weight` `[n]` (if given) scales each
-/// row's gradient besides `weight` (the returned loss is unweighted).
+/// row's gradient besides `weight` (the returned loss is unweighted). `rows_grad` `(ids, g)`:
+/// the gradient of the weight's rows `ids` is added into `g` `[ids, H]` (fp32),
+/// `g += (∂L/∂z)[:, ids]ᵀ x` (trainable token rows of a tied head).
+#[allow(clippy::too_many_arguments)]
 pub fn linear_cross_entropy_backward(
     normed: &Tensor,
     w: &Tensor,
@@ -60,6 +63,7 @@ pub fn linear_cross_entropy_backward(
     weight: f64,
     softcap: Option<f64>,
     row_weight: Option<&Tensor>,
+    rows_grad: Option<(&Tensor, &Tensor)>,
 ) -> anyhow::Result<Tensor> {
     let n = normed.size()[0];
     let chunk = (LOSS_CHUNK_ELEMENTS / w.size()[0]).max(1);
@@ -87,6 +91,10 @@ pub fn linear_cross_entropy_backward(
             None => dlogits,
         };
         let _ = dlogits.mm_out(&dnormed.narrow(0, start, len), w);
+        if let Some((ids, g)) = rows_grad {
+            let mut g = g.shallow_clone();
+            let _ = g.addmm_(&dlogits.index_select(1, ids).tr().to_kind(Kind::Float), &normed.narrow(0, start, len).to_kind(Kind::Float));
+        }
         total += loss;
         start += len;
     }

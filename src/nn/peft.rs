@@ -4,11 +4,13 @@
 //! `base_model.model.<module>.lora_A.weight` (`[r, in]`) and `...lora_B.weight` (`[out, r]`)
 //! (and DoRA's `...lora_magnitude_vector` `[out]`, with `use_dora: true` in the config),
 //! where `<module>` is the linear layer's name in the base model's state dict
-//! (e.g. `model.layers.0.self_attn.q_proj`).
+//! (e.g. `model.layers.0.self_attn.q_proj`); trainable token rows (`trainable_token_indices`
+//! in the config) are `base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta`
+//! `[n, H]`, the rows themselves (not a difference, despite the name).
 
 use super::adapters::{Adapter, Dora, Lora};
 use super::weights::{save_safetensors, write_atomic, WeightSource};
-use crate::models::decoder::Decoder;
+use crate::models::decoder::{Decoder, TokenRows};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -49,6 +51,8 @@ pub struct LoraSpec {
     pub use_rslora: bool,
     /// DoRA: a learnt magnitude per output row ([`Dora`]).
     pub use_dora: bool,
+    /// Token ids whose embedding rows train (peft's `trainable_token_indices`).
+    pub trainable_tokens: Vec<i64>,
     /// Seed for A's initialisation.
     pub seed: u64,
 }
@@ -95,6 +99,9 @@ pub struct AdapterConfig {
     pub target_modules: serde_json::Value,
     #[serde(default)]
     pub task_type: Option<String>,
+    /// A list of token ids, or `{"embed_tokens": [...]}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainable_token_indices: Option<serde_json::Value>,
     #[serde(default)]
     pub use_dora: bool,
     #[serde(default)]
@@ -145,6 +152,16 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
     if names.is_empty() {
         bail!("add_lora: targets {:?} match no linear layer; the model's linear layers: {}", spec.targets, kinds.join(", "));
     }
+    net.token_rows = None;
+    if !spec.trainable_tokens.is_empty() {
+        let vocab = net.embed_tokens.size()[0];
+        if let Some(bad) = spec.trainable_tokens.iter().find(|&&i| i < 0 || i >= vocab) {
+            bail!("add_lora: trainable token id {bad} is outside the embedding's {vocab} rows");
+        }
+        let ids = Tensor::from_slice(&spec.trainable_tokens).to_device(net.embed_tokens.device());
+        let values = tch::no_grad(|| net.embed_tokens.index_select(0, &ids).to_kind(kind)).set_requires_grad(true);
+        net.token_rows = Some(TokenRows { ids: spec.trainable_tokens.clone(), values });
+    }
     Ok(names)
 }
 
@@ -156,9 +173,15 @@ pub fn adapter_tensors(net: &Decoder) -> Vec<(String, Tensor)> {
             v.push((format!("base_model.model.{}.{suffix}", lin.name), t));
         }
     }
+    if let Some(t) = &net.token_rows {
+        v.push((TOKEN_ROWS_KEY.to_string(), t.values.shallow_clone()));
+    }
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// peft's key of the trainable token rows of `model.embed_tokens`.
+const TOKEN_ROWS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
 
 /// The distinct last path segments of adapted modules (`["q_proj", "v_proj"]`).
 fn target_suffixes(net: &Decoder) -> Vec<String> {
@@ -224,6 +247,7 @@ pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path
         revision: None,
         target_modules,
         task_type: Some("CAUSAL_LM".into()),
+        trainable_token_indices: net.token_rows.as_ref().map(|t| serde_json::json!(t.ids)),
         use_dora: spec.use_dora,
         use_rslora: spec.use_rslora,
     };
@@ -255,7 +279,31 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         serde_json::Value::Array(a) => Targets::Names(a.iter().filter_map(|v| v.as_str().map(String::from)).collect()),
         other => bail!("{}: unsupported target_modules {other}", cfg_path.display()),
     };
-    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, seed: 0 };
+    let trainable_tokens: Vec<i64> = match &cfg.trainable_token_indices {
+        None | Some(serde_json::Value::Null) => vec![],
+        Some(serde_json::Value::Array(a)) => a.iter().map(|v| v.as_i64().with_context(|| format!("{}: trainable_token_indices holds {v}, not a token id", cfg_path.display()))).collect::<Result<_>>()?,
+        Some(serde_json::Value::Object(o)) => {
+            if let Some(k) = o.keys().find(|k| k.as_str() != "embed_tokens") {
+                bail!("{}: trainable tokens of `{k}` are not supported (only embed_tokens)", cfg_path.display());
+            }
+            o.get("embed_tokens").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|v| v.as_i64()).collect()).unwrap_or_default()
+        }
+        Some(other) => bail!("{}: trainable_token_indices must be a list of ids, got {other}", cfg_path.display()),
+    };
+    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, trainable_tokens, seed: 0 };
+    net.token_rows = None;
+    if !spec.trainable_tokens.is_empty() {
+        if !weights.contains(TOKEN_ROWS_KEY) {
+            bail!("{}: trainable_token_indices is set but tensor `{TOKEN_ROWS_KEY}` is missing", file.display());
+        }
+        let (n, hidden) = (spec.trainable_tokens.len() as i64, net.embed_tokens.size()[1]);
+        let vocab = net.embed_tokens.size()[0];
+        if let Some(bad) = spec.trainable_tokens.iter().find(|&&i| i < 0 || i >= vocab) {
+            bail!("{}: trainable token id {bad} is outside the model's {vocab} embedding rows (were tokens added to the tokenizer? add them with model.add_tokens first)", cfg_path.display());
+        }
+        let values = weights.load(TOKEN_ROWS_KEY, &[n, hidden], kind, net.embed_tokens.device())?.set_requires_grad(true);
+        net.token_rows = Some(TokenRows { ids: spec.trainable_tokens.clone(), values });
+    }
     let mut found = 0;
     for lin in net.linears_mut() {
         let key_a = format!("base_model.model.{}.lora_A.weight", lin.name);
@@ -293,6 +341,9 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         .names()
         .into_iter()
         .filter(|n| {
+            if n.as_str() == TOKEN_ROWS_KEY {
+                return false;
+            }
             let module = n.trim_start_matches("base_model.model.");
             let module = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"].iter().find_map(|s| module.strip_suffix(s)).unwrap_or(module);
             !net.linears().iter().any(|l| l.name == module)
@@ -308,6 +359,8 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
 /// the adapters.
 pub fn merge(net: &mut Decoder) {
     let _g = tch::no_grad_guard();
+    net.embed_tokens = net.embedding_weight().detach();
+    net.token_rows = None;
     for lin in net.linears_mut() {
         if let Some(a) = lin.adapter.take() {
             lin.weight = super::linear::Weight::Dense(a.merged_weight(&lin.weight.dense()).detach());

@@ -6,7 +6,8 @@ usage:
                                           (B random, for logit checks), OUT/train.jsonl (token
                                           records), OUT/ids.json, OUT/random_logits.safetensors;
                                           with `dora`, DoRA adapters (the random one's magnitudes
-                                          moved off the weights' norms too)
+                                          moved off the weights' norms too); with `tokens`, the
+                                          embedding rows of TOKENS train too (moved in the random one)
   peft_reference.py train MODEL OUT       HF Trainer + peft from OUT/init on OUT/train.jsonl, in
                                           order; per-step losses → OUT/hf_losses.json
   peft_reference.py adapter-logits MODEL ADAPTER IDS_JSON OUT_FILE
@@ -44,19 +45,24 @@ def logits_of(model, ids):
         return model(torch.tensor(ids)).logits.float().contiguous()
 
 
-def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False):
+# the token ids whose embedding rows train in the `tokens` variant (all occur in train.jsonl)
+TOKENS = [5, 17, 42, 99, 120]
+
+
+def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False, tokens=None):
     """peft LoRA (r=4, alpha=8, q_proj and v_proj; DoRA if `dora`) on `model`, saved as peft
     initialises it (B = 0) in `fresh_dir` and with B drawn from N(0, 0.05²) (and DoRA's
     magnitudes scaled by 1 + N(0, 0.1²)) in `random_dir`; returns the latter."""
     torch.manual_seed(123)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=dora,
+                                             trainable_token_indices=tokens,
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(fresh_dir)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-            if "lora_magnitude_vector" in name:
+            if "lora_magnitude_vector" in name or "trainable_tokens_delta" in name:
                 p.mul_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(random_dir)
     return model
@@ -64,7 +70,7 @@ def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False):
 
 def init(model_dir, out, variant=None):
     model = fresh_and_random_adapters(load(model_dir), os.path.join(out, "init"), os.path.join(out, "random"),
-                                      dora=variant == "dora")
+                                      dora=variant == "dora", tokens=TOKENS if variant == "tokens" else None)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 300, (2, 16), generator=gen).tolist()
     json.dump(ids, open(os.path.join(out, "ids.json"), "w"))
