@@ -139,6 +139,48 @@ impl Tokenizer {
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// Adds `tokens` to the vocabulary as transformers' `tokenizer.add_tokens(tokens,
+    /// special_tokens=special)` does: each new one gets the next id (`len(tokenizer)`) and is
+    /// matched whole before the model's own tokenization (a special one is also skipped when
+    /// decoding); a token the tokenizer already has keeps its id. Both `tokenizer.json`
+    /// (`added_tokens`) and `tokenizer_config.json` (`added_tokens_decoder`) record it, so the
+    /// saved tokenizer loads the same in transformers. Returns each token's id.
+    pub fn add_tokens(&mut self, tokens: &[String], special: bool) -> Result<Vec<i64>> {
+        let mut json: serde_json::Value = serde_json::from_slice(self.file("tokenizer.json").context("no tokenizer.json")?).context("tokenizer.json: not valid JSON")?;
+        let mut config: serde_json::Value = match self.file("tokenizer_config.json") {
+            Some(b) => serde_json::from_slice(b).context("tokenizer_config.json: not valid JSON")?,
+            None => serde_json::json!({}),
+        };
+        let mut next = self.vocab_size() as i64;
+        let mut ids = vec![];
+        for token in tokens {
+            anyhow::ensure!(!token.is_empty(), "add_tokens: a token cannot be empty");
+            if let Some(id) = self.token_to_id(token).or_else(|| tokens.iter().position(|t| t == token).and_then(|i| ids.get(i).copied())) {
+                ids.push(id);
+                continue;
+            }
+            let entry = serde_json::json!({"id": next, "content": token, "single_word": false, "lstrip": false, "rstrip": false, "normalized": !special, "special": special});
+            json["added_tokens"].as_array_mut().context("tokenizer.json has no `added_tokens` list")?.push(entry);
+            let decoder = config.as_object_mut().context("tokenizer_config.json is not an object")?.entry("added_tokens_decoder").or_insert_with(|| serde_json::json!({}));
+            decoder[next.to_string()] = serde_json::json!({"content": token, "lstrip": false, "normalized": !special, "rstrip": false, "single_word": false, "special": special});
+            ids.push(next);
+            next += 1;
+        }
+        let mut files = self.files.clone();
+        for (name, bytes) in files.iter_mut() {
+            match name.as_str() {
+                "tokenizer.json" => *bytes = serde_json::to_vec_pretty(&json)?,
+                "tokenizer_config.json" => *bytes = serde_json::to_vec_pretty(&config)?,
+                _ => {}
+            }
+        }
+        if !files.iter().any(|(n, _)| n == "tokenizer_config.json") {
+            files.push(("tokenizer_config.json".into(), serde_json::to_vec_pretty(&config)?));
+        }
+        *self = Self::from_files(files, "the tokenizer", self.bos_id, self.eos_id, Some(self.pad_id))?;
+        Ok(ids)
+    }
+
     /// One of the tokenizer files as read (`tokenizer.json`, `tokenizer_config.json`, ...).
     pub fn file(&self, name: &str) -> Option<&[u8]> {
         self.files.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice())

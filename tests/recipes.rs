@@ -85,6 +85,8 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     let t = run(&["run"], "dora.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("dora")), ("max_steps", "3".into())]);
     let losses: Vec<f64> = t.lines().find_map(|l| l.split_once("loss of one eval record: adapter ")).map(|(_, rest)| rest.split(", merged ").map(|x| x.trim().parse().unwrap()).collect()).unwrap_or_default();
     assert!(losses.len() == 2 && (losses[0] - losses[1]).abs() < 1e-4 * losses[0], "the merged DoRA model's loss differs from the adapter's: {t}");
+    run(&["run"], "chat_tokens.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("chat_tokens")), ("max_steps", "3".into())]);
+    added_tokens_load_in_transformers_and_peft(&d.join("llama_gqa"), &d.join("chat_tokens/adapter"), d);
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
     run(&["run"], "eval_metrics.rhai", &[]);
     run(&["run"], "inspect.rhai", &[("model_dir", model.clone())]);
@@ -104,6 +106,36 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     covered.sort();
     covered.dedup();
     assert_eq!(shipped, covered, "every recipe in scripts/ must run here (or in tests/hub.rs)");
+}
+
+/// The adapter `scripts/chat_tokens.rhai` saved (new special tokens, their trained embedding
+/// rows, LoRA) for the base model `model`: the tokenizer saved beside it tokenizes as
+/// transformers' own `add_tokens` does, and transformers + peft (base resized to the saved
+/// tokenizer) give ftscript's logits on a text with the new tokens.
+fn added_tokens_load_in_transformers_and_peft(model: &Path, adapter: &Path, d: &Path) {
+    let tokens = ["<|call|>".to_string(), "<|result|>".to_string()];
+    std::fs::write(d.join("tokens.json"), serde_json::to_string(&tokens).unwrap()).unwrap();
+    let text = "<|call|>age: 3; name: Al<|result|>{\"name\"";
+    let out = d.join("added_tokens.safetensors");
+    py("peft_reference.py", &["added-tokens", model.to_str().unwrap(), adapter.to_str().unwrap(), d.join("tokens.json").to_str().unwrap(), text, out.to_str().unwrap()]);
+    let theirs = read_safetensors(&out);
+    let mut m = ftscript::models::load(model, "fp32", tch::Device::Cpu).unwrap();
+    let ids = m.add_tokens(&tokens, true).unwrap();
+    assert_eq!(ids, [300, 301]);
+    ftscript::nn::peft::load_adapter(&mut m.net, adapter, tch::Kind::Float).unwrap();
+    let ours = m.tokenizer.encode(text, true).unwrap();
+    let their_ids: Vec<i64> = Vec::try_from(&theirs["ids"]).unwrap();
+    let added_ids: Vec<i64> = Vec::try_from(&theirs["ids_transformers_added"]).unwrap();
+    assert_eq!(ours, their_ids, "the saved tokenizer in transformers");
+    assert_eq!(ours, added_ids, "transformers' add_tokens on the base tokenizer");
+    assert!(ours.contains(&300) && ours.contains(&301), "{ours:?}");
+    assert_eq!(Vec::<i64>::try_from(&theirs["len"]).unwrap(), [302, 302]);
+    let t = ours.len() as i64;
+    let input = tch::Tensor::from_slice(&ours).view([1, t]);
+    let positions = tch::Tensor::arange(t, (tch::Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
+    let logits = tch::no_grad(|| m.net.forward(&input, &positions, &ftscript::models::decoder::AttnMask::Causal, None, false));
+    let err = rel_err(&logits, &theirs["logits"]);
+    assert!(err < 1e-4, "logits with the added tokens differ from transformers + peft: rel err {err:.3e}");
 }
 
 /// A tiny model and 48 short records in `d`, as `(model path, data path)`.

@@ -160,8 +160,9 @@ m.save_merged("{o}/ft_merged");
 }
 
 /// peft's per-module ranks and alphas (`rank_pattern`, `alpha_pattern`) survive a load/save
-/// round trip, with plain LoRA and with DoRA: the adapter ftscript saves carries them and loads
-/// in peft with the same logits, and saving what was loaded from it again gives the same bytes.
+/// round trip, with plain LoRA and with DoRA and trainable token rows: the adapter ftscript saves
+/// carries them and loads in peft with the same logits, and saving what was loaded from it again
+/// gives the same bytes.
 #[test]
 fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
     let tmp = tempfile::tempdir().unwrap();
@@ -169,7 +170,7 @@ fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
     let model = tiny_llama(d);
     let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
     std::fs::write(d.join("ids.json"), "[[5, 17, 42, 99, 120, 7, 250, 31, 64, 12]]").unwrap();
-    for variant in [None, Some("dora")] {
+    for variant in [None, Some("dora+tokens")] {
         py("peft_reference.py", &[&["patterned", m, o][..], variant.as_slice()].concat());
         let theirs = &read_safetensors(&d.join("patterned_logits.safetensors"))["logits"];
         let ours = ftscript_logits(&model, Some(&d.join("patterned")), &d.join("ids.json"));
@@ -186,7 +187,8 @@ fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
         );
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("resaved/adapter_config.json")).unwrap()).unwrap();
         assert_eq!(config["r"], 4, "{config}");
-        assert_eq!(config["use_dora"], variant == Some("dora"), "{config}");
+        assert_eq!(config["use_dora"], variant.is_some(), "{config}");
+        assert_eq!(config["trainable_token_indices"], if variant.is_some() { serde_json::json!([5, 17, 42, 99, 120]) } else { serde_json::Value::Null }, "{config}");
         let ranks = config["rank_pattern"].as_object().unwrap();
         let alphas = config["alpha_pattern"].as_object().unwrap();
         assert!(ranks.len() == 3 && ranks.iter().all(|(k, v)| k.ends_with("v_proj") && v == 6), "rank_pattern {ranks:?}");

@@ -31,6 +31,14 @@ pub struct LoraOptions {
     pub seed: Option<u64>,
 }
 
+/// Options of `model.add_tokens(tokens, #{...})`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddTokensOptions {
+    /// Special tokens (default false): skipped when decoding, never split or normalized.
+    pub special: Option<bool>,
+}
+
 /// Options of `model.save_merged(dir, #{...})`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,6 +121,24 @@ pub fn register(engine: &mut Engine) {
                 Ok(())
             })?;
             Ok(m.clone())
+        });
+    let add_tokens = |m: &mut Model, tokens: rhai::Array, special: bool| -> Res<rhai::Array> {
+        guard("add_tokens", || {
+            let tokens: Vec<String> = tokens.into_iter().map(|t| t.into_string().map_err(|t| anyhow::anyhow!("tokens must be strings, got {t}"))).collect::<anyhow::Result<_>>()?;
+            let ids = m.get_mut("add_tokens")?.add_tokens(&tokens, special)?;
+            Ok(ids.into_iter().map(Dynamic::from).collect())
+        })
+    };
+    FuncRegistration::new("add_tokens")
+        .with_comments(["/// Adds tokens to the tokenizer (as transformers' add_tokens) and grows the embeddings and output head to fit (new rows: the mean of the old ones); returns their ids."])
+        .with_params_info(["model: &mut Model", "tokens: Array", "Array"])
+        .register_into_engine(engine, move |m: &mut Model, tokens: rhai::Array| add_tokens(m, tokens, false));
+    FuncRegistration::new("add_tokens")
+        .with_comments(["/// add_tokens with #{special}: special tokens are skipped when decoding and never split or normalized."])
+        .with_params_info(["model: &mut Model", "tokens: Array", "options: Map", "Array"])
+        .register_into_engine(engine, move |m: &mut Model, tokens: rhai::Array, opts: Map| -> Res<rhai::Array> {
+            let o: AddTokensOptions = parse("add_tokens", &opts)?;
+            add_tokens(m, tokens, o.special.unwrap_or(false))
         });
     FuncRegistration::new("with_adapters_disabled")
         .with_comments(["/// Calls `f(model)` with adapters switched off (on every model, for the duration of the call), as peft's `disable_adapter()`: generate, loss and evaluate inside see the base model; returns what `f` returns. Works inside training hooks."])

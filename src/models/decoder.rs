@@ -377,6 +377,29 @@ impl Decoder {
         LayerInputs::new(self.ropes.iter().map(|r| r.cos_sin(positions, self.kind)).collect(), mask)
     }
 
+    /// Grows the vocabulary to `rows`: the new rows of the embeddings (and of an untied output
+    /// head) are the mean of the old ones. transformers' `resize_token_embeddings` (mean
+    /// resizing) draws them from a normal around that mean with covariance `1e-9·Σ` of the old
+    /// rows: the same rows to about `3e-5` of their spread.
+    pub fn grow_vocab(&mut self, rows: i64) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        let grow = |w: &Tensor| -> Tensor {
+            let old = w.size()[0];
+            let mean = w.to_kind(Kind::Float).mean_dim([0i64].as_slice(), true, Kind::Float).to_kind(w.kind());
+            Tensor::cat(&[w.shallow_clone(), mean.expand([rows - old, w.size()[1]], false)], 0).contiguous()
+        };
+        self.embed_tokens = grow(&self.embed_tokens);
+        if let Some(head) = &mut self.lm_head {
+            anyhow::ensure!(head.bias.is_none(), "add_tokens: an output head with a bias is not supported");
+            head.weight = match &head.weight {
+                Weight::Dense(w) => Weight::Dense(grow(w)),
+                _ => anyhow::bail!("add_tokens: the output head is quantized; load the model with lm_head dense"),
+            };
+        }
+        self.config.vocab_size = rows as usize;
+        Ok(())
+    }
+
     /// The embedding matrix with the trainable token rows (if any) in place: `E.index_copy(ids,
     /// values)`, with a graph to the values.
     pub fn embedding_weight(&self) -> Tensor {

@@ -89,6 +89,25 @@ pub struct LoadedModel {
     pub lora: Option<crate::nn::peft::LoraSpec>,
 }
 
+impl LoadedModel {
+    /// Adds `tokens` to the tokenizer ([`Tokenizer::add_tokens`]) and grows the embeddings and
+    /// output head when an id falls past their rows ([`Decoder::grow_vocab`]; a vocabulary
+    /// padded beyond the tokenizer, as Qwen's, may hold them already). Before any adapter: the
+    /// adapters' shapes follow the vocabulary. Returns the tokens' ids.
+    pub fn add_tokens(&mut self, tokens: &[String], special: bool) -> Result<Vec<i64>> {
+        anyhow::ensure!(self.lora.is_none(), "add tokens before adding or loading adapters (their shapes follow the vocabulary)");
+        let ids = self.tokenizer.add_tokens(tokens, special)?;
+        let rows = self.net.embed_tokens.size()[0];
+        let needed = ids.iter().max().map_or(0, |m| m + 1);
+        if needed > rows {
+            self.net.grow_vocab(needed)?;
+            self.config_json["vocab_size"] = needed.into();
+            tracing::info!("the vocabulary grew from {rows} to {needed} rows for the added tokens (new rows: the mean of the old ones)");
+        }
+        Ok(ids)
+    }
+}
+
 /// `"auto" | "cpu" | "cuda" | "cuda:N"` → a libtorch device. In a data-parallel run, `auto` and
 /// `cuda` mean this process's GPU, `cuda:LOCAL_RANK`.
 pub fn parse_device(s: &str) -> Result<Device> {

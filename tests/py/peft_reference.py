@@ -12,12 +12,17 @@ usage:
                                           order; per-step losses → OUT/hf_losses.json
   peft_reference.py adapter-logits MODEL ADAPTER IDS_JSON OUT_FILE
                                           logits of PeftModel.from_pretrained(MODEL, ADAPTER)
+  peft_reference.py added-tokens MODEL ADAPTER TOKENS_JSON TEXT OUT_FILE
+                                          the tokenizer saved in ADAPTER: TEXT's ids (and those of
+                                          MODEL's own tokenizer after transformers' add_tokens of
+                                          TOKENS as special), and the logits of
+                                          PeftModel.from_pretrained(MODEL resized to it, ADAPTER)
   peft_reference.py model-logits MODEL IDS_JSON OUT_FILE
                                           logits of a plain transformers model (e.g. a merged one)
-  peft_reference.py patterned MODEL OUT [dora]
+  peft_reference.py patterned MODEL OUT [dora|tokens|dora+tokens]
                                           OUT/patterned: a peft adapter with a rank_pattern and an
-                                          alpha_pattern (B random; DoRA with moved magnitudes if
-                                          `dora`), its logits for OUT/ids.json in
+                                          alpha_pattern (B random; DoRA with moved magnitudes,
+                                          trainable token rows moved, as named), its logits for OUT/ids.json in
                                           OUT/patterned_logits.safetensors
 """
 import json
@@ -131,6 +136,20 @@ def adapter_logits(model_dir, adapter, ids_json, out_file):
     save_file({"logits": logits_of(model, json.load(open(ids_json)))}, out_file)
 
 
+def added_tokens(model_dir, adapter, tokens_json, text, out_file):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(adapter)
+    theirs = AutoTokenizer.from_pretrained(model_dir)
+    theirs.add_tokens(json.load(open(tokens_json)), special_tokens=True)
+    base = load(model_dir)
+    base.resize_token_embeddings(len(tok))
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    ids = tok(text)["input_ids"]
+    save_file({"logits": logits_of(model, [ids]), "ids": torch.tensor(ids),
+               "ids_transformers_added": torch.tensor(theirs(text)["input_ids"]),
+               "len": torch.tensor([len(tok), len(theirs)])}, out_file)
+
+
 def model_logits(model_dir, ids_json, out_file):
     save_file({"logits": logits_of(load(model_dir), json.load(open(ids_json)))}, out_file)
 
@@ -139,13 +158,14 @@ def patterned(model_dir, out, variant=None):
     torch.manual_seed(7)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                         rank_pattern={"v_proj": 6}, alpha_pattern={"q_proj": 20}, task_type="CAUSAL_LM",
-                        use_dora=variant == "dora")
+                        use_dora="dora" in (variant or ""),
+                        trainable_token_indices=TOKENS if "tokens" in (variant or "") else None)
     model = get_peft_model(load(model_dir), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-            if "lora_magnitude_vector" in name:
+            if "lora_magnitude_vector" in name or "trainable_tokens_delta" in name:
                 p.mul_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(os.path.join(out, "patterned"))
     ids = json.load(open(os.path.join(out, "ids.json")))
@@ -155,4 +175,5 @@ def patterned(model_dir, out, variant=None):
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
     {"init": init, "train": train, "adapter-logits": adapter_logits, "model-logits": model_logits,
+     "added-tokens": added_tokens,
      "patterned": patterned}[cmd](*rest)
