@@ -41,6 +41,12 @@ fn dora_training_and_adapters_match_hf_and_peft() {
 /// Trainable token rows (peft's `trainable_token_indices`) beside LoRA, on an untied model and
 /// on a tied one (whose output head's rows are the trained embeddings: their gradient comes
 /// from the fused loss as well as from the embedding lookup).
+/// peft's `modules_to_save`: the embeddings and the output head trained whole beside LoRA.
+#[test]
+fn modules_to_save_match_hf_and_peft() {
+    adapters_match_hf_and_peft("llama_gqa", Some("modules"));
+}
+
 #[test]
 fn trainable_tokens_match_hf_and_peft() {
     adapters_match_hf_and_peft("llama_gqa", Some("tokens"));
@@ -135,6 +141,17 @@ m.save_merged("{o}/ft_merged");
         let moved = rel_err(rows, &start["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]);
         assert!(moved > 1e-3, "the token rows did not train (rel change {moved:.2e})");
     }
+    if variant == Some("modules") {
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(config["modules_to_save"], serde_json::json!(["embed_tokens", "lm_head"]), "{config}");
+        let saved = read_safetensors(&ad.join("adapter_model.safetensors"));
+        let start = read_safetensors(&d.join("init/adapter_model.safetensors"));
+        for key in ["base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"] {
+            assert_eq!(saved[key].size(), [300, 64], "{key}");
+            let moved = rel_err(&saved[key], &start[key]);
+            assert!(moved > 1e-3, "{key} did not train (rel change {moved:.2e})");
+        }
+    }
     if variant == Some("dora") {
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap()).unwrap();
         assert_eq!(config["use_dora"], true, "{config}");
@@ -160,7 +177,7 @@ m.save_merged("{o}/ft_merged");
 }
 
 /// peft's per-module ranks and alphas (`rank_pattern`, `alpha_pattern`) survive a load/save
-/// round trip, with plain LoRA and with DoRA and trainable token rows: the adapter ftscript saves
+/// round trip, with plain LoRA and with DoRA, trainable token rows and a trained lm_head: the adapter ftscript saves
 /// carries them and loads in peft with the same logits, and saving what was loaded from it again
 /// gives the same bytes.
 #[test]
@@ -189,6 +206,7 @@ fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
         assert_eq!(config["r"], 4, "{config}");
         assert_eq!(config["use_dora"], variant.is_some(), "{config}");
         assert_eq!(config["trainable_token_indices"], if variant.is_some() { serde_json::json!([5, 17, 42, 99, 120]) } else { serde_json::Value::Null }, "{config}");
+        assert_eq!(config["modules_to_save"], if variant.is_some() { serde_json::json!(["lm_head"]) } else { serde_json::Value::Null }, "{config}");
         let ranks = config["rank_pattern"].as_object().unwrap();
         let alphas = config["alpha_pattern"].as_object().unwrap();
         assert!(ranks.len() == 3 && ranks.iter().all(|(k, v)| k.ends_with("v_proj") && v == 6), "rank_pattern {ranks:?}");
@@ -208,7 +226,7 @@ fn rank_and_alpha_patterns_survive_a_round_trip_through_peft() {
 /// formed directly) trains exactly as the full graph does: same losses, same adapters — with
 /// LoRA on every projection (adapters inside the MLP) and on q/v only (the frozen MLP's blocked
 /// path), DoRA on every projection (the layer recomputed whole under autograd), trainable token
-/// rows (the first layer's input keeps its graph to them), dropout
+/// rows and modules_to_save (the first layer's input keeps its graph to the embeddings), dropout
 /// (re-seeded for the recomputation), and packed rows (the segment mask); also the first profile
 /// of a run.
 #[test]
@@ -236,6 +254,7 @@ fn checkpointing_matches_the_full_graph(model_name: &str) {
     if model_name == "llama_gqa" {
         variants.push(("\"all-linear\"", 7, "use_dora: true,", 3, 0));
         variants.push(("[\"q_proj\", \"v_proj\"]", 2, "trainable_tokens: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],", 2, 1));
+        variants.push(("[\"q_proj\", \"v_proj\"]", 2, "modules_to_save: [\"embed_tokens\", \"lm_head\"],", 2, 2));
     }
     for (targets, adapted, extra, per_module, besides) in variants {
         let adapted_name = format!("{adapted}{}", extra.len());

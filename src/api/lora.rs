@@ -27,6 +27,8 @@ pub struct LoraOptions {
     pub use_dora: Option<bool>,
     /// Tokens (strings or ids) whose embedding rows train (peft's `trainable_token_indices`).
     pub trainable_tokens: Option<Vec<serde_json::Value>>,
+    /// Modules trained whole beside the adapters (peft's `modules_to_save`): `embed_tokens`, `lm_head`.
+    pub modules_to_save: Option<Vec<String>>,
     /// Seed of A's random initialisation (default 0): the same seed gives the same adapters.
     pub seed: Option<u64>,
 }
@@ -88,7 +90,7 @@ pub fn parameter_counts(m: &Model) -> (i64, i64) {
 
 pub fn register(engine: &mut Engine) {
     FuncRegistration::new("add_lora")
-        .with_comments(["/// Adds LoRA adapters #{r, alpha, dropout, targets, use_rslora, use_dora, trainable_tokens, seed} (defaults 8, 16, 0.0, [\"q_proj\",\"v_proj\"]); only adapters train."])
+        .with_comments(["/// Adds LoRA adapters #{r, alpha, dropout, targets, use_rslora, use_dora, trainable_tokens, modules_to_save, seed} (defaults 8, 16, 0.0, [\"q_proj\",\"v_proj\"]); only adapters train."])
         .with_params_info(["model: &mut Model", "options: Map", "Model"])
         .register_into_engine(engine, |m: &mut Model, opts: Map| -> Res<Model> {
             let o: LoraOptions = parse("add_lora", &opts)?;
@@ -101,6 +103,7 @@ pub fn register(engine: &mut Engine) {
                     use_rslora: o.use_rslora.unwrap_or(false),
                     use_dora: o.use_dora.unwrap_or(false),
                     trainable_tokens: vec![],
+                    modules_to_save: o.modules_to_save.clone().unwrap_or_default(),
                     seed: o.seed.unwrap_or(0),
                 };
                 let mut inner = m.get_mut("add_lora")?;

@@ -739,8 +739,8 @@ fn pre_tokenizer_by_structure(tokenizer_json: &Value) -> Result<String> {
 /// into its B, so per-module ranks and rsLoRA come out exact.
 pub fn save_gguf_adapter(m: &LoadedModel, path: &Path) -> Result<()> {
     let spec = m.lora.as_ref().ok_or_else(|| anyhow!("the model has no LoRA adapters (add_lora or load_adapter first)"))?;
-    if m.net.token_rows.is_some() {
-        bail!("trainable token rows have no GGUF LoRA form: export the model with the adapter merged, model.save_gguf(path)");
+    if m.net.embeddings_train() || m.net.linears().iter().any(|l| matches!(l.adapter, Some(crate::nn::Adapter::Copy(_)))) {
+        bail!("trainable token rows and modules_to_save have no GGUF LoRA form: export the model with the adapter merged, model.save_gguf(path)");
     }
     if spec.use_dora {
         bail!("a DoRA adapter has no GGUF LoRA form (llama.cpp applies plain LoRA only): export the model with the adapter merged, model.save_gguf(path)");

@@ -252,6 +252,9 @@ pub struct Decoder {
     pub embed_tokens: Tensor,
     /// Trainable rows of `embed_tokens`, if any.
     pub token_rows: Option<TokenRows>,
+    /// A trained copy of the whole embedding matrix used in its place (peft's `modules_to_save`
+    /// with `embed_tokens`), in the adapters' dtype.
+    pub embed_copy: Option<Tensor>,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// `None` when the output projection is tied to the embeddings.
@@ -363,6 +366,7 @@ impl Decoder {
             norm: norm("model.norm".into(), head_device)?,
             embed_tokens,
             token_rows: None,
+            embed_copy: None,
             layers,
             lm_head,
             kind,
@@ -375,6 +379,11 @@ impl Decoder {
     /// What every layer reads in one forward at `positions`: each rotary table's cos/sin, the mask.
     pub fn layer_inputs(&self, positions: &Tensor, mask: &AttnMask) -> LayerInputs {
         LayerInputs::new(self.ropes.iter().map(|r| r.cos_sin(positions, self.kind)).collect(), mask)
+    }
+
+    /// Whether training reaches the embeddings (trainable token rows, or a trained copy).
+    pub fn embeddings_train(&self) -> bool {
+        self.token_rows.is_some() || self.embed_copy.is_some()
     }
 
     /// Grows the vocabulary to `rows`: the new rows of the embeddings (and of an untied output
@@ -400,9 +409,13 @@ impl Decoder {
         Ok(())
     }
 
-    /// The embedding matrix with the trainable token rows (if any) in place: `E.index_copy(ids,
-    /// values)`, with a graph to the values.
+    /// The embedding matrix in use: its trained copy, or with the trainable token rows in place
+    /// (`E.index_copy(ids, values)`), with a graph to what trains; the base matrix when adapters
+    /// are switched off.
     pub fn embedding_weight(&self) -> Tensor {
+        if let Some(c) = self.embed_copy.as_ref().filter(|_| !crate::nn::linear::adapters_disabled()) {
+            return c.to_kind(self.embed_tokens.kind());
+        }
         match &self.token_rows {
             Some(t) if !crate::nn::linear::adapters_disabled() => {
                 let ids = Tensor::from_slice(&t.ids).to_device(self.embed_tokens.device());
@@ -794,7 +807,7 @@ impl Decoder {
             pending = prefetch(l.checked_sub(1).map(|k| &kept[k]))?;
             // the first layer's input is the embeddings, looked up again: with trainable token
             // rows it keeps its graph to them
-            let x = if l == 0 && net.token_rows.is_some() { x } else { x.detach().set_requires_grad(l > 0) };
+            let x = if l == 0 && net.embeddings_train() { x } else { x.detach().set_requires_grad(l > 0) };
             let g = grad.to_device(x.device());
             let layer = &net.layers[l];
             let backward = |roots: Vec<(Tensor, Tensor)>| crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>());

@@ -39,7 +39,7 @@ pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, Vec<us
             Some(lin) if lin.adapter.is_some() || lin.weight.is_quantized() => {
                 v.push((name, shape(lin.weight.size()), Box::new(move || merged(lin))));
             }
-            _ if name == "model.embed_tokens.weight" && net.token_rows.is_some() => {
+            _ if name == "model.embed_tokens.weight" && net.embeddings_train() => {
                 v.push((name, shape(net.embed_tokens.size()), Box::new(move || tch::no_grad(|| net.embedding_weight()).to_kind(kind).to_device(Device::Cpu))));
             }
             _ => {

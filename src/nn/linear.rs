@@ -133,14 +133,19 @@ impl Linear {
         self.weight.size()[0]
     }
 
-    /// `x Wᵀ + b` (+ the adapter's update) over the last dimension of `x`.
+    /// `x Wᵀ + b` (+ the adapter's update, or with the weight the adapter replaces) over the
+    /// last dimension of `x`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut shape = x.size();
         let x2 = x.reshape([-1, self.in_features()]);
-        let y = x2.linear(&self.weight.for_input(x.kind()), self.bias.as_ref());
-        let y = match &self.adapter {
-            Some(a) if !ADAPTERS_OFF.with(Cell::get) => a.add_to(y, &x2, &self.weight, self.bias.as_ref(), train),
-            _ => y,
+        let adapter = self.adapter.as_ref().filter(|_| !ADAPTERS_OFF.with(Cell::get));
+        let y = match adapter.and_then(Adapter::replaced_weight) {
+            Some(w) => x2.linear(&w.to_kind(x.kind()), self.bias.as_ref()),
+            None => x2.linear(&self.weight.for_input(x.kind()), self.bias.as_ref()),
+        };
+        let y = match adapter {
+            Some(a) => a.add_to(y, &x2, &self.weight, self.bias.as_ref(), train),
+            None => y,
         };
         *shape.last_mut().unwrap() = self.out_features();
         y.view(shape.as_slice())

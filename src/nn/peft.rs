@@ -53,6 +53,8 @@ pub struct LoraSpec {
     pub use_dora: bool,
     /// Token ids whose embedding rows train (peft's `trainable_token_indices`).
     pub trainable_tokens: Vec<i64>,
+    /// Modules trained whole (peft's `modules_to_save`): `embed_tokens`, `lm_head`.
+    pub modules_to_save: Vec<String>,
     /// Seed for A's initialisation.
     pub seed: u64,
 }
@@ -153,7 +155,26 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
         bail!("add_lora: targets {:?} match no linear layer; the model's linear layers: {}", spec.targets, kinds.join(", "));
     }
     net.token_rows = None;
+    net.embed_copy = None;
+    for module in &spec.modules_to_save {
+        match module.as_str() {
+            "embed_tokens" if net.lm_head.is_none() => bail!("add_lora: modules_to_save `embed_tokens`: this model ties its output head to the embeddings; train chosen rows with trainable_tokens instead"),
+            "embed_tokens" => net.embed_copy = Some(tch::no_grad(|| net.embed_tokens.to_kind(kind).copy()).set_requires_grad(true)),
+            "lm_head" => {
+                let head = net.lm_head.as_mut().context("add_lora: modules_to_save `lm_head`: this model ties its output head to the embeddings (it has no lm_head of its own)")?;
+                if head.adapter.is_some() {
+                    bail!("add_lora: `lm_head` is both a LoRA target and in modules_to_save");
+                }
+                let copy = tch::no_grad(|| head.weight.dense().to_kind(kind).copy()).set_requires_grad(true);
+                head.adapter = Some(Adapter::Copy(copy));
+            }
+            other => bail!("add_lora: modules_to_save `{other}` is not supported (embed_tokens, lm_head)"),
+        }
+    }
     if !spec.trainable_tokens.is_empty() {
+        if net.embed_copy.is_some() {
+            bail!("add_lora: embed_tokens is in modules_to_save, so every row trains already; drop trainable_tokens");
+        }
         let vocab = net.embed_tokens.size()[0];
         if let Some(bad) = spec.trainable_tokens.iter().find(|&&i| i < 0 || i >= vocab) {
             bail!("add_lora: trainable token id {bad} is outside the embedding's {vocab} rows");
@@ -176,9 +197,15 @@ pub fn adapter_tensors(net: &Decoder) -> Vec<(String, Tensor)> {
     if let Some(t) = &net.token_rows {
         v.push((TOKEN_ROWS_KEY.to_string(), t.values.shallow_clone()));
     }
+    if let Some(c) = &net.embed_copy {
+        v.push((EMBED_COPY_KEY.to_string(), c.shallow_clone()));
+    }
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// peft's key of the trained copy of `model.embed_tokens` (`modules_to_save`).
+const EMBED_COPY_KEY: &str = "base_model.model.model.embed_tokens.weight";
 
 /// peft's key of the trainable token rows of `model.embed_tokens`.
 const TOKEN_ROWS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
@@ -188,7 +215,7 @@ fn target_suffixes(net: &Decoder) -> Vec<String> {
     let mut s: Vec<String> = net
         .linears()
         .iter()
-        .filter(|l| l.adapter.is_some())
+        .filter(|l| l.adapter.as_ref().is_some_and(|a| a.low_rank().is_some()))
         .map(|l| l.name.rsplit('.').next().unwrap().to_string())
         .collect();
     s.sort();
@@ -203,7 +230,7 @@ fn target_suffixes(net: &Decoder) -> Vec<String> {
 fn patterns(net: &Decoder, spec: &LoraSpec) -> (BTreeMap<String, i64>, BTreeMap<String, f64>) {
     let (mut ranks, mut alphas) = (BTreeMap::new(), BTreeMap::new());
     for lin in net.linears() {
-        let Some(l) = lin.adapter.as_ref().map(Adapter::low_rank) else { continue };
+        let Some(l) = lin.adapter.as_ref().and_then(Adapter::low_rank) else { continue };
         let r = l.rank();
         let alpha = if spec.use_rslora { l.scale * (r as f64).sqrt() } else { l.scale * r as f64 };
         if r != spec.r {
@@ -240,7 +267,7 @@ pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path
         layers_to_transform: None,
         lora_alpha: spec.alpha,
         lora_dropout: spec.dropout,
-        modules_to_save: None,
+        modules_to_save: (!spec.modules_to_save.is_empty()).then(|| spec.modules_to_save.clone()),
         peft_type: "LORA".into(),
         r: spec.r,
         rank_pattern,
@@ -290,8 +317,32 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         }
         Some(other) => bail!("{}: trainable_token_indices must be a list of ids, got {other}", cfg_path.display()),
     };
-    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, trainable_tokens, seed: 0 };
+    let modules_to_save = cfg.modules_to_save.clone().unwrap_or_default();
+    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, trainable_tokens, modules_to_save, seed: 0 };
     net.token_rows = None;
+    net.embed_copy = None;
+    for module in &spec.modules_to_save {
+        let key = match module.as_str() {
+            "embed_tokens" => EMBED_COPY_KEY,
+            "lm_head" => "base_model.model.lm_head.weight",
+            other => bail!("{}: modules_to_save `{other}` is not supported (embed_tokens, lm_head)", cfg_path.display()),
+        };
+        if !weights.contains(key) {
+            bail!("{}: modules_to_save names `{module}` but tensor `{key}` is missing", file.display());
+        }
+        let device = net.embed_tokens.device();
+        match module.as_str() {
+            "embed_tokens" => {
+                let shape = net.embed_tokens.size();
+                net.embed_copy = Some(weights.load(key, &shape, kind, device)?.set_requires_grad(true));
+            }
+            _ => {
+                let head = net.lm_head.as_mut().with_context(|| format!("{}: modules_to_save names `lm_head`, but this model ties its output head to the embeddings", cfg_path.display()))?;
+                let w = weights.load(key, &head.weight.size(), kind, head.weight.device())?.set_requires_grad(true);
+                head.adapter = Some(Adapter::Copy(w));
+            }
+        }
+    }
     if !spec.trainable_tokens.is_empty() {
         if !weights.contains(TOKEN_ROWS_KEY) {
             bail!("{}: trainable_token_indices is set but tensor `{TOKEN_ROWS_KEY}` is missing", file.display());
@@ -309,7 +360,9 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         let key_a = format!("base_model.model.{}.lora_A.weight", lin.name);
         let key_b = format!("base_model.model.{}.lora_B.weight", lin.name);
         if !weights.contains(&key_a) {
-            lin.adapter = None;
+            if !matches!(lin.adapter, Some(Adapter::Copy(_))) || !spec.modules_to_save.iter().any(|m| lin.name == *m) {
+                lin.adapter = None;
+            }
             continue;
         }
         // rank_pattern / alpha_pattern: a key matches the module path's last segments
@@ -341,7 +394,7 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         .names()
         .into_iter()
         .filter(|n| {
-            if n.as_str() == TOKEN_ROWS_KEY {
+            if [TOKEN_ROWS_KEY, EMBED_COPY_KEY, "base_model.model.lm_head.weight"].contains(&n.as_str()) {
                 return false;
             }
             let module = n.trim_start_matches("base_model.model.");

@@ -7,7 +7,9 @@ usage:
                                           records), OUT/ids.json, OUT/random_logits.safetensors;
                                           with `dora`, DoRA adapters (the random one's magnitudes
                                           moved off the weights' norms too); with `tokens`, the
-                                          embedding rows of TOKENS train too (moved in the random one)
+                                          embedding rows of TOKENS train too (moved in the random one);
+                                          with `modules`, embed_tokens and lm_head train whole
+                                          (modules_to_save; moved in the random one)
   peft_reference.py train MODEL OUT       HF Trainer + peft from OUT/init on OUT/train.jsonl, in
                                           order; per-step losses → OUT/hf_losses.json
   peft_reference.py adapter-logits MODEL ADAPTER IDS_JSON OUT_FILE
@@ -22,7 +24,8 @@ usage:
   peft_reference.py patterned MODEL OUT [dora|tokens|dora+tokens]
                                           OUT/patterned: a peft adapter with a rank_pattern and an
                                           alpha_pattern (B random; DoRA with moved magnitudes,
-                                          trainable token rows moved, as named), its logits for OUT/ids.json in
+                                          trainable token rows and a trained lm_head
+                                          (modules_to_save), as named), its logits for OUT/ids.json in
                                           OUT/patterned_logits.safetensors
 """
 import json
@@ -54,20 +57,20 @@ def logits_of(model, ids):
 TOKENS = [5, 17, 42, 99, 120]
 
 
-def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False, tokens=None):
+def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False, tokens=None, modules=None):
     """peft LoRA (r=4, alpha=8, q_proj and v_proj; DoRA if `dora`) on `model`, saved as peft
     initialises it (B = 0) in `fresh_dir` and with B drawn from N(0, 0.05²) (and DoRA's
     magnitudes scaled by 1 + N(0, 0.1²)) in `random_dir`; returns the latter."""
     torch.manual_seed(123)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=dora,
-                                             trainable_token_indices=tokens,
+                                             trainable_token_indices=tokens, modules_to_save=modules,
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.save_pretrained(fresh_dir)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-            if "lora_magnitude_vector" in name or "trainable_tokens_delta" in name:
+            if "lora_magnitude_vector" in name or "trainable_tokens_delta" in name or "modules_to_save" in name:
                 p.mul_(1 + 0.1 * torch.randn_like(p))
     model.save_pretrained(random_dir)
     return model
@@ -75,7 +78,8 @@ def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False, tokens=N
 
 def init(model_dir, out, variant=None):
     model = fresh_and_random_adapters(load(model_dir), os.path.join(out, "init"), os.path.join(out, "random"),
-                                      dora=variant == "dora", tokens=TOKENS if variant == "tokens" else None)
+                                      dora=variant == "dora", tokens=TOKENS if variant == "tokens" else None,
+                                      modules=["embed_tokens", "lm_head"] if variant == "modules" else None)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 300, (2, 16), generator=gen).tolist()
     json.dump(ids, open(os.path.join(out, "ids.json"), "w"))
@@ -159,7 +163,8 @@ def patterned(model_dir, out, variant=None):
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                         rank_pattern={"v_proj": 6}, alpha_pattern={"q_proj": 20}, task_type="CAUSAL_LM",
                         use_dora="dora" in (variant or ""),
-                        trainable_token_indices=TOKENS if "tokens" in (variant or "") else None)
+                        trainable_token_indices=TOKENS if "tokens" in (variant or "") else None,
+                        modules_to_save=["lm_head"] if "tokens" in (variant or "") else None)
     model = get_peft_model(load(model_dir), config)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,6 +1,6 @@
 //! The adapters a linear layer may carry, behind one enum: the model and the trainer ask an
-//! [`Adapter`] for its contribution to a forward, its parameters (named as peft names them),
-//! and its merged weight, and never branch on the kind. Plain LoRA also has fused training
+//! [`Adapter`] for its contribution to a forward (or the weight it replaces), its parameters
+//! (named as peft names them), and its merged weight, and never branch on the kind. Plain LoRA also has fused training
 //! kernels (`crate::cuda::autograd::projections`, the checkpointed MLP backward); a layer
 //! whose adapters are not all plain LoRA takes the autograd path.
 //!
@@ -18,14 +18,26 @@ use tch::Tensor;
 pub enum Adapter {
     Lora(Lora),
     Dora(Dora),
+    /// peft's `modules_to_save`: a trained copy of the whole weight replaces it (kept in the
+    /// adapters' dtype, fp32 under mixed precision).
+    Copy(Tensor),
 }
 
 impl Adapter {
-    /// The low-rank pair every kind has (`A`, `B`, scale, dropout).
-    pub fn low_rank(&self) -> &Lora {
+    /// The low-rank pair (`A`, `B`, scale, dropout) of LoRA and DoRA.
+    pub fn low_rank(&self) -> Option<&Lora> {
         match self {
-            Adapter::Lora(l) => l,
-            Adapter::Dora(d) => &d.lora,
+            Adapter::Lora(l) => Some(l),
+            Adapter::Dora(d) => Some(&d.lora),
+            Adapter::Copy(_) => None,
+        }
+    }
+
+    /// The weight used in place of the base weight, for a kind that replaces it.
+    pub fn replaced_weight(&self) -> Option<&Tensor> {
+        match self {
+            Adapter::Copy(w) => Some(w),
+            _ => None,
         }
     }
 
@@ -37,11 +49,13 @@ impl Adapter {
         }
     }
 
-    /// The adapted output for `x` `[N, in]` from the base output `y = x Wᵀ + b` `[N, out]`.
+    /// The adapted output for `x` `[N, in]` from the layer's output `y = x Wᵀ + b` `[N, out]`
+    /// (`W` being the [replaced weight](Adapter::replaced_weight) where there is one).
     pub fn add_to(&self, y: Tensor, x: &Tensor, weight: &Weight, bias: Option<&Tensor>, train: bool) -> Tensor {
         match self {
             Adapter::Lora(l) => l.add_to(y, x, train),
             Adapter::Dora(d) => d.add_to(y, x, weight, bias, train),
+            Adapter::Copy(_) => y,
         }
     }
 
@@ -50,15 +64,20 @@ impl Adapter {
         match self {
             Adapter::Lora(l) => w + l.merged_delta().to_kind(w.kind()),
             Adapter::Dora(d) => d.merged_weight(w),
+            Adapter::Copy(c) => c.to_kind(w.kind()),
         }
     }
 
     /// The trainable tensors with the suffix peft gives each after the module's path.
     pub fn tensors(&self) -> Vec<(&'static str, Tensor)> {
-        let l = self.low_rank();
-        let mut v = vec![("lora_A.weight", l.a.shallow_clone()), ("lora_B.weight", l.b.shallow_clone())];
-        if let Adapter::Dora(d) = self {
-            v.push(("lora_magnitude_vector", d.magnitude.shallow_clone()));
+        let mut v = vec![];
+        if let Some(l) = self.low_rank() {
+            v.extend([("lora_A.weight", l.a.shallow_clone()), ("lora_B.weight", l.b.shallow_clone())]);
+        }
+        match self {
+            Adapter::Dora(d) => v.push(("lora_magnitude_vector", d.magnitude.shallow_clone())),
+            Adapter::Copy(w) => v.push(("weight", w.shallow_clone())),
+            Adapter::Lora(_) => {}
         }
         v
     }
