@@ -85,6 +85,8 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     let t = run(&["run"], "dora.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("dora")), ("max_steps", "3".into())]);
     let losses: Vec<f64> = t.lines().find_map(|l| l.split_once("loss of one eval record: adapter ")).map(|(_, rest)| rest.split(", merged ").map(|x| x.trim().parse().unwrap()).collect()).unwrap_or_default();
     assert!(losses.len() == 2 && (losses[0] - losses[1]).abs() < 1e-4 * losses[0], "the merged DoRA model's loss differs from the adapter's: {t}");
+    let t = run(&["run"], "adalora.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("adalora")), ("max_steps", "30".into())]);
+    assert!(t.contains("orth_reg") && d.join("adalora/adapter/adapter_model.safetensors").exists() && d.join("adalora/adalora_ranks.jsonl").exists(), "{t}");
     run(&["run"], "chat_tokens.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("chat_tokens")), ("max_steps", "3".into())]);
     added_tokens_load_in_transformers_and_peft(&d.join("llama_gqa"), &d.join("chat_tokens/adapter"), d);
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);

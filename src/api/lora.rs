@@ -33,6 +33,34 @@ pub struct LoraOptions {
     pub seed: Option<u64>,
 }
 
+/// Options of `model.add_adalora(#{...})`, peft's `AdaLoraConfig` names and defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaLoraOptions {
+    /// Initial rank of every adapted module (12).
+    pub init_r: Option<i64>,
+    /// Average rank the budget ends at (8).
+    pub target_r: Option<i64>,
+    /// Steps at the full budget before it starts falling (0).
+    pub tinit: Option<usize>,
+    /// Final steps at the target budget, ranks fixed (0).
+    pub tfinal: Option<usize>,
+    /// Steps between two re-allocations (1).
+    #[serde(rename = "deltaT")]
+    pub delta_t: Option<usize>,
+    /// EMA coefficients of the importance and of its uncertainty (0.85, 0.85).
+    pub beta1: Option<f64>,
+    pub beta2: Option<f64>,
+    /// Weight of the orthogonality penalty on A and B (0.5).
+    pub orth_reg_weight: Option<f64>,
+    /// The step count the schedule spans (default: the run's).
+    pub total_step: Option<usize>,
+    pub alpha: Option<f64>,
+    pub dropout: Option<f64>,
+    pub targets: Option<serde_json::Value>,
+    pub seed: Option<u64>,
+}
+
 /// Options of `model.add_tokens(tokens, #{...})`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +132,7 @@ pub fn register(engine: &mut Engine) {
                     use_dora: o.use_dora.unwrap_or(false),
                     trainable_tokens: vec![],
                     modules_to_save: o.modules_to_save.clone().unwrap_or_default(),
+                    adalora: None,
                     seed: o.seed.unwrap_or(0),
                 };
                 let mut inner = m.get_mut("add_lora")?;
@@ -120,6 +149,46 @@ pub fn register(engine: &mut Engine) {
                     .collect::<anyhow::Result<_>>()?;
                 let names = peft::add_lora(&mut inner.net, &spec, Kind::Float)?;
                 tracing::info!("added {} r={} alpha={} to {} layers", if spec.use_dora { "DoRA" } else { "LoRA" }, spec.r, spec.alpha, names.len());
+                inner.lora = Some(spec);
+                Ok(())
+            })?;
+            Ok(m.clone())
+        });
+    FuncRegistration::new("add_adalora")
+        .with_comments(["/// Adds AdaLoRA adapters #{init_r (12), target_r (8), tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight (0.5), total_step, alpha, dropout, targets, seed}: ranks re-allocated by importance inside train, saved in peft's AdaLoRA format."])
+        .with_params_info(["model: &mut Model", "options: Map", "Model"])
+        .register_into_engine(engine, |m: &mut Model, opts: Map| -> Res<Model> {
+            let o: AdaLoraOptions = parse("add_adalora", &opts)?;
+            guard("add_adalora", || {
+                let schedule = peft::AdaLoraSchedule {
+                    init_r: o.init_r.unwrap_or(12),
+                    target_r: o.target_r.unwrap_or(8),
+                    tinit: o.tinit.unwrap_or(0),
+                    tfinal: o.tfinal.unwrap_or(0),
+                    delta_t: o.delta_t.unwrap_or(1),
+                    beta1: o.beta1.unwrap_or(0.85),
+                    beta2: o.beta2.unwrap_or(0.85),
+                    orth_reg_weight: o.orth_reg_weight.unwrap_or(0.5),
+                    total_step: o.total_step,
+                };
+                anyhow::ensure!(schedule.init_r > 0 && schedule.target_r >= 0 && schedule.target_r <= schedule.init_r, "add_adalora: need 0 ≤ target_r ≤ init_r and init_r > 0, got init_r {} and target_r {}", schedule.init_r, schedule.target_r);
+                anyhow::ensure!(schedule.delta_t > 0, "add_adalora: deltaT must be positive");
+                anyhow::ensure!((0.0..1.0).contains(&schedule.beta1) && schedule.beta1 > 0.0 && (0.0..1.0).contains(&schedule.beta2) && schedule.beta2 > 0.0, "add_adalora: beta1 and beta2 must lie in (0, 1)");
+                let spec = LoraSpec {
+                    r: schedule.init_r,
+                    alpha: o.alpha.unwrap_or(8.0),
+                    dropout: o.dropout.unwrap_or(0.0),
+                    targets: targets_of(o.targets)?,
+                    use_rslora: false,
+                    use_dora: false,
+                    trainable_tokens: vec![],
+                    modules_to_save: vec![],
+                    adalora: Some(schedule),
+                    seed: o.seed.unwrap_or(0),
+                };
+                let mut inner = m.get_mut("add_adalora")?;
+                let names = peft::add_lora(&mut inner.net, &spec, Kind::Float)?;
+                tracing::info!("added AdaLoRA init_r={} target_r={} to {} layers", spec.r, spec.adalora.as_ref().unwrap().target_r, names.len());
                 inner.lora = Some(spec);
                 Ok(())
             })?;

@@ -481,6 +481,7 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
                 Some(other) => anyhow::bail!("on_nan must be \"stop\" or \"skip\", got \"{other}\""),
             },
             inject_nan_steps: o.inject_nan_steps.clone().unwrap_or_default(),
+            adalora: spec.adalora.clone(),
             profile: match &o.profile {
                 Some(p) if p.start == 0 || p.steps == 0 => anyhow::bail!("profile: start and steps count from 1, got start {} steps {}", p.start, p.steps),
                 Some(p) => Some(trainer::ProfileSteps { start: p.start, steps: p.steps }),

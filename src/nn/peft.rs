@@ -8,7 +8,7 @@
 //! in the config) are `base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta`
 //! `[n, H]`, the rows themselves (not a difference, despite the name).
 
-use super::adapters::{Adapter, Dora, Lora};
+use super::adapters::{AdaLora, Adapter, Dora, Lora};
 use super::weights::{save_safetensors, write_atomic, WeightSource};
 use crate::models::decoder::{Decoder, TokenRows};
 use anyhow::{bail, Context, Result};
@@ -55,8 +55,30 @@ pub struct LoraSpec {
     pub trainable_tokens: Vec<i64>,
     /// Modules trained whole (peft's `modules_to_save`): `embed_tokens`, `lm_head`.
     pub modules_to_save: Vec<String>,
+    /// AdaLoRA's schedule, for AdaLoRA adapters (`r` is then the initial rank).
+    pub adalora: Option<AdaLoraSchedule>,
     /// Seed for A's initialisation.
     pub seed: u64,
+}
+
+/// AdaLoRA's rank budget schedule and regularization, as peft's `AdaLoraConfig` names them:
+/// the total budget stays `init_r` per module for `tinit` steps, falls cubically to `target_r`
+/// per module until `total_step − tfinal` (re-allocated every `deltaT` steps by importance, an
+/// exponential average with `beta1` of `|p·∂L/∂p|` times one with `beta2` of its deviation), and
+/// stays there; `orth_reg_weight · mean ‖PPᵀ − I‖_F` over A and B is added to the loss.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaLoraSchedule {
+    pub init_r: i64,
+    pub target_r: i64,
+    pub tinit: usize,
+    pub tfinal: usize,
+    #[serde(rename = "deltaT")]
+    pub delta_t: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub orth_reg_weight: f64,
+    /// The run's step count when absent (peft requires it).
+    pub total_step: Option<usize>,
 }
 
 impl LoraSpec {
@@ -94,8 +116,10 @@ pub struct AdapterConfig {
     pub modules_to_save: Option<Vec<String>>,
     pub peft_type: String,
     pub r: i64,
-    #[serde(default)]
-    pub rank_pattern: BTreeMap<String, i64>,
+    /// LoRA: a rank per module; AdaLoRA: the triplets kept, per `<module>.lora_E` (`null`
+    /// before the first allocation).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub rank_pattern: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     pub revision: Option<String>,
     pub target_modules: serde_json::Value,
@@ -108,6 +132,13 @@ pub struct AdapterConfig {
     pub use_dora: bool,
     #[serde(default)]
     pub use_rslora: bool,
+    /// AdaLoRA's keys (`peft_type: "ADALORA"`).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub adalora: Option<AdaLoraSchedule>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 fn bias_none() -> String {
@@ -146,8 +177,12 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
     for lin in net.linears_mut() {
         if spec.targets.matches(&lin.name)? {
             let (out, inp) = (lin.out_features(), lin.in_features());
-            let lora = Lora::new(inp, out, spec.r, spec.scale(), spec.dropout, kind, lin.weight.device(), &mut rng);
-            lin.adapter = Some(if spec.use_dora { Adapter::Dora(Dora::new(lora, &lin.weight)) } else { Adapter::Lora(lora) });
+            lin.adapter = Some(if spec.adalora.is_some() {
+                Adapter::AdaLora(AdaLora::new(inp, out, spec.r, spec.alpha, spec.dropout, kind, lin.weight.device(), &mut rng))
+            } else {
+                let lora = Lora::new(inp, out, spec.r, spec.scale(), spec.dropout, kind, lin.weight.device(), &mut rng);
+                if spec.use_dora { Adapter::Dora(Dora::new(lora, &lin.weight)) } else { Adapter::Lora(lora) }
+            });
             names.push(lin.name.clone());
         }
     }
@@ -215,7 +250,7 @@ fn target_suffixes(net: &Decoder) -> Vec<String> {
     let mut s: Vec<String> = net
         .linears()
         .iter()
-        .filter(|l| l.adapter.as_ref().is_some_and(|a| a.low_rank().is_some()))
+        .filter(|l| l.adapter.as_ref().is_some_and(|a| !matches!(a, Adapter::Copy(_))))
         .map(|l| l.name.rsplit('.').next().unwrap().to_string())
         .collect();
     s.sort();
@@ -227,14 +262,20 @@ fn target_suffixes(net: &Decoder) -> Vec<String> {
 /// `spec`'s `r` and `alpha` (e.g. loaded from an adapter with patterns), keyed by module name
 /// (peft matches a key against the end of the module path). The alpha is recovered from the
 /// adapter's scale: `s·r` (or `s·√r` with rsLoRA).
-fn patterns(net: &Decoder, spec: &LoraSpec) -> (BTreeMap<String, i64>, BTreeMap<String, f64>) {
+fn patterns(net: &Decoder, spec: &LoraSpec) -> (BTreeMap<String, serde_json::Value>, BTreeMap<String, f64>) {
     let (mut ranks, mut alphas) = (BTreeMap::new(), BTreeMap::new());
     for lin in net.linears() {
+        if let Some(Adapter::AdaLora(a)) = &lin.adapter {
+            if let Some(keep) = &*a.keep.borrow() {
+                ranks.insert(format!("{}.lora_E", lin.name), serde_json::json!(keep));
+            }
+            continue;
+        }
         let Some(l) = lin.adapter.as_ref().and_then(Adapter::low_rank) else { continue };
         let r = l.rank();
         let alpha = if spec.use_rslora { l.scale * (r as f64).sqrt() } else { l.scale * r as f64 };
         if r != spec.r {
-            ranks.insert(lin.name.clone(), r);
+            ranks.insert(lin.name.clone(), r.into());
         }
         if (alpha - spec.alpha).abs() > 1e-9 * spec.alpha.abs().max(1.0) {
             alphas.insert(lin.name.clone(), alpha);
@@ -244,8 +285,32 @@ fn patterns(net: &Decoder, spec: &LoraSpec) -> (BTreeMap<String, i64>, BTreeMap<
 }
 
 /// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir` (each atomically).
+/// AdaLoRA's tensors as peft saves them, cut to the triplets the rank pattern keeps.
+fn budgeted(net: &Decoder) -> Vec<(String, Tensor)> {
+    let mut v = vec![];
+    for lin in net.linears() {
+        let Some(Adapter::AdaLora(a)) = &lin.adapter else { continue };
+        let rows = match &*a.keep.borrow() {
+            Some(keep) if keep.len() as i64 == a.rank() => {
+                let kept: Vec<i64> = keep.iter().enumerate().filter(|(_, k)| **k).map(|(i, _)| i as i64).collect();
+                Some(Tensor::from_slice(&kept).to_device(a.a.device()))
+            }
+            _ => None,
+        };
+        let cut = |t: &Tensor, dim: i64| match &rows {
+            Some(r) => t.detach().index_select(dim, r),
+            None => t.detach(),
+        };
+        v.push((format!("base_model.model.{}.lora_A", lin.name), cut(&a.a, 0)));
+        v.push((format!("base_model.model.{}.lora_E", lin.name), cut(&a.e, 0)));
+        v.push((format!("base_model.model.{}.lora_B", lin.name), cut(&a.b, 1)));
+    }
+    v
+}
+
 pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path) -> Result<()> {
-    let tensors: BTreeMap<String, Tensor> = adapter_tensors(net).into_iter().map(|(k, t)| (k, t.detach())).collect();
+    let mut tensors: BTreeMap<String, Tensor> = adapter_tensors(net).into_iter().map(|(k, t)| (k, t.detach())).collect();
+    tensors.extend(budgeted(net));
     if tensors.is_empty() {
         bail!("save_adapter: the model has no LoRA adapters (call add_lora or load_adapter first)");
     }
@@ -268,7 +333,7 @@ pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path
         lora_alpha: spec.alpha,
         lora_dropout: spec.dropout,
         modules_to_save: (!spec.modules_to_save.is_empty()).then(|| spec.modules_to_save.clone()),
-        peft_type: "LORA".into(),
+        peft_type: if spec.adalora.is_some() { "ADALORA" } else { "LORA" }.into(),
         r: spec.r,
         rank_pattern,
         revision: None,
@@ -277,6 +342,7 @@ pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path
         trainable_token_indices: net.token_rows.as_ref().map(|t| serde_json::json!(t.ids)),
         use_dora: spec.use_dora,
         use_rslora: spec.use_rslora,
+        adalora: spec.adalora.clone(),
     };
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
@@ -292,8 +358,13 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
     let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
     let cfg: AdapterConfig =
         serde_json::from_str(&text).with_context(|| format!("{}: not a peft adapter config", cfg_path.display()))?;
-    if cfg.peft_type != "LORA" {
-        bail!("{}: peft_type `{}` is not supported (only LORA)", cfg_path.display(), cfg.peft_type);
+    match (cfg.peft_type.as_str(), &cfg.adalora) {
+        ("LORA", _) | ("ADALORA", Some(_)) => {}
+        ("ADALORA", None) => bail!("{}: an ADALORA config without init_r, target_r, ...", cfg_path.display()),
+        (other, _) => bail!("{}: peft_type `{other}` is not supported (LORA, ADALORA)", cfg_path.display()),
+    }
+    if cfg.peft_type == "LORA" && cfg.adalora.is_some() {
+        bail!("{}: peft_type LORA with AdaLoRA keys (init_r, ...)", cfg_path.display());
     }
     let file = dir.join("adapter_model.safetensors");
     if !file.exists() {
@@ -318,7 +389,8 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         Some(other) => bail!("{}: trainable_token_indices must be a list of ids, got {other}", cfg_path.display()),
     };
     let modules_to_save = cfg.modules_to_save.clone().unwrap_or_default();
-    let spec = LoraSpec { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, trainable_tokens, modules_to_save, seed: 0 };
+    let r = cfg.adalora.as_ref().map_or(cfg.r, |a| a.init_r);
+    let spec = LoraSpec { r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, trainable_tokens, modules_to_save, adalora: cfg.adalora.clone(), seed: 0 };
     net.token_rows = None;
     net.embed_copy = None;
     for module in &spec.modules_to_save {
@@ -357,6 +429,27 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
     }
     let mut found = 0;
     for lin in net.linears_mut() {
+        if let Some(schedule) = &spec.adalora {
+            let key = |t: &str| format!("base_model.model.{}.{t}", lin.name);
+            if !weights.contains(&key("lora_A")) {
+                lin.adapter = None;
+                continue;
+            }
+            // the triplets a budget step kept, if one ran; the tensors hold only those
+            let keep: Option<Vec<bool>> = match cfg.rank_pattern.get(&format!("{}.lora_E", lin.name)) {
+                Some(v) => Some(serde_json::from_value(v.clone()).with_context(|| format!("{}: rank_pattern of {} is not a list of booleans", cfg_path.display(), lin.name))?),
+                None => None,
+            };
+            let r = keep.as_ref().map_or(schedule.init_r, |k| k.iter().filter(|x| **x).count() as i64);
+            let (out, inp) = (lin.out_features(), lin.in_features());
+            let device = lin.weight.device();
+            let a = weights.load(&key("lora_A"), &[r, inp], kind, device)?.set_requires_grad(true);
+            let e = weights.load(&key("lora_E"), &[r, 1], kind, device)?.set_requires_grad(true);
+            let b = weights.load(&key("lora_B"), &[out, r], kind, device)?.set_requires_grad(true);
+            lin.adapter = Some(Adapter::AdaLora(AdaLora { a, e, b, scale: AdaLora::scale(spec.alpha, schedule.init_r), dropout: spec.dropout, keep: keep.into() }));
+            found += 1;
+            continue;
+        }
         let key_a = format!("base_model.model.{}.lora_A.weight", lin.name);
         let key_b = format!("base_model.model.{}.lora_B.weight", lin.name);
         if !weights.contains(&key_a) {
@@ -368,7 +461,7 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         // rank_pattern / alpha_pattern: a key matches the module path's last segments
         let name = lin.name.as_str();
         let matches = |k: &str| name == k || name.ends_with(&format!(".{k}"));
-        let r = cfg.rank_pattern.iter().find(|(k, _)| matches(k)).map(|(_, v)| *v).unwrap_or(cfg.r);
+        let r = cfg.rank_pattern.iter().find(|(k, _)| matches(k)).and_then(|(_, v)| v.as_i64()).unwrap_or(cfg.r);
         let alpha = cfg.alpha_pattern.iter().find(|(k, _)| matches(k)).map(|(_, v)| *v).unwrap_or(cfg.lora_alpha);
         let (out, inp) = (lin.out_features(), lin.in_features());
         let device = lin.weight.device();
@@ -398,7 +491,7 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
                 return false;
             }
             let module = n.trim_start_matches("base_model.model.");
-            let module = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"].iter().find_map(|s| module.strip_suffix(s)).unwrap_or(module);
+            let module = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_A", ".lora_B", ".lora_E"].iter().find_map(|s| module.strip_suffix(s)).unwrap_or(module);
             !net.linears().iter().any(|l| l.name == module)
         })
         .collect();

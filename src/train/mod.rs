@@ -1,4 +1,5 @@
 //! Training: batches, the loop, optimizer and schedule, checkpoints, run logs, metrics.
+pub mod adalora;
 pub mod batch;
 pub mod callbacks;
 pub mod checkpoint;

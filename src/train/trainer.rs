@@ -67,6 +67,8 @@ pub struct TrainConfig {
     pub on_nan: OnNan,
     /// Steps whose gradients are made NaN (to test `on_nan`).
     pub inject_nan_steps: Vec<usize>,
+    /// AdaLoRA's schedule, when the adapters are AdaLoRA's.
+    pub adalora: Option<crate::nn::peft::AdaLoraSchedule>,
 }
 
 pub use crate::models::Checkpointing;
@@ -369,6 +371,10 @@ pub fn train(
     // the host), then queues step n + 1's update
     let mut queued = state.step; // steps whose update is queued
     let mut pending: Option<(QueuedStep, crate::cuda::HostCopy)> = None;
+    let mut allocator = match &cfg.adalora {
+        Some(schedule) => super::adalora::RankAllocator::new(net, schedule, total_steps)?,
+        None => None,
+    };
 
     loop {
         // the last profiled step is finished before the next is queued, so the trace ends with it
@@ -408,9 +414,10 @@ pub fn train(
         }
 
         if let Some((done, read)) = pending.take() {
-            // [‖g‖, loss, metrics...]
+            // [‖g‖, AdaLoRA's orthogonality penalty, loss, metrics...]
             let mut read = Vec::<f64>::try_from(read.wait()?)?;
             let grad_norm = read.remove(0);
+            let orth_reg = read.remove(0);
             read.push(done.tokens as f64);
             if let Some(g) = pg {
                 read = g.sum_f64(&read)?;
@@ -451,6 +458,9 @@ pub fn train(
             m.insert("loss".into(), json!(loss));
             m.insert("lr".into(), json!(done.lr));
             m.insert("grad_norm".into(), json!(grad_norm));
+            if allocator.is_some() {
+                m.insert("orth_reg".into(), json!(orth_reg));
+            }
             insert_metrics(&mut m, "", names, step_metrics);
             stop |= asks_stop(hooks.on_step(&m), &mut failure);
 
@@ -550,6 +560,10 @@ pub fn train(
                 }
             }
         }
+        let orth_reg = match &allocator {
+            Some(a) => a.orthogonal_backward(net)?,
+            None => Tensor::zeros([], (Kind::Float, sums.device())),
+        };
         let norm = clip_grad_norm(&params, cfg.max_grad_norm)?;
         // fp16 must see the norm before stepping; otherwise nothing here waits for the GPU
         let skip_nan = matches!(cfg.on_nan, OnNan::Skip { .. });
@@ -573,6 +587,13 @@ pub fn train(
             }
         } else {
             opt.step(&params, step.lr)?;
+            if let Some(a) = &mut allocator {
+                if let Some((budget, pattern)) = a.update_and_allocate(net, queued)? {
+                    if main {
+                        super::adalora::log_allocation(&cfg.output_dir, queued, budget, &pattern)?;
+                    }
+                }
+            }
             if fp16 {
                 state.good_steps += 1;
                 if state.good_steps % 2000 == 0 {
@@ -581,7 +602,8 @@ pub fn train(
             }
         }
         zero_grads(&params)?;
-        let read = crate::cuda::to_host(&Tensor::cat(&[norm.to_device(sums.device()).to_kind(Kind::Double).reshape([1]), sums], 0))?;
+        let scalar = |t: &Tensor| t.to_device(sums.device()).to_kind(Kind::Double).reshape([1]);
+        let read = crate::cuda::to_host(&Tensor::cat(&[scalar(&norm), scalar(&orth_reg), sums], 0))?;
         pending = Some((step, read));
         queued += 1;
     }

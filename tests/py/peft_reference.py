@@ -19,6 +19,13 @@ usage:
                                           MODEL's own tokenizer after transformers' add_tokens of
                                           TOKENS as special), and the logits of
                                           PeftModel.from_pretrained(MODEL resized to it, ADAPTER)
+  peft_reference.py adalora MODEL OUT     AdaLoRA (ADALORA settings below) from peft's initial adapter
+                                          (OUT/ada_init) through ADALORA["steps"] steps of a
+                                          hand-written loop on OUT/train.jsonl (2 records a step,
+                                          in order, cycling), update_and_allocate after each:
+                                          OUT/ada_reference.json (losses, rank patterns after each
+                                          allocation), OUT/ada_trained, its logits for OUT/ids.json
+                                          in OUT/ada_trained_logits.safetensors
   peft_reference.py model-logits MODEL IDS_JSON OUT_FILE
                                           logits of a plain transformers model (e.g. a merged one)
   peft_reference.py patterned MODEL OUT [dora|tokens|dora+tokens]
@@ -154,6 +161,47 @@ def added_tokens(model_dir, adapter, tokens_json, text, out_file):
                "len": torch.tensor([len(tok), len(theirs)])}, out_file)
 
 
+# the AdaLoRA run both sides make (tests/training.rs)
+ADALORA = dict(init_r=6, target_r=2, tinit=5, tfinal=10, deltaT=3, steps=50, lr=1e-2, max_grad_norm=1.0,
+               orth_reg_weight=0.5, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
+
+
+def adalora(model_dir, out):
+    from peft import AdaLoraConfig
+    a = ADALORA
+    torch.manual_seed(11)
+    config = AdaLoraConfig(init_r=a["init_r"], target_r=a["target_r"], tinit=a["tinit"], tfinal=a["tfinal"],
+                           deltaT=a["deltaT"], total_step=a["steps"], lora_alpha=a["alpha"], lora_dropout=0.0,
+                           orth_reg_weight=a["orth_reg_weight"], target_modules=a["targets"], task_type="CAUSAL_LM")
+    model = get_peft_model(load(model_dir), config)
+    model.save_pretrained(os.path.join(out, "ada_init"))
+    rows = Records(os.path.join(out, "train.jsonl"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=a["lr"], weight_decay=0.0)
+    allocator = model.base_model.rankallocator
+    final = a["steps"] - a["tfinal"]
+    model.train()
+    losses, patterns = [], {}
+    for step in range(a["steps"]):
+        batch = collate([rows[(2 * step + i) % len(rows)] for i in range(2)])
+        loss = model(**batch).loss  # cross-entropy + orth_reg_weight · the orthogonality penalty
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, a["max_grad_norm"])
+        opt.step()
+        model.base_model.update_and_allocate(step)
+        budget, masks = allocator.budget_schedule(step)
+        if (step < final and masks) or step == final:
+            pattern = model.peft_config["default"].rank_pattern
+            patterns[step] = {k.replace(".lora_E.default", ""): v for k, v in pattern.items()}
+        opt.zero_grad()
+        losses.append(loss.item())
+    json.dump({"losses": losses, "patterns": patterns, "settings": a}, open(os.path.join(out, "ada_reference.json"), "w"))
+    model.save_pretrained(os.path.join(out, "ada_trained"))
+    model.eval()
+    ids = json.load(open(os.path.join(out, "ids.json")))
+    save_file({"logits": logits_of(model, ids)}, os.path.join(out, "ada_trained_logits.safetensors"))
+
+
 def model_logits(model_dir, ids_json, out_file):
     save_file({"logits": logits_of(load(model_dir), json.load(open(ids_json)))}, out_file)
 
@@ -180,5 +228,5 @@ def patterned(model_dir, out, variant=None):
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
     {"init": init, "train": train, "adapter-logits": adapter_logits, "model-logits": model_logits,
-     "added-tokens": added_tokens,
+     "added-tokens": added_tokens, "adalora": adalora,
      "patterned": patterned}[cmd](*rest)

@@ -6,9 +6,11 @@
 //!
 //! Adding a kind: one file here, a variant below, and its arms in `Adapter`'s methods.
 
+pub mod adalora;
 pub mod dora;
 pub mod lora;
 
+pub use adalora::AdaLora;
 pub use dora::Dora;
 pub use lora::Lora;
 
@@ -18,6 +20,7 @@ use tch::Tensor;
 pub enum Adapter {
     Lora(Lora),
     Dora(Dora),
+    AdaLora(AdaLora),
     /// peft's `modules_to_save`: a trained copy of the whole weight replaces it (kept in the
     /// adapters' dtype, fp32 under mixed precision).
     Copy(Tensor),
@@ -29,7 +32,7 @@ impl Adapter {
         match self {
             Adapter::Lora(l) => Some(l),
             Adapter::Dora(d) => Some(&d.lora),
-            Adapter::Copy(_) => None,
+            Adapter::AdaLora(_) | Adapter::Copy(_) => None,
         }
     }
 
@@ -55,6 +58,7 @@ impl Adapter {
         match self {
             Adapter::Lora(l) => l.add_to(y, x, train),
             Adapter::Dora(d) => d.add_to(y, x, weight, bias, train),
+            Adapter::AdaLora(a) => a.add_to(y, x, train),
             Adapter::Copy(_) => y,
         }
     }
@@ -64,6 +68,7 @@ impl Adapter {
         match self {
             Adapter::Lora(l) => w + l.merged_delta().to_kind(w.kind()),
             Adapter::Dora(d) => d.merged_weight(w),
+            Adapter::AdaLora(a) => w + a.merged_delta().to_kind(w.kind()),
             Adapter::Copy(c) => c.to_kind(w.kind()),
         }
     }
@@ -77,6 +82,7 @@ impl Adapter {
         match self {
             Adapter::Dora(d) => v.push(("lora_magnitude_vector", d.magnitude.shallow_clone())),
             Adapter::Copy(w) => v.push(("weight", w.shallow_clone())),
+            Adapter::AdaLora(a) => v.extend([("lora_A", a.a.shallow_clone()), ("lora_B", a.b.shallow_clone()), ("lora_E", a.e.shallow_clone())]),
             Adapter::Lora(_) => {}
         }
         v
