@@ -47,6 +47,13 @@ fn modules_to_save_match_hf_and_peft() {
     adapters_match_hf_and_peft("llama_gqa", Some("modules"));
 }
 
+/// DoRA and modules_to_save on Qwen3 (q/k norms inside the adapted attention).
+#[test]
+fn qwen3_dora_and_modules_to_save_match_hf_and_peft() {
+    adapters_match_hf_and_peft("qwen3", Some("dora"));
+    adapters_match_hf_and_peft("qwen3", Some("modules"));
+}
+
 #[test]
 fn trainable_tokens_match_hf_and_peft() {
     adapters_match_hf_and_peft("llama_gqa", Some("tokens"));
@@ -409,4 +416,41 @@ m.save_adapter("{o}/ada_adapter");
     assert!(err < 1e-4, "peft's trained AdaLoRA adapter in ftscript: rel err {err:.3e}");
     let moved = rel_err(&ours, &ftscript_logits(&model, None, &d.join("ids.json")));
     assert!(moved > 1e-3, "training left the logits where they started ({moved:.2e})");
+}
+
+/// An AdaLoRA run stopped after its first allocations (by a callback, which keeps a checkpoint) and
+/// resumed ends with the adapter and the allocations of an uninterrupted run, bit for bit: the
+/// checkpoint holds the whole triplets, the smoothed importances and the kept triplets beside
+/// the cut-down adapter.
+#[test]
+fn adalora_resumes_bit_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 40);
+    let run = |out: &str, extra: &str| {
+        run_recipe(
+            d,
+            &format!("{out}.rhai"),
+            &format!(
+                r#"
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_adalora(#{{ init_r: 4, target_r: 1, tinit: 2, tfinal: 4, deltaT: 1, beta1: 0.97, beta2: 0.97, total_step: 16, dropout: 0.1, targets: "all-linear", seed: 5 }});
+train(m, #{{ train: load_dataset("data.jsonl"), batch_size: 4, lr: 1e-2, max_steps: 16, log_every: 1, output_dir: "{out}" {extra} }});
+m.save_adapter("{out}/final");
+"#
+            ),
+        )
+    };
+    run("straight", "");
+    run("stopped", r#", on_step: |s| if s.step == 5 { "stop" }"#);
+    assert!(d.join("stopped/checkpoint-5").exists());
+    run("stopped", ", resume: true");
+    for file in ["adapter_model.safetensors", "adapter_config.json"] {
+        let (a, b) = (std::fs::read(d.join("straight/final").join(file)).unwrap(), std::fs::read(d.join("stopped/final").join(file)).unwrap());
+        assert!(a == b, "{file} differs between the straight and the resumed run");
+    }
+    let allocations = |out: &str| std::fs::read_to_string(d.join(out).join("adalora_ranks.jsonl")).unwrap();
+    assert_eq!(allocations("straight"), allocations("stopped"));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("straight/final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["rank_pattern"].as_object().unwrap().len(), 21, "{config}");
 }

@@ -167,6 +167,58 @@ impl RankAllocator {
     }
 }
 
+impl RankAllocator {
+    /// What a checkpoint must hold beyond the adapter file to resume bit for bit: the full
+    /// A, B, E (the adapter file keeps only the triplets kept), the smoothed importances, and
+    /// each module's kept triplets (as 0/1).
+    pub fn checkpoint_tensors(&self, net: &Decoder) -> Vec<(String, Tensor)> {
+        let mut v = vec![];
+        for ((name, a), ema) in modules(net).into_iter().zip(&self.ema) {
+            for (t, p) in ["lora_A", "lora_B", "lora_E"].iter().zip([&a.a, &a.b, &a.e]) {
+                v.push((format!("adalora.param.base_model.model.{name}.{t}"), p.detach()));
+            }
+            if let Some(ema) = ema {
+                for (t, (avg, unc)) in ["A", "B", "E"].iter().zip(ema) {
+                    v.push((format!("adalora.avg.{name}.{t}"), avg.shallow_clone()));
+                    v.push((format!("adalora.unc.{name}.{t}"), unc.shallow_clone()));
+                }
+            }
+            if let Some(keep) = &*a.keep.borrow() {
+                let k: Vec<u8> = keep.iter().map(|x| *x as u8).collect();
+                v.push((format!("adalora.keep.{name}"), Tensor::from_slice(&k)));
+            }
+        }
+        v
+    }
+
+    /// Restores what [`RankAllocator::checkpoint_tensors`] saved (the parameters are restored
+    /// with the others, by `checkpoint::load`).
+    pub fn restore(&mut self, net: &Decoder, saved: &crate::nn::WeightSource) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        for ((name, a), ema) in modules(net).into_iter().zip(self.ema.iter_mut()) {
+            let key = |what: &str, t: &str| format!("adalora.{what}.{name}.{t}");
+            *ema = if saved.contains(&key("avg", "A")) {
+                let load = |what: &str, t: &str, p: &Tensor| saved.load(&key(what, t), &p.size(), p.kind(), p.device());
+                Some([
+                    (load("avg", "A", &a.a)?, load("unc", "A", &a.a)?),
+                    (load("avg", "B", &a.b)?, load("unc", "B", &a.b)?),
+                    (load("avg", "E", &a.e)?, load("unc", "E", &a.e)?),
+                ])
+            } else {
+                None
+            };
+            let keep_key = format!("adalora.keep.{name}");
+            *a.keep.borrow_mut() = if saved.contains(&keep_key) {
+                let k = saved.load(&keep_key, &[a.rank()], Kind::Uint8, tch::Device::Cpu)?;
+                Some(Vec::<u8>::try_from(k)?.into_iter().map(|x| x != 0).collect())
+            } else {
+                None
+            };
+        }
+        Ok(())
+    }
+}
+
 /// `Eᵢ = 0` for the triplets not kept.
 fn apply(a: &AdaLora, keep: &[bool]) {
     let dropped: Vec<bool> = keep.iter().map(|k| !k).collect();

@@ -82,6 +82,7 @@ pub fn save(
     params: &[Tensor],
     opt: &AdamW,
     state: &TrainerState,
+    extra: Vec<(String, Tensor)>,
 ) -> Result<PathBuf> {
     let dir = output_dir.join(format!("checkpoint-{}", state.step));
     let tmp = output_dir.join(format!(".checkpoint-{}.tmp-{}", state.step, std::process::id()));
@@ -97,6 +98,7 @@ pub fn save(
         moments.insert(format!("m.{k}"), opt.m[i].shallow_clone());
         moments.insert(format!("v.{k}"), opt.v[i].shallow_clone());
     }
+    moments.extend(extra);
     let mut meta = std::collections::HashMap::new();
     meta.insert("adamw_step".to_string(), opt.step.to_string());
     save_safetensors(&moments, &tmp.join("optimizer.safetensors"), Some(meta))?;
@@ -121,11 +123,14 @@ pub fn load(dir: &Path, net: &Decoder, params: &[Tensor], opt: &mut AdamW) -> Re
     let keys: Vec<String> = peft::adapter_tensors(net).into_iter().map(|(k, _)| k).collect();
     let _g = tch::no_grad_guard();
     for (i, k) in keys.iter().enumerate() {
-        if !adapter.contains(k) {
+        if !adapter.contains(k) && !moments.contains(&format!("adalora.param.{k}")) {
             bail!("{}: checkpoint lacks adapter tensor `{k}` (was it made with other LoRA settings?)", dir.display());
         }
         let mut p = params[i].shallow_clone();
-        p.copy_(&adapter.load(k, &p.size(), p.kind(), p.device())?);
+        // a parameter the adapter file holds cut down (AdaLoRA's) is saved whole beside the moments
+        let full = format!("adalora.param.{k}");
+        let from = if moments.contains(&full) { moments.load(&full, &p.size(), p.kind(), p.device())? } else { adapter.load(k, &p.size(), p.kind(), p.device())? };
+        p.copy_(&from);
         opt.m[i].copy_(&moments.load(&format!("m.{k}"), &p.size(), p.kind(), p.device())?);
         opt.v[i].copy_(&moments.load(&format!("v.{k}"), &p.size(), p.kind(), p.device())?);
     }

@@ -284,9 +284,16 @@ pub fn train(
             tracing::info!("removed {removed} half-written checkpoint(s) an interrupted run left in {}", cfg.output_dir.display());
         }
     }
+    let mut allocator = match &cfg.adalora {
+        Some(schedule) => super::adalora::RankAllocator::new(net, schedule, total_steps)?,
+        None => None,
+    };
     if cfg.resume {
         if let Some(dir) = checkpoint::latest(&cfg.output_dir)? {
             state = checkpoint::load(&dir, net, &params, &mut opt)?;
+            if let Some(a) = &mut allocator {
+                a.restore(net, &crate::nn::WeightSource::open_files(&[dir.join("optimizer.safetensors")])?)?;
+            }
             if state.step >= total_steps {
                 bail!(
                     "resume: {} is at step {}, and this run trains {total_steps} steps: nothing is left to train; raise max_steps (or epochs) above {}",
@@ -371,10 +378,6 @@ pub fn train(
     // the host), then queues step n + 1's update
     let mut queued = state.step; // steps whose update is queued
     let mut pending: Option<(QueuedStep, crate::cuda::HostCopy)> = None;
-    let mut allocator = match &cfg.adalora {
-        Some(schedule) => super::adalora::RankAllocator::new(net, schedule, total_steps)?,
-        None => None,
-    };
 
     loop {
         // the last profiled step is finished before the next is queued, so the trace ends with it
@@ -522,7 +525,8 @@ pub fn train(
             if save_now || stop || state.step == total_steps {
                 // rank 0 writes; the others wait until the checkpoint is complete
                 let dir = if main {
-                    let dir = checkpoint::save(&cfg.output_dir, net, spec, base_model, &params, &opt, &state)?;
+                    let extra = allocator.as_ref().map(|a| a.checkpoint_tensors(net)).unwrap_or_default();
+                    let dir = checkpoint::save(&cfg.output_dir, net, spec, base_model, &params, &opt, &state, extra)?;
                     checkpoint::prune(&cfg.output_dir, cfg.save_total_limit)?;
                     dir
                 } else {
