@@ -138,6 +138,16 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
         next_position = next_position + 1;
         valid = Tensor::cat(&[valid, Tensor::ones([b, 1], (Kind::Bool, device))], 1);
         seen = Tensor::cat(&[seen, input.shallow_clone()], 1);
+        // LongRoPE turns to its long factors once a sequence passes the pretraining length; the
+        // cache, rotated with the short ones, is computed again then (transformers' Phi-3 does)
+        if let crate::nn::rope::RopeScaling::LongRope { original_max_position_embeddings: original, .. } = net.config.rope_scaling {
+            let len = seen.size()[1];
+            if len > original as i64 && len - 1 <= original as i64 {
+                cache = KvCache::default();
+                input = seen.shallow_clone();
+                positions = (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+            }
+        }
     }
     let all = Tensor::stack(&generated, 1).to_device(tch::Device::Cpu);
     let stops = stop_ids(model);

@@ -11,7 +11,7 @@ fn logits_and_greedy_tokens_match_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
     py("make_tiny.py", &[out]);
-    for name in ["llama_gqa", "llama3_rope", "llama_linear_rope", "mistral", "qwen2_tied", "qwen3", "gemma2", "gemma3"] {
+    for name in ["llama_gqa", "llama3_rope", "llama_linear_rope", "mistral", "qwen2_tied", "qwen3", "gemma2", "gemma3", "phi3"] {
         let d = dir.path().join(name);
         let reference = read_safetensors(&d.join("reference.safetensors"));
         let m = ftscript::models::load(&d, "fp32", Device::Cpu).unwrap();
@@ -63,8 +63,8 @@ fn random_init_reads_no_weights_and_follows_the_config() {
             assert!(mean.abs() < 0.15 * std_want && (std / std_want - 1.0).abs() < 0.05, "{name}: mean {mean}, std {std}, want std {std_want}");
         }
     }
-    let q0 = &a.net.layers[0].self_attn.q_proj.weight.dense();
-    let q1 = &a.net.layers[1].self_attn.q_proj.weight.dense();
+    let q0 = &a.net.layers[0].self_attn.qkv.linears()[0].weight.dense();
+    let q1 = &a.net.layers[1].self_attn.qkv.linears()[0].weight.dense();
     assert!(!q0.equal(q1), "layers must get different draws");
 }
 

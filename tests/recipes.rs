@@ -78,6 +78,9 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
         let t = run(&["run"], "gemma_qlora.rhai", &[("model_dir", model), ("data_file", data.clone()), ("output_dir", out(gemma)), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
         assert!(t.contains("steps 2,") && d.join(gemma).join("adapter/adapter_model.safetensors").exists(), "{gemma}: {t}");
     }
+    let phi3 = s(with_chat_template(tiny(d, "phi3")).display().to_string());
+    let t = run(&["run"], "phi_qlora.rhai", &[("model_dir", phi3), ("data_file", data.clone()), ("output_dir", out("phi3")), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
+    assert!(t.contains("steps 2,") && d.join("phi3/adapter/adapter_model.safetensors").exists(), "{t}");
     let t = run(&["run"], "dpo.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("dpo")), ("n_eval", "4".into()), ("sft_steps", "3".into()), ("dpo_steps", "4".into())]);
     assert!(t.contains("exact match after DPO") && d.join("dpo/adapter/adapter_model.safetensors").exists(), "{t}");
     let t = run(&["run"], "orpo.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("orpo")), ("n_eval", "4".into()), ("max_steps", "3".into())]);

@@ -70,6 +70,14 @@ fn gemma2_lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("gemma2");
 }
 
+/// Phi-3: LoRA on the fused `qkv_proj` and `gate_up_proj` (one adapter each, as peft makes
+/// them), partial rotary, LongRoPE's long factors, the window; and DoRA on the fused modules.
+#[test]
+fn phi3_lora_training_and_adapters_match_hf_and_peft() {
+    lora_matches_hf_and_peft("phi3");
+    adapters_match_hf_and_peft("phi3", Some("dora"));
+}
+
 #[test]
 fn gemma3_lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("gemma3");
@@ -243,10 +251,11 @@ fn gradient_checkpointing_matches_the_full_graph() {
 
 /// As above for the families whose layers differ: Qwen3's q/k norms (inside the recomputed
 /// attention), Gemma 2's output norms (the layer recomputed whole under autograd), GeGLU,
-/// soft-capped attention scores and logits, Gemma 3's two rotary tables.
+/// soft-capped attention scores and logits, Gemma 3's two rotary tables, Phi-3's fused
+/// projections (the MLP recomputed under autograd) and partial rotary.
 #[test]
-fn qwen3_and_gemma_checkpoint_like_the_full_graph() {
-    for family in ["qwen3", "gemma2", "gemma3"] {
+fn qwen3_gemma_and_phi3_checkpoint_like_the_full_graph() {
+    for family in ["qwen3", "gemma2", "gemma3", "phi3"] {
         checkpointing_matches_the_full_graph(family);
     }
 }
@@ -258,6 +267,10 @@ fn checkpointing_matches_the_full_graph(model_name: &str) {
     let o = d.to_str().unwrap();
     // (targets, projections adapted per layer, more add_lora options, tensors per adapted projection, tensors besides)
     let mut variants = vec![("\"all-linear\"", 7, "", 2, 0), ("[\"q_proj\", \"v_proj\"]", 2, "", 2, 0)];
+    if model_name == "phi3" {
+        // four linear layers a block: qkv_proj, o_proj, gate_up_proj, down_proj
+        variants = vec![("\"all-linear\"", 4, "", 2, 0), ("[\"qkv_proj\", \"down_proj\"]", 2, "", 2, 0)];
+    }
     if model_name == "llama_gqa" {
         variants.push(("\"all-linear\"", 7, "use_dora: true,", 3, 0));
         variants.push(("[\"q_proj\", \"v_proj\"]", 2, "trainable_tokens: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],", 2, 1));

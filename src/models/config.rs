@@ -100,6 +100,11 @@ pub struct DecoderConfig {
     pub attn_softcap: Option<f64>,
     /// Logits soft-capped, `c·tanh(z/c)` (Gemma 2's `final_logit_softcapping`).
     pub final_softcap: Option<f64>,
+    /// q, k, v in one `qkv_proj` and gate, up in one `gate_up_proj` (Phi-3).
+    pub fused_projections: bool,
+    /// The fraction of each head's dimensions that RoPE rotates (the first ones; Phi-4-mini's
+    /// `partial_rotary_factor`).
+    pub partial_rotary_factor: f64,
     /// The sliding-window layers' own RoPE base and scaling (Gemma 3's local RoPE, 10,000 beside
     /// the global layers' 1,000,000); `None`: every layer uses `rope_theta` / `rope_scaling`.
     pub local_rope: Option<(f64, RopeScaling)>,
@@ -206,6 +211,8 @@ impl CommonConfig {
             attn_softcap: None,
             final_softcap: None,
             local_rope: None,
+            fused_projections: false,
+            partial_rotary_factor: 1.0,
         })
     }
 
@@ -253,8 +260,25 @@ pub(crate) fn parse_rope_scaling(params: Option<&serde_json::Value>, max_pos: us
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: original,
         },
-        other => bail!("unsupported rope scaling type `{other}`; supported: default, linear, dynamic, llama3"),
+        "longrope" => longrope(p, max_pos, original)?,
+        other => bail!("unsupported rope scaling type `{other}`; supported: default, linear, dynamic, llama3, longrope"),
     })
+}
+
+/// LongRoPE's factors, and its attention factor as transformers derives it when absent:
+/// `√(1 + ln s / ln L₀)` for `s = factor` (else `max_pos / L₀`) above 1, `L₀` being
+/// `original_max_position_embeddings`.
+pub(crate) fn longrope(p: &serde_json::Value, max_pos: usize, original: usize) -> Result<RopeScaling> {
+    let factors = |key: &str| -> Result<Vec<f64>> {
+        p.get(key).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).with_context(|| format!("rope scaling `longrope` needs the list `{key}`"))
+    };
+    let factor = p.get("factor").and_then(|v| v.as_f64()).unwrap_or(max_pos as f64 / original as f64);
+    let attention_factor = match p.get("attention_factor").and_then(|v| v.as_f64()) {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(RopeScaling::LongRope { short_factor: factors("short_factor")?, long_factor: factors("long_factor")?, original_max_position_embeddings: original, attention_factor })
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use super::placement::Placement;
 pub use crate::nn::attention::{AttnMask, KvCache, LayerInputs};
 pub use crate::nn::mlp::Mlp;
 pub use crate::nn::norm::RmsNorm;
-use crate::nn::linear::Weight;
+use crate::nn::linear::{Projections, Weight};
 use crate::nn::quant::QuantConfig;
 use crate::nn::loss;
 use crate::nn::rope::{rotate, Rope};
@@ -31,9 +31,8 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    /// `q_proj`, `k_proj`, `v_proj`, or Phi-3's fused `qkv_proj` (`[q | k | v]`).
+    pub qkv: Projections,
     pub o_proj: Linear,
     /// Per-head RMSNorms of the query and key over `head_dim`, before RoPE (Qwen3).
     pub q_norm: Option<RmsNorm>,
@@ -71,7 +70,7 @@ impl Attention {
         train: bool,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
-        let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[&self.q_proj, &self.k_proj, &self.v_proj], x, train).try_into().unwrap();
+        let [q, k, v]: [Tensor; 3] = self.qkv.forward(x, train).try_into().unwrap();
         let q = rotate(self.head_norm(&self.q_norm, q, self.n_heads, train), self.n_heads, self.head_dim, cos_sin, train);
         let mut k = rotate(self.head_norm(&self.k_norm, k, self.n_kv_heads, train), self.n_kv_heads, self.head_dim, cos_sin, train);
         let mut v = v.view([b, t, self.n_kv_heads, self.head_dim]).transpose(1, 2);
@@ -154,6 +153,14 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The layer's linear layers, in checkpoint order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = self.self_attn.qkv.linears();
+        v.push(&self.self_attn.o_proj);
+        v.extend(self.mlp.linears());
+        v
+    }
+
     /// The layer's norms, in checkpoint order.
     pub fn norms(&self) -> Vec<&RmsNorm> {
         let a = &self.self_attn;
@@ -329,9 +336,16 @@ impl Decoder {
                 rope: if c.local_rope.is_some() && window.is_some() { 1 } else { 0 },
                 input_layernorm: norm(format!("{p}.input_layernorm"), d)?,
                 self_attn: Attention {
-                    q_proj: linear(format!("{p}.self_attn.q_proj"), nh * hd, h, c.qkv_bias, d)?,
-                    k_proj: linear(format!("{p}.self_attn.k_proj"), nkv * hd, h, c.qkv_bias, d)?,
-                    v_proj: linear(format!("{p}.self_attn.v_proj"), nkv * hd, h, c.qkv_bias, d)?,
+                    qkv: if c.fused_projections {
+                        let sizes = vec![nh * hd, nkv * hd, nkv * hd];
+                        Projections::Fused { layer: linear(format!("{p}.self_attn.qkv_proj"), sizes.iter().sum(), h, c.qkv_bias, d)?, sizes }
+                    } else {
+                        Projections::Separate(vec![
+                            linear(format!("{p}.self_attn.q_proj"), nh * hd, h, c.qkv_bias, d)?,
+                            linear(format!("{p}.self_attn.k_proj"), nkv * hd, h, c.qkv_bias, d)?,
+                            linear(format!("{p}.self_attn.v_proj"), nkv * hd, h, c.qkv_bias, d)?,
+                        ])
+                    },
                     o_proj: linear(format!("{p}.self_attn.o_proj"), h, nh * hd, c.o_bias, d)?,
                     q_norm: head_norm(format!("{p}.self_attn.q_norm"), d)?,
                     k_norm: head_norm(format!("{p}.self_attn.k_norm"), d)?,
@@ -345,8 +359,11 @@ impl Decoder {
                 attn_out_norm: sandwich(format!("{p}.post_attention_layernorm"), d)?,
                 mlp_norm: norm(format!("{p}.{}", if c.sandwich_norms { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }), d)?,
                 mlp: Mlp {
-                    gate_proj: linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias, d)?,
-                    up_proj: linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias, d)?,
+                    gate_up: if c.fused_projections {
+                        Projections::Fused { layer: linear(format!("{p}.mlp.gate_up_proj"), 2 * i, h, c.mlp_bias, d)?, sizes: vec![i, i] }
+                    } else {
+                        Projections::Separate(vec![linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias, d)?, linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias, d)?])
+                    },
                     down_proj: linear(format!("{p}.mlp.down_proj"), h, i, c.mlp_bias, d)?,
                     act: c.activation,
                 },
@@ -362,7 +379,7 @@ impl Decoder {
             Some(linear("lm_head".into(), vocab, h, false, head_device)?)
         };
         Ok(Decoder {
-            ropes: std::iter::once((c.rope_theta, c.rope_scaling.clone())).chain(c.local_rope.clone()).map(|(theta, scaling)| Rope::new(hd, theta, scaling)).collect(),
+            ropes: std::iter::once((c.rope_theta, c.rope_scaling.clone())).chain(c.local_rope.clone()).map(|(theta, scaling)| Rope::new((hd as f64 * c.partial_rotary_factor) as i64, theta, scaling)).collect(),
             norm: norm("model.norm".into(), head_device)?,
             embed_tokens,
             token_rows: None,
@@ -485,10 +502,7 @@ impl Decoder {
 
     /// Linear layers with an adapter in one decoder layer (the first), for memory planning.
     pub fn adapted_per_layer(&self) -> usize {
-        self.layers.first().map_or(0, |l| {
-            let a = &l.self_attn;
-            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj].iter().filter(|x| x.adapter.is_some()).count()
-        })
+        self.layers.first().map_or(0, |l| l.linears().iter().filter(|x| x.adapter.is_some()).count())
     }
 
     /// Final norm, output projection and summed next-token cross-entropy from the last hidden
@@ -599,9 +613,7 @@ impl Decoder {
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v = vec![];
         for l in &self.layers {
-            let a = &l.self_attn;
-            v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
-            v.extend([&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]);
+            v.extend(l.linears());
         }
         v.extend(self.lm_head.iter());
         v
@@ -611,9 +623,9 @@ impl Decoder {
         let mut v = vec![];
         for l in &mut self.layers {
             let a = &mut l.self_attn;
-            v.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
-            let m = &mut l.mlp;
-            v.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+            v.extend(a.qkv.linears_mut());
+            v.push(&mut a.o_proj);
+            v.extend(l.mlp.linears_mut());
         }
         v.extend(self.lm_head.iter_mut());
         v

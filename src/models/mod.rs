@@ -15,6 +15,7 @@ pub mod decoder;
 pub mod gemma2;
 pub mod gemma3;
 pub mod llama;
+pub mod phi3;
 pub mod placement;
 pub mod qwen3;
 pub mod save;
@@ -35,6 +36,7 @@ pub const FAMILIES: &[Family] = &[
     Family { architecture: "Qwen3ForCausalLM", model_type: "qwen3", config: qwen3::qwen3 },
     Family { architecture: "Gemma2ForCausalLM", model_type: "gemma2", config: gemma2::gemma2 },
     Family { architecture: "Gemma3ForCausalLM", model_type: "gemma3_text", config: gemma3::gemma3 },
+    Family { architecture: "Phi3ForCausalLM", model_type: "phi3", config: phi3::phi3 },
 ];
 
 /// The family of a config.json, by `architectures[0]` (or `model_type` when that is absent).

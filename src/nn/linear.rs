@@ -184,6 +184,46 @@ impl Linear {
     }
 }
 
+/// Several projections of one input (q, k, v; gate, up): separate layers, or one fused layer
+/// whose output is their concatenation in that order (Phi-3's `qkv_proj` and `gate_up_proj`,
+/// adapted as one module, as peft does).
+pub enum Projections {
+    Separate(Vec<Linear>),
+    Fused { layer: Linear, sizes: Vec<i64> },
+}
+
+impl Projections {
+    /// Each projection of `x` ([`Linear::forward_shared`] for separate layers).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
+        match self {
+            Projections::Separate(layers) => Linear::forward_shared(&layers.iter().collect::<Vec<_>>(), x, train),
+            Projections::Fused { layer, sizes } => layer.forward(x, train).split_with_sizes(sizes.as_slice(), -1),
+        }
+    }
+
+    pub fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Projections::Separate(layers) => layers.iter().collect(),
+            Projections::Fused { layer, .. } => vec![layer],
+        }
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            Projections::Separate(layers) => layers.iter_mut().collect(),
+            Projections::Fused { layer, .. } => vec![layer],
+        }
+    }
+
+    /// The separate layers, if they are separate.
+    pub fn separate(&self) -> Option<&[Linear]> {
+        match self {
+            Projections::Separate(layers) => Some(layers),
+            Projections::Fused { .. } => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

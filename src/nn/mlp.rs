@@ -2,9 +2,10 @@
 //! tanh approximation (GeGLU: Gemma), with the fused SwiGLU and the checkpointed backward that
 //! forms the frozen projections' input gradients directly.
 
+use super::linear::Projections;
 use super::{fused, Linear};
 use anyhow::{bail, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The gate's activation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,8 +28,8 @@ impl Activation {
 }
 
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    /// `gate_proj` and `up_proj`, or Phi-3's fused `gate_up_proj` (`[gate | up]`).
+    pub gate_up: Projections,
     pub down_proj: Linear,
     pub act: Activation,
 }
@@ -66,15 +67,37 @@ impl Mlp {
         }
     }
 
-    /// Whether every adapter of the MLP is plain LoRA (or absent): [`Mlp::recompute_backward`] applies.
+    /// Whether [`Mlp::recompute_backward`] applies: separate gate and up projections, and
+    /// every adapter plain LoRA (or absent).
     pub fn fusable(&self) -> bool {
-        [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|p| p.fusable())
+        self.gate_up.separate().is_some() && self.linears().iter().all(|p| p.fusable())
+    }
+
+    /// The MLP's linear layers, in checkpoint order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = self.gate_up.linears();
+        v.push(&self.down_proj);
+        v
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = self.gate_up.linears_mut();
+        v.push(&mut self.down_proj);
+        v
     }
 
     /// `down(act(gate(x)) · up(x))`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let [gate, up]: [Tensor; 2] = Linear::forward_shared(&[&self.gate_proj, &self.up_proj], x, train).try_into().unwrap();
+        let [gate, up]: [Tensor; 2] = self.gate_up.forward(x, train).try_into().unwrap();
         self.down_proj.forward(&self.gated(&gate, &up, train), train)
+    }
+
+    /// The separate gate and up projections ([`Mlp::fusable`] MLPs have them).
+    fn gate_and_up(&self) -> Result<(&Linear, &Linear)> {
+        match self.gate_up.separate() {
+            Some([gate, up]) => Ok((gate, up)),
+            _ => bail!("internal: the checkpointed MLP backward needs separate gate and up projections"),
+        }
     }
 
     /// Backward through the MLP from `∂L/∂y` at its output `dy`, recomputing what it needs from
@@ -85,11 +108,12 @@ impl Mlp {
     /// computed, and with no adapter on gate/up the `[B, T, I]` tensors are freed before the
     /// rest of backward. Dropout draws in the order of the forward (gate, up, down).
     pub fn recompute_backward(&self, x: &Tensor, dy: &Tensor) -> anyhow::Result<Vec<(Tensor, Tensor)>> {
-        let x2 = x.reshape([-1, self.gate_proj.in_features()]);
-        let dy2 = dy.reshape([-1, self.down_proj.out_features()]);
         anyhow::ensure!(self.fusable(), "internal: the checkpointed MLP backward knows plain LoRA adapters only");
-        if [&self.gate_proj, &self.up_proj, &self.down_proj].iter().all(|p| p.adapter.is_none()) {
-            return Ok(vec![(x2.shallow_clone(), self.frozen_input_grad(&x2, &dy2))]);
+        let (gate_proj, up_proj) = self.gate_and_up()?;
+        let x2 = x.reshape([-1, gate_proj.in_features()]);
+        let dy2 = dy.reshape([-1, self.down_proj.out_features()]);
+        if self.linears().iter().all(|p| p.adapter.is_none()) {
+            return Ok(vec![(x2.shallow_clone(), self.frozen_input_grad((gate_proj, up_proj), &x2, &dy2))]);
         }
         let project = |p: &Linear| {
             let base = tch::no_grad(|| x2.linear(&p.weight.for_input(x2.kind()), p.bias.as_ref()));
@@ -98,7 +122,7 @@ impl Mlp {
                 None => base,
             }
         };
-        let (gate, up) = (project(&self.gate_proj), project(&self.up_proj));
+        let (gate, up) = (project(gate_proj), project(up_proj));
         let mut dm = self.down_proj.base_input_grad(&dy2);
         if let Some(l) = self.down_proj.lora() {
             let m = tch::no_grad(|| self.gated(&gate, &up, true)).set_requires_grad(true);
@@ -106,11 +130,11 @@ impl Mlp {
             crate::cuda::autograd::backward(&[(&delta, &dy2)])?;
             dm += m.grad();
         }
-        let adapted = (self.gate_proj.adapter.is_some(), self.up_proj.adapter.is_some());
+        let adapted = (gate_proj.adapter.is_some(), up_proj.adapter.is_some());
         let (dgate, dup) = self.gated_grads(&dm, gate.shallow_clone(), up.shallow_clone());
         drop(dm);
         let dx = x2.empty_like();
-        tch::no_grad(|| Mlp::gate_up_input_grad(&dgate, &dup, &self.gate_up_weights(x2.kind()), &dx));
+        tch::no_grad(|| Mlp::gate_up_input_grad(&dgate, &dup, &(gate_proj.weight.for_input(x2.kind()), up_proj.weight.for_input(x2.kind())), &dx));
         let mut roots = vec![(x2, dx)];
         if adapted.0 {
             roots.push((gate, dgate));
@@ -124,9 +148,9 @@ impl Mlp {
     /// `∂L/∂x` of an MLP without adapters, for rows `x2` `[N, H]` and `∂L/∂y` `dy2`, in
     /// `RECOMPUTE_ROW_BLOCKS` blocks of rows, so that only one block's `[rows, I]` tensors exist
     /// at a time.
-    fn frozen_input_grad(&self, x2: &Tensor, dy2: &Tensor) -> Tensor {
+    fn frozen_input_grad(&self, (gate_proj, up_proj): (&Linear, &Linear), x2: &Tensor, dy2: &Tensor) -> Tensor {
         let _g = tch::no_grad_guard();
-        let w = self.gate_up_weights(x2.kind());
+        let w = (gate_proj.weight.for_input(x2.kind()), up_proj.weight.for_input(x2.kind()));
         let n = x2.size()[0];
         let rows = ((n + RECOMPUTE_ROW_BLOCKS - 1) / RECOMPUTE_ROW_BLOCKS).max(1);
         let dx = x2.empty_like();
@@ -134,7 +158,7 @@ impl Mlp {
         while start < n {
             let len = rows.min(n - start);
             let xb = x2.narrow(0, start, len);
-            let (gate, up) = (xb.linear(&w.0, self.gate_proj.bias.as_ref()), xb.linear(&w.1, self.up_proj.bias.as_ref()));
+            let (gate, up) = (xb.linear(&w.0, gate_proj.bias.as_ref()), xb.linear(&w.1, up_proj.bias.as_ref()));
             let dm = self.down_proj.base_input_grad(&dy2.narrow(0, start, len));
             let (dgate, dup) = self.gated_grads(&dm, gate, up);
             Mlp::gate_up_input_grad(&dgate, &dup, &w, &dx.narrow(0, start, len));
@@ -143,10 +167,6 @@ impl Mlp {
         dx
     }
 
-    /// The frozen gate and up weights for inputs of dtype `kind` (4-bit ones dequantized).
-    fn gate_up_weights(&self, kind: Kind) -> (Tensor, Tensor) {
-        (self.gate_proj.weight.for_input(kind), self.up_proj.weight.for_input(kind))
-    }
 
     /// `out = ∂gate · W_gate + ∂up · W_up`, the input gradient through the frozen gate and up
     /// weights `(W_gate, W_up)`, written into `out` (no graph).

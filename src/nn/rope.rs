@@ -14,9 +14,14 @@ pub enum RopeScaling {
     Dynamic { factor: f64, original_max_position_embeddings: usize },
     /// Llama 3.1: low frequencies divided by `factor`, high kept, the band between interpolated.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    /// LongRoPE (Phi-3's 128k models): frequency `i` divided by `short_factor[i]`, or by
+    /// `long_factor[i]` once a sequence passes `original_max_position_embeddings`; cos and sin
+    /// scaled by `attention_factor`.
+    LongRope { short_factor: Vec<f64>, long_factor: Vec<f64>, original_max_position_embeddings: usize, attention_factor: f64 },
 }
 
-/// Rotary position embedding: frequencies `θ^(-2i/d)`, rescaled per `rope_scaling`.
+/// Rotary position embedding: frequencies `θ^(-2i/d)`, rescaled per `rope_scaling`, over the
+/// first `d` dimensions of each head (all of them, or `partial_rotary_factor` of them).
 pub struct Rope {
     head_dim: i64,
     theta: f64,
@@ -24,8 +29,9 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: i64, theta: f64, scaling: RopeScaling) -> Rope {
-        Rope { head_dim, theta, scaling }
+    /// RoPE over the first `rotary_dim` dimensions of each head.
+    pub fn new(rotary_dim: i64, theta: f64, scaling: RopeScaling) -> Rope {
+        Rope { head_dim: rotary_dim, theta, scaling }
     }
 
     /// `1 / θ^(2i/d)` for `i < d/2`, computed in fp32 like transformers.
@@ -59,12 +65,17 @@ impl Rope {
                 let medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
                 smoothed.where_self(&medium, &scaled)
             }
+            RopeScaling::LongRope { short_factor, long_factor, original_max_position_embeddings, .. } => {
+                let ext = if max_pos + 1 > *original_max_position_embeddings as i64 { long_factor } else { short_factor };
+                let ext = Tensor::from_slice(&ext.iter().map(|f| *f as f32).collect::<Vec<_>>());
+                (ext * self.base_inv_freq(self.theta).reciprocal()).reciprocal()
+            }
         }
     }
 
     /// `(cos, sin)` of shape `[B, 1, T, d]` for positions `[B, T]`, in `kind`.
     pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        let max_pos = if matches!(self.scaling, RopeScaling::Dynamic { .. }) {
+        let max_pos = if matches!(self.scaling, RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. }) {
             positions.max().int64_value(&[])
         } else {
             0
@@ -72,15 +83,29 @@ impl Rope {
         let inv = crate::cuda::upload(&self.inv_freq(max_pos), positions.device());
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv.view([1, 1, -1]);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        (emb.cos().to_kind(kind).unsqueeze(1), emb.sin().to_kind(kind).unsqueeze(1))
+        let (cos, sin) = match &self.scaling {
+            RopeScaling::LongRope { attention_factor, .. } => (emb.cos() * *attention_factor, emb.sin() * *attention_factor),
+            _ => (emb.cos(), emb.sin()),
+        };
+        (cos.to_kind(kind).unsqueeze(1), sin.to_kind(kind).unsqueeze(1))
     }
 }
 
 /// Projected queries or keys `[B, T, heads·d]` → rotated `[B, heads, T, d]`:
-/// `x·cos + rotate_half(x)·sin`, where `rotate_half([a, b]) = [-b, a]` over the last dim.
+/// `x·cos + rotate_half(x)·sin`, where `rotate_half([a, b]) = [-b, a]` over the last dim; with
+/// partial rotary (cos narrower than the head), over the first dimensions only, the rest passed
+/// through.
 pub fn rotate(y: Tensor, heads: i64, head_dim: i64, (cos, sin): &(Tensor, Tensor), train: bool) -> Tensor {
     let (b, t, _) = y.size3().unwrap();
     let y = y.view([b, t, heads, head_dim]);
+    let rotary = *cos.size().last().unwrap();
+    if rotary < head_dim {
+        let x = y.transpose(1, 2);
+        let (rot, pass) = (x.narrow(3, 0, rotary), x.narrow(3, rotary, head_dim - rotary));
+        let (x1, x2) = (rot.narrow(3, 0, rotary / 2), rot.narrow(3, rotary / 2, rotary / 2));
+        let rotated = Tensor::cat(&[&(-x2), &x1], 3);
+        return Tensor::cat(&[&rot * cos + rotated * sin, pass], 3);
+    }
     if fused(&y, train) {
         if let Some(r) = crate::cuda::autograd::rope(&y, &cos.squeeze_dim(1), &sin.squeeze_dim(1)) {
             return r.transpose(1, 2);

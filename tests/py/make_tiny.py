@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+                          Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -86,6 +86,12 @@ CONFIGS = {
                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    # fused qkv_proj and gate_up_proj; RoPE over 3/4 of each head; LongRoPE whose long factors the
+    # 24 reference ids reach (original length 16; attention factor √(1 + ln 16 / ln 16)); a window
+    "phi3": lambda: Phi3Config(**{**COMMON, "num_attention_heads": 4, "pad_token_id": 2}, partial_rotary_factor=0.75,
+                               sliding_window=8, original_max_position_embeddings=16,
+                               rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                             "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0]}),
     # Gemma as llama.cpp runs it: sentencepiece, queries scaled by 1/√head_dim
     "gemma2_spm": lambda: Gemma2Config(**SPM, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
                                        final_logit_softcapping=3.0, sliding_window=8, pad_token_id=0),
@@ -137,8 +143,13 @@ def main():
         ids = torch.randint(3, cfg.vocab_size, (2, 24), generator=gen)
         with torch.no_grad():
             logits = model(ids).logits.float()
+            # LongRoPE: when a sequence first passes the pretraining length, Phi-3's generation drops
+            # its cache to compute it again with the long factors, but passes on the one-token
+            # cache_position, so that pass masks nothing (transformers 5.17); without a cache,
+            # generation is the causal model's
+            longrope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type") == "longrope"
             greedy = model.generate(ids[:1, :10], max_new_tokens=20, do_sample=False, eos_token_id=None,
-                                    pad_token_id=2)[0, 10:]
+                                    pad_token_id=2, use_cache=not longrope)[0, 10:]
         save_file({"ids": ids.contiguous(), "logits": logits.contiguous(), "greedy": greedy.contiguous()},
                   os.path.join(d, "reference.safetensors"))
         print(f"made {d}")

@@ -69,9 +69,11 @@ def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False, tokens=N
     initialises it (B = 0) in `fresh_dir` and with B drawn from N(0, 0.05²) (and DoRA's
     magnitudes scaled by 1 + N(0, 0.1²)) in `random_dir`; returns the latter."""
     torch.manual_seed(123)
+    # Phi-3's q, k, v and gate, up are one module each
+    targets = ["qkv_proj", "gate_up_proj"] if model.config.model_type == "phi3" else ["q_proj", "v_proj"]
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=dora,
                                              trainable_token_indices=tokens, modules_to_save=modules,
-                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+                                             target_modules=targets, task_type="CAUSAL_LM"))
     model.save_pretrained(fresh_dir)
     with torch.no_grad():
         for name, p in model.named_parameters():
