@@ -380,3 +380,39 @@ try {{
     let t = text(&out);
     assert!(!out.status.success() && t.contains("use the value the closure receives") && !t.contains("panicked"), "{t}");
 }
+
+/// A recipe branches on the kind of a caught error: a missing model is `not_found`, a
+/// misspelt option `bad_input`, a push without `--allow-push` `permission`, an allocation the
+/// machine cannot make `oom`; the message reads as before.
+#[test]
+fn a_caught_error_has_a_kind_to_branch_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_llama(d);
+    // a config whose embeddings alone would need 16 TB
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    config["vocab_size"] = 4_000_000_000u64.into();
+    config["hidden_size"] = 1_000.into();
+    std::fs::create_dir_all(d.join("huge")).unwrap();
+    std::fs::write(d.join("huge/config.json"), config.to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model.join(f), d.join("huge").join(f)).unwrap();
+    }
+    let t = run_recipe(
+        d,
+        "kinds.rhai",
+        &format!(
+            r#"
+let kinds = [];
+try {{ load_model("no/such/model"); }} catch (e) {{ kinds.push(e.kind); print(`MESSAGE ${{e}}`); }}
+try {{ load_model("{m}", #{{ dtpye: "fp32" }}); }} catch (e) {{ kinds.push(e.kind); }}
+try {{ hub_push("{m}", "me/tiny"); }} catch (e) {{ kinds.push(e.kind); }}
+try {{ load_model("huge", #{{ random_init: true, dtype: "fp32" }}); }} catch (e) {{ kinds.push(e.kind); }}
+print(`KINDS ${{kinds}}`);
+"#,
+            m = model.display()
+        ),
+    );
+    assert!(t.contains(r#"KINDS ["not_found", "bad_input", "permission", "oom"]"#), "{t}");
+    assert!(t.contains("MESSAGE load_model: model `no/such/model` not found"), "{t}");
+}

@@ -269,6 +269,11 @@ pub fn register(engine: &mut Engine) {
         .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<()> {
             guard("save_quantized", || crate::models::save::save_quantized(&m.get(), std::path::Path::new(dir)))
         });
+    // a caught error is its message: `try { ... } catch (e) { if e.kind == "oom" { ... } }`
+    FuncRegistration::new("get$kind")
+        .with_comments(["/// The kind of a caught error (its message): \"oom\", \"not_found\", \"permission\" or \"bad_input\", for `try { ... } catch (e) { if e.kind == \"oom\" { ... } }`."])
+        .with_params_info(["error: &mut ImmutableString", "String"])
+        .register_into_engine(engine, |e: &mut rhai::ImmutableString| crate::script::options::error_kind(e).to_string());
     engine.register_get("tokenizer", |m: &mut Model| Tokenizer(m.0.clone()));
     engine.register_get("config", |m: &mut Model| from_json(&m.get().config_json).cast::<Map>());
 

@@ -102,6 +102,23 @@ pub fn one_of(key: &str, value: &str, valid: &[&str]) -> Result<(), String> {
     Err(format!("{key} \"{value}\" is not one of {}{hint}", valid.join(", ")))
 }
 
+/// The kind of an error message, for recipes that branch on it (`e.kind`): `"oom"` (out of
+/// memory, on a GPU or the host), `"permission"` (refused by the operating system, or a flag
+/// such as `--allow-push` not given), `"not_found"` (a file, directory or Hub repository that
+/// does not exist), else `"bad_input"`.
+pub fn error_kind(message: &str) -> &'static str {
+    let has = |needles: &[&str]| needles.iter().any(|n| message.contains(n));
+    if has(&["out of memory", "can't allocate memory", "OutOfMemory"]) {
+        "oom"
+    } else if has(&["Permission denied", "--allow-", "permission denied"]) {
+        "permission"
+    } else if has(&["No such file or directory", "not found", "does not exist", "HTTP 404"]) && !message.contains("Function not found") {
+        "not_found"
+    } else {
+        "bad_input"
+    }
+}
+
 /// Turns any error into a Rhai runtime error carrying its full context chain.
 pub fn rt<E: std::fmt::Display>(e: E) -> Box<EvalAltResult> {
     e.to_string().into()
