@@ -34,7 +34,11 @@ enum Command {
         set: Vec<String>,
     },
     /// List every recipe function with its signature and documentation.
-    Api,
+    Api {
+        /// Write Rhai definition files (`.d.rhai`) for editors into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        definitions: Option<PathBuf>,
+    },
     /// Print versions, what is compiled in, the GPUs and the Hub settings (never the token), for bug reports.
     Env,
     /// Run a recipe data-parallel: one process per GPU (or CPU process), torchrun-style.
@@ -204,7 +208,8 @@ fn main() -> ExitCode {
             run(recipe, set)
         }
         Command::Check { recipes, set } => check(recipes, set),
-        Command::Api => api(),
+        Command::Api { definitions: None } => api(),
+        Command::Api { definitions: Some(dir) } => script::write_definitions(&dir).map(|n| println!("wrote {n} definition file(s) to {}", dir.display())),
         Command::Env => {
             for (name, value) in ftscript::env::report() {
                 println!("{name:<14} {value}");

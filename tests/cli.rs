@@ -87,6 +87,40 @@ fn api_lists_every_function_and_each_is_used_by_a_shipped_script() {
     assert!(unused.is_empty(), "functions no script under scripts/ uses: {unused:?}");
 }
 
+/// `ftscript api --definitions DIR`: Rhai's definition files for editors, one for the recipe
+/// functions (every function `ftscript api` lists, documented, getters as `get` properties)
+/// and one per stdlib module (every function, with its doc comment); no type left blank.
+#[test]
+fn definitions_cover_every_function_and_stdlib_module() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = ftscript(&["api", "--definitions", tmp.path().to_str().unwrap()], &root());
+    assert!(out.status.success(), "{}", text(&out));
+    let defs = std::fs::read_to_string(tmp.path().join("__static__.d.rhai")).unwrap();
+    assert!(defs.starts_with("module static;"), "{}", &defs[..100.min(defs.len())]);
+    let listing = String::from_utf8_lossy(&ftscript(&["api"], &root()).stdout).to_string();
+    for line in listing.lines().filter(|l| !l.starts_with(' ')) {
+        let name = line.split('(').next().unwrap();
+        let written = match name.strip_prefix("get$") {
+            Some(prop) => format!("fn get {prop}("),
+            None if name.chars().next().unwrap().is_alphabetic() => format!("fn {name}("),
+            None => format!("op {name}("),
+        };
+        assert!(defs.contains(&written), "{name} is missing from the definitions");
+    }
+    // each documented function keeps its doc comment right above it
+    assert!(defs.contains("/// `model.config`: the model's config.json as a map.\nfn get config(model: Model) -> map;"), "{defs}");
+    for (module, source) in [("lora", include_str!("../stdlib/lora.rhai")), ("callbacks", include_str!("../stdlib/callbacks.rhai")), ("templates", include_str!("../stdlib/templates.rhai"))] {
+        let text = std::fs::read_to_string(tmp.path().join("ft").join(format!("{module}.d.rhai"))).unwrap();
+        assert!(text.starts_with(&format!("module ft/{module};")), "{text}");
+        for line in source.lines().filter(|l| l.starts_with("fn ")) {
+            let name = line[3..].split('(').next().unwrap();
+            assert!(text.contains(&format!("fn {name}(")), "ft/{module}: {name} missing:\n{text}");
+        }
+        assert!(!text.contains("-> ;"), "{text}");
+    }
+    assert!(std::fs::read_to_string(tmp.path().join("ft/lora.d.rhai")).unwrap().contains("/// Every linear layer of the decoder except lm_head"));
+}
+
 #[test]
 fn set_overrides_declared_constants_only() {
     let tmp = tempfile::tempdir().unwrap();

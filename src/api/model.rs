@@ -274,8 +274,14 @@ pub fn register(engine: &mut Engine) {
         .with_comments(["/// The kind of a caught error (its message): \"oom\", \"not_found\", \"permission\" or \"bad_input\", for `try { ... } catch (e) { if e.kind == \"oom\" { ... } }`."])
         .with_params_info(["error: &mut ImmutableString", "String"])
         .register_into_engine(engine, |e: &mut rhai::ImmutableString| crate::script::options::error_kind(e).to_string());
-    engine.register_get("tokenizer", |m: &mut Model| Tokenizer(m.0.clone()));
-    engine.register_get("config", |m: &mut Model| from_json(&m.get().config_json).cast::<Map>());
+    FuncRegistration::new("get$tokenizer")
+        .with_comments(["/// `model.tokenizer`: the model's tokenizer (encode, decode, special ids)."])
+        .with_params_info(["model: &mut Model", "Tokenizer"])
+        .register_into_engine(engine, |m: &mut Model| Tokenizer(m.0.clone()));
+    FuncRegistration::new("get$config")
+        .with_comments(["/// `model.config`: the model's config.json as a map."])
+        .with_params_info(["model: &mut Model", "Map"])
+        .register_into_engine(engine, |m: &mut Model| from_json(&m.get().config_json).cast::<Map>());
 
     FuncRegistration::new("encode")
         .with_comments(["/// Token ids of `text`, with BOS/EOS as the tokenizer's post-processor adds them."])
@@ -291,10 +297,22 @@ pub fn register(engine: &mut Engine) {
             let ids: Vec<i64> = ids.iter().map(|d| d.as_int().map_err(|_| format!("decode: ids must be integers, got {}", d.type_name()))).collect::<Result<_, _>>()?;
             t.0.borrow().tokenizer.decode(&ids, true).map_err(rt_any)
         });
-    engine.register_get("eos_id", |t: &mut Tokenizer| t.0.borrow().tokenizer.eos_id.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
-    engine.register_get("bos_id", |t: &mut Tokenizer| t.0.borrow().tokenizer.bos_id.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
-    engine.register_get("pad_id", |t: &mut Tokenizer| t.0.borrow().tokenizer.pad_id);
-    engine.register_get("vocab_size", |t: &mut Tokenizer| t.0.borrow().tokenizer.vocab_size() as i64);
+    FuncRegistration::new("get$eos_id")
+        .with_comments(["/// `tokenizer.eos_id`: the end-of-sequence id, or () when the tokenizer has none."])
+        .with_params_info(["tokenizer: &mut Tokenizer", "Dynamic"])
+        .register_into_engine(engine, |t: &mut Tokenizer| t.0.borrow().tokenizer.eos_id.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
+    FuncRegistration::new("get$bos_id")
+        .with_comments(["/// `tokenizer.bos_id`: the beginning-of-sequence id, or () when the tokenizer has none."])
+        .with_params_info(["tokenizer: &mut Tokenizer", "Dynamic"])
+        .register_into_engine(engine, |t: &mut Tokenizer| t.0.borrow().tokenizer.bos_id.map(Dynamic::from).unwrap_or(Dynamic::UNIT));
+    FuncRegistration::new("get$pad_id")
+        .with_comments(["/// `tokenizer.pad_id`: the padding id (the pad token's, else EOS's)."])
+        .with_params_info(["tokenizer: &mut Tokenizer", "i64"])
+        .register_into_engine(engine, |t: &mut Tokenizer| t.0.borrow().tokenizer.pad_id);
+    FuncRegistration::new("get$vocab_size")
+        .with_comments(["/// `tokenizer.vocab_size`: the number of tokens, added ones included."])
+        .with_params_info(["tokenizer: &mut Tokenizer", "i64"])
+        .register_into_engine(engine, |t: &mut Tokenizer| t.0.borrow().tokenizer.vocab_size() as i64);
 
     FuncRegistration::new("import_gguf")
         .with_comments(["/// Converts a llama-family .gguf file into a Hugging Face model directory (config, safetensors, tokenizer)."])

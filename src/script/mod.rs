@@ -318,3 +318,33 @@ pub fn parse_set_value(text: &str) -> Dynamic {
         Err(_) => Dynamic::from(text.to_string()),
     }
 }
+
+/// Writes Rhai definition files (`.d.rhai`) for editors with Rhai support into `dir`: the
+/// recipe functions with their doc comments and parameter types (Rhai's own definitions of the
+/// engine, `__static__.d.rhai`), and each stdlib module (`ft/lora.d.rhai`, ...) with its
+/// functions' doc comments. Returns how many files were written.
+pub fn write_definitions(dir: &Path) -> Result<usize> {
+    let engine = new_engine(Path::new("."));
+    let mut files: Vec<(String, String)> = engine.definitions().with_headers(true).include_standard_packages(false).iter_files().collect();
+    for (name, source) in STDLIB {
+        let ast = engine.compile(*source).map_err(|e| anyhow::anyhow!("stdlib {name}: {e}"))?;
+        let mut text = format!("module {name};\n");
+        for f in ast.iter_functions() {
+            text.push('\n');
+            for line in f.comments.iter() {
+                text.push_str(&format!("{line}\n"));
+            }
+            let params: Vec<String> = f.params.iter().map(|p| format!("{p}: ?")).collect();
+            text.push_str(&format!("fn {}({}) -> ?;\n", f.name, params.join(", ")));
+        }
+        files.push((format!("{name}.d.rhai"), text));
+    }
+    for (file, text) in &files {
+        let path = dir.join(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
+        }
+        crate::nn::weights::write_atomic(&path, text.as_bytes())?;
+    }
+    Ok(files.len())
+}
