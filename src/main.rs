@@ -13,6 +13,38 @@ struct Cli {
     command: Command,
 }
 
+/// The operation budgets of a recipe (`ftscript::script::limits`).
+#[derive(clap::Args, Clone, Copy)]
+struct LimitArgs {
+    /// Rhai operations the recipe's own code may run outside its callbacks (default 10^10):
+    /// a recipe that loops forever stops with an error.
+    #[arg(long, value_name = "N")]
+    max_operations: Option<u64>,
+    /// Rhai operations one call of a callback (a hook, a format or map function) may run
+    /// (default 10^9).
+    #[arg(long, value_name = "N")]
+    max_callback_operations: Option<u64>,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> ftscript::script::limits::Limits {
+        let d = ftscript::script::limits::Limits::default();
+        ftscript::script::limits::Limits { total: self.max_operations.unwrap_or(d.total), per_callback: self.max_callback_operations.unwrap_or(d.per_callback) }
+    }
+
+    /// The flags again, for the processes a launcher starts.
+    fn args(&self) -> Vec<String> {
+        let mut v = vec![];
+        if let Some(n) = self.max_operations {
+            v.extend(["--max-operations".to_string(), n.to_string()]);
+        }
+        if let Some(n) = self.max_callback_operations {
+            v.extend(["--max-callback-operations".to_string(), n.to_string()]);
+        }
+        v
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a recipe.
@@ -24,6 +56,8 @@ enum Command {
         /// Override a top-level `const` of the recipe: --set key=value (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Compile a recipe, resolve its imports and validate its option maps, without running it.
     Check {
@@ -62,6 +96,8 @@ enum Command {
         /// Override a top-level `const` of the recipe: --set key=value (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Start a recipe from a commented template: lora, qlora, chat (multi-turn SFT with the
     /// model's chat template), multi-gpu.
@@ -203,8 +239,9 @@ fn main() -> ExitCode {
     // the default hook from printing a backtrace banner for errors we turn into messages.
     std::panic::set_hook(Box::new(|info| tracing::debug!("panic: {info}")));
     let result = match &cli.command {
-        Command::Run { recipe, set, allow_push } => {
+        Command::Run { recipe, set, allow_push, limits } => {
             ftscript::api::hub::set_allow_push(*allow_push);
+            ftscript::script::limits::set(limits.limits());
             run(recipe, set)
         }
         Command::Check { recipes, set } => check(recipes, set),
@@ -216,7 +253,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, set } => {
+        Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, set, limits } => {
             let opts = ftscript::dist::launch::LaunchOptions {
                 nproc_per_node: *nproc_per_node,
                 nnodes: *nnodes,
@@ -228,6 +265,7 @@ fn main() -> ExitCode {
             for kv in set {
                 args.extend(["--set".to_string(), kv.clone()]);
             }
+            args.extend(limits.args());
             ftscript::dist::launch::launch(&opts, &args)
         }
         Command::Init { name, template } => ftscript::init::write(name, template).map(|p| println!("wrote {} (template {template}); try: ftscript check {}", p.display(), p.display())),

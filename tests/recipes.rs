@@ -416,3 +416,44 @@ print(`KINDS ${{kinds}}`);
     assert!(t.contains(r#"KINDS ["not_found", "bad_input", "permission", "oom"]"#), "{t}");
     assert!(t.contains("MESSAGE load_model: model `no/such/model` not found"), "{t}");
 }
+
+/// A recipe cannot hang the host: a training hook that loops forever, a map function that does,
+/// and the recipe's own endless loop (even inside `try`) each stop with an error naming the flag
+/// that raises the budget; training keeps its last checkpoint.
+#[test]
+fn endless_loops_stop_at_their_operation_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    let run = |name: &str, body: String, flags: &[&str]| {
+        std::fs::write(d.join(name), body).unwrap();
+        let mut args = vec!["run", name];
+        args.extend(flags);
+        let out = ftscript(&args, d);
+        (out.status.success(), text(&out))
+    };
+    let (ok, t) = run(
+        "hook.rhai",
+        format!(
+            r#"let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{}});
+train(m, #{{ train: load_dataset("data.jsonl"), max_steps: 4, save_every: 2, output_dir: "run",
+    on_step: |s| {{ if s.step == 3 {{ let i = 0; loop {{ i += 1; }} }} }} }});
+"#
+        ),
+        &["--max-callback-operations", "100000"],
+    );
+    assert!(!ok && t.contains("on_step callback failed, stopped at step 3 (checkpoint kept: run/checkpoint-3)") && t.contains("a callback ran more than 100000 operations") && t.contains("--max-callback-operations"), "{t}");
+    assert!(d.join("run/checkpoint-3/adapter_model.safetensors").exists(), "{t}");
+    let (ok, t) = run("map.rhai", "let ds = dataset([#{ a: 1 }]);\nds.map(|r| { while true {} r });\n".into(), &["--max-callback-operations", "100000"]);
+    assert!(!ok && t.contains("--max-callback-operations") && t.contains("map.rhai:2"), "{t}");
+    let (ok, t) = run("top.rhai", "try { let n = 0; loop { n += 1; } } catch (e) { print(`CAUGHT ${e.kind}`); }\n".into(), &["--max-operations", "1000000"]);
+    assert!(!ok && t.contains("more than 1000000 operations outside its callbacks") && t.contains("--max-operations") && !t.contains("CAUGHT bad_input"), "{t}");
+    // the defaults let a real recipe through: the same hook without its loop
+    let (ok, t) = run(
+        "fine.rhai",
+        format!("let m = load_model(\"{model}\", #{{ dtype: \"fp32\" }});\nm.add_lora(#{{}});\ntrain(m, #{{ train: load_dataset(\"data.jsonl\"), max_steps: 2, output_dir: \"run2\", on_step: |s| {{ let x = 0; for i in 0..1000 {{ x += i; }} }} }});\n"),
+        &[],
+    );
+    assert!(ok, "{t}");
+}

@@ -69,7 +69,7 @@ fn index(ds: &Dataset, i: i64) -> Res<Map> {
 
 /// Calls `f` on record `i`; errors name the call and the record (its file and line).
 fn call_on(ctx: &NativeCallContext, what: &str, f: &FnPtr, ds: &data::Dataset, i: usize) -> Res<Dynamic> {
-    f.call_within_context::<Dynamic>(ctx, (from_json(&ds.records[i]),))
+    crate::script::limits::callback(|| f.call_within_context::<Dynamic>(ctx, (from_json(&ds.records[i]),)))
         .map_err(|e| crate::script::prefix_error(e, &format!("{what}: {}", ds.place(i))))
 }
 

@@ -52,10 +52,8 @@ fn pairs(ctx: &NativeCallContext, m: &Model, ds: &Dataset, format: Option<&Dynam
         let at = ds.0.place(i).to_string();
         let formatted = match format {
             Some(f) if f.is_fnptr() => {
-                let v: Dynamic = f
-                    .clone()
-                    .cast::<FnPtr>()
-                    .call_within_context(ctx, (from_json(r),))
+                let f = f.clone().cast::<FnPtr>();
+                let v: Dynamic = crate::script::limits::callback(|| f.call_within_context(ctx, (from_json(r),)))
                     .map_err(|e| crate::script::prefix_error(e, &format!("evaluate: the format function failed on {at}")))?;
                 Formatted::from_value(&to_json(&v), &at).map_err(|e| format!("evaluate: {e}"))?
             }

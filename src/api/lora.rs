@@ -216,7 +216,7 @@ pub fn register(engine: &mut Engine) {
         .with_comments(["/// Calls `f(model)` with adapters switched off (on every model, for the duration of the call), as peft's `disable_adapter()`: generate, loss and evaluate inside see the base model; returns what `f` returns. Works inside training hooks."])
         .with_params_info(["model: &mut Model", "f: FnPtr", "Dynamic"])
         .register_into_engine(engine, |ctx: NativeCallContext, m: &mut Model, f: FnPtr| -> Res<Dynamic> {
-            crate::nn::linear::without_adapters(|| f.call_within_context(&ctx, (Dynamic::from(m.clone()),)))
+            crate::nn::linear::without_adapters(|| crate::script::limits::callback(|| f.call_within_context(&ctx, (Dynamic::from(m.clone()),))))
         });
     FuncRegistration::new("trainable_parameters")
         .with_comments(["/// #{trainable, total, percent}: parameter counts, as peft's print_trainable_parameters."])

@@ -242,8 +242,7 @@ fn examples(
         Format::Function(f) => {
             let mut items = Vec::with_capacity(records.len());
             for (i, r) in records.iter().enumerate() {
-                let out: Dynamic = f
-                    .call_within_context(ctx, (from_json(r),))
+                let out: Dynamic = crate::script::limits::callback(|| f.call_within_context(ctx, (from_json(r),)))
                     .map_err(|e| crate::script::prefix_error(e, &format!("train: the format function failed on {}", ds.0.place(i))))?;
                 items.push(Formatted::from_value(&to_json(&out), &ds.0.place(i).to_string()).map_err(|e| -> Box<EvalAltResult> { format!("train: {e}").into() })?);
             }
@@ -285,7 +284,7 @@ impl RhaiHooks<'_> {
         let mut control = Control::Continue;
         for f in which(self) {
             let arg = from_json(&serde_json::Value::Object(metrics.clone()));
-            match f.call_within_context::<Dynamic>(self.ctx, (arg,)) {
+            match crate::script::limits::callback(|| f.call_within_context::<Dynamic>(self.ctx, (arg,))) {
                 Ok(out) if out.clone().into_string().is_ok_and(|s| s == "stop") => control = Control::Stop,
                 Ok(_) => {}
                 Err(e) => {

@@ -2,6 +2,7 @@
 //! static checks, and error rendering with file:line:column and the source line.
 
 pub mod check;
+pub mod limits;
 pub mod options;
 
 use anyhow::{bail, Result};
@@ -55,6 +56,7 @@ pub struct Recipe {
 /// ftscript function registered.
 pub fn new_engine(recipe_dir: &Path) -> Engine {
     let mut engine = Engine::new();
+    engine.on_progress(limits::on_progress);
     engine.set_max_call_levels(64);
     engine.set_max_expr_depths(128, 64);
     engine.set_max_string_size(64 << 20);
@@ -238,6 +240,7 @@ pub(crate) fn innermost(err: &EvalAltResult) -> (String, Position, Option<String
             (format!("in module `{name}`: {m}"), *pos, None)
         }
         EvalAltResult::ErrorRuntime(v, pos) => (v.to_string(), *pos, None),
+        EvalAltResult::ErrorTerminated(reason, pos) => (reason.to_string(), *pos, None),
         EvalAltResult::ErrorDataRace(what, pos) => (
             format!("data race on {what}: a closure given to this call uses the variable the call is made on, which the call holds; use the value the closure receives instead (`m.with_adapters_disabled(|base| base.loss(text))`)"),
             *pos,
