@@ -93,6 +93,9 @@ enum Command {
         #[arg(long)]
         master_port: Option<u16>,
         recipe: PathBuf,
+        /// Let the recipe publish to the Hugging Face Hub (`hub_push`, on the main process).
+        #[arg(long)]
+        allow_push: bool,
         /// Override a top-level `const` of the recipe: --set key=value (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -253,7 +256,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, set, limits } => {
+        Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, allow_push, set, limits } => {
             let opts = ftscript::dist::launch::LaunchOptions {
                 nproc_per_node: *nproc_per_node,
                 nnodes: *nnodes,
@@ -266,6 +269,9 @@ fn main() -> ExitCode {
                 args.extend(["--set".to_string(), kv.clone()]);
             }
             args.extend(limits.args());
+            if *allow_push {
+                args.push("--allow-push".to_string());
+            }
             ftscript::dist::launch::launch(&opts, &args)
         }
         Command::Init { name, template } => ftscript::init::write(name, template).map(|p| println!("wrote {} (template {template}); try: ftscript check {}", p.display(), p.display())),

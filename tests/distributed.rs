@@ -217,3 +217,37 @@ print(`RESULT steps=${{r.steps}} stopped=${{r.stopped_early}}`);
         }
     }
 }
+
+/// `ftscript launch --allow-push` lets the ranks publish (as `ftscript run --allow-push` does);
+/// without it `hub_push` is refused with a permission error. (The endpoint refuses connections:
+/// with the flag the push gets as far as the network.)
+#[test]
+fn launch_passes_allow_push_to_its_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::create_dir_all(d.join("out")).unwrap();
+    std::fs::write(d.join("out/README.md"), "hi").unwrap();
+    std::fs::write(
+        d.join("push.rhai"),
+        "if is_main_process() {\n    try { hub_push(\"out\", \"me/tiny\"); print(\"PUSH done\"); } catch (e) { print(`PUSH ${e.kind}: ${e}`); }\n}\n",
+    )
+    .unwrap();
+    let launch = |extra: &[&str]| {
+        let mut args = vec!["launch", "--nproc-per-node", "2"];
+        args.extend(extra);
+        args.push("push.rhai");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftscript"))
+            .args(&args)
+            .current_dir(d)
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("HF_TOKEN", "hf_test")
+            .env("HF_HOME", d.join("hf"))
+            .output()
+            .unwrap();
+        text(&out)
+    };
+    let t = launch(&[]);
+    assert!(t.contains("PUSH permission") && t.contains("--allow-push"), "{t}");
+    let t = launch(&["--allow-push"]);
+    assert!(t.contains("PUSH ") && !t.contains("PUSH permission"), "{t}");
+}
