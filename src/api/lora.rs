@@ -108,6 +108,14 @@ fn targets_of(v: Option<serde_json::Value>) -> anyhow::Result<Targets> {
     })
 }
 
+/// Adds the adapters `spec` describes (fp32) to the model and records it; logs what was added.
+fn install(m: &mut crate::models::LoadedModel, spec: LoraSpec, what: &str) -> anyhow::Result<()> {
+    let names = peft::add_lora(&mut m.net, &spec, Kind::Float)?;
+    tracing::info!("added {what} r={} alpha={} to {} layers", spec.r, spec.alpha, names.len());
+    m.lora = Some(spec);
+    Ok(())
+}
+
 /// (trainable, total) parameter counts.
 pub fn parameter_counts(m: &Model) -> (i64, i64) {
     let m = m.get();
@@ -123,21 +131,8 @@ pub fn register(engine: &mut Engine) {
         .register_into_engine(engine, |m: &mut Model, opts: Map| -> Res<Model> {
             let o: LoraOptions = parse("add_lora", &opts)?;
             guard("add_lora", || {
-                let spec = LoraSpec {
-                    r: o.r.unwrap_or(8),
-                    alpha: o.alpha.unwrap_or(16.0),
-                    dropout: o.dropout.unwrap_or(0.0),
-                    targets: targets_of(o.targets)?,
-                    use_rslora: o.use_rslora.unwrap_or(false),
-                    use_dora: o.use_dora.unwrap_or(false),
-                    trainable_tokens: vec![],
-                    modules_to_save: o.modules_to_save.clone().unwrap_or_default(),
-                    adalora: None,
-                    seed: o.seed.unwrap_or(0),
-                };
                 let mut inner = m.get_mut("add_lora")?;
-                let mut spec = spec;
-                spec.trainable_tokens = o
+                let trainable_tokens = o
                     .trainable_tokens
                     .iter()
                     .flatten()
@@ -147,10 +142,20 @@ pub fn register(engine: &mut Engine) {
                         other => Err(anyhow::anyhow!("add_lora: trainable_tokens holds {other}; give token strings or ids")),
                     })
                     .collect::<anyhow::Result<_>>()?;
-                let names = peft::add_lora(&mut inner.net, &spec, Kind::Float)?;
-                tracing::info!("added {} r={} alpha={} to {} layers", if spec.use_dora { "DoRA" } else { "LoRA" }, spec.r, spec.alpha, names.len());
-                inner.lora = Some(spec);
-                Ok(())
+                let spec = LoraSpec {
+                    r: o.r.unwrap_or(8),
+                    alpha: o.alpha.unwrap_or(16.0),
+                    dropout: o.dropout.unwrap_or(0.0),
+                    targets: targets_of(o.targets)?,
+                    use_rslora: o.use_rslora.unwrap_or(false),
+                    use_dora: o.use_dora.unwrap_or(false),
+                    trainable_tokens,
+                    modules_to_save: o.modules_to_save.unwrap_or_default(),
+                    adalora: None,
+                    seed: o.seed.unwrap_or(0),
+                };
+                let what = if spec.use_dora { "DoRA" } else { "LoRA" };
+                install(&mut inner, spec, what)
             })?;
             Ok(m.clone())
         });
@@ -186,11 +191,7 @@ pub fn register(engine: &mut Engine) {
                     adalora: Some(schedule),
                     seed: o.seed.unwrap_or(0),
                 };
-                let mut inner = m.get_mut("add_adalora")?;
-                let names = peft::add_lora(&mut inner.net, &spec, Kind::Float)?;
-                tracing::info!("added AdaLoRA init_r={} target_r={} to {} layers", spec.r, spec.adalora.as_ref().unwrap().target_r, names.len());
-                inner.lora = Some(spec);
-                Ok(())
+                install(&mut *m.get_mut("add_adalora")?, spec, "AdaLoRA")
             })?;
             Ok(m.clone())
         });

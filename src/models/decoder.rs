@@ -430,15 +430,14 @@ impl Decoder {
     /// (`E.index_copy(ids, values)`), with a graph to what trains; the base matrix when adapters
     /// are switched off.
     pub fn embedding_weight(&self) -> Tensor {
-        if let Some(c) = self.embed_copy.as_ref().filter(|_| !crate::nn::linear::adapters_disabled()) {
-            return c.to_kind(self.embed_tokens.kind());
+        let e = &self.embed_tokens;
+        if crate::nn::linear::adapters_disabled() {
+            return e.shallow_clone();
         }
-        match &self.token_rows {
-            Some(t) if !crate::nn::linear::adapters_disabled() => {
-                let ids = Tensor::from_slice(&t.ids).to_device(self.embed_tokens.device());
-                self.embed_tokens.index_copy(0, &ids, &t.values.to_kind(self.embed_tokens.kind()))
-            }
-            _ => self.embed_tokens.shallow_clone(),
+        match (&self.embed_copy, &self.token_rows) {
+            (Some(c), _) => c.to_kind(e.kind()),
+            (None, Some(t)) => e.index_copy(0, &Tensor::from_slice(&t.ids).to_device(e.device()), &t.values.to_kind(e.kind())),
+            (None, None) => e.shallow_clone(),
         }
     }
 
@@ -654,7 +653,7 @@ impl Decoder {
         let size = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         let quantized: usize = self.linears().iter().filter(|l| l.weight.is_quantized()).map(|l| l.weight.bytes()).sum();
         let dense: usize = self.state_dict().iter().map(|(_, t)| size(t)).sum();
-        let adapters: usize = self.linears().iter().filter_map(|l| l.adapter.as_ref()).flat_map(|a| a.tensors()).map(|(_, t)| size(&t)).sum();
+        let adapters: usize = crate::nn::peft::adapter_tensors(self).iter().map(|(_, t)| size(t)).sum();
         (quantized, dense, adapters)
     }
 

@@ -139,12 +139,13 @@ impl Linear {
         let mut shape = x.size();
         let x2 = x.reshape([-1, self.in_features()]);
         let adapter = self.adapter.as_ref().filter(|_| !ADAPTERS_OFF.with(Cell::get));
-        let y = match adapter.and_then(Adapter::replaced_weight) {
-            Some(w) => x2.linear(&w.to_kind(x.kind()), self.bias.as_ref()),
-            None => x2.linear(&self.weight.for_input(x.kind()), self.bias.as_ref()),
+        let w = match adapter.and_then(Adapter::replaced_weight) {
+            Some(w) => w.to_kind(x.kind()),
+            None => self.weight.for_input(x.kind()),
         };
+        let y = x2.linear(&w, self.bias.as_ref());
         let y = match adapter {
-            Some(a) => a.add_to(y, &x2, &self.weight, self.bias.as_ref(), train),
+            Some(a) => a.add_to(y, &x2, &w, self.bias.as_ref(), train),
             None => y,
         };
         *shape.last_mut().unwrap() = self.out_features();

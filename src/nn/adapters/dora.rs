@@ -44,10 +44,10 @@ impl Dora {
     }
 
     /// `y + (g − 1)·(x' Wᵀ) + g·s·(x' Aᵀ Bᵀ)` for the base output `y` `[N, out]` of `x`
-    /// `[N, in]` (bias included), `x'` being `dropout(x)` while training.
-    pub fn add_to(&self, y: Tensor, x: &Tensor, weight: &Weight, bias: Option<&Tensor>, train: bool) -> Tensor {
-        let w = weight.for_input(x.kind());
-        let g = self.gain(&w, x.kind());
+    /// `[N, in]` (bias included) by the dense weight `w` (in `x`'s dtype), `x'` being
+    /// `dropout(x)` while training.
+    pub fn add_to(&self, y: Tensor, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
+        let g = self.gain(w, x.kind());
         let (x, base) = if train && self.lora.dropout > 0.0 {
             let x = x.dropout(self.lora.dropout, true);
             let base = x.matmul(&w.tr());

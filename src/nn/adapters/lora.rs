@@ -56,10 +56,7 @@ impl Lora {
     pub fn merged_delta(&self) -> Tensor {
         self.b.matmul(&self.a) * self.scale
     }
-}
 
-
-impl Lora {
     pub fn rank(&self) -> i64 {
         self.a.size()[0]
     }

@@ -14,7 +14,6 @@ pub use adalora::AdaLora;
 pub use dora::Dora;
 pub use lora::Lora;
 
-use super::linear::Weight;
 use tch::Tensor;
 
 pub enum Adapter {
@@ -52,12 +51,13 @@ impl Adapter {
         }
     }
 
-    /// The adapted output for `x` `[N, in]` from the layer's output `y = x Wᵀ + b` `[N, out]`
-    /// (`W` being the [replaced weight](Adapter::replaced_weight) where there is one).
-    pub fn add_to(&self, y: Tensor, x: &Tensor, weight: &Weight, bias: Option<&Tensor>, train: bool) -> Tensor {
+    /// The adapted output for `x` `[N, in]` from the layer's output `y = x Wᵀ + b` `[N, out]`,
+    /// `w` being the dense `W` that computed it, in `x`'s dtype (the [replaced
+    /// weight](Adapter::replaced_weight) where there is one).
+    pub fn add_to(&self, y: Tensor, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, train: bool) -> Tensor {
         match self {
             Adapter::Lora(l) => l.add_to(y, x, train),
-            Adapter::Dora(d) => d.add_to(y, x, weight, bias, train),
+            Adapter::Dora(d) => d.add_to(y, x, w, bias, train),
             Adapter::AdaLora(a) => a.add_to(y, x, train),
             Adapter::Copy(_) => y,
         }
