@@ -45,6 +45,49 @@ impl LimitArgs {
     }
 }
 
+/// What a recipe may touch beyond its confinement (`ftscript::script::sandbox`).
+#[derive(clap::Args, Clone)]
+struct SandboxArgs {
+    /// Let the recipe read under PATH too (repeatable).
+    #[arg(long, value_name = "PATH")]
+    allow_read: Vec<PathBuf>,
+    /// Let the recipe write under PATH too (repeatable).
+    #[arg(long, value_name = "PATH")]
+    allow_write: Vec<PathBuf>,
+    /// Let the recipe use the network (Hub downloads that the cache cannot answer).
+    #[arg(long)]
+    allow_net: bool,
+}
+
+impl SandboxArgs {
+    /// Confines the recipe at `recipe` run with `set`'s values: those naming existing paths are readable.
+    fn install(&self, recipe: &Path, set: &[String]) {
+        let set_paths: Vec<PathBuf> = set
+            .iter()
+            .filter_map(|kv| kv.split_once('=').map(|(_, v)| script::parse_set_value(v)))
+            .filter_map(|v| v.into_string().ok().map(PathBuf::from))
+            .filter(|p| p.exists())
+            .collect();
+        let cwd = std::env::current_dir().unwrap_or_default();
+        script::sandbox::install(script::sandbox::Sandbox::for_recipe(recipe_dir(recipe), &cwd, &set_paths, &self.allow_read, &self.allow_write, self.allow_net));
+    }
+
+    /// The flags again, for the processes a launcher starts.
+    fn args(&self) -> Vec<String> {
+        let mut v = vec![];
+        for p in &self.allow_read {
+            v.extend(["--allow-read".to_string(), p.display().to_string()]);
+        }
+        for p in &self.allow_write {
+            v.extend(["--allow-write".to_string(), p.display().to_string()]);
+        }
+        if self.allow_net {
+            v.push("--allow-net".to_string());
+        }
+        v
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a recipe.
@@ -58,6 +101,8 @@ enum Command {
         set: Vec<String>,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
     },
     /// Compile a recipe, resolve its imports and validate its option maps, without running it.
     Check {
@@ -101,6 +146,8 @@ enum Command {
         set: Vec<String>,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
     },
     /// Start a recipe from a commented template: lora, qlora, chat (multi-turn SFT with the
     /// model's chat template), multi-gpu.
@@ -163,8 +210,13 @@ fn init_logging() {
         .init();
 }
 
+/// The directory a recipe is in (`.` for a bare file name).
+fn recipe_dir(recipe: &Path) -> &Path {
+    recipe.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 fn engine_for(recipe: &Path) -> rhai::Engine {
-    let dir = recipe.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }).unwrap_or(Path::new("."));
+    let dir = recipe_dir(recipe);
     ftscript::api::set_recipe_dir(dir.to_path_buf());
     script::new_engine(dir)
 }
@@ -242,8 +294,9 @@ fn main() -> ExitCode {
     // the default hook from printing a backtrace banner for errors we turn into messages.
     std::panic::set_hook(Box::new(|info| tracing::debug!("panic: {info}")));
     let result = match &cli.command {
-        Command::Run { recipe, set, allow_push, limits } => {
+        Command::Run { recipe, set, allow_push, limits, sandbox } => {
             ftscript::api::hub::set_allow_push(*allow_push);
+            sandbox.install(recipe, set);
             ftscript::script::limits::set(limits.limits());
             run(recipe, set)
         }
@@ -256,7 +309,7 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, allow_push, set, limits } => {
+        Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, allow_push, set, limits, sandbox } => {
             let opts = ftscript::dist::launch::LaunchOptions {
                 nproc_per_node: *nproc_per_node,
                 nnodes: *nnodes,
@@ -269,6 +322,7 @@ fn main() -> ExitCode {
                 args.extend(["--set".to_string(), kv.clone()]);
             }
             args.extend(limits.args());
+            args.extend(sandbox.args());
             if *allow_push {
                 args.push("--allow-push".to_string());
             }

@@ -253,6 +253,66 @@ m.save_adapter("{o}/{name}/adapter");
     assert!(!out.status.success() && t.contains("more than max_skipped_steps 1"), "{t}");
 }
 
+/// Out of memory inside a step (a test-only cap: micro-batches of more than 2 rows fail as a CUDA
+/// OOM would). By default training stops with one line naming the step, the shapes and what to
+/// lower, and the last checkpoint intact. With `on_oom: "halve"` the step is retried with every
+/// micro-batch halved, logged once, and the losses and adapter equal those of a run planned with
+/// half the batch and twice the accumulation (dropout on: the halves draw the smaller run's
+/// masks). `batch_size: "auto"` (8) halves as often as it must.
+#[test]
+fn out_of_memory_stops_with_advice_or_halves_the_micro_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 32);
+    let o = d.to_str().unwrap();
+    let run = |name: &str, extra: &str| {
+        let recipe = format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: ["q_proj", "v_proj"] }});
+let r = train(m, #{{ train: load_dataset("{o}/data.jsonl"), max_length: 32, max_steps: 4, lr: 1e-3,
+    log_every: 1, save_every: 2, output_dir: "{o}/{name}", {extra} }});
+print(`finished at step ${{r.steps}}`);
+m.save_adapter("{o}/{name}/adapter");
+"#
+        );
+        std::fs::write(d.join(format!("{name}.rhai")), recipe).unwrap();
+        ftscript(&["run", &format!("{name}.rhai")], d)
+    };
+    let losses = |name: &str| -> Vec<f64> { metrics(&d.join(name).join("metrics.jsonl")).iter().filter_map(|m| m.get("loss")?.as_f64()).collect() };
+
+    let out = run("stop", "batch_size: 4, grad_accum: 2, inject_oom_rows: 2");
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("step 1: out of memory in a micro-batch of 4 rows") && t.contains("lower batch_size") && t.contains("on_oom: \"halve\""), "{t}");
+    assert!(!d.join("stop/adapter").exists() && !d.join("stop/checkpoint-2").exists());
+
+    let out = run("halved", r#"batch_size: 4, grad_accum: 2, inject_oom_rows: 2, on_oom: "halve""#);
+    let t = text(&out);
+    assert!(out.status.success() && t.contains("finished at step 4"), "{t}");
+    assert_eq!(t.matches("out of memory").count(), 1, "the halving is logged once: {t}");
+    let out = run("smaller", "batch_size: 2, grad_accum: 4");
+    assert!(out.status.success(), "{}", text(&out));
+    let (a, b) = (losses("halved"), losses("smaller"));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-6 * y.abs(), "halved {a:?} vs planned smaller {b:?}");
+    }
+    let (ha, sa) = (read_safetensors(&d.join("halved/adapter/adapter_model.safetensors")), read_safetensors(&d.join("smaller/adapter/adapter_model.safetensors")));
+    for (k, t) in &ha {
+        assert!(rel_err(t, &sa[k]) < 1e-5, "{k}");
+    }
+
+    let out = run("auto", r#"batch_size: "auto", inject_oom_rows: 2"#);
+    let t = text(&out);
+    assert!(out.status.success() && t.contains("runs as 4 of 2"), "{t}");
+    let out = run("auto_planned", "batch_size: 2, grad_accum: 4");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(losses("auto").len(), 4);
+    for (x, y) in losses("auto").iter().zip(&losses("auto_planned")) {
+        assert!((x - y).abs() <= 1e-6 * y.abs());
+    }
+}
+
 /// SIGKILL at five moments (right after a step is logged, at varying delays, so some land while
 /// its checkpoint is written), resuming each time: every `checkpoint-*` left behind is complete,
 /// half-written ones are removed on the next start, and the final adapter equals an

@@ -102,7 +102,7 @@ fn sample_printer(model: Model, prompts: Array, opts: Map) -> Res<FnPtr> {
 }
 
 fn metrics_logger(path: &str) -> Res<FnPtr> {
-    let path = std::path::PathBuf::from(path);
+    let path = crate::api::write_path(path).map_err(|e| format!("metrics_logger: {e:#}"))?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("metrics_logger: cannot create {}: {e}", dir.display()))?;
     }

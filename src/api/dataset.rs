@@ -37,7 +37,7 @@ impl IntoIterator for Dataset {
 }
 
 pub fn load_dataset(path: &str) -> anyhow::Result<data::Dataset> {
-    let resolved = crate::api::resolve(path);
+    let resolved = crate::api::read_path(path).map_err(|e| e.context("load_dataset"))?;
     if !resolved.exists() {
         anyhow::bail!("dataset `{path}` not found");
     }

@@ -48,7 +48,7 @@ pub fn export_cli(model: &Path, out: &Path, quant: &str, adapter: Option<&Path>)
 }
 
 pub fn register(engine: &mut Engine) {
-    let save = |m: &mut Model, path: &str, o: GgufOptions| -> Res<()> { guard("save_gguf", || save_gguf(&m.get(), Path::new(path), &o)) };
+    let save = |m: &mut Model, path: &str, o: GgufOptions| -> Res<()> { guard("save_gguf", || save_gguf(&m.get(), &crate::api::write_path(path)?, &o)) };
     FuncRegistration::new("save_gguf")
         .with_comments(["/// Writes the model, adapters merged, as a GGUF file for llama.cpp / Ollama (f16), with an Ollama Modelfile beside it."])
         .with_params_info(["model: &mut Model", "path: &str", "()"])
@@ -62,7 +62,7 @@ pub fn register(engine: &mut Engine) {
         .with_params_info(["model: &mut Model", "path: &str", "()"])
         .register_into_engine(engine, |m: &mut Model, path: &str| -> Res<()> {
             guard("save_gguf_adapter", || {
-                export::save_gguf_adapter(&m.get(), Path::new(path))?;
+                export::save_gguf_adapter(&m.get(), &crate::api::write_path(path)?)?;
                 tracing::info!("saved GGUF LoRA adapter to {path}");
                 Ok(())
             })

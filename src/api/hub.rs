@@ -52,7 +52,7 @@ pub fn push(dir: &str, repo_id: &str, a: PushArgs) -> anyhow::Result<String> {
         create_pr: a.create_pr.unwrap_or(false),
         hyperparameters: a.hyperparameters.map(|m| m.into_iter().collect()).unwrap_or_default(),
     };
-    hub::push(&HubConfig::from_env(), &crate::api::resolve(dir), repo_id, &opts)
+    hub::push(&HubConfig::from_env(), &crate::api::read_path(dir)?, repo_id, &opts)
 }
 
 fn push_from_recipe(dir: &str, repo_id: &str, a: PushArgs) -> Res<String> {
@@ -69,9 +69,22 @@ fn push_from_recipe(dir: &str, repo_id: &str, a: PushArgs) -> Res<String> {
 
 fn download(repo_id: &str, a: DownloadArgs) -> Res<String> {
     guard("hub_download", || {
-        let dir = hub::snapshot_download(&HubConfig::from_env(), repo_id, a.revision.as_deref(), hub::Filter::All)?;
+        let dir = snapshot("hub_download", repo_id, a.revision.as_deref(), hub::Filter::All)?;
         Ok(dir.display().to_string())
     })
+}
+
+/// `repo_id`'s snapshot directory for a recipe: downloaded into the cache, or, when the sandbox
+/// keeps the recipe off the network, found there.
+pub fn snapshot(what: &str, repo_id: &str, revision: Option<&str>, filter: hub::Filter) -> anyhow::Result<std::path::PathBuf> {
+    let cfg = HubConfig::from_env();
+    if crate::script::sandbox::net_closed() {
+        let revision = revision.unwrap_or("main");
+        return hub::cached_snapshot(&cfg, repo_id, revision).ok_or_else(|| {
+            anyhow::anyhow!("{what}: `{repo_id}` (revision {revision}) is not in the Hub cache {}, and downloading it needs the network: rerun with `--allow-net` to allow it", cfg.cache_dir.display())
+        });
+    }
+    hub::snapshot_download(&cfg, repo_id, revision, filter)
 }
 
 pub fn register(engine: &mut Engine) {

@@ -244,7 +244,7 @@ pub fn register(engine: &mut Engine) {
             guard("save_adapter", || {
                 let m = m.get();
                 let spec = m.lora.as_ref().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters (call add_lora or load_adapter first)"))?;
-                let dir = std::path::Path::new(dir);
+                let dir = &crate::api::write_path(dir)?;
                 peft::save_adapter(&m.net, spec, &m.source, dir)?;
                 m.tokenizer.save(dir)?;
                 tracing::info!("saved adapter to {}", dir.display());
@@ -257,7 +257,7 @@ pub fn register(engine: &mut Engine) {
         .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<Model> {
             guard("load_adapter", || {
                 let mut inner = m.get_mut("load_adapter")?;
-                let spec = peft::load_adapter(&mut inner.net, &super::resolve(dir), Kind::Float)?;
+                let spec = peft::load_adapter(&mut inner.net, &super::read_path(dir)?, Kind::Float)?;
                 inner.lora = Some(spec);
                 Ok(())
             })?;
@@ -271,7 +271,7 @@ pub fn register(engine: &mut Engine) {
                 None => m.net.kind,
             };
             let shard = parse_size(o.max_shard_size.as_deref().unwrap_or("5GB"))?;
-            crate::models::save::save_merged(&m, std::path::Path::new(dir), kind, shard)?;
+            crate::models::save::save_merged(&m, &crate::api::write_path(dir)?, kind, shard)?;
             tracing::info!("saved merged model to {dir}");
             Ok(())
         })

@@ -38,6 +38,20 @@ pub fn resolve(p: &str) -> PathBuf {
     if alt.exists() { alt } else { path }
 }
 
+/// A path the recipe reads ([`resolve`]d), if the sandbox lets it.
+pub fn read_path(p: &str) -> anyhow::Result<PathBuf> {
+    let path = resolve(p);
+    crate::script::sandbox::check_read(&path)?;
+    Ok(path)
+}
+
+/// A path the recipe writes, if the sandbox lets it.
+pub fn write_path(p: &str) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(p);
+    crate::script::sandbox::check_write(&path)?;
+    Ok(path)
+}
+
 /// Registers every ftscript type and function.
 pub fn register(engine: &mut Engine) {
     model::register(engine);

@@ -73,10 +73,11 @@ pub fn load_model(spec: &str, opts: LoadOptions) -> anyhow::Result<LoadedModel> 
     let mut hub_id = None;
     if !path.exists() && crate::hub::is_repo_id(spec) {
         // not a local path: a Hub id, through the huggingface_hub cache
-        let cfg = crate::hub::HubConfig::from_env();
-        path = crate::hub::snapshot_download(&cfg, spec, opts.revision.as_deref(), crate::hub::Filter::Safetensors)
+        path = crate::api::hub::snapshot("load_model", spec, opts.revision.as_deref(), crate::hub::Filter::Safetensors)
             .map_err(|e| anyhow::anyhow!("model `{spec}` is no local directory or .gguf file, and from the Hub: {e:#}"))?;
         hub_id = Some(spec.to_string());
+    } else {
+        crate::script::sandbox::check_read(&path)?;
     }
     if !path.exists() {
         anyhow::bail!("model `{spec}` not found: no such directory or .gguf file");
@@ -267,7 +268,7 @@ pub fn register(engine: &mut Engine) {
         .with_comments(["/// Saves a 4-bit model in bitsandbytes' format (transformers loads it with its quantization_config; reloads without re-quantizing); adapters not included."])
         .with_params_info(["model: &mut Model", "dir: &str", "()"])
         .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<()> {
-            guard("save_quantized", || crate::models::save::save_quantized(&m.get(), std::path::Path::new(dir)))
+            guard("save_quantized", || crate::models::save::save_quantized(&m.get(), &crate::api::write_path(dir)?))
         });
     // a caught error is its message: `try { ... } catch (e) { if e.kind == "oom" { ... } }`
     FuncRegistration::new("get$kind")
@@ -318,7 +319,7 @@ pub fn register(engine: &mut Engine) {
         .with_comments(["/// Converts a llama-family .gguf file into a Hugging Face model directory (config, safetensors, tokenizer)."])
         .with_params_info(["gguf: &str", "dir: &str", "()"])
         .register_into_engine(engine, |gguf: &str, dir: &str| -> Res<()> {
-            guard("import_gguf", || import_gguf(&crate::api::resolve(gguf), std::path::Path::new(dir)))
+            guard("import_gguf", || import_gguf(&crate::api::read_path(gguf)?, &crate::api::write_path(dir)?))
         });
 }
 

@@ -14,7 +14,6 @@ use crate::train::trainer::{self, Control, Hooks, TrainConfig};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
-use std::path::PathBuf;
 
 type Res<T> = Result<T, Box<EvalAltResult>>;
 
@@ -32,7 +31,8 @@ pub struct TrainOptions {
     /// `evaluate`'s options: each evaluation also generates answers for the eval set and scores them.
     pub eval_generate: Option<IgnoredAny>,
     pub max_length: Option<usize>,
-    pub batch_size: Option<usize>,
+    /// Rows per micro-batch (4), or `"auto"`: 8, halved on running out of memory (`on_oom: "halve"`).
+    pub batch_size: Option<serde_json::Value>,
     pub eval_batch_size: Option<usize>,
     pub grad_accum: Option<usize>,
     pub epochs: Option<usize>,
@@ -72,6 +72,11 @@ pub struct TrainOptions {
     pub max_skipped_steps: Option<usize>,
     /// Steps whose gradients are made NaN, to try `on_nan` (tests).
     pub inject_nan_steps: Option<Vec<usize>>,
+    /// Out of memory in a step: `stop` (default; the error says what to lower) or `halve` the
+    /// micro-batch and retry (the same examples per step).
+    pub on_oom: Option<String>,
+    /// Micro-batches of more rows than this fail as out of memory, to try `on_oom` (tests).
+    pub inject_oom_rows: Option<usize>,
     /// `sft` (default), `dpo`, `orpo` or `kto`.
     pub objective: Option<String>,
     /// Preference objectives: the strength β of the reference (DPO, KTO) or of the odds-ratio term (ORPO); 0.1.
@@ -108,6 +113,8 @@ const CHOICES: &[(&str, &[&str])] = &[
     ("format", &["alpaca", "chatml", "text", "chat_template", "tokens"]),
     ("train_on", &["all", "last"]),
     ("on_nan", &["stop", "skip"]),
+    ("on_oom", &["stop", "halve"]),
+    ("batch_size", &["auto"]),
     ("objective", &["sft", "dpo", "orpo", "kto"]),
     ("loss_type", DpoLoss::NAMES),
 ];
@@ -135,6 +142,7 @@ pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
             crate::script::options::one_of(key, v, names)?;
         }
     }
+    batch_size_of(json.get("batch_size"))?;
     if let Some(g) = json.get("eval_generate").and_then(|g| g.as_object()) {
         let mut g = g.clone();
         // a format function is checked when it runs
@@ -379,6 +387,19 @@ fn claim_output_dir(dir: &std::path::Path, resume: bool, overwrite: bool) -> any
     )
 }
 
+/// `batch_size`: rows per micro-batch (4 when absent), or `"auto"` (8, halved on running out of
+/// memory); returns the rows and whether it was `"auto"`.
+fn batch_size_of(v: Option<&serde_json::Value>) -> Result<(usize, bool), String> {
+    match v {
+        None => Ok((4, false)),
+        Some(serde_json::Value::String(s)) if s == "auto" => Ok((8, true)),
+        Some(v) => match v.as_u64() {
+            Some(n) if n > 0 => Ok((n as usize, false)),
+            _ => Err(format!("batch_size must be a positive integer or \"auto\", got {v}")),
+        },
+    }
+}
+
 fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
     let mut json = to_json(&Dynamic::from_map(opts.clone()));
     if opts.get("format").is_some_and(|f| f.is_fnptr()) {
@@ -386,12 +407,12 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
     }
     validate_options(&json).map_err(|e| format!("train: {e}"))?;
     let o: TrainOptions = parse("train", &opts)?;
-    let output_dir = PathBuf::from(o.output_dir.clone().unwrap_or_else(|| "runs/ftscript".into()));
+    let output_dir = crate::api::write_path(o.output_dir.as_deref().unwrap_or("runs/ftscript")).map_err(|e| format!("train: output_dir: {e:#}"))?;
     guard("train", || claim_output_dir(&output_dir, o.resume.unwrap_or(false), o.overwrite.unwrap_or(false)))?;
     let train_ds = dataset_opt(&opts, "train")?.ok_or("train: missing option `train` (the training Dataset)")?;
     let eval_ds = dataset_opt(&opts, "eval")?;
     let max_length = o.max_length.unwrap_or(1024);
-    let batch_size = o.batch_size.unwrap_or(4);
+    let (batch_size, auto_batch) = batch_size_of(o.batch_size.as_ref()).map_err(|e| format!("train: {e}"))?;
     let eval_batch_size = o.eval_batch_size.unwrap_or(batch_size);
     let objective_name = o.objective.clone().unwrap_or_else(|| "sft".into());
     let mut objective: Box<dyn Objective> = if objective_name == "sft" {
@@ -480,6 +501,12 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
                 Some(other) => anyhow::bail!("on_nan must be \"stop\" or \"skip\", got \"{other}\""),
             },
             inject_nan_steps: o.inject_nan_steps.clone().unwrap_or_default(),
+            on_oom: match o.on_oom.as_deref() {
+                Some("halve") => trainer::OnOom::Halve,
+                None if auto_batch => trainer::OnOom::Halve,
+                _ => trainer::OnOom::Stop,
+            },
+            inject_oom_rows: o.inject_oom_rows,
             adalora: spec.adalora.clone(),
             profile: match &o.profile {
                 Some(p) if p.start == 0 || p.steps == 0 => anyhow::bail!("profile: start and steps count from 1, got start {} steps {}", p.start, p.steps),

@@ -34,6 +34,17 @@ extern "C" int64_t ftscript_cuda_reset_peak(int device) {
   }
 }
 
+// Returns the caching allocator's unused blocks to the driver (torch.cuda.empty_cache), as after
+// an out-of-memory error, so that a retry with less starts from a clean pool.
+extern "C" int64_t ftscript_cuda_empty_cache() {
+  try {
+    cuda()->emptyCache();
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 // Free and total device memory (cudaMemGetInfo), looked up at run time in the CUDA runtime that
 // libtorch_cuda already loaded, so no CUDA headers or extra link step are needed.
 #include <dlfcn.h>

@@ -12,6 +12,7 @@ extern "C" {
     fn ftscript_cuda_peak_allocated(device: i32) -> i64;
     fn ftscript_cuda_reset_peak(device: i32) -> i64;
     fn ftscript_cuda_mem_info(device: i32, free: *mut i64, total: *mut i64) -> i64;
+    fn ftscript_cuda_empty_cache() -> i64;
 }
 
 fn index(device: tch::Device) -> Option<i32> {
@@ -34,6 +35,13 @@ pub fn peak_allocated(device: tch::Device) -> Option<u64> {
 pub fn reset_peak(device: tch::Device) {
     if let Some(i) = index(device) {
         unsafe { ftscript_cuda_reset_peak(i) };
+    }
+}
+
+/// Hands the caching allocator's unused blocks back to the driver (`torch.cuda.empty_cache`).
+pub fn empty_cache() {
+    if tch::Cuda::is_available() {
+        unsafe { ftscript_cuda_empty_cache() };
     }
 }
 

@@ -18,7 +18,7 @@ pub mod upload;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
-pub use download::{snapshot_download, Filter};
+pub use download::{cached_snapshot, snapshot_download, Filter};
 pub use upload::{push, PushOptions};
 
 /// A Hub access token. Has no `Display`, and `Debug` hides it, so it cannot end up in a message.

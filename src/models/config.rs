@@ -156,7 +156,9 @@ impl CommonConfig {
     /// Reads a family's `Config` (its keys plus these) from config.json; a missing or mistyped
     /// key is named.
     pub fn parse<T: serde::de::DeserializeOwned>(json: &serde_json::Value) -> Result<T> {
-        serde_json::from_value(json.clone()).map_err(|e| anyhow::anyhow!("{e}"))
+        // alone first: serde loses the key of an error inside a flattened struct
+        crate::script::options::deserialize::<CommonConfig>(json.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::script::options::deserialize(json.clone()).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// The decoder these keys describe, as Llama builds it (no biases, no window, plain
@@ -166,6 +168,20 @@ impl CommonConfig {
             Some(name) => Activation::from_name(name).with_context(|| format!("hidden_act of {architecture}"))?,
             None => Activation::Silu,
         };
+        // sizes beyond any model's (a corrupt or hostile file), refused before anything is allocated by them
+        for (key, value, most) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", self.num_key_value_heads.unwrap_or(0), 1 << 12),
+            ("head_dim", self.head_dim.unwrap_or(0), 1 << 14),
+        ] {
+            if value > most {
+                bail!("{key} {value} is beyond any model's (at most {most}): a corrupt config.json?");
+            }
+        }
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
             bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
         }

@@ -147,6 +147,10 @@ impl WeightSource {
                 shape
             );
         }
+        let floating = matches!(kind, Kind::Half | Kind::Float | Kind::Double | Kind::BFloat16);
+        if t.is_floating_point() != floating {
+            bail!("{}: tensor `{name}` is {:?}, expected a {} tensor", self.origin(name), t.kind(), if floating { "floating-point" } else { "integer" });
+        }
         Ok(t.to_device(device).to_kind(kind))
     }
 

@@ -4,6 +4,7 @@
 pub mod check;
 pub mod limits;
 pub mod options;
+pub mod sandbox;
 
 use anyhow::{bail, Result};
 use rhai::module_resolvers::FileModuleResolver;
@@ -41,6 +42,8 @@ impl ModuleResolver for Resolver {
                 .map_err(|e| Box::new(EvalAltResult::ErrorInModule(path.to_string(), e, pos)))?;
             return Ok(m.into());
         }
+        let file = self.files.get_file_path(path, None);
+        sandbox::check_read(&file).map_err(|e| Box::new(EvalAltResult::ErrorInModule(path.to_string(), format!("import \"{path}\": {e:#}").into(), pos)))?;
         self.files.resolve(engine, source, path, pos)
     }
 }
@@ -193,6 +196,9 @@ fn with_module_functions(engine: &Engine, ast: AST, dir: &Path) -> Result<AST> {
             Some((_, src)) => (name.clone(), src.to_string()),
             None => {
                 let file = dir.join(&name).with_extension("rhai");
+                if sandbox::check_read(&file).is_err() {
+                    continue; // the import itself reports the refusal, at its line
+                }
                 match std::fs::read_to_string(&file) {
                     Ok(text) => (file.display().to_string(), text),
                     Err(_) => continue, // the import itself reports a missing module, at its line

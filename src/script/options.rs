@@ -43,12 +43,23 @@ pub fn from_json(value: &serde_json::Value) -> Dynamic {
 /// Deserializes `map` into `T`; `what` names the call in the message (`add_lora: unknown field ...`).
 pub fn parse<T: DeserializeOwned>(what: &str, map: &Map) -> Result<T, Box<EvalAltResult>> {
     let json = serde_json::Value::Object(map.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect());
-    serde_json::from_value(json).map_err(|e| format!("{what}: {}", with_hint(e)).into())
+    deserialize(json).map_err(|e| format!("{what}: {e}").into())
+}
+
+/// `T` from `json`; an error names the key where it arose (`` `lr`: invalid type ... ``), with
+/// "did you mean" after a near-miss key or choice.
+pub fn deserialize<T: DeserializeOwned>(json: serde_json::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(json).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = with_hint(e.into_inner());
+        let named = path.rsplit('.').next().is_some_and(|last| msg.contains(&format!("`{last}`")));
+        if path == "." || named { msg } else { format!("`{path}`: {msg}") }
+    })
 }
 
 /// Checks a JSON object against `T` the way `parse` would, for `ftscript check`.
 pub fn validate<T: DeserializeOwned>(json: &serde_json::Value) -> Result<(), String> {
-    serde_json::from_value::<T>(json.clone()).map(|_| ()).map_err(with_hint)
+    deserialize::<T>(json.clone()).map(|_| ())
 }
 
 /// serde's message, with "did you mean" after an unknown field or variant that is close to a valid one.
@@ -57,10 +68,36 @@ fn with_hint(e: serde_json::Error) -> String {
     let re = regex::Regex::new(r"unknown (?:field|variant) `([^`]*)`, expected (?:one of )?(.*)").expect("a valid regex");
     let hint = re.captures(&msg).and_then(|c| {
         let valid: Vec<&str> = c[2].split(", ").map(|v| v.trim_matches(|ch| ch == '`' || ch == ' ').trim_start_matches("or `").trim_end_matches('`')).collect();
-        did_you_mean(&c[1], valid.into_iter()).map(|v| format!(" (did you mean `{v}`?)"))
+        // the Python stack's name of an option, or a typo of it, points at ours
+        let python: Vec<(&str, &str)> = PYTHON_NAMES.iter().copied().filter(|(_, ours)| valid.contains(ours)).collect();
+        match did_you_mean(&c[1], valid.iter().copied().chain(python.iter().map(|(theirs, _)| *theirs))) {
+            Some(near) => match python.iter().find(|(theirs, _)| *theirs == near) {
+                Some((theirs, ours)) => Some(format!(" (did you mean `{ours}`? transformers and peft call it `{theirs}`)")),
+                None => Some(format!(" (did you mean `{near}`?)")),
+            },
+            None => None,
+        }
     });
     format!("{msg}{}", hint.unwrap_or_default())
 }
+
+/// Options as transformers, peft and TRL name them → as ftscript does.
+const PYTHON_NAMES: &[(&str, &str)] = &[
+    ("learning_rate", "lr"),
+    ("per_device_train_batch_size", "batch_size"),
+    ("per_device_eval_batch_size", "eval_batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("num_train_epochs", "epochs"),
+    ("lr_scheduler_type", "scheduler"),
+    ("logging_steps", "log_every"),
+    ("eval_steps", "eval_every"),
+    ("save_steps", "save_every"),
+    ("gradient_checkpointing_enable", "gradient_checkpointing"),
+    ("max_seq_length", "max_length"),
+    ("lora_alpha", "alpha"),
+    ("lora_dropout", "dropout"),
+    ("target_modules", "targets"),
+];
 
 /// The candidate closest to `word` by edit distance, if it is close enough to be a likely typo
 /// (at most a third of the word's length, and at least one edit).
@@ -131,16 +168,21 @@ pub fn rt_any(e: anyhow::Error) -> Box<EvalAltResult> {
 
 /// Runs `f`, turning a libtorch panic into a Rhai error (nothing panics across the script boundary).
 pub fn guard<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, Box<EvalAltResult>> {
+    catch_panic(f).map_err(|e| format!("{what}: {e:#}").into())
+}
+
+/// Runs `f`, a panic (libtorch's errors, a CUDA out-of-memory among them, arrive as panics from
+/// tch) becoming an error with its readable message.
+pub fn catch_panic<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e:#}").into()),
+        Ok(r) => r,
         Err(p) => {
             let msg = p
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "internal error".into());
-            Err(format!("{what}: {}", panic_message(&msg)).into())
+            anyhow::bail!("{}", panic_message(&msg))
         }
     }
 }

@@ -67,6 +67,10 @@ pub struct TrainConfig {
     pub on_nan: OnNan,
     /// Steps whose gradients are made NaN (to test `on_nan`).
     pub inject_nan_steps: Vec<usize>,
+    /// What running out of memory in a step does.
+    pub on_oom: OnOom,
+    /// Micro-batches of more rows than this fail as out of memory (to test `on_oom`).
+    pub inject_oom_rows: Option<usize>,
     /// AdaLoRA's schedule, when the adapters are AdaLoRA's.
     pub adalora: Option<crate::nn::peft::AdaLoraSchedule>,
 }
@@ -82,6 +86,16 @@ pub enum OnNan {
     /// The update is skipped (the gradient norm is read before every update for it: on a GPU
     /// the host then waits for each step's backward); more than `max_skipped` such steps stop.
     Skip { max_skipped: usize },
+}
+
+/// What running out of device memory inside a step does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OnOom {
+    /// Training stops with an error naming the step, the shapes and what to lower.
+    Stop,
+    /// The step is retried with every micro-batch halved (again, while rows remain to halve):
+    /// the same examples per optimizer step, so the same numbers.
+    Halve,
 }
 
 /// `steps` optimizer steps from step `start` (1-based, as logged), profiled into
@@ -378,6 +392,8 @@ pub fn train(
     // the host), then queues step n + 1's update
     let mut queued = state.step; // steps whose update is queued
     let mut pending: Option<(QueuedStep, crate::cuda::HostCopy)> = None;
+    // each planned micro-batch runs as this many smaller ones (doubled by `on_oom: "halve"`)
+    let mut split = 1usize;
 
     loop {
         // the last profiled step is finished before the next is queued, so the trace ends with it
@@ -398,16 +414,56 @@ pub fn train(
             let end = (position + window).min(plan.len());
             let window_rows: &[Vec<Row>] = &plan[position..end];
             let units: f64 = window_rows.iter().map(|rows| objective.units(Split::Train, rows, &cfg.batch)).sum();
-            let mut sums = Tensor::zeros([1 + 2 * names.len() as i64], (Kind::Double, net.head_device));
-            let mut tokens = 0i64;
             let poisoned = cfg.inject_nan_steps.contains(&(queued + 1));
-            for (k, rows) in window_rows.iter().enumerate().filter(|(k, _)| k % world == rank) {
-                let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((queued * 64 + k) as i64 * 1009);
-                let weight = if poisoned { f64::NAN } else { state.loss_scale / units.max(1.0) };
-                let step = objective.step(net, Split::Train, rows, &cfg.batch, Some(Backward { weight, checkpointing, seed }))?;
-                sums += stack_sums(&step.loss, &step.metrics).to_device(net.head_device);
-                tokens += step.tokens;
-            }
+            let weight = if poisoned { f64::NAN } else { state.loss_scale / units.max(1.0) };
+            let (mut sums, tokens) = loop {
+                let run = || -> Result<(Tensor, i64)> {
+                    let mut sums = Tensor::zeros([1 + 2 * names.len() as i64], (Kind::Double, net.head_device));
+                    let mut tokens = 0i64;
+                    let mine = window_rows.iter().enumerate().filter(|(k, _)| k % world == rank);
+                    // each micro-batch as `split` smaller ones, numbered as a run with that many more would number them
+                    for (k, rows) in mine.flat_map(|(k, rows)| rows.chunks(rows.len().div_ceil(split)).enumerate().map(move |(j, r)| (k * split + j, r))) {
+                        let seed = (cfg.seed as i64).wrapping_mul(1_000_003).wrapping_add((queued * 64 + k) as i64 * 1009);
+                        let step = crate::script::options::catch_panic(|| {
+                            if cfg.inject_oom_rows.is_some_and(|cap| rows.len() > cap) {
+                                bail!("out of memory (inject_oom_rows: {} rows)", rows.len());
+                            }
+                            objective.step(net, Split::Train, rows, &cfg.batch, Some(Backward { weight, checkpointing, seed }))
+                        })?;
+                        sums += stack_sums(&step.loss, &step.metrics).to_device(net.head_device);
+                        tokens += step.tokens;
+                    }
+                    Ok((sums, tokens))
+                };
+                match run() {
+                    Ok(done) => break done,
+                    Err(e) if crate::script::options::error_kind(&format!("{e:#}")) == "oom" => {
+                        let largest = window_rows.iter().map(|r| r.len().div_ceil(split)).max().unwrap_or(1);
+                        zero_grads(&params)?;
+                        crate::cuda::empty_cache();
+                        if cfg.on_oom == OnOom::Halve && largest > 1 {
+                            split *= 2;
+                            tracing::warn!(
+                                "step {}: out of memory; from now on each micro-batch of {} rows runs as {split} of {} (the same examples per step: the gradients are accumulated over twice as many, smaller micro-batches)",
+                                queued + 1,
+                                cfg.batch.batch_size,
+                                cfg.batch.batch_size.div_ceil(split)
+                            );
+                            continue;
+                        }
+                        let kept = result.checkpoint.as_ref().map(|c| format!("the last checkpoint, {}, is intact", c.display())).unwrap_or_else(|| "no checkpoint was saved".into());
+                        let lengths = objective.lengths(Split::Train);
+                        let row_len = window_rows.iter().flatten().map(|row| row.iter().map(|&i| lengths[i]).sum::<usize>().min(cfg.batch.max_length)).max().unwrap_or(0);
+                        let used = net.devices().into_iter().filter_map(|d| crate::cuda::allocated(d).map(|b| format!("{:.1} GiB on {d:?}", b as f64 / (1u64 << 30) as f64))).collect::<Vec<_>>();
+                        bail!(
+                            "step {}: out of memory in a micro-batch of {largest} rows × up to {row_len} tokens{}; lower batch_size (raising grad_accum keeps the global batch), max_length, or set gradient_checkpointing: true; or let ftscript halve the micro-batch with on_oom: \"halve\"; {kept} ({e:#})",
+                            queued + 1,
+                            if used.is_empty() { String::new() } else { format!(" ({} in use)", used.join(", ")) }
+                        );
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             if poisoned {
                 sums = sums * f64::NAN;
             }
