@@ -24,24 +24,50 @@ struct LimitArgs {
     /// (default 10^9).
     #[arg(long, value_name = "N")]
     max_callback_operations: Option<u64>,
+    /// How deep the recipe's function calls may nest (default 64).
+    #[arg(long, value_name = "N")]
+    max_call_depth: Option<usize>,
+    /// Bytes one Rhai string may hold (default 64 MiB).
+    #[arg(long, value_name = "BYTES")]
+    max_string_size: Option<usize>,
+    /// Entries one Rhai array may hold (default 2^24).
+    #[arg(long, value_name = "N")]
+    max_array_size: Option<usize>,
+    /// Keys one Rhai object map may hold (default 2^20).
+    #[arg(long, value_name = "N")]
+    max_map_size: Option<usize>,
 }
 
 impl LimitArgs {
     fn limits(&self) -> ftscript::script::limits::Limits {
         let d = ftscript::script::limits::Limits::default();
-        ftscript::script::limits::Limits { total: self.max_operations.unwrap_or(d.total), per_callback: self.max_callback_operations.unwrap_or(d.per_callback) }
+        ftscript::script::limits::Limits {
+            total: self.max_operations.unwrap_or(d.total),
+            per_callback: self.max_callback_operations.unwrap_or(d.per_callback),
+            call_depth: self.max_call_depth.unwrap_or(d.call_depth),
+            string_size: self.max_string_size.unwrap_or(d.string_size),
+            array_size: self.max_array_size.unwrap_or(d.array_size),
+            map_size: self.max_map_size.unwrap_or(d.map_size),
+        }
     }
 
     /// The flags again, for the processes a launcher starts.
     fn args(&self) -> Vec<String> {
-        let mut v = vec![];
-        if let Some(n) = self.max_operations {
-            v.extend(["--max-operations".to_string(), n.to_string()]);
+        let mut args = vec![];
+        let flags = [
+            ("--max-operations", self.max_operations.map(|n| n.to_string())),
+            ("--max-callback-operations", self.max_callback_operations.map(|n| n.to_string())),
+            ("--max-call-depth", self.max_call_depth.map(|n| n.to_string())),
+            ("--max-string-size", self.max_string_size.map(|n| n.to_string())),
+            ("--max-array-size", self.max_array_size.map(|n| n.to_string())),
+            ("--max-map-size", self.max_map_size.map(|n| n.to_string())),
+        ];
+        for (flag, value) in flags {
+            if let Some(v) = value {
+                args.extend([flag.to_string(), v]);
+            }
         }
-        if let Some(n) = self.max_callback_operations {
-            v.extend(["--max-callback-operations".to_string(), n.to_string()]);
-        }
-        v
+        args
     }
 }
 

@@ -209,6 +209,24 @@ m.save_adapter("{o}/{out}/adapter");
     }
 }
 
+/// Runs `dir/name.rhai`: LoRA (r 4 on q and v, plus `lora`'s options) trained on
+/// `dir/data.jsonl` with `train`'s options into `dir/name`, printing the step it finished at,
+/// then its adapter saved to `dir/name/adapter`.
+fn train_run(d: &Path, model: &str, name: &str, lora: &str, train: &str) -> std::process::Output {
+    let o = d.to_str().unwrap();
+    let recipe = format!(
+        r#"
+let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
+m.add_lora(#{{ r: 4, alpha: 8, targets: ["q_proj", "v_proj"], {lora} }});
+let r = train(m, #{{ train: load_dataset("{o}/data.jsonl"), max_length: 32, lr: 1e-3, log_every: 1, output_dir: "{o}/{name}", {train} }});
+print(`finished at step ${{r.steps}}`);
+m.save_adapter("{o}/{name}/adapter");
+"#
+    );
+    std::fs::write(d.join(format!("{name}.rhai")), recipe).unwrap();
+    ftscript(&["run", &format!("{name}.rhai")], d)
+}
+
 /// A non-finite step (NaN gradients injected at step 3). By default training stops with an
 /// error naming the step and what to try, and no checkpoint holds the step (the last is step
 /// 2's, finite). With `on_nan: "skip"` that step's update is skipped and training goes on to the
@@ -218,21 +236,7 @@ fn a_nan_step_stops_training_or_is_skipped() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model = tiny_model_and_text(d, 24);
-    let o = d.to_str().unwrap();
-    let run = |name: &str, extra: &str| {
-        let recipe = format!(
-            r#"
-let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
-m.add_lora(#{{ r: 4, alpha: 8, targets: ["q_proj", "v_proj"] }});
-let r = train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 2, max_length: 32, max_steps: 5, lr: 1e-3,
-    log_every: 1, save_every: 1, output_dir: "{o}/{name}", {extra} }});
-print(`finished at step ${{r.steps}}`);
-m.save_adapter("{o}/{name}/adapter");
-"#
-        );
-        std::fs::write(d.join(format!("{name}.rhai")), recipe).unwrap();
-        ftscript(&["run", &format!("{name}.rhai")], d)
-    };
+    let run = |name: &str, extra: &str| train_run(d, &model, name, "", &format!("batch_size: 2, max_steps: 5, save_every: 1, {extra}"));
     let adapters_finite = |dir: &Path| read_safetensors(&dir.join("adapter_model.safetensors")).values().all(|t| t.isfinite().all().int64_value(&[]) != 0);
 
     let out = run("stop", "inject_nan_steps: [3]");
@@ -264,21 +268,7 @@ fn out_of_memory_stops_with_advice_or_halves_the_micro_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model = tiny_model_and_text(d, 32);
-    let o = d.to_str().unwrap();
-    let run = |name: &str, extra: &str| {
-        let recipe = format!(
-            r#"
-let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
-m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: ["q_proj", "v_proj"] }});
-let r = train(m, #{{ train: load_dataset("{o}/data.jsonl"), max_length: 32, max_steps: 4, lr: 1e-3,
-    log_every: 1, save_every: 2, output_dir: "{o}/{name}", {extra} }});
-print(`finished at step ${{r.steps}}`);
-m.save_adapter("{o}/{name}/adapter");
-"#
-        );
-        std::fs::write(d.join(format!("{name}.rhai")), recipe).unwrap();
-        ftscript(&["run", &format!("{name}.rhai")], d)
-    };
+    let run = |name: &str, extra: &str| train_run(d, &model, name, "dropout: 0.1", &format!("max_steps: 4, save_every: 2, {extra}"));
     let losses = |name: &str| -> Vec<f64> { metrics(&d.join(name).join("metrics.jsonl")).iter().filter_map(|m| m.get("loss")?.as_f64()).collect() };
 
     let out = run("stop", "batch_size: 4, grad_accum: 2, inject_oom_rows: 2");

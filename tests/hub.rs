@@ -307,7 +307,7 @@ fn ftscript_pushes_an_adapter_through_lfs_and_python_downloads_identical_bytes()
     // the shipped recipe, to the end: push, then download it back through the cache
     let script = root().join("scripts/push_adapter.rhai");
     let sets = [format!("adapter_dir={:?}", adapter.display().to_string()), "repo_id=\"org/from-recipe\"".into(), "download_check=true".into()];
-    let mut args = vec!["run", "--allow-push", script.to_str().unwrap()];
+    let mut args = vec!["run", "--allow-push", "--allow-net", script.to_str().unwrap()];
     for kv in &sets {
         args.extend(["--set", kv.as_str()]);
     }
@@ -368,7 +368,7 @@ fn python_uploads_ftscript_downloads_and_the_cache_is_shared_both_ways() {
         "let m = load_model(\"org/tiny\", #{ revision: \"main\" });\nprint(`loss=${m.loss(\"The quick brown fox\")}`);\nprint(`dir=${hub_download(\"org/tiny\")}`);\nm.add_lora(#{ r: 4 });\nm.save_adapter(\"adapter_out\");\n",
     )
     .unwrap();
-    let online = ft(&["run", recipe.to_str().unwrap()], t, &hub.url, &home, false);
+    let online = ft(&["run", "--allow-net", recipe.to_str().unwrap()], t, &hub.url, &home, false);
     let ot = text(&online);
     assert!(online.status.success(), "{ot}");
     let dir = ot.lines().find_map(|l| l.split("dir=").nth(1)).unwrap().trim().to_string();

@@ -398,7 +398,8 @@ print(`EVAL_LOSS=${{result.eval_loss}}`);
     );
     std::fs::write(tmp.path().join("ev.rhai"), recipe).unwrap();
     let eval_loss = |quantize: &str| -> Vec<f64> {
-        let out = ftscript(&["run", "ev.rhai", "--set", &format!("quantize=\"{quantize}\"")], tmp.path());
+        // the demo model and data lie outside the run's directory: the recipe may read them
+        let out = ftscript(&["run", "ev.rhai", "--set", &format!("quantize=\"{quantize}\""), "--allow-read", root().to_str().unwrap()], tmp.path());
         assert!(out.status.success(), "{}", text(&out));
         metrics(&tmp.path().join(format!("run-{quantize}/metrics.jsonl"))).iter().filter_map(|r| r["eval_loss"].as_f64()).collect()
     };

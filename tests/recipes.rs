@@ -92,6 +92,11 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     assert!(t.contains("orth_reg") && d.join("adalora/adapter/adapter_model.safetensors").exists() && d.join("adalora/adalora_ranks.jsonl").exists(), "{t}");
     run(&["run"], "chat_tokens.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("chat_tokens")), ("max_steps", "3".into())]);
     added_tokens_load_in_transformers_and_peft(&d.join("llama_gqa"), &d.join("chat_tokens/adapter"), d);
+    py("t5_reference.py", &[d.to_str().unwrap(), "flan_t5"]);
+    let pairs: Vec<String> = (0..4).map(|i| serde_json::json!({"input": format!("summarize: record {i} of the quick brown fox"), "target": format!("fox {i}")}).to_string()).collect();
+    std::fs::write(d.join("pairs.jsonl"), pairs.join("\n")).unwrap();
+    let t = run(&["run"], "t5_eval.rhai", &[("model_dir", out("flan_t5")), ("data_file", out("pairs.jsonl")), ("n_eval", "4".into()), ("max_new_tokens", "8".into())]);
+    assert!(t.contains("mean loss of the references") && t.contains("ROUGE-L"), "{t}");
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
     run(&["run"], "eval_metrics.rhai", &[]);
     run(&["run"], "inspect.rhai", &[("model_dir", model.clone())]);
@@ -389,10 +394,10 @@ fn a_caught_error_has_a_kind_to_branch_on() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model = tiny_llama(d);
-    // a config whose embeddings alone would need 16 TB
+    // a config of plausible sizes whose embeddings alone would need 8 TB
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
-    config["vocab_size"] = 4_000_000_000u64.into();
-    config["hidden_size"] = 1_000.into();
+    config["vocab_size"] = 16_000_000u64.into();
+    config["hidden_size"] = 131_072.into();
     std::fs::create_dir_all(d.join("huge")).unwrap();
     std::fs::write(d.join("huge/config.json"), config.to_string()).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {

@@ -69,19 +69,19 @@ fn push_from_recipe(dir: &str, repo_id: &str, a: PushArgs) -> Res<String> {
 
 fn download(repo_id: &str, a: DownloadArgs) -> Res<String> {
     guard("hub_download", || {
-        let dir = snapshot("hub_download", repo_id, a.revision.as_deref(), hub::Filter::All)?;
+        let dir = snapshot(repo_id, a.revision.as_deref(), hub::Filter::All)?;
         Ok(dir.display().to_string())
     })
 }
 
 /// `repo_id`'s snapshot directory for a recipe: downloaded into the cache, or, when the sandbox
 /// keeps the recipe off the network, found there.
-pub fn snapshot(what: &str, repo_id: &str, revision: Option<&str>, filter: hub::Filter) -> anyhow::Result<std::path::PathBuf> {
+pub fn snapshot(repo_id: &str, revision: Option<&str>, filter: hub::Filter) -> anyhow::Result<std::path::PathBuf> {
     let cfg = HubConfig::from_env();
-    if crate::script::sandbox::net_closed() {
+    if crate::script::sandbox::net_closed() && !cfg.offline {
         let revision = revision.unwrap_or("main");
         return hub::cached_snapshot(&cfg, repo_id, revision).ok_or_else(|| {
-            anyhow::anyhow!("{what}: `{repo_id}` (revision {revision}) is not in the Hub cache {}, and downloading it needs the network: rerun with `--allow-net` to allow it", cfg.cache_dir.display())
+            anyhow::anyhow!("`{repo_id}` (revision {revision}) is not in the Hub cache {}, and downloading it needs the network: rerun with `--allow-net` to allow it", cfg.cache_dir.display())
         });
     }
     hub::snapshot_download(&cfg, repo_id, revision, filter)

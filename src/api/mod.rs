@@ -10,6 +10,7 @@ pub mod hub;
 pub mod lora;
 pub mod metrics;
 pub mod model;
+pub mod seq2seq;
 pub mod train;
 
 use rhai::Engine;
@@ -55,6 +56,7 @@ pub fn write_path(p: &str) -> anyhow::Result<PathBuf> {
 /// Registers every ftscript type and function.
 pub fn register(engine: &mut Engine) {
     model::register(engine);
+    seq2seq::register(engine);
     lora::register(engine);
     dataset::register(engine);
     train::register(engine);

@@ -2,6 +2,7 @@
 
 use crate::generate::{self, Sampling};
 use crate::models::{self, LoadedModel};
+use super::seq2seq::Seq2SeqModel;
 use crate::script::options::{from_json, guard, parse, rt_any};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FuncRegistration, Map};
 use serde::Deserialize;
@@ -67,28 +68,52 @@ pub struct GenerateOptions {
     pub batch_size: Option<usize>,
 }
 
-pub fn load_model(spec: &str, opts: LoadOptions) -> anyhow::Result<LoadedModel> {
-    let quant = quant_config(&opts)?;
-    let mut path = crate::api::resolve(spec);
-    let mut hub_id = None;
+/// What `load_model` returns: a [`Model`] (a decoder), or a [`Seq2SeqModel`] when config.json
+/// is an encoder-decoder's (T5).
+fn load_for_recipe(spec: &str, opts: LoadOptions) -> anyhow::Result<Dynamic> {
+    let (path, hub_id) = locate(spec, opts.revision.as_deref())?;
+    let json = std::fs::read_to_string(path.join("config.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    if let Some(json) = json.filter(super::seq2seq::is_seq2seq) {
+        if opts.quantize.is_some() || opts.random_init.is_some() || opts.compute_dtype.is_some() {
+            anyhow::bail!("{}: an encoder-decoder model (T5) loads with dtype and device only (no quantize, compute_dtype or random_init yet)", path.display());
+        }
+        let device = models::parse_device(opts.device.as_deref().unwrap_or("auto"))?;
+        let mut m = super::seq2seq::load(&path, json, opts.dtype.as_deref().unwrap_or("auto"), device)?;
+        if let Some(id) = hub_id {
+            m.source = id;
+        }
+        return Ok(Dynamic::from(Seq2SeqModel(Rc::new(RefCell::new(m)))));
+    }
+    Ok(Dynamic::from(Model(Rc::new(RefCell::new(load_model(&path, hub_id, opts)?)))))
+}
+
+/// The directory or file `spec` names (as given, next to the recipe, or a Hub id's snapshot in
+/// the cache), if the sandbox lets the recipe read it; and the Hub id it came from.
+fn locate(spec: &str, revision: Option<&str>) -> anyhow::Result<(std::path::PathBuf, Option<String>)> {
+    let path = crate::api::resolve(spec);
     if !path.exists() && crate::hub::is_repo_id(spec) {
         // not a local path: a Hub id, through the huggingface_hub cache
-        path = crate::api::hub::snapshot("load_model", spec, opts.revision.as_deref(), crate::hub::Filter::Safetensors)
+        let snap = crate::api::hub::snapshot(spec, revision, crate::hub::Filter::Safetensors)
             .map_err(|e| anyhow::anyhow!("model `{spec}` is no local directory or .gguf file, and from the Hub: {e:#}"))?;
-        hub_id = Some(spec.to_string());
-    } else {
-        crate::script::sandbox::check_read(&path)?;
+        return Ok((snap, Some(spec.to_string())));
     }
+    crate::script::sandbox::check_read(&path)?;
     if !path.exists() {
         anyhow::bail!("model `{spec}` not found: no such directory or .gguf file");
     }
+    Ok((path, None))
+}
+
+/// The decoder at `path` ([`locate`]d; `hub_id`: the Hub id it came from) as `opts` say.
+pub fn load_model(path: &std::path::Path, hub_id: Option<String>, opts: LoadOptions) -> anyhow::Result<LoadedModel> {
+    let quant = quant_config(&opts)?;
     let device = models::placement::parse_device_spec(opts.device.as_deref().unwrap_or("auto"))?;
     let started = std::time::Instant::now();
     let dtype = opts.dtype.as_deref().unwrap_or("auto");
     let mut m = if opts.random_init.unwrap_or(false) {
-        models::init_random(&path, dtype, device, quant.as_ref())?
+        models::init_random(path, dtype, device, quant.as_ref())?
     } else {
-        models::load_with(&path, dtype, device, quant.as_ref())?
+        models::load_with(path, dtype, device, quant.as_ref())?
     };
     if let Some(c) = &opts.compute_dtype {
         let kind = models::parse_dtype(c, None)?;
@@ -141,7 +166,7 @@ fn memory(m: &LoadedModel) -> Map {
     map
 }
 
-fn sampling(o: GenerateOptions) -> Sampling {
+pub fn sampling(o: GenerateOptions) -> Sampling {
     let d = Sampling::default();
     Sampling {
         max_new_tokens: o.max_new_tokens.unwrap_or(d.max_new_tokens),
@@ -200,17 +225,15 @@ pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<Tokenizer>("Tokenizer");
 
     FuncRegistration::new("load_model")
-        .with_comments(["/// Loads a Hugging Face model directory or a .gguf file (defaults: dtype auto, device auto)."])
+        .with_comments(["/// Loads a Hugging Face model directory or a .gguf file (defaults: dtype auto, device auto): a Model, or a Seq2SeqModel for an encoder-decoder (T5)."])
         .with_params_info(["path: &str", "Model"])
-        .register_into_engine(engine, |path: &str| -> Res<Model> {
-            guard("load_model", || Ok(Model(Rc::new(RefCell::new(load_model(path, LoadOptions::default())?)))))
-        });
+        .register_into_engine(engine, |path: &str| -> Res<Dynamic> { guard("load_model", || load_for_recipe(path, LoadOptions::default())) });
     FuncRegistration::new("load_model")
         .with_comments(["/// Loads a model with options #{dtype, device, quantize, double_quant, compute_dtype, quant_skip, revision, random_init}."])
         .with_params_info(["path: &str", "options: Map", "Model"])
-        .register_into_engine(engine, |path: &str, opts: Map| -> Res<Model> {
+        .register_into_engine(engine, |path: &str, opts: Map| -> Res<Dynamic> {
             let opts: LoadOptions = parse("load_model", &opts)?;
-            guard("load_model", || Ok(Model(Rc::new(RefCell::new(load_model(path, opts)?)))))
+            guard("load_model", || load_for_recipe(path, opts))
         });
     FuncRegistration::new("generate")
         .with_comments(["/// Generates a continuation of `prompt` (greedy, up to 64 new tokens)."])

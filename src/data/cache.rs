@@ -216,9 +216,8 @@ fn write_cache(dir: &Path, path: &Path, key: &[u8; 32], examples: &[Example]) ->
         std::thread::current().id()
     ));
     std::fs::write(&tmp, &buf).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    crate::nn::weights::persist(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display())
     })
 }
 

@@ -152,6 +152,15 @@ impl DecoderConfig {
     }
 }
 
+/// Each `(key, value, most)` of a config.json: sizes beyond any model's (a corrupt or hostile
+/// file) are refused before anything is allocated by them.
+pub fn check_sizes(sizes: &[(&str, usize, usize)]) -> Result<()> {
+    match sizes.iter().find(|(_, value, most)| value > most) {
+        Some((key, value, most)) => bail!("{key} {value} is beyond any model's (at most {most}): a corrupt config.json?"),
+        None => Ok(()),
+    }
+}
+
 impl CommonConfig {
     /// Reads a family's `Config` (its keys plus these) from config.json; a missing or mistyped
     /// key is named.
@@ -168,8 +177,7 @@ impl CommonConfig {
             Some(name) => Activation::from_name(name).with_context(|| format!("hidden_act of {architecture}"))?,
             None => Activation::Silu,
         };
-        // sizes beyond any model's (a corrupt or hostile file), refused before anything is allocated by them
-        for (key, value, most) in [
+        check_sizes(&[
             ("vocab_size", self.vocab_size, 1 << 24),
             ("hidden_size", self.hidden_size, 1 << 17),
             ("intermediate_size", self.intermediate_size, 1 << 20),
@@ -177,11 +185,7 @@ impl CommonConfig {
             ("num_attention_heads", self.num_attention_heads, 1 << 12),
             ("num_key_value_heads", self.num_key_value_heads.unwrap_or(0), 1 << 12),
             ("head_dim", self.head_dim.unwrap_or(0), 1 << 14),
-        ] {
-            if value > most {
-                bail!("{key} {value} is beyond any model's (at most {most}): a corrupt config.json?");
-            }
-        }
+        ])?;
         if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
             bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
         }

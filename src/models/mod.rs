@@ -19,6 +19,7 @@ pub mod phi3;
 pub mod placement;
 pub mod qwen3;
 pub mod save;
+pub mod t5;
 
 /// A family: the `architectures[0]` and `model_type` its config.json names, and how that
 /// config.json becomes a decoder.

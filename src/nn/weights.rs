@@ -204,7 +204,19 @@ pub fn save_safetensors(
     let tmp = tmp_path(path);
     safetensors::serialize_to_file(views, metadata, &tmp)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e:?}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
+    persist(&tmp, path)
+}
+
+/// Moves the finished temporary file `tmp` to `path` so that a crash leaves the old file or
+/// the whole new one: the data is fsynced, the file renamed, and the directory fsynced (so
+/// the rename itself survives a power loss).
+pub fn persist(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::File::open(tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", tmp.display()))?;
+    std::fs::rename(tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // a directory that cannot be opened for syncing (some filesystems) keeps the rename anyway
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
     Ok(())
 }
 
@@ -214,12 +226,11 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-/// Writes a text file atomically.
+/// Writes a file atomically (a temporary name, fsynced, renamed: [`persist`]).
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     std::fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
-    Ok(())
+    persist(&tmp, path)
 }
 
 /// A tensor's bytes on the CPU, contiguous, for safetensors serialization.

@@ -1,9 +1,11 @@
-//! Operation budgets that keep a shared recipe from hanging the host. Rhai counts every
+//! Limits that keep a shared recipe from hanging or exhausting the host. Rhai counts every
 //! operation (an expression, a call, a turn of a loop); a callback (a training hook, a format,
 //! map or filter function) may spend at most `per_callback` of them in one call, and the
 //! recipe's own code outside its callbacks at most `total` in all. Past a budget the recipe
 //! stops (a recipe cannot catch it) with an error that names the flag raising that budget. Time
-//! inside ftscript's own functions (training, loading, generating) is not counted.
+//! inside ftscript's own functions (training, loading, generating) is not counted. Calls nest at
+//! most `call_depth` deep, and a Rhai string, array or map holds at most `string_size` bytes,
+//! `array_size` or `map_size` entries; each error names its flag ([`explain`]).
 
 use rhai::Dynamic;
 use std::cell::Cell;
@@ -15,13 +17,56 @@ pub struct Limits {
     pub total: u64,
     /// One call of a callback (`--max-callback-operations`).
     pub per_callback: u64,
+    /// Nested function calls (`--max-call-depth`).
+    pub call_depth: usize,
+    /// Bytes of one string (`--max-string-size`).
+    pub string_size: usize,
+    /// Entries of one array (`--max-array-size`).
+    pub array_size: usize,
+    /// Entries of one object map (`--max-map-size`).
+    pub map_size: usize,
 }
 
 impl Default for Limits {
     /// Generous for real recipes (Rhai runs some 10⁷–10⁸ operations a second): a billion per
-    /// callback call, ten billion for the rest.
+    /// callback call, ten billion for the rest; calls 64 deep; 64 MiB strings, 2²⁴-entry
+    /// arrays (a dataset's records as an array), 2²⁰-key maps.
     fn default() -> Self {
-        Limits { total: 10_000_000_000, per_callback: 1_000_000_000 }
+        Limits { total: 10_000_000_000, per_callback: 1_000_000_000, call_depth: 64, string_size: 64 << 20, array_size: 1 << 24, map_size: 1 << 20 }
+    }
+}
+
+/// The engine's call-depth and size limits set from the current [`Limits`].
+pub fn apply(engine: &mut rhai::Engine) {
+    let l = current();
+    engine.set_max_call_levels(l.call_depth);
+    engine.set_max_string_size(l.string_size);
+    engine.set_max_array_size(l.array_size);
+    engine.set_max_map_size(l.map_size);
+}
+
+/// The limits of recipes run on this thread.
+pub fn current() -> Limits {
+    LIMITS.with(Cell::get)
+}
+
+/// Rhai's message for a call-depth or size limit, with the flag that raises it; `None` for
+/// other errors.
+pub fn explain(err: &rhai::EvalAltResult) -> Option<String> {
+    let l = current();
+    match err {
+        rhai::EvalAltResult::ErrorStackOverflow(_) => Some(format!("calls nest more than {} deep: endless recursion? (raise the limit with --max-call-depth)", l.call_depth)),
+        rhai::EvalAltResult::ErrorDataTooLarge(what, _) => {
+            let (limit, flag) = if what.contains("string") {
+                (l.string_size, "--max-string-size")
+            } else if what.contains("array") {
+                (l.array_size, "--max-array-size")
+            } else {
+                (l.map_size, "--max-map-size")
+            };
+            Some(format!("{what} is over the limit of {limit} (raise it with {flag})"))
+        }
+        _ => None,
     }
 }
 

@@ -60,9 +60,8 @@ pub struct Recipe {
 pub fn new_engine(recipe_dir: &Path) -> Engine {
     let mut engine = Engine::new();
     engine.on_progress(limits::on_progress);
-    engine.set_max_call_levels(64);
+    limits::apply(&mut engine);
     engine.set_max_expr_depths(128, 64);
-    engine.set_max_string_size(64 << 20);
     engine.set_optimization_level(rhai::OptimizationLevel::None);
     engine.set_module_resolver(Resolver { files: FileModuleResolver::new_with_path(recipe_dir) });
     // `eval` is reserved in Rhai, but the recipe surface uses it as a name (`#{train, eval}`,
@@ -252,6 +251,7 @@ pub(crate) fn innermost(err: &EvalAltResult) -> (String, Position, Option<String
             *pos,
             None,
         ),
+        EvalAltResult::ErrorStackOverflow(pos) | EvalAltResult::ErrorDataTooLarge(_, pos) => (limits::explain(err).unwrap_or_default(), *pos, None),
         EvalAltResult::ErrorPropertyNotFound(key, pos) => {
             (format!("the map has no key `{key}`; to read a key that may be missing, test `\"{key}\" in map` first"), *pos, None)
         }

@@ -79,28 +79,21 @@ fn within(p: &Path, roots: &[PathBuf]) -> bool {
 
 /// May the recipe read `p`?
 pub fn check_read(p: &Path) -> Result<()> {
-    let Some(s) = SANDBOX.get() else { return Ok(()) };
-    let abs = absolute(p);
-    if !within(&abs, &s.read) {
-        bail!(
-            "reading {} is not allowed: a recipe reads under its own directory, the current directory, the Hub cache and the paths given with --set; rerun with `--allow-read {}` to allow it",
-            abs.display(),
-            abs.display()
-        );
-    }
-    Ok(())
+    check(p, |s| &s.read, "reading", "a recipe reads under its own directory, the current directory, the Hub cache and the paths given with --set", "--allow-read")
 }
 
 /// May the recipe write `p` (a file or a directory to fill)?
 pub fn check_write(p: &Path) -> Result<()> {
+    check(p, |s| &s.write, "writing", "a recipe writes under the current directory", "--allow-write")
+}
+
+/// `p` lies under one of the `roots` of the installed sandbox, or an error saying what `rule`
+/// the `verb` broke and the `flag` that allows it.
+fn check(p: &Path, roots: impl Fn(&Sandbox) -> &Vec<PathBuf>, verb: &str, rule: &str, flag: &str) -> Result<()> {
     let Some(s) = SANDBOX.get() else { return Ok(()) };
     let abs = absolute(p);
-    if !within(&abs, &s.write) {
-        bail!(
-            "writing {} is not allowed: a recipe writes under the current directory; rerun with `--allow-write {}` to allow it",
-            abs.display(),
-            abs.display()
-        );
+    if !within(&abs, roots(s)) {
+        bail!("{verb} {} is not allowed: {rule}; rerun with `{flag} {}` to allow it", abs.display(), abs.display());
     }
     Ok(())
 }

@@ -106,7 +106,8 @@ pub fn save(
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
-    std::fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+    // its files are synced already; the directory's entries and its rename are made durable too
+    crate::nn::weights::persist(&tmp, &dir)?;
     tracing::info!("saved checkpoint {}", dir.display());
     Ok(dir)
 }
