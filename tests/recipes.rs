@@ -95,7 +95,7 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     py("t5_reference.py", &[d.to_str().unwrap(), "flan_t5"]);
     let pairs: Vec<String> = (0..4).map(|i| serde_json::json!({"input": format!("summarize: record {i} of the quick brown fox"), "target": format!("fox {i}")}).to_string()).collect();
     std::fs::write(d.join("pairs.jsonl"), pairs.join("\n")).unwrap();
-    let t = run(&["run"], "t5_eval.rhai", &[("model_dir", out("flan_t5")), ("data_file", out("pairs.jsonl")), ("n_eval", "4".into()), ("max_new_tokens", "8".into())]);
+    let t = run(&["run"], "t5_eval.rhai", &[("model_dir", out("flan_t5")), ("adapter_dir", out("flan_t5/peft_adapter")), ("data_file", out("pairs.jsonl")), ("n_eval", "4".into()), ("max_new_tokens", "8".into())]);
     assert!(t.contains("mean loss of the references") && t.contains("ROUGE-L"), "{t}");
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
     run(&["run"], "eval_metrics.rhai", &[]);

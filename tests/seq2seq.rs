@@ -51,7 +51,8 @@ fn t5_logits_loss_and_greedy_tokens_match_transformers() {
 
 /// The user's path: a recipe loads a T5 directory, scores its reference targets with
 /// `model.loss(source, target)` and generates with `model.generate(source, opts)`: the losses
-/// equal transformers' `loss` with `labels` and the texts its greedy `generate`, for both kinds.
+/// equal transformers' `loss` with `labels` and the texts its greedy `generate`, for both kinds;
+/// with a peft-made LoRA loaded (`model.load_adapter(dir)`), the losses equal peft's.
 #[test]
 fn a_recipe_scores_and_generates_with_t5_as_transformers_does() {
     let tmp = tempfile::tempdir().unwrap();
@@ -68,12 +69,21 @@ fn a_recipe_scores_and_generates_with_t5_as_transformers_does() {
                 t = p["target"]
             ));
         }
+        // a peft-made LoRA (q, v, wo of every block; random B) loaded onto it
+        body.push_str(&format!("m.load_adapter(\"{}\");\n", dir.join("peft_adapter").display()));
+        for (i, p) in pairs.iter().enumerate() {
+            body.push_str(&format!("print(`ADAPTED{i}=${{m.loss({s}, {t})}}`);\n", s = p["source"], t = p["target"]));
+        }
         let t = run_recipe(d, &format!("{name}.rhai"), &body);
         for (i, p) in pairs.iter().enumerate() {
             let field = |key: &str| t.lines().find_map(|l| l.strip_prefix(&format!("{key}{i}="))).unwrap_or_else(|| panic!("no {key}{i} in:\n{t}")).to_string();
             let loss: f64 = field("LOSS").parse().unwrap();
             let want = p["loss"].as_f64().unwrap();
             assert!((loss - want).abs() <= 1e-4 * want, "{name} pair {i}: loss {loss} vs transformers {want}");
+            let adapted: f64 = field("ADAPTED").parse().unwrap();
+            let want = p["loss_with_adapter"].as_f64().unwrap();
+            assert!((adapted - want).abs() <= 1e-4 * want, "{name} pair {i}: loss with the peft adapter {adapted} vs peft {want}");
+            assert!((adapted - p["loss"].as_f64().unwrap()).abs() > 1e-3, "{name} pair {i}: the adapter changes nothing");
             // Rust's debug form of the text (quoted, newlines escaped), as Rhai's `to_debug` writes it
             assert_eq!(field("GEN"), format!("{:?}", p["generated"].as_str().unwrap()), "{name} pair {i}: generated text");
         }

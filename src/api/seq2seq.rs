@@ -5,6 +5,7 @@
 use super::model::{sampling, GenerateOptions};
 use crate::generate::Sampling;
 use crate::models::t5::T5;
+use crate::nn::peft;
 use crate::script::options::{from_json, guard, parse};
 use crate::tokenizer::Tokenizer;
 use rhai::{Engine, EvalAltResult, FuncRegistration, Map};
@@ -43,6 +44,20 @@ pub fn load(dir: &Path, json: serde_json::Value, dtype: &str, device: tch::Devic
 }
 
 impl Seq2Seq {
+    /// Installs the peft LoRA (or DoRA) adapter in `dir` (fp32), replacing any the model has;
+    /// a tensor that names no layer is an error before anything changes.
+    pub fn load_adapter(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let files = peft::read_adapter(dir)?;
+        if !files.spec.modules_to_save.is_empty() || !files.spec.trainable_tokens.is_empty() {
+            anyhow::bail!("{}: modules_to_save and trainable tokens are not supported on an encoder-decoder model", files.cfg_path.display());
+        }
+        let names: Vec<String> = self.net.linears().iter().map(|l| l.name.clone()).collect();
+        peft::check_all_used(&files, &names.iter().map(String::as_str).collect::<Vec<_>>())?;
+        peft::install_adapters(self.net.linears_mut(), &files, Kind::Float)?;
+        tracing::info!("loaded adapter {} (r={}, alpha={})", dir.display(), files.spec.r, files.spec.alpha);
+        Ok(())
+    }
+
     /// Mean cross-entropy of `target`'s tokens (its EOS included) given `source`.
     pub fn loss(&self, source: &str, target: &str) -> anyhow::Result<f64> {
         let _guard = tch::no_grad_guard();
@@ -82,6 +97,13 @@ pub fn register(engine: &mut Engine) {
             }
             let s = sampling(o);
             guard("generate", || m.0.borrow().generate(source, &s))
+        });
+    FuncRegistration::new("load_adapter")
+        .with_comments(["/// Loads a peft LoRA adapter directory onto an encoder-decoder model (T5 targets: q, k, v, o, wi, wi_0, wi_1, wo), replacing any it has."])
+        .with_params_info(["model: &mut Seq2SeqModel", "dir: &str", "Seq2SeqModel"])
+        .register_into_engine(engine, |m: &mut Seq2SeqModel, dir: &str| -> Res<Seq2SeqModel> {
+            guard("load_adapter", || m.0.try_borrow_mut().map_err(|_| anyhow::anyhow!("the model is in use"))?.load_adapter(&crate::api::read_path(dir)?))?;
+            Ok(m.clone())
         });
     FuncRegistration::new("get$config")
         .with_comments(["/// `model.config`: the encoder-decoder model's config.json as a map."])

@@ -452,6 +452,23 @@ impl T5 {
         Ok(out)
     }
 
+    /// Every linear layer, mutably (for adapters), in [`T5::linears`]' order.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = vec![];
+        for stack in [&mut self.encoder, &mut self.decoder] {
+            for b in &mut stack.blocks {
+                v.extend([&mut b.attn.q, &mut b.attn.k, &mut b.attn.v, &mut b.attn.o]);
+                if let Some((c, _)) = &mut b.cross {
+                    v.extend([&mut c.q, &mut c.k, &mut c.v, &mut c.o]);
+                }
+                v.extend(b.ff.wi.iter_mut());
+                v.push(&mut b.ff.wo);
+            }
+        }
+        v.extend(self.lm_head.iter_mut());
+        v
+    }
+
     /// Every linear layer, in checkpoint order (encoder, decoder, head).
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v = vec![];

@@ -9,6 +9,7 @@
 //! `[n, H]`, the rows themselves (not a difference, despite the name).
 
 use super::adapters::{AdaLora, Adapter, Dora, Lora};
+use super::linear::Linear;
 use super::weights::{save_safetensors, write_atomic, WeightSource};
 use crate::models::decoder::{Decoder, TokenRows};
 use anyhow::{bail, Context, Result};
@@ -353,7 +354,62 @@ pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path
 
 /// Reads a peft LoRA adapter directory and installs its weights (replacing existing adapters).
 /// Returns the spec it describes. `kind` is the adapters' dtype.
+/// A peft adapter directory, read and checked: its config, the spec it describes, and its tensors.
+pub struct AdapterFiles {
+    pub cfg: AdapterConfig,
+    pub spec: LoraSpec,
+    pub weights: WeightSource,
+    /// `adapter_config.json` and `adapter_model.safetensors`, for messages.
+    pub cfg_path: std::path::PathBuf,
+    pub file: std::path::PathBuf,
+}
+
 pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpec> {
+    let files = read_adapter(dir)?;
+    let AdapterFiles { spec, weights, cfg_path, file, .. } = &files;
+    net.token_rows = None;
+    net.embed_copy = None;
+    for module in &spec.modules_to_save {
+        let key = match module.as_str() {
+            "embed_tokens" => EMBED_COPY_KEY,
+            "lm_head" => "base_model.model.lm_head.weight",
+            other => bail!("{}: modules_to_save `{other}` is not supported (embed_tokens, lm_head)", cfg_path.display()),
+        };
+        if !weights.contains(key) {
+            bail!("{}: modules_to_save names `{module}` but tensor `{key}` is missing", file.display());
+        }
+        let device = net.embed_tokens.device();
+        match module.as_str() {
+            "embed_tokens" => {
+                let shape = net.embed_tokens.size();
+                net.embed_copy = Some(weights.load(key, &shape, kind, device)?.set_requires_grad(true));
+            }
+            _ => {
+                let head = net.lm_head.as_mut().with_context(|| format!("{}: modules_to_save names `lm_head`, but this model ties its output head to the embeddings", cfg_path.display()))?;
+                let w = weights.load(key, &head.weight.size(), kind, head.weight.device())?.set_requires_grad(true);
+                head.adapter = Some(Adapter::Copy(w));
+            }
+        }
+    }
+    if !spec.trainable_tokens.is_empty() {
+        if !weights.contains(TOKEN_ROWS_KEY) {
+            bail!("{}: trainable_token_indices is set but tensor `{TOKEN_ROWS_KEY}` is missing", file.display());
+        }
+        let (n, hidden) = (spec.trainable_tokens.len() as i64, net.embed_tokens.size()[1]);
+        let vocab = net.embed_tokens.size()[0];
+        if let Some(bad) = spec.trainable_tokens.iter().find(|&&i| i < 0 || i >= vocab) {
+            bail!("{}: trainable token id {bad} is outside the model's {vocab} embedding rows (were tokens added to the tokenizer? add them with model.add_tokens first)", cfg_path.display());
+        }
+        let values = weights.load(TOKEN_ROWS_KEY, &[n, hidden], kind, net.embed_tokens.device())?.set_requires_grad(true);
+        net.token_rows = Some(TokenRows { ids: spec.trainable_tokens.clone(), values });
+    }
+    check_all_used(&files, &net.linears().iter().map(|l| l.name.as_str()).collect::<Vec<_>>())?;
+    install_adapters(net.linears_mut(), &files, kind)?;
+    Ok(files.spec)
+}
+
+/// Reads and checks the peft adapter directory `dir` (LoRA, DoRA or AdaLoRA).
+pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("cannot read {}", cfg_path.display()))?;
     let cfg: AdapterConfig =
@@ -391,44 +447,15 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
     let modules_to_save = cfg.modules_to_save.clone().unwrap_or_default();
     let r = cfg.adalora.as_ref().map_or(cfg.r, |a| a.init_r);
     let spec = LoraSpec { r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, trainable_tokens, modules_to_save, adalora: cfg.adalora.clone(), seed: 0 };
-    net.token_rows = None;
-    net.embed_copy = None;
-    for module in &spec.modules_to_save {
-        let key = match module.as_str() {
-            "embed_tokens" => EMBED_COPY_KEY,
-            "lm_head" => "base_model.model.lm_head.weight",
-            other => bail!("{}: modules_to_save `{other}` is not supported (embed_tokens, lm_head)", cfg_path.display()),
-        };
-        if !weights.contains(key) {
-            bail!("{}: modules_to_save names `{module}` but tensor `{key}` is missing", file.display());
-        }
-        let device = net.embed_tokens.device();
-        match module.as_str() {
-            "embed_tokens" => {
-                let shape = net.embed_tokens.size();
-                net.embed_copy = Some(weights.load(key, &shape, kind, device)?.set_requires_grad(true));
-            }
-            _ => {
-                let head = net.lm_head.as_mut().with_context(|| format!("{}: modules_to_save names `lm_head`, but this model ties its output head to the embeddings", cfg_path.display()))?;
-                let w = weights.load(key, &head.weight.size(), kind, head.weight.device())?.set_requires_grad(true);
-                head.adapter = Some(Adapter::Copy(w));
-            }
-        }
-    }
-    if !spec.trainable_tokens.is_empty() {
-        if !weights.contains(TOKEN_ROWS_KEY) {
-            bail!("{}: trainable_token_indices is set but tensor `{TOKEN_ROWS_KEY}` is missing", file.display());
-        }
-        let (n, hidden) = (spec.trainable_tokens.len() as i64, net.embed_tokens.size()[1]);
-        let vocab = net.embed_tokens.size()[0];
-        if let Some(bad) = spec.trainable_tokens.iter().find(|&&i| i < 0 || i >= vocab) {
-            bail!("{}: trainable token id {bad} is outside the model's {vocab} embedding rows (were tokens added to the tokenizer? add them with model.add_tokens first)", cfg_path.display());
-        }
-        let values = weights.load(TOKEN_ROWS_KEY, &[n, hidden], kind, net.embed_tokens.device())?.set_requires_grad(true);
-        net.token_rows = Some(TokenRows { ids: spec.trainable_tokens.clone(), values });
-    }
+    Ok(AdapterFiles { cfg, spec, weights, cfg_path, file })
+}
+
+/// Installs the adapters of `files` (in `kind`) on the layers of `linears` its tensors name;
+/// the others lose theirs (but a `modules_to_save` copy). Fails when it names none.
+pub fn install_adapters(linears: Vec<&mut Linear>, files: &AdapterFiles, kind: Kind) -> Result<()> {
+    let AdapterFiles { cfg, spec, weights, cfg_path, file } = files;
     let mut found = 0;
-    for lin in net.linears_mut() {
+    for lin in linears {
         if let Some(schedule) = &spec.adalora {
             let key = |t: &str| format!("base_model.model.{}.{t}", lin.name);
             if !weights.contains(&key("lora_A")) {
@@ -483,6 +510,12 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
     if found == 0 {
         bail!("{}: no adapter tensor matches a linear layer of this model", file.display());
     }
+    Ok(())
+}
+
+/// Fails on a tensor of `files` that names none of the layers `names` (nor an embedding or head copy).
+pub fn check_all_used(files: &AdapterFiles, names: &[&str]) -> Result<()> {
+    let AdapterFiles { weights, file, .. } = files;
     let unused: Vec<String> = weights
         .names()
         .into_iter()
@@ -492,13 +525,13 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
             }
             let module = n.trim_start_matches("base_model.model.");
             let module = [".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".lora_A", ".lora_B", ".lora_E"].iter().find_map(|s| module.strip_suffix(s)).unwrap_or(module);
-            !net.linears().iter().any(|l| l.name == module)
+            !names.contains(&module)
         })
         .collect();
     if !unused.is_empty() {
         bail!("{}: tensor `{}` names no linear layer of this model", file.display(), unused[0]);
     }
-    Ok(spec)
+    Ok(())
 }
 
 /// Folds every adapter into its base weight (`W ← W + s·B·A`, DoRA's rescaled form) and removes

@@ -14,7 +14,9 @@ OUT_DIR/NAME/reference.safetensors with
   greedy          [20]  int64   20 greedy tokens for the first source (EOS disabled)
   logits_bf16     [2, T, V] fp32  the logits of the model in bf16, as transformers loads it there
   logits_fp16     [2, T, V] fp32  in fp16, the feed-forwards' `wo` kept fp32 (_keep_in_fp32_modules)
-and OUT_DIR/NAME/reference.json with text pairs, their losses and greedy generations.
+and OUT_DIR/NAME/reference.json with text pairs, their losses and greedy generations, and with
+the losses of the pairs under OUT_DIR/NAME/peft_adapter, a peft LoRA (q, v, wo; random B) made
+on the model.
 """
 import copy
 import json
@@ -24,6 +26,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 CORPUS = [
@@ -122,6 +125,20 @@ def main():
             gen_ids = model.generate(**enc, max_new_tokens=20, do_sample=False, use_cache=False)[0]
         pairs.append({"source": source, "target": target, "loss": loss,
                       "generated": tok.decode(gen_ids, skip_special_tokens=True), "generated_ids": gen_ids[1:].tolist()})
+    # a peft LoRA with non-zero B, on a copy (get_peft_model changes the model it wraps)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "wo"], init_lora_weights=False, task_type="SEQ_2_SEQ_LM")
+    torch.manual_seed(2)
+    adapted = get_peft_model(copy.deepcopy(model), lora).eval()
+    with torch.no_grad():
+        for n, p in adapted.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    adapted.save_pretrained(os.path.join(d, "peft_adapter"))
+    for pair in pairs:
+        enc = tok(pair["source"], return_tensors="pt")
+        lab = tok(pair["target"], return_tensors="pt").input_ids
+        with torch.no_grad():
+            pair["loss_with_adapter"] = adapted(**enc, labels=lab).loss.item()
     with open(os.path.join(d, "reference.json"), "w") as f:
         json.dump({"pairs": pairs}, f, indent=1)
     print(f"made {d}")
