@@ -10,6 +10,7 @@ pub const TEMPLATES: &[(&str, &str, &str)] = &[
     ("qlora", "qlora.rhai", include_str!("../scripts/qlora.rhai")),
     ("chat", "qwen3_chat.rhai", include_str!("../scripts/qwen3_chat.rhai")),
     ("multi-gpu", "multi_gpu.rhai", include_str!("../scripts/multi_gpu.rhai")),
+    ("dpo", "dpo.rhai", include_str!("../scripts/dpo.rhai")),
 ];
 
 /// Writes template `template` to `name` (`.rhai` added when missing); never overwrites.

@@ -176,7 +176,7 @@ enum Command {
         sandbox: SandboxArgs,
     },
     /// Start a recipe from a commented template: lora, qlora, chat (multi-turn SFT with the
-    /// model's chat template), multi-gpu.
+    /// model's chat template), multi-gpu, dpo (SFT then DPO, scored before and after).
     Init {
         /// The new recipe's file (`.rhai` is added when it has no extension).
         name: PathBuf,

@@ -258,6 +258,6 @@ fn init_writes_templates_that_pass_check() {
         let again = ftscript(&["init", &name, "--template", template], d);
         assert!(!again.status.success() && text(&again).contains("already exists"), "{}", text(&again));
     }
-    let out = ftscript(&["init", "x", "--template", "dpo"], d);
+    let out = ftscript(&["init", "x", "--template", "ppo"], d);
     assert!(!out.status.success() && text(&out).contains("qlora"), "{}", text(&out));
 }
