@@ -36,6 +36,9 @@ struct LimitArgs {
     /// Keys one Rhai object map may hold (default 2^20).
     #[arg(long, value_name = "N")]
     max_map_size: Option<usize>,
+    /// Bytes the process may hold while the recipe's own code runs (default 90% of the machine's).
+    #[arg(long, value_name = "BYTES")]
+    max_memory: Option<u64>,
 }
 
 impl LimitArgs {
@@ -48,6 +51,7 @@ impl LimitArgs {
             string_size: self.max_string_size.unwrap_or(d.string_size),
             array_size: self.max_array_size.unwrap_or(d.array_size),
             map_size: self.max_map_size.unwrap_or(d.map_size),
+            memory: self.max_memory.unwrap_or(d.memory),
         }
     }
 
@@ -61,6 +65,7 @@ impl LimitArgs {
             ("--max-string-size", self.max_string_size.map(|n| n.to_string())),
             ("--max-array-size", self.max_array_size.map(|n| n.to_string())),
             ("--max-map-size", self.max_map_size.map(|n| n.to_string())),
+            ("--max-memory", self.max_memory.map(|n| n.to_string())),
         ];
         for (flag, value) in flags {
             if let Some(v) = value {

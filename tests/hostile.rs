@@ -69,11 +69,12 @@ fn hostile_recipes_are_refused_with_the_flag_that_allows_them() {
         ("recursion", "fn down(n) { down(n + 1) }\ndown(0);", &[]),
         ("string", r#"let s = "x"; loop { s += s; }"#, &[]),
         ("array", "let a = []; loop { a.push(0); }", &["--max-array-size", "1000"]),
-        // (Rhai checks a map's size when it is passed on, not at each `m[key] = value`)
         ("map", "let m = #{}; let i = 0; while i < 2000 { m[`k${i}`] = i; i += 1; }\nprint(m.len());", &["--max-map-size", "1000"]),
+        // Rhai checks a map's size when it is passed on, not at each `m[key] = value`: the memory limit stops this one
+        ("memory", "let m = #{}; let i = 0; loop { m[`k${i}`] = i; i += 1; }", &["--max-memory", "700000000"]),
     ];
     for (name, body, flags) in limited {
-        let flag: String = match *name { "loop" => "--max-callback-operations".into(), "recursion" => "--max-call-depth".into(), n => format!("--max-{n}-size") };
+        let flag: String = match *name { "loop" => "--max-callback-operations".into(), "recursion" => "--max-call-depth".into(), "memory" => "--max-memory".into(), n => format!("--max-{n}-size") };
         let (ok, t) = run_in(d, &format!("{name}.rhai"), body, flags);
         assert!(!ok && t.contains(&flag) && !t.contains("panicked"), "{name}: {t}");
     }

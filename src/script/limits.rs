@@ -5,7 +5,8 @@
 //! stops (a recipe cannot catch it) with an error that names the flag raising that budget. Time
 //! inside ftscript's own functions (training, loading, generating) is not counted. Calls nest at
 //! most `call_depth` deep, and a Rhai string, array or map holds at most `string_size` bytes,
-//! `array_size` or `map_size` entries; each error names its flag ([`explain`]).
+//! `array_size` or `map_size` entries, and while it runs the process holds at most `memory`
+//! bytes (90% of the machine's by default); each error names its flag ([`explain`]).
 
 use rhai::Dynamic;
 use std::cell::Cell;
@@ -25,6 +26,8 @@ pub struct Limits {
     pub array_size: usize,
     /// Entries of one object map (`--max-map-size`).
     pub map_size: usize,
+    /// Bytes the process may hold while the recipe's own code runs (`--max-memory`).
+    pub memory: u64,
 }
 
 impl Default for Limits {
@@ -32,7 +35,7 @@ impl Default for Limits {
     /// callback call, ten billion for the rest; calls 64 deep; 64 MiB strings, 2²⁴-entry
     /// arrays (a dataset's records as an array), 2²⁰-key maps.
     fn default() -> Self {
-        Limits { total: 10_000_000_000, per_callback: 1_000_000_000, call_depth: 64, string_size: 64 << 20, array_size: 1 << 24, map_size: 1 << 20 }
+        Limits { total: 10_000_000_000, per_callback: 1_000_000_000, call_depth: 64, string_size: 64 << 20, array_size: 1 << 24, map_size: 1 << 20, memory: default_memory() }
     }
 }
 
@@ -89,6 +92,11 @@ pub fn set(limits: Limits) {
 pub fn on_progress(ops: u64) -> Option<Dynamic> {
     SEEN.with(|s| s.set(ops));
     let limits = LIMITS.with(Cell::get);
+    // the process's memory, every 2^16 operations: a recipe growing data without end is stopped
+    // before the host runs out (a map grown by `m[k] = v` escapes Rhai's size check)
+    if ops & 0xffff == 0 && resident_bytes().is_some_and(|b| b > limits.memory) {
+        return Some(format!("the process holds more than {} MiB while the recipe's code runs: data growing without end? (raise the limit with --max-memory)", limits.memory >> 20).into());
+    }
     match DEADLINE.with(Cell::get) {
         Some(deadline) if ops > deadline => Some(
             format!("a callback ran more than {} operations in one call: an endless loop? (raise the budget with --max-callback-operations)", limits.per_callback).into(),
@@ -99,6 +107,19 @@ pub fn on_progress(ops: u64) -> Option<Dynamic> {
         ),
         None => None,
     }
+}
+
+/// The process's resident memory (Linux's `/proc/self/statm`; `None` elsewhere).
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// 90% of the machine's memory (Linux's `/proc/meminfo`; unlimited elsewhere).
+fn default_memory() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()));
+    total_kib.map_or(u64::MAX, |k| k * 1024 / 10 * 9)
 }
 
 /// Runs `f`, a call of one of the recipe's closures, under the per-callback budget.
