@@ -147,6 +147,11 @@ struct Attention {
 }
 
 impl Attention {
+    /// `x`'s queries, keys and values, split into heads `[B, H, T, D]`.
+    fn qkv(&self, x: &Tensor, heads: i64, train: bool) -> (Tensor, Tensor, Tensor) {
+        (self.heads(&self.q.forward(x, train), heads), self.heads(&self.k.forward(x, train), heads), self.heads(&self.v.forward(x, train), heads))
+    }
+
     fn heads(&self, x: &Tensor, heads: i64) -> Tensor {
         let (b, t) = (x.size()[0], x.size()[1]);
         x.view([b, t, heads, -1]).transpose(1, 2)
@@ -336,7 +341,7 @@ impl T5 {
         let heads = self.config.num_heads;
         for b in &self.encoder.blocks {
             let x = norm(&b.attn_norm, &h);
-            let (q, k, v) = (b.attn.heads(&b.attn.q.forward(&x, train), heads), b.attn.heads(&b.attn.k.forward(&x, train), heads), b.attn.heads(&b.attn.v.forward(&x, train), heads));
+            let (q, k, v) = b.attn.qkv(&x, heads, train);
             h = clamp_fp16(&h + b.attn.attend(&q, &k, &v, &bias, self.dropout(), train).dropout(self.dropout(), train));
             h = clamp_fp16(&h + b.ff.forward(&norm(&b.ff_norm, &h), self.dropout(), train).dropout(self.dropout(), train));
         }
@@ -358,7 +363,7 @@ impl T5 {
         let mut h = Tensor::embedding(&self.shared, ids, -1, false, false).dropout(self.dropout(), train);
         for (l, b) in self.decoder.blocks.iter().enumerate() {
             let x = norm(&b.attn_norm, &h);
-            let (q, mut k, mut v) = (b.attn.heads(&b.attn.q.forward(&x, train), heads), b.attn.heads(&b.attn.k.forward(&x, train), heads), b.attn.heads(&b.attn.v.forward(&x, train), heads));
+            let (q, mut k, mut v) = b.attn.qkv(&x, heads, train);
             let (cross, cross_norm) = b.cross.as_ref().expect("decoder blocks cross-attend");
             let cross_kv = |cache: &mut Option<&mut DecoderCache>| -> (Tensor, Tensor) {
                 match cache.as_deref().and_then(|c| c.layers.get(l)) {

@@ -366,6 +366,7 @@ pub struct AdapterFiles {
 
 pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpec> {
     let files = read_adapter(dir)?;
+    check_all_used(&files, &net.linears().iter().map(|l| l.name.as_str()).collect::<Vec<_>>())?;
     let AdapterFiles { spec, weights, cfg_path, file, .. } = &files;
     net.token_rows = None;
     net.embed_copy = None;
@@ -403,7 +404,6 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
         let values = weights.load(TOKEN_ROWS_KEY, &[n, hidden], kind, net.embed_tokens.device())?.set_requires_grad(true);
         net.token_rows = Some(TokenRows { ids: spec.trainable_tokens.clone(), values });
     }
-    check_all_used(&files, &net.linears().iter().map(|l| l.name.as_str()).collect::<Vec<_>>())?;
     install_adapters(net.linears_mut(), &files, kind)?;
     Ok(files.spec)
 }
