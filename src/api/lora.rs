@@ -79,7 +79,7 @@ pub struct MergeOptions {
     pub max_shard_size: Option<String>,
 }
 
-fn parse_size(s: &str) -> anyhow::Result<usize> {
+pub(crate) fn parse_size(s: &str) -> anyhow::Result<usize> {
     let s = s.trim().to_uppercase();
     let (num, mult) = if let Some(n) = s.strip_suffix("GB") {
         (n, 1e9)
@@ -94,9 +94,9 @@ fn parse_size(s: &str) -> anyhow::Result<usize> {
     Ok((v * mult) as usize)
 }
 
-fn targets_of(v: Option<serde_json::Value>) -> anyhow::Result<Targets> {
+fn targets_of(v: Option<serde_json::Value>, default: &[&str]) -> anyhow::Result<Targets> {
     Ok(match v {
-        None => Targets::Names(vec!["q_proj".into(), "v_proj".into()]),
+        None => Targets::Names(default.iter().map(|s| s.to_string()).collect()),
         Some(serde_json::Value::String(s)) if s == "all-linear" => Targets::AllLinear,
         Some(serde_json::Value::String(s)) => Targets::Regex(s),
         Some(serde_json::Value::Array(a)) => Targets::Names(
@@ -105,6 +105,23 @@ fn targets_of(v: Option<serde_json::Value>) -> anyhow::Result<Targets> {
                 .collect::<anyhow::Result<_>>()?,
         ),
         Some(other) => anyhow::bail!("add_lora: targets must be an array of names, \"all-linear\" or a regex, got {other}"),
+    })
+}
+
+/// The LoRA settings of `add_lora`'s options (`default` targets when none are named), without
+/// trainable tokens or whole modules.
+pub(crate) fn spec_of(o: &LoraOptions, default: &[&str]) -> anyhow::Result<LoraSpec> {
+    Ok(LoraSpec {
+        r: o.r.unwrap_or(8),
+        alpha: o.alpha.unwrap_or(16.0),
+        dropout: o.dropout.unwrap_or(0.0),
+        targets: targets_of(o.targets.clone(), default)?,
+        use_rslora: o.use_rslora.unwrap_or(false),
+        use_dora: o.use_dora.unwrap_or(false),
+        trainable_tokens: vec![],
+        modules_to_save: vec![],
+        adalora: None,
+        seed: o.seed.unwrap_or(0),
     })
 }
 
@@ -142,18 +159,7 @@ pub fn register(engine: &mut Engine) {
                         other => Err(anyhow::anyhow!("add_lora: trainable_tokens holds {other}; give token strings or ids")),
                     })
                     .collect::<anyhow::Result<_>>()?;
-                let spec = LoraSpec {
-                    r: o.r.unwrap_or(8),
-                    alpha: o.alpha.unwrap_or(16.0),
-                    dropout: o.dropout.unwrap_or(0.0),
-                    targets: targets_of(o.targets)?,
-                    use_rslora: o.use_rslora.unwrap_or(false),
-                    use_dora: o.use_dora.unwrap_or(false),
-                    trainable_tokens,
-                    modules_to_save: o.modules_to_save.unwrap_or_default(),
-                    adalora: None,
-                    seed: o.seed.unwrap_or(0),
-                };
+                let spec = LoraSpec { trainable_tokens, modules_to_save: o.modules_to_save.clone().unwrap_or_default(), ..spec_of(&o, &["q_proj", "v_proj"])? };
                 let what = if spec.use_dora { "DoRA" } else { "LoRA" };
                 install(&mut inner, spec, what)
             })?;
@@ -183,7 +189,7 @@ pub fn register(engine: &mut Engine) {
                     r: schedule.init_r,
                     alpha: o.alpha.unwrap_or(8.0),
                     dropout: o.dropout.unwrap_or(0.0),
-                    targets: targets_of(o.targets)?,
+                    targets: targets_of(o.targets, &["q_proj", "v_proj"])?,
                     use_rslora: false,
                     use_dora: false,
                     trainable_tokens: vec![],

@@ -1,14 +1,16 @@
 //! `Seq2SeqModel`: an encoder-decoder model (T5, Flan-T5) in a recipe, with the names a decoder
-//! has: `model.loss(source, target)`, `model.generate(source, opts)`. `load_model` returns one
-//! when the directory's config.json is a T5's.
+//! has: `model.loss(source, target)`, `model.generate(source, opts)`, `add_lora`, `train`,
+//! `save_adapter`, `load_adapter`, `save_merged`. `load_model` returns one when the directory's
+//! config.json is a T5's.
 
 use super::model::{sampling, GenerateOptions};
 use crate::generate::Sampling;
 use crate::models::t5::T5;
-use crate::nn::peft;
-use crate::script::options::{from_json, guard, parse};
+use crate::nn::peft::{self, LoraSpec};
+use crate::script::options::{from_json, guard, parse, to_json};
 use crate::tokenizer::Tokenizer;
-use rhai::{Engine, EvalAltResult, FuncRegistration, Map};
+use crate::train::seq2seq::Pair;
+use rhai::{Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext};
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
@@ -22,6 +24,8 @@ pub struct Seq2Seq {
     pub tokenizer: Tokenizer,
     pub config_json: serde_json::Value,
     pub source: String,
+    /// The adapters' settings, once `add_lora` or `load_adapter` gave it some.
+    pub lora: Option<LoraSpec>,
 }
 
 /// An encoder-decoder model shared between the recipe's variables.
@@ -40,7 +44,7 @@ pub fn load(dir: &Path, json: serde_json::Value, dtype: &str, device: tch::Devic
     let eos = net.config.eos_ids().first().copied();
     let tokenizer = Tokenizer::from_dir(dir, None, eos, Some(net.config.pad_token_id))?;
     tracing::info!("loaded {} (T5: {} + {} layers, {:?}, {device:?})", dir.display(), net.config.num_layers, net.config.decoder_layers(), net.kind);
-    Ok(Seq2Seq { net, tokenizer, config_json: json, source: dir.display().to_string() })
+    Ok(Seq2Seq { net, tokenizer, config_json: json, source: dir.display().to_string(), lora: None })
 }
 
 impl Seq2Seq {
@@ -55,6 +59,7 @@ impl Seq2Seq {
         peft::check_all_used(&files, &names.iter().map(String::as_str).collect::<Vec<_>>())?;
         peft::install_adapters(self.net.linears_mut(), &files, Kind::Float)?;
         tracing::info!("loaded adapter {} (r={}, alpha={})", dir.display(), files.spec.r, files.spec.alpha);
+        self.lora = Some(files.spec);
         Ok(())
     }
 
@@ -77,7 +82,132 @@ impl Seq2Seq {
     }
 }
 
+/// The `(source, target)` text of a record: `format` `"seq2seq"` (fields `input` and `target`;
+/// the default), `"alpaca"` (its prompt and `output`), or a function returning `#{source, target}`.
+fn texts(ctx: &NativeCallContext, format: Option<&Dynamic>, r: &serde_json::Value, at: &str) -> Res<(String, String)> {
+    use crate::data::format::{alpaca_prompt, string_field};
+    let field = |key: &str, what: &str| string_field(r, key, at, what).map_err(|e| -> Box<EvalAltResult> { format!("train: {e}").into() });
+    match format {
+        Some(f) if f.is_fnptr() => {
+            let f = f.clone().cast::<FnPtr>();
+            let v: Dynamic = crate::script::limits::callback(|| f.call_within_context(ctx, (from_json(r),))).map_err(|e| crate::script::prefix_error(e, &format!("train: the format function failed on {at}")))?;
+            let v = to_json(&v);
+            let what = "a format function returns #{source, target}";
+            let get = |key: &str| string_field(&v, key, &format!("{at} (as the format function returned it)"), what).map_err(|e| -> Box<EvalAltResult> { format!("train: {e}").into() });
+            Ok((get("source")?, get("target")?))
+        }
+        Some(f) if f.clone().into_string().is_ok_and(|n| n == "alpaca") => {
+            let what = "the alpaca template reads instruction, output and an optional input";
+            let input = r.get("input").and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+            Ok((alpaca_prompt(&field("instruction", what)?, input), field("output", what)?))
+        }
+        None => {
+            let what = "format \"seq2seq\" (the default for an encoder-decoder model) reads input and target";
+            Ok((field("input", what)?, field("target", what)?))
+        }
+        Some(f) if f.clone().into_string().is_ok_and(|n| n == "seq2seq") => {
+            let what = "format \"seq2seq\" reads input and target";
+            Ok((field("input", what)?, field("target", what)?))
+        }
+        Some(f) => Err(format!("train: an encoder-decoder model (T5) takes format \"seq2seq\", \"alpaca\" or a function returning #{{source, target}}, got {f}").into()),
+    }
+}
+
+/// The tokenized pairs of `ds`'s records, each side cut to `max_length` tokens with its EOS kept
+/// last (as transformers' tokenizer truncates T5's `$A </s>`).
+pub fn pairs(ctx: &NativeCallContext, m: &Seq2SeqModel, ds: &super::dataset::Dataset, format: Option<&Dynamic>, max_length: usize) -> Res<Vec<Pair>> {
+    let model = m.0.borrow();
+    let tok = &model.tokenizer;
+    let cut = |mut ids: Vec<i64>| {
+        if max_length > 0 && ids.len() > max_length {
+            let last = *ids.last().unwrap();
+            ids.truncate(max_length);
+            let keep_eos = tok.eos_id == Some(last);
+            if keep_eos {
+                ids[max_length - 1] = last;
+            }
+        }
+        ids
+    };
+    let mut out = Vec::with_capacity(ds.0.records.len());
+    for (i, r) in ds.0.records.iter().enumerate() {
+        let at = ds.0.place(i).to_string();
+        let (source, target) = texts(ctx, format, r, &at)?;
+        let encode = |t: &str| guard("train", || Ok(cut(tok.encode(t, true)?)));
+        let pair = Pair { source: encode(&source)?, target: encode(&target)? };
+        if pair.source.is_empty() || pair.target.is_empty() {
+            return Err(format!("train: {at}: the {} has no tokens", if pair.source.is_empty() { "source" } else { "target" }).into());
+        }
+        out.push(pair);
+    }
+    Ok(out)
+}
+
+impl Seq2SeqModel {
+    /// The model, for `what`, a call that changes it: refused while `train` runs (from a callback).
+    fn get_mut(&self, what: &str) -> anyhow::Result<std::cell::RefMut<'_, Seq2Seq>> {
+        self.0.try_borrow_mut().map_err(|_| anyhow::anyhow!("the model is training; {what} cannot change it from inside a train callback"))
+    }
+}
+
 pub fn register(engine: &mut Engine) {
+    FuncRegistration::new("add_lora")
+        .with_comments(["/// Adds LoRA (or DoRA) adapters to an encoder-decoder model: #{r, alpha, dropout, targets, use_rslora, use_dora, seed} (defaults 8, 16, 0.0, [\"q\", \"v\"] as peft's for T5; targets among q, k, v, o, wi, wi_0, wi_1, wo, lm_head)."])
+        .with_params_info(["model: &mut Seq2SeqModel", "options: Map", "Seq2SeqModel"])
+        .register_into_engine(engine, |m: &mut Seq2SeqModel, opts: Map| -> Res<Seq2SeqModel> {
+            let o: super::lora::LoraOptions = parse("add_lora", &opts)?;
+            guard("add_lora", || {
+                if o.trainable_tokens.is_some() || o.modules_to_save.is_some() {
+                    anyhow::bail!("add_lora: trainable_tokens and modules_to_save are not supported on an encoder-decoder model");
+                }
+                let spec = super::lora::spec_of(&o, &["q", "v"])?;
+                let mut inner = m.get_mut("add_lora")?;
+                let names = peft::add_adapters(&mut inner.net, &spec, Kind::Float)?;
+                tracing::info!("added LoRA r={} alpha={} to {} layers", spec.r, spec.alpha, names.len());
+                inner.lora = Some(spec);
+                Ok(())
+            })?;
+            Ok(m.clone())
+        });
+    FuncRegistration::new("train")
+        .with_comments(["/// Trains an encoder-decoder model's adapters on source/target pairs: #{train, eval, format: \"seq2seq\" | \"alpaca\" | fn(record) -> #{source, target}, ...} with the options of a decoder's train."])
+        .with_params_info(["model: Seq2SeqModel", "options: Map", "Map"])
+        .register_into_engine(engine, |ctx: NativeCallContext, m: Seq2SeqModel, opts: Map| -> Res<Map> { super::train::train_seq2seq(ctx, &m, opts) });
+    FuncRegistration::new("save_adapter")
+        .with_comments(["/// Writes an encoder-decoder model's adapter in PEFT format (task SEQ_2_SEQ_LM) plus the tokenizer files."])
+        .with_params_info(["model: &mut Seq2SeqModel", "dir: &str", "()"])
+        .register_into_engine(engine, |m: &mut Seq2SeqModel, dir: &str| -> Res<()> {
+            guard("save_adapter", || {
+                let m = m.0.borrow();
+                let spec = m.lora.as_ref().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters (call add_lora or load_adapter first)"))?;
+                let dir = &crate::api::write_path(dir)?;
+                peft::save_adapter(&m.net, spec, &m.source, dir)?;
+                m.tokenizer.save(dir)?;
+                tracing::info!("saved adapter to {}", dir.display());
+                Ok(())
+            })
+        });
+    let save_merged = |m: &mut Seq2SeqModel, dir: &str, o: super::lora::MergeOptions| -> Res<()> {
+        guard("save_merged", || {
+            let m = m.0.borrow();
+            let kind = match o.dtype.as_deref() {
+                Some(d) => crate::models::parse_dtype(d, None)?,
+                None => m.net.kind,
+            };
+            let shard = super::lora::parse_size(o.max_shard_size.as_deref().unwrap_or("5GB"))?;
+            crate::models::save::write_model_dir(&crate::api::write_path(dir)?, m.net.merged_tensors(kind), kind, shard, &m.config_json, None, &m.tokenizer)?;
+            tracing::info!("saved merged model to {dir}");
+            Ok(())
+        })
+    };
+    FuncRegistration::new("save_merged")
+        .with_comments(["/// Writes a standalone encoder-decoder model directory with the adapters folded in (safetensors, config, tokenizer)."])
+        .with_params_info(["model: &mut Seq2SeqModel", "dir: &str", "()"])
+        .register_into_engine(engine, move |m: &mut Seq2SeqModel, dir: &str| save_merged(m, dir, Default::default()));
+    FuncRegistration::new("save_merged")
+        .with_comments(["/// save_merged on an encoder-decoder model with #{dtype, max_shard_size}."])
+        .with_params_info(["model: &mut Seq2SeqModel", "dir: &str", "options: Map", "()"])
+        .register_into_engine(engine, move |m: &mut Seq2SeqModel, dir: &str, opts: Map| -> Res<()> { save_merged(m, dir, parse("save_merged", &opts)?) });
     engine.register_type_with_name::<Seq2SeqModel>("Seq2SeqModel");
     FuncRegistration::new("loss")
         .with_comments(["/// Mean cross-entropy (natural log) of `target`'s tokens, EOS included, given `source` (an encoder-decoder model: T5)."])
@@ -102,7 +232,7 @@ pub fn register(engine: &mut Engine) {
         .with_comments(["/// Loads a peft LoRA adapter directory onto an encoder-decoder model (T5 targets: q, k, v, o, wi, wi_0, wi_1, wo), replacing any it has."])
         .with_params_info(["model: &mut Seq2SeqModel", "dir: &str", "Seq2SeqModel"])
         .register_into_engine(engine, |m: &mut Seq2SeqModel, dir: &str| -> Res<Seq2SeqModel> {
-            guard("load_adapter", || m.0.try_borrow_mut().map_err(|_| anyhow::anyhow!("the model is in use"))?.load_adapter(&crate::api::read_path(dir)?))?;
+            guard("load_adapter", || m.get_mut("load_adapter")?.load_adapter(&crate::api::read_path(dir)?))?;
             Ok(m.clone())
         });
     FuncRegistration::new("get$config")

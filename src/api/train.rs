@@ -10,7 +10,7 @@ use crate::train::logger::RunLogger;
 use crate::train::schedule::Schedule;
 use crate::train::objective::{Objective, Sft};
 use crate::train::preference::{DpoLoss, Preference, PreferenceObjective};
-use crate::train::trainer::{self, Control, Hooks, TrainConfig};
+use crate::train::trainer::{self, Control, Hooks, TrainConfig, TrainModel};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
@@ -110,7 +110,7 @@ const CHOICES: &[(&str, &[&str])] = &[
     ("precision", &["auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16"]),
     ("padding", &["longest", "max_length"]),
     ("gradient_checkpointing", &["auto", "offload"]),
-    ("format", &["alpaca", "chatml", "text", "chat_template", "tokens"]),
+    ("format", &["alpaca", "chatml", "text", "chat_template", "tokens", "seq2seq"]),
     ("train_on", &["all", "last"]),
     ("on_nan", &["stop", "skip"]),
     ("on_oom", &["stop", "halve"]),
@@ -400,142 +400,148 @@ fn batch_size_of(v: Option<&serde_json::Value>) -> Result<(usize, bool), String>
     }
 }
 
-fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
+/// `train`'s options, parsed and checked before any model is looked at.
+struct Run {
+    o: TrainOptions,
+    output_dir: std::path::PathBuf,
+    train: Dataset,
+    eval: Option<Dataset>,
+    max_length: usize,
+    batch_size: usize,
+    auto_batch: bool,
+    eval_batch_size: usize,
+    objective: String,
+}
+
+fn parse_run(opts: &Map) -> Res<Run> {
     let mut json = to_json(&Dynamic::from_map(opts.clone()));
     if opts.get("format").is_some_and(|f| f.is_fnptr()) {
         json.as_object_mut().map(|o| o.remove("format"));
     }
     validate_options(&json).map_err(|e| format!("train: {e}"))?;
-    let o: TrainOptions = parse("train", &opts)?;
+    let o: TrainOptions = parse("train", opts)?;
     let output_dir = crate::api::write_path(o.output_dir.as_deref().unwrap_or("runs/ftscript")).map_err(|e| format!("train: output_dir: {e:#}"))?;
     guard("train", || claim_output_dir(&output_dir, o.resume.unwrap_or(false), o.overwrite.unwrap_or(false)))?;
-    let train_ds = dataset_opt(&opts, "train")?.ok_or("train: missing option `train` (the training Dataset)")?;
-    let eval_ds = dataset_opt(&opts, "eval")?;
-    let max_length = o.max_length.unwrap_or(1024);
+    let train = dataset_opt(opts, "train")?.ok_or("train: missing option `train` (the training Dataset)")?;
+    let eval = dataset_opt(opts, "eval")?;
     let (batch_size, auto_batch) = batch_size_of(o.batch_size.as_ref()).map_err(|e| format!("train: {e}"))?;
-    let eval_batch_size = o.eval_batch_size.unwrap_or(batch_size);
-    let objective_name = o.objective.clone().unwrap_or_else(|| "sft".into());
-    let mut objective: Box<dyn Objective> = if objective_name == "sft" {
-        let fmt = format_of(opts.get("format"), train_ds.0.records.first()).map_err(|e| -> Box<EvalAltResult> { e.to_string().into() })?;
-        let tok_opts = TokenizeOptions { max_length, train_on_prompt: o.train_on_prompt.unwrap_or(false) };
-        let train_on = if o.train_on.as_deref() == Some("last") { TrainOn::LastAssistantTurn } else { TrainOn::AllAssistantTurns };
-        let train_ex = examples(&ctx, m, &train_ds, &fmt, &tok_opts, train_on)?;
-        let eval_ex = match &eval_ds {
-            Some(d) => examples(&ctx, m, d, &fmt, &tok_opts, train_on)?,
-            None => vec![],
-        };
-        Box::new(Sft::new(train_ex, eval_ex))
-    } else {
-        guard("train", || preference_objective(&objective_name, &o, m, &train_ds, eval_ds.as_ref(), batch_size, eval_batch_size))?
+    Ok(Run {
+        max_length: o.max_length.unwrap_or(1024),
+        eval_batch_size: o.eval_batch_size.unwrap_or(batch_size),
+        objective: o.objective.clone().unwrap_or_else(|| "sft".into()),
+        o,
+        output_dir,
+        train,
+        eval,
+        batch_size,
+        auto_batch,
+    })
+}
+
+/// The loop's settings from the run's options, for a model whose frozen weights are `kind`.
+fn train_config(run: &Run, spec: &crate::nn::peft::LoraSpec, pad_id: i64, kind: tch::Kind) -> anyhow::Result<TrainConfig> {
+    let o = &run.o;
+    let precision = match o.precision.as_deref() {
+        None | Some("auto") => kind,
+        Some(p) => crate::models::parse_dtype(p, None)?,
     };
-    let mut hooks = RhaiHooks {
-        ctx: &ctx,
+    let gradient_checkpointing = match &o.gradient_checkpointing {
+        None => None,
+        Some(serde_json::Value::Bool(true)) => Some(trainer::Checkpointing::On),
+        Some(serde_json::Value::Bool(false)) => Some(trainer::Checkpointing::Off),
+        Some(serde_json::Value::String(s)) if s == "auto" => None,
+        Some(serde_json::Value::String(s)) if s == "offload" => Some(trainer::Checkpointing::Offload),
+        Some(v) => anyhow::bail!("gradient_checkpointing must be true, false, \"auto\" or \"offload\", got {v}"),
+    };
+    Ok(TrainConfig {
+        batch: BatchConfig {
+            batch_size: run.batch_size,
+            max_length: run.max_length,
+            pad_to_max_length: match o.padding.as_deref() {
+                None | Some("longest") => false,
+                Some("max_length") => true,
+                Some(p) => anyhow::bail!("padding must be \"longest\" or \"max_length\", got \"{p}\""),
+            },
+            packing: o.packing.unwrap_or(false),
+            pad_id,
+            shuffle: o.shuffle.unwrap_or(true),
+            seed: o.seed.unwrap_or(42),
+        },
+        eval_batch_size: run.eval_batch_size,
+        grad_accum: o.grad_accum.unwrap_or(1).max(1),
+        epochs: o.epochs.unwrap_or(1),
+        max_steps: o.max_steps,
+        lr: o.lr.unwrap_or(2e-4),
+        scheduler: Schedule::parse(o.scheduler.as_deref().unwrap_or("linear"))?,
+        warmup_steps: o.warmup_steps,
+        warmup_ratio: o.warmup_ratio.unwrap_or(0.0),
+        weight_decay: o.weight_decay.unwrap_or(0.0),
+        adam_beta1: o.adam_beta1.unwrap_or(0.9),
+        adam_beta2: o.adam_beta2.unwrap_or(0.999),
+        adam_eps: o.adam_eps.unwrap_or(1e-8),
+        max_grad_norm: o.max_grad_norm.unwrap_or(1.0),
+        precision,
+        gradient_checkpointing,
+        log_every: o.log_every.unwrap_or(10).max(1),
+        eval_every: o.eval_every.filter(|_| run.eval.is_some()),
+        save_every: o.save_every,
+        save_total_limit: o.save_total_limit,
+        output_dir: run.output_dir.clone(),
+        seed: o.seed.unwrap_or(42),
+        resume: o.resume.unwrap_or(false),
+        on_nan: match o.on_nan.as_deref() {
+            None | Some("stop") => trainer::OnNan::Stop,
+            Some("skip") => trainer::OnNan::Skip { max_skipped: o.max_skipped_steps.unwrap_or(10) },
+            Some(other) => anyhow::bail!("on_nan must be \"stop\" or \"skip\", got \"{other}\""),
+        },
+        inject_nan_steps: o.inject_nan_steps.clone().unwrap_or_default(),
+        on_oom: match o.on_oom.as_deref() {
+            Some("halve") => trainer::OnOom::Halve,
+            None if run.auto_batch => trainer::OnOom::Halve,
+            _ => trainer::OnOom::Stop,
+        },
+        inject_oom_rows: o.inject_oom_rows,
+        adalora: spec.adalora.clone(),
+        profile: match &o.profile {
+            Some(p) if p.start == 0 || p.steps == 0 => anyhow::bail!("profile: start and steps count from 1, got start {} steps {}", p.start, p.steps),
+            Some(p) => Some(trainer::ProfileSteps { start: p.start, steps: p.steps }),
+            None => None,
+        },
+    })
+}
+
+/// The recipe's callbacks of `opts` (`on_step`, `on_log`, `on_eval`), and `eval_generate`'s
+/// model, set and options.
+fn hooks<'a>(ctx: &'a NativeCallContext<'a>, opts: &Map, eval_generate: Option<(Model, Dataset, Map)>) -> Res<RhaiHooks<'a>> {
+    Ok(RhaiHooks {
+        ctx,
         on_step: callbacks(opts.get("on_step"), "on_step")?,
         on_log: callbacks(opts.get("on_log"), "on_log")?,
         on_eval: callbacks(opts.get("on_eval"), "on_eval")?,
-        eval_generate: match opts.get("eval_generate") {
-            None => None,
-            Some(g) => {
-                let g = g.clone().try_cast::<Map>().ok_or("train: eval_generate must be a map of evaluate's options (#{metrics, max_new_tokens, ...})")?;
-                let ds = eval_ds.clone().ok_or("train: eval_generate scores the eval set: pass eval: a Dataset")?;
-                Some((m.clone(), ds, g))
-            }
-        },
+        eval_generate,
         failure: None,
-    };
+    })
+}
+
+/// Runs the loop on `net` (its frozen weights in `cfg.precision` already, the objective
+/// prepared), the run's logs written by the main process; a callback's failure is returned as
+/// its own error (so it renders at the callback's file:line) after where training stopped.
+fn run_loop<M: TrainModel>(net: &M, spec: &crate::nn::peft::LoraSpec, source: &str, objective: &dyn Objective<M>, cfg: &TrainConfig, hooks: &mut RhaiHooks) -> Res<trainer::TrainResult> {
     let result = guard("train", || {
-        anyhow::ensure!(!crate::nn::linear::adapters_disabled(), "train cannot run inside with_adapters_disabled (the adapters it trains are switched off there)");
-        let mut model = m.get();
-        let spec = model.lora.clone().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters; call model.add_lora(#{{...}}) first"))?;
-        let precision = match o.precision.as_deref() {
-            None | Some("auto") => model.net.kind,
-            Some(p) => crate::models::parse_dtype(p, None)?,
-        };
-        let gradient_checkpointing = match &o.gradient_checkpointing {
-            None => None,
-            Some(serde_json::Value::Bool(true)) => Some(trainer::Checkpointing::On),
-            Some(serde_json::Value::Bool(false)) => Some(trainer::Checkpointing::Off),
-            Some(serde_json::Value::String(s)) if s == "auto" => None,
-            Some(serde_json::Value::String(s)) if s == "offload" => Some(trainer::Checkpointing::Offload),
-            Some(v) => anyhow::bail!("gradient_checkpointing must be true, false, \"auto\" or \"offload\", got {v}"),
-        };
-        let cfg = TrainConfig {
-            batch: BatchConfig {
-                batch_size,
-                max_length,
-                pad_to_max_length: match o.padding.as_deref() {
-                    None | Some("longest") => false,
-                    Some("max_length") => true,
-                    Some(p) => anyhow::bail!("padding must be \"longest\" or \"max_length\", got \"{p}\""),
-                },
-                packing: o.packing.unwrap_or(false),
-                pad_id: model.tokenizer.pad_id,
-                shuffle: o.shuffle.unwrap_or(true),
-                seed: o.seed.unwrap_or(42),
-            },
-            eval_batch_size,
-            grad_accum: o.grad_accum.unwrap_or(1).max(1),
-            epochs: o.epochs.unwrap_or(1),
-            max_steps: o.max_steps,
-            lr: o.lr.unwrap_or(2e-4),
-            scheduler: Schedule::parse(o.scheduler.as_deref().unwrap_or("linear"))?,
-            warmup_steps: o.warmup_steps,
-            warmup_ratio: o.warmup_ratio.unwrap_or(0.0),
-            weight_decay: o.weight_decay.unwrap_or(0.0),
-            adam_beta1: o.adam_beta1.unwrap_or(0.9),
-            adam_beta2: o.adam_beta2.unwrap_or(0.999),
-            adam_eps: o.adam_eps.unwrap_or(1e-8),
-            max_grad_norm: o.max_grad_norm.unwrap_or(1.0),
-            precision,
-            gradient_checkpointing,
-            log_every: o.log_every.unwrap_or(10).max(1),
-            eval_every: o.eval_every.filter(|_| eval_ds.is_some()),
-            save_every: o.save_every,
-            save_total_limit: o.save_total_limit,
-            output_dir: output_dir.clone(),
-            seed: o.seed.unwrap_or(42),
-            resume: o.resume.unwrap_or(false),
-            on_nan: match o.on_nan.as_deref() {
-                None | Some("stop") => trainer::OnNan::Stop,
-                Some("skip") => trainer::OnNan::Skip { max_skipped: o.max_skipped_steps.unwrap_or(10) },
-                Some(other) => anyhow::bail!("on_nan must be \"stop\" or \"skip\", got \"{other}\""),
-            },
-            inject_nan_steps: o.inject_nan_steps.clone().unwrap_or_default(),
-            on_oom: match o.on_oom.as_deref() {
-                Some("halve") => trainer::OnOom::Halve,
-                None if auto_batch => trainer::OnOom::Halve,
-                _ => trainer::OnOom::Stop,
-            },
-            inject_oom_rows: o.inject_oom_rows,
-            adalora: spec.adalora.clone(),
-            profile: match &o.profile {
-                Some(p) if p.start == 0 || p.steps == 0 => anyhow::bail!("profile: start and steps count from 1, got start {} steps {}", p.start, p.steps),
-                Some(p) => Some(trainer::ProfileSteps { start: p.start, steps: p.steps }),
-                None => None,
-            },
-        };
-        // run logs are written by the main process only
         let mut logger = if crate::dist::is_main_process() { RunLogger::create(&cfg.output_dir)? } else { RunLogger::disabled() };
-        let source = model.source.clone();
-        if model.net.kind != cfg.precision {
-            drop(model);
-            trainer::set_precision(&mut m.get_mut("train")?.net, cfg.precision);
-            model = m.get();
-        }
-        objective.prepare(&model.net, &BatchConfig { batch_size: eval_batch_size, ..cfg.batch.clone() })?;
-        // the model is only read from here on: callbacks may use it too
-        match trainer::train(&model.net, &spec, &source, objective.as_ref(), &cfg, &mut hooks, &mut logger) {
-            Ok(r) => Ok(Ok((r, cfg.output_dir))),
-            // a callback failed: its own error (so that it renders at the callback's file:line),
-            // after where training stopped (the trainer's outermost context)
+        match trainer::train(net, spec, source, objective, cfg, hooks, &mut logger) {
+            Ok(r) => Ok(Ok(r)),
             Err(e) => match hooks.failure.take() {
                 Some((what, failure)) => Ok(Err(crate::script::prefix_error(failure, &format!("train: {what}, {e}")))),
                 None => Err(e),
             },
         }
     })?;
-    let result = result?;
-    let (r, out_dir) = result;
+    result
+}
+
+/// `train`'s result map (an interrupted run exits instead, after saying how to resume).
+fn result_map(r: trainer::TrainResult, out_dir: &std::path::Path) -> Map {
     if r.interrupted {
         let at = r.checkpoint.as_ref().map(|c| format!(", checkpoint saved in {}", c.display())).unwrap_or_default();
         eprintln!("interrupted at step {}{at}; run the recipe again with `resume: true` to continue", r.steps);
@@ -554,7 +560,92 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
         r.checkpoint.map(|c| Dynamic::from(c.display().to_string())).unwrap_or(Dynamic::UNIT),
     );
     map.insert("log_history".into(), from_json(&serde_json::Value::Array(r.log_history)));
-    Ok(map)
+    map
+}
+
+fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
+    let run = parse_run(&opts)?;
+    let (o, train_ds, eval_ds) = (&run.o, &run.train, &run.eval);
+    if opts.get("format").and_then(|f| f.clone().into_string().ok()).as_deref() == Some("seq2seq") {
+        return Err("train: format \"seq2seq\" is for an encoder-decoder model (T5); this model is a decoder: use \"alpaca\", \"chatml\", \"chat_template\", \"text\" or \"tokens\"".into());
+    }
+    let mut objective: Box<dyn Objective> = if run.objective == "sft" {
+        let fmt = format_of(opts.get("format"), train_ds.0.records.first()).map_err(|e| -> Box<EvalAltResult> { e.to_string().into() })?;
+        let tok_opts = TokenizeOptions { max_length: run.max_length, train_on_prompt: o.train_on_prompt.unwrap_or(false) };
+        let train_on = if o.train_on.as_deref() == Some("last") { TrainOn::LastAssistantTurn } else { TrainOn::AllAssistantTurns };
+        let train_ex = examples(&ctx, m, train_ds, &fmt, &tok_opts, train_on)?;
+        let eval_ex = match eval_ds {
+            Some(d) => examples(&ctx, m, d, &fmt, &tok_opts, train_on)?,
+            None => vec![],
+        };
+        Box::new(Sft::new(train_ex, eval_ex))
+    } else {
+        guard("train", || preference_objective(&run.objective, o, m, train_ds, eval_ds.as_ref(), run.batch_size, run.eval_batch_size))?
+    };
+    let eval_generate = match opts.get("eval_generate") {
+        None => None,
+        Some(g) => {
+            let g = g.clone().try_cast::<Map>().ok_or("train: eval_generate must be a map of evaluate's options (#{metrics, max_new_tokens, ...})")?;
+            let ds = eval_ds.clone().ok_or("train: eval_generate scores the eval set: pass eval: a Dataset")?;
+            Some((m.clone(), ds, g))
+        }
+    };
+    let mut hooks = hooks(&ctx, &opts, eval_generate)?;
+    let (spec, source, cfg) = guard("train", || {
+        anyhow::ensure!(!crate::nn::linear::adapters_disabled(), "train cannot run inside with_adapters_disabled (the adapters it trains are switched off there)");
+        let model = m.get();
+        let spec = model.lora.clone().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters; call model.add_lora(#{{...}}) first"))?;
+        let cfg = train_config(&run, &spec, model.tokenizer.pad_id, model.net.kind)?;
+        Ok((spec, model.source.clone(), cfg))
+    })?;
+    guard("train", || {
+        if m.get().net.kind != cfg.precision {
+            trainer::set_precision(&mut m.get_mut("train")?.net, cfg.precision);
+        }
+        objective.prepare(&m.get().net, &BatchConfig { batch_size: run.eval_batch_size, ..cfg.batch.clone() })
+    })?;
+    // the model is only read from here on: callbacks may use it too
+    let r = run_loop(&m.get().net, &spec, &source, objective.as_ref(), &cfg, &mut hooks)?;
+    Ok(result_map(r, &run.output_dir))
+}
+
+/// `train` on an encoder-decoder model: supervised pairs (`format: "seq2seq"` reads `input` and
+/// `target`, `"alpaca"` maps its prompt to the source and `output` to the target, or a function
+/// returns `#{source, target}`), no packing, no preference objectives.
+pub fn train_seq2seq(ctx: NativeCallContext, m: &super::seq2seq::Seq2SeqModel, opts: Map) -> Res<Map> {
+    let run = parse_run(&opts)?;
+    let o = &run.o;
+    if run.objective != "sft" {
+        return Err(format!("train: objective \"{}\" is for decoder models; an encoder-decoder model (T5) trains on source/target pairs (objective \"sft\")", run.objective).into());
+    }
+    if o.packing == Some(true) || o.train_on_prompt.is_some() || o.train_on.is_some() || opts.contains_key("eval_generate") {
+        return Err("train: packing, train_on_prompt, train_on and eval_generate apply to decoder models; an encoder-decoder model (T5) trains on source/target pairs (score generations in an on_eval callback: model.generate and bleu / rouge_l)".into());
+    }
+    let pairs = |ds: &Dataset| super::seq2seq::pairs(&ctx, m, ds, opts.get("format"), run.max_length);
+    let train = pairs(&run.train)?;
+    let eval = match &run.eval {
+        Some(d) => pairs(d)?,
+        None => vec![],
+    };
+    let mut hooks = hooks(&ctx, &opts, None)?;
+    let (spec, source, cfg, objective) = guard("train", || {
+        anyhow::ensure!(!crate::nn::linear::adapters_disabled(), "train cannot run inside with_adapters_disabled (the adapters it trains are switched off there)");
+        let model = m.0.borrow();
+        let spec = model.lora.clone().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters; call model.add_lora(#{{...}}) first"))?;
+        let cfg = train_config(&run, &spec, model.net.config.pad_token_id, model.net.kind)?;
+        let objective = crate::train::seq2seq::Seq2SeqSft::new(train, eval, model.net.config.pad_token_id);
+        Ok((spec, model.source.clone(), cfg, objective))
+    })?;
+    guard("train", || {
+        let mut model = m.0.try_borrow_mut().map_err(|_| anyhow::anyhow!("the model is training; train cannot change it from inside a train callback"))?;
+        if model.net.kind != cfg.precision {
+            tracing::info!("casting frozen weights from {:?} to {:?} for training", model.net.kind, cfg.precision);
+            model.net.set_dtype(cfg.precision);
+        }
+        Ok(())
+    })?;
+    let r = run_loop(&m.0.borrow().net, &spec, &source, &objective, &cfg, &mut hooks)?;
+    Ok(result_map(r, &run.output_dir))
 }
 
 /// The preference objective `name` over the records of `train` (and `eval`), tokenized as TRL

@@ -14,20 +14,13 @@ use tch::{Device, Kind, Tensor};
 /// The model's tensors with adapters merged, in state-dict order, computed lazily: a 4-bit
 /// weight is dequantized (and its adapter folded in) only when its shard is written, so a
 /// QLoRA model never exists twice in memory. Each entry: name, shape, maker.
-pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, Vec<usize>, Box<dyn Fn() -> Tensor + '_>)> {
+pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<LazyTensor<'_>> {
     let net = &m.net;
     let shape = |size: Vec<i64>| -> Vec<usize> { size.into_iter().map(|d| d as usize).collect() };
-    let mut v: Vec<(String, Vec<usize>, Box<dyn Fn() -> Tensor + '_>)> = vec![];
+    let mut v: Vec<LazyTensor<'_>> = vec![];
     let dense = net.state_dict();
     let linear_of = |name: &str| net.linears().into_iter().find(|l| Some(l.name.as_str()) == name.strip_suffix(".weight"));
-    let merged = move |lin: &'_ crate::nn::Linear| -> Tensor {
-        let _g = tch::no_grad_guard();
-        let w = lin.weight.dense();
-        match &lin.adapter {
-            Some(a) => a.merged_weight(&w.to_kind(Kind::Float)).to_kind(kind).to_device(Device::Cpu),
-            None => w.to_kind(kind).to_device(Device::Cpu),
-        }
-    };
+    let merged = move |lin: &'_ crate::nn::Linear| merged_weight(lin, kind);
     let mut names: Vec<String> = dense.iter().map(|(n, _)| n.clone()).collect();
     for lin in net.linears() {
         if lin.weight.is_quantized() {
@@ -51,10 +44,37 @@ pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<(String, Vec<us
     v
 }
 
+/// A linear layer's weight in `kind` on the CPU, its adapter (if any) folded in in fp32.
+pub(crate) fn merged_weight(lin: &crate::nn::Linear, kind: Kind) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let w = lin.weight.dense();
+    match &lin.adapter {
+        Some(a) => a.merged_weight(&w.to_kind(Kind::Float)).to_kind(kind).to_device(Device::Cpu),
+        None => w.to_kind(kind).to_device(Device::Cpu),
+    }
+}
+
+/// A tensor to write: its name, its shape, and how to make it (when its shard is written).
+pub(crate) type LazyTensor<'a> = (String, Vec<usize>, Box<dyn Fn() -> Tensor + 'a>);
+
 /// Writes the merged model into `dir` with shards of at most `max_shard_bytes`.
 pub fn save_merged(m: &LoadedModel, dir: &Path, kind: Kind, max_shard_bytes: usize) -> Result<()> {
+    write_model_dir(dir, merged_tensors(m, kind), kind, max_shard_bytes, &m.config_json, m.generation_config.as_ref(), &m.tokenizer)
+}
+
+/// Writes a model directory: `tensors` in shards of at most `max_shard_bytes` (with the index
+/// when there are several), config.json with its dtype set to `kind`, generation_config.json
+/// when given, and the tokenizer's files.
+pub(crate) fn write_model_dir(
+    dir: &Path,
+    tensors: Vec<LazyTensor<'_>>,
+    kind: Kind,
+    max_shard_bytes: usize,
+    config_json: &serde_json::Value,
+    generation_config: Option<&serde_json::Value>,
+    tokenizer: &crate::tokenizer::Tokenizer,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors = merged_tensors(m, kind);
     let elt = kind.elt_size_in_bytes();
     // plan shards by size, in order
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
@@ -88,7 +108,7 @@ pub fn save_merged(m: &LoadedModel, dir: &Path, kind: Kind, max_shard_bytes: usi
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_atomic(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
     }
-    let mut config = m.config_json.clone();
+    let mut config = config_json.clone();
     if let Some(obj) = config.as_object_mut() {
         let name = super::dtype_name(kind);
         if obj.contains_key("dtype") || !obj.contains_key("torch_dtype") {
@@ -99,10 +119,10 @@ pub fn save_merged(m: &LoadedModel, dir: &Path, kind: Kind, max_shard_bytes: usi
         }
     }
     write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-    if let Some(g) = &m.generation_config {
+    if let Some(g) = generation_config {
         write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(g)?.as_bytes())?;
     }
-    m.tokenizer.save(dir)?;
+    tokenizer.save(dir)?;
     Ok(())
 }
 

@@ -332,18 +332,67 @@ impl T5 {
         (mask.to_kind(self.kind) * -1.0 + 1.0).unsqueeze(1).unsqueeze(1) * low
     }
 
+    /// The encoder's additive attention bias `[B, H, S, S]`: relative positions and key padding.
+    fn encoder_bias(&self, mask: &Tensor) -> Tensor {
+        let s = mask.size()[1];
+        let positions = Tensor::arange(s, (Kind::Int64, self.device));
+        self.position_bias(&self.encoder, &positions, s).to_kind(self.kind) + self.padding_mask(mask)
+    }
+
+    /// The decoder's self-attention bias `[1, H, T, start + T]` of queries at `start..start + t`:
+    /// relative positions, causal.
+    fn decoder_bias(&self, start: i64, t: i64) -> Tensor {
+        let positions = Tensor::arange_start(start, start + t, (Kind::Int64, self.device));
+        let keys = start + t;
+        // causal: a query sees keys up to its own position
+        let causal = Tensor::arange(keys, (Kind::Int64, self.device)).unsqueeze(0).gt_tensor(&positions.unsqueeze(1)).to_kind(self.kind) * lowest(self.kind);
+        self.position_bias(&self.decoder, &positions, keys).to_kind(self.kind) + causal
+    }
+
+    fn embed(&self, ids: &Tensor, train: bool) -> Tensor {
+        Tensor::embedding(&self.shared, ids, -1, false, false).dropout(self.dropout(), train)
+    }
+
+    /// One encoder block: `h + attn(norm h)`, then `+ ff(norm h)`.
+    fn encoder_block(&self, b: &Block, h: &Tensor, bias: &Tensor, train: bool) -> Tensor {
+        let x = norm(&b.attn_norm, h);
+        let (q, k, v) = b.attn.qkv(&x, self.config.num_heads, train);
+        let h = clamp_fp16(h + b.attn.attend(&q, &k, &v, bias, self.dropout(), train).dropout(self.dropout(), train));
+        self.feed_forward(b, h, train)
+    }
+
+    fn feed_forward(&self, b: &Block, h: Tensor, train: bool) -> Tensor {
+        clamp_fp16(&h + b.ff.forward(&norm(&b.ff_norm, &h), self.dropout(), train).dropout(self.dropout(), train))
+    }
+
+    /// A decoder block's cross-attention keys and values of `encoded`, split into heads.
+    fn cross_kv(&self, b: &Block, encoded: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let (cross, _) = b.cross.as_ref().expect("decoder blocks cross-attend");
+        let heads = self.config.num_heads;
+        (cross.heads(&cross.k.forward(encoded, train), heads), cross.heads(&cross.v.forward(encoded, train), heads))
+    }
+
+    /// One decoder block: self-attention over the keys and values `joined` makes of the block's
+    /// own (a cache prepends the earlier ones), cross-attention over `(ck, cv)`, feed-forward.
+    #[allow(clippy::too_many_arguments)]
+    fn decoder_block(&self, b: &Block, h: &Tensor, self_bias: &Tensor, cross_bias: &Tensor, (ck, cv): (&Tensor, &Tensor), joined: impl FnOnce(Tensor, Tensor) -> (Tensor, Tensor), train: bool) -> Tensor {
+        let heads = self.config.num_heads;
+        let x = norm(&b.attn_norm, h);
+        let (q, k, v) = b.attn.qkv(&x, heads, train);
+        let (k, v) = joined(k, v);
+        let h = clamp_fp16(h + b.attn.attend(&q, &k, &v, self_bias, self.dropout(), train).dropout(self.dropout(), train));
+        let (cross, cross_norm) = b.cross.as_ref().expect("decoder blocks cross-attend");
+        let cq = cross.heads(&cross.q.forward(&norm(cross_norm, &h), train), heads);
+        let h = clamp_fp16(&h + cross.attend(&cq, ck, cv, cross_bias, self.dropout(), train).dropout(self.dropout(), train));
+        self.feed_forward(b, h, train)
+    }
+
     /// The encoder's output `[B, S, d]` for `ids` `[B, S]` with `mask` `[B, S]` (1 = real token).
     pub fn encode(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
-        let s = ids.size()[1];
-        let positions = Tensor::arange(s, (Kind::Int64, self.device));
-        let bias = self.position_bias(&self.encoder, &positions, s).to_kind(self.kind) + self.padding_mask(mask);
-        let mut h = Tensor::embedding(&self.shared, ids, -1, false, false).dropout(self.dropout(), train);
-        let heads = self.config.num_heads;
+        let bias = self.encoder_bias(mask);
+        let mut h = self.embed(ids, train);
         for b in &self.encoder.blocks {
-            let x = norm(&b.attn_norm, &h);
-            let (q, k, v) = b.attn.qkv(&x, heads, train);
-            h = clamp_fp16(&h + b.attn.attend(&q, &k, &v, &bias, self.dropout(), train).dropout(self.dropout(), train));
-            h = clamp_fp16(&h + b.ff.forward(&norm(&b.ff_norm, &h), self.dropout(), train).dropout(self.dropout(), train));
+            h = self.encoder_block(b, &h, &bias, train);
         }
         norm(&self.encoder.final_norm, &h).dropout(self.dropout(), train)
     }
@@ -352,46 +401,131 @@ impl T5 {
     /// to `encoded` `[B, S, d]` (`enc_mask` `[B, S]`); with `cache`, the new keys and values are
     /// appended to it (and the cross-attention's are taken from it).
     pub fn decode(&self, ids: &Tensor, encoded: &Tensor, enc_mask: &Tensor, mut cache: Option<&mut DecoderCache>, train: bool) -> Tensor {
-        let (t, heads) = (ids.size()[1], self.config.num_heads);
+        let t = ids.size()[1];
         let start = cache.as_ref().map_or(0, |c| c.len);
-        let positions = Tensor::arange_start(start, start + t, (Kind::Int64, self.device));
-        let keys = start + t;
-        // causal: a query sees keys up to its own position
-        let causal = Tensor::arange(keys, (Kind::Int64, self.device)).unsqueeze(0).gt_tensor(&positions.unsqueeze(1)).to_kind(self.kind) * lowest(self.kind);
-        let self_bias = self.position_bias(&self.decoder, &positions, keys).to_kind(self.kind) + causal;
+        let self_bias = self.decoder_bias(start, t);
         let cross_bias = self.padding_mask(enc_mask);
-        let mut h = Tensor::embedding(&self.shared, ids, -1, false, false).dropout(self.dropout(), train);
+        let mut h = self.embed(ids, train);
         for (l, b) in self.decoder.blocks.iter().enumerate() {
-            let x = norm(&b.attn_norm, &h);
-            let (q, mut k, mut v) = b.attn.qkv(&x, heads, train);
-            let (cross, cross_norm) = b.cross.as_ref().expect("decoder blocks cross-attend");
-            let cross_kv = |cache: &mut Option<&mut DecoderCache>| -> (Tensor, Tensor) {
-                match cache.as_deref().and_then(|c| c.layers.get(l)) {
-                    Some((_, (ck, cv))) => (ck.shallow_clone(), cv.shallow_clone()),
-                    None => (cross.heads(&cross.k.forward(encoded, train), heads), cross.heads(&cross.v.forward(encoded, train), heads)),
-                }
-            };
-            let (ck, cv) = cross_kv(&mut cache);
-            if let Some(c) = cache.as_deref_mut() {
-                match c.layers.get_mut(l) {
+            let cached = cache.as_deref().and_then(|c| c.layers.get(l)).map(|(_, (ck, cv))| (ck.shallow_clone(), cv.shallow_clone()));
+            let (ck, cv) = cached.unwrap_or_else(|| self.cross_kv(b, encoded, train));
+            let joined = |k: Tensor, v: Tensor| match cache.as_deref_mut() {
+                None => (k, v),
+                Some(c) => match c.layers.get_mut(l) {
                     Some(((pk, pv), _)) => {
-                        k = Tensor::cat(&[&*pk, &k], 2);
-                        v = Tensor::cat(&[&*pv, &v], 2);
-                        (*pk, *pv) = (k.shallow_clone(), v.shallow_clone());
+                        (*pk, *pv) = (Tensor::cat(&[&*pk, &k], 2), Tensor::cat(&[&*pv, &v], 2));
+                        (pk.shallow_clone(), pv.shallow_clone())
                     }
-                    None => c.layers.push(((k.shallow_clone(), v.shallow_clone()), (ck.shallow_clone(), cv.shallow_clone()))),
-                }
-            }
-            h = clamp_fp16(&h + b.attn.attend(&q, &k, &v, &self_bias, self.dropout(), train).dropout(self.dropout(), train));
-            let x = norm(cross_norm, &h);
-            let cq = cross.heads(&cross.q.forward(&x, train), heads);
-            h = clamp_fp16(&h + cross.attend(&cq, &ck, &cv, &cross_bias, self.dropout(), train).dropout(self.dropout(), train));
-            h = clamp_fp16(&h + b.ff.forward(&norm(&b.ff_norm, &h), self.dropout(), train).dropout(self.dropout(), train));
+                    None => {
+                        c.layers.push(((k.shallow_clone(), v.shallow_clone()), (ck.shallow_clone(), cv.shallow_clone())));
+                        (k, v)
+                    }
+                },
+            };
+            h = self.decoder_block(b, &h, &self_bias, &cross_bias, (&ck, &cv), joined, train);
         }
         if let Some(c) = cache {
             c.len += t;
         }
         norm(&self.decoder.final_norm, &h).dropout(self.dropout(), train)
+    }
+
+    /// The training step of a micro-batch: the summed cross-entropy of `labels` (-100 ignored)
+    /// given the sources `ids` (`mask` 1 = real), back-propagated scaled by `weight` into the
+    /// adapters; returns the sum (detached, fp32). Dropout is drawn from `seed` (and `seed + 1 +
+    /// block` inside each block). With `checkpointing`, only each block's input is kept and
+    /// backward recomputes the block, the decoder's top down and then the encoder's, the
+    /// gradient of the encoder's output gathered from every decoder block's cross-attention.
+    pub fn loss_and_backward(&self, ids: &Tensor, mask: &Tensor, labels: &Tensor, weight: f64, checkpointing: bool, seed: i64) -> Result<Tensor> {
+        let loss_of = |h: &Tensor| -> Tensor {
+            let logits = self.head(h, true);
+            let v = logits.size()[2];
+            logits.view([-1, v]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Sum, -100, 0.0)
+        };
+        let (enc_bias, self_bias, cross_bias) = (self.encoder_bias(mask), self.decoder_bias(0, labels.size()[1]), self.padding_mask(mask));
+        let (n_enc, n_dec) = (self.encoder.blocks.len() as i64, self.decoder.blocks.len() as i64);
+        let enc_seed = |i: usize| seed + 1 + i as i64;
+        let dec_seed = |l: usize| seed + 1 + n_enc + l as i64;
+        let decoder_ids = self.shift_right(labels);
+        let decoder_block = |l: usize, h: &Tensor, encoded: &Tensor| {
+            let b = &self.decoder.blocks[l];
+            let (ck, cv) = self.cross_kv(b, encoded, true);
+            self.decoder_block(b, h, &self_bias, &cross_bias, (&ck, &cv), |k, v| (k, v), true)
+        };
+        if !checkpointing {
+            tch::manual_seed(seed);
+            let mut h = self.embed(ids, true);
+            for (i, b) in self.encoder.blocks.iter().enumerate() {
+                tch::manual_seed(enc_seed(i));
+                h = self.encoder_block(b, &h, &enc_bias, true);
+            }
+            tch::manual_seed(seed + 1 + n_enc + n_dec);
+            let encoded = norm(&self.encoder.final_norm, &h).dropout(self.dropout(), true);
+            let mut h = self.embed(&decoder_ids, true);
+            for l in 0..self.decoder.blocks.len() {
+                tch::manual_seed(dec_seed(l));
+                h = decoder_block(l, &h, &encoded);
+            }
+            tch::manual_seed(seed + 2 + n_enc + n_dec);
+            let loss = loss_of(&norm(&self.decoder.final_norm, &h).dropout(self.dropout(), true));
+            crate::cuda::autograd::backward(&[(&loss, &Tensor::from(weight as f32).to_device(loss.device()))])?;
+            return Ok(loss.detach());
+        }
+        // forward without a graph, each block's input kept
+        let (mut enc_inputs, mut dec_inputs) = (vec![], vec![]);
+        let enc_top = tch::no_grad(|| {
+            tch::manual_seed(seed);
+            let mut h = self.embed(ids, true);
+            for (i, b) in self.encoder.blocks.iter().enumerate() {
+                enc_inputs.push(h.shallow_clone());
+                tch::manual_seed(enc_seed(i));
+                h = self.encoder_block(b, &h, &enc_bias, true);
+            }
+            h
+        });
+        let enc_top = enc_top.detach().set_requires_grad(true);
+        tch::manual_seed(seed + 1 + n_enc + n_dec);
+        let encoded = norm(&self.encoder.final_norm, &enc_top).dropout(self.dropout(), true);
+        let encoded_leaf = encoded.detach().set_requires_grad(true);
+        let dec_top = tch::no_grad(|| {
+            let mut h = self.embed(&decoder_ids, true);
+            for l in 0..self.decoder.blocks.len() {
+                dec_inputs.push(h.shallow_clone());
+                tch::manual_seed(dec_seed(l));
+                h = decoder_block(l, &h, &encoded_leaf);
+            }
+            h
+        });
+        let top = dec_top.detach().set_requires_grad(true);
+        tch::manual_seed(seed + 2 + n_enc + n_dec);
+        let loss = loss_of(&norm(&self.decoder.final_norm, &top).dropout(self.dropout(), true));
+        crate::cuda::autograd::backward(&[(&loss, &Tensor::from(weight as f32).to_device(loss.device()))])?;
+        // each block recomputed with its graph and back-propagated, top down
+        let mut grad = top.grad();
+        for l in (0..dec_inputs.len()).rev() {
+            let x = dec_inputs[l].detach().set_requires_grad(l > 0);
+            tch::manual_seed(dec_seed(l));
+            let out = decoder_block(l, &x, &encoded_leaf);
+            crate::cuda::autograd::backward(&[(&out, &grad)])?;
+            if l > 0 {
+                grad = x.grad();
+            }
+        }
+        let encoded_grad = encoded_leaf.grad();
+        if encoded_grad.defined() {
+            crate::cuda::autograd::backward(&[(&encoded, &encoded_grad)])?;
+            let mut grad = enc_top.grad();
+            for i in (0..enc_inputs.len()).rev() {
+                let x = enc_inputs[i].detach().set_requires_grad(i > 0);
+                tch::manual_seed(enc_seed(i));
+                let out = self.encoder_block(&self.encoder.blocks[i], &x, &enc_bias, true);
+                crate::cuda::autograd::backward(&[(&out, &grad)])?;
+                if i > 0 {
+                    grad = x.grad();
+                }
+            }
+        }
+        Ok(loss.detach())
     }
 
     /// Logits `[B, T, V]` of decoder hidden states (scaled by `d_model^-½` first for T5 v1.0).
@@ -499,5 +633,108 @@ fn lowest(kind: Kind) -> f64 {
         Kind::BFloat16 => -3.3895313892515355e38,
         Kind::Double => f64::MIN,
         _ => f32::MIN as f64,
+    }
+}
+
+impl crate::nn::peft::Adapted for T5 {
+    fn linears(&self) -> Vec<&Linear> {
+        T5::linears(self)
+    }
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        T5::linears_mut(self)
+    }
+    fn blocks(&self) -> usize {
+        self.config.num_layers + self.config.decoder_layers()
+    }
+    fn task_type(&self) -> &'static str {
+        "SEQ_2_SEQ_LM"
+    }
+}
+
+impl crate::train::trainer::TrainModel for T5 {
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+    fn devices(&self) -> Vec<Device> {
+        vec![self.device]
+    }
+    fn head_device(&self) -> Device {
+        self.device
+    }
+    /// `row_len` counts source and target tokens together. Per token and block a T5 keeps about
+    /// `12·d + 3·d_ff` values (norms, q/k/v, attention outputs, residuals, the feed-forward's
+    /// inputs and activations; a decoder block's cross-attention about as many again, counted
+    /// by treating every token as passing two blocks' worth) plus its `[heads, T, T]` scores
+    /// and their softmax, which the position bias keeps off the fused attention kernels.
+    fn plan_checkpointing(&self, rows: u64, row_len: u64) -> (bool, String) {
+        let c = &self.config;
+        let blocks = (c.num_layers + 2 * c.decoder_layers()) as u64;
+        let per_token = 12 * c.d_model as u64 + 3 * c.d_ff as u64;
+        let elt = self.kind.elt_size_in_bytes() as u64;
+        let need = rows * row_len * blocks * per_token * elt + 2 * rows * c.num_heads as u64 * row_len * row_len * blocks * elt;
+        crate::train::memory::decide(need, self.device)
+    }
+}
+
+impl T5 {
+    /// Casts the frozen weights to `kind` (in fp16 the feed-forwards' `wo` stay fp32, as
+    /// transformers keeps them); adapters are left as they are.
+    pub fn set_dtype(&mut self, kind: Kind) {
+        let _g = tch::no_grad_guard();
+        self.shared = self.shared.to_kind(kind);
+        for stack in [&mut self.encoder, &mut self.decoder] {
+            stack.final_norm.weight = stack.final_norm.weight.to_kind(kind);
+            for b in &mut stack.blocks {
+                for n in [&mut b.attn_norm, &mut b.ff_norm].into_iter().chain(b.cross.as_mut().map(|(_, n)| n)) {
+                    n.weight = n.weight.to_kind(kind);
+                }
+                if let Some(t) = &mut b.attn.bias {
+                    *t = t.to_kind(kind);
+                }
+            }
+        }
+        let wo_kind = if kind == Kind::Half { Kind::Float } else { kind };
+        let names: Vec<bool> = self.linears().iter().map(|l| l.name.ends_with(".wo")).collect();
+        for (lin, is_wo) in self.linears_mut().into_iter().zip(names) {
+            lin.weight = Weight::Dense(lin.weight.dense().to_kind(if is_wo { wo_kind } else { kind }));
+        }
+        self.kind = kind;
+    }
+
+    /// Parameters of the base model (the embedding counted once).
+    pub fn num_params(&self) -> i64 {
+        let linears: i64 = self.linears().iter().map(|l| l.out_features() * l.in_features()).sum();
+        let norms = (self.config.num_layers * 2 + self.config.decoder_layers() * 3 + 2) as i64 * self.config.d_model;
+        let biases = 2 * self.config.relative_attention_num_buckets * self.config.num_heads;
+        self.shared.numel() as i64 + linears + norms + biases
+    }
+}
+
+impl T5 {
+    /// Every tensor of the model by transformers' name (the linear layers' adapters folded
+    /// in), in `kind` on the CPU, each made when its shard is written: what `save_merged` writes.
+    pub(crate) fn merged_tensors(&self, kind: Kind) -> Vec<super::save::LazyTensor<'_>> {
+        let shape = |t: &Tensor| t.size().into_iter().map(|d| d as usize).collect::<Vec<_>>();
+        let plain = |name: String, t: &Tensor| -> super::save::LazyTensor<'_> {
+            let t = t.shallow_clone();
+            (name, shape(&t), Box::new(move || t.detach().to_kind(kind).to_device(Device::Cpu)))
+        };
+        let mut v = vec![plain("shared.weight".into(), &self.shared)];
+        for stack in [&self.encoder, &self.decoder] {
+            for b in &stack.blocks {
+                if let Some(table) = &b.attn.bias {
+                    let prefix = b.attn.q.name.trim_end_matches(".q");
+                    v.push(plain(format!("{prefix}.relative_attention_bias.weight"), table));
+                }
+                for n in [&b.attn_norm, &b.ff_norm].into_iter().chain(b.cross.as_ref().map(|(_, n)| n)) {
+                    v.push(plain(format!("{}.weight", n.name), &n.weight));
+                }
+            }
+            v.push(plain(format!("{}.weight", stack.final_norm.name), &stack.final_norm.weight));
+        }
+        for lin in self.linears() {
+            v.push((format!("{}.weight", lin.name), shape(&lin.weight.dense()), Box::new(move || super::save::merged_weight(lin, kind))));
+        }
+        v
     }
 }

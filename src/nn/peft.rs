@@ -18,6 +18,54 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
+/// A model whose linear layers carry peft adapters (a decoder, T5): what the peft format, the
+/// trainer's checkpoints and AdaLoRA read and change.
+pub trait Adapted {
+    /// Every linear layer, named as in the base model's state dict, in a fixed order.
+    fn linears(&self) -> Vec<&Linear>;
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
+    /// Blocks a target named in every block matches at least once (warned about when fewer).
+    fn blocks(&self) -> usize;
+    /// peft's `task_type` (`CAUSAL_LM`, `SEQ_2_SEQ_LM`).
+    fn task_type(&self) -> &'static str;
+    /// Trained tensors outside the linear layers (token rows, an embedding copy), by peft key.
+    fn embedding_adapters(&self) -> Vec<(String, Tensor)> {
+        vec![]
+    }
+    /// The token ids whose embedding rows train (`trainable_token_indices`).
+    fn trainable_token_ids(&self) -> Option<Vec<i64>> {
+        None
+    }
+}
+
+impl Adapted for Decoder {
+    fn linears(&self) -> Vec<&Linear> {
+        Decoder::linears(self)
+    }
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        Decoder::linears_mut(self)
+    }
+    fn blocks(&self) -> usize {
+        self.layers.len()
+    }
+    fn task_type(&self) -> &'static str {
+        "CAUSAL_LM"
+    }
+    fn embedding_adapters(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![];
+        if let Some(t) = &self.token_rows {
+            v.push((TOKEN_ROWS_KEY.to_string(), t.values.shallow_clone()));
+        }
+        if let Some(c) = &self.embed_copy {
+            v.push((EMBED_COPY_KEY.to_string(), c.shallow_clone()));
+        }
+        v
+    }
+    fn trainable_token_ids(&self) -> Option<Vec<i64>> {
+        self.token_rows.as_ref().map(|t| t.ids.clone())
+    }
+}
+
 /// Which linear layers get adapters.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Targets {
@@ -149,11 +197,11 @@ fn yes() -> serde_json::Value {
     serde_json::Value::Bool(true)
 }
 
-/// Adds fresh adapters to every matching linear layer; returns the adapted module names.
-/// Adapters of kind `kind` (fp32 for mixed precision) on the device of the layer they adapt.
-/// Every target name must match a layer (an error names the one that does not, before any adapter
-/// is added); a name matched in fewer decoder layers than the model has is warned about.
-pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<String>> {
+/// Adds fresh adapters to every matching linear layer of `net`; returns the adapted module
+/// names. Adapters of kind `kind` (fp32 for mixed precision) on the device of the layer they
+/// adapt. Every target name must match a layer (an error names the one that does not, before any
+/// adapter is added); a name matched in fewer blocks than the model has is warned about.
+pub fn add_adapters(net: &mut dyn Adapted, spec: &LoraSpec, kind: Kind) -> Result<Vec<String>> {
     if spec.r <= 0 {
         bail!("add_lora: r must be positive, got {}", spec.r);
     }
@@ -168,8 +216,8 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
                 let hint = crate::script::options::did_you_mean(name, kinds.iter().map(String::as_str)).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
                 bail!("add_lora: target `{name}` matches no linear layer{hint}; the model's linear layers: {}", kinds.join(", "));
             }
-            if hits < net.layers.len() {
-                tracing::warn!("add_lora: target `{name}` matches {hits} module(s), fewer than the model's {} decoder layers", net.layers.len());
+            if hits < net.blocks() {
+                tracing::warn!("add_lora: target `{name}` matches {hits} module(s), fewer than the model's {} blocks", net.blocks());
             }
         }
     }
@@ -190,6 +238,12 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
     if names.is_empty() {
         bail!("add_lora: targets {:?} match no linear layer; the model's linear layers: {}", spec.targets, kinds.join(", "));
     }
+    Ok(names)
+}
+
+/// [`add_adapters`] on a decoder, then its `modules_to_save` copies and trainable token rows.
+pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<String>> {
+    let names = add_adapters(net, spec, kind)?;
     net.token_rows = None;
     net.embed_copy = None;
     for module in &spec.modules_to_save {
@@ -223,19 +277,14 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
 }
 
 /// The trainable adapter tensors, `(peft key, tensor)`, sorted by key (a fixed order on every rank).
-pub fn adapter_tensors(net: &Decoder) -> Vec<(String, Tensor)> {
+pub fn adapter_tensors(net: &dyn Adapted) -> Vec<(String, Tensor)> {
     let mut v = vec![];
     for lin in net.linears() {
         for (suffix, t) in lin.adapter.iter().flat_map(Adapter::tensors) {
             v.push((format!("base_model.model.{}.{suffix}", lin.name), t));
         }
     }
-    if let Some(t) = &net.token_rows {
-        v.push((TOKEN_ROWS_KEY.to_string(), t.values.shallow_clone()));
-    }
-    if let Some(c) = &net.embed_copy {
-        v.push((EMBED_COPY_KEY.to_string(), c.shallow_clone()));
-    }
+    v.extend(net.embedding_adapters());
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -247,7 +296,7 @@ const EMBED_COPY_KEY: &str = "base_model.model.model.embed_tokens.weight";
 const TOKEN_ROWS_KEY: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
 
 /// The distinct last path segments of adapted modules (`["q_proj", "v_proj"]`).
-fn target_suffixes(net: &Decoder) -> Vec<String> {
+fn target_suffixes(net: &dyn Adapted) -> Vec<String> {
     let mut s: Vec<String> = net
         .linears()
         .iter()
@@ -263,7 +312,7 @@ fn target_suffixes(net: &Decoder) -> Vec<String> {
 /// `spec`'s `r` and `alpha` (e.g. loaded from an adapter with patterns), keyed by module name
 /// (peft matches a key against the end of the module path). The alpha is recovered from the
 /// adapter's scale: `s·r` (or `s·√r` with rsLoRA).
-fn patterns(net: &Decoder, spec: &LoraSpec) -> (BTreeMap<String, serde_json::Value>, BTreeMap<String, f64>) {
+fn patterns(net: &dyn Adapted, spec: &LoraSpec) -> (BTreeMap<String, serde_json::Value>, BTreeMap<String, f64>) {
     let (mut ranks, mut alphas) = (BTreeMap::new(), BTreeMap::new());
     for lin in net.linears() {
         if let Some(Adapter::AdaLora(a)) = &lin.adapter {
@@ -287,7 +336,7 @@ fn patterns(net: &Decoder, spec: &LoraSpec) -> (BTreeMap<String, serde_json::Val
 
 /// Writes `adapter_config.json` + `adapter_model.safetensors` into `dir` (each atomically).
 /// AdaLoRA's tensors as peft saves them, cut to the triplets the rank pattern keeps.
-fn budgeted(net: &Decoder) -> Vec<(String, Tensor)> {
+fn budgeted(net: &dyn Adapted) -> Vec<(String, Tensor)> {
     let mut v = vec![];
     for lin in net.linears() {
         let Some(Adapter::AdaLora(a)) = &lin.adapter else { continue };
@@ -309,7 +358,7 @@ fn budgeted(net: &Decoder) -> Vec<(String, Tensor)> {
     v
 }
 
-pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path) -> Result<()> {
+pub fn save_adapter(net: &dyn Adapted, spec: &LoraSpec, base_model: &str, dir: &Path) -> Result<()> {
     let mut tensors: BTreeMap<String, Tensor> = adapter_tensors(net).into_iter().map(|(k, t)| (k, t.detach())).collect();
     tensors.extend(budgeted(net));
     if tensors.is_empty() {
@@ -339,8 +388,8 @@ pub fn save_adapter(net: &Decoder, spec: &LoraSpec, base_model: &str, dir: &Path
         rank_pattern,
         revision: None,
         target_modules,
-        task_type: Some("CAUSAL_LM".into()),
-        trainable_token_indices: net.token_rows.as_ref().map(|t| serde_json::json!(t.ids)),
+        task_type: Some(net.task_type().into()),
+        trainable_token_indices: net.trainable_token_ids().map(|ids| serde_json::json!(ids)),
         use_dora: spec.use_dora,
         use_rslora: spec.use_rslora,
         adalora: spec.adalora.clone(),
@@ -534,15 +583,20 @@ pub fn check_all_used(files: &AdapterFiles, names: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Folds every adapter into its base weight (`W ← W + s·B·A`, DoRA's rescaled form) and removes
-/// the adapters.
-pub fn merge(net: &mut Decoder) {
+/// Folds every adapter of the linear layers into its base weight (`W ← W + s·B·A`, DoRA's
+/// rescaled form) and removes the adapters.
+pub fn merge_linears(net: &mut dyn Adapted) {
     let _g = tch::no_grad_guard();
-    net.embed_tokens = net.embedding_weight().detach();
-    net.token_rows = None;
     for lin in net.linears_mut() {
         if let Some(a) = lin.adapter.take() {
             lin.weight = super::linear::Weight::Dense(a.merged_weight(&lin.weight.dense()).detach());
         }
     }
+}
+
+/// [`merge_linears`] on a decoder, its trained token rows folded into the embeddings first.
+pub fn merge(net: &mut Decoder) {
+    net.embed_tokens = tch::no_grad(|| net.embedding_weight().detach());
+    net.token_rows = None;
+    merge_linears(net);
 }

@@ -168,7 +168,11 @@ pub fn rt_any(e: anyhow::Error) -> Box<EvalAltResult> {
 
 /// Runs `f`, turning a libtorch panic into a Rhai error (nothing panics across the script boundary).
 pub fn guard<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, Box<EvalAltResult>> {
-    catch_panic(f).map_err(|e| format!("{what}: {e:#}").into())
+    catch_panic(f).map_err(|e| {
+        let msg = format!("{e:#}");
+        // a message that names the call already is not prefixed twice
+        if msg.starts_with(&format!("{what}: ")) { msg.into() } else { format!("{what}: {msg}").into() }
+    })
 }
 
 /// Runs `f`, a panic (libtorch's errors, a CUDA out-of-memory among them, arrive as panics from

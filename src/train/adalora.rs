@@ -13,7 +13,7 @@
 //! - the loss gains `w · mean ‖AAᵀ − I‖_F, ‖BᵀB − I‖_F` over every module (once per optimizer
 //!   step; peft's loop adds it to each forward).
 
-use crate::models::decoder::Decoder;
+use crate::nn::peft::Adapted;
 use crate::nn::adapters::{AdaLora, Adapter};
 use crate::nn::peft::AdaLoraSchedule;
 use anyhow::Result;
@@ -30,7 +30,7 @@ pub struct RankAllocator {
 }
 
 /// The AdaLoRA adapters of `net` with their module names, in model order.
-fn modules(net: &Decoder) -> Vec<(&str, &AdaLora)> {
+fn modules(net: &dyn Adapted) -> Vec<(&str, &AdaLora)> {
     net.linears()
         .into_iter()
         .filter_map(|l| match &l.adapter {
@@ -43,7 +43,7 @@ fn modules(net: &Decoder) -> Vec<(&str, &AdaLora)> {
 impl RankAllocator {
     /// The allocator for `net`'s AdaLoRA adapters (`None` when it has none), over a run of
     /// `run_steps` steps unless the schedule names its own `total_step`.
-    pub fn new(net: &Decoder, schedule: &AdaLoraSchedule, run_steps: usize) -> Result<Option<RankAllocator>> {
+    pub fn new(net: &dyn Adapted, schedule: &AdaLoraSchedule, run_steps: usize) -> Result<Option<RankAllocator>> {
         let ada = modules(net);
         if ada.is_empty() {
             return Ok(None);
@@ -64,7 +64,7 @@ impl RankAllocator {
 
     /// Adds `w · mean ‖PPᵀ − I‖_F` over every A (`AAᵀ`) and B (`BᵀB`) to the adapters'
     /// gradients; returns its value `mean ‖·‖_F` (detached).
-    pub fn orthogonal_backward(&self, net: &Decoder) -> Result<Tensor> {
+    pub fn orthogonal_backward(&self, net: &dyn Adapted) -> Result<Tensor> {
         let ada = modules(net);
         let mut terms = vec![];
         for (_, a) in &ada {
@@ -94,7 +94,7 @@ impl RankAllocator {
     }
 
     /// The smoothed importances after this step's gradients.
-    fn update_importance(&mut self, net: &Decoder) {
+    fn update_importance(&mut self, net: &dyn Adapted) {
         let _g = tch::no_grad_guard();
         let (b1, b2) = (self.schedule.beta1, self.schedule.beta2);
         for (slot, (_, a)) in self.ema.iter_mut().zip(modules(net)) {
@@ -109,7 +109,7 @@ impl RankAllocator {
     }
 
     /// Masks the lowest-scoring triplets beyond `budget` (`Eᵢ = 0`) and records which survive.
-    fn mask_to_budget(&self, net: &Decoder, budget: i64) -> Result<BTreeMap<String, Vec<bool>>> {
+    fn mask_to_budget(&self, net: &dyn Adapted, budget: i64) -> Result<BTreeMap<String, Vec<bool>>> {
         let _g = tch::no_grad_guard();
         let ada = modules(net);
         let scores: Vec<Tensor> = self
@@ -144,7 +144,7 @@ impl RankAllocator {
     /// After the optimizer step at 0-based `step` (gradients not yet cleared): the importances,
     /// and on an allocation step the new masks; returns `(budget, kept triplets per module)`
     /// when the masks changed.
-    pub fn update_and_allocate(&mut self, net: &Decoder, step: usize) -> Result<Option<(i64, BTreeMap<String, Vec<bool>>)>> {
+    pub fn update_and_allocate(&mut self, net: &dyn Adapted, step: usize) -> Result<Option<(i64, BTreeMap<String, Vec<bool>>)>> {
         let final_start = self.total_step - self.schedule.tfinal;
         if step < final_start {
             self.update_importance(net);
@@ -171,7 +171,7 @@ impl RankAllocator {
     /// What a checkpoint must hold beyond the adapter file to resume bit for bit: the full
     /// A, B, E (the adapter file keeps only the triplets kept), the smoothed importances, and
     /// each module's kept triplets (as 0/1).
-    pub fn checkpoint_tensors(&self, net: &Decoder) -> Vec<(String, Tensor)> {
+    pub fn checkpoint_tensors(&self, net: &dyn Adapted) -> Vec<(String, Tensor)> {
         let mut v = vec![];
         for ((name, a), ema) in modules(net).into_iter().zip(&self.ema) {
             for (t, p) in ["lora_A", "lora_B", "lora_E"].iter().zip([&a.a, &a.b, &a.e]) {
@@ -193,7 +193,7 @@ impl RankAllocator {
 
     /// Restores what [`RankAllocator::checkpoint_tensors`] saved (the parameters are restored
     /// with the others, by `checkpoint::load`).
-    pub fn restore(&mut self, net: &Decoder, saved: &crate::nn::WeightSource) -> Result<()> {
+    pub fn restore(&mut self, net: &dyn Adapted, saved: &crate::nn::WeightSource) -> Result<()> {
         let _g = tch::no_grad_guard();
         for ((name, a), ema) in modules(net).into_iter().zip(self.ema.iter_mut()) {
             let key = |what: &str, t: &str| format!("adalora.{what}.{name}.{t}");

@@ -5,8 +5,7 @@
 //! name and renamed, so a checkpoint is either complete or absent.
 
 use super::optim::AdamW;
-use crate::models::decoder::Decoder;
-use crate::nn::peft::{self, LoraSpec};
+use crate::nn::peft::{self, Adapted, LoraSpec};
 use crate::nn::weights::{save_safetensors, write_atomic, WeightSource};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -76,7 +75,7 @@ pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
 
 pub fn save(
     output_dir: &Path,
-    net: &Decoder,
+    net: &dyn Adapted,
     spec: &LoraSpec,
     base_model: &str,
     params: &[Tensor],
@@ -113,7 +112,7 @@ pub fn save(
 }
 
 /// Restores adapter weights, optimizer moments and trainer state from `dir` into the live tensors.
-pub fn load(dir: &Path, net: &Decoder, params: &[Tensor], opt: &mut AdamW) -> Result<TrainerState> {
+pub fn load(dir: &Path, net: &dyn Adapted, params: &[Tensor], opt: &mut AdamW) -> Result<TrainerState> {
     let state: TrainerState = serde_json::from_str(
         &std::fs::read_to_string(dir.join("trainer_state.json")).with_context(|| format!("cannot read {}/trainer_state.json", dir.display()))?,
     )

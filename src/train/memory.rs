@@ -25,7 +25,11 @@ pub fn activation_bytes(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, 
 
 /// `(checkpoint?, why)`: checkpoint unless the activations fit in 85% of the free device memory.
 pub fn plan(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64, device: Device) -> (bool, String) {
-    let need = activation_bytes(c, rows, row_len, kind, lora_layers_per_block);
+    decide(activation_bytes(c, rows, row_len, kind, lora_layers_per_block), device)
+}
+
+/// `(checkpoint?, why)` for activations of `need` bytes on `device`.
+pub fn decide(need: u64, device: Device) -> (bool, String) {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match crate::cuda::mem_info(device) {
         Some((free, total)) => {
@@ -33,7 +37,7 @@ pub fn plan(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_
             if (need as f64) < budget {
                 (false, format!("activations need ~{:.1} GiB, {:.1} of {:.1} GiB free: no checkpointing (faster)", gib(need), gib(free), gib(total)))
             } else {
-                (true, format!("activations need ~{:.1} GiB but only {:.1} GiB are free: checkpointing each decoder layer", gib(need), gib(free)))
+                (true, format!("activations need ~{:.1} GiB but only {:.1} GiB are free: checkpointing each layer", gib(need), gib(free)))
             }
         }
         None if device == Device::Cpu => (false, format!("on the CPU (activations ~{:.1} GiB): no checkpointing", gib(need))),

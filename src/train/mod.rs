@@ -11,4 +11,5 @@ pub mod objective;
 pub mod optim;
 pub mod preference;
 pub mod schedule;
+pub mod seq2seq;
 pub mod trainer;

@@ -43,7 +43,8 @@ pub struct Step {
 }
 
 /// What the training loop asks of an objective.
-pub trait Objective {
+/// `M` is the model the objective trains (a decoder by default; T5 for [`super::seq2seq::Seq2SeqSft`]).
+pub trait Objective<M: ?Sized = Decoder> {
     /// The token length of each example of `split` (the planner reads only these).
     fn lengths(&self, split: Split) -> &[usize];
     /// Rows one example puts in a micro-batch (2 for a chosen/rejected pair), for memory planning.
@@ -55,14 +56,14 @@ pub trait Objective {
     fn units(&self, split: Split, rows: &[Row], cfg: &BatchConfig) -> f64;
     /// The loss of the micro-batch `rows` (on the model's device) and, with `backward`, its
     /// gradients into the adapters.
-    fn step(&self, net: &Decoder, split: Split, rows: &[Row], cfg: &BatchConfig, backward: Option<Backward>) -> Result<Step>;
+    fn step(&self, net: &M, split: Split, rows: &[Row], cfg: &BatchConfig, backward: Option<Backward>) -> Result<Step>;
     /// The names of [`Step::metrics`], in order (TRL's names: `rewards/chosen`, ...).
     fn metric_names(&self) -> &'static [&'static str] {
         &[]
     }
     /// Work done once before training, with the model as it will train (DPO's precomputed
     /// reference log-probabilities); `cfg` gives the batches.
-    fn prepare(&mut self, _net: &Decoder, _cfg: &BatchConfig) -> Result<()> {
+    fn prepare(&mut self, _net: &M, _cfg: &BatchConfig) -> Result<()> {
         Ok(())
     }
     /// Entries an evaluation adds to `eval_loss` (SFT: perplexity and tokens).

@@ -28,7 +28,7 @@ use super::optim::{clip_grad_norm, zero_grads, AdamW};
 use super::schedule::{lr_at, Schedule};
 use crate::dist::ProcessGroup;
 use crate::models::decoder::Decoder;
-use crate::nn::peft::{self, LoraSpec};
+use crate::nn::peft::{self, Adapted, LoraSpec};
 use anyhow::{bail, Result};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -76,6 +76,34 @@ pub struct TrainConfig {
 }
 
 pub use crate::models::Checkpointing;
+
+/// What the loop asks of the model it trains (a decoder, T5), besides its adapters: its dtype,
+/// its devices, and whether a micro-batch's activations fit without checkpointing.
+pub trait TrainModel: Adapted {
+    /// The frozen weights' dtype.
+    fn kind(&self) -> Kind;
+    /// The devices the model uses, the inputs' first.
+    fn devices(&self) -> Vec<tch::Device>;
+    /// Where the loss is computed.
+    fn head_device(&self) -> tch::Device;
+    /// Whether `rows` rows of `row_len` tokens need checkpointing on this device, and why.
+    fn plan_checkpointing(&self, rows: u64, row_len: u64) -> (bool, String);
+}
+
+impl TrainModel for Decoder {
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+    fn devices(&self) -> Vec<tch::Device> {
+        Decoder::devices(self)
+    }
+    fn head_device(&self) -> tch::Device {
+        self.head_device
+    }
+    fn plan_checkpointing(&self, rows: u64, row_len: u64) -> (bool, String) {
+        super::memory::plan(&self.config, rows, row_len, self.kind, self.adapted_per_layer() as u64, self.device)
+    }
+}
 
 /// What a step with a non-finite loss or gradient norm does (fp16's overflow steps, which its loss
 /// scaling expects, are skipped either way).
@@ -130,7 +158,7 @@ pub trait Hooks {
 
 /// Stops `running` once the GPUs are idle and writes `profile/trace.json` and
 /// `profile/summary.txt` (also logged) under `dir`.
-fn write_profile(running: crate::cuda::profile::Profiler, net: &Decoder, dir: &std::path::Path, p: ProfileSteps) -> Result<()> {
+fn write_profile(running: crate::cuda::profile::Profiler, net: &dyn TrainModel, dir: &std::path::Path, p: ProfileSteps) -> Result<()> {
     for d in net.devices() {
         if let tch::Device::Cuda(i) = d {
             tch::Cuda::synchronize(i as i64);
@@ -172,11 +200,11 @@ fn insert_metrics(m: &mut Map<String, Value>, prefix: &str, names: &[&str], sums
 /// The objective's mean loss and metrics over its evaluation examples, without gradients, as
 /// logged: `eval_loss`, `eval_<metric>`, and the objective's extras. With `pg`, the micro-batches
 /// are shared out across its ranks and the sums reduced.
-pub fn evaluate(net: &Decoder, objective: &dyn Objective, cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<Map<String, Value>> {
+pub fn evaluate<M: TrainModel>(net: &M, objective: &dyn Objective<M>, cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<Map<String, Value>> {
     let _g = tch::no_grad_guard();
     let cfg = BatchConfig { shuffle: false, ..cfg.clone() };
     let names = objective.metric_names();
-    let mut sums = Tensor::zeros([1 + 2 * names.len() as i64], (Kind::Double, net.head_device));
+    let mut sums = Tensor::zeros([1 + 2 * names.len() as i64], (Kind::Double, net.head_device()));
     let mut units = 0.0;
     let (rank, world) = pg.map(|g| (g.rank, g.world_size)).unwrap_or((0, 1));
     for (j, rows) in plan_epoch(objective.lengths(Split::Eval), &cfg, 0).into_iter().enumerate() {
@@ -184,7 +212,7 @@ pub fn evaluate(net: &Decoder, objective: &dyn Objective, cfg: &BatchConfig, pg:
             continue;
         }
         let step = objective.step(net, Split::Eval, &rows, &cfg, None)?;
-        sums += stack_sums(&step.loss, &step.metrics).to_device(net.head_device);
+        sums += stack_sums(&step.loss, &step.metrics).to_device(net.head_device());
         units += objective.units(Split::Eval, &rows, &cfg);
     }
     let mut sums = Vec::<f64>::try_from(sums)?;
@@ -259,11 +287,11 @@ fn asks_stop(outcome: Result<Control>, failure: &mut Option<anyhow::Error>) -> b
 
 /// Trains the model's LoRA adapters (the frozen weights already in `cfg.precision`:
 /// [`set_precision`]).
-pub fn train(
-    net: &Decoder,
+pub fn train<M: TrainModel>(
+    net: &M,
     spec: &LoraSpec,
     base_model: &str,
-    objective: &dyn Objective,
+    objective: &dyn Objective<M>,
     cfg: &TrainConfig,
     hooks: &mut dyn Hooks,
     logger: &mut RunLogger,
@@ -277,7 +305,7 @@ pub fn train(
         bail!("the training set is empty");
     }
     let names = objective.metric_names();
-    anyhow::ensure!(net.kind == cfg.precision, "the frozen weights are {:?}, the run's precision {:?}", net.kind, cfg.precision);
+    anyhow::ensure!(net.kind() == cfg.precision, "the frozen weights are {:?}, the run's precision {:?}", net.kind(), cfg.precision);
     let fp16 = cfg.precision == Kind::Half;
     let pg = crate::dist::group()?;
     let (rank, world) = pg.map(|g| (g.rank, g.world_size)).unwrap_or((0, 1));
@@ -335,7 +363,7 @@ pub fn train(
         opt.step = pos[5] as _;
         // give every adapter a (zero) gradient, so a rank without micro-batches in a window
         // still has a full bucket to contribute
-        let zero = params.iter().map(|p| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, net.device)), |a, b| a + b);
+        let zero = params.iter().map(|p| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, net.devices()[0])), |a, b| a + b);
         zero.backward();
     }
     let checkpointing = match cfg.gradient_checkpointing {
@@ -344,7 +372,7 @@ pub fn train(
             let longest = lengths.iter().copied().max().unwrap_or(1).min(cfg.batch.max_length);
             let row = if cfg.batch.packing || cfg.batch.pad_to_max_length { cfg.batch.max_length } else { longest };
             let rows = cfg.batch.batch_size * objective.rows_per_example();
-            let (on, why) = super::memory::plan(&net.config, rows as u64, row as u64, net.kind, net.adapted_per_layer() as u64, net.device);
+            let (on, why) = net.plan_checkpointing(rows as u64, row as u64);
             tracing::info!("gradient_checkpointing auto: {why}");
             if on { Checkpointing::On } else { Checkpointing::Off }
         }
@@ -402,7 +430,7 @@ pub fn train(
         if queued < total_steps && !stop && !profile_ends {
             if let Some(p) = cfg.profile.filter(|p| main && p.start == queued + 1) {
                 tracing::info!("profiling steps {}..={}", p.start, p.start + p.steps - 1);
-                profiler = Some(crate::cuda::profile::start(net.device.is_cuda())?);
+                profiler = Some(crate::cuda::profile::start(net.devices()[0].is_cuda())?);
             }
             if position >= plan.len() {
                 epoch += 1;
@@ -418,7 +446,7 @@ pub fn train(
             let weight = if poisoned { f64::NAN } else { state.loss_scale / units.max(1.0) };
             let (mut sums, tokens) = loop {
                 let run = || -> Result<(Tensor, i64)> {
-                    let mut sums = Tensor::zeros([1 + 2 * names.len() as i64], (Kind::Double, net.head_device));
+                    let mut sums = Tensor::zeros([1 + 2 * names.len() as i64], (Kind::Double, net.head_device()));
                     let mut tokens = 0i64;
                     let mine = window_rows.iter().enumerate().filter(|(k, _)| k % world == rank);
                     // each micro-batch as `split` smaller ones, numbered as a run with that many more would number them
@@ -430,7 +458,7 @@ pub fn train(
                             }
                             objective.step(net, Split::Train, rows, &cfg.batch, Some(Backward { weight, checkpointing, seed }))
                         })?;
-                        sums += stack_sums(&step.loss, &step.metrics).to_device(net.head_device);
+                        sums += stack_sums(&step.loss, &step.metrics).to_device(net.head_device());
                         tokens += step.tokens;
                     }
                     Ok((sums, tokens))

@@ -1,6 +1,8 @@
 """Makes tiny random-init T5 models with transformers and the references ftscript must match.
 
 usage: t5_reference.py OUT_DIR NAME
+       t5_reference.py train OUT_DIR NAME       (after the first)
+       t5_reference.py losses MODEL ADAPTER|- PAIRS_JSON OUT_JSON
 
 NAME: t5 (v1.0: ReLU feed-forward, embeddings tied to the head, whose input is scaled by
 d_model^-0.5) or flan_t5 (v1.1 / Flan-T5: gated-GELU, an untied head, unscaled). Writes
@@ -17,6 +19,16 @@ OUT_DIR/NAME/reference.safetensors with
 and OUT_DIR/NAME/reference.json with text pairs, their losses and greedy generations, and with
 the losses of the pairs under OUT_DIR/NAME/peft_adapter, a peft LoRA (q, v, wo; random B) made
 on the model.
+
+`train` copies the model to OUT_DIR/NAME_train/ without dropout and writes there train.jsonl
+(`{input, target}` records), init/ (peft's fresh LoRA on q, v, wo: B = 0, the start point) and
+hf.json: the per-step losses of HF `Seq2SeqTrainer` + peft from init/ over TRAIN's settings, the
+records in order, and the losses of PAIRS under the adapter it trained (hf_trained/). The loss is
+the token mean over each optimizer step's micro-batches (Trainer's `num_items_in_batch`, which
+T5's own loss ignores: under accumulation it would sum per-micro-batch means).
+
+`losses` writes the losses (transformers' `loss` with `labels`) of PAIRS_JSON's
+`[[source, target], ...]` under MODEL (with ADAPTER loaded by `PeftModel.from_pretrained`).
 """
 import copy
 import json
@@ -27,7 +39,14 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from peft import LoraConfig, get_peft_model
-from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+import shutil
+
+from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config,
+                          T5ForConditionalGeneration)
+from peft import PeftModel
+
+# the settings of tests/seq2seq.rs's training run
+TRAIN = dict(batch_size=4, grad_accum=2, steps=20, lr=2e-3, warmup=2, weight_decay=0.01, max_grad_norm=0.5)
 
 CORPUS = [
     "summarize: The quick brown fox jumps over the lazy dog.",
@@ -144,5 +163,92 @@ def main():
     print(f"made {d}")
 
 
+def train_records():
+    """48 source/target pairs of ragged lengths from the corpus' words."""
+    words = " ".join(CORPUS[:4]).replace(";", "").replace(".", "").split()
+    gen = torch.Generator().manual_seed(5)
+    records = []
+    for i in range(48):
+        n = 3 + int(torch.randint(0, 12, (1,), generator=gen))
+        src = [words[int(j)] for j in torch.randint(0, len(words), (n,), generator=gen)]
+        records.append({"input": "summarize: " + " ".join(src), "target": " ".join(src[: 1 + n // 3])})
+    return records
+
+
+def loss_of(model, tok, source, target):
+    enc = tok(source, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc, labels=tok(target, return_tensors="pt").input_ids).loss.item()
+
+
+def train(out, name):
+    src, d = os.path.join(out, name), os.path.join(out, name + "_train")
+    shutil.copytree(src, d, dirs_exist_ok=True)
+    with open(os.path.join(d, "config.json")) as f:
+        config = json.load(f)
+    config["dropout_rate"] = 0.0
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    records = train_records()
+    with open(os.path.join(d, "train.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tok = AutoTokenizer.from_pretrained(d)
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "wo"], lora_dropout=0.0, task_type="SEQ_2_SEQ_LM")
+    get_peft_model(T5ForConditionalGeneration.from_pretrained(d, dtype=torch.float32), lora).save_pretrained(os.path.join(d, "init"))
+    model = PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(d, dtype=torch.float32), os.path.join(d, "init"), is_trainable=True)
+    rows = [{"input_ids": tok(r["input"]).input_ids, "labels": tok(r["target"]).input_ids} for r in records]
+
+    def collate(batch):
+        pad = lambda xs, v, w: xs + [v] * (w - len(xs))
+        ws, wt = max(len(r["input_ids"]) for r in batch), max(len(r["labels"]) for r in batch)
+        labels = torch.tensor([pad(r["labels"], -100, wt) for r in batch])
+        start = torch.full((len(batch), 1), config["decoder_start_token_id"])
+        return {"input_ids": torch.tensor([pad(r["input_ids"], 0, ws) for r in batch]),
+                "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0, ws) for r in batch]),
+                "decoder_input_ids": torch.cat([start, labels[:, :-1].masked_fill(labels[:, :-1] == -100, 0)], 1),
+                "labels": labels}
+
+    def token_mean(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"]
+        return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), labels.view(-1), ignore_index=-100,
+                                                 reduction="sum") / num_items_in_batch
+
+    class InOrder(Seq2SeqTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    args = Seq2SeqTrainingArguments(
+        output_dir=os.path.join(d, "hf"), per_device_train_batch_size=TRAIN["batch_size"],
+        gradient_accumulation_steps=TRAIN["grad_accum"], max_steps=TRAIN["steps"], learning_rate=TRAIN["lr"],
+        lr_scheduler_type="linear", warmup_steps=TRAIN["warmup"], weight_decay=TRAIN["weight_decay"],
+        max_grad_norm=TRAIN["max_grad_norm"], logging_steps=1, save_strategy="no", report_to=[],
+        seed=0, use_cpu=True, disable_tqdm=True, remove_unused_columns=False)
+    trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=collate, compute_loss_func=token_mean)
+    trainer.train()
+    model.save_pretrained(os.path.join(d, "hf_trained"))
+    model.eval()
+    pairs = [[r["input"], r["target"]] for r in records[:3]]
+    json.dump({"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "settings": TRAIN, "pairs": pairs,
+               "trained_pair_losses": [loss_of(model, tok, s_, t_) for s_, t_ in pairs]},
+              open(os.path.join(d, "hf.json"), "w"), indent=1)
+    print(f"trained {d}")
+
+
+def losses(model_dir, adapter, pairs_json, out_json):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = T5ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter != "-":
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    json.dump([loss_of(model, tok, s_, t_) for s_, t_ in json.load(open(pairs_json))], open(out_json, "w"))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "train":
+        train(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "losses":
+        losses(*sys.argv[2:6])
+    else:
+        main()
