@@ -97,6 +97,10 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     std::fs::write(d.join("pairs.jsonl"), pairs.join("\n")).unwrap();
     let t = run(&["run"], "t5_eval.rhai", &[("model_dir", out("flan_t5")), ("adapter_dir", out("flan_t5/peft_adapter")), ("data_file", out("pairs.jsonl")), ("n_eval", "4".into()), ("max_new_tokens", "8".into())]);
     assert!(t.contains("mean loss of the references") && t.contains("ROUGE-L"), "{t}");
+    let docs: Vec<String> = (0..10).map(|i| serde_json::json!({"document": format!("record {i}: the quick brown fox jumps over the lazy dog"), "summary": format!("fox {i}")}).to_string()).collect();
+    std::fs::write(d.join("docs.jsonl"), docs.join("\n")).unwrap();
+    let t = run(&["run"], "t5_summarize.rhai", &[("model_dir", out("flan_t5")), ("data_file", out("docs.jsonl")), ("n_eval", "3".into()), ("max_steps", "3".into()), ("max_new_tokens", "6".into()), ("out_dir", "runs/t5".into())]);
+    assert!(t.contains("step 3: eval_loss") && t.contains("ROUGE-L") && t.contains("trained 3 steps"), "{t}");
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
     run(&["run"], "eval_metrics.rhai", &[]);
     run(&["run"], "inspect.rhai", &[("model_dir", model.clone())]);

@@ -621,6 +621,9 @@ pub fn train_seq2seq(ctx: NativeCallContext, m: &super::seq2seq::Seq2SeqModel, o
     if o.packing == Some(true) || o.train_on_prompt.is_some() || o.train_on.is_some() || opts.contains_key("eval_generate") {
         return Err("train: packing, train_on_prompt, train_on and eval_generate apply to decoder models; an encoder-decoder model (T5) trains on source/target pairs (score generations in an on_eval callback: model.generate and bleu / rouge_l)".into());
     }
+    if m.0.borrow().lora.is_none() {
+        return Err("train: the model has no LoRA adapters; call model.add_lora(#{...}) first".into());
+    }
     let pairs = |ds: &Dataset| super::seq2seq::pairs(&ctx, m, ds, opts.get("format"), run.max_length);
     let train = pairs(&run.train)?;
     let eval = match &run.eval {

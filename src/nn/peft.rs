@@ -213,7 +213,9 @@ pub fn add_adapters(net: &mut dyn Adapted, spec: &LoraSpec, kind: Kind) -> Resul
         for name in names {
             let hits = modules.iter().filter(|m| Targets::Names(vec![name.clone()]).matches(m).unwrap_or(false)).count();
             if hits == 0 {
-                let hint = crate::script::options::did_you_mean(name, kinds.iter().map(String::as_str)).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+                // a decoder's name on T5 (`q_proj` for `q`) gets T5's
+                let t5_name = name.strip_suffix("_proj").filter(|n| kinds.iter().any(|k| k == n));
+                let hint = crate::script::options::did_you_mean(name, kinds.iter().map(String::as_str)).or(t5_name).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
                 bail!("add_lora: target `{name}` matches no linear layer{hint}; the model's linear layers: {}", kinds.join(", "));
             }
             if hits < net.blocks() {
