@@ -11,6 +11,7 @@ pub const TEMPLATES: &[(&str, &str, &str)] = &[
     ("chat", "qwen3_chat.rhai", include_str!("../scripts/qwen3_chat.rhai")),
     ("multi-gpu", "multi_gpu.rhai", include_str!("../scripts/multi_gpu.rhai")),
     ("dpo", "dpo.rhai", include_str!("../scripts/dpo.rhai")),
+    ("seq2seq", "t5_summarize.rhai", include_str!("../scripts/t5_summarize.rhai")),
 ];
 
 /// Writes template `template` to `name` (`.rhai` added when missing); never overwrites.

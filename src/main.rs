@@ -181,7 +181,8 @@ enum Command {
         sandbox: SandboxArgs,
     },
     /// Start a recipe from a commented template: lora, qlora, chat (multi-turn SFT with the
-    /// model's chat template), multi-gpu, dpo (SFT then DPO, scored before and after).
+    /// model's chat template), multi-gpu, dpo (SFT then DPO, scored before and after), seq2seq
+    /// (LoRA on T5 / Flan-T5 for summarization, scored by generation).
     Init {
         /// The new recipe's file (`.rhai` is added when it has no extension).
         name: PathBuf,
