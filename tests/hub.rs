@@ -420,3 +420,49 @@ fn python_uploads_ftscript_downloads_and_the_cache_is_shared_both_ways() {
     assert!(!miss.status.success() && mt.contains("org/absent") && mt.contains("HF_HUB_OFFLINE"), "{mt}");
     assert_token_absent(&[&online, &resumed, &off, &miss, &loaded], &[t]);
 }
+
+/// The gallery's release pipeline to the end: `scripts/multi_stage.rhai` trains the tiny model,
+/// scores it, merges it and, above its threshold, publishes the merged model to the test Hub
+/// (Python downloads the bytes it wrote); below the threshold it publishes nothing.
+#[test]
+fn the_multi_stage_recipe_releases_to_the_hub_only_above_its_threshold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let hub = Hub::start(&t.join("server"), 20_000_000, 8_000_000);
+    let home = t.join("home");
+    let model = tiny_chat_model(t);
+    let lines: Vec<String> = (0..12).map(|i| serde_json::json!({"instruction": "As JSON.", "input": format!("age: {i}"), "output": format!("{{\"age\": {i}}}")}).to_string()).collect();
+    std::fs::write(t.join("kv.jsonl"), lines.join("\n")).unwrap();
+    let script = common::root().join("scripts/multi_stage.rhai");
+    let release = |threshold: &str, out: &str| {
+        let sets = [
+            format!("model_dir={:?}", model.display().to_string()),
+            "data_file=\"kv.jsonl\"".into(),
+            format!("output_dir={out:?}"),
+            "n_eval=2".into(),
+            "max_steps=2".into(),
+            format!("threshold={threshold}"),
+            "require_improvement=false".into(),
+            "repo_id=\"org/released\"".into(),
+        ];
+        let mut args = vec!["run", "--allow-push", script.to_str().unwrap()];
+        for kv in &sets {
+            args.extend(["--set", kv.as_str()]);
+        }
+        ft(&args, t, &hub.url, &home, false)
+    };
+    let above = release("0.0", "runs/a");
+    let at = text(&above);
+    assert!(above.status.success() && at.contains("released: "), "{at}");
+    let commits = hub.commits("org/released");
+    assert_eq!(commits.len(), 1);
+    let out = t.join("down.json");
+    client(&["download", "org/released", out.to_str().unwrap()], &hub.url, &t.join("home_py"), false);
+    let (_, mut files) = downloaded(&out);
+    files.remove("README.md");
+    assert_eq!(files, digests(&t.join("runs/a/merged")));
+    let below = release("2.0", "runs/b");
+    let bt = text(&below);
+    assert!(below.status.success() && bt.contains("not released") && !t.join("runs/b/merged").exists(), "{bt}");
+    assert_eq!(hub.commits("org/released").len(), 1, "a run below the threshold must not publish");
+}

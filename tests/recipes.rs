@@ -6,23 +6,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-/// ChatML, for the tiny model (the shipped recipes prompt through the model's chat template).
-const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
-
-/// The tiny Llama with a chat template.
-fn tiny_chat_model(d: &Path) -> PathBuf {
-    with_chat_template(tiny_llama(d))
-}
-
-/// The tiny model at `model`, given a chat template.
-fn with_chat_template(model: PathBuf) -> PathBuf {
-    let path = model.join("tokenizer_config.json");
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["chat_template"] = CHAT_TEMPLATE.into();
-    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-    model
-}
-
 /// `ftscript <command> scripts/<script> --set k=v ...` in `cwd`; panics with the output on failure.
 fn run_script(command: &[&str], script: &str, sets: &[(&str, String)], cwd: &Path) -> String {
     let path = root().join("scripts").join(script);
@@ -101,6 +84,10 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     std::fs::write(d.join("docs.jsonl"), docs.join("\n")).unwrap();
     let t = run(&["run"], "t5_summarize.rhai", &[("model_dir", out("flan_t5")), ("data_file", out("docs.jsonl")), ("n_eval", "3".into()), ("max_steps", "3".into()), ("max_new_tokens", "6".into()), ("out_dir", "runs/t5".into())]);
     assert!(t.contains("step 3: eval_loss") && t.contains("ROUGE-L") && t.contains("trained 3 steps"), "{t}");
+    let t = run(&["run"], "multi_stage.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("stages")), ("n_eval", "2".into()), ("max_steps", "2".into()), ("threshold", "0.0".into()), ("require_improvement", "false".into())]);
+    assert!(t.contains("base: exact match") && t.contains("merged into") && d.join("stages/merged/config.json").exists(), "{t}");
+    let t = run(&["run"], "early_stop_on_generations.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("gen-stop")), ("n_eval", "2".into()), ("max_steps", "8".into()), ("eval_every", "2".into()), ("patience", "1".into())]);
+    assert!(t.contains("step 2: eval_loss") && t.contains("parse rate") && t.contains("early: true"), "{t}");
     run(&["run"], "data_prep.rhai", &[("data_file", data.clone())]);
     run(&["run"], "eval_metrics.rhai", &[]);
     run(&["run"], "inspect.rhai", &[("model_dir", model.clone())]);
@@ -108,7 +95,7 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     assert!(t.contains("trained 2 steps") && d.join("gguf/model-q4_k_m.gguf").exists() && d.join("gguf/adapter.gguf").exists() && d.join("gguf/Modelfile").exists(), "{t}");
     run(&["run"], "import_gguf.rhai", &[("gguf", s(demo_gguf().display().to_string())), ("out_dir", out("imported"))]);
     run(&["launch", "--nproc-per-node", "2"], "multi_gpu.rhai", &[("model_path", model.clone()), ("data_path", data.clone()), ("out", out("multi")), ("dtype", s("fp32")), ("max_steps", "2".into())]);
-    // push_adapter.rhai needs the test Hub: tests/hub.rs runs it to the end
+    // push_adapter.rhai needs the test Hub: tests/hub.rs runs it (and multi_stage.rhai's release) to the end
     ran.push("push_adapter.rhai");
     let mut shipped: Vec<String> = std::fs::read_dir(root().join("scripts"))
         .unwrap()
@@ -307,7 +294,7 @@ fn mistakes_fail_before_the_first_step_and_name_the_fix() {
     }
     // a target that matches fewer modules than the model has layers: a warning, and training runs
     let partial = run_recipe(d, "partial.rhai", &mistake_recipe(&model, "targets: [\"layers.0.self_attn.q_proj\", \"v_proj\"]", "output_dir: \"p\""));
-    if !partial.contains("target `layers.0.self_attn.q_proj` matches 1 module(s), fewer than the model's 3 decoder layers") {
+    if !partial.contains("target `layers.0.self_attn.q_proj` matches 1 module(s), fewer than the model's 3 layers") {
         failed.push(format!("partial target match: no warning:\n{partial}"));
     }
     // an output_dir that holds a run: refused, unless resume or overwrite

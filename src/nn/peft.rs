@@ -219,7 +219,7 @@ pub fn add_adapters(net: &mut dyn Adapted, spec: &LoraSpec, kind: Kind) -> Resul
                 bail!("add_lora: target `{name}` matches no linear layer{hint}; the model's linear layers: {}", kinds.join(", "));
             }
             if hits < net.blocks() {
-                tracing::warn!("add_lora: target `{name}` matches {hits} module(s), fewer than the model's {} blocks", net.blocks());
+                tracing::warn!("add_lora: target `{name}` matches {hits} module(s), fewer than the model's {} layers", net.blocks());
             }
         }
     }

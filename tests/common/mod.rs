@@ -145,3 +145,20 @@ pub fn py_eval(code: &str) -> String {
     assert!(out.status.success(), "python -c {code:?} failed:\n{}", text(&out));
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// ChatML, for the tiny model (the shipped recipes prompt through the model's chat template).
+pub const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// The tiny Llama with a chat template.
+pub fn tiny_chat_model(d: &Path) -> PathBuf {
+    with_chat_template(tiny_llama(d))
+}
+
+/// The tiny model at `model`, given a chat template.
+pub fn with_chat_template(model: PathBuf) -> PathBuf {
+    let path = model.join("tokenizer_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["chat_template"] = CHAT_TEMPLATE.into();
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    model
+}
