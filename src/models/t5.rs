@@ -185,6 +185,22 @@ fn norm(n: &RmsNorm, x: &Tensor) -> Tensor {
     &n.weight * y
 }
 
+/// `(h + delta, norm(h + delta))` (the fp16 sum clamped). Training on a GPU in bf16 or fp32
+/// ([`crate::nn::fused`]) the add and the norm are one kernel each way
+/// ([`RmsNorm::forward_residual`], rounding once where transformers rounds twice); otherwise
+/// T5's op sequence.
+fn add_norm(n: &RmsNorm, h: &Tensor, delta: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
+    if crate::nn::fused(h, train) && h.kind() != Kind::Half && h.kind() == n.weight.kind() {
+        return n.forward_residual(h, delta, train);
+    }
+    let h = match delta {
+        Some(d) => clamp_fp16(h + d),
+        None => h.shallow_clone(),
+    };
+    let x = norm(n, &h);
+    (h, x)
+}
+
 /// transformers' `gelu_new`, `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`, op by op as it computes
 /// it (in half precision each op rounds, unlike libtorch's fused tanh-GELU).
 fn gelu_new(x: &Tensor) -> Tensor {
@@ -208,7 +224,10 @@ impl FeedForward {
             "relu" => t.relu(),
             "silu" => t.silu(),
             "gelu" if self.wi.len() == 1 => t.gelu("none"),
-            _ => gelu_new(&t), // `gated-gelu` is transformers' gelu_new
+            // `gated-gelu` is transformers' gelu_new: training on a GPU, libtorch's one-kernel
+            // tanh-GELU (the same function, rounded once)
+            _ if crate::nn::fused(&t, train) => t.gelu("tanh"),
+            _ => gelu_new(&t),
         };
         let h = match self.wi.as_slice() {
             [wi] => act(wi.forward(x, train)),
@@ -355,14 +374,16 @@ impl T5 {
 
     /// One encoder block: `h + attn(norm h)`, then `+ ff(norm h)`.
     fn encoder_block(&self, b: &Block, h: &Tensor, bias: &Tensor, train: bool) -> Tensor {
-        let x = norm(&b.attn_norm, h);
+        let (_, x) = add_norm(&b.attn_norm, h, None, train);
         let (q, k, v) = b.attn.qkv(&x, self.config.num_heads, train);
-        let h = clamp_fp16(h + b.attn.attend(&q, &k, &v, bias, self.dropout(), train).dropout(self.dropout(), train));
-        self.feed_forward(b, h, train)
+        let attended = b.attn.attend(&q, &k, &v, bias, self.dropout(), train).dropout(self.dropout(), train);
+        self.feed_forward(b, h, &attended, train)
     }
 
-    fn feed_forward(&self, b: &Block, h: Tensor, train: bool) -> Tensor {
-        clamp_fp16(&h + b.ff.forward(&norm(&b.ff_norm, &h), self.dropout(), train).dropout(self.dropout(), train))
+    /// `h + delta`, then the feed-forward block on it: `+ ff(norm(h + delta))`.
+    fn feed_forward(&self, b: &Block, h: &Tensor, delta: &Tensor, train: bool) -> Tensor {
+        let (h, x) = add_norm(&b.ff_norm, h, Some(delta), train);
+        clamp_fp16(&h + b.ff.forward(&x, self.dropout(), train).dropout(self.dropout(), train))
     }
 
     /// A decoder block's cross-attention keys and values of `encoded`, split into heads.
@@ -377,14 +398,15 @@ impl T5 {
     #[allow(clippy::too_many_arguments)]
     fn decoder_block(&self, b: &Block, h: &Tensor, self_bias: &Tensor, cross_bias: &Tensor, (ck, cv): (&Tensor, &Tensor), joined: impl FnOnce(Tensor, Tensor) -> (Tensor, Tensor), train: bool) -> Tensor {
         let heads = self.config.num_heads;
-        let x = norm(&b.attn_norm, h);
+        let (_, x) = add_norm(&b.attn_norm, h, None, train);
         let (q, k, v) = b.attn.qkv(&x, heads, train);
         let (k, v) = joined(k, v);
-        let h = clamp_fp16(h + b.attn.attend(&q, &k, &v, self_bias, self.dropout(), train).dropout(self.dropout(), train));
+        let attended = b.attn.attend(&q, &k, &v, self_bias, self.dropout(), train).dropout(self.dropout(), train);
         let (cross, cross_norm) = b.cross.as_ref().expect("decoder blocks cross-attend");
-        let cq = cross.heads(&cross.q.forward(&norm(cross_norm, &h), train), heads);
-        let h = clamp_fp16(&h + cross.attend(&cq, ck, cv, cross_bias, self.dropout(), train).dropout(self.dropout(), train));
-        self.feed_forward(b, h, train)
+        let (h, x) = add_norm(cross_norm, h, Some(&attended), train);
+        let cq = cross.heads(&cross.q.forward(&x, train), heads);
+        let attended = cross.attend(&cq, ck, cv, cross_bias, self.dropout(), train).dropout(self.dropout(), train);
+        self.feed_forward(b, &h, &attended, train)
     }
 
     /// The encoder's output `[B, S, d]` for `ids` `[B, S]` with `mask` `[B, S]` (1 = real token).
@@ -394,7 +416,7 @@ impl T5 {
         for b in &self.encoder.blocks {
             h = self.encoder_block(b, &h, &bias, train);
         }
-        norm(&self.encoder.final_norm, &h).dropout(self.dropout(), train)
+        add_norm(&self.encoder.final_norm, &h, None, train).1.dropout(self.dropout(), train)
     }
 
     /// The decoder's hidden states `[B, T, d]` for `ids` `[B, T]` at positions `start..`, attending
@@ -427,7 +449,7 @@ impl T5 {
         if let Some(c) = cache {
             c.len += t;
         }
-        norm(&self.decoder.final_norm, &h).dropout(self.dropout(), train)
+        add_norm(&self.decoder.final_norm, &h, None, train).1.dropout(self.dropout(), train)
     }
 
     /// The training step of a micro-batch: the summed cross-entropy of `labels` (-100 ignored)
@@ -460,14 +482,14 @@ impl T5 {
                 h = self.encoder_block(b, &h, &enc_bias, true);
             }
             tch::manual_seed(seed + 1 + n_enc + n_dec);
-            let encoded = norm(&self.encoder.final_norm, &h).dropout(self.dropout(), true);
+            let encoded = add_norm(&self.encoder.final_norm, &h, None, true).1.dropout(self.dropout(), true);
             let mut h = self.embed(&decoder_ids, true);
             for l in 0..self.decoder.blocks.len() {
                 tch::manual_seed(dec_seed(l));
                 h = decoder_block(l, &h, &encoded);
             }
             tch::manual_seed(seed + 2 + n_enc + n_dec);
-            let loss = loss_of(&norm(&self.decoder.final_norm, &h).dropout(self.dropout(), true));
+            let loss = loss_of(&add_norm(&self.decoder.final_norm, &h, None, true).1.dropout(self.dropout(), true));
             crate::cuda::autograd::backward(&[(&loss, &Tensor::from(weight as f32).to_device(loss.device()))])?;
             return Ok(loss.detach());
         }
@@ -485,7 +507,7 @@ impl T5 {
         });
         let enc_top = enc_top.detach().set_requires_grad(true);
         tch::manual_seed(seed + 1 + n_enc + n_dec);
-        let encoded = norm(&self.encoder.final_norm, &enc_top).dropout(self.dropout(), true);
+        let encoded = add_norm(&self.encoder.final_norm, &enc_top, None, true).1.dropout(self.dropout(), true);
         let encoded_leaf = encoded.detach().set_requires_grad(true);
         let dec_top = tch::no_grad(|| {
             let mut h = self.embed(&decoder_ids, true);
@@ -498,7 +520,7 @@ impl T5 {
         });
         let top = dec_top.detach().set_requires_grad(true);
         tch::manual_seed(seed + 2 + n_enc + n_dec);
-        let loss = loss_of(&norm(&self.decoder.final_norm, &top).dropout(self.dropout(), true));
+        let loss = loss_of(&add_norm(&self.decoder.final_norm, &top, None, true).1.dropout(self.dropout(), true));
         crate::cuda::autograd::backward(&[(&loss, &Tensor::from(weight as f32).to_device(loss.device()))])?;
         // each block recomputed with its graph and back-propagated, top down
         let mut grad = top.grad();
