@@ -16,6 +16,8 @@ if [ "${1:-}" = "--collect" ]; then
     cp "$(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1)" ".gpu/$t"
   done
   cp target/release/ftscript .gpu/ftscript
+  # without symbols they fit in one carry (64 MiB with the working tree)
+  strip .gpu/* 2>/dev/null || true
   pwd > .gpu/built-in
   exit 0
 fi
