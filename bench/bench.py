@@ -12,6 +12,9 @@ usage: python3 bench/bench.py SHAPE [--seq 2048] [--bs 4] [--steps 12] [--no-ckp
 """
 import argparse, json, os, subprocess, sys, tempfile, time
 
+# the benches keep models, data and runs under /tmp: their recipes may read and write there
+SANDBOX = ["--allow-read", "/tmp", "--allow-write", "/tmp"]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
@@ -69,7 +72,7 @@ let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: f
     env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
     t0 = time.time()
     binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
-    p = subprocess.run([binary, "run", recipe], env=env,
+    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env,
                        capture_output=True, text=True)
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)

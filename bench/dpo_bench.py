@@ -15,6 +15,9 @@ usage: python3 bench/dpo_bench.py [SHAPE] [--prompt 512] [--response 512] [--pai
 """
 import argparse, json, os, random, statistics, subprocess, sys, tempfile, time
 
+# the benches keep models, data and runs under /tmp: their recipes may read and write there
+SANDBOX = ["--allow-read", "/tmp", "--allow-write", "/tmp"]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
@@ -75,7 +78,7 @@ train(m, #{{ train: load_dataset("{data}"), objective: "dpo", beta: 0.1, shuffle
     env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
     t0 = time.time()
     binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
-    p = subprocess.run([binary, "run", recipe], env=env, capture_output=True, text=True)
+    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
         raise SystemExit("ftscript failed")

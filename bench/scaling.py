@@ -95,7 +95,7 @@ def main():
         base = None
         for n in counts:
             out = f"/tmp/scaling-{a.shape}-{a.quantize}-{n}"
-            dt, rows, wall, memory = run([BINARY, "launch", "--nproc-per-node", str(n), os.path.join(HERE, "ddp.rhai")]
+            dt, rows, wall, memory = run([BINARY, "launch", "--nproc-per-node", str(n), "--allow-read", "/tmp", "--allow-write", "/tmp", os.path.join(HERE, "ddp.rhai")]
                                          + sets(a, model, data, out, a.steps), out, env)
             tps = n * a.bs * 2048 / dt
             base = base or tps / n
@@ -107,7 +107,7 @@ def main():
         n = counts[-1]
         out = f"/tmp/scaling-split-{a.shape}-{a.quantize}-{n}"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
-        dt, rows, wall, memory = run([BINARY, "run", os.path.join(HERE, "ddp.rhai")] + sets(a, model, data, out, a.steps), out, env)
+        dt, rows, wall, memory = run([BINARY, "run", "--allow-read", "/tmp", "--allow-write", "/tmp", os.path.join(HERE, "ddp.rhai")] + sets(a, model, data, out, a.steps), out, env)
         last = rows[-1]
         print(json.dumps(dict(mode="split", shape=tag, gpus=n, tokens_per_s=round(a.bs * 2048 / dt),
                               peak_gib_per_gpu=[round(x, 2) for x in last.get("peak_gib_per_device", [last.get("peak_gib", 0)])],

@@ -12,6 +12,9 @@ usage: python3 bench/t5_bench.py large|xl [--bs 16] [--steps 10] [--ckpt] [--dev
 """
 import argparse, json, os, random, subprocess, sys, tempfile, time
 
+# the benches keep models, data and runs under /tmp: their recipes may read and write there
+SANDBOX = ["--allow-read", "/tmp", "--allow-write", "/tmp"]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -72,7 +75,7 @@ train(m, #{{ train: load_dataset("{data}"), format: "seq2seq", shuffle: false, m
     env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
     binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
     t0 = time.time()
-    p = subprocess.run([binary, "run", recipe], env=env, capture_output=True, text=True)
+    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
         raise SystemExit("ftscript failed")
