@@ -459,11 +459,7 @@ impl T5 {
     /// backward recomputes the block, the decoder's top down and then the encoder's, the
     /// gradient of the encoder's output gathered from every decoder block's cross-attention.
     pub fn loss_and_backward(&self, ids: &Tensor, mask: &Tensor, labels: &Tensor, weight: f64, checkpointing: bool, seed: i64) -> Result<Tensor> {
-        let loss_of = |h: &Tensor| -> Tensor {
-            let logits = self.head(h, true);
-            let v = logits.size()[2];
-            logits.view([-1, v]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Sum, -100, 0.0)
-        };
+        let head_loss = |h: &Tensor| self.head_loss_backward(h, labels, weight);
         let (enc_bias, self_bias, cross_bias) = (self.encoder_bias(mask), self.decoder_bias(0, labels.size()[1]), self.padding_mask(mask));
         let (n_enc, n_dec) = (self.encoder.blocks.len() as i64, self.decoder.blocks.len() as i64);
         let enc_seed = |i: usize| seed + 1 + i as i64;
@@ -489,9 +485,7 @@ impl T5 {
                 h = decoder_block(l, &h, &encoded);
             }
             tch::manual_seed(seed + 2 + n_enc + n_dec);
-            let loss = loss_of(&add_norm(&self.decoder.final_norm, &h, None, true).1.dropout(self.dropout(), true));
-            crate::cuda::autograd::backward(&[(&loss, &Tensor::from(weight as f32).to_device(loss.device()))])?;
-            return Ok(loss.detach());
+            return head_loss(&add_norm(&self.decoder.final_norm, &h, None, true).1.dropout(self.dropout(), true));
         }
         // forward without a graph, each block's input kept
         let (mut enc_inputs, mut dec_inputs) = (vec![], vec![]);
@@ -520,8 +514,7 @@ impl T5 {
         });
         let top = dec_top.detach().set_requires_grad(true);
         tch::manual_seed(seed + 2 + n_enc + n_dec);
-        let loss = loss_of(&add_norm(&self.decoder.final_norm, &top, None, true).1.dropout(self.dropout(), true));
-        crate::cuda::autograd::backward(&[(&loss, &Tensor::from(weight as f32).to_device(loss.device()))])?;
+        let loss = head_loss(&add_norm(&self.decoder.final_norm, &top, None, true).1.dropout(self.dropout(), true))?;
         // each block recomputed with its graph and back-propagated, top down
         let mut grad = top.grad();
         for l in (0..dec_inputs.len()).rev() {
@@ -548,6 +541,33 @@ impl T5 {
             }
         }
         Ok(loss.detach())
+    }
+
+    /// The summed cross-entropy of `labels` (-100 ignored) over the logits of the decoder's last
+    /// hidden states `h`, back-propagated scaled by `weight` into `h`'s graph; returns the sum
+    /// (detached, fp32). A frozen head is a fused linear cross-entropy
+    /// ([`crate::nn::loss::linear_cross_entropy_backward`]: chunks of logits, their softmax and
+    /// gradient formed in place, no full-vocabulary logits kept); a trained one (LoRA on
+    /// `lm_head`) goes through autograd.
+    fn head_loss_backward(&self, h: &Tensor, labels: &Tensor, weight: f64) -> Result<Tensor> {
+        let d = self.config.d_model;
+        let frozen = match &self.lm_head {
+            Some(head) if head.adapter.is_none() => Some(head.weight.dense()),
+            Some(_) => None,
+            None => Some(self.shared.shallow_clone()),
+        };
+        match frozen {
+            Some(w) => {
+                let h = if self.config.scaled_head() { h * (d as f64).powf(-0.5) } else { h.shallow_clone() };
+                crate::nn::loss::linear_cross_entropy_backward(&h.reshape([-1, d]), &w, None, &labels.reshape([-1]), weight, None, None, None)
+            }
+            None => {
+                let logits = self.head(h, true);
+                let loss = logits.view([-1, logits.size()[2]]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Sum, -100, 0.0);
+                crate::cuda::autograd::backward(&[(&loss, &Tensor::from(weight as f32).to_device(loss.device()))])?;
+                Ok(loss.detach())
+            }
+        }
     }
 
     /// Logits `[B, T, V]` of decoder hidden states (scaled by `d_model^-½` first for T5 v1.0).
