@@ -269,7 +269,7 @@ fn out_of_memory_stops_with_advice_or_halves_the_micro_batch() {
     let d = tmp.path();
     let model = tiny_model_and_text(d, 32);
     let run = |name: &str, extra: &str| train_run(d, &model, name, "dropout: 0.1", &format!("max_steps: 4, save_every: 2, {extra}"));
-    let losses = |name: &str| -> Vec<f64> { metrics(&d.join(name).join("metrics.jsonl")).iter().filter_map(|m| m.get("loss")?.as_f64()).collect() };
+    let losses = |name: &str| losses(&d.join(name).join("metrics.jsonl"));
 
     let out = run("stop", "batch_size: 4, grad_accum: 2, inject_oom_rows: 2");
     let t = text(&out);

@@ -259,7 +259,7 @@ print(`RESULT steps=${{r.steps}} loss=${{r.train_loss}}`);
         assert!(out.status.success(), "{args:?} failed:\n{t}");
         t
     };
-    let losses = |dir: &str| -> Vec<f64> { metrics(&d.join(dir).join("metrics.jsonl")).iter().filter_map(|v| v.get("loss")?.as_f64()).collect() };
+    let losses = |dir: &str| losses(&d.join(dir).join("metrics.jsonl"));
     let adapter = |dir: &str| read_safetensors(&d.join(dir).join("rank0/adapter_model.safetensors"));
     run(&["run"], &[]);
     let base = losses("base");

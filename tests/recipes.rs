@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// `ftscript <command> scripts/<script> --set k=v ...` in `cwd`; panics with the output on failure.
 fn run_script(command: &[&str], script: &str, sets: &[(&str, String)], cwd: &Path) -> String {

@@ -116,25 +116,18 @@ fn t5_lora_training_matches_seq2seq_trainer_and_loads_in_peft_and_transformers()
         let body = format!(
             r#"let m = load_model("{dir}");
 m.load_adapter("{dir}/init");
-let r = train(m, #{{ train: load_dataset("{dir}/train.jsonl"), format: "seq2seq", shuffle: false, batch_size: {bs}, grad_accum: {ga},
-    max_steps: {steps}, lr: {lr}, warmup_steps: {warmup}, weight_decay: {wd}, max_grad_norm: {clip}, log_every: 1, output_dir: "run-{name}" }});
+let r = train(m, #{{ train: load_dataset("{dir}/train.jsonl"), format: "seq2seq", shuffle: false, {settings}, output_dir: "run-{name}" }});
 m.save_adapter("ours-{name}");
 m.save_merged("merged-{name}");
 {ours}m.load_adapter("{dir}/hf_trained");
 {theirs}"#,
             dir = m.display(),
-            bs = s["batch_size"],
-            ga = s["grad_accum"],
-            steps = s["steps"],
-            lr = s["lr"],
-            warmup = s["warmup"],
-            wd = s["weight_decay"],
-            clip = s["max_grad_norm"],
+            settings = reference_train_options(s),
             ours = losses_of("OURS"),
             theirs = losses_of("HF"),
         );
         let t = run_recipe(d, &format!("train_{name}.rhai"), &body);
-        let ours: Vec<f64> = std::fs::read_to_string(d.join(format!("run-{name}/metrics.jsonl"))).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64()).collect();
+        let ours = losses(&d.join(format!("run-{name}/metrics.jsonl")));
         let theirs: Vec<f64> = hf["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         assert_eq!(ours.len(), theirs.len(), "{name}: steps logged");
         for (k, (a, b)) in ours.iter().zip(&theirs).enumerate() {
@@ -183,10 +176,7 @@ m.save_adapter("adapter-{ckpt}");
         ));
     }
     run_recipe(d, "ckpt.rhai", &body);
-    let losses = |ckpt: bool| -> Vec<f64> {
-        std::fs::read_to_string(d.join(format!("run-{ckpt}/metrics.jsonl"))).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64()).collect()
-    };
-    let (full, ckpt) = (losses(false), losses(true));
+    let (full, ckpt) = (losses(&d.join("run-false/metrics.jsonl")), losses(&d.join("run-true/metrics.jsonl")));
     assert_eq!(full.len(), 4);
     for (a, b) in full.iter().zip(&ckpt) {
         assert!((a - b).abs() <= 1e-5 * a, "loss with checkpointing {b} vs the full graph {a}");

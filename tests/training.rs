@@ -21,10 +21,6 @@ fn ftscript_logits(model: &Path, adapter: Option<&Path>, ids_json: &Path) -> Ten
     tch::no_grad(|| m.net.forward(&ids, &positions, &AttnMask::Causal, None, false))
 }
 
-fn losses(metrics_jsonl: &Path) -> Vec<f64> {
-    metrics(metrics_jsonl).iter().filter_map(|v| v.get("loss")?.as_f64()).collect()
-}
-
 
 #[test]
 fn lora_training_and_adapters_match_hf_and_peft() {
@@ -117,21 +113,13 @@ fn adapters_match_hf_and_peft(name: &str, variant: Option<&str>) {
 let m = load_model("{m}", #{{ dtype: "fp32", device: "cpu" }});
 m.load_adapter("{o}/init");
 let r = train(m, #{{
-    train: load_dataset("{o}/train.jsonl"), format: "tokens", shuffle: false,
-    batch_size: {bs}, grad_accum: {ga}, max_steps: {steps}, lr: {lr}, scheduler: "linear",
-    warmup_steps: {warmup}, weight_decay: {wd}, max_grad_norm: {mgn}, log_every: 1,
+    train: load_dataset("{o}/train.jsonl"), format: "tokens", shuffle: false, {settings},
     output_dir: "{o}/ft",
 }});
 m.save_adapter("{o}/ft_adapter");
 m.save_merged("{o}/ft_merged");
 "#,
-            bs = s["batch_size"],
-            ga = s["grad_accum"],
-            steps = s["steps"],
-            lr = s["lr"],
-            warmup = s["warmup"],
-            wd = s["weight_decay"],
-            mgn = s["max_grad_norm"],
+            settings = reference_train_options(s),
         ),
     );
     let ours = losses(&d.join("ft/metrics.jsonl"));

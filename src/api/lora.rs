@@ -79,7 +79,7 @@ pub struct MergeOptions {
     pub max_shard_size: Option<String>,
 }
 
-pub(crate) fn parse_size(s: &str) -> anyhow::Result<usize> {
+fn parse_size(s: &str) -> anyhow::Result<usize> {
     let s = s.trim().to_uppercase();
     let (num, mult) = if let Some(n) = s.strip_suffix("GB") {
         (n, 1e9)
@@ -92,6 +92,27 @@ pub(crate) fn parse_size(s: &str) -> anyhow::Result<usize> {
     };
     let v: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("invalid size `{s}` (e.g. \"5GB\", \"500MB\")"))?;
     Ok((v * mult) as usize)
+}
+
+impl MergeOptions {
+    /// The dtype to write (the model's, `kind`, by default) and the largest shard in bytes.
+    pub(crate) fn resolve(&self, kind: Kind) -> anyhow::Result<(Kind, usize)> {
+        let kind = match self.dtype.as_deref() {
+            Some(d) => crate::models::parse_dtype(d, None)?,
+            None => kind,
+        };
+        Ok((kind, parse_size(self.max_shard_size.as_deref().unwrap_or("5GB"))?))
+    }
+}
+
+/// `save_adapter`: the adapter of `net` in peft's format and the tokenizer's files, in `dir`.
+pub(crate) fn save_adapter_and_tokenizer(net: &dyn peft::Adapted, spec: Option<&LoraSpec>, source: &str, tokenizer: &crate::tokenizer::Tokenizer, dir: &str) -> anyhow::Result<()> {
+    let spec = spec.ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters (call add_lora or load_adapter first)"))?;
+    let dir = &crate::api::write_path(dir)?;
+    peft::save_adapter(net, spec, source, dir)?;
+    tokenizer.save(dir)?;
+    tracing::info!("saved adapter to {}", dir.display());
+    Ok(())
 }
 
 fn targets_of(v: Option<serde_json::Value>, default: &[&str]) -> anyhow::Result<Targets> {
@@ -249,12 +270,7 @@ pub fn register(engine: &mut Engine) {
         .register_into_engine(engine, |m: &mut Model, dir: &str| -> Res<()> {
             guard("save_adapter", || {
                 let m = m.get();
-                let spec = m.lora.as_ref().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters (call add_lora or load_adapter first)"))?;
-                let dir = &crate::api::write_path(dir)?;
-                peft::save_adapter(&m.net, spec, &m.source, dir)?;
-                m.tokenizer.save(dir)?;
-                tracing::info!("saved adapter to {}", dir.display());
-                Ok(())
+                save_adapter_and_tokenizer(&m.net, m.lora.as_ref(), &m.source, &m.tokenizer, dir)
             })
         });
     FuncRegistration::new("load_adapter")
@@ -272,11 +288,7 @@ pub fn register(engine: &mut Engine) {
     let save_merged = |m: &mut Model, dir: &str, o: MergeOptions| -> Res<()> {
         guard("save_merged", || {
             let m = m.get();
-            let kind = match o.dtype.as_deref() {
-                Some(d) => crate::models::parse_dtype(d, None)?,
-                None => m.net.kind,
-            };
-            let shard = parse_size(o.max_shard_size.as_deref().unwrap_or("5GB"))?;
+            let (kind, shard) = o.resolve(m.net.kind)?;
             crate::models::save::save_merged(&m, &crate::api::write_path(dir)?, kind, shard)?;
             tracing::info!("saved merged model to {dir}");
             Ok(())

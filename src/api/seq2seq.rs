@@ -179,22 +179,13 @@ pub fn register(engine: &mut Engine) {
         .register_into_engine(engine, |m: &mut Seq2SeqModel, dir: &str| -> Res<()> {
             guard("save_adapter", || {
                 let m = m.0.borrow();
-                let spec = m.lora.as_ref().ok_or_else(|| anyhow::anyhow!("the model has no LoRA adapters (call add_lora or load_adapter first)"))?;
-                let dir = &crate::api::write_path(dir)?;
-                peft::save_adapter(&m.net, spec, &m.source, dir)?;
-                m.tokenizer.save(dir)?;
-                tracing::info!("saved adapter to {}", dir.display());
-                Ok(())
+                super::lora::save_adapter_and_tokenizer(&m.net, m.lora.as_ref(), &m.source, &m.tokenizer, dir)
             })
         });
     let save_merged = |m: &mut Seq2SeqModel, dir: &str, o: super::lora::MergeOptions| -> Res<()> {
         guard("save_merged", || {
             let m = m.0.borrow();
-            let kind = match o.dtype.as_deref() {
-                Some(d) => crate::models::parse_dtype(d, None)?,
-                None => m.net.kind,
-            };
-            let shard = super::lora::parse_size(o.max_shard_size.as_deref().unwrap_or("5GB"))?;
+            let (kind, shard) = o.resolve(m.net.kind)?;
             crate::models::save::write_model_dir(&crate::api::write_path(dir)?, m.net.merged_tensors(kind), kind, shard, &m.config_json, None, &m.tokenizer)?;
             tracing::info!("saved merged model to {dir}");
             Ok(())

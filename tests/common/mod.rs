@@ -162,3 +162,17 @@ pub fn with_chat_template(model: PathBuf) -> PathBuf {
     std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
     model
 }
+
+/// The training losses a run logged in its `metrics.jsonl`, a step each.
+pub fn losses(metrics_jsonl: &Path) -> Vec<f64> {
+    metrics(metrics_jsonl).iter().filter_map(|v| v.get("loss")?.as_f64()).collect()
+}
+
+/// `train`'s options for the settings a Python reference trained with (`{batch_size, grad_accum,
+/// steps, lr, warmup, weight_decay, max_grad_norm}`), linear schedule, a log line a step.
+pub fn reference_train_options(s: &serde_json::Value) -> String {
+    format!(
+        "batch_size: {}, grad_accum: {}, max_steps: {}, lr: {}, scheduler: \"linear\", warmup_steps: {}, weight_decay: {}, max_grad_norm: {}, log_every: 1",
+        s["batch_size"], s["grad_accum"], s["steps"], s["lr"], s["warmup"], s["weight_decay"], s["max_grad_norm"]
+    )
+}
