@@ -10,6 +10,7 @@ pub mod hub;
 pub mod init;
 pub mod models;
 pub mod nn;
+pub mod plot;
 pub mod script;
 pub mod tokenizer;
 pub mod train;

@@ -151,6 +151,16 @@ enum Command {
     },
     /// Print versions, what is compiled in, the GPUs and the Hub settings (never the token), for bug reports.
     Env,
+    /// Draw the curves of runs (train and eval loss, learning rate, tokens/s against the step)
+    /// from their metrics.jsonl into a PNG: RUN_DIR/loss.png, several runs overlaid.
+    Plot {
+        /// Run directories (a train's output_dir).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where to write the PNG (default: the first run's loss.png).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
     /// Run a recipe data-parallel: one process per GPU (or CPU process), torchrun-style.
     Launch {
         /// Processes on this node (usually its GPU count).
@@ -340,6 +350,10 @@ fn main() -> ExitCode {
                 println!("{name:<14} {value}");
             }
             Ok(())
+        }
+        Command::Plot { runs, out } => {
+            let out = out.clone().unwrap_or_else(|| runs[0].join("loss.png"));
+            ftscript::plot::plot(runs, &out).map(|()| println!("wrote {}", out.display()))
         }
         Command::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, recipe, allow_push, set, limits, sandbox } => {
             let opts = ftscript::dist::launch::LaunchOptions {

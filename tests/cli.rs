@@ -261,3 +261,54 @@ fn init_writes_templates_that_pass_check() {
     let out = ftscript(&["init", "x", "--template", "ppo"], d);
     assert!(!out.status.success() && text(&out).contains("qlora"), "{}", text(&out));
 }
+
+/// A decoded PNG: `(width, height, RGB rows)`.
+fn decode_png(path: &Path) -> (u32, u32, Vec<u8>) {
+    let mut reader = png::Decoder::new(std::fs::File::open(path).unwrap()).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+/// `ftscript plot` draws runs' curves into a PNG that decodes, at the stated size, with each
+/// run's colour in every panel (loss, learning rate, tokens/s); `train` leaves one in its
+/// output_dir; a directory without metrics is an error naming the file.
+#[test]
+fn plot_draws_runs_into_a_png_and_train_leaves_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for (run, scale) in [("a", 1.0), ("b", 0.8)] {
+        std::fs::create_dir_all(d.join(run)).unwrap();
+        let mut lines = vec![];
+        for step in 1..=20 {
+            lines.push(serde_json::json!({"step": step, "loss": scale * (3.0 - 0.1 * step as f64), "lr": scale * 1e-3 * (1.0 - step as f64 / 20.0), "tokens_per_sec": scale * (1000.0 + 10.0 * step as f64)}).to_string());
+            if step % 5 == 0 {
+                lines.push(serde_json::json!({"step": step, "eval_loss": scale * (3.1 - 0.1 * step as f64)}).to_string());
+            }
+        }
+        std::fs::write(d.join(run).join("metrics.jsonl"), lines.join("\n")).unwrap();
+    }
+    let out = ftscript(&["plot", "a", "b", "--out", "both.png"], d);
+    assert!(out.status.success(), "{}", text(&out));
+    let (w, h, pixels) = decode_png(&d.join("both.png"));
+    assert_eq!((w, h), ftscript::plot::SIZE);
+    // Palette99's first two colours, one per run, drawn in each third (panel) of the picture
+    for (run, colour) in [("a", [230u8, 25, 75]), ("b", [60, 180, 75])] {
+        for panel in 0..3 {
+            let rows = (panel * h / 3) as usize..((panel + 1) * h / 3) as usize;
+            let hits = rows.flat_map(|y| (0..w as usize).map(move |x| (y * w as usize + x) * 3)).filter(|&i| pixels[i..i + 3] == colour).count();
+            assert!(hits > 100, "run {run}: {hits} pixels of its colour in panel {panel}");
+        }
+    }
+    let out = ftscript(&["plot", "a"], d);
+    assert!(out.status.success() && d.join("a/loss.png").exists(), "{}", text(&out));
+    let bad = ftscript(&["plot", "nowhere"], d);
+    assert!(!bad.status.success() && text(&bad).contains("nowhere/metrics.jsonl"), "{}", text(&bad));
+
+    let model = tiny_model_and_text(d, 16);
+    run_recipe(d, "train.rhai", &format!("let m = load_model(\"{model}\");\nm.add_lora(#{{}});\ntrain(m, #{{ train: load_dataset(\"data.jsonl\"), max_steps: 3, log_every: 1, output_dir: \"run\" }});\n"));
+    let (w, h, _) = decode_png(&d.join("run/loss.png"));
+    assert_eq!((w, h), ftscript::plot::SIZE);
+}

@@ -528,9 +528,19 @@ fn hooks<'a>(ctx: &'a NativeCallContext<'a>, opts: &Map, eval_generate: Option<(
 /// its own error (so it renders at the callback's file:line) after where training stopped.
 fn run_loop<M: TrainModel>(net: &M, spec: &crate::nn::peft::LoraSpec, source: &str, objective: &dyn Objective<M>, cfg: &TrainConfig, hooks: &mut RhaiHooks) -> Res<trainer::TrainResult> {
     let result = guard("train", || {
-        let mut logger = if crate::dist::is_main_process() { RunLogger::create(&cfg.output_dir)? } else { RunLogger::disabled() };
+        let main = crate::dist::is_main_process();
+        let mut logger = if main { RunLogger::create(&cfg.output_dir)? } else { RunLogger::disabled() };
         match trainer::train(net, spec, source, objective, cfg, hooks, &mut logger) {
-            Ok(r) => Ok(Ok(r)),
+            Ok(r) => {
+                // the run's curves beside its logs (a picture that cannot be drawn fails nothing)
+                if main {
+                    let out = cfg.output_dir.join("loss.png");
+                    if let Err(e) = crate::plot::plot(std::slice::from_ref(&cfg.output_dir), &out) {
+                        tracing::warn!("no {}: {e:#}", out.display());
+                    }
+                }
+                Ok(Ok(r))
+            }
             Err(e) => match hooks.failure.take() {
                 Some((what, failure)) => Ok(Err(crate::script::prefix_error(failure, &format!("train: {what}, {e}")))),
                 None => Err(e),
