@@ -34,7 +34,8 @@ pub fn report() -> Vec<(&'static str, String)> {
 pub fn long_version() -> &'static str {
     static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TEXT.get_or_init(|| {
-        let families: Vec<&str> = crate::models::FAMILIES.iter().map(|f| f.architecture).collect();
+        let mut families: Vec<&str> = crate::models::FAMILIES.iter().map(|f| f.architecture).collect();
+        families.push("T5ForConditionalGeneration (encoder-decoder)");
         format!("{}\ndistributed: {}\narchitectures: {}", env!("CARGO_PKG_VERSION"), compiled_in(), families.join(", "))
     })
 }
