@@ -52,7 +52,8 @@ fn t5_logits_loss_and_greedy_tokens_match_transformers() {
 /// The user's path: a recipe loads a T5 directory, scores its reference targets with
 /// `model.loss(source, target)` and generates with `model.generate(source, opts)`: the losses
 /// equal transformers' `loss` with `labels` and the texts its greedy `generate`, for both kinds;
-/// with a peft-made LoRA loaded (`model.load_adapter(dir)`), the losses equal peft's.
+/// `evaluate` over the pairs predicts the same texts; with a peft-made LoRA loaded
+/// (`model.load_adapter(dir)`), the losses equal peft's.
 #[test]
 fn a_recipe_scores_and_generates_with_t5_as_transformers_does() {
     let tmp = tempfile::tempdir().unwrap();
@@ -69,6 +70,10 @@ fn a_recipe_scores_and_generates_with_t5_as_transformers_does() {
                 t = p["target"]
             ));
         }
+        // evaluate() over the same pairs as records (format "seq2seq": input, target) generates the same texts
+        let records: Vec<String> = pairs.iter().map(|p| format!("#{{ input: {}, target: {} }}", p["source"], p["target"])).collect();
+        body.push_str(&format!("let e = evaluate(m, dataset([{}]), #{{ metrics: [\"exact_match\", \"bleu\"], max_new_tokens: 20, samples: {} }});\n", records.join(", "), pairs.len()));
+        body.push_str("print(`RECORDS=${e.records}`);\nfor i in 0..e.samples.len() { print(`EVAL${i}=${e.samples[i].prediction.to_debug()}`); }\n");
         // a peft-made LoRA (q, v, wo of every block; random B) loaded onto it
         body.push_str(&format!("m.load_adapter(\"{}\");\n", dir.join("peft_adapter").display()));
         for (i, p) in pairs.iter().enumerate() {
@@ -86,6 +91,7 @@ fn a_recipe_scores_and_generates_with_t5_as_transformers_does() {
             assert!((adapted - p["loss"].as_f64().unwrap()).abs() > 1e-3, "{name} pair {i}: the adapter changes nothing");
             // Rust's debug form of the text (quoted, newlines escaped), as Rhai's `to_debug` writes it
             assert_eq!(field("GEN"), format!("{:?}", p["generated"].as_str().unwrap()), "{name} pair {i}: generated text");
+            assert_eq!(field("EVAL"), format!("{:?}", p["generated"].as_str().unwrap()), "{name} pair {i}: evaluate's prediction");
         }
     }
 }

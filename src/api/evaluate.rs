@@ -82,13 +82,7 @@ fn pairs(ctx: &NativeCallContext, m: &Model, ds: &Dataset, format: Option<&Dynam
 
 /// `evaluate(model, dataset, opts)`, also run by `train`'s `eval_generate`.
 pub fn evaluate(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: &Map) -> Res<Map> {
-    let mut json = to_json(&Dynamic::from_map(opts.clone()));
-    if opts.get("format").is_some_and(|f| f.is_fnptr()) {
-        json.as_object_mut().map(|o| o.remove("format"));
-    }
-    validate_options(&json).map_err(|e| format!("evaluate: {e}"))?;
-    let o: EvaluateOptions = parse("evaluate", opts)?;
-    let metrics: Vec<String> = o.metrics.clone().unwrap_or_else(|| METRICS.iter().map(|s| s.to_string()).collect());
+    let o = options(opts)?;
     let pairs = pairs(ctx, m, ds, opts.get("format"))?;
     if pairs.is_empty() {
         return Err("evaluate: the dataset is empty".into());
@@ -104,20 +98,56 @@ pub fn evaluate(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: &Map) ->
             None => super::model::generate_texts(&model, &prompts, &sampling, batch_size),
         }
     })?;
+    scores(&o, &prompts, &predictions, &references, started)
+}
+
+/// `evaluate` on an encoder-decoder model: each record's `(source, target)` by its format
+/// (`"seq2seq"`, `"alpaca"` or a function returning `#{source, target}`, as `train` reads
+/// them), the source's generation scored against the target.
+pub fn evaluate_seq2seq(ctx: &NativeCallContext, m: &super::seq2seq::Seq2SeqModel, ds: &Dataset, opts: &Map) -> Res<Map> {
+    let o = options(opts)?;
+    let mut pairs = vec![];
+    for (i, r) in ds.0.records.iter().enumerate() {
+        pairs.push(super::seq2seq::texts(ctx, "evaluate", opts.get("format"), r, &ds.0.place(i).to_string())?);
+    }
+    if pairs.is_empty() {
+        return Err("evaluate: the dataset is empty".into());
+    }
+    let (sources, references): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+    let sampling = Sampling { max_new_tokens: o.max_new_tokens.unwrap_or(64), ..Default::default() };
+    let started = std::time::Instant::now();
+    let predictions = guard("evaluate", || sources.iter().map(|s| m.0.borrow().generate(s, &sampling)).collect::<anyhow::Result<Vec<_>>>())?;
+    scores(&o, &sources, &predictions, &references, started)
+}
+
+/// The options of an `evaluate` call, checked.
+fn options(opts: &Map) -> Res<EvaluateOptions> {
+    let mut json = to_json(&Dynamic::from_map(opts.clone()));
+    if opts.get("format").is_some_and(|f| f.is_fnptr()) {
+        json.as_object_mut().map(|o| o.remove("format"));
+    }
+    validate_options(&json).map_err(|e| format!("evaluate: {e}"))?;
+    parse("evaluate", opts)
+}
+
+/// `evaluate`'s result: the metrics of the predictions against the references, the first
+/// samples, the record count and the seconds since `started`.
+fn scores(o: &EvaluateOptions, prompts: &[String], predictions: &[String], references: &[String], started: std::time::Instant) -> Res<Map> {
+    let metrics: Vec<String> = o.metrics.clone().unwrap_or_else(|| METRICS.iter().map(|s| s.to_string()).collect());
     let mut out = Map::new();
     for name in &metrics {
         let score = match name.as_str() {
-            "exact_match" => exact_match_corpus(&predictions, &references),
-            "bleu" => corpus_bleu(&predictions, &references),
-            "rouge_l" => rouge_l_corpus(&predictions, &references),
+            "exact_match" => exact_match_corpus(predictions, references),
+            "bleu" => corpus_bleu(predictions, references),
+            "rouge_l" => rouge_l_corpus(predictions, references),
             other => return Err(format!("evaluate: unknown metric `{other}`").into()),
         };
         out.insert(name.as_str().into(), Dynamic::from(score));
     }
     let samples: Array = prompts
         .iter()
-        .zip(&predictions)
-        .zip(&references)
+        .zip(predictions)
+        .zip(references)
         .take(o.samples.unwrap_or(3))
         .map(|((p, pred), r)| {
             let mut s = Map::new();
@@ -164,4 +194,8 @@ pub fn register(engine: &mut Engine) {
         .with_comments(["/// Generates an answer for each record's prompt (greedy, in batches) and scores it against the record's reference: #{exact_match, bleu, rouge_l, samples: [#{prompt, prediction, reference}], records, seconds}; options #{format, metrics, max_new_tokens, batch_size, samples}."])
         .with_params_info(["model: &mut Model", "dataset: Dataset", "options: Map", "Map"])
         .register_into_engine(engine, |ctx: NativeCallContext, m: &mut Model, ds: Dataset, opts: Map| -> Res<Map> { evaluate(&ctx, m, &ds, &opts) });
+    FuncRegistration::new("evaluate")
+        .with_comments(["/// On an encoder-decoder model (T5): generates each record's target from its source (format \"seq2seq\", \"alpaca\" or fn(record) -> #{source, target}, as train reads them) and scores it: the same map and options (batch_size is not used)."])
+        .with_params_info(["model: &mut Seq2SeqModel", "dataset: Dataset", "options: Map", "Map"])
+        .register_into_engine(engine, |ctx: NativeCallContext, m: &mut super::seq2seq::Seq2SeqModel, ds: Dataset, opts: Map| -> Res<Map> { evaluate_seq2seq(&ctx, m, &ds, &opts) });
 }

@@ -84,16 +84,16 @@ impl Seq2Seq {
 
 /// The `(source, target)` text of a record: `format` `"seq2seq"` (fields `input` and `target`;
 /// the default), `"alpaca"` (its prompt and `output`), or a function returning `#{source, target}`.
-fn texts(ctx: &NativeCallContext, format: Option<&Dynamic>, r: &serde_json::Value, at: &str) -> Res<(String, String)> {
+pub(crate) fn texts(ctx: &NativeCallContext, call: &str, format: Option<&Dynamic>, r: &serde_json::Value, at: &str) -> Res<(String, String)> {
     use crate::data::format::{alpaca_prompt, string_field};
-    let field = |key: &str, what: &str| string_field(r, key, at, what).map_err(|e| -> Box<EvalAltResult> { format!("train: {e}").into() });
+    let field = |key: &str, what: &str| string_field(r, key, at, what).map_err(|e| -> Box<EvalAltResult> { format!("{call}: {e}").into() });
     match format {
         Some(f) if f.is_fnptr() => {
             let f = f.clone().cast::<FnPtr>();
-            let v: Dynamic = crate::script::limits::callback(|| f.call_within_context(ctx, (from_json(r),))).map_err(|e| crate::script::prefix_error(e, &format!("train: the format function failed on {at}")))?;
+            let v: Dynamic = crate::script::limits::callback(|| f.call_within_context(ctx, (from_json(r),))).map_err(|e| crate::script::prefix_error(e, &format!("{call}: the format function failed on {at}")))?;
             let v = to_json(&v);
             let what = "a format function returns #{source, target}";
-            let get = |key: &str| string_field(&v, key, &format!("{at} (as the format function returned it)"), what).map_err(|e| -> Box<EvalAltResult> { format!("train: {e}").into() });
+            let get = |key: &str| string_field(&v, key, &format!("{at} (as the format function returned it)"), what).map_err(|e| -> Box<EvalAltResult> { format!("{call}: {e}").into() });
             Ok((get("source")?, get("target")?))
         }
         Some(f) if f.clone().into_string().is_ok_and(|n| n == "alpaca") => {
@@ -109,7 +109,7 @@ fn texts(ctx: &NativeCallContext, format: Option<&Dynamic>, r: &serde_json::Valu
             let what = "format \"seq2seq\" reads input and target";
             Ok((field("input", what)?, field("target", what)?))
         }
-        Some(f) => Err(format!("train: an encoder-decoder model (T5) takes format \"seq2seq\", \"alpaca\" or a function returning #{{source, target}}, got {f}").into()),
+        Some(f) => Err(format!("{call}: an encoder-decoder model (T5) takes format \"seq2seq\", \"alpaca\" or a function returning #{{source, target}}, got {f}").into()),
     }
 }
 
@@ -132,7 +132,7 @@ pub fn pairs(ctx: &NativeCallContext, m: &Seq2SeqModel, ds: &super::dataset::Dat
     let mut out = Vec::with_capacity(ds.0.records.len());
     for (i, r) in ds.0.records.iter().enumerate() {
         let at = ds.0.place(i).to_string();
-        let (source, target) = texts(ctx, format, r, &at)?;
+        let (source, target) = texts(ctx, "train", format, r, &at)?;
         let encode = |t: &str| guard("train", || Ok(cut(tok.encode(t, true)?)));
         let pair = Pair { source: encode(&source)?, target: encode(&target)? };
         if pair.source.is_empty() || pair.target.is_empty() {
