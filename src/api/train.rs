@@ -651,10 +651,7 @@ pub fn train_seq2seq(ctx: NativeCallContext, m: &super::seq2seq::Seq2SeqModel, o
     })?;
     guard("train", || {
         let mut model = m.0.try_borrow_mut().map_err(|_| anyhow::anyhow!("the model is training; train cannot change it from inside a train callback"))?;
-        if model.net.kind != cfg.precision {
-            tracing::info!("casting frozen weights from {:?} to {:?} for training", model.net.kind, cfg.precision);
-            model.net.set_dtype(cfg.precision);
-        }
+        trainer::set_precision(&mut model.net, cfg.precision);
         Ok(())
     })?;
     let r = run_loop(&m.0.borrow().net, &spec, &source, &objective, &cfg, &mut hooks)?;

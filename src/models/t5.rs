@@ -716,6 +716,9 @@ impl crate::train::trainer::TrainModel for T5 {
         let need = rows * row_len * blocks * per_token * elt + 2 * rows * c.num_heads as u64 * row_len * row_len * blocks * elt;
         crate::train::memory::decide(need, self.device)
     }
+    fn set_dtype(&mut self, kind: Kind) {
+        T5::set_dtype(self, kind)
+    }
 }
 
 impl T5 {

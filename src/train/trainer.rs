@@ -88,6 +88,8 @@ pub trait TrainModel: Adapted {
     fn head_device(&self) -> tch::Device;
     /// Whether `rows` rows of `row_len` tokens need checkpointing on this device, and why.
     fn plan_checkpointing(&self, rows: u64, row_len: u64) -> (bool, String);
+    /// Casts the frozen weights to `kind` (adapters stay as they are).
+    fn set_dtype(&mut self, kind: Kind);
 }
 
 impl TrainModel for Decoder {
@@ -102,6 +104,9 @@ impl TrainModel for Decoder {
     }
     fn plan_checkpointing(&self, rows: u64, row_len: u64) -> (bool, String) {
         super::memory::plan(&self.config, rows, row_len, self.kind, self.adapted_per_layer() as u64, self.device)
+    }
+    fn set_dtype(&mut self, kind: Kind) {
+        Decoder::set_dtype(self, kind)
     }
 }
 
@@ -267,9 +272,9 @@ fn finite(params: &[Tensor]) -> bool {
 
 /// Casts the frozen weights to the compute dtype (adapters are left in fp32); done before
 /// [`train`], which only reads the model.
-pub fn set_precision(net: &mut Decoder, kind: Kind) {
-    if net.kind != kind {
-        tracing::info!("casting frozen weights from {:?} to {:?} for training", net.kind, kind);
+pub fn set_precision<M: TrainModel>(net: &mut M, kind: Kind) {
+    if net.kind() != kind {
+        tracing::info!("casting frozen weights from {:?} to {:?} for training", net.kind(), kind);
         net.set_dtype(kind);
     }
 }
