@@ -54,7 +54,7 @@ fn llama_cpp_greedy(gguf: &Path, ids: &[i64], n: usize, lora: Option<&Path>) -> 
 
 /// LoRA r=4 on every linear layer with a random B (as if trained), so merging changes the model.
 fn add_trained_looking_lora(m: &mut ftscript::models::LoadedModel) {
-    let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1 };
+    let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters: vec![] };
     ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
     for lin in m.net.linears_mut() {
         if let Some(ftscript::nn::Adapter::Lora(l)) = &mut lin.adapter {

@@ -11,7 +11,7 @@ fn logits_and_greedy_tokens_match_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
     py("make_tiny.py", &[out]);
-    for name in ["llama_gqa", "llama3_rope", "llama_linear_rope", "mistral", "qwen2_tied", "qwen3", "gemma2", "gemma3", "phi3"] {
+    for name in ["llama_gqa", "llama3_rope", "llama_linear_rope", "mistral", "qwen2_tied", "qwen3", "gemma2", "gemma3", "phi3", "qwen3_moe"] {
         let d = dir.path().join(name);
         let reference = read_safetensors(&d.join("reference.safetensors"));
         let m = ftscript::models::load(&d, "fp32", Device::Cpu).unwrap();

@@ -79,6 +79,13 @@ fn gemma3_lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("gemma3");
 }
 
+/// Qwen3-MoE: LoRA on the attention and on every expert stack (peft's `target_parameters`), the
+/// load-balancing loss in the loss as transformers adds it.
+#[test]
+fn qwen3_moe_lora_training_and_adapters_match_hf_and_peft() {
+    adapters_match_hf_and_peft("qwen3_moe", Some("experts"));
+}
+
 fn lora_matches_hf_and_peft(name: &str) {
     adapters_match_hf_and_peft(name, None);
 }
@@ -162,6 +169,23 @@ m.save_merged("{o}/ft_merged");
         let magnitudes: Vec<&String> = saved.keys().filter(|k| k.ends_with(".lora_magnitude_vector")).collect();
         assert_eq!(magnitudes.len(), 3 * 2, "one magnitude per adapted module (3 layers × q, v): {:?}", saved.keys());
     }
+    if variant == Some("experts") {
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(config["target_parameters"], serde_json::json!(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), "{config}");
+        let saved = read_safetensors(&ad.join("adapter_model.safetensors"));
+        let start = read_safetensors(&d.join("init/adapter_model.safetensors"));
+        // layers 0 and 2 are sparse (6 experts, r = 4): gate_up_proj's adapter one base_layer deeper
+        for (module, inp, out) in [("experts.base_layer", 64, 64), ("experts", 32, 64)] {
+            for l in [0, 2] {
+                let key = |t: &str| format!("base_model.model.model.layers.{l}.mlp.{module}.{t}.weight");
+                assert_eq!(saved[&key("lora_A")].size(), [24, inp], "{}", key("lora_A"));
+                assert_eq!(saved[&key("lora_B")].size(), [out, 24], "{}", key("lora_B"));
+                assert!(saved[&key("lora_B")].abs().max().double_value(&[]) > 1e-4, "{} did not train", key("lora_B"));
+                assert!(rel_err(&saved[&key("lora_A")], &start[&key("lora_A")]) > 1e-4, "{} did not train", key("lora_A"));
+            }
+        }
+        assert!(!saved.keys().any(|k| k.contains("layers.1.mlp")), "layer 1 is dense and has no adapter: {:?}", saved.keys());
+    }
     py("peft_reference.py", &["adapter-logits", m, ad.to_str().unwrap(), d.join("ids.json").to_str().unwrap(), d.join("peft_ft.safetensors").to_str().unwrap()]);
     let ours = ftscript_logits(&model, Some(&ad), &d.join("ids.json"));
     let theirs = &read_safetensors(&d.join("peft_ft.safetensors"))["logits"];
@@ -240,10 +264,12 @@ fn gradient_checkpointing_matches_the_full_graph() {
 /// As above for the families whose layers differ: Qwen3's q/k norms (inside the recomputed
 /// attention), Gemma 2's output norms (the layer recomputed whole under autograd), GeGLU,
 /// soft-capped attention scores and logits, Gemma 3's two rotary tables, Phi-3's fused
-/// projections (the MLP recomputed under autograd) and partial rotary.
+/// projections (the MLP recomputed under autograd) and partial rotary, Qwen3-MoE's sparse layers
+/// (recomputed under autograd, the load-balancing loss's gradient entering at each router) with
+/// LoRA on the expert stacks.
 #[test]
 fn qwen3_gemma_and_phi3_checkpoint_like_the_full_graph() {
-    for family in ["qwen3", "gemma2", "gemma3", "phi3"] {
+    for family in ["qwen3", "gemma2", "gemma3", "phi3", "qwen3_moe"] {
         checkpointing_matches_the_full_graph(family);
     }
 }
@@ -259,6 +285,11 @@ fn checkpointing_matches_the_full_graph(model_name: &str) {
         // four linear layers a block: qkv_proj, o_proj, gate_up_proj, down_proj
         variants = vec![("\"all-linear\"", 4, "", 2, 0), ("[\"qkv_proj\", \"down_proj\"]", 2, "", 2, 0)];
     }
+    // Qwen3-MoE: every expert stack too (two a sparse block; peft's ParamWrapper has no dropout)
+    let dropout = if model_name == "qwen3_moe" { 0.0 } else { 0.1 };
+    if model_name == "qwen3_moe" {
+        variants = vec![("[\"q_proj\", \"v_proj\"]", 2, "target_parameters: [\"mlp.experts.gate_up_proj\", \"mlp.experts.down_proj\"],", 2, 2 * 2 * 2)];
+    }
     if model_name == "llama_gqa" {
         variants.push(("\"all-linear\"", 7, "use_dora: true,", 3, 0));
         variants.push(("[\"q_proj\", \"v_proj\"]", 2, "trainable_tokens: [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],", 2, 1));
@@ -273,7 +304,7 @@ fn checkpointing_matches_the_full_graph(model_name: &str) {
                 &format!(
                     r#"
 let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
-m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, targets: {targets}, {extra} seed: 3 }});
+m.add_lora(#{{ r: 4, alpha: 8, dropout: {dropout}, targets: {targets}, {extra} seed: 3 }});
 train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 4, max_length: 32, packing: true,
     max_steps: 3, lr: 1e-2, log_every: 1, gradient_checkpointing: {ckpt}, output_dir: "{o}/{name}",
     profile: #{{ start: 2, steps: 1 }} }});

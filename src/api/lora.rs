@@ -31,6 +31,9 @@ pub struct LoraOptions {
     pub modules_to_save: Option<Vec<String>>,
     /// Seed of A's random initialisation (default 0): the same seed gives the same adapters.
     pub seed: Option<u64>,
+    /// Expert stacks of a mixture-of-experts model adapted whole (peft's `target_parameters`):
+    /// `["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`.
+    pub target_parameters: Option<Vec<String>>,
 }
 
 /// Options of `model.add_adalora(#{...})`, peft's `AdaLoraConfig` names and defaults.
@@ -143,6 +146,7 @@ pub(crate) fn spec_of(o: &LoraOptions, default: &[&str]) -> anyhow::Result<LoraS
         modules_to_save: vec![],
         adalora: None,
         seed: o.seed.unwrap_or(0),
+        target_parameters: o.target_parameters.clone().unwrap_or_default(),
     })
 }
 
@@ -164,7 +168,7 @@ pub fn parameter_counts(m: &Model) -> (i64, i64) {
 
 pub fn register(engine: &mut Engine) {
     FuncRegistration::new("add_lora")
-        .with_comments(["/// Adds LoRA adapters #{r, alpha, dropout, targets, use_rslora, use_dora, trainable_tokens, modules_to_save, seed} (defaults 8, 16, 0.0, [\"q_proj\",\"v_proj\"]); only adapters train."])
+        .with_comments(["/// Adds LoRA adapters #{r, alpha, dropout, targets, use_rslora, use_dora, trainable_tokens, modules_to_save, target_parameters, seed} (defaults 8, 16, 0.0, [\"q_proj\",\"v_proj\"]); target_parameters adapts a mixture-of-experts model's expert stacks; only adapters train."])
         .with_params_info(["model: &mut Model", "options: Map", "Model"])
         .register_into_engine(engine, |m: &mut Model, opts: Map| -> Res<Model> {
             let o: LoraOptions = parse("add_lora", &opts)?;
@@ -217,6 +221,7 @@ pub fn register(engine: &mut Engine) {
                     modules_to_save: vec![],
                     adalora: Some(schedule),
                     seed: o.seed.unwrap_or(0),
+                    target_parameters: vec![],
                 };
                 install(&mut *m.get_mut("add_adalora")?, spec, "AdaLoRA")
             })?;

@@ -108,6 +108,24 @@ pub struct DecoderConfig {
     /// The sliding-window layers' own RoPE base and scaling (Gemma 3's local RoPE, 10,000 beside
     /// the global layers' 1,000,000); `None`: every layer uses `rope_theta` / `rope_scaling`.
     pub local_rope: Option<(f64, RopeScaling)>,
+    /// Sparse mixture-of-experts feed-forward on the layers it marks (Qwen3-MoE).
+    pub moe: Option<MoeConfig>,
+}
+
+/// The experts of a sparse decoder ([`crate::nn::moe`]).
+#[derive(Debug, Clone)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// Each expert's MLP width.
+    pub intermediate_size: usize,
+    /// The top-k probabilities renormalized to sum to 1.
+    pub norm_topk_prob: bool,
+    /// For each layer, whether its feed-forward is sparse (others keep a dense MLP).
+    pub sparse_layers: Vec<bool>,
+    /// Training adds this × the load-balancing loss (0: config.json's `output_router_logits` is off).
+    pub aux_loss_coef: f64,
 }
 
 pub(crate) fn token_ids(v: &Option<serde_json::Value>) -> Vec<i64> {
@@ -233,6 +251,7 @@ impl CommonConfig {
             local_rope: None,
             fused_projections: false,
             partial_rotary_factor: 1.0,
+            moe: None,
         })
     }
 

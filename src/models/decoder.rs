@@ -21,6 +21,7 @@ use super::Checkpointing;
 use super::placement::Placement;
 pub use crate::nn::attention::{AttnMask, KvCache, LayerInputs};
 pub use crate::nn::mlp::Mlp;
+pub use crate::nn::moe::{FeedForward, Routing, SparseMoe};
 pub use crate::nn::norm::RmsNorm;
 use crate::nn::linear::{Projections, Weight};
 use crate::nn::quant::QuantConfig;
@@ -147,7 +148,8 @@ pub struct DecoderLayer {
     pub attn_out_norm: Option<RmsNorm>,
     /// The MLP's input norm (Llama's `post_attention_layernorm`, Gemma 2's `pre_feedforward_layernorm`).
     pub mlp_norm: RmsNorm,
-    pub mlp: Mlp,
+    /// A dense MLP, or a sparse mixture of experts (Qwen3-MoE).
+    pub mlp: FeedForward,
     /// The MLP's output norm, before the residual add (Gemma 2's `post_feedforward_layernorm`).
     pub mlp_out_norm: Option<RmsNorm>,
 }
@@ -186,25 +188,42 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Tensor {
+        self.forward_routed(h, cos_sin, mask, cache, train).0
+    }
+
+    /// [`DecoderLayer::forward`], and where a sparse block routed each token.
+    pub fn forward_routed(&self, h: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask, cache: Option<&mut Option<(Tensor, Tensor)>>, train: bool) -> (Tensor, Option<Routing>) {
         let (_, h, x) = self.attention_block(h, None, cos_sin, mask, cache, train);
-        h + self.mlp_block(&x, train)
+        let (y, routing) = self.mlp_block_routed(&x, train);
+        (h + y, routing)
     }
 
     /// The MLP's contribution to the residual stream from its input `x`: `mlp(x)`, normalized
     /// by the output norm if the layer has one.
     pub fn mlp_block(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = self.mlp.forward(x, train);
-        match &self.mlp_out_norm {
+        self.mlp_block_routed(x, train).0
+    }
+
+    /// [`DecoderLayer::mlp_block`], and where a sparse block routed each token.
+    pub fn mlp_block_routed(&self, x: &Tensor, train: bool) -> (Tensor, Option<Routing>) {
+        let (y, routing) = self.mlp.forward_routed(x, train);
+        let y = match &self.mlp_out_norm {
             Some(n) => n.forward(&y, train),
             None => y,
-        }
+        };
+        (y, routing)
+    }
+
+    /// The dense MLP that the hand-written checkpointed backward knows ([`DecoderLayer::plain`] layers have one).
+    fn dense_mlp(&self) -> Result<&Mlp> {
+        self.mlp.dense().ok_or_else(|| anyhow::anyhow!("internal: the checkpointed MLP backward needs a dense MLP"))
     }
 
     /// Whether backward may take the hand-written checkpointed path ([`Mlp::recompute_backward`],
     /// [`DecoderLayer::attention_recompute_backward`]), which knows no output norms and no
     /// adapter but plain LoRA; otherwise the layer is recomputed whole under autograd.
     pub fn plain(&self) -> bool {
-        self.attn_out_norm.is_none() && self.mlp_out_norm.is_none() && self.mlp.fusable() && self.self_attn.o_proj.fusable()
+        self.attn_out_norm.is_none() && self.mlp_out_norm.is_none() && self.mlp.dense().is_some_and(Mlp::fusable) && self.self_attn.o_proj.fusable()
     }
 
     /// The layer up to its MLP, from its input `h + pending` (`pending`: the previous layer's
@@ -358,14 +377,17 @@ impl Decoder {
                 },
                 attn_out_norm: sandwich(format!("{p}.post_attention_layernorm"), d)?,
                 mlp_norm: norm(format!("{p}.{}", if c.sandwich_norms { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }), d)?,
-                mlp: Mlp {
-                    gate_up: if c.fused_projections {
-                        Projections::Fused { layer: linear(format!("{p}.mlp.gate_up_proj"), 2 * i, h, c.mlp_bias, d)?, sizes: vec![i, i] }
-                    } else {
-                        Projections::Separate(vec![linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias, d)?, linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias, d)?])
-                    },
-                    down_proj: linear(format!("{p}.mlp.down_proj"), h, i, c.mlp_bias, d)?,
-                    act: c.activation,
+                mlp: match c.moe.as_ref().filter(|m| m.sparse_layers[l]) {
+                    Some(moe) => FeedForward::Sparse(SparseMoe::load(moe, format!("{p}.mlp"), h, c.activation, weights, kind, d)?),
+                    None => FeedForward::Dense(Mlp {
+                        gate_up: if c.fused_projections {
+                            Projections::Fused { layer: linear(format!("{p}.mlp.gate_up_proj"), 2 * i, h, c.mlp_bias, d)?, sizes: vec![i, i] }
+                        } else {
+                            Projections::Separate(vec![linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias, d)?, linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias, d)?])
+                        },
+                        down_proj: linear(format!("{p}.mlp.down_proj"), h, i, c.mlp_bias, d)?,
+                        act: c.activation,
+                    }),
                 },
                 mlp_out_norm: sandwich(format!("{p}.post_feedforward_layernorm"), d)?,
             });
@@ -602,6 +624,29 @@ impl Decoder {
         v
     }
 
+    /// Logits for token ids `[B, T]` at `positions` `[B, T]` (no cache, no dropout), and the
+    /// routings of the sparse layers.
+    pub fn forward_routed(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask) -> (Tensor, Vec<Routing>) {
+        let mut shared = self.layer_inputs(positions, mask);
+        let mut h = self.embed(ids);
+        let mut routes = vec![];
+        for layer in &self.layers {
+            let (cos_sin, mask) = shared.on(layer.device, layer.rope);
+            let (y, routing) = layer.forward_routed(&h.to_device(layer.device), cos_sin, mask, None, false);
+            routes.extend(routing);
+            h = y;
+        }
+        (self.head(&h, false), routes)
+    }
+
+    /// What the load-balancing loss adds to the loss of a forward with these routings (its
+    /// coefficient × the loss; [`Decoder::load_balancing`]), over the rows `valid` marks.
+    pub fn balance_loss(&self, routes: &[Routing], valid: Option<&Tensor>) -> Option<Tensor> {
+        let coef = self.config.moe.as_ref()?.aux_loss_coef;
+        let (aux, _) = self.load_balancing(routes, &AuxLoss { weight: 1.0, valid: valid.map(Tensor::shallow_clone) })?;
+        Some(aux * coef)
+    }
+
     /// Logits for token ids `[B, T]` at `positions` `[B, T]`.
     pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let h = self.hidden(ids, positions, mask, cache, train);
@@ -639,6 +684,9 @@ impl Decoder {
         for l in &mut self.layers {
             for n in l.norms_mut() {
                 n.weight = n.weight.to_kind(kind);
+            }
+            if let Some(moe) = l.mlp.sparse_mut() {
+                moe.set_dtype(kind);
             }
         }
         for lin in self.linears_mut() {
@@ -678,9 +726,21 @@ impl Decoder {
                 v.push((format!("{}.bias", lin.name), b.shallow_clone()));
             }
         }
+        for moe in self.layers.iter().filter_map(|l| l.mlp.sparse()) {
+            v.extend(moe.tensors());
+        }
         v.push((format!("{}.weight", self.norm.name), self.norm.weight.shallow_clone()));
         v
     }
+}
+
+/// How a micro-batch's load-balancing loss is back-propagated (sparse models whose config trains
+/// with it): scaled by `weight` (the fp16 loss scale; transformers adds the loss of every
+/// micro-batch to its window's), over the rows `valid` marks (`[B, T]`, not padding; all when
+/// `None`).
+pub struct AuxLoss {
+    pub weight: f64,
+    pub valid: Option<Tensor>,
 }
 
 /// A tensor kept from the forward for the recomputation in backward.
@@ -732,14 +792,31 @@ impl Decoder {
     /// residual after attention is kept too (host memory is plentiful): the MLP's part starts from
     /// it, and attention's recomputation skips `o_proj`
     /// ([`DecoderLayer::attention_recompute_backward`](crate::models::decoder::DecoderLayer::attention_recompute_backward)).
-    pub fn loss_and_backward(&self, ids: &Tensor, labels: &Tensor, positions: &Tensor, mask: &AttnMask, weight: f64, checkpointing: Checkpointing, seed: i64) -> Result<Tensor> {
-        self.backward_through_head(ids, positions, mask, checkpointing, seed, |h| self.head_loss_backward(h, labels, weight))
+    ///
+    /// A sparse model whose config trains with the load-balancing loss adds `aux.weight` × its
+    /// coefficient × that loss (its value is returned beside the summed loss).
+    pub fn loss_and_backward(&self, ids: &Tensor, labels: &Tensor, positions: &Tensor, mask: &AttnMask, weight: f64, aux: &AuxLoss, checkpointing: Checkpointing, seed: i64) -> Result<(Tensor, Option<Tensor>)> {
+        self.backward_through_head(ids, positions, mask, checkpointing, seed, Some(aux), |h| self.head_loss_backward(h, labels, weight))
+    }
+
+    /// The load-balancing loss of `routes` ([`crate::nn::moe::load_balancing`]) and the gradient
+    /// `aux.weight · coef · ∂aux/∂p` each sparse layer's probabilities take; `None` unless the
+    /// model is sparse and its config.json trains with the loss (`output_router_logits`).
+    pub fn load_balancing(&self, routes: &[Routing], aux: &AuxLoss) -> Option<(Tensor, Tensor)> {
+        let moe = self.config.moe.as_ref().filter(|m| m.aux_loss_coef > 0.0)?;
+        let refs: Vec<&Routing> = routes.iter().collect();
+        let first = refs.first()?;
+        let valid = aux.valid.as_ref().map(|v| v.to_device(first.probs.device()));
+        let (loss, grad) = crate::nn::moe::load_balancing(&refs, moe.num_experts as i64, valid.as_ref());
+        Some((loss, grad * (aux.weight * moe.aux_loss_coef)))
     }
 
     /// The decoder layers as training runs them (fused kernels on a GPU, dropout drawn from
     /// `seed + 2l` for attention and `+ 1` for the MLP), the final norm left out; `keep(l, input,
     /// mid)` sees each layer's input and its residual after attention, for checkpointing.
-    fn training_layers(&self, ids: &Tensor, shared: &mut LayerInputs, seed: i64, mut keep: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>) -> Result<Tensor> {
+    /// Also returns the sparse layers' routings, in layer order.
+    fn training_layers(&self, ids: &Tensor, shared: &mut LayerInputs, seed: i64, mut keep: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>) -> Result<(Tensor, Vec<Routing>)> {
+        let mut routes = vec![];
         let mut h = self.embed(ids);
         // each layer leaves its output `mid + mlp(x)` unadded: the next layer's first norm adds it
         let mut pending: Option<Tensor> = None;
@@ -751,13 +828,16 @@ impl Decoder {
             let (input, mid, x) = self.layer_attention_block(l, &h, added.as_ref(), shared, true);
             keep(l, &input, &mid)?;
             tch::manual_seed(seed + 2 * l as i64 + 1);
-            pending = Some(self.layers[l].mlp_block(&x, true));
+            let (y, routing) = self.layers[l].mlp_block_routed(&x, true);
+            routes.extend(routing);
+            pending = Some(y);
             h = mid;
         }
-        Ok(match pending {
+        let h = match pending {
             Some(m) => h + m,
             None => h,
-        })
+        };
+        Ok((h, routes))
     }
 
     /// The last hidden states as the training path computes them (its kernels, its dropout from
@@ -766,19 +846,21 @@ impl Decoder {
     pub fn training_hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, seed: i64) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
         let mut shared = self.layer_inputs(positions, mask);
-        self.training_layers(ids, &mut shared, seed, |_, _, _| Ok(()))
+        Ok(self.training_layers(ids, &mut shared, seed, |_, _, _| Ok(()))?.0)
     }
 
     /// The training forward and backward of [`Decoder::loss_and_backward`] around any `head`:
     /// `head` receives the last hidden states `[B, T, H]` and back-propagates its loss into
-    /// their graph (checkpointed: into a leaf whose gradient then flows down the layers).
-    pub fn backward_through_head<R>(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, checkpointing: Checkpointing, seed: i64, head: impl FnOnce(&Tensor) -> Result<R>) -> Result<R> {
+    /// their graph (checkpointed: into a leaf whose gradient then flows down the layers). With
+    /// `aux`, a sparse model's load-balancing loss ([`Decoder::load_balancing`]) is
+    /// back-propagated too, and its value returned.
+    pub fn backward_through_head<R>(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, checkpointing: Checkpointing, seed: i64, aux: Option<&AuxLoss>, head: impl FnOnce(&Tensor) -> Result<R>) -> Result<(R, Option<Tensor>)> {
         let net = self;
         let offload = checkpointing == Checkpointing::Offload;
         let mut shared = net.layer_inputs(positions, mask);
         // per layer: its input and, when offloading, the residual after attention
         let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
-        let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<Tensor> {
+        let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<(Tensor, Vec<Routing>)> {
             net.training_layers(ids, shared, seed, |l, input, mid| {
                 let input = match checkpointing {
                     Checkpointing::Off => return Ok(()),
@@ -789,11 +871,36 @@ impl Decoder {
                 Ok(())
             })
         };
+        let backward = |roots: Vec<(Tensor, Tensor)>| {
+            let roots: Vec<(&Tensor, &Tensor)> = roots.iter().filter(|(t, _)| t.requires_grad()).map(|(t, g)| (t, g)).collect();
+            crate::cuda::autograd::backward(&roots)
+        };
+        // the root of the load-balancing loss in a sparse layer's routing
+        let balance_root = |routing: Option<Routing>, balance: &Option<(Tensor, Tensor)>| -> Option<(Tensor, Tensor)> {
+            let (r, (_, g)) = (routing?, balance.as_ref()?);
+            let g = g.to_device(r.probs.device());
+            Some((r.probs, g))
+        };
         if checkpointing == Checkpointing::Off {
-            let h = forward(&mut kept, &mut shared)?;
-            return head(&h);
+            let (h, routes) = forward(&mut kept, &mut shared)?;
+            let balance = aux.and_then(|a| net.load_balancing(&routes, a));
+            if balance.is_none() {
+                return Ok((head(&h)?, None));
+            }
+            // the head's gradient stops at a leaf, so that one backward carries it and the routers'
+            let top = h.detach().set_requires_grad(true);
+            let out = head(&top)?;
+            let mut roots: Vec<(Tensor, Tensor)> = routes.into_iter().filter_map(|r| balance_root(Some(r), &balance)).collect();
+            let g = top.grad();
+            if g.defined() {
+                roots.push((h, g));
+            }
+            backward(roots)?;
+            return Ok((out, balance.map(|b| b.0)));
         }
-        let h = tch::no_grad(|| forward(&mut kept, &mut shared))?;
+        let (h, routes) = tch::no_grad(|| forward(&mut kept, &mut shared))?;
+        let balance = aux.and_then(|a| net.load_balancing(&routes, a));
+        drop(routes);
         let prefetch = |k: Option<&(Kept, Option<Kept>)>| -> Result<(Option<crate::cuda::Prefetch>, Option<crate::cuda::Prefetch>)> {
             match k {
                 Some((x, mid)) => Ok((x.prefetch()?, match mid { Some(m) => m.prefetch()?, None => None })),
@@ -806,7 +913,7 @@ impl Decoder {
         let mut grad = top.grad();
         if !grad.defined() {
             // the head's loss does not depend on the model
-            return Ok(loss);
+            return Ok((loss, balance.map(|b| b.0)));
         }
         for l in (0..net.layers.len()).rev() {
             let (px, pm) = std::mem::replace(&mut pending, (None, None));
@@ -821,20 +928,20 @@ impl Decoder {
             let x = if l == 0 && net.embeddings_train() { x } else { x.detach().set_requires_grad(l > 0) };
             let g = grad.to_device(x.device());
             let layer = &net.layers[l];
-            let backward = |roots: Vec<(Tensor, Tensor)>| crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>());
             match mid {
                 _ if !layer.plain() => {
                     // the whole layer under autograd, with the forward's dropout draws
                     tch::manual_seed(seed + 2 * l as i64);
                     let (_, h, xm) = net.layer_attention_block(l, &x, None, &mut shared, true);
                     tch::manual_seed(seed + 2 * l as i64 + 1);
-                    backward(vec![(h + layer.mlp_block(&xm, true), g)])?;
+                    let (y, routing) = layer.mlp_block_routed(&xm, true);
+                    backward([(h + y, g)].into_iter().chain(balance_root(routing, &balance)).collect())?;
                 }
                 None => {
                     tch::manual_seed(seed + 2 * l as i64);
                     let (_, h, xm) = net.layer_attention_block(l, &x, None, &mut shared, true);
                     tch::manual_seed(seed + 2 * l as i64 + 1);
-                    let mut roots = layer.mlp.recompute_backward(&xm, &g)?;
+                    let mut roots = layer.dense_mlp()?.recompute_backward(&xm, &g)?;
                     drop(xm);
                     roots.push((h, g));
                     backward(roots)?;
@@ -843,7 +950,7 @@ impl Decoder {
                     let mid = mid.detach().set_requires_grad(true);
                     tch::manual_seed(seed + 2 * l as i64 + 1);
                     let xm = layer.mlp_norm.forward(&mid, true);
-                    backward(layer.mlp.recompute_backward(&xm, &g)?)?;
+                    backward(layer.dense_mlp()?.recompute_backward(&xm, &g)?)?;
                     drop(xm);
                     let dmid = g + mid.grad();
                     tch::manual_seed(seed + 2 * l as i64);
@@ -854,6 +961,6 @@ impl Decoder {
                 grad = x.grad();
             }
         }
-        Ok(loss)
+        Ok((loss, balance.map(|b| b.0)))
     }
 }

@@ -18,6 +18,7 @@ pub mod llama;
 pub mod phi3;
 pub mod placement;
 pub mod qwen3;
+pub mod qwen3_moe;
 pub mod save;
 pub mod t5;
 
@@ -35,6 +36,7 @@ pub const FAMILIES: &[Family] = &[
     Family { architecture: "MistralForCausalLM", model_type: "mistral", config: llama::mistral },
     Family { architecture: "Qwen2ForCausalLM", model_type: "qwen2", config: llama::qwen2 },
     Family { architecture: "Qwen3ForCausalLM", model_type: "qwen3", config: qwen3::qwen3 },
+    Family { architecture: "Qwen3MoeForCausalLM", model_type: "qwen3_moe", config: qwen3_moe::qwen3_moe },
     Family { architecture: "Gemma2ForCausalLM", model_type: "gemma2", config: gemma2::gemma2 },
     Family { architecture: "Gemma3ForCausalLM", model_type: "gemma3_text", config: gemma3::gemma3 },
     Family { architecture: "Phi3ForCausalLM", model_type: "phi3", config: phi3::phi3 },

@@ -37,7 +37,14 @@ pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<LazyTensor<'_>>
             }
             _ => {
                 let t = dense.iter().find(|(n, _)| *n == name).map(|(_, t)| t.shallow_clone()).unwrap();
-                v.push((name, shape(t.size()), Box::new(move || t.detach().to_kind(kind).to_device(Device::Cpu))));
+                // an expert's weight, its slice of the stack's adapter folded in when it has one
+                let block = net.layers.iter().filter_map(|l| l.mlp.sparse()).find(|b| name.starts_with(&format!("{}.experts.", b.name)));
+                let key = name.clone();
+                v.push((
+                    name,
+                    shape(t.size()),
+                    Box::new(move || block.and_then(|b| b.merged(&key)).unwrap_or_else(|| t.detach()).to_kind(kind).to_device(Device::Cpu)),
+                ));
             }
         }
     }

@@ -25,6 +25,21 @@ impl Activation {
             other => bail!("unsupported activation `{other}`; supported: silu, gelu_pytorch_tanh"),
         })
     }
+
+    /// `act(gate) · up` (SwiGLU in one kernel each way when training on a GPU).
+    pub fn gated(&self, gate: &Tensor, up: &Tensor, train: bool) -> Tensor {
+        match self {
+            Activation::Silu => {
+                if fused(gate, train) {
+                    if let Some(m) = crate::cuda::autograd::swiglu(gate, up) {
+                        return m;
+                    }
+                }
+                gate.silu() * up
+            }
+            Activation::GeluTanh => gate.gelu("tanh") * up,
+        }
+    }
 }
 
 pub struct Mlp {
@@ -38,17 +53,7 @@ impl Mlp {
     /// `act(gate) · up` from the gate and up projections: the input of `down_proj` (SwiGLU in
     /// one kernel each way when training on a GPU).
     pub fn gated(&self, gate: &Tensor, up: &Tensor, train: bool) -> Tensor {
-        match self.act {
-            Activation::Silu => {
-                if fused(gate, train) {
-                    if let Some(m) = crate::cuda::autograd::swiglu(gate, up) {
-                        return m;
-                    }
-                }
-                gate.silu() * up
-            }
-            Activation::GeluTanh => gate.gelu("tanh") * up,
-        }
+        self.act.gated(gate, up, train)
     }
 
     /// `(∂L/∂gate, ∂L/∂up)` of [`Mlp::gated`] from `∂L/∂m`, without a graph: `∂up = ∂m · act(gate)`,

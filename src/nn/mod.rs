@@ -4,6 +4,7 @@ pub mod attention;
 pub mod linear;
 pub mod loss;
 pub mod mlp;
+pub mod moe;
 pub mod norm;
 pub mod peft;
 pub mod quant;

@@ -6,9 +6,13 @@
 //! where `<module>` is the linear layer's name in the base model's state dict
 //! (e.g. `model.layers.0.self_attn.q_proj`); trainable token rows (`trainable_token_indices`
 //! in the config) are `base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta`
-//! `[n, H]`, the rows themselves (not a difference, despite the name).
+//! `[n, H]`, the rows themselves (not a difference, despite the name). LoRA on a stack of
+//! expert weights (peft's `target_parameters`, e.g. `mlp.experts.gate_up_proj`) is keyed by the
+//! experts module, `<block>.experts[.base_layer].lora_A.weight` `[E·r, in]` and `lora_B.weight`
+//! `[out, r·E]` ([`ExpertLora`]).
 
 use super::adapters::{AdaLora, Adapter, Dora, Lora};
+use super::moe::{ExpertLora, SparseMoe};
 use super::linear::Linear;
 use super::weights::{save_safetensors, write_atomic, WeightSource};
 use crate::models::decoder::{Decoder, TokenRows};
@@ -35,6 +39,13 @@ pub trait Adapted {
     /// The token ids whose embedding rows train (`trainable_token_indices`).
     fn trainable_token_ids(&self) -> Option<Vec<i64>> {
         None
+    }
+    /// The sparse mixture-of-experts blocks, whose expert stacks take `target_parameters`.
+    fn sparse_blocks(&self) -> Vec<&SparseMoe> {
+        vec![]
+    }
+    fn sparse_blocks_mut(&mut self) -> Vec<&mut SparseMoe> {
+        vec![]
     }
 }
 
@@ -64,6 +75,21 @@ impl Adapted for Decoder {
     fn trainable_token_ids(&self) -> Option<Vec<i64>> {
         self.token_rows.as_ref().map(|t| t.ids.clone())
     }
+    fn sparse_blocks(&self) -> Vec<&SparseMoe> {
+        self.layers.iter().filter_map(|l| l.mlp.sparse()).collect()
+    }
+    fn sparse_blocks_mut(&mut self) -> Vec<&mut SparseMoe> {
+        self.layers.iter_mut().filter_map(|l| l.mlp.sparse_mut()).collect()
+    }
+}
+
+/// The expert stacks of a sparse block, by their parameter's path, in the order peft wraps them.
+const EXPERT_PARAMETERS: [&str; 2] = ["experts.gate_up_proj", "experts.down_proj"];
+
+/// Whether peft's `target_parameters` entry `target` names the parameter at `path` (equal to it,
+/// or to its last segments).
+fn names_parameter(target: &str, path: &str) -> bool {
+    path == target || path.ends_with(&format!(".{target}"))
 }
 
 /// Which linear layers get adapters.
@@ -108,6 +134,9 @@ pub struct LoraSpec {
     pub adalora: Option<AdaLoraSchedule>,
     /// Seed for A's initialisation.
     pub seed: u64,
+    /// Parameters adapted whole-stack (peft's `target_parameters`): a sparse block's
+    /// `experts.gate_up_proj`, `experts.down_proj` (or their last segments).
+    pub target_parameters: Vec<String>,
 }
 
 /// AdaLoRA's rank budget schedule and regularization, as peft's `AdaLoraConfig` names them:
@@ -174,6 +203,9 @@ pub struct AdapterConfig {
     pub target_modules: serde_json::Value,
     #[serde(default)]
     pub task_type: Option<String>,
+    /// Parameters (not modules) with adapters: expert stacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_parameters: Option<Vec<String>>,
     /// A list of token ids, or `{"embed_tokens": [...]}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trainable_token_indices: Option<serde_json::Value>,
@@ -225,6 +257,7 @@ pub fn add_adapters(net: &mut dyn Adapted, spec: &LoraSpec, kind: Kind) -> Resul
     }
     let mut names = vec![];
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(spec.seed);
+    names.extend(add_expert_adapters(net, spec, kind, &mut rng)?);
     for lin in net.linears_mut() {
         if spec.targets.matches(&lin.name)? {
             let (out, inp) = (lin.out_features(), lin.in_features());
@@ -239,6 +272,47 @@ pub fn add_adapters(net: &mut dyn Adapted, spec: &LoraSpec, kind: Kind) -> Resul
     }
     if names.is_empty() {
         bail!("add_lora: targets {:?} match no linear layer; the model's linear layers: {}", spec.targets, kinds.join(", "));
+    }
+    Ok(names)
+}
+
+/// The adapters of `spec.target_parameters` on the expert stacks of `net`'s sparse blocks
+/// (drawn from `rng` before the linear layers'); returns the adapted parameters' paths.
+fn add_expert_adapters(net: &mut dyn Adapted, spec: &LoraSpec, kind: Kind, rng: &mut impl rand::Rng) -> Result<Vec<String>> {
+    if spec.target_parameters.is_empty() {
+        return Ok(vec![]);
+    }
+    if spec.dropout > 0.0 || spec.use_dora || spec.adalora.is_some() {
+        bail!("add_lora: target_parameters (expert stacks) take plain LoRA without dropout, as peft's ParamWrapper does: set dropout: 0.0{}", if spec.use_dora { " and drop use_dora" } else { "" });
+    }
+    let blocks = net.sparse_blocks_mut();
+    if blocks.is_empty() {
+        bail!("add_lora: target_parameters {:?}: this model has no mixture-of-experts layers", spec.target_parameters);
+    }
+    for t in &spec.target_parameters {
+        let hit = blocks.iter().any(|b| EXPERT_PARAMETERS.iter().any(|p| names_parameter(t, &format!("{}.{p}", b.name))));
+        if !hit {
+            bail!("add_lora: target_parameters `{t}` names no parameter; the expert stacks are {}", EXPERT_PARAMETERS.map(|p| format!("mlp.{p}")).join(", "));
+        }
+    }
+    let mut names = vec![];
+    for b in blocks {
+        let e = b.experts.count();
+        for p in EXPERT_PARAMETERS {
+            let path = format!("{}.{p}", b.name);
+            if !spec.target_parameters.iter().any(|t| names_parameter(t, &path)) {
+                continue;
+            }
+            let stack = if p == EXPERT_PARAMETERS[0] { &b.experts.gate_up } else { &b.experts.down };
+            let (out, inp) = (stack.size()[1], stack.size()[2]);
+            let lora = ExpertLora::new(e, out, inp, spec.r, spec.scale(), kind, stack.device(), rng);
+            if p == EXPERT_PARAMETERS[0] {
+                b.experts.gate_up_lora = Some(lora);
+            } else {
+                b.experts.down_lora = Some(lora);
+            }
+            names.push(path);
+        }
     }
     Ok(names)
 }
@@ -287,8 +361,28 @@ pub fn adapter_tensors(net: &dyn Adapted) -> Vec<(String, Tensor)> {
         }
     }
     v.extend(net.embedding_adapters());
+    for block in net.sparse_blocks() {
+        for (module, l) in block.adapter_keys() {
+            v.push((format!("base_model.model.{module}.lora_A.weight"), l.a.shallow_clone()));
+            v.push((format!("base_model.model.{module}.lora_B.weight"), l.b.shallow_clone()));
+        }
+    }
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// The expert stacks with adapters, as peft's `target_parameters` lists them (`None`: none).
+fn adapted_parameters(net: &dyn Adapted) -> Option<Vec<String>> {
+    let mut v = vec![];
+    for b in net.sparse_blocks() {
+        for (p, l) in EXPERT_PARAMETERS.iter().zip([&b.experts.gate_up_lora, &b.experts.down_lora]) {
+            let p = format!("mlp.{p}");
+            if l.is_some() && !v.contains(&p) {
+                v.push(p);
+            }
+        }
+    }
+    (!v.is_empty()).then_some(v)
 }
 
 /// peft's key of the trained copy of `model.embed_tokens` (`modules_to_save`).
@@ -391,6 +485,7 @@ pub fn save_adapter(net: &dyn Adapted, spec: &LoraSpec, base_model: &str, dir: &
         revision: None,
         target_modules,
         task_type: Some(net.task_type().into()),
+        target_parameters: adapted_parameters(net),
         trainable_token_indices: net.trainable_token_ids().map(|ids| serde_json::json!(ids)),
         use_dora: spec.use_dora,
         use_rslora: spec.use_rslora,
@@ -417,7 +512,9 @@ pub struct AdapterFiles {
 
 pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpec> {
     let files = read_adapter(dir)?;
-    check_all_used(&files, &net.linears().iter().map(|l| l.name.as_str()).collect::<Vec<_>>())?;
+    let experts: Vec<String> = net.sparse_blocks().iter().flat_map(|b| [format!("{}.experts", b.name), format!("{}.experts.base_layer", b.name)]).collect();
+    check_all_used(&files, &net.linears().iter().map(|l| l.name.as_str()).chain(experts.iter().map(String::as_str)).collect::<Vec<_>>())?;
+    install_expert_adapters(net, &files, kind)?;
     let AdapterFiles { spec, weights, cfg_path, file, .. } = &files;
     net.token_rows = None;
     net.embed_copy = None;
@@ -459,6 +556,40 @@ pub fn load_adapter(net: &mut Decoder, dir: &Path, kind: Kind) -> Result<LoraSpe
     Ok(files.spec)
 }
 
+/// Installs the expert-stack adapters of `files` (peft's `target_parameters`) on the sparse
+/// blocks of `net` (every block loses its own first). peft wraps a block's adapted stacks in
+/// [`EXPERT_PARAMETERS`] order, the last outermost: its tensors are `<block>.experts.lora_*`, the
+/// one before it `<block>.experts.base_layer.lora_*`.
+fn install_expert_adapters(net: &mut dyn Adapted, files: &AdapterFiles, kind: Kind) -> Result<()> {
+    let AdapterFiles { cfg, spec, weights, cfg_path, file } = files;
+    for b in net.sparse_blocks_mut() {
+        b.experts.gate_up_lora = None;
+        b.experts.down_lora = None;
+        let adapted: Vec<usize> = (0..EXPERT_PARAMETERS.len()).filter(|&i| spec.target_parameters.iter().any(|t| names_parameter(t, &format!("{}.{}", b.name, EXPERT_PARAMETERS[i])))).collect();
+        let e = b.experts.count();
+        for (depth, &i) in adapted.iter().rev().enumerate() {
+            let module = format!("{}.experts{}", b.name, ".base_layer".repeat(depth));
+            let key = |t: &str| format!("base_model.model.{module}.{t}.weight");
+            if !weights.contains(&key("lora_A")) {
+                bail!("{}: target_parameters names {} but tensor `{}` is missing", cfg_path.display(), EXPERT_PARAMETERS[i], key("lora_A"));
+            }
+            let stack = if i == 0 { &b.experts.gate_up } else { &b.experts.down };
+            let (out, inp, device) = (stack.size()[1], stack.size()[2], stack.device());
+            let r = weights.load_any(&key("lora_A"))?.size()[0] / e;
+            let a = weights.load(&key("lora_A"), &[e * r, inp], kind, device).with_context(|| format!("{}", file.display()))?.set_requires_grad(true);
+            let bt = weights.load(&key("lora_B"), &[out, r * e], kind, device)?.set_requires_grad(true);
+            let scale = if cfg.use_rslora { cfg.lora_alpha / (r as f64).sqrt() } else { cfg.lora_alpha / r as f64 };
+            let lora = Some(ExpertLora { a, b: bt, scale });
+            if i == 0 {
+                b.experts.gate_up_lora = lora;
+            } else {
+                b.experts.down_lora = lora;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads and checks the peft adapter directory `dir` (LoRA, DoRA or AdaLoRA).
 pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
     let cfg_path = dir.join("adapter_config.json");
@@ -497,7 +628,8 @@ pub fn read_adapter(dir: &Path) -> Result<AdapterFiles> {
     };
     let modules_to_save = cfg.modules_to_save.clone().unwrap_or_default();
     let r = cfg.adalora.as_ref().map_or(cfg.r, |a| a.init_r);
-    let spec = LoraSpec { r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, trainable_tokens, modules_to_save, adalora: cfg.adalora.clone(), seed: 0 };
+    let target_parameters = cfg.target_parameters.clone().unwrap_or_default();
+    let spec = LoraSpec { r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, targets, use_rslora: cfg.use_rslora, use_dora: cfg.use_dora, trainable_tokens, modules_to_save, adalora: cfg.adalora.clone(), seed: 0, target_parameters };
     Ok(AdapterFiles { cfg, spec, weights, cfg_path, file })
 }
 
@@ -558,7 +690,7 @@ pub fn install_adapters(linears: Vec<&mut Linear>, files: &AdapterFiles, kind: K
         });
         found += 1;
     }
-    if found == 0 {
+    if found == 0 && spec.target_parameters.is_empty() {
         bail!("{}: no adapter tensor matches a linear layer of this model", file.display());
     }
     Ok(())
@@ -601,4 +733,7 @@ pub fn merge(net: &mut Decoder) {
     net.embed_tokens = tch::no_grad(|| net.embedding_weight().detach());
     net.token_rows = None;
     merge_linears(net);
+    for block in net.sparse_blocks_mut() {
+        block.merge_adapters();
+    }
 }

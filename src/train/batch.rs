@@ -30,6 +30,8 @@ pub struct Batch {
     pub n_label_tokens: i64,
     /// Non-padding tokens, for throughput.
     pub n_tokens: i64,
+    /// `[B, T]` bool: the positions that are not padding.
+    pub valid: Tensor,
 }
 
 /// A row: the examples it holds, in order.
@@ -93,9 +95,11 @@ pub fn collate(examples: &[Example], rows: &[Row], cfg: &BatchConfig) -> Batch {
     let (b, t) = (flat.len() as i64, width as i64);
     let (mut ids, mut labels, mut pos, mut seg) = (vec![], vec![], vec![], vec![]);
     let mut n_tokens = 0;
+    let mut valid = vec![];
     for (i, l, p, s) in flat {
         let pad = width - i.len();
         n_tokens += i.len() as i64;
+        valid.extend(std::iter::repeat(true).take(i.len()).chain(std::iter::repeat(false).take(pad)));
         let last_pos = p.last().copied().unwrap_or(-1);
         ids.extend(i.into_iter().chain(std::iter::repeat(cfg.pad_id).take(pad)));
         labels.extend(l.into_iter().chain(std::iter::repeat(-100).take(pad)));
@@ -116,6 +120,7 @@ pub fn collate(examples: &[Example], rows: &[Row], cfg: &BatchConfig) -> Batch {
         segments: if cfg.packing { Some(Tensor::from_slice(&seg).view([b, t])) } else { None },
         n_label_tokens,
         n_tokens,
+        valid: Tensor::from_slice(&valid).view([b, t]),
     }
 }
 

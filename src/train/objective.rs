@@ -6,7 +6,7 @@
 
 use super::batch::{collate, Batch, BatchConfig, Row};
 use crate::data::format::{Example, IGNORE};
-use crate::models::decoder::{AttnMask, Decoder};
+use crate::models::decoder::{AttnMask, AuxLoss, Decoder};
 use crate::models::Checkpointing;
 use crate::nn::loss::loss_sum;
 use anyhow::Result;
@@ -120,12 +120,24 @@ impl Objective for Sft {
     fn step(&self, net: &Decoder, split: Split, rows: &[Row], cfg: &BatchConfig, backward: Option<Backward>) -> Result<Step> {
         let b = collate(self.examples(split), rows, cfg);
         let (ids, labels, positions, mask) = to_device(&b, net.device);
-        let loss = match backward {
-            Some(bw) => net.loss_and_backward(&ids, &labels, &positions, &mask, bw.weight, bw.checkpointing, bw.seed)?,
+        // a sparse model's load-balancing loss counts once per micro-batch, as in transformers
+        // (`loss = mean CE + coef · aux`): in the window's sum, `units` × it
+        let units = self.units(split, rows, cfg);
+        let valid = Some(b.valid.shallow_clone());
+        let (loss, balance) = match backward {
+            Some(bw) => {
+                let aux = AuxLoss { weight: bw.weight * units, valid };
+                let (loss, balance) = net.loss_and_backward(&ids, &labels, &positions, &mask, bw.weight, &aux, bw.checkpointing, bw.seed)?;
+                (loss, balance.and_then(|b| net.config.moe.as_ref().map(|m| b * m.aux_loss_coef)))
+            }
             None => tch::no_grad(|| {
-                let logits = net.forward(&ids, &positions, &mask, None, false);
-                loss_sum(&logits, &labels.to_device(logits.device()))
+                let (logits, routes) = net.forward_routed(&ids, &positions, &mask);
+                (loss_sum(&logits, &labels.to_device(logits.device())), net.balance_loss(&routes, valid.as_ref()))
             }),
+        };
+        let loss = match balance {
+            Some(b) => loss.to_kind(Kind::Float) + b.to_device(loss.device()) * units,
+            None => loss,
         };
         Ok(Step { loss: loss.to_kind(Kind::Float), metrics: None, tokens: b.n_tokens })
     }

@@ -173,7 +173,7 @@ impl Sequences {
     /// (or only measured without): returns what `loss_of` returns besides the loss.
     fn loss<R>(&self, net: &Decoder, backward: Option<Backward>, loss_of: impl FnOnce(&NextTokenStats) -> Result<(Tensor, R)>) -> Result<R> {
         match backward {
-            Some(bw) => net.backward_through_head(&self.ids, &self.positions, &AttnMask::Causal, bw.checkpointing, bw.seed, |h| net.next_token_head_backward(h, &self.labels, bw.weight, loss_of)),
+            Some(bw) => net.backward_through_head(&self.ids, &self.positions, &AttnMask::Causal, bw.checkpointing, bw.seed, None, |h| net.next_token_head_backward(h, &self.labels, bw.weight, loss_of)).map(|(out, _)| out),
             None => {
                 let _g = tch::no_grad_guard();
                 let h = net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false);

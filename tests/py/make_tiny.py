@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
-                          Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+                          Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config,
+                          Qwen3MoeConfig)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -92,6 +93,12 @@ CONFIGS = {
                                sliding_window=8, original_max_position_embeddings=16,
                                rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                                              "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0]}),
+    # Qwen3-MoE: top-2 of 6 experts (renormalized), layer 1 dense among sparse ones, the
+    # load-balancing loss on (its coefficient large enough to move the loss)
+    "qwen3_moe": lambda: Qwen3MoeConfig(**COMMON, head_dim=16, rope_theta=1000000.0, num_experts=6,
+                                        num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                                        decoder_sparse_step=1, mlp_only_layers=[1], output_router_logits=True,
+                                        router_aux_loss_coef=0.05),
     # Gemma as llama.cpp runs it: sentencepiece, queries scaled by 1/√head_dim
     "gemma2_spm": lambda: Gemma2Config(**SPM, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
                                        final_logit_softcapping=3.0, sliding_window=8, pad_token_id=0),
@@ -124,7 +131,7 @@ def main():
         model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, attn_implementation=attention(cfg)).eval()
         with torch.no_grad():  # random init is small; widen it so logits are far from uniform
             for p in model.parameters():
-                if p.dim() == 2:
+                if p.dim() >= 2:  # (and expert stacks, [E, out, in])
                     p.normal_(0, 0.08)
                 elif cfg.model_type not in OLDER:  # norms away from their init, so reading them matters
                     p.add_(torch.randn_like(p) * 0.1)

@@ -9,7 +9,11 @@ usage:
                                           moved off the weights' norms too); with `tokens`, the
                                           embedding rows of TOKENS train too (moved in the random one);
                                           with `modules`, embed_tokens and lm_head train whole
-                                          (modules_to_save; moved in the random one)
+                                          (modules_to_save; moved in the random one); with
+                                          `experts`, a mixture-of-experts model's expert stacks
+                                          take LoRA too (target_parameters), and training runs
+                                          without accumulation (TRAIN_EXPERTS: transformers adds
+                                          each micro-batch's load-balancing loss in full)
   peft_reference.py train MODEL OUT       HF Trainer + peft from OUT/init on OUT/train.jsonl, in
                                           order; per-step losses → OUT/hf_losses.json
   peft_reference.py adapter-logits MODEL ADAPTER IDS_JSON OUT_FILE
@@ -46,6 +50,14 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 # the settings ftscript's side uses too (tests/training.rs)
 TRAIN = dict(batch_size=2, grad_accum=4, steps=20, lr=2e-3, warmup=2, weight_decay=0.01, max_grad_norm=0.5)
+TRAIN_EXPERTS = dict(TRAIN, batch_size=8, grad_accum=1)
+EXPERT_STACKS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def settings(out):
+    """TRAIN, or TRAIN_EXPERTS when the initial adapter has expert stacks."""
+    config = json.load(open(os.path.join(out, "init", "adapter_config.json")))
+    return TRAIN_EXPERTS if config.get("target_parameters") else TRAIN
 
 
 def load(model_dir):
@@ -64,7 +76,7 @@ def logits_of(model, ids):
 TOKENS = [5, 17, 42, 99, 120]
 
 
-def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False, tokens=None, modules=None):
+def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False, tokens=None, modules=None, experts=False):
     """peft LoRA (r=4, alpha=8, q_proj and v_proj; DoRA if `dora`) on `model`, saved as peft
     initialises it (B = 0) in `fresh_dir` and with B drawn from N(0, 0.05²) (and DoRA's
     magnitudes scaled by 1 + N(0, 0.1²)) in `random_dir`; returns the latter."""
@@ -73,7 +85,8 @@ def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False, tokens=N
     targets = ["qkv_proj", "gate_up_proj"] if model.config.model_type == "phi3" else ["q_proj", "v_proj"]
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=dora,
                                              trainable_token_indices=tokens, modules_to_save=modules,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+                                             target_modules=targets, task_type="CAUSAL_LM",
+                                             target_parameters=EXPERT_STACKS if experts else None))
     model.save_pretrained(fresh_dir)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -88,14 +101,16 @@ def fresh_and_random_adapters(model, fresh_dir, random_dir, dora=False, tokens=N
 def init(model_dir, out, variant=None):
     model = fresh_and_random_adapters(load(model_dir), os.path.join(out, "init"), os.path.join(out, "random"),
                                       dora=variant == "dora", tokens=TOKENS if variant == "tokens" else None,
-                                      modules=["embed_tokens", "lm_head"] if variant == "modules" else None)
+                                      modules=["embed_tokens", "lm_head"] if variant == "modules" else None,
+                                      experts=variant == "experts")
+    train_settings = settings(out)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 300, (2, 16), generator=gen).tolist()
     json.dump(ids, open(os.path.join(out, "ids.json"), "w"))
     save_file({"logits": logits_of(model, ids)}, os.path.join(out, "random_logits.safetensors"))
     # variable-length token records; the first label of each is masked (as a prompt token would be)
     with open(os.path.join(out, "train.jsonl"), "w") as f:
-        for i in range(TRAIN["batch_size"] * TRAIN["grad_accum"] * TRAIN["steps"] // 2):
+        for i in range(train_settings["batch_size"] * train_settings["grad_accum"] * train_settings["steps"] // 2):
             n = int(torch.randint(8, 24, (1,), generator=gen))
             ids = torch.randint(3, 300, (n,), generator=gen).tolist()
             labels = [-100] + ids[1:]
@@ -129,6 +144,7 @@ class InOrder(Trainer):
 
 
 def train(model_dir, out):
+    TRAIN = settings(out)
     model = PeftModel.from_pretrained(load(model_dir), os.path.join(out, "init"), is_trainable=True)
     args = TrainingArguments(
         output_dir=os.path.join(out, "hf"), per_device_train_batch_size=TRAIN["batch_size"],
