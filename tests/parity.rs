@@ -83,7 +83,8 @@ fn bf16_training_loss_on_the_gpu_matches_transformers() {
     let ids: Vec<Vec<i64>> = (0..4).map(|r| (0..24).map(|i| 3 + (r * 37 + i * 11) % 290).collect()).collect();
     let lines: Vec<String> = ids.iter().map(|r| serde_json::json!({ "input_ids": r }).to_string()).collect();
     std::fs::write(d.join("tokens.jsonl"), lines.join("\n")).unwrap();
-    for name in ["llama_gqa", "qwen3", "gemma2", "gemma3"] {
+    // (Qwen3-MoE: grouped experts, and transformers' loss with its load-balancing term)
+    for name in ["llama_gqa", "qwen3", "gemma2", "gemma3", "qwen3_moe"] {
         let m = tiny(d, name);
         let theirs: f64 = py_eval(&format!(
             "import torch, json; from transformers import AutoModelForCausalLM as M\n\

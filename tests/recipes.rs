@@ -61,6 +61,9 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
         let t = run(&["run"], "gemma_qlora.rhai", &[("model_dir", model), ("data_file", data.clone()), ("output_dir", out(gemma)), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
         assert!(t.contains("steps 2,") && d.join(gemma).join("adapter/adapter_model.safetensors").exists(), "{gemma}: {t}");
     }
+    let moe = s(with_chat_template(tiny(d, "qwen3_moe")).display().to_string());
+    let t = run(&["run"], "qwen3_moe.rhai", &[("model_dir", moe), ("data_file", data.clone()), ("output_dir", out("qwen3_moe")), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
+    assert!(t.contains("steps 2,") && d.join("qwen3_moe/adapter/adapter_model.safetensors").exists(), "{t}");
     let phi3 = s(with_chat_template(tiny(d, "phi3")).display().to_string());
     let t = run(&["run"], "phi_qlora.rhai", &[("model_dir", phi3), ("data_file", data.clone()), ("output_dir", out("phi3")), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
     assert!(t.contains("steps 2,") && d.join("phi3/adapter/adapter_model.safetensors").exists(), "{t}");
@@ -267,6 +270,7 @@ fn mistakes_fail_before_the_first_step_and_name_the_fix() {
         ("LoRA target typo", "targets: [\"q_prj\", \"v_proj\"]", "output_dir: \"o5\"", &[], &["target `q_prj` matches no linear layer", "did you mean `q_proj`"], false, true),
         ("early stopping on a metric no report has", "", "output_dir: \"o6\", on_eval: cb::early_stopping(#{ metric: \"eval_los\" })", &[], &["no metric `eval_los`", "did you mean `eval_loss`"], false, false),
         ("a hook reads a metric no report has", "", "output_dir: \"o7\", on_step: |s| if s.los > 9.0 { \"stop\" }", &[], &["has no key `los`"], false, false),
+        ("expert stacks on a dense model", "target_parameters: [\"mlp.experts.down_proj\"]", "output_dir: \"o9\"", &[], &["target_parameters", "this model has no mixture-of-experts layers"], false, true),
         ("max_length shorter than every prompt", "", "output_dir: \"o8\", max_length: 3, format: |r| #{ prompt: r.text, response: \"x\" }", &[], &["no example keeps a token to learn from", "max_length 3", "longest prompt has"], false, true),
     ];
     let mut failed = vec![];
@@ -316,6 +320,45 @@ fn mistakes_fail_before_the_first_step_and_name_the_fix() {
         failed.push(format!("resume beyond max_steps: expected an error:\n{t}"));
     }
     assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+}
+
+/// Qwen3-MoE as a user meets it: loaded in 4 bits (attention quantized, the experts dense, as
+/// bitsandbytes leaves them), LoRA on the attention and the expert stacks trains and saves; a
+/// typo in `target_parameters` and dropout on expert stacks are refused with the fix.
+#[test]
+fn qwen3_moe_in_4_bits_and_its_adapter_mistakes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_and_text(d, "qwen3_moe", 16);
+    let recipe = |lora: &str| {
+        format!(
+            r#"
+let m = load_model("{model}", #{{ quantize: "nf4", compute_dtype: "fp32", device: "cpu" }});
+m.add_lora(#{{ r: 4, alpha: 8, {lora} }});
+let r = train(m, #{{ train: load_dataset("data.jsonl"), batch_size: 4, max_steps: 2, log_every: 1, output_dir: "out" }});
+let mem = m.memory();
+print(`RESULT loss=${{r.train_loss}} quantized=${{mem.quantized}} dense=${{mem.dense}}`);
+m.save_adapter("out/adapter");
+"#
+        )
+    };
+    let t = run_recipe(d, "moe.rhai", &recipe("dropout: 0.0, target_parameters: [\"gate_up_proj\", \"down_proj\"]"));
+    let result = t.lines().find_map(|l| l.strip_prefix("RESULT ")).unwrap_or_else(|| panic!("{t}"));
+    let field = |k: &str| -> f64 { result.split(' ').find_map(|kv| kv.strip_prefix(&format!("{k}="))).unwrap().parse().unwrap() };
+    assert!(field("loss").is_finite() && field("quantized") > 0.0, "{t}");
+    // the experts (2 sparse layers × 6 × 3 × 64 × 32 fp32 values) stay dense
+    assert!(field("dense") > (2 * 6 * 3 * 64 * 32 * 4) as f64, "{t}");
+    let saved = read_safetensors(&d.join("out/adapter/adapter_model.safetensors"));
+    assert!(saved.contains_key("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"), "{:?}", saved.keys());
+    for (lora, expected) in [
+        ("dropout: 0.0, target_parameters: [\"mlp.experts.gate_proj\"]", "target_parameters `mlp.experts.gate_proj` names no parameter; the expert stacks are mlp.experts.gate_up_proj, mlp.experts.down_proj"),
+        ("dropout: 0.05, target_parameters: [\"down_proj\"]", "take plain LoRA without dropout, as peft's ParamWrapper does: set dropout: 0.0"),
+    ] {
+        std::fs::write(d.join("bad.rhai"), recipe(lora)).unwrap();
+        let out = ftscript(&["run", "bad.rhai"], d);
+        let t = text(&out);
+        assert!(!out.status.success() && t.contains(expected) && !t.contains("panicked"), "{lora}: expected `{expected}`:\n{t}");
+    }
 }
 
 #[test]

@@ -159,6 +159,24 @@ impl DecoderConfig {
         self.sliding_window.filter(|_| self.sliding_layers.get(l).copied().unwrap_or(false))
     }
 
+    /// Layer `l`'s feed-forward: `(linear weights, weights that stay dense, activation values
+    /// per token kept for backward)`. Dense: `3·H·I`, 0, `4·I`; sparse: 0, the experts and the
+    /// router `E·(3·H·Iₑ + H)` (4-bit loading leaves them dense, as bitsandbytes does), and for
+    /// each of a token's `k` experts its gathered input and output and `4·Iₑ` (+ the router's `E`).
+    pub fn feed_forward_size(&self, l: usize) -> (u64, u64, u64) {
+        let h = self.hidden_size as u64;
+        match self.moe.as_ref().filter(|m| m.sparse_layers[l]) {
+            Some(m) => {
+                let (e, i, k) = (m.num_experts as u64, m.intermediate_size as u64, m.top_k as u64);
+                (0, e * (3 * h * i + h), k * (4 * i + 2 * h) + e)
+            }
+            None => {
+                let i = self.intermediate_size as u64;
+                (3 * h * i, 0, 4 * i)
+            }
+        }
+    }
+
     fn check(&self) -> Result<()> {
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", self.num_attention_heads, self.num_key_value_heads);

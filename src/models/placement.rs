@@ -29,16 +29,23 @@ impl Placement {
     /// of a decoder linear layer costs (2 in bf16, ~0.53 in 4 bits with its absmax).
     pub fn balanced(c: &DecoderConfig, gpus: &[Device], dense_bytes: f64, bytes_per_weight: f64) -> Placement {
         let n = gpus.len();
-        let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+        let h = c.hidden_size as f64;
         let (q, kv) = ((c.num_attention_heads * c.head_dim) as f64, (c.num_key_value_heads * c.head_dim) as f64);
-        let layer = (2.0 * h * q + 2.0 * h * kv + 3.0 * h * i) * bytes_per_weight + 2.0 * h * dense_bytes;
+        let layer = |l: usize| {
+            let (linear, dense, _) = c.feed_forward_size(l);
+            (2.0 * h * q + 2.0 * h * kv + linear as f64) * bytes_per_weight + (2.0 * h + dense as f64) * dense_bytes
+        };
         let embed = c.vocab_size as f64 * h * dense_bytes;
         let head = if c.tie_word_embeddings { 0.0 } else { embed };
-        let total = embed + layer * c.num_hidden_layers as f64 + head;
+        let sizes: Vec<f64> = (0..c.num_hidden_layers).map(layer).collect();
+        let total = embed + sizes.iter().sum::<f64>() + head;
         // layer l goes to the GPU whose share of the running total its middle falls in
-        let layers = (0..c.num_hidden_layers)
-            .map(|l| {
-                let middle = embed + layer * (l as f64 + 0.5);
+        let mut before = embed;
+        let layers = sizes
+            .iter()
+            .map(|size| {
+                let middle = before + size / 2.0;
+                before += size;
                 gpus[((middle / total * n as f64) as usize).min(n - 1)]
             })
             .collect();

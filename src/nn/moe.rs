@@ -9,7 +9,8 @@
 //! Experts run grouped: the N·k (token, expert) pairs are sorted by expert, each expert's rows
 //! are one contiguous block, and each projection is one grouped GEMM over all experts
 //! (`torch._grouped_mm` on a GPU in bf16/fp16; elsewhere one GEMM per expert's block), never a
-//! gather per expert. The outputs, scaled by `w`, are added back into their tokens' rows.
+//! gather per expert. The outputs, scaled by `w`, go back to their tokens and each token's `k`
+//! are summed in fp32.
 //!
 //! Expert weights are stacks, as transformers 5 holds them: `gate_up_proj` `[E, 2I, H]` (gate
 //! rows first) and `down_proj` `[E, H, I]`; checkpoints store them per expert
@@ -118,12 +119,18 @@ impl Experts {
         }
     }
 
-    /// Rows sorted by expert, `counts` `[E]` of them each, through their experts: `[M, H]`.
-    fn forward(&self, xs: &Tensor, counts: &Tensor, train: bool) -> Tensor {
-        // the grouped GEMM wants bf16/fp16 on a GPU and 16-byte-aligned rows
+    /// Whether rows of `xs` can take the grouped GEMM: bf16/fp16 on a GPU, every matrix's rows
+    /// 16-byte aligned (the adapters' ranks too).
+    pub fn groupable(&self, xs: &Tensor) -> bool {
         let aligned = |t: &Tensor| t.size()[1..].iter().all(|d| d % 8 == 0);
         let lora_ranks_aligned = [&self.gate_up_lora, &self.down_lora].iter().all(|l| l.as_ref().map_or(true, |l| (l.a.size()[0] / self.count()) % 8 == 0));
-        let grouped = xs.device().is_cuda() && matches!(xs.kind(), Kind::BFloat16 | Kind::Half) && aligned(&self.gate_up) && aligned(&self.down) && lora_ranks_aligned;
+        xs.device().is_cuda() && matches!(xs.kind(), Kind::BFloat16 | Kind::Half) && aligned(&self.gate_up) && aligned(&self.down) && lora_ranks_aligned
+    }
+
+    /// Rows sorted by expert, `counts` `[E]` of them each, through their experts: `[M, H]`; as
+    /// one grouped GEMM per projection if `grouped` (see [`Experts::groupable`]), else one GEMM
+    /// per expert's block of rows.
+    pub fn forward(&self, xs: &Tensor, counts: &Tensor, grouped: bool, train: bool) -> Tensor {
         let groups = if grouped {
             Groups { counts: vec![], ends: Some(counts.cumsum(0, Kind::Int)) }
         } else {
@@ -198,9 +205,12 @@ impl SparseMoe {
         let order = flat.argsort_stable(true, 0, false);
         let token = order.floor_divide_scalar(self.top_k);
         let counts = flat.bincount::<Tensor>(None, self.experts.count());
-        let y = self.experts.forward(&x2.index_select(0, &token), &counts, train);
-        let y = y * weights.reshape([-1]).index_select(0, &order).unsqueeze(1);
-        let out = x2.zeros_like().index_add(0, &token, &y);
+        let xs = x2.index_select(0, &token);
+        let y = self.experts.forward(&xs, &counts, self.experts.groupable(&xs), train);
+        // back in (token, slot) order, weighted, each token's k outputs summed in fp32 (no
+        // atomic adds: deterministic, and one rounding to the model's dtype)
+        let y = y.index_select(0, &order.argsort(0, false)).view([-1, self.top_k, h]);
+        let out = (y * weights.unsqueeze(2)).sum_dim_intlist(1, false, Kind::Float).to_kind(x2.kind());
         (out.view(shape.as_slice()), Routing { probs, selected })
     }
 

@@ -2,7 +2,8 @@
 //!
 //! Without checkpointing, backward keeps every decoder layer's activations. Per token and
 //! layer that is about `10·H + 4·I` values (norm outputs, q/k/v, attention output, residuals,
-//! gate/up projections and their SiLU product; flash attention keeps no T×T matrix), each in
+//! gate/up projections and their SiLU product; flash attention keeps no T×T matrix; a sparse
+//! layer's experts, [`DecoderConfig::feed_forward_size`]), each in
 //! the compute dtype, plus LoRA's dropout copies of its inputs. Checkpointing keeps one `H`
 //! vector per layer instead and recomputes the rest, costing one more forward pass. Soft-capped
 //! attention (Gemma 2) is computed op by op and keeps about four `[heads, T, T]` score
@@ -15,10 +16,9 @@ use tch::{Device, Kind};
 /// without checkpointing.
 pub fn activation_bytes(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64) -> u64 {
     let h = c.hidden_size as u64;
-    let i = c.intermediate_size as u64;
     let layers = c.num_hidden_layers as u64;
-    let per_token_layer = 10 * h + 4 * i + lora_layers_per_block * h;
-    let dense = per_token_layer * rows * row_len * layers * kind.elt_size_in_bytes() as u64;
+    let per_token: u64 = (0..c.num_hidden_layers).map(|l| 10 * h + c.feed_forward_size(l).2 + lora_layers_per_block * h).sum();
+    let dense = per_token * rows * row_len * kind.elt_size_in_bytes() as u64;
     let scores = if c.attn_softcap.is_some() { 4 * rows * c.num_attention_heads as u64 * row_len * row_len * layers * 4 } else { 0 };
     dense + scores
 }
