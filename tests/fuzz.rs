@@ -85,7 +85,7 @@ fn corrupted_gguf_files_are_errors_not_panics() {
         if let Ok(g) = ftscript::gguf::GgufFile::open(p) {
             let _ = g.metadata();
         }
-        let _ = ftscript::gguf::import_llama(p);
+        let _ = ftscript::gguf::import(p);
     });
 }
 

@@ -79,3 +79,62 @@ fn imported_demo_model_matches_transformers() {
     let answer = m.tokenizer.decode(&out, true).unwrap();
     assert!(answer.contains("Paris"), "answer: {answer}");
 }
+
+/// GGUF files that llama.cpp's own converter writes from tiny Qwen3, Gemma 2, Gemma 3 and Phi-3
+/// models (sentencepiece vocabularies: the converter knows no tiny BPE pre-tokenizer) load as
+/// those families: every tensor equals what transformers' GGUF loader reads, Gemma's
+/// sentencepiece vocabulary gives its token ids (Phi-3's the original tokenizer's), and the logits over 24 ids (beyond the Gemmas' window of 8 and Phi-3's LongRoPE length of 16) are the
+/// original model's.
+#[test]
+fn qwen3_gemma_and_phi3_import_from_llama_cpp_conversions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let ids: Vec<Vec<i64>> = vec![(0..24).map(|i| 3 + (i * 37) % 300).collect()];
+    for name in ["qwen3_spm", "gemma2_spm", "gemma3_spm", "phi3_spm"] {
+        let dir = tiny(d, name);
+        let gguf = d.join(format!("{name}.gguf"));
+        py("llama_cpp_reference.py", &["convert", dir.to_str().unwrap(), gguf.to_str().unwrap(), "--outtype", "f32"]);
+        let original = ftscript::models::load(&dir, "fp32", Device::Cpu).unwrap();
+        let imported = ftscript::models::load(&gguf, "fp32", Device::Cpu).unwrap();
+        assert_eq!(imported.net.config.architecture, original.net.config.architecture);
+        let err = rel_err(&logits(&imported, &ids), &logits(&original, &ids));
+        println!("{name}: imported vs original logits: max rel err {err:.2e}");
+        assert!(err < 1e-5, "{name}: the imported model's logits differ from the original's: {err:.3e}");
+
+        let out = d.join(format!("{name}-reference"));
+        py("gguf_reference.py", &[gguf.to_str().unwrap(), out.to_str().unwrap()]);
+        let theirs = read_safetensors(&out.join("reference_model.safetensors"));
+        let ours: std::collections::HashMap<String, Tensor> = imported.net.state_dict().into_iter().collect();
+        for (k, t) in &theirs {
+            if k == "lm_head.weight" && !ours.contains_key(k) {
+                assert!(t.equal(&ours["model.embed_tokens.weight"]), "{name}: transformers' tied head differs");
+                continue;
+            }
+            let mine = ours.get(k).unwrap_or_else(|| panic!("{name}: transformers has `{k}`, the import not"));
+            assert!(mine.equal(t), "{name}: `{k}` differs from transformers' GGUF loader");
+        }
+        assert_eq!(ours.len(), theirs.keys().filter(|k| ours.contains_key(*k)).count(), "{name}: the import has tensors transformers lacks");
+        if name == "qwen3_spm" {
+            // transformers converts a qwen3 GGUF's vocabulary as byte-level BPE whatever it is (real
+            // Qwen3 files are); this one is sentencepiece, which the import reads as sentencepiece
+            continue;
+        }
+        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("reference_tokens.json")).unwrap()).unwrap();
+        let texts = reference["texts"].as_array().unwrap();
+        let want: Vec<Vec<i64>> = if name == "phi3_spm" {
+            // transformers' GGUF Phi-3 converter drops sentencepiece's normalizer (no "▁" for
+            // spaces): the original tokenizer (without its BOS) is the reference
+            texts.iter().map(|t| original.tokenizer.encode(t.as_str().unwrap(), false).unwrap()).collect()
+        } else {
+            serde_json::from_value(reference["ids"].clone()).unwrap()
+        };
+        for (text, want) in texts.iter().zip(want) {
+            // (the original tokenizer prepends "▁" to the first word only, llama.cpp and the
+            // import to the text: leading whitespace differs by one "▁")
+            if name == "phi3_spm" && text.as_str().unwrap().starts_with(char::is_whitespace) {
+                continue;
+            }
+            assert_eq!(imported.tokenizer.encode(text.as_str().unwrap(), true).unwrap(), want, "{name}: token ids differ for {text}");
+        }
+    }
+}

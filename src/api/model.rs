@@ -348,7 +348,7 @@ pub fn register(engine: &mut Engine) {
 
 /// `ftscript import FILE.gguf DIR` and `import_gguf(...)`.
 pub fn import_gguf(gguf: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<()> {
-    let import = crate::gguf::import_llama(gguf)?;
+    let import = crate::gguf::import(gguf)?;
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     crate::gguf::write_hf_dir(&import, dir)?;
     tracing::info!("imported {} into {}", gguf.display(), dir.display());

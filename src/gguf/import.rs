@@ -724,7 +724,8 @@ pub struct HfImport {
     pub generation_config: Value,
 }
 
-const SUPPORTED_ARCHS: &[&str] = &["llama"];
+/// The GGUF architectures imported, each as the transformers family llama.cpp converts from.
+const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
 
 /// Moves q/k projection rows between transformers' rotary order (per head, the two halves of
 /// the rotary pairs contiguous: row `i·d + j`) and llama.cpp's (pairs interleaved: row `2j + i`),
@@ -749,7 +750,9 @@ pub fn permute_rotary_rows(data: &[f32], rows: usize, n_head: usize, to_llama_cp
     Ok(out)
 }
 
-fn hf_tensor_name(gguf: &str) -> Option<String> {
+/// The transformers name of GGUF tensor `gguf` in architecture `arch` (llama.cpp's names; Gemma's
+/// sandwich norms, Phi-3's fused projections).
+fn hf_tensor_name(gguf: &str, arch: &str) -> Option<String> {
     let simple = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -766,24 +769,35 @@ fn hf_tensor_name(gguf: &str) -> Option<String> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
+    let gemma = arch.starts_with("gemma");
     let hf = match module {
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
+        "attn_qkv" => "self_attn.qkv_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
-/// Reads a GGUF llama-family model and translates config, weights (dequantized to F32,
-/// q/k un-permuted) and tokenizer to Hugging Face form.
-pub fn import_llama(path: &Path) -> Result<HfImport> {
+/// Reads a GGUF model (of [`SUPPORTED_ARCHS`]) and translates config, weights (dequantized to
+/// F32; Llama's q/k un-permuted, Gemma's `1 + w` norms back to `w`) and tokenizer to Hugging
+/// Face form, as llama.cpp computes the file: Gemma's queries scaled by `1/√head_dim`
+/// (`1/√(hidden/heads)` for Gemma 2 27B's 46 layers), Gemma 3's every sixth layer global,
+/// Phi-3's LongRoPE factors from its `rope_factors_*` tensors.
+pub fn import(path: &Path) -> Result<HfImport> {
     let g = GgufFile::open(path)?;
     let arch = g
         .meta_str("general.architecture")
@@ -821,20 +835,30 @@ pub fn import_llama(path: &Path) -> Result<HfImport> {
         Some(q) => q.shape()[0] / n_head,
         None => g.meta_u64(&key("attention.key_length")).map(|v| v as usize).unwrap_or(hidden / n_head),
     };
+    let head_dim = match g.tensor_info("blk.0.attn_qkv.weight") {
+        Some(_) => g.meta_u64(&key("attention.key_length")).map(|v| v as usize).unwrap_or(hidden / n_head),
+        None => head_dim,
+    };
     let tied = g.tensor_info("output.weight").is_none();
     let attention_bias = g.tensor_info("blk.0.attn_q.bias").is_some();
+    let gemma = arch.starts_with("gemma");
 
     // Tensors.
     let mut tensors = Vec::with_capacity(g.tensors.len());
     for t in &g.tensors {
-        if t.name == "rope_freqs.weight" {
-            continue; // llama-3 rope frequency factors: derived data, not an HF weight
+        if ["rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"].contains(&t.name.as_str()) {
+            continue; // RoPE frequency factors: read into the config, not HF weights
         }
-        let hf = hf_tensor_name(&t.name).ok_or_else(|| {
-            anyhow!("{}: tensor {} has no Hugging Face llama equivalent", path.display(), t.name)
+        let hf = hf_tensor_name(&t.name, &arch).ok_or_else(|| {
+            anyhow!("{}: tensor {} has no Hugging Face {arch} equivalent", path.display(), t.name)
         })?;
         let (shape, mut data) = g.tensor_f32(&t.name)?;
-        let permute_heads = if t.name.contains(".attn_q.") {
+        if gemma && t.name.ends_with("norm.weight") {
+            data.iter_mut().for_each(|w| *w -= 1.0); // llama.cpp's Gemma norms hold 1 + w
+        }
+        let permute_heads = if arch != "llama" {
+            None
+        } else if t.name.contains(".attn_q.") {
             Some(n_head)
         } else if t.name.contains(".attn_k.") {
             Some(n_kv)
@@ -852,9 +876,17 @@ pub fn import_llama(path: &Path) -> Result<HfImport> {
     // Tokenizer.
     let tok = build_tokenizer(&g)?;
 
+    let (architecture, model_type) = match arch.as_str() {
+        "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
+        "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
+        "gemma2" => ("Gemma2ForCausalLM", "gemma2"),
+        "gemma3" => ("Gemma3ForCausalLM", "gemma3_text"),
+        "phi3" => ("Phi3ForCausalLM", "phi3"),
+        _ => ("LlamaForCausalLM", "llama"),
+    };
     let mut config = Map::new();
-    config.insert("architectures".into(), json!(["LlamaForCausalLM"]));
-    config.insert("model_type".into(), json!("llama"));
+    config.insert("architectures".into(), json!([architecture]));
+    config.insert("model_type".into(), json!(model_type));
     config.insert("vocab_size".into(), json!(vocab_size));
     config.insert("hidden_size".into(), json!(hidden));
     config.insert("intermediate_size".into(), json!(ff));
@@ -879,6 +911,7 @@ pub fn import_llama(path: &Path) -> Result<HfImport> {
     }
     config.insert("torch_dtype".into(), json!("float32"));
     config.insert("use_cache".into(), json!(true));
+    family_config(&g, &arch, &mut config, (hidden, n_head, n_layers, head_dim, ctx))?;
 
     let mut gen = Map::new();
     gen.insert("_from_model_config".into(), json!(true));
@@ -902,6 +935,74 @@ pub fn import_llama(path: &Path) -> Result<HfImport> {
         tokenizer_config: Value::Object(tc),
         generation_config: Value::Object(gen),
     })
+}
+
+/// The config.json keys of the family beside Llama's, from the GGUF's metadata and llama.cpp's
+/// rules where the file says nothing.
+fn family_config(g: &GgufFile, arch: &str, config: &mut Map<String, Value>, (hidden, n_head, n_layers, head_dim, ctx): (usize, usize, usize, usize, u64)) -> Result<()> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let f32_of = |k: &str| g.meta_f64(&key(k)).map(round_f32);
+    let window = g.meta_u64(&key("attention.sliding_window"));
+    match arch {
+        "gemma2" | "gemma3" => {
+            for k in ["attention_bias", "mlp_bias", "hidden_act", "rope_scaling"] {
+                config.remove(k);
+            }
+            config.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+            let scalar = if arch == "gemma2" && n_layers == 46 { hidden / n_head } else { head_dim };
+            config.insert("query_pre_attn_scalar".into(), json!(scalar));
+            config.insert("sliding_window".into(), json!(window.unwrap_or(4096)));
+            if arch == "gemma2" {
+                // llama.cpp's defaults when the file has no soft-caps
+                config.insert("attn_logit_softcapping".into(), json!(f32_of("attn_logit_softcapping").unwrap_or(50.0)));
+                config.insert("final_logit_softcapping".into(), json!(f32_of("final_logit_softcapping").unwrap_or(30.0)));
+                config.remove("rope_theta");
+                config.insert("rope_theta".into(), json!(10000.0));
+            } else {
+                config.insert("final_logit_softcapping".into(), f32_of("final_logit_softcapping").map_or(Value::Null, |c| json!(c)));
+                config.insert("attn_logit_softcapping".into(), Value::Null);
+                config.insert("layer_types".into(), json!((0..n_layers).map(|l| if (l + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" }).collect::<Vec<_>>()));
+                let global = f32_of("rope.freq_base").unwrap_or(1e6);
+                let mut full = json!({"rope_type": "default", "rope_theta": global});
+                if let (Some("linear"), Some(f)) = (g.meta_str(&key("rope.scaling.type")), f32_of("rope.scaling.factor")) {
+                    full = json!({"rope_type": "linear", "factor": f, "rope_theta": global});
+                }
+                config.remove("rope_theta");
+                config.insert("rope_parameters".into(), json!({"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": f32_of("rope.freq_base_swa").unwrap_or(10000.0)}}));
+            }
+        }
+        "phi3" => {
+            config.remove("head_dim");
+            config.remove("attention_bias");
+            if let Some(rot) = g.meta_u64(&key("rope.dimension_count")) {
+                config.insert("partial_rotary_factor".into(), json!(rot as f64 / head_dim as f64));
+            }
+            config.insert("sliding_window".into(), window.map_or(Value::Null, |w| json!(w)));
+            let factors = |name: &str| -> Result<Option<Vec<f64>>> {
+                match g.tensor_info(name) {
+                    Some(_) => Ok(Some(g.tensor_f32(name)?.1.into_iter().map(|x| round_f32(x as f64)).collect())),
+                    None => Ok(None),
+                }
+            };
+            if let (Some(long), Some(short)) = (factors("rope_factors_long.weight")?, factors("rope_factors_short.weight")?) {
+                let original = g.meta_u64(&key("rope.scaling.original_context_length")).unwrap_or(ctx);
+                let mut scaling = json!({"type": "longrope", "long_factor": long, "short_factor": short});
+                // the converter writes the factor transformers derives, √(1 + ln(ctx/L₀) / ln L₀); another one is kept
+                let derived = if ctx > original { (1.0 + (ctx as f64 / original as f64).ln() / (original as f64).ln()).sqrt() } else { 1.0 };
+                if let Some(a) = f32_of("rope.scaling.attn_factor").filter(|a| (a - derived).abs() > 1e-6) {
+                    scaling["attention_factor"] = json!(a);
+                }
+                config.insert("rope_scaling".into(), scaling);
+                config.insert("original_max_position_embeddings".into(), json!(original));
+            }
+        }
+        "qwen2" | "qwen3" => {
+            config.insert("use_sliding_window".into(), json!(false));
+            config.insert("attention_bias".into(), json!(arch == "qwen2" || config["attention_bias"] == json!(true)));
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// GGUF stores these as f32 (1e-5 becomes 9.99999974e-06); report the shortest decimal that
@@ -1472,7 +1573,7 @@ mod tests {
         f2[pos..pos + 5].copy_from_slice(b"phi_x");
         let p4 = dir.join("arch.gguf");
         std::fs::write(&p4, &f2).unwrap();
-        let e = import_llama(&p4).err().unwrap().to_string();
+        let e = import(&p4).err().unwrap().to_string();
         assert!(e.contains("phi_x") && e.contains("llama"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -233,7 +233,7 @@ fn load_dir(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&QuantC
 }
 
 fn load_gguf(path: &Path, dtype: &str, device: &DeviceSpec, quant: Option<&QuantConfig>) -> Result<LoadedModel> {
-    let import = crate::gguf::import_llama(path)?;
+    let import = crate::gguf::import(path)?;
     let config = DecoderConfig::from_json(&import.config).with_context(|| path.display().to_string())?;
     let kind = parse_dtype(dtype, config.dtype.as_deref())?;
     let mut tensors = HashMap::new();

@@ -99,6 +99,16 @@ CONFIGS = {
                                         num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                                         decoder_sparse_step=1, mlp_only_layers=[1], output_router_logits=True,
                                         router_aux_loss_coef=0.05),
+    # the families llama.cpp converts, with a sentencepiece vocabulary (its converter knows no tiny
+    # BPE pre-tokenizer): for the GGUF import
+    "qwen3_spm": lambda: Qwen3Config(**SPM, head_dim=16, rope_theta=1000000.0),
+    "phi3_spm": lambda: Phi3Config(**{**SPM, "num_attention_heads": 4, "pad_token_id": 0}, partial_rotary_factor=0.75,
+                                   sliding_window=64, original_max_position_embeddings=16,
+                                   rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                                 "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0]}),
+    # (every layer sparse: llama.cpp's qwen3moe has no dense layers)
+    "qwen3_moe_spm": lambda: Qwen3MoeConfig(**SPM, head_dim=16, rope_theta=1000000.0, num_experts=6,
+                                            num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
     # Gemma as llama.cpp runs it: sentencepiece, queries scaled by 1/√head_dim
     "gemma2_spm": lambda: Gemma2Config(**SPM, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
                                        final_logit_softcapping=3.0, sliding_window=8, pad_token_id=0),
