@@ -1,5 +1,5 @@
 //! GGUF import: a reader for llama.cpp's GGUF container and a translator from a GGUF
-//! llama-family checkpoint to a Hugging Face model directory (config.json, F32
+//! llama.cpp checkpoint (llama, qwen2, qwen3, gemma2, gemma3, phi3) to a Hugging Face model directory (config.json, F32
 //! model.safetensors, tokenizer.json, ...).
 //!
 //! File layout (GGUF v2/v3, little endian):
@@ -712,7 +712,7 @@ fn deq_iq4_nl(b: &[u8], out: &mut Vec<f32>) {
 // Hugging Face import
 // ---------------------------------------------------------------------------------------
 
-/// A GGUF llama-family model translated to Hugging Face form.
+/// A GGUF model translated to Hugging Face form.
 pub struct HfImport {
     /// config.json for LlamaForCausalLM.
     pub config: Value,
