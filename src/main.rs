@@ -199,7 +199,7 @@ enum Command {
         #[arg(long, default_value = "lora", value_parser = clap::builder::PossibleValuesParser::new(ftscript::init::TEMPLATES.iter().map(|t| t.0)))]
         template: String,
     },
-    /// Convert a .gguf file (llama, qwen2, qwen3, gemma2, gemma3, phi3) into a Hugging Face model directory.
+    /// Convert a .gguf file (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3) into a Hugging Face model directory.
     Import { gguf: PathBuf, dir: PathBuf },
     /// Write a model (a Hugging Face directory or a .gguf file, with an optional LoRA adapter
     /// merged) as a GGUF file for llama.cpp and Ollama, with an Ollama Modelfile beside it.

@@ -54,11 +54,21 @@ fn llama_cpp_greedy(gguf: &Path, ids: &[i64], n: usize, lora: Option<&Path>) -> 
 
 /// LoRA r=4 on every linear layer with a random B (as if trained), so merging changes the model.
 fn add_trained_looking_lora(m: &mut ftscript::models::LoadedModel) {
-    let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters: vec![] };
+    // (and every expert stack of a mixture of experts)
+    let target_parameters = if m.net.config.moe.is_some() { vec!["gate_up_proj".into(), "down_proj".into()] } else { vec![] };
+    let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters };
     ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
+    let random = |b: &Tensor| tch::no_grad(|| Tensor::randn(b.size(), (Kind::Float, Device::Cpu)) * 0.05);
     for lin in m.net.linears_mut() {
         if let Some(ftscript::nn::Adapter::Lora(l)) = &mut lin.adapter {
-            tch::no_grad(|| l.b.copy_(&(Tensor::randn(l.b.size(), (Kind::Float, Device::Cpu)) * 0.05)));
+            tch::no_grad(|| l.b.copy_(&random(&l.b)));
+        }
+    }
+    for layer in &mut m.net.layers {
+        if let Some(moe) = layer.mlp.sparse_mut() {
+            for l in [&mut moe.experts.gate_up_lora, &mut moe.experts.down_lora].into_iter().flatten() {
+                tch::no_grad(|| l.b.copy_(&random(&l.b)));
+            }
         }
     }
     m.lora = Some(spec);
@@ -171,11 +181,14 @@ fn demo_model_fine_tuned_and_exported_runs_in_llama_cpp_as_in_ftscript() {
 }
 
 #[test]
+/// Qwen2, Qwen3, Llama, Mistral and Qwen3-MoE (LoRA on every linear layer and every expert stack,
+/// merged) exported in f32: llama.cpp's logits and tokens are ftscript's, and the file imports
+/// back as the same model.
 fn qwen_families_export_and_match_in_llama_cpp() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     // (llama.cpp has no sliding window for these families: the ids stay within the tiny ones' 8)
-    for name in ["qwen2_tied", "qwen3", "llama_gqa", "mistral", "llama_linear_rope", "llama3_rope"] {
+    for name in ["qwen2_tied", "qwen3", "llama_gqa", "mistral", "llama_linear_rope", "llama3_rope", "qwen3_moe_sparse"] {
         let dir = tiny(d, name);
         let mut m = ftscript::models::load(&dir, "fp32", Device::Cpu).unwrap();
         add_trained_looking_lora(&mut m);
@@ -188,6 +201,12 @@ fn qwen_families_export_and_match_in_llama_cpp() {
         assert!(err < 1e-4, "{name}: llama.cpp's logits of the export differ from ftscript's: {err:.3e}");
         let theirs: Vec<Vec<i64>> = serde_json::from_value(lcpp(&["tokenize", p(&gguf), &json!(["the quick brown fox, 12345!"]).to_string()])["ids"].clone()).unwrap();
         assert_eq!(theirs[0], m.tokenizer.encode("the quick brown fox, 12345!", true).unwrap(), "{name}: llama.cpp tokenizes differently");
+        // and the file loads back as the model it came from (adapters merged)
+        let back = ftscript::models::load(&gguf, "fp32", Device::Cpu).unwrap();
+        // (llama.cpp's `llama` is Mistral's architecture too)
+        assert_eq!(back.net.config.architecture, m.net.config.architecture.replace("Mistral", "Llama"));
+        let err = rel_err(&logits(&back, &ids), &logits(&m, &ids));
+        assert!(err < 1e-5, "{name}: the export imported back gives other logits: {err:.3e}");
     }
 }
 

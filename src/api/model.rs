@@ -339,7 +339,7 @@ pub fn register(engine: &mut Engine) {
         .register_into_engine(engine, |t: &mut Tokenizer| t.0.borrow().tokenizer.vocab_size() as i64);
 
     FuncRegistration::new("import_gguf")
-        .with_comments(["/// Converts a .gguf file (llama, qwen2, qwen3, gemma2, gemma3, phi3) into a Hugging Face model directory (config, safetensors, tokenizer)."])
+        .with_comments(["/// Converts a .gguf file (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3) into a Hugging Face model directory (config, safetensors, tokenizer)."])
         .with_params_info(["gguf: &str", "dir: &str", "()"])
         .register_into_engine(engine, |gguf: &str, dir: &str| -> Res<()> {
             guard("import_gguf", || import_gguf(&crate::api::read_path(gguf)?, &crate::api::write_path(dir)?))

@@ -110,7 +110,8 @@ fn arch_of(architecture: &str) -> Result<Arch> {
         "Qwen3ForCausalLM" => arch("qwen3", false, false),
         "Gemma2ForCausalLM" => arch("gemma2", false, true),
         "Gemma3ForCausalLM" => arch("gemma3", false, true),
-        other => bail!("GGUF export of {other} is not supported; supported: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3"),
+        "Qwen3MoeForCausalLM" => arch("qwen3moe", false, false),
+        other => bail!("GGUF export of {other} is not supported; supported: Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3"),
     })
 }
 
@@ -134,6 +135,7 @@ pub fn gguf_tensor_name(hf: &str, sandwich: bool) -> Option<String> {
         "self_attn.o_proj" => "attn_output",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate" => "ffn_gate_inp",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
@@ -141,6 +143,9 @@ pub fn gguf_tensor_name(hf: &str, sandwich: bool) -> Option<String> {
         "post_attention_layernorm" if sandwich => "post_attention_norm",
         "post_attention_layernorm" | "pre_feedforward_layernorm" => "ffn_norm",
         "post_feedforward_layernorm" => "post_ffw_norm",
+        "mlp.experts_gate" => "ffn_gate_exps",
+        "mlp.experts_up" => "ffn_up_exps",
+        "mlp.experts_down" => "ffn_down_exps",
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}.{kind}"))
@@ -222,7 +227,17 @@ pub fn save_gguf(m: &LoadedModel, path: &Path, ft: FileType) -> Result<()> {
     let tensors = crate::models::save::merged_tensors(m, Kind::Float);
     let tied = m.net.lm_head.is_none();
     let n_layers = cfg.num_hidden_layers;
-    for (hf, shape, make) in tensors {
+    if let Some(moe) = &cfg.moe {
+        // llama.cpp's qwen3moe: every layer sparse, the top-k probabilities renormalized
+        if moe.sparse_layers.iter().any(|s| !s) {
+            bail!("GGUF export: llama.cpp's qwen3moe has no dense layers among the sparse ones (this model's mlp_only_layers / decoder_sparse_step make some dense)");
+        }
+        if !moe.norm_topk_prob {
+            bail!("GGUF export: llama.cpp's qwen3moe renormalizes the top-k routing weights, and this model does not (norm_topk_prob: false)");
+        }
+    }
+    let expert_stacks = expert_stacks(m);
+    for (hf, shape, make) in tensors.into_iter().filter(|(hf, _, _)| !hf.contains(".mlp.experts.")).chain(expert_stacks) {
         let name = gguf_tensor_name(&hf, cfg.sandwich_norms).ok_or_else(|| anyhow!("tensor {hf} has no llama.cpp name"))?;
         let plus_one = arch.norm_plus_one && name.ends_with("norm.weight");
         let row = *shape.last().unwrap();
@@ -243,6 +258,27 @@ pub fn save_gguf(m: &LoadedModel, path: &Path, ft: FileType) -> Result<()> {
         }))?;
     }
     w.write(path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Each sparse layer's experts as llama.cpp stacks them, adapters merged: `ffn_gate_exps`,
+/// `ffn_up_exps` `[E, I, H]` and `ffn_down_exps` `[E, H, I]` (under pseudo transformers names
+/// that [`gguf_tensor_name`] maps).
+fn expert_stacks(m: &LoadedModel) -> Vec<crate::models::save::LazyTensor<'_>> {
+    let mut v: Vec<crate::models::save::LazyTensor<'_>> = vec![];
+    for (l, layer) in m.net.layers.iter().enumerate() {
+        let Some(block) = layer.mlp.sparse() else { continue };
+        let (e, i2, h) = block.experts.gate_up.size3().unwrap();
+        let i = i2 / 2;
+        for (proj, shape) in [("gate", [e, i, h]), ("up", [e, i, h]), ("down", [e, h, i])] {
+            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            v.push((format!("model.layers.{l}.mlp.experts_{proj}.weight"), shape, Box::new(move || match proj {
+                "gate" => block.merged_stack(false).narrow(1, 0, i),
+                "up" => block.merged_stack(false).narrow(1, i, i),
+                _ => block.merged_stack(true),
+            })));
+        }
+    }
+    v
 }
 
 /// The rope parameters of config.json (`rope_scaling`, or transformers 5's `rope_parameters`,
@@ -329,6 +365,11 @@ fn hparams(w: &mut GgufWriter, m: &LoadedModel, arch: &Arch, ft: FileType) {
         w.set(&k("attention.value_length"), u32v(cfg.head_dim));
     }
     w.set("general.file_type", V::U32(ft.id()));
+    if let Some(moe) = &cfg.moe {
+        w.set(&k("expert_count"), u32v(moe.num_experts));
+        w.set(&k("expert_used_count"), u32v(moe.top_k));
+        w.set(&k("expert_feed_forward_length"), u32v(moe.intermediate_size));
+    }
     match arch.name {
         "llama" => {
             w.set(&k("vocab_size"), u32v(cfg.vocab_size));

@@ -1,5 +1,5 @@
 //! GGUF import: a reader for llama.cpp's GGUF container and a translator from a GGUF
-//! llama.cpp checkpoint (llama, qwen2, qwen3, gemma2, gemma3, phi3) to a Hugging Face model directory (config.json, F32
+//! llama.cpp checkpoint (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3) to a Hugging Face model directory (config.json, F32
 //! model.safetensors, tokenizer.json, ...).
 //!
 //! File layout (GGUF v2/v3, little endian):
@@ -725,7 +725,7 @@ pub struct HfImport {
 }
 
 /// The GGUF architectures imported, each as the transformers family llama.cpp converts from.
-const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
+const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3"];
 
 /// Moves q/k projection rows between transformers' rotary order (per head, the two halves of
 /// the rotary pairs contiguous: row `i·d + j`) and llama.cpp's (pairs interleaved: row `2j + i`),
@@ -779,6 +779,7 @@ fn hf_tensor_name(gguf: &str, arch: &str) -> Option<String> {
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
+        "ffn_gate_inp" => "mlp.gate",
         "ffn_up" if arch == "phi3" => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -849,6 +850,15 @@ pub fn import(path: &Path) -> Result<HfImport> {
         if ["rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"].contains(&t.name.as_str()) {
             continue; // RoPE frequency factors: read into the config, not HF weights
         }
+        if let Some((layer, proj)) = expert_stack(&t.name) {
+            // llama.cpp's stack of every expert's projection, `[E, out, in]`: one tensor an expert
+            let (shape, data) = g.tensor_f32(&t.name)?;
+            let per_expert = shape[1] * shape[2];
+            for (e, chunk) in data.chunks(per_expert).enumerate() {
+                tensors.push((format!("model.layers.{layer}.mlp.experts.{e}.{proj}.weight"), shape[1..].to_vec(), chunk.to_vec()));
+            }
+            continue;
+        }
         let hf = hf_tensor_name(&t.name, &arch).ok_or_else(|| {
             anyhow!("{}: tensor {} has no Hugging Face {arch} equivalent", path.display(), t.name)
         })?;
@@ -878,6 +888,7 @@ pub fn import(path: &Path) -> Result<HfImport> {
 
     let (architecture, model_type) = match arch.as_str() {
         "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
+        "qwen3moe" => ("Qwen3MoeForCausalLM", "qwen3_moe"),
         "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
         "gemma2" => ("Gemma2ForCausalLM", "gemma2"),
         "gemma3" => ("Gemma3ForCausalLM", "gemma3_text"),
@@ -898,7 +909,14 @@ pub fn import(path: &Path) -> Result<HfImport> {
     config.insert("max_position_embeddings".into(), json!(ctx));
     config.insert("rms_norm_eps".into(), json!(round_f32(eps)));
     config.insert("rope_theta".into(), json!(round_f32(theta)));
-    config.insert("rope_scaling".into(), rope_scaling(&g, &arch));
+    let rope = match g.tensor_info("rope_freqs.weight") {
+        Some(_) => {
+            let factors = g.tensor_f32("rope_freqs.weight")?.1;
+            llama3_scaling(&factors, theta).with_context(|| format!("{}: rope_freqs.weight", path.display()))?
+        }
+        None => rope_scaling(&g, &arch),
+    };
+    config.insert("rope_scaling".into(), rope);
     config.insert("attention_bias".into(), json!(attention_bias));
     config.insert("attention_dropout".into(), json!(0.0));
     config.insert("mlp_bias".into(), json!(false));
@@ -996,6 +1014,17 @@ fn family_config(g: &GgufFile, arch: &str, config: &mut Map<String, Value>, (hid
                 config.insert("original_max_position_embeddings".into(), json!(original));
             }
         }
+        "qwen3moe" => {
+            let need = |k: &str| g.meta_u64(&key(k)).ok_or_else(|| anyhow!("{}: GGUF metadata {} missing", g.path.display(), key(k)));
+            config.insert("num_experts".into(), json!(need("expert_count")?));
+            config.insert("num_experts_per_tok".into(), json!(need("expert_used_count")?));
+            config.insert("moe_intermediate_size".into(), json!(need("expert_feed_forward_length")?));
+            // llama.cpp renormalizes the top-k weights and has no dense layers
+            config.insert("norm_topk_prob".into(), json!(true));
+            config.insert("decoder_sparse_step".into(), json!(1));
+            config.insert("mlp_only_layers".into(), json!([]));
+            config.insert("use_sliding_window".into(), json!(false));
+        }
         "qwen2" | "qwen3" => {
             config.insert("use_sliding_window".into(), json!(false));
             config.insert("attention_bias".into(), json!(arch == "qwen2" || config["attention_bias"] == json!(true)));
@@ -1003,6 +1032,68 @@ fn family_config(g: &GgufFile, arch: &str, config: &mut Map<String, Value>, (hid
         _ => {}
     }
     Ok(())
+}
+
+/// Llama 3's `rope_scaling` from the per-frequency divisors llama.cpp stores (`rope_freqs.weight`,
+/// one for each `f_i = θ^(-i/n)`, `n` of them): 1 for wavelengths `λ = 2π/f` below `L/high`,
+/// `factor` above `L/low`, and `1/((1 − s)/factor + s)` with `s = (L/λ − low)/(high − low)` between.
+/// The file keeps the divisors only, and any `(L, low, high)` on the same line of `s` against
+/// `1/λ` gives them: `low` is taken as 1 (as Llama 3.x has it), `L` and `high` from two
+/// frequencies in the transition (or its edges, with `high` 4 when one is missing). The result
+/// is checked against the divisors. All divisors 1: no scaling (null).
+fn llama3_scaling(factors: &[f32], theta: f64) -> Result<Value> {
+    let n = factors.len();
+    let factor = factors.iter().fold(1f64, |m, &f| m.max(f as f64));
+    if factor <= 1.0 + 1e-6 {
+        return Ok(Value::Null);
+    }
+    let u = |i: usize| theta.powf(-(i as f64) / n as f64) / (2.0 * std::f64::consts::PI); // 1/λ
+    let s = |f: f64| (1.0 / f - 1.0 / factor) / (1.0 - 1.0 / factor);
+    let between: Vec<usize> = (0..n).filter(|&i| (factors[i] as f64) > 1.0 + 1e-6 && (factors[i] as f64) < factor * (1.0 - 1e-6)).collect();
+    let low = 1.0;
+    let (l, high) = match between.as_slice() {
+        [first, .., last] => {
+            // s = (L·u − 1)/(high − 1) through two points
+            let (s1, s2, u1, u2) = (s(factors[*first] as f64), s(factors[*last] as f64), u(*first), u(*last));
+            let high = 1.0 + (u2 / u1 - 1.0) / (s2 - s1 * u2 / u1);
+            ((s1 * (high - 1.0) + 1.0) / u1, high)
+        }
+        [one] => {
+            let high = 4.0;
+            ((s(factors[*one] as f64) * (high - 1.0) + 1.0) / u(*one), high)
+        }
+        [] => {
+            // the edges: the last frequency divided by `factor` at or beyond λ = L/low, the first undivided at λ = L/high
+            let scaled = (0..n).filter(|&i| (factors[i] as f64) >= factor * (1.0 - 1e-6)).map(u).fold(0f64, f64::max);
+            let l = (1.0 / scaled).floor();
+            let high = (0..n).filter(|&i| (factors[i] as f64) <= 1.0 + 1e-6).map(|i| l * u(i)).fold(f64::INFINITY, f64::min);
+            (l, if high.is_finite() { high } else { 4.0 })
+        }
+    };
+    // config.json's original length is a whole number of tokens
+    let l = l.round();
+    let check = (0..n).all(|i| {
+        let lu = l * u(i);
+        let want = if lu > high { 1.0 } else if lu < low { factor } else { 1.0 / ((1.0 - (lu - low) / (high - low)) / factor + (lu - low) / (high - low)) };
+        (want - factors[i] as f64).abs() <= 1e-4 * want
+    });
+    if !check || !(l.is_finite() && l > 0.0 && high > low) {
+        bail!("these divisors do not follow Llama 3's rope scaling, the only kind of rope_freqs read");
+    }
+    Ok(json!({"rope_type": "llama3", "factor": round_f32(factor), "low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": l.round() as u64}))
+}
+
+/// `(layer, projection)` of a stack of expert weights (`blk.3.ffn_up_exps.weight` → `(3, "up_proj")`).
+fn expert_stack(gguf: &str) -> Option<(usize, &'static str)> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let proj = match rest {
+        "ffn_gate_exps.weight" => "gate_proj",
+        "ffn_up_exps.weight" => "up_proj",
+        "ffn_down_exps.weight" => "down_proj",
+        _ => return None,
+    };
+    Some((layer.parse().ok()?, proj))
 }
 
 /// GGUF stores these as f32 (1e-5 becomes 9.99999974e-06); report the shortest decimal that
@@ -1346,6 +1437,34 @@ pub fn write_hf_dir(import: &HfImport, dir: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Llama 3.1's rope scaling (head_dim 128, θ 500,000, factor 8, low 1, high 4, original
+    /// 8,192) comes back from the divisors llama.cpp's converter derives from it.
+    #[test]
+    fn llama3_scaling_comes_back_from_its_divisors() {
+        let (theta, n, l, factor) = (500000f64, 64usize, 8192f64, 8f64);
+        let factors: Vec<f32> = (0..n)
+            .map(|i| {
+                let wavelen = 2.0 * std::f64::consts::PI * theta.powf(i as f64 / n as f64);
+                let f = if wavelen < l / 4.0 {
+                    1.0
+                } else if wavelen > l {
+                    factor
+                } else {
+                    let s = (l / wavelen - 1.0) / 3.0;
+                    1.0 / ((1.0 - s) / factor + s)
+                };
+                f as f32
+            })
+            .collect();
+        let v = llama3_scaling(&factors, theta).unwrap();
+        assert_eq!(v["original_max_position_embeddings"], 8192, "{v}");
+        assert_eq!(v["factor"], 8.0, "{v}");
+        assert!((v["high_freq_factor"].as_f64().unwrap() - 4.0).abs() < 1e-3, "{v}");
+        assert!(llama3_scaling(&[1.0, 3.0, 1.5, 8.0], theta).is_err(), "divisors off Llama 3's curve are refused");
+        assert_eq!(llama3_scaling(&[1.0; 8], theta).unwrap(), Value::Null);
+    }
+
     use super::*;
 
     fn h(x: f32) -> [u8; 2] {

@@ -268,20 +268,27 @@ impl SparseMoe {
         v
     }
 
+    /// The `gate_up` stack (or with `down`, the down stack) in fp32 with its adapter folded in
+    /// (`W_e + s·B_e A_e`).
+    pub fn merged_stack(&self, down: bool) -> Tensor {
+        let _g = tch::no_grad_guard();
+        let (w, lora) = if down { (&self.experts.down, &self.experts.down_lora) } else { (&self.experts.gate_up, &self.experts.gate_up_lora) };
+        match lora {
+            Some(l) => {
+                let (a, b) = l.stacks(self.experts.count(), Kind::Float);
+                w.to_kind(Kind::Float) + b.matmul(&a) * l.scale
+            }
+            None => w.to_kind(Kind::Float),
+        }
+    }
+
     /// Folds the experts' adapters into their stacks (`W_e ← W_e + s·B_e A_e`) and removes them.
     pub fn merge_adapters(&mut self) {
-        let _g = tch::no_grad_guard();
-        let n = self.experts.count();
-        let fold = |w: &Tensor, l: ExpertLora| {
-            let (a, b) = l.stacks(n, Kind::Float);
-            (w.to_kind(Kind::Float) + b.matmul(&a) * l.scale).to_kind(w.kind())
-        };
-        if let Some(l) = self.experts.gate_up_lora.take() {
-            self.experts.gate_up = fold(&self.experts.gate_up, l);
-        }
-        if let Some(l) = self.experts.down_lora.take() {
-            self.experts.down = fold(&self.experts.down, l);
-        }
+        let kind = self.experts.gate_up.kind();
+        let (gate_up, down) = (self.merged_stack(false).to_kind(kind), self.merged_stack(true).to_kind(kind));
+        (self.experts.gate_up, self.experts.down) = (gate_up, down);
+        self.experts.gate_up_lora = None;
+        self.experts.down_lora = None;
     }
 
     pub fn set_dtype(&mut self, kind: Kind) {

@@ -106,9 +106,9 @@ CONFIGS = {
                                    sliding_window=64, original_max_position_embeddings=16,
                                    rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
                                                  "long_factor": [1.5, 2.0, 3.0, 4.5, 6.0, 8.0]}),
-    # (every layer sparse: llama.cpp's qwen3moe has no dense layers)
-    "qwen3_moe_spm": lambda: Qwen3MoeConfig(**SPM, head_dim=16, rope_theta=1000000.0, num_experts=6,
-                                            num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    # Qwen3-MoE as llama.cpp runs it: every layer sparse, the top-k renormalized
+    "qwen3_moe_sparse": lambda: Qwen3MoeConfig(**COMMON, head_dim=16, rope_theta=1000000.0, num_experts=6,
+                                               num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
     # Gemma as llama.cpp runs it: sentencepiece, queries scaled by 1/√head_dim
     "gemma2_spm": lambda: Gemma2Config(**SPM, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
                                        final_logit_softcapping=3.0, sliding_window=8, pad_token_id=0),
