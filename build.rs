@@ -5,8 +5,8 @@
 //! again with `--no-as-needed`, and record an rpath to the wheel's `torch/lib` so the binary
 //! runs without `LD_LIBRARY_PATH` (which still takes precedence, e.g. on the GPU machine).
 //!
-//! It also compiles `src/dist/shim.cpp`, the C ABI over PyTorch's c10d (TCPStore, Gloo, NCCL
-//! with the `nccl` feature), against the wheel's headers; Gloo's own headers come from Debian's
+//! It also compiles `src/dist/shim.cpp`, the C ABI over PyTorch's c10d (TCPStore, Gloo, and
+//! NCCL wherever its headers are installed), against the wheel's headers; Gloo's own headers come from Debian's
 //! `libgloo-dev` (scripts/setup.sh), the symbols from `libtorch_cpu.so` / `libtorch_cuda.so`.
 use std::path::{Path, PathBuf};
 
@@ -23,10 +23,16 @@ fn build_dist_shim(libtorch: &Path) {
         .define("USE_C10D_GLOO", None)
         .include(&include)
         .include(include.join("torch/csrc/api/include"));
-    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
-        // nccl.h and the CUDA headers come from the pip packages torch installs
-        // (nvidia-nccl-cu13, nvidia-cuda-runtime, + nvidia-cuda-crt / nvidia-cuda-cccl)
-        let nvidia = libtorch.join("../nvidia");
+    // NCCL whenever its headers and CUDA's are there (pip's nvidia-nccl-cu13, installed with torch,
+    // and nvidia-cuda-crt / nvidia-cuda-cccl, which scripts/setup.sh installs), or when the
+    // `nccl` feature asks for it; FTSCRIPT_NO_NCCL=1 builds Gloo only.
+    println!("cargo:rerun-if-env-changed=FTSCRIPT_NO_NCCL");
+    println!("cargo:rustc-check-cfg=cfg(ftscript_nccl)");
+    let nvidia = libtorch.join("../nvidia");
+    let headers = nvidia.join("nccl/include/nccl.h").exists() && nvidia.join("cu13/include/cuda_runtime.h").exists();
+    let wanted = std::env::var_os("CARGO_FEATURE_NCCL").is_some() || (headers && std::env::var_os("FTSCRIPT_NO_NCCL").is_none());
+    if wanted {
+        println!("cargo:rustc-cfg=ftscript_nccl");
         for dir in ["nccl/include", "cu13/include", "cu13/include/cccl", "cuda_runtime/include"] {
             let d = nvidia.join(dir);
             if d.exists() {

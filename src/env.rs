@@ -42,7 +42,7 @@ pub fn long_version() -> &'static str {
 
 /// The distributed backends this binary can use.
 fn compiled_in() -> String {
-    if cfg!(feature = "nccl") { "gloo, nccl".into() } else { "gloo (nccl not compiled in: build with --features nccl)".into() }
+    if cfg!(ftscript_nccl) { "gloo, nccl".into() } else { "gloo (nccl not compiled in: its headers were not found when building; scripts/setup.sh installs them)".into() }
 }
 
 fn yes_no(b: bool) -> &'static str {

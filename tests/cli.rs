@@ -133,6 +133,11 @@ fn set_overrides_declared_constants_only() {
     let out = ftscript(&["--version"], tmp.path());
     let t = text(&out);
     assert!(out.status.success() && t.contains("ftscript ") && t.contains("distributed: gloo") && t.contains("Gemma3ForCausalLM"), "{t}");
+    // NCCL is compiled in wherever its headers are (scripts/setup.sh installs them)
+    let nvidia = std::fs::read_dir(root().join(".venv/lib")).ok().and_then(|mut d| d.next()).map(|e| e.unwrap().path().join("site-packages/nvidia"));
+    if nvidia.is_some_and(|n| n.join("nccl/include/nccl.h").exists() && n.join("cu13/include/cuda_runtime.h").exists()) {
+        assert!(t.contains("distributed: gloo, nccl"), "NCCL's headers are installed, but the build left NCCL out: {t}");
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Data-parallel training across processes, on PyTorch's own c10d engine: a TCPStore
-//! rendezvous and a process group (ProcessGroupGloo on CPU, ProcessGroupNCCL on CUDA with the
-//! `nccl` cargo feature), through the C ABI in `shim.cpp`.
+//! rendezvous and a process group (ProcessGroupGloo on CPU, ProcessGroupNCCL on CUDA where the
+//! build found NCCL's headers), through the C ABI in `shim.cpp`.
 //!
 //! Processes find each other through torchrun's environment variables (`RANK`, `WORLD_SIZE`,
 //! `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), set by `ftscript launch` or

@@ -98,7 +98,7 @@ char* ftd_init(const char* host, int port, int rank, int world, int store_is_cli
         g->backend = pg;
 #else
         throw std::runtime_error(
-            "this ftscript was built without NCCL; rebuild with `cargo build --release --features nccl`");
+            "this ftscript was built without NCCL (its headers were not found); rebuild after scripts/setup.sh installs them, or set FTSCRIPT_DIST_BACKEND=gloo");
 #endif
       }
     } catch (...) {
