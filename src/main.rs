@@ -305,11 +305,14 @@ fn check(paths: &[PathBuf], set: &[String]) -> Result<()> {
 
 /// Prints every registered function from the engine's own metadata, so it never drifts.
 fn api() -> Result<()> {
-    let engine = script::new_engine(Path::new("."));
+    let engine = script::listing_engine();
     let json: serde_json::Value = serde_json::from_str(&engine.gen_fn_metadata_to_json(false)?)?;
     let mut lines: Vec<(String, String)> = vec![];
-    for f in json["functions"].as_array().into_iter().flatten() {
-        let sig = f["signature"].as_str().unwrap_or_default().to_string();
+    // the global functions, then each native stdlib module's as `import "ft/x" as x` calls them
+    let modules = script::native_modules().into_iter().map(|(name, _)| (name, format!("{}::", name.rsplit('/').next().unwrap_or(name))));
+    let listed = std::iter::once((json["functions"].as_array(), String::new())).chain(modules.map(|(name, prefix)| (json["modules"][name]["functions"].as_array(), prefix)));
+    for (f, prefix) in listed.flat_map(|(fs, prefix)| fs.into_iter().flatten().map(move |f| (f, prefix.clone()))) {
+        let sig = format!("{prefix}{}", f["signature"].as_str().unwrap_or_default());
         let doc = f["docComments"]
             .as_array()
             .and_then(|d| d.first())

@@ -1,11 +1,12 @@
 #![allow(deprecated)] // FnPtr::from_fn is marked volatile, not deprecated
-//! Native callbacks behind `stdlib/callbacks.rhai`: each returns a function pointer with its
-//! own state, callable from train's `on_log` / `on_eval` / `on_step`.
+//! The `ft/callbacks` module (`import "ft/callbacks" as cb;`): each function returns a function
+//! pointer with its own state, callable from train's `on_log` / `on_eval` / `on_step`, alone or
+//! in an array: `on_eval: [cb::early_stopping(#{patience: 3}), cb::sample_printer(model, ["Hi"])]`.
 
 use super::model::Model;
 use crate::script::options::{parse, to_json};
 use crate::train::callbacks::EarlyStopping;
-use rhai::{Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map};
+use rhai::{Array, Dynamic, EvalAltResult, FnPtr, FuncRegistration, Map, Module};
 use serde::Deserialize;
 use std::cell::RefCell;
 use std::io::Write;
@@ -120,17 +121,25 @@ fn metrics_logger(path: &str) -> Res<FnPtr> {
     })
 }
 
-pub fn register(engine: &mut Engine) {
-    FuncRegistration::new("early_stopping_callback")
-        .with_comments(["/// A callback that returns \"stop\" when #{metric (eval_loss), patience (3), min_delta (0), mode (min|max)} stops improving."])
+/// The `ft/callbacks` module, resolved by `import "ft/callbacks"` (its functions have no global name).
+pub fn module() -> Module {
+    let mut m = Module::new();
+    FuncRegistration::new("early_stopping")
+        .with_comments(["/// Returns \"stop\" once `metric` has not improved by more than `min_delta` for `patience` consecutive reports: #{metric (eval_loss), patience (3), min_delta (0.0), mode (min|max)}."])
         .with_params_info(["options: Map", "FnPtr"])
-        .register_into_engine(engine, early_stopping);
-    FuncRegistration::new("sample_printer_callback")
-        .with_comments(["/// A callback that logs greedy generations for fixed prompts each time it is called (e.g. on_eval)."])
+        .set_into_module(&mut m, early_stopping);
+    FuncRegistration::new("sample_printer")
+        .with_comments(["/// Logs greedy generations of fixed prompts each time it runs (e.g. on_eval), 48 new tokens each."])
+        .with_params_info(["model: Model", "prompts: Array", "FnPtr"])
+        .set_into_module(&mut m, |model: Model, prompts: Array| sample_printer(model, prompts, Map::new()));
+    FuncRegistration::new("sample_printer")
+        .with_comments(["/// sample_printer with #{max_new_tokens (48)}."])
         .with_params_info(["model: Model", "prompts: Array", "options: Map", "FnPtr"])
-        .register_into_engine(engine, sample_printer);
-    FuncRegistration::new("metrics_logger_callback")
-        .with_comments(["/// A callback that appends every metrics map it receives to a JSONL file."])
+        .set_into_module(&mut m, sample_printer);
+    FuncRegistration::new("metrics_logger")
+        .with_comments(["/// Appends every metrics map it receives to a JSONL file."])
         .with_params_info(["path: &str", "FnPtr"])
-        .register_into_engine(engine, metrics_logger);
+        .set_into_module(&mut m, metrics_logger);
+    m.build_index();
+    m
 }

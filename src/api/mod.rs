@@ -62,7 +62,6 @@ pub fn register(engine: &mut Engine) {
     train::register(engine);
     dist::register(engine);
     metrics::register(engine);
-    callbacks::register(engine);
     evaluate::register(engine);
     export::register(engine);
     hub::register(engine);
@@ -81,7 +80,7 @@ pub fn option_validator(function: &str) -> Option<Validator> {
         "save_gguf" => validate::<export::GgufOptions>,
         "train" => train::validate_options,
         "evaluate" => evaluate::validate_options,
-        "early_stopping" | "early_stopping_callback" => validate::<callbacks::EarlyStoppingOptions>,
+        "early_stopping" => validate::<callbacks::EarlyStoppingOptions>,
         "hub_push" => validate::<hub::PushArgs>,
         "hub_download" => validate::<hub::DownloadArgs>,
         _ => return None,

@@ -13,12 +13,16 @@ use rhai::Shared;
 type SharedModule = Shared<Module>;
 use std::path::{Path, PathBuf};
 
-/// Rhai modules shipped inside the binary, importable as `"ft/<name>"`.
+/// Rhai modules shipped inside the binary as Rhai source, importable as `"ft/<name>"`.
 pub const STDLIB: &[(&str, &str)] = &[
-    ("ft/callbacks", include_str!("../../stdlib/callbacks.rhai")),
     ("ft/templates", include_str!("../../stdlib/templates.rhai")),
     ("ft/lora", include_str!("../../stdlib/lora.rhai")),
 ];
+
+/// Modules of the stdlib written in Rust, importable as `"ft/<name>"` like [`STDLIB`]'s.
+pub fn native_modules() -> Vec<(&'static str, Module)> {
+    vec![("ft/callbacks", crate::api::callbacks::module())]
+}
 
 /// Resolves `ft/...` to the embedded stdlib first, then files next to the recipe.
 struct Resolver {
@@ -33,6 +37,9 @@ impl ModuleResolver for Resolver {
         path: &str,
         pos: Position,
     ) -> Result<SharedModule, Box<EvalAltResult>> {
+        if let Some((_, m)) = native_modules().into_iter().find(|(name, _)| *name == path) {
+            return Ok(m.into());
+        }
         if let Some((_, src)) = STDLIB.iter().find(|(name, _)| *name == path) {
             let mut ast = engine.compile(*src).map_err(|e| {
                 Box::new(EvalAltResult::ErrorInModule(path.to_string(), e.into(), pos))
@@ -328,12 +335,22 @@ pub fn parse_set_value(text: &str) -> Dynamic {
     }
 }
 
+/// The engine with the native stdlib modules registered as static modules under their import
+/// paths, for listing and definitions only (recipes reach them through `import`).
+pub fn listing_engine() -> Engine {
+    let mut engine = new_engine(Path::new("."));
+    for (name, m) in native_modules() {
+        engine.register_static_module(name, m.into());
+    }
+    engine
+}
+
 /// Writes Rhai definition files (`.d.rhai`) for editors with Rhai support into `dir`: the
 /// recipe functions with their doc comments and parameter types (Rhai's own definitions of the
 /// engine, `__static__.d.rhai`), and each stdlib module (`ft/lora.d.rhai`, ...) with its
 /// functions' doc comments. Returns how many files were written.
 pub fn write_definitions(dir: &Path) -> Result<usize> {
-    let engine = new_engine(Path::new("."));
+    let engine = listing_engine();
     let mut files: Vec<(String, String)> = engine.definitions().with_headers(true).include_standard_packages(false).iter_files().collect();
     for (name, source) in STDLIB {
         let ast = engine.compile(*source).map_err(|e| anyhow::anyhow!("stdlib {name}: {e}"))?;
