@@ -272,9 +272,9 @@ fn expert_stacks(m: &LoadedModel) -> Vec<crate::models::save::LazyTensor<'_>> {
         for (proj, shape) in [("gate", [e, i, h]), ("up", [e, i, h]), ("down", [e, h, i])] {
             let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
             v.push((format!("model.layers.{l}.mlp.experts_{proj}.weight"), shape, Box::new(move || match proj {
-                "gate" => block.merged_stack(false).narrow(1, 0, i),
-                "up" => block.merged_stack(false).narrow(1, i, i),
-                _ => block.merged_stack(true),
+                "gate" => block.merged_rows(false, 0, i),
+                "up" => block.merged_rows(false, i, i),
+                _ => block.merged_rows(true, 0, h),
             })));
         }
     }

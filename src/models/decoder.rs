@@ -486,24 +486,27 @@ impl Decoder {
     }
 
     /// Hidden states after the last decoder layer (before the final norm).
-    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, mut cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        self.hidden_routed(ids, positions, mask, cache, train).0
+    }
+
+    /// [`Decoder::hidden`], and the routings of the sparse layers; each layer's input is moved to
+    /// its device first.
+    pub fn hidden_routed(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, mut cache: Option<&mut KvCache>, train: bool) -> (Tensor, Vec<Routing>) {
         let mut shared = self.layer_inputs(positions, mask);
         let mut h = self.embed(ids);
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.layers.len(), || None);
         }
-        for l in 0..self.layers.len() {
+        let mut routes = vec![];
+        for (l, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            h = self.layer_forward(l, &h, &mut shared, slot, train);
+            let (cos_sin, mask) = shared.on(layer.device, layer.rope);
+            let (y, routing) = layer.forward_routed(&h.to_device(layer.device), cos_sin, mask, slot, train);
+            routes.extend(routing);
+            h = y;
         }
-        h
-    }
-
-    /// Decoder layer `l` on hidden states `h`, moved first to the layer's device if needed.
-    pub fn layer_forward(&self, l: usize, h: &Tensor, shared: &mut LayerInputs, cache: Option<&mut Option<(Tensor, Tensor)>>, train: bool) -> Tensor {
-        let layer = &self.layers[l];
-        let (cos_sin, mask) = shared.on(layer.device, layer.rope);
-        layer.forward(&h.to_device(layer.device), cos_sin, mask, cache, train)
+        (h, routes)
     }
 
     /// [`DecoderLayer::attention_block`] of layer `l` (`h` and `pending` already on the layer's
@@ -627,24 +630,14 @@ impl Decoder {
     /// Logits for token ids `[B, T]` at `positions` `[B, T]` (no cache, no dropout), and the
     /// routings of the sparse layers.
     pub fn forward_routed(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask) -> (Tensor, Vec<Routing>) {
-        let mut shared = self.layer_inputs(positions, mask);
-        let mut h = self.embed(ids);
-        let mut routes = vec![];
-        for layer in &self.layers {
-            let (cos_sin, mask) = shared.on(layer.device, layer.rope);
-            let (y, routing) = layer.forward_routed(&h.to_device(layer.device), cos_sin, mask, None, false);
-            routes.extend(routing);
-            h = y;
-        }
+        let (h, routes) = self.hidden_routed(ids, positions, mask, None, false);
         (self.head(&h, false), routes)
     }
 
-    /// What the load-balancing loss adds to the loss of a forward with these routings (its
-    /// coefficient × the loss; [`Decoder::load_balancing`]), over the rows `valid` marks.
+    /// What the load-balancing loss adds to the loss of a forward with these routings
+    /// ([`Decoder::load_balancing`]), over the rows `valid` marks.
     pub fn balance_loss(&self, routes: &[Routing], valid: Option<&Tensor>) -> Option<Tensor> {
-        let coef = self.config.moe.as_ref()?.aux_loss_coef;
-        let (aux, _) = self.load_balancing(routes, &AuxLoss { weight: 1.0, valid: valid.map(Tensor::shallow_clone) })?;
-        Some(aux * coef)
+        Some(self.load_balancing(routes, &AuxLoss { weight: 1.0, valid: valid.map(Tensor::shallow_clone) })?.0)
     }
 
     /// Logits for token ids `[B, T]` at `positions` `[B, T]`.
@@ -794,21 +787,21 @@ impl Decoder {
     /// ([`DecoderLayer::attention_recompute_backward`](crate::models::decoder::DecoderLayer::attention_recompute_backward)).
     ///
     /// A sparse model whose config trains with the load-balancing loss adds `aux.weight` × its
-    /// coefficient × that loss (its value is returned beside the summed loss).
+    /// coefficient × that loss (the coefficient × the loss is returned beside the summed loss).
     pub fn loss_and_backward(&self, ids: &Tensor, labels: &Tensor, positions: &Tensor, mask: &AttnMask, weight: f64, aux: &AuxLoss, checkpointing: Checkpointing, seed: i64) -> Result<(Tensor, Option<Tensor>)> {
         self.backward_through_head(ids, positions, mask, checkpointing, seed, Some(aux), |h| self.head_loss_backward(h, labels, weight))
     }
 
-    /// The load-balancing loss of `routes` ([`crate::nn::moe::load_balancing`]) and the gradient
-    /// `aux.weight · coef · ∂aux/∂p` each sparse layer's probabilities take; `None` unless the
-    /// model is sparse and its config.json trains with the loss (`output_router_logits`).
+    /// What the load-balancing loss of `routes` ([`crate::nn::moe::load_balancing`]) adds to the
+    /// loss, `coef · aux`, and the gradient `aux.weight · coef · ∂aux/∂p` each sparse layer's
+    /// probabilities take; `None` unless the model is sparse and its config.json trains with the
+    /// loss (`output_router_logits`).
     pub fn load_balancing(&self, routes: &[Routing], aux: &AuxLoss) -> Option<(Tensor, Tensor)> {
         let moe = self.config.moe.as_ref().filter(|m| m.aux_loss_coef > 0.0)?;
-        let refs: Vec<&Routing> = routes.iter().collect();
-        let first = refs.first()?;
+        let first = routes.first()?;
         let valid = aux.valid.as_ref().map(|v| v.to_device(first.probs.device()));
-        let (loss, grad) = crate::nn::moe::load_balancing(&refs, moe.num_experts as i64, valid.as_ref());
-        Some((loss, grad * (aux.weight * moe.aux_loss_coef)))
+        let (loss, grad) = crate::nn::moe::load_balancing(routes, moe.num_experts as i64, valid.as_ref());
+        Some((loss * moe.aux_loss_coef, grad * (aux.weight * moe.aux_loss_coef)))
     }
 
     /// The decoder layers as training runs them (fused kernels on a GPU, dropout drawn from

@@ -558,8 +558,7 @@ impl T5 {
         };
         match frozen {
             Some(w) => {
-                let h = if self.config.scaled_head() { h * (d as f64).powf(-0.5) } else { h.shallow_clone() };
-                crate::nn::loss::linear_cross_entropy_backward(&h.reshape([-1, d]), &w, None, &labels.reshape([-1]), weight, None, None, None)
+                crate::nn::loss::linear_cross_entropy_backward(&self.head_input(h).reshape([-1, d]), &w, None, &labels.reshape([-1]), weight, None, None, None)
             }
             None => {
                 let logits = self.head(h, true);
@@ -572,11 +571,16 @@ impl T5 {
 
     /// Logits `[B, T, V]` of decoder hidden states (scaled by `d_model^-½` first for T5 v1.0).
     pub fn head(&self, h: &Tensor, train: bool) -> Tensor {
-        let h = if self.config.scaled_head() { h * (self.config.d_model as f64).powf(-0.5) } else { h.shallow_clone() };
+        let h = self.head_input(h);
         match &self.lm_head {
             Some(head) => head.forward(&h, train),
             None => h.matmul(&self.shared.tr()),
         }
+    }
+
+    /// The output projection's input: `h`, scaled by `d_model^-½` for T5 v1.0 (tied embeddings).
+    fn head_input(&self, h: &Tensor) -> Tensor {
+        if self.config.scaled_head() { h * (self.config.d_model as f64).powf(-0.5) } else { h.shallow_clone() }
     }
 
     /// `labels` `[B, T]` shifted right behind `decoder_start_token_id`, -100 read as padding:

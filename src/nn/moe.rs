@@ -268,24 +268,26 @@ impl SparseMoe {
         v
     }
 
-    /// The `gate_up` stack (or with `down`, the down stack) in fp32 with its adapter folded in
-    /// (`W_e + s·B_e A_e`).
-    pub fn merged_stack(&self, down: bool) -> Tensor {
+    /// Rows `start..start + len` of every expert's `gate_up` weights (with `down`, of its down
+    /// weights) in fp32, the adapter folded in (`W_e + s·B_e A_e`): `[E, len, in]`.
+    pub fn merged_rows(&self, down: bool, start: i64, len: i64) -> Tensor {
         let _g = tch::no_grad_guard();
         let (w, lora) = if down { (&self.experts.down, &self.experts.down_lora) } else { (&self.experts.gate_up, &self.experts.gate_up_lora) };
+        let w = w.narrow(1, start, len).to_kind(Kind::Float);
         match lora {
             Some(l) => {
                 let (a, b) = l.stacks(self.experts.count(), Kind::Float);
-                w.to_kind(Kind::Float) + b.matmul(&a) * l.scale
+                w + b.narrow(1, start, len).matmul(&a) * l.scale
             }
-            None => w.to_kind(Kind::Float),
+            None => w,
         }
     }
 
     /// Folds the experts' adapters into their stacks (`W_e ← W_e + s·B_e A_e`) and removes them.
     pub fn merge_adapters(&mut self) {
         let kind = self.experts.gate_up.kind();
-        let (gate_up, down) = (self.merged_stack(false).to_kind(kind), self.merged_stack(true).to_kind(kind));
+        let rows = |w: &Tensor| w.size()[1];
+        let (gate_up, down) = (self.merged_rows(false, 0, rows(&self.experts.gate_up)).to_kind(kind), self.merged_rows(true, 0, rows(&self.experts.down)).to_kind(kind));
         (self.experts.gate_up, self.experts.down) = (gate_up, down);
         self.experts.gate_up_lora = None;
         self.experts.down_lora = None;
@@ -354,7 +356,7 @@ impl FeedForward {
 /// The load-balancing loss of [`Routing`]s of one forward (module doc), and the gradient
 /// `∂aux/∂p` `[N, E]` every layer's probabilities share; `valid` `[N]` marks rows that are not
 /// padding (all rows when `None`).
-pub fn load_balancing(routes: &[&Routing], experts: i64, valid: Option<&Tensor>) -> (Tensor, Tensor) {
+pub fn load_balancing(routes: &[Routing], experts: i64, valid: Option<&Tensor>) -> (Tensor, Tensor) {
     let _g = tch::no_grad_guard();
     let probs0 = &routes[0].probs;
     let device = probs0.device();

@@ -159,10 +159,15 @@ pub struct AdaLoraSchedule {
     pub total_step: Option<usize>,
 }
 
+/// LoRA's scale of rank `r`: `alpha / r`, or `alpha / √r` with rsLoRA.
+fn lora_scale(alpha: f64, r: i64, rslora: bool) -> f64 {
+    if rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 }
+}
+
 impl LoraSpec {
     /// `alpha / r`, or `alpha / √r` with rsLoRA.
     pub fn scale(&self) -> f64 {
-        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+        lora_scale(self.alpha, self.r, self.use_rslora)
     }
 }
 
@@ -578,7 +583,7 @@ fn install_expert_adapters(net: &mut dyn Adapted, files: &AdapterFiles, kind: Ki
             let r = weights.load_any(&key("lora_A"))?.size()[0] / e;
             let a = weights.load(&key("lora_A"), &[e * r, inp], kind, device).with_context(|| format!("{}", file.display()))?.set_requires_grad(true);
             let bt = weights.load(&key("lora_B"), &[out, r * e], kind, device)?.set_requires_grad(true);
-            let scale = if cfg.use_rslora { cfg.lora_alpha / (r as f64).sqrt() } else { cfg.lora_alpha / r as f64 };
+            let scale = lora_scale(cfg.lora_alpha, r, cfg.use_rslora);
             let lora = Some(ExpertLora { a, b: bt, scale });
             if i == 0 {
                 b.experts.gate_up_lora = lora;
@@ -677,7 +682,7 @@ pub fn install_adapters(linears: Vec<&mut Linear>, files: &AdapterFiles, kind: K
         let device = lin.weight.device();
         let a = weights.load(&key_a, &[r, inp], kind, device)?.set_requires_grad(true);
         let b = weights.load(&key_b, &[out, r], kind, device)?.set_requires_grad(true);
-        let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        let scale = lora_scale(alpha, r, cfg.use_rslora);
         let lora = Lora { a, b, scale, dropout: cfg.lora_dropout };
         lin.adapter = Some(if cfg.use_dora {
             let key = format!("base_model.model.{}.lora_magnitude_vector", lin.name);

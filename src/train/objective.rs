@@ -125,11 +125,7 @@ impl Objective for Sft {
         let units = self.units(split, rows, cfg);
         let valid = Some(b.valid.shallow_clone());
         let (loss, balance) = match backward {
-            Some(bw) => {
-                let aux = AuxLoss { weight: bw.weight * units, valid };
-                let (loss, balance) = net.loss_and_backward(&ids, &labels, &positions, &mask, bw.weight, &aux, bw.checkpointing, bw.seed)?;
-                (loss, balance.and_then(|b| net.config.moe.as_ref().map(|m| b * m.aux_loss_coef)))
-            }
+            Some(bw) => net.loss_and_backward(&ids, &labels, &positions, &mask, bw.weight, &AuxLoss { weight: bw.weight * units, valid }, bw.checkpointing, bw.seed)?,
             None => tch::no_grad(|| {
                 let (logits, routes) = net.forward_routed(&ids, &positions, &mask);
                 (loss_sum(&logits, &labels.to_device(logits.device())), net.balance_loss(&routes, valid.as_ref()))
