@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: moe_layer TOKENS HIDDEN EXPERTS TOP_K EXPERT_WIDTH LORA_RANK STEPS");
     };
     let device = Device::Cuda(0);
-    let config = MoeConfig { num_experts: experts as usize, top_k: top_k as usize, intermediate_size: width as usize, norm_topk_prob: true, sparse_layers: vec![true], aux_loss_coef: 0.0 };
+    let config = MoeConfig { num_experts: experts as usize, top_k: top_k as usize, intermediate_size: width as usize, norm_topk_prob: true, sparse_layers: vec![true], router_aux_loss_coef: 0.0, output_router_logits: false };
     let weights = WeightSource::Random { std: 0.02, seed: 0 };
     let mut block = SparseMoe::load(&config, "model.layers.0.mlp".into(), hidden, Activation::Silu, &weights, Kind::BFloat16, device)?;
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(0);

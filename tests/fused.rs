@@ -285,7 +285,7 @@ fn fused_residual_rms_norm_matches_the_ops() {
 fn grouped_experts_match_the_per_expert_loop() {
     let Some((device, _rng)) = cuda() else { return };
     use ftscript::nn::moe::{ExpertLora, SparseMoe};
-    let config = ftscript::models::config::MoeConfig { num_experts: 16, top_k: 4, intermediate_size: 96, norm_topk_prob: true, sparse_layers: vec![true], aux_loss_coef: 0.0 };
+    let config = ftscript::models::config::MoeConfig { num_experts: 16, top_k: 4, intermediate_size: 96, norm_topk_prob: true, sparse_layers: vec![true], router_aux_loss_coef: 0.0, output_router_logits: false };
     let weights = ftscript::nn::WeightSource::Random { std: 0.05, seed: 9 };
     let mut block = SparseMoe::load(&config, "model.layers.0.mlp".into(), 128, ftscript::nn::mlp::Activation::Silu, &weights, Kind::BFloat16, device).unwrap();
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(4);

@@ -166,6 +166,24 @@ fn dpo_on_gemma2_matches_trl() {
     matches_trl_on(tmp.path(), "gemma2", "dpo", Some("sigmoid"), "init", "");
 }
 
+/// Qwen3-MoE: TRL adds the router's load-balancing loss (× config.json's `router_aux_loss_coef`,
+/// over the trained forward's real tokens) to DPO and KTO for any MoE model and logs it as
+/// `aux_loss`, and to ORPO when config.json sets `output_router_logits` (the tiny model does):
+/// losses, `aux_loss` and the gradients it adds (through the steps that follow) match TRL's.
+#[test]
+fn preference_on_qwen3_moe_adds_the_load_balancing_loss_as_trl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    matches_trl_on(d, "qwen3_moe", "dpo", Some("sigmoid"), "init", "");
+    matches_trl_on(d, "qwen3_moe", "kto", None, "fresh", "");
+    matches_trl_on(d, "qwen3_moe", "orpo", None, "init", "");
+    for name in ["dpo_sigmoid", "kto"] {
+        let trl: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join(format!("trl_{name}.json"))).unwrap()).unwrap();
+        let aux = trl["log"][0]["aux_loss"].as_f64().unwrap_or_else(|| panic!("TRL's {name} logs no aux_loss: {}", trl["log"][0]));
+        assert!(aux > 0.5, "{name}: aux_loss {aux}");
+    }
+}
+
 /// From a fresh adapter (B = 0) the reference is the base model: ftscript bypasses the adapters.
 #[test]
 fn kto_matches_trl_from_a_fresh_adapter() {
@@ -190,6 +208,8 @@ fn preference_mistakes_name_the_fix() {
         ("a DPO option on SFT", r#"train: load_dataset("good.jsonl"), beta: 0.2"#, &["`beta` applies to objective \"dpo\" or \"orpo\" or \"kto\"", "objective is \"sft\""], true),
         ("a record without `rejected`", r#"train: load_dataset("pairs.jsonl"), objective: "dpo""#, &["pairs.jsonl:2: missing field `rejected`", "rejeted"], false),
         ("KTO records without a label", r#"train: load_dataset("good.jsonl"), objective: "kto""#, &["good.jsonl:1: missing field `label`"], false),
+        ("router_aux_loss_coef on a dense model", r#"train: load_dataset("good.jsonl"), objective: "dpo", router_aux_loss_coef: 0.01"#, &["router_aux_loss_coef weights a mixture-of-experts model", "is a dense model"], false),
+        ("a negative router_aux_loss_coef", r#"train: load_dataset("good.jsonl"), objective: "dpo", router_aux_loss_coef: -0.01"#, &["router_aux_loss_coef must be a number ≥ 0"], false),
         ("max_length shorter than every prompt", r#"train: load_dataset("good.jsonl"), objective: "dpo", max_length: 3"#, &["every training prompt fills max_length 3", "raise max_length"], false),
         (
             "early stopping on a misspelt reward metric",

@@ -87,6 +87,10 @@ pub struct TrainOptions {
     pub label_smoothing: Option<f64>,
     /// DPO, KTO: compute the reference log-probabilities once before training.
     pub precompute_ref_log_probs: Option<bool>,
+    /// A mixture-of-experts model: the weight of the load-balancing loss added to the training
+    /// loss. Default config.json's `router_aux_loss_coef` where transformers and TRL add it: SFT
+    /// and ORPO when config.json sets `output_router_logits`, DPO and KTO always (0 turns it off).
+    pub router_aux_loss_coef: Option<f64>,
     /// KTO: the weights of desirable and undesirable examples' losses (1.0 each).
     pub desirable_weight: Option<f64>,
     pub undesirable_weight: Option<f64>,
@@ -143,6 +147,11 @@ pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
         }
     }
     batch_size_of(json.get("batch_size"))?;
+    if let Some(c) = json.get("router_aux_loss_coef").and_then(|v| v.as_f64()) {
+        if !(c.is_finite() && c >= 0.0) {
+            return Err(format!("router_aux_loss_coef must be a number ≥ 0 (0 turns the load-balancing loss off), got {c}"));
+        }
+    }
     if let Some(g) = json.get("eval_generate").and_then(|g| g.as_object()) {
         let mut g = g.clone();
         // a format function is checked when it runs
@@ -579,6 +588,9 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
     if opts.get("format").and_then(|f| f.clone().into_string().ok()).as_deref() == Some("seq2seq") {
         return Err("train: format \"seq2seq\" is for an encoder-decoder model (T5); this model is a decoder: use \"alpaca\", \"chatml\", \"chat_template\", \"text\" or \"tokens\"".into());
     }
+    if o.router_aux_loss_coef.is_some() && m.get().net.router_aux_loss_coef().is_none() {
+        return Err(format!("train: router_aux_loss_coef weights a mixture-of-experts model's load-balancing loss, and {} is a dense model (no router): leave the option out", m.get().source).into());
+    }
     let mut objective: Box<dyn Objective> = if run.objective == "sft" {
         let fmt = format_of(opts.get("format"), train_ds.0.records.first()).map_err(|e| -> Box<EvalAltResult> { e.to_string().into() })?;
         let tok_opts = TokenizeOptions { max_length: run.max_length, train_on_prompt: o.train_on_prompt.unwrap_or(false) };
@@ -588,7 +600,7 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
             Some(d) => examples(&ctx, m, d, &fmt, &tok_opts, train_on)?,
             None => vec![],
         };
-        Box::new(Sft::new(train_ex, eval_ex))
+        Box::new(Sft::new(train_ex, eval_ex, o.router_aux_loss_coef))
     } else {
         guard("train", || preference_objective(&run.objective, o, m, train_ds, eval_ds.as_ref(), run.batch_size, run.eval_batch_size))?
     };
@@ -627,6 +639,9 @@ pub fn train_seq2seq(ctx: NativeCallContext, m: &super::seq2seq::Seq2SeqModel, o
     let o = &run.o;
     if run.objective != "sft" {
         return Err(format!("train: objective \"{}\" is for decoder models; an encoder-decoder model (T5) trains on source/target pairs (objective \"sft\")", run.objective).into());
+    }
+    if o.router_aux_loss_coef.is_some() {
+        return Err("train: router_aux_loss_coef weights a mixture-of-experts model's load-balancing loss; an encoder-decoder model (T5) has no router: leave the option out".into());
     }
     if o.packing == Some(true) || o.train_on_prompt.is_some() || o.train_on.is_some() || opts.contains_key("eval_generate") {
         return Err("train: packing, train_on_prompt, train_on and eval_generate apply to decoder models; an encoder-decoder model (T5) trains on source/target pairs (score generations in an on_eval callback: model.generate and bleu / rouge_l)".into());
@@ -692,7 +707,7 @@ fn preference_objective(name: &str, o: &TrainOptions, m: &Model, train: &Dataset
         };
         let kind = Preference::Kto { beta, desirable_weight: o.desirable_weight.unwrap_or(1.0), undesirable_weight: o.undesirable_weight.unwrap_or(1.0) };
         let objective = PreferenceObjective::judged(kind, judged(&train, "training")?, judged(&eval, "evaluation")?, batch_size, eval_batch_size);
-        return Ok(Box::new(objective.precompute_reference(o.precompute_ref_log_probs == Some(true))));
+        return Ok(Box::new(objective.precompute_reference(o.precompute_ref_log_probs == Some(true)).router_aux_loss(o.router_aux_loss_coef)));
     }
     let kind = match name {
         "dpo" => Preference::Dpo { beta, loss: DpoLoss::parse(o.loss_type.as_deref().unwrap_or("sigmoid"), o.label_smoothing.unwrap_or(0.0))? },
@@ -704,7 +719,7 @@ fn preference_objective(name: &str, o: &TrainOptions, m: &Model, train: &Dataset
         fitting(items, |p| p.prompt.len(), max_length, split)
     };
     let objective = PreferenceObjective::pairs(kind, pairs(&train, "training")?, pairs(&eval, "evaluation")?);
-    Ok(Box::new(objective.precompute_reference(o.precompute_ref_log_probs == Some(true))))
+    Ok(Box::new(objective.precompute_reference(o.precompute_ref_log_probs == Some(true)).router_aux_loss(o.router_aux_loss_coef)))
 }
 
 pub fn register(engine: &mut Engine) {

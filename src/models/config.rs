@@ -124,8 +124,22 @@ pub struct MoeConfig {
     pub norm_topk_prob: bool,
     /// For each layer, whether its feed-forward is sparse (others keep a dense MLP).
     pub sparse_layers: Vec<bool>,
-    /// Training adds this × the load-balancing loss (0: config.json's `output_router_logits` is off).
-    pub aux_loss_coef: f64,
+    /// config.json's `router_aux_loss_coef`: the weight of the load-balancing loss.
+    pub router_aux_loss_coef: f64,
+    /// config.json's `output_router_logits`: the model's own loss adds the load-balancing loss.
+    pub output_router_logits: bool,
+}
+
+impl MoeConfig {
+    /// The weight of the load-balancing loss in the model's own loss, as transformers adds it
+    /// (0 unless config.json sets `output_router_logits`).
+    pub fn model_aux_coef(&self) -> f64 {
+        if self.output_router_logits {
+            self.router_aux_loss_coef
+        } else {
+            0.0
+        }
+    }
 }
 
 pub(crate) fn token_ids(v: &Option<serde_json::Value>) -> Vec<i64> {

@@ -634,10 +634,22 @@ impl Decoder {
         (self.head(&h, false), routes)
     }
 
-    /// What the load-balancing loss adds to the loss of a forward with these routings
-    /// ([`Decoder::load_balancing`]), over the rows `valid` marks.
-    pub fn balance_loss(&self, routes: &[Routing], valid: Option<&Tensor>) -> Option<Tensor> {
-        Some(self.load_balancing(routes, &AuxLoss { weight: 1.0, valid: valid.map(Tensor::shallow_clone) })?.0)
+    /// What the load-balancing loss weighted by `coef` adds to the loss of a forward with these
+    /// routings ([`Decoder::load_balancing`]), over the rows `valid` marks.
+    pub fn balance_loss(&self, routes: &[Routing], coef: f64, valid: Option<&Tensor>) -> Option<Tensor> {
+        Some(self.load_balancing(routes, &AuxLoss { coef, weight: 1.0, valid: valid.map(Tensor::shallow_clone) })?.0)
+    }
+
+    /// The weight of the load-balancing loss in the model's own loss (transformers': config.json's
+    /// `router_aux_loss_coef` when it sets `output_router_logits`); 0 for a dense model.
+    pub fn model_aux_coef(&self) -> f64 {
+        self.config.moe.as_ref().map_or(0.0, |m| m.model_aux_coef())
+    }
+
+    /// config.json's `router_aux_loss_coef` of a sparse model, whether or not it sets
+    /// `output_router_logits` (TRL's default for its trainers); `None` for a dense model.
+    pub fn router_aux_loss_coef(&self) -> Option<f64> {
+        self.config.moe.as_ref().map(|m| m.router_aux_loss_coef)
     }
 
     /// Logits for token ids `[B, T]` at `positions` `[B, T]`.
@@ -727,11 +739,11 @@ impl Decoder {
     }
 }
 
-/// How a micro-batch's load-balancing loss is back-propagated (sparse models whose config trains
-/// with it): scaled by `weight` (the fp16 loss scale; transformers adds the loss of every
-/// micro-batch to its window's), over the rows `valid` marks (`[B, T]`, not padding; all when
-/// `None`).
+/// How a micro-batch's load-balancing loss is back-propagated (sparse models): `coef` × the loss
+/// (none when 0), scaled by `weight` (the fp16 loss scale, over the window's units), over the rows
+/// `valid` marks (`[B, T]`, not padding; all when `None`).
 pub struct AuxLoss {
+    pub coef: f64,
     pub weight: f64,
     pub valid: Option<Tensor>,
 }
@@ -786,22 +798,21 @@ impl Decoder {
     /// it, and attention's recomputation skips `o_proj`
     /// ([`DecoderLayer::attention_recompute_backward`](crate::models::decoder::DecoderLayer::attention_recompute_backward)).
     ///
-    /// A sparse model whose config trains with the load-balancing loss adds `aux.weight` × its
-    /// coefficient × that loss (the coefficient × the loss is returned beside the summed loss).
+    /// A sparse model adds `aux.weight` × `aux.coef` × its load-balancing loss (`aux.coef` × the
+    /// loss is returned beside the summed loss).
     pub fn loss_and_backward(&self, ids: &Tensor, labels: &Tensor, positions: &Tensor, mask: &AttnMask, weight: f64, aux: &AuxLoss, checkpointing: Checkpointing, seed: i64) -> Result<(Tensor, Option<Tensor>)> {
         self.backward_through_head(ids, positions, mask, checkpointing, seed, Some(aux), |h| self.head_loss_backward(h, labels, weight))
     }
 
     /// What the load-balancing loss of `routes` ([`crate::nn::moe::load_balancing`]) adds to the
     /// loss, `coef · aux`, and the gradient `aux.weight · coef · ∂aux/∂p` each sparse layer's
-    /// probabilities take; `None` unless the model is sparse and its config.json trains with the
-    /// loss (`output_router_logits`).
+    /// probabilities take; `None` unless the model is sparse and `aux.coef` is not 0.
     pub fn load_balancing(&self, routes: &[Routing], aux: &AuxLoss) -> Option<(Tensor, Tensor)> {
-        let moe = self.config.moe.as_ref().filter(|m| m.aux_loss_coef > 0.0)?;
+        let moe = self.config.moe.as_ref().filter(|_| aux.coef != 0.0)?;
         let first = routes.first()?;
         let valid = aux.valid.as_ref().map(|v| v.to_device(first.probs.device()));
         let (loss, grad) = crate::nn::moe::load_balancing(routes, moe.num_experts as i64, valid.as_ref());
-        Some((loss * moe.aux_loss_coef, grad * (aux.weight * moe.aux_loss_coef)))
+        Some((loss * aux.coef, grad * (aux.weight * aux.coef)))
     }
 
     /// The decoder layers as training runs them (fused kernels on a GPU, dropout drawn from

@@ -67,7 +67,8 @@ pub fn qwen3_moe(json: &serde_json::Value) -> Result<DecoderConfig> {
         intermediate_size: c.moe_intermediate_size,
         norm_topk_prob: c.norm_topk_prob,
         sparse_layers: (0..d.num_hidden_layers).map(|l| c.num_experts > 0 && (l + 1) % c.decoder_sparse_step == 0 && !dense.contains(&l)).collect(),
-        aux_loss_coef: if c.output_router_logits { c.router_aux_loss_coef } else { 0.0 },
+        router_aux_loss_coef: c.router_aux_loss_coef,
+        output_router_logits: c.output_router_logits,
     });
     Ok(d)
 }

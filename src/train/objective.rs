@@ -58,8 +58,8 @@ pub trait Objective<M: ?Sized = Decoder> {
     /// gradients into the adapters.
     fn step(&self, net: &M, split: Split, rows: &[Row], cfg: &BatchConfig, backward: Option<Backward>) -> Result<Step>;
     /// The names of [`Step::metrics`], in order (TRL's names: `rewards/chosen`, ...).
-    fn metric_names(&self) -> &'static [&'static str] {
-        &[]
+    fn metric_names(&self) -> Vec<&'static str> {
+        vec![]
     }
     /// Work done once before training, with the model as it will train (DPO's precomputed
     /// reference log-probabilities); `cfg` gives the batches.
@@ -84,16 +84,19 @@ pub fn to_device(b: &Batch, device: tch::Device) -> (Tensor, Tensor, Tensor, Att
 
 /// Supervised fine-tuning: next-token cross-entropy over the label tokens; a window's loss is
 /// `Σ token losses / Σ label tokens`.
+/// A sparse model adds its load-balancing loss as its own loss in transformers does
+/// ([`Decoder::model_aux_coef`]), or weighted by `aux_coef` when a run sets it.
 pub struct Sft {
     pub train: Vec<Example>,
     pub eval: Vec<Example>,
     lengths: [Vec<usize>; 2],
+    aux_coef: Option<f64>,
 }
 
 impl Sft {
-    pub fn new(train: Vec<Example>, eval: Vec<Example>) -> Sft {
+    pub fn new(train: Vec<Example>, eval: Vec<Example>, aux_coef: Option<f64>) -> Sft {
         let lengths = [train.iter().map(|e| e.input_ids.len()).collect(), eval.iter().map(|e| e.input_ids.len()).collect()];
-        Sft { train, eval, lengths }
+        Sft { train, eval, lengths, aux_coef }
     }
 
     fn examples(&self, split: Split) -> &[Example] {
@@ -124,11 +127,12 @@ impl Objective for Sft {
         // (`loss = mean CE + coef · aux`): in the window's sum, `units` × it
         let units = self.units(split, rows, cfg);
         let valid = Some(b.valid.shallow_clone());
+        let coef = self.aux_coef.unwrap_or_else(|| net.model_aux_coef());
         let (loss, balance) = match backward {
-            Some(bw) => net.loss_and_backward(&ids, &labels, &positions, &mask, bw.weight, &AuxLoss { weight: bw.weight * units, valid }, bw.checkpointing, bw.seed)?,
+            Some(bw) => net.loss_and_backward(&ids, &labels, &positions, &mask, bw.weight, &AuxLoss { coef, weight: bw.weight * units, valid }, bw.checkpointing, bw.seed)?,
             None => tch::no_grad(|| {
                 let (logits, routes) = net.forward_routed(&ids, &positions, &mask);
-                (loss_sum(&logits, &labels.to_device(logits.device())), net.balance_loss(&routes, valid.as_ref()))
+                (loss_sum(&logits, &labels.to_device(logits.device())), net.balance_loss(&routes, coef, valid.as_ref()))
             }),
         };
         let loss = match balance {

@@ -12,11 +12,15 @@
 //! (DPO after SFT) the adapters' starting values are kept aside and swapped in (TRL's frozen
 //! "ref" adapter). Or its log probabilities are computed once before training
 //! (`precompute_ref_log_probs`).
+//!
+//! A sparse (MoE) model's load-balancing loss over the trained forward's real tokens is added
+//! as TRL adds it: `router_aux_loss_coef` × it (config.json's coefficient by default, for DPO and
+//! KTO whatever `output_router_logits` says, for ORPO only when it is set), logged as `aux_loss`.
 
 use super::batch::{BatchConfig, Row};
 use super::objective::{Backward, Objective, Split, Step};
 use crate::data::preference::{Judged, Pair};
-use crate::models::decoder::{AttnMask, Decoder};
+use crate::models::decoder::{AttnMask, AuxLoss, Decoder};
 use crate::nn::linear::without_adapters;
 use crate::nn::loss::NextTokenStats;
 use crate::nn::peft;
@@ -93,6 +97,9 @@ pub struct PreferenceObjective {
     /// Reference log-probabilities per example, computed before training: (chosen, rejected) of
     /// a pair, (completion, KL completion) of a judged example.
     reference: Option<[Vec<[f64; 2]>; 2]>,
+    /// The weight of a sparse model's load-balancing loss: the run's, else TRL's default (set by
+    /// [`Objective::prepare`]).
+    aux_coef: Option<f64>,
 }
 
 /// KTO's mismatched completions: within each run of `batch_size` examples (dataset order),
@@ -170,14 +177,20 @@ impl Sequences {
     }
 
     /// The objective's loss from the sequences' statistics, back-propagated with `backward`
-    /// (or only measured without): returns what `loss_of` returns besides the loss.
-    fn loss<R>(&self, net: &Decoder, backward: Option<Backward>, loss_of: impl FnOnce(&NextTokenStats) -> Result<(Tensor, R)>) -> Result<R> {
+    /// (or only measured without): returns what `loss_of` returns besides the loss, and a sparse
+    /// model's load-balancing loss weighted by `aux_coef` (back-propagated too) unless it is 0.
+    fn loss<R>(&self, net: &Decoder, backward: Option<Backward>, aux_coef: f64, loss_of: impl FnOnce(&NextTokenStats) -> Result<(Tensor, R)>) -> Result<(R, Option<Tensor>)> {
+        let valid = self.labels.ne(-100);
         match backward {
-            Some(bw) => net.backward_through_head(&self.ids, &self.positions, &AttnMask::Causal, bw.checkpointing, bw.seed, None, |h| net.next_token_head_backward(h, &self.labels, bw.weight, loss_of)).map(|(out, _)| out),
+            Some(bw) => {
+                let aux = AuxLoss { coef: aux_coef, weight: bw.weight, valid: Some(valid) };
+                net.backward_through_head(&self.ids, &self.positions, &AttnMask::Causal, bw.checkpointing, bw.seed, Some(&aux), |h| net.next_token_head_backward(h, &self.labels, bw.weight, loss_of))
+            }
             None => {
                 let _g = tch::no_grad_guard();
-                let h = net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false);
-                net.next_token_head_backward(&h, &self.labels, 0.0, loss_of)
+                let (h, routes) = net.hidden_routed(&self.ids, &self.positions, &AttnMask::Causal, None, false);
+                let balance = net.balance_loss(&routes, aux_coef, Some(&valid));
+                Ok((net.next_token_head_backward(&h, &self.labels, 0.0, loss_of)?, balance))
             }
         }
     }
@@ -249,7 +262,7 @@ impl PreferenceObjective {
     pub fn pairs(kind: Preference, train: Vec<Pair>, eval: Vec<Pair>) -> PreferenceObjective {
         let len = |p: &Pair| p.prompt.len() + p.chosen.len().max(p.rejected.len());
         let lengths = [train.iter().map(len).collect(), eval.iter().map(len).collect()];
-        PreferenceObjective { kind, examples: [Examples::Pairs(train), Examples::Pairs(eval)], lengths, precompute: false, start_adapters: None, reference: None }
+        PreferenceObjective { kind, examples: [Examples::Pairs(train), Examples::Pairs(eval)], lengths, precompute: false, start_adapters: None, reference: None, aux_coef: None }
     }
 
     /// KTO over judged completions; `batch_size` groups the KL estimate's mismatched pairs.
@@ -261,7 +274,7 @@ impl PreferenceObjective {
         let (train, eval) = (with_kl(train, batch_size), with_kl(eval, eval_batch_size));
         let len = |(j, kl): &(Judged, Vec<i64>)| j.prompt.len() + j.completion.len().max(kl.len());
         let lengths = [train.iter().map(len).collect(), eval.iter().map(len).collect()];
-        PreferenceObjective { kind, examples: [Examples::Judged(train), Examples::Judged(eval)], lengths, precompute: false, start_adapters: None, reference: None }
+        PreferenceObjective { kind, examples: [Examples::Judged(train), Examples::Judged(eval)], lengths, precompute: false, start_adapters: None, reference: None, aux_coef: None }
     }
 
     fn index(split: Split) -> usize {
@@ -325,6 +338,15 @@ impl PreferenceObjective {
     /// (adapters bypassed), so that training runs one forward per micro-batch fewer.
     pub fn precompute_reference(self, on: bool) -> PreferenceObjective {
         PreferenceObjective { precompute: on, ..self }
+    }
+
+    /// The weight of a sparse model's load-balancing loss (`None`: TRL's default, see the module doc).
+    pub fn router_aux_loss(self, coef: Option<f64>) -> PreferenceObjective {
+        PreferenceObjective { aux_coef: coef, ..self }
+    }
+
+    fn aux_coef(&self) -> f64 {
+        self.aux_coef.unwrap_or(0.0)
     }
 
     fn compute_reference(&mut self, net: &Decoder, cfg: &BatchConfig) -> Result<()> {
@@ -444,6 +466,13 @@ impl Objective for PreferenceObjective {
     }
 
     fn prepare(&mut self, net: &Decoder, cfg: &BatchConfig) -> Result<()> {
+        // TRL: DPO and KTO add config.json's coefficient for any MoE model, ORPO only when the
+        // config sets output_router_logits
+        let default = match self.kind {
+            Preference::Orpo { .. } => net.model_aux_coef(),
+            _ => net.router_aux_loss_coef().unwrap_or(0.0),
+        };
+        self.aux_coef = Some(net.router_aux_loss_coef().map_or(0.0, |_| self.aux_coef.unwrap_or(default)));
         let _g = tch::no_grad_guard();
         let adapters = peft::adapter_tensors(net);
         let fresh = adapters.iter().filter(|(name, _)| name.contains("lora_B")).all(|(_, b)| b.abs().max().double_value(&[]) == 0.0);
@@ -466,15 +495,16 @@ impl Objective for PreferenceObjective {
         // the reference (and KTO's KL estimate) through the training path while training
         let seed = backward.map(|b| b.seed);
         let tokens = main.tokens + kl_seq.as_ref().map_or(0, |k| k.tokens);
-        let (loss, metrics) = match self.kind {
+        let coef = self.aux_coef();
+        let ((loss, metrics), balance) = match self.kind {
             Preference::Dpo { beta, loss } => {
                 let (reference, _) = self.reference(split, rows, net, &main, None, seed)?;
-                main.loss(net, backward, |s| {
+                main.loss(net, backward, coef, |s| {
                     let (l, m) = self.dpo(s, &main, &reference, beta, loss)?;
                     Ok((l.shallow_clone(), (l.detach(), m)))
                 })?
             }
-            Preference::Orpo { beta } => main.loss(net, backward, |s| {
+            Preference::Orpo { beta } => main.loss(net, backward, coef, |s| {
                 let (l, m) = self.orpo(s, &main, beta)?;
                 Ok((l.shallow_clone(), (l.detach(), m)))
             })?,
@@ -488,23 +518,33 @@ impl Objective for PreferenceObjective {
                     Examples::Judged(j) => rows.iter().flatten().map(|&i| j[i].0.desirable).collect(),
                     Examples::Pairs(_) => unreachable!("KTO holds judged examples"),
                 };
-                main.loss(net, backward, |s| {
+                main.loss(net, backward, coef, |s| {
                     let (l, m) = self.kto(s, &main, &reference, &kl, &desirable, beta, (desirable_weight, undesirable_weight))?;
                     Ok((l.shallow_clone(), (l.detach(), m)))
                 })?
             }
         };
+        // `loss + coef · aux`, and `aux` itself as a metric (TRL's `aux_loss`)
+        let (loss, metrics) = match (coef != 0.0, balance) {
+            (false, _) => (loss, metrics),
+            (true, balance) => {
+                let b = balance.map(|b| b.to_device(loss.device()).to_kind(Kind::Float));
+                let row = metric_rows(vec![present(b.as_ref().map(|b| b / coef), loss.device())]).to_device(metrics.device());
+                (b.map_or(loss.shallow_clone(), |b| loss.to_kind(Kind::Float) + b), Tensor::cat(&[metrics, row], 0))
+            }
+        };
         Ok(Step { loss: loss.to_kind(Kind::Float), metrics: Some(metrics), tokens })
     }
 
-    fn metric_names(&self) -> &'static [&'static str] {
-        static DPO: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
-        static ORPO: std::sync::OnceLock<Vec<&str>> = std::sync::OnceLock::new();
-        let (names, extra) = match self.kind {
-            Preference::Dpo { .. } => (&DPO, DPO_EXTRA),
-            Preference::Orpo { .. } => (&ORPO, ORPO_EXTRA),
-            Preference::Kto { .. } => return KTO_METRICS,
+    fn metric_names(&self) -> Vec<&'static str> {
+        let mut names: Vec<&str> = match self.kind {
+            Preference::Dpo { .. } => PAIR_METRICS.iter().chain(DPO_EXTRA).copied().collect(),
+            Preference::Orpo { .. } => PAIR_METRICS.iter().chain(ORPO_EXTRA).copied().collect(),
+            Preference::Kto { .. } => KTO_METRICS.to_vec(),
         };
-        names.get_or_init(|| PAIR_METRICS.iter().chain(extra).copied().collect())
+        if self.aux_coef() != 0.0 {
+            names.push("aux_loss");
+        }
+        names
     }
 }

@@ -233,7 +233,7 @@ pub fn evaluate<M: TrainModel>(net: &M, objective: &dyn Objective<M>, cfg: &Batc
     let mut m = Map::new();
     m.insert("eval_loss".into(), json!(loss));
     m.extend(objective.eval_extras(loss, units));
-    insert_metrics(&mut m, "eval_", names, &sums[1..]);
+    insert_metrics(&mut m, "eval_", &names, &sums[1..]);
     Ok(m)
 }
 
@@ -553,7 +553,7 @@ pub fn train<M: TrainModel>(
             if allocator.is_some() {
                 m.insert("orth_reg".into(), json!(orth_reg));
             }
-            insert_metrics(&mut m, "", names, step_metrics);
+            insert_metrics(&mut m, "", &names, step_metrics);
             stop |= asks_stop(hooks.on_step(&m), &mut failure);
 
             if state.step % cfg.log_every == 0 || state.step == total_steps || stop {
@@ -561,7 +561,7 @@ pub fn train<M: TrainModel>(
                 let tps = window_tokens as f64 / secs.max(1e-9);
                 let mut m = m.clone();
                 m.insert("loss".into(), json!(log_loss_sum / log_steps as f64));
-                insert_metrics(&mut m, "", names, &log_metric_sums);
+                insert_metrics(&mut m, "", &names, &log_metric_sums);
                 log_metric_sums.iter_mut().for_each(|v| *v = 0.0);
                 m.insert("tokens_per_sec".into(), json!(tps));
                 m.insert("elapsed_sec".into(), json!(secs));
