@@ -312,3 +312,63 @@ print(`RESULT steps=${{r.steps}} loss=${{r.train_loss}}`);
     let q = losses("nf4");
     assert!(t.contains("RESULT steps=4") && q.iter().all(|l| l.is_finite()) && q.iter().any(|l| (l - q[0]).abs() > 1e-3), "QLoRA DPO: {q:?}\n{t}");
 }
+
+/// A pair's prompt run once for both completions (`prompt ++ chosen ++ rejected` in one row, the
+/// completions masked from each other) gives the loss, metrics and adapter gradients of the two
+/// sequences run apart: with a sliding window shorter than the row and soft-capping (Gemma 2), and
+/// with a sparse model's load-balancing loss (each prompt token counted once per sequence), with
+/// and without gradient checkpointing.
+#[test]
+fn shared_prompts_train_as_separate_sequences() {
+    use ftscript::models::Checkpointing;
+    use ftscript::train::batch::BatchConfig;
+    use ftscript::train::objective::{Backward, Objective, Split};
+    use ftscript::train::preference::{DpoLoss, Preference, PreferenceObjective};
+    let tmp = tempfile::tempdir().unwrap();
+    for family in ["llama_gqa", "gemma2", "qwen3_moe"] {
+        let mut m = ftscript::models::load(&tiny(tmp.path(), family), "fp32", Device::Cpu).unwrap();
+        let target_parameters = if m.net.config.moe.is_some() { vec!["gate_up_proj".into(), "down_proj".into()] } else { vec![] };
+        let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters };
+        ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
+        let adapters: Vec<Tensor> = ftscript::nn::peft::adapter_tensors(&m.net).into_iter().map(|(_, t)| t).collect();
+        tch::manual_seed(3);
+        for t in &adapters {
+            tch::no_grad(|| t.shallow_clone().copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.05)));
+        }
+        // prompts longer than Gemma 2's window of 8, completions of other lengths
+        let ids = |n: usize, s: i64| -> Vec<i64> { (0..n as i64).map(|i| 3 + (i * 37 + s * 11) % 250).collect() };
+        let pairs: Vec<ftscript::data::preference::Pair> =
+            [(10, 5, 9), (4, 12, 3), (13, 6, 6)].iter().enumerate().map(|(k, &(p, c, r))| ftscript::data::preference::Pair { prompt: ids(p, k as i64), chosen: ids(c, 7 + k as i64), rejected: ids(r, 17 + k as i64) }).collect();
+        let cfg = BatchConfig { batch_size: 3, max_length: 24, pad_to_max_length: false, packing: false, pad_id: 0, shuffle: false, seed: 0 };
+        let rows: Vec<Vec<usize>> = vec![vec![0], vec![1], vec![2]];
+        let run = |share: bool, checkpointing: Checkpointing| -> (f64, Vec<f64>, Vec<Tensor>) {
+            let mut o = PreferenceObjective::pairs(Preference::Dpo { beta: 0.1, loss: DpoLoss::Sigmoid }, pairs.clone(), vec![]).share_prompts(Some(share));
+            o.prepare(&m.net, &cfg).unwrap();
+            for t in &adapters {
+                let mut g = t.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let step = o.step(&m.net, Split::Train, &rows, &cfg, Some(Backward { weight: 1.0, checkpointing, seed: 0 })).unwrap();
+            let metrics = Vec::<f64>::try_from(step.metrics.unwrap().select(1, 0).to_kind(Kind::Double)).unwrap();
+            (step.loss.double_value(&[]), metrics, adapters.iter().map(|t| t.grad().copy()).collect())
+        };
+        let (loss, metrics, grads) = run(false, Checkpointing::Off);
+        let n = if family == "qwen3_moe" { 11 } else { 10 };
+        assert_eq!(metrics.len(), n, "{family}: metrics {metrics:?}");
+        for checkpointing in [Checkpointing::Off, Checkpointing::On] {
+            let (l, m2, g) = run(true, checkpointing);
+            assert!((l - loss).abs() < 1e-5 * loss.abs().max(1.0), "{family} {checkpointing:?}: shared loss {l}, separate {loss}");
+            for (i, (a, b)) in m2.iter().zip(&metrics).enumerate() {
+                assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{family} {checkpointing:?}: metric {i} shared {a}, separate {b}");
+            }
+            let moved = grads.iter().filter(|g| g.abs().max().double_value(&[]) > 0.0).count();
+            assert!(moved > grads.len() / 2, "{family}: only {moved} of {} adapters get a gradient", grads.len());
+            for (a, b) in g.iter().zip(&grads) {
+                let err = rel_err(a, b);
+                assert!(err < 1e-4, "{family} {checkpointing:?}: adapter gradient differs by {err:.2e}");
+            }
+        }
+    }
+}

@@ -97,6 +97,15 @@ impl Attention {
                 }
                 Some(m.unsqueeze(1))
             }
+            AttnMask::SharedPrefix { segments: seg, positions } => {
+                // allowed(i, j) = j ≤ i and (seg[j] == 0 or seg[i] == seg[j])
+                let visible = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1)).logical_or(&seg.eq(0).unsqueeze(1));
+                let mut m = visible.logical_and(&Tensor::ones([t, t], (Kind::Bool, x.device())).tril(0));
+                if let Some(w) = window {
+                    m = m.logical_and(&(positions.unsqueeze(2) - positions.unsqueeze(1)).lt(w));
+                }
+                Some(m.unsqueeze(1))
+            }
             AttnMask::Padded(valid) => {
                 // causal, key j valid; a padding query also sees itself, so that no row of
                 // scores is all masked (NaN through SDPA)

@@ -12,6 +12,11 @@ pub enum AttnMask {
     /// Causal, and only over the keys marked valid: `[B, K]` bool over the whole KV cache
     /// (left-padded prompts in batched generation).
     Padded(Tensor),
+    /// Several sequences sharing a prefix in one row (a preference pair's prompt, then its two
+    /// completions): `segments` `[B, T]`, 0 the prefix, seen by every later token of its row; any
+    /// other segment sees the prefix and itself, causally. `positions` `[B, T]` (each sequence's
+    /// own) measure a sliding window.
+    SharedPrefix { segments: Tensor, positions: Tensor },
 }
 
 impl AttnMask {
@@ -20,6 +25,7 @@ impl AttnMask {
             AttnMask::Causal => AttnMask::Causal,
             AttnMask::Segments(s) => AttnMask::Segments(s.to_device(d)),
             AttnMask::Padded(v) => AttnMask::Padded(v.to_device(d)),
+            AttnMask::SharedPrefix { segments, positions } => AttnMask::SharedPrefix { segments: segments.to_device(d), positions: positions.to_device(d) },
         }
     }
 }

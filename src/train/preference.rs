@@ -100,6 +100,9 @@ pub struct PreferenceObjective {
     /// The weight of a sparse model's load-balancing loss: the run's, else TRL's default (set by
     /// [`Objective::prepare`]).
     aux_coef: Option<f64>,
+    /// Run each pair's prompt once for both completions: always, never, or (`None`) where that
+    /// saves enough ([`Sequences::pairs`]).
+    share_prompts: Option<bool>,
 }
 
 /// KTO's mismatched completions: within each run of `batch_size` examples (dataset order),
@@ -116,14 +119,27 @@ pub fn kl_completions(examples: &[Judged], batch_size: usize) -> Vec<Vec<i64>> {
 
 /// `prompt ++ completion` sequences as one right-padded micro-batch on the model's device.
 struct Sequences {
+    /// What the model runs on: the sequences themselves (`[R, T]`, causal), or their pairs with
+    /// the prompt shared ([`Sequences::share_prompts`]).
     ids: Tensor,
     positions: Tensor,
+    mask: AttnMask,
+    /// With shared prompts: `[R·T]`, where each position of the sequences lies in the flattened
+    /// `[B·W]` states of the shared rows.
+    gather: Option<Tensor>,
+    /// `[R, T]` (`[B, W]` shared): how much each token the model runs on counts in a sparse
+    /// model's load-balancing loss (1 per sequence holding it; a shared prompt's 2, padding 0).
+    token_weight: Tensor,
     /// Every real token (its next-token log-probability is measured); -100 on padding.
     labels: Tensor,
     /// `[R, T-1]` fp32, on the head's device: 1 where position `t` predicts a completion token.
     completion: Tensor,
     tokens: i64,
 }
+
+/// Share the prompt of a micro-batch's pairs when that saves at least this share of the tokens
+/// the model runs on (the shared rows' attention is masked, not causal, so it costs more).
+const SHARE_PROMPT_SAVING: f64 = 0.125;
 
 impl Sequences {
     /// The sequences `prompt ++ completion`, each cut to `max_length` (its start kept).
@@ -150,12 +166,75 @@ impl Sequences {
             completion.extend((1..width).map(|k| (k >= *prompt && k < row.len()) as u8 as f32));
         }
         let put = |v: &[i64]| crate::cuda::upload(&Tensor::from_slice(v).view([b, t]), net.device);
+        let labels = put(&labels);
         Sequences {
             ids: put(&ids),
             positions: crate::cuda::upload(&Tensor::arange(t, (Kind::Int64, tch::Device::Cpu)).unsqueeze(0).expand([b, t], true).contiguous(), net.device),
-            labels: put(&labels),
+            mask: AttnMask::Causal,
+            gather: None,
+            token_weight: labels.ne(-100),
+            labels,
             completion: Tensor::from_slice(&completion).view([b, t - 1]).to_device(net.head_device),
             tokens,
+        }
+    }
+
+    /// The pairs `(prompt, chosen, rejected)` as [`Sequences::new`] lays them out (chosen rows,
+    /// then rejected ones), run as one row per pair, `prompt ++ chosen ++ rejected`: the prompt's
+    /// states are computed once, chosen attends to the prompt and itself, rejected to the prompt
+    /// and itself, at the positions it has in its own sequence. With `share` `None`, only when
+    /// that saves [`SHARE_PROMPT_SAVING`] of the tokens.
+    fn pairs(triples: &[(&[i64], &[i64], &[i64])], cfg: &BatchConfig, net: &Decoder, share: Option<bool>) -> Sequences {
+        let parts: Vec<(&[i64], &[i64])> = triples.iter().map(|t| (t.0, t.1)).chain(triples.iter().map(|t| (t.0, t.2))).collect();
+        let seq = Sequences::new(&parts, cfg, net);
+        // each completion as `new` cut it
+        let fit = |p: &[i64], c: &[i64]| c.len().min(cfg.max_length.saturating_sub(p.len()));
+        let rows: Vec<(usize, usize, usize)> = triples.iter().map(|(p, c, r)| (p.len().min(cfg.max_length), fit(p, c), fit(p, r))).collect();
+        let prompts: usize = rows.iter().map(|r| r.0).sum();
+        let saving = prompts as f64 / seq.tokens.max(1) as f64;
+        if !share.unwrap_or(saving >= SHARE_PROMPT_SAVING) {
+            return seq;
+        }
+        let width = rows.iter().map(|(p, c, r)| p + c + r).max().unwrap_or(1).max(2);
+        let t = seq.labels.size()[1] as usize;
+        let (mut ids, mut positions, mut segments, mut weight) = (vec![], vec![], vec![], vec![]);
+        let mut gather = vec![0i64; 2 * rows.len() * t];
+        for (k, ((prompt, chosen, rejected), &(p, c, r))) in triples.iter().zip(&rows).enumerate() {
+            let row = prompt[..p].iter().chain(&chosen[..c]).chain(&rejected[..r]);
+            ids.extend(row.copied().chain(std::iter::repeat(cfg.pad_id).take(width - p - c - r)));
+            positions.extend((0..p + c).chain(p..p + r).chain(std::iter::repeat(0).take(width - p - c - r)).map(|x| x as i64));
+            // 0 the prompt (seen by both completions), 1 chosen, 2 rejected, 3 padding
+            segments.extend([(0i64, p), (1, c), (2, r), (3, width - p - c - r)].iter().flat_map(|&(s, n)| std::iter::repeat(s).take(n)));
+            weight.extend([(2.0f32, p), (1.0, c + r), (0.0, width - p - c - r)].iter().flat_map(|&(w, n)| std::iter::repeat(w).take(n)));
+            let base = (k * width) as i64;
+            for i in 0..t {
+                // the chosen sequence is the row's start; the rejected one skips the chosen tokens
+                gather[k * t + i] = if i < p + c { base + i as i64 } else { base };
+                gather[(rows.len() + k) * t + i] = if i < p { base + i as i64 } else if i < p + r { base + (i + c) as i64 } else { base };
+            }
+        }
+        let (b, w) = (rows.len() as i64, width as i64);
+        let put = |v: &[i64]| crate::cuda::upload(&Tensor::from_slice(v).view([b, w]), net.device);
+        let positions = put(&positions);
+        Sequences {
+            ids: put(&ids),
+            mask: AttnMask::SharedPrefix { segments: put(&segments), positions: positions.shallow_clone() },
+            positions,
+            gather: Some(Tensor::from_slice(&gather).to_device(net.head_device)),
+            token_weight: Tensor::from_slice(&weight).view([b, w]),
+            ..seq
+        }
+    }
+
+    /// The sequences' states `[R, T, H]` from the states `h` of what the model ran on.
+    fn unshare(&self, h: &Tensor) -> Tensor {
+        match &self.gather {
+            None => h.shallow_clone(),
+            Some(g) => {
+                let (r, t) = self.labels.size2().unwrap();
+                let hidden = h.size()[2];
+                h.reshape([-1, hidden]).index_select(0, &g.to_device(h.device())).view([r, t, hidden])
+            }
         }
     }
 
@@ -170,27 +249,27 @@ impl Sequences {
     fn logps(&self, net: &Decoder, seed: Option<i64>) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
         let h = match seed {
-            Some(seed) => net.training_hidden(&self.ids, &self.positions, &AttnMask::Causal, seed)?,
-            None => net.hidden(&self.ids, &self.positions, &AttnMask::Causal, None, false),
+            Some(seed) => net.training_hidden(&self.ids, &self.positions, &self.mask, seed)?,
+            None => net.hidden(&self.ids, &self.positions, &self.mask, None, false),
         };
-        Ok(self.per_row(&net.next_token_stats(&h, &self.labels).logp))
+        Ok(self.per_row(&net.next_token_stats(&self.unshare(&h), &self.labels).logp))
     }
 
     /// The objective's loss from the sequences' statistics, back-propagated with `backward`
     /// (or only measured without): returns what `loss_of` returns besides the loss, and a sparse
     /// model's load-balancing loss weighted by `aux_coef` (back-propagated too) unless it is 0.
     fn loss<R>(&self, net: &Decoder, backward: Option<Backward>, aux_coef: f64, loss_of: impl FnOnce(&NextTokenStats) -> Result<(Tensor, R)>) -> Result<(R, Option<Tensor>)> {
-        let valid = self.labels.ne(-100);
+        let valid = Some(self.token_weight.shallow_clone());
         match backward {
             Some(bw) => {
-                let aux = AuxLoss { coef: aux_coef, weight: bw.weight, valid: Some(valid) };
-                net.backward_through_head(&self.ids, &self.positions, &AttnMask::Causal, bw.checkpointing, bw.seed, Some(&aux), |h| net.next_token_head_backward(h, &self.labels, bw.weight, loss_of))
+                let aux = AuxLoss { coef: aux_coef, weight: bw.weight, valid };
+                net.backward_through_head(&self.ids, &self.positions, &self.mask, bw.checkpointing, bw.seed, Some(&aux), |h| net.next_token_head_backward(&self.unshare(h), &self.labels, bw.weight, loss_of))
             }
             None => {
                 let _g = tch::no_grad_guard();
-                let (h, routes) = net.hidden_routed(&self.ids, &self.positions, &AttnMask::Causal, None, false);
-                let balance = net.balance_loss(&routes, aux_coef, Some(&valid));
-                Ok((net.next_token_head_backward(&h, &self.labels, 0.0, loss_of)?, balance))
+                let (h, routes) = net.hidden_routed(&self.ids, &self.positions, &self.mask, None, false);
+                let balance = net.balance_loss(&routes, aux_coef, valid.as_ref());
+                Ok((net.next_token_head_backward(&self.unshare(&h), &self.labels, 0.0, loss_of)?, balance))
             }
         }
     }
@@ -262,7 +341,7 @@ impl PreferenceObjective {
     pub fn pairs(kind: Preference, train: Vec<Pair>, eval: Vec<Pair>) -> PreferenceObjective {
         let len = |p: &Pair| p.prompt.len() + p.chosen.len().max(p.rejected.len());
         let lengths = [train.iter().map(len).collect(), eval.iter().map(len).collect()];
-        PreferenceObjective { kind, examples: [Examples::Pairs(train), Examples::Pairs(eval)], lengths, precompute: false, start_adapters: None, reference: None, aux_coef: None }
+        PreferenceObjective { kind, examples: [Examples::Pairs(train), Examples::Pairs(eval)], lengths, precompute: false, start_adapters: None, reference: None, aux_coef: None, share_prompts: None }
     }
 
     /// KTO over judged completions; `batch_size` groups the KL estimate's mismatched pairs.
@@ -274,7 +353,7 @@ impl PreferenceObjective {
         let (train, eval) = (with_kl(train, batch_size), with_kl(eval, eval_batch_size));
         let len = |(j, kl): &(Judged, Vec<i64>)| j.prompt.len() + j.completion.len().max(kl.len());
         let lengths = [train.iter().map(len).collect(), eval.iter().map(len).collect()];
-        PreferenceObjective { kind, examples: [Examples::Judged(train), Examples::Judged(eval)], lengths, precompute: false, start_adapters: None, reference: None, aux_coef: None }
+        PreferenceObjective { kind, examples: [Examples::Judged(train), Examples::Judged(eval)], lengths, precompute: false, start_adapters: None, reference: None, aux_coef: None, share_prompts: None }
     }
 
     fn index(split: Split) -> usize {
@@ -287,8 +366,8 @@ impl PreferenceObjective {
         let picked: Vec<usize> = rows.iter().flatten().copied().collect();
         match &self.examples[Self::index(split)] {
             Examples::Pairs(p) => {
-                let parts: Vec<(&[i64], &[i64])> = picked.iter().map(|&i| (&p[i].prompt[..], &p[i].chosen[..])).chain(picked.iter().map(|&i| (&p[i].prompt[..], &p[i].rejected[..]))).collect();
-                (Sequences::new(&parts, cfg, net), None)
+                let triples: Vec<(&[i64], &[i64], &[i64])> = picked.iter().map(|&i| (&p[i].prompt[..], &p[i].chosen[..], &p[i].rejected[..])).collect();
+                (Sequences::pairs(&triples, cfg, net, self.share_prompts), None)
             }
             Examples::Judged(j) => {
                 let parts: Vec<(&[i64], &[i64])> = picked.iter().map(|&i| (&j[i].0.prompt[..], &j[i].0.completion[..])).collect();
@@ -343,6 +422,11 @@ impl PreferenceObjective {
     /// The weight of a sparse model's load-balancing loss (`None`: TRL's default, see the module doc).
     pub fn router_aux_loss(self, coef: Option<f64>) -> PreferenceObjective {
         PreferenceObjective { aux_coef: coef, ..self }
+    }
+
+    /// Whether pairs run with their prompt shared (`None`: where it saves enough).
+    pub fn share_prompts(self, share: Option<bool>) -> PreferenceObjective {
+        PreferenceObjective { share_prompts: share, ..self }
     }
 
     fn aux_coef(&self) -> f64 {

@@ -47,7 +47,12 @@ def data(model_dir, out):
     n = SETTINGS["batch_size"] * SETTINGS["steps"]
     with open(os.path.join(out, "pairs.jsonl"), "w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": "Q: " + phrase(2, 8) + "\nA:", "chosen": " " + phrase(1, 9), "rejected": " " + phrase(1, 9)}) + "\n")
+            prompt, chosen, rejected = "Q: " + phrase(2, 8) + "\nA:", " " + phrase(1, 9), " " + phrase(1, 9)
+            # a pair whose completions are the same text ties its rewards exactly in TRL, and
+            # `rewards/accuracies` (chosen > rejected) then flips with the last bit of rounding
+            while rejected == chosen:
+                rejected = " " + phrase(1, 9)
+            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     with open(os.path.join(out, "kto.jsonl"), "w") as f:
         for i in range(n):
             label = bool(torch.rand(1, generator=gen) < 0.5) if i % 4 else (i % 8 == 0)
