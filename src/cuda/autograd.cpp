@@ -355,7 +355,49 @@ struct Projections : public torch::autograd::Function<Projections> {
     return grads;
   }
 };
+// Gemma 2's soft-capped, masked softmax over raw attention scores x [B, heads, tq, tk] with
+// `allowed` [B, 1, tq, tk] (bool): softmax(cap · tanh(x · scale / cap), masked) in fp32, stored in
+// x's dtype. Saves x and the probabilities (the unfused ops keep about four fp32 score matrices).
+struct SoftcapSoftmax : public torch::autograd::Function<SoftcapSoftmax> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& allowed, double scale,
+                            double cap) {
+    TORCH_CHECK(x.dim() == 4 && allowed.dim() == 4 && allowed.size(0) == x.size(0) && allowed.size(1) == 1 &&
+                    allowed.size(2) == x.size(2) && allowed.size(3) == x.size(3) && allowed.scalar_type() == at::kBool,
+                "softcap_softmax: scores ", x.sizes(), " and mask ", allowed.sizes(), " (", allowed.scalar_type(),
+                ") do not fit");
+    at::Tensor xc = x.contiguous(), a = allowed.contiguous(), p = at::empty_like(xc);
+    int tk = (int)xc.size(3), tq = (int)xc.size(2), heads = (int)xc.size(1);
+    float sc = (float)scale, cp = (float)cap;
+    long long rows = xc.numel() / tk;
+    void *px = xc.data_ptr(), *pa = a.data_ptr(), *pp = p.data_ptr();
+    void* params[] = {&px, &pa, &pp, &tk, &tq, &heads, &sc, &cp};
+    launch("softcap_softmax_fwd", xc, rows * 256, params, 256);  // kernels.cu's SOFTCAP_THREADS
+    ctx->save_for_backward({xc, p});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["cap"] = cap;
+    return p;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved = ctx->get_saved_variables();
+    at::Tensor x = saved[0], p = saved[1], dp = grads[0].contiguous(), dx = at::empty_like(x);
+    int tk = (int)x.size(3);
+    float sc = (float)ctx->saved_data["scale"].toDouble(), cp = (float)ctx->saved_data["cap"].toDouble();
+    long long rows = x.numel() / tk;
+    void *px = x.data_ptr(), *pp = p.data_ptr(), *pdp = dp.data_ptr(), *pdx = dx.data_ptr();
+    void* params[] = {&px, &pp, &pdp, &pdx, &tk, &sc, &cp};
+    launch("softcap_softmax_bwd", x, rows * 256, params, 256);
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
 }  // namespace
+
+extern "C" int ftscript_softcap_softmax(const char* src, const at::Tensor* x, const at::Tensor* allowed, double scale,
+                                        double cap, at::Tensor** out, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    kernel_source = src;
+    *out = new at::Tensor(SoftcapSoftmax::apply(*x, *allowed, scale, cap));
+  });
+}
 
 extern "C" int ftscript_swiglu(const char* src, const at::Tensor* gate, const at::Tensor* up, at::Tensor** out,
                                char* err, size_t err_len) {

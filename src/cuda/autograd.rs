@@ -14,6 +14,7 @@ extern "C" {
     fn ftscript_rope(src: *const c_char, x: *const C_tensor, cos: *const C_tensor, sin: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_projections(src: *const c_char, x: *const C_tensor, weights: *const *const C_tensor, biases: *const *const C_tensor, adapter_of: *const i64, n: i32, a: *const *const C_tensor, b: *const *const C_tensor, scales: *const f64, dropouts: *const f64, m: i32, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_add_rms_norm(src: *const c_char, h: *const C_tensor, delta: *const C_tensor, w: *const C_tensor, eps: f64, sum: *mut *mut C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_softcap_softmax(src: *const c_char, x: *const C_tensor, allowed: *const C_tensor, scale: f64, cap: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_overlap_lora(on: i32);
     fn ftscript_backward(roots: *const *const C_tensor, grads: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
 }
@@ -56,6 +57,14 @@ pub fn swiglu_backward_in_place(dout: &Tensor, gate: &Tensor, up: &Tensor) -> bo
 /// `x·cos + rotate_half(x)·sin` in one kernel each way, output laid out like `x`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
     fused(x, |out, err, len| unsafe { ftscript_rope(SOURCE.as_ptr() as *const c_char, x.as_ptr(), cos.as_ptr(), sin.as_ptr(), out, err, len) })
+}
+
+/// Soft-capped attention probabilities (Gemma 2): `softmax(cap · tanh(x · scale / cap))` over
+/// the keys `allowed` `[B, 1, tq, tk]` (bool) lets each query see, from raw scores `x`
+/// `[B, heads, tq, tk]`, in fp32, stored in `x`'s dtype; one kernel each way, saving `x` and the
+/// probabilities. `None` off the GPU.
+pub fn softcap_softmax(x: &Tensor, allowed: &Tensor, scale: f64, cap: f64) -> Option<Tensor> {
+    fused(x, |out, err, len| unsafe { ftscript_softcap_softmax(SOURCE.as_ptr() as *const c_char, x.as_ptr(), allowed.as_ptr(), scale, cap, out, err, len) })
 }
 
 /// RMSNorm after a residual add, `(s, w ⊙ s / √(mean(s²) + ε))` for `s = h + delta` (or `h`), over

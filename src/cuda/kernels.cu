@@ -554,6 +554,57 @@ __device__ void rms_norm_bwd_rows(const typename S::T* __restrict__ dy, const ty
   }
 }
 
+// Gemma 2's attention probabilities from raw scores x [rows, tk] (rows = B·heads·tq):
+// s = cap · tanh(x · scale / cap) where `allowed` [B, tq, tk] (bytes, shared by the heads) says
+// so, −∞ elsewhere; p = softmax(s) in fp32, stored rounded. One block per row; the row is read
+// three times (max, sum, write), from L2 after the first. Backward: dx = p · (dp − Σ p·dp) ·
+// scale · (1 − tanh²(x · scale / cap)), zero where masked (p = 0).
+#define SOFTCAP_THREADS 256
+__device__ __forceinline__ float block_max(float v, float* shared) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  float m = __int_as_float(0xff800000);  // −∞
+  for (int w = 0; w < (int)blockDim.x / 32; w++) m = fmaxf(m, shared[w]);
+  return m;
+}
+template <typename S>
+__device__ void softcap_softmax_fwd(const typename S::T* __restrict__ x, const unsigned char* __restrict__ allowed,
+                                    typename S::T* __restrict__ p, int tk, int tq, int heads, float scale, float cap) {
+  __shared__ float partial[32];
+  const long long row = blockIdx.x;
+  const long long b = row / ((long long)heads * tq), i = row % tq;
+  const typename S::T* xr = x + row * tk;
+  const unsigned char* ar = allowed + (b * tq + i) * tk;
+  typename S::T* pr = p + row * tk;
+  float m = __int_as_float(0xff800000);  // −∞
+  for (int j = threadIdx.x; j < tk; j += blockDim.x)
+    if (ar[j]) m = fmaxf(m, cap * tanhf(S::load(xr[j]) * scale / cap));
+  m = block_max(m, partial);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j < tk; j += blockDim.x)
+    if (ar[j]) sum += expf(cap * tanhf(S::load(xr[j]) * scale / cap) - m);
+  const float inv = 1.0f / block_sum(sum, partial);
+  for (int j = threadIdx.x; j < tk; j += blockDim.x)
+    pr[j] = S::cvt(ar[j] ? expf(cap * tanhf(S::load(xr[j]) * scale / cap) - m) * inv : 0.0f);
+}
+template <typename S>
+__device__ void softcap_softmax_bwd(const typename S::T* __restrict__ x, const typename S::T* __restrict__ p,
+                                    const typename S::T* __restrict__ dp, typename S::T* __restrict__ dx, int tk,
+                                    float scale, float cap) {
+  __shared__ float partial[32];
+  const long long base = (long long)blockIdx.x * tk;
+  float dot = 0.0f;
+  for (int j = threadIdx.x; j < tk; j += blockDim.x) dot = __fmaf_rn(S::load(p[base + j]), S::load(dp[base + j]), dot);
+  dot = block_sum(dot, partial);
+  for (int j = threadIdx.x; j < tk; j += blockDim.x) {
+    const float pj = S::load(p[base + j]), th = tanhf(S::load(x[base + j]) * scale / cap);
+    dx[base + j] = S::cvt(pj * (S::load(dp[base + j]) - dot) * scale * (1.0f - th * th));
+  }
+}
+
 #define FTSCRIPT_TYPED(S, suffix)                                                                                  \
   extern "C" __global__ void swiglu_fwd_##suffix(const S::T* g, const S::T* u, S::T* o, long long n, int vec) {    \
     swiglu_fwd<S>(g, u, o, n, vec);                                                                                \
@@ -602,6 +653,14 @@ __device__ void rms_norm_bwd_rows(const typename S::T* __restrict__ dy, const ty
                                                         const float* rstd, const S::T* dres, S::T* dx, int dim,    \
                                                         long long rows) {                                          \
     rms_norm_bwd_rows<S>(dy, s, w, rstd, dres, dx, dim, rows);                                                     \
+  }                                                                                                                \
+  extern "C" __global__ void softcap_softmax_fwd_##suffix(const S::T* x, const unsigned char* allowed, S::T* p,    \
+                                                          int tk, int tq, int heads, float scale, float cap) {    \
+    softcap_softmax_fwd<S>(x, allowed, p, tk, tq, heads, scale, cap);                                              \
+  }                                                                                                                \
+  extern "C" __global__ void softcap_softmax_bwd_##suffix(const S::T* x, const S::T* p, const S::T* dp, S::T* dx, \
+                                                          int tk, float scale, float cap) {                        \
+    softcap_softmax_bwd<S>(x, p, dp, dx, tk, scale, cap);                                                          \
   }
 FTSCRIPT_TYPED(Bf16, bf16)
 FTSCRIPT_TYPED(F16, f16)

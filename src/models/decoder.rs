@@ -124,10 +124,15 @@ impl Attention {
                 let groups = self.n_heads / self.n_kv_heads;
                 let (k, v) = (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None));
                 let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
-                let scores = crate::nn::loss::softcap(&(q.matmul(&k.transpose(2, 3)) * scale), Some(cap));
                 let allowed = explicit.expect("eager attention always has its mask written out");
-                let scores = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
-                scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+                let raw = q.matmul(&k.transpose(2, 3));
+                let (tq, tk) = (raw.size()[2], raw.size()[3]);
+                let fused = if raw.device().is_cuda() { crate::cuda::autograd::softcap_softmax(&raw, &allowed.expand([b, 1, tq, tk], false), scale, cap) } else { None };
+                let probs = fused.unwrap_or_else(|| {
+                    let scores = crate::nn::loss::softcap(&(raw * scale), Some(cap));
+                    scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Float).to_kind(q.kind())
+                });
+                probs.matmul(&v)
             }
         };
         y.transpose(1, 2).contiguous().view([b, t, self.n_heads * self.head_dim])
@@ -750,7 +755,8 @@ impl Decoder {
 
 /// How a micro-batch's load-balancing loss is back-propagated (sparse models): `coef` × the loss
 /// (none when 0), scaled by `weight` (the fp16 loss scale, over the window's units), over the rows
-/// `valid` marks (`[B, T]`, not padding; all when `None`).
+/// `valid` marks (`[B, T]`: 1 for a real token, 0 for padding, or how many sequences share the
+/// token; all once when `None`).
 pub struct AuxLoss {
     pub coef: f64,
     pub weight: f64,

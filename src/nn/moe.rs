@@ -354,8 +354,8 @@ impl FeedForward {
 }
 
 /// The load-balancing loss of [`Routing`]s of one forward (module doc), and the gradient
-/// `∂aux/∂p` `[N, E]` every layer's probabilities share; `valid` `[N]` marks rows that are not
-/// padding (all rows when `None`).
+/// `∂aux/∂p` `[N, E]` every layer's probabilities share; `valid` `[N]` weighs the rows (0 for
+/// padding, 1 for a token, n for a token n sequences share; all 1 when `None`).
 pub fn load_balancing(routes: &[Routing], experts: i64, valid: Option<&Tensor>) -> (Tensor, Tensor) {
     let _g = tch::no_grad_guard();
     let probs0 = &routes[0].probs;

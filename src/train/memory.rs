@@ -6,26 +6,28 @@
 //! layer's experts, [`DecoderConfig::feed_forward_size`]), each in
 //! the compute dtype, plus LoRA's dropout copies of its inputs. Checkpointing keeps one `H`
 //! vector per layer instead and recomputes the rest, costing one more forward pass. Soft-capped
-//! attention (Gemma 2) is computed op by op and keeps about four `[heads, T, T]` score
-//! matrices per row and layer (the capped scores, the fp32 softmax and its cast), counted in fp32.
+//! attention (Gemma 2) keeps `[heads, T, T]` matrices per row and layer: on a GPU the raw scores
+//! and the probabilities ([`crate::cuda::autograd::softcap_softmax`]), two in the compute dtype;
+//! op by op about four (the capped scores, the fp32 softmax and its cast), counted in fp32.
 
 use crate::models::config::DecoderConfig;
 use tch::{Device, Kind};
 
 /// Activation bytes one micro-batch of `rows` rows of `row_len` tokens keeps for backward
-/// without checkpointing.
-pub fn activation_bytes(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64) -> u64 {
+/// without checkpointing (on a GPU when `gpu`).
+pub fn activation_bytes(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64, gpu: bool) -> u64 {
     let h = c.hidden_size as u64;
     let layers = c.num_hidden_layers as u64;
     let per_token: u64 = (0..c.num_hidden_layers).map(|l| 10 * h + c.feed_forward_size(l).2 + lora_layers_per_block * h).sum();
     let dense = per_token * rows * row_len * kind.elt_size_in_bytes() as u64;
-    let scores = if c.attn_softcap.is_some() { 4 * rows * c.num_attention_heads as u64 * row_len * row_len * layers * 4 } else { 0 };
+    let matrices = if gpu { 2 * kind.elt_size_in_bytes() as u64 } else { 4 * 4 };
+    let scores = if c.attn_softcap.is_some() { matrices * rows * c.num_attention_heads as u64 * row_len * row_len * layers } else { 0 };
     dense + scores
 }
 
 /// `(checkpoint?, why)`: checkpoint unless the activations fit in 85% of the free device memory.
 pub fn plan(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64, device: Device) -> (bool, String) {
-    decide(activation_bytes(c, rows, row_len, kind, lora_layers_per_block), device)
+    decide(activation_bytes(c, rows, row_len, kind, lora_layers_per_block, device.is_cuda()), device)
 }
 
 /// `(checkpoint?, why)` for activations of `need` bytes on `device`.

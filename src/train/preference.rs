@@ -120,7 +120,7 @@ pub fn kl_completions(examples: &[Judged], batch_size: usize) -> Vec<Vec<i64>> {
 /// `prompt ++ completion` sequences as one right-padded micro-batch on the model's device.
 struct Sequences {
     /// What the model runs on: the sequences themselves (`[R, T]`, causal), or their pairs with
-    /// the prompt shared ([`Sequences::share_prompts`]).
+    /// the prompt shared ([`Sequences::pairs`]).
     ids: Tensor,
     positions: Tensor,
     mask: AttnMask,
