@@ -88,11 +88,6 @@ impl HubConfig {
         HubConfig { endpoint, token, cache_dir, offline }
     }
 
-    /// `models--org--name` under the cache.
-    pub fn repo_cache(&self, repo_id: &str) -> PathBuf {
-        self.cache_dir.join(format!("models--{}", repo_id.replace('/', "--")))
-    }
-
     /// An hf-hub client for these settings (endpoint, token and cache directory given explicitly).
     pub fn client(&self) -> Result<hf_hub::HFClientSync> {
         let mut b = hf_hub::HFClient::builder()
@@ -216,11 +211,6 @@ pub fn check_repo_id(s: &str) -> Result<()> {
     Ok(())
 }
 
-/// A 40-hex-digit commit hash.
-pub fn is_commit_hash(s: &str) -> bool {
-    s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-}
-
 /// Percent-encodes everything but unreserved characters (`quote(s, safe="")`).
 pub fn quote(s: &str) -> String {
     let mut out = String::new();
@@ -232,11 +222,6 @@ pub fn quote(s: &str) -> String {
         }
     }
     out
-}
-
-/// Percent-encodes a path in a repo, keeping `/`.
-pub fn quote_path(s: &str) -> String {
-    s.split('/').map(quote).collect::<Vec<_>>().join("/")
 }
 
 /// Hex sha256 of bytes.
@@ -275,7 +260,6 @@ mod tests {
         assert!(!is_repo_id("../x"));
         assert!(!is_repo_id("org/na--me"));
         assert_eq!(quote("refs/pr/1"), "refs%2Fpr%2F1");
-        assert_eq!(quote_path("a b/c.json"), "a%20b/c.json");
     }
 
     #[test]
