@@ -597,5 +597,13 @@ fn with_xet_ftscript_pushes_through_the_cas_and_downloads_what_python_stored_the
     let (psnap, pfiles) = downloaded(&off);
     assert_eq!(psnap, snap);
     assert_eq!(pfiles, digests(&src));
-    assert_token_absent(&[&push, &down], &[t]);
+
+    // hf-hub's errors, as ftscript says them: a missing repo or revision is named
+    let absent = ft(&["download", "org/absent"], t, &hub.url, &home, false);
+    let at = text(&absent);
+    assert!(!absent.status.success() && at.contains("`org/absent` was not found") && at.contains("HF_TOKEN"), "{at}");
+    let no_rev = ft(&["download", "org/xet-py", "--revision", "nope"], t, &hub.url, &home, false);
+    let nt = text(&no_rev);
+    assert!(!no_rev.status.success() && nt.contains("revision nope of `org/xet-py` was not found"), "{nt}");
+    assert_token_absent(&[&push, &down, &absent, &no_rev], &[t]);
 }
