@@ -54,7 +54,7 @@ impl Client {
             .user_agent(&format!("ftscript/{}", env!("CARGO_PKG_VERSION")))
             .redirects(0)
             .build();
-        let backoff = std::env::var("FTSCRIPT_HUB_BACKOFF_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis).unwrap_or(Duration::from_secs(1));
+        let backoff = cfg.backoff.unwrap_or(Duration::from_secs(1));
         Client { cfg, agent, attempts: 5, backoff }
     }
 

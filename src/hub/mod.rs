@@ -57,6 +57,8 @@ pub struct HubConfig {
     pub cache_dir: PathBuf,
     /// `HF_HUB_OFFLINE`: never touch the network, use the cache only.
     pub offline: bool,
+    /// `FTSCRIPT_HUB_BACKOFF_MS`: the first retry delay (tests shorten it); else each client's own.
+    pub backoff: Option<std::time::Duration>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -85,7 +87,8 @@ impl HubConfig {
             .or_else(|| std::fs::read_to_string(&token_file).ok().and_then(|t| Token::new(&t)));
         let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into()).trim_end_matches('/').to_string();
         let offline = env("HF_HUB_OFFLINE").map(|v| truthy(&v)).unwrap_or(false);
-        HubConfig { endpoint, token, cache_dir, offline }
+        let backoff = env("FTSCRIPT_HUB_BACKOFF_MS").and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis);
+        HubConfig { endpoint, token, cache_dir, offline, backoff }
     }
 
     /// An hf-hub client for these settings (endpoint, token and cache directory given explicitly).
@@ -97,8 +100,8 @@ impl HubConfig {
         if let Some(t) = &self.token {
             b = b.token(t.secret());
         }
-        if let Some(ms) = env("FTSCRIPT_HUB_BACKOFF_MS").and_then(|v| v.parse().ok()) {
-            b = b.retry_base_delay(std::time::Duration::from_millis(ms));
+        if let Some(d) = self.backoff {
+            b = b.retry_base_delay(d);
         }
         b.build_sync().map_err(|e| anyhow::anyhow!("cannot set up the Hub client for {}: {e}", self.endpoint))
     }
