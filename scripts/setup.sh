@@ -148,10 +148,11 @@ if [ ! -f /usr/include/gloo/algorithm.h ]; then
 fi
 
 # xet-core's local CAS server: tests/hub.rs runs the test Hub in Xet mode on it. A debug build
-# (about 1.5 minutes; the tests move a few MB through it); the version matches the venv's hf_xet.
+# (about 1.5 to 4 minutes on two cores; the tests move a few MB through it), with the crate's own
+# Cargo.lock; the version matches the venv's hf_xet.
 if [ ! -x .tools/bin/local_cas_server ]; then
   echo "setup: building xet-core's local_cas_server (crates.io xet-client 1.8.0)"
-  cargo install --quiet --debug xet-client@1.8.0 --features simulation --bin local_cas_server --root .tools
+  cargo install --quiet --locked --debug xet-client@1.8.0 --features simulation --bin local_cas_server --root .tools
 fi
 
 echo "setup: building ftscript (release)"
