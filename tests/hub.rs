@@ -1,7 +1,9 @@
 //! The Hugging Face Hub against a local test Hub (tests/py/hub_server.py on 127.0.0.1): the
 //! server validated by the real Python client, ftscript's pushes (LFS, multipart, model card,
 //! retries, no partial commits, --allow-push), downloads into the cache Python shares, offline
-//! use, and the token never leaking into output or files.
+//! use, and the token never leaking into output or files. In Xet mode the test Hub stores large
+//! files in xet-core's `local_cas_server` (installed by scripts/setup.sh into `.tools/bin`),
+//! which both ftscript (through hf-hub) and Python (through hf_xet) upload to and download from.
 
 mod common;
 use common::*;
@@ -13,19 +15,58 @@ use std::process::{Child, Command, Output, Stdio};
 
 const TOKEN: &str = "hf_TestSecretToken0123456789abcdef";
 
-/// The test Hub, killed on drop.
+/// The test Hub (and in Xet mode its CAS server), killed on drop.
 struct Hub {
     child: Child,
+    cas: Option<Child>,
     url: String,
     root: PathBuf,
 }
 
+/// xet-core's `local_cas_server`: `$LOCAL_CAS_SERVER`, or where scripts/setup.sh installs it.
+fn local_cas_server() -> PathBuf {
+    let path = std::env::var_os("LOCAL_CAS_SERVER").map(PathBuf::from).unwrap_or_else(|| root().join(".tools/bin/local_cas_server"));
+    assert!(
+        path.is_file(),
+        "{} is missing: the Xet test needs xet-core's local_cas_server (scripts/setup.sh installs it; or set LOCAL_CAS_SERVER)",
+        path.display()
+    );
+    path
+}
+
 impl Hub {
     fn start(root: &Path, multipart_threshold: u64, chunk_size: u64) -> Hub {
+        Hub::spawn(root, &["--multipart-threshold", &multipart_threshold.to_string(), "--chunk-size", &chunk_size.to_string()], None)
+    }
+
+    /// The test Hub in Xet mode: large files go to a local_cas_server started here.
+    fn start_xet(root: &Path) -> Hub {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut cas = Command::new(local_cas_server())
+            .arg("--data-directory")
+            .arg(root.join("cas"))
+            .args(["--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start local_cas_server");
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = cas.try_wait() {
+                panic!("local_cas_server exited: {status}");
+            }
+            assert!(t0.elapsed().as_secs() < 30, "local_cas_server did not start listening on port {port}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Hub::spawn(root, &["--xet-cas", &format!("http://127.0.0.1:{port}")], Some(cas))
+    }
+
+    fn spawn(root: &Path, args: &[&str], cas: Option<Child>) -> Hub {
         let mut child = Command::new(python())
             .arg(common::root().join("tests/py/hub_server.py"))
             .arg(root)
-            .args(["--token", TOKEN, "--multipart-threshold", &multipart_threshold.to_string(), "--chunk-size", &chunk_size.to_string()])
+            .args(["--token", TOKEN])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -33,7 +74,7 @@ impl Hub {
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let url = line.trim().strip_prefix("READY ").unwrap_or_else(|| panic!("hub_server did not start: {line}")).to_string();
-        Hub { child, url, root: root.to_path_buf() }
+        Hub { child, cas, url, root: root.to_path_buf() }
     }
 
     fn events(&self) -> Vec<Value> {
@@ -62,8 +103,10 @@ impl Hub {
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in std::iter::once(&mut self.child).chain(self.cas.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -90,13 +133,25 @@ fn hub_env(cmd: &mut Command, hub: &str, home: &Path, token: bool) {
     }
 }
 
-/// Runs tests/py/hub_client.py; panics on failure.
+/// Runs tests/py/hub_client.py (Git LFS only: HF_HUB_DISABLE_XET); panics on failure.
 fn client(args: &[&str], hub: &str, home: &Path, offline: bool) -> Output {
+    run_client(args, hub, home, offline, false)
+}
+
+/// tests/py/hub_client.py with Xet transfers on (hf_xet); panics on failure.
+fn client_xet(args: &[&str], hub: &str, home: &Path) -> Output {
+    run_client(args, hub, home, false, true)
+}
+
+fn run_client(args: &[&str], hub: &str, home: &Path, offline: bool, xet: bool) -> Output {
     let mut cmd = Command::new(python());
     cmd.arg(root().join("tests/py/hub_client.py")).args(args);
     hub_env(&mut cmd, hub, home, true);
     if offline {
         cmd.env("HF_HUB_OFFLINE", "1");
+    }
+    if xet {
+        cmd.env_remove("HF_HUB_DISABLE_XET");
     }
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "hub_client {args:?} failed:\n{}", text(&out));
@@ -382,16 +437,20 @@ fn python_uploads_ftscript_downloads_and_the_cache_is_shared_both_ways() {
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(t.join("adapter_out/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["base_model_name_or_path"], "org/tiny");
 
-    // a half-downloaded blob resumes with Range: remove a snapshot link, leave a partial blob
+    // a half-downloaded blob (an interrupted download's `.incomplete`, here with wrong bytes) is
+    // fetched again in full (hf-hub starts over rather than resuming) and replaces it
     let weights_sha = sha256(&std::fs::read(model.join("model.safetensors")).unwrap());
     let blob = home.join("hub/models--org--tiny/blobs").join(&weights_sha);
     let bytes = std::fs::read(&blob).unwrap();
     std::fs::remove_file(&blob).unwrap();
     std::fs::remove_file(snap.join("model.safetensors")).unwrap();
-    std::fs::write(home.join(format!("hub/models--org--tiny/blobs/{weights_sha}.incomplete")), &bytes[..bytes.len() / 2]).unwrap();
+    let incomplete = home.join(format!("hub/models--org--tiny/blobs/{weights_sha}.incomplete"));
+    std::fs::write(&incomplete, vec![0xAB; bytes.len() / 2]).unwrap();
     let resumed = ft(&["download", "org/tiny"], t, &hub.url, &home, false);
-    assert!(resumed.status.success() && text(&resumed).contains("resuming model.safetensors"), "{}", text(&resumed));
+    assert!(resumed.status.success() && text(&resumed).contains("downloaded model.safetensors"), "{}", text(&resumed));
     assert_eq!(std::fs::read(&blob).unwrap(), bytes);
+    assert_eq!(std::fs::read(snap.join("model.safetensors")).unwrap(), bytes);
+    assert!(!incomplete.exists(), "the partial blob was left behind");
 
     // Python reads ftscript's cache offline
     let out = t.join("offline.json");
@@ -465,4 +524,86 @@ fn the_multi_stage_recipe_releases_to_the_hub_only_above_its_threshold() {
     let bt = text(&below);
     assert!(below.status.success() && bt.contains("not released") && !t.join("runs/b/merged").exists(), "{bt}");
     assert_eq!(hub.commits("org/released").len(), 1, "a run below the threshold must not publish");
+}
+
+/// The test Hub in Xet mode (its LFS batch answers `transfer: "xet"`, its tokens point at a
+/// local_cas_server): ftscript's push goes through hf-hub to the CAS, never through the LFS
+/// upload routes, and Python (hf_xet) downloads the same bytes; a file Python uploaded through
+/// Xet downloads byte-identically into ftscript's cache, fetched from the CAS, and Python then
+/// reads that cache offline.
+#[test]
+fn with_xet_ftscript_pushes_through_the_cas_and_downloads_what_python_stored_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let hub = Hub::start_xet(&t.join("server"));
+    let home = t.join("home");
+    let adapter = adapter_folder(&t.join("run"));
+
+    let push = ft(&["push", adapter.to_str().unwrap(), "org/xet-adapter", "-m", "through xet"], t, &hub.url, &home, false);
+    let pt = text(&push);
+    assert!(push.status.success(), "{pt}");
+    let url = String::from_utf8_lossy(&push.stdout).trim().to_string();
+    assert!(url.starts_with(&format!("{}/org/xet-adapter/commit/", hub.url)), "{url}");
+    assert!(pt.contains("through Xet"), "{pt}");
+    let events = hub.events();
+    let weights_sha = sha256(&std::fs::read(adapter.join("adapter_model.safetensors")).unwrap());
+    assert!(events.iter().all(|e| e["event"] != "lfs_upload"), "the LFS upload routes were used: {events:?}");
+    assert!(events.iter().any(|e| e["event"] == "lfs_batch" && e["transfer"] == "xet" && e["repo"] == "org/xet-adapter"), "{events:?}");
+    assert!(events.iter().any(|e| e["event"] == "xet_token" && e["kind"] == "write" && e["repo"] == "org/xet-adapter"), "{events:?}");
+    assert!(events.iter().all(|e| e["event"] != "token_leak"));
+    let commits = hub.commits("org/xet-adapter");
+    assert_eq!(commits.len(), 1);
+    assert_eq!(commits[0]["message"], "through xet");
+    for f in commits[0]["files"].as_array().unwrap() {
+        // "xet": the Hub found these bytes (sha256 and size) in the CAS, not in its LFS store
+        let expect = if f["path"] == "adapter_model.safetensors" { "xet" } else { "inline" };
+        assert_eq!(f["via"], expect, "{f}");
+        if f["via"] == "xet" {
+            assert_eq!(f["sha256"], weights_sha.as_str());
+        }
+    }
+    assert!(!hub.root.join("objects").join(&weights_sha).exists(), "the weights reached the LFS store");
+
+    // Python, with hf_xet, downloads byte-identical files from the CAS
+    let out = t.join("down.json");
+    client_xet(&["download", "org/xet-adapter", out.to_str().unwrap()], &hub.url, &t.join("home_py"));
+    let (_, mut files) = downloaded(&out);
+    assert!(files.remove("README.md").is_some());
+    assert_eq!(files, digests(&adapter));
+    let plain = |repo: &str| hub.events().into_iter().filter(|e| e["event"] == "xet_file_plain_get" && e["repo"] == repo).count();
+    assert_eq!(plain("org/xet-adapter"), 0, "Python fetched the Xet file from the Hub, not the CAS");
+
+    // Python uploads through Xet; ftscript downloads it into its cache, from the CAS
+    let src = t.join("py_model");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("config.json"), "{\"model_type\": \"llama\"}\n").unwrap();
+    std::fs::write(src.join("model.safetensors"), noise(6_000_000, 7)).unwrap();
+    client_xet(&["upload", "org/xet-py", src.to_str().unwrap()], &hub.url, &t.join("home_up"));
+    let py_commit = &hub.commits("org/xet-py")[0];
+    let via = |p: &str| py_commit["files"].as_array().unwrap().iter().find(|f| f["path"] == p).unwrap()["via"].clone();
+    assert_eq!(via("model.safetensors"), "xet", "{py_commit}");
+    let down = ft(&["download", "org/xet-py"], t, &hub.url, &home, false);
+    assert!(down.status.success(), "{}", text(&down));
+    let snap = PathBuf::from(String::from_utf8_lossy(&down.stdout).trim());
+    assert!(snap.starts_with(home.join("hub/models--org--xet-py/snapshots")), "{}", snap.display());
+    assert_eq!(digests(&snap), digests(&src));
+    assert_eq!(plain("org/xet-py"), 0, "ftscript fetched the Xet file from the Hub, not the CAS");
+    let weights = sha256(&std::fs::read(src.join("model.safetensors")).unwrap());
+    assert!(home.join("hub/models--org--xet-py/blobs").join(&weights).is_file(), "the blob is not named by its sha256");
+
+    // Python reads ftscript's cache offline
+    let off = t.join("offline.json");
+    client(&["download", "org/xet-py", off.to_str().unwrap()], &hub.url, &home, true);
+    let (psnap, pfiles) = downloaded(&off);
+    assert_eq!(psnap, snap);
+    assert_eq!(pfiles, digests(&src));
+
+    // hf-hub's errors, as ftscript says them: a missing repo or revision is named
+    let absent = ft(&["download", "org/absent"], t, &hub.url, &home, false);
+    let at = text(&absent);
+    assert!(!absent.status.success() && at.contains("`org/absent` was not found") && at.contains("HF_TOKEN"), "{at}");
+    let no_rev = ft(&["download", "org/xet-py", "--revision", "nope"], t, &hub.url, &home, false);
+    let nt = text(&no_rev);
+    assert!(!no_rev.status.success() && nt.contains("revision nope of `org/xet-py` was not found"), "{nt}");
+    assert_token_absent(&[&push, &down, &absent, &no_rev], &[t]);
 }

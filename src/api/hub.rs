@@ -89,7 +89,7 @@ pub fn snapshot(repo_id: &str, revision: Option<&str>, filter: hub::Filter) -> a
 
 pub fn register(engine: &mut Engine) {
     FuncRegistration::new("hub_push")
-        .with_comments(["/// Commits folder `dir` to the Hub repo `repo_id` (created if needed; weights through LFS; a model card unless there is a README.md); returns the commit URL. Needs `ftscript run --allow-push`."])
+        .with_comments(["/// Commits folder `dir` to the Hub repo `repo_id` (created if needed; weights through Xet or LFS, as the Hub offers; a model card unless there is a README.md); returns the commit URL. Needs `ftscript run --allow-push`."])
         .with_params_info(["dir: &str", "repo_id: &str", "String"])
         .register_into_engine(engine, |dir: &str, repo_id: &str| -> Res<String> { push_from_recipe(dir, repo_id, PushArgs::default()) });
     FuncRegistration::new("hub_push")

@@ -1,6 +1,7 @@
-//! Blocking HTTP for the Hub (ureq + rustls): retries with backoff on 429/5xx and connection
-//! errors, Hub error messages (`X-Error-Message`, `{"error": ...}`) in the returned errors, and
-//! the token attached only to requests for the endpoint's own host.
+//! Blocking HTTP for the Git LFS path of [`super::upload`] (ureq + rustls), used where the Hub
+//! offers only LFS, which hf-hub does not upload through: retries with backoff on 429/5xx and
+//! connection errors, Hub error messages (`X-Error-Message`, `{"error": ...}`) in the returned
+//! errors, and the token attached only to requests for the endpoint's own host.
 
 use super::HubConfig;
 use anyhow::{anyhow, Result};
@@ -20,7 +21,6 @@ pub enum Body<'a> {
 #[derive(Debug)]
 pub struct StatusError {
     pub status: u16,
-    pub code: Option<String>,
     pub message: String,
 }
 
@@ -35,9 +35,9 @@ pub struct Client {
     pub cfg: HubConfig,
     agent: ureq::Agent,
     /// Attempts per request (first try included).
-    pub attempts: u32,
+    attempts: u32,
     /// First backoff delay; doubles each retry.
-    pub backoff: Duration,
+    backoff: Duration,
 }
 
 fn host_of(url: &str) -> &str {
@@ -54,7 +54,7 @@ impl Client {
             .user_agent(&format!("ftscript/{}", env!("CARGO_PKG_VERSION")))
             .redirects(0)
             .build();
-        let backoff = std::env::var("FTSCRIPT_HUB_BACKOFF_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis).unwrap_or(Duration::from_secs(1));
+        let backoff = cfg.backoff.unwrap_or(Duration::from_secs(1));
         Client { cfg, agent, attempts: 5, backoff }
     }
 
@@ -182,12 +182,6 @@ fn status_error(method: &str, url: &str, code: u16, r: ureq::Response) -> Status
     };
     StatusError {
         status: code,
-        code: error_code,
         message: format!("{method} {}: HTTP {code}{}{hint}", strip_query(url), if detail.is_empty() { String::new() } else { format!(": {detail}") }),
     }
-}
-
-/// The HTTP status behind an error, if it was one.
-pub fn status_of(e: &anyhow::Error) -> Option<u16> {
-    e.downcast_ref::<StatusError>().map(|s| s.status)
 }

@@ -1,11 +1,14 @@
-//! The Hugging Face Hub: downloads through the same cache huggingface_hub uses
-//! (`models--org--name/{blobs,refs,snapshots}`), so a model fetched by one is found by the other,
-//! and uploads as the Hub's commit API expects them (preupload → LFS batch → one NDJSON commit).
+//! The Hugging Face Hub, through huggingface's own Rust client (the `hf-hub` crate): downloads
+//! into the cache huggingface_hub uses (`models--org--name/{blobs,refs,snapshots}`, so a model
+//! fetched by one is found by the other), repo creation, and commits, with Xet transfers where
+//! the Hub offers Xet. Where an endpoint offers only Git LFS (hf-hub would inline the files into
+//! the commit), [`upload`] keeps its own LFS upload and NDJSON commit.
 //!
 //! Settings come from the same environment variables as Python's client, read once into a
-//! [`HubConfig`] that is then passed explicitly: `HF_ENDPOINT`, `HF_TOKEN` (or the token file,
-//! `$HF_TOKEN_PATH` or `$HF_HOME/token`), `HF_HUB_CACHE` (or `$HF_HOME/hub`, default
-//! `~/.cache/huggingface/hub`) and `HF_HUB_OFFLINE`.
+//! [`HubConfig`] that is then passed explicitly (also to hf-hub, which is given the endpoint,
+//! token and cache directory rather than reading them itself): `HF_ENDPOINT`, `HF_TOKEN` (or the
+//! token file, `$HF_TOKEN_PATH` or `$HF_HOME/token`), `HF_HUB_CACHE` (or `$HF_HOME/hub`, default
+//! `~/.cache/huggingface/hub`) and `HF_HUB_OFFLINE` (cache only: `local_files_only`).
 //!
 //! The token only ever travels in the `Authorization` header of requests to the endpoint's own
 //! host; it is never formatted into a message, logged, or written to disk.
@@ -33,6 +36,9 @@ impl Token {
     pub(crate) fn bearer(&self) -> String {
         format!("Bearer {}", self.0)
     }
+    fn secret(&self) -> &str {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for Token {
@@ -51,6 +57,8 @@ pub struct HubConfig {
     pub cache_dir: PathBuf,
     /// `HF_HUB_OFFLINE`: never touch the network, use the cache only.
     pub offline: bool,
+    /// `FTSCRIPT_HUB_BACKOFF_MS`: the first retry delay (tests shorten it); else each client's own.
+    pub backoff: Option<std::time::Duration>,
 }
 
 fn env(name: &str) -> Option<String> {
@@ -79,12 +87,112 @@ impl HubConfig {
             .or_else(|| std::fs::read_to_string(&token_file).ok().and_then(|t| Token::new(&t)));
         let endpoint = env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into()).trim_end_matches('/').to_string();
         let offline = env("HF_HUB_OFFLINE").map(|v| truthy(&v)).unwrap_or(false);
-        HubConfig { endpoint, token, cache_dir, offline }
+        let backoff = env("FTSCRIPT_HUB_BACKOFF_MS").and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis);
+        HubConfig { endpoint, token, cache_dir, offline, backoff }
     }
 
-    /// `models--org--name` under the cache.
-    pub fn repo_cache(&self, repo_id: &str) -> PathBuf {
-        self.cache_dir.join(format!("models--{}", repo_id.replace('/', "--")))
+    /// An hf-hub client for these settings (endpoint, token and cache directory given explicitly).
+    pub fn client(&self) -> Result<hf_hub::HFClientSync> {
+        let mut b = hf_hub::HFClient::builder()
+            .endpoint(self.endpoint.clone())
+            .cache_dir(self.cache_dir.clone())
+            .user_agent(format!("ftscript/{}", env!("CARGO_PKG_VERSION")));
+        if let Some(t) = &self.token {
+            b = b.token(t.secret());
+        }
+        if let Some(d) = self.backoff {
+            b = b.retry_base_delay(d);
+        }
+        b.build_sync().map_err(|e| anyhow::anyhow!("cannot set up the Hub client for {}: {e}", self.endpoint))
+    }
+
+    /// The hf-hub handle of the model repo `org/name`.
+    pub fn model(&self, repo_id: &str) -> Result<hf_hub::HFRepositorySync<hf_hub::repository::RepoTypeModel>> {
+        check_repo_id(repo_id)?;
+        let (org, name) = repo_id.split_once('/').unwrap();
+        Ok(self.client()?.model(org, name))
+    }
+}
+
+/// An hf-hub error as ftscript says it: naming the repo (and the file), with what to check.
+pub fn hub_error(e: hf_hub::HFError, cfg: &HubConfig, repo_id: &str) -> anyhow::Error {
+    use hf_hub::HFError as E;
+    // hf-hub names the error after the request (a revision's listing), the Hub's code after the cause
+    let repo_missing = match &e {
+        E::RevisionNotFound { context: Some(c), .. } | E::EntryNotFound { context: Some(c), .. } => c.error_code.as_deref() == Some("RepoNotFound"),
+        _ => false,
+    };
+    match e {
+        _ if repo_missing => anyhow::anyhow!("`{repo_id}` was not found on {} (a private or gated repo needs HF_TOKEN)", cfg.endpoint),
+        E::RepoNotFound { .. } => anyhow::anyhow!("`{repo_id}` was not found on {} (a private or gated repo needs HF_TOKEN)", cfg.endpoint),
+        E::RevisionNotFound { revision, .. } => anyhow::anyhow!("revision {revision} of `{repo_id}` was not found on {}", cfg.endpoint),
+        E::EntryNotFound { path, .. } => anyhow::anyhow!("{path} was not found in `{repo_id}` on {}", cfg.endpoint),
+        E::AuthRequired { .. } => anyhow::anyhow!("{repo_id}: the Hub refused the credentials (check HF_TOKEN or the token file)"),
+        E::Forbidden { .. } => anyhow::anyhow!("{repo_id}: forbidden (the token lacks permission; check HF_TOKEN)"),
+        E::LocalEntryNotFound { .. } if cfg.offline => anyhow::anyhow!(
+            "`{repo_id}` is not in the Hub cache {} and HF_HUB_OFFLINE is set, so it cannot be downloaded",
+            cfg.cache_dir.display()
+        ),
+        E::LocalEntryNotFound { .. } => anyhow::anyhow!("`{repo_id}` is not in the Hub cache {}", cfg.cache_dir.display()),
+        e => anyhow::anyhow!("{repo_id}: {e}"),
+    }
+}
+
+/// True for errors where the Hub could not be reached or failed (connection, timeout, 5xx).
+pub fn unreachable(e: &hf_hub::HFError) -> bool {
+    match e {
+        hf_hub::HFError::Request { .. } => true,
+        hf_hub::HFError::Http { context } => context.status.as_u16() >= 500,
+        _ => false,
+    }
+}
+
+/// hf-hub's progress events as one byte bar on stderr, and a log line per finished file.
+pub(crate) struct Progress {
+    bar: indicatif::ProgressBar,
+    files: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+impl Progress {
+    pub(crate) fn new(what: &str) -> Progress {
+        let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg:30!} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(what.to_string());
+        Progress { bar, files: Default::default() }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl hf_hub::progress::ProgressHandler for Progress {
+    fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
+        use hf_hub::progress::{DownloadEvent as D, FileStatus, ProgressEvent as P, UploadEvent as U};
+        match event {
+            P::Download(D::Start { total_bytes, .. }) | P::Upload(U::Start { total_bytes, .. }) => self.bar.set_length(*total_bytes),
+            P::Download(D::Progress { files }) => {
+                let mut seen = self.files.lock().unwrap();
+                for f in files {
+                    let before = seen.insert(f.filename.clone(), f.bytes_completed).unwrap_or(0);
+                    self.bar.inc(f.bytes_completed.saturating_sub(before));
+                    if f.status == FileStatus::Complete && f.total_bytes > 0 {
+                        tracing::info!("downloaded {} ({} bytes)", f.filename, f.total_bytes);
+                    }
+                }
+            }
+            P::Download(D::AggregateProgress { bytes_completed, total_bytes, .. }) => {
+                self.bar.set_length(*total_bytes);
+                self.bar.set_position(*bytes_completed);
+            }
+            P::Upload(U::Progress { bytes_completed, .. }) => self.bar.set_position(*bytes_completed),
+            _ => {}
+        }
     }
 }
 
@@ -112,11 +220,6 @@ pub fn check_repo_id(s: &str) -> Result<()> {
     Ok(())
 }
 
-/// A 40-hex-digit commit hash.
-pub fn is_commit_hash(s: &str) -> bool {
-    s.len() == 40 && s.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-}
-
 /// Percent-encodes everything but unreserved characters (`quote(s, safe="")`).
 pub fn quote(s: &str) -> String {
     let mut out = String::new();
@@ -130,9 +233,10 @@ pub fn quote(s: &str) -> String {
     out
 }
 
-/// Percent-encodes a path in a repo, keeping `/`.
-pub fn quote_path(s: &str) -> String {
-    s.split('/').map(quote).collect::<Vec<_>>().join("/")
+/// Hex sha256 of bytes.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(data))
 }
 
 /// Hex sha256 of a file, streamed.
@@ -165,7 +269,6 @@ mod tests {
         assert!(!is_repo_id("../x"));
         assert!(!is_repo_id("org/na--me"));
         assert_eq!(quote("refs/pr/1"), "refs%2Fpr%2F1");
-        assert_eq!(quote_path("a b/c.json"), "a%20b/c.json");
     }
 
     #[test]

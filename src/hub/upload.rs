@@ -1,17 +1,23 @@
 //! `push`: a folder → one commit on the Hub, the way huggingface_hub's `upload_folder` does it.
 //!
-//! 1. `POST /api/repos/create` (409 = it exists already); a missing branch is created.
+//! 1. The repo is created if needed (hf-hub, `exist_ok`); a missing branch is created.
 //! 2. `POST /api/models/{repo}/preupload/{rev}`: the Hub says which files go through LFS.
 //!    Weights (`*.safetensors`, ...) and anything over 10 MB always do: never base64-inlined.
-//! 3. `POST /{repo}.git/info/lfs/objects/batch`, then each object's upload action: `basic` (one
-//!    PUT) or `multipart` (a PUT per `chunk_size` part to the numbered URLs, then a POST of the
-//!    parts' ETags to the completion URL), then `verify` if given. Storage URLs never get the token.
-//! 4. `POST /api/models/{repo}/commit/{rev}` with NDJSON: `header`, `file` (base64, small files),
-//!    `lfsFile` (oid + size). Everything is uploaded before this single call, so a failed push
-//!    leaves no partial commit.
+//! 3. `POST /{repo}.git/info/lfs/objects/batch`, offering `basic`, `multipart` and `xet`.
+//!    - The Hub answers `xet` (huggingface.co does): the whole commit goes through hf-hub's
+//!      `create_commit`, which uploads the large files to the Hub's Xet storage and commits.
+//!      So does a folder with no LFS file at all.
+//!    - The Hub offers only Git LFS (hf-hub would inline the files into the commit instead):
+//!      each object's upload action, `basic` (one PUT) or `multipart` (a PUT per `chunk_size`
+//!      part to the numbered URLs, then a POST of the parts' ETags to the completion URL), then
+//!      `verify` if given; storage URLs never get the token. Then
+//!      `POST /api/models/{repo}/commit/{rev}` with NDJSON: `header`, `file` (base64, small
+//!      files), `lfsFile` (oid + size).
+//!
+//! Everything is uploaded before the single commit call, so a failed push leaves no partial commit.
 
 use super::http::{read_json, Body, Client};
-use super::{quote, sha256_file, HubConfig};
+use super::{hub_error, quote, sha256_file, HubConfig, Progress};
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -128,15 +134,15 @@ pub fn push(cfg: &HubConfig, dir: &Path, repo_id: &str, opts: &PushOptions) -> R
         files.push(LocalFile {
             path: "README.md".into(),
             size: card.len() as u64,
-            sha256: super::download::sha256_hex(&card),
+            sha256: super::sha256_hex(&card),
             lfs: false,
             source: Source::Memory(card),
         });
     }
 
-    create_repo(&client, repo_id, opts.private)?;
+    create_repo(cfg, repo_id, opts.private)?;
     if revision != "main" && !opts.create_pr {
-        ensure_branch(&client, repo_id, &revision)?;
+        ensure_branch(cfg, repo_id, &revision)?;
     }
 
     // Which files the Hub wants through LFS (we also insist for weights and large files).
@@ -162,14 +168,20 @@ pub fn push(cfg: &HubConfig, dir: &Path, repo_id: &str, opts: &PushOptions) -> R
         }
     }
 
-    // LFS uploads, all before the commit.
+    // LFS uploads, all before the commit; or the whole commit through hf-hub where the Hub
+    // stores large files with Xet.
+    let message = opts.commit_message.clone().unwrap_or_else(|| "Upload folder with ftscript".into());
     let lfs: Vec<&LocalFile> = files.iter().filter(|f| f.lfs).collect();
+    if lfs.is_empty() {
+        return commit_with_hf_hub(cfg, repo_id, &revision, opts.create_pr, &message, &files, "regular");
+    }
     for chunk in lfs.chunks(100) {
-        upload_lfs(&client, repo_id, &revision, opts.create_pr, chunk)?;
+        if upload_lfs(&client, repo_id, &revision, opts.create_pr, chunk)? == Transfer::Xet {
+            return commit_with_hf_hub(cfg, repo_id, &revision, opts.create_pr, &message, &files, "Xet");
+        }
     }
 
     // The single commit.
-    let message = opts.commit_message.clone().unwrap_or_else(|| "Upload folder with ftscript".into());
     let mut ndjson = Vec::new();
     let mut line = |v: Value| {
         ndjson.extend_from_slice(serde_json::to_string(&v).unwrap().as_bytes());
@@ -198,29 +210,53 @@ pub fn push(cfg: &HubConfig, dir: &Path, repo_id: &str, opts: &PushOptions) -> R
     Ok(commit_url)
 }
 
-fn create_repo(client: &Client, repo_id: &str, private: bool) -> Result<()> {
-    let (org, name) = repo_id.split_once('/').unwrap();
-    let payload = json!({"name": name, "organization": org, "private": private, "type": "model"});
-    match client.json("POST", "/api/repos/create", Some(&payload)) {
-        Ok(_) => {
-            tracing::info!("created {}repo {repo_id}", if private { "private " } else { "" });
-            Ok(())
-        }
-        Err(e) if super::http::status_of(&e) == Some(409) => Ok(()),
-        Err(e) => Err(e.context(format!("cannot create the repo {repo_id}"))),
-    }
+/// The commit through hf-hub: `Xet` (the Hub's answer to the LFS batch) or `regular` (no LFS
+/// file) says which, for the log.
+fn commit_with_hf_hub(cfg: &HubConfig, repo_id: &str, revision: &str, create_pr: bool, message: &str, files: &[LocalFile], how: &str) -> Result<String> {
+    use hf_hub::repository::CommitOperation;
+    let ops = files
+        .iter()
+        .map(|f| match &f.source {
+            Source::Disk(p) => CommitOperation::add_file(f.path.clone(), p.clone()),
+            Source::Memory(b) => CommitOperation::add_bytes(f.path.clone(), b.clone()),
+        })
+        .collect();
+    let info = cfg
+        .model(repo_id)?
+        .create_commit()
+        .operations(ops)
+        .commit_message(message)
+        .revision(revision)
+        .create_pr(create_pr)
+        .progress(Progress::new(repo_id))
+        .send()
+        .map_err(|e| hub_error(e, cfg, repo_id).context(format!("commit to {repo_id}")))?;
+    let url = if create_pr { info.pr_url.clone().or(info.commit_url.clone()) } else { info.commit_url.clone() }
+        .ok_or_else(|| anyhow!("commit to {repo_id}: the Hub's answer has no commit URL"))?;
+    let n_lfs = files.iter().filter(|f| f.lfs).count();
+    tracing::info!("pushed {} file(s) ({n_lfs} through {how}) to {repo_id}: {url}", files.len());
+    Ok(url)
 }
 
-fn ensure_branch(client: &Client, repo_id: &str, branch: &str) -> Result<()> {
-    match client.json("GET", &format!("/api/models/{repo_id}/revision/{}", quote(branch)), None) {
-        Ok(_) => Ok(()),
-        Err(e) if super::http::status_of(&e) == Some(404) => {
-            client.json("POST", &format!("/api/models/{repo_id}/branch/{}", quote(branch)), Some(&json!({})))?;
-            tracing::info!("created branch {branch} of {repo_id}");
-            Ok(())
-        }
-        Err(e) => Err(e),
+fn create_repo(cfg: &HubConfig, repo_id: &str, private: bool) -> Result<()> {
+    cfg.client()?
+        .create_repository()
+        .repo_id(repo_id)
+        .repo_type(hf_hub::repository::RepoTypeModel)
+        .private(private)
+        .exist_ok(true)
+        .send()
+        .map_err(|e| hub_error(e, cfg, repo_id).context(format!("cannot create the repo {repo_id}")))?;
+    Ok(())
+}
+
+fn ensure_branch(cfg: &HubConfig, repo_id: &str, branch: &str) -> Result<()> {
+    let repo = cfg.model(repo_id)?;
+    if !repo.revision_exists().revision(branch).send().map_err(|e| hub_error(e, cfg, repo_id))? {
+        repo.create_branch().branch(branch).send().map_err(|e| hub_error(e, cfg, repo_id).context(format!("cannot create the branch {branch}")))?;
+        tracing::info!("created branch {branch} of {repo_id}");
     }
+    Ok(())
 }
 
 fn str_map(v: &Value) -> Vec<(String, String)> {
@@ -231,10 +267,19 @@ fn str_map(v: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn upload_lfs(client: &Client, repo_id: &str, revision: &str, create_pr: bool, files: &[&LocalFile]) -> Result<()> {
+/// What the Hub's LFS batch chose.
+#[derive(Debug, PartialEq)]
+enum Transfer {
+    /// Uploaded here through Git LFS (`basic` or `multipart`).
+    Lfs,
+    /// Large files go through Xet: nothing was uploaded, hf-hub commits instead.
+    Xet,
+}
+
+fn upload_lfs(client: &Client, repo_id: &str, revision: &str, create_pr: bool, files: &[&LocalFile]) -> Result<Transfer> {
     let mut payload = json!({
         "operation": "upload",
-        "transfers": ["basic", "multipart"],
+        "transfers": ["basic", "multipart", "xet"],
         "objects": files.iter().map(|f| json!({"oid": f.sha256, "size": f.size})).collect::<Vec<_>>(),
         "hash_algo": "sha256",
     });
@@ -246,6 +291,9 @@ fn upload_lfs(client: &Client, repo_id: &str, revision: &str, create_pr: bool, f
     let body = serde_json::to_vec(&payload)?;
     let r = client.send("POST", &url, &lfs_headers, Body::Bytes(&body)).context("LFS batch")?;
     let batch = read_json(r, &url)?;
+    if batch["transfer"] == "xet" {
+        return Ok(Transfer::Xet);
+    }
     for obj in batch["objects"].as_array().ok_or_else(|| anyhow!("LFS batch: malformed answer"))? {
         let oid = obj["oid"].as_str().unwrap_or_default();
         let f = files.iter().find(|f| f.sha256 == oid).ok_or_else(|| anyhow!("LFS batch: unexpected object {oid}"))?;
@@ -301,5 +349,5 @@ fn upload_lfs(client: &Client, repo_id: &str, revision: &str, create_pr: bool, f
             client.send("POST", vurl, &hs, Body::Bytes(&body)).with_context(|| format!("verifying {}", f.path))?;
         }
     }
-    Ok(())
+    Ok(Transfer::Lfs)
 }

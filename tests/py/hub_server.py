@@ -1,16 +1,26 @@
-"""A local Hugging Face Hub for tests: the routes huggingface_hub (HF_HUB_DISABLE_XET=1) and
-ftscript call to create repos, commit files (inline and through LFS, basic and multipart) and
-download them, served from a directory on 127.0.0.1.
+"""A local Hugging Face Hub for tests: the routes huggingface_hub and ftscript call to create
+repos, commit files (inline, through LFS basic and multipart, or through Xet) and download them,
+served from a directory on 127.0.0.1.
 
 usage: hub_server.py ROOT [--port 0] [--token TOKEN] [--multipart-threshold BYTES] [--chunk-size BYTES]
+                          [--xet-cas URL]
+
+By default the Hub offers only Git LFS. With --xet-cas (the URL of xet-core's `local_cas_server`)
+it answers LFS batches that offer `xet` with `transfer: "xet"` (as huggingface.co does), hands
+out Xet tokens pointing at that CAS, maps a committed lfsFile's sha256 to the CAS file holding
+those bytes (via the server's /simulation routes), and serves such files with `X-Xet-Hash` (and
+their bytes from the CAS, for plain GETs). Commit events then say `"via": "xet"`.
 
 Prints `READY http://127.0.0.1:PORT` once listening. Blobs live in ROOT/objects/<sha256>, the
 repos' commits in ROOT/repos.json, and every upload/commit event is appended to ROOT/events.jsonl
 (also served at GET /_test/events): `{"event": "lfs_upload", "oid", "size", "transfer":
 "basic"|"multipart", "parts"}`, `{"event": "commit", "repo", "files": [{"path", "via":
-"inline"|"lfs", "size", "sha256"}]}`. POST /_test/fail `{"route": "commit", "status": 503,
-"count": 2}` makes the next matching requests fail (routes: create, preupload, batch, upload,
-part, complete, commit, resolve, info, tree).
+"inline"|"lfs"|"xet", "size", "sha256"}]}`, `{"event": "xet_token", "repo", "kind":
+"read"|"write"}`, `{"event": "lfs_batch", "transfer": "xet", ...}` and `{"event":
+"xet_file_plain_get", "repo", "path"}` (a Xet file's bytes asked of the Hub instead of the
+CAS). POST /_test/fail `{"route": "commit", "status": 503, "count": 2}` makes the next matching
+requests fail (routes: create, preupload, batch, upload, part, complete, commit, resolve, info,
+tree).
 
 Routes (as the Hub serves them):
   GET  /api/whoami-v2
@@ -24,6 +34,8 @@ Routes (as the Hub serves them):
   PUT  /_lfs/upload/{oid}, PUT /_lfs/part/{oid}/{n}, POST /_lfs/complete/{oid}, POST /_lfs/verify
   POST /api/models/{repo}/commit/{rev}                 NDJSON: header, file, lfsFile, deletedFile[, create_pr=1]
   GET|HEAD /{repo}/resolve/{rev}/{path}                ETag, X-Repo-Commit, X-Linked-Etag/-Size, Range
+                                                       (+ X-Xet-Hash, Link rel="xet-auth" for Xet files)
+  GET  /api/models/{repo}/xet-{read|write}-token/{rev} {accessToken, exp, casUrl} + X-Xet-* headers
 """
 import argparse
 import base64
@@ -34,6 +46,7 @@ import re
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -49,8 +62,9 @@ def git_blob_oid(data: bytes) -> str:
 
 
 class Hub:
-    def __init__(self, root, token, multipart_threshold, chunk_size):
+    def __init__(self, root, token, multipart_threshold, chunk_size, xet_cas=None):
         self.root = root
+        self.xet_cas = xet_cas.rstrip("/") if xet_cas else None
         self.token = token
         self.multipart_threshold = multipart_threshold
         self.chunk_size = chunk_size
@@ -87,6 +101,22 @@ class Hub:
                 f.write(data)
             os.replace(tmp, path)
         return sha
+
+    def cas_get(self, path):
+        with urllib.request.urlopen(self.xet_cas + path) as r:
+            return r.read()
+
+    def xet_file_for(self, sha256, size):
+        """The Xet file hash of the CAS file whose bytes have this sha256, or None."""
+        for e in json.loads(self.cas_get("/simulation/file_entries")):
+            h = e["file_hash"] if isinstance(e, dict) else e[0] if isinstance(e, list) and len(e) == 2 else e
+            if isinstance(h, list):
+                h = "".join(f"{x:016x}" for x in h)
+            if json.loads(self.cas_get(f"/simulation/files/{h}/size"))["size"] != size:
+                continue
+            if hashlib.sha256(self.cas_get(f"/simulation/files/{h}/data")).hexdigest() == sha256:
+                return h
+        return None
 
     def resolve_rev(self, repo, rev):
         rev = unquote(rev)
@@ -201,6 +231,9 @@ class Handler(BaseHTTPRequestHandler):
             if not self.injected_failure("info"):
                 self.info(unquote(m.group(1)), m.group(2) or "main", query)
             return
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/xet-(read|write)-token/([^/]+)", url.path)
+        if m and self.hub.xet_cas:
+            return self.xet_token(unquote(m.group(1)), m.group(2))
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", url.path)
         if m:
             if not self.injected_failure("resolve"):
@@ -282,6 +315,17 @@ class Handler(BaseHTTPRequestHandler):
             self.hub.save()
         self.send(200, {"url": f"{self.base()}/{repo_id}", "name": repo_id, "id": repo_id})
 
+    def xet_headers(self):
+        exp = int(time.time()) + 3600
+        return {"X-Xet-Cas-Url": self.hub.xet_cas, "X-Xet-Access-Token": "xet-test-token", "X-Xet-Token-Expiration": str(exp)}, exp
+
+    def xet_token(self, repo_id, kind):
+        if self.repo(repo_id, write=(kind == "write")) is None:
+            return
+        headers, exp = self.xet_headers()
+        self.hub.event({"event": "xet_token", "repo": repo_id, "kind": kind})
+        self.send(200, {"accessToken": headers["X-Xet-Access-Token"], "exp": exp, "casUrl": self.hub.xet_cas}, headers)
+
     def info(self, repo_id, rev, query):
         repo, sha, files = self.files_at(repo_id, rev)
         if repo is None:
@@ -322,6 +366,8 @@ class Handler(BaseHTTPRequestHandler):
             e = {"type": "file", "oid": f["oid"], "size": f["size"], "path": p}
             if f["lfs"]:
                 e["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": 134}
+            if f.get("xet"):
+                e["xetHash"] = f["xet"]
             out.append(e)
         self.send(200, out)
 
@@ -359,6 +405,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.repo(repo_id, write=True) is None:
             return
         transfers = p.get("transfers", ["basic"])
+        if self.hub.xet_cas and "xet" in transfers:
+            self.hub.event({"event": "lfs_batch", "repo": repo_id, "transfer": "xet", "oids": [o["oid"] for o in p["objects"]]})
+            return self.send(200, {"transfer": "xet", "objects": [{"oid": o["oid"], "size": o["size"]} for o in p["objects"]],
+                                   "hash_algo": "sha256"}, content_type="application/vnd.git-lfs+json")
         objects, chosen = [], "basic"
         for o in p["objects"]:
             oid, size = o["oid"], int(o["size"])
@@ -459,12 +509,15 @@ class Handler(BaseHTTPRequestHandler):
                     log.append({"path": v["path"], "via": "inline", "size": len(data), "sha256": sha})
                 elif key == "lfsFile":
                     path = self.hub.object_path(v["oid"])
+                    xet = None
                     if not os.path.exists(path) or os.path.getsize(path) != int(v["size"]):
-                        return self.error(400, f"LFS object {v['oid']} of {v['path']} was not uploaded")
+                        xet = self.hub.xet_file_for(v["oid"], int(v["size"])) if self.hub.xet_cas else None
+                        if xet is None:
+                            return self.error(400, f"LFS object {v['oid']} of {v['path']} was not uploaded")
                     pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{v['oid']}\nsize {v['size']}\n"
                     files[v["path"]] = {"size": int(v["size"]), "oid": git_blob_oid(pointer.encode()),
-                                        "sha256": v["oid"], "lfs": True}
-                    log.append({"path": v["path"], "via": "lfs", "size": int(v["size"]), "sha256": v["oid"]})
+                                        "sha256": v["oid"], "lfs": True, "xet": xet}
+                    log.append({"path": v["path"], "via": "xet" if xet else "lfs", "size": int(v["size"]), "sha256": v["oid"]})
                 elif key == "deletedFile":
                     if files.pop(v["path"], None) is None:
                         return self.error(404, f"{v['path']} does not exist", "EntryNotFound")
@@ -503,7 +556,11 @@ class Handler(BaseHTTPRequestHandler):
             headers["X-Linked-Size"] = f["size"]
         else:
             headers["ETag"] = f'"{f["oid"]}"'
-        data_path = self.hub.object_path(f["sha256"])
+        if f.get("xet"):
+            headers["X-Xet-Hash"] = f["xet"]
+            refresh = f"{self.base()}/api/models/{repo_id}/xet-read-token/{sha}"
+            headers["Link"] = f'<{refresh}>; rel="xet-auth"'
+            headers.update(self.xet_headers()[0])
         size = f["size"]
         status, start, end = 200, 0, size - 1
         rng = self.headers.get("Range")
@@ -520,9 +577,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send(416, b"", {**headers, "Content-Range": f"bytes */{size}"})
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        with open(data_path, "rb") as fh:
-            fh.seek(start)
-            data = fh.read(end - start + 1) if self.command != "HEAD" else b""
+        data = b""
+        if self.command != "HEAD" and f.get("xet"):
+            # a client that speaks Xet fetches these bytes from the CAS, not here
+            self.hub.event({"event": "xet_file_plain_get", "repo": repo_id, "path": path})
+            data = self.hub.cas_get(f"/simulation/files/{f['xet']}/data")[start:end + 1]
+        elif self.command != "HEAD":
+            with open(self.hub.object_path(f["sha256"]), "rb") as fh:
+                fh.seek(start)
+                data = fh.read(end - start + 1)
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         for k, v in headers.items():
@@ -549,9 +612,10 @@ def main():
     ap.add_argument("--token", default=None)
     ap.add_argument("--multipart-threshold", type=int, default=20 * 1024 * 1024)
     ap.add_argument("--chunk-size", type=int, default=8 * 1024 * 1024)
+    ap.add_argument("--xet-cas", default=None, help="URL of a local_cas_server: offer Xet transfers")
     a = ap.parse_args()
     os.makedirs(a.root, exist_ok=True)
-    Handler.hub = Hub(a.root, a.token, a.multipart_threshold, a.chunk_size)
+    Handler.hub = Hub(a.root, a.token, a.multipart_threshold, a.chunk_size, a.xet_cas)
     server = Server(("127.0.0.1", a.port), Handler)
     print(f"READY http://127.0.0.1:{server.server_address[1]}", flush=True)
     try:
