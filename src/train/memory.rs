@@ -6,9 +6,9 @@
 //! layer's experts, [`DecoderConfig::feed_forward_size`]), each in
 //! the compute dtype, plus LoRA's dropout copies of its inputs. Checkpointing keeps one `H`
 //! vector per layer instead and recomputes the rest, costing one more forward pass. Soft-capped
-//! attention (Gemma 2) keeps `[heads, T, T]` matrices per row and layer: on a GPU the raw scores
-//! and the probabilities ([`crate::cuda::autograd::softcap_softmax`]), two in the compute dtype;
-//! op by op about four (the capped scores, the fp32 softmax and its cast), counted in fp32.
+//! attention (Gemma 2) keeps `[heads, T, T]` matrices per row and layer: with its kernel
+//! ([`crate::cuda::autograd::softcap_softmax`]) the raw scores and the probabilities, two in the
+//! compute dtype; op by op about four (the capped scores, the fp32 softmax and its cast), counted in fp32.
 
 use crate::models::config::DecoderConfig;
 use tch::{Device, Kind};
@@ -20,7 +20,7 @@ pub fn activation_bytes(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, 
     let layers = c.num_hidden_layers as u64;
     let per_token: u64 = (0..c.num_hidden_layers).map(|l| 10 * h + c.feed_forward_size(l).2 + lora_layers_per_block * h).sum();
     let dense = per_token * rows * row_len * kind.elt_size_in_bytes() as u64;
-    let matrices = if gpu { 2 * kind.elt_size_in_bytes() as u64 } else { 4 * 4 };
+    let matrices = if gpu && crate::cuda::autograd::softcap_kernel_on() { 2 * kind.elt_size_in_bytes() as u64 } else { 4 * 4 };
     let scores = if c.attn_softcap.is_some() { matrices * rows * c.num_attention_heads as u64 * row_len * row_len * layers } else { 0 };
     dense + scores
 }
