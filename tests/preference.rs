@@ -301,7 +301,9 @@ print(`RESULT steps=${{r.steps}} loss=${{r.train_loss}}`);
     run(&["run"], &["out=\"ckpt\"", "ckpt=true"]);
     close("gradient checkpointing", "ckpt", 1e-5);
     run(&["launch", "--nproc-per-node", "2"], &["out=\"ranks\"", "grad_accum=2"]);
-    close("two ranks", "ranks", 1e-5);
+    // the ranks' gradients are summed in another order (the all-reduce): rounding that Adam's
+    // normalized steps carry to ~2e-5 in a weight in 4 steps
+    close("two ranks", "ranks", 1e-4);
     run(&["run"], &["out=\"resumed\"", "stop_at=2"]);
     run(&["run"], &["out=\"resumed\"", "resume=true"]);
     let (a, b) = (adapter("resumed"), adapter("base"));
