@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-cargo test --release -- --test-threads=2 "$@"
+cargo test --release --no-fail-fast -- --test-threads=2 "$@"
