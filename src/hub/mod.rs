@@ -119,12 +119,12 @@ pub fn hub_error(e: hf_hub::HFError, cfg: &HubConfig, repo_id: &str) -> anyhow::
     use hf_hub::HFError as E;
     // hf-hub names the error after the request (a revision's listing), the Hub's code after the cause
     let repo_missing = match &e {
+        E::RepoNotFound { .. } => true,
         E::RevisionNotFound { context: Some(c), .. } | E::EntryNotFound { context: Some(c), .. } => c.error_code.as_deref() == Some("RepoNotFound"),
         _ => false,
     };
     match e {
         _ if repo_missing => anyhow::anyhow!("`{repo_id}` was not found on {} (a private or gated repo needs HF_TOKEN)", cfg.endpoint),
-        E::RepoNotFound { .. } => anyhow::anyhow!("`{repo_id}` was not found on {} (a private or gated repo needs HF_TOKEN)", cfg.endpoint),
         E::RevisionNotFound { revision, .. } => anyhow::anyhow!("revision {revision} of `{repo_id}` was not found on {}", cfg.endpoint),
         E::EntryNotFound { path, .. } => anyhow::anyhow!("{path} was not found in `{repo_id}` on {}", cfg.endpoint),
         E::AuthRequired { .. } => anyhow::anyhow!("{repo_id}: the Hub refused the credentials (check HF_TOKEN or the token file)"),
