@@ -75,6 +75,13 @@ fn cuda_shims(libtorch: &std::path::Path, lib: &std::path::Path) {
         println!("cargo:rerun-if-changed={f}");
     }
     let root = std::fs::canonicalize(libtorch).unwrap_or_else(|_| libtorch.to_path_buf());
+    // CUDA's headers (pip's nvidia-cuda-runtime) let memory.cpp reach the CUDA caching allocator
+    let cuda: Vec<PathBuf> = ["cu13/include", "cuda_runtime/include"]
+        .iter()
+        .map(|d| root.join("../nvidia").join(d))
+        .filter(|d| d.join("cuda_runtime_api.h").exists() && lib.join("libc10_cuda.so").exists())
+        .take(1)
+        .collect();
     cc::Build::new()
         .cpp(true)
         .std("c++17")
@@ -82,8 +89,12 @@ fn cuda_shims(libtorch: &std::path::Path, lib: &std::path::Path) {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
+        .includes(cuda.iter())
         .files(FILES)
         .compile("ftscript_cuda");
+    if !cuda.is_empty() {
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");

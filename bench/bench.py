@@ -6,9 +6,10 @@ clip 1.0), timing the median step after warm-up. The model is made once by trans
 (save_pretrained) and loaded by ftscript; hf_baseline.py (the Python peer) builds the same
 shapes with the same seed.
 
-usage: python3 bench/bench.py SHAPE [--seq 2048] [--bs 4] [--steps 12] [--no-ckpt] [--peer lora|liger|qlora|none]
-       [--auto] [--offload] [--profile]
-  needs target/release/ftscript (LD_LIBRARY_PATH to torch/lib on the GPU machine)
+usage: python3 bench/bench.py SHAPE [--seq 2048] [--bs 4] [--steps 12] [--no-ckpt] [--peer lora|liger|qlora|unsloth|none]
+       [--auto] [--offload] [--memory-budget 14.35GiB] [--profile]
+  needs target/release/ftscript (LD_LIBRARY_PATH to torch/lib on the GPU machine); --peer unsloth
+  runs bench/unsloth_baseline.py (its wheels: bench/unsloth-wheels.txt), QLoRA with --quantize
 """
 import argparse, json, os, subprocess, sys, tempfile, time
 
@@ -56,7 +57,8 @@ def ftscript_run(model_dir, a, work):
     # with --profile, two more steps run under libtorch's profiler, after the timed ones
     profile = f", profile: #{{ start: {steps + 1}, steps: 2 }}" if a.profile else ""
     total = steps + 2 if a.profile else steps
-    ckpt = '"auto"' if a.auto else '"offload"' if a.offload else "false" if a.no_ckpt else "true"
+    ckpt = '"auto"' if a.auto or a.memory_budget else '"offload"' if a.offload else "false" if a.no_ckpt else "true"
+    budget = f', memory_budget: "{a.memory_budget}"' if a.memory_budget else ""
     recipe = os.path.join(work, "bench.rhai")
     targets = json.dumps(a.targets.split(","))
     quant = f', quantize: "{a.quantize}", double_quant: true, compute_dtype: "bf16"' if a.quantize else ""
@@ -67,7 +69,7 @@ m.add_lora(#{{ r: {a.r}, alpha: {a.alpha}, dropout: 0.05, targets: {targets}, us
 let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: false, max_length: {a.seq},
     batch_size: {a.bs}, max_steps: {total}, lr: 2e-4, scheduler: "constant", max_grad_norm: 1.0,
     precision: "bf16", gradient_checkpointing: {ckpt}, log_every: 1,
-    output_dir: "{out}", save_every: 100000{profile} }});
+    output_dir: "{out}", save_every: 100000{budget}{profile} }});
 """)
     env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
     t0 = time.time()
@@ -126,15 +128,21 @@ def main():
     ap.add_argument("--auto", action="store_true", help='ftscript decides (gradient_checkpointing: "auto")')
     ap.add_argument("--profile", action="store_true", help="profile two more ftscript steps; print the summary")
     ap.add_argument("--offload", action="store_true", help='ftscript keeps checkpoints in host memory (gradient_checkpointing: "offload")')
+    ap.add_argument("--memory-budget", default=None, help='ftscript fits this budget (memory_budget: "14.35GiB"; checkpointing chosen to fit)')
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix=f"bench-{a.shape}-", dir="/tmp")
     model_dir = f"/tmp/bench-model-{a.shape}"
     make_model(a.shape, model_dir)
     ours = ftscript_run(model_dir, a, work)
-    print(json.dumps(dict(ours, shape=a.shape, ckpt="auto" if a.auto else "offload" if a.offload else not a.no_ckpt, targets=a.targets, r=a.r, dora=a.dora)), flush=True)
+    ckpt = f"budget {a.memory_budget}" if a.memory_budget else "auto" if a.auto else "offload" if a.offload else not a.no_ckpt
+    print(json.dumps(dict(ours, shape=a.shape, ckpt=ckpt, targets=a.targets, r=a.r, dora=a.dora)), flush=True)
     if a.peer != "none":
-        args = [sys.executable, os.path.join(HERE, "hf_baseline.py"), a.shape, a.peer, "--seq", str(a.seq), "--bs", str(a.bs),
-                "--steps", str(a.steps), "--targets", a.targets, "--r", str(a.r), "--alpha", str(a.alpha)]
+        if a.peer == "unsloth":
+            mode = "qlora" if a.quantize else "lora"
+            args = [sys.executable, os.path.join(HERE, "unsloth_baseline.py"), a.shape, mode, "--model-dir", f"/tmp/unsloth-model-{a.shape}"]
+        else:
+            args = [sys.executable, os.path.join(HERE, "hf_baseline.py"), a.shape, a.peer]
+        args += ["--seq", str(a.seq), "--bs", str(a.bs), "--steps", str(a.steps), "--targets", a.targets, "--r", str(a.r), "--alpha", str(a.alpha)]
         if a.no_ckpt:
             args.append("--no-ckpt")
         if a.dora:
@@ -146,7 +154,7 @@ def main():
         else:
             print(json.dumps(peer), flush=True)
             mfu = lambda tok_s: tok_s * useful_flops_per_token(base_params(SHAPES[a.shape]), SHAPES[a.shape], a.seq) / H200_BF16_FLOPS
-            print(f"RATIO {a.shape} ckpt={not a.no_ckpt} {a.targets} r={a.r}{' DoRA' if a.dora else ''}: ftscript {ours['tokens_per_s']} tok/s "
+            print(f"RATIO {a.shape} ckpt={ckpt} {a.targets} r={a.r}{' DoRA' if a.dora else ''}: ftscript {ours['tokens_per_s']} tok/s "
                   f"vs {peer['peer']} {peer['tokens_per_s']} tok/s = {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x; "
                   f"MFU {mfu(ours['tokens_per_s']):.1%} vs {mfu(peer['tokens_per_s']):.1%}; "
                   f"loss {ours['loss']} vs {peer['loss']}; peak GiB {ours['peak_gib']} vs {peer['peak_gib']}", flush=True)

@@ -303,6 +303,25 @@ fn out_of_memory_stops_with_advice_or_halves_the_micro_batch() {
     }
 }
 
+/// `memory_budget` as a user writes it: a size in a unit nobody uses is refused before any work,
+/// naming the option and the form it takes; on the CPU a budget is accepted and said not to apply
+/// (the same recipe then runs on a GPU). Its effect on a GPU: tests/training.rs.
+#[test]
+fn a_memory_budget_names_its_mistakes_and_is_not_applied_on_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 8);
+    let out = train_run(d, &model, "parsecs", "", r#"max_steps: 1, memory_budget: "14 parsecs""#);
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("memory_budget: invalid size `14 parsecs`") && t.contains("\"14GiB\""), "{t}");
+    assert!(!d.join("parsecs").exists(), "refused before any work");
+    let out = train_run(d, &model, "bool", "", "max_steps: 1, memory_budget: true");
+    assert!(!out.status.success() && text(&out).contains("memory_budget must be a size such as \"14GiB\" or a number of bytes, got true"), "{}", text(&out));
+    let out = train_run(d, &model, "cpu", "", r#"max_steps: 2, memory_budget: "2GiB""#);
+    let t = text(&out);
+    assert!(out.status.success() && t.contains("finished at step 2") && t.contains("memory_budget caps GPU memory; on the CPU it is not applied"), "{t}");
+}
+
 /// SIGKILL at five moments (right after a step is logged, at varying delays, so some land while
 /// its checkpoint is written), resuming each time: every `checkpoint-*` left behind is complete,
 /// half-written ones are removed on the next start, and the final adapter equals an

@@ -383,6 +383,69 @@ train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 4, max_length: 3
     }
 }
 
+/// `memory_budget` on a GPU, as a user sets it: under a budget between the weights and what
+/// keeping every activation peaks at, training picks a more frugal way (checkpointing, then
+/// offloading, then smaller micro-batches), peaks within the budget, and trains the same numbers
+/// as keeping everything. Ignored unless asked for (`--include-ignored`, on a GPU).
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn a_memory_budget_keeps_the_peak_within_it_and_trains_the_same() {
+    assert!(tch::Cuda::is_available(), "this test needs CUDA");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny(d, "llama_wide");
+    let (m, o) = (model.to_str().unwrap(), d.to_str().unwrap());
+    // 16 rows of 512 ids
+    let lines: Vec<String> = (0..16).map(|r| format!("{{\"input_ids\": {:?}}}", (0..512).map(|i| 3 + (r * 131 + i * 17) % 290).collect::<Vec<_>>())).collect();
+    std::fs::write(d.join("long.jsonl"), lines.join("\n")).unwrap();
+    let train = |name: &str, extra: &str| {
+        let log = run_recipe(
+            d,
+            &format!("{name}.rhai"),
+            &format!(
+                r#"
+let m = load_model("{m}", #{{ dtype: "fp32", device: "cuda" }});
+m.add_lora(#{{ r: 8, alpha: 16, dropout: 0.1, targets: ["q_proj", "v_proj"], seed: 5 }});
+print(`resident ${{m.memory().cuda_allocated}}`);
+train(m, #{{ train: load_dataset("{o}/long.jsonl"), format: "tokens", shuffle: false, batch_size: 8, max_length: 512,
+    max_steps: 3, lr: 1e-3, log_every: 1, output_dir: "{o}/{name}", {extra} }});
+"#
+            ),
+        );
+        let resident: f64 = log.lines().find_map(|l| l.strip_prefix("resident ")).unwrap().trim().parse().unwrap();
+        let peak = metrics(&d.join(format!("{name}/metrics.jsonl"))).iter().filter_map(|v| v["peak_gib"].as_f64()).fold(0.0, f64::max) * (1u64 << 30) as f64;
+        (log, resident, peak, losses(&d.join(format!("{name}/metrics.jsonl"))))
+    };
+    let (_, resident, full_peak, full) = train("full", "gradient_checkpointing: false");
+    let activations = full_peak - resident;
+    assert!(activations > 4.0 * resident, "the test wants activations well over the weights: {activations} vs {resident}");
+    // half: checkpointing fits; a tenth: offloading or smaller micro-batches (whichever the estimates pick)
+    for (name, share, expect) in [("half", 0.5, "checkpointing each layer"), ("tenth", 0.1, "memory_budget")] {
+        let budget = (resident + share * activations) as u64;
+        let (log, _, peak, got) = train(name, &format!("memory_budget: {budget}"));
+        assert!(log.contains(expect), "{name}: expected {expect}:\n{log}");
+        assert!(peak <= budget as f64, "{name}: peak {peak} over the budget {budget}");
+        assert_eq!(got.len(), full.len());
+        for (a, b) in full.iter().zip(&got) {
+            assert!((a - b).abs() < 1e-5, "{name}: the budget changed the training: {full:?} vs {got:?}");
+        }
+    }
+    // below the weights: refused before training, naming the option
+    std::fs::write(
+        d.join("tiny.rhai"),
+        format!(
+            r#"
+let m = load_model("{m}", #{{ dtype: "fp32", device: "cuda" }});
+m.add_lora(#{{ r: 8, targets: ["q_proj"] }});
+train(m, #{{ train: load_dataset("{o}/long.jsonl"), format: "tokens", max_steps: 1, memory_budget: "1MiB", output_dir: "{o}/tiny" }});
+"#
+        ),
+    )
+    .unwrap();
+    let out = ftscript(&["run", "tiny.rhai"], d);
+    assert!(!out.status.success() && text(&out).contains("memory_budget 0.00 GiB is below what training holds"), "{}", text(&out));
+}
+
 /// AdaLoRA from peft's initial adapter, 50 steps, against peft with a hand-written loop that
 /// calls `update_and_allocate` after every step (ftscript applies it inside `train`): the same
 /// losses (cross-entropy plus the orthogonality penalty), the same kept triplets after every

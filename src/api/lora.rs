@@ -82,21 +82,6 @@ pub struct MergeOptions {
     pub max_shard_size: Option<String>,
 }
 
-fn parse_size(s: &str) -> anyhow::Result<usize> {
-    let s = s.trim().to_uppercase();
-    let (num, mult) = if let Some(n) = s.strip_suffix("GB") {
-        (n, 1e9)
-    } else if let Some(n) = s.strip_suffix("MB") {
-        (n, 1e6)
-    } else if let Some(n) = s.strip_suffix("KB") {
-        (n, 1e3)
-    } else {
-        (s.as_str(), 1.0)
-    };
-    let v: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("invalid size `{s}` (e.g. \"5GB\", \"500MB\")"))?;
-    Ok((v * mult) as usize)
-}
-
 impl MergeOptions {
     /// The dtype to write (the model's, `kind`, by default) and the largest shard in bytes.
     pub(crate) fn resolve(&self, kind: Kind) -> anyhow::Result<(Kind, usize)> {
@@ -104,7 +89,7 @@ impl MergeOptions {
             Some(d) => crate::models::parse_dtype(d, None)?,
             None => kind,
         };
-        Ok((kind, parse_size(self.max_shard_size.as_deref().unwrap_or("5GB"))?))
+        Ok((kind, crate::script::options::parse_bytes(self.max_shard_size.as_deref().unwrap_or("5GB"))? as usize))
     }
 }
 

@@ -48,6 +48,9 @@ pub struct TrainOptions {
     pub max_grad_norm: Option<f64>,
     pub precision: Option<String>,
     pub gradient_checkpointing: Option<serde_json::Value>,
+    /// GPU memory training may hold, per GPU: `"14GiB"`, `"15GB"` or bytes. Checkpointing and
+    /// the micro-batch are chosen to fit it, and the allocator is capped there.
+    pub memory_budget: Option<serde_json::Value>,
     pub log_every: Option<usize>,
     pub eval_every: Option<usize>,
     pub save_every: Option<usize>,
@@ -462,7 +465,14 @@ fn train_config(run: &Run, spec: &crate::nn::peft::LoraSpec, pad_id: i64, kind: 
         Some(serde_json::Value::String(s)) if s == "offload" => Some(trainer::Checkpointing::Offload),
         Some(v) => anyhow::bail!("gradient_checkpointing must be true, false, \"auto\" or \"offload\", got {v}"),
     };
+    let memory_budget = match &o.memory_budget {
+        None => None,
+        Some(serde_json::Value::String(s)) => Some(crate::script::options::parse_bytes(s).map_err(|e| anyhow::anyhow!("memory_budget: {e}"))?),
+        Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(v) => anyhow::bail!("memory_budget must be a size such as \"14GiB\" or a number of bytes, got {v}"),
+    };
     Ok(TrainConfig {
+        memory_budget,
         batch: BatchConfig {
             batch_size: run.batch_size,
             max_length: run.max_length,

@@ -63,3 +63,21 @@ extern "C" int64_t ftscript_cuda_mem_info(int device, int64_t* free_bytes, int64
   *total_bytes = static_cast<int64_t>(t);
   return 0;
 }
+
+// Caps what the caching allocator may hold on `device` at `fraction` of its memory
+// (torch.cuda.set_per_process_memory_fraction): past it, an allocation first frees cached blocks,
+// then fails as out of memory. Needs CUDA's headers (pip's nvidia-cuda-runtime, installed with
+// torch); built without them, it answers -2.
+#if __has_include(<c10/cuda/CUDACachingAllocator.h>) && __has_include(<cuda_runtime_api.h>)
+#include <c10/cuda/CUDACachingAllocator.h>
+extern "C" int64_t ftscript_cuda_set_memory_fraction(int device, double fraction) {
+  try {
+    c10::cuda::CUDACachingAllocator::setMemoryFraction(fraction, static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+#else
+extern "C" int64_t ftscript_cuda_set_memory_fraction(int, double) { return -2; }
+#endif

@@ -13,6 +13,7 @@ extern "C" {
     fn ftscript_cuda_reset_peak(device: i32) -> i64;
     fn ftscript_cuda_mem_info(device: i32, free: *mut i64, total: *mut i64) -> i64;
     fn ftscript_cuda_empty_cache() -> i64;
+    fn ftscript_cuda_set_memory_fraction(device: i32, fraction: f64) -> i64;
 }
 
 fn index(device: tch::Device) -> Option<i32> {
@@ -51,6 +52,29 @@ pub fn mem_info(device: tch::Device) -> Option<(u64, u64)> {
     let (mut free, mut total) = (0i64, 0i64);
     let rc = unsafe { ftscript_cuda_mem_info(i, &mut free, &mut total) };
     (rc == 0).then_some((free as u64, total as u64))
+}
+
+/// Caps the caching allocator on `device` at `bytes` until the returned guard drops: past the
+/// cap an allocation frees cached blocks, then fails as out of memory. Off CUDA it does nothing.
+pub fn limit_memory(device: tch::Device, bytes: u64) -> anyhow::Result<MemoryCap> {
+    let (Some(i), Some((_, total))) = (index(device), mem_info(device)) else { return Ok(MemoryCap(None)) };
+    let fraction = (bytes as f64 / total as f64).min(1.0);
+    match unsafe { ftscript_cuda_set_memory_fraction(i, fraction) } {
+        0 => Ok(MemoryCap(Some(i))),
+        -2 => anyhow::bail!("this ftscript was built without CUDA's headers, so it cannot cap the GPU memory it uses (memory_budget); rebuild after scripts/setup.sh"),
+        _ => anyhow::bail!("could not cap the CUDA caching allocator on {device:?} at {fraction:.3} of its memory"),
+    }
+}
+
+/// A cap of [`limit_memory`]; dropping it lifts the cap.
+pub struct MemoryCap(Option<i32>);
+
+impl Drop for MemoryCap {
+    fn drop(&mut self) {
+        if let Some(i) = self.0 {
+            unsafe { ftscript_cuda_set_memory_fraction(i, 1.0) };
+        }
+    }
 }
 
 extern "C" {

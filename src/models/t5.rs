@@ -712,13 +712,14 @@ impl crate::train::trainer::TrainModel for T5 {
     /// inputs and activations; a decoder block's cross-attention about as many again, counted
     /// by treating every token as passing two blocks' worth) plus its `[heads, T, T]` scores
     /// and their softmax, which the position bias keeps off the fused attention kernels.
-    fn plan_checkpointing(&self, rows: u64, row_len: u64) -> (bool, String) {
+    /// Checkpointed, each block's input (`d`) and one block's activations; no offloading.
+    fn activation_needs(&self, rows: u64, row_len: u64) -> crate::train::memory::Needs {
         let c = &self.config;
         let blocks = (c.num_layers + 2 * c.decoder_layers()) as u64;
-        let per_token = 12 * c.d_model as u64 + 3 * c.d_ff as u64;
         let elt = self.kind.elt_size_in_bytes() as u64;
-        let need = rows * row_len * blocks * per_token * elt + 2 * rows * c.num_heads as u64 * row_len * row_len * blocks * elt;
-        crate::train::memory::decide(need, self.device)
+        let block = rows * row_len * (12 * c.d_model as u64 + 3 * c.d_ff as u64) * elt + 2 * rows * c.num_heads as u64 * row_len * row_len * elt;
+        let input = rows * row_len * c.d_model as u64 * elt;
+        crate::train::memory::Needs { off: blocks * block, on: blocks * input + block, offload: None }
     }
     fn set_dtype(&mut self, kind: Kind) {
         T5::set_dtype(self, kind)

@@ -227,3 +227,25 @@ mod tests {
         assert_eq!(did_you_mean("xyz", ["sft", "dpo"].into_iter()), None);
     }
 }
+
+/// `"14GiB"`, `"500MB"`, `"1.5 GiB"`, `"2048"` → bytes: KiB/MiB/GiB/TiB are powers of 1024,
+/// KB/MB/GB/TB of 1000 (as accelerate and transformers read `max_memory` and `max_shard_size`).
+pub fn parse_bytes(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => (1u64 << 30) as f64,
+        "TIB" => (1u64 << 40) as f64,
+        _ => anyhow::bail!("invalid size `{s}`: a number and a unit, e.g. \"14GiB\", \"500MB\""),
+    };
+    let v: f64 = num.parse().map_err(|_| anyhow::anyhow!("invalid size `{s}`: a number and a unit, e.g. \"14GiB\", \"500MB\""))?;
+    Ok((v * mult).round() as u64)
+}

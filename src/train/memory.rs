@@ -1,48 +1,152 @@
-//! Deciding whether gradient checkpointing is needed (`gradient_checkpointing: "auto"`).
+//! How much device memory a micro-batch's activations take, and what backward should keep of
+//! them: all (fastest), each layer's input (checkpointing), or nothing on the GPU (offloading to
+//! host memory), chosen from free memory (`gradient_checkpointing: "auto"`) or from a stated
+//! budget (`memory_budget`).
 //!
 //! Without checkpointing, backward keeps every decoder layer's activations. Per token and
 //! layer that is about `10·H + 4·I` values (norm outputs, q/k/v, attention output, residuals,
 //! gate/up projections and their SiLU product; flash attention keeps no T×T matrix; a sparse
-//! layer's experts, [`DecoderConfig::feed_forward_size`]), each in
-//! the compute dtype, plus LoRA's dropout copies of its inputs. Checkpointing keeps one `H`
-//! vector per layer instead and recomputes the rest, costing one more forward pass. Soft-capped
-//! attention (Gemma 2) keeps `[heads, T, T]` matrices per row and layer: with its kernel
-//! ([`crate::cuda::autograd::softcap_softmax`]) the raw scores and the probabilities, two in the
-//! compute dtype; op by op about four (the capped scores, the fp32 softmax and its cast), counted in fp32.
+//! layer's experts, [`DecoderConfig::feed_forward_size`]), each in the compute dtype, plus
+//! LoRA's dropout copies of its inputs: an upper bound (7B, q+v LoRA: about 14.5·H measured).
+//! Checkpointing keeps one `H` vector per layer instead and recomputes the rest, costing one
+//! more forward pass; in backward one layer's attention or MLP part (the larger, `6·H` or
+//! `4·H + 4·I`) is alive at a time. Offloading keeps two layers' inputs and mid-layer residuals
+//! on the GPU at a time (the one in use and the one being fetched). The loss head adds one chunk
+//! of fp32 logits and its gradient ([`crate::nn::loss::LOSS_CHUNK_ELEMENTS`]) and the hidden
+//! states' gradient. Soft-capped attention (Gemma 2) keeps `[heads, T, T]` matrices per row and
+//! layer: with its kernel ([`crate::cuda::autograd::softcap_softmax`]) the raw scores and the
+//! probabilities, two in the compute dtype; op by op about four (the capped scores, the fp32
+//! softmax and its cast), counted in fp32.
 
 use crate::models::config::DecoderConfig;
+use crate::models::Checkpointing;
 use tch::{Device, Kind};
 
-/// Activation bytes one micro-batch of `rows` rows of `row_len` tokens keeps for backward
-/// without checkpointing (on a GPU when `gpu`).
-pub fn activation_bytes(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64, gpu: bool) -> u64 {
-    let h = c.hidden_size as u64;
-    let layers = c.num_hidden_layers as u64;
-    let per_token: u64 = (0..c.num_hidden_layers).map(|l| 10 * h + c.feed_forward_size(l).2 + lora_layers_per_block * h).sum();
-    let dense = per_token * rows * row_len * kind.elt_size_in_bytes() as u64;
-    let matrices = if gpu && crate::cuda::autograd::softcap_kernel_on() { 2 * kind.elt_size_in_bytes() as u64 } else { 4 * 4 };
-    let scores = if c.attn_softcap.is_some() { matrices * rows * c.num_attention_heads as u64 * row_len * row_len * layers } else { 0 };
-    dense + scores
+/// Device bytes a micro-batch needs beyond the resident weights and adapters, for each of what
+/// backward may keep (`offload: None` where the model cannot offload).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Needs {
+    pub off: u64,
+    pub on: u64,
+    pub offload: Option<u64>,
 }
 
-/// `(checkpoint?, why)`: checkpoint unless the activations fit in 85% of the free device memory.
-pub fn plan(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64, device: Device) -> (bool, String) {
-    decide(activation_bytes(c, rows, row_len, kind, lora_layers_per_block, device.is_cuda()), device)
+impl Needs {
+    pub fn of(&self, c: Checkpointing) -> Option<u64> {
+        match c {
+            Checkpointing::Off => Some(self.off),
+            Checkpointing::On => Some(self.on),
+            Checkpointing::Offload => self.offload,
+        }
+    }
 }
 
-/// `(checkpoint?, why)` for activations of `need` bytes on `device`.
-pub fn decide(need: u64, device: Device) -> (bool, String) {
+/// A decoder's [`Needs`] for `rows` rows of `row_len` tokens, `lora_layers_per_block` adapted
+/// projections per layer (on a GPU when `gpu`).
+pub fn decoder_needs(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64, gpu: bool) -> Needs {
+    let elt = kind.elt_size_in_bytes() as u64;
+    let (h, tokens, layers) = (c.hidden_size as u64, rows * row_len, c.num_hidden_layers as u64);
+    let matrices = if gpu && crate::cuda::autograd::softcap_kernel_on() { 2 * elt } else { 4 * 4 };
+    let scores = if c.attn_softcap.is_some() { matrices * rows * c.num_attention_heads as u64 * row_len * row_len } else { 0 };
+    let kept = |l: usize| (10 * h + c.feed_forward_size(l).2 + lora_layers_per_block * h) * tokens * elt + scores;
+    let all: u64 = (0..c.num_hidden_layers).map(kept).sum();
+    let recompute = (0..c.num_hidden_layers).map(|l| (6 * h + lora_layers_per_block * h).max(4 * h + c.feed_forward_size(l).2) * tokens * elt + scores).max().unwrap_or(0);
+    let head = (tokens * c.vocab_size as u64).min(crate::nn::loss::LOSS_CHUNK_ELEMENTS as u64) * 4 * 2 + tokens * h * elt;
+    let input = tokens * h * elt;
+    Needs { off: all + head, on: layers * input + recompute + head, offload: Some(4 * input + recompute + head) }
+}
+
+/// `(checkpointing, why)` without a budget: checkpoint unless the activations fit in 85% of the
+/// free device memory.
+pub fn plan(needs: Needs, device: Device) -> (Checkpointing, String) {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match crate::cuda::mem_info(device) {
-        Some((free, total)) => {
-            let budget = free as f64 * 0.85;
-            if (need as f64) < budget {
-                (false, format!("activations need ~{:.1} GiB, {:.1} of {:.1} GiB free: no checkpointing (faster)", gib(need), gib(free), gib(total)))
-            } else {
-                (true, format!("activations need ~{:.1} GiB but only {:.1} GiB are free: checkpointing each layer", gib(need), gib(free)))
-            }
+        Some((free, total)) if (needs.off as f64) < free as f64 * 0.85 => {
+            (Checkpointing::Off, format!("activations need ~{:.1} GiB, {:.1} of {:.1} GiB free: no checkpointing (faster)", gib(needs.off), gib(free), gib(total)))
         }
-        None if device == Device::Cpu => (false, format!("on the CPU (activations ~{:.1} GiB): no checkpointing", gib(need))),
-        None => (true, "free device memory unknown: checkpointing to be safe".into()),
+        Some((free, _)) => (Checkpointing::On, format!("activations need ~{:.1} GiB but only {:.1} GiB are free: checkpointing each layer", gib(needs.off), gib(free))),
+        None if device == Device::Cpu => (Checkpointing::Off, format!("on the CPU (activations ~{:.1} GiB): no checkpointing", gib(needs.off))),
+        None => (Checkpointing::On, "free device memory unknown: checkpointing to be safe".into()),
+    }
+}
+
+/// What backward keeps, fastest first; under a budget the next one is taken when a step runs
+/// out of memory.
+pub const LADDER: [Checkpointing; 3] = [Checkpointing::Off, Checkpointing::On, Checkpointing::Offload];
+
+/// The share of a budget the estimates may fill (the rest: the allocator's rounding, library
+/// workspaces, what the estimates miss).
+pub const BUDGET_SHARE: f64 = 0.92;
+
+/// Under a budget of `room` bytes (the budget less what the weights, adapters and optimizer
+/// hold): the fastest way to train micro-batches of `rows` rows whose estimate fits: for each
+/// split of the micro-batch into 1, 2, 4, … smaller ones (the same examples per step), each of
+/// `modes` in order. `needs(rows)` estimates a micro-batch of `rows` rows. `None`: not even one
+/// row fits in any of `modes`.
+pub fn fit(room: u64, rows: u64, modes: &[Checkpointing], needs: impl Fn(u64) -> Needs) -> Option<(Checkpointing, usize)> {
+    let mut split = 1u64;
+    loop {
+        let n = needs(rows.div_ceil(split));
+        if let Some(&m) = modes.iter().find(|&&m| n.of(m).is_some_and(|b| (b as f64) <= room as f64 * BUDGET_SHARE)) {
+            return Some((m, split as usize));
+        }
+        if rows.div_ceil(split) <= 1 {
+            return None;
+        }
+        split *= 2;
+    }
+}
+
+/// The next, more frugal way after `c` among `modes` (`None` at the last).
+pub fn more_frugal(c: Checkpointing, modes: &[Checkpointing]) -> Option<Checkpointing> {
+    let at = modes.iter().position(|&m| m == c)?;
+    modes.get(at + 1).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama-2-7B's shape as the benches build it.
+    fn llama_7b() -> DecoderConfig {
+        let j = serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+            "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5});
+        DecoderConfig::from_json(&j).unwrap()
+    }
+
+    const GIB: f64 = (1u64 << 30) as f64;
+
+    /// The 7B, q+v LoRA, 4 rows × 2048 tokens, bf16, measured on an H200 (2026-12-04): 12.55 GiB of
+    /// weights; peaks 15.87 GiB checkpointing, 14.06 offloading, 42.3 keeping everything. The
+    /// estimates must be near the measured checkpointing and offloading peaks (so a budget at
+    /// Unsloth's 14.35 GiB picks offloading) and above the measured whole-GPU peak.
+    #[test]
+    fn the_7b_estimates_are_near_what_the_h200_measured() {
+        let n = decoder_needs(&llama_7b(), 4, 2048, Kind::BFloat16, 2, true);
+        let (on, offload, off) = (n.on as f64 / GIB, n.offload.unwrap() as f64 / GIB, n.off as f64 / GIB);
+        assert!((on - (15.87 - 12.55)).abs() < 0.3, "checkpointing ~{on:.2} GiB");
+        assert!((offload - (14.06 - 12.55)).abs() < 0.3, "offloading ~{offload:.2} GiB");
+        assert!(off > 42.3 - 12.55, "keeping everything ~{off:.2} GiB");
+        let room = ((14.35 - 12.55 - 0.06) * GIB) as u64;
+        let needs = |rows| decoder_needs(&llama_7b(), rows, 2048, Kind::BFloat16, 2, true);
+        assert_eq!(fit(room, 4, &LADDER, needs), Some((Checkpointing::Offload, 1)));
+        assert_eq!(fit((4.0 * GIB) as u64, 4, &LADDER, needs), Some((Checkpointing::On, 1)));
+        // keeping everything is estimated high (measured 29.8 GiB): 52 GiB of room are asked for it
+        assert_eq!(fit((40.0 * GIB) as u64, 4, &LADDER, needs), Some((Checkpointing::On, 1)));
+        assert_eq!(fit((52.0 * GIB) as u64, 4, &LADDER, needs), Some((Checkpointing::Off, 1)));
+        // a budget too small for 4 rows offloaded, enough for 2: two micro-batches of 2 rows
+        assert_eq!(fit((1.2 * GIB) as u64, 4, &LADDER, needs), Some((Checkpointing::Offload, 2)));
+        // checkpointing asked for: never offloaded, smaller micro-batches instead
+        assert_eq!(fit(room, 4, &[Checkpointing::On], needs), Some((Checkpointing::On, 4)));
+        assert_eq!(fit(1 << 20, 4, &LADDER, needs), None);
+    }
+
+    #[test]
+    fn the_ladder_steps_to_more_frugal_ways() {
+        assert_eq!(more_frugal(Checkpointing::Off, &LADDER), Some(Checkpointing::On));
+        assert_eq!(more_frugal(Checkpointing::On, &LADDER), Some(Checkpointing::Offload));
+        assert_eq!(more_frugal(Checkpointing::Offload, &LADDER), None);
+        assert_eq!(more_frugal(Checkpointing::On, &[Checkpointing::On]), None);
     }
 }

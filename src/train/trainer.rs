@@ -52,8 +52,12 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     /// Compute dtype of the frozen weights (adapters stay fp32).
     pub precision: Kind,
-    /// Recompute each decoder layer in backward; `None` = decide from free device memory.
+    /// Recompute each decoder layer in backward; `None` = decide from free device memory, or
+    /// from `memory_budget`.
     pub gradient_checkpointing: Option<Checkpointing>,
+    /// Bytes of GPU memory (per GPU) training may hold: the caching allocator is capped there,
+    /// and checkpointing and the micro-batch are chosen to fit.
+    pub memory_budget: Option<u64>,
     pub log_every: usize,
     pub eval_every: Option<usize>,
     pub save_every: Option<usize>,
@@ -86,8 +90,9 @@ pub trait TrainModel: Adapted {
     fn devices(&self) -> Vec<tch::Device>;
     /// Where the loss is computed.
     fn head_device(&self) -> tch::Device;
-    /// Whether `rows` rows of `row_len` tokens need checkpointing on this device, and why.
-    fn plan_checkpointing(&self, rows: u64, row_len: u64) -> (bool, String);
+    /// What `rows` rows of `row_len` tokens need on the device beyond the weights, by what
+    /// backward keeps ([`super::memory`]).
+    fn activation_needs(&self, rows: u64, row_len: u64) -> super::memory::Needs;
     /// Casts the frozen weights to `kind` (adapters stay as they are).
     fn set_dtype(&mut self, kind: Kind);
 }
@@ -102,8 +107,8 @@ impl TrainModel for Decoder {
     fn head_device(&self) -> tch::Device {
         self.head_device
     }
-    fn plan_checkpointing(&self, rows: u64, row_len: u64) -> (bool, String) {
-        super::memory::plan(&self.config, rows, row_len, self.kind, self.adapted_per_layer() as u64, self.device)
+    fn activation_needs(&self, rows: u64, row_len: u64) -> super::memory::Needs {
+        super::memory::decoder_needs(&self.config, rows, row_len, self.kind, self.adapted_per_layer() as u64, self.device.is_cuda())
     }
     fn set_dtype(&mut self, kind: Kind) {
         Decoder::set_dtype(self, kind)
@@ -371,16 +376,60 @@ pub fn train<M: TrainModel>(
         let zero = params.iter().map(|p| p.sum(Kind::Float) * 0.0).fold(Tensor::zeros([], (Kind::Float, net.devices()[0])), |a, b| a + b);
         zero.backward();
     }
-    let checkpointing = match cfg.gradient_checkpointing {
-        Some(c) => c,
-        None => {
-            let longest = lengths.iter().copied().max().unwrap_or(1).min(cfg.batch.max_length);
-            let row = if cfg.batch.packing || cfg.batch.pad_to_max_length { cfg.batch.max_length } else { longest };
-            let rows = cfg.batch.batch_size * objective.rows_per_example();
-            let (on, why) = net.plan_checkpointing(rows as u64, row as u64);
-            tracing::info!("gradient_checkpointing auto: {why}");
-            if on { Checkpointing::On } else { Checkpointing::Off }
+    // what backward keeps, and how many smaller micro-batches each planned one runs as
+    let longest = lengths.iter().copied().max().unwrap_or(1).min(cfg.batch.max_length);
+    let row_len = if cfg.batch.packing || cfg.batch.pad_to_max_length { cfg.batch.max_length } else { longest } as u64;
+    let rows = cfg.batch.batch_size as u64;
+    // a micro-batch of `examples` examples (the unit `split` divides)
+    let needs = |examples: u64| net.activation_needs(examples * objective.rows_per_example() as u64, row_len);
+    let modes: Vec<Checkpointing> = match cfg.gradient_checkpointing {
+        Some(c) => vec![c],
+        None => super::memory::LADDER.into_iter().filter(|&m| needs(1).of(m).is_some()).collect(),
+    };
+    let budget = cfg.memory_budget.filter(|_| net.devices().iter().any(|d| d.is_cuda()));
+    if cfg.memory_budget.is_some() && budget.is_none() {
+        tracing::info!("memory_budget caps GPU memory; on the CPU it is not applied");
+    }
+    // the cap lasts as long as training (lifted when `_cap` drops)
+    let (_cap, (mut checkpointing, mut split)) = match budget {
+        Some(b) => {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let cuda: Vec<tch::Device> = net.devices().into_iter().filter(|d| d.is_cuda()).collect();
+            let cap = cuda.iter().map(|&d| crate::cuda::limit_memory(d, b)).collect::<Result<Vec<_>>>()?;
+            // the weights, adapters and optimizer moments, and the adapters' gradients to come
+            let resident = cuda.iter().filter_map(|&d| crate::cuda::allocated(d)).max().unwrap_or(0) + 4 * params.iter().map(|p| p.numel() as u64).sum::<u64>();
+            if resident >= b {
+                bail!("memory_budget {:.2} GiB is below what training holds before any activations: {:.2} GiB of weights, adapters and optimizer state on the GPU", gib(b), gib(resident));
+            }
+            let plan = match super::memory::fit(b - resident, rows, &modes, needs) {
+                Some(p) => p,
+                None => {
+                    tracing::warn!("memory_budget {:.2} GiB: even one example of {row_len} tokens is estimated not to fit beside {:.2} GiB of weights; trying anyway", gib(b), gib(resident));
+                    (*modes.last().unwrap_or(&Checkpointing::On), rows.max(1) as usize)
+                }
+            };
+            let what = match plan.0 {
+                Checkpointing::Off => "no checkpointing",
+                Checkpointing::On => "checkpointing each layer",
+                Checkpointing::Offload => "offloading each layer's input to host memory",
+            };
+            tracing::info!(
+                "memory_budget {:.2} GiB per GPU ({:.2} held by weights, adapters and optimizer): {what}, micro-batches of {} examples ({} per planned one); a step that still runs out of memory retries with the next more frugal setting",
+                gib(b),
+                gib(resident),
+                rows.div_ceil(plan.1 as u64),
+                plan.1
+            );
+            (cap, plan)
         }
+        None => (vec![], match cfg.gradient_checkpointing {
+            Some(c) => (c, 1),
+            None => {
+                let (c, why) = super::memory::plan(needs(rows), net.devices()[0]);
+                tracing::info!("gradient_checkpointing auto: {why}");
+                (c, 1)
+            }
+        }),
     };
     // memory comes first where layers are recomputed to save it
     crate::cuda::autograd::overlap_lora(checkpointing == Checkpointing::Off);
@@ -425,8 +474,6 @@ pub fn train<M: TrainModel>(
     // the host), then queues step n + 1's update
     let mut queued = state.step; // steps whose update is queued
     let mut pending: Option<(QueuedStep, crate::cuda::HostCopy)> = None;
-    // each planned micro-batch runs as this many smaller ones (doubled by `on_oom: "halve"`)
-    let mut split = 1usize;
 
     loop {
         // the last profiled step is finished before the next is queued, so the trace ends with it
@@ -474,7 +521,14 @@ pub fn train<M: TrainModel>(
                         let largest = window_rows.iter().map(|r| r.len().div_ceil(split)).max().unwrap_or(1);
                         zero_grads(&params)?;
                         crate::cuda::empty_cache();
-                        if cfg.on_oom == OnOom::Halve && largest > 1 {
+                        let frugal = budget.and_then(|_| super::memory::more_frugal(checkpointing, &modes));
+                        if let Some(next) = frugal {
+                            tracing::warn!("step {}: out of memory within memory_budget with {checkpointing:?}; from now on {next:?}", queued + 1);
+                            checkpointing = next;
+                            crate::cuda::autograd::overlap_lora(checkpointing == Checkpointing::Off);
+                            continue;
+                        }
+                        if (cfg.on_oom == OnOom::Halve || budget.is_some()) && largest > 1 {
                             split *= 2;
                             tracing::warn!(
                                 "step {}: out of memory; from now on each micro-batch of {} rows runs as {split} of {} (the same examples per step: the gradients are accumulated over twice as many, smaller micro-batches)",

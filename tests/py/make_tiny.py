@@ -99,6 +99,9 @@ CONFIGS = {
                                         num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                                         decoder_sparse_step=1, mlp_only_layers=[1], output_router_logits=True,
                                         router_aux_loss_coef=0.05),
+    # wide and long enough that a micro-batch's activations outweigh the weights (memory_budget)
+    "llama_wide": lambda: LlamaConfig(**{**COMMON, "hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 12,
+                                         "num_key_value_heads": 8, "max_position_embeddings": 1024}, rope_theta=10000.0),
     # the families llama.cpp converts, with a sentencepiece vocabulary (its converter knows no tiny
     # BPE pre-tokenizer): for the GGUF import
     "qwen3_spm": lambda: Qwen3Config(**SPM, head_dim=16, rope_theta=1000000.0),
