@@ -59,14 +59,6 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
     fused(x, |out, err, len| unsafe { ftscript_rope(SOURCE.as_ptr() as *const c_char, x.as_ptr(), cos.as_ptr(), sin.as_ptr(), out, err, len) })
 }
 
-/// Whether Gemma 2's attention uses [`softcap_softmax`]: only with `FTSCRIPT_SOFTCAP_KERNEL=1`
-/// until `tests/fused.rs::fused_softcap_softmax_matches_the_ops` has passed on a GPU (written
-/// without one at hand); then this gate goes.
-pub fn softcap_kernel_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FTSCRIPT_SOFTCAP_KERNEL").is_ok_and(|v| v == "1"))
-}
-
 /// Soft-capped attention probabilities (Gemma 2): `softmax(cap · tanh(x · scale / cap))` over
 /// the keys `allowed` `[B, 1, tq, tk]` (bool) lets each query see, from raw scores `x`
 /// `[B, heads, tq, tk]`, in fp32, stored in `x`'s dtype; one kernel each way, saving `x` and the

@@ -127,7 +127,7 @@ impl Attention {
                 let allowed = explicit.expect("eager attention always has its mask written out");
                 let raw = q.matmul(&k.transpose(2, 3));
                 let (tq, tk) = (raw.size()[2], raw.size()[3]);
-                let fused = if raw.device().is_cuda() && crate::cuda::autograd::softcap_kernel_on() { crate::cuda::autograd::softcap_softmax(&raw, &allowed.expand([b, 1, tq, tk], false), scale, cap) } else { None };
+                let fused = if raw.device().is_cuda() { crate::cuda::autograd::softcap_softmax(&raw, &allowed.expand([b, 1, tq, tk], false), scale, cap) } else { None };
                 let probs = fused.unwrap_or_else(|| {
                     let scores = crate::nn::loss::softcap(&(raw * scale), Some(cap));
                     scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Float).to_kind(q.kind())

@@ -46,7 +46,7 @@ impl Needs {
 pub fn decoder_needs(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lora_layers_per_block: u64, gpu: bool) -> Needs {
     let elt = kind.elt_size_in_bytes() as u64;
     let (h, tokens, layers) = (c.hidden_size as u64, rows * row_len, c.num_hidden_layers as u64);
-    let matrices = if gpu && crate::cuda::autograd::softcap_kernel_on() { 2 * elt } else { 4 * 4 };
+    let matrices = if gpu { 2 * elt } else { 4 * 4 };
     let scores = if c.attn_softcap.is_some() { matrices * rows * c.num_attention_heads as u64 * row_len * row_len } else { 0 };
     let kept = |l: usize| (10 * h + c.feed_forward_size(l).2 + lora_layers_per_block * h) * tokens * elt + scores;
     let all: u64 = (0..c.num_hidden_layers).map(kept).sum();
