@@ -2,7 +2,8 @@
 # The GPU tests, on a GPU machine without Rust (the device machine: no toolchain, no network).
 # Here:   cargo test --release --no-run && bash bench/gpu_tests.sh --collect   (copies the test
 #         binaries and ftscript into .gpu/, which git ignores)
-# There:  bash bench/gpu_tests.sh      (with .gpu carried)
+# There:  bash bench/gpu_tests.sh      (with .gpu carried; --skip-kernels leaves out fused and
+#         quant; --setup only links things up, to run one binary by hand)
 # The test binaries look for the repository, its Python and the ftscript binary where they were
 # built; there that path is linked to the copy, and the machine's python3 (torch, transformers,
 # peft) stands in for the project's virtualenv.
@@ -33,6 +34,8 @@ mkdir -p .venv/bin target/release
 chmod +x .venv/bin/python
 cp .gpu/ftscript target/release/ftscript
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# --setup: only the links above, to run one test binary by hand (.gpu/NAME --exact TEST)
+[ "${1:-}" = "--setup" ] && exit 0
 # every group runs; the script fails at the end if any did
 failed=()
 run() { echo "== $*"; "$@" || failed+=("$1"); }

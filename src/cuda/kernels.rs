@@ -23,15 +23,21 @@ pub fn unavailable_reason() -> Option<String> {
 }
 
 /// Runs `call` (a C entry point that writes an error message and returns non-zero on failure)
-/// unless the kernels are known to be unavailable; on failure logs the reason once, and from
-/// then on every caller falls back to libtorch ops. True if it ran.
+/// unless the kernels are known to be unavailable (or `FTSCRIPT_KERNELS=0` turns them off); on
+/// failure logs the reason once, and from then on every caller falls back to libtorch ops. True
+/// if it ran. Running out of memory is no reason to give the kernels up: that call falls back
+/// alone (and the ops, short of memory too, raise the error the trainer handles).
 pub(super) fn checked(call: impl FnOnce(*mut c_char, usize) -> i32) -> bool {
-    if DISABLED.load(Ordering::Relaxed) {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if DISABLED.load(Ordering::Relaxed) || *OFF.get_or_init(|| std::env::var("FTSCRIPT_KERNELS").is_ok_and(|v| v == "0")) {
         return false;
     }
     let mut err = vec![0u8; 4096];
     if call(err.as_mut_ptr() as *mut c_char, err.len()) != 0 {
         let msg = super::message(&err);
+        if msg.contains("out of memory") {
+            return false;
+        }
         tracing::warn!("CUDA kernels unavailable, using libtorch ops instead: {msg}");
         *REASON.lock().unwrap() = Some(msg);
         DISABLED.store(true, Ordering::Relaxed);

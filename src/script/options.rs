@@ -176,11 +176,17 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, 
 }
 
 /// Runs `f`, a panic (libtorch's errors, a CUDA out-of-memory among them, arrive as panics from
-/// tch) becoming an error with its readable message.
+/// tch) becoming an error with its readable message. A panic inside `tch::no_grad(|| ...)` skips
+/// its restoring of autograd's mode, so the mode `f` started in is restored here: a step retried
+/// after running out of memory must record its graph again.
 pub fn catch_panic<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    // SAFETY: plain setters of libtorch's thread-local grad mode; each returns the previous mode
+    let grad_mode = unsafe { torch_sys::at_grad_set_enabled(1) };
+    unsafe { torch_sys::at_grad_set_enabled(grad_mode) };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
         Err(p) => {
+            unsafe { torch_sys::at_grad_set_enabled(grad_mode) };
             let msg = p
                 .downcast_ref::<String>()
                 .cloned()
@@ -209,6 +215,21 @@ fn panic_message(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An out-of-memory panic inside `tch::no_grad` (which restores autograd's mode only when its
+    /// closure returns) leaves the retried step recording its graph: without the restore, every
+    /// later step trained nothing (zero gradients, seen on a GPU under `memory_budget`).
+    #[test]
+    fn a_panic_inside_no_grad_leaves_gradients_recorded() {
+        let caught = catch_panic(|| -> anyhow::Result<()> { tch::no_grad(|| panic!("CUDA out of memory (as a test)")) });
+        assert!(caught.unwrap_err().to_string().contains("CUDA out of memory"));
+        let w = tch::Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        assert!((&w * 2.0).requires_grad(), "autograd stayed off after the caught panic");
+        // and a panic where autograd was off on purpose leaves it off
+        let _g = tch::no_grad_guard();
+        let _ = catch_panic(|| -> anyhow::Result<()> { panic!("inside a guard") });
+        assert!(!(&w * 2.0).requires_grad());
+    }
 
     #[test]
     fn a_libtorch_panic_reads_as_libtorch_s_first_line() {
