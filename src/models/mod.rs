@@ -81,6 +81,17 @@ pub enum Checkpointing {
     Offload,
 }
 
+impl Checkpointing {
+    /// What it does, in a log line's words.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Checkpointing::Off => "no checkpointing",
+            Checkpointing::On => "checkpointing each layer",
+            Checkpointing::Offload => "offloading each layer's input to host memory",
+        }
+    }
+}
+
 /// A model ready to run: the network, its tokenizer, and the files it came from.
 pub struct LoadedModel {
     pub net: Decoder,

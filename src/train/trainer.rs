@@ -408,11 +408,7 @@ pub fn train<M: TrainModel>(
                     (*modes.last().unwrap_or(&Checkpointing::On), rows.max(1) as usize)
                 }
             };
-            let what = match plan.0 {
-                Checkpointing::Off => "no checkpointing",
-                Checkpointing::On => "checkpointing each layer",
-                Checkpointing::Offload => "offloading each layer's input to host memory",
-            };
+            let what = plan.0.describe();
             tracing::info!(
                 "memory_budget {:.2} GiB per GPU ({:.2} held by weights, adapters and optimizer): {what}, micro-batches of {} examples ({} per planned one); a step that still runs out of memory retries with the next more frugal setting",
                 gib(b),
@@ -523,7 +519,7 @@ pub fn train<M: TrainModel>(
                         crate::cuda::empty_cache();
                         let frugal = budget.and_then(|_| super::memory::more_frugal(checkpointing, &modes));
                         if let Some(next) = frugal {
-                            tracing::warn!("step {}: out of memory within memory_budget with {checkpointing:?}; from now on {next:?}", queued + 1);
+                            tracing::warn!("step {}: out of memory within memory_budget with {}; from now on {}", queued + 1, checkpointing.describe(), next.describe());
                             checkpointing = next;
                             crate::cuda::autograd::overlap_lora(checkpointing == Checkpointing::Off);
                             continue;
@@ -542,8 +538,12 @@ pub fn train<M: TrainModel>(
                         let lengths = objective.lengths(Split::Train);
                         let row_len = window_rows.iter().flatten().map(|row| row.iter().map(|&i| lengths[i]).sum::<usize>().min(cfg.batch.max_length)).max().unwrap_or(0);
                         let used = net.devices().into_iter().filter_map(|d| crate::cuda::allocated(d).map(|b| format!("{:.1} GiB on {d:?}", b as f64 / (1u64 << 30) as f64))).collect::<Vec<_>>();
+                        let advice = match budget {
+                            Some(b) => format!("memory_budget {:.2} GiB is too small for one example with {}: raise it, or lower max_length", b as f64 / (1u64 << 30) as f64, checkpointing.describe()),
+                            None => "lower batch_size (raising grad_accum keeps the global batch), max_length, or set gradient_checkpointing: true; or let ftscript halve the micro-batch with on_oom: \"halve\"".into(),
+                        };
                         bail!(
-                            "step {}: out of memory in a micro-batch of {largest} rows × up to {row_len} tokens{}; lower batch_size (raising grad_accum keeps the global batch), max_length, or set gradient_checkpointing: true; or let ftscript halve the micro-batch with on_oom: \"halve\"; {kept} ({e:#})",
+                            "step {}: out of memory in a micro-batch of {largest} rows × up to {row_len} tokens{}; {advice}; {kept} ({e:#})",
                             queued + 1,
                             if used.is_empty() { String::new() } else { format!(" ({} in use)", used.join(", ")) }
                         );
