@@ -50,7 +50,7 @@ fn every_shipped_recipe_runs_to_the_end_on_a_tiny_model() {
     assert!(d.join("merged/config.json").exists());
     let t = run(&["run"], "alpaca_lora.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("alpaca")), ("max_steps", "4".into())]);
     assert!(t.contains("sample at step") && d.join("alpaca/merged/config.json").exists(), "{t}");
-    run(&["run"], "big_model.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("big")), ("compute_dtype", s("fp32")), ("max_steps", "2".into())]);
+    run(&["run"], "big_model.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("big")), ("compute_dtype", s("fp32")), ("max_steps", "2".into()), ("memory_budget", s("1GiB"))]);
     run(&["run"], "qlora.rhai", &[("model_dir", model.clone()), ("data_file", data.clone()), ("output_dir", out("qlora")), ("device", s("cpu")), ("max_steps", "2".into())]);
     assert!(d.join("qlora/merged/config.json").exists());
     let qwen3 = s(with_chat_template(tiny(d, "qwen3")).display().to_string());
