@@ -303,8 +303,8 @@ fn out_of_memory_stops_with_advice_or_halves_the_micro_batch() {
     }
 }
 
-/// `memory_budget` as a user writes it: a size in a unit nobody uses is refused before any work,
-/// naming the option and the form it takes; on the CPU a budget is accepted and said not to apply
+/// `memory_budget` as a user writes it: a size in a unit nobody uses is refused before any work
+/// (and by `ftscript check`), naming the option and the form it takes; on the CPU a budget is accepted and said not to apply
 /// (the same recipe then runs on a GPU). Its effect on a GPU: tests/training.rs.
 #[test]
 fn a_memory_budget_names_its_mistakes_and_is_not_applied_on_the_cpu() {
@@ -315,6 +315,9 @@ fn a_memory_budget_names_its_mistakes_and_is_not_applied_on_the_cpu() {
     let t = text(&out);
     assert!(!out.status.success() && t.contains("memory_budget: invalid size `14 parsecs`") && t.contains("\"14GiB\""), "{t}");
     assert!(!d.join("parsecs").exists(), "refused before any work");
+    // and `ftscript check` finds it without running anything
+    let check = ftscript(&["check", "parsecs.rhai"], d);
+    assert!(!check.status.success() && text(&check).contains("memory_budget: invalid size `14 parsecs`"), "{}", text(&check));
     let out = train_run(d, &model, "bool", "", "max_steps: 1, memory_budget: true");
     assert!(!out.status.success() && text(&out).contains("memory_budget must be a size such as \"14GiB\" or a number of bytes, got true"), "{}", text(&out));
     let out = train_run(d, &model, "cpu", "", r#"max_steps: 2, memory_budget: "2GiB""#);

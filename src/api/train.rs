@@ -150,6 +150,7 @@ pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
         }
     }
     batch_size_of(json.get("batch_size"))?;
+    memory_budget_of(json.get("memory_budget"))?;
     if let Some(c) = json.get("router_aux_loss_coef").and_then(|v| v.as_f64()) {
         if !(c.is_finite() && c >= 0.0) {
             return Err(format!("router_aux_loss_coef must be a number ≥ 0 (0 turns the load-balancing loss off), got {c}"));
@@ -412,6 +413,16 @@ fn batch_size_of(v: Option<&serde_json::Value>) -> Result<(usize, bool), String>
     }
 }
 
+/// `memory_budget`: a size (`"14GiB"`) or a number of bytes → bytes.
+fn memory_budget_of(v: Option<&serde_json::Value>) -> Result<Option<u64>, String> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => crate::script::options::parse_bytes(s).map(Some).map_err(|e| format!("memory_budget: {e}")),
+        Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
+        Some(v) => Err(format!("memory_budget must be a size such as \"14GiB\" or a number of bytes, got {v}")),
+    }
+}
+
 /// `train`'s options, parsed and checked before any model is looked at.
 struct Run {
     o: TrainOptions,
@@ -465,12 +476,7 @@ fn train_config(run: &Run, spec: &crate::nn::peft::LoraSpec, pad_id: i64, kind: 
         Some(serde_json::Value::String(s)) if s == "offload" => Some(trainer::Checkpointing::Offload),
         Some(v) => anyhow::bail!("gradient_checkpointing must be true, false, \"auto\" or \"offload\", got {v}"),
     };
-    let memory_budget = match &o.memory_budget {
-        None => None,
-        Some(serde_json::Value::String(s)) => Some(crate::script::options::parse_bytes(s).map_err(|e| anyhow::anyhow!("memory_budget: {e}"))?),
-        Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
-        Some(v) => anyhow::bail!("memory_budget must be a size such as \"14GiB\" or a number of bytes, got {v}"),
-    };
+    let memory_budget = memory_budget_of(o.memory_budget.as_ref()).map_err(anyhow::Error::msg)?;
     Ok(TrainConfig {
         memory_budget,
         batch: BatchConfig {

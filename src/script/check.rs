@@ -36,7 +36,8 @@ pub fn check(engine: &Engine, recipe: &Recipe) -> Vec<String> {
                         if let Err(e) = validate(&json) {
                             // Values we cannot know statically stand in as null: only report
                             // what is certain (unknown keys; type errors of constant maps).
-                            let certain = e.contains("unknown field") || e.contains("is not one of") || e.contains("applies to objective") || (all_constant && !e.contains("missing field"));
+                            // (a size is read only from a constant: an unknown one stands in as null, which passes)
+                            let certain = e.contains("unknown field") || e.contains("is not one of") || e.contains("applies to objective") || e.starts_with("memory_budget") || (all_constant && !e.contains("missing field"));
                             if certain {
                                 let at = if map_pos.is_none() { pos } else { *map_pos };
                                 problems.push(super::render_at(&recipe.path, &recipe.source, &format!("{}: {e}", f.name), at));
