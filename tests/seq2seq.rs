@@ -31,7 +31,7 @@ fn t5_logits_loss_and_greedy_tokens_match_transformers() {
         let want = r["loss"].double_value(&[]);
         assert!((loss - want).abs() <= 1e-4 * want, "{name}: loss {loss} vs transformers {want}");
         let source: Vec<i64> = Vec::try_from(ids.get(0)).unwrap();
-        let greedy = m.generate(&source, &ftscript::generate::Sampling { max_new_tokens: 20, ..Default::default() }, &[]).unwrap();
+        let greedy = m.generate(&[source], &ftscript::generate::Sampling { max_new_tokens: 20, ..Default::default() }, &[]).unwrap().remove(0);
         let want: Vec<i64> = Vec::try_from(&r["greedy"]).unwrap();
         assert_eq!(greedy, want, "{name}: greedy tokens");
 
@@ -51,7 +51,8 @@ fn t5_logits_loss_and_greedy_tokens_match_transformers() {
 
 /// The user's path: a recipe loads a T5 directory, scores its reference targets with
 /// `model.loss(source, target)` and generates with `model.generate(source, opts)`: the losses
-/// equal transformers' `loss` with `labels` and the texts its greedy `generate`, for both kinds;
+/// equal transformers' `loss` with `labels` and the texts its greedy `generate` (one by one, in
+/// one right-padded batch, and with a repetition penalty, which sees the decoder's ids), for both kinds;
 /// `evaluate` over the pairs predicts the same texts; with a peft-made LoRA loaded
 /// (`model.load_adapter(dir)`), the losses equal peft's.
 #[test]
@@ -74,6 +75,12 @@ fn a_recipe_scores_and_generates_with_t5_as_transformers_does() {
         let records: Vec<String> = pairs.iter().map(|p| format!("#{{ input: {}, target: {} }}", p["source"], p["target"])).collect();
         body.push_str(&format!("let e = evaluate(m, dataset([{}]), #{{ metrics: [\"exact_match\", \"bleu\"], max_new_tokens: 20, samples: {} }});\n", records.join(", "), pairs.len()));
         body.push_str("print(`RECORDS=${e.records}`);\nfor i in 0..e.samples.len() { print(`EVAL${i}=${e.samples[i].prediction.to_debug()}`); }\n");
+        // the sources in one padded batch; each with a repetition penalty
+        let sources: Vec<String> = pairs.iter().map(|p| p["source"].to_string()).collect();
+        body.push_str(&format!("let b = m.generate([{}], #{{ max_new_tokens: 20 }});\nfor i in 0..b.len() {{ print(`BATCH${{i}}=${{b[i].to_debug()}}`); }}\n", sources.join(", ")));
+        for (i, s) in sources.iter().enumerate() {
+            body.push_str(&format!("print(`PENALIZED{i}=${{m.generate({s}, #{{ max_new_tokens: 20, repetition_penalty: 1.5 }}).to_debug()}}`);\n"));
+        }
         // a peft-made LoRA (q, v, wo of every block; random B) loaded onto it
         body.push_str(&format!("m.load_adapter(\"{}\");\n", dir.join("peft_adapter").display()));
         for (i, p) in pairs.iter().enumerate() {
@@ -92,7 +99,10 @@ fn a_recipe_scores_and_generates_with_t5_as_transformers_does() {
             // Rust's debug form of the text (quoted, newlines escaped), as Rhai's `to_debug` writes it
             assert_eq!(field("GEN"), format!("{:?}", p["generated"].as_str().unwrap()), "{name} pair {i}: generated text");
             assert_eq!(field("EVAL"), format!("{:?}", p["generated"].as_str().unwrap()), "{name} pair {i}: evaluate's prediction");
+            assert_eq!(field("BATCH"), format!("{:?}", p["batch_generated"].as_str().unwrap()), "{name} pair {i}: generated in a padded batch");
+            assert_eq!(field("PENALIZED"), format!("{:?}", p["penalized"].as_str().unwrap()), "{name} pair {i}: with repetition_penalty");
         }
+        assert!(pairs.iter().any(|p| p["penalized"] != p["generated"]), "{name}: the penalty changes no generation, so it is not tested");
     }
 }
 

@@ -116,7 +116,7 @@ pub fn evaluate_seq2seq(ctx: &NativeCallContext, m: &super::seq2seq::Seq2SeqMode
     let (sources, references): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
     let sampling = Sampling { max_new_tokens: o.max_new_tokens.unwrap_or(64), ..Default::default() };
     let started = std::time::Instant::now();
-    let predictions = guard("evaluate", || sources.iter().map(|s| m.0.borrow().generate(s, &sampling)).collect::<anyhow::Result<Vec<_>>>())?;
+    let predictions = guard("evaluate", || m.0.borrow().generate(&sources, &sampling, o.batch_size.unwrap_or(16)))?;
     scores(&o, &sources, &predictions, &references, started)
 }
 
@@ -195,7 +195,7 @@ pub fn register(engine: &mut Engine) {
         .with_params_info(["model: &mut Model", "dataset: Dataset", "options: Map", "Map"])
         .register_into_engine(engine, |ctx: NativeCallContext, m: &mut Model, ds: Dataset, opts: Map| -> Res<Map> { evaluate(&ctx, m, &ds, &opts) });
     FuncRegistration::new("evaluate")
-        .with_comments(["/// On an encoder-decoder model (T5): generates each record's target from its source (format \"seq2seq\", \"alpaca\" or fn(record) -> #{source, target}, as train reads them) and scores it: the same map and options (batch_size is not used)."])
+        .with_comments(["/// On an encoder-decoder model (T5): generates each record's target from its source (format \"seq2seq\", \"alpaca\" or fn(record) -> #{source, target}, as train reads them) and scores it, batch_size sources at a time: the same map and options."])
         .with_params_info(["model: &mut Seq2SeqModel", "dataset: Dataset", "options: Map", "Map"])
         .register_into_engine(engine, |ctx: NativeCallContext, m: &mut super::seq2seq::Seq2SeqModel, ds: Dataset, opts: Map| -> Res<Map> { evaluate_seq2seq(&ctx, m, &ds, &opts) });
 }

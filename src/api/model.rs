@@ -201,7 +201,7 @@ fn generate_text(m: &LoadedModel, prompt: &str, s: &Sampling) -> anyhow::Result<
 }
 
 /// The strings of a Rhai array (`what` names it in the error).
-fn strings(a: Array, what: &str) -> Res<Vec<String>> {
+pub(crate) fn strings(a: Array, what: &str) -> Res<Vec<String>> {
     a.into_iter().map(|p| p.into_string().map_err(|t| -> Box<EvalAltResult> { format!("{what} must be strings, got {t}").into() })).collect()
 }
 

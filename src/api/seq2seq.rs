@@ -10,7 +10,7 @@ use crate::nn::peft::{self, LoraSpec};
 use crate::script::options::{from_json, guard, parse, to_json};
 use crate::tokenizer::Tokenizer;
 use crate::train::seq2seq::Pair;
-use rhai::{Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext};
+use rhai::{Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext};
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
@@ -72,13 +72,18 @@ impl Seq2Seq {
         Ok(self.net.loss(&ids, &ids.ones_like(), &labels, false).to_kind(Kind::Double).double_value(&[]))
     }
 
-    /// The target text generated for `source` (stops at EOS).
-    pub fn generate(&self, source: &str, s: &Sampling) -> anyhow::Result<String> {
-        let ids = self.tokenizer.encode(source, true)?;
+    /// The target texts generated for `sources`, `batch_size` sources at a time (each stops at EOS).
+    pub fn generate(&self, sources: &[String], s: &Sampling, batch_size: usize) -> anyhow::Result<Vec<String>> {
+        let ids = sources.iter().map(|p| self.tokenizer.encode(p, true)).collect::<anyhow::Result<Vec<_>>>()?;
         let mut stops = self.net.config.eos_ids();
         stops.extend(self.tokenizer.eos_id);
-        let out = self.net.generate(&ids, s, &stops)?;
-        Ok(crate::generate::cut_at_stop(&self.tokenizer.decode(&out, true)?, &s.stop).to_string())
+        let mut texts = Vec::with_capacity(sources.len());
+        for chunk in ids.chunks(batch_size.max(1)) {
+            for out in self.net.generate(chunk, s, &stops)? {
+                texts.push(crate::generate::cut_at_stop(&self.tokenizer.decode(&out, true)?, &s.stop).to_string());
+            }
+        }
+        Ok(texts)
     }
 }
 
@@ -207,7 +212,7 @@ pub fn register(engine: &mut Engine) {
     FuncRegistration::new("generate")
         .with_comments(["/// The target text for `source` (an encoder-decoder model: the encoder runs once, the decoder with its cache; greedy, up to 64 new tokens)."])
         .with_params_info(["model: &mut Seq2SeqModel", "source: &str", "String"])
-        .register_into_engine(engine, |m: &mut Seq2SeqModel, source: &str| -> Res<String> { guard("generate", || m.0.borrow().generate(source, &Sampling::default())) });
+        .register_into_engine(engine, |m: &mut Seq2SeqModel, source: &str| -> Res<String> { guard("generate", || Ok(m.0.borrow().generate(&[source.to_string()], &Sampling::default(), 1)?.remove(0))) });
     FuncRegistration::new("generate")
         .with_comments(["/// The target text for `source` with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop}."])
         .with_params_info(["model: &mut Seq2SeqModel", "source: &str", "options: Map", "String"])
@@ -217,7 +222,26 @@ pub fn register(engine: &mut Engine) {
                 return Err("generate: batch_size applies to an array of prompts".into());
             }
             let s = sampling(o);
-            guard("generate", || m.0.borrow().generate(source, &s))
+            guard("generate", || Ok(m.0.borrow().generate(&[source.to_string()], &s, 1)?.remove(0)))
+        });
+    FuncRegistration::new("generate")
+        .with_comments(["/// The target texts for an array of sources, decoded together (right-padded, one encoder pass, one decoder cache; each row stopping at its EOS); greedy, up to 64 new tokens."])
+        .with_params_info(["model: &mut Seq2SeqModel", "sources: Array", "Array"])
+        .register_into_engine(engine, |m: &mut Seq2SeqModel, sources: Array| -> Res<Array> {
+            let sources = super::model::strings(sources, "generate: sources")?;
+            let out = guard("generate", || m.0.borrow().generate(&sources, &Sampling::default(), sources.len()))?;
+            Ok(out.into_iter().map(Dynamic::from).collect())
+        });
+    FuncRegistration::new("generate")
+        .with_comments(["/// The target texts for an array of sources with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, batch_size (all at once)}."])
+        .with_params_info(["model: &mut Seq2SeqModel", "sources: Array", "options: Map", "Array"])
+        .register_into_engine(engine, |m: &mut Seq2SeqModel, sources: Array, opts: Map| -> Res<Array> {
+            let sources = super::model::strings(sources, "generate: sources")?;
+            let o: GenerateOptions = parse("generate", &opts)?;
+            let batch = o.batch_size.unwrap_or(sources.len());
+            let s = sampling(o);
+            let out = guard("generate", || m.0.borrow().generate(&sources, &s, batch))?;
+            Ok(out.into_iter().map(Dynamic::from).collect())
         });
     FuncRegistration::new("load_adapter")
         .with_comments(["/// Loads a peft LoRA adapter directory onto an encoder-decoder model (T5 targets: q, k, v, o, wi, wi_0, wi_1, wo), replacing any it has."])

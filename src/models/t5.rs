@@ -606,33 +606,51 @@ impl T5 {
         logits.view([-1, v]).to_kind(Kind::Float).cross_entropy_loss::<Tensor>(&labels.view([-1]), None, tch::Reduction::Mean, -100, 0.0)
     }
 
-    /// Greedy or sampled decoding of one source (`ids` `[1, S]`): the encoder runs once, the
-    /// decoder step by step from `decoder_start_token_id` with its cache, until an id of
-    /// `stops` (left out) or `max_new_tokens`. Returns the new ids.
-    pub fn generate(&self, ids: &[i64], s: &crate::generate::Sampling, stops: &[i64]) -> Result<Vec<i64>> {
+    /// Greedy or sampled decoding of `sources` in one batch, as transformers' `generate` does it
+    /// for an encoder-decoder: the sources right-padded with `pad_token_id` (masked from the
+    /// encoder and the cross-attention), the encoder run once; the decoder step by step from
+    /// `decoder_start_token_id` with its cache, a finished row fed `pad_token_id`, until every
+    /// row met an id of `stops` (left out) or `max_new_tokens`. Repetition penalties see the
+    /// decoder's ids (the start token and what was generated), not the source, as transformers'
+    /// logits processors do. Returns each row's new ids.
+    pub fn generate(&self, sources: &[Vec<i64>], s: &crate::generate::Sampling, stops: &[i64]) -> Result<Vec<Vec<i64>>> {
         let _guard = tch::no_grad_guard();
-        anyhow::ensure!(!ids.is_empty(), "generate: the source has no tokens");
-        let src = Tensor::from_slice(ids).view([1, -1]).to_device(self.device);
-        let mask = src.ones_like();
+        anyhow::ensure!(sources.iter().all(|ids| !ids.is_empty()), "generate: a source has no tokens");
+        let (b, len) = (sources.len() as i64, sources.iter().map(Vec::len).max().unwrap_or(0));
+        let pad = self.config.pad_token_id;
+        let padded: Vec<i64> = sources.iter().flat_map(|ids| ids.iter().copied().chain(std::iter::repeat(pad).take(len - ids.len()))).collect();
+        let real: Vec<i64> = sources.iter().flat_map(|ids| std::iter::repeat(1).take(ids.len()).chain(std::iter::repeat(0).take(len - ids.len()))).collect();
+        let src = Tensor::from_slice(&padded).view([b, len as i64]).to_device(self.device);
+        let mask = Tensor::from_slice(&real).view([b, len as i64]).to_device(self.device);
         let encoded = self.encode(&src, &mask, false);
         let mut cache = DecoderCache { layers: vec![], len: 0 };
-        let mut next = Tensor::full([1, 1], self.config.decoder_start_token_id, (Kind::Int64, self.device));
-        let mut seen = src.shallow_clone();
-        let mut out = vec![];
+        let mut next = Tensor::full([b, 1], self.config.decoder_start_token_id, (Kind::Int64, self.device));
+        let mut seen = next.shallow_clone();
+        let mut out = vec![vec![]; sources.len()];
+        let mut done = vec![false; sources.len()];
         if s.temperature > 0.0 {
             tch::manual_seed(s.seed as i64);
         }
         for _ in 0..s.max_new_tokens {
             let h = self.decode(&next, &encoded, &mask, Some(&mut cache), false);
-            let logits = crate::generate::process_logits(&self.head(&h, false).view([1, -1]), &seen, s);
-            let id = if s.temperature > 0.0 { logits.softmax(-1, Kind::Float).multinomial(1, false) } else { logits.argmax(-1, false) }.view([1, 1]);
-            let value = id.int64_value(&[0, 0]);
-            if stops.contains(&value) {
+            let logits = crate::generate::process_logits(&self.head(&h, false).view([b, -1]), &seen, s);
+            let ids = if s.temperature > 0.0 { logits.softmax(-1, Kind::Float).multinomial(1, false) } else { logits.argmax(-1, false) }.view([b]);
+            let mut fed = Vec::<i64>::try_from(&ids)?;
+            for (r, id) in fed.iter_mut().enumerate() {
+                if !done[r] && stops.contains(id) {
+                    done[r] = true;
+                } else if !done[r] {
+                    out[r].push(*id);
+                }
+                if done[r] {
+                    *id = pad;
+                }
+            }
+            if done.iter().all(|&d| d) {
                 break;
             }
-            out.push(value);
-            seen = Tensor::cat(&[&seen, &id], 1);
-            next = id;
+            next = Tensor::from_slice(&fed).view([b, 1]).to_device(self.device);
+            seen = Tensor::cat(&[&seen, &next], 1);
         }
         Ok(out)
     }

@@ -16,7 +16,8 @@ OUT_DIR/NAME/reference.safetensors with
   greedy          [20]  int64   20 greedy tokens for the first source (EOS disabled)
   logits_bf16     [2, T, V] fp32  the logits of the model in bf16, as transformers loads it there
   logits_fp16     [2, T, V] fp32  in fp16, the feed-forwards' `wo` kept fp32 (_keep_in_fp32_modules)
-and OUT_DIR/NAME/reference.json with text pairs, their losses and greedy generations, and with
+and OUT_DIR/NAME/reference.json with text pairs, their losses and greedy generations (one by one,
+in one padded batch, and with repetition_penalty 1.5), and with
 the losses of the pairs under OUT_DIR/NAME/peft_adapter, a peft LoRA (q, v, wo; random B) made
 on the model.
 
@@ -144,6 +145,17 @@ def main():
             gen_ids = model.generate(**enc, max_new_tokens=20, do_sample=False, use_cache=False)[0]
         pairs.append({"source": source, "target": target, "loss": loss,
                       "generated": tok.decode(gen_ids, skip_special_tokens=True), "generated_ids": gen_ids[1:].tolist()})
+    # the sources in one right-padded batch; and each with a repetition penalty (transformers
+    # applies it to the decoder's ids only)
+    enc = tok([source for source, _ in PAIRS], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        batch = model.generate(**enc, max_new_tokens=20, do_sample=False, use_cache=False)
+        for pair, ids in zip(pairs, batch):
+            pair["batch_generated"] = tok.decode(ids, skip_special_tokens=True)
+        for pair in pairs:
+            ids = model.generate(**tok(pair["source"], return_tensors="pt"), max_new_tokens=20, do_sample=False,
+                                 repetition_penalty=1.5, use_cache=False)[0]
+            pair["penalized"] = tok.decode(ids, skip_special_tokens=True)
     # a peft LoRA with non-zero B, on a copy (get_peft_model changes the model it wraps)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v", "wo"], init_lora_weights=False, task_type="SEQ_2_SEQ_LM")
     torch.manual_seed(2)
