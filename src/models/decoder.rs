@@ -917,7 +917,7 @@ impl Decoder {
             backward(roots)?;
             return Ok((out, balance.map(|b| b.0)));
         }
-        let (h, routes) = tch::no_grad(|| forward(&mut kept, &mut shared))?;
+        let (h, routes) = crate::nn::no_grad(|| forward(&mut kept, &mut shared))?;
         let balance = aux.and_then(|a| net.load_balancing(&routes, a));
         drop(routes);
         let prefetch = |k: Option<&(Kept, Option<Kept>)>| -> Result<(Option<crate::cuda::Prefetch>, Option<crate::cuda::Prefetch>)> {

@@ -33,7 +33,7 @@ pub(crate) fn merged_tensors(m: &LoadedModel, kind: Kind) -> Vec<LazyTensor<'_>>
                 v.push((name, shape(lin.weight.size()), Box::new(move || merged(lin))));
             }
             _ if name == "model.embed_tokens.weight" && net.embeddings_train() => {
-                v.push((name, shape(net.embed_tokens.size()), Box::new(move || tch::no_grad(|| net.embedding_weight()).to_kind(kind).to_device(Device::Cpu))));
+                v.push((name, shape(net.embed_tokens.size()), Box::new(move || crate::nn::no_grad(|| net.embedding_weight()).to_kind(kind).to_device(Device::Cpu))));
             }
             _ => {
                 let t = dense.iter().find(|(n, _)| *n == name).map(|(_, t)| t.shallow_clone()).unwrap();

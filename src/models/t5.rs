@@ -489,7 +489,7 @@ impl T5 {
         }
         // forward without a graph, each block's input kept
         let (mut enc_inputs, mut dec_inputs) = (vec![], vec![]);
-        let enc_top = tch::no_grad(|| {
+        let enc_top = crate::nn::no_grad(|| {
             tch::manual_seed(seed);
             let mut h = self.embed(ids, true);
             for (i, b) in self.encoder.blocks.iter().enumerate() {
@@ -503,7 +503,7 @@ impl T5 {
         tch::manual_seed(seed + 1 + n_enc + n_dec);
         let encoded = add_norm(&self.encoder.final_norm, &enc_top, None, true).1.dropout(self.dropout(), true);
         let encoded_leaf = encoded.detach().set_requires_grad(true);
-        let dec_top = tch::no_grad(|| {
+        let dec_top = crate::nn::no_grad(|| {
             let mut h = self.embed(&decoder_ids, true);
             for l in 0..self.decoder.blocks.len() {
                 dec_inputs.push(h.shallow_clone());

@@ -121,7 +121,7 @@ impl Mlp {
             return Ok(vec![(x2.shallow_clone(), self.frozen_input_grad((gate_proj, up_proj), &x2, &dy2))]);
         }
         let project = |p: &Linear| {
-            let base = tch::no_grad(|| x2.linear(&p.weight.for_input(x2.kind()), p.bias.as_ref()));
+            let base = crate::nn::no_grad(|| x2.linear(&p.weight.for_input(x2.kind()), p.bias.as_ref()));
             match p.lora() {
                 Some(l) => l.add_to(base, &x2, true),
                 None => base,
@@ -130,7 +130,7 @@ impl Mlp {
         let (gate, up) = (project(gate_proj), project(up_proj));
         let mut dm = self.down_proj.base_input_grad(&dy2);
         if let Some(l) = self.down_proj.lora() {
-            let m = tch::no_grad(|| self.gated(&gate, &up, true)).set_requires_grad(true);
+            let m = crate::nn::no_grad(|| self.gated(&gate, &up, true)).set_requires_grad(true);
             let delta = l.delta(&m, true);
             crate::cuda::autograd::backward(&[(&delta, &dy2)])?;
             dm += m.grad();
@@ -139,7 +139,7 @@ impl Mlp {
         let (dgate, dup) = self.gated_grads(&dm, gate.shallow_clone(), up.shallow_clone());
         drop(dm);
         let dx = x2.empty_like();
-        tch::no_grad(|| Mlp::gate_up_input_grad(&dgate, &dup, &(gate_proj.weight.for_input(x2.kind()), up_proj.weight.for_input(x2.kind())), &dx));
+        crate::nn::no_grad(|| Mlp::gate_up_input_grad(&dgate, &dup, &(gate_proj.weight.for_input(x2.kind()), up_proj.weight.for_input(x2.kind())), &dx));
         let mut roots = vec![(x2, dx)];
         if adapted.0 {
             roots.push((gate, dgate));

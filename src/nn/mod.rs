@@ -23,3 +23,10 @@ use tch::Tensor;
 pub(crate) fn fused(x: &Tensor, train: bool) -> bool {
     train && x.device().is_cuda()
 }
+
+/// `f` without autograd, which comes back on when `f` ends, also by a panic (a CUDA
+/// out-of-memory error arrives as one): `tch::no_grad` restores it only when `f` returns.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = tch::no_grad_guard();
+    f()
+}

@@ -330,13 +330,13 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
     for module in &spec.modules_to_save {
         match module.as_str() {
             "embed_tokens" if net.lm_head.is_none() => bail!("add_lora: modules_to_save `embed_tokens`: this model ties its output head to the embeddings; train chosen rows with trainable_tokens instead"),
-            "embed_tokens" => net.embed_copy = Some(tch::no_grad(|| net.embed_tokens.to_kind(kind).copy()).set_requires_grad(true)),
+            "embed_tokens" => net.embed_copy = Some(crate::nn::no_grad(|| net.embed_tokens.to_kind(kind).copy()).set_requires_grad(true)),
             "lm_head" => {
                 let head = net.lm_head.as_mut().context("add_lora: modules_to_save `lm_head`: this model ties its output head to the embeddings (it has no lm_head of its own)")?;
                 if head.adapter.is_some() {
                     bail!("add_lora: `lm_head` is both a LoRA target and in modules_to_save");
                 }
-                let copy = tch::no_grad(|| head.weight.dense().to_kind(kind).copy()).set_requires_grad(true);
+                let copy = crate::nn::no_grad(|| head.weight.dense().to_kind(kind).copy()).set_requires_grad(true);
                 head.adapter = Some(Adapter::Copy(copy));
             }
             other => bail!("add_lora: modules_to_save `{other}` is not supported (embed_tokens, lm_head)"),
@@ -351,7 +351,7 @@ pub fn add_lora(net: &mut Decoder, spec: &LoraSpec, kind: Kind) -> Result<Vec<St
             bail!("add_lora: trainable token id {bad} is outside the embedding's {vocab} rows");
         }
         let ids = Tensor::from_slice(&spec.trainable_tokens).to_device(net.embed_tokens.device());
-        let values = tch::no_grad(|| net.embed_tokens.index_select(0, &ids).to_kind(kind)).set_requires_grad(true);
+        let values = crate::nn::no_grad(|| net.embed_tokens.index_select(0, &ids).to_kind(kind)).set_requires_grad(true);
         net.token_rows = Some(TokenRows { ids: spec.trainable_tokens.clone(), values });
     }
     Ok(names)
@@ -735,7 +735,7 @@ pub fn merge_linears(net: &mut dyn Adapted) {
 
 /// [`merge_linears`] on a decoder, its trained token rows folded into the embeddings first.
 pub fn merge(net: &mut Decoder) {
-    net.embed_tokens = tch::no_grad(|| net.embedding_weight().detach());
+    net.embed_tokens = crate::nn::no_grad(|| net.embedding_weight().detach());
     net.token_rows = None;
     merge_linears(net);
     for block in net.sparse_blocks_mut() {

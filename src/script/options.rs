@@ -176,7 +176,7 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> Result<T, 
 }
 
 /// Runs `f`, a panic (libtorch's errors, a CUDA out-of-memory among them, arrive as panics from
-/// tch) becoming an error with its readable message. A panic inside `tch::no_grad(|| ...)` skips
+/// tch) becoming an error with its readable message. A panic inside `crate::nn::no_grad(|| ...)` skips
 /// its restoring of autograd's mode, so the mode `f` started in is restored here: a step retried
 /// after running out of memory must record its graph again.
 pub fn catch_panic<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
@@ -221,7 +221,7 @@ mod tests {
     /// later step trained nothing (zero gradients, seen on a GPU under `memory_budget`).
     #[test]
     fn a_panic_inside_no_grad_leaves_gradients_recorded() {
-        let caught = catch_panic(|| -> anyhow::Result<()> { tch::no_grad(|| panic!("CUDA out of memory (as a test)")) });
+        let caught = catch_panic(|| -> anyhow::Result<()> { crate::nn::no_grad(|| panic!("CUDA out of memory (as a test)")) });
         assert!(caught.unwrap_err().to_string().contains("CUDA out of memory"));
         let w = tch::Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         assert!((&w * 2.0).requires_grad(), "autograd stayed off after the caught panic");

@@ -130,7 +130,7 @@ impl Objective for Sft {
         let coef = self.aux_coef.unwrap_or_else(|| net.model_aux_coef());
         let (loss, balance) = match backward {
             Some(bw) => net.loss_and_backward(&ids, &labels, &positions, &mask, bw.weight, &AuxLoss { coef, weight: bw.weight * units, valid }, bw.checkpointing, bw.seed)?,
-            None => tch::no_grad(|| {
+            None => crate::nn::no_grad(|| {
                 let (logits, routes) = net.forward_routed(&ids, &positions, &mask);
                 (loss_sum(&logits, &labels.to_device(logits.device())), net.balance_loss(&routes, coef, valid.as_ref()))
             }),

@@ -69,7 +69,7 @@ impl Objective<T5> for Seq2SeqSft {
         let tokens = rows.iter().flatten().map(|&i| self.pairs(split)[i].source.len() + self.pairs(split)[i].target.len()).sum::<usize>() as i64;
         let loss = match backward {
             Some(bw) => net.loss_and_backward(&ids, &mask, &labels, bw.weight, bw.checkpointing != Checkpointing::Off, bw.seed)?,
-            None => tch::no_grad(|| net.loss(&ids, &mask, &labels, false) * labels.ne(-100).sum(Kind::Float)),
+            None => crate::nn::no_grad(|| net.loss(&ids, &mask, &labels, false) * labels.ne(-100).sum(Kind::Float)),
         };
         Ok(Step { loss: loss.to_kind(Kind::Float), metrics: None, tokens })
     }

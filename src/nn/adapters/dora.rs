@@ -26,7 +26,7 @@ impl Dora {
     /// DoRA on `lora` for the base weight `weight`: `m = ‖W + s·BA‖` (`‖W‖` for a fresh adapter),
     /// in the adapter's dtype.
     pub fn new(lora: Lora, weight: &Weight) -> Dora {
-        let magnitude = tch::no_grad(|| {
+        let magnitude = crate::nn::no_grad(|| {
             let w = weight.dense().to_kind(lora.a.kind());
             row_norms(&(w + lora.merged_delta())).to_kind(lora.a.kind())
         });
@@ -36,7 +36,7 @@ impl Dora {
     /// `g = m / ‖W + s·BA‖` `[1, out]` in `kind`, the norm detached and taken in `kind` (as peft
     /// takes it in the input's dtype).
     fn gain(&self, w: &Tensor, kind: Kind) -> Tensor {
-        let norm = tch::no_grad(|| {
+        let norm = crate::nn::no_grad(|| {
             let ba = self.lora.b.matmul(&self.lora.a).to_kind(kind);
             row_norms(&(w + ba * self.lora.scale))
         });
