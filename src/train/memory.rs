@@ -97,6 +97,34 @@ pub fn fit(room: u64, rows: u64, modes: &[Checkpointing], needs: impl Fn(u64) ->
     }
 }
 
+/// `memory_budget`'s plan, logged: what backward keeps and how many smaller micro-batches each
+/// planned one of `examples` examples (rows of `row_len` tokens) runs as, under `budget` bytes
+/// per GPU of which `resident` are held before any activation ([`fit`]; where nothing is
+/// estimated to fit, the most frugal way one example at a time, with a warning). An error when
+/// the budget is below `resident`.
+pub fn plan_within(budget: u64, resident: u64, examples: u64, row_len: u64, modes: &[Checkpointing], needs: impl Fn(u64) -> Needs) -> anyhow::Result<(Checkpointing, usize)> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    anyhow::ensure!(
+        resident < budget,
+        "memory_budget {:.2} GiB is below what training holds before any activations: {:.2} GiB of weights, adapters and optimizer state on the GPU",
+        gib(budget),
+        gib(resident)
+    );
+    let (mode, split) = fit(budget - resident, examples, modes, needs).unwrap_or_else(|| {
+        tracing::warn!("memory_budget {:.2} GiB: even one example of {row_len} tokens is estimated not to fit beside {:.2} GiB of weights; trying anyway", gib(budget), gib(resident));
+        (*modes.last().unwrap_or(&Checkpointing::On), examples.max(1) as usize)
+    });
+    tracing::info!(
+        "memory_budget {:.2} GiB per GPU ({:.2} held by weights, adapters and optimizer): {}, micro-batches of {} examples ({} per planned one); a step that still runs out of memory retries with the next more frugal setting",
+        gib(budget),
+        gib(resident),
+        mode.describe(),
+        examples.div_ceil(split as u64),
+        split
+    );
+    Ok((mode, split))
+}
+
 /// The next, more frugal way after `c` among `modes` (`None` at the last).
 pub fn more_frugal(c: Checkpointing, modes: &[Checkpointing]) -> Option<Checkpointing> {
     let at = modes.iter().position(|&m| m == c)?;

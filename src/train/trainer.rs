@@ -393,30 +393,11 @@ pub fn train<M: TrainModel>(
     // the cap lasts as long as training (lifted when `_cap` drops)
     let (_cap, (mut checkpointing, mut split)) = match budget {
         Some(b) => {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             let cuda: Vec<tch::Device> = net.devices().into_iter().filter(|d| d.is_cuda()).collect();
             let cap = cuda.iter().map(|&d| crate::cuda::limit_memory(d, b)).collect::<Result<Vec<_>>>()?;
             // the weights, adapters and optimizer moments, and the adapters' gradients to come
             let resident = cuda.iter().filter_map(|&d| crate::cuda::allocated(d)).max().unwrap_or(0) + 4 * params.iter().map(|p| p.numel() as u64).sum::<u64>();
-            if resident >= b {
-                bail!("memory_budget {:.2} GiB is below what training holds before any activations: {:.2} GiB of weights, adapters and optimizer state on the GPU", gib(b), gib(resident));
-            }
-            let plan = match super::memory::fit(b - resident, rows, &modes, needs) {
-                Some(p) => p,
-                None => {
-                    tracing::warn!("memory_budget {:.2} GiB: even one example of {row_len} tokens is estimated not to fit beside {:.2} GiB of weights; trying anyway", gib(b), gib(resident));
-                    (*modes.last().unwrap_or(&Checkpointing::On), rows.max(1) as usize)
-                }
-            };
-            let what = plan.0.describe();
-            tracing::info!(
-                "memory_budget {:.2} GiB per GPU ({:.2} held by weights, adapters and optimizer): {what}, micro-batches of {} examples ({} per planned one); a step that still runs out of memory retries with the next more frugal setting",
-                gib(b),
-                gib(resident),
-                rows.div_ceil(plan.1 as u64),
-                plan.1
-            );
-            (cap, plan)
+            (cap, super::memory::plan_within(b, resident, rows, row_len, &modes, needs)?)
         }
         None => (vec![], match cfg.gradient_checkpointing {
             Some(c) => (c, 1),
