@@ -70,7 +70,7 @@ fn main() {
 /// their autograd functions, multi-tensor optimizer steps, the profiler) against the wheel's
 /// headers.
 fn cuda_shims(libtorch: &std::path::Path, lib: &std::path::Path) {
-    const FILES: [&str; 6] = ["src/cuda/memory.cpp", "src/cuda/offload.cpp", "src/cuda/rtc.cpp", "src/cuda/autograd.cpp", "src/cuda/optim.cpp", "src/cuda/profile.cpp"];
+    const FILES: [&str; 7] = ["src/cuda/memory.cpp", "src/cuda/graph.cpp", "src/cuda/offload.cpp", "src/cuda/rtc.cpp", "src/cuda/autograd.cpp", "src/cuda/optim.cpp", "src/cuda/profile.cpp"];
     for f in FILES.iter().chain(&["src/cuda/guarded.h", "src/cuda/streams.h"]) {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -123,6 +123,16 @@ def main():
     print(json.dumps(peer), flush=True)
     print(f"RATIO generate {a.shape} batch {a.batch}: ftscript {ours['tokens_per_s']} tok/s vs transformers+peft {peer['tokens_per_s']} = "
           f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x", flush=True)
+    if a.batch == 1:
+        # batch-1 decoding reads every weight once a token: the memory-bandwidth limit
+        import torch
+        weights = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+        name = torch.cuda.get_device_name()
+        bandwidth = 4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None
+        if bandwidth:
+            limit = bandwidth / weights
+            print(f"BANDWIDTH {a.shape} on {name}: {weights / 1e9:.2f} GB of weights a token at {bandwidth / 1e12:.2f} TB/s: limit {limit:.0f} tok/s; "
+                  f"ftscript at {100 * ours['tokens_per_s'] / limit:.1f}%, transformers+peft at {100 * peer['tokens_per_s'] / limit:.1f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 //! Text generation with a KV cache, and scoring.
 
-use crate::models::decoder::{AttnMask, KvCache};
+use crate::models::decoder::{AttnMask, KvCache, LayerInputs};
 use crate::models::LoadedModel;
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -19,11 +19,13 @@ pub struct Sampling {
     pub seed: u64,
     /// A row stops once its text contains one of these (the text is cut before it).
     pub stop: Vec<String>,
+    /// On a GPU, replay the decoding step from a CUDA graph (off: op by op).
+    pub cuda_graph: bool,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: 0, stop: vec![] }
+        Sampling { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: 0, stop: vec![], cuda_graph: true }
     }
 }
 
@@ -75,10 +77,11 @@ pub fn process_logits(logits: &Tensor, seen: &Tensor, s: &Sampling) -> Tensor {
 }
 
 /// Generates up to `max_new_tokens` after each prompt, in one batch: prompts left-padded, one
-/// KV cache for the batch, each row stopping at its own stop id (or, with stop strings, once its
-/// decoded text holds one: then each step's tokens are read back to the host); the next tokens
-/// are picked on the device (greedy: argmax; sampling: a draw from the processed distribution,
-/// seeded). Returns each row's new ids, the stop id left out.
+/// fixed-capacity KV cache for the batch, each row stopping at its own stop id (or, with stop
+/// strings, once its decoded text holds one: then each step's tokens are read back to the host);
+/// the next tokens are picked on the device (greedy: argmax; sampling: a draw from the processed
+/// distribution, seeded). On a GPU the decoding step is replayed from a CUDA graph
+/// ([`Decoding`]). Returns each row's new ids, the stop id left out.
 pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -> Result<Vec<Vec<i64>>> {
     let _guard = tch::no_grad_guard();
     let net = &model.net;
@@ -95,27 +98,22 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
         ids.extend(std::iter::repeat(pad).take(n).chain(p.iter().copied()));
         valid.extend(std::iter::repeat(false).take(n).chain(std::iter::repeat(true).take(p.len())));
     }
-    let mut input = Tensor::from_slice(&ids).view([b, width]).to_device(device);
-    let mut valid = Tensor::from_slice(&valid).view([b, width]).to_device(device);
+    let input = Tensor::from_slice(&ids).view([b, width]).to_device(device);
+    let valid = Tensor::from_slice(&valid).view([b, width]).to_device(device);
+    let mut decoding = Decoding::new(net, &valid, width + s.max_new_tokens as i64, s.cuda_graph);
+    let mut logits = decoding.prompts(&input, ragged)?;
     // positions count real tokens only (a left-padded row starts at 0 where its prompt does)
-    let mut positions = (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
     let mut next_position = valid.sum_dim_intlist([1].as_slice(), false, Kind::Int64);
-    let mut seen = input.shallow_clone();
+    let mut seen = input;
     let stops = Tensor::from_slice(&stop_ids(model)).to_device(device);
     let mut finished = Tensor::zeros([b], (Kind::Bool, device));
-    let mut cache = KvCache::default();
     let mut generated = vec![];
     if s.temperature > 0.0 {
         tch::manual_seed(s.seed as i64);
     }
     for step in 0..s.max_new_tokens {
-        let t = input.size()[1];
-        // without padding the causal mask serves (and costs no ops)
-        let mask = if ragged { AttnMask::Padded(valid.shallow_clone()) } else { AttnMask::Causal };
-        let h = net.hidden(&input, &positions, &mask, Some(&mut cache), false);
-        // only the last position's logits are needed: project just that row
-        let logits = process_logits(&net.head(&h.narrow(1, t - 1, 1), false).view([b, -1]), &seen.to_device(net.head_device), s).to_device(device);
-        let next = if s.temperature > 0.0 { logits.softmax(-1, Kind::Float).multinomial(1, false).view([b]) } else { logits.argmax(-1, false) };
+        let scores = process_logits(&logits, &seen.to_device(net.head_device), s).to_device(device);
+        let next = if s.temperature > 0.0 { scores.softmax(-1, Kind::Float).multinomial(1, false).view([b]) } else { scores.argmax(-1, false) };
         // a finished row keeps emitting padding
         let next = Tensor::full([b], pad, (Kind::Int64, device)).where_self(&finished, &next);
         finished = finished.logical_or(&Tensor::isin(&next, &stops, false, false));
@@ -133,21 +131,18 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
         if step + 1 == s.max_new_tokens || finished.all().int64_value(&[]) != 0 {
             break;
         }
-        input = next.view([b, 1]);
-        positions = next_position.view([b, 1]);
-        next_position = next_position + 1;
-        valid = Tensor::cat(&[valid, Tensor::ones([b, 1], (Kind::Bool, device))], 1);
-        seen = Tensor::cat(&[seen, input.shallow_clone()], 1);
+        seen = Tensor::cat(&[&seen, &next.view([b, 1])], 1);
+        let len = seen.size()[1];
         // LongRoPE turns to its long factors once a sequence passes the pretraining length; the
         // cache, rotated with the short ones, is computed again then (transformers' Phi-3 does)
-        if let crate::nn::rope::RopeScaling::LongRope { original_max_position_embeddings: original, .. } = net.config.rope_scaling {
-            let len = seen.size()[1];
-            if len > original as i64 && len - 1 <= original as i64 {
-                cache = KvCache::default();
-                input = seen.shallow_clone();
-                positions = (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+        logits = match net.config.rope_scaling {
+            crate::nn::rope::RopeScaling::LongRope { original_max_position_embeddings: o, .. } if len > o as i64 && len - 1 <= o as i64 => {
+                let _ = decoding.valid.narrow(1, len - 1, 1).fill_(1);
+                decoding.prompts(&seen, ragged)?
             }
-        }
+            _ => decoding.step(&next, &next_position, len - 1)?,
+        };
+        next_position = next_position + 1;
     }
     let all = Tensor::stack(&generated, 1).to_device(tch::Device::Cpu);
     let stops = stop_ids(model);
@@ -157,6 +152,129 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
             row.into_iter().take_while(|t| !stops.contains(t)).collect()
         })
         .collect())
+}
+
+/// Decoding steps replayed from CUDA graphs in this process (what tests and logs can check).
+static GRAPH_REPLAYS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many decoding steps this process has replayed from a CUDA graph.
+pub fn cuda_graph_replays() -> usize {
+    GRAPH_REPLAYS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Decoding over a fixed-capacity [`KvCache`]: every step reads the same buffers (the tokens,
+/// their positions, the slot they are written to, which slots hold keys) and has the same
+/// shapes, so on a GPU the step is recorded once as a CUDA graph and replayed: one launch a
+/// token instead of one per op. Models split across GPUs, sparse models and rotary scalings
+/// that depend on the sequence's length decode op by op.
+struct Decoding<'a> {
+    net: &'a crate::models::decoder::Decoder,
+    cache: KvCache,
+    /// `[B, capacity]`: the slots holding a real token's keys.
+    valid: Tensor,
+    ids: Tensor,
+    positions: Tensor,
+    /// `[1]`: the slot a step writes.
+    slot: Tensor,
+    /// Each rotary table's `(cos, sin)` `[capacity, d]` by position, when positions alone fix them.
+    tables: Option<Vec<(Tensor, Tensor)>>,
+    graph: Graph,
+}
+
+enum Graph {
+    /// Not recorded yet: the next step records it.
+    Pending,
+    /// The recording and the logits each replay rewrites.
+    Recorded(crate::cuda::graph::CudaGraph, Tensor),
+    Off,
+}
+
+impl<'a> Decoding<'a> {
+    /// Decoding of `valid.size()[0]` rows of up to `capacity` tokens, the first
+    /// `valid.size()[1]` of them the prompts (`valid` marks their real tokens).
+    fn new(net: &'a crate::models::decoder::Decoder, valid: &Tensor, capacity: i64, cuda_graph: bool) -> Decoding<'a> {
+        let (b, width) = valid.size2().unwrap();
+        let device = net.device;
+        let all = Tensor::zeros([b, capacity], (Kind::Bool, device));
+        all.narrow(1, 0, width).copy_(valid);
+        let fixed = net.ropes.iter().all(|r| !r.depends_on_length());
+        let by_position = Tensor::arange(capacity, (Kind::Int64, device)).view([1, capacity]);
+        let tables = fixed.then(|| net.ropes.iter().map(|r| r.cos_sin(&by_position, net.kind)).map(|(c, s)| (c.view([capacity, -1]), s.view([capacity, -1]))).collect());
+        let graphable = device.is_cuda() && net.devices().len() == 1 && net.config.moe.is_none() && fixed;
+        if device.is_cuda() && cuda_graph && !graphable {
+            tracing::debug!("generate: decoding op by op (the model is split across GPUs, sparse, or its rotary scaling depends on the length)");
+        }
+        Decoding {
+            net,
+            cache: net.new_cache(b, capacity),
+            valid: all,
+            ids: Tensor::zeros([b, 1], (Kind::Int64, device)),
+            positions: Tensor::zeros([b, 1], (Kind::Int64, device)),
+            slot: Tensor::zeros([1], (Kind::Int64, device)),
+            tables,
+            graph: if cuda_graph && graphable { Graph::Pending } else { Graph::Off },
+        }
+    }
+
+    /// The next-token logits `[B, V]` after the prompts `ids` `[B, T]` (left-padded when
+    /// `ragged`), whose keys go to slots `0..T`.
+    fn prompts(&mut self, ids: &Tensor, ragged: bool) -> Result<Tensor> {
+        let (b, t) = ids.size2()?;
+        let valid = self.valid.narrow(1, 0, t);
+        let positions = (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+        // without padding the causal mask serves (and costs no ops)
+        let mask = if ragged { AttnMask::Padded(valid) } else { AttnMask::Causal };
+        self.cache.at = None;
+        let h = self.net.hidden(ids, &positions, &mask, Some(&self.cache), false);
+        self.cache.at = Some(self.slot.shallow_clone());
+        // only the last position's logits are needed: project just that row
+        Ok(self.net.head(&h.narrow(1, t - 1, 1), false).view([b, -1]))
+    }
+
+    /// The next-token logits `[B, V]` after one token a row, `next` `[B]` at `positions` `[B]`,
+    /// its keys written to `slot`. A replayed graph's logits are rewritten by the next step.
+    fn step(&mut self, next: &Tensor, positions: &Tensor, slot: i64) -> Result<Tensor> {
+        let b = next.size()[0];
+        self.ids.copy_(&next.view([b, 1]));
+        self.positions.copy_(&positions.view([b, 1]));
+        let _ = self.slot.fill_(slot);
+        match std::mem::replace(&mut self.graph, Graph::Off) {
+            Graph::Recorded(graph, logits) => {
+                graph.replay()?;
+                GRAPH_REPLAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let out = logits.shallow_clone();
+                self.graph = Graph::Recorded(graph, logits);
+                Ok(out)
+            }
+            Graph::Pending => {
+                let this = &*self;
+                let (logits, recorded) = crate::cuda::graph::CudaGraph::record(self.net.device, || crate::script::options::catch_panic(|| Ok(this.forward())))?;
+                match recorded {
+                    Ok((graph, out)) => self.graph = Graph::Recorded(graph, out),
+                    Err(e) => tracing::warn!("generate: decoding op by op (the step could not be recorded as a CUDA graph: {e:#})"),
+                }
+                Ok(logits)
+            }
+            Graph::Off => Ok(self.forward()),
+        }
+    }
+
+    /// The step itself, on the buffers: marks the slot valid, writes the keys there and
+    /// attends to every valid slot.
+    fn forward(&self) -> Tensor {
+        let (net, b) = (self.net, self.ids.size()[0]);
+        let _ = self.valid.shallow_clone().index_fill_(1, &self.slot, 1);
+        let tables = match &self.tables {
+            Some(tables) => {
+                let at = |t: &Tensor| t.index_select(0, &self.positions.view([b])).view([b, 1, 1, -1]);
+                tables.iter().map(|(cos, sin)| (at(cos), at(sin))).collect()
+            }
+            None => net.ropes.iter().map(|r| r.cos_sin(&self.positions, net.kind)).collect(),
+        };
+        let shared = LayerInputs::new(tables, &AttnMask::Padded(self.valid.shallow_clone()));
+        let (h, _) = net.hidden_with(&self.ids, shared, Some(&self.cache), false);
+        net.head(&h, false).view([b, -1])
+    }
 }
 
 /// `text` up to the first of the stop strings in it.

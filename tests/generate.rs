@@ -45,6 +45,73 @@ fn batched_greedy_generation_matches_transformers_on_mistral() {
     batched_greedy_matches_transformers("mistral");
 }
 
+/// q/k norms and a sliding window shorter than the longest prompt.
+#[test]
+fn batched_greedy_generation_matches_transformers_on_qwen3() {
+    batched_greedy_matches_transformers("qwen3");
+}
+
+/// Soft-capped scores and logits (attention op by op), sliding windows.
+#[test]
+fn batched_greedy_generation_matches_transformers_on_gemma2() {
+    batched_greedy_matches_transformers("gemma2");
+}
+
+/// A second rotary table for the sliding-window layers.
+#[test]
+fn batched_greedy_generation_matches_transformers_on_gemma3() {
+    batched_greedy_matches_transformers("gemma3");
+}
+
+/// On a GPU each decoding step is replayed from a CUDA graph: for every dense family (GQA,
+/// q/k norms and sliding windows, soft-capping, two rotary tables) with LoRA adapters attached
+/// unmerged, greedy and seeded sampling give the tokens of op-by-op decoding, in fp32 and bf16,
+/// and the graph did run; in fp32 the greedy tokens are also transformers' (on the CPU).
+/// Ignored unless asked for (`--include-ignored`, on a GPU).
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn cuda_graph_decoding_gives_the_tokens_of_op_by_op_decoding() {
+    assert!(tch::Cuda::is_available(), "this test needs CUDA");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let lengths = [3usize, 40, 17, 8, 25, 5, 33, 12];
+    let prompts: Vec<Vec<i64>> = lengths.iter().enumerate().map(|(r, &n)| (0..n).map(|i| 3 + ((i * 31 + r * 97 + 7) % 290) as i64).collect()).collect();
+    std::fs::write(d.join("prompts.json"), serde_json::to_string(&prompts).unwrap()).unwrap();
+    let max_new = 24;
+    for name in ["llama_gqa", "qwen3", "gemma2", "gemma3"] {
+        let model_dir = tiny(d, name);
+        for dtype in ["fp32", "bf16"] {
+            let mut m = ftscript::models::load(&model_dir, dtype, Device::Cuda(0)).unwrap();
+            let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters: vec![] };
+            let kind = m.net.kind;
+            ftscript::nn::peft::add_lora(&mut m.net, &spec, kind).unwrap();
+            tch::no_grad(|| {
+                for lin in m.net.linears_mut() {
+                    if let Some(l) = lin.lora() {
+                        let _ = l.b.shallow_clone().normal_(0.0, 0.05);
+                    }
+                }
+            });
+            for temperature in [0.0, 0.8] {
+                let s = Sampling { max_new_tokens: max_new, temperature, top_k: 50, seed: 7, ..Default::default() };
+                let before = ftscript::generate::cuda_graph_replays();
+                let graphed = generate_batch(&m, &prompts, &s).unwrap();
+                let replays = ftscript::generate::cuda_graph_replays() - before;
+                let eager = generate_batch(&m, &prompts, &Sampling { cuda_graph: false, ..s.clone() }).unwrap();
+                println!("{name} {dtype} temperature {temperature}: {replays} steps replayed, {} tokens", graphed.iter().map(Vec::len).sum::<usize>());
+                assert_eq!(graphed, eager, "{name} {dtype} temperature {temperature}: the graph's tokens differ from op-by-op decoding");
+                assert!(replays > 0, "{name} {dtype}: no step was replayed from a CUDA graph");
+            }
+        }
+        // plain fp32 (no adapters) against transformers' left-padded generate on the CPU
+        let m = ftscript::models::load(&model_dir, "fp32", Device::Cuda(0)).unwrap();
+        py("generate_reference.py", &["generate", model_dir.to_str().unwrap(), d.join("prompts.json").to_str().unwrap(), &max_new.to_string(), d.join("hf.json").to_str().unwrap()]);
+        let theirs: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(d.join("hf.json")).unwrap()).unwrap();
+        let ours = generate_batch(&m, &prompts, &Sampling { max_new_tokens: max_new, ..Default::default() }).unwrap();
+        assert_eq!(ours, theirs, "{name}: CUDA-graph decoding differs from transformers' generate");
+    }
+}
+
 #[test]
 fn logits_processors_match_transformers() {
     let tmp = tempfile::tempdir().unwrap();

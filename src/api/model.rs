@@ -66,6 +66,8 @@ pub struct GenerateOptions {
     pub stop: Option<Vec<String>>,
     /// Prompts decoded together (an array of prompts; all at once by default).
     pub batch_size: Option<usize>,
+    /// On a GPU, replay each decoding step from a CUDA graph (default true; false: op by op).
+    pub cuda_graph: Option<bool>,
 }
 
 /// What `load_model` returns: a [`Model`] (a decoder), or a [`Seq2SeqModel`] when config.json
@@ -176,6 +178,7 @@ pub fn sampling(o: GenerateOptions) -> Sampling {
         repetition_penalty: o.repetition_penalty.unwrap_or(d.repetition_penalty),
         seed: o.seed.unwrap_or(d.seed),
         stop: o.stop.unwrap_or_default(),
+        cuda_graph: o.cuda_graph.unwrap_or(d.cuda_graph),
     }
 }
 

@@ -4,6 +4,7 @@
 //! with their backward ([`autograd`]); the profiler ([`profile`]).
 
 pub mod autograd;
+pub mod graph;
 pub mod kernels;
 pub mod profile;
 

@@ -19,7 +19,7 @@
 use super::config::DecoderConfig;
 use super::Checkpointing;
 use super::placement::Placement;
-pub use crate::nn::attention::{AttnMask, KvCache, LayerInputs};
+pub use crate::nn::attention::{AttnMask, CacheSlot, KvCache, LayerInputs};
 pub use crate::nn::mlp::Mlp;
 pub use crate::nn::moe::{FeedForward, Routing, SparseMoe};
 pub use crate::nn::norm::RmsNorm;
@@ -48,11 +48,11 @@ pub struct Attention {
     softcap: Option<f64>,
 }
 
-/// The causal mask `[t, kv_len]` of queries at cache positions `past..kv_len` over keys
-/// `0..kv_len`: allowed(i, j) = j ≤ past+i (and past+i−j < w); and the diagonal j = past+i.
-fn causal_over_cache(past: i64, kv_len: i64, window: Option<i64>, device: tch::Device) -> (Tensor, Tensor) {
-    let qpos = Tensor::arange_start(past, kv_len, (Kind::Int64, device)).unsqueeze(1);
-    let kpos = Tensor::arange(kv_len, (Kind::Int64, device)).unsqueeze(0);
+/// The causal mask `[t, t]` of `t` positions: allowed(i, j) = j ≤ i (and i − j < w); and the
+/// diagonal j = i.
+fn causal(t: i64, window: Option<i64>, device: tch::Device) -> (Tensor, Tensor) {
+    let qpos = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1);
+    let kpos = qpos.view([1, t]);
     let mut m = kpos.le_tensor(&qpos);
     if let Some(w) = window {
         m = m.logical_and(&(&qpos - &kpos).lt(w));
@@ -67,7 +67,7 @@ impl Attention {
         x: &Tensor,
         cos_sin: &(Tensor, Tensor),
         mask: &AttnMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<CacheSlot<'_>>,
         train: bool,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
@@ -75,18 +75,36 @@ impl Attention {
         let q = rotate(self.head_norm(&self.q_norm, q, self.n_heads, train), self.n_heads, self.head_dim, cos_sin, train);
         let mut k = rotate(self.head_norm(&self.k_norm, k, self.n_kv_heads, train), self.n_kv_heads, self.head_dim, cos_sin, train);
         let mut v = v.view([b, t, self.n_kv_heads, self.head_dim]).transpose(1, 2);
-        let mut past = 0;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                past = pk.size()[2];
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
+        // a one-token step over a fixed cache: the slot it writes (`[1]` on the device)
+        let mut step_at = None;
+        if let Some(c) = cache {
+            let (mut ck, mut cv) = (c.k.shallow_clone(), c.v.shallow_clone());
+            match c.at {
+                None => {
+                    ck.narrow(2, 0, t).copy_(&k);
+                    cv.narrow(2, 0, t).copy_(&v);
+                }
+                Some(at) => {
+                    let _ = ck.index_copy_(2, at, &k);
+                    let _ = cv.index_copy_(2, at, &v);
+                    (k, v, step_at) = (ck, cv, Some(at));
+                }
             }
-            *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
-        let kv_len = past + t;
+        let kv_len = k.size()[2];
         let window = self.sliding_window.filter(|w| *w < kv_len);
         let explicit: Option<Tensor> = match mask {
+            _ if step_at.is_some() => {
+                let AttnMask::Padded(valid) = mask else { unreachable!("a step over a fixed cache is masked by its valid slots") };
+                // the slots written so far (the step's own included), within the window of the
+                // step's slot
+                let mut m = valid.view([b, 1, 1, kv_len]);
+                if let Some(w) = window {
+                    let behind = step_at.unwrap() - Tensor::arange(kv_len, (Kind::Int64, x.device()));
+                    m = m.logical_and(&behind.lt(w).view([1, 1, 1, kv_len]));
+                }
+                Some(m)
+            }
             AttnMask::Segments(seg) => {
                 // allowed(i, j) = j ≤ i and seg[i] == seg[j]
                 let same = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1));
@@ -109,12 +127,12 @@ impl Attention {
             AttnMask::Padded(valid) => {
                 // causal, key j valid; a padding query also sees itself, so that no row of
                 // scores is all masked (NaN through SDPA)
-                let (m, diagonal) = causal_over_cache(past, kv_len, window, x.device());
+                let (m, diagonal) = causal(kv_len, window, x.device());
                 Some(m.unsqueeze(0).logical_and(&valid.unsqueeze(1)).logical_or(&diagonal.unsqueeze(0)).unsqueeze(1))
             }
             // SDPA's own causal mask serves; eager attention (soft-capped scores) needs it written out
-            AttnMask::Causal if (past == 0 || t == 1) && window.is_none() && self.softcap.is_none() => None,
-            AttnMask::Causal => Some(causal_over_cache(past, kv_len, window, x.device()).0),
+            AttnMask::Causal if window.is_none() && self.softcap.is_none() => None,
+            AttnMask::Causal => Some(causal(kv_len, window, x.device()).0),
         };
         let is_causal = explicit.is_none() && t > 1;
         let y = match self.softcap {
@@ -199,14 +217,14 @@ impl DecoderLayer {
         h: &Tensor,
         cos_sin: &(Tensor, Tensor),
         mask: &AttnMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<CacheSlot<'_>>,
         train: bool,
     ) -> Tensor {
         self.forward_routed(h, cos_sin, mask, cache, train).0
     }
 
     /// [`DecoderLayer::forward`], and where a sparse block routed each token.
-    pub fn forward_routed(&self, h: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask, cache: Option<&mut Option<(Tensor, Tensor)>>, train: bool) -> (Tensor, Option<Routing>) {
+    pub fn forward_routed(&self, h: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask, cache: Option<CacheSlot<'_>>, train: bool) -> (Tensor, Option<Routing>) {
         let (_, h, x) = self.attention_block(h, None, cos_sin, mask, cache, train);
         let (y, routing) = self.mlp_block_routed(&x, train);
         (h + y, routing)
@@ -250,7 +268,7 @@ impl DecoderLayer {
         pending: Option<&Tensor>,
         cos_sin: &(Tensor, Tensor),
         mask: &AttnMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<CacheSlot<'_>>,
         train: bool,
     ) -> (Tensor, Tensor, Tensor) {
         let attn = &self.self_attn;
@@ -480,8 +498,9 @@ impl Decoder {
     pub fn embed(&self, ids: &Tensor) -> Tensor {
         let e = Tensor::embedding(&self.embedding_weight(), ids, -1, false, false);
         if self.config.embed_scale {
-            // transformers multiplies by √H rounded to the weights' dtype
-            let scale = Tensor::from((self.config.hidden_size as f64).sqrt()).to_kind(e.kind()).to_device(e.device());
+            // transformers multiplies by √H rounded to the weights' dtype (a host scalar: no
+            // copy to the device)
+            let scale = Tensor::from((self.config.hidden_size as f64).sqrt()).to_kind(e.kind()).double_value(&[]);
             e * scale
         } else {
             e
@@ -500,27 +519,33 @@ impl Decoder {
     }
 
     /// Hidden states after the last decoder layer (before the final norm).
-    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, cache: Option<&KvCache>, train: bool) -> Tensor {
         self.hidden_routed(ids, positions, mask, cache, train).0
     }
 
-    /// [`Decoder::hidden`], and the routings of the sparse layers; each layer's input is moved to
-    /// its device first.
-    pub fn hidden_routed(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, mut cache: Option<&mut KvCache>, train: bool) -> (Tensor, Vec<Routing>) {
-        let mut shared = self.layer_inputs(positions, mask);
+    /// [`Decoder::hidden`], and the routings of the sparse layers.
+    pub fn hidden_routed(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, cache: Option<&KvCache>, train: bool) -> (Tensor, Vec<Routing>) {
+        self.hidden_with(ids, self.layer_inputs(positions, mask), cache, train)
+    }
+
+    /// [`Decoder::hidden_routed`] with the layers' rotary tables and mask given; each layer's
+    /// input is moved to its device first.
+    pub fn hidden_with(&self, ids: &Tensor, mut shared: LayerInputs, cache: Option<&KvCache>, train: bool) -> (Tensor, Vec<Routing>) {
         let mut h = self.embed(ids);
-        if let Some(c) = cache.as_deref_mut() {
-            c.layers.resize_with(self.layers.len(), || None);
-        }
         let mut routes = vec![];
         for (l, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             let (cos_sin, mask) = shared.on(layer.device, layer.rope);
-            let (y, routing) = layer.forward_routed(&h.to_device(layer.device), cos_sin, mask, slot, train);
+            let (y, routing) = layer.forward_routed(&h.to_device(layer.device), cos_sin, mask, cache.map(|c| c.slot(l)), train);
             routes.extend(routing);
             h = y;
         }
         (h, routes)
+    }
+
+    /// An empty [`KvCache`] for `b` rows of `capacity` positions, each layer's on its device.
+    pub fn new_cache(&self, b: i64, capacity: i64) -> KvCache {
+        let shapes = self.layers.iter().map(|l| (l.device, l.self_attn.n_kv_heads, l.self_attn.head_dim));
+        KvCache::new(shapes, b, capacity, self.kind)
     }
 
     /// [`DecoderLayer::attention_block`] of layer `l` (`h` and `pending` already on the layer's
@@ -667,7 +692,7 @@ impl Decoder {
     }
 
     /// Logits for token ids `[B, T]` at `positions` `[B, T]`.
-    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+    pub fn forward(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, cache: Option<&KvCache>, train: bool) -> Tensor {
         let h = self.hidden(ids, positions, mask, cache, train);
         self.head(&h, train)
     }

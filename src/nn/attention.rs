@@ -60,14 +60,35 @@ impl LayerInputs {
     }
 }
 
-/// Keys and values seen so far, per layer, for incremental decoding.
-#[derive(Default)]
+/// Keys and values for incremental decoding, in buffers of a fixed capacity per layer
+/// (`[B, kv_heads, capacity, head_dim]`), so that every decoding step has the same shapes and
+/// reads and writes the same memory (what a CUDA graph replays). A forward over the prompts
+/// (`at` None) writes slots `0..T` and attends to the prompts alone; a one-token step writes slot
+/// `at` (`[1]` int64, on the device) and attends to the slots its [`AttnMask::Padded`] marks valid.
 pub struct KvCache {
-    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    pub layers: Vec<(Tensor, Tensor)>,
+    pub at: Option<Tensor>,
+}
+
+/// One layer's part of a [`KvCache`].
+#[derive(Clone, Copy)]
+pub struct CacheSlot<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub at: Option<&'a Tensor>,
 }
 
 impl KvCache {
-    pub fn len(&self) -> i64 {
-        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.size()[2]).unwrap_or(0)
+    /// Zeroed buffers for `b` rows of `capacity` positions; `layers` gives each layer's device
+    /// and `(kv_heads, head_dim)`.
+    pub fn new(layers: impl IntoIterator<Item = (Device, i64, i64)>, b: i64, capacity: i64, kind: tch::Kind) -> KvCache {
+        let zeros = |d, h, hd| Tensor::zeros([b, h, capacity, hd], (kind, d));
+        KvCache { layers: layers.into_iter().map(|(d, h, hd)| (zeros(d, h, hd), zeros(d, h, hd))).collect(), at: None }
+    }
+
+    /// Layer `l`'s buffers and where this forward writes.
+    pub fn slot(&self, l: usize) -> CacheSlot<'_> {
+        let (k, v) = &self.layers[l];
+        CacheSlot { k, v, at: self.at.as_ref() }
     }
 }

@@ -73,9 +73,14 @@ impl Rope {
         }
     }
 
+    /// Whether a position's rotation depends on the sequence's length too (dynamic NTK, LongRoPE).
+    pub fn depends_on_length(&self) -> bool {
+        matches!(self.scaling, RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. })
+    }
+
     /// `(cos, sin)` of shape `[B, 1, T, d]` for positions `[B, T]`, in `kind`.
     pub fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-        let max_pos = if matches!(self.scaling, RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. }) {
+        let max_pos = if self.depends_on_length() {
             positions.max().int64_value(&[])
         } else {
             0
