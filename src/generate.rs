@@ -260,7 +260,9 @@ impl<'a> Decoding<'a> {
     }
 
     /// The step itself, on the buffers: marks the slot valid, writes the keys there and
-    /// attends to every valid slot.
+    /// attends to every valid slot. On a GPU the decoder's layers run their fused kernels
+    /// (RMSNorm with the residual add, RoPE, SwiGLU, attention over the cache: a few kernels a
+    /// layer where the op path launches dozens).
     fn forward(&self) -> Tensor {
         let (net, b) = (self.net, self.ids.size()[0]);
         let _ = self.valid.shallow_clone().index_fill_(1, &self.slot, 1);
@@ -272,7 +274,7 @@ impl<'a> Decoding<'a> {
             None => net.ropes.iter().map(|r| r.cos_sin(&self.positions, net.kind)).collect(),
         };
         let shared = LayerInputs::new(tables, &AttnMask::Padded(self.valid.shallow_clone()));
-        let (h, _) = net.hidden_with(&self.ids, shared, Some(&self.cache), false);
+        let (h, _) = crate::nn::decoding_kernels(|| net.hidden_with(&self.ids, shared, Some(&self.cache), false));
         net.head(&h, false).view([b, -1])
     }
 }

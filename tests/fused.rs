@@ -364,3 +364,46 @@ fn fused_softcap_softmax_matches_the_ops() {
         }
     }
 }
+
+/// One decoding step's attention kernel against the same attention by ops in fp64 (scores,
+/// soft-cap, mask, softmax, weighted sum): grouped-query heads, left padding, unwritten slots,
+/// a sliding window and Gemma 2's soft-cap; in bf16 within two units of its precision (the
+/// kernel sums in fp32 and rounds once), in fp32 within 64 (its sums' own rounding).
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn decode_attention_matches_masked_softmax_attention() {
+    let Some((dev, _rng)) = cuda() else { return };
+    tch::manual_seed(5);
+    let (b, heads, kv_heads, cap, slot) = (3i64, 8i64, 2i64, 300i64, 217i64);
+    for kind in [Kind::BFloat16, Kind::Float] {
+        for dim in [64i64, 128, 256] {
+            for (window, softcap) in [(None, None), (Some(50), None), (None, Some(20.0)), (Some(64), Some(50.0))] {
+                let q = Tensor::randn([b, heads, 1, dim], (kind, dev));
+                let k = Tensor::randn([b, kv_heads, cap, dim], (kind, dev));
+                let v = Tensor::randn([b, kv_heads, cap, dim], (kind, dev));
+                // row r's prompt starts at slot 7r (left padding); slots after the step's are unwritten
+                let slots = Tensor::arange(cap, (Kind::Int64, dev)).view([1, cap]);
+                let starts = Tensor::from_slice(&[0i64, 7, 14]).to_device(dev).view([b, 1]);
+                let valid = slots.ge_tensor(&starts).logical_and(&slots.le(slot));
+                let at = Tensor::from_slice(&[slot]).to_device(dev);
+                let scale = 1.0 / (dim as f64).sqrt();
+                let got = autograd::decode_attention(&q, &k, &v, &valid, &at, window, scale, softcap).expect("kernel unavailable");
+                let groups = heads / kv_heads;
+                let (qd, kd, vd) = (q.to_kind(Kind::Double), k.repeat_interleave_self_int(groups, 1, None).to_kind(Kind::Double), v.repeat_interleave_self_int(groups, 1, None).to_kind(Kind::Double));
+                let mut s = qd.matmul(&kd.transpose(2, 3)) * scale;
+                if let Some(c) = softcap {
+                    s = (s / c).tanh() * c;
+                }
+                let mut seen = valid.view([b, 1, 1, cap]);
+                if let Some(w) = window {
+                    seen = seen.logical_and(&(slot - slots).lt(w).view([1, 1, 1, cap]));
+                }
+                let want = s.masked_fill(&seen.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Double).matmul(&vd).transpose(1, 2).reshape([b, 1, heads * dim]);
+                let (worst, _) = ulps(&got, &want.to_kind(kind));
+                println!("decode_attention {kind:?} d {dim} window {window:?} softcap {softcap:?}: worst {worst:.2} ulp");
+                let limit = if kind == Kind::Float { 64.0 } else { 2.0 };
+                assert!(worst <= limit, "{kind:?} d {dim} window {window:?} softcap {softcap:?}: {worst} ulp from fp64");
+            }
+        }
+    }
+}

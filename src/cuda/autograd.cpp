@@ -423,6 +423,35 @@ extern "C" int ftscript_rope(const char* src, const at::Tensor* x, const at::Ten
   });
 }
 
+// One decoding step's attention (kernels.cu's decode_attention; no autograd): q [B, heads, 1, d],
+// k, v [B, kv_heads, cap, d] contiguous, valid [B, cap] bool, at [1] int64 (the step's slot);
+// window ≤ 0 for none, softcap ≤ 0 for none. Out: [B, 1, heads·d].
+extern "C" int ftscript_decode_attention(const char* src, const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                                         const at::Tensor* valid, const at::Tensor* at, int64_t window, double scale,
+                                         double softcap, at::Tensor** out, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    kernel_source = src;
+    at::Tensor qc = q->contiguous();
+    TORCH_CHECK(qc.dim() == 4 && qc.size(2) == 1 && k->dim() == 4 && k->sizes() == v->sizes() && k->is_contiguous() &&
+                    v->is_contiguous() && k->scalar_type() == qc.scalar_type() && v->scalar_type() == qc.scalar_type() &&
+                    k->size(0) == qc.size(0) && k->size(3) == qc.size(3) && qc.size(1) % k->size(1) == 0 &&
+                    valid->scalar_type() == at::kBool && valid->is_contiguous() && valid->dim() == 2 &&
+                    valid->size(0) == qc.size(0) && valid->size(1) == k->size(2) && at->scalar_type() == at::kLong &&
+                    k->size(2) <= 4096 && qc.size(3) <= 256,  // kernels.cu's DECODE_MAX_CAP, DECODE_MAX_DIM
+                "decode_attention: query ", qc.sizes(), ", keys ", k->sizes(), ", values ", v->sizes(), ", valid ",
+                valid->sizes(), " do not fit");
+    int b = (int)qc.size(0), heads = (int)qc.size(1), dim = (int)qc.size(3), kv_heads = (int)k->size(1),
+        cap = (int)k->size(2), win = (int)window;
+    float sc = (float)scale, cp = (float)softcap;
+    at::Tensor o = at::empty({b, 1, heads * dim}, qc.options());
+    void *pq = qc.data_ptr(), *pk = k->data_ptr(), *pv = v->data_ptr(), *pm = valid->data_ptr(), *pa = at->data_ptr(),
+         *po = o.data_ptr();
+    void* params[] = {&pq, &pk, &pv, &pm, &pa, &po, &heads, &kv_heads, &cap, &dim, &win, &sc, &cp};
+    launch("decode_attention", qc, (long long)b * heads * 128, params, 128);  // kernels.cu's DECODE_THREADS
+    *out = new at::Tensor(o);
+  });
+}
+
 // Turns the side stream of Projections on or off (off at start).
 extern "C" void ftscript_overlap_lora(int on) { overlap_lora = on != 0; }
 

@@ -14,6 +14,7 @@ extern "C" {
     fn ftscript_rope(src: *const c_char, x: *const C_tensor, cos: *const C_tensor, sin: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_projections(src: *const c_char, x: *const C_tensor, weights: *const *const C_tensor, biases: *const *const C_tensor, adapter_of: *const i64, n: i32, a: *const *const C_tensor, b: *const *const C_tensor, scales: *const f64, dropouts: *const f64, m: i32, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_add_rms_norm(src: *const c_char, h: *const C_tensor, delta: *const C_tensor, w: *const C_tensor, eps: f64, sum: *mut *mut C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_decode_attention(src: *const c_char, q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, valid: *const C_tensor, at: *const C_tensor, window: i64, scale: f64, softcap: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_softcap_softmax(src: *const c_char, x: *const C_tensor, allowed: *const C_tensor, scale: f64, cap: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_overlap_lora(on: i32);
     fn ftscript_backward(roots: *const *const C_tensor, grads: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
@@ -65,6 +66,22 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
 /// probabilities. `None` off the GPU.
 pub fn softcap_softmax(x: &Tensor, allowed: &Tensor, scale: f64, cap: f64) -> Option<Tensor> {
     fused(x, |out, err, len| unsafe { ftscript_softcap_softmax(SOURCE.as_ptr() as *const c_char, x.as_ptr(), allowed.as_ptr(), scale, cap, out, err, len) })
+}
+
+/// One decoding step's attention over a fixed-capacity KV cache, in one kernel (no autograd):
+/// `q` `[B, heads, 1, d]`, `k`, `v` `[B, kv_heads, cap, d]`, the keys `valid` `[B, cap]` marks and,
+/// with a `window`, those fewer than `window` slots behind `at` (`[1]`, the step's slot);
+/// `softmax(q kᵀ · scale)` (soft-capped at ±`softcap` first, if given) times `v`, in fp32.
+/// Returns `[B, 1, heads·d]`; `None` off the GPU or past the kernel's sizes (cap 4096, d 256).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, valid: &Tensor, at: &Tensor, window: Option<i64>, scale: f64, softcap: Option<f64>) -> Option<Tensor> {
+    if k.size()[2] > 4096 || k.size()[3] > 256 {
+        return None;
+    }
+    let (window, softcap) = (window.unwrap_or(0), softcap.unwrap_or(0.0));
+    fused(q, |out, err, len| unsafe {
+        ftscript_decode_attention(SOURCE.as_ptr() as *const c_char, q.as_ptr(), k.as_ptr(), v.as_ptr(), valid.as_ptr(), at.as_ptr(), window, scale, softcap, out, err, len)
+    })
 }
 
 /// RMSNorm after a residual add, `(s, w ⊙ s / √(mean(s²) + ε))` for `s = h + delta` (or `h`), over

@@ -605,6 +605,61 @@ __device__ void softcap_softmax_bwd(const typename S::T* __restrict__ x, const t
   }
 }
 
+// One decoding step's attention, a query a row over a fixed-capacity KV cache: q [B, heads, d],
+// k, v [B, kv_heads, cap, d] (query head h reads kv head h / (heads / kv_heads)), valid [B, cap]
+// (bytes), `at` the step's slot; key j is seen where valid and (window ≤ 0 or at − j < window).
+// s_j = q·k_j · scale (Gemma 2: cap · tanh(s_j / cap) when softcap > 0), p = softmax(s) and
+// out = Σ_j p_j v_j, all in fp32, stored rounded, [B, heads, d]. A block of DECODE_THREADS per
+// (row, head): a warp per key for the scores (kept in shared memory), a thread per output
+// element for the sum (skipping the keys not seen).
+#define DECODE_THREADS 128
+#define DECODE_MAX_CAP 4096
+#define DECODE_MAX_DIM 256
+template <typename S>
+__device__ void decode_attention(const typename S::T* __restrict__ q, const typename S::T* __restrict__ k,
+                                 const typename S::T* __restrict__ v, const unsigned char* __restrict__ valid,
+                                 const long long* __restrict__ at, typename S::T* __restrict__ out, int heads,
+                                 int kv_heads, int cap, int dim, int window, float scale, float softcap) {
+  __shared__ float qs[DECODE_MAX_DIM];
+  __shared__ float p[DECODE_MAX_CAP];
+  __shared__ float partial[32];
+  const float minus_inf = __int_as_float(0xff800000);
+  const int bh = blockIdx.x, b = bh / heads, h = bh % heads, g = h / (heads / kv_heads);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) qs[i] = S::load(q[(long long)bh * dim + i]);
+  __syncthreads();
+  const long long kv = ((long long)b * kv_heads + g) * cap * dim;
+  const unsigned char* seen = valid + (long long)b * cap;
+  const long long slot = *at;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int j = warp; j < cap; j += warps) {
+    float s = minus_inf;
+    if (seen[j] && (window <= 0 || slot - j < window)) {
+      float dot = 0.0f;
+      for (int i = lane; i < dim; i += 32) dot = __fmaf_rn(qs[i], S::load(k[kv + (long long)j * dim + i]), dot);
+      s = warp_sum(dot) * scale;
+      if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
+    }
+    if (lane == 0) p[j] = s;
+  }
+  __syncthreads();
+  float m = minus_inf;
+  for (int j = threadIdx.x; j < cap; j += blockDim.x) m = fmaxf(m, p[j]);
+  m = block_max(m, partial);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j < cap; j += blockDim.x) {
+    const float e = p[j] == minus_inf ? 0.0f : expf(p[j] - m);
+    p[j] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / block_sum(sum, partial);  // its barriers also publish p
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    float acc = 0.0f;
+    for (int j = 0; j < cap; j++)
+      if (p[j] != 0.0f) acc = __fmaf_rn(p[j], S::load(v[kv + (long long)j * dim + i]), acc);
+    out[(long long)bh * dim + i] = S::cvt(acc * inv);
+  }
+}
+
 #define FTSCRIPT_TYPED(S, suffix)                                                                                  \
   extern "C" __global__ void swiglu_fwd_##suffix(const S::T* g, const S::T* u, S::T* o, long long n, int vec) {    \
     swiglu_fwd<S>(g, u, o, n, vec);                                                                                \
@@ -632,6 +687,12 @@ __device__ void softcap_softmax_bwd(const typename S::T* __restrict__ x, const t
   extern "C" __global__ void cross_entropy_##suffix(S::T* z, const long long* t, float* loss, int vocab, float w,  \
                                                     int vec) {                                                    \
     cross_entropy<S>(z, t, loss, vocab, w, vec);                                                                   \
+  }                                                                                                                \
+  extern "C" __global__ void decode_attention_##suffix(const S::T* q, const S::T* k, const S::T* v,             \
+                                                      const unsigned char* valid, const long long* at, S::T* o,    \
+                                                      int heads, int kv_heads, int cap, int dim, int window,       \
+                                                      float scale, float softcap) {                                \
+    decode_attention<S>(q, k, v, valid, at, o, heads, kv_heads, cap, dim, window, scale, softcap);              \
   }                                                                                                                \
   extern "C" __global__ void add_rms_norm_##suffix(const S::T* h, const S::T* d, const S::T* w, S::T* sum,         \
                                                    S::T* out, float* rstd, int dim, float eps) {                  \

@@ -83,6 +83,7 @@ extern "C" {
     fn ftscript_prefetch(host: *const torch_sys::C_tensor, device: i32, out: *mut *mut torch_sys::C_tensor, event: *mut *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
     fn ftscript_prefetch_wait(event: *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
     fn ftscript_to_host(t: *const torch_sys::C_tensor, host: *mut *mut torch_sys::C_tensor, event: *mut *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
+    fn ftscript_pin_memory(t: *const torch_sys::C_tensor, out: *mut *mut torch_sys::C_tensor, err: *mut std::ffi::c_char, err_len: usize) -> i32;
     fn ftscript_host_wait(event: *mut std::ffi::c_void, err: *mut std::ffi::c_char, err_len: usize) -> i32;
 }
 
@@ -145,7 +146,12 @@ impl Prefetch {
 /// does not wait for the work queued before, as a copy from pageable memory would.
 pub fn upload(t: &tch::Tensor, device: tch::Device) -> tch::Tensor {
     if device.is_cuda() && !t.device().is_cuda() {
-        t.pin_memory(device).to_device_(device, t.kind(), true, false)
+        let mut pinned = std::ptr::null_mut();
+        // SAFETY: `t` is live for the call; `pinned` comes back allocated with `new`, owned below.
+        match call("pin_memory", |err, len| unsafe { ftscript_pin_memory(t.as_ptr(), &mut pinned, err, len) }) {
+            Ok(()) => unsafe { tch::Tensor::from_ptr(pinned) }.to_device_(device, t.kind(), true, false),
+            Err(_) => t.to_device(device),
+        }
     } else {
         t.to_device(device)
     }

@@ -75,3 +75,9 @@ extern "C" int ftscript_host_wait(void* event, char* err, size_t err_len) {
     delete done;
   });
 }
+
+// A copy of CPU tensor `t` in pinned host memory (`Tensor.pin_memory()` without the device
+// argument, which torch 2.11 warns about at each call).
+extern "C" int ftscript_pin_memory(const at::Tensor* t, at::Tensor** out, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] { *out = new at::Tensor(t->pin_memory()); });
+}

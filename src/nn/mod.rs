@@ -16,12 +16,30 @@ pub use linear::Linear;
 pub use weights::WeightSource;
 use tch::Tensor;
 
-/// Whether to use the fused training kernels: while training on a GPU. SwiGLU and RoPE
-/// (`crate::cuda::autograd`) round exactly like transformers' ops; RMSNorm rounds once where
-/// transformers rounds twice ([`norm::RmsNorm`]). Inference and evaluation keep transformers' exact
-/// op sequence.
+thread_local! {
+    /// Set inside [`decoding_kernels`].
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether to use the fused kernels: while training on a GPU, and in the decoding steps of
+/// generation on a GPU ([`decoding_kernels`]). SwiGLU and RoPE (`crate::cuda::autograd`) round
+/// exactly like transformers' ops; RMSNorm rounds once where transformers rounds twice
+/// ([`norm::RmsNorm`]). Other inference and evaluation keep transformers' exact op sequence.
 pub(crate) fn fused(x: &Tensor, train: bool) -> bool {
-    train && x.device().is_cuda()
+    (train || DECODING.with(std::cell::Cell::get)) && x.device().is_cuda()
+}
+
+/// `f` with the fused kernels on for inference (a decoding step, where each op's launch costs
+/// more than its work), off again however `f` ends.
+pub fn decoding_kernels<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DECODING.with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(DECODING.with(|d| d.replace(true)));
+    f()
 }
 
 /// `f` without autograd, which comes back on when `f` ends, also by a panic (a CUDA
