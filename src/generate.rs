@@ -181,6 +181,12 @@ struct Decoding<'a> {
     graph: Graph,
 }
 
+impl Drop for Decoding<'_> {
+    fn drop(&mut self) {
+        crate::nn::forget_prepared();
+    }
+}
+
 enum Graph {
     /// Not recorded yet: the next step records it.
     Pending,

@@ -368,7 +368,8 @@ fn fused_softcap_softmax_matches_the_ops() {
 /// One decoding step's attention kernel against the same attention by ops in fp64 (scores,
 /// soft-cap, mask, softmax, weighted sum): grouped-query heads, left padding, unwritten slots,
 /// a sliding window and Gemma 2's soft-cap; in bf16 within two units of its precision (the
-/// kernel sums in fp32 and rounds once), in fp32 within 64 (its sums' own rounding).
+/// kernel sums in fp32 and rounds once), in fp32 within 1e-6 of the largest output (its sums'
+/// own rounding).
 #[test]
 #[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
 fn decode_attention_matches_masked_softmax_attention() {
@@ -400,9 +401,10 @@ fn decode_attention_matches_masked_softmax_attention() {
                 }
                 let want = s.masked_fill(&seen.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Double).matmul(&vd).transpose(1, 2).reshape([b, 1, heads * dim]);
                 let (worst, _) = ulps(&got, &want.to_kind(kind));
-                println!("decode_attention {kind:?} d {dim} window {window:?} softcap {softcap:?}: worst {worst:.2} ulp");
-                let limit = if kind == Kind::Float { 64.0 } else { 2.0 };
-                assert!(worst <= limit, "{kind:?} d {dim} window {window:?} softcap {softcap:?}: {worst} ulp from fp64");
+                let off = (got.to_kind(Kind::Double) - &want).abs().max().double_value(&[]) / want.abs().max().double_value(&[]);
+                println!("decode_attention {kind:?} d {dim} window {window:?} softcap {softcap:?}: worst {worst:.2} ulp, {off:.2e} of the largest");
+                let within = if kind == Kind::Float { off < 1e-6 } else { worst <= 2.0 };
+                assert!(within, "{kind:?} d {dim} window {window:?} softcap {softcap:?}: {worst} ulp, {off:.2e} from fp64");
             }
         }
     }

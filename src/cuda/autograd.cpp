@@ -437,7 +437,8 @@ extern "C" int ftscript_decode_attention(const char* src, const at::Tensor* q, c
                     k->size(0) == qc.size(0) && k->size(3) == qc.size(3) && qc.size(1) % k->size(1) == 0 &&
                     valid->scalar_type() == at::kBool && valid->is_contiguous() && valid->dim() == 2 &&
                     valid->size(0) == qc.size(0) && valid->size(1) == k->size(2) && at->scalar_type() == at::kLong &&
-                    k->size(2) <= 4096 && qc.size(3) <= 256,  // kernels.cu's DECODE_MAX_CAP, DECODE_MAX_DIM
+                    k->size(2) <= 4096 && qc.size(3) <= 256 && qc.size(3) % 8 == 0 && aligned16({&qc, k, v}),
+                // kernels.cu's DECODE_MAX_CAP, DECODE_MAX_DIM, and rows read 8 elements at once
                 "decode_attention: query ", qc.sizes(), ", keys ", k->sizes(), ", values ", v->sizes(), ", valid ",
                 valid->sizes(), " do not fit");
     int b = (int)qc.size(0), heads = (int)qc.size(1), dim = (int)qc.size(3), kv_heads = (int)k->size(1),
@@ -447,7 +448,7 @@ extern "C" int ftscript_decode_attention(const char* src, const at::Tensor* q, c
     void *pq = qc.data_ptr(), *pk = k->data_ptr(), *pv = v->data_ptr(), *pm = valid->data_ptr(), *pa = at->data_ptr(),
          *po = o.data_ptr();
     void* params[] = {&pq, &pk, &pv, &pm, &pa, &po, &heads, &kv_heads, &cap, &dim, &win, &sc, &cp};
-    launch("decode_attention", qc, (long long)b * heads * 128, params, 128);  // kernels.cu's DECODE_THREADS
+    launch("decode_attention", qc, (long long)b * heads * 256, params, 256);  // kernels.cu's DECODE_THREADS
     *out = new at::Tensor(o);
   });
 }

@@ -72,10 +72,11 @@ pub fn softcap_softmax(x: &Tensor, allowed: &Tensor, scale: f64, cap: f64) -> Op
 /// `q` `[B, heads, 1, d]`, `k`, `v` `[B, kv_heads, cap, d]`, the keys `valid` `[B, cap]` marks and,
 /// with a `window`, those fewer than `window` slots behind `at` (`[1]`, the step's slot);
 /// `softmax(q kᵀ · scale)` (soft-capped at ±`softcap` first, if given) times `v`, in fp32.
-/// Returns `[B, 1, heads·d]`; `None` off the GPU or past the kernel's sizes (cap 4096, d 256).
+/// Returns `[B, 1, heads·d]`; `None` off the GPU or past the kernel's sizes (cap 4096, d 256, a
+/// multiple of 8).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, valid: &Tensor, at: &Tensor, window: Option<i64>, scale: f64, softcap: Option<f64>) -> Option<Tensor> {
-    if k.size()[2] > 4096 || k.size()[3] > 256 {
+    if k.size()[2] > 4096 || k.size()[3] > 256 || k.size()[3] % 8 != 0 {
         return None;
     }
     let (window, softcap) = (window.unwrap_or(0), softcap.unwrap_or(0.0));

@@ -607,12 +607,13 @@ __device__ void softcap_softmax_bwd(const typename S::T* __restrict__ x, const t
 
 // One decoding step's attention, a query a row over a fixed-capacity KV cache: q [B, heads, d],
 // k, v [B, kv_heads, cap, d] (query head h reads kv head h / (heads / kv_heads)), valid [B, cap]
-// (bytes), `at` the step's slot; key j is seen where valid and (window ≤ 0 or at − j < window).
-// s_j = q·k_j · scale (Gemma 2: cap · tanh(s_j / cap) when softcap > 0), p = softmax(s) and
-// out = Σ_j p_j v_j, all in fp32, stored rounded, [B, heads, d]. A block of DECODE_THREADS per
-// (row, head): a warp per key for the scores (kept in shared memory), a thread per output
-// element for the sum (skipping the keys not seen).
-#define DECODE_THREADS 128
+// (bytes), `at` the step's slot; key j ≤ at is seen where valid and (window ≤ 0 or at − j <
+// window). s_j = q·k_j · scale (Gemma 2: cap · tanh(s_j / cap) when softcap > 0), p = softmax(s)
+// and out = Σ_j p_j v_j, all in fp32, stored rounded, [B, heads, d]. A block of DECODE_THREADS
+// per (row, head): a thread per key for the scores (kept in shared memory), then each thread
+// sums 8 output elements over its share of the keys, the shares added in shared memory. Rows of
+// 8 elements are read at once (d a multiple of 8, 16-byte aligned: the caller checks).
+#define DECODE_THREADS 256
 #define DECODE_MAX_CAP 4096
 #define DECODE_MAX_DIM 256
 template <typename S>
@@ -622,6 +623,7 @@ __device__ void decode_attention(const typename S::T* __restrict__ q, const type
                                  int kv_heads, int cap, int dim, int window, float scale, float softcap) {
   __shared__ float qs[DECODE_MAX_DIM];
   __shared__ float p[DECODE_MAX_CAP];
+  __shared__ float shares[DECODE_THREADS * 8];
   __shared__ float partial[32];
   const float minus_inf = __int_as_float(0xff800000);
   const int bh = blockIdx.x, b = bh / heads, h = bh % heads, g = h / (heads / kv_heads);
@@ -629,34 +631,53 @@ __device__ void decode_attention(const typename S::T* __restrict__ q, const type
   __syncthreads();
   const long long kv = ((long long)b * kv_heads + g) * cap * dim;
   const unsigned char* seen = valid + (long long)b * cap;
-  const long long slot = *at;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  for (int j = warp; j < cap; j += warps) {
+  const int last = (int)min((long long)cap - 1, *at);
+  const int first = window > 0 ? max(0, last - window + 1) : 0;
+  for (int j = first + threadIdx.x; j <= last; j += blockDim.x) {
     float s = minus_inf;
-    if (seen[j] && (window <= 0 || slot - j < window)) {
+    if (seen[j]) {
+      const typename S::T* kr = k + kv + (long long)j * dim;
       float dot = 0.0f;
-      for (int i = lane; i < dim; i += 32) dot = __fmaf_rn(qs[i], S::load(k[kv + (long long)j * dim + i]), dot);
-      s = warp_sum(dot) * scale;
+      for (int e = 0; e < dim; e += 8) {
+        Chunk<S> c;
+        c.load(kr, e, dim, true);
+#pragma unroll
+        for (int u = 0; u < 8; u++) dot = __fmaf_rn(qs[e + u], S::load(c.v[u]), dot);
+      }
+      s = dot * scale;
       if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
     }
-    if (lane == 0) p[j] = s;
+    p[j] = s;
   }
   __syncthreads();
   float m = minus_inf;
-  for (int j = threadIdx.x; j < cap; j += blockDim.x) m = fmaxf(m, p[j]);
+  for (int j = first + threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, p[j]);
   m = block_max(m, partial);
   float sum = 0.0f;
-  for (int j = threadIdx.x; j < cap; j += blockDim.x) {
+  for (int j = first + threadIdx.x; j <= last; j += blockDim.x) {
     const float e = p[j] == minus_inf ? 0.0f : expf(p[j] - m);
     p[j] = e;
     sum += e;
   }
   const float inv = 1.0f / block_sum(sum, partial);  // its barriers also publish p
+  const int chunks = dim / 8, groups = blockDim.x / chunks, c = threadIdx.x % chunks, grp = threadIdx.x / chunks;
+  float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  if (grp < groups) {
+    for (int j = first + grp; j <= last; j += groups) {
+      const float pj = p[j];  // 0 for a key not seen (its value is finite: written, or the cache's zeros)
+      Chunk<S> cv;
+      cv.load(v + kv + (long long)j * dim, 8 * c, dim, true);
+#pragma unroll
+      for (int u = 0; u < 8; u++) acc[u] = __fmaf_rn(pj, S::load(cv.v[u]), acc[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; u++) shares[grp * dim + 8 * c + u] = acc[u];
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    float acc = 0.0f;
-    for (int j = 0; j < cap; j++)
-      if (p[j] != 0.0f) acc = __fmaf_rn(p[j], S::load(v[kv + (long long)j * dim + i]), acc);
-    out[(long long)bh * dim + i] = S::cvt(acc * inv);
+    float o = 0.0f;
+    for (int r = 0; r < groups; r++) o += shares[r * dim + i];
+    out[(long long)bh * dim + i] = S::cvt(o * inv);
   }
 }
 

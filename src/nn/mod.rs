@@ -19,6 +19,24 @@ use tch::Tensor;
 thread_local! {
     /// Set inside [`decoding_kernels`].
     static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Tensors derived once for a generation's decoding steps (an adapter's scaled, cast
+    /// weights), by the address of the tensor they derive from; [`forget_prepared`] drops them.
+    static PREPARED: std::cell::RefCell<std::collections::HashMap<usize, (Tensor, Tensor)>> = Default::default();
+}
+
+/// What `make` derives from `from`, made on the first call of this generation (see `PREPARED`).
+pub(crate) fn prepared(from: &Tensor, make: impl FnOnce() -> (Tensor, Tensor)) -> (Tensor, Tensor) {
+    let key = from.data_ptr() as usize;
+    PREPARED.with(|p| {
+        let mut p = p.borrow_mut();
+        let (a, b) = p.entry(key).or_insert_with(make);
+        (a.shallow_clone(), b.shallow_clone())
+    })
+}
+
+/// Drops what [`prepared`] made (a generation ends: the adapters may train again).
+pub fn forget_prepared() {
+    PREPARED.with(|p| p.borrow_mut().clear());
 }
 
 /// Whether to use the fused kernels: while training on a GPU, and in the decoding steps of

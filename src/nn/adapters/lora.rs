@@ -43,6 +43,11 @@ impl Lora {
     /// `s · dropout(x) Aᵀ` `[N, r]` and `B`, in `x`'s dtype (adapters may be kept in fp32 while the
     /// base runs in bf16/fp16; gradients flow back through the cast).
     fn down(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        if !train && super::super::fused(x, train) {
+            // a decoding step: `s·A` and `B` in x's dtype, made once per generation
+            let (a, b) = super::super::prepared(&self.a, || ((&self.a * self.scale).to_kind(x.kind()), self.b.to_kind(x.kind())));
+            return (x.matmul(&a.tr()), b);
+        }
         let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let (a, b) = if self.a.kind() == x.kind() {
             (self.a.shallow_clone(), self.b.shallow_clone())
