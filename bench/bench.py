@@ -22,14 +22,14 @@ sys.path.insert(0, HERE)
 from hf_baseline import SHAPES, family  # noqa: E402
 
 
-def make_model(shape, out):
+def make_model(shape, out, device="cuda"):
     import torch
     if os.path.exists(os.path.join(out, "config.json")):
         return
     Config, Model, _, fields = family(shape)
     cfg = Config(**fields, max_position_embeddings=4096, torch_dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Model(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     write_tokenizer(out, cfg.vocab_size)

@@ -209,9 +209,11 @@ print(`RESULT steps=${{r.steps}} seen=${{seen.len()}}`);
     let evals: Vec<serde_json::Value> = metrics(&d.join("eg/metrics.jsonl")).into_iter().filter(|m| m.get("eval_loss").is_some()).collect();
     assert!(!evals.is_empty());
     for e in &evals {
-        for key in ["eval_rouge_l", "eval_exact_match", "eval_generate_seconds"] {
+        for key in ["eval_rouge_l", "eval_exact_match", "eval_generate_seconds", "eval_seconds"] {
             assert!(e.get(key).and_then(|v| v.as_f64()).is_some(), "no {key} in {e}");
         }
+        // the whole evaluation's time holds the generation's
+        assert!(e["eval_seconds"].as_f64() >= e["eval_generate_seconds"].as_f64(), "{e}");
     }
     std::fs::write(d.join("bad.rhai"), recipe("roug_l", "bad")).unwrap();
     let out = ftscript(&["run", "bad.rhai"], d);

@@ -622,6 +622,7 @@ pub fn train<M: TrainModel>(
             }
             let eval_now = cfg.eval_every.map(|e| state.step % e == 0).unwrap_or(false) || (state.step == total_steps && cfg.eval_every.is_some());
             if eval_now && !objective.lengths(Split::Eval).is_empty() {
+                let started = std::time::Instant::now();
                 let measured = evaluate(net, objective, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() }, pg)?;
                 let eval_loss = measured["eval_loss"].as_f64().unwrap_or(f64::NAN);
                 let mut m = Map::new();
@@ -629,6 +630,8 @@ pub fn train<M: TrainModel>(
                 m.insert("epoch".into(), json!(epoch_f));
                 m.extend(measured);
                 m.extend(progress.suspend(|| hooks.eval_extra())?);
+                // the whole evaluation: the loss over the eval set, and eval_generate's
+                m.insert("eval_seconds".into(), json!(started.elapsed().as_secs_f64()));
                 let shown: Vec<String> = m.iter().filter(|(k, _)| k.starts_with("eval_")).map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN))).collect();
                 progress.suspend(|| tracing::info!("step {} {}", state.step, shown.join(" ")));
                 logger.log(state.step, &m)?;

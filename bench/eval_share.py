@@ -1,0 +1,78 @@
+"""Evaluation's share of a LoRA training run's wall time, with generation-based evaluation.
+
+One random-init model (bench.py's shapes), LoRA r=8 α=32 on q_proj+v_proj, bf16, alpaca-format
+records of ~2,048 tokens, batch 4, `gradient_checkpointing: "auto"`; every `--every` steps the
+eval set of `--prompts` records is scored: its loss, and `eval_generate` (greedy answers of
+`--new` tokens, 64 prompts at a time, BLEU and ROUGE-L against the references). Prints each
+evaluation's `eval_seconds` (the loss pass and the generation), and their sum as a share of
+`train`'s wall time.
+
+usage: python3 bench/eval_share.py [SHAPE] [--steps 100] [--every 50] [--prompts 256] [--new 64]
+  needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine);
+  `--device cpu` with the `tiny` shape tries the script on a machine without a GPU
+"""
+import argparse, json, os, random, subprocess, sys, tempfile
+
+SANDBOX = ["--allow-read", "/tmp", "--allow-write", "/tmp"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from bench import make_model  # noqa: E402
+from dpo_bench import words_tokenizer  # noqa: E402
+
+
+def words(rng, n, vocab):
+    return " ".join(f"t{rng.randrange(3, min(vocab, 32000))}" for _ in range(n))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shape", nargs="?", default="7b")
+    ap.add_argument("--steps", type=int, default=100); ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--prompts", type=int, default=256); ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=2048); ap.add_argument("--device", default="cuda")
+    a = ap.parse_args()
+    model_dir = f"/tmp/gen-model-{a.shape}"
+    make_model(a.shape, model_dir, a.device)
+    vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
+    words_tokenizer(model_dir, vocab)
+    work = tempfile.mkdtemp(prefix="eval-share-", dir="/tmp")
+    rng = random.Random(3)
+    with open(os.path.join(work, "train.jsonl"), "w") as f:
+        for _ in range(4 * a.steps):
+            f.write(json.dumps({"instruction": words(rng, 128, vocab), "output": words(rng, a.seq - 160, vocab)}) + "\n")
+    with open(os.path.join(work, "eval.jsonl"), "w") as f:
+        for _ in range(a.prompts):
+            f.write(json.dumps({"instruction": words(rng, 128, vocab), "output": words(rng, a.new, vocab)}) + "\n")
+    out = os.path.join(work, "run")
+    dtype = "bf16" if a.device == "cuda" else "fp32"
+    recipe = os.path.join(work, "eval_share.rhai")
+    with open(recipe, "w") as f:
+        f.write(f"""
+let m = load_model("{model_dir}", #{{ dtype: "{dtype}", device: "{a.device}" }});
+m.add_lora(#{{ r: 8, alpha: 32, dropout: 0.05, targets: ["q_proj", "v_proj"] }});
+let t0 = timestamp();
+let r = train(m, #{{ train: load_dataset("{work}/train.jsonl"), eval: load_dataset("{work}/eval.jsonl"), format: "alpaca",
+    max_length: {a.seq}, batch_size: 4, eval_batch_size: 16, max_steps: {a.steps}, lr: 2e-4, log_every: 10,
+    eval_every: {a.every}, gradient_checkpointing: "auto", output_dir: "{out}", save_every: 100000,
+    eval_generate: #{{ metrics: ["bleu", "rouge_l"], max_new_tokens: {a.new}, batch_size: 64 }} }});
+print(`RESULT ${{t0.elapsed}} ${{r.steps}}`);
+""")
+    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
+    binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
+    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("ftscript failed")
+    wall = float([l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1].split()[1])
+    evals = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"eval_seconds"' in l]
+    steps = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"tokens_per_sec"' in l]
+    for e in evals:
+        print(json.dumps({k: e[k] for k in ["step", "eval_loss", "eval_bleu", "eval_rouge_l", "eval_seconds", "eval_generate_seconds"]}))
+    spent = sum(e["eval_seconds"] for e in evals)
+    print(f"EVAL SHARE {a.shape}: {len(evals)} evaluations of {a.prompts} records ({a.new} new tokens each) took {spent:.1f} s "
+          f"of train's {wall:.1f} s = {100 * spent / wall:.1f}%; training at {steps[-1]['tokens_per_sec']:.0f} tok/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
