@@ -45,6 +45,22 @@ def write_tokenizer(out, vocab_size):
     tok.save_pretrained(out)
 
 
+def run_recipe(recipe):
+    """`ftscript run RECIPE` (the release binary, or `FTSCRIPT`), free to read and write /tmp;
+    exits with its output if it fails. Returns its stdout."""
+    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
+    binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
+    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("ftscript failed")
+    # warnings (a kernel falling back to libtorch ops, say) explain a slow number
+    for line in (p.stdout + p.stderr).splitlines():
+        if "WARN" in line or "ERROR" in line:
+            print("ftscript:", line[-600:], file=sys.stderr)
+    return p.stdout
+
+
 def ftscript_run(model_dir, a, work):
     import random
     rng = random.Random(1)
@@ -71,18 +87,8 @@ let r = train(m, #{{ train: load_dataset("{data}"), format: "tokens", shuffle: f
     precision: "bf16", gradient_checkpointing: {ckpt}, log_every: 1,
     output_dir: "{out}", save_every: 100000{budget}{profile} }});
 """)
-    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
     t0 = time.time()
-    binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
-    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env,
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
-        raise SystemExit("ftscript failed")
-    # warnings (a kernel falling back to libtorch ops, say) explain a slow number
-    for line in (p.stdout + p.stderr).splitlines():
-        if "WARN" in line or "ERROR" in line:
-            print("ftscript:", line[-600:], file=sys.stderr)
+    run_recipe(recipe)
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l][:steps]
     if a.profile:
         print(open(os.path.join(out, "profile", "summary.txt")).read(), file=sys.stderr, flush=True)

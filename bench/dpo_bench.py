@@ -13,15 +13,11 @@ usage: python3 bench/dpo_bench.py [SHAPE] [--prompt 512] [--response 512] [--pai
   needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine)
   and trl (with datasets) importable
 """
-import argparse, json, os, random, statistics, subprocess, sys, tempfile, time
-
-# the benches keep models, data and runs under /tmp: their recipes may read and write there
-SANDBOX = ["--allow-read", "/tmp", "--allow-write", "/tmp"]
+import argparse, json, os, random, subprocess, sys, tempfile, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from bench import make_model  # noqa: E402
+from bench import make_model, run_recipe  # noqa: E402
 
 LORA = dict(r=8, alpha=32, dropout=0.05, targets=["q_proj", "v_proj"])
 
@@ -75,13 +71,8 @@ train(m, #{{ train: load_dataset("{data}"), objective: "dpo", beta: 0.1, shuffle
     scheduler: "constant", max_grad_norm: 1.0, precision: "bf16", gradient_checkpointing: {"false" if a.no_ckpt else "true"},
     precompute_ref_log_probs: {"true" if a.precompute else "false"}, log_every: 1, output_dir: "{out}", save_every: 100000{profile} }});
 """)
-    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
     t0 = time.time()
-    binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
-    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
-        raise SystemExit("ftscript failed")
+    run_recipe(recipe)
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l][:steps]
     if a.profile:
         print(open(os.path.join(out, "profile", "summary.txt")).read(), file=sys.stderr, flush=True)

@@ -11,13 +11,11 @@ usage: python3 bench/eval_share.py [SHAPE] [--steps 100] [--every 50] [--prompts
   needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine);
   `--device cpu` with the `tiny` shape tries the script on a machine without a GPU
 """
-import argparse, json, os, random, subprocess, sys, tempfile
+import argparse, json, os, random, sys, tempfile
 
-SANDBOX = ["--allow-read", "/tmp", "--allow-write", "/tmp"]
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from bench import make_model  # noqa: E402
+from bench import make_model, run_recipe  # noqa: E402
 from dpo_bench import words_tokenizer  # noqa: E402
 
 
@@ -58,13 +56,8 @@ let r = train(m, #{{ train: load_dataset("{work}/train.jsonl"), eval: load_datas
     eval_generate: #{{ metrics: ["bleu", "rouge_l"], max_new_tokens: {a.new}, batch_size: 64 }} }});
 print(`RESULT ${{t0.elapsed}} ${{r.steps}}`);
 """)
-    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
-    binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
-    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
-        raise SystemExit("ftscript failed")
-    wall = float([l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1].split()[1])
+    stdout = run_recipe(recipe)
+    wall = float([l for l in stdout.splitlines() if l.startswith("RESULT")][-1].split()[1])
     evals = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"eval_seconds"' in l]
     steps = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"tokens_per_sec"' in l]
     for e in evals:

@@ -10,15 +10,11 @@ generation calls (after one warm-up call on each side).
 usage: python3 bench/generate_bench.py [SHAPE] [--batch 1] [--prompts 8] [--prompt-len 128] [--new 128]
   needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine)
 """
-import argparse, json, os, random, subprocess, sys, tempfile, time
-
-# the benches keep models, data and runs under /tmp: their recipes may read and write there
-SANDBOX = ["--allow-read", "/tmp", "--allow-write", "/tmp"]
+import argparse, json, os, random, sys, tempfile, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from bench import make_model  # noqa: E402
+from bench import make_model, run_recipe  # noqa: E402
 from dpo_bench import peer_json, words_tokenizer  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -60,13 +56,8 @@ let tokens = 0;
 for o in out {{ tokens += o.split(" ").len(); }}
 print(`RESULT ${{secs}} ${{tokens}}`);
 """)
-    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
-    binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
-    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
-        raise SystemExit("ftscript failed")
-    _, secs, tokens = [l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1].split()
+    stdout = run_recipe(recipe)
+    _, secs, tokens = [l for l in stdout.splitlines() if l.startswith("RESULT")][-1].split()
     secs, tokens = float(secs), int(tokens)
     # a row that met EOS early would make the number look better than it is: say so
     return dict(peer="ftscript", batch=a.batch, seconds=round(secs, 3), tokens=tokens, tokens_per_s=round(tokens / secs, 1))

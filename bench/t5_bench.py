@@ -12,11 +12,9 @@ usage: python3 bench/t5_bench.py large|xl [--bs 16] [--steps 10] [--ckpt] [--dev
 """
 import argparse, json, os, random, subprocess, sys, tempfile, time
 
-# the benches keep models, data and runs under /tmp: their recipes may read and write there
-SANDBOX = ["--allow-read", "/tmp", "--allow-write", "/tmp"]
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from bench import run_recipe  # noqa: E402
 
 # Flan-T5's published shapes (vocabulary 32,128; 64-wide heads)
 SHAPES = {
@@ -72,13 +70,8 @@ train(m, #{{ train: load_dataset("{data}"), format: "seq2seq", shuffle: false, m
     batch_size: {a.bs}, max_steps: {steps}, lr: 2e-4, scheduler: "constant", max_grad_norm: 1.0,
     precision: "bf16", gradient_checkpointing: {str(a.ckpt).lower()}, log_every: 1, output_dir: "{out}", save_every: 100000 }});
 """)
-    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
-    binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
     t0 = time.time()
-    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
-        raise SystemExit("ftscript failed")
+    run_recipe(recipe)
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l][:steps]
     elapsed = [r["elapsed_sec"] for r in rows]
     dts = sorted(b - a_ for a_, b in zip(elapsed[a.warmup:], elapsed[a.warmup + 1:]))

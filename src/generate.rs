@@ -127,10 +127,12 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
             }
             finished = Tensor::from_slice(&done).to_device(device);
         }
-        // one flag read a step: stop when every row has
-        if step + 1 == s.max_new_tokens || finished.all().int64_value(&[]) != 0 {
+        if step + 1 == s.max_new_tokens {
             break;
         }
+        // whether every row has finished, read once the next step is queued (the host does not
+        // wait for the device between steps; after the last one a step is computed for nothing)
+        let all_finished = crate::cuda::to_host(&finished.all())?;
         seen = Tensor::cat(&[&seen, &next.view([b, 1])], 1);
         let len = seen.size()[1];
         // LongRoPE turns to its long factors once a sequence passes the pretraining length; the
@@ -143,6 +145,9 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
             _ => decoding.step(&next, &next_position, len - 1)?,
         };
         next_position = next_position + 1;
+        if all_finished.wait()?.int64_value(&[]) != 0 {
+            break;
+        }
     }
     let all = Tensor::stack(&generated, 1).to_device(tch::Device::Cpu);
     let stops = stop_ids(model);

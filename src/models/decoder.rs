@@ -221,24 +221,6 @@ impl DecoderLayer {
             .collect()
     }
 
-    pub fn forward(
-        &self,
-        h: &Tensor,
-        cos_sin: &(Tensor, Tensor),
-        mask: &AttnMask,
-        cache: Option<CacheSlot<'_>>,
-        train: bool,
-    ) -> Tensor {
-        self.forward_routed(h, cos_sin, mask, cache, train).0
-    }
-
-    /// [`DecoderLayer::forward`], and where a sparse block routed each token.
-    pub fn forward_routed(&self, h: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask, cache: Option<CacheSlot<'_>>, train: bool) -> (Tensor, Option<Routing>) {
-        let (_, h, x) = self.attention_block(h, None, cos_sin, mask, cache, train);
-        let (y, routing) = self.mlp_block_routed(&x, train);
-        (h + y, routing)
-    }
-
     /// The MLP's contribution to the residual stream from its input `x`: `mlp(x)`, normalized
     /// by the output norm if the layer has one.
     pub fn mlp_block(&self, x: &Tensor, train: bool) -> Tensor {
@@ -537,18 +519,43 @@ impl Decoder {
         self.hidden_with(ids, self.layer_inputs(positions, mask), cache, train)
     }
 
-    /// [`Decoder::hidden_routed`] with the layers' rotary tables and mask given; each layer's
-    /// input is moved to its device first.
+    /// [`Decoder::hidden_routed`] with the layers' rotary tables and mask given.
     pub fn hidden_with(&self, ids: &Tensor, mut shared: LayerInputs, cache: Option<&KvCache>, train: bool) -> (Tensor, Vec<Routing>) {
-        let mut h = self.embed(ids);
+        self.run_layers(ids, &mut shared, cache, train, None, |_, _, _| Ok(())).expect("keeping nothing cannot fail")
+    }
+
+    /// The decoder layers over the embedded `ids`, the final norm left out, each layer's input
+    /// moved to its device first; with a `seed`, dropout is drawn from `seed + 2l` for layer
+    /// `l`'s attention and `+ 1` for its MLP. `keep(l, input, mid)` sees each layer's input and its
+    /// residual after attention (for checkpointing). Each layer leaves its output `mid + mlp(x)`
+    /// unadded: the next layer's first norm adds it (one kernel on the GPU's fused path). Also
+    /// returns the sparse layers' routings, in layer order.
+    fn run_layers(&self, ids: &Tensor, shared: &mut LayerInputs, cache: Option<&KvCache>, train: bool, seed: Option<i64>, mut keep: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>) -> Result<(Tensor, Vec<Routing>)> {
         let mut routes = vec![];
+        let mut h = self.embed(ids);
+        let mut pending: Option<Tensor> = None;
         for (l, layer) in self.layers.iter().enumerate() {
+            h = h.to_device(layer.device);
+            let added = pending.take().map(|p| p.to_device(layer.device));
+            if let Some(s) = seed {
+                tch::manual_seed(s + 2 * l as i64);
+            }
             let (cos_sin, mask) = shared.on(layer.device, layer.rope);
-            let (y, routing) = layer.forward_routed(&h.to_device(layer.device), cos_sin, mask, cache.map(|c| c.slot(l)), train);
+            let (input, mid, x) = layer.attention_block(&h, added.as_ref(), cos_sin, mask, cache.map(|c| c.slot(l)), train);
+            keep(l, &input, &mid)?;
+            if let Some(s) = seed {
+                tch::manual_seed(s + 2 * l as i64 + 1);
+            }
+            let (y, routing) = layer.mlp_block_routed(&x, train);
             routes.extend(routing);
-            h = y;
+            pending = Some(y);
+            h = mid;
         }
-        (h, routes)
+        let h = match pending {
+            Some(m) => h + m,
+            None => h,
+        };
+        Ok((h, routes))
     }
 
     /// An empty [`KvCache`] for `b` rows of `capacity` positions, each layer's on its device.
@@ -864,42 +871,13 @@ impl Decoder {
         Some((loss * aux.coef, grad * (aux.weight * aux.coef)))
     }
 
-    /// The decoder layers as training runs them (fused kernels on a GPU, dropout drawn from
-    /// `seed + 2l` for attention and `+ 1` for the MLP), the final norm left out; `keep(l, input,
-    /// mid)` sees each layer's input and its residual after attention, for checkpointing.
-    /// Also returns the sparse layers' routings, in layer order.
-    fn training_layers(&self, ids: &Tensor, shared: &mut LayerInputs, seed: i64, mut keep: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>) -> Result<(Tensor, Vec<Routing>)> {
-        let mut routes = vec![];
-        let mut h = self.embed(ids);
-        // each layer leaves its output `mid + mlp(x)` unadded: the next layer's first norm adds it
-        let mut pending: Option<Tensor> = None;
-        for l in 0..self.layers.len() {
-            let device = self.layers[l].device;
-            h = h.to_device(device);
-            let added = pending.take().map(|p| p.to_device(device));
-            tch::manual_seed(seed + 2 * l as i64);
-            let (input, mid, x) = self.layer_attention_block(l, &h, added.as_ref(), shared, true);
-            keep(l, &input, &mid)?;
-            tch::manual_seed(seed + 2 * l as i64 + 1);
-            let (y, routing) = self.layers[l].mlp_block_routed(&x, true);
-            routes.extend(routing);
-            pending = Some(y);
-            h = mid;
-        }
-        let h = match pending {
-            Some(m) => h + m,
-            None => h,
-        };
-        Ok((h, routes))
-    }
-
     /// The last hidden states as the training path computes them (its kernels, its dropout from
     /// `seed`), without a graph: a reference model that must agree with the trained one to the
     /// bit where their weights agree (DPO's, whose log-ratios are then exactly 0) runs this.
     pub fn training_hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, seed: i64) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
         let mut shared = self.layer_inputs(positions, mask);
-        Ok(self.training_layers(ids, &mut shared, seed, |_, _, _| Ok(()))?.0)
+        Ok(self.run_layers(ids, &mut shared, None, true, Some(seed), |_, _, _| Ok(()))?.0)
     }
 
     /// The training forward and backward of [`Decoder::loss_and_backward`] around any `head`:
@@ -914,7 +892,7 @@ impl Decoder {
         // per layer: its input and, when offloading, the residual after attention
         let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
         let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<(Tensor, Vec<Routing>)> {
-            net.training_layers(ids, shared, seed, |l, input, mid| {
+            net.run_layers(ids, shared, None, true, Some(seed), |l, input, mid| {
                 let input = match checkpointing {
                     Checkpointing::Off => return Ok(()),
                     _ if l == 0 => Kept::Embedding,

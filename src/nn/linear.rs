@@ -15,14 +15,7 @@ thread_local! {
 /// as peft's `disable_adapter()` gives it (the reference model of DPO and KTO). Forward only:
 /// training paths keep their adapters.
 pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            ADAPTERS_OFF.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(ADAPTERS_OFF.with(|c| c.replace(true)));
-    f()
+    super::with_flag(&ADAPTERS_OFF, f)
 }
 
 /// Whether this thread is inside [`without_adapters`].

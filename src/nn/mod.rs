@@ -50,13 +50,18 @@ pub(crate) fn fused(x: &Tensor, train: bool) -> bool {
 /// `f` with the fused kernels on for inference (a decoding step, where each op's launch costs
 /// more than its work), off again however `f` ends.
 pub fn decoding_kernels<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
+    with_flag(&DECODING, f)
+}
+
+/// `f` with the thread-local `flag` set, and back as it was however `f` ends (also by a panic).
+pub(crate) fn with_flag<T>(flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>, f: impl FnOnce() -> T) -> T {
+    struct Restore(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
     impl Drop for Restore {
         fn drop(&mut self) {
-            DECODING.with(|d| d.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(DECODING.with(|d| d.replace(true)));
+    let _restore = Restore(flag, flag.with(|c| c.replace(true)));
     f()
 }
 
