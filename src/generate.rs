@@ -138,10 +138,7 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
         // LongRoPE turns to its long factors once a sequence passes the pretraining length; the
         // cache, rotated with the short ones, is computed again then (transformers' Phi-3 does)
         logits = match net.config.rope_scaling {
-            crate::nn::rope::RopeScaling::LongRope { original_max_position_embeddings: o, .. } if len > o as i64 && len - 1 <= o as i64 => {
-                let _ = decoding.valid.narrow(1, len - 1, 1).fill_(1);
-                decoding.prompts(&seen, ragged)?
-            }
+            crate::nn::rope::RopeScaling::LongRope { original_max_position_embeddings: o, .. } if len > o as i64 && len - 1 <= o as i64 => decoding.restart(&seen, ragged)?,
             _ => decoding.step(&next, &next_position, len - 1)?,
         };
         next_position = next_position + 1;
@@ -167,13 +164,21 @@ pub fn cuda_graph_replays() -> usize {
     GRAPH_REPLAYS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// New tokens a generation's KV cache first has room for (beyond the prompts); the room doubles
+/// when a step needs more, up to `max_new_tokens`.
+const FIRST_ROOM: i64 = 64;
+
 /// Decoding over a fixed-capacity [`KvCache`]: every step reads the same buffers (the tokens,
 /// their positions, the slot they are written to, which slots hold keys) and has the same
 /// shapes, so on a GPU the step is recorded once as a CUDA graph and replayed: one launch a
-/// token instead of one per op. Models split across GPUs, sparse models and rotary scalings
+/// token instead of one per op. The cache starts with room for [`FIRST_ROOM`] new tokens and
+/// doubles when full (the graph is then recorded again), so its memory follows the longest row
+/// rather than `max_new_tokens`. Models split across GPUs, sparse models and rotary scalings
 /// that depend on the sequence's length decode op by op.
 struct Decoding<'a> {
     net: &'a crate::models::decoder::Decoder,
+    /// The most tokens a row may hold (prompt and new tokens).
+    limit: i64,
     cache: KvCache,
     /// `[B, capacity]`: the slots holding a real token's keys.
     valid: Tensor,
@@ -181,7 +186,7 @@ struct Decoding<'a> {
     positions: Tensor,
     /// `[1]`: the slot a step writes.
     slot: Tensor,
-    /// Each rotary table's `(cos, sin)` `[capacity, d]` by position, when positions alone fix them.
+    /// Each rotary table's `(cos, sin)` `[limit, d]` by position, when positions alone fix them.
     tables: Option<Vec<(Tensor, Tensor)>>,
     graph: Graph,
 }
@@ -201,22 +206,24 @@ enum Graph {
 }
 
 impl<'a> Decoding<'a> {
-    /// Decoding of `valid.size()[0]` rows of up to `capacity` tokens, the first
-    /// `valid.size()[1]` of them the prompts (`valid` marks their real tokens).
-    fn new(net: &'a crate::models::decoder::Decoder, valid: &Tensor, capacity: i64, cuda_graph: bool) -> Decoding<'a> {
+    /// Decoding of `valid.size()[0]` rows of up to `limit` tokens, the first `valid.size()[1]`
+    /// of them the prompts (`valid` marks their real tokens).
+    fn new(net: &'a crate::models::decoder::Decoder, valid: &Tensor, limit: i64, cuda_graph: bool) -> Decoding<'a> {
         let (b, width) = valid.size2().unwrap();
         let device = net.device;
+        let capacity = limit.min(width + FIRST_ROOM);
         let all = Tensor::zeros([b, capacity], (Kind::Bool, device));
         all.narrow(1, 0, width).copy_(valid);
         let fixed = net.ropes.iter().all(|r| !r.depends_on_length());
-        let by_position = Tensor::arange(capacity, (Kind::Int64, device)).view([1, capacity]);
-        let tables = fixed.then(|| net.ropes.iter().map(|r| r.cos_sin(&by_position, net.kind)).map(|(c, s)| (c.view([capacity, -1]), s.view([capacity, -1]))).collect());
+        let by_position = Tensor::arange(limit, (Kind::Int64, device)).view([1, limit]);
+        let tables = fixed.then(|| net.ropes.iter().map(|r| r.cos_sin(&by_position, net.kind)).map(|(c, s)| (c.view([limit, -1]), s.view([limit, -1]))).collect());
         let graphable = device.is_cuda() && net.devices().len() == 1 && net.config.moe.is_none() && fixed;
         if device.is_cuda() && cuda_graph && !graphable {
             tracing::debug!("generate: decoding op by op (the model is split across GPUs, sparse, or its rotary scaling depends on the length)");
         }
         Decoding {
             net,
+            limit,
             cache: net.new_cache(b, capacity),
             valid: all,
             ids: Tensor::zeros([b, 1], (Kind::Int64, device)),
@@ -225,6 +232,37 @@ impl<'a> Decoding<'a> {
             tables,
             graph: if cuda_graph && graphable { Graph::Pending } else { Graph::Off },
         }
+    }
+
+    /// Room in the cache for `len` tokens a row: a full cache is copied into one twice as large
+    /// (at most `limit`), and the step's graph is recorded again for it.
+    fn ensure(&mut self, len: i64) {
+        let (b, capacity) = self.valid.size2().unwrap();
+        if len <= capacity {
+            return;
+        }
+        let grown = self.limit.min((2 * capacity).max(len));
+        tracing::debug!("generate: the KV cache grows from {capacity} to {grown} positions");
+        let cache = self.net.new_cache(b, grown);
+        for ((k, v), (gk, gv)) in self.cache.layers.iter().zip(&cache.layers) {
+            gk.narrow(2, 0, capacity).copy_(k);
+            gv.narrow(2, 0, capacity).copy_(v);
+        }
+        let valid = Tensor::zeros([b, grown], (Kind::Bool, self.valid.device()));
+        valid.narrow(1, 0, capacity).copy_(&self.valid);
+        self.cache = KvCache { at: self.cache.at.take(), ..cache };
+        self.valid = valid;
+        if !matches!(self.graph, Graph::Off) {
+            self.graph = Graph::Pending;
+        }
+    }
+
+    /// [`Decoding::prompts`] again, over every token so far `ids` `[B, len]` (the last one new).
+    fn restart(&mut self, ids: &Tensor, ragged: bool) -> Result<Tensor> {
+        let len = ids.size()[1];
+        self.ensure(len);
+        let _ = self.valid.narrow(1, len - 1, 1).fill_(1);
+        self.prompts(ids, ragged)
     }
 
     /// The next-token logits `[B, V]` after the prompts `ids` `[B, T]` (left-padded when
@@ -245,6 +283,7 @@ impl<'a> Decoding<'a> {
     /// The next-token logits `[B, V]` after one token a row, `next` `[B]` at `positions` `[B]`,
     /// its keys written to `slot`. A replayed graph's logits are rewritten by the next step.
     fn step(&mut self, next: &Tensor, positions: &Tensor, slot: i64) -> Result<Tensor> {
+        self.ensure(slot + 1);
         let b = next.size()[0];
         self.ids.copy_(&next.view([b, 1]));
         self.positions.copy_(&positions.view([b, 1]));

@@ -11,13 +11,16 @@ use tch::{Device, Kind};
 /// Greedy batched generation of 8 prompts of 3–40 tokens equals transformers' `generate` with
 /// left padding, on the tiny `name` model, fp32 CPU; and each prompt alone gives its row.
 fn batched_greedy_matches_transformers(name: &str) {
+    batched_greedy_matches_transformers_for(name, 12);
+}
+
+fn batched_greedy_matches_transformers_for(name: &str, max_new: usize) -> Vec<Vec<i64>> {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model_dir = tiny(d, name);
     let lengths = [3usize, 40, 17, 8, 25, 5, 33, 12];
     let prompts: Vec<Vec<i64>> = lengths.iter().enumerate().map(|(r, &n)| (0..n).map(|i| 3 + ((i * 31 + r * 97 + 7) % 290) as i64).collect()).collect();
     std::fs::write(d.join("prompts.json"), serde_json::to_string(&prompts).unwrap()).unwrap();
-    let max_new = 12;
     py("generate_reference.py", &["generate", model_dir.to_str().unwrap(), d.join("prompts.json").to_str().unwrap(), &max_new.to_string(), d.join("hf.json").to_str().unwrap()]);
     let theirs: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(d.join("hf.json")).unwrap()).unwrap();
     let model = ftscript::models::load(&model_dir, "fp32", Device::Cpu).unwrap();
@@ -28,6 +31,15 @@ fn batched_greedy_matches_transformers(name: &str) {
     for (p, row) in prompts.iter().zip(&ours).take(3) {
         assert_eq!(&generate_batch(&model, std::slice::from_ref(p), &s).unwrap()[0], row, "{name}: a prompt alone differs from its row in the batch");
     }
+    ours
+}
+
+/// Long generations: the KV cache, first sized for 64 new tokens, grows twice (to 128, then to
+/// 150) while the rows decode, and the tokens stay transformers'.
+#[test]
+fn a_generation_longer_than_the_caches_first_room_matches_transformers() {
+    let ours = batched_greedy_matches_transformers_for("llama_gqa", 150);
+    assert!(ours.iter().any(|r| r.len() > 128), "no row ran past 128 new tokens, so the cache did not grow twice: {:?}", ours.iter().map(Vec::len).collect::<Vec<_>>());
 }
 
 #[test]
@@ -63,8 +75,9 @@ fn batched_greedy_generation_matches_transformers_on_gemma3() {
     batched_greedy_matches_transformers("gemma3");
 }
 
-/// On a GPU each decoding step is replayed from a CUDA graph: for every dense family (GQA,
-/// q/k norms and sliding windows, soft-capping, two rotary tables) with LoRA adapters attached
+/// On a GPU each decoding step is replayed from a CUDA graph (recorded again when the KV cache
+/// grows): for every dense family (GQA, q/k norms and sliding windows, soft-capping, two rotary
+/// tables) with LoRA adapters attached
 /// unmerged, greedy and seeded sampling give the tokens of op-by-op decoding, in fp32 and bf16,
 /// and the graph did run; in fp32 the greedy tokens are also transformers' (on the CPU).
 /// Ignored unless asked for (`--include-ignored`, on a GPU).
@@ -77,7 +90,8 @@ fn cuda_graph_decoding_gives_the_tokens_of_op_by_op_decoding() {
     let lengths = [3usize, 40, 17, 8, 25, 5, 33, 12];
     let prompts: Vec<Vec<i64>> = lengths.iter().enumerate().map(|(r, &n)| (0..n).map(|i| 3 + ((i * 31 + r * 97 + 7) % 290) as i64).collect()).collect();
     std::fs::write(d.join("prompts.json"), serde_json::to_string(&prompts).unwrap()).unwrap();
-    let max_new = 24;
+    // past the cache's first room of 64 new tokens: the graph is recorded again after it grows
+    let max_new = 80;
     for name in ["llama_gqa", "qwen3", "gemma2", "gemma3"] {
         let model_dir = tiny(d, name);
         for dtype in ["fp32", "bf16"] {
