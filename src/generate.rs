@@ -301,7 +301,11 @@ impl<'a> Decoding<'a> {
                 let (logits, recorded) = crate::cuda::graph::CudaGraph::record(self.net.device, || crate::script::options::catch_panic(|| Ok(this.forward())))?;
                 match recorded {
                     Ok((graph, out)) => self.graph = Graph::Recorded(graph, out),
-                    Err(e) => tracing::warn!("generate: decoding op by op (the step could not be recorded as a CUDA graph: {e:#})"),
+                    Err(e) => {
+                        // said once a process (an evaluation generates batch after batch)
+                        static SAID: std::sync::Once = std::sync::Once::new();
+                        SAID.call_once(|| tracing::warn!("generate: decoding op by op (the step could not be recorded as a CUDA graph: {e:#})"));
+                    }
                 }
                 Ok(logits)
             }
@@ -310,9 +314,9 @@ impl<'a> Decoding<'a> {
     }
 
     /// The step itself, on the buffers: marks the slot valid, writes the keys there and
-    /// attends to every valid slot. On a GPU the decoder's layers run their fused kernels
-    /// (RMSNorm with the residual add, RoPE, SwiGLU, attention over the cache: a few kernels a
-    /// layer where the op path launches dozens).
+    /// attends to every valid slot. On a GPU the decoder's layers and head run their fused
+    /// kernels (RMSNorm with the residual add, RoPE, SwiGLU, attention over the cache: a few
+    /// kernels a layer where the op path launches dozens).
     fn forward(&self) -> Tensor {
         let (net, b) = (self.net, self.ids.size()[0]);
         let _ = self.valid.shallow_clone().index_fill_(1, &self.slot, 1);
@@ -324,8 +328,10 @@ impl<'a> Decoding<'a> {
             None => net.ropes.iter().map(|r| r.cos_sin(&self.positions, net.kind)).collect(),
         };
         let shared = LayerInputs::new(tables, &AttnMask::Padded(self.valid.shallow_clone()));
-        let (h, _) = crate::nn::decoding_kernels(|| net.hidden_with(&self.ids, shared, Some(&self.cache), false));
-        net.head(&h, false).view([b, -1])
+        crate::nn::decoding_kernels(|| {
+            let (h, _) = net.hidden_with(&self.ids, shared, Some(&self.cache), false);
+            net.head(&h, false).view([b, -1])
+        })
     }
 }
 
