@@ -93,6 +93,16 @@ impl Attention {
         }
         let kv_len = k.size()[2];
         let window = self.sliding_window.filter(|w| *w < kv_len);
+        // a decoding step on the GPU: one kernel over the cache (no mask
+        // tensors to build)
+        if let (Some(at), AttnMask::Padded(valid)) = (step_at, mask) {
+            if crate::nn::fused(x, train) {
+                let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+                if let Some(y) = crate::cuda::autograd::decode_attention(&q, &k, &v, valid, at, window, scale, self.softcap) {
+                    return y;
+                }
+            }
+        }
         let explicit: Option<Tensor> = match mask {
             _ if step_at.is_some() => {
                 let AttnMask::Padded(valid) = mask else { unreachable!("a step over a fixed cache is masked by its valid slots") };
@@ -134,15 +144,6 @@ impl Attention {
             AttnMask::Causal if window.is_none() && self.softcap.is_none() => None,
             AttnMask::Causal => Some(causal(kv_len, window, x.device()).0),
         };
-        // a decoding step on the GPU: one kernel over the cache
-        if let (Some(at), AttnMask::Padded(valid)) = (step_at, mask) {
-            if crate::nn::fused(x, train) {
-                let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
-                if let Some(y) = crate::cuda::autograd::decode_attention(&q, &k, &v, valid, at, window, scale, self.softcap) {
-                    return y;
-                }
-            }
-        }
         let is_causal = explicit.is_none() && t > 1;
         let y = match self.softcap {
             None => Tensor::scaled_dot_product_attention(&q, &k, &v, explicit.as_ref(), 0.0, is_causal, self.scale, self.n_kv_heads != self.n_heads),
