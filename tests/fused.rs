@@ -409,3 +409,66 @@ fn decode_attention_matches_masked_softmax_attention() {
         }
     }
 }
+
+/// A decoding step's heads in one kernel (`decode_qkv`) against the kernels it replaces: each
+/// query and key head through the fused RMSNorm (when the model has q/k norms), then the fused
+/// RoPE, the keys and values written into the caches' slot. Same bits, every other slot of the
+/// caches untouched.
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn decode_qkv_matches_the_norm_rope_and_cache_write_kernels() {
+    let Some((dev, _rng)) = cuda() else { return };
+    tch::manual_seed(6);
+    let (b, heads, kv_heads, cap, slot) = (3i64, 8i64, 2i64, 40i64, 17i64);
+    for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
+        for dim in [64i64, 80, 128, 256] {
+            for normed in [false, true] {
+                let row = (heads + 2 * kv_heads) * dim;
+                let qkv = Tensor::randn([b, 1, row], (kind, dev)) * 2.0;
+                let angles = Tensor::rand([b, 1, dim / 2], (Kind::Float, dev)) * 100.0;
+                let (cos, sin) = (Tensor::cat(&[angles.cos(), angles.cos()], -1).to_kind(kind), Tensor::cat(&[angles.sin(), angles.sin()], -1).to_kind(kind));
+                let norms = normed.then(|| (Tensor::randn([dim], (kind, dev)), Tensor::randn([dim], (kind, dev)), 1e-6));
+                let caches = || (Tensor::randn([b, kv_heads, cap, dim], (kind, dev)), Tensor::randn([b, kv_heads, cap, dim], (kind, dev)));
+                let (kc, vc) = caches();
+                let (kc_want, vc_want) = (kc.copy(), vc.copy());
+                let at = Tensor::from_slice(&[slot]).to_device(dev);
+                let q = autograd::decode_qkv(&qkv, (&cos, &sin), norms.as_ref().map(|(q, k, e)| (q, k, *e)), &kc, &vc, &at, heads).unwrap_or_else(|| panic!("kernel unavailable: {:?}", ftscript::cuda::kernels::unavailable_reason()));
+                let parts = qkv.split_with_sizes([heads * dim, kv_heads * dim, kv_heads * dim], -1);
+                let head = |x: &Tensor, n: i64, w: Option<&Tensor>| {
+                    let x = x.reshape([b, 1, n, dim]);
+                    let x = match w {
+                        Some(w) => autograd::add_rms_norm(&x, None, w, 1e-6).expect("norm kernel").1,
+                        None => x,
+                    };
+                    autograd::rope(&x, &cos.squeeze_dim(1), &sin.squeeze_dim(1)).expect("rope kernel").transpose(1, 2)
+                };
+                let q_want = head(&parts[0], heads, norms.as_ref().map(|n| &n.0));
+                let k_want = head(&parts[1], kv_heads, norms.as_ref().map(|n| &n.1));
+                let _ = kc_want.narrow(2, slot, 1).copy_(&k_want);
+                let _ = vc_want.narrow(2, slot, 1).copy_(&parts[2].reshape([b, 1, kv_heads, dim]).transpose(1, 2));
+                let what = format!("{kind:?} d {dim} norms {normed}");
+                assert_eq!(q.size(), [b, heads, 1, dim], "{what}");
+                assert!(same_bits(&q, &q_want), "{what}: queries differ, {:?}", ulps(&q, &q_want));
+                assert!(same_bits(&kc, &kc_want), "{what}: key cache differs, {:?}", ulps(&kc, &kc_want));
+                assert!(same_bits(&vc, &vc_want), "{what}: value cache differs");
+            }
+        }
+    }
+}
+
+/// SwiGLU over the two halves of a joint gate/up projection's output against `silu(gate) · up`.
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn swiglu_over_halves_matches_silu_times_up() {
+    let Some((dev, _rng)) = cuda() else { return };
+    tch::manual_seed(7);
+    for kind in [Kind::BFloat16, Kind::Float] {
+        for width in [1536i64, 11008, 24] {
+            let gu = Tensor::randn([5, 1, 2 * width], (kind, dev)) * 3.0;
+            let got = autograd::swiglu_halves(&gu).unwrap_or_else(|| panic!("kernel unavailable: {:?}", ftscript::cuda::kernels::unavailable_reason()));
+            let (gate, up) = (gu.narrow(-1, 0, width), gu.narrow(-1, width, width));
+            let want = gate.silu() * up;
+            assert!(same_bits(&got, &want), "{kind:?} width {width}: differs, {:?}", ulps(&got, &want));
+        }
+    }
+}

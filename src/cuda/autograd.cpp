@@ -453,6 +453,60 @@ extern "C" int ftscript_decode_attention(const char* src, const at::Tensor* q, c
   });
 }
 
+// A decoding step's heads from the joint projection (kernels.cu's decode_qkv; no autograd): qkv
+// [B, 1, row] (or [B, row]) with `heads` query heads, then `kv_heads` key and value heads of `dim`
+// each from its start; cos, sin [B, 1, dim]; qw, kw the q/k norms' weights (null for none);
+// kc, vc [B, kv_heads, cap, dim], at [1] int64. Writes the keys and values into slot `at`; out: the
+// rotated queries [B, heads, 1, dim].
+extern "C" int ftscript_decode_qkv(const char* src, const at::Tensor* qkv, const at::Tensor* cos,
+                                   const at::Tensor* sin, const at::Tensor* qw, const at::Tensor* kw, double eps,
+                                   const at::Tensor* kc, const at::Tensor* vc, const at::Tensor* at, int64_t heads,
+                                   at::Tensor** out, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    kernel_source = src;
+    const long long b = kc->size(0), kv_heads = kc->size(1), cap = kc->size(2), dim = kc->size(3);
+    long long row = qkv->size(-1);
+    auto fits = [&](const at::Tensor* t) { return !t || (t->is_contiguous() && t->numel() == dim && t->scalar_type() == qkv->scalar_type()); };
+    TORCH_CHECK(qkv->is_contiguous() && qkv->numel() == b * row && row >= (heads + 2 * kv_heads) * dim && row % 8 == 0 &&
+                    cos->is_contiguous() && sin->is_contiguous() && cos->numel() == b * dim && sin->numel() == b * dim &&
+                    kc->is_contiguous() && vc->is_contiguous() && kc->sizes() == vc->sizes() && dim % 16 == 0 &&
+                    dim <= 256 && fits(qw) && fits(kw) && at->scalar_type() == at::kLong &&
+                    cos->scalar_type() == qkv->scalar_type() && sin->scalar_type() == qkv->scalar_type() &&
+                    kc->scalar_type() == qkv->scalar_type() && vc->scalar_type() == qkv->scalar_type() &&
+                    aligned16({qkv, cos, sin, kc, vc}) && (!qw || aligned16({qw})) && (!kw || aligned16({kw})),
+                "decode_qkv: projections ", qkv->sizes(), ", cos/sin ", cos->sizes(), ", caches ", kc->sizes(),
+                " do not fit");
+    at::Tensor q = at::empty({b, heads, 1, dim}, qkv->options());
+    const void *pqkv = qkv->data_ptr(), *pc = cos->data_ptr(), *ps = sin->data_ptr(),
+               *pqw = qw ? qw->data_ptr() : nullptr, *pkw = kw ? kw->data_ptr() : nullptr, *pat = at->data_ptr();
+    void *pq = q.data_ptr(), *pk = kc->data_ptr(), *pv = vc->data_ptr();
+    float e = (float)eps;
+    int ib = (int)b, ih = (int)heads, ikv = (int)kv_heads, id = (int)dim, icap = (int)cap;
+    void* params[] = {&pqkv, &row, &pc, &ps, &pqw, &pkw, &e, &pq, &pk, &pv, &pat, &ib, &ih, &ikv, &id, &icap};
+    launch("decode_qkv", q, b * (heads + 2 * kv_heads) * 32, params, 256);  // a warp per head
+    *out = new at::Tensor(q);
+  });
+}
+
+// silu(gate) · up for gu [N, 2·width] holding each row's gate and up side by side (no autograd).
+extern "C" int ftscript_swiglu_halves(const char* src, const at::Tensor* gu, at::Tensor** out, char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    kernel_source = src;
+    const long long width = gu->size(-1) / 2;
+    TORCH_CHECK(gu->is_contiguous() && gu->size(-1) % 16 == 0, "swiglu_halves: ", gu->sizes(), " does not fit");
+    std::vector<int64_t> shape = gu->sizes().vec();
+    shape.back() = width;
+    at::Tensor o = at::empty(shape, gu->options());
+    long long n = o.numel();
+    int w = (int)width, vec = aligned16({gu, &o});
+    const void* pg = gu->data_ptr();
+    void* po = o.data_ptr();
+    void* params[] = {&pg, &po, &n, &w, &vec};
+    launch("swiglu_halves", o, (n + 7) / 8, params);
+    *out = new at::Tensor(o);
+  });
+}
+
 // Turns the side stream of Projections on or off (off at start).
 extern "C" void ftscript_overlap_lora(int on) { overlap_lora = on != 0; }
 

@@ -15,6 +15,8 @@ extern "C" {
     fn ftscript_projections(src: *const c_char, x: *const C_tensor, weights: *const *const C_tensor, biases: *const *const C_tensor, adapter_of: *const i64, n: i32, a: *const *const C_tensor, b: *const *const C_tensor, scales: *const f64, dropouts: *const f64, m: i32, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_add_rms_norm(src: *const c_char, h: *const C_tensor, delta: *const C_tensor, w: *const C_tensor, eps: f64, sum: *mut *mut C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_decode_attention(src: *const c_char, q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, valid: *const C_tensor, at: *const C_tensor, window: i64, scale: f64, softcap: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_decode_qkv(src: *const c_char, qkv: *const C_tensor, cos: *const C_tensor, sin: *const C_tensor, qw: *const C_tensor, kw: *const C_tensor, eps: f64, kc: *const C_tensor, vc: *const C_tensor, at: *const C_tensor, heads: i64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_swiglu_halves(src: *const c_char, gu: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_softcap_softmax(src: *const c_char, x: *const C_tensor, allowed: *const C_tensor, scale: f64, cap: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_overlap_lora(on: i32);
     fn ftscript_backward(roots: *const *const C_tensor, grads: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
@@ -83,6 +85,36 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, valid: &Tensor, at: 
     fused(q, |out, err, len| unsafe {
         ftscript_decode_attention(SOURCE.as_ptr() as *const c_char, q.as_ptr(), k.as_ptr(), v.as_ptr(), valid.as_ptr(), at.as_ptr(), window, scale, softcap, out, err, len)
     })
+}
+
+/// A decoding step's heads from the output of a joint q/k/v projection, in one kernel (no
+/// autograd): `qkv` `[B, 1, heads·d + 2·kv_heads·d]`; the query and key heads normalized over `d`
+/// by `norms` `(w_q, w_k, ε)` if given (Qwen3; rounded once, as [`add_rms_norm`]) and rotated by
+/// `cos`, `sin` `[B, 1, d]` (as [`rope`]); the keys and values written into slot `at` (`[1]`) of
+/// the caches `k_cache`, `v_cache` `[B, kv_heads, cap, d]`. Returns the queries `[B, heads, 1, d]`;
+/// `None` off the GPU or where the kernel does not fit (d a multiple of 16 up to 256).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_qkv(qkv: &Tensor, (cos, sin): (&Tensor, &Tensor), norms: Option<(&Tensor, &Tensor, f64)>, k_cache: &Tensor, v_cache: &Tensor, at: &Tensor, heads: i64) -> Option<Tensor> {
+    let d = k_cache.size()[3];
+    let kind = qkv.kind();
+    let aligned = [qkv, cos, sin, k_cache, v_cache].iter().all(|t| t.is_contiguous() && t.kind() == kind && t.data_ptr() as usize % 16 == 0);
+    let norms_fit = norms.is_none_or(|(q, k, _)| [q, k].iter().all(|w| w.is_contiguous() && w.kind() == kind && w.numel() == d as usize && w.data_ptr() as usize % 16 == 0));
+    if d % 16 != 0 || d > 256 || *cos.size().last()? != d || qkv.size().last()? % 8 != 0 || !aligned || !norms_fit || at.kind() != tch::Kind::Int64 {
+        return None;
+    }
+    let (qw, kw, eps) = norms.map_or((std::ptr::null(), std::ptr::null(), 0.0), |(q, k, e)| (q.as_ptr(), k.as_ptr(), e));
+    fused(qkv, |out, err, len| unsafe {
+        ftscript_decode_qkv(SOURCE.as_ptr() as *const c_char, qkv.as_ptr(), cos.as_ptr(), sin.as_ptr(), qw, kw, eps, k_cache.as_ptr(), v_cache.as_ptr(), at.as_ptr(), heads, out, err, len)
+    })
+}
+
+/// `silu(gate) · up` for `gu` `[.., 2·I]` holding each row's gate and up side by side (the
+/// output of a joint gate/up projection), in one kernel, no autograd; `[.., I]`.
+pub fn swiglu_halves(gu: &Tensor) -> Option<Tensor> {
+    if !gu.is_contiguous() || gu.size().last()? % 16 != 0 {
+        return None;
+    }
+    fused(gu, |out, err, len| unsafe { ftscript_swiglu_halves(SOURCE.as_ptr() as *const c_char, gu.as_ptr(), out, err, len) })
 }
 
 /// RMSNorm after a residual add, `(s, w ⊙ s / √(mean(s²) + ε))` for `s = h + delta` (or `h`), over

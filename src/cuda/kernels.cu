@@ -146,6 +146,25 @@ __device__ void swiglu_fwd(const typename S::T* g, const typename S::T* u, typen
   co.store(out, e, n, vec);
 }
 
+// The same for `gu` [N, 2·width], each row the gate then the up projection (one GEMM of a joint
+// weight gave both): `out` [N, width] = silu(gate) · up (width a multiple of 8, rows 16-byte
+// aligned when `vec`: the caller checks).
+template <typename S>
+__device__ void swiglu_halves(const typename S::T* gu, typename S::T* out, long long n, int width, int vec) {
+  long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (e >= n) return;
+  const typename S::T* g = gu + e / width * 2 * width + e % width;
+  Chunk<S> cg, cu, co;
+  cg.load(g, 0, 8, vec);
+  cu.load(g + width, 0, 8, vec);
+#pragma unroll
+  for (int k = 0; k < 8; k++) {
+    float x = S::load(cg.v[k]);
+    co.v[k] = S::cvt(rnd<S>(x / (1.0f + expf(-x))) * S::load(cu.v[k]));
+  }
+  co.store(out, e, n, vec);
+}
+
 // Its backward from the saved inputs: `du = dy · silu(g)`, `dg = (dy · u) · σ(g)(1 + g(1 − σ(g)))`
 // (σ the logistic function; `dy · u` rounded first, as autograd's product backward is).
 template <typename S>
@@ -681,9 +700,79 @@ __device__ void decode_attention(const typename S::T* __restrict__ q, const type
   }
 }
 
+// A decoding step's query, key and value heads from the joint projection `qkv` [B, row] (each
+// row `heads` query heads, then `kv_heads` key heads, then as many value heads, `dim` each), in
+// one kernel: the query and key heads normalized over `dim` by `qw` / `kw` when given (Qwen3's
+// q/k norms: `s · rstd · w` rounded once, as add_rms_norm_rows), then rotated by `cos`, `sin`
+// [B, dim] as the rope kernel rotates (each product rounded before the sum); the queries go to
+// `q` [B, heads, dim], the keys and values to slot `*at` of the caches `kc`, `vc` [B, kv_heads,
+// cap, dim]. A warp per head, a lane per 8-element chunk (dim a multiple of 16, at most 256; rows
+// 16-byte aligned: the caller checks); the lane holding element j + dim/2 of a pair hands it over
+// by a shuffle.
+template <typename S>
+__device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row, const typename S::T* __restrict__ cos,
+                           const typename S::T* __restrict__ sin, const typename S::T* __restrict__ qw,
+                           const typename S::T* __restrict__ kw, float eps, typename S::T* __restrict__ q,
+                           typename S::T* __restrict__ kc, typename S::T* __restrict__ vc, const long long* at,
+                           int b, int heads, int kv_heads, int dim, int cap) {
+  const int per_row = heads + 2 * kv_heads;
+  const int head = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (head >= b * per_row) return;  // a whole warp: the shuffles below see all 32 lanes
+  const int r = head / per_row, hh = head % per_row, lane = threadIdx.x % 32, e = lane * 8;
+  const bool mine = e < dim;
+  Chunk<S> x;
+  if (mine) x.load(qkv + r * row + (long long)hh * dim, e, dim, true);
+  if (hh < heads + kv_heads) {
+    const typename S::T* w = hh < heads ? qw : kw;
+    if (w) {
+      float sq = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 8; k++) sq = mine ? __fmaf_rn(S::load(x.v[k]), S::load(x.v[k]), sq) : sq;
+      const float rs = rsqrtf(warp_sum(sq) / dim + eps);
+      if (mine) {
+        Chunk<S> wc;
+        wc.load(w, e, dim, true);
+#pragma unroll
+        for (int k = 0; k < 8; k++) x.v[k] = S::cvt(S::load(x.v[k]) * rs * S::load(wc.v[k]));
+      }
+    }
+    const int half = dim / 2, first = e < half;
+    const int partner = first ? lane + half / 8 : lane - half / 8;
+    Chunk<S> c, s, o;
+    if (mine) {
+      c.load(cos + (long long)r * dim, e, dim, true);
+      s.load(sin + (long long)r * dim, e, dim, true);
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+      const float own = S::load(x.v[k]);
+      const float other = __shfl_sync(0xffffffffu, own, partner & 31);
+      const float ck = S::load(c.v[k]), sk = S::load(s.v[k]);
+      o.v[k] = S::cvt(first ? rnd<S>(own * ck) + rnd<S>(-other * sk) : rnd<S>(own * ck) + rnd<S>(other * sk));
+    }
+    if (!mine) return;
+    if (hh < heads) {
+      o.store(q + ((long long)r * heads + hh) * dim, e, dim, true);
+    } else {
+      o.store(kc + (((long long)r * kv_heads + hh - heads) * cap + *at) * dim, e, dim, true);
+    }
+  } else if (mine) {
+    x.store(vc + (((long long)r * kv_heads + hh - heads - kv_heads) * cap + *at) * dim, e, dim, true);
+  }
+}
+
 #define FTSCRIPT_TYPED(S, suffix)                                                                                  \
   extern "C" __global__ void swiglu_fwd_##suffix(const S::T* g, const S::T* u, S::T* o, long long n, int vec) {    \
     swiglu_fwd<S>(g, u, o, n, vec);                                                                                \
+  }                                                                                                                \
+  extern "C" __global__ void swiglu_halves_##suffix(const S::T* gu, S::T* o, long long n, int width, int vec) {   \
+    swiglu_halves<S>(gu, o, n, width, vec);                                                                        \
+  }                                                                                                                \
+  extern "C" __global__ void decode_qkv_##suffix(const S::T* qkv, long long row, const S::T* c, const S::T* s,     \
+                                                const S::T* qw, const S::T* kw, float eps, S::T* q, S::T* kc,      \
+                                                S::T* vc, const long long* at, int b, int heads, int kv_heads,     \
+                                                int dim, int cap) {                                                \
+    decode_qkv<S>(qkv, row, c, s, qw, kw, eps, q, kc, vc, at, b, heads, kv_heads, dim, cap);                       \
   }                                                                                                                \
   extern "C" __global__ void swiglu_bwd_##suffix(const S::T* dy, const S::T* g, const S::T* u, S::T* dg, S::T* du, \
                                                  long long n, int vec) {                                          \

@@ -71,26 +71,14 @@ impl Attention {
         train: bool,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
-        let [q, k, v]: [Tensor; 3] = self.qkv.forward(x, train).try_into().unwrap();
-        let q = rotate(self.head_norm(&self.q_norm, q, self.n_heads, train), self.n_heads, self.head_dim, cos_sin, train);
-        let mut k = rotate(self.head_norm(&self.k_norm, k, self.n_kv_heads, train), self.n_kv_heads, self.head_dim, cos_sin, train);
-        let mut v = v.view([b, t, self.n_kv_heads, self.head_dim]).transpose(1, 2);
-        // a one-token step over a fixed cache: the slot it writes (`[1]` on the device)
-        let mut step_at = None;
-        if let Some(c) = cache {
-            let (mut ck, mut cv) = (c.k.shallow_clone(), c.v.shallow_clone());
-            match c.at {
-                None => {
-                    ck.narrow(2, 0, t).copy_(&k);
-                    cv.narrow(2, 0, t).copy_(&v);
-                }
-                Some(at) => {
-                    let _ = ck.index_copy_(2, at, &k);
-                    let _ = cv.index_copy_(2, at, &v);
-                    (k, v, step_at) = (ck, cv, Some(at));
-                }
-            }
-        }
+        // a decoding step on the GPU: q, k and v from one GEMM, then one kernel for the norms,
+        // RoPE and the cache's writes
+        let step = cache.filter(|c| c.at.is_some() && crate::nn::fused(x, train));
+        let joint = step.and_then(|_| self.qkv.forward_joint(x));
+        let (q, k, v, step_at) = match (joint.as_ref().zip(step).and_then(|(qkv, c)| self.decode_qkv(qkv, cos_sin, c)), step) {
+            (Some(q), Some(c)) => (q, c.k.shallow_clone(), c.v.shallow_clone(), c.at),
+            _ => self.project_heads(x, joint, cos_sin, cache, train),
+        };
         let kv_len = k.size()[2];
         let window = self.sliding_window.filter(|w| *w < kv_len);
         // a decoding step on the GPU: one kernel over the cache (no mask
@@ -166,6 +154,49 @@ impl Attention {
         y.transpose(1, 2).contiguous().view([b, t, self.n_heads * self.head_dim])
     }
 
+    /// The rotated queries `[B, heads, T, d]`, the keys and values `[B, kv_heads, T, d]` to attend
+    /// to (the cache's, written first, in a step over a fixed cache) and the slot such a step
+    /// writes (`[1]` on the device); from the joint projection `qkv` when given.
+    fn project_heads<'c>(&self, x: &Tensor, qkv: Option<Tensor>, cos_sin: &(Tensor, Tensor), cache: Option<CacheSlot<'c>>, train: bool) -> (Tensor, Tensor, Tensor, Option<&'c Tensor>) {
+        let (b, t, _) = x.size3().unwrap();
+        let (q_size, kv_size) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let [q, k, v]: [Tensor; 3] = match qkv {
+            Some(qkv) => qkv.split_with_sizes([q_size, kv_size, kv_size], -1),
+            None => self.qkv.forward(x, train),
+        }
+        .try_into()
+        .unwrap();
+        let q = rotate(self.head_norm(&self.q_norm, q, self.n_heads, train), self.n_heads, self.head_dim, cos_sin, train);
+        let k = rotate(self.head_norm(&self.k_norm, k, self.n_kv_heads, train), self.n_kv_heads, self.head_dim, cos_sin, train);
+        let v = v.view([b, t, self.n_kv_heads, self.head_dim]).transpose(1, 2);
+        let Some(c) = cache else { return (q, k, v, None) };
+        let (mut ck, mut cv) = (c.k.shallow_clone(), c.v.shallow_clone());
+        match c.at {
+            None => {
+                ck.narrow(2, 0, t).copy_(&k);
+                cv.narrow(2, 0, t).copy_(&v);
+                (q, k, v, None)
+            }
+            Some(at) => {
+                let _ = ck.index_copy_(2, at, &k);
+                let _ = cv.index_copy_(2, at, &v);
+                (q, ck, cv, Some(at))
+            }
+        }
+    }
+
+    /// A decoding step's rotated queries `[B, heads, 1, d]` from the joint projection `qkv`, its
+    /// keys and values written into `cache`, in one kernel; `None` where it does not fit.
+    fn decode_qkv(&self, qkv: &Tensor, (cos, sin): &(Tensor, Tensor), cache: CacheSlot<'_>) -> Option<Tensor> {
+        let norms = match (&self.q_norm, &self.k_norm) {
+            (None, None) => None,
+            (Some(qn), Some(kn)) if qn.eps == kn.eps => Some((qn.fused_scale(qkv.kind()), kn.fused_scale(qkv.kind()), qn.eps)),
+            _ => return None,
+        };
+        let norms = norms.as_ref().map(|(q, k, eps)| (q, k, *eps));
+        crate::cuda::autograd::decode_qkv(qkv, (cos, sin), norms, cache.k, cache.v, cache.at?, self.n_heads)
+    }
+
     /// `y` `[B, T, heads·d]` with each head normalized by `norm` over its `d` values, if given.
     fn head_norm(&self, norm: &Option<RmsNorm>, y: Tensor, heads: i64, train: bool) -> Tensor {
         match norm {
@@ -202,6 +233,22 @@ impl DecoderLayer {
         let mut v = self.self_attn.qkv.linears();
         v.push(&self.self_attn.o_proj);
         v.extend(self.mlp.linears());
+        v
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = self.self_attn.qkv.linears_mut();
+        v.push(&mut self.self_attn.o_proj);
+        v.extend(self.mlp.linears_mut());
+        v
+    }
+
+    /// The layer's groups of projections of one input (q/k/v; the dense MLP's gate/up).
+    pub fn projections_mut(&mut self) -> Vec<&mut Projections> {
+        let mut v = vec![&mut self.self_attn.qkv];
+        if let FeedForward::Dense(m) = &mut self.mlp {
+            v.push(&mut m.gate_up);
+        }
         v
     }
 
@@ -383,7 +430,7 @@ impl Decoder {
                         let sizes = vec![nh * hd, nkv * hd, nkv * hd];
                         Projections::Fused { layer: linear(format!("{p}.self_attn.qkv_proj"), sizes.iter().sum(), h, c.qkv_bias, d)?, sizes }
                     } else {
-                        Projections::Separate(vec![
+                        Projections::separate_layers(vec![
                             linear(format!("{p}.self_attn.q_proj"), nh * hd, h, c.qkv_bias, d)?,
                             linear(format!("{p}.self_attn.k_proj"), nkv * hd, h, c.qkv_bias, d)?,
                             linear(format!("{p}.self_attn.v_proj"), nkv * hd, h, c.qkv_bias, d)?,
@@ -407,7 +454,7 @@ impl Decoder {
                         gate_up: if c.fused_projections {
                             Projections::Fused { layer: linear(format!("{p}.mlp.gate_up_proj"), 2 * i, h, c.mlp_bias, d)?, sizes: vec![i, i] }
                         } else {
-                            Projections::Separate(vec![linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias, d)?, linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias, d)?])
+                            Projections::separate_layers(vec![linear(format!("{p}.mlp.gate_proj"), i, h, c.mlp_bias, d)?, linear(format!("{p}.mlp.up_proj"), i, h, c.mlp_bias, d)?])
                         },
                         down_proj: linear(format!("{p}.mlp.down_proj"), h, i, c.mlp_bias, d)?,
                         act: c.activation,
@@ -727,10 +774,7 @@ impl Decoder {
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut v = vec![];
         for l in &mut self.layers {
-            let a = &mut l.self_attn;
-            v.extend(a.qkv.linears_mut());
-            v.push(&mut a.o_proj);
-            v.extend(l.mlp.linears_mut());
+            v.extend(l.linears_mut());
         }
         v.extend(self.lm_head.iter_mut());
         v
@@ -750,10 +794,17 @@ impl Decoder {
                 moe.set_dtype(kind);
             }
         }
-        for lin in self.linears_mut() {
+        let cast = |lin: &mut Linear| {
             lin.weight = lin.weight.to_kind(kind);
             lin.bias = lin.bias.as_ref().map(|b| b.to_kind(kind));
+        };
+        // a layer at a time, its projections joined again before the next: the old joint
+        // weights go as the new come
+        for l in &mut self.layers {
+            l.linears_mut().into_iter().for_each(cast);
+            l.projections_mut().into_iter().for_each(Projections::join);
         }
+        self.lm_head.iter_mut().for_each(cast);
         self.kind = kind;
     }
 

@@ -182,29 +182,128 @@ impl Linear {
 /// whose output is their concatenation in that order (Phi-3's `qkv_proj` and `gate_up_proj`,
 /// adapted as one module, as peft does).
 pub enum Projections {
-    Separate(Vec<Linear>),
+    /// Separate layers; their dense weights (and biases) are stored as consecutive rows of one
+    /// [`Joint`] tensor when they can be, so that a decoding step projects with one GEMM.
+    Separate { layers: Vec<Linear>, joint: Option<Joint> },
     Fused { layer: Linear, sizes: Vec<i64> },
 }
 
+/// The separate layers' weights `[Σ out, in]` (and biases `[Σ out]`) in one tensor, of which each
+/// layer's weight is a slice of rows.
+pub struct Joint {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// `whole` when `parts` are, in order, its consecutive slices along the first dimension.
+fn slices_of(whole: &Tensor, parts: &[Option<&Tensor>]) -> bool {
+    let (mut at, row) = (whole.data_ptr() as usize, whole.stride()[0] as usize * whole.kind().elt_size_in_bytes());
+    let mut rows = 0;
+    for p in parts {
+        let Some(p) = p else { return false };
+        if p.data_ptr() as usize != at || !p.is_contiguous() || p.kind() != whole.kind() {
+            return false;
+        }
+        at += p.size()[0] as usize * row;
+        rows += p.size()[0];
+    }
+    rows == whole.size()[0]
+}
+
 impl Projections {
+    /// Separate layers, their dense weights joined ([`Projections::join`]).
+    pub fn separate_layers(layers: Vec<Linear>) -> Projections {
+        let mut p = Projections::Separate { layers, joint: None };
+        p.join();
+        p
+    }
+
+    /// Stores separate layers' weights (and biases, when every layer has one) as slices of one
+    /// [`Joint`] tensor, if they are dense, of one dtype, on one device; a joint that no longer
+    /// holds the layers' weights (cast or replaced since) is dropped first. Costs one copy of
+    /// the weights while it runs.
+    pub fn join(&mut self) {
+        let Projections::Separate { layers, joint } = self else { return };
+        if joint.as_ref().is_some_and(|j| j.holds(layers)) {
+            return;
+        }
+        *joint = None;
+        let weights: Option<Vec<&Tensor>> = layers.iter().map(|l| if let Weight::Dense(w) = &l.weight { Some(w) } else { None }).collect();
+        let Some(weights) = weights else { return };
+        let same = |f: &dyn Fn(&Tensor) -> String| weights.iter().all(|w| f(w) == f(weights[0]));
+        if weights.len() < 2 || !same(&|w| format!("{:?} {:?} {}", w.kind(), w.device(), w.size()[1])) {
+            return;
+        }
+        let _g = tch::no_grad_guard();
+        let weight = Tensor::cat(&weights, 0);
+        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+        let bias = biases.filter(|b| b.iter().all(|t| t.kind() == weight.kind())).map(|b| Tensor::cat(&b, 0));
+        let mut row = 0;
+        for l in layers.iter_mut() {
+            let n = l.out_features();
+            l.weight = Weight::Dense(weight.narrow(0, row, n));
+            if let Some(b) = &bias {
+                l.bias = Some(b.narrow(0, row, n));
+            }
+            row += n;
+        }
+        *joint = Some(Joint { weight, bias });
+    }
+
     /// Each projection of `x` ([`Linear::forward_shared`] for separate layers).
     pub fn forward(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
         match self {
-            Projections::Separate(layers) => Linear::forward_shared(&layers.iter().collect::<Vec<_>>(), x, train),
+            Projections::Separate { layers, .. } => Linear::forward_shared(&layers.iter().collect::<Vec<_>>(), x, train),
             Projections::Fused { layer, sizes } => layer.forward(x, train).split_with_sizes(sizes.as_slice(), -1),
         }
     }
 
+    /// Every projection of `x` side by side, `[.., Σ out]`, from one GEMM of the joint weight
+    /// (and, with LoRA adapters, one GEMM by the stacked `s·A`s and one by the block-diagonal
+    /// `B`s): for a decoding step, where each launch costs more than its work. `None` where the
+    /// layers have no joint weight or an adapter other than plain LoRA.
+    pub fn forward_joint(&self, x: &Tensor) -> Option<Tensor> {
+        let (layers, joint) = match self {
+            Projections::Fused { layer, .. } => return Some(layer.forward(x, false)),
+            Projections::Separate { layers, joint } => (layers, joint.as_ref()?),
+        };
+        if !joint.holds(layers) || !layers.iter().all(Linear::fusable) || joint.weight.kind() != x.kind() {
+            return None;
+        }
+        let mut shape = x.size();
+        let x2 = x.reshape([-1, *shape.last().unwrap()]);
+        let mut y = x2.linear(&joint.weight, joint.bias.as_ref());
+        let adapted: Vec<(usize, &Lora)> = layers.iter().enumerate().filter_map(|(i, l)| Some((i, l.lora()?))).collect();
+        if let Some(&(_, first)) = adapted.first().filter(|_| !adapters_disabled()) {
+            let ab = super::prepared(&first.a, "joint lora", || {
+                let a = Tensor::cat(&adapted.iter().map(|(_, l)| (&l.a * l.scale).to_kind(x.kind())).collect::<Vec<_>>(), 0);
+                let b = Tensor::zeros([joint.weight.size()[0], a.size()[0]], (x.kind(), x.device()));
+                let (mut row, mut col) = (0, 0);
+                for (i, l) in layers.iter().enumerate() {
+                    if let Some((_, lora)) = adapted.iter().find(|(j, _)| *j == i) {
+                        b.narrow(0, row, l.out_features()).narrow(1, col, lora.rank()).copy_(&lora.b.to_kind(x.kind()));
+                        col += lora.rank();
+                    }
+                    row += l.out_features();
+                }
+                vec![a, b]
+            });
+            let _ = y.addmm_(&x2.matmul(&ab[0].tr()), &ab[1].tr());
+        }
+        *shape.last_mut().unwrap() = joint.weight.size()[0];
+        Some(y.view(shape.as_slice()))
+    }
+
     pub fn linears(&self) -> Vec<&Linear> {
         match self {
-            Projections::Separate(layers) => layers.iter().collect(),
+            Projections::Separate { layers, .. } => layers.iter().collect(),
             Projections::Fused { layer, .. } => vec![layer],
         }
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         match self {
-            Projections::Separate(layers) => layers.iter_mut().collect(),
+            Projections::Separate { layers, .. } => layers.iter_mut().collect(),
             Projections::Fused { layer, .. } => vec![layer],
         }
     }
@@ -212,9 +311,17 @@ impl Projections {
     /// The separate layers, if they are separate.
     pub fn separate(&self) -> Option<&[Linear]> {
         match self {
-            Projections::Separate(layers) => Some(layers),
+            Projections::Separate { layers, .. } => Some(layers),
             Projections::Fused { .. } => None,
         }
+    }
+}
+
+impl Joint {
+    /// Whether the layers' weights (and biases, if joined) are still this tensor's slices.
+    fn holds(&self, layers: &[Linear]) -> bool {
+        let weights: Vec<Option<&Tensor>> = layers.iter().map(|l| if let Weight::Dense(w) = &l.weight { Some(w) } else { None }).collect();
+        slices_of(&self.weight, &weights) && self.bias.as_ref().is_none_or(|b| slices_of(b, &layers.iter().map(|l| l.bias.as_ref()).collect::<Vec<_>>()))
     }
 }
 
@@ -231,6 +338,37 @@ mod tests {
             l
         });
         Linear { name: "p".into(), weight: Weight::Dense(w), bias: bias.then(|| Tensor::randn([out], (Kind::Float, Device::Cpu))), adapter: lora.map(Adapter::Lora) }
+    }
+
+    /// Joined layers keep their outputs; the joint projection (one GEMM, the adapters' stacked
+    /// `s·A` and block-diagonal `B`) gives every layer's output side by side; a cast breaks the
+    /// joint and `join` makes it again in the new dtype.
+    #[test]
+    fn joined_projections_give_the_separate_layers_outputs() {
+        tch::manual_seed(0);
+        let separate = vec![layer(6, 8, Some(0.0), true), layer(5, 8, None, true), layer(4, 8, Some(0.0), true)];
+        let x = Tensor::randn([2, 3, 8], (Kind::Float, Device::Cpu));
+        let want: Vec<Tensor> = separate.iter().map(|l| l.forward(&x, false)).collect();
+        let mut p = Projections::separate_layers(separate);
+        let got = p.forward(&x, false);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(g.equal(w), "a joined layer's output changed");
+        }
+        let joint = p.forward_joint(&x).expect("joined");
+        crate::nn::forget_prepared();
+        assert_eq!(joint.size(), [2, 3, 15]);
+        let err = (joint - Tensor::cat(&want, -1)).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "joint projection differs by {err}");
+        for l in p.linears_mut() {
+            l.weight = l.weight.to_kind(Kind::Double);
+            l.bias = l.bias.as_ref().map(|b| b.to_kind(Kind::Double));
+        }
+        assert!(p.forward_joint(&x.to_kind(Kind::Double)).is_none(), "a stale joint was used");
+        p.join();
+        let joint = p.forward_joint(&x.to_kind(Kind::Double)).expect("joined again");
+        crate::nn::forget_prepared();
+        let err = (joint - Tensor::cat(&want, -1).to_kind(Kind::Double)).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "joint projection after the cast differs by {err}");
     }
 
     /// The fused projections node against separate layers through autograd: outputs and the

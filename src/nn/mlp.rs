@@ -91,10 +91,25 @@ impl Mlp {
         v
     }
 
-    /// `down(act(gate(x)) · up(x))`.
+    /// `down(act(gate(x)) · up(x))`; in a decoding step on a GPU, gate and up from one GEMM
+    /// ([`Projections::forward_joint`]) and SwiGLU over its halves.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let [gate, up]: [Tensor; 2] = self.gate_up.forward(x, train).try_into().unwrap();
-        self.down_proj.forward(&self.gated(&gate, &up, train), train)
+        let joint = if fused(x, train) && !train { self.gate_up.forward_joint(x) } else { None };
+        let m = match joint {
+            Some(gu) => match self.act {
+                Activation::Silu => crate::cuda::autograd::swiglu_halves(&gu),
+                Activation::GeluTanh => None,
+            }
+            .unwrap_or_else(|| {
+                let [gate, up]: [Tensor; 2] = gu.chunk(2, -1).try_into().unwrap();
+                self.gated(&gate, &up, train)
+            }),
+            None => {
+                let [gate, up]: [Tensor; 2] = self.gate_up.forward(x, train).try_into().unwrap();
+                self.gated(&gate, &up, train)
+            }
+        };
+        self.down_proj.forward(&m, train)
     }
 
     /// The separate gate and up projections ([`Mlp::fusable`] MLPs have them).

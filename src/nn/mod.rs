@@ -20,18 +20,16 @@ thread_local! {
     /// Set inside [`decoding_kernels`].
     static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// Tensors derived once for a generation's decoding steps (an adapter's scaled, cast
-    /// weights), by the address of the tensor they derive from; [`forget_prepared`] drops them.
-    static PREPARED: std::cell::RefCell<std::collections::HashMap<usize, (Tensor, Tensor)>> = Default::default();
+    /// weights), by the address of the tensor they derive from and what they are;
+    /// [`forget_prepared`] drops them.
+    static PREPARED: std::cell::RefCell<std::collections::HashMap<(usize, &'static str), Vec<Tensor>>> = Default::default();
 }
 
-/// What `make` derives from `from`, made on the first call of this generation (see `PREPARED`).
-pub(crate) fn prepared(from: &Tensor, make: impl FnOnce() -> (Tensor, Tensor)) -> (Tensor, Tensor) {
-    let key = from.data_ptr() as usize;
-    PREPARED.with(|p| {
-        let mut p = p.borrow_mut();
-        let (a, b) = p.entry(key).or_insert_with(make);
-        (a.shallow_clone(), b.shallow_clone())
-    })
+/// What `make` derives from `from` (`what` names it), made on the first call of this generation
+/// (see `PREPARED`).
+pub(crate) fn prepared(from: &Tensor, what: &'static str, make: impl FnOnce() -> Vec<Tensor>) -> Vec<Tensor> {
+    let key = (from.data_ptr() as usize, what);
+    PREPARED.with(|p| p.borrow_mut().entry(key).or_insert_with(make).iter().map(Tensor::shallow_clone).collect())
 }
 
 /// Drops what [`prepared`] made (a generation ends: the adapters may train again).
@@ -44,7 +42,12 @@ pub fn forget_prepared() {
 /// exactly like transformers' ops; RMSNorm rounds once where transformers rounds twice
 /// ([`norm::RmsNorm`]). Other inference and evaluation keep transformers' exact op sequence.
 pub(crate) fn fused(x: &Tensor, train: bool) -> bool {
-    (train || DECODING.with(std::cell::Cell::get)) && x.device().is_cuda()
+    (train || decoding()) && x.device().is_cuda()
+}
+
+/// Whether this thread is inside [`decoding_kernels`].
+pub(crate) fn decoding() -> bool {
+    DECODING.with(std::cell::Cell::get)
 }
 
 /// `f` with the fused kernels on for inference (a decoding step, where each op's launch costs

@@ -25,13 +25,22 @@ impl RmsNorm {
         self.forward_residual(x, None, train).1
     }
 
+    /// The weight the fused kernels scale by, in `kind`: `w`, or Gemma's `1 + w` rounded to
+    /// `kind` (made once a generation in its decoding steps).
+    pub(crate) fn fused_scale(&self, kind: Kind) -> Tensor {
+        if !self.unit_offset {
+            return self.weight.shallow_clone();
+        }
+        let make = || (self.weight.to_kind(Kind::Float) + 1.0).to_kind(kind);
+        if super::decoding() { super::prepared(&self.weight, "unit offset", || vec![make()]).remove(0) } else { make() }
+    }
+
     /// The residual add before the norm, `(h + delta, norm(h + delta))` (`(h, norm(h))` without
     /// `delta`). Training on a GPU, the add is part of the norm's kernel each way (and backward
     /// adds the norm's input gradient to the residual's); otherwise the add, then the norm.
     pub fn forward_residual(&self, h: &Tensor, delta: Option<&Tensor>, train: bool) -> (Tensor, Tensor) {
         let fused = fused(h, train);
-        // the fused kernels scale by a weight in the input's dtype: Gemma's `1 + w` rounded to it
-        let scale = if self.unit_offset && fused { (self.weight.to_kind(Kind::Float) + 1.0).to_kind(h.kind()) } else { self.weight.shallow_clone() };
+        let scale = if fused { self.fused_scale(h.kind()) } else { self.weight.shallow_clone() };
         if fused {
             if let Some(r) = crate::cuda::autograd::add_rms_norm(h, delta, &scale, self.eps) {
                 return r;

@@ -723,12 +723,19 @@ pub fn check_all_used(files: &AdapterFiles, names: &[&str]) -> Result<()> {
 }
 
 /// Folds every adapter of the linear layers into its base weight (`W ← W + s·B·A`, DoRA's
-/// rescaled form) and removes the adapters.
+/// rescaled form) and removes the adapters. A dense weight is updated in place (it may be a
+/// slice of a joint weight, [`super::linear::Joint`]); a 4-bit one becomes dense.
 pub fn merge_linears(net: &mut dyn Adapted) {
     let _g = tch::no_grad_guard();
     for lin in net.linears_mut() {
         if let Some(a) = lin.adapter.take() {
-            lin.weight = super::linear::Weight::Dense(a.merged_weight(&lin.weight.dense()).detach());
+            let merged = a.merged_weight(&lin.weight.dense()).detach();
+            match &mut lin.weight {
+                super::linear::Weight::Dense(w) if w.kind() == merged.kind() => {
+                    w.copy_(&merged);
+                }
+                w => *w = super::linear::Weight::Dense(merged),
+            }
         }
     }
 }

@@ -45,8 +45,8 @@ impl Lora {
     fn down(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
         if !train && super::super::fused(x, train) {
             // a decoding step: `s·A` and `B` in x's dtype, made once per generation
-            let (a, b) = super::super::prepared(&self.a, || ((&self.a * self.scale).to_kind(x.kind()), self.b.to_kind(x.kind())));
-            return (x.matmul(&a.tr()), b);
+            let ab = super::super::prepared(&self.a, "lora", || vec![(&self.a * self.scale).to_kind(x.kind()), self.b.to_kind(x.kind())]);
+            return (x.matmul(&ab[0].tr()), ab[1].shallow_clone());
         }
         let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let (a, b) = if self.a.kind() == x.kind() {
