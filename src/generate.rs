@@ -89,6 +89,10 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
     anyhow::ensure!(!prompts.is_empty(), "generate: no prompts");
     anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "generate: a prompt has no tokens");
     let (b, width) = (prompts.len() as i64, prompts.iter().map(Vec::len).max().unwrap_or(1) as i64);
+    // tests of the out-of-memory policy: batches of more rows fail as out of memory
+    if let Some(rows) = std::env::var("FTSCRIPT_INJECT_OOM_ROWS").ok().and_then(|v| v.parse::<i64>().ok()).filter(|r| b > *r) {
+        anyhow::bail!("out of memory (FTSCRIPT_INJECT_OOM_ROWS: {b} rows > {rows})");
+    }
     let ragged = prompts.iter().any(|p| p.len() as i64 != width);
     let pad = model.tokenizer.pad_id;
     let mut ids = vec![];

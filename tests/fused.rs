@@ -472,3 +472,39 @@ fn swiglu_over_halves_matches_silu_times_up() {
         }
     }
 }
+
+/// The decoding GEMV (`decode_linear`: `x Wᵀ + b`, then LoRA's `+ xa Bᵀ`, each rounded) against
+/// the same in fp64, rounded where the ops round: bf16 within 2 units of its precision, fp32
+/// within 1e-5 of the largest output (its sums run in another order than cuBLAS's).
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn decode_linear_matches_linear_and_the_lora_update() {
+    let Some((dev, _rng)) = cuda() else { return };
+    tch::manual_seed(8);
+    for kind in [Kind::BFloat16, Kind::Float] {
+        for (rows, inp, out) in [(1i64, 576i64, 576i64), (3, 4096, 1000), (8, 24, 40)] {
+            for (bias, lora) in [(false, false), (true, false), (false, true), (true, true)] {
+                let x = Tensor::randn([rows, 1, inp], (kind, dev));
+                let w = Tensor::randn([out, inp], (kind, dev)) * (1.0 / (inp as f64).sqrt());
+                let b = bias.then(|| Tensor::randn([out], (kind, dev)));
+                let ab = lora.then(|| (Tensor::randn([rows, 1, 16], (kind, dev)), Tensor::randn([out, 16], (kind, dev)) * 0.1));
+                let got = autograd::decode_linear(&x, &w, b.as_ref(), ab.as_ref().map(|(a, b)| (a, b))).unwrap_or_else(|| panic!("kernel unavailable: {:?}", ftscript::cuda::kernels::unavailable_reason()));
+                let d = |t: &Tensor| t.to_kind(Kind::Double);
+                let mut want = d(&x).matmul(&d(&w).tr());
+                if let Some(b) = &b {
+                    want += d(b);
+                }
+                let mut want = want.to_kind(kind);
+                if let Some((xa, lb)) = &ab {
+                    want = (d(&want) + d(xa).matmul(&d(lb).tr())).to_kind(kind);
+                }
+                let (worst, _) = ulps(&got, &want);
+                let off = (d(&got) - d(&want)).abs().max().double_value(&[]) / d(&want).abs().max().double_value(&[]);
+                println!("decode_linear {kind:?} {rows}×{inp}→{out} bias {bias} lora {lora}: worst {worst:.2} ulp, {off:.2e} of the largest");
+                assert_eq!(got.size(), [rows, 1, out]);
+                let within = if kind == Kind::Float { off < 1e-5 } else { worst <= 2.0 };
+                assert!(within, "{kind:?} {rows}×{inp}→{out} bias {bias} lora {lora}: {worst} ulp, {off:.2e}");
+            }
+        }
+    }
+}

@@ -193,6 +193,40 @@ print(`REF ${{scores.samples[0].reference}}`);
     }
 }
 
+/// A batch of prompts that runs out of memory (injected: batches of more than 2 rows fail) is
+/// decoded again in halves, in `generate` and in `evaluate`, with a warning, and gives what one
+/// prompt at a time gives.
+#[test]
+fn a_batch_that_runs_out_of_memory_is_generated_in_halves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 8);
+    let records: Vec<String> = (0..5).map(|i| serde_json::json!({"instruction": format!("count {i}"), "output": "the quick brown fox"}).to_string()).collect();
+    std::fs::write(d.join("qa.jsonl"), records.join("\n")).unwrap();
+    std::fs::write(
+        d.join("oom.rhai"),
+        format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+let prompts = ["the quick", "record 1: the quick brown fox jumps over", "a", "record 2:", "the lazy"];
+let batch = m.generate(prompts, #{{ max_new_tokens: 6, batch_size: 5 }});
+let alone = prompts.map(|p| m.generate(p, #{{ max_new_tokens: 6 }}));
+print(`SAME ${{batch == alone}} LEN ${{batch.len()}}`);
+let all = evaluate(m, load_dataset("qa.jsonl"), #{{ format: "alpaca", max_new_tokens: 6, batch_size: 4, samples: 5 }});
+let one = evaluate(m, load_dataset("qa.jsonl"), #{{ format: "alpaca", max_new_tokens: 6, batch_size: 1, samples: 5 }});
+print(`EVAL ${{all.samples == one.samples}} ${{all.records}}`);
+"#
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftscript")).args(["run", "oom.rhai"]).current_dir(d).env("FTSCRIPT_INJECT_OOM_ROWS", "2").output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("SAME true LEN 5") && t.contains("EVAL true 5"), "{t}");
+    assert!(t.contains("out of memory decoding 5 prompts at a time, now 2 at a time"), "{t}");
+    assert!(t.contains("out of memory decoding 4 prompts at a time, now 2 at a time"), "{t}");
+}
+
 /// `eval_generate` scores generated answers at each evaluation: the scores reach metrics.jsonl
 /// and `on_eval` (early stopping on one of them), and a misspelt metric is caught before training.
 #[test]

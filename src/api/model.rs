@@ -182,14 +182,27 @@ pub fn sampling(o: GenerateOptions) -> Sampling {
     }
 }
 
-/// Continuations of `prompts`, decoded `batch_size` prompts at a time.
+/// Continuations of `prompts`, decoded `batch_size` prompts at a time. A batch that runs out of
+/// memory is decoded again in halves, and later batches are as small (down to one prompt; greedy
+/// decoding gives the same tokens, seeded sampling other draws).
 pub fn generate_texts(m: &LoadedModel, prompts: &[String], s: &Sampling, batch_size: usize) -> anyhow::Result<Vec<String>> {
     let started = std::time::Instant::now();
     let ids = prompts.iter().map(|p| m.tokenizer.encode(p, true)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut out = Vec::with_capacity(prompts.len());
     let mut tokens = 0;
-    for chunk in ids.chunks(batch_size.max(1)) {
-        for generated in generate::generate_batch(m, chunk, s)? {
+    let (mut size, mut rest) = (batch_size.max(1), &ids[..]);
+    while !rest.is_empty() {
+        let chunk = &rest[..size.min(rest.len())];
+        let batch = match crate::script::options::catch_panic(|| generate::generate_batch(m, chunk, s)) {
+            Err(e) if chunk.len() > 1 && crate::script::options::error_kind(&format!("{e:#}")) == "oom" => {
+                size = chunk.len() / 2;
+                tracing::warn!("generate: out of memory decoding {} prompts at a time, now {size} at a time ({e:#})", chunk.len());
+                continue;
+            }
+            r => r?,
+        };
+        rest = &rest[chunk.len()..];
+        for generated in batch {
             tokens += generated.len();
             out.push(generate::cut_at_stop(&m.tokenizer.decode(&generated, true)?, &s.stop).to_string());
         }

@@ -488,6 +488,33 @@ extern "C" int ftscript_decode_qkv(const char* src, const at::Tensor* qkv, const
   });
 }
 
+// y = x Wᵀ (+ bias) (+ xa Bᵀ) for at most 8 rows (kernels.cu's decode_linear; no autograd): x [.., in]
+// contiguous, w [out, in] contiguous, bias [out] or null, xa [rows, rank] and lb [out, rank] or null.
+extern "C" int ftscript_decode_linear(const char* src, const at::Tensor* x, const at::Tensor* w, const at::Tensor* bias,
+                                      const at::Tensor* xa, const at::Tensor* lb, at::Tensor** out, char* err,
+                                      size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    kernel_source = src;
+    const long long in = w->size(1), o = w->size(0), rows = x->numel() / in, rank = xa ? xa->size(-1) : 0;
+    auto same = [&](const at::Tensor* t) { return !t || (t->is_contiguous() && t->scalar_type() == x->scalar_type()); };
+    TORCH_CHECK(x->is_contiguous() && w->is_contiguous() && x->size(-1) == in && rows >= 1 && rows <= 8 && in % 8 == 0 &&
+                    w->scalar_type() == x->scalar_type() && same(bias) && same(xa) && same(lb) &&
+                    (!bias || bias->numel() == o) && (!xa == !lb) &&
+                    (!xa || (xa->numel() == rows * rank && lb->size(0) == o && lb->size(1) == rank)) && aligned16({x, w}),
+                "decode_linear: input ", x->sizes(), ", weight ", w->sizes(), " do not fit");
+    std::vector<int64_t> shape = x->sizes().vec();
+    shape.back() = o;
+    at::Tensor y = at::empty(shape, x->options());
+    const void *px = x->data_ptr(), *pw = w->data_ptr(), *pb = bias ? bias->data_ptr() : nullptr,
+               *pxa = xa ? xa->data_ptr() : nullptr, *plb = lb ? lb->data_ptr() : nullptr;
+    void* py = y.data_ptr();
+    int r = (int)rows, i = (int)in, oo = (int)o, k = (int)rank;
+    void* params[] = {&px, &pw, &pb, &pxa, &plb, &py, &r, &i, &oo, &k};
+    launch("decode_linear", y, o * 32, params, 256);  // a warp per output
+    *out = new at::Tensor(y);
+  });
+}
+
 // silu(gate) · up for gu [N, 2·width] holding each row's gate and up side by side (no autograd).
 extern "C" int ftscript_swiglu_halves(const char* src, const at::Tensor* gu, at::Tensor** out, char* err, size_t err_len) {
   return ftscript_guarded(err, err_len, [&] {

@@ -761,6 +761,52 @@ __device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row,
   }
 }
 
+// A linear layer at decoding sizes (a GEMV for each of at most DECODE_ROWS rows): `y[n, o] =
+// Σ_i x[n, i] W[o, i] (+ bias[o])`, rounded, then `+ Σ_k xa[n, k] B[o, k]` (a LoRA update from
+// `xa` = s·x·Aᵀ [N, rank]; null for none), rounded again, as `linear` then `addmm_` round. A warp
+// per output o, each lane reading 16 bytes of W's row at a time (in a multiple of 8, rows
+// 16-byte aligned: the caller checks), the row's products summed in fp32 by shuffles.
+#define DECODE_ROWS 8
+template <typename S>
+__device__ void decode_linear(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
+                              const typename S::T* __restrict__ bias, const typename S::T* __restrict__ xa,
+                              const typename S::T* __restrict__ lb, typename S::T* __restrict__ y, int rows, int in,
+                              int out, int rank) {
+  const int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (o >= out) return;
+  const typename S::T* wr = w + (long long)o * in;
+  float acc[DECODE_ROWS];
+#pragma unroll
+  for (int n = 0; n < DECODE_ROWS; n++) acc[n] = 0.0f;
+#pragma unroll 4
+  for (int i = lane * 8; i < in; i += 256) {
+    Chunk<S> wc;
+    wc.load(wr, i, in, true);
+#pragma unroll
+    for (int n = 0; n < DECODE_ROWS; n++) {
+      if (n >= rows) break;
+      Chunk<S> xc;
+      xc.load(x + (long long)n * in, i, in, true);
+#pragma unroll
+      for (int k = 0; k < 8; k++) acc[n] = __fmaf_rn(S::load(wc.v[k]), S::load(xc.v[k]), acc[n]);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < DECODE_ROWS; n++) acc[n] = warp_sum(acc[n]);
+  if (lane >= rows) return;
+  // lane n writes row n
+  float v = 0.0f;
+#pragma unroll
+  for (int n = 0; n < DECODE_ROWS; n++) v = n == lane ? acc[n] : v;
+  v = S::load(S::cvt(bias ? v + S::load(bias[o]) : v));
+  if (xa) {
+    float u = 0.0f;
+    for (int k = 0; k < rank; k++) u = __fmaf_rn(S::load(xa[(long long)lane * rank + k]), S::load(lb[(long long)o * rank + k]), u);
+    v += u;
+  }
+  y[(long long)lane * out + o] = S::cvt(v);
+}
+
 #define FTSCRIPT_TYPED(S, suffix)                                                                                  \
   extern "C" __global__ void swiglu_fwd_##suffix(const S::T* g, const S::T* u, S::T* o, long long n, int vec) {    \
     swiglu_fwd<S>(g, u, o, n, vec);                                                                                \
@@ -773,6 +819,10 @@ __device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row,
                                                 S::T* vc, const long long* at, int b, int heads, int kv_heads,     \
                                                 int dim, int cap) {                                                \
     decode_qkv<S>(qkv, row, c, s, qw, kw, eps, q, kc, vc, at, b, heads, kv_heads, dim, cap);                       \
+  }                                                                                                                \
+  extern "C" __global__ void decode_linear_##suffix(const S::T* x, const S::T* w, const S::T* b, const S::T* xa,   \
+                                                   const S::T* lb, S::T* y, int rows, int in, int out, int rank) { \
+    decode_linear<S>(x, w, b, xa, lb, y, rows, in, out, rank);                                                     \
   }                                                                                                                \
   extern "C" __global__ void swiglu_bwd_##suffix(const S::T* dy, const S::T* g, const S::T* u, S::T* dg, S::T* du, \
                                                  long long n, int vec) {                                          \

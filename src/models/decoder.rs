@@ -552,7 +552,11 @@ impl Decoder {
         let h = self.norm.forward(&h.to_device(self.head_device), train);
         let logits = match &self.lm_head {
             Some(l) => l.forward(&h, train),
-            None => h.matmul(&self.embedding_weight().tr()),
+            None => {
+                let w = self.embedding_weight();
+                let step = (!train && crate::nn::fused(&h, train)).then(|| crate::cuda::autograd::decode_linear(&h, &w, None, None)).flatten();
+                step.unwrap_or_else(|| h.matmul(&w.tr()))
+            }
         };
         loss::softcap(&logits, self.config.final_softcap)
     }

@@ -129,6 +129,11 @@ impl Linear {
     /// `x Wᵀ + b` (+ the adapter's update, or with the weight the adapter replaces) over the
     /// last dimension of `x`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if !train && super::fused(x, train) {
+            if let Some(y) = self.decode_forward(x) {
+                return y;
+            }
+        }
         let mut shape = x.size();
         let x2 = x.reshape([-1, self.in_features()]);
         let adapter = self.adapter.as_ref().filter(|_| !ADAPTERS_OFF.with(Cell::get));
@@ -143,6 +148,18 @@ impl Linear {
         };
         *shape.last_mut().unwrap() = self.out_features();
         y.view(shape.as_slice())
+    }
+
+    /// A decoding step's `x Wᵀ + b` (+ LoRA's update) in one kernel
+    /// ([`crate::cuda::autograd::decode_linear`]), for a dense weight and no adapter but plain LoRA.
+    fn decode_forward(&self, x: &Tensor) -> Option<Tensor> {
+        let Weight::Dense(w) = &self.weight else { return None };
+        let lora = match &self.adapter {
+            _ if adapters_disabled() => None,
+            None => None,
+            Some(a) => Some(a.as_lora()?.down(x, false)),
+        };
+        crate::cuda::autograd::decode_linear(x, w, self.bias.as_ref(), lora.as_ref().map(|(xa, b)| (xa, b)))
     }
 
     /// `layers`' projections of one input `x` (q, k, v; or gate, up). While training on a GPU
@@ -272,10 +289,9 @@ impl Projections {
         }
         let mut shape = x.size();
         let x2 = x.reshape([-1, *shape.last().unwrap()]);
-        let mut y = x2.linear(&joint.weight, joint.bias.as_ref());
         let adapted: Vec<(usize, &Lora)> = layers.iter().enumerate().filter_map(|(i, l)| Some((i, l.lora()?))).collect();
-        if let Some(&(_, first)) = adapted.first().filter(|_| !adapters_disabled()) {
-            let ab = super::prepared(&first.a, "joint lora", || {
+        let lora = adapted.first().filter(|_| !adapters_disabled()).map(|&(_, first)| {
+            super::prepared(&first.a, "joint lora", || {
                 let a = Tensor::cat(&adapted.iter().map(|(_, l)| (&l.a * l.scale).to_kind(x.kind())).collect::<Vec<_>>(), 0);
                 let b = Tensor::zeros([joint.weight.size()[0], a.size()[0]], (x.kind(), x.device()));
                 let (mut row, mut col) = (0, 0);
@@ -287,9 +303,17 @@ impl Projections {
                     row += l.out_features();
                 }
                 vec![a, b]
-            });
-            let _ = y.addmm_(&x2.matmul(&ab[0].tr()), &ab[1].tr());
-        }
+            })
+        });
+        let xa = lora.as_ref().map(|ab| x2.matmul(&ab[0].tr()));
+        let fused = crate::cuda::autograd::decode_linear(&x2, &joint.weight, joint.bias.as_ref(), xa.as_ref().zip(lora.as_ref().map(|ab| &ab[1])));
+        let y = fused.unwrap_or_else(|| {
+            let mut y = x2.linear(&joint.weight, joint.bias.as_ref());
+            if let (Some(xa), Some(ab)) = (&xa, &lora) {
+                let _ = y.addmm_(xa, &ab[1].tr());
+            }
+            y
+        });
         *shape.last_mut().unwrap() = joint.weight.size()[0];
         Some(y.view(shape.as_slice()))
     }

@@ -42,7 +42,7 @@ impl Lora {
 
     /// `s · dropout(x) Aᵀ` `[N, r]` and `B`, in `x`'s dtype (adapters may be kept in fp32 while the
     /// base runs in bf16/fp16; gradients flow back through the cast).
-    fn down(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+    pub(crate) fn down(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
         if !train && super::super::fused(x, train) {
             // a decoding step: `s·A` and `B` in x's dtype, made once per generation
             let ab = super::super::prepared(&self.a, "lora", || vec![(&self.a * self.scale).to_kind(x.kind()), self.b.to_kind(x.kind())]);
