@@ -31,6 +31,11 @@ pub fn overlap_lora(on: bool) {
     unsafe { ftscript_overlap_lora(on as i32) }
 }
 
+/// Whether `t`'s data starts on a 16-byte boundary (the kernels move 16-byte words).
+fn aligned16(t: &Tensor) -> bool {
+    (t.data_ptr() as usize).is_multiple_of(16)
+}
+
 /// Runs a C entry point that creates one tensor.
 fn fused(on: &Tensor, call: impl FnOnce(*mut *mut C_tensor, *mut c_char, usize) -> i32) -> Option<Tensor> {
     if !on.device().is_cuda() {
@@ -98,8 +103,8 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, valid: &Tensor, at: 
 pub fn decode_qkv(qkv: &Tensor, (cos, sin): (&Tensor, &Tensor), norms: Option<(&Tensor, &Tensor, f64)>, k_cache: &Tensor, v_cache: &Tensor, at: &Tensor, heads: i64) -> Option<Tensor> {
     let d = k_cache.size()[3];
     let kind = qkv.kind();
-    let aligned = [qkv, cos, sin, k_cache, v_cache].iter().all(|t| t.is_contiguous() && t.kind() == kind && t.data_ptr() as usize % 16 == 0);
-    let norms_fit = norms.is_none_or(|(q, k, _)| [q, k].iter().all(|w| w.is_contiguous() && w.kind() == kind && w.numel() == d as usize && w.data_ptr() as usize % 16 == 0));
+    let aligned = [qkv, cos, sin, k_cache, v_cache].iter().all(|t| t.is_contiguous() && t.kind() == kind && aligned16(t));
+    let norms_fit = norms.is_none_or(|(q, k, _)| [q, k].iter().all(|w| w.is_contiguous() && w.kind() == kind && w.numel() == d as usize && aligned16(w)));
     if d % 16 != 0 || d > 256 || *cos.size().last()? != d || qkv.size().last()? % 8 != 0 || !aligned || !norms_fit || at.kind() != tch::Kind::Int64 {
         return None;
     }
@@ -112,21 +117,21 @@ pub fn decode_qkv(qkv: &Tensor, (cos, sin): (&Tensor, &Tensor), norms: Option<(&
 /// `x Wᵀ + bias` then `+ xa Bᵀ` (a LoRA update, `xa = s·x·Aᵀ` `[rows, r]`, `lora_b` `[out, r]`), each
 /// rounded, in one kernel for at most 8 rows of `x` `[.., in]` (decoding steps, where cuBLAS's
 /// GEMV leaves bandwidth unused and the update would be another launch). No autograd; `None`
-/// off the GPU or where the kernel does not fit (more rows, `in` not a multiple of 8, or the
-/// `FTSCRIPT_DECODE_LINEAR=0` environment variable, which compares it with cuBLAS).
+/// off the GPU or where the kernel does not fit (more rows, `in` not a multiple of 8).
 pub fn decode_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>) -> Option<Tensor> {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let (size, (out, inp)) = (x.size(), (w.size()[0], w.size()[1]));
     let kind = x.kind();
     let fits = |t: &Tensor| t.is_contiguous() && t.kind() == kind;
     let rows = x.numel() as i64 / inp.max(1);
-    if *OFF.get_or_init(|| std::env::var("FTSCRIPT_DECODE_LINEAR").is_ok_and(|v| v == "0"))
-        || size.last() != Some(&inp)
+    if size.last() != Some(&inp)
         || !(1..=8).contains(&rows)
         || inp % 8 != 0
-        || ![x, w].iter().all(|t| fits(t) && t.data_ptr() as usize % 16 == 0)
+        || ![x, w].iter().all(|t| fits(t) && aligned16(t))
         || !bias.is_none_or(|b| fits(b) && b.numel() == out as usize)
-        || !lora.is_none_or(|(xa, b)| fits(xa) && fits(b) && b.size() == [out, xa.size()[1]] && xa.numel() as i64 == rows * xa.size()[1])
+        || !lora.is_none_or(|(xa, b)| {
+            let rank = *xa.size().last().unwrap_or(&0);
+            fits(xa) && fits(b) && b.size() == [out, rank] && xa.numel() as i64 == rows * rank
+        })
     {
         return None;
     }

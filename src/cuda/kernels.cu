@@ -130,20 +130,27 @@ extern "C" __global__ void dequant4_f32(const unsigned char* p, const float* a, 
 }
 
 // SwiGLU, `out = silu(g) · u` with `silu(g) = g / (1 + e^-g)`, rounding silu(g) to the storage
-// type before the product as transformers' `act_fn(gate) * up` does. One thread per 8 elements.
+// type before the product as transformers' `act_fn(gate) * up` does, for 8 elements.
+template <typename S>
+__device__ __forceinline__ Chunk<S> silu_times(const Chunk<S>& g, const Chunk<S>& u) {
+  Chunk<S> o;
+#pragma unroll
+  for (int k = 0; k < 8; k++) {
+    float x = S::load(g.v[k]);
+    o.v[k] = S::cvt(rnd<S>(x / (1.0f + expf(-x))) * S::load(u.v[k]));
+  }
+  return o;
+}
+
+// SwiGLU over n elements, one thread per 8.
 template <typename S>
 __device__ void swiglu_fwd(const typename S::T* g, const typename S::T* u, typename S::T* out, long long n, int vec) {
   long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
   if (e >= n) return;
-  Chunk<S> cg, cu, co;
+  Chunk<S> cg, cu;
   cg.load(g, e, n, vec);
   cu.load(u, e, n, vec);
-#pragma unroll
-  for (int k = 0; k < 8; k++) {
-    float x = S::load(cg.v[k]);
-    co.v[k] = S::cvt(rnd<S>(x / (1.0f + expf(-x))) * S::load(cu.v[k]));
-  }
-  co.store(out, e, n, vec);
+  silu_times<S>(cg, cu).store(out, e, n, vec);
 }
 
 // The same for `gu` [N, 2·width], each row the gate then the up projection (one GEMM of a joint
@@ -154,15 +161,10 @@ __device__ void swiglu_halves(const typename S::T* gu, typename S::T* out, long 
   long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
   if (e >= n) return;
   const typename S::T* g = gu + e / width * 2 * width + e % width;
-  Chunk<S> cg, cu, co;
+  Chunk<S> cg, cu;
   cg.load(g, 0, 8, vec);
   cu.load(g + width, 0, 8, vec);
-#pragma unroll
-  for (int k = 0; k < 8; k++) {
-    float x = S::load(cg.v[k]);
-    co.v[k] = S::cvt(rnd<S>(x / (1.0f + expf(-x))) * S::load(cu.v[k]));
-  }
-  co.store(out, e, n, vec);
+  silu_times<S>(cg, cu).store(out, e, n, vec);
 }
 
 // Its backward from the saved inputs: `du = dy · silu(g)`, `dg = (dy · u) · σ(g)(1 + g(1 − σ(g)))`

@@ -73,7 +73,7 @@ impl Attention {
         let (b, t, _) = x.size3().unwrap();
         // a decoding step on the GPU: q, k and v from one GEMM, then one kernel for the norms,
         // RoPE and the cache's writes
-        let step = cache.filter(|c| c.at.is_some() && crate::nn::fused(x, train));
+        let step = cache.filter(|c| c.at.is_some() && crate::nn::fused(x, train) && crate::nn::decode_fusion());
         let joint = step.and_then(|_| self.qkv.forward_joint(x));
         let (q, k, v, step_at) = match (joint.as_ref().zip(step).and_then(|(qkv, c)| self.decode_qkv(qkv, cos_sin, c)), step) {
             (Some(q), Some(c)) => (q, c.k.shallow_clone(), c.v.shallow_clone(), c.at),
@@ -554,7 +554,7 @@ impl Decoder {
             Some(l) => l.forward(&h, train),
             None => {
                 let w = self.embedding_weight();
-                let step = (!train && crate::nn::fused(&h, train)).then(|| crate::cuda::autograd::decode_linear(&h, &w, None, None)).flatten();
+                let step = (!train && crate::nn::fused(&h, train) && crate::nn::decode_fusion()).then(|| crate::cuda::autograd::decode_linear(&h, &w, None, None)).flatten();
                 step.unwrap_or_else(|| h.matmul(&w.tr()))
             }
         };

@@ -129,7 +129,7 @@ impl Linear {
     /// `x Wᵀ + b` (+ the adapter's update, or with the weight the adapter replaces) over the
     /// last dimension of `x`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if !train && super::fused(x, train) {
+        if !train && super::fused(x, train) && super::decode_fusion() {
             if let Some(y) = self.decode_forward(x) {
                 return y;
             }

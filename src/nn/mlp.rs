@@ -94,7 +94,7 @@ impl Mlp {
     /// `down(act(gate(x)) · up(x))`; in a decoding step on a GPU, gate and up from one GEMM
     /// ([`Projections::forward_joint`]) and SwiGLU over its halves.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let joint = if fused(x, train) && !train { self.gate_up.forward_joint(x) } else { None };
+        let joint = if fused(x, train) && !train && super::decode_fusion() { self.gate_up.forward_joint(x) } else { None };
         let m = match joint {
             Some(gu) => match self.act {
                 Activation::Silu => crate::cuda::autograd::swiglu_halves(&gu),
