@@ -632,7 +632,15 @@ pub fn train<M: TrainModel>(
                 m.extend(progress.suspend(|| hooks.eval_extra())?);
                 // the whole evaluation: the loss over the eval set, and eval_generate's
                 m.insert("eval_seconds".into(), json!(started.elapsed().as_secs_f64()));
-                let shown: Vec<String> = m.iter().filter(|(k, _)| k.starts_with("eval_")).map(|(k, v)| format!("{k} {:.4}", v.as_f64().unwrap_or(f64::NAN))).collect();
+                let shown: Vec<String> = m
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("eval_"))
+                    .map(|(k, v)| match v.as_f64().unwrap_or(f64::NAN) {
+                        // counts (eval_tokens) as they are; scores and seconds to 4 places
+                        x if x.fract() == 0.0 && x.abs() < 1e15 => format!("{k} {x}"),
+                        x => format!("{k} {x:.4}"),
+                    })
+                    .collect();
                 progress.suspend(|| tracing::info!("step {} {}", state.step, shown.join(" ")));
                 logger.log(state.step, &m)?;
                 state.log_history.push(Value::Object(m.clone()));
