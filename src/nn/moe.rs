@@ -204,7 +204,9 @@ impl SparseMoe {
         let flat = selected.reshape([-1]);
         let order = flat.argsort_stable(true, 0, false);
         let token = order.floor_divide_scalar(self.top_k);
-        let counts = flat.bincount::<Tensor>(None, self.experts.count());
+        // rows per expert, counted on the device without a wait for the host (`bincount` on a
+        // GPU reads the largest id back first)
+        let counts = Tensor::zeros([self.experts.count()], (Kind::Int64, flat.device())).scatter_add(0, &flat, &flat.ones_like());
         let xs = x2.index_select(0, &token);
         let y = self.experts.forward(&xs, &counts, self.experts.groupable(&xs), train);
         // back in (token, slot) order, weighted, each token's k outputs summed in fp32 (no
