@@ -236,6 +236,7 @@ impl DecoderLayer {
         v
     }
 
+    /// [`DecoderLayer::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut v = self.self_attn.qkv.linears_mut();
         v.push(&mut self.self_attn.o_proj);
