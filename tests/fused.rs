@@ -440,7 +440,7 @@ fn decode_qkv_matches_the_norm_rope_and_cache_write_kernels() {
                         Some(w) => autograd::add_rms_norm(&x, None, w, 1e-6).expect("norm kernel").1,
                         None => x,
                     };
-                    autograd::rope(&x, &cos.squeeze_dim(1), &sin.squeeze_dim(1)).expect("rope kernel").transpose(1, 2)
+                    autograd::rope(&x, &cos, &sin).expect("rope kernel").transpose(1, 2)
                 };
                 let q_want = head(&parts[0], heads, norms.as_ref().map(|n| &n.0));
                 let k_want = head(&parts[1], kv_heads, norms.as_ref().map(|n| &n.1));

@@ -235,10 +235,10 @@ impl Projections {
         p
     }
 
-    /// Stores separate layers' weights (and biases, when every layer has one) as slices of one
-    /// [`Joint`] tensor, if they are dense, of one dtype, on one device; a joint that no longer
-    /// holds the layers' weights (cast or replaced since) is dropped first. Costs one copy of
-    /// the weights while it runs.
+    /// Stores separate layers' weights (and biases) as slices of one [`Joint`] tensor, if they
+    /// are dense, of one dtype, on one device, and every layer or none has a bias (of that
+    /// dtype); a joint that no longer holds the layers' weights (cast or replaced since) is
+    /// dropped first. Costs one copy of the weights while it runs.
     pub fn join(&mut self) {
         let Projections::Separate { layers, joint } = self else { return };
         if joint.as_ref().is_some_and(|j| j.holds(layers)) {
@@ -248,13 +248,17 @@ impl Projections {
         let weights: Option<Vec<&Tensor>> = layers.iter().map(|l| if let Weight::Dense(w) = &l.weight { Some(w) } else { None }).collect();
         let Some(weights) = weights else { return };
         let same = |f: &dyn Fn(&Tensor) -> String| weights.iter().all(|w| f(w) == f(weights[0]));
-        if weights.len() < 2 || !same(&|w| format!("{:?} {:?} {}", w.kind(), w.device(), w.size()[1])) {
+        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+        let biases_fit = match &biases {
+            Some(b) => b.iter().all(|t| t.kind() == weights[0].kind()),
+            None => layers.iter().all(|l| l.bias.is_none()),
+        };
+        if weights.len() < 2 || !biases_fit || !same(&|w| format!("{:?} {:?} {}", w.kind(), w.device(), w.size()[1])) {
             return;
         }
         let _g = tch::no_grad_guard();
         let weight = Tensor::cat(&weights, 0);
-        let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
-        let bias = biases.filter(|b| b.iter().all(|t| t.kind() == weight.kind())).map(|b| Tensor::cat(&b, 0));
+        let bias = biases.map(|b| Tensor::cat(&b, 0));
         let mut row = 0;
         for l in layers.iter_mut() {
             let n = l.out_features();
@@ -345,7 +349,12 @@ impl Joint {
     /// Whether the layers' weights (and biases, if joined) are still this tensor's slices.
     fn holds(&self, layers: &[Linear]) -> bool {
         let weights: Vec<Option<&Tensor>> = layers.iter().map(|l| if let Weight::Dense(w) = &l.weight { Some(w) } else { None }).collect();
-        slices_of(&self.weight, &weights) && self.bias.as_ref().is_none_or(|b| slices_of(b, &layers.iter().map(|l| l.bias.as_ref()).collect::<Vec<_>>()))
+        let biases: Vec<Option<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
+        slices_of(&self.weight, &weights)
+            && match &self.bias {
+                Some(b) => slices_of(b, &biases),
+                None => biases.iter().all(Option::is_none),
+            }
     }
 }
 
@@ -381,6 +390,9 @@ mod tests {
         let joint = p.forward_joint(&x).expect("joined");
         crate::nn::forget_prepared();
         assert_eq!(joint.size(), [2, 3, 15]);
+        // a bias on some layers only: no joint (its GEMM would leave them out)
+        let mixed = Projections::separate_layers(vec![layer(6, 8, None, true), layer(5, 8, None, false)]);
+        assert!(mixed.forward_joint(&x).is_none(), "layers with and without a bias were joined");
         let err = (joint - Tensor::cat(&want, -1)).abs().max().double_value(&[]);
         assert!(err < 1e-5, "joint projection differs by {err}");
         for l in p.linears_mut() {
