@@ -73,11 +73,12 @@ impl Attention {
         let (b, t, _) = x.size3().unwrap();
         // a decoding step on the GPU: q, k and v from one GEMM, then one kernel for the norms,
         // RoPE and the cache's writes
-        let step = cache.filter(|c| c.at.is_some() && crate::nn::fused(x, train) && crate::nn::decode_fusion());
+        let step = cache.filter(|c| c.at.is_some() && crate::nn::decode_fusion(x, train));
         let joint = step.and_then(|_| self.qkv.forward_joint(x));
-        let (q, k, v, step_at) = match (joint.as_ref().zip(step).and_then(|(qkv, c)| self.decode_qkv(qkv, cos_sin, c)), step) {
-            (Some(q), Some(c)) => (q, c.k.shallow_clone(), c.v.shallow_clone(), c.at),
-            _ => self.project_heads(x, joint, cos_sin, cache, train),
+        let fused_step = step.zip(joint.as_ref()).and_then(|(c, qkv)| Some((self.decode_qkv(qkv, cos_sin, c)?, c)));
+        let (q, k, v, step_at) = match fused_step {
+            Some((q, c)) => (q, c.k.shallow_clone(), c.v.shallow_clone(), c.at),
+            None => self.project_heads(x, joint, cos_sin, cache, train),
         };
         let kv_len = k.size()[2];
         let window = self.sliding_window.filter(|w| *w < kv_len);
@@ -555,7 +556,7 @@ impl Decoder {
             Some(l) => l.forward(&h, train),
             None => {
                 let w = self.embedding_weight();
-                let step = (!train && crate::nn::fused(&h, train) && crate::nn::decode_fusion()).then(|| crate::cuda::autograd::decode_linear(&h, &w, None, None)).flatten();
+                let step = crate::nn::decode_fusion(&h, train).then(|| crate::cuda::autograd::decode_linear(&h, &w, None, None)).flatten();
                 step.unwrap_or_else(|| h.matmul(&w.tr()))
             }
         };

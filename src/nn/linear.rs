@@ -58,6 +58,13 @@ impl Weight {
             Weight::Int8(q) => q.q.device(),
         }
     }
+    /// The tensor of a dense weight.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(t) => Some(t),
+            _ => None,
+        }
+    }
     pub fn is_quantized(&self) -> bool {
         !matches!(self, Weight::Dense(_))
     }
@@ -129,7 +136,7 @@ impl Linear {
     /// `x Wᵀ + b` (+ the adapter's update, or with the weight the adapter replaces) over the
     /// last dimension of `x`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        if !train && super::fused(x, train) && super::decode_fusion() {
+        if super::decode_fusion(x, train) {
             if let Some(y) = self.decode_forward(x) {
                 return y;
             }
@@ -153,7 +160,7 @@ impl Linear {
     /// A decoding step's `x Wᵀ + b` (+ LoRA's update) in one kernel
     /// ([`crate::cuda::autograd::decode_linear`]), for a dense weight and no adapter but plain LoRA.
     fn decode_forward(&self, x: &Tensor) -> Option<Tensor> {
-        let Weight::Dense(w) = &self.weight else { return None };
+        let w = self.weight.as_dense()?;
         let lora = match &self.adapter {
             _ if adapters_disabled() => None,
             None => None,
@@ -245,7 +252,7 @@ impl Projections {
             return;
         }
         *joint = None;
-        let weights: Option<Vec<&Tensor>> = layers.iter().map(|l| if let Weight::Dense(w) = &l.weight { Some(w) } else { None }).collect();
+        let weights: Option<Vec<&Tensor>> = layers.iter().map(|l| l.weight.as_dense()).collect();
         let Some(weights) = weights else { return };
         let same = |f: &dyn Fn(&Tensor) -> String| weights.iter().all(|w| f(w) == f(weights[0]));
         let biases: Option<Vec<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
@@ -348,7 +355,7 @@ impl Projections {
 impl Joint {
     /// Whether the layers' weights (and biases, if joined) are still this tensor's slices.
     fn holds(&self, layers: &[Linear]) -> bool {
-        let weights: Vec<Option<&Tensor>> = layers.iter().map(|l| if let Weight::Dense(w) = &l.weight { Some(w) } else { None }).collect();
+        let weights: Vec<Option<&Tensor>> = layers.iter().map(|l| l.weight.as_dense()).collect();
         let biases: Vec<Option<&Tensor>> = layers.iter().map(|l| l.bias.as_ref()).collect();
         slices_of(&self.weight, &weights)
             && match &self.bias {
@@ -390,11 +397,11 @@ mod tests {
         let joint = p.forward_joint(&x).expect("joined");
         crate::nn::forget_prepared();
         assert_eq!(joint.size(), [2, 3, 15]);
+        let err = (joint - Tensor::cat(&want, -1)).abs().max().double_value(&[]);
+        assert!(err < 1e-5, "joint projection differs by {err}");
         // a bias on some layers only: no joint (its GEMM would leave them out)
         let mixed = Projections::separate_layers(vec![layer(6, 8, None, true), layer(5, 8, None, false)]);
         assert!(mixed.forward_joint(&x).is_none(), "layers with and without a bias were joined");
-        let err = (joint - Tensor::cat(&want, -1)).abs().max().double_value(&[]);
-        assert!(err < 1e-5, "joint projection differs by {err}");
         for l in p.linears_mut() {
             l.weight = l.weight.to_kind(Kind::Double);
             l.bias = l.bias.as_ref().map(|b| b.to_kind(Kind::Double));

@@ -94,22 +94,19 @@ impl Mlp {
     /// `down(act(gate(x)) · up(x))`; in a decoding step on a GPU, gate and up from one GEMM
     /// ([`Projections::forward_joint`]) and SwiGLU over its halves.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let joint = if fused(x, train) && !train && super::decode_fusion() { self.gate_up.forward_joint(x) } else { None };
-        let m = match joint {
-            Some(gu) => match self.act {
-                Activation::Silu => crate::cuda::autograd::swiglu_halves(&gu),
-                Activation::GeluTanh => None,
+        let joint = if super::decode_fusion(x, train) { self.gate_up.forward_joint(x) } else { None };
+        if let (Some(gu), Activation::Silu) = (&joint, self.act) {
+            if let Some(m) = crate::cuda::autograd::swiglu_halves(gu) {
+                return self.down_proj.forward(&m, train);
             }
-            .unwrap_or_else(|| {
-                let [gate, up]: [Tensor; 2] = gu.chunk(2, -1).try_into().unwrap();
-                self.gated(&gate, &up, train)
-            }),
-            None => {
-                let [gate, up]: [Tensor; 2] = self.gate_up.forward(x, train).try_into().unwrap();
-                self.gated(&gate, &up, train)
-            }
-        };
-        self.down_proj.forward(&m, train)
+        }
+        let [gate, up]: [Tensor; 2] = match joint {
+            Some(gu) => gu.chunk(2, -1),
+            None => self.gate_up.forward(x, train),
+        }
+        .try_into()
+        .unwrap();
+        self.down_proj.forward(&self.gated(&gate, &up, train), train)
     }
 
     /// The separate gate and up projections ([`Mlp::fusable`] MLPs have them).
