@@ -303,7 +303,7 @@ impl Projections {
         let adapted: Vec<(usize, &Lora)> = layers.iter().enumerate().filter_map(|(i, l)| Some((i, l.lora()?))).collect();
         let lora = adapted.first().filter(|_| !adapters_disabled()).map(|&(_, first)| {
             super::prepared(&first.a, "joint lora", || {
-                let a = Tensor::cat(&adapted.iter().map(|(_, l)| (&l.a * l.scale).to_kind(x.kind())).collect::<Vec<_>>(), 0);
+                let a = Tensor::cat(&adapted.iter().map(|(_, l)| l.scaled_a(x.kind())).collect::<Vec<_>>(), 0);
                 let b = Tensor::zeros([joint.weight.size()[0], a.size()[0]], (x.kind(), x.device()));
                 let (mut row, mut col) = (0, 0);
                 for (i, l) in layers.iter().enumerate() {

@@ -45,7 +45,7 @@ impl Lora {
     pub(crate) fn down(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
         if !train && super::super::fused(x, train) {
             // a decoding step: `s·A` and `B` in x's dtype, made once per generation
-            let ab = super::super::prepared(&self.a, "lora", || vec![(&self.a * self.scale).to_kind(x.kind()), self.b.to_kind(x.kind())]);
+            let ab = super::super::prepared(&self.a, "lora", || vec![self.scaled_a(x.kind()), self.b.to_kind(x.kind())]);
             return (x.matmul(&ab[0].tr()), ab[1].shallow_clone());
         }
         let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
@@ -55,6 +55,11 @@ impl Lora {
             (self.a.to_kind(x.kind()), self.b.to_kind(x.kind()))
         };
         (x.matmul(&a.tr()) * self.scale, b)
+    }
+
+    /// `s·A` in `kind`, the down projection a decoding step multiplies by.
+    pub(crate) fn scaled_a(&self, kind: Kind) -> Tensor {
+        (&self.a * self.scale).to_kind(kind)
     }
 
     /// The dense update `s · B A`, shaped like the base weight.
