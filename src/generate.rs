@@ -177,8 +177,9 @@ const FIRST_ROOM: i64 = 64;
 /// shapes, so on a GPU the step is recorded once as a CUDA graph and replayed: one launch a
 /// token instead of one per op. The cache starts with room for [`FIRST_ROOM`] new tokens and
 /// doubles when full (the graph is then recorded again), so its memory follows the longest row
-/// rather than `max_new_tokens`. Models split across GPUs, sparse models and rotary scalings
-/// that depend on the sequence's length decode op by op.
+/// rather than `max_new_tokens`. Models split across GPUs, sparse models whose experts cannot
+/// take the grouped GEMM (fp32, unaligned widths) and rotary scalings that depend on the
+/// sequence's length decode op by op.
 struct Decoding<'a> {
     net: &'a crate::models::decoder::Decoder,
     /// The most tokens a row may hold (prompt and new tokens).
@@ -221,9 +222,11 @@ impl<'a> Decoding<'a> {
         let fixed = net.ropes.iter().all(|r| !r.depends_on_length());
         let by_position = Tensor::arange(limit, (Kind::Int64, device)).view([1, limit]);
         let tables = fixed.then(|| net.ropes.iter().map(|r| r.cos_sin(&by_position, net.kind)).map(|(c, s)| (c.view([limit, -1]), s.view([limit, -1]))).collect());
-        let graphable = device.is_cuda() && net.devices().len() == 1 && net.config.moe.is_none() && fixed;
+        // a sparse block waits for the host unless its experts take the grouped GEMM
+        let grouped = net.layers.iter().filter_map(|l| l.mlp.sparse()).all(|m| m.experts.groupable_as(device, net.kind));
+        let graphable = device.is_cuda() && net.devices().len() == 1 && grouped && fixed;
         if device.is_cuda() && cuda_graph && !graphable {
-            tracing::debug!("generate: decoding op by op (the model is split across GPUs, sparse, or its rotary scaling depends on the length)");
+            tracing::debug!("generate: decoding op by op (the model is split across GPUs, its experts are not grouped (fp32 or unaligned), or its rotary scaling depends on the length)");
         }
         Decoding {
             net,

@@ -122,9 +122,15 @@ impl Experts {
     /// Whether rows of `xs` can take the grouped GEMM: bf16/fp16 on a GPU, every matrix's rows
     /// 16-byte aligned (the adapters' ranks too).
     pub fn groupable(&self, xs: &Tensor) -> bool {
+        self.groupable_as(xs.device(), xs.kind())
+    }
+
+    /// Whether rows on `device` in `kind` can take the grouped GEMM (see [`Experts::groupable`]).
+    /// Grouped, a block never waits for the host, so a decoding step can be recorded as a CUDA graph.
+    pub fn groupable_as(&self, device: Device, kind: Kind) -> bool {
         let aligned = |t: &Tensor| t.size()[1..].iter().all(|d| d % 8 == 0);
         let lora_ranks_aligned = [&self.gate_up_lora, &self.down_lora].iter().all(|l| l.as_ref().map_or(true, |l| (l.a.size()[0] / self.count()) % 8 == 0));
-        xs.device().is_cuda() && matches!(xs.kind(), Kind::BFloat16 | Kind::Half) && aligned(&self.gate_up) && aligned(&self.down) && lora_ranks_aligned
+        device.is_cuda() && matches!(kind, Kind::BFloat16 | Kind::Half) && aligned(&self.gate_up) && aligned(&self.down) && lora_ranks_aligned
     }
 
     /// Rows sorted by expert, `counts` `[E]` of them each, through their experts: `[M, H]`; as
