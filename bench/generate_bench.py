@@ -8,8 +8,7 @@ the tokens it did generate are counted. Tokens/s is generated tokens over the wa
 generation calls (after one warm-up call on each side).
 
 usage: python3 bench/generate_bench.py [SHAPE] [--batch 1] [--prompts 8] [--prompt-len 128] [--new 128]
-  needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine);
-  FTSCRIPT_DECODE_FUSION=1 turns on ftscript's further fused decoding step (src/nn/mod.rs)
+  needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine)
 """
 import argparse, json, os, random, sys, tempfile, time
 

@@ -46,7 +46,5 @@ run .gpu/recipes --exact a_hook_generates_with_the_model_and_sees_the_adapters_o
 run .gpu/callbacks --exact early_stopping_stops_where_the_patience_rule_says
 run .gpu/parity --include-ignored --exact bf16_training_loss_on_the_gpu_matches_transformers --nocapture
 run .gpu/generate --include-ignored --exact cuda_graph_decoding_gives_the_tokens_of_op_by_op_decoding --nocapture
-# the further fused decoding step (src/nn/mod.rs decode_fusion), off by default until this passes
-FTSCRIPT_DECODE_FUSION=1 run .gpu/generate --include-ignored --exact cuda_graph_decoding_gives_the_tokens_of_op_by_op_decoding --nocapture
 run .gpu/seq2seq --include-ignored --exact t5_bf16_training_loss_on_the_gpu_matches_transformers --nocapture
 [ ${#failed[@]} -eq 0 ] || { echo "FAILED: ${failed[*]}"; exit 1; }

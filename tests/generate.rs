@@ -75,6 +75,13 @@ fn batched_greedy_generation_matches_transformers_on_gemma3() {
     batched_greedy_matches_transformers("gemma3");
 }
 
+/// Routed experts (top-2 of 6, a dense layer among the sparse ones): padding rows are routed too
+/// and must not change the real rows' tokens.
+#[test]
+fn batched_greedy_generation_matches_transformers_on_qwen3_moe() {
+    batched_greedy_matches_transformers("qwen3_moe");
+}
+
 /// On a GPU each decoding step is replayed from a CUDA graph (recorded again when the KV cache
 /// grows): for every family (GQA, q/k norms and sliding windows, soft-capping, two rotary
 /// tables, routed experts in bf16) with LoRA adapters attached unmerged, greedy and seeded

@@ -50,14 +50,12 @@ pub(crate) fn decoding() -> bool {
     DECODING.with(std::cell::Cell::get)
 }
 
-/// Whether a decoding step on a GPU over `x` fuses further (`decode_qkv`, `decode_linear`,
-/// `swiglu_halves` of [`crate::cuda::autograd`], q/k/v and gate/up by one GEMM): only with
-/// `FTSCRIPT_DECODE_FUSION=1` until these kernels have run on a GPU (`tests/fused.rs`,
-/// `tests/generate.rs`' CUDA-graph test under that variable); `0` or unset, the steps run as
-/// verified (`FTSCRIPT_DECODE_FUSION=0` against `=1` is what `bench/generate_bench.py` compares).
+/// Whether a decoding step on a GPU over `x` fuses further: q/k/v and gate/up by one GEMM each
+/// (`Projections::forward_joint`), then `decode_qkv`, `swiglu_halves` and, at up to 8 rows,
+/// `decode_linear` of [`crate::cuda::autograd`] (`tests/fused.rs` checks each against the ops
+/// it replaces).
 pub(crate) fn decode_fusion(x: &Tensor, train: bool) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    !train && fused(x, train) && *ON.get_or_init(|| std::env::var("FTSCRIPT_DECODE_FUSION").is_ok_and(|v| v == "1"))
+    !train && fused(x, train)
 }
 
 /// `f` with the fused kernels on for inference (a decoding step, where each op's launch costs

@@ -26,6 +26,11 @@ def generate(model_dir, prompts_json, max_new, out_json):
     cfg = json.load(open(f"{model_dir}/config.json"))
     eager = cfg.get("model_type") == "gemma2"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager" if eager else "sdpa").eval()
+    # transformers 5.17's MoE forward computes the load-balancing loss when the config asks for
+    # router logits, and its mask there fails at a decoding step (8 rows against the prompts' 328):
+    # generation needs no auxiliary loss
+    if getattr(model.config, "output_router_logits", False):
+        model.config.output_router_logits = False
     width = max(len(p) for p in prompts)
     pad = 2
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
