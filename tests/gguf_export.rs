@@ -174,7 +174,24 @@ fn demo_model_fine_tuned_and_exported_runs_in_llama_cpp_as_in_ftscript() {
     println!("ftscript greedy: {:?}", t.decode(&greedy, false).unwrap());
     assert_eq!(greedy.len(), 20, "the model should answer at length: {greedy:?}");
     assert_eq!(llama_cpp_greedy(&out.join("model-f16.gguf"), &prompt, 20, None), greedy, "llama.cpp's greedy tokens (f16) differ from ftscript's");
-    assert_eq!(llama_cpp_greedy(&out.join("model-q8_0.gguf"), &prompt, 20, None), greedy, "llama.cpp's greedy tokens (q8_0) differ from ftscript's");
+    // q8_0 also rounds llama.cpp's activations, and its kernels round differently from one CPU
+    // to another (AVX2, AVX512, AMX), so a close call may flip: along ftscript's answer its
+    // logits stay close, and it picks ftscript's token wherever ftscript's choice is clear
+    let answer: Vec<i64> = prompt.iter().chain(&greedy[..19]).copied().collect();
+    let at = prompt.len() as i64 - 1;
+    let q8 = llama_cpp_logits(&out.join("model-q8_0.gguf"), &answer, d, "f16", None).narrow(0, at, 20);
+    let ours = logits(&m, &answer).narrow(0, at, 20);
+    let err = rel_err(&q8, &ours);
+    println!("llama.cpp q8_0 logits along ftscript's answer: max rel err {err:.2e}");
+    assert!(err < 5e-2, "llama.cpp's logits of the q8_0 export differ from ftscript's: {err:.3e}");
+    let (top2, _) = ours.topk(2, -1, true, true);
+    let margin = Vec::<f32>::try_from(top2.select(1, 0) - top2.select(1, 1)).unwrap();
+    let picked = Vec::<i64>::try_from(q8.argmax(-1, false)).unwrap();
+    let clear: Vec<usize> = (0..20).filter(|&i| margin[i] > 0.5).collect();
+    assert!(clear.len() >= 15, "the answer should be mostly clear calls: margins {margin:?}");
+    for i in clear {
+        assert_eq!(picked[i], greedy[i], "llama.cpp's q8_0 export picks another token at step {i} (ftscript's margin {})", margin[i]);
+    }
     // the base plus the GGUF LoRA adapter is the merged model
     assert_eq!(llama_cpp_greedy(&out.join("base-f16.gguf"), &prompt, 20, Some(&out.join("adapter.gguf"))), greedy, "base + GGUF LoRA in llama.cpp differs from the merged export");
     println!("llama.cpp q4_k_m greedy: {:?}", t.decode(&llama_cpp_greedy(&out.join("model-q4_k_m.gguf"), &prompt, 20, None), false).unwrap());
