@@ -321,8 +321,9 @@ m.save_adapter("{o}/{name}/adapter");
         assert_eq!(a.len(), 3 * adapted * per_module + besides, "{targets} {extra}: adapters on {adapted} projections of the 3 layers");
         assert!(a.values().any(|t| t.abs().max().double_value(&[]) > 0.0));
         // "offload" on the CPU keeps the checkpoints where they are, but recomputes as on a GPU
-        // (from the residual after attention, without o_proj)
-        for mode in ["true", "\"offload\""] {
+        // (from the residual after attention, without o_proj); 2: the first two layers
+        // checkpointed, the third keeping its activations
+        for mode in ["true", "\"offload\"", "2"] {
             let name = format!("ckpt{adapted_name}{}", mode.len());
             run(&name, mode);
             let ckpt = losses(&d.join(&name).join("metrics.jsonl"));
@@ -341,6 +342,33 @@ m.save_adapter("{o}/{name}/adapter");
         let summary = std::fs::read_to_string(d.join(&ckpt_name).join("profile/summary.txt")).unwrap();
         assert!(summary.starts_with("steps 2..=2"), "{summary}");
         assert!(d.join(&ckpt_name).join("profile/trace.json").exists());
+    }
+}
+
+/// A number of layers to checkpoint that the model does not have, or a negative one, is refused
+/// before training, naming the option and the model's layer count.
+#[test]
+fn checkpointing_more_layers_than_the_model_has_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_and_text(d, "llama_gqa", 8);
+    let o = d.to_str().unwrap();
+    for (ckpt, expect) in [("5", "gradient_checkpointing: 5 layers to checkpoint, but the model has 3"), ("-1", "gradient_checkpointing must be true, false, \"auto\", \"offload\" or a number of layers")] {
+        std::fs::write(
+            d.join("ckpt.rhai"),
+            format!(
+                r#"
+let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
+m.add_lora(#{{ r: 4, targets: ["q_proj"] }});
+train(m, #{{ train: load_dataset("{o}/data.jsonl"), max_steps: 1, gradient_checkpointing: {ckpt}, output_dir: "{o}/run" }});
+"#
+            ),
+        )
+        .unwrap();
+        let out = ftscript(&["run", "ckpt.rhai"], d);
+        assert!(!out.status.success() && text(&out).contains(expect), "{ckpt}: {}", text(&out));
+        let metrics = std::fs::read_to_string(d.join("run").join("metrics.jsonl")).unwrap_or_default();
+        assert!(!metrics.contains("\"loss\""), "{ckpt}: trained before refusing: {metrics}");
     }
 }
 
@@ -384,8 +412,8 @@ train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 4, max_length: 3
 }
 
 /// `memory_budget` on a GPU, as a user sets it: under a budget between the weights and what
-/// keeping every activation peaks at, training picks a more frugal way (checkpointing, then
-/// offloading, then smaller micro-batches), peaks within the budget, and trains the same numbers
+/// keeping every activation peaks at, training picks a more frugal way (checkpointing the first
+/// layers, then each layer, then offloading, then smaller micro-batches), peaks within the budget, and trains the same numbers
 /// as keeping everything (no dropout: smaller micro-batches would draw other masks). Ignored unless asked for (`--include-ignored`, on a GPU).
 #[test]
 #[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
@@ -419,8 +447,9 @@ train(m, #{{ train: load_dataset("{o}/long.jsonl"), format: "tokens", shuffle: f
     let (_, resident, full_peak, full) = train("full", "gradient_checkpointing: false");
     let activations = full_peak - resident;
     assert!(activations > 4.0 * resident, "the test wants activations well over the weights: {activations} vs {resident}");
-    // half: checkpointing fits; a tenth: offloading or smaller micro-batches (whichever the estimates pick)
-    for (name, share, expect) in [("half", 0.5, "checkpointing each layer"), ("tenth", 0.1, "memory_budget")] {
+    // four fifths: some of the first layers checkpointed; half: checkpointing (some or all
+    // layers); a tenth: offloading or smaller micro-batches (whichever the estimates pick)
+    for (name, share, expect) in [("most", 0.8, "checkpointing the first"), ("half", 0.5, "checkpointing"), ("tenth", 0.1, "memory_budget")] {
         let budget = (resident + share * activations) as u64;
         let (log, _, peak, got) = train(name, &format!("memory_budget: {budget}"));
         assert!(log.contains(expect), "{name}: expected {expect}:\n{log}");

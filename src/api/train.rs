@@ -368,6 +368,8 @@ fn dataset_opt(map: &Map, key: &str) -> Res<Option<Dataset>> {
 }
 
 /// What an `output_dir` holds of an earlier run, if anything: metrics, event files, checkpoints.
+/// A run that stopped before its first log line (refused options, say) left only an empty
+/// metrics.jsonl and event files without scalars: that is no earlier run.
 fn earlier_run(dir: &std::path::Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
     let mut found: Vec<String> = entries
@@ -375,6 +377,10 @@ fn earlier_run(dir: &std::path::Path) -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().to_string())
         .filter(|n| n == "metrics.jsonl" || n.starts_with("events.out.tfevents") || n.starts_with("checkpoint-"))
         .collect();
+    let logged = std::fs::metadata(dir.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
+    if !logged && !found.iter().any(|n| n.starts_with("checkpoint-")) {
+        return vec![];
+    }
     found.sort();
     found
 }
@@ -474,7 +480,8 @@ fn train_config(run: &Run, spec: &crate::nn::peft::LoraSpec, pad_id: i64, kind: 
         Some(serde_json::Value::Bool(false)) => Some(trainer::Checkpointing::Off),
         Some(serde_json::Value::String(s)) if s == "auto" => None,
         Some(serde_json::Value::String(s)) if s == "offload" => Some(trainer::Checkpointing::Offload),
-        Some(v) => anyhow::bail!("gradient_checkpointing must be true, false, \"auto\" or \"offload\", got {v}"),
+        Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => Some(trainer::Checkpointing::First(n.as_u64().unwrap_or(0) as usize)),
+        Some(v) => anyhow::bail!("gradient_checkpointing must be true, false, \"auto\", \"offload\" or a number of layers to checkpoint (the first ones), got {v}"),
     };
     let memory_budget = memory_budget_of(o.memory_budget.as_ref()).map_err(anyhow::Error::msg)?;
     Ok(TrainConfig {

@@ -575,28 +575,43 @@ impl Decoder {
 
     /// [`Decoder::hidden_routed`] with the layers' rotary tables and mask given.
     pub fn hidden_with(&self, ids: &Tensor, mut shared: LayerInputs, cache: Option<&KvCache>, train: bool) -> (Tensor, Vec<Routing>) {
-        self.run_layers(ids, &mut shared, cache, train, None, |_, _, _| Ok(())).expect("keeping nothing cannot fail")
+        self.run_layers(ids, &mut shared, cache, train, None, 0, |_, _, _| Ok(())).expect("keeping nothing cannot fail")
     }
 
     /// The decoder layers over the embedded `ids`, the final norm left out, each layer's input
     /// moved to its device first; with a `seed`, dropout is drawn from `seed + 2l` for layer
     /// `l`'s attention and `+ 1` for its MLP. `keep(l, input, mid)` sees each layer's input and its
     /// residual after attention (for checkpointing). Each layer leaves its output `mid + mlp(x)`
-    /// unadded: the next layer's first norm adds it (one kernel on the GPU's fused path). Also
-    /// returns the sparse layers' routings, in layer order.
-    fn run_layers(&self, ids: &Tensor, shared: &mut LayerInputs, cache: Option<&KvCache>, train: bool, seed: Option<i64>, mut keep: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>) -> Result<(Tensor, Vec<Routing>)> {
+    /// unadded: the next layer's first norm adds it (one kernel on the GPU's fused path). The
+    /// layers below `graph_from` run without a graph; layer `graph_from` (when above 0) then
+    /// starts from a leaf that requires its gradient, the input `keep` sees. Also returns the
+    /// sparse layers' routings, in layer order.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers(&self, ids: &Tensor, shared: &mut LayerInputs, cache: Option<&KvCache>, train: bool, seed: Option<i64>, graph_from: usize, mut keep: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>) -> Result<(Tensor, Vec<Routing>)> {
         let mut routes = vec![];
-        let mut h = self.embed(ids);
+        let mut h = {
+            let _no_graph = (graph_from > 0).then(tch::no_grad_guard);
+            self.embed(ids)
+        };
         let mut pending: Option<Tensor> = None;
         for (l, layer) in self.layers.iter().enumerate() {
+            let _no_graph = (l < graph_from).then(tch::no_grad_guard);
             h = h.to_device(layer.device);
-            let added = pending.take().map(|p| p.to_device(layer.device));
+            let mut added = pending.take().map(|p| p.to_device(layer.device));
+            if l == graph_from && l > 0 {
+                let sum = match added.take() {
+                    Some(p) => &h + p,
+                    None => h,
+                };
+                h = sum.detach().set_requires_grad(true);
+            }
             if let Some(s) = seed {
                 tch::manual_seed(s + 2 * l as i64);
             }
             let (cos_sin, mask) = shared.on(layer.device, layer.rope);
             let (input, mid, x) = layer.attention_block(&h, added.as_ref(), cos_sin, mask, cache.map(|c| c.slot(l)), train);
-            keep(l, &input, &mid)?;
+            // the leaf itself, whose gradient backward reads (the fused norm may hand back a copy)
+            keep(l, if l == graph_from && l > 0 { &h } else { &input }, &mid)?;
             if let Some(s) = seed {
                 tch::manual_seed(s + 2 * l as i64 + 1);
             }
@@ -935,7 +950,7 @@ impl Decoder {
     pub fn training_hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, seed: i64) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
         let mut shared = self.layer_inputs(positions, mask);
-        Ok(self.run_layers(ids, &mut shared, None, true, Some(seed), |_, _, _| Ok(()))?.0)
+        Ok(self.run_layers(ids, &mut shared, None, true, Some(seed), 0, |_, _, _| Ok(()))?.0)
     }
 
     /// The training forward and backward of [`Decoder::loss_and_backward`] around any `head`:
@@ -946,50 +961,35 @@ impl Decoder {
     pub fn backward_through_head<R>(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, checkpointing: Checkpointing, seed: i64, aux: Option<&AuxLoss>, head: impl FnOnce(&Tensor) -> Result<R>) -> Result<(R, Option<Tensor>)> {
         let net = self;
         let offload = checkpointing == Checkpointing::Offload;
+        // layers below `split` are checkpointed; those from it up keep their activations
+        let split = checkpointing.checkpointed_layers(net.layers.len());
         let mut shared = net.layer_inputs(positions, mask);
-        // per layer: its input and, when offloading, the residual after attention
+        // per checkpointed layer: its input and, when offloading, the residual after attention
         let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
-        let forward = |kept: &mut Vec<(Kept, Option<Kept>)>, shared: &mut LayerInputs| -> Result<(Tensor, Vec<Routing>)> {
-            net.run_layers(ids, shared, None, true, Some(seed), |l, input, mid| {
-                let input = match checkpointing {
-                    Checkpointing::Off => return Ok(()),
-                    _ if l == 0 => Kept::Embedding,
-                    _ => Kept::keep(input, offload)?,
-                };
-                kept.push((input, if offload { Some(Kept::keep(mid, true)?) } else { None }));
-                Ok(())
-            })
-        };
+        // the input of layer `split`, a leaf, when layers above the checkpointed ones keep theirs
+        let mut boundary: Option<Tensor> = None;
+        let (h, routes) = net.run_layers(ids, &mut shared, None, true, Some(seed), split, |l, input, mid| {
+            if l == split && l > 0 {
+                boundary = Some(input.shallow_clone());
+            }
+            if l >= split {
+                return Ok(());
+            }
+            let input = if l == 0 { Kept::Embedding } else { Kept::keep(input, offload)? };
+            kept.push((input, if offload { Some(Kept::keep(mid, true)?) } else { None }));
+            Ok(())
+        })?;
         let backward = |roots: Vec<(Tensor, Tensor)>| {
             let roots: Vec<(&Tensor, &Tensor)> = roots.iter().filter(|(t, _)| t.requires_grad()).map(|(t, g)| (t, g)).collect();
             crate::cuda::autograd::backward(&roots)
         };
+        let balance = aux.and_then(|a| net.load_balancing(&routes, a));
         // the root of the load-balancing loss in a sparse layer's routing
         let balance_root = |routing: Option<Routing>, balance: &Option<(Tensor, Tensor)>| -> Option<(Tensor, Tensor)> {
             let (r, (_, g)) = (routing?, balance.as_ref()?);
             let g = g.to_device(r.probs.device());
             Some((r.probs, g))
         };
-        if checkpointing == Checkpointing::Off {
-            let (h, routes) = forward(&mut kept, &mut shared)?;
-            let balance = aux.and_then(|a| net.load_balancing(&routes, a));
-            if balance.is_none() {
-                return Ok((head(&h)?, None));
-            }
-            // the head's gradient stops at a leaf, so that one backward carries it and the routers'
-            let top = h.detach().set_requires_grad(true);
-            let out = head(&top)?;
-            let mut roots: Vec<(Tensor, Tensor)> = routes.into_iter().filter_map(|r| balance_root(Some(r), &balance)).collect();
-            let g = top.grad();
-            if g.defined() {
-                roots.push((h, g));
-            }
-            backward(roots)?;
-            return Ok((out, balance.map(|b| b.0)));
-        }
-        let (h, routes) = crate::nn::no_grad(|| forward(&mut kept, &mut shared))?;
-        let balance = aux.and_then(|a| net.load_balancing(&routes, a));
-        drop(routes);
         let prefetch = |k: Option<&(Kept, Option<Kept>)>| -> Result<(Option<crate::cuda::Prefetch>, Option<crate::cuda::Prefetch>)> {
             match k {
                 Some((x, mid)) => Ok((x.prefetch()?, match mid { Some(m) => m.prefetch()?, None => None })),
@@ -997,14 +997,39 @@ impl Decoder {
             }
         };
         let mut pending = prefetch(kept.last())?;
-        let top = h.detach().set_requires_grad(true);
-        let loss = head(&top)?;
-        let mut grad = top.grad();
+        // the head's loss and the gradient at the top of the checkpointed layers
+        let (loss, mut grad) = if split == 0 || boundary.is_some() {
+            // `h` has a graph through the layers that kept theirs: the head back-propagates
+            // into it, together with their routers' share of the load-balancing loss
+            let out = if balance.is_none() {
+                head(&h)?
+            } else {
+                // the head's gradient stops at a leaf, so that one backward carries it and the routers'
+                let top = h.detach().set_requires_grad(true);
+                let out = head(&top)?;
+                let mut roots: Vec<(Tensor, Tensor)> = routes.into_iter().filter_map(|r| balance_root(Some(r), &balance)).collect();
+                let g = top.grad();
+                if g.defined() {
+                    roots.push((h, g));
+                }
+                backward(roots)?;
+                out
+            };
+            if split == 0 {
+                return Ok((out, balance.map(|b| b.0)));
+            }
+            (out, boundary.as_ref().map_or_else(Tensor::new, Tensor::grad))
+        } else {
+            drop(routes);
+            let top = h.detach().set_requires_grad(true);
+            let out = head(&top)?;
+            (out, top.grad())
+        };
         if !grad.defined() {
             // the head's loss does not depend on the model
             return Ok((loss, balance.map(|b| b.0)));
         }
-        for l in (0..net.layers.len()).rev() {
+        for l in (0..split).rev() {
             let (px, pm) = std::mem::replace(&mut pending, (None, None));
             let x = kept[l].0.get(px, net, ids)?;
             let mid = match &kept[l].1 {

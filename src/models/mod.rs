@@ -73,6 +73,10 @@ use tch::{Device, Kind, Tensor};
 pub enum Checkpointing {
     /// Every layer's activations.
     Off,
+    /// The first `n` decoder layers checkpointed as `On` does, the layers above them keeping
+    /// every activation (Megatron's block recomputation of `n` layers): between `Off` and `On`
+    /// in memory and speed.
+    First(usize),
     /// Each decoder layer's input on the GPU; the rest is recomputed in backward.
     On,
     /// Each decoder layer's input and its residual after attention in pinned host memory
@@ -83,11 +87,21 @@ pub enum Checkpointing {
 
 impl Checkpointing {
     /// What it does, in a log line's words.
-    pub fn describe(&self) -> &'static str {
+    pub fn describe(&self) -> String {
         match self {
-            Checkpointing::Off => "no checkpointing",
-            Checkpointing::On => "checkpointing each layer",
-            Checkpointing::Offload => "offloading each layer's input to host memory",
+            Checkpointing::Off => "no checkpointing".into(),
+            Checkpointing::First(n) => format!("checkpointing the first {n} layers (the others keep their activations)"),
+            Checkpointing::On => "checkpointing each layer".into(),
+            Checkpointing::Offload => "offloading each layer's input to host memory".into(),
+        }
+    }
+
+    /// How many of `layers` decoder layers, counted from the first, are checkpointed.
+    pub fn checkpointed_layers(&self, layers: usize) -> usize {
+        match *self {
+            Checkpointing::Off => 0,
+            Checkpointing::First(n) => n.min(layers),
+            Checkpointing::On | Checkpointing::Offload => layers,
         }
     }
 }

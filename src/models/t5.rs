@@ -737,7 +737,7 @@ impl crate::train::trainer::TrainModel for T5 {
         let elt = self.kind.elt_size_in_bytes() as u64;
         let block = rows * row_len * (12 * c.d_model as u64 + 3 * c.d_ff as u64) * elt + 2 * rows * c.num_heads as u64 * row_len * row_len * elt;
         let input = rows * row_len * c.d_model as u64 * elt;
-        crate::train::memory::Needs { off: blocks * block, on: blocks * input + block, offload: None }
+        crate::train::memory::Needs { off: blocks * block, on: blocks * input + block, offload: None, per_layer: None }
     }
     fn set_dtype(&mut self, kind: Kind) {
         T5::set_dtype(self, kind)

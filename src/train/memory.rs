@@ -29,12 +29,16 @@ pub struct Needs {
     pub off: u64,
     pub on: u64,
     pub offload: Option<u64>,
+    /// `(layers, extra)`: the decoder layers, and what each that keeps its activations needs
+    /// beyond its checkpointed input (`None` where only whole-model checkpointing applies).
+    pub per_layer: Option<(usize, u64)>,
 }
 
 impl Needs {
     pub fn of(&self, c: Checkpointing) -> Option<u64> {
         match c {
             Checkpointing::Off => Some(self.off),
+            Checkpointing::First(n) => self.per_layer.map(|(layers, extra)| self.on + layers.saturating_sub(n) as u64 * extra),
             Checkpointing::On => Some(self.on),
             Checkpointing::Offload => self.offload,
         }
@@ -53,26 +57,48 @@ pub fn decoder_needs(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lor
     let recompute = (0..c.num_hidden_layers).map(|l| (6 * h + lora_layers_per_block * h).max(4 * h + c.feed_forward_size(l).2) * tokens * elt + scores).max().unwrap_or(0);
     let head = (tokens * c.vocab_size as u64).min(crate::nn::loss::LOSS_CHUNK_ELEMENTS as u64) * 4 * 2 + tokens * h * elt;
     let input = tokens * h * elt;
-    Needs { off: all + head, on: layers * input + recompute + head, offload: Some(4 * input + recompute + head) }
+    let largest = (0..c.num_hidden_layers).map(kept).max().unwrap_or(0);
+    Needs {
+        off: all + head,
+        on: layers * input + recompute + head,
+        offload: Some(4 * input + recompute + head),
+        per_layer: Some((c.num_hidden_layers, largest.saturating_sub(input))),
+    }
 }
 
-/// `(checkpointing, why)` without a budget: checkpoint unless the activations fit in 85% of the
-/// free device memory.
+/// `(checkpointing, why)` without a budget: no checkpointing if the activations fit in 85% of
+/// the free device memory, else as few checkpointed layers as fit there, else each layer.
 pub fn plan(needs: Needs, device: Device) -> (Checkpointing, String) {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match crate::cuda::mem_info(device) {
         Some((free, total)) if (needs.off as f64) < free as f64 * 0.85 => {
             (Checkpointing::Off, format!("activations need ~{:.1} GiB, {:.1} of {:.1} GiB free: no checkpointing (faster)", gib(needs.off), gib(free), gib(total)))
         }
-        Some((free, _)) => (Checkpointing::On, format!("activations need ~{:.1} GiB but only {:.1} GiB are free: checkpointing each layer", gib(needs.off), gib(free))),
+        Some((free, _)) => {
+            let c = fewest_checkpointed(needs, (free as f64 * 0.85) as u64).unwrap_or(Checkpointing::On);
+            (c, format!("activations need ~{:.1} GiB but only {:.1} GiB are free: {}", gib(needs.off), gib(free), c.describe()))
+        }
         None if device == Device::Cpu => (Checkpointing::Off, format!("on the CPU (activations ~{:.1} GiB): no checkpointing", gib(needs.off))),
         None => (Checkpointing::On, "free device memory unknown: checkpointing to be safe".into()),
     }
 }
 
-/// What backward keeps, fastest first; under a budget the next one is taken when a step runs
-/// out of memory.
-pub const LADDER: [Checkpointing; 3] = [Checkpointing::Off, Checkpointing::On, Checkpointing::Offload];
+/// `First(n)` with the fewest checkpointed layers whose estimate fits in `room` bytes (`None`
+/// where none but whole-model checkpointing does, or the model cannot checkpoint by layers).
+pub fn fewest_checkpointed(needs: Needs, room: u64) -> Option<Checkpointing> {
+    let (layers, _) = needs.per_layer?;
+    (1..layers).map(Checkpointing::First).find(|&c| needs.of(c).is_some_and(|b| b <= room))
+}
+
+/// What backward keeps for a model of `layers` decoder layers, fastest first: nothing
+/// checkpointed, then 1, 2, … of the first layers, then each layer, then each layer offloaded;
+/// under a budget the next one is taken when a step runs out of memory.
+pub fn ladder(layers: usize) -> Vec<Checkpointing> {
+    std::iter::once(Checkpointing::Off)
+        .chain((1..layers).map(Checkpointing::First))
+        .chain([Checkpointing::On, Checkpointing::Offload])
+        .collect()
+}
 
 /// The share of a budget the estimates may fill (the rest: the allocator's rounding, library
 /// workspaces, what the estimates miss).
@@ -158,23 +184,48 @@ mod tests {
         assert!(off > 42.3 - 12.55, "keeping everything ~{off:.2} GiB");
         let room = ((14.35 - 12.55 - 0.06) * GIB) as u64;
         let needs = |rows| decoder_needs(&llama_7b(), rows, 2048, Kind::BFloat16, 2, true);
-        assert_eq!(fit(room, 4, &LADDER, needs), Some((Checkpointing::Offload, 1)));
-        assert_eq!(fit((4.0 * GIB) as u64, 4, &LADDER, needs), Some((Checkpointing::On, 1)));
-        // keeping everything is estimated high (measured 29.8 GiB): 52 GiB of room are asked for it
-        assert_eq!(fit((40.0 * GIB) as u64, 4, &LADDER, needs), Some((Checkpointing::On, 1)));
-        assert_eq!(fit((52.0 * GIB) as u64, 4, &LADDER, needs), Some((Checkpointing::Off, 1)));
+        assert_eq!(fit(room, 4, &ladder(32), needs), Some((Checkpointing::Offload, 1)));
+        assert_eq!(fit((4.0 * GIB) as u64, 4, &ladder(32), needs), Some((Checkpointing::On, 1)));
+        // keeping everything is estimated high (measured 29.8 GiB): 52 GiB of room are asked for
+        // it; with 40, some of the first layers are checkpointed
+        assert!(matches!(fit((40.0 * GIB) as u64, 4, &ladder(32), needs), Some((Checkpointing::First(1..=31), 1))));
+        assert_eq!(fit((52.0 * GIB) as u64, 4, &ladder(32), needs), Some((Checkpointing::Off, 1)));
         // a budget too small for 4 rows offloaded, enough for 2: two micro-batches of 2 rows
-        assert_eq!(fit((1.2 * GIB) as u64, 4, &LADDER, needs), Some((Checkpointing::Offload, 2)));
+        assert_eq!(fit((1.2 * GIB) as u64, 4, &ladder(32), needs), Some((Checkpointing::Offload, 2)));
         // checkpointing asked for: never offloaded, smaller micro-batches instead
         assert_eq!(fit(room, 4, &[Checkpointing::On], needs), Some((Checkpointing::On, 4)));
-        assert_eq!(fit(1 << 20, 4, &LADDER, needs), None);
+        assert_eq!(fit(1 << 20, 4, &ladder(32), needs), None);
     }
 
     #[test]
     fn the_ladder_steps_to_more_frugal_ways() {
-        assert_eq!(more_frugal(Checkpointing::Off, &LADDER), Some(Checkpointing::On));
-        assert_eq!(more_frugal(Checkpointing::On, &LADDER), Some(Checkpointing::Offload));
-        assert_eq!(more_frugal(Checkpointing::Offload, &LADDER), None);
+        let ladder = ladder(3);
+        assert_eq!(ladder, [Checkpointing::Off, Checkpointing::First(1), Checkpointing::First(2), Checkpointing::On, Checkpointing::Offload]);
+        assert_eq!(more_frugal(Checkpointing::Off, &ladder), Some(Checkpointing::First(1)));
+        assert_eq!(more_frugal(Checkpointing::First(2), &ladder), Some(Checkpointing::On));
+        assert_eq!(more_frugal(Checkpointing::On, &ladder), Some(Checkpointing::Offload));
+        assert_eq!(more_frugal(Checkpointing::Offload, &ladder), None);
         assert_eq!(more_frugal(Checkpointing::On, &[Checkpointing::On]), None);
+    }
+
+    /// Checkpointing the first `n` layers needs `on` plus what each of the other layers keeps
+    /// beyond its input: between `on` and `off`, falling as `n` grows; the budget's plan takes the
+    /// fewest checkpointed layers that fit (the 7B all-linear r=16 recipe against Unsloth's
+    /// 50.0 GiB whole-GPU peak: some layers checkpointed, not all).
+    #[test]
+    fn checkpointing_the_first_layers_fits_between_none_and_all() {
+        let needs = |rows| decoder_needs(&llama_7b(), rows, 2048, Kind::BFloat16, 7, true);
+        let n = needs(4);
+        let first = |k| n.of(Checkpointing::First(k)).unwrap();
+        assert!(first(1) < n.off && first(31) > n.on);
+        assert!((1..31).all(|k| first(k + 1) < first(k)));
+        assert_eq!(n.of(Checkpointing::First(32)), Some(n.on));
+        // 12.6 GiB of weights and adapters: 37.4 GiB of room
+        let room = ((50.0 - 12.6) * GIB) as u64;
+        let Some((Checkpointing::First(k), 1)) = fit(room, 4, &ladder(32), needs) else { panic!("{:?}", fit(room, 4, &ladder(32), needs)) };
+        assert!((8..24).contains(&k), "{k} layers checkpointed");
+        assert!(first(k) as f64 <= room as f64 * BUDGET_SHARE && first(k - 1) as f64 > room as f64 * BUDGET_SHARE);
+        assert_eq!(fewest_checkpointed(n, first(k)), Some(Checkpointing::First(k)));
+        assert_eq!(fewest_checkpointed(n, n.on), None);
     }
 }

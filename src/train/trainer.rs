@@ -383,8 +383,16 @@ pub fn train<M: TrainModel>(
     // a micro-batch of `examples` examples (the unit `split` divides)
     let needs = |examples: u64| net.activation_needs(examples * objective.rows_per_example() as u64, row_len);
     let modes: Vec<Checkpointing> = match cfg.gradient_checkpointing {
+        Some(Checkpointing::First(n)) => match needs(1).per_layer {
+            Some((layers, _)) if n <= layers => vec![Checkpointing::First(n)],
+            Some((layers, _)) => bail!("gradient_checkpointing: {n} layers to checkpoint, but the model has {layers}"),
+            None => bail!("gradient_checkpointing: {n}: this model checkpoints all its layers or none (true or false)"),
+        },
         Some(c) => vec![c],
-        None => super::memory::LADDER.into_iter().filter(|&m| needs(1).of(m).is_some()).collect(),
+        None => {
+            let layers = needs(1).per_layer.map_or(0, |(layers, _)| layers);
+            super::memory::ladder(layers).into_iter().filter(|&m| needs(1).of(m).is_some()).collect()
+        }
     };
     let budget = cfg.memory_budget.filter(|_| net.devices().iter().any(|d| d.is_cuda()));
     if cfg.memory_budget.is_some() && budget.is_none() {

@@ -43,7 +43,7 @@ impl Lora {
     /// `s · dropout(x) Aᵀ` `[N, r]` and `B`, in `x`'s dtype (adapters may be kept in fp32 while the
     /// base runs in bf16/fp16; gradients flow back through the cast).
     pub(crate) fn down(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
-        if !train && super::super::fused(x, train) {
+        if super::super::decode_fusion(x, train) {
             // a decoding step: `s·A` and `B` in x's dtype, made once per generation
             let ab = super::super::prepared(&self.a, "lora", || vec![self.scaled_a(x.kind()), self.b.to_kind(x.kind())]);
             return (x.matmul(&ab[0].tr()), ab[1].shallow_clone());
