@@ -7,7 +7,7 @@ transformers is held to `--new` tokens a row (`min_new_tokens`); ftscript's rows
 the tokens it did generate are counted. Tokens/s is generated tokens over the wall time of the
 generation calls (after one warm-up call on each side).
 
-usage: python3 bench/generate_bench.py [SHAPE] [--batch 1] [--prompts 8] [--prompt-len 128] [--new 128]
+usage: python3 bench/generate_bench.py [SHAPE] [--batch 1] [--prompts 8] [--prompt-len 128] [--new 128] [--no-peer]
   needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine)
 """
 import argparse, json, os, random, sys, tempfile, time
@@ -94,6 +94,7 @@ def main():
     ap.add_argument("shape", nargs="?", default="1b")
     ap.add_argument("--batch", type=int, default=1); ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128); ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--no-peer", action="store_true", help="ftscript alone (to compare two builds: FTSCRIPT=path)")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     model_dir = f"/tmp/gen-model-{a.shape}"
@@ -109,6 +110,8 @@ def main():
     work = tempfile.mkdtemp(prefix="gen-bench-", dir="/tmp")
     ours = ftscript_run(model_dir, adapter_dir, a, work)
     print(json.dumps(ours), flush=True)
+    if a.no_peer:
+        return
     peer = peer_json(__file__, [a.shape, "--batch", str(a.batch), "--prompts", str(a.prompts), "--prompt-len", str(a.prompt_len), "--new", str(a.new)],
                      "transformers")
     print(json.dumps(peer), flush=True)

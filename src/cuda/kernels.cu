@@ -767,7 +767,8 @@ __device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row,
 // Σ_i x[n, i] W[o, i] (+ bias[o])`, rounded, then `+ Σ_k xa[n, k] B[o, k]` (a LoRA update from
 // `xa` = s·x·Aᵀ [N, rank]; null for none), rounded again, as `linear` then `addmm_` round. A warp
 // per output o, each lane reading 16 bytes of W's row at a time (in a multiple of 8, rows
-// 16-byte aligned: the caller checks), the row's products summed in fp32 by shuffles.
+// 16-byte aligned: the caller checks), the row's products summed in fp32 by shuffles; the
+// update's rank-long products likewise, a lane per rank index.
 #define DECODE_ROWS 8
 template <typename S>
 __device__ void decode_linear(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
@@ -793,19 +794,36 @@ __device__ void decode_linear(const typename S::T* __restrict__ x, const typenam
       for (int k = 0; k < 8; k++) acc[n] = __fmaf_rn(S::load(wc.v[k]), S::load(xc.v[k]), acc[n]);
     }
   }
+  // the LoRA update's dot products over the rank, spread over the lanes as the main one is
+  float upd[DECODE_ROWS];
 #pragma unroll
-  for (int n = 0; n < DECODE_ROWS; n++) acc[n] = warp_sum(acc[n]);
+  for (int n = 0; n < DECODE_ROWS; n++) upd[n] = 0.0f;
+  if (xa) {
+    for (int k = lane; k < rank; k += 32) {
+      const float bk = S::load(lb[(long long)o * rank + k]);
+#pragma unroll
+      for (int n = 0; n < DECODE_ROWS; n++) {
+        if (n >= rows) break;
+        upd[n] = __fmaf_rn(S::load(xa[(long long)n * rank + k]), bk, upd[n]);
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < DECODE_ROWS; n++) {
+    if (n >= rows) break;
+    acc[n] = warp_sum(acc[n]);
+    if (xa) upd[n] = warp_sum(upd[n]);
+  }
   if (lane >= rows) return;
   // lane n writes row n
-  float v = 0.0f;
+  float v = 0.0f, u = 0.0f;
 #pragma unroll
-  for (int n = 0; n < DECODE_ROWS; n++) v = n == lane ? acc[n] : v;
-  v = S::load(S::cvt(bias ? v + S::load(bias[o]) : v));
-  if (xa) {
-    float u = 0.0f;
-    for (int k = 0; k < rank; k++) u = __fmaf_rn(S::load(xa[(long long)lane * rank + k]), S::load(lb[(long long)o * rank + k]), u);
-    v += u;
+  for (int n = 0; n < DECODE_ROWS; n++) {
+    v = n == lane ? acc[n] : v;
+    u = n == lane ? upd[n] : u;
   }
+  v = S::load(S::cvt(bias ? v + S::load(bias[o]) : v));
+  if (xa) v += u;
   y[(long long)lane * out + o] = S::cvt(v);
 }
 
