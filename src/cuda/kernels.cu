@@ -659,6 +659,8 @@ __device__ void decode_attention(const typename S::T* __restrict__ q, const type
     if (seen[j]) {
       const typename S::T* kr = k + kv + (long long)j * dim;
       float dot = 0.0f;
+      // unrolled so that several of the row's loads are in flight at once
+#pragma unroll 4
       for (int e = 0; e < dim; e += 8) {
         Chunk<S> c;
         c.load(kr, e, dim, true);
@@ -684,6 +686,7 @@ __device__ void decode_attention(const typename S::T* __restrict__ q, const type
   const int chunks = dim / 8, groups = blockDim.x / chunks, c = threadIdx.x % chunks, grp = threadIdx.x / chunks;
   float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   if (grp < groups) {
+#pragma unroll 4
     for (int j = first + grp; j <= last; j += groups) {
       const float pj = p[j];  // 0 for a key not seen (its value is finite: written, or the cache's zeros)
       Chunk<S> cv;
