@@ -73,7 +73,7 @@ def ftscript_run(model_dir, a, work):
     # with --profile, two more steps run under libtorch's profiler, after the timed ones
     profile = f", profile: #{{ start: {steps + 1}, steps: 2 }}" if a.profile else ""
     total = steps + 2 if a.profile else steps
-    ckpt = '"auto"' if a.auto or a.memory_budget else '"offload"' if a.offload else "false" if a.no_ckpt else "true"
+    ckpt = '"auto"' if a.auto or a.memory_budget else '"offload"' if a.offload else str(a.ckpt_layers) if a.ckpt_layers is not None else "false" if a.no_ckpt else "true"
     budget = f', memory_budget: "{a.memory_budget}"' if a.memory_budget else ""
     recipe = os.path.join(work, "bench.rhai")
     targets = json.dumps(a.targets.split(","))
@@ -134,13 +134,14 @@ def main():
     ap.add_argument("--auto", action="store_true", help='ftscript decides (gradient_checkpointing: "auto")')
     ap.add_argument("--profile", action="store_true", help="profile two more ftscript steps; print the summary")
     ap.add_argument("--offload", action="store_true", help='ftscript keeps checkpoints in host memory (gradient_checkpointing: "offload")')
+    ap.add_argument("--ckpt-layers", type=int, default=None, help="ftscript checkpoints only the first N layers (gradient_checkpointing: N)")
     ap.add_argument("--memory-budget", default=None, help='ftscript fits this budget (memory_budget: "14.35GiB"; checkpointing chosen to fit)')
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix=f"bench-{a.shape}-", dir="/tmp")
     model_dir = f"/tmp/bench-model-{a.shape}"
     make_model(a.shape, model_dir)
     ours = ftscript_run(model_dir, a, work)
-    ckpt = f"budget {a.memory_budget}" if a.memory_budget else "auto" if a.auto else "offload" if a.offload else not a.no_ckpt
+    ckpt = f"budget {a.memory_budget}" if a.memory_budget else "auto" if a.auto else "offload" if a.offload else f"first {a.ckpt_layers}" if a.ckpt_layers is not None else not a.no_ckpt
     print(json.dumps(dict(ours, shape=a.shape, ckpt=ckpt, targets=a.targets, r=a.r, dora=a.dora)), flush=True)
     if a.peer != "none":
         if a.peer == "unsloth":

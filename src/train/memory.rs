@@ -69,8 +69,13 @@ pub fn decoder_needs(c: &DecoderConfig, rows: u64, row_len: u64, kind: Kind, lor
 /// `(checkpointing, why)` without a budget: no checkpointing if the activations fit in 85% of
 /// the free device memory, else as few checkpointed layers as fit there, else each layer.
 pub fn plan(needs: Needs, device: Device) -> (Checkpointing, String) {
+    plan_for(needs, crate::cuda::mem_info(device), device == Device::Cpu)
+}
+
+/// [`plan`] given the device's `(free, total)` bytes, where known.
+fn plan_for(needs: Needs, memory: Option<(u64, u64)>, cpu: bool) -> (Checkpointing, String) {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    match crate::cuda::mem_info(device) {
+    match memory {
         Some((free, total)) if (needs.off as f64) < free as f64 * 0.85 => {
             (Checkpointing::Off, format!("activations need ~{:.1} GiB, {:.1} of {:.1} GiB free: no checkpointing (faster)", gib(needs.off), gib(free), gib(total)))
         }
@@ -78,7 +83,7 @@ pub fn plan(needs: Needs, device: Device) -> (Checkpointing, String) {
             let c = fewest_checkpointed(needs, (free as f64 * 0.85) as u64).unwrap_or(Checkpointing::On);
             (c, format!("activations need ~{:.1} GiB but only {:.1} GiB are free: {}", gib(needs.off), gib(free), c.describe()))
         }
-        None if device == Device::Cpu => (Checkpointing::Off, format!("on the CPU (activations ~{:.1} GiB): no checkpointing", gib(needs.off))),
+        None if cpu => (Checkpointing::Off, format!("on the CPU (activations ~{:.1} GiB): no checkpointing", gib(needs.off))),
         None => (Checkpointing::On, "free device memory unknown: checkpointing to be safe".into()),
     }
 }
@@ -227,5 +232,14 @@ mod tests {
         assert!(first(k) as f64 <= room as f64 * BUDGET_SHARE && first(k - 1) as f64 > room as f64 * BUDGET_SHARE);
         assert_eq!(fewest_checkpointed(n, first(k)), Some(Checkpointing::First(k)));
         assert_eq!(fewest_checkpointed(n, n.on), None);
+        // "auto" without a budget, from the free memory: everything where it fits in 85% of it,
+        // else the fewest checkpointed layers that do, else each layer
+        let free = |bytes: u64| Some((bytes, 80 << 30));
+        assert_eq!(plan_for(n, free(n.off * 2), false).0, Checkpointing::Off);
+        let (c, why) = plan_for(n, free((first(k) as f64 / 0.85) as u64 + (1 << 20)), false);
+        assert_eq!(c, Checkpointing::First(k), "{why}");
+        assert!(why.contains(&format!("checkpointing the first {k} layers")), "{why}");
+        assert_eq!(plan_for(n, free(n.on), false).0, Checkpointing::On);
+        assert_eq!(plan_for(n, None, true).0, Checkpointing::Off);
     }
 }
