@@ -921,7 +921,9 @@ impl Decoder {
     /// draws the same masks with and without checkpointing, whichever half is recomputed first.
     /// With gradient checkpointing, the forward runs without a graph keeping only each layer's
     /// input (the first layer's, the embeddings, is looked up again); backward then recomputes one
-    /// layer at a time (`∂L/∂x_l` from `g = ∂L/∂x_{l+1}`). Only the attention block gets a graph:
+    /// layer at a time (`∂L/∂x_l` from `g = ∂L/∂x_{l+1}`); with `First(n)` only the layers below
+    /// `n` are, and the layers from `n` up keep their graph, which starts at a leaf on layer `n`'s
+    /// input whose gradient then enters the recomputation. Recomputed, only the attention block gets a graph:
     /// the MLP's part is formed directly ([`Mlp::recompute_backward`]). When offloading, the
     /// residual after attention is kept too (host memory is plentiful): the MLP's part starts from
     /// it, and attention's recomputation skips `o_proj`
