@@ -48,15 +48,15 @@ def write_tokenizer(out, vocab_size):
 def run_recipe(recipe):
     """`ftscript run RECIPE` (the release binary, or `FTSCRIPT`), free to read and write /tmp;
     exits with its output if it fails. Returns its stdout."""
-    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "warn"))
+    env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "info"))
     binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
     p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
         raise SystemExit("ftscript failed")
-    # warnings (a kernel falling back to libtorch ops, say) explain a slow number
+    # warnings (a kernel falling back to libtorch ops, say) and the memory plan explain a number
     for line in (p.stdout + p.stderr).splitlines():
-        if "WARN" in line or "ERROR" in line:
+        if "WARN" in line or "ERROR" in line or "memory_budget" in line or "gradient_checkpointing auto" in line:
             print("ftscript:", line[-600:], file=sys.stderr)
     return p.stdout
 

@@ -70,7 +70,6 @@ impl Attention {
         cache: Option<CacheSlot<'_>>,
         train: bool,
     ) -> Tensor {
-        let (b, t, _) = x.size3().unwrap();
         // a decoding step on the GPU: q, k and v from one GEMM, then one kernel for the norms,
         // RoPE and the cache's writes
         let step = cache.filter(|c| c.at.is_some() && crate::nn::decode_fusion(x, train));
@@ -78,16 +77,38 @@ impl Attention {
         let fused_step = step.zip(joint.as_ref()).and_then(|(c, qkv)| Some((self.decode_qkv(qkv, cos_sin, c)?, c)));
         let (q, k, v, step_at) = match fused_step {
             Some((q, c)) => (q, c.k.shallow_clone(), c.v.shallow_clone(), c.at),
-            None => self.project_heads(x, joint, cos_sin, cache, train),
+            None => {
+                let (q_size, kv_size) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+                let parts = match joint {
+                    Some(qkv) => qkv.split_with_sizes([q_size, kv_size, kv_size], -1),
+                    None => self.qkv.forward(x, train),
+                };
+                self.project_heads(parts, cos_sin, cache, train)
+            }
         };
+        self.attend(&q, &k, &v, step_at, mask, train)
+    }
+
+    /// [`Attention::heads`] of a training forward from the q, k and v projections' outputs
+    /// ([`Projections::outputs`](crate::nn::linear::Projections::outputs) of the normed input).
+    pub fn heads_of_outputs(&self, outputs: Vec<Tensor>, cos_sin: &(Tensor, Tensor), mask: &AttnMask, train: bool) -> Tensor {
+        let (q, k, v, _) = self.project_heads(self.qkv.parts(outputs), cos_sin, None, train);
+        self.attend(&q, &k, &v, None, mask, train)
+    }
+
+    /// Attention of the rotated queries `q` `[B, heads, T, d]` over the keys `k` and values `v`
+    /// `[B, kv_heads, S, d]` (a step over a fixed cache: written at slot `step_at`), as
+    /// `[B, T, heads·d]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, step_at: Option<&Tensor>, mask: &AttnMask, train: bool) -> Tensor {
+        let (b, _, t, _) = q.size4().unwrap();
         let kv_len = k.size()[2];
         let window = self.sliding_window.filter(|w| *w < kv_len);
         // a decoding step on the GPU: one kernel over the cache (no mask
         // tensors to build)
         if let (Some(at), AttnMask::Padded(valid)) = (step_at, mask) {
-            if crate::nn::fused(x, train) {
+            if crate::nn::fused(q, train) {
                 let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
-                if let Some(y) = crate::cuda::autograd::decode_attention(&q, &k, &v, valid, at, window, scale, self.softcap) {
+                if let Some(y) = crate::cuda::autograd::decode_attention(q, k, v, valid, at, window, scale, self.softcap) {
                     return y;
                 }
             }
@@ -99,7 +120,7 @@ impl Attention {
                 // step's slot
                 let mut m = valid.view([b, 1, 1, kv_len]);
                 if let Some(w) = window {
-                    let behind = step_at.unwrap() - Tensor::arange(kv_len, (Kind::Int64, x.device()));
+                    let behind = step_at.unwrap() - Tensor::arange(kv_len, (Kind::Int64, q.device()));
                     m = m.logical_and(&behind.lt(w).view([1, 1, 1, kv_len]));
                 }
                 Some(m)
@@ -107,17 +128,17 @@ impl Attention {
             AttnMask::Segments(seg) => {
                 // allowed(i, j) = j ≤ i and seg[i] == seg[j]
                 let same = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1));
-                let causal = Tensor::ones([t, t], (Kind::Bool, x.device())).tril(0);
+                let causal = Tensor::ones([t, t], (Kind::Bool, q.device())).tril(0);
                 let mut m = same.logical_and(&causal);
                 if let Some(w) = window {
-                    m = m.logical_and(&Tensor::ones([t, t], (Kind::Bool, x.device())).triu(-(w - 1)));
+                    m = m.logical_and(&Tensor::ones([t, t], (Kind::Bool, q.device())).triu(-(w - 1)));
                 }
                 Some(m.unsqueeze(1))
             }
             AttnMask::SharedPrefix { segments: seg, positions } => {
                 // allowed(i, j) = j ≤ i and (seg[j] == 0 or seg[i] == seg[j])
                 let visible = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1)).logical_or(&seg.eq(0).unsqueeze(1));
-                let mut m = visible.logical_and(&Tensor::ones([t, t], (Kind::Bool, x.device())).tril(0));
+                let mut m = visible.logical_and(&Tensor::ones([t, t], (Kind::Bool, q.device())).tril(0));
                 if let Some(w) = window {
                     m = m.logical_and(&(positions.unsqueeze(2) - positions.unsqueeze(1)).lt(w));
                 }
@@ -126,16 +147,16 @@ impl Attention {
             AttnMask::Padded(valid) => {
                 // causal, key j valid; a padding query also sees itself, so that no row of
                 // scores is all masked (NaN through SDPA)
-                let (m, diagonal) = causal(kv_len, window, x.device());
+                let (m, diagonal) = causal(kv_len, window, q.device());
                 Some(m.unsqueeze(0).logical_and(&valid.unsqueeze(1)).logical_or(&diagonal.unsqueeze(0)).unsqueeze(1))
             }
             // SDPA's own causal mask serves; eager attention (soft-capped scores) needs it written out
             AttnMask::Causal if window.is_none() && self.softcap.is_none() => None,
-            AttnMask::Causal => Some(causal(kv_len, window, x.device()).0),
+            AttnMask::Causal => Some(causal(kv_len, window, q.device()).0),
         };
         let is_causal = explicit.is_none() && t > 1;
         let y = match self.softcap {
-            None => Tensor::scaled_dot_product_attention(&q, &k, &v, explicit.as_ref(), 0.0, is_causal, self.scale, self.n_kv_heads != self.n_heads),
+            None => Tensor::scaled_dot_product_attention(q, k, v, explicit.as_ref(), 0.0, is_causal, self.scale, self.n_kv_heads != self.n_heads),
             Some(cap) => {
                 // transformers' eager attention: scores, soft-cap, mask, softmax in fp32
                 let groups = self.n_heads / self.n_kv_heads;
@@ -157,16 +178,10 @@ impl Attention {
 
     /// The rotated queries `[B, heads, T, d]`, the keys and values `[B, kv_heads, T, d]` to attend
     /// to (the cache's, written first, in a step over a fixed cache) and the slot such a step
-    /// writes (`[1]` on the device); from the joint projection `qkv` when given.
-    fn project_heads<'c>(&self, x: &Tensor, qkv: Option<Tensor>, cos_sin: &(Tensor, Tensor), cache: Option<CacheSlot<'c>>, train: bool) -> (Tensor, Tensor, Tensor, Option<&'c Tensor>) {
-        let (b, t, _) = x.size3().unwrap();
-        let (q_size, kv_size) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
-        let [q, k, v]: [Tensor; 3] = match qkv {
-            Some(qkv) => qkv.split_with_sizes([q_size, kv_size, kv_size], -1),
-            None => self.qkv.forward(x, train),
-        }
-        .try_into()
-        .unwrap();
+    /// writes (`[1]` on the device), from the projections `parts` (q, k, v, each `[B, T, ·]`).
+    fn project_heads<'c>(&self, parts: Vec<Tensor>, cos_sin: &(Tensor, Tensor), cache: Option<CacheSlot<'c>>, train: bool) -> (Tensor, Tensor, Tensor, Option<&'c Tensor>) {
+        let [q, k, v]: [Tensor; 3] = parts.try_into().unwrap();
+        let (b, t, _) = q.size3().unwrap();
         let q = rotate(self.head_norm(&self.q_norm, q, self.n_heads, train), self.n_heads, self.head_dim, cos_sin, train);
         let k = rotate(self.head_norm(&self.k_norm, k, self.n_kv_heads, train), self.n_kv_heads, self.head_dim, cos_sin, train);
         let v = v.view([b, t, self.n_kv_heads, self.head_dim]).transpose(1, 2);
@@ -312,29 +327,68 @@ impl DecoderLayer {
         cache: Option<CacheSlot<'_>>,
         train: bool,
     ) -> (Tensor, Tensor, Tensor) {
+        let (input, normed) = self.input_layernorm.forward_residual(h, pending, train);
+        let (mid, x) = self.attention_output(&input, &self.self_attn.heads(&normed, cos_sin, mask, cache, train), train);
+        (input, mid, x)
+    }
+
+    /// [`DecoderLayer::attention_block`] of a training forward (no cache), also returning the
+    /// q, k and v projections' outputs, which [`DecoderLayer::attention_recompute_backward`]
+    /// can start from.
+    pub fn attention_block_keeping(&self, h: &Tensor, pending: Option<&Tensor>, cos_sin: &(Tensor, Tensor), mask: &AttnMask, train: bool) -> (Tensor, Tensor, Tensor, Vec<Tensor>) {
         let attn = &self.self_attn;
         let (input, normed) = self.input_layernorm.forward_residual(h, pending, train);
-        let mut a = attn.o_proj.forward(&attn.heads(&normed, cos_sin, mask, cache, train), train);
+        let outputs = attn.qkv.outputs(&normed, train);
+        let heads = attn.heads_of_outputs(outputs.iter().map(Tensor::shallow_clone).collect(), cos_sin, mask, train);
+        let (mid, x) = self.attention_output(&input, &heads, train);
+        (input, mid, x, outputs)
+    }
+
+    /// The residual stream after attention, `input + o_proj(heads)` (output-normed if the layer
+    /// has the norm), and the MLP's input, its `mlp_norm`.
+    fn attention_output(&self, input: &Tensor, heads: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let mut a = self.self_attn.o_proj.forward(heads, train);
         if let Some(n) = &self.attn_out_norm {
             a = n.forward(&a, train);
         }
-        let (mid, x) = self.mlp_norm.forward_residual(&input, Some(&a), train);
-        (input, mid, x)
+        self.mlp_norm.forward_residual(input, Some(&a), train)
     }
 
     /// Backward through the attention half, `h = x + o_proj(heads(input_layernorm(x)))`, from
     /// `∂L/∂h` `dh`, recomputing from the layer input `x` (with a graph) all but `o_proj`'s
     /// forward, whose output backward does not need: the roots to hand to autograd (the heads'
     /// output with `dh · W_o`, `x` with `dh` for the residual, `o_proj`'s adapter if any).
-    pub fn attention_recompute_backward(&self, x: &Tensor, dh: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask) -> Vec<(Tensor, Tensor)> {
-        let o = &self.self_attn.o_proj;
-        let y = self.self_attn.heads(&self.input_layernorm.forward(x, true), cos_sin, mask, None, true);
-        let (y2, dh2) = (y.reshape([-1, o.in_features()]), dh.reshape([-1, o.out_features()]));
-        let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2)), (x.shallow_clone(), dh.shallow_clone())];
+    /// With the q, k and v projections' `outputs` kept from the forward, their frozen weights'
+    /// part is not recomputed either: attention back-propagates from them (one backward here),
+    /// and the roots are the normed input with `Σ ∂yᵢ · Wᵢ`, each adapter's update with its
+    /// projection's gradient, and `x` with `dh`.
+    pub fn attention_recompute_backward(&self, x: &Tensor, dh: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask, outputs: Option<Vec<Tensor>>) -> Result<Vec<(Tensor, Tensor)>> {
+        let (attn, o) = (&self.self_attn, &self.self_attn.o_proj);
+        let normed = self.input_layernorm.forward(x, true);
+        let dh2 = dh.reshape([-1, o.out_features()]);
+        let Some(outputs) = outputs else {
+            let y2 = attn.heads(&normed, cos_sin, mask, None, true).reshape([-1, o.in_features()]);
+            let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2)), (x.shallow_clone(), dh.shallow_clone())];
+            if let Some(l) = o.lora() {
+                roots.push((l.delta(&y2, true), dh2));
+            }
+            return Ok(roots);
+        };
+        // the adapters' updates first, drawing their dropout masks in the forward's order
+        let linears = attn.qkv.linears();
+        let updates: Vec<Option<Tensor>> = linears.iter().map(|p| p.lora().map(|l| l.delta(&normed, true))).collect();
+        let leaves: Vec<Tensor> = outputs.iter().map(|t| t.detach().set_requires_grad(true)).collect();
+        let y2 = attn.heads_of_outputs(leaves.iter().map(Tensor::shallow_clone).collect(), cos_sin, mask, true).reshape([-1, o.in_features()]);
+        let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2))];
         if let Some(l) = o.lora() {
             roots.push((l.delta(&y2, true), dh2));
         }
-        roots
+        crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>())?;
+        drop((roots, y2));
+        let grads: Vec<Tensor> = leaves.iter().map(Tensor::grad).collect();
+        let mut roots = vec![(normed.shallow_clone(), attn.qkv.base_input_grad(&grads)), (x.shallow_clone(), dh.shallow_clone())];
+        roots.extend(updates.into_iter().zip(grads).filter_map(|(u, g)| Some((u?, g))));
+        Ok(roots)
     }
 }
 
@@ -575,19 +629,31 @@ impl Decoder {
 
     /// [`Decoder::hidden_routed`] with the layers' rotary tables and mask given.
     pub fn hidden_with(&self, ids: &Tensor, mut shared: LayerInputs, cache: Option<&KvCache>, train: bool) -> (Tensor, Vec<Routing>) {
-        self.run_layers(ids, &mut shared, cache, train, None, 0, |_, _, _| Ok(())).expect("keeping nothing cannot fail")
+        self.run_layers(ids, &mut shared, cache, train, None, 0, false, |_, _, _, _| Ok(())).expect("keeping nothing cannot fail")
     }
 
     /// The decoder layers over the embedded `ids`, the final norm left out, each layer's input
     /// moved to its device first; with a `seed`, dropout is drawn from `seed + 2l` for layer
-    /// `l`'s attention and `+ 1` for its MLP. `keep(l, input, mid)` sees each layer's input and its
-    /// residual after attention (for checkpointing). Each layer leaves its output `mid + mlp(x)`
+    /// `l`'s attention and `+ 1` for its MLP. `keep(l, input, mid, outputs)` sees each layer's input and its
+    /// residual after attention (for checkpointing), and with `projections` its q, k and v
+    /// projections' outputs (layers below `graph_from` that [`DecoderLayer::plain`] says the
+    /// hand-written recomputation serves). Each layer leaves its output `mid + mlp(x)`
     /// unadded: the next layer's first norm adds it (one kernel on the GPU's fused path). The
     /// layers below `graph_from` run without a graph; layer `graph_from` (when above 0) then
     /// starts from a leaf that requires its gradient, the input `keep` sees. Also returns the
     /// sparse layers' routings, in layer order.
     #[allow(clippy::too_many_arguments)]
-    fn run_layers(&self, ids: &Tensor, shared: &mut LayerInputs, cache: Option<&KvCache>, train: bool, seed: Option<i64>, graph_from: usize, mut keep: impl FnMut(usize, &Tensor, &Tensor) -> Result<()>) -> Result<(Tensor, Vec<Routing>)> {
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        shared: &mut LayerInputs,
+        cache: Option<&KvCache>,
+        train: bool,
+        seed: Option<i64>,
+        graph_from: usize,
+        projections: bool,
+        mut keep: impl FnMut(usize, &Tensor, &Tensor, Option<Vec<Tensor>>) -> Result<()>,
+    ) -> Result<(Tensor, Vec<Routing>)> {
         let mut routes = vec![];
         let mut h = {
             let _no_graph = (graph_from > 0).then(tch::no_grad_guard);
@@ -609,9 +675,15 @@ impl Decoder {
                 tch::manual_seed(s + 2 * l as i64);
             }
             let (cos_sin, mask) = shared.on(layer.device, layer.rope);
-            let (input, mid, x) = layer.attention_block(&h, added.as_ref(), cos_sin, mask, cache.map(|c| c.slot(l)), train);
+            let (input, mid, x, outputs) = if projections && l < graph_from && layer.plain() {
+                let (input, mid, x, outputs) = layer.attention_block_keeping(&h, added.as_ref(), cos_sin, mask, train);
+                (input, mid, x, Some(outputs))
+            } else {
+                let (input, mid, x) = layer.attention_block(&h, added.as_ref(), cos_sin, mask, cache.map(|c| c.slot(l)), train);
+                (input, mid, x, None)
+            };
             // the leaf itself, whose gradient backward reads (the fused norm may hand back a copy)
-            keep(l, if l == graph_from && l > 0 { &h } else { &input }, &mid)?;
+            keep(l, if l == graph_from && l > 0 { &h } else { &input }, &mid, outputs)?;
             if let Some(s) = seed {
                 tch::manual_seed(s + 2 * l as i64 + 1);
             }
@@ -642,10 +714,10 @@ impl Decoder {
     }
 
     /// [`DecoderLayer::attention_recompute_backward`] of layer `l` (`x` on the layer's device).
-    pub fn layer_attention_recompute_backward(&self, l: usize, x: &Tensor, dh: &Tensor, shared: &mut LayerInputs) -> Vec<(Tensor, Tensor)> {
+    pub fn layer_attention_recompute_backward(&self, l: usize, x: &Tensor, dh: &Tensor, shared: &mut LayerInputs, outputs: Option<Vec<Tensor>>) -> Result<Vec<(Tensor, Tensor)>> {
         let layer = &self.layers[l];
         let (cos_sin, mask) = shared.on(layer.device, layer.rope);
-        layer.attention_recompute_backward(x, dh, cos_sin, mask)
+        layer.attention_recompute_backward(x, dh, cos_sin, mask, outputs)
     }
 
     /// Linear layers with an adapter in one decoder layer (the first), for memory planning.
@@ -911,6 +983,38 @@ impl Kept {
     }
 }
 
+/// What a checkpointed layer keeps from the forward: its input and, when offloading (host
+/// memory is plentiful), the residual after attention and the q, k and v projections' outputs.
+struct KeptLayer {
+    input: Kept,
+    mid: Option<Kept>,
+    outputs: Option<Vec<Kept>>,
+}
+
+/// A [`KeptLayer`] on its way back, in [`KeptLayer`]'s order: `(input, mid, outputs…)`.
+type Fetching = Vec<Option<crate::cuda::Prefetch>>;
+
+impl KeptLayer {
+    fn all(&self) -> impl Iterator<Item = &Kept> {
+        std::iter::once(&self.input).chain(&self.mid).chain(self.outputs.iter().flatten())
+    }
+
+    /// Starts copying the host copies back.
+    fn prefetch(&self) -> Result<Fetching> {
+        self.all().map(Kept::prefetch).collect()
+    }
+
+    /// The input, the residual after attention and the projections' outputs, on the GPU again
+    /// (from `pending`, their prefetches, where started).
+    fn get(&self, pending: Fetching, net: &Decoder, ids: &Tensor) -> Result<(Tensor, Option<Tensor>, Option<Vec<Tensor>>)> {
+        let mut pending = pending.into_iter();
+        let mut got = self.all().map(|k| k.get(pending.next().flatten(), net, ids)).collect::<Result<Vec<_>>>()?.into_iter();
+        let input = got.next().expect("a kept layer keeps its input");
+        let mid = self.mid.as_ref().and_then(|_| got.next());
+        Ok((input, mid, self.outputs.as_ref().map(|_| got.collect())))
+    }
+}
+
 /// The training path: each decoder layer kept or recomputed as `Checkpointing` says, the fused head.
 impl Decoder {
     /// Forward and backward of one micro-batch (its tensors on the model's device); `weight`
@@ -925,9 +1029,10 @@ impl Decoder {
     /// `n` are, and the layers from `n` up keep their graph, which starts at a leaf on layer `n`'s
     /// input whose gradient then enters the recomputation. Recomputed, only the attention block gets a graph:
     /// the MLP's part is formed directly ([`Mlp::recompute_backward`]). When offloading, the
-    /// residual after attention is kept too (host memory is plentiful): the MLP's part starts from
-    /// it, and attention's recomputation skips `o_proj`
-    /// ([`DecoderLayer::attention_recompute_backward`](crate::models::decoder::DecoderLayer::attention_recompute_backward)).
+    /// residual after attention and the q, k and v projections' outputs are kept too (host
+    /// memory is plentiful): the MLP's part starts from the residual, and attention's
+    /// recomputation from the projections, so that of the frozen weights only the MLP's gate and
+    /// up run again ([`DecoderLayer::attention_recompute_backward`]).
     ///
     /// A sparse model adds `aux.weight` × `aux.coef` × its load-balancing loss (`aux.coef` × the
     /// loss is returned beside the summed loss).
@@ -952,7 +1057,7 @@ impl Decoder {
     pub fn training_hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, seed: i64) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
         let mut shared = self.layer_inputs(positions, mask);
-        Ok(self.run_layers(ids, &mut shared, None, true, Some(seed), 0, |_, _, _| Ok(()))?.0)
+        Ok(self.run_layers(ids, &mut shared, None, true, Some(seed), 0, false, |_, _, _, _| Ok(()))?.0)
     }
 
     /// The training forward and backward of [`Decoder::loss_and_backward`] around any `head`:
@@ -966,11 +1071,10 @@ impl Decoder {
         // layers below `split` are checkpointed; those from it up keep their activations
         let split = checkpointing.checkpointed_layers(net.layers.len());
         let mut shared = net.layer_inputs(positions, mask);
-        // per checkpointed layer: its input and, when offloading, the residual after attention
-        let mut kept: Vec<(Kept, Option<Kept>)> = vec![];
+        let mut kept: Vec<KeptLayer> = vec![];
         // the input of layer `split`, a leaf, when layers above the checkpointed ones keep theirs
         let mut boundary: Option<Tensor> = None;
-        let (h, routes) = net.run_layers(ids, &mut shared, None, true, Some(seed), split, |l, input, mid| {
+        let (h, routes) = net.run_layers(ids, &mut shared, None, true, Some(seed), split, offload, |l, input, mid, outputs| {
             if l == split && l > 0 {
                 boundary = Some(input.shallow_clone());
             }
@@ -978,7 +1082,12 @@ impl Decoder {
                 return Ok(());
             }
             let input = if l == 0 { Kept::Embedding } else { Kept::keep(input, offload)? };
-            kept.push((input, if offload { Some(Kept::keep(mid, true)?) } else { None }));
+            let mid = if offload { Some(Kept::keep(mid, true)?) } else { None };
+            let outputs = match outputs {
+                Some(o) => Some(o.iter().map(|t| Kept::keep(t, true)).collect::<Result<Vec<_>>>()?),
+                None => None,
+            };
+            kept.push(KeptLayer { input, mid, outputs });
             Ok(())
         })?;
         let backward = |roots: Vec<(Tensor, Tensor)>| {
@@ -992,13 +1101,10 @@ impl Decoder {
             let g = g.to_device(r.probs.device());
             Some((r.probs, g))
         };
-        let prefetch = |k: Option<&(Kept, Option<Kept>)>| -> Result<(Option<crate::cuda::Prefetch>, Option<crate::cuda::Prefetch>)> {
-            match k {
-                Some((x, mid)) => Ok((x.prefetch()?, match mid { Some(m) => m.prefetch()?, None => None })),
-                None => Ok((None, None)),
-            }
+        let mut pending = match kept.last() {
+            Some(k) => k.prefetch()?,
+            None => vec![],
         };
-        let mut pending = prefetch(kept.last())?;
         // the head's loss and the gradient at the top of the checkpointed layers
         let (loss, mut grad) = if split == 0 || boundary.is_some() {
             // `h` has a graph through the layers that kept theirs: the head back-propagates
@@ -1032,13 +1138,10 @@ impl Decoder {
             return Ok((loss, balance.map(|b| b.0)));
         }
         for l in (0..split).rev() {
-            let (px, pm) = std::mem::replace(&mut pending, (None, None));
-            let x = kept[l].0.get(px, net, ids)?;
-            let mid = match &kept[l].1 {
-                Some(m) => Some(m.get(pm, net, ids)?),
-                None => None,
-            };
-            pending = prefetch(l.checked_sub(1).map(|k| &kept[k]))?;
+            let (x, mid, outputs) = kept[l].get(std::mem::take(&mut pending), net, ids)?;
+            if l > 0 {
+                pending = kept[l - 1].prefetch()?;
+            }
             // the first layer's input is the embeddings, looked up again: with trainable token
             // rows it keeps its graph to them
             let x = if l == 0 && net.embeddings_train() { x } else { x.detach().set_requires_grad(l > 0) };
@@ -1070,7 +1173,7 @@ impl Decoder {
                     drop(xm);
                     let dmid = g + mid.grad();
                     tch::manual_seed(seed + 2 * l as i64);
-                    backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared))?;
+                    backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared, outputs)?)?;
                 }
             }
             if l > 0 {

@@ -280,10 +280,40 @@ impl Projections {
 
     /// Each projection of `x` ([`Linear::forward_shared`] for separate layers).
     pub fn forward(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
+        self.parts(self.outputs(x, train))
+    }
+
+    /// The output of each linear layer of [`Projections::linears`] for `x`, as computed (a fused
+    /// layer's whole output, unsplit).
+    pub fn outputs(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
         match self {
             Projections::Separate { layers, .. } => Linear::forward_shared(&layers.iter().collect::<Vec<_>>(), x, train),
-            Projections::Fused { layer, sizes } => layer.forward(x, train).split_with_sizes(sizes.as_slice(), -1),
+            Projections::Fused { layer, .. } => vec![layer.forward(x, train)],
         }
+    }
+
+    /// The projections (q, k, v; gate, up) from the layers' [`Projections::outputs`].
+    pub fn parts(&self, outputs: Vec<Tensor>) -> Vec<Tensor> {
+        match self {
+            Projections::Separate { .. } => outputs,
+            Projections::Fused { sizes, .. } => outputs[0].split_with_sizes(sizes.as_slice(), -1),
+        }
+    }
+
+    /// `∂L/∂x` through the frozen base weights from each layer's output gradient `dys` (in the
+    /// order of [`Projections::outputs`]): `Σᵢ ∂yᵢ · Wᵢ`, accumulated in one buffer.
+    pub fn base_input_grad(&self, dys: &[Tensor]) -> Tensor {
+        let linears = self.linears();
+        let rows = |t: &Tensor| t.reshape([-1, *t.size().last().unwrap()]);
+        let first = rows(&dys[0]);
+        let mut dx = first.matmul(&linears[0].weight.for_input(first.kind()));
+        for (l, dy) in linears.iter().zip(dys).skip(1) {
+            let dy = rows(dy);
+            let _ = dx.addmm_(&dy, &l.weight.for_input(dy.kind()));
+        }
+        let mut shape = dys[0].size();
+        *shape.last_mut().unwrap() = linears[0].in_features();
+        dx.view(shape.as_slice())
     }
 
     /// Every projection of `x` side by side, `[.., Σ out]`, from one GEMM of the joint weight
