@@ -629,13 +629,13 @@ impl Decoder {
 
     /// [`Decoder::hidden_routed`] with the layers' rotary tables and mask given.
     pub fn hidden_with(&self, ids: &Tensor, mut shared: LayerInputs, cache: Option<&KvCache>, train: bool) -> (Tensor, Vec<Routing>) {
-        self.run_layers(ids, &mut shared, cache, train, None, 0, false, |_, _, _, _| Ok(())).expect("keeping nothing cannot fail")
+        self.run_layers(ids, &mut shared, cache, train, None, 0, &[], |_, _, _, _| Ok(())).expect("keeping nothing cannot fail")
     }
 
     /// The decoder layers over the embedded `ids`, the final norm left out, each layer's input
     /// moved to its device first; with a `seed`, dropout is drawn from `seed + 2l` for layer
     /// `l`'s attention and `+ 1` for its MLP. `keep(l, input, mid, outputs)` sees each layer's input and its
-    /// residual after attention (for checkpointing), and with `projections` its q, k and v
+    /// residual after attention (for checkpointing), and where `projections[l]` its q, k and v
     /// projections' outputs (layers below `graph_from` that [`DecoderLayer::plain`] says the
     /// hand-written recomputation serves). Each layer leaves its output `mid + mlp(x)`
     /// unadded: the next layer's first norm adds it (one kernel on the GPU's fused path). The
@@ -651,7 +651,7 @@ impl Decoder {
         train: bool,
         seed: Option<i64>,
         graph_from: usize,
-        projections: bool,
+        projections: &[bool],
         mut keep: impl FnMut(usize, &Tensor, &Tensor, Option<Vec<Tensor>>) -> Result<()>,
     ) -> Result<(Tensor, Vec<Routing>)> {
         let mut routes = vec![];
@@ -675,7 +675,7 @@ impl Decoder {
                 tch::manual_seed(s + 2 * l as i64);
             }
             let (cos_sin, mask) = shared.on(layer.device, layer.rope);
-            let (input, mid, x, outputs) = if projections && l < graph_from && layer.plain() {
+            let (input, mid, x, outputs) = if projections.get(l) == Some(&true) && l < graph_from && layer.plain() {
                 let (input, mid, x, outputs) = layer.attention_block_keeping(&h, added.as_ref(), cos_sin, mask, train);
                 (input, mid, x, Some(outputs))
             } else {
@@ -949,6 +949,14 @@ pub struct AuxLoss {
     pub valid: Option<Tensor>,
 }
 
+/// How many bytes a training forward can copy to host memory per FLOP of its 16-bit GEMMs and
+/// not wait for the copies: ~56 GB/s of PCIe 5 over the ~510 TFLOP/s a checkpointed forward
+/// runs at on an H100 (attention and norms included). Measured there on Llama-2-7B's shape
+/// (offloaded checkpoints, q+v LoRA): the q, k and v outputs of every layer (1.0e-4 bytes a
+/// FLOP with the input and residual) ran 5.8% faster than none, those of 65% of the layers 3.9%;
+/// on the 1.1B (1.5e-4) keeping every layer's was slower than none.
+const HOST_BYTES_PER_FLOP: f64 = 1.1e-4;
+
 /// A tensor kept from the forward for the recomputation in backward.
 enum Kept {
     /// The first layer's input: the embeddings of the ids, looked up again when needed.
@@ -991,27 +999,36 @@ struct KeptLayer {
     outputs: Option<Vec<Kept>>,
 }
 
-/// A [`KeptLayer`] on its way back, in [`KeptLayer`]'s order: `(input, mid, outputs…)`.
+/// Kept tensors on their way back to the GPU (each `None` where nothing is copied).
 type Fetching = Vec<Option<crate::cuda::Prefetch>>;
 
 impl KeptLayer {
-    fn all(&self) -> impl Iterator<Item = &Kept> {
-        std::iter::once(&self.input).chain(&self.mid).chain(self.outputs.iter().flatten())
-    }
-
-    /// Starts copying the host copies back.
+    /// Starts copying the input and the residual back.
     fn prefetch(&self) -> Result<Fetching> {
-        self.all().map(Kept::prefetch).collect()
+        std::iter::once(&self.input).chain(&self.mid).map(Kept::prefetch).collect()
     }
 
-    /// The input, the residual after attention and the projections' outputs, on the GPU again
-    /// (from `pending`, their prefetches, where started).
-    fn get(&self, pending: Fetching, net: &Decoder, ids: &Tensor) -> Result<(Tensor, Option<Tensor>, Option<Vec<Tensor>>)> {
+    /// The input and the residual after attention, on the GPU again (from `pending`, their
+    /// [`KeptLayer::prefetch`], where started).
+    fn get(&self, pending: Fetching, net: &Decoder, ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let mut pending = pending.into_iter();
-        let mut got = self.all().map(|k| k.get(pending.next().flatten(), net, ids)).collect::<Result<Vec<_>>>()?.into_iter();
-        let input = got.next().expect("a kept layer keeps its input");
-        let mid = self.mid.as_ref().and_then(|_| got.next());
-        Ok((input, mid, self.outputs.as_ref().map(|_| got.collect())))
+        let input = self.input.get(pending.next().flatten(), net, ids)?;
+        let mid = match &self.mid {
+            Some(m) => Some(m.get(pending.next().flatten(), net, ids)?),
+            None => None,
+        };
+        Ok((input, mid))
+    }
+
+    /// Starts copying the projections' outputs back, if kept.
+    fn prefetch_outputs(&self) -> Result<Option<Fetching>> {
+        self.outputs.as_ref().map(|o| o.iter().map(Kept::prefetch).collect()).transpose()
+    }
+
+    /// The projections' outputs on the GPU again, from their [`KeptLayer::prefetch_outputs`].
+    fn outputs(&self, pending: Option<Fetching>, net: &Decoder, ids: &Tensor) -> Result<Option<Vec<Tensor>>> {
+        let (Some(outputs), Some(pending)) = (&self.outputs, pending) else { return Ok(None) };
+        outputs.iter().zip(pending).map(|(k, p)| k.get(p, net, ids)).collect::<Result<Vec<_>>>().map(Some)
     }
 }
 
@@ -1031,7 +1048,8 @@ impl Decoder {
     /// the MLP's part is formed directly ([`Mlp::recompute_backward`]). When offloading, the
     /// residual after attention and the q, k and v projections' outputs are kept too (host
     /// memory is plentiful): the MLP's part starts from the residual, and attention's
-    /// recomputation from the projections, so that of the frozen weights only the MLP's gate and
+    /// recomputation from the projections (in the layers whose copies keep pace with the forward,
+    /// [`Decoder::offloaded_projections`]), so that of the frozen weights only the MLP's gate and
     /// up run again ([`DecoderLayer::attention_recompute_backward`]).
     ///
     /// A sparse model adds `aux.weight` × `aux.coef` × its load-balancing loss (`aux.coef` × the
@@ -1057,7 +1075,30 @@ impl Decoder {
     pub fn training_hidden(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask, seed: i64) -> Result<Tensor> {
         let _g = tch::no_grad_guard();
         let mut shared = self.layer_inputs(positions, mask);
-        Ok(self.run_layers(ids, &mut shared, None, true, Some(seed), 0, false, |_, _, _, _| Ok(()))?.0)
+        Ok(self.run_layers(ids, &mut shared, None, true, Some(seed), 0, &[], |_, _, _, _| Ok(()))?.0)
+    }
+
+    /// Which layers also keep their q, k and v projections' outputs when checkpoints go to host
+    /// memory: as many as the copies can keep pace with the forward (spread evenly), taking
+    /// [`HOST_BYTES_PER_FLOP`] bytes a FLOP of the layer's GEMMs after its input and residual
+    /// (for Llama-2-7B in bf16: every layer; for the 1.1B, whose thinner layers copy more bytes
+    /// a FLOP, 29%); every layer off the GPU or in fp32.
+    fn offloaded_projections(&self) -> Vec<bool> {
+        let elt = self.kind.elt_size_in_bytes() as f64;
+        let per_flop = if self.kind == Kind::Float { 10.0 * HOST_BYTES_PER_FLOP } else { HOST_BYTES_PER_FLOP };
+        let mut kept = 0.0f64;
+        self.layers
+            .iter()
+            .map(|layer| {
+                let flops: f64 = layer.linears().iter().map(|l| 2.0 * (l.in_features() * l.out_features()) as f64).sum();
+                let outputs: f64 = layer.self_attn.qkv.linears().iter().map(|l| l.out_features() as f64 * elt).sum();
+                let room = per_flop * flops - 2.0 * self.config.hidden_size as f64 * elt;
+                let share = if layer.device.is_cuda() { (room / outputs).clamp(0.0, 1.0) } else { 1.0 };
+                let before = kept.floor();
+                kept += share;
+                kept.floor() > before
+            })
+            .collect()
     }
 
     /// The training forward and backward of [`Decoder::loss_and_backward`] around any `head`:
@@ -1074,7 +1115,8 @@ impl Decoder {
         let mut kept: Vec<KeptLayer> = vec![];
         // the input of layer `split`, a leaf, when layers above the checkpointed ones keep theirs
         let mut boundary: Option<Tensor> = None;
-        let (h, routes) = net.run_layers(ids, &mut shared, None, true, Some(seed), split, offload, |l, input, mid, outputs| {
+        let projections = if offload { net.offloaded_projections() } else { vec![] };
+        let (h, routes) = net.run_layers(ids, &mut shared, None, true, Some(seed), split, &projections, |l, input, mid, outputs| {
             if l == split && l > 0 {
                 boundary = Some(input.shallow_clone());
             }
@@ -1138,8 +1180,11 @@ impl Decoder {
             return Ok((loss, balance.map(|b| b.0)));
         }
         for l in (0..split).rev() {
-            let (x, mid, outputs) = kept[l].get(std::mem::take(&mut pending), net, ids)?;
-            if l > 0 {
+            let (x, mid) = kept[l].get(std::mem::take(&mut pending), net, ids)?;
+            // the projections' outputs come back while the MLP's part runs, and only then the
+            // layer below's checkpoint, so that only one layer's kept tensors hold GPU memory at once
+            let outputs = kept[l].prefetch_outputs()?;
+            if l > 0 && outputs.is_none() {
                 pending = kept[l - 1].prefetch()?;
             }
             // the first layer's input is the embeddings, looked up again: with trainable token
@@ -1172,6 +1217,10 @@ impl Decoder {
                     backward(layer.dense_mlp()?.recompute_backward(&xm, &g)?)?;
                     drop(xm);
                     let dmid = g + mid.grad();
+                    if l > 0 && outputs.is_some() {
+                        pending = kept[l - 1].prefetch()?;
+                    }
+                    let outputs = kept[l].outputs(outputs, net, ids)?;
                     tch::manual_seed(seed + 2 * l as i64);
                     backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared, outputs)?)?;
                 }
