@@ -156,10 +156,18 @@ pub fn plan_within(budget: u64, resident: u64, examples: u64, row_len: u64, mode
     Ok((mode, split))
 }
 
-/// The next, more frugal way after `c` among `modes` (`None` at the last).
-pub fn more_frugal(c: Checkpointing, modes: &[Checkpointing]) -> Option<Checkpointing> {
+/// The next, more frugal way after `c` among `modes` (`None` at the last), by `needs`: the first
+/// that needs at most halfway between `c` and checkpointing every layer (halving the layers that
+/// keep their activations, so that a retry after running out of memory gets there in about
+/// log₂ of the layers), else the next.
+pub fn more_frugal(c: Checkpointing, modes: &[Checkpointing], needs: &Needs) -> Option<Checkpointing> {
     let at = modes.iter().position(|&m| m == c)?;
-    modes.get(at + 1).copied()
+    let rest = &modes[at + 1..];
+    let halfway = match (needs.of(c), needs.of(Checkpointing::On)) {
+        (Some(now), Some(on)) if now > on => Some(on + (now - on) / 2),
+        _ => None,
+    };
+    halfway.and_then(|h| rest.iter().find(|&&m| needs.of(m).is_some_and(|n| n <= h))).or(rest.first()).copied()
 }
 
 #[cfg(test)]
@@ -204,13 +212,25 @@ mod tests {
 
     #[test]
     fn the_ladder_steps_to_more_frugal_ways() {
-        let ladder = ladder(3);
-        assert_eq!(ladder, [Checkpointing::Off, Checkpointing::First(1), Checkpointing::First(2), Checkpointing::On, Checkpointing::Offload]);
-        assert_eq!(more_frugal(Checkpointing::Off, &ladder), Some(Checkpointing::First(1)));
-        assert_eq!(more_frugal(Checkpointing::First(2), &ladder), Some(Checkpointing::On));
-        assert_eq!(more_frugal(Checkpointing::On, &ladder), Some(Checkpointing::Offload));
-        assert_eq!(more_frugal(Checkpointing::Offload, &ladder), None);
-        assert_eq!(more_frugal(Checkpointing::On, &[Checkpointing::On]), None);
+        let three = ladder(3);
+        assert_eq!(three, [Checkpointing::Off, Checkpointing::First(1), Checkpointing::First(2), Checkpointing::On, Checkpointing::Offload]);
+        let needs = |layers| Needs { off: 100 + layers as u64 * 10, on: 100, offload: Some(60), per_layer: Some((layers, 10)) };
+        let n3 = needs(3);
+        // all 3 layers keep theirs: halfway is 1.5 layers, so 1 keeps them (the first 2 checkpointed)
+        assert_eq!(more_frugal(Checkpointing::Off, &three, &n3), Some(Checkpointing::First(2)));
+        assert_eq!(more_frugal(Checkpointing::First(1), &three, &n3), Some(Checkpointing::First(2)));
+        assert_eq!(more_frugal(Checkpointing::First(2), &three, &n3), Some(Checkpointing::On));
+        assert_eq!(more_frugal(Checkpointing::On, &three, &n3), Some(Checkpointing::Offload));
+        assert_eq!(more_frugal(Checkpointing::Offload, &three, &n3), None);
+        assert_eq!(more_frugal(Checkpointing::On, &[Checkpointing::On], &n3), None);
+        // 32 layers: 32 → 16 → 8 → 4 → 2 → 1 keeping theirs, then each layer checkpointed, then offloaded
+        let (n32, all) = (needs(32), ladder(32));
+        let mut steps = vec![Checkpointing::Off];
+        while let Some(next) = more_frugal(*steps.last().unwrap(), &all, &n32) {
+            steps.push(next);
+        }
+        let firsts = [16, 24, 28, 30, 31].map(Checkpointing::First);
+        assert_eq!(steps, [&[Checkpointing::Off][..], &firsts, &[Checkpointing::On, Checkpointing::Offload]].concat());
     }
 
     /// Checkpointing the first `n` layers needs `on` plus what each of the other layers keeps

@@ -382,16 +382,18 @@ pub fn train<M: TrainModel>(
     let rows = cfg.batch.batch_size as u64;
     // a micro-batch of `examples` examples (the unit `split` divides)
     let needs = |examples: u64| net.activation_needs(examples * objective.rows_per_example() as u64, row_len);
+    // one example's needs: which ways of keeping activations the model has
+    let one = needs(1);
     let modes: Vec<Checkpointing> = match cfg.gradient_checkpointing {
-        Some(Checkpointing::First(n)) => match needs(1).per_layer {
+        Some(Checkpointing::First(n)) => match one.per_layer {
             Some((layers, _)) if n <= layers => vec![Checkpointing::First(n)],
             Some((layers, _)) => bail!("gradient_checkpointing: {n} layers to checkpoint, but the model has {layers}"),
             None => bail!("gradient_checkpointing: {n}: this model checkpoints all its layers or none (true or false)"),
         },
         Some(c) => vec![c],
         None => {
-            let layers = needs(1).per_layer.map_or(0, |(layers, _)| layers);
-            super::memory::ladder(layers).into_iter().filter(|&m| needs(1).of(m).is_some()).collect()
+            let layers = one.per_layer.map_or(0, |(layers, _)| layers);
+            super::memory::ladder(layers).into_iter().filter(|&m| one.of(m).is_some()).collect()
         }
     };
     let budget = cfg.memory_budget.filter(|_| net.devices().iter().any(|d| d.is_cuda()));
@@ -506,7 +508,7 @@ pub fn train<M: TrainModel>(
                         let largest = window_rows.iter().map(|r| r.len().div_ceil(split)).max().unwrap_or(1);
                         zero_grads(&params)?;
                         crate::cuda::empty_cache();
-                        let frugal = budget.and_then(|_| super::memory::more_frugal(checkpointing, &modes));
+                        let frugal = budget.and_then(|_| super::memory::more_frugal(checkpointing, &modes, &one));
                         if let Some(next) = frugal {
                             tracing::warn!("step {}: out of memory within memory_budget with {}; from now on {}", queued + 1, checkpointing.describe(), next.describe());
                             checkpointing = next;
