@@ -958,6 +958,29 @@ pub struct AuxLoss {
 /// 63k keeping none (another call).
 const HOST_BYTES_PER_FLOP: f64 = 1.1e-4;
 
+/// The share of the host's memory that offloaded checkpoints and projections' outputs may pin.
+const HOST_SHARE: f64 = 0.4;
+
+/// Given each layer's `(share, bytes)`: the share of layers like it that may keep their
+/// projections' outputs (by the copies' pace) and the bytes they take, which layers do: the
+/// shares accumulated in layer order, a layer keeping them each time the sum passes a whole
+/// number (spread evenly), while the bytes kept stay within `room`.
+fn spread_projections(layers: &[(f64, u64)], room: u64) -> Vec<bool> {
+    let (mut sum, mut used) = (0.0f64, 0u64);
+    layers
+        .iter()
+        .map(|&(share, bytes)| {
+            let before = sum.floor();
+            sum += share;
+            let keep = sum.floor() > before && used + bytes <= room;
+            if keep {
+                used += bytes;
+            }
+            keep
+        })
+        .collect()
+}
+
 /// A tensor kept from the forward for the recomputation in backward.
 enum Kept {
     /// The first layer's input: the embeddings of the ids, looked up again when needed.
@@ -1079,27 +1102,28 @@ impl Decoder {
         Ok(self.run_layers(ids, &mut shared, None, true, Some(seed), 0, &[], |_, _, _, _| Ok(()))?.0)
     }
 
-    /// Which layers also keep their q, k and v projections' outputs when checkpoints go to host
-    /// memory: as many as the copies can keep pace with the forward (spread evenly), taking
-    /// [`HOST_BYTES_PER_FLOP`] bytes a FLOP of the layer's GEMMs after its input and residual
-    /// (for Llama-2-7B in bf16: every layer; for the 1.1B, whose thinner layers copy more bytes
-    /// a FLOP, 29%); every layer off the GPU or in fp32.
-    fn offloaded_projections(&self) -> Vec<bool> {
-        let elt = self.kind.elt_size_in_bytes() as f64;
+    /// Which layers also keep their q, k and v projections' outputs when the checkpoints of
+    /// `tokens` tokens go to host memory: as many as the copies can keep pace with the forward,
+    /// taking [`HOST_BYTES_PER_FLOP`] bytes a FLOP of the layer's GEMMs after its input and
+    /// residual (for Llama-2-7B in bf16: every layer; for the 1.1B, whose thinner layers copy more
+    /// bytes a FLOP, 29%; every layer off the GPU or in fp32), and as the host has room for
+    /// ([`HOST_SHARE`] of its memory, the checkpoints counted first): [`spread_projections`].
+    fn offloaded_projections(&self, tokens: u64) -> Vec<bool> {
+        let elt = self.kind.elt_size_in_bytes() as u64;
         let per_flop = if self.kind == Kind::Float { 10.0 * HOST_BYTES_PER_FLOP } else { HOST_BYTES_PER_FLOP };
-        let mut kept = 0.0f64;
-        self.layers
+        let checkpoint = 2 * self.config.hidden_size as u64 * elt;
+        let layers: Vec<(f64, u64)> = self
+            .layers
             .iter()
             .map(|layer| {
                 let flops: f64 = layer.linears().iter().map(|l| 2.0 * (l.in_features() * l.out_features()) as f64).sum();
-                let outputs: f64 = layer.self_attn.qkv.linears().iter().map(|l| l.out_features() as f64 * elt).sum();
-                let room = per_flop * flops - 2.0 * self.config.hidden_size as f64 * elt;
-                let share = if layer.device.is_cuda() { (room / outputs).clamp(0.0, 1.0) } else { 1.0 };
-                let before = kept.floor();
-                kept += share;
-                kept.floor() > before
+                let outputs: u64 = layer.self_attn.qkv.linears().iter().map(|l| l.out_features() as u64 * elt).sum();
+                let share = if layer.device.is_cuda() { ((per_flop * flops - checkpoint as f64) / outputs as f64).clamp(0.0, 1.0) } else { 1.0 };
+                (share, outputs * tokens)
             })
-            .collect()
+            .collect();
+        let host = crate::env::host_memory().map_or(u64::MAX, |m| (m as f64 * HOST_SHARE) as u64);
+        spread_projections(&layers, host.saturating_sub(checkpoint * tokens * self.layers.len() as u64))
     }
 
     /// The training forward and backward of [`Decoder::loss_and_backward`] around any `head`:
@@ -1116,7 +1140,7 @@ impl Decoder {
         let mut kept: Vec<KeptLayer> = vec![];
         // the input of layer `split`, a leaf, when layers above the checkpointed ones keep theirs
         let mut boundary: Option<Tensor> = None;
-        let projections = if offload { net.offloaded_projections() } else { vec![] };
+        let projections = if offload { net.offloaded_projections(ids.numel() as u64) } else { vec![] };
         let (h, routes) = net.run_layers(ids, &mut shared, None, true, Some(seed), split, &projections, |l, input, mid, outputs| {
             if l == split && l > 0 {
                 boundary = Some(input.shallow_clone());
@@ -1231,5 +1255,23 @@ impl Decoder {
             }
         }
         Ok((loss, balance.map(|b| b.0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread_projections;
+
+    #[test]
+    fn projections_are_kept_where_the_copies_keep_pace_and_the_host_has_room() {
+        let layers = |share: f64| vec![(share, 10u64); 8];
+        assert_eq!(spread_projections(&layers(1.0), u64::MAX), [true; 8]);
+        assert_eq!(spread_projections(&layers(0.0), u64::MAX), [false; 8]);
+        // every other layer, then a quarter of them, spread evenly
+        assert_eq!(spread_projections(&layers(0.5), u64::MAX), [false, true, false, true, false, true, false, true]);
+        assert_eq!(spread_projections(&layers(0.25), u64::MAX).iter().filter(|&&k| k).count(), 2);
+        // the host's room: the first three that would keep them
+        assert_eq!(spread_projections(&layers(1.0), 35), [true, true, true, false, false, false, false, false]);
+        assert_eq!(spread_projections(&layers(1.0), 0), [false; 8]);
     }
 }

@@ -81,7 +81,8 @@ pub enum Checkpointing {
     On,
     /// Each decoder layer's input and its residual after attention in pinned host memory
     /// (copied out during the forward and back one layer ahead during backward, on a side
-    /// stream); the rest, but for `o_proj`, is recomputed.
+    /// stream), and the q, k and v projections' outputs where the copies keep pace and the host
+    /// has room; the rest, but for `o_proj` (and those projections), is recomputed.
     Offload,
 }
 

@@ -118,8 +118,7 @@ fn resident_bytes() -> Option<u64> {
 
 /// 90% of the machine's memory (Linux's `/proc/meminfo`; unlimited elsewhere).
 fn default_memory() -> u64 {
-    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse::<u64>().ok()));
-    total_kib.map_or(u64::MAX, |k| k * 1024 / 10 * 9)
+    crate::env::host_memory().map_or(u64::MAX, |b| b / 10 * 9)
 }
 
 /// Runs `f`, a call of one of the recipe's closures, under the per-callback budget.
