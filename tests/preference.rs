@@ -254,13 +254,14 @@ const out = "base";
 const grad_accum = 4;
 const steps = 4;
 const ckpt = false;
+const offload = false;
 const resume = false;
 const stop_at = 0;
 const quantize = "none";
 let m = if quantize == "none" {{ load_model("{m}", #{{ dtype: "fp32", device: "cpu" }}) }} else {{ load_model("{m}", #{{ device: "cpu", quantize: quantize, compute_dtype: "fp32" }}) }};
 m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.1, seed: 3 }});
 let r = train(m, #{{ train: load_dataset("pairs.jsonl"), objective: "dpo", beta: 0.1, batch_size: 2, grad_accum: grad_accum,
-    max_steps: steps, lr: 5e-3, gradient_checkpointing: ckpt, save_every: 2, log_every: 1, seed: 5, resume: resume, output_dir: out,
+    max_steps: steps, lr: 5e-3, gradient_checkpointing: if offload {{ "offload" }} else {{ ckpt }}, save_every: 2, log_every: 1, seed: 5, resume: resume, output_dir: out,
     on_step: |s| if s.step == stop_at {{ "stop" }} }});
 m.save_adapter(`${{out}}/rank${{rank()}}`);
 print(`RESULT steps=${{r.steps}} loss=${{r.train_loss}}`);
@@ -300,6 +301,11 @@ print(`RESULT steps=${{r.steps}} loss=${{r.train_loss}}`);
     };
     run(&["run"], &["out=\"ckpt\"", "ckpt=true"]);
     close("gradient checkpointing", "ckpt", 1e-5);
+    // what offloading keeps (on the CPU: kept in place) and recomputes from, the residual and the
+    // projections' outputs: their input gradient is summed in another order (the frozen weights'
+    // parts in one buffer, then the adapters'), rounding that Adam carries to ~3e-5 in 4 steps
+    run(&["run"], &["out=\"offload\"", "offload=true"]);
+    close("offloaded checkpoints", "offload", 1e-4);
     run(&["launch", "--nproc-per-node", "2"], &["out=\"ranks\"", "grad_accum=2"]);
     // the ranks' gradients are summed in another order (the all-reduce): rounding that Adam's
     // normalized steps carry to ~2e-5 in a weight in 4 steps
@@ -319,7 +325,7 @@ print(`RESULT steps=${{r.steps}} loss=${{r.train_loss}}`);
 /// completions masked from each other) gives the loss, metrics and adapter gradients of the two
 /// sequences run apart: with a sliding window shorter than the row and soft-capping (Gemma 2), and
 /// with a sparse model's load-balancing loss (each prompt token counted once per sequence), with
-/// and without gradient checkpointing.
+/// and without gradient checkpointing (kept or offloaded).
 #[test]
 fn shared_prompts_train_as_separate_sequences() {
     use ftscript::models::Checkpointing;
@@ -359,7 +365,7 @@ fn shared_prompts_train_as_separate_sequences() {
         let (loss, metrics, grads) = run(false, Checkpointing::Off);
         let n = if family == "qwen3_moe" { 11 } else { 10 };
         assert_eq!(metrics.len(), n, "{family}: metrics {metrics:?}");
-        for checkpointing in [Checkpointing::Off, Checkpointing::On] {
+        for checkpointing in [Checkpointing::Off, Checkpointing::On, Checkpointing::Offload] {
             let (l, m2, g) = run(true, checkpointing);
             assert!((l - loss).abs() < 1e-5 * loss.abs().max(1.0), "{family} {checkpointing:?}: shared loss {l}, separate {loss}");
             for (i, (a, b)) in m2.iter().zip(&metrics).enumerate() {
