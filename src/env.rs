@@ -1,11 +1,14 @@
 //! `ftscript env`: what this build and machine have, for bug reports (as `accelerate env` and
 //! `torch.utils.collect_env` print them). Never prints the Hub token, only whether one is set.
 
-/// The machine's memory in bytes (Linux's `/proc/meminfo` `MemTotal`; `None` elsewhere).
+/// The machine's memory in bytes (Linux's `/proc/meminfo` `MemTotal`, read once; `None` elsewhere).
 pub fn host_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse().ok())?;
-    Some(kib * 1024)
+    static TOTAL: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *TOTAL.get_or_init(|| {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kib: u64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")?.trim().trim_end_matches("kB").trim().parse().ok())?;
+        Some(kib * 1024)
+    })
 }
 
 /// `(name, value)` rows: versions, what is compiled in, the GPUs, the Hub settings.

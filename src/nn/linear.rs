@@ -305,8 +305,7 @@ impl Projections {
     pub fn base_input_grad(&self, dys: &[Tensor]) -> Tensor {
         let linears = self.linears();
         let rows = |t: &Tensor| t.reshape([-1, *t.size().last().unwrap()]);
-        let first = rows(&dys[0]);
-        let mut dx = first.matmul(&linears[0].weight.for_input(first.kind()));
+        let mut dx = linears[0].base_input_grad(&rows(&dys[0]));
         for (l, dy) in linears.iter().zip(dys).skip(1) {
             let dy = rows(dy);
             let _ = dx.addmm_(&dy, &l.weight.for_input(dy.kind()));
