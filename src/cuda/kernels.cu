@@ -766,68 +766,102 @@ __device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row,
   }
 }
 
-// A linear layer at decoding sizes (a GEMV for each of at most DECODE_ROWS rows): `y[n, o] =
+// Eight elements at `p` (16-byte aligned, all eight in range) as 16-byte words, unconditionally
+// (no element-by-element fallback for the compiler to branch to, so that loads can be batched).
+template <typename S>
+__device__ __forceinline__ Chunk<S> load8(const typename S::T* __restrict__ p) {
+  Chunk<S> c;
+  const U4* src = reinterpret_cast<const U4*>(p);
+  U4* dst = reinterpret_cast<U4*>(c.v);
+#pragma unroll
+  for (int k = 0; k < (int)(sizeof(c.v) / 16); k++) dst[k] = src[k];
+  return c;
+}
+
+// A linear layer at decoding sizes (a GEMV for each of `ROWS` ≤ 8 rows): `y[n, o] =
 // Σ_i x[n, i] W[o, i] (+ bias[o])`, rounded, then `+ Σ_k xa[n, k] B[o, k]` (a LoRA update from
 // `xa` = s·x·Aᵀ [N, rank]; null for none), rounded again, as `linear` then `addmm_` round. A warp
 // per output o, each lane reading 16 bytes of W's row at a time (in a multiple of 8, rows
-// 16-byte aligned: the caller checks), the row's products summed in fp32 by shuffles; the
-// update's rank-long products likewise, a lane per rank index.
+// 16-byte aligned: the caller checks), DECODE_BATCH of them issued before any is used (the
+// weights stream from memory once: what keeps the bandwidth busy is loads in flight), the
+// products summed in fp32 in the order of i, then across the lanes by shuffles; the update's
+// rank-long products likewise, a lane per rank index.
 #define DECODE_ROWS 8
-template <typename S>
-__device__ void decode_linear(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
-                              const typename S::T* __restrict__ bias, const typename S::T* __restrict__ xa,
-                              const typename S::T* __restrict__ lb, typename S::T* __restrict__ y, int rows, int in,
-                              int out, int rank) {
+#define DECODE_BATCH 8
+template <typename S, int ROWS>
+__device__ void decode_linear_rows(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
+                                   const typename S::T* __restrict__ bias, const typename S::T* __restrict__ xa,
+                                   const typename S::T* __restrict__ lb, typename S::T* __restrict__ y, int in, int out,
+                                   int rank) {
   const int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (o >= out) return;
   const typename S::T* wr = w + (long long)o * in;
-  float acc[DECODE_ROWS];
+  float acc[ROWS];
 #pragma unroll
-  for (int n = 0; n < DECODE_ROWS; n++) acc[n] = 0.0f;
-#pragma unroll 4
-  for (int i = lane * 8; i < in; i += 256) {
-    Chunk<S> wc;
-    wc.load(wr, i, in, true);
+  for (int n = 0; n < ROWS; n++) acc[n] = 0.0f;
+  for (int base = lane * 8; base < in; base += 256 * DECODE_BATCH) {
+    Chunk<S> wc[DECODE_BATCH];
 #pragma unroll
-    for (int n = 0; n < DECODE_ROWS; n++) {
-      if (n >= rows) break;
-      Chunk<S> xc;
-      xc.load(x + (long long)n * in, i, in, true);
+    for (int u = 0; u < DECODE_BATCH; u++) {
+      if (base + u * 256 < in) wc[u] = load8<S>(wr + base + u * 256);
+    }
 #pragma unroll
-      for (int k = 0; k < 8; k++) acc[n] = __fmaf_rn(S::load(wc.v[k]), S::load(xc.v[k]), acc[n]);
+    for (int u = 0; u < DECODE_BATCH; u++) {
+      const int i = base + u * 256;
+      if (i < in) {
+#pragma unroll
+        for (int n = 0; n < ROWS; n++) {
+          const Chunk<S> xc = load8<S>(x + (long long)n * in + i);
+#pragma unroll
+          for (int k = 0; k < 8; k++) acc[n] = __fmaf_rn(S::load(wc[u].v[k]), S::load(xc.v[k]), acc[n]);
+        }
+      }
     }
   }
   // the LoRA update's dot products over the rank, spread over the lanes as the main one is
-  float upd[DECODE_ROWS];
+  float upd[ROWS];
 #pragma unroll
-  for (int n = 0; n < DECODE_ROWS; n++) upd[n] = 0.0f;
+  for (int n = 0; n < ROWS; n++) upd[n] = 0.0f;
   if (xa) {
     for (int k = lane; k < rank; k += 32) {
       const float bk = S::load(lb[(long long)o * rank + k]);
 #pragma unroll
-      for (int n = 0; n < DECODE_ROWS; n++) {
-        if (n >= rows) break;
-        upd[n] = __fmaf_rn(S::load(xa[(long long)n * rank + k]), bk, upd[n]);
-      }
+      for (int n = 0; n < ROWS; n++) upd[n] = __fmaf_rn(S::load(xa[(long long)n * rank + k]), bk, upd[n]);
     }
   }
 #pragma unroll
-  for (int n = 0; n < DECODE_ROWS; n++) {
-    if (n >= rows) break;
+  for (int n = 0; n < ROWS; n++) {
     acc[n] = warp_sum(acc[n]);
     if (xa) upd[n] = warp_sum(upd[n]);
   }
-  if (lane >= rows) return;
+  if (lane >= ROWS) return;
   // lane n writes row n
   float v = 0.0f, u = 0.0f;
 #pragma unroll
-  for (int n = 0; n < DECODE_ROWS; n++) {
+  for (int n = 0; n < ROWS; n++) {
     v = n == lane ? acc[n] : v;
     u = n == lane ? upd[n] : u;
   }
   v = S::load(S::cvt(bias ? v + S::load(bias[o]) : v));
   if (xa) v += u;
   y[(long long)lane * out + o] = S::cvt(v);
+}
+
+// [`decode_linear_rows`] for `rows` (1 to DECODE_ROWS) known at run time.
+template <typename S>
+__device__ void decode_linear(const typename S::T* x, const typename S::T* w, const typename S::T* bias,
+                              const typename S::T* xa, const typename S::T* lb, typename S::T* y, int rows, int in,
+                              int out, int rank) {
+  switch (rows) {
+    case 1: decode_linear_rows<S, 1>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 2: decode_linear_rows<S, 2>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 3: decode_linear_rows<S, 3>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 4: decode_linear_rows<S, 4>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 5: decode_linear_rows<S, 5>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 6: decode_linear_rows<S, 6>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 7: decode_linear_rows<S, 7>(x, w, bias, xa, lb, y, in, out, rank); break;
+    default: decode_linear_rows<S, DECODE_ROWS>(x, w, bias, xa, lb, y, in, out, rank); break;
+  }
 }
 
 #define FTSCRIPT_TYPED(S, suffix)                                                                                  \
