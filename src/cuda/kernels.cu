@@ -84,6 +84,18 @@ struct Chunk {
   }
 };
 
+// Eight elements at `p` (16-byte aligned, all eight in range) as 16-byte words, unconditionally
+// (no element-by-element fallback for the compiler to branch to, so that loads can be batched).
+template <typename S>
+__device__ __forceinline__ Chunk<S> load8(const typename S::T* __restrict__ p) {
+  Chunk<S> c;
+  const U4* src = reinterpret_cast<const U4*>(p);
+  U4* dst = reinterpret_cast<U4*>(c.v);
+#pragma unroll
+  for (int k = 0; k < (int)(sizeof(c.v) / 16); k++) dst[k] = src[k];
+  return c;
+}
+
 // 4-bit dequantization (bitsandbytes' dequantize_4bit): element i = code[nibble i] ·
 // absmax[i / blocksize] in fp32, then cast. Byte j holds element 2j in its high nibble and
 // 2j+1 in its low one. One thread per 4 packed bytes (8 elements; a block of 64 never splits).
@@ -659,13 +671,20 @@ __device__ void decode_attention(const typename S::T* __restrict__ q, const type
     if (seen[j]) {
       const typename S::T* kr = k + kv + (long long)j * dim;
       float dot = 0.0f;
-      // unrolled so that several of the row's loads are in flight at once
-#pragma unroll 4
-      for (int e = 0; e < dim; e += 8) {
-        Chunk<S> c;
-        c.load(kr, e, dim, true);
+      // eight of the row's 16-byte loads issued before any is used
+      for (int e0 = 0; e0 < dim; e0 += 64) {
+        Chunk<S> c[8];
 #pragma unroll
-        for (int u = 0; u < 8; u++) dot = __fmaf_rn(qs[e + u], S::load(c.v[u]), dot);
+        for (int t = 0; t < 8; t++) {
+          if (e0 + 8 * t < dim) c[t] = load8<S>(kr + e0 + 8 * t);
+        }
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+          if (e0 + 8 * t < dim) {
+#pragma unroll
+            for (int u = 0; u < 8; u++) dot = __fmaf_rn(qs[e0 + 8 * t + u], S::load(c[t].v[u]), dot);
+          }
+        }
       }
       s = dot * scale;
       if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
@@ -686,13 +705,21 @@ __device__ void decode_attention(const typename S::T* __restrict__ q, const type
   const int chunks = dim / 8, groups = blockDim.x / chunks, c = threadIdx.x % chunks, grp = threadIdx.x / chunks;
   float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   if (grp < groups) {
-#pragma unroll 4
-    for (int j = first + grp; j <= last; j += groups) {
-      const float pj = p[j];  // 0 for a key not seen (its value is finite: written, or the cache's zeros)
-      Chunk<S> cv;
-      cv.load(v + kv + (long long)j * dim, 8 * c, dim, true);
+    // four keys' values loaded before any is used
+    for (int j0 = first + grp; j0 <= last; j0 += 4 * groups) {
+      Chunk<S> cv[4];
 #pragma unroll
-      for (int u = 0; u < 8; u++) acc[u] = __fmaf_rn(pj, S::load(cv.v[u]), acc[u]);
+      for (int t = 0; t < 4; t++) {
+        if (j0 + t * groups <= last) cv[t] = load8<S>(v + kv + (long long)(j0 + t * groups) * dim + 8 * c);
+      }
+#pragma unroll
+      for (int t = 0; t < 4; t++) {
+        if (j0 + t * groups <= last) {
+          const float pj = p[j0 + t * groups];  // 0 for a key not seen (its value is finite: written, or the cache's zeros)
+#pragma unroll
+          for (int u = 0; u < 8; u++) acc[u] = __fmaf_rn(pj, S::load(cv[t].v[u]), acc[u]);
+        }
+      }
     }
 #pragma unroll
     for (int u = 0; u < 8; u++) shares[grp * dim + 8 * c + u] = acc[u];
@@ -764,18 +791,6 @@ __device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row,
   } else if (mine) {
     x.store(vc + (((long long)r * kv_heads + hh - heads - kv_heads) * cap + *at) * dim, e, dim, true);
   }
-}
-
-// Eight elements at `p` (16-byte aligned, all eight in range) as 16-byte words, unconditionally
-// (no element-by-element fallback for the compiler to branch to, so that loads can be batched).
-template <typename S>
-__device__ __forceinline__ Chunk<S> load8(const typename S::T* __restrict__ p) {
-  Chunk<S> c;
-  const U4* src = reinterpret_cast<const U4*>(p);
-  U4* dst = reinterpret_cast<U4*>(c.v);
-#pragma unroll
-  for (int k = 0; k < (int)(sizeof(c.v) / 16); k++) dst[k] = src[k];
-  return c;
 }
 
 // A linear layer at decoding sizes (a GEMV for each of `ROWS` ≤ 8 rows): `y[n, o] =
