@@ -41,7 +41,7 @@ failed=()
 run() { echo "== $*"; "$@" || failed+=("$1"); }
 [ "${1:-}" = "--skip-kernels" ] || run .gpu/fused --include-ignored --test-threads=1
 [ "${1:-}" = "--skip-kernels" ] || run .gpu/quant --include-ignored --exact cuda_dequant_kernel_matches_op_path matches_bitsandbytes_cuda_fixture
-run .gpu/training --include-ignored --exact offloaded_checkpoints_train_like_kept_ones a_memory_budget_keeps_the_peak_within_it_and_trains_the_same --nocapture
+run .gpu/training --include-ignored --exact offloaded_checkpoints_train_like_kept_ones a_memory_budget_keeps_the_peak_within_it_and_trains_the_same kept_attention_back_propagates_as_recomputation_on_the_gpu --nocapture
 run .gpu/recipes --exact a_hook_generates_with_the_model_and_sees_the_adapters_of_its_step a_failing_callback_keeps_a_checkpoint_and_names_its_line
 run .gpu/callbacks --exact early_stopping_stops_where_the_patience_rule_says
 run .gpu/parity --include-ignored --exact bf16_training_loss_on_the_gpu_matches_transformers --nocapture

@@ -372,6 +372,82 @@ train(m, #{{ train: load_dataset("{o}/data.jsonl"), max_steps: 1, gradient_check
     }
 }
 
+/// What offloading keeps from a layer's forward for its backward (`Keep`: the q, k and v
+/// projections' outputs; attention's output and log-sum-exp, from FlashAttention, here libtorch's
+/// CPU kernel) back-propagates as recomputing it does: for the attention half of a multi-head, a
+/// grouped-query and a q/k-normed layer with LoRA on every projection (dropout 0.1, redrawn from
+/// the same seed), the input's and the adapters' gradients agree within fp32 rounding whatever is
+/// kept. A windowed layer (shorter than the rows) keeps no attention.
+#[test]
+fn kept_attention_and_projections_back_propagate_as_recomputation() {
+    // fp32 rounding of sums in another order is ~1e-7; a wrong or missing term, or a dropout mask
+    // drawn differently, is of the order of the gradient itself
+    kept_attention_case(Device::Cpu, "fp32", 1e-5);
+}
+
+/// [`kept_attention_and_projections_back_propagate_as_recomputation`] on a GPU, in fp16 (the
+/// CUDA FlashAttention kernel takes 16-bit types): its forward and backward called directly
+/// against recomputation through SDPA, within fp16 rounding.
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn kept_attention_back_propagates_as_recomputation_on_the_gpu() {
+    assert!(tch::Cuda::is_available(), "this test needs CUDA");
+    kept_attention_case(Device::Cuda(0), "fp16", 2e-2);
+}
+
+fn kept_attention_case(device: Device, dtype: &str, tolerance: f64) {
+    use ftscript::models::decoder::Keep;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for (name, l, flash) in [("llama_wide", 0usize, true), ("llama_gqa", 1, true), ("qwen3", 0, true), ("qwen3", 1, false)] {
+        let mut m = ftscript::models::load(&tiny(d, name), dtype, device).unwrap();
+        let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.1, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters: vec![] };
+        let kind = m.net.kind;
+        ftscript::nn::peft::add_lora(&mut m.net, &spec, kind).unwrap();
+        let adapters: Vec<Tensor> = ftscript::nn::peft::adapter_tensors(&m.net).into_iter().map(|(_, t)| t).collect();
+        tch::manual_seed(2);
+        for t in &adapters {
+            tch::no_grad(|| t.shallow_clone().copy_(&(Tensor::randn(t.size(), (t.kind(), device)) * 0.1)));
+        }
+        let layer = &m.net.layers[l];
+        let hidden = m.net.config.hidden_size as i64;
+        let (b, t) = (2i64, 24i64);
+        let x = Tensor::randn([b, t, hidden], (kind, device));
+        let dh = Tensor::randn([b, t, hidden], (kind, device));
+        let positions = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], true);
+        let mut shared = m.net.layer_inputs(&positions, &AttnMask::Causal);
+        let (cos_sin, mask) = shared.on(device, layer.rope);
+        let grads = |keep: Keep| -> Vec<Tensor> {
+            for a in &adapters {
+                let mut g = a.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            tch::manual_seed(5);
+            let (_, _, _, kept) = tch::no_grad(|| layer.attention_block_keeping(&x, None, cos_sin, mask, keep, true));
+            assert_eq!(kept.outputs.is_some(), keep.projections, "{name} layer {l} {keep:?}");
+            assert_eq!(kept.attention.is_some(), keep.attention && flash, "{name} layer {l} {keep:?}: attention kept");
+            let input = x.detach().set_requires_grad(true);
+            tch::manual_seed(5);
+            let attention = kept.attention;
+            let roots = layer.attention_recompute_backward(&input, &dh, cos_sin, mask, kept.outputs, || Ok(attention)).unwrap();
+            ftscript::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>()).unwrap();
+            // the MLP's adapters are outside the attention half: no gradient
+            let grad = |a: &Tensor| if a.grad().defined() { a.grad().to_kind(Kind::Float) } else { a.zeros_like().to_kind(Kind::Float) };
+            std::iter::once(input.grad().to_kind(Kind::Float)).chain(adapters.iter().map(grad)).collect()
+        };
+        let recomputed = grads(Keep::default());
+        assert!(recomputed[1..].iter().filter(|g| g.abs().max().double_value(&[]) > 0.0).count() >= 8, "{name}: the adapters get gradients");
+        for keep in [Keep { projections: true, attention: false }, Keep { projections: false, attention: true }, Keep { projections: true, attention: true }] {
+            for (i, (a, r)) in grads(keep).iter().zip(&recomputed).enumerate() {
+                let err = rel_err(a, r);
+                assert!(err < tolerance, "{name} layer {l} {keep:?} ({dtype}): gradient {i} differs by {err:.2e}");
+            }
+        }
+    }
+}
+
 /// On a GPU: checkpoints kept in host memory (`gradient_checkpointing: "offload"`, copied on a
 /// side stream and back) and checkpointing only the first 2 of 3 layers train as checkpoints kept on the GPU (same losses up to fp32 rounding:
 /// the recomputation differs, see the test above), and both as the full graph does (the

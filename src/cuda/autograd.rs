@@ -20,6 +20,8 @@ extern "C" {
     fn ftscript_swiglu_halves(src: *const c_char, gu: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_softcap_softmax(src: *const c_char, x: *const C_tensor, allowed: *const C_tensor, scale: f64, cap: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_overlap_lora(on: i32);
+    fn ftscript_flash_attention(q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, scale: f64, out: *mut *mut C_tensor, lse: *mut *mut C_tensor, seed: *mut *mut C_tensor, offset: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_flash_attention_backward(dout: *const C_tensor, q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, out: *const C_tensor, lse: *const C_tensor, seed: *const C_tensor, offset: *const C_tensor, scale: f64, dq: *mut *mut C_tensor, dk: *mut *mut C_tensor, dv: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_backward(roots: *const *const C_tensor, grads: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
 }
 
@@ -177,6 +179,31 @@ pub fn backward(roots: &[(&Tensor, &Tensor)]) -> anyhow::Result<()> {
     let g: Vec<*const C_tensor> = roots.iter().map(|(_, g)| g.as_ptr()).collect();
     // SAFETY: the pointers are live tensors borrowed for the call.
     super::call("backward", |err, len| unsafe { ftscript_backward(r.as_ptr(), g.as_ptr(), r.len() as i32, err, len) })
+}
+
+/// libtorch's causal FlashAttention on a GPU (bf16 or fp16, as many key/value heads as query
+/// heads `[B, H, T, d]`), without a graph: `[out, lse, seed, offset]`, the output `[B, H, T, d]`,
+/// each row's log-sum-exp of its scores `[B, H, T]` (fp32) and the kernel's RNG state, what
+/// [`flash_attention_backward`] reads. An error where the kernel refuses the inputs.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> anyhow::Result<[Tensor; 4]> {
+    let mut o: [*mut C_tensor; 4] = [std::ptr::null_mut(); 4];
+    let [a, b, c, d] = &mut o;
+    // SAFETY: the inputs are live tensors; on success the four outputs are allocated with `new`.
+    super::call("flash attention", |err, len| unsafe { ftscript_flash_attention(q.as_ptr(), k.as_ptr(), v.as_ptr(), scale, a, b, c, d, err, len) })?;
+    Ok(o.map(|p| unsafe { Tensor::from_ptr(p) }))
+}
+
+/// `[∂q, ∂k, ∂v]` of [`flash_attention`] from the output's gradient `dout` (`[B, H, T, d]`, the
+/// output's layout), given its inputs and `[out, lse, seed, offset]`.
+pub fn flash_attention_backward(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, saved: [&Tensor; 4], scale: f64) -> anyhow::Result<[Tensor; 3]> {
+    let mut o: [*mut C_tensor; 3] = [std::ptr::null_mut(); 3];
+    let [a, b, c] = &mut o;
+    let [out, lse, seed, offset] = saved.map(Tensor::as_ptr);
+    // SAFETY: the inputs are live tensors; on success the three outputs are allocated with `new`.
+    super::call("flash attention backward", |err, len| unsafe {
+        ftscript_flash_attention_backward(dout.as_ptr(), q.as_ptr(), k.as_ptr(), v.as_ptr(), out, lse, seed, offset, scale, a, b, c, err, len)
+    })?;
+    Ok(o.map(|p| unsafe { Tensor::from_ptr(p) }))
 }
 
 /// A LoRA adapter as [`projections`] takes it: `(A, B, scale, dropout)`.

@@ -19,7 +19,8 @@
 use super::config::DecoderConfig;
 use super::Checkpointing;
 use super::placement::Placement;
-pub use crate::nn::attention::{AttnMask, CacheSlot, KvCache, LayerInputs};
+pub use crate::nn::attention::{AttnMask, CacheSlot, FlashSaved, KvCache, LayerInputs};
+use crate::nn::attention::{flash_attention, flash_attention_backward};
 pub use crate::nn::mlp::Mlp;
 pub use crate::nn::moe::{FeedForward, Routing, SparseMoe};
 pub use crate::nn::norm::RmsNorm;
@@ -89,11 +90,35 @@ impl Attention {
         self.attend(&q, &k, &v, step_at, mask, train)
     }
 
-    /// [`Attention::heads`] of a training forward from the q, k and v projections' outputs
-    /// ([`Projections::outputs`](crate::nn::linear::Projections::outputs) of the normed input).
-    pub fn heads_of_outputs(&self, outputs: Vec<Tensor>, cos_sin: &(Tensor, Tensor), mask: &AttnMask, train: bool) -> Tensor {
-        let (q, k, v, _) = self.project_heads(self.qkv.parts(outputs), cos_sin, None, train);
-        self.attend(&q, &k, &v, None, mask, train)
+    /// [`Attention::heads`] of a training forward (no cache), also returning for the recomputation
+    /// in backward the q, k and v projections' outputs (with `projections`: the
+    /// [`Projections::outputs`](crate::nn::linear::Projections::outputs) of the normed input) and,
+    /// with `attention` where FlashAttention serves ([`Attention::flashable`]), what attention's
+    /// backward reads besides q, k, v and the output.
+    pub fn heads_keeping(&self, normed: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask, projections: bool, attention: bool, train: bool) -> (Tensor, Option<Vec<Tensor>>, Option<FlashSaved>) {
+        let outputs = projections.then(|| self.qkv.outputs(normed, train));
+        let parts = match &outputs {
+            Some(o) => self.qkv.parts(o.iter().map(Tensor::shallow_clone).collect()),
+            None => self.qkv.forward(normed, train),
+        };
+        let (q, k, v, _) = self.project_heads(parts, cos_sin, None, train);
+        let flash = if attention && self.flashable(mask, q.size()[2]) { flash_attention(&q, &k, &v, self.scale_or_default()) } else { None };
+        match flash {
+            Some((y, saved)) => (y, outputs, Some(saved)),
+            None => (self.attend(&q, &k, &v, None, mask, train), outputs, None),
+        }
+    }
+
+    /// Whether attention over `t` positions under `mask` is plain causal attention, which
+    /// [`flash_attention`] computes: no mask beyond causality, no window shorter than `t`, no
+    /// soft-capped scores.
+    fn flashable(&self, mask: &AttnMask, t: i64) -> bool {
+        matches!(mask, AttnMask::Causal) && t > 1 && self.sliding_window.is_none_or(|w| w >= t) && self.softcap.is_none()
+    }
+
+    /// The scores' scale: the family's, or `1/√d`.
+    fn scale_or_default(&self) -> f64 {
+        self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt())
     }
 
     /// Attention of the rotated queries `q` `[B, heads, T, d]` over the keys `k` and values `v`
@@ -332,16 +357,14 @@ impl DecoderLayer {
         (input, mid, x)
     }
 
-    /// [`DecoderLayer::attention_block`] of a training forward (no cache), also returning the
-    /// q, k and v projections' outputs, which [`DecoderLayer::attention_recompute_backward`]
-    /// can start from.
-    pub fn attention_block_keeping(&self, h: &Tensor, pending: Option<&Tensor>, cos_sin: &(Tensor, Tensor), mask: &AttnMask, train: bool) -> (Tensor, Tensor, Tensor, Vec<Tensor>) {
-        let attn = &self.self_attn;
+    /// [`DecoderLayer::attention_block`] of a training forward (no cache), also returning what
+    /// `keep` asks to keep for [`DecoderLayer::attention_recompute_backward`] to start from.
+    pub fn attention_block_keeping(&self, h: &Tensor, pending: Option<&Tensor>, cos_sin: &(Tensor, Tensor), mask: &AttnMask, keep: Keep, train: bool) -> (Tensor, Tensor, Tensor, LayerKeeps) {
         let (input, normed) = self.input_layernorm.forward_residual(h, pending, train);
-        let outputs = attn.qkv.outputs(&normed, train);
-        let heads = attn.heads_of_outputs(outputs.iter().map(Tensor::shallow_clone).collect(), cos_sin, mask, train);
+        let (heads, outputs, saved) = self.self_attn.heads_keeping(&normed, cos_sin, mask, keep.projections, keep.attention, train);
         let (mid, x) = self.attention_output(&input, &heads, train);
-        (input, mid, x, outputs)
+        let attention = saved.map(|s| (heads, s));
+        (input, mid, x, LayerKeeps { outputs, attention })
     }
 
     /// The residual stream after attention, `input + o_proj(heads)` (output-normed if the layer
@@ -358,38 +381,79 @@ impl DecoderLayer {
     /// `∂L/∂h` `dh`, recomputing from the layer input `x` (with a graph) all but `o_proj`'s
     /// forward, whose output backward does not need: the roots to hand to autograd (the heads'
     /// output with `dh · W_o`, `x` with `dh` for the residual, `o_proj`'s adapter if any).
-    /// With the q, k and v projections' `outputs` kept from the forward, their frozen weights'
-    /// part is not recomputed either: attention back-propagates from them (one backward here),
-    /// and the roots are the normed input with `Σ ∂yᵢ · Wᵢ`, each adapter's update with its
-    /// projection's gradient, and `x` with `dh`.
-    pub fn attention_recompute_backward(&self, x: &Tensor, dh: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask, outputs: Option<Vec<Tensor>>) -> Result<Vec<(Tensor, Tensor)>> {
+    /// What the forward kept ([`LayerKeeps`]) is not recomputed: with the q, k and v projections'
+    /// `outputs`, their frozen weights' part (attention back-propagates from them, in one
+    /// backward here, and the roots are the normed input with `Σ ∂yᵢ · Wᵢ`, each adapter's update
+    /// with its projection's gradient, and `x` with `dh`); with attention's output and statistics
+    /// (`attention()`, asked for once q, k and v are recomputed, so that their copy back can land
+    /// meanwhile), attention's forward: its backward runs from them ([`flash_attention_backward`]).
+    pub fn attention_recompute_backward(&self, x: &Tensor, dh: &Tensor, cos_sin: &(Tensor, Tensor), mask: &AttnMask, outputs: Option<Vec<Tensor>>, attention: impl FnOnce() -> Result<Option<(Tensor, FlashSaved)>>) -> Result<Vec<(Tensor, Tensor)>> {
         let (attn, o) = (&self.self_attn, &self.self_attn.o_proj);
         let normed = self.input_layernorm.forward(x, true);
         let dh2 = dh.reshape([-1, o.out_features()]);
-        let Some(outputs) = outputs else {
-            let y2 = attn.heads(&normed, cos_sin, mask, None, true).reshape([-1, o.in_features()]);
-            let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2)), (x.shallow_clone(), dh.shallow_clone())];
-            if let Some(l) = o.lora() {
-                roots.push((l.delta(&y2, true), dh2));
+        // kept projections' outputs become leaves; their adapters' updates are formed apart,
+        // first, drawing their dropout masks in the forward's order
+        let leaves = outputs.map(|outputs| {
+            let updates: Vec<Option<Tensor>> = attn.qkv.linears().iter().map(|p| p.lora().map(|l| l.delta(&normed, true))).collect();
+            (outputs.iter().map(|t| t.detach().set_requires_grad(true)).collect::<Vec<_>>(), updates)
+        });
+        let parts = match &leaves {
+            Some((outputs, _)) => attn.qkv.parts(outputs.iter().map(Tensor::shallow_clone).collect()),
+            None => attn.qkv.forward(&normed, true),
+        };
+        let (q, k, v, _) = attn.project_heads(parts, cos_sin, None, true);
+        // attention's kept output and statistics, fetched once q, k and v are recomputed
+        let mut roots = match attention()? {
+            None => {
+                let y2 = attn.attend(&q, &k, &v, None, mask, true).reshape([-1, o.in_features()]);
+                let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2))];
+                if let Some(l) = o.lora() {
+                    roots.push((l.delta(&y2, true), dh2));
+                }
+                roots
             }
+            Some((y, saved)) => {
+                // ∂L/∂y: through o_proj's frozen weight, and its adapter's update (whose own
+                // gradients this backward accumulates)
+                let mut dy = o.base_input_grad(&dh2);
+                if let Some(l) = o.lora() {
+                    let leaf = y.reshape([-1, o.in_features()]).detach().set_requires_grad(true);
+                    crate::cuda::autograd::backward(&[(&l.delta(&leaf, true), &dh2)])?;
+                    dy += leaf.grad();
+                }
+                let (dq, dk, dv) = flash_attention_backward(&dy.view_as(&y), &q, &k, &v, &y, &saved, attn.scale_or_default())?;
+                vec![(q, dq), (k, dk), (v, dv)]
+            }
+        };
+        let Some((leaves, updates)) = leaves else {
+            roots.insert(1, (x.shallow_clone(), dh.shallow_clone()));
             return Ok(roots);
         };
-        // the adapters' updates first, drawing their dropout masks in the forward's order
-        let linears = attn.qkv.linears();
-        let updates: Vec<Option<Tensor>> = linears.iter().map(|p| p.lora().map(|l| l.delta(&normed, true))).collect();
-        let leaves: Vec<Tensor> = outputs.iter().map(|t| t.detach().set_requires_grad(true)).collect();
-        let y2 = attn.heads_of_outputs(leaves.iter().map(Tensor::shallow_clone).collect(), cos_sin, mask, true).reshape([-1, o.in_features()]);
-        let mut roots = vec![(y2.shallow_clone(), o.base_input_grad(&dh2))];
-        if let Some(l) = o.lora() {
-            roots.push((l.delta(&y2, true), dh2));
-        }
         crate::cuda::autograd::backward(&roots.iter().map(|(t, g)| (t, g)).collect::<Vec<_>>())?;
-        drop((roots, y2));
+        drop(roots);
         let grads: Vec<Tensor> = leaves.iter().map(Tensor::grad).collect();
         let mut roots = vec![(normed.shallow_clone(), attn.qkv.base_input_grad(&grads)), (x.shallow_clone(), dh.shallow_clone())];
         roots.extend(updates.into_iter().zip(grads).filter_map(|(u, g)| Some((u?, g))));
         Ok(roots)
     }
+}
+
+/// What a checkpointed layer may keep from its forward, beyond its input and the residual, so
+/// that backward need not recompute it: the q, k and v projections' outputs, and attention's
+/// output with its statistics.
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+pub struct Keep {
+    pub projections: bool,
+    pub attention: bool,
+}
+
+/// What [`DecoderLayer::attention_block_keeping`] kept (as [`Keep`] asked, where it could):
+/// the q, k and v projections' outputs, and attention's output `[B, T, heads·d]` with what its
+/// backward reads.
+#[derive(Default)]
+pub struct LayerKeeps {
+    pub outputs: Option<Vec<Tensor>>,
+    pub attention: Option<(Tensor, FlashSaved)>,
 }
 
 /// peft's trainable tokens (`trainable_token_indices`): rows `ids` of the embedding matrix (and
@@ -651,8 +715,8 @@ impl Decoder {
         train: bool,
         seed: Option<i64>,
         graph_from: usize,
-        projections: &[bool],
-        mut keep: impl FnMut(usize, &Tensor, &Tensor, Option<Vec<Tensor>>) -> Result<()>,
+        keeps: &[Keep],
+        mut keep: impl FnMut(usize, &Tensor, &Tensor, LayerKeeps) -> Result<()>,
     ) -> Result<(Tensor, Vec<Routing>)> {
         let mut routes = vec![];
         let mut h = {
@@ -675,15 +739,15 @@ impl Decoder {
                 tch::manual_seed(s + 2 * l as i64);
             }
             let (cos_sin, mask) = shared.on(layer.device, layer.rope);
-            let (input, mid, x, outputs) = if projections.get(l) == Some(&true) && l < graph_from && layer.plain() {
-                let (input, mid, x, outputs) = layer.attention_block_keeping(&h, added.as_ref(), cos_sin, mask, train);
-                (input, mid, x, Some(outputs))
-            } else {
-                let (input, mid, x) = layer.attention_block(&h, added.as_ref(), cos_sin, mask, cache.map(|c| c.slot(l)), train);
-                (input, mid, x, None)
+            let (input, mid, x, kept) = match keeps.get(l).filter(|k| **k != Keep::default() && l < graph_from && layer.plain()) {
+                Some(&k) => layer.attention_block_keeping(&h, added.as_ref(), cos_sin, mask, k, train),
+                None => {
+                    let (input, mid, x) = layer.attention_block(&h, added.as_ref(), cos_sin, mask, cache.map(|c| c.slot(l)), train);
+                    (input, mid, x, LayerKeeps::default())
+                }
             };
             // the leaf itself, whose gradient backward reads (the fused norm may hand back a copy)
-            keep(l, if l == graph_from && l > 0 { &h } else { &input }, &mid, outputs)?;
+            keep(l, if l == graph_from && l > 0 { &h } else { &input }, &mid, kept)?;
             if let Some(s) = seed {
                 tch::manual_seed(s + 2 * l as i64 + 1);
             }
@@ -714,10 +778,18 @@ impl Decoder {
     }
 
     /// [`DecoderLayer::attention_recompute_backward`] of layer `l` (`x` on the layer's device).
-    pub fn layer_attention_recompute_backward(&self, l: usize, x: &Tensor, dh: &Tensor, shared: &mut LayerInputs, outputs: Option<Vec<Tensor>>) -> Result<Vec<(Tensor, Tensor)>> {
+    pub fn layer_attention_recompute_backward(
+        &self,
+        l: usize,
+        x: &Tensor,
+        dh: &Tensor,
+        shared: &mut LayerInputs,
+        outputs: Option<Vec<Tensor>>,
+        attention: impl FnOnce() -> Result<Option<(Tensor, FlashSaved)>>,
+    ) -> Result<Vec<(Tensor, Tensor)>> {
         let layer = &self.layers[l];
         let (cos_sin, mask) = shared.on(layer.device, layer.rope);
-        layer.attention_recompute_backward(x, dh, cos_sin, mask, outputs)
+        layer.attention_recompute_backward(x, dh, cos_sin, mask, outputs, attention)
     }
 
     /// Linear layers with an adapter in one decoder layer (the first), for memory planning.
@@ -961,11 +1033,11 @@ const HOST_BYTES_PER_FLOP: f64 = 1.1e-4;
 /// The share of the host's memory that offloaded checkpoints and projections' outputs may pin.
 const HOST_SHARE: f64 = 0.4;
 
-/// Given each layer's `(share, bytes)`: the share of layers like it that may keep their
-/// projections' outputs (by the copies' pace) and the bytes they take, which layers do: the
-/// shares accumulated in layer order, a layer keeping them each time the sum passes a whole
-/// number (spread evenly), while the bytes kept stay within `room`.
-fn spread_projections(layers: &[(f64, u64)], room: u64) -> Vec<bool> {
+/// Given each layer's `(share, bytes)`: the share of layers like it that may keep a kind of
+/// tensor (by the copies' pace) and the bytes it takes, which layers do: the shares accumulated
+/// in layer order, a layer keeping it each time the sum passes a whole number (spread evenly),
+/// while the bytes kept stay within `room`.
+fn spread(layers: &[(f64, u64)], room: u64) -> Vec<bool> {
     let (mut sum, mut used) = (0.0f64, 0u64);
     layers
         .iter()
@@ -979,6 +1051,49 @@ fn spread_projections(layers: &[(f64, u64)], room: u64) -> Vec<bool> {
             keep
         })
         .collect()
+}
+
+/// One layer's costs for [`plan_keeps`], per token: the bytes its copies may take while keeping
+/// pace with its forward (after its checkpoints), and `(bytes, FLOPs saved)` of keeping
+/// attention's output and of keeping the projections' outputs (`None` where it cannot).
+struct KeepCosts {
+    pace: f64,
+    attention: Option<(u64, f64)>,
+    projections: Option<(u64, f64)>,
+}
+
+/// What each layer keeps beyond its checkpoints ([`Keep`]) for `tokens` tokens, with `room` bytes
+/// of host memory: the kind that saves more FLOPs a byte first, attention only where it saves
+/// more than the projections; each kind in the share of layers the pace left after the kinds
+/// before allows, [`spread`] evenly, within the room they left.
+fn plan_keeps(layers: &[KeepCosts], tokens: u64, mut room: u64) -> Vec<Keep> {
+    // (bytes, FLOPs saved) of keeping attention's output (`true`) or the projections' outputs
+    let cost = |c: &KeepCosts, attention: bool| if attention { c.attention } else { c.projections };
+    let value = |attention: bool| layers.iter().find_map(|c| cost(c, attention)).map(|(bytes, flops)| flops / bytes as f64);
+    let attention_first = value(true).is_some_and(|a| value(false).is_none_or(|p| a > p));
+    let mut keeps = vec![Keep::default(); layers.len()];
+    let mut pace: Vec<f64> = layers.iter().map(|c| c.pace).collect();
+    let kinds: &[bool] = if attention_first { &[true, false] } else { &[false] };
+    for &attention in kinds {
+        let shares: Vec<(f64, u64)> = layers
+            .iter()
+            .zip(&pace)
+            .map(|(c, &pace)| cost(c, attention).map_or((0.0, 0), |(bytes, _)| ((pace / bytes as f64).clamp(0.0, 1.0), bytes * tokens)))
+            .collect();
+        for (l, kept) in spread(&shares, room).into_iter().enumerate() {
+            let (share, bytes) = shares[l];
+            pace[l] -= share * cost(&layers[l], attention).map_or(0.0, |(b, _)| b as f64);
+            if kept {
+                room -= bytes;
+                if attention {
+                    keeps[l].attention = true;
+                } else {
+                    keeps[l].projections = true;
+                }
+            }
+        }
+    }
+    keeps
 }
 
 /// A tensor kept from the forward for the recomputation in backward.
@@ -1016,17 +1131,39 @@ impl Kept {
 }
 
 /// What a checkpointed layer keeps from the forward: its input and, when offloading (host
-/// memory is plentiful), the residual after attention and the q, k and v projections' outputs.
+/// memory is plentiful), the residual after attention and what [`Keep`] asked for.
 struct KeptLayer {
     input: Kept,
     mid: Option<Kept>,
+    /// The q, k and v projections' outputs.
     outputs: Option<Vec<Kept>>,
+    /// Attention's output and statistics.
+    attention: Option<KeptAttention>,
+}
+
+/// Attention's output and log-sum-exp as kept, and the kernel's RNG state.
+struct KeptAttention {
+    output: Kept,
+    lse: Kept,
+    rng: Option<(Tensor, Tensor)>,
 }
 
 /// Kept tensors on their way back to the GPU (each `None` where nothing is copied).
 type Fetching = Vec<Option<crate::cuda::Prefetch>>;
 
 impl KeptLayer {
+    /// Keeps what the forward of a layer (`mid`, the residual after attention, when offloading;
+    /// and `extra`) left for its backward, in host memory when offloading.
+    fn new(input: Kept, mid: &Tensor, extra: LayerKeeps, offload: bool) -> Result<KeptLayer> {
+        let mid = if offload { Some(Kept::keep(mid, true)?) } else { None };
+        let outputs = extra.outputs.map(|o| o.iter().map(|t| Kept::keep(t, true)).collect::<Result<Vec<_>>>()).transpose()?;
+        let attention = match extra.attention {
+            Some((y, saved)) => Some(KeptAttention { output: Kept::keep(&y, true)?, lse: Kept::keep(&saved.lse, true)?, rng: saved.rng }),
+            None => None,
+        };
+        Ok(KeptLayer { input, mid, outputs, attention })
+    }
+
     /// Starts copying the input and the residual back.
     fn prefetch(&self) -> Result<Fetching> {
         std::iter::once(&self.input).chain(&self.mid).map(Kept::prefetch).collect()
@@ -1044,6 +1181,11 @@ impl KeptLayer {
         Ok((input, mid))
     }
 
+    /// Whether the layer kept more than its input and residual.
+    fn keeps_more(&self) -> bool {
+        self.outputs.is_some() || self.attention.is_some()
+    }
+
     /// Starts copying the projections' outputs back, if kept.
     fn prefetch_outputs(&self) -> Result<Option<Fetching>> {
         self.outputs.as_ref().map(|o| o.iter().map(Kept::prefetch).collect()).transpose()
@@ -1053,6 +1195,21 @@ impl KeptLayer {
     fn outputs(&self, pending: Option<Fetching>, net: &Decoder, ids: &Tensor) -> Result<Option<Vec<Tensor>>> {
         let (Some(outputs), Some(pending)) = (&self.outputs, pending) else { return Ok(None) };
         outputs.iter().zip(pending).map(|(k, p)| k.get(p, net, ids)).collect::<Result<Vec<_>>>().map(Some)
+    }
+
+    /// Starts copying attention's output and log-sum-exp back, if kept.
+    fn prefetch_attention(&self) -> Result<Option<Fetching>> {
+        self.attention.as_ref().map(|a| [&a.output, &a.lse].into_iter().map(Kept::prefetch).collect()).transpose()
+    }
+
+    /// Attention's output and statistics on the GPU again, from their
+    /// [`KeptLayer::prefetch_attention`].
+    fn attention(&self, pending: Option<Fetching>, net: &Decoder, ids: &Tensor) -> Result<Option<(Tensor, FlashSaved)>> {
+        let (Some(a), Some(pending)) = (&self.attention, pending) else { return Ok(None) };
+        let mut pending = pending.into_iter();
+        let y = a.output.get(pending.next().flatten(), net, ids)?;
+        let lse = a.lse.get(pending.next().flatten(), net, ids)?;
+        Ok(Some((y, FlashSaved { lse, rng: a.rng.as_ref().map(|(s, o)| (s.shallow_clone(), o.shallow_clone())) })))
     }
 }
 
@@ -1070,11 +1227,12 @@ impl Decoder {
     /// `n` are, and the layers from `n` up keep their graph, which starts at a leaf on layer `n`'s
     /// input whose gradient then enters the recomputation. Recomputed, only the attention block gets a graph:
     /// the MLP's part is formed directly ([`Mlp::recompute_backward`]). When offloading, the
-    /// residual after attention and the q, k and v projections' outputs are kept too (host
-    /// memory is plentiful): the MLP's part starts from the residual, and attention's
-    /// recomputation from the projections (in the layers whose copies keep pace with the forward,
-    /// [`Decoder::offloaded_projections`]), so that of the frozen weights only the MLP's gate and
-    /// up run again ([`DecoderLayer::attention_recompute_backward`]).
+    /// residual after attention, the q, k and v projections' outputs and, for rows longer than
+    /// the model is wide, attention's output are kept too (host memory is plentiful; in the
+    /// layers whose copies keep pace with the forward, [`Decoder::offloaded_keeps`]): the MLP's
+    /// part starts from the residual, attention's recomputation from the projections, and its
+    /// backward from its output, so that of the frozen weights only the MLP's gate and up run
+    /// again, and attention's forward does not ([`DecoderLayer::attention_recompute_backward`]).
     ///
     /// A sparse model adds `aux.weight` × `aux.coef` × its load-balancing loss (`aux.coef` × the
     /// loss is returned beside the summed loss).
@@ -1102,28 +1260,39 @@ impl Decoder {
         Ok(self.run_layers(ids, &mut shared, None, true, Some(seed), 0, &[], |_, _, _, _| Ok(()))?.0)
     }
 
-    /// Which layers also keep their q, k and v projections' outputs when the checkpoints of
-    /// `tokens` tokens go to host memory: as many as the copies can keep pace with the forward,
-    /// taking [`HOST_BYTES_PER_FLOP`] bytes a FLOP of the layer's GEMMs after its input and
-    /// residual (for Llama-2-7B in bf16: every layer; for the 1.1B, whose thinner layers copy more
-    /// bytes a FLOP, 29%; every layer off the GPU or in fp32), and as the host has room for
-    /// ([`HOST_SHARE`] of its memory, the checkpoints counted first): [`spread_projections`].
-    fn offloaded_projections(&self, tokens: u64) -> Vec<bool> {
+    /// What each layer keeps beyond its checkpoints when they go to host memory, for `rows` rows
+    /// of `row_len` tokens under `mask` ([`plan_keeps`]): attention's output (where plain causal), whose forward costs `2·T·heads·d`
+    /// FLOPs a token for `heads·d` values kept (causal, over `T` positions), where rows are long
+    /// enough that it saves more than the q, k and v projections' outputs (`2·H·Σout` for
+    /// `Σout`: about rows longer than the model is wide), then those, each as far as the copies
+    /// keep pace with the forward, taking [`HOST_BYTES_PER_FLOP`] bytes a FLOP of the layer's
+    /// GEMMs after its input and residual, and as the host has room ([`HOST_SHARE`] of its
+    /// memory, the checkpoints counted first). For Llama-2-7B in bf16: at 2,048 tokens a row the
+    /// projections in every layer; at 65,536 attention in every layer and the projections in as
+    /// many as the room leaves. For the 1.1B at 2,048, the projections in 29% of the layers.
+    /// Off the GPU or in fp32, everything.
+    fn offloaded_keeps(&self, rows: u64, row_len: u64, mask: &AttnMask) -> Vec<Keep> {
         let elt = self.kind.elt_size_in_bytes() as u64;
         let per_flop = if self.kind == Kind::Float { 10.0 * HOST_BYTES_PER_FLOP } else { HOST_BYTES_PER_FLOP };
         let checkpoint = 2 * self.config.hidden_size as u64 * elt;
-        let layers: Vec<(f64, u64)> = self
+        let flops = |ls: &[&Linear]| -> f64 { ls.iter().map(|l| 2.0 * (l.in_features() * l.out_features()) as f64).sum() };
+        let layers: Vec<KeepCosts> = self
             .layers
             .iter()
             .map(|layer| {
-                let flops: f64 = layer.linears().iter().map(|l| 2.0 * (l.in_features() * l.out_features()) as f64).sum();
-                let outputs: u64 = layer.self_attn.qkv.linears().iter().map(|l| l.out_features() as u64 * elt).sum();
-                let share = if layer.device.is_cuda() { ((per_flop * flops - checkpoint as f64) / outputs as f64).clamp(0.0, 1.0) } else { 1.0 };
-                (share, outputs * tokens)
+                let a = &layer.self_attn;
+                let qkv = a.qkv.linears();
+                let width = (a.n_heads * a.head_dim) as u64;
+                KeepCosts {
+                    pace: if layer.device.is_cuda() { per_flop * flops(&layer.linears()) - checkpoint as f64 } else { f64::INFINITY },
+                    attention: a.flashable(mask, row_len as i64).then_some((width * elt + 4 * a.n_heads as u64, 2.0 * (row_len * width) as f64)),
+                    projections: Some((qkv.iter().map(|l| l.out_features() as u64 * elt).sum(), flops(&qkv))),
+                }
             })
             .collect();
+        let tokens = rows * row_len;
         let host = crate::env::host_memory().map_or(u64::MAX, |m| (m as f64 * HOST_SHARE) as u64);
-        spread_projections(&layers, host.saturating_sub(checkpoint * tokens * self.layers.len() as u64))
+        plan_keeps(&layers, tokens, host.saturating_sub(checkpoint * tokens * self.layers.len() as u64))
     }
 
     /// The training forward and backward of [`Decoder::loss_and_backward`] around any `head`:
@@ -1140,8 +1309,9 @@ impl Decoder {
         let mut kept: Vec<KeptLayer> = vec![];
         // the input of layer `split`, a leaf, when layers above the checkpointed ones keep theirs
         let mut boundary: Option<Tensor> = None;
-        let projections = if offload { net.offloaded_projections(ids.numel() as u64) } else { vec![] };
-        let (h, routes) = net.run_layers(ids, &mut shared, None, true, Some(seed), split, &projections, |l, input, mid, outputs| {
+        let row_len = ids.size().last().map_or(1, |&t| t.max(1) as u64);
+        let keeps = if offload { net.offloaded_keeps(ids.numel() as u64 / row_len, row_len, mask) } else { vec![] };
+        let (h, routes) = net.run_layers(ids, &mut shared, None, true, Some(seed), split, &keeps, |l, input, mid, extra| {
             if l == split && l > 0 {
                 boundary = Some(input.shallow_clone());
             }
@@ -1149,12 +1319,7 @@ impl Decoder {
                 return Ok(());
             }
             let input = if l == 0 { Kept::Embedding } else { Kept::keep(input, offload)? };
-            let mid = if offload { Some(Kept::keep(mid, true)?) } else { None };
-            let outputs = match outputs {
-                Some(o) => Some(o.iter().map(|t| Kept::keep(t, true)).collect::<Result<Vec<_>>>()?),
-                None => None,
-            };
-            kept.push(KeptLayer { input, mid, outputs });
+            kept.push(KeptLayer::new(input, mid, extra, offload)?);
             Ok(())
         })?;
         let backward = |roots: Vec<(Tensor, Tensor)>| {
@@ -1206,10 +1371,11 @@ impl Decoder {
         }
         for l in (0..split).rev() {
             let (x, mid) = kept[l].get(std::mem::take(&mut pending), net, ids)?;
-            // the projections' outputs come back while the MLP's part runs, and only then the
-            // layer below's checkpoint, so that only one layer's kept tensors hold GPU memory at once
+            // the projections' outputs come back while the MLP's part runs, attention's output
+            // after it, and only then the layer below's checkpoint, so that only one layer's kept
+            // tensors hold GPU memory at once
             let outputs = kept[l].prefetch_outputs()?;
-            if l > 0 && outputs.is_none() {
+            if l > 0 && !kept[l].keeps_more() {
                 pending = kept[l - 1].prefetch()?;
             }
             // the first layer's input is the embeddings, looked up again: with trainable token
@@ -1242,12 +1408,14 @@ impl Decoder {
                     backward(layer.dense_mlp()?.recompute_backward(&xm, &g)?)?;
                     drop(xm);
                     let dmid = g + mid.grad();
-                    if l > 0 && outputs.is_some() {
+                    let attention = kept[l].prefetch_attention()?;
+                    if l > 0 && kept[l].keeps_more() {
                         pending = kept[l - 1].prefetch()?;
                     }
                     let outputs = kept[l].outputs(outputs, net, ids)?;
                     tch::manual_seed(seed + 2 * l as i64);
-                    backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared, outputs)?)?;
+                    let layer_kept = &kept[l];
+                    backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared, outputs, || layer_kept.attention(attention, net, ids))?)?;
                 }
             }
             if l > 0 {
@@ -1260,18 +1428,46 @@ impl Decoder {
 
 #[cfg(test)]
 mod tests {
-    use super::spread_projections;
+    use super::{plan_keeps, spread, Keep, KeepCosts};
 
     #[test]
-    fn projections_are_kept_where_the_copies_keep_pace_and_the_host_has_room() {
+    fn tensors_are_kept_where_the_copies_keep_pace_and_the_host_has_room() {
         let layers = |share: f64| vec![(share, 10u64); 8];
-        assert_eq!(spread_projections(&layers(1.0), u64::MAX), [true; 8]);
-        assert_eq!(spread_projections(&layers(0.0), u64::MAX), [false; 8]);
+        assert_eq!(spread(&layers(1.0), u64::MAX), [true; 8]);
+        assert_eq!(spread(&layers(0.0), u64::MAX), [false; 8]);
         // every other layer, then a quarter of them, spread evenly
-        assert_eq!(spread_projections(&layers(0.5), u64::MAX), [false, true, false, true, false, true, false, true]);
-        assert_eq!(spread_projections(&layers(0.25), u64::MAX).iter().filter(|&&k| k).count(), 2);
+        assert_eq!(spread(&layers(0.5), u64::MAX), [false, true, false, true, false, true, false, true]);
+        assert_eq!(spread(&layers(0.25), u64::MAX).iter().filter(|&&k| k).count(), 2);
         // the host's room: the first three that would keep them
-        assert_eq!(spread_projections(&layers(1.0), 35), [true, true, true, false, false, false, false, false]);
-        assert_eq!(spread_projections(&layers(1.0), 0), [false; 8]);
+        assert_eq!(spread(&layers(1.0), 35), [true, true, true, false, false, false, false, false]);
+        assert_eq!(spread(&layers(1.0), 0), [false; 8]);
+    }
+
+    /// Llama-2-7B's layers in bf16 on a GPU, per token: GEMMs of 404 MFLOP, checkpoints of 16 KiB,
+    /// q/k/v outputs of 24 KiB saving 101 MFLOP, attention's output (8 KiB and 128 bytes of
+    /// log-sum-exp) saving `2·T·4096` FLOPs at `T` tokens a row.
+    fn llama_7b(row_len: u64) -> Vec<KeepCosts> {
+        let pace = 1.1e-4 * 404.0e6 - 16384.0;
+        (0..32).map(|_| KeepCosts { pace, attention: Some((8192 + 128, 2.0 * (row_len * 4096) as f64)), projections: Some((24576, 100.7e6)) }).collect()
+    }
+
+    #[test]
+    fn attention_is_kept_first_where_rows_are_longer_than_the_model_is_wide() {
+        let count = |keeps: &[Keep], f: fn(&Keep) -> bool| keeps.iter().filter(|k| f(k)).count();
+        // 4 rows of 2,048: the projections everywhere (the copies keep pace), attention nowhere
+        let short = plan_keeps(&llama_7b(2048), 8192, u64::MAX);
+        assert_eq!((count(&short, |k| k.projections), count(&short, |k| k.attention)), (32, 0));
+        // one row of 65,536: attention everywhere, then the projections in the pace left (80%)
+        let long = plan_keeps(&llama_7b(65536), 65536, u64::MAX);
+        assert_eq!((count(&long, |k| k.attention), count(&long, |k| k.projections)), (32, 25));
+        // with 20 GiB of host room: attention's 32 × 0.5 GiB first, the projections in what is left
+        let room = plan_keeps(&llama_7b(65536), 65536, 20 << 30);
+        assert_eq!((count(&room, |k| k.attention), count(&room, |k| k.projections)), (32, 2));
+        // on the CPU (no pace to keep), both everywhere
+        let cpu: Vec<KeepCosts> = llama_7b(65536).into_iter().map(|c| KeepCosts { pace: f64::INFINITY, ..c }).collect();
+        assert!(plan_keeps(&cpu, 65536, u64::MAX).iter().all(|k| k.attention && k.projections));
+        // a family whose attention cannot be kept (soft-capped): the projections alone
+        let capped: Vec<KeepCosts> = llama_7b(65536).into_iter().map(|c| KeepCosts { attention: None, ..c }).collect();
+        assert_eq!(count(&plan_keeps(&capped, 65536, u64::MAX), |k| k.attention), 0);
     }
 }

@@ -1,7 +1,7 @@
 //! What attention layers share: the mask kind, the per-forward inputs every layer reads (rotary
 //! cos/sin and the mask, copied to each device of a split model), and the KV cache.
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Which keys each query may attend to.
 pub enum AttnMask {
@@ -27,6 +27,67 @@ impl AttnMask {
             AttnMask::Padded(v) => AttnMask::Padded(v.to_device(d)),
             AttnMask::SharedPrefix { segments, positions } => AttnMask::SharedPrefix { segments: segments.to_device(d), positions: positions.to_device(d) },
         }
+    }
+}
+
+/// What causal attention's backward reads besides its inputs and output, kept from a forward by
+/// [`flash_attention`]: each row's log-sum-exp of its scaled scores `[B, H, T]` (fp32), and on a
+/// GPU the kernel's RNG state (unused without dropout, handed back as given).
+pub struct FlashSaved {
+    pub lse: Tensor,
+    pub rng: Option<(Tensor, Tensor)>,
+}
+
+/// Causal attention `softmax(q kᵀ · scale) v` of `q` `[B, H, T, d]` over `k`, `v` `[B, H_kv, T, d]`
+/// (each key/value head shared by `H / H_kv` query heads) by FlashAttention, without a graph:
+/// the output as `[B, T, H·d]` and what [`flash_attention_backward`] needs, so that backward need
+/// not run the forward again. libtorch's kernels: on a GPU in bf16/fp16, on the CPU in any float
+/// type; `None` where they do not serve (fp32 on a GPU, `d` not a multiple of 8 or above 256).
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Option<(Tensor, FlashSaved)> {
+    let (b, h, t, d) = q.size4().ok()?;
+    if d % 8 != 0 || d > 256 || (q.device().is_cuda() && !matches!(q.kind(), Kind::BFloat16 | Kind::Half)) {
+        return None;
+    }
+    let _no_graph = tch::no_grad_guard();
+    let (k, v) = (repeat_heads(k, h), repeat_heads(v, h));
+    let (out, saved) = if q.device().is_cuda() {
+        let [out, lse, seed, offset] = crate::cuda::autograd::flash_attention(q, &k, &v, scale).ok()?;
+        (out, FlashSaved { lse, rng: Some((seed, offset)) })
+    } else {
+        let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, &k, &v, 0.0, true, None::<Tensor>, scale).ok()?;
+        (out, FlashSaved { lse, rng: None })
+    };
+    Some((out.transpose(1, 2).contiguous().view([b, t, h * d]), saved))
+}
+
+/// `(∂q, ∂k, ∂v)` of [`flash_attention`] (in the inputs' shapes) from the gradient `dy` of its
+/// output `y` `[B, T, H·d]`, given its inputs and `saved`; without a graph.
+pub fn flash_attention_backward(dy: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, y: &Tensor, saved: &FlashSaved, scale: f64) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+    let (b, h, t, d) = q.size4()?;
+    let kv_heads = k.size()[1];
+    let _no_graph = tch::no_grad_guard();
+    let heads = |x: &Tensor| x.view([b, t, h, d]).transpose(1, 2);
+    let (dout, out) = (heads(dy), heads(y));
+    let (kr, vr) = (repeat_heads(k, h), repeat_heads(v, h));
+    let (dq, dk, dv) = match &saved.rng {
+        Some((seed, offset)) => {
+            let [dq, dk, dv] = crate::cuda::autograd::flash_attention_backward(&dout, q, &kr, &vr, [&out, &saved.lse, seed, offset], scale)?;
+            (dq, dk, dv)
+        }
+        None => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(&dout, q, &kr, &vr, &out, &saved.lse, 0.0, true, None::<Tensor>, scale)?,
+    };
+    // a shared key/value head's gradient sums those of the query heads that read it
+    let fold = |g: Tensor| if kv_heads == h { g } else { g.reshape([b, kv_heads, h / kv_heads, t, d]).sum_dim_intlist(2, false, g.kind()) };
+    Ok((dq, fold(dk), fold(dv)))
+}
+
+/// `x` `[B, H_kv, T, d]` with each head repeated to make `heads` (itself when they are as many).
+fn repeat_heads(x: &Tensor, heads: i64) -> Tensor {
+    let kv_heads = x.size()[1];
+    if kv_heads == heads {
+        x.shallow_clone()
+    } else {
+        x.repeat_interleave_self_int(heads / kv_heads, 1, None)
     }
 }
 
