@@ -1064,16 +1064,19 @@ struct KeepCosts {
 
 /// What each layer keeps beyond its checkpoints ([`Keep`]) for `tokens` tokens, with `room` bytes
 /// of host memory: the kind that saves more FLOPs a byte first, attention only where it saves
-/// more than the projections; each kind in the share of layers the pace left after the kinds
-/// before allows, [`spread`] evenly, within the room they left.
+/// more than the projections (or nothing is copied: no pace to keep); each kind in the share of
+/// layers the pace left after the kinds before allows, [`spread`] evenly, within the room they
+/// left.
 fn plan_keeps(layers: &[KeepCosts], tokens: u64, mut room: u64) -> Vec<Keep> {
     // (bytes, FLOPs saved) of keeping attention's output (`true`) or the projections' outputs
     let cost = |c: &KeepCosts, attention: bool| if attention { c.attention } else { c.projections };
     let value = |attention: bool| layers.iter().find_map(|c| cost(c, attention)).map(|(bytes, flops)| flops / bytes as f64);
     let attention_first = value(true).is_some_and(|a| value(false).is_none_or(|p| a > p));
+    // with nothing to copy (off the GPU) there is no pace to keep: attention too
+    let free = layers.iter().all(|c| c.pace.is_infinite());
     let mut keeps = vec![Keep::default(); layers.len()];
     let mut pace: Vec<f64> = layers.iter().map(|c| c.pace).collect();
-    let kinds: &[bool] = if attention_first { &[true, false] } else { &[false] };
+    let kinds: &[bool] = if attention_first { &[true, false] } else if free { &[false, true] } else { &[false] };
     for &attention in kinds {
         let shares: Vec<(f64, u64)> = layers
             .iter()
@@ -1270,7 +1273,8 @@ impl Decoder {
     /// memory, the checkpoints counted first). For Llama-2-7B in bf16: at 2,048 tokens a row the
     /// projections in every layer; at 65,536 attention in every layer and the projections in as
     /// many as the room leaves. For the 1.1B at 2,048, the projections in 29% of the layers.
-    /// Off the GPU or in fp32, everything.
+    /// Off the GPU, everything; in fp32 on a GPU (where FlashAttention does not run), the
+    /// projections in every layer.
     fn offloaded_keeps(&self, rows: u64, row_len: u64, mask: &AttnMask) -> Vec<Keep> {
         let elt = self.kind.elt_size_in_bytes() as u64;
         let per_flop = if self.kind == Kind::Float { 10.0 * HOST_BYTES_PER_FLOP } else { HOST_BYTES_PER_FLOP };
@@ -1285,7 +1289,7 @@ impl Decoder {
                 let width = (a.n_heads * a.head_dim) as u64;
                 KeepCosts {
                     pace: if layer.device.is_cuda() { per_flop * flops(&layer.linears()) - checkpoint as f64 } else { f64::INFINITY },
-                    attention: a.flashable(mask, row_len as i64).then_some((width * elt + 4 * a.n_heads as u64, 2.0 * (row_len * width) as f64)),
+                    attention: (a.flashable(mask, row_len as i64) && (!layer.device.is_cuda() || matches!(self.kind, Kind::BFloat16 | Kind::Half))).then_some((width * elt + 4 * a.n_heads as u64, 2.0 * (row_len * width) as f64)),
                     projections: Some((qkv.iter().map(|l| l.out_features() as u64 * elt).sum(), flops(&qkv))),
                 }
             })
@@ -1463,9 +1467,11 @@ mod tests {
         // with 20 GiB of host room: attention's 32 × 0.5 GiB first, the projections in what is left
         let room = plan_keeps(&llama_7b(65536), 65536, 20 << 30);
         assert_eq!((count(&room, |k| k.attention), count(&room, |k| k.projections)), (32, 2));
-        // on the CPU (no pace to keep), both everywhere
-        let cpu: Vec<KeepCosts> = llama_7b(65536).into_iter().map(|c| KeepCosts { pace: f64::INFINITY, ..c }).collect();
-        assert!(plan_keeps(&cpu, 65536, u64::MAX).iter().all(|k| k.attention && k.projections));
+        // on the CPU (no pace to keep), both everywhere, short rows too
+        for row_len in [2048, 65536] {
+            let cpu: Vec<KeepCosts> = llama_7b(row_len).into_iter().map(|c| KeepCosts { pace: f64::INFINITY, ..c }).collect();
+            assert!(plan_keeps(&cpu, row_len, u64::MAX).iter().all(|k| k.attention && k.projections));
+        }
         // a family whose attention cannot be kept (soft-capped): the projections alone
         let capped: Vec<KeepCosts> = llama_7b(65536).into_iter().map(|c| KeepCosts { attention: None, ..c }).collect();
         assert_eq!(count(&plan_keeps(&capped, 65536, u64::MAX), |k| k.attention), 0);
