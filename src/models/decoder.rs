@@ -20,7 +20,7 @@ use super::config::DecoderConfig;
 use super::Checkpointing;
 use super::placement::Placement;
 pub use crate::nn::attention::{AttnMask, CacheSlot, FlashSaved, KvCache, LayerInputs};
-use crate::nn::attention::{flash_attention, flash_attention_backward};
+use crate::nn::attention::{flash_attention, flash_attention_backward, repeat_heads};
 pub use crate::nn::mlp::Mlp;
 pub use crate::nn::moe::{FeedForward, Routing, SparseMoe};
 pub use crate::nn::norm::RmsNorm;
@@ -132,7 +132,7 @@ impl Attention {
         // tensors to build)
         if let (Some(at), AttnMask::Padded(valid)) = (step_at, mask) {
             if crate::nn::fused(q, train) {
-                let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+                let scale = self.scale_or_default();
                 if let Some(y) = crate::cuda::autograd::decode_attention(q, k, v, valid, at, window, scale, self.softcap) {
                     return y;
                 }
@@ -184,9 +184,8 @@ impl Attention {
             None => Tensor::scaled_dot_product_attention(q, k, v, explicit.as_ref(), 0.0, is_causal, self.scale, self.n_kv_heads != self.n_heads),
             Some(cap) => {
                 // transformers' eager attention: scores, soft-cap, mask, softmax in fp32
-                let groups = self.n_heads / self.n_kv_heads;
-                let (k, v) = (k.repeat_interleave_self_int(groups, 1, None), v.repeat_interleave_self_int(groups, 1, None));
-                let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+                let (k, v) = (repeat_heads(k, self.n_heads), repeat_heads(v, self.n_heads));
+                let scale = self.scale_or_default();
                 let allowed = explicit.expect("eager attention always has its mask written out");
                 let raw = q.matmul(&k.transpose(2, 3));
                 let (tq, tk) = (raw.size()[2], raw.size()[3]);

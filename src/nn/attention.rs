@@ -51,7 +51,14 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Option
     let _no_graph = tch::no_grad_guard();
     let (k, v) = (repeat_heads(k, h), repeat_heads(v, h));
     let (out, saved) = if q.device().is_cuda() {
-        let [out, lse, seed, offset] = crate::cuda::autograd::flash_attention(q, &k, &v, scale).ok()?;
+        let [out, lse, seed, offset] = match crate::cuda::autograd::flash_attention(q, &k, &v, scale) {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| tracing::warn!("FlashAttention unavailable, attention recomputed in backward instead: {e}"));
+                return None;
+            }
+        };
         (out, FlashSaved { lse, rng: Some((seed, offset)) })
     } else {
         let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, &k, &v, 0.0, true, None::<Tensor>, scale).ok()?;
@@ -82,7 +89,7 @@ pub fn flash_attention_backward(dy: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor,
 }
 
 /// `x` `[B, H_kv, T, d]` with each head repeated to make `heads` (itself when they are as many).
-fn repeat_heads(x: &Tensor, heads: i64) -> Tensor {
+pub fn repeat_heads(x: &Tensor, heads: i64) -> Tensor {
     let kv_heads = x.size()[1];
     if kv_heads == heads {
         x.shallow_clone()
