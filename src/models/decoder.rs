@@ -20,7 +20,7 @@ use super::config::DecoderConfig;
 use super::Checkpointing;
 use super::placement::Placement;
 pub use crate::nn::attention::{AttnMask, CacheSlot, FlashSaved, KvCache, LayerInputs};
-use crate::nn::attention::{flash_attention, flash_attention_backward, repeat_heads};
+use crate::nn::attention::{flash_attention, flash_attention_backward, repeat_heads, softcapped_attention};
 pub use crate::nn::mlp::Mlp;
 pub use crate::nn::moe::{FeedForward, Routing, SparseMoe};
 pub use crate::nn::norm::RmsNorm;
@@ -183,18 +183,11 @@ impl Attention {
         let y = match self.softcap {
             None => Tensor::scaled_dot_product_attention(q, k, v, explicit.as_ref(), 0.0, is_causal, self.scale, self.n_kv_heads != self.n_heads),
             Some(cap) => {
-                // transformers' eager attention: scores, soft-cap, mask, softmax in fp32
                 let (k, v) = (repeat_heads(k, self.n_heads), repeat_heads(v, self.n_heads));
-                let scale = self.scale_or_default();
                 let allowed = explicit.expect("eager attention always has its mask written out");
-                let raw = q.matmul(&k.transpose(2, 3));
-                let (tq, tk) = (raw.size()[2], raw.size()[3]);
-                let fused = if raw.device().is_cuda() { crate::cuda::autograd::softcap_softmax(&raw, &allowed.expand([b, 1, tq, tk], false), scale, cap) } else { None };
-                let probs = fused.unwrap_or_else(|| {
-                    let scores = crate::nn::loss::softcap(&(raw * scale), Some(cap));
-                    scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Float).to_kind(q.kind())
-                });
-                probs.matmul(&v)
+                // without a cache, query i's keys are the row's first i + 1 tokens at most
+                let causal_rows = step_at.is_none() && kv_len == t;
+                softcapped_attention(q, &k, &v, &allowed, self.scale_or_default(), cap, causal_rows)
             }
         };
         y.transpose(1, 2).contiguous().view([b, t, self.n_heads * self.head_dim])

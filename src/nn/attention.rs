@@ -88,6 +88,34 @@ pub fn flash_attention_backward(dy: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor,
     Ok((dq, fold(dk), fold(dv)))
 }
 
+/// Soft-capped attention as transformers' eager path computes it (Gemma 2): `softmax(cap ·
+/// tanh(q kᵀ · scale / cap))` over the keys `allowed` marks (`[T, S]`, or `[B or 1, 1, T, S]`),
+/// in fp32, times `v`; `q` `[B, H, T, d]`, `k`, `v` `[B, H, S, d]`. With `causal_rows` (no
+/// query sees a key after its own position, S = T) the queries go in blocks that each leave out
+/// the keys after the block's last query: at 8 blocks 56% of the scores' FLOPs and memory.
+pub fn softcapped_attention(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor, scale: f64, cap: f64, causal_rows: bool) -> Tensor {
+    let t = q.size()[2];
+    let blocks = if causal_rows { (t / SOFTCAP_BLOCK_ROWS).clamp(1, 8) } else { 1 };
+    let rows = (t + blocks - 1) / blocks;
+    let parts: Vec<Tensor> = (0..t).step_by(rows as usize).map(|start| {
+        let (len, keys) = if blocks == 1 { (t, k.size()[2]) } else { (rows.min(t - start), (start + rows).min(t)) };
+        let (q, k, v) = (q.narrow(2, start, len), k.narrow(2, 0, keys), v.narrow(2, 0, keys));
+        let allowed = allowed.narrow(-2, start, len).narrow(-1, 0, keys);
+        let raw = q.matmul(&k.transpose(2, 3));
+        let (b, tq, tk) = (raw.size()[0], raw.size()[2], raw.size()[3]);
+        let fused = if raw.device().is_cuda() { crate::cuda::autograd::softcap_softmax(&raw, &allowed.expand([b, 1, tq, tk], false), scale, cap) } else { None };
+        let probs = fused.unwrap_or_else(|| {
+            let scores = crate::nn::loss::softcap(&(raw * scale), Some(cap));
+            scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Float).to_kind(q.kind())
+        });
+        probs.matmul(&v)
+    }).collect();
+    if parts.len() == 1 { parts.into_iter().next().unwrap() } else { Tensor::cat(&parts, 2) }
+}
+
+/// Query rows a block of [`softcapped_attention`] holds at least.
+const SOFTCAP_BLOCK_ROWS: i64 = 256;
+
 /// `x` `[B, H_kv, T, d]` with each head repeated to make `heads` (itself when they are as many).
 pub fn repeat_heads(x: &Tensor, heads: i64) -> Tensor {
     let kv_heads = x.size()[1];
@@ -158,5 +186,40 @@ impl KvCache {
     pub fn slot(&self, l: usize) -> CacheSlot<'_> {
         let (k, v) = &self.layers[l];
         CacheSlot { k, v, at: self.at.as_ref() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::softcapped_attention;
+    use tch::{Device, Kind, Tensor};
+
+    /// Blocks of queries over the keys up to each block's end give whole rows' outputs and
+    /// gradients: a causal mask, and packed segments (ragged blocks: 600 rows in 2 of 300).
+    #[test]
+    fn soft_capped_attention_in_query_blocks_equals_whole_rows() {
+        tch::manual_seed(7);
+        let (b, h, t, d) = (2, 3, 600, 8);
+        let opts = (Kind::Double, Device::Cpu);
+        let causal = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).tril(0);
+        let seg = Tensor::arange(t, (Kind::Int64, Device::Cpu)).divide_scalar_mode(250, "floor").unsqueeze(0).repeat([b, 1]);
+        let segments = seg.unsqueeze(2).eq_tensor(&seg.unsqueeze(1)).logical_and(&causal).unsqueeze(1);
+        for allowed in [causal.shallow_clone(), segments] {
+            let run = |blocked: bool| {
+                let [q, k, v] = [0, 1, 2].map(|_| (Tensor::randn([b, h, t, d], opts) * 3.0).set_requires_grad(true));
+                let y = softcapped_attention(&q, &k, &v, &allowed, 0.35, 5.0, blocked);
+                let dy = Tensor::randn([b, h, t, d], opts);
+                (y * &dy).sum(Kind::Double).backward();
+                (q.grad(), k.grad(), v.grad())
+            };
+            tch::manual_seed(11);
+            let whole = run(false);
+            tch::manual_seed(11);
+            let blocked = run(true);
+            for (a, e) in [(&blocked.0, &whole.0), (&blocked.1, &whole.1), (&blocked.2, &whole.2)] {
+                let diff = (a - e).abs().max().double_value(&[]);
+                assert!(diff < 1e-10, "gradients differ by {diff}");
+            }
+        }
     }
 }
