@@ -4,6 +4,7 @@
 // new ones come back allocated with `new` (tch frees them); errors come back as text, no C++
 // exception crosses the boundary.
 #include <ATen/ATen.h>
+#include <ATen/SDPBackend.h>
 #include "guarded.h"
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -585,34 +586,48 @@ extern "C" int ftscript_add_rms_norm(const char* src, const at::Tensor* h, const
   });
 }
 
-// Causal FlashAttention (no dropout) of q [B, H, T, d] over k, v [B, H, T, d] (bf16 or fp16),
-// keeping what its backward reads besides q, k and v: `*out` [B, H, T, d], the rows' log-sum-exp
-// `*lse` [B, H, T] (fp32) and the kernel's RNG state `*seed`, `*offset` (unused without dropout,
-// handed back as given). No graph is recorded.
+// Causal attention (no dropout) of q [B, H, T, d] over k, v [B, H, T, d] (bf16 or fp16) by the
+// kernel libtorch's SDPA picks for them, cuDNN's (`*cudnn` = 1) or FlashAttention-2's, keeping
+// what its backward reads besides q, k and v: `*out` [B, H, T, d], the rows' log-sum-exp `*lse`
+// (fp32) and the kernel's RNG state `*seed`, `*offset` (unused without dropout, handed back as
+// given). No graph is recorded.
 extern "C" int ftscript_flash_attention(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, double scale,
                                         at::Tensor** out, at::Tensor** lse, at::Tensor** seed, at::Tensor** offset,
-                                        char* err, size_t err_len) {
+                                        int* cudnn, char* err, size_t err_len) {
   return ftscript_guarded(err, err_len, [&] {
     at::NoGradGuard no_grad;
-    auto r = at::_scaled_dot_product_flash_attention(*q, *k, *v, 0.0, true, false, scale);
-    *out = new at::Tensor(std::get<0>(r));
-    *lse = new at::Tensor(std::get<1>(r));
-    *seed = new at::Tensor(std::get<6>(r));
-    *offset = new at::Tensor(std::get<7>(r));
+    *cudnn = at::_fused_sdp_choice(*q, *k, *v, {}, 0.0, true, scale, false) == (int64_t)at::SDPBackend::cudnn_attention;
+    if (*cudnn) {
+      auto r = at::_scaled_dot_product_cudnn_attention(*q, *k, *v, std::nullopt, true, 0.0, true, false, scale);
+      *out = new at::Tensor(std::get<0>(r));
+      *lse = new at::Tensor(std::get<1>(r));
+      *seed = new at::Tensor(std::get<6>(r));
+      *offset = new at::Tensor(std::get<7>(r));
+    } else {
+      auto r = at::_scaled_dot_product_flash_attention(*q, *k, *v, 0.0, true, false, scale);
+      *out = new at::Tensor(std::get<0>(r));
+      *lse = new at::Tensor(std::get<1>(r));
+      *seed = new at::Tensor(std::get<6>(r));
+      *offset = new at::Tensor(std::get<7>(r));
+    }
   });
 }
 
 // The gradients `*dq`, `*dk`, `*dv` of ftscript_flash_attention's output from `dout` (its shape
-// and layout), from the forward's inputs, `out`, `lse` and RNG state; no graph is recorded.
+// and layout), from the forward's inputs, `out`, `lse`, RNG state and kernel; no graph is recorded.
 extern "C" int ftscript_flash_attention_backward(const at::Tensor* dout, const at::Tensor* q, const at::Tensor* k,
                                                  const at::Tensor* v, const at::Tensor* out, const at::Tensor* lse,
-                                                 const at::Tensor* seed, const at::Tensor* offset, double scale,
-                                                 at::Tensor** dq, at::Tensor** dk, at::Tensor** dv, char* err,
-                                                 size_t err_len) {
+                                                 const at::Tensor* seed, const at::Tensor* offset, int cudnn,
+                                                 double scale, at::Tensor** dq, at::Tensor** dk, at::Tensor** dv,
+                                                 char* err, size_t err_len) {
   return ftscript_guarded(err, err_len, [&] {
     at::NoGradGuard no_grad;
-    auto r = at::_scaled_dot_product_flash_attention_backward(*dout, *q, *k, *v, *out, *lse, at::Tensor(), at::Tensor(),
-                                                              q->size(2), k->size(2), 0.0, true, *seed, *offset, scale);
+    auto r = cudnn ? at::_scaled_dot_product_cudnn_attention_backward(*dout, *q, *k, *v, *out, *lse, *seed, *offset,
+                                                                      at::Tensor(), at::Tensor(), at::Tensor(),
+                                                                      q->size(2), k->size(2), 0.0, true, scale)
+                   : at::_scaled_dot_product_flash_attention_backward(*dout, *q, *k, *v, *out, *lse, at::Tensor(),
+                                                                      at::Tensor(), q->size(2), k->size(2), 0.0, true,
+                                                                      *seed, *offset, scale);
     *dq = new at::Tensor(std::get<0>(r));
     *dk = new at::Tensor(std::get<1>(r));
     *dv = new at::Tensor(std::get<2>(r));

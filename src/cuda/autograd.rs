@@ -20,8 +20,8 @@ extern "C" {
     fn ftscript_swiglu_halves(src: *const c_char, gu: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_softcap_softmax(src: *const c_char, x: *const C_tensor, allowed: *const C_tensor, scale: f64, cap: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_overlap_lora(on: i32);
-    fn ftscript_flash_attention(q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, scale: f64, out: *mut *mut C_tensor, lse: *mut *mut C_tensor, seed: *mut *mut C_tensor, offset: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
-    fn ftscript_flash_attention_backward(dout: *const C_tensor, q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, out: *const C_tensor, lse: *const C_tensor, seed: *const C_tensor, offset: *const C_tensor, scale: f64, dq: *mut *mut C_tensor, dk: *mut *mut C_tensor, dv: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_flash_attention(q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, scale: f64, out: *mut *mut C_tensor, lse: *mut *mut C_tensor, seed: *mut *mut C_tensor, offset: *mut *mut C_tensor, cudnn: *mut i32, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_flash_attention_backward(dout: *const C_tensor, q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, out: *const C_tensor, lse: *const C_tensor, seed: *const C_tensor, offset: *const C_tensor, cudnn: i32, scale: f64, dq: *mut *mut C_tensor, dk: *mut *mut C_tensor, dv: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_backward(roots: *const *const C_tensor, grads: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
 }
 
@@ -182,26 +182,28 @@ pub fn backward(roots: &[(&Tensor, &Tensor)]) -> anyhow::Result<()> {
 }
 
 /// libtorch's causal FlashAttention on a GPU (bf16 or fp16, as many key/value heads as query
-/// heads `[B, H, T, d]`), without a graph: `[out, lse, seed, offset]`, the output `[B, H, T, d]`,
-/// each row's log-sum-exp of its scores `[B, H, T]` (fp32) and the kernel's RNG state, what
+/// heads `[B, H, T, d]`), without a graph, by the kernel SDPA picks (cuDNN's or FlashAttention-2's):
+/// `([out, lse, seed, offset], cudnn)`, the output `[B, H, T, d]`, each row's log-sum-exp of its
+/// scores (fp32), the kernel's RNG state, and whether cuDNN's kernel ran: what
 /// [`flash_attention_backward`] reads. An error where the kernel refuses the inputs.
-pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> anyhow::Result<[Tensor; 4]> {
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> anyhow::Result<([Tensor; 4], bool)> {
     let mut o: [*mut C_tensor; 4] = [std::ptr::null_mut(); 4];
     let [a, b, c, d] = &mut o;
+    let mut cudnn = 0i32;
     // SAFETY: the inputs are live tensors; on success the four outputs are allocated with `new`.
-    super::call("flash attention", |err, len| unsafe { ftscript_flash_attention(q.as_ptr(), k.as_ptr(), v.as_ptr(), scale, a, b, c, d, err, len) })?;
-    Ok(o.map(|p| unsafe { Tensor::from_ptr(p) }))
+    super::call("flash attention", |err, len| unsafe { ftscript_flash_attention(q.as_ptr(), k.as_ptr(), v.as_ptr(), scale, a, b, c, d, &mut cudnn, err, len) })?;
+    Ok((o.map(|p| unsafe { Tensor::from_ptr(p) }), cudnn != 0))
 }
 
 /// `[∂q, ∂k, ∂v]` of [`flash_attention`] from the output's gradient `dout` (`[B, H, T, d]`, the
-/// output's layout), given its inputs and `[out, lse, seed, offset]`.
-pub fn flash_attention_backward(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, saved: [&Tensor; 4], scale: f64) -> anyhow::Result<[Tensor; 3]> {
+/// output's layout), given its inputs, `[out, lse, seed, offset]` and which kernel ran.
+pub fn flash_attention_backward(dout: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, saved: [&Tensor; 4], cudnn: bool, scale: f64) -> anyhow::Result<[Tensor; 3]> {
     let mut o: [*mut C_tensor; 3] = [std::ptr::null_mut(); 3];
     let [a, b, c] = &mut o;
     let [out, lse, seed, offset] = saved.map(Tensor::as_ptr);
     // SAFETY: the inputs are live tensors; on success the three outputs are allocated with `new`.
     super::call("flash attention backward", |err, len| unsafe {
-        ftscript_flash_attention_backward(dout.as_ptr(), q.as_ptr(), k.as_ptr(), v.as_ptr(), out, lse, seed, offset, scale, a, b, c, err, len)
+        ftscript_flash_attention_backward(dout.as_ptr(), q.as_ptr(), k.as_ptr(), v.as_ptr(), out, lse, seed, offset, cudnn as i32, scale, a, b, c, err, len)
     })?;
     Ok(o.map(|p| unsafe { Tensor::from_ptr(p) }))
 }

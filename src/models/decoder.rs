@@ -19,7 +19,7 @@
 use super::config::DecoderConfig;
 use super::Checkpointing;
 use super::placement::Placement;
-pub use crate::nn::attention::{AttnMask, CacheSlot, FlashSaved, KvCache, LayerInputs};
+pub use crate::nn::attention::{AttnMask, CacheSlot, FlashSaved, GpuKernel, KvCache, LayerInputs};
 use crate::nn::attention::{flash_attention, flash_attention_backward, repeat_heads, softcapped_attention};
 pub use crate::nn::mlp::Mlp;
 pub use crate::nn::moe::{FeedForward, Routing, SparseMoe};
@@ -1136,11 +1136,11 @@ struct KeptLayer {
     attention: Option<KeptAttention>,
 }
 
-/// Attention's output and log-sum-exp as kept, and the kernel's RNG state.
+/// Attention's output and log-sum-exp as kept, and the GPU kernel that made them.
 struct KeptAttention {
     output: Kept,
     lse: Kept,
-    rng: Option<(Tensor, Tensor)>,
+    gpu: Option<GpuKernel>,
 }
 
 /// Kept tensors on their way back to the GPU (each `None` where nothing is copied).
@@ -1153,7 +1153,7 @@ impl KeptLayer {
         let mid = if offload { Some(Kept::keep(mid, true)?) } else { None };
         let outputs = extra.outputs.map(|o| o.iter().map(|t| Kept::keep(t, true)).collect::<Result<Vec<_>>>()).transpose()?;
         let attention = match extra.attention {
-            Some((y, saved)) => Some(KeptAttention { output: Kept::keep(&y, true)?, lse: Kept::keep(&saved.lse, true)?, rng: saved.rng }),
+            Some((y, saved)) => Some(KeptAttention { output: Kept::keep(&y, true)?, lse: Kept::keep(&saved.lse, true)?, gpu: saved.gpu }),
             None => None,
         };
         Ok(KeptLayer { input, mid, outputs, attention })
@@ -1204,7 +1204,7 @@ impl KeptLayer {
         let mut pending = pending.into_iter();
         let y = a.output.get(pending.next().flatten(), net, ids)?;
         let lse = a.lse.get(pending.next().flatten(), net, ids)?;
-        Ok(Some((y, FlashSaved { lse, rng: a.rng.as_ref().map(|(s, o)| (s.shallow_clone(), o.shallow_clone())) })))
+        Ok(Some((y, FlashSaved { lse, gpu: a.gpu.as_ref().map(GpuKernel::shallow_clone) })))
     }
 }
 

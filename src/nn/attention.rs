@@ -31,18 +31,33 @@ impl AttnMask {
 }
 
 /// What causal attention's backward reads besides its inputs and output, kept from a forward by
-/// [`flash_attention`]: each row's log-sum-exp of its scaled scores `[B, H, T]` (fp32), and on a
-/// GPU the kernel's RNG state (unused without dropout, handed back as given).
+/// [`flash_attention`]: each row's log-sum-exp of its scaled scores (fp32), and on a GPU which
+/// kernel ran.
 pub struct FlashSaved {
     pub lse: Tensor,
-    pub rng: Option<(Tensor, Tensor)>,
+    pub gpu: Option<GpuKernel>,
+}
+
+/// The GPU kernel of a [`flash_attention`] forward, whose backward must match it: cuDNN's or
+/// FlashAttention-2's, with its RNG state (unused without dropout, handed back as given).
+pub struct GpuKernel {
+    pub cudnn: bool,
+    pub seed: Tensor,
+    pub offset: Tensor,
+}
+
+impl GpuKernel {
+    pub fn shallow_clone(&self) -> GpuKernel {
+        GpuKernel { cudnn: self.cudnn, seed: self.seed.shallow_clone(), offset: self.offset.shallow_clone() }
+    }
 }
 
 /// Causal attention `softmax(q kᵀ · scale) v` of `q` `[B, H, T, d]` over `k`, `v` `[B, H_kv, T, d]`
-/// (each key/value head shared by `H / H_kv` query heads) by FlashAttention, without a graph:
-/// the output as `[B, T, H·d]` and what [`flash_attention_backward`] needs, so that backward need
-/// not run the forward again. libtorch's kernels: on a GPU in bf16/fp16, on the CPU in any float
-/// type; `None` where they do not serve (fp32 on a GPU, `d` not a multiple of 8 or above 256).
+/// (each key/value head shared by `H / H_kv` query heads), without a graph: the output as
+/// `[B, T, H·d]` and what [`flash_attention_backward`] needs, so that backward need not run the
+/// forward again. libtorch's kernels: on a GPU in bf16/fp16 the one its SDPA picks (cuDNN's on
+/// H100/H200, else FlashAttention-2), on the CPU its FlashAttention in any float type; `None`
+/// where they do not serve (fp32 on a GPU, `d` not a multiple of 8 or above 256).
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Option<(Tensor, FlashSaved)> {
     let (b, h, t, d) = q.size4().ok()?;
     if d % 8 != 0 || d > 256 || (q.device().is_cuda() && !matches!(q.kind(), Kind::BFloat16 | Kind::Half)) {
@@ -51,7 +66,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Option
     let _no_graph = tch::no_grad_guard();
     let (k, v) = (repeat_heads(k, h), repeat_heads(v, h));
     let (out, saved) = if q.device().is_cuda() {
-        let [out, lse, seed, offset] = match crate::cuda::autograd::flash_attention(q, &k, &v, scale) {
+        let ([out, lse, seed, offset], cudnn) = match crate::cuda::autograd::flash_attention(q, &k, &v, scale) {
             Ok(outputs) => outputs,
             Err(e) => {
                 static SAID: std::sync::Once = std::sync::Once::new();
@@ -59,10 +74,10 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Option
                 return None;
             }
         };
-        (out, FlashSaved { lse, rng: Some((seed, offset)) })
+        (out, FlashSaved { lse, gpu: Some(GpuKernel { cudnn, seed, offset }) })
     } else {
         let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, &k, &v, 0.0, true, None::<Tensor>, scale).ok()?;
-        (out, FlashSaved { lse, rng: None })
+        (out, FlashSaved { lse, gpu: None })
     };
     Some((out.transpose(1, 2).contiguous().view([b, t, h * d]), saved))
 }
@@ -76,9 +91,9 @@ pub fn flash_attention_backward(dy: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor,
     let heads = |x: &Tensor| x.view([b, t, h, d]).transpose(1, 2);
     let (dout, out) = (heads(dy), heads(y));
     let (kr, vr) = (repeat_heads(k, h), repeat_heads(v, h));
-    let (dq, dk, dv) = match &saved.rng {
-        Some((seed, offset)) => {
-            let [dq, dk, dv] = crate::cuda::autograd::flash_attention_backward(&dout, q, &kr, &vr, [&out, &saved.lse, seed, offset], scale)?;
+    let (dq, dk, dv) = match &saved.gpu {
+        Some(g) => {
+            let [dq, dk, dv] = crate::cuda::autograd::flash_attention_backward(&dout, q, &kr, &vr, [&out, &saved.lse, &g.seed, &g.offset], g.cudnn, scale)?;
             (dq, dk, dv)
         }
         None => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(&dout, q, &kr, &vr, &out, &saved.lse, 0.0, true, None::<Tensor>, scale)?,
