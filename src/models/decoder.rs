@@ -413,8 +413,12 @@ impl DecoderLayer {
                     crate::cuda::autograd::backward(&[(&l.delta(&leaf, true), &dh2)])?;
                     dy += leaf.grad();
                 }
-                let (dq, dk, dv) = flash_attention_backward(&dy.view_as(&y), &q, &k, &v, &y, &saved, attn.scale_or_default())?;
-                vec![(q, dq), (k, dk), (v, dv)]
+                let dy = dy.view_as(&y);
+                match flash_attention_backward(&dy, &q, &k, &v, &y, &saved, attn.scale_or_default()) {
+                    Ok((dq, dk, dv)) => vec![(q, dq), (k, dk), (v, dv)],
+                    // the kernel refused (no later forward keeps attention): recomputed instead
+                    Err(_) => vec![(attn.attend(&q, &k, &v, None, mask, true), dy)],
+                }
             }
         };
         let Some((leaves, updates)) = leaves else {

@@ -66,20 +66,26 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Option
     let _no_graph = tch::no_grad_guard();
     let (k, v) = (repeat_heads(k, h), repeat_heads(v, h));
     let (out, saved) = if q.device().is_cuda() {
-        let ([out, lse, seed, offset], cudnn) = match crate::cuda::autograd::flash_attention(q, &k, &v, scale) {
-            Ok(outputs) => outputs,
-            Err(e) => {
-                static SAID: std::sync::Once = std::sync::Once::new();
-                SAID.call_once(|| tracing::warn!("FlashAttention unavailable, attention recomputed in backward instead: {e}"));
-                return None;
-            }
-        };
+        if GPU_KERNELS_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let ([out, lse, seed, offset], cudnn) = crate::cuda::autograd::flash_attention(q, &k, &v, scale).inspect_err(gpu_kernels_failed).ok()?;
         (out, FlashSaved { lse, gpu: Some(GpuKernel { cudnn, seed, offset }) })
     } else {
         let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, &k, &v, 0.0, true, None::<Tensor>, scale).ok()?;
         (out, FlashSaved { lse, gpu: None })
     };
     Some((out.transpose(1, 2).contiguous().view([b, t, h * d]), saved))
+}
+
+/// Set once a GPU attention kernel called without a graph has failed: no later forward keeps
+/// attention's output (backward recomputes attention instead).
+static GPU_KERNELS_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn gpu_kernels_failed(e: &anyhow::Error) {
+    if !GPU_KERNELS_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!("attention's kernels refused a kept forward or its backward; attention is recomputed in backward from now on: {e:#}");
+    }
 }
 
 /// `(∂q, ∂k, ∂v)` of [`flash_attention`] (in the inputs' shapes) from the gradient `dy` of its
@@ -93,7 +99,8 @@ pub fn flash_attention_backward(dy: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor,
     let (kr, vr) = (repeat_heads(k, h), repeat_heads(v, h));
     let (dq, dk, dv) = match &saved.gpu {
         Some(g) => {
-            let [dq, dk, dv] = crate::cuda::autograd::flash_attention_backward(&dout, q, &kr, &vr, [&out, &saved.lse, &g.seed, &g.offset], g.cudnn, scale)?;
+            let grads = crate::cuda::autograd::flash_attention_backward(&dout, q, &kr, &vr, [&out, &saved.lse, &g.seed, &g.offset], g.cudnn, scale);
+            let [dq, dk, dv] = grads.inspect_err(|e| gpu_kernels_failed(e))?;
             (dq, dk, dv)
         }
         None => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(&dout, q, &kr, &vr, &out, &saved.lse, 0.0, true, None::<Tensor>, scale)?,
