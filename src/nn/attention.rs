@@ -100,7 +100,7 @@ pub fn flash_attention_backward(dy: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor,
     let (dq, dk, dv) = match &saved.gpu {
         Some(g) => {
             let grads = crate::cuda::autograd::flash_attention_backward(&dout, q, &kr, &vr, [&out, &saved.lse, &g.seed, &g.offset], g.cudnn, scale);
-            let [dq, dk, dv] = grads.inspect_err(|e| gpu_kernels_failed(e))?;
+            let [dq, dk, dv] = grads.inspect_err(gpu_kernels_failed)?;
             (dq, dk, dv)
         }
         None => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(&dout, q, &kr, &vr, &out, &saved.lse, 0.0, true, None::<Tensor>, scale)?,
