@@ -66,6 +66,47 @@ fn gemma2_lora_training_and_adapters_match_hf_and_peft() {
     lora_matches_hf_and_peft("gemma2");
 }
 
+/// Gemma 2's soft-capped attention goes in blocks of queries from 512-token rows on: a user's
+/// run on rows of 600 tokens (global and sliding layers, both soft-capped) starts from
+/// transformers' eager loss on the same tokens (fp32: 1e-7 apart; a block that misses its
+/// last key is 5e-5 off).
+#[test]
+fn gemma2_training_on_long_rows_starts_from_transformers_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = tiny(d, "gemma2");
+    let ids: Vec<Vec<i64>> = (0..2).map(|r| (0..600).map(|i| 3 + (r * 37 + i * 11 + i * i % 17) % 290).collect()).collect();
+    let lines: Vec<String> = ids.iter().map(|r| serde_json::json!({ "input_ids": r }).to_string()).collect();
+    std::fs::write(d.join("long.jsonl"), lines.join("\n")).unwrap();
+    let theirs: f64 = py_eval(&format!(
+        "import torch; from transformers import AutoModelForCausalLM as M\n\
+         model = M.from_pretrained('{m}', dtype=torch.float32, attn_implementation='eager')\n\
+         ids = torch.tensor({ids:?})\n\
+         with torch.no_grad(): print(model(input_ids=ids, labels=ids).loss.item())",
+        m = m.display()
+    ))
+    .trim()
+    .parse()
+    .unwrap();
+    run_recipe(
+        d,
+        "long.rhai",
+        &format!(
+            r#"
+let m = load_model("{m}");
+m.add_lora(#{{ r: 4, alpha: 8, dropout: 0.0 }});
+train(m, #{{ train: load_dataset("{o}/long.jsonl"), format: "tokens", shuffle: false, batch_size: 2, max_steps: 1,
+    lr: 0.0, log_every: 1, output_dir: "{o}/run" }});
+"#,
+            m = m.display(),
+            o = d.display()
+        ),
+    );
+    let ours = metrics(&d.join("run/metrics.jsonl")).iter().find_map(|v| v.get("loss")?.as_f64()).unwrap();
+    println!("600-token rows: loss {ours} vs transformers {theirs}");
+    assert!((ours - theirs).abs() < 1e-5 * theirs, "loss {ours} vs transformers' {theirs}");
+}
+
 /// Phi-3: LoRA on the fused `qkv_proj` and `gate_up_proj` (one adapter each, as peft makes
 /// them), partial rotary, LongRoPE's long factors, the window; and DoRA on the fused modules.
 #[test]

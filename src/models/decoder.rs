@@ -1285,7 +1285,7 @@ impl Decoder {
                 let width = (a.n_heads * a.head_dim) as u64;
                 KeepCosts {
                     pace: if layer.device.is_cuda() { per_flop * flops(&layer.linears()) - checkpoint as f64 } else { f64::INFINITY },
-                    attention: (a.flashable(mask, row_len as i64) && (!layer.device.is_cuda() || matches!(self.kind, Kind::BFloat16 | Kind::Half))).then_some((width * elt + 4 * a.n_heads as u64, 2.0 * (row_len * width) as f64)),
+                    attention: (a.flashable(mask, row_len as i64) && crate::nn::attention::flash_attention_serves(layer.device, self.kind, a.head_dim)).then_some((width * elt + 4 * a.n_heads as u64, 2.0 * (row_len * width) as f64)),
                     projections: Some((qkv.iter().map(|l| l.out_features() as u64 * elt).sum(), flops(&qkv))),
                 }
             })

@@ -60,7 +60,7 @@ impl GpuKernel {
 /// where they do not serve (fp32 on a GPU, `d` not a multiple of 8 or above 256).
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Option<(Tensor, FlashSaved)> {
     let (b, h, t, d) = q.size4().ok()?;
-    if d % 8 != 0 || d > 256 || (q.device().is_cuda() && !matches!(q.kind(), Kind::BFloat16 | Kind::Half)) {
+    if !flash_attention_serves(q.device(), q.kind(), d) {
         return None;
     }
     let _no_graph = tch::no_grad_guard();
@@ -76,6 +76,12 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Option
         (out, FlashSaved { lse, gpu: None })
     };
     Some((out.transpose(1, 2).contiguous().view([b, t, h * d]), saved))
+}
+
+/// Whether [`flash_attention`] has a kernel for heads of `head_dim` in `kind` on `device`: `d` a
+/// multiple of 8 up to 256, and on a GPU bf16 or fp16 (any float type on the CPU).
+pub fn flash_attention_serves(device: Device, kind: Kind, head_dim: i64) -> bool {
+    head_dim % 8 == 0 && head_dim <= 256 && (!device.is_cuda() || matches!(kind, Kind::BFloat16 | Kind::Half))
 }
 
 /// Set once a GPU attention kernel called without a graph has failed: no later forward keeps
