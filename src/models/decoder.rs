@@ -331,6 +331,13 @@ impl DecoderLayer {
         self.attn_out_norm.is_none() && self.mlp_out_norm.is_none() && self.mlp.dense().is_some_and(Mlp::fusable) && self.self_attn.o_proj.fusable()
     }
 
+    /// Whether the residual after attention, `x + o_proj(y)`, is rebuilt exactly from the layer
+    /// input `x` and attention's output `y`: a plain layer whose `o_proj` draws no dropout (no
+    /// adapter, or LoRA without dropout). Where attention's output is kept, the residual then is not.
+    pub fn residual_from_attention(&self) -> bool {
+        self.plain() && self.self_attn.o_proj.lora().is_none_or(|l| l.dropout == 0.0)
+    }
+
     /// The layer up to its MLP, from its input `h + pending` (`pending`: the previous layer's
     /// MLP output, when its residual add is left to this layer's first norm, which fuses it):
     /// that input, the residual stream after attention `mid`, and the MLP's input
@@ -1026,8 +1033,10 @@ pub struct AuxLoss {
 /// 63k keeping none (another call).
 const HOST_BYTES_PER_FLOP: f64 = 1.1e-4;
 
-/// The share of the host's memory that offloaded checkpoints and projections' outputs may pin.
-const HOST_SHARE: f64 = 0.4;
+/// The share of the host's memory that the offloaded tensors of the processes on it may pin
+/// (each process `1/LOCAL_WORLD_SIZE` of it). At 0.6 of 128 GiB, Llama-2-7B's shape keeps
+/// attention's output in every layer at 131,072 tokens (inputs and outputs: 64.5 GiB).
+const HOST_SHARE: f64 = 0.6;
 
 /// Given each layer's `(share, bytes)`: the share of layers like it that may keep a kind of
 /// tensor (by the copies' pace) and the bytes it takes, which layers do: the shares accumulated
@@ -1050,12 +1059,15 @@ fn spread(layers: &[(f64, u64)], room: u64) -> Vec<bool> {
 }
 
 /// One layer's costs for [`plan_keeps`], per token: the bytes its copies may take while keeping
-/// pace with its forward (after its checkpoints), and `(bytes, FLOPs saved)` of keeping
-/// attention's output and of keeping the projections' outputs (`None` where it cannot).
+/// pace with its forward (after its checkpoints), `(bytes, FLOPs saved)` of keeping attention's
+/// output and of keeping the projections' outputs (`None` where it cannot), and the bytes of the
+/// checkpointed residual that kept attention replaces ([`DecoderLayer::residual_from_attention`];
+/// else 0).
 struct KeepCosts {
     pace: f64,
     attention: Option<(u64, f64)>,
     projections: Option<(u64, f64)>,
+    replaced: u64,
 }
 
 /// What each layer keeps beyond its checkpoints ([`Keep`]) for `tokens` tokens, with `room` bytes
@@ -1067,6 +1079,8 @@ fn plan_keeps(layers: &[KeepCosts], tokens: u64, mut room: u64) -> Vec<Keep> {
     // (bytes, FLOPs saved) of keeping attention's output (`true`) or the projections' outputs
     let cost = |c: &KeepCosts, attention: bool| if attention { c.attention } else { c.projections };
     let value = |attention: bool| layers.iter().find_map(|c| cost(c, attention)).map(|(bytes, flops)| flops / bytes as f64);
+    // the bytes a keep adds to the checkpoints (kept attention's, less the residual it replaces)
+    let added = |c: &KeepCosts, attention: bool| cost(c, attention).map(|(bytes, _)| if attention { bytes.saturating_sub(c.replaced).max(1) } else { bytes });
     let attention_first = value(true).is_some_and(|a| value(false).is_none_or(|p| a > p));
     // with nothing to copy (off the GPU) there is no pace to keep: attention too
     let free = layers.iter().all(|c| c.pace.is_infinite());
@@ -1077,11 +1091,11 @@ fn plan_keeps(layers: &[KeepCosts], tokens: u64, mut room: u64) -> Vec<Keep> {
         let shares: Vec<(f64, u64)> = layers
             .iter()
             .zip(&pace)
-            .map(|(c, &pace)| cost(c, attention).map_or((0.0, 0), |(bytes, _)| ((pace / bytes as f64).clamp(0.0, 1.0), bytes * tokens)))
+            .map(|(c, &pace)| added(c, attention).map_or((0.0, 0), |bytes| ((pace / bytes as f64).clamp(0.0, 1.0), bytes * tokens)))
             .collect();
         for (l, kept) in spread(&shares, room).into_iter().enumerate() {
             let (share, bytes) = shares[l];
-            pace[l] -= share * cost(&layers[l], attention).map_or(0.0, |(b, _)| b as f64);
+            pace[l] -= share * added(&layers[l], attention).map_or(0.0, |b| b as f64);
             if kept {
                 room -= bytes;
                 if attention {
@@ -1130,7 +1144,8 @@ impl Kept {
 }
 
 /// What a checkpointed layer keeps from the forward: its input and, when offloading (host
-/// memory is plentiful), the residual after attention and what [`Keep`] asked for.
+/// memory is plentiful), what [`Keep`] asked for and the residual after attention (unless
+/// attention's output, kept, rebuilds it: [`DecoderLayer::residual_from_attention`]).
 struct KeptLayer {
     input: Kept,
     mid: Option<Kept>,
@@ -1151,10 +1166,12 @@ struct KeptAttention {
 type Fetching = Vec<Option<crate::cuda::Prefetch>>;
 
 impl KeptLayer {
-    /// Keeps what the forward of a layer (`mid`, the residual after attention, when offloading;
-    /// and `extra`) left for its backward, in host memory when offloading.
-    fn new(input: Kept, mid: &Tensor, extra: LayerKeeps, offload: bool) -> Result<KeptLayer> {
-        let mid = if offload { Some(Kept::keep(mid, true)?) } else { None };
+    /// Keeps what the forward of a layer (`mid`, the residual after attention, when offloading
+    /// and `mid_from_attention` does not hold for kept attention; and `extra`) left for its
+    /// backward, in host memory when offloading.
+    fn new(input: Kept, mid: &Tensor, extra: LayerKeeps, offload: bool, mid_from_attention: bool) -> Result<KeptLayer> {
+        let rebuilt = mid_from_attention && extra.attention.is_some();
+        let mid = if offload && !rebuilt { Some(Kept::keep(mid, true)?) } else { None };
         let outputs = extra.outputs.map(|o| o.iter().map(|t| Kept::keep(t, true)).collect::<Result<Vec<_>>>()).transpose()?;
         let attention = match extra.attention {
             Some((y, saved)) => Some(KeptAttention { output: Kept::keep(&y, true)?, lse: Kept::keep(&saved.lse, true)?, gpu: saved.gpu }),
@@ -1266,9 +1283,10 @@ impl Decoder {
     /// `Σout`: about rows longer than the model is wide), then those, each as far as the copies
     /// keep pace with the forward, taking [`HOST_BYTES_PER_FLOP`] bytes a FLOP of the layer's
     /// GEMMs after its input and residual, and as the host has room ([`HOST_SHARE`] of its
-    /// memory, the checkpoints counted first). For Llama-2-7B in bf16: at 2,048 tokens a row the
-    /// projections in every layer; at 65,536 attention in every layer and the projections in as
-    /// many as the room leaves. For the 1.1B at 2,048, the projections in 29% of the layers.
+    /// memory, the checkpoints counted first; kept attention in place of the residual where
+    /// [`DecoderLayer::residual_from_attention`]). For Llama-2-7B in bf16: at 2,048 tokens a row the
+    /// projections in every layer; at 65,536 and 131,072 attention in every layer and the
+    /// projections in as many as the room leaves. For the 1.1B at 2,048, the projections in 29% of the layers.
     /// Off the GPU, everything; in fp32 on a GPU (where FlashAttention does not run), the
     /// projections in every layer.
     fn offloaded_keeps(&self, rows: u64, row_len: u64, mask: &AttnMask) -> Vec<Keep> {
@@ -1283,15 +1301,18 @@ impl Decoder {
                 let a = &layer.self_attn;
                 let qkv = a.qkv.linears();
                 let width = (a.n_heads * a.head_dim) as u64;
+                let replaced = if layer.residual_from_attention() { self.config.hidden_size as u64 * elt } else { 0 };
                 KeepCosts {
                     pace: if layer.device.is_cuda() { per_flop * flops(&layer.linears()) - checkpoint as f64 } else { f64::INFINITY },
                     attention: (a.flashable(mask, row_len as i64) && crate::nn::attention::flash_attention_serves(layer.device, self.kind, a.head_dim)).then_some((width * elt + 4 * a.n_heads as u64, 2.0 * (row_len * width) as f64)),
+                    replaced,
                     projections: Some((qkv.iter().map(|l| l.out_features() as u64 * elt).sum(), flops(&qkv))),
                 }
             })
             .collect();
         let tokens = rows * row_len;
-        let host = crate::env::host_memory().map_or(u64::MAX, |m| (m as f64 * HOST_SHARE) as u64);
+        let ranks_here = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|n| n.parse::<f64>().ok()).unwrap_or(1.0).max(1.0);
+        let host = crate::env::host_memory().map_or(u64::MAX, |m| (m as f64 * HOST_SHARE / ranks_here) as u64);
         plan_keeps(&layers, tokens, host.saturating_sub(checkpoint * tokens * self.layers.len() as u64))
     }
 
@@ -1319,7 +1340,7 @@ impl Decoder {
                 return Ok(());
             }
             let input = if l == 0 { Kept::Embedding } else { Kept::keep(input, offload)? };
-            kept.push(KeptLayer::new(input, mid, extra, offload)?);
+            kept.push(KeptLayer::new(input, mid, extra, offload, net.layers[l].residual_from_attention())?);
             Ok(())
         })?;
         let backward = |roots: Vec<(Tensor, Tensor)>| {
@@ -1383,6 +1404,19 @@ impl Decoder {
             let x = if l == 0 && net.embeddings_train() { x } else { x.detach().set_requires_grad(l > 0) };
             let g = grad.to_device(x.device());
             let layer = &net.layers[l];
+            // a layer that kept attention's output `y` in place of the residual after attention
+            // rebuilds that: `x + o_proj(y)`, exactly as its forward did
+            let mut attention_early = None;
+            let mid = match mid {
+                None if layer.plain() && kept[l].attention.is_some() => {
+                    let fetching = kept[l].prefetch_attention()?;
+                    let (y, saved) = kept[l].attention(fetching, net, ids)?.ok_or_else(|| anyhow::anyhow!("layer {l}: kept attention came back empty"))?;
+                    let mid = tch::no_grad(|| layer.attention_output(&x, &y, true).0);
+                    attention_early = Some((y, saved));
+                    Some(mid)
+                }
+                mid => mid,
+            };
             match mid {
                 _ if !layer.plain() => {
                     // the whole layer under autograd, with the forward's dropout draws
@@ -1408,14 +1442,18 @@ impl Decoder {
                     backward(layer.dense_mlp()?.recompute_backward(&xm, &g)?)?;
                     drop(xm);
                     let dmid = g + mid.grad();
-                    let attention = kept[l].prefetch_attention()?;
+                    let attention = if attention_early.is_none() { kept[l].prefetch_attention()? } else { None };
                     if l > 0 && kept[l].keeps_more() {
                         pending = kept[l - 1].prefetch()?;
                     }
                     let outputs = kept[l].outputs(outputs, net, ids)?;
                     tch::manual_seed(seed + 2 * l as i64);
                     let layer_kept = &kept[l];
-                    backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared, outputs, || layer_kept.attention(attention, net, ids))?)?;
+                    let attention = || match attention_early {
+                        Some(a) => Ok(Some(a)),
+                        None => layer_kept.attention(attention, net, ids),
+                    };
+                    backward(net.layer_attention_recompute_backward(l, &x, &dmid, &mut shared, outputs, attention)?)?;
                 }
             }
             if l > 0 {
@@ -1445,10 +1483,11 @@ mod tests {
 
     /// Llama-2-7B's layers in bf16 on a GPU, per token: GEMMs of 404 MFLOP, checkpoints of 16 KiB,
     /// q/k/v outputs of 24 KiB saving 101 MFLOP, attention's output (8 KiB and 128 bytes of
-    /// log-sum-exp) saving `2·T·4096` FLOPs at `T` tokens a row.
+    /// log-sum-exp) saving `2·T·4096` FLOPs at `T` tokens a row; o_proj with dropout, so that
+    /// kept attention replaces no residual.
     fn llama_7b(row_len: u64) -> Vec<KeepCosts> {
         let pace = 1.1e-4 * 404.0e6 - 16384.0;
-        (0..32).map(|_| KeepCosts { pace, attention: Some((8192 + 128, 2.0 * (row_len * 4096) as f64)), projections: Some((24576, 100.7e6)) }).collect()
+        (0..32).map(|_| KeepCosts { pace, attention: Some((8192 + 128, 2.0 * (row_len * 4096) as f64)), projections: Some((24576, 100.7e6)), replaced: 0 }).collect()
     }
 
     #[test]
@@ -1471,5 +1510,13 @@ mod tests {
         // a family whose attention cannot be kept (soft-capped): the projections alone
         let capped: Vec<KeepCosts> = llama_7b(65536).into_iter().map(|c| KeepCosts { attention: None, ..c }).collect();
         assert_eq!(count(&plan_keeps(&capped, 65536, u64::MAX), |k| k.attention), 0);
+        // where kept attention replaces the residual (8 KiB), it adds only its log-sum-exp: at
+        // 131,072 tokens with 1 GiB of room, attention everywhere (16 MiB a layer), else nowhere
+        let replacing: Vec<KeepCosts> = llama_7b(131072).into_iter().map(|c| KeepCosts { replaced: 8192, ..c }).collect();
+        assert_eq!(count(&plan_keeps(&replacing, 131072, 1 << 30), |k| k.attention), 32);
+        assert_eq!(count(&plan_keeps(&llama_7b(131072), 131072, 1 << 30), |k| k.attention), 0);
+        // and short rows still keep the projections, not attention (valued by all it holds)
+        let short: Vec<KeepCosts> = llama_7b(2048).into_iter().map(|c| KeepCosts { replaced: 8192, ..c }).collect();
+        assert_eq!(count(&plan_keeps(&short, 8192, u64::MAX), |k| k.attention), 0);
     }
 }
