@@ -1311,8 +1311,8 @@ impl Decoder {
             })
             .collect();
         let tokens = rows * row_len;
-        let ranks_here = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|n| n.parse::<f64>().ok()).unwrap_or(1.0).max(1.0);
-        let host = crate::env::host_memory().map_or(u64::MAX, |m| (m as f64 * HOST_SHARE / ranks_here) as u64);
+        let ranks_here = crate::dist::env().map_or(1, |e| e.local_world_size.max(1));
+        let host = crate::env::host_memory().map_or(u64::MAX, |m| (m as f64 * HOST_SHARE / ranks_here as f64) as u64);
         plan_keeps(&layers, tokens, host.saturating_sub(checkpoint * tokens * self.layers.len() as u64))
     }
 
