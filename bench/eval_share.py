@@ -3,11 +3,11 @@
 One random-init model (bench.py's shapes), LoRA r=8 α=32 on q_proj+v_proj, bf16, alpaca-format
 records of ~2,048 tokens, batch 4, `gradient_checkpointing: "auto"`; every `--every` steps the
 eval set of `--prompts` records is scored: its loss, and `eval_generate` (greedy answers of
-`--new` tokens, 64 prompts at a time, BLEU and ROUGE-L against the references). Prints each
+`--new` tokens, `--gen-batch` prompts at a time, BLEU and ROUGE-L against the references). Prints each
 evaluation's `eval_seconds` (the loss pass and the generation), and their sum as a share of
 `train`'s wall time.
 
-usage: python3 bench/eval_share.py [SHAPE] [--steps 100] [--every 50] [--prompts 256] [--new 64]
+usage: python3 bench/eval_share.py [SHAPE] [--steps 100] [--every 50] [--prompts 256] [--new 64] [--gen-batch 64] [--eval-batch 16]
   needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine);
   `--device cpu` with the `tiny` shape tries the script on a machine without a GPU
 """
@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--steps", type=int, default=100); ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--prompts", type=int, default=256); ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--seq", type=int, default=2048); ap.add_argument("--device", default="cuda")
+    ap.add_argument("--gen-batch", type=int, default=64, help="eval_generate's batch_size (prompts decoded together)")
+    ap.add_argument("--eval-batch", type=int, default=16, help="eval_batch_size (records a loss pass scores together)")
     a = ap.parse_args()
     model_dir = f"/tmp/gen-model-{a.shape}"
     make_model(a.shape, model_dir, a.device)
@@ -51,9 +53,9 @@ let m = load_model("{model_dir}", #{{ dtype: "{dtype}", device: "{a.device}" }})
 m.add_lora(#{{ r: 8, alpha: 32, dropout: 0.05, targets: ["q_proj", "v_proj"] }});
 let t0 = timestamp();
 let r = train(m, #{{ train: load_dataset("{work}/train.jsonl"), eval: load_dataset("{work}/eval.jsonl"), format: "alpaca",
-    max_length: {a.seq}, batch_size: 4, eval_batch_size: 16, max_steps: {a.steps}, lr: 2e-4, log_every: 10,
+    max_length: {a.seq}, batch_size: 4, eval_batch_size: {a.eval_batch}, max_steps: {a.steps}, lr: 2e-4, log_every: 10,
     eval_every: {a.every}, gradient_checkpointing: "auto", output_dir: "{out}", save_every: 100000,
-    eval_generate: #{{ metrics: ["bleu", "rouge_l"], max_new_tokens: {a.new}, batch_size: 64 }} }});
+    eval_generate: #{{ metrics: ["bleu", "rouge_l"], max_new_tokens: {a.new}, batch_size: {a.gen_batch} }} }});
 print(`RESULT ${{t0.elapsed}} ${{r.steps}}`);
 """)
     stdout = run_recipe(recipe)

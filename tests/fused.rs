@@ -473,16 +473,17 @@ fn swiglu_over_halves_matches_silu_times_up() {
     }
 }
 
-/// The decoding GEMV (`decode_linear`: `x Wᵀ + b`, then LoRA's `+ xa Bᵀ`, each rounded) against
-/// the same in fp64, rounded where the ops round: bf16 within 2 units of its precision, fp32
-/// within 1e-5 of the largest output (its sums run in another order than cuBLAS's).
+/// The decoding GEMV (`decode_linear`: `x Wᵀ + b`, then LoRA's `+ xa Bᵀ`, each rounded; one
+/// kernel for each count of rows, 1 to 8) against the same in fp64, rounded where the ops round:
+/// bf16 within 2 units of its precision, fp32 within 1e-5 of the largest output (its sums run in
+/// another order than cuBLAS's).
 #[test]
 #[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
 fn decode_linear_matches_linear_and_the_lora_update() {
     let Some((dev, _rng)) = cuda() else { return };
     tch::manual_seed(8);
     for kind in [Kind::BFloat16, Kind::Float] {
-        for (rows, inp, out) in [(1i64, 576i64, 576i64), (3, 4096, 1000), (8, 24, 40)] {
+        for (rows, inp, out) in [(1i64, 576i64, 576i64), (2, 24, 40), (3, 4096, 1000), (4, 576, 96), (5, 24, 40), (6, 4096, 64), (7, 1000, 24), (8, 24, 40)] {
             for (bias, lora) in [(false, false), (true, false), (false, true), (true, true)] {
                 let x = Tensor::randn([rows, 1, inp], (kind, dev));
                 let w = Tensor::randn([out, inp], (kind, dev)) * (1.0 / (inp as f64).sqrt());
