@@ -94,6 +94,7 @@ pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -
         anyhow::bail!("out of memory (FTSCRIPT_INJECT_OOM_ROWS: {b} rows > {rows})");
     }
     let ragged = prompts.iter().any(|p| p.len() as i64 != width);
+    tracing::debug!("generate: {b} prompt(s) of {} to {width} tokens", prompts.iter().map(Vec::len).min().unwrap_or(0));
     let pad = model.tokenizer.pad_id;
     let mut ids = vec![];
     let mut valid = vec![];

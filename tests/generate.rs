@@ -202,6 +202,45 @@ print(`REF ${{scores.samples[0].reference}}`);
     }
 }
 
+/// `generate` on an array batches prompts of like length together, longest first (a batch pads
+/// each prompt to its longest), and returns the continuations in the prompts' order: what each
+/// prompt alone gives. Fails when batches follow the array's order (a one-word prompt beside a
+/// long one).
+#[test]
+fn prompts_of_like_length_are_decoded_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 8);
+    std::fs::write(
+        d.join("lengths.rhai"),
+        format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+let prompts = ["a", "record 1: the quick brown fox jumps over the lazy dog", "b", "record 2: the quick brown fox jumps over the lazy cat", "c"];
+let batch = m.generate(prompts, #{{ max_new_tokens: 5, batch_size: 2 }});
+let alone = prompts.map(|p| m.generate(p, #{{ max_new_tokens: 5 }}));
+print(`SAME ${{batch == alone}} LEN ${{batch.len()}}`);
+"#
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ftscript")).args(["run", "lengths.rhai"]).current_dir(d).env("FTSCRIPT_LOG", "ftscript=debug").output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success() && t.contains("SAME true LEN 5"), "{t}");
+    // the batched call's batches: two of two prompts, then one
+    let spans: Vec<(usize, usize)> = t
+        .lines()
+        .filter_map(|l| l.split("generate: ").nth(1)?.strip_suffix(" tokens").map(str::to_string))
+        .filter_map(|l| {
+            let (rows, span) = l.split_once(" prompt(s) of ")?;
+            let (lo, hi) = span.split_once(" to ")?;
+            (rows == "2").then(|| (lo.parse().ok(), hi.parse().ok())).and_then(|(lo, hi)| Some((lo?, hi?)))
+        })
+        .collect();
+    assert_eq!(spans.len(), 2, "{t}");
+    assert!(spans[0].0 > 10 && spans.iter().all(|(lo, hi)| hi - lo <= 3), "batches pad more than they need to: {spans:?}");
+}
+
 /// A batch of prompts that runs out of memory (injected: batches of more than 2 rows fail) is
 /// decoded again in halves, in `generate` and in `evaluate`, with a warning, and gives what one
 /// prompt at a time gives.

@@ -182,18 +182,23 @@ pub fn sampling(o: GenerateOptions) -> Sampling {
     }
 }
 
-/// Continuations of `prompts`, decoded `batch_size` prompts at a time. A batch that runs out of
-/// memory is decoded again in halves, and later batches are as small (down to one prompt; greedy
-/// decoding gives the same tokens, seeded sampling other draws).
+/// Continuations of `prompts`, decoded `batch_size` prompts at a time, longest prompts first: a
+/// batch pads each prompt to its longest, so prompts of like length batched together pad least
+/// (and the batch most likely to run out of memory comes first). A batch that runs out of
+/// memory is decoded again in halves, and later batches are as small (down to one prompt;
+/// greedy decoding gives the same tokens, seeded sampling other draws).
 pub fn generate_texts(m: &LoadedModel, prompts: &[String], s: &Sampling, batch_size: usize) -> anyhow::Result<Vec<String>> {
     let started = std::time::Instant::now();
     let ids = prompts.iter().map(|p| m.tokenizer.encode(p, true)).collect::<anyhow::Result<Vec<_>>>()?;
-    let mut out = Vec::with_capacity(prompts.len());
+    let mut order: Vec<usize> = (0..ids.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
+    let mut out = vec![String::new(); ids.len()];
     let mut tokens = 0;
-    let (mut size, mut rest) = (batch_size.max(1), &ids[..]);
+    let (mut size, mut rest) = (batch_size.max(1), &order[..]);
     while !rest.is_empty() {
         let chunk = &rest[..size.min(rest.len())];
-        let batch = match crate::script::options::catch_panic(|| generate::generate_batch(m, chunk, s)) {
+        let rows: Vec<Vec<i64>> = chunk.iter().map(|&i| ids[i].clone()).collect();
+        let batch = match crate::script::options::catch_panic(|| generate::generate_batch(m, &rows, s)) {
             Err(e) if chunk.len() > 1 && crate::script::options::error_kind(&format!("{e:#}")) == "oom" => {
                 size = chunk.len() / 2;
                 tracing::warn!("generate: out of memory decoding {} prompts at a time, now {size} at a time ({e:#})", chunk.len());
@@ -202,9 +207,9 @@ pub fn generate_texts(m: &LoadedModel, prompts: &[String], s: &Sampling, batch_s
             r => r?,
         };
         rest = &rest[chunk.len()..];
-        for generated in batch {
+        for (&i, generated) in chunk.iter().zip(batch) {
             tokens += generated.len();
-            out.push(generate::cut_at_stop(&m.tokenizer.decode(&generated, true)?, &s.stop).to_string());
+            out[i] = generate::cut_at_stop(&m.tokenizer.decode(&generated, true)?, &s.stop).to_string();
         }
     }
     let secs = started.elapsed().as_secs_f64();
