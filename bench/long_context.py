@@ -61,6 +61,9 @@ def main():
     lengths = [int(x) for x in a.lengths.split(",")]
     model_dir = f"/tmp/bench-model-{a.shape}"
     bench.make_model(a.shape, model_dir)
+    if a.peer == "unsloth" and not os.path.isdir(f"/tmp/unsloth-model-{a.shape}"):
+        # Unsloth's own copy of the model, written before its timed runs (a 7B's takes a minute)
+        subprocess.run([sys.executable, os.path.join(HERE, "unsloth_baseline.py"), "--_make", a.shape, f"/tmp/unsloth-model-{a.shape}"], check=True)
     results = {"ftscript": {}, a.peer: {}}
     sides = [("ftscript", lambda s: ours(a, s, model_dir))] + ([(a.peer, lambda s: peer(a, s))] if a.peer != "none" else [])
     for name, run in sides:
