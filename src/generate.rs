@@ -362,8 +362,8 @@ pub fn loss_of_ids(model: &LoadedModel, ids: &[i64]) -> Result<f64> {
     let input = Tensor::from_slice(ids).view([1, -1]).to_device(net.device);
     let t = ids.len() as i64;
     let positions = Tensor::arange(t, (Kind::Int64, net.device)).view([1, -1]);
-    let (logits, routes) = net.forward_routed(&input, &positions, &AttnMask::Causal);
-    let loss = crate::nn::loss::loss_sum(&logits, &input.to_device(logits.device())) / (t - 1) as f64;
+    let (h, routes) = net.hidden_routed(&input, &positions, &AttnMask::Causal, None, false);
+    let loss = net.head_loss_sum(&h, &input) / (t - 1) as f64;
     // a sparse model adds its load-balancing loss, as transformers' does with `output_router_logits`
     let balance = net.balance_loss(&routes, net.model_aux_coef(), None).map_or(0.0, |b| b.double_value(&[]));
     Ok(loss.double_value(&[]) + balance)

@@ -117,3 +117,32 @@ train(m, #{{ train: load_dataset("{o}/tokens.jsonl"), format: "tokens", shuffle:
         }
     }
 }
+
+/// The evaluation loss (`Decoder::head_loss_sum`: the final norm, the head and its soft-cap
+/// applied a few rows at a time, so that no B·T·V logits are held) equals the summed
+/// cross-entropy of the full logits, ignored labels (-100) among the rows, in chunks of 1, 3, 7
+/// rows and of all of them: a Gemma 2 (tied, soft-capped head), fp32 CPU.
+#[test]
+fn evaluation_loss_in_chunks_equals_the_loss_of_the_full_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = ftscript::models::load(&tiny(tmp.path(), "gemma2"), "fp32", Device::Cpu).unwrap();
+    let net = &model.net;
+    let (b, t) = (2i64, 11i64);
+    tch::manual_seed(3);
+    let ids = Tensor::randint(200, [b, t], (Kind::Int64, Device::Cpu)) + 3;
+    let labels = ids.copy();
+    let _ = labels.narrow(1, 2, 3).fill_(-100);
+    let positions = Tensor::arange(t, (Kind::Int64, Device::Cpu)).view([1, t]).expand([b, t], false).contiguous();
+    let _g = tch::no_grad_guard();
+    let h = net.hidden(&ids, &positions, &AttnMask::Causal, None, false);
+    let logits = net.head(&h, false);
+    let v = logits.size()[2];
+    let want = logits.narrow(1, 0, t - 1).reshape([-1, v]).cross_entropy_loss::<Tensor>(&labels.narrow(1, 1, t - 1).reshape([-1]), None, tch::Reduction::Sum, -100, 0.0).double_value(&[]);
+    assert!(want > 1.0, "{want}");
+    for chunk in [1, 3, 7, b * t] {
+        let got = net.head_loss_sum_by(&h, &labels, chunk).double_value(&[]);
+        assert!((got - want).abs() <= 1e-5 * want, "chunks of {chunk} rows: {got} against {want}");
+    }
+    let got = net.head_loss_sum(&h, &labels).double_value(&[]);
+    assert!((got - want).abs() <= 1e-5 * want, "{got} against {want}");
+}

@@ -809,6 +809,31 @@ impl Decoder {
         self.projection_loss_backward(&normed, &target, weight, None)
     }
 
+    /// Summed next-token cross-entropy over label tokens, `Σ_t −log softmax(z_t)[labels[t+1]]`
+    /// (fp32; -100: no loss) for the logits `z = head(h)` of `h` `[B, T, H]` (inference: no
+    /// dropout, no graph), the head applied to [`loss::LOSS_CHUNK_ELEMENTS`] logits at a time: an
+    /// evaluation's full logits would be B·T·V floats (16 GiB in fp32 for 16 rows of 2,048 tokens
+    /// and a 128k vocabulary).
+    pub fn head_loss_sum(&self, h: &Tensor, labels: &Tensor) -> Tensor {
+        self.head_loss_sum_by(h, labels, loss::LOSS_CHUNK_ELEMENTS / self.config.vocab_size.max(1) as i64)
+    }
+
+    /// [`Decoder::head_loss_sum`], the head applied to `chunk` rows at a time.
+    pub fn head_loss_sum_by(&self, h: &Tensor, labels: &Tensor, chunk: i64) -> Tensor {
+        let (b, t, hidden) = h.size3().unwrap();
+        let n = b * (t - 1);
+        let rows = h.narrow(1, 0, t - 1).reshape([n, hidden]);
+        let target = labels.narrow(1, 1, t - 1).reshape([n]).to_device(self.head_device);
+        let chunk = chunk.max(1);
+        let mut sum = Tensor::zeros([], (Kind::Float, self.head_device));
+        for start in (0..n).step_by(chunk as usize) {
+            let len = chunk.min(n - start);
+            let z = self.head(&rows.narrow(0, start, len).unsqueeze(0), false).squeeze_dim(0).to_kind(Kind::Float);
+            sum += z.cross_entropy_loss::<Tensor>(&target.narrow(0, start, len), None, tch::Reduction::Sum, -100, 0.0);
+        }
+        sum
+    }
+
     /// The rows that predict a next token: `h[:, :-1]` through the final norm (keeping its graph)
     /// `[B·(T-1), H]`, and their targets `labels[:, 1:]` `[B·(T-1)]`, on `head_device`.
     fn head_rows(&self, h: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
@@ -896,13 +921,6 @@ impl Decoder {
             }
         }
         v
-    }
-
-    /// Logits for token ids `[B, T]` at `positions` `[B, T]` (no cache, no dropout), and the
-    /// routings of the sparse layers.
-    pub fn forward_routed(&self, ids: &Tensor, positions: &Tensor, mask: &AttnMask) -> (Tensor, Vec<Routing>) {
-        let (h, routes) = self.hidden_routed(ids, positions, mask, None, false);
-        (self.head(&h, false), routes)
     }
 
     /// What the load-balancing loss weighted by `coef` adds to the loss of a forward with these

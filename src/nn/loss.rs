@@ -2,15 +2,6 @@
 
 use tch::{Kind, Tensor};
 
-/// Summed next-token cross-entropy over label tokens: `Σ −log softmax(logits[t])[labels[t+1]]`,
-/// in fp32.
-pub fn loss_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
-    let (b, t, v) = logits.size3().unwrap();
-    let pred = logits.narrow(1, 0, t - 1).to_kind(Kind::Float).reshape([b * (t - 1), v]);
-    let target = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
-    pred.cross_entropy_loss::<Tensor>(&target, None, tch::Reduction::Sum, -100, 0.0)
-}
-
 /// Logits computed at once by [`linear_cross_entropy_backward`]: rows × vocabulary (128 MiB in fp32; 1024
 /// rows of a 32k vocabulary).
 pub const LOSS_CHUNK_ELEMENTS: i64 = 1 << 25;

@@ -8,7 +8,6 @@ use super::batch::{collate, Batch, BatchConfig, Row};
 use crate::data::format::{Example, IGNORE};
 use crate::models::decoder::{AttnMask, AuxLoss, Decoder};
 use crate::models::Checkpointing;
-use crate::nn::loss::loss_sum;
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
@@ -131,8 +130,8 @@ impl Objective for Sft {
         let (loss, balance) = match backward {
             Some(bw) => net.loss_and_backward(&ids, &labels, &positions, &mask, bw.weight, &AuxLoss { coef, weight: bw.weight * units, valid }, bw.checkpointing, bw.seed)?,
             None => crate::nn::no_grad(|| {
-                let (logits, routes) = net.forward_routed(&ids, &positions, &mask);
-                (loss_sum(&logits, &labels.to_device(logits.device())), net.balance_loss(&routes, coef, valid.as_ref()))
+                let (h, routes) = net.hidden_routed(&ids, &positions, &mask, None, false);
+                (net.head_loss_sum(&h, &labels), net.balance_loss(&routes, coef, valid.as_ref()))
             }),
         };
         let loss = match balance {
