@@ -232,9 +232,9 @@ print(`SAME ${{batch == alone}} LEN ${{batch.len()}}`);
         .lines()
         .filter_map(|l| l.split("generate: ").nth(1)?.strip_suffix(" tokens").map(str::to_string))
         .filter_map(|l| {
-            let (rows, span) = l.split_once(" prompt(s) of ")?;
+            let span = l.strip_prefix("2 prompt(s) of ")?;
             let (lo, hi) = span.split_once(" to ")?;
-            (rows == "2").then(|| (lo.parse().ok(), hi.parse().ok())).and_then(|(lo, hi)| Some((lo?, hi?)))
+            Some((lo.parse().ok()?, hi.parse().ok()?))
         })
         .collect();
     assert_eq!(spans.len(), 2, "{t}");

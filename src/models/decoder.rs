@@ -820,11 +820,8 @@ impl Decoder {
 
     /// [`Decoder::head_loss_sum`], the head applied to `chunk` rows at a time.
     pub fn head_loss_sum_by(&self, h: &Tensor, labels: &Tensor, chunk: i64) -> Tensor {
-        let (b, t, hidden) = h.size3().unwrap();
-        let n = b * (t - 1);
-        let rows = h.narrow(1, 0, t - 1).reshape([n, hidden]);
-        let target = labels.narrow(1, 1, t - 1).reshape([n]).to_device(self.head_device);
-        let chunk = chunk.max(1);
+        let (rows, target) = self.next_token_rows(h, labels);
+        let (n, chunk) = (target.size()[0], chunk.max(1));
         let mut sum = Tensor::zeros([], (Kind::Float, self.head_device));
         for start in (0..n).step_by(chunk as usize) {
             let len = chunk.min(n - start);
@@ -837,11 +834,16 @@ impl Decoder {
     /// The rows that predict a next token: `h[:, :-1]` through the final norm (keeping its graph)
     /// `[B·(T-1), H]`, and their targets `labels[:, 1:]` `[B·(T-1)]`, on `head_device`.
     fn head_rows(&self, h: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
+        let (flat, target) = self.next_token_rows(h, labels);
+        (self.norm.forward(&flat, true), target)
+    }
+
+    /// `h[:, :-1]` `[B·(T-1), H]` and the next tokens `labels[:, 1:]` `[B·(T-1)]`, on `head_device`.
+    fn next_token_rows(&self, h: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
         let (b, t, hidden) = h.size3().unwrap();
         let n = b * (t - 1);
         let flat = h.narrow(1, 0, t - 1).reshape([n, hidden]).to_device(self.head_device);
-        let target = labels.narrow(1, 1, t - 1).reshape([n]).to_device(self.head_device);
-        (self.norm.forward(&flat, true), target)
+        (flat, labels.narrow(1, 1, t - 1).reshape([n]).to_device(self.head_device))
     }
 
     /// [`loss::linear_cross_entropy_backward`] through the output projection, each row's
