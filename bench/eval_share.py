@@ -7,7 +7,9 @@ eval set of `--prompts` records is scored: its loss, and `eval_generate` (greedy
 evaluation's `eval_seconds` (the loss pass and the generation), and their sum as a share of
 `train`'s wall time.
 
-usage: python3 bench/eval_share.py [SHAPE] [--steps 100] [--every 50] [--prompts 256] [--new 64] [--gen-batch 64] [--eval-batch 16]
+usage: python3 bench/eval_share.py [SHAPE] [--steps 100] [--every 50] [--prompts 256] [--new 64] [--gen-batch 64] [--eval-batch 16] [--profile]
+  `--profile` profiles step `--every` and the evaluation after it (`train`'s `profile`) and prints
+  the summary: GPU time by kind of kernel;
   needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine);
   `--device cpu` with the `tiny` shape tries the script on a machine without a GPU
 """
@@ -31,6 +33,7 @@ def main():
     ap.add_argument("--seq", type=int, default=2048); ap.add_argument("--device", default="cuda")
     ap.add_argument("--gen-batch", type=int, default=64, help="eval_generate's batch_size (prompts decoded together)")
     ap.add_argument("--eval-batch", type=int, default=16, help="eval_batch_size (records a loss pass scores together)")
+    ap.add_argument("--profile", action="store_true", help="profile step --every and its evaluation")
     a = ap.parse_args()
     model_dir = f"/tmp/gen-model-{a.shape}"
     make_model(a.shape, model_dir, a.device)
@@ -47,6 +50,7 @@ def main():
     out = os.path.join(work, "run")
     dtype = "bf16" if a.device == "cuda" else "fp32"
     recipe = os.path.join(work, "eval_share.rhai")
+    profile = f" profile: #{{ start: {a.every}, steps: 1 }}," if a.profile else ""
     with open(recipe, "w") as f:
         f.write(f"""
 let m = load_model("{model_dir}", #{{ dtype: "{dtype}", device: "{a.device}" }});
@@ -54,7 +58,7 @@ m.add_lora(#{{ r: 8, alpha: 32, dropout: 0.05, targets: ["q_proj", "v_proj"] }})
 let t0 = timestamp();
 let r = train(m, #{{ train: load_dataset("{work}/train.jsonl"), eval: load_dataset("{work}/eval.jsonl"), format: "alpaca",
     max_length: {a.seq}, batch_size: 4, eval_batch_size: {a.eval_batch}, max_steps: {a.steps}, lr: 2e-4, log_every: 10,
-    eval_every: {a.every}, gradient_checkpointing: "auto", output_dir: "{out}", save_every: 100000,
+    eval_every: {a.every}, gradient_checkpointing: "auto", output_dir: "{out}", save_every: 100000,{profile}
     eval_generate: #{{ metrics: ["bleu", "rouge_l"], max_new_tokens: {a.new}, batch_size: {a.gen_batch} }} }});
 print(`RESULT ${{t0.elapsed}} ${{r.steps}}`);
 """)
@@ -64,6 +68,8 @@ print(`RESULT ${{t0.elapsed}} ${{r.steps}}`);
     steps = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"tokens_per_sec"' in l]
     for e in evals:
         print(json.dumps({k: e[k] for k in ["step", "eval_loss", "eval_bleu", "eval_rouge_l", "eval_seconds", "eval_generate_seconds"]}))
+    if a.profile:
+        print(open(os.path.join(out, "profile", "summary.txt")).read())
     spent = sum(e["eval_seconds"] for e in evals)
     print(f"EVAL SHARE {a.shape}: {len(evals)} evaluations of {a.prompts} records ({a.new} new tokens each) took {spent:.1f} s "
           f"of train's {wall:.1f} s = {100 * spent / wall:.1f}%; training at {steps[-1]['tokens_per_sec']:.0f} tok/s", flush=True)

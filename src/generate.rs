@@ -84,6 +84,12 @@ pub fn process_logits(logits: &Tensor, seen: &Tensor, s: &Sampling) -> Tensor {
 /// ([`Decoding`]). Returns each row's new ids, the stop id left out.
 pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -> Result<Vec<Vec<i64>>> {
     let _guard = tch::no_grad_guard();
+    crate::nn::inference_kernels(|| generate_on(model, prompts, s))
+}
+
+/// [`generate_batch`]'s work, inside its [`crate::nn::inference_kernels`] scope (the prompts'
+/// forward and the steps on the fused kernels, on a GPU).
+fn generate_on(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -> Result<Vec<Vec<i64>>> {
     let net = &model.net;
     let device = net.device;
     anyhow::ensure!(!prompts.is_empty(), "generate: no prompts");
@@ -195,12 +201,6 @@ struct Decoding<'a> {
     /// Each rotary table's `(cos, sin)` `[limit, d]` by position, when positions alone fix them.
     tables: Option<Vec<(Tensor, Tensor)>>,
     graph: Graph,
-}
-
-impl Drop for Decoding<'_> {
-    fn drop(&mut self) {
-        crate::nn::forget_prepared();
-    }
 }
 
 enum Graph {
@@ -336,10 +336,8 @@ impl<'a> Decoding<'a> {
             None => net.ropes.iter().map(|r| r.cos_sin(&self.positions, net.kind)).collect(),
         };
         let shared = LayerInputs::new(tables, &AttnMask::Padded(self.valid.shallow_clone()));
-        crate::nn::decoding_kernels(|| {
-            let (h, _) = net.hidden_with(&self.ids, shared, Some(&self.cache), false);
-            net.head(&h, false).view([b, -1])
-        })
+        let (h, _) = net.hidden_with(&self.ids, shared, Some(&self.cache), false);
+        net.head(&h, false).view([b, -1])
     }
 }
 

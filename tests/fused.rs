@@ -509,3 +509,48 @@ fn decode_linear_matches_linear_and_the_lora_update() {
         }
     }
 }
+
+/// Training's evaluation and a generation's prompts run the fused kernels without dropout
+/// ([`ftscript::nn::inference_kernels`]): for every family (q/k norms, soft-capping, sliding
+/// windows, fused projections, routed experts) with LoRA on every projection, the last hidden
+/// states and the summed loss equal the op path's (fp32: to 1e-4; bf16: to its rounding), and a
+/// scope after the adapters changed uses the new ones (what one scope derives from them, such
+/// as the joint gate/up update, is forgotten when it ends).
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn inference_on_the_fused_kernels_matches_the_op_path() {
+    let Some((dev, _rng)) = cuda() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    use ftscript::models::decoder::AttnMask;
+    for name in ["llama_gqa", "qwen3", "gemma2", "gemma3", "phi3", "qwen3_moe"] {
+        let model_dir = tiny(tmp.path(), name);
+        for (dtype, tol) in [("fp32", 1e-4), ("bf16", 3e-2)] {
+            let mut m = ftscript::models::load(&model_dir, dtype, dev).unwrap();
+            let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.1, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters: vec![] };
+            let kind = m.net.kind;
+            ftscript::nn::peft::add_lora(&mut m.net, &spec, kind).unwrap();
+            let ids = Tensor::randint_low(3, 250, [3, 40], (Kind::Int64, dev));
+            let positions = Tensor::arange(40, (Kind::Int64, dev)).view([1, 40]).repeat([3, 1]);
+            let forward = || tch::no_grad(|| {
+                let h = m.net.hidden(&ids, &positions, &AttnMask::Causal, None, false);
+                let loss = m.net.head_loss_sum(&h, &ids).double_value(&[]);
+                (h, loss)
+            });
+            for draw in 0..2 {
+                tch::no_grad(|| {
+                    for lin in m.net.linears() {
+                        if let Some(l) = lin.lora() {
+                            let _ = l.b.shallow_clone().normal_(0.0, 0.05);
+                        }
+                    }
+                });
+                let (h_ops, loss_ops) = forward();
+                let (h_fused, loss_fused) = ftscript::nn::inference_kernels(forward);
+                let h_err = ((&h_fused - &h_ops).abs().max() / h_ops.abs().max()).double_value(&[]);
+                let loss_err = (loss_fused - loss_ops).abs() / loss_ops.abs();
+                println!("{name} {dtype} adapters {draw}: hidden rel {h_err:.2e}, loss {loss_fused} vs {loss_ops} (rel {loss_err:.2e})");
+                assert!(h_err < tol && loss_err < tol / 10.0, "{name} {dtype} adapters {draw}: the fused forward differs from the ops (hidden {h_err:.2e}, loss {loss_err:.2e})");
+            }
+        }
+    }
+}

@@ -276,7 +276,8 @@ print(`EVAL ${{all.samples == one.samples}} ${{all.records}}`);
 }
 
 /// `eval_generate` scores generated answers at each evaluation: the scores reach metrics.jsonl
-/// and `on_eval` (early stopping on one of them), and a misspelt metric is caught before training.
+/// and `on_eval` (early stopping on one of them), a profile of the step before an evaluation
+/// holds it, and a misspelt metric is caught before training.
 #[test]
 fn train_scores_generated_answers_at_each_evaluation() {
     let tmp = tempfile::tempdir().unwrap();
@@ -295,7 +296,7 @@ let seen = [];
 let r = train(m, #{{ train: data.train, eval: data.eval, format: "alpaca", batch_size: 4, max_steps: 6, lr: 3e-2, log_every: 1, eval_every: 2,
     eval_generate: #{{ metrics: ["{metric}", "exact_match"], max_new_tokens: 6, batch_size: 4, samples: 1 }},
     on_eval: [|s| {{ seen.push(s.eval_exact_match); }}, cb::early_stopping(#{{ metric: "eval_rouge_l", mode: "max", patience: 1 }})],
-    output_dir: "{out}" }});
+    output_dir: "{out}", profile: #{{ start: 2, steps: 1 }} }});
 print(`RESULT steps=${{r.steps}} seen=${{seen.len()}}`);
 "#
         )
@@ -311,6 +312,11 @@ print(`RESULT steps=${{r.steps}} seen=${{seen.len()}}`);
         // the whole evaluation's time holds the generation's
         assert!(e["eval_seconds"].as_f64() >= e["eval_generate_seconds"].as_f64(), "{e}");
     }
+    // the profile of step 2 holds the evaluation after it: greedy generation's argmax is there
+    let summary = std::fs::read_to_string(d.join("eg/profile/summary.txt")).unwrap();
+    assert!(summary.starts_with("steps 2..=2 and the evaluation after step 2"), "{summary}");
+    let trace = std::fs::read_to_string(d.join("eg/profile/trace.json")).unwrap();
+    assert!(trace.contains("aten::argmax"), "the profile holds no generation");
     std::fs::write(d.join("bad.rhai"), recipe("roug_l", "bad")).unwrap();
     let out = ftscript(&["run", "bad.rhai"], d);
     let t = text(&out);

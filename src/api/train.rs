@@ -67,7 +67,7 @@ pub struct TrainOptions {
     /// Multi-turn chat (`chat_template`): `all` assistant turns (default) or the `last` one.
     pub train_on: Option<String>,
     pub shuffle: Option<bool>,
-    /// `#{start: N, steps: K}`: profile K optimizer steps from step N.
+    /// `#{start: N, steps: K}`: profile K optimizer steps from step N (and the evaluation after the last, if one falls there).
     pub profile: Option<ProfileOptions>,
     /// A non-finite loss or gradient norm: `stop` (default) or `skip` the update.
     pub on_nan: Option<String>,

@@ -116,8 +116,11 @@ pub fn decode_qkv(qkv: &Tensor, (cos, sin): (&Tensor, &Tensor), norms: Option<(&
     })
 }
 
+/// The most rows [`decode_linear`] takes.
+pub const DECODE_ROWS: i64 = 8;
+
 /// `x Wᵀ + bias` then `+ xa Bᵀ` (a LoRA update, `xa = s·x·Aᵀ` `[rows, r]`, `lora_b` `[out, r]`), each
-/// rounded, in one kernel for at most 8 rows of `x` `[.., in]` (decoding steps, where cuBLAS's
+/// rounded, in one kernel for at most [`DECODE_ROWS`] rows of `x` `[.., in]` (decoding steps, where cuBLAS's
 /// GEMV leaves bandwidth unused and the update would be another launch). No autograd; `None`
 /// off the GPU or where the kernel does not fit (more rows, `in` not a multiple of 8).
 pub fn decode_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>) -> Option<Tensor> {
@@ -126,7 +129,7 @@ pub fn decode_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option
     let fits = |t: &Tensor| t.is_contiguous() && t.kind() == kind;
     let rows = x.numel() as i64 / inp.max(1);
     if size.last() != Some(&inp)
-        || !(1..=8).contains(&rows)
+        || !(1..=DECODE_ROWS).contains(&rows)
         || inp % 8 != 0
         || ![x, w].iter().all(|t| fits(t) && aligned16(t))
         || !bias.is_none_or(|b| fits(b) && b.numel() == out as usize)

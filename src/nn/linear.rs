@@ -161,6 +161,9 @@ impl Linear {
     /// ([`crate::cuda::autograd::decode_linear`]), for a dense weight and no adapter but plain LoRA.
     fn decode_forward(&self, x: &Tensor) -> Option<Tensor> {
         let w = self.weight.as_dense()?;
+        if x.numel() as i64 > crate::cuda::autograd::DECODE_ROWS * self.in_features() {
+            return None;
+        }
         let lora = match &self.adapter {
             _ if adapters_disabled() => None,
             None => None,

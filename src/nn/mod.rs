@@ -17,51 +17,62 @@ pub use weights::WeightSource;
 use tch::Tensor;
 
 thread_local! {
-    /// Set inside [`decoding_kernels`].
-    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Tensors derived once for a generation's decoding steps (an adapter's scaled, cast
-    /// weights), by the address of the tensor they derive from and what they are;
+    /// Set inside [`inference_kernels`].
+    static INFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Tensors derived once for the forwards of an [`inference_kernels`] scope (an adapter's
+    /// scaled, cast weights), by the address of the tensor they derive from and what they are;
     /// [`forget_prepared`] drops them.
     static PREPARED: std::cell::RefCell<std::collections::HashMap<(usize, &'static str), Vec<Tensor>>> = Default::default();
 }
 
-/// What `make` derives from `from` (`what` names it), made on the first call of this generation
-/// (see `PREPARED`).
+/// What `make` derives from `from` (`what` names it), made on the first call of this
+/// [`inference_kernels`] scope (see `PREPARED`).
 pub(crate) fn prepared(from: &Tensor, what: &'static str, make: impl FnOnce() -> Vec<Tensor>) -> Vec<Tensor> {
     let key = (from.data_ptr() as usize, what);
     PREPARED.with(|p| p.borrow_mut().entry(key).or_insert_with(make).iter().map(Tensor::shallow_clone).collect())
 }
 
-/// Drops what [`prepared`] made (a generation ends: the adapters may train again).
+/// Drops what [`prepared`] made (an [`inference_kernels`] scope ends: the adapters may train again).
 pub fn forget_prepared() {
     PREPARED.with(|p| p.borrow_mut().clear());
 }
 
-/// Whether to use the fused kernels: while training on a GPU, and in the decoding steps of
-/// generation on a GPU ([`decoding_kernels`]). SwiGLU and RoPE (`crate::cuda::autograd`) round
+/// Whether to use the fused kernels: on a GPU, while training and inside [`inference_kernels`]
+/// (generation, and training's evaluation). SwiGLU and RoPE (`crate::cuda::autograd`) round
 /// exactly like transformers' ops; RMSNorm rounds once where transformers rounds twice
-/// ([`norm::RmsNorm`]). Other inference and evaluation keep transformers' exact op sequence.
+/// ([`norm::RmsNorm`]). Other inference (`model.loss`, `logits`) keeps transformers' exact op
+/// sequence.
 pub(crate) fn fused(x: &Tensor, train: bool) -> bool {
-    (train || decoding()) && x.device().is_cuda()
+    (train || inference()) && x.device().is_cuda()
 }
 
-/// Whether this thread is inside [`decoding_kernels`].
-pub(crate) fn decoding() -> bool {
-    DECODING.with(std::cell::Cell::get)
+/// Whether this thread is inside [`inference_kernels`].
+pub(crate) fn inference() -> bool {
+    INFERENCE.with(std::cell::Cell::get)
 }
 
-/// Whether a decoding step on a GPU over `x` fuses further: q/k/v and gate/up by one GEMM each
-/// (`Projections::forward_joint`), then `decode_qkv`, `swiglu_halves` and, at up to 8 rows,
-/// `decode_linear` of [`crate::cuda::autograd`] (`tests/fused.rs` checks each against the ops
-/// it replaces).
+/// Whether a forward without dropout on a GPU over `x` fuses further: gate/up by one GEMM
+/// (`Projections::forward_joint`) and `swiglu_halves`; in a decoding step also q/k/v by one GEMM
+/// and `decode_qkv`, and at up to [`crate::cuda::autograd::DECODE_ROWS`] rows `decode_linear`,
+/// of [`crate::cuda::autograd`] (`tests/fused.rs` checks each against the ops it replaces).
 pub(crate) fn decode_fusion(x: &Tensor, train: bool) -> bool {
     !train && fused(x, train)
 }
 
-/// `f` with the fused kernels on for inference (a decoding step, where each op's launch costs
-/// more than its work), off again however `f` ends.
-pub fn decoding_kernels<T>(f: impl FnOnce() -> T) -> T {
-    with_flag(&DECODING, f)
+/// `f` with the fused kernels on for forwards without autograd or dropout: decoding steps,
+/// where each op's launch costs more than its work, and a generation's prompts or an
+/// evaluation's records, where transformers' op sequence passes over the activations several
+/// times more. Off again however `f` ends; the outermost scope then forgets what its forwards
+/// [`prepared`].
+pub fn inference_kernels<T>(f: impl FnOnce() -> T) -> T {
+    struct Forget;
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            forget_prepared();
+        }
+    }
+    let _forget = (!inference()).then_some(Forget);
+    with_flag(&INFERENCE, f)
 }
 
 /// `f` with the thread-local `flag` set, and back as it was however `f` ends (also by a panic).

@@ -5,10 +5,11 @@ use super::fused;
 use tch::{Kind, Tensor};
 
 /// RMSNorm as transformers computes it: normalise in fp32, cast back, then scale. When training
-/// on a GPU it is one kernel each way (ftscript's `add_rms_norm`, or libtorch's
-/// `_fused_rms_norm` where that cannot run) instead of ~8 elementwise kernels, scaling before
-/// the cast (one rounding instead of two; the fp32 sum may round differently in the last bit);
-/// inference and evaluation use transformers' exact op sequence.
+/// on a GPU, and in generation and training's evaluation there ([`super::inference_kernels`]), it
+/// is one kernel each way (ftscript's `add_rms_norm`, or libtorch's `_fused_rms_norm` where that
+/// cannot run) instead of ~8 elementwise kernels, scaling before the cast (one rounding instead
+/// of two; the fp32 sum may round differently in the last bit); other inference (`model.loss`,
+/// `logits`) uses transformers' exact op sequence.
 pub struct RmsNorm {
     /// The checkpoint name of the norm (`model.layers.0.input_layernorm`); its tensor is `{name}.weight`.
     pub name: String,
@@ -26,13 +27,13 @@ impl RmsNorm {
     }
 
     /// The weight the fused kernels scale by, in `kind`: `w`, or Gemma's `1 + w` rounded to
-    /// `kind` (made once a generation in its decoding steps).
+    /// `kind` (made once an [`super::inference_kernels`] scope).
     pub(crate) fn fused_scale(&self, kind: Kind) -> Tensor {
         if !self.unit_offset {
             return self.weight.shallow_clone();
         }
         let make = || (self.weight.to_kind(Kind::Float) + 1.0).to_kind(kind);
-        if super::decoding() { super::prepared(&self.weight, "unit offset", || vec![make()]).remove(0) } else { make() }
+        if super::inference() { super::prepared(&self.weight, "unit offset", || vec![make()]).remove(0) } else { make() }
     }
 
     /// The residual add before the norm, `(h + delta, norm(h + delta))` (`(h, norm(h))` without

@@ -136,8 +136,9 @@ pub enum OnOom {
     Halve,
 }
 
-/// `steps` optimizer steps from step `start` (1-based, as logged), profiled into
-/// `<output_dir>/profile/` (`trace.json`, `summary.txt`).
+/// `steps` optimizer steps from step `start` (1-based, as logged), and the evaluation after the
+/// last of them if one falls there, profiled into `<output_dir>/profile/` (`trace.json`,
+/// `summary.txt`).
 #[derive(Debug, Clone, Copy)]
 pub struct ProfileSteps {
     pub start: usize,
@@ -168,7 +169,7 @@ pub trait Hooks {
 
 /// Stops `running` once the GPUs are idle and writes `profile/trace.json` and
 /// `profile/summary.txt` (also logged) under `dir`.
-fn write_profile(running: crate::cuda::profile::Profiler, net: &dyn TrainModel, dir: &std::path::Path, p: ProfileSteps) -> Result<()> {
+fn write_profile(running: crate::cuda::profile::Profiler, net: &dyn TrainModel, dir: &std::path::Path, p: ProfileSteps, evaluated: bool) -> Result<()> {
     for d in net.devices() {
         if let tch::Device::Cuda(i) = d {
             tch::Cuda::synchronize(i as i64);
@@ -177,7 +178,9 @@ fn write_profile(running: crate::cuda::profile::Profiler, net: &dyn TrainModel, 
     let out = dir.join("profile");
     std::fs::create_dir_all(&out)?;
     let summary = running.stop(&out.join("trace.json"))?;
-    let text = format!("steps {}..={} (times are totals over the {} steps)\n{}", p.start, p.start + p.steps - 1, p.steps, summary.table(25));
+    let last = p.start + p.steps - 1;
+    let evaluation = if evaluated { format!(" and the evaluation after step {last}") } else { String::new() };
+    let text = format!("steps {}..={last}{evaluation} (times are totals over the {} steps)\n{}", p.start, p.steps, summary.table(25));
     crate::nn::weights::write_atomic(&out.join("summary.txt"), text.as_bytes())?;
     tracing::info!("profile written to {}:\n{text}", out.display());
     Ok(())
@@ -209,9 +212,15 @@ fn insert_metrics(m: &mut Map<String, Value>, prefix: &str, names: &[&str], sums
 
 /// The objective's mean loss and metrics over its evaluation examples, without gradients, as
 /// logged: `eval_loss`, `eval_<metric>`, and the objective's extras. With `pg`, the micro-batches
-/// are shared out across its ranks and the sums reduced.
+/// are shared out across its ranks and the sums reduced. On a GPU the forwards run the fused
+/// kernels ([`crate::nn::inference_kernels`]; dropout off).
 pub fn evaluate<M: TrainModel>(net: &M, objective: &dyn Objective<M>, cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<Map<String, Value>> {
     let _g = tch::no_grad_guard();
+    crate::nn::inference_kernels(|| evaluate_on(net, objective, cfg, pg))
+}
+
+/// [`evaluate`]'s work, inside its scope.
+fn evaluate_on<M: TrainModel>(net: &M, objective: &dyn Objective<M>, cfg: &BatchConfig, pg: Option<&ProcessGroup>) -> Result<Map<String, Value>> {
     let cfg = BatchConfig { shuffle: false, ..cfg.clone() };
     let names = objective.metric_names();
     let mut sums = Tensor::zeros([1 + 2 * names.len() as i64], (Kind::Double, net.head_device()));
@@ -576,11 +585,6 @@ pub fn train<M: TrainModel>(
             state.step += 1;
             (state.epoch, state.batch_in_epoch, finished_plan_len) = (done.epoch, done.end, done.plan_len);
             progress.set_position(state.step as u64);
-            if let Some(p) = cfg.profile.filter(|p| p.start + p.steps == state.step + 1) {
-                if let Some(running) = profiler.take() {
-                    progress.suspend(|| write_profile(running, net, &cfg.output_dir, p))?;
-                }
-            }
             log_loss_sum += loss;
             log_steps += 1;
             for (acc, v) in log_metric_sums.iter_mut().zip(step_metrics) {
@@ -631,7 +635,8 @@ pub fn train<M: TrainModel>(
                 stop |= asks_stop(hooks.on_log(&m), &mut failure);
             }
             let eval_now = cfg.eval_every.map(|e| state.step % e == 0).unwrap_or(false) || (state.step == total_steps && cfg.eval_every.is_some());
-            if eval_now && !objective.lengths(Split::Eval).is_empty() {
+            let evaluates = eval_now && !objective.lengths(Split::Eval).is_empty();
+            if evaluates {
                 let started = std::time::Instant::now();
                 let measured = evaluate(net, objective, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() }, pg)?;
                 let eval_loss = measured["eval_loss"].as_f64().unwrap_or(f64::NAN);
@@ -656,6 +661,12 @@ pub fn train<M: TrainModel>(
                 state.log_history.push(Value::Object(m.clone()));
                 result.eval_loss = Some(eval_loss);
                 stop |= asks_stop(hooks.on_eval(&m), &mut failure);
+            }
+            // the last profiled step's evaluation, if one falls there, is in the profile too
+            if let Some(p) = cfg.profile.filter(|p| p.start + p.steps == state.step + 1) {
+                if let Some(running) = profiler.take() {
+                    progress.suspend(|| write_profile(running, net, &cfg.output_dir, p, evaluates))?;
+                }
             }
             stop |= super::interrupt::interrupted();
             if let Some(g) = pg {
