@@ -67,7 +67,9 @@ print(`RESULT ${{t0.elapsed}} ${{r.steps}}`);
     evals = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"eval_seconds"' in l]
     steps = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"tokens_per_sec"' in l]
     for e in evals:
-        print(json.dumps({k: e[k] for k in ["step", "eval_loss", "eval_bleu", "eval_rouge_l", "eval_seconds", "eval_generate_seconds"]}))
+        row = {k: e[k] for k in ["step", "eval_loss", "eval_bleu", "eval_rouge_l", "eval_seconds", "eval_generate_seconds"]}
+        row["loss_pass_seconds"] = round(e["eval_seconds"] - e["eval_generate_seconds"], 3)
+        print(json.dumps(row))
     if a.profile:
         print(open(os.path.join(out, "profile", "summary.txt")).read())
     spent = sum(e["eval_seconds"] for e in evals)
