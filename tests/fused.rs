@@ -526,7 +526,7 @@ fn inference_on_the_fused_kernels_matches_the_op_path() {
         let model_dir = tiny(tmp.path(), name);
         for (dtype, tol) in [("fp32", 1e-4), ("bf16", 3e-2)] {
             let mut m = ftscript::models::load(&model_dir, dtype, dev).unwrap();
-            let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.1, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters: vec![] };
+            let spec = all_linear_lora(0.1, vec![]);
             let kind = m.net.kind;
             ftscript::nn::peft::add_lora(&mut m.net, &spec, kind).unwrap();
             let ids = Tensor::randint_low(3, 250, [3, 40], (Kind::Int64, dev));

@@ -103,7 +103,7 @@ fn cuda_graph_decoding_gives_the_tokens_of_op_by_op_decoding() {
         let model_dir = tiny(d, name);
         for dtype in ["fp32", "bf16"] {
             let mut m = ftscript::models::load(&model_dir, dtype, Device::Cuda(0)).unwrap();
-            let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters: vec![] };
+            let spec = all_linear_lora(0.0, vec![]);
             let kind = m.net.kind;
             ftscript::nn::peft::add_lora(&mut m.net, &spec, kind).unwrap();
             tch::no_grad(|| {

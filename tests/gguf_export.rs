@@ -56,7 +56,7 @@ fn llama_cpp_greedy(gguf: &Path, ids: &[i64], n: usize, lora: Option<&Path>) -> 
 fn add_trained_looking_lora(m: &mut ftscript::models::LoadedModel) {
     // (and every expert stack of a mixture of experts)
     let target_parameters = if m.net.config.moe.is_some() { vec!["gate_up_proj".into(), "down_proj".into()] } else { vec![] };
-    let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters };
+    let spec = all_linear_lora(0.0, target_parameters);
     ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
     let random = |b: &Tensor| tch::no_grad(|| Tensor::randn(b.size(), (Kind::Float, Device::Cpu)) * 0.05);
     for lin in m.net.linears_mut() {

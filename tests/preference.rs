@@ -336,7 +336,7 @@ fn shared_prompts_train_as_separate_sequences() {
     for family in ["llama_gqa", "gemma2", "qwen3_moe"] {
         let mut m = ftscript::models::load(&tiny(tmp.path(), family), "fp32", Device::Cpu).unwrap();
         let target_parameters = if m.net.config.moe.is_some() { vec!["gate_up_proj".into(), "down_proj".into()] } else { vec![] };
-        let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters };
+        let spec = all_linear_lora(0.0, target_parameters);
         ftscript::nn::peft::add_lora(&mut m.net, &spec, Kind::Float).unwrap();
         let adapters: Vec<Tensor> = ftscript::nn::peft::adapter_tensors(&m.net).into_iter().map(|(_, t)| t).collect();
         tch::manual_seed(3);

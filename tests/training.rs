@@ -490,7 +490,7 @@ fn kept_attention_case(device: Device, dtype: &str, tolerance: f64) {
     let d = tmp.path();
     for (name, l, flash) in [("llama_wide", 0usize, true), ("llama_gqa", 1, true), ("qwen3", 0, true), ("qwen3", 1, false)] {
         let mut m = ftscript::models::load(&tiny(d, name), dtype, device).unwrap();
-        let spec = ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout: 0.1, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters: vec![] };
+        let spec = all_linear_lora(0.1, vec![]);
         let kind = m.net.kind;
         ftscript::nn::peft::add_lora(&mut m.net, &spec, kind).unwrap();
         let adapters: Vec<Tensor> = ftscript::nn::peft::adapter_tensors(&m.net).into_iter().map(|(_, t)| t).collect();

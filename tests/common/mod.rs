@@ -176,3 +176,9 @@ pub fn reference_train_options(s: &serde_json::Value) -> String {
         s["batch_size"], s["grad_accum"], s["steps"], s["lr"], s["warmup"], s["weight_decay"], s["max_grad_norm"]
     )
 }
+
+/// LoRA r=4, α=8 (A seeded with 1) on every linear layer, with `dropout`, and on the expert
+/// stacks `target_parameters` names (peft's `target_parameters`).
+pub fn all_linear_lora(dropout: f64, target_parameters: Vec<String>) -> ftscript::nn::peft::LoraSpec {
+    ftscript::nn::peft::LoraSpec { r: 4, alpha: 8.0, dropout, targets: ftscript::nn::peft::Targets::AllLinear, use_rslora: false, use_dora: false, trainable_tokens: vec![], modules_to_save: vec![], adalora: None, seed: 1, target_parameters }
+}
