@@ -45,6 +45,6 @@ run .gpu/training --include-ignored --exact offloaded_checkpoints_train_like_kep
 run .gpu/recipes --exact a_hook_generates_with_the_model_and_sees_the_adapters_of_its_step a_failing_callback_keeps_a_checkpoint_and_names_its_line
 run .gpu/callbacks --exact early_stopping_stops_where_the_patience_rule_says
 run .gpu/parity --include-ignored --exact bf16_training_loss_on_the_gpu_matches_transformers --nocapture
-run .gpu/generate --include-ignored --exact cuda_graph_decoding_gives_the_tokens_of_op_by_op_decoding --nocapture
+run .gpu/generate --include-ignored --exact cuda_graph_decoding_gives_the_tokens_of_op_by_op_decoding scoring_in_the_prompts_forward_on_the_gpu_matches_transformers --nocapture
 run .gpu/seq2seq --include-ignored --exact t5_bf16_training_loss_on_the_gpu_matches_transformers --nocapture
 [ ${#failed[@]} -eq 0 ] || { echo "FAILED: ${failed[*]}"; exit 1; }

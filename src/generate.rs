@@ -1,5 +1,6 @@
 //! Text generation with a KV cache, and scoring.
 
+use crate::data::format::IGNORE;
 use crate::models::decoder::{AttnMask, KvCache, LayerInputs};
 use crate::models::LoadedModel;
 use anyhow::Result;
@@ -83,18 +84,49 @@ pub fn process_logits(logits: &Tensor, seen: &Tensor, s: &Sampling) -> Tensor {
 /// distribution, seeded). On a GPU the decoding step is replayed from a CUDA graph
 /// ([`Decoding`]). Returns each row's new ids, the stop id left out.
 pub fn generate_batch(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -> Result<Vec<Vec<i64>>> {
-    let _guard = tch::no_grad_guard();
-    crate::nn::inference_kernels(|| generate_on(model, prompts, s))
+    Ok(generate_scoring(model, prompts, None, s)?.0)
 }
 
-/// [`generate_batch`]'s work, inside its [`crate::nn::inference_kernels`] scope (the prompts'
-/// forward and the steps on the fused kernels, on a GPU).
-fn generate_on(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -> Result<Vec<Vec<i64>>> {
+/// Tokens scored in the forward of a generation's prompt: `continuation` follows the prompt there
+/// (its keys are left out of the cache the answer is decoded from, so the answer is the prompt's
+/// alone), and `labels`, one per token of prompt and continuation, are the next-token targets
+/// as in a training row (`labels[k]` is predicted at `k − 1`; -100: not scored).
+#[derive(Debug, Clone, Copy)]
+pub struct Scoring<'a> {
+    pub continuation: &'a [i64],
+    pub labels: &'a [i64],
+}
+
+/// [`generate_batch`], and with `scoring` (one per prompt) the summed next-token cross-entropy of
+/// the scored tokens (fp32 scalar on the head's device), from the same forward as the prompts':
+/// an evaluation's loss over prompt + reference and its generation from the prompt cost one
+/// prefill instead of two.
+pub fn generate_scoring(model: &LoadedModel, prompts: &[Vec<i64>], scoring: Option<&[Scoring]>, s: &Sampling) -> Result<(Vec<Vec<i64>>, Option<Tensor>)> {
+    let _guard = tch::no_grad_guard();
+    crate::nn::inference_kernels(|| generate_on(model, prompts, scoring, s))
+}
+
+/// [`generate_scoring`]'s work, inside its [`crate::nn::inference_kernels`] scope (the prompts'
+/// forward and the steps on the fused kernels, on a GPU). A row is laid out as its padding, its
+/// prompt, then (when scored) its continuation and the continuation's padding: the prompts end in
+/// one column, after which decoding writes its tokens.
+fn generate_on(model: &LoadedModel, prompts: &[Vec<i64>], scoring: Option<&[Scoring]>, s: &Sampling) -> Result<(Vec<Vec<i64>>, Option<Tensor>)> {
     let net = &model.net;
     let device = net.device;
     anyhow::ensure!(!prompts.is_empty(), "generate: no prompts");
     anyhow::ensure!(prompts.iter().all(|p| !p.is_empty()), "generate: a prompt has no tokens");
+    if let Some(sc) = scoring {
+        anyhow::ensure!(sc.len() == prompts.len(), "generate: {} scored continuations for {} prompts", sc.len(), prompts.len());
+        for (i, (p, c)) in prompts.iter().zip(sc).enumerate() {
+            anyhow::ensure!(c.labels.len() == p.len() + c.continuation.len(), "generate: row {i} has {} labels for {} prompt and {} continuation tokens", c.labels.len(), p.len(), c.continuation.len());
+        }
+    }
     let (b, width) = (prompts.len() as i64, prompts.iter().map(Vec::len).max().unwrap_or(1) as i64);
+    let longest = scoring.map_or(0, |sc| sc.iter().map(|c| c.continuation.len()).max().unwrap_or(0)) as i64;
+    // a rotary scaling that depends on the length would rotate the prompts by the length of
+    // prompt and continuation: the scored rows then get a forward of their own
+    let shared = net.ropes.iter().all(|r| !r.depends_on_length());
+    let after = if shared { longest } else { 0 };
     // tests of the out-of-memory policy: batches of more rows fail as out of memory
     if let Some(rows) = std::env::var("FTSCRIPT_INJECT_OOM_ROWS").ok().and_then(|v| v.parse::<i64>().ok()).filter(|r| b > *r) {
         anyhow::bail!("out of memory (FTSCRIPT_INJECT_OOM_ROWS: {b} rows > {rows})");
@@ -104,15 +136,47 @@ fn generate_on(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -> Resul
     let pad = model.tokenizer.pad_id;
     let mut ids = vec![];
     let mut valid = vec![];
-    for p in prompts {
+    let (mut scored_ids, mut scored_valid, mut labels) = (vec![], vec![], vec![]);
+    for (r, p) in prompts.iter().enumerate() {
         let n = width as usize - p.len();
-        ids.extend(std::iter::repeat(pad).take(n).chain(p.iter().copied()));
-        valid.extend(std::iter::repeat(false).take(n).chain(std::iter::repeat(true).take(p.len())));
+        let row: Vec<i64> = std::iter::repeat(pad).take(n).chain(p.iter().copied()).collect();
+        let real: Vec<bool> = std::iter::repeat(false).take(n).chain(std::iter::repeat(true).take(p.len())).collect();
+        if let Some(c) = scoring.map(|sc| sc[r]) {
+            let gap = longest as usize - c.continuation.len();
+            scored_ids.extend(row.iter().chain(c.continuation).copied().chain(std::iter::repeat(pad).take(gap)));
+            scored_valid.extend(real.iter().copied().chain(std::iter::repeat(true).take(c.continuation.len())).chain(std::iter::repeat(false).take(gap)));
+            // a row's first token is predicted from nothing (here: from its padding)
+            labels.extend(std::iter::repeat(IGNORE).take(n + 1).chain(c.labels[1..].iter().copied()).chain(std::iter::repeat(IGNORE).take(gap)));
+        }
+        ids.extend(row);
+        valid.extend(real);
     }
     let input = Tensor::from_slice(&ids).view([b, width]).to_device(device);
     let valid = Tensor::from_slice(&valid).view([b, width]).to_device(device);
-    let mut decoding = Decoding::new(net, &valid, width + s.max_new_tokens as i64, s.cuda_graph);
-    let mut logits = decoding.prompts(&input, ragged)?;
+    // the cache's slots: the prompts', then the continuations', which are never valid: the new
+    // tokens overwrite them from the prompts' end on (as if there had been no continuation)
+    let slots = Tensor::cat(&[&valid, &Tensor::zeros([b, after], (Kind::Bool, device))], 1);
+    let mut decoding = Decoding::new(net, &slots, width + after.max(s.max_new_tokens as i64), s.cuda_graph);
+    let scored_rows = || {
+        let all = Tensor::from_slice(&scored_ids).view([b, width + longest]).to_device(device);
+        let real = Tensor::from_slice(&scored_valid).view([b, width + longest]).to_device(device);
+        let labels = Tensor::from_slice(&labels).view([b, width + longest]).to_device(device);
+        (all, real, labels)
+    };
+    let (mut logits, loss) = match scoring {
+        None => (decoding.prompts(&input, ragged)?, None),
+        Some(_) if shared => {
+            let (all, real, labels) = scored_rows();
+            let h = decoding.prefill(&all, &real, true);
+            (decoding.last_logits(&h.narrow(1, width - 1, 1)), Some(net.head_loss_sum(&h, &labels)))
+        }
+        Some(_) => {
+            let (all, real, labels) = scored_rows();
+            let positions = (real.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+            let h = net.hidden(&all, &positions, &AttnMask::Padded(real), None, false);
+            (decoding.prompts(&input, ragged)?, Some(net.head_loss_sum(&h, &labels)))
+        }
+    };
     // positions count real tokens only (a left-padded row starts at 0 where its prompt does)
     let mut next_position = valid.sum_dim_intlist([1].as_slice(), false, Kind::Int64);
     let mut seen = input;
@@ -159,12 +223,13 @@ fn generate_on(model: &LoadedModel, prompts: &[Vec<i64>], s: &Sampling) -> Resul
     }
     let all = Tensor::stack(&generated, 1).to_device(tch::Device::Cpu);
     let stops = stop_ids(model);
-    Ok((0..b)
+    let rows = (0..b)
         .map(|r| {
             let row = Vec::<i64>::try_from(all.get(r)).unwrap_or_default();
             row.into_iter().take_while(|t| !stops.contains(t)).collect()
         })
-        .collect())
+        .collect();
+    Ok((rows, loss))
 }
 
 /// Decoding steps replayed from CUDA graphs in this process (what tests and logs can check).
@@ -276,16 +341,29 @@ impl<'a> Decoding<'a> {
     /// The next-token logits `[B, V]` after the prompts `ids` `[B, T]` (left-padded when
     /// `ragged`), whose keys go to slots `0..T`.
     fn prompts(&mut self, ids: &Tensor, ragged: bool) -> Result<Tensor> {
-        let (b, t) = ids.size2()?;
+        let t = ids.size()[1];
         let valid = self.valid.narrow(1, 0, t);
+        let h = self.prefill(ids, &valid, ragged);
+        Ok(self.last_logits(&h.narrow(1, t - 1, 1)))
+    }
+
+    /// The hidden states `[B, T, H]` of `ids` `[B, T]`, whose real tokens `valid` marks (each
+    /// attends to the real ones before it; `ragged`: some are not real), their keys written to
+    /// slots `0..T`; positions count real tokens only.
+    fn prefill(&mut self, ids: &Tensor, valid: &Tensor, ragged: bool) -> Tensor {
         let positions = (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
         // without padding the causal mask serves (and costs no ops)
-        let mask = if ragged { AttnMask::Padded(valid) } else { AttnMask::Causal };
+        let mask = if ragged { AttnMask::Padded(valid.shallow_clone()) } else { AttnMask::Causal };
         self.cache.at = None;
         let h = self.net.hidden(ids, &positions, &mask, Some(&self.cache), false);
         self.cache.at = Some(self.slot.shallow_clone());
-        // only the last position's logits are needed: project just that row
-        Ok(self.net.head(&h.narrow(1, t - 1, 1), false).view([b, -1]))
+        h
+    }
+
+    /// The next-token logits `[B, V]` of one position's hidden states `h` `[B, 1, H]` (only the
+    /// row decoding needs goes through the head).
+    fn last_logits(&self, h: &Tensor) -> Tensor {
+        self.net.head(h, false).view([h.size()[0], -1])
     }
 
     /// The next-token logits `[B, V]` after one token a row, `next` `[B]` at `positions` `[B]`,

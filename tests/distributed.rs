@@ -83,9 +83,11 @@ fn evaluate_under_launch_shares_the_records_between_ranks_and_scores_as_one_proc
 let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
 let data = load_dataset("data.jsonl").take(7);
 let fmt = |r| #{{ prompt: r.text.sub_string(0, 12), response: r.text.sub_string(12) }};
-let r = evaluate(m, data, #{{ format: fmt, metrics: ["exact_match", "bleu", "rouge_l"], max_new_tokens: 6, batch_size: 1, samples: 7 }});
+let r = evaluate(m, data, #{{ format: fmt, metrics: ["exact_match", "bleu", "rouge_l", "loss"], max_new_tokens: 6, batch_size: 1, samples: 7 }});
 let predictions = r.samples.map(|s| s.prediction);
-print(`RESULT rank=${{rank()}} records=${{r.records}} bleu=${{r.bleu}} rouge_l=${{r.rouge_l}} exact_match=${{r.exact_match}} predictions=${{predictions}}`);
+// the loss is summed in another order on two ranks: compared to 5 places
+let loss = (r.loss * 100000.0).round() / 100000.0;
+print(`RESULT rank=${{rank()}} records=${{r.records}} bleu=${{r.bleu}} rouge_l=${{r.rouge_l}} exact_match=${{r.exact_match}} loss=${{loss}} predictions=${{predictions}}`);
 "#
         ),
     )

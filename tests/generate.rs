@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use ftscript::generate::{generate_batch, process_logits, Sampling};
+use ftscript::generate::{generate_batch, generate_scoring, process_logits, Sampling, Scoring};
 use tch::{Device, Kind};
 
 /// Greedy batched generation of 8 prompts of 3–40 tokens equals transformers' `generate` with
@@ -32,6 +32,59 @@ fn batched_greedy_matches_transformers_for(name: &str, max_new: usize) -> Vec<Ve
         assert_eq!(&generate_batch(&model, std::slice::from_ref(p), &s).unwrap()[0], row, "{name}: a prompt alone differs from its row in the batch");
     }
     ours
+}
+
+/// Scoring continuations in the prompts' forward (an evaluation's loss and its generation from
+/// one prefill): the summed loss is transformers' over each row alone (prompt and continuation;
+/// labels on every continuation token but one, and on a whole prompt in one row), and the tokens
+/// generated are those of the prompts without continuations: on Llama; on Gemma 2, whose sliding
+/// window (8) is shorter than most rows and whose decoding overwrites the continuations' cache
+/// slots; on Phi-3, whose LongRoPE depends on the length (the scored rows, all past the original
+/// length of 16 while no prompt is, get a forward of their own).
+#[test]
+fn scoring_in_the_prompts_forward_matches_transformers() {
+    scoring_matches_transformers(Device::Cpu, 1e-5);
+}
+
+/// [`scoring_in_the_prompts_forward_matches_transformers`] on the GPU, where the prefill and the
+/// steps run the fused inference kernels (fp32; the loss within 1e-4 of transformers' on the CPU).
+/// Ignored unless asked for (`--include-ignored`, on a GPU).
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn scoring_in_the_prompts_forward_on_the_gpu_matches_transformers() {
+    assert!(tch::Cuda::is_available(), "this test needs CUDA");
+    scoring_matches_transformers(Device::Cuda(0), 1e-4);
+}
+
+fn scoring_matches_transformers(device: Device, tolerance: f64) {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for name in ["llama_gqa", "gemma2", "phi3"] {
+        let model_dir = tiny(d, name);
+        // (prompt, continuation) lengths: every prompt within Phi-3's original length, every row past it
+        let shapes = [(3usize, 15usize), (16, 4), (9, 21), (8, 9), (12, 13), (5, 30)];
+        let token = |r: usize, i: usize, salt: usize| 3 + ((i * 31 + r * 97 + salt) % 290) as i64;
+        let prompts: Vec<Vec<i64>> = shapes.iter().enumerate().map(|(r, &(n, _))| (0..n).map(|i| token(r, i, 7)).collect()).collect();
+        let continuations: Vec<Vec<i64>> = shapes.iter().enumerate().map(|(r, &(_, n))| (0..n).map(|i| token(r, i, 41)).collect()).collect();
+        let labels: Vec<Vec<i64>> = prompts
+            .iter()
+            .zip(&continuations)
+            .enumerate()
+            .map(|(r, (p, c))| p.iter().map(|&t| if r == 2 { t } else { -100 }).chain(c.iter().enumerate().map(|(i, &t)| if i == 2 { -100 } else { t })).collect())
+            .collect();
+        let rows: Vec<serde_json::Value> = (0..shapes.len()).map(|r| serde_json::json!({"ids": ([prompts[r].clone(), continuations[r].clone()].concat()), "labels": labels[r]})).collect();
+        std::fs::write(d.join("rows.json"), serde_json::to_string(&rows).unwrap()).unwrap();
+        py("generate_reference.py", &["score", model_dir.to_str().unwrap(), d.join("rows.json").to_str().unwrap(), d.join("sums.json").to_str().unwrap()]);
+        let theirs: f64 = serde_json::from_str::<Vec<f64>>(&std::fs::read_to_string(d.join("sums.json")).unwrap()).unwrap().iter().sum();
+        let model = ftscript::models::load(&model_dir, "fp32", device).unwrap();
+        let s = Sampling { max_new_tokens: 12, ..Default::default() };
+        let scoring: Vec<Scoring> = continuations.iter().zip(&labels).map(|(c, l)| Scoring { continuation: c, labels: l }).collect();
+        let (ours, loss) = generate_scoring(&model, &prompts, Some(&scoring), &s).unwrap();
+        let loss = loss.unwrap().double_value(&[]);
+        assert!((loss - theirs).abs() <= tolerance * theirs.abs(), "{name}: scored loss {loss} vs transformers' {theirs}");
+        assert_eq!(ours, generate_batch(&model, &prompts, &s).unwrap(), "{name}: scoring continuations changed the generated tokens");
+        assert!(ours.iter().map(Vec::len).sum::<usize>() > 8, "{name}: the rows should generate something: {ours:?}");
+    }
 }
 
 /// Long generations: the KV cache, first sized for 64 new tokens, grows twice (to 128, then to
@@ -321,4 +374,58 @@ print(`RESULT steps=${{r.steps}} seen=${{seen.len()}}`);
     let out = ftscript(&["run", "bad.rhai"], d);
     let t = text(&out);
     assert!(!out.status.success() && t.contains("eval_generate: metrics \"roug_l\" is not one of") && !t.contains(" step 1 loss"), "{t}");
+}
+
+/// An evaluation's loss from its generation's prompts, as a user writes it: `train` with
+/// `eval_generate` logs the eval losses of the same run without it (its own loss pass) and says
+/// they came from the prompts' forward; after training, `evaluate`'s `loss` metric is that
+/// eval loss too (alpaca pairs: the response's tokens and EOS after the prompt), and asking for
+/// it leaves the predictions as they were. `loss` among `eval_generate`'s metrics is refused
+/// before training starts.
+#[test]
+fn an_evaluation_scores_its_loss_in_the_forward_of_its_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 8);
+    let records: Vec<String> = (0..20).map(|i| serde_json::json!({"instruction": format!("say {} {}", i % 3, "word ".repeat(i % 7)), "output": format!("the quick brown fox {}", "jumps ".repeat(i % 5))}).to_string()).collect();
+    std::fs::write(d.join("qa.jsonl"), records.join("\n")).unwrap();
+    let recipe = |generate: &str, out: &str| {
+        format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 8 }});
+let data = load_dataset("qa.jsonl").split(7, 1);
+let r = train(m, #{{ train: data.train, eval: data.eval, format: "alpaca", batch_size: 4, eval_batch_size: 3, max_steps: 4, lr: 3e-2,
+    log_every: 1, eval_every: 2, output_dir: "{out}"{generate} }});
+let opts = #{{ format: "alpaca", max_new_tokens: 5, batch_size: 4, samples: 7 }};
+let scored = evaluate(m, data.eval, opts + #{{ metrics: ["loss", "rouge_l"] }});
+let plain = evaluate(m, data.eval, opts + #{{ metrics: ["rouge_l"] }});
+print(`RESULT eval_loss=${{r.eval_loss}} loss=${{scored.loss}} same=${{scored.samples.map(|s| s.prediction) == plain.samples.map(|s| s.prediction)}} has_loss=${{"loss" in plain}}`);
+"#
+        )
+    };
+    let number = |t: &str, key: &str| -> f64 {
+        let line = t.lines().find(|l| l.contains("RESULT ")).unwrap_or_else(|| panic!("no RESULT:\n{t}"));
+        let at = line.find(&format!(" {key}=")).unwrap() + key.len() + 2;
+        line[at..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let own = run_recipe(d, "own.rhai", &recipe("", "own"));
+    let shared = run_recipe(d, "shared.rhai", &recipe(", eval_generate: #{ metrics: [\"rouge_l\"], max_new_tokens: 5, batch_size: 4 }", "shared"));
+    assert!(shared.contains("eval_loss is scored in the forward of eval_generate's prompts") && !own.contains("eval_loss is scored"), "{shared}");
+    let evals = |out: &str| -> Vec<f64> { metrics(&d.join(out).join("metrics.jsonl")).iter().filter_map(|m| m.get("eval_loss").and_then(|v| v.as_f64())).collect() };
+    let (a, b) = (evals("own"), evals("shared"));
+    assert_eq!(a.len(), 2, "{a:?}");
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "eval_loss of the loss pass {x} vs from the prompts' forward {y}");
+    }
+    for t in [&own, &shared] {
+        let (eval_loss, loss) = (number(t, "eval_loss"), number(t, "loss"));
+        assert!((eval_loss - loss).abs() <= 1e-5 * eval_loss, "evaluate's loss {loss} vs train's eval_loss {eval_loss}");
+        assert!(t.contains("same=true has_loss=false"), "{t}");
+    }
+    std::fs::write(d.join("bad.rhai"), recipe(", eval_generate: #{ metrics: [\"loss\"] }", "bad")).unwrap();
+    let out = ftscript(&["run", "bad.rhai"], d);
+    let t = text(&out);
+    assert!(!out.status.success() && t.contains("eval_generate: leave \"loss\" out of metrics") && !t.contains(" step 1 loss"), "{t}");
 }

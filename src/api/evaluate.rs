@@ -4,7 +4,8 @@
 use super::dataset::Dataset;
 use super::model::Model;
 use crate::data::format::{format_builtin, Formatted, TrainOn};
-use crate::generate::Sampling;
+use crate::data::format::{Example, IGNORE};
+use crate::generate::{Sampling, Scoring};
 use crate::script::options::{from_json, guard, parse, to_json};
 use crate::train::metrics::{corpus_bleu, exact_match_corpus, rouge_l_corpus};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FnPtr, FuncRegistration, Map, NativeCallContext};
@@ -19,7 +20,7 @@ type Res<T> = Result<T, Box<EvalAltResult>>;
 pub struct EvaluateOptions {
     /// A template name (`alpaca`, `chatml`, `chat_template`) or a function returning `#{prompt, response}`.
     pub format: Option<IgnoredAny>,
-    /// Any of `exact_match`, `bleu`, `rouge_l` (default: all three).
+    /// Any of `exact_match`, `bleu`, `rouge_l` (default: these three) and `loss`.
     pub metrics: Option<Vec<String>>,
     pub max_new_tokens: Option<usize>,
     /// Prompts decoded together (16).
@@ -28,7 +29,10 @@ pub struct EvaluateOptions {
     pub samples: Option<usize>,
 }
 
-pub const METRICS: &[&str] = &["exact_match", "bleu", "rouge_l"];
+pub const METRICS: &[&str] = &["exact_match", "bleu", "rouge_l", "loss"];
+
+/// The metrics scored when `metrics` is left out.
+const DEFAULT_METRICS: &[&str] = &["exact_match", "bleu", "rouge_l"];
 
 /// `check`'s view of the options: known keys, known metric names.
 pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
@@ -80,25 +84,86 @@ fn pairs(ctx: &NativeCallContext, m: &Model, ds: &Dataset, format: Option<&Dynam
     Ok(out)
 }
 
-/// `evaluate(model, dataset, opts)`, also run by `train`'s `eval_generate`.
+/// `evaluate(model, dataset, opts)`.
 pub fn evaluate(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: &Map) -> Res<Map> {
+    Ok(evaluate_scoring(ctx, m, ds, opts, None)?.0)
+}
+
+/// [`evaluate`], as `train`'s `eval_generate` runs it: with `examples` (the training objective's
+/// eval examples, one per record), also their summed label loss, from the forward of the prompts
+/// the answers are generated from; `None` when an example and its record's prompt are not one
+/// the other's prefix (then the objective scores them in a pass of its own). The `loss` metric
+/// scores each reference the same way: its tokens and an EOS after the prompt, as `train`
+/// tokenizes a prompt/response pair.
+pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: &Map, examples: Option<&[Example]>) -> Res<(Map, Option<f64>)> {
     let o = options(opts)?;
     let pairs = pairs(ctx, m, ds, opts.get("format"))?;
     if pairs.is_empty() {
         return Err("evaluate: the dataset is empty".into());
     }
     let (prompts, references): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+    let metrics: Vec<String> = o.metrics.clone().unwrap_or_else(|| DEFAULT_METRICS.iter().map(|s| s.to_string()).collect());
     let sampling = Sampling { max_new_tokens: o.max_new_tokens.unwrap_or(64), ..Default::default() };
     let started = std::time::Instant::now();
     let batch_size = o.batch_size.unwrap_or(16);
-    let predictions = guard("evaluate", || {
+    let (predictions, scored, loss) = guard("evaluate", || {
         let model = m.get();
-        match crate::dist::group()? {
-            Some(pg) => generate_sharded(pg, &model, &prompts, &sampling, batch_size),
-            None => super::model::generate_texts(&model, &prompts, &sampling, batch_size),
-        }
+        let ids = prompts.iter().map(|p| model.tokenizer.encode(p, true)).collect::<anyhow::Result<Vec<_>>>()?;
+        let rows = match examples {
+            Some(e) => continuations(&ids, e),
+            None if metrics.iter().any(|m| m == "loss") => Some(reference_rows(&model.tokenizer, &ids, &references)?),
+            None => None,
+        };
+        let scoring: Option<Vec<Scoring>> = rows.as_ref().map(|r| r.iter().map(|(continuation, labels)| Scoring { continuation, labels }).collect());
+        let (predictions, loss) = match crate::dist::group()? {
+            Some(pg) => generate_sharded(pg, &model, &ids, scoring.as_deref(), &sampling, batch_size)?,
+            None => super::model::generate_scored(&model, &ids, scoring.as_deref(), &sampling, batch_size)?,
+        };
+        let tokens = rows.iter().flatten().map(|(_, labels)| labels.iter().skip(1).filter(|&&l| l != IGNORE).count()).sum::<usize>();
+        Ok((predictions, tokens, loss))
     })?;
-    scores(&o, &prompts, &predictions, &references, started)
+    let mut out = scores(&metrics, &o, &prompts, &predictions, &references, started)?;
+    if metrics.iter().any(|m| m == "loss") {
+        out.insert("loss".into(), Dynamic::from(loss.unwrap_or(f64::NAN) / scored as f64));
+    }
+    Ok((out, examples.and(loss)))
+}
+
+/// Each example's tokens after its record's prompt `ids`, and its labels over prompt and those
+/// tokens, when every example and its prompt are one the other's prefix (an example cut at
+/// `max_length` may end inside its prompt: it then continues with nothing).
+fn continuations(ids: &[Vec<i64>], examples: &[Example]) -> Option<Vec<(Vec<i64>, Vec<i64>)>> {
+    if ids.len() != examples.len() {
+        return None;
+    }
+    ids.iter()
+        .zip(examples)
+        .map(|(p, e)| {
+            let n = p.len().min(e.input_ids.len());
+            (p[..n] == e.input_ids[..n]).then(|| {
+                let continuation = e.input_ids[n..].to_vec();
+                let mut labels = e.labels.clone();
+                labels.resize(p.len() + continuation.len(), IGNORE);
+                (continuation, labels)
+            })
+        })
+        .collect()
+}
+
+/// Each reference as the tokens scored after its prompt `ids`: its tokens and the EOS (not
+/// doubled), labelled; the prompt is not.
+fn reference_rows(tok: &crate::tokenizer::Tokenizer, ids: &[Vec<i64>], references: &[String]) -> anyhow::Result<Vec<(Vec<i64>, Vec<i64>)>> {
+    ids.iter()
+        .zip(references)
+        .map(|(p, r)| {
+            let mut continuation = tok.encode(r, false)?;
+            if let Some(eos) = tok.eos_id.filter(|&e| continuation.last() != Some(&e)) {
+                continuation.push(eos);
+            }
+            let labels = std::iter::repeat(IGNORE).take(p.len()).chain(continuation.iter().copied()).collect();
+            Ok((continuation, labels))
+        })
+        .collect()
 }
 
 /// `evaluate` on an encoder-decoder model: each record's `(source, target)` by its format
@@ -117,7 +182,11 @@ pub fn evaluate_seq2seq(ctx: &NativeCallContext, m: &super::seq2seq::Seq2SeqMode
     let sampling = Sampling { max_new_tokens: o.max_new_tokens.unwrap_or(64), ..Default::default() };
     let started = std::time::Instant::now();
     let predictions = guard("evaluate", || m.0.borrow().generate(&sources, &sampling, o.batch_size.unwrap_or(16)))?;
-    scores(&o, &sources, &predictions, &references, started)
+    let metrics: Vec<String> = o.metrics.clone().unwrap_or_else(|| DEFAULT_METRICS.iter().map(|s| s.to_string()).collect());
+    if metrics.iter().any(|m| m == "loss") {
+        return Err("evaluate: the `loss` metric is for a decoder model; an encoder-decoder model's loss is train's eval_loss".into());
+    }
+    scores(&metrics, &o, &sources, &predictions, &references, started)
 }
 
 /// The options of an `evaluate` call, checked.
@@ -130,16 +199,16 @@ fn options(opts: &Map) -> Res<EvaluateOptions> {
     parse("evaluate", opts)
 }
 
-/// `evaluate`'s result: the metrics of the predictions against the references, the first
-/// samples, the record count and the seconds since `started`.
-fn scores(o: &EvaluateOptions, prompts: &[String], predictions: &[String], references: &[String], started: std::time::Instant) -> Res<Map> {
-    let metrics: Vec<String> = o.metrics.clone().unwrap_or_else(|| METRICS.iter().map(|s| s.to_string()).collect());
+/// `evaluate`'s result: the text metrics of the predictions against the references (`loss` is
+/// the caller's), the first samples, the record count and the seconds since `started`.
+fn scores(metrics: &[String], o: &EvaluateOptions, prompts: &[String], predictions: &[String], references: &[String], started: std::time::Instant) -> Res<Map> {
     let mut out = Map::new();
-    for name in &metrics {
+    for name in metrics {
         let score = match name.as_str() {
             "exact_match" => exact_match_corpus(predictions, references),
             "bleu" => corpus_bleu(predictions, references),
             "rouge_l" => rouge_l_corpus(predictions, references),
+            "loss" => continue,
             other => return Err(format!("evaluate: unknown metric `{other}`").into()),
         };
         out.insert(name.as_str().into(), Dynamic::from(score));
@@ -165,13 +234,19 @@ fn scores(o: &EvaluateOptions, prompts: &[String], predictions: &[String], refer
 
 /// Under `ftscript launch`: rank `r` of `w` generates for the records `r, r + w, r + 2w, ...`,
 /// and every rank gets every prediction back (their UTF-8 bytes summed over the ranks into one
-/// buffer in which each rank wrote only its own records'), so the scores are the same everywhere.
-fn generate_sharded(pg: &crate::dist::ProcessGroup, model: &crate::models::LoadedModel, prompts: &[String], s: &Sampling, batch_size: usize) -> anyhow::Result<Vec<String>> {
+/// buffer in which each rank wrote only its own records'), so the scores are the same everywhere;
+/// so is the scored loss (summed over the ranks).
+fn generate_sharded(pg: &crate::dist::ProcessGroup, model: &crate::models::LoadedModel, ids: &[Vec<i64>], scoring: Option<&[Scoring]>, s: &Sampling, batch_size: usize) -> anyhow::Result<(Vec<String>, Option<f64>)> {
     let (rank, world) = (crate::dist::rank(), crate::dist::world_size());
-    let mine: Vec<usize> = (rank..prompts.len()).step_by(world).collect();
-    let local = super::model::generate_texts(model, &mine.iter().map(|&i| prompts[i].clone()).collect::<Vec<_>>(), s, batch_size)?;
-    tracing::info!("evaluate: rank {rank} generated {} of {} records", mine.len(), prompts.len());
-    let mut lengths = vec![0f64; prompts.len()];
+    let mine: Vec<usize> = (rank..ids.len()).step_by(world).collect();
+    let scoring = scoring.map(|sc| mine.iter().map(|&i| sc[i]).collect::<Vec<_>>());
+    let (local, loss) = super::model::generate_scored(model, &mine.iter().map(|&i| ids[i].clone()).collect::<Vec<_>>(), scoring.as_deref(), s, batch_size)?;
+    tracing::info!("evaluate: rank {rank} generated {} of {} records", mine.len(), ids.len());
+    let loss = match loss {
+        Some(l) => Some(pg.sum_f64(&[l])?[0]),
+        None => None,
+    };
+    let mut lengths = vec![0f64; ids.len()];
     for (&i, text) in mine.iter().zip(&local) {
         lengths[i] = text.len() as f64;
     }
@@ -186,12 +261,12 @@ fn generate_sharded(pg: &crate::dist::ProcessGroup, model: &crate::models::Loade
     let all = tch::Tensor::from_slice(&bytes).to_device(pg.device);
     pg.all_reduce_sum(&all)?;
     let bytes: Vec<u8> = Vec::<i32>::try_from(all.to_device(tch::Device::Cpu))?.into_iter().map(|b| b as u8).collect();
-    Ok((0..prompts.len()).map(|i| String::from_utf8_lossy(&bytes[offsets[i]..offsets[i] + lengths[i]]).into_owned()).collect())
+    Ok(((0..ids.len()).map(|i| String::from_utf8_lossy(&bytes[offsets[i]..offsets[i] + lengths[i]]).into_owned()).collect(), loss))
 }
 
 pub fn register(engine: &mut Engine) {
     FuncRegistration::new("evaluate")
-        .with_comments(["/// Generates an answer for each record's prompt (greedy, in batches) and scores it against the record's reference: #{exact_match, bleu, rouge_l, samples: [#{prompt, prediction, reference}], records, seconds}; options #{format, metrics, max_new_tokens, batch_size, samples}."])
+        .with_comments(["/// Generates an answer for each record's prompt (greedy, in batches) and scores it against the record's reference: #{exact_match, bleu, rouge_l, samples: [#{prompt, prediction, reference}], records, seconds}; options #{format, metrics (\"loss\" adds the references' mean token loss, from the prompts' forward), max_new_tokens, batch_size, samples}."])
         .with_params_info(["model: &mut Model", "dataset: Dataset", "options: Map", "Map"])
         .register_into_engine(engine, |ctx: NativeCallContext, m: &mut Model, ds: Dataset, opts: Map| -> Res<Map> { evaluate(&ctx, m, &ds, &opts) });
     FuncRegistration::new("evaluate")

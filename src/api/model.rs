@@ -182,23 +182,31 @@ pub fn sampling(o: GenerateOptions) -> Sampling {
     }
 }
 
-/// Continuations of `prompts`, decoded `batch_size` prompts at a time, longest prompts first: a
-/// batch pads each prompt to its longest, so prompts of like length batched together pad least
-/// (and the batch most likely to run out of memory comes first). A batch that runs out of
-/// memory is decoded again in halves, and later batches are as small (down to one prompt;
-/// greedy decoding gives the same tokens, seeded sampling other draws).
+/// Continuations of `prompts`, decoded `batch_size` prompts at a time ([`generate_scored`]).
 pub fn generate_texts(m: &LoadedModel, prompts: &[String], s: &Sampling, batch_size: usize) -> anyhow::Result<Vec<String>> {
-    let started = std::time::Instant::now();
     let ids = prompts.iter().map(|p| m.tokenizer.encode(p, true)).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(generate_scored(m, &ids, None, s, batch_size)?.0)
+}
+
+/// Continuations of the prompts `ids`, decoded `batch_size` prompts at a time, longest prompts
+/// first: a batch pads each prompt to its longest, so prompts of like length batched together pad
+/// least (and the batch most likely to run out of memory comes first). A batch that runs out of
+/// memory is decoded again in halves, and later batches are as small (down to one prompt;
+/// greedy decoding gives the same tokens, seeded sampling other draws). With `scoring` (one per
+/// prompt), also the summed loss of the scored tokens ([`generate::generate_scoring`]).
+pub fn generate_scored(m: &LoadedModel, ids: &[Vec<i64>], scoring: Option<&[generate::Scoring]>, s: &Sampling, batch_size: usize) -> anyhow::Result<(Vec<String>, Option<f64>)> {
+    let started = std::time::Instant::now();
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(ids[i].len()));
     let mut out = vec![String::new(); ids.len()];
+    let mut loss = scoring.map(|_| tch::Tensor::zeros([], (tch::Kind::Float, m.net.head_device)));
     let mut tokens = 0;
     let (mut size, mut rest) = (batch_size.max(1), &order[..]);
     while !rest.is_empty() {
         let chunk = &rest[..size.min(rest.len())];
         let rows: Vec<Vec<i64>> = chunk.iter().map(|&i| ids[i].clone()).collect();
-        let batch = match crate::script::options::catch_panic(|| generate::generate_batch(m, &rows, s)) {
+        let scored = scoring.map(|sc| chunk.iter().map(|&i| sc[i]).collect::<Vec<_>>());
+        let (batch, batch_loss) = match crate::script::options::catch_panic(|| generate::generate_scoring(m, &rows, scored.as_deref(), s)) {
             Err(e) if chunk.len() > 1 && crate::script::options::error_kind(&format!("{e:#}")) == "oom" => {
                 size = chunk.len() / 2;
                 tracing::warn!("generate: out of memory decoding {} prompts at a time, now {size} at a time ({e:#})", chunk.len());
@@ -207,14 +215,17 @@ pub fn generate_texts(m: &LoadedModel, prompts: &[String], s: &Sampling, batch_s
             r => r?,
         };
         rest = &rest[chunk.len()..];
+        if let (Some(sum), Some(l)) = (loss.as_mut(), batch_loss) {
+            *sum += l;
+        }
         for (&i, generated) in chunk.iter().zip(batch) {
             tokens += generated.len();
             out[i] = generate::cut_at_stop(&m.tokenizer.decode(&generated, true)?, &s.stop).to_string();
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    tracing::debug!("generated {tokens} tokens for {} prompt(s) in {secs:.2}s ({:.1} tokens/s)", prompts.len(), tokens as f64 / secs.max(1e-9));
-    Ok(out)
+    tracing::debug!("generated {tokens} tokens for {} prompt(s) in {secs:.2}s ({:.1} tokens/s)", ids.len(), tokens as f64 / secs.max(1e-9));
+    Ok((out, loss.map(|l| l.double_value(&[]))))
 }
 
 fn generate_text(m: &LoadedModel, prompt: &str, s: &Sampling) -> anyhow::Result<String> {

@@ -160,6 +160,9 @@ pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
         let mut g = g.clone();
         // a format function is checked when it runs
         g.remove("format");
+        if g.get("metrics").and_then(|m| m.as_array()).is_some_and(|m| m.iter().any(|n| n.as_str() == Some("loss"))) {
+            return Err("eval_generate: leave \"loss\" out of metrics: the evaluation's eval_loss already is the loss over the eval set (scored in the same forward as the prompts)".into());
+        }
         super::evaluate::validate_options(&serde_json::Value::Object(g)).map_err(|e| format!("eval_generate: {e}"))?;
     }
     let objective = match json.get("objective") {
@@ -330,11 +333,11 @@ impl Hooks for RhaiHooks<'_> {
     }
 
     /// `eval_generate`'s scores as `eval_<metric>` (and the seconds it took); its sample
-    /// triples go to the log.
-    fn eval_extra(&mut self) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    /// triples go to the log. The objective's `examples` are scored in the prompts' forward.
+    fn eval_extra(&mut self, examples: Option<&[crate::data::format::Example]>) -> anyhow::Result<(serde_json::Map<String, serde_json::Value>, Option<f64>)> {
         let Some((model, ds, opts)) = &self.eval_generate else { return Ok(Default::default()) };
         let _eval = tch::no_grad_guard();
-        let scores = match super::evaluate::evaluate(self.ctx, model, ds, opts) {
+        let (scores, loss) = match super::evaluate::evaluate_scoring(self.ctx, model, ds, opts, examples) {
             Ok(s) => s,
             Err(e) => anyhow::bail!(self.failure.insert(("eval_generate failed".into(), e)).0.clone()),
         };
@@ -351,7 +354,7 @@ impl Hooks for RhaiHooks<'_> {
                 _ => _ = out.insert(format!("eval_{k}"), to_json(&v)),
             }
         }
-        Ok(out)
+        Ok((out, loss))
     }
 }
 

@@ -69,6 +69,12 @@ pub trait Objective<M: ?Sized = Decoder> {
     fn eval_extras(&self, _loss: f64, _units: f64) -> Map<String, Value> {
         Map::new()
     }
+    /// The eval examples, when the eval loss is nothing but their label tokens' summed
+    /// next-token cross-entropy over [`Objective::units`] (SFT on a dense model): a forward
+    /// over them made for another reason (generating from their prompts) can give it.
+    fn eval_examples(&self, _net: &M) -> Option<&[Example]> {
+        None
+    }
 }
 
 /// Moves a CPU batch to the model's device (without waiting for the GPU: [`crate::cuda::upload`]).
@@ -139,6 +145,11 @@ impl Objective for Sft {
             None => loss,
         };
         Ok(Step { loss: loss.to_kind(Kind::Float), metrics: None, tokens: b.n_tokens })
+    }
+
+    /// A sparse model's load-balancing loss depends on which examples share a micro-batch.
+    fn eval_examples(&self, net: &Decoder) -> Option<&[Example]> {
+        net.router_aux_loss_coef().is_none().then_some(&self.eval[..])
     }
 
     fn eval_extras(&self, loss: f64, units: f64) -> Map<String, Value> {

@@ -26,6 +26,7 @@ use super::objective::{Backward, Objective, Split};
 use super::logger::RunLogger;
 use super::optim::{clip_grad_norm, zero_grads, AdamW};
 use super::schedule::{lr_at, Schedule};
+use crate::data::format::Example;
 use crate::dist::ProcessGroup;
 use crate::models::decoder::Decoder;
 use crate::nn::peft::{self, Adapted, LoraSpec};
@@ -161,9 +162,12 @@ pub trait Hooks {
     fn on_log(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
     fn on_eval(&mut self, metrics: &Map<String, Value>) -> Result<Control>;
     /// Metrics an evaluation adds besides the objective's (scores of generated answers), before
-    /// it is logged and handed to `on_eval`.
-    fn eval_extra(&mut self) -> Result<Map<String, Value>> {
-        Ok(Map::new())
+    /// it is logged and handed to `on_eval`. `scored`: the objective's eval examples
+    /// ([`Objective::eval_examples`]); a hook whose forward covers them (generation from their
+    /// prompts) may return their summed label loss, and the evaluation then runs no loss pass
+    /// of its own.
+    fn eval_extra(&mut self, _scored: Option<&[Example]>) -> Result<(Map<String, Value>, Option<f64>)> {
+        Ok((Map::new(), None))
     }
 }
 
@@ -240,15 +244,27 @@ fn evaluate_on<M: TrainModel>(net: &M, objective: &dyn Objective<M>, cfg: &Batch
         sums = g.sum_f64(&sums)?;
     }
     let units = sums.pop().unwrap_or(0.0);
+    let mut m = eval_loss_map(objective, sums[0], units)?;
+    insert_metrics(&mut m, "eval_", &names, &sums[1..]);
+    Ok(m)
+}
+
+/// `eval_loss` (`sum / units`) and the objective's extras.
+fn eval_loss_map<M: TrainModel>(objective: &dyn Objective<M>, sum: f64, units: f64) -> Result<Map<String, Value>> {
     if units == 0.0 {
         bail!("the evaluation set has nothing to evaluate (no label tokens)");
     }
-    let loss = sums[0] / units;
     let mut m = Map::new();
-    m.insert("eval_loss".into(), json!(loss));
-    m.extend(objective.eval_extras(loss, units));
-    insert_metrics(&mut m, "eval_", &names, &sums[1..]);
+    m.insert("eval_loss".into(), json!(sum / units));
+    m.extend(objective.eval_extras(sum / units, units));
     Ok(m)
+}
+
+/// The evaluation's map from the summed loss of every eval example, scored elsewhere
+/// ([`Hooks::eval_extra`]), over the units of the whole eval set.
+fn loss_map<M: TrainModel>(objective: &dyn Objective<M>, sum: f64, cfg: &BatchConfig) -> Result<Map<String, Value>> {
+    let all: Row = (0..objective.lengths(Split::Eval).len()).collect();
+    eval_loss_map(objective, sum, objective.units(Split::Eval, &[all], cfg))
 }
 
 /// What the loop keeps of an optimizer step queued on the GPU until its loss is read back.
@@ -460,6 +476,8 @@ pub fn train<M: TrainModel>(
     let signals = super::interrupt::Guard::install();
     // the first callback failure: training stops, with a checkpoint, and returns it
     let mut failure: Option<anyhow::Error> = None;
+    // said at the first evaluation whose loss eval_generate's prompts' forward scored
+    let mut said_scored = false;
     let mut profiler = None;
     // where the next step's micro-batches start: (epoch, position in its plan, the plan)
     let (mut epoch, mut position) = (state.epoch, state.batch_in_epoch);
@@ -638,13 +656,23 @@ pub fn train<M: TrainModel>(
             let evaluates = eval_now && !objective.lengths(Split::Eval).is_empty();
             if evaluates {
                 let started = std::time::Instant::now();
-                let measured = evaluate(net, objective, &BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() }, pg)?;
+                let eval_cfg = BatchConfig { batch_size: cfg.eval_batch_size, ..cfg.batch.clone() };
+                let (extra, scored) = progress.suspend(|| hooks.eval_extra(objective.eval_examples(net)))?;
+                let measured = match scored {
+                    Some(sum) => {
+                        if !std::mem::replace(&mut said_scored, true) {
+                            progress.suspend(|| tracing::info!("evaluation: eval_loss is scored in the forward of eval_generate's prompts (one prefill for both)"));
+                        }
+                        loss_map(objective, sum, &eval_cfg)?
+                    }
+                    None => evaluate(net, objective, &eval_cfg, pg)?,
+                };
                 let eval_loss = measured["eval_loss"].as_f64().unwrap_or(f64::NAN);
                 let mut m = Map::new();
                 m.insert("step".into(), json!(state.step));
                 m.insert("epoch".into(), json!(epoch_f));
                 m.extend(measured);
-                m.extend(progress.suspend(|| hooks.eval_extra())?);
+                m.extend(extra);
                 // the whole evaluation: the loss over the eval set, and eval_generate's
                 m.insert("eval_seconds".into(), json!(started.elapsed().as_secs_f64()));
                 let shown: Vec<String> = m

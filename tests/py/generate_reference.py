@@ -3,6 +3,9 @@
   generate_reference.py generate MODEL PROMPTS_JSON MAX_NEW OUT_JSON
       greedy `generate` of the prompts (token id lists) in one left-padded batch; writes each
       row's new tokens up to (not including) the first EOS
+  generate_reference.py score MODEL ROWS_JSON OUT_JSON
+      each row's (`{ids, labels}`, labels -100 where not scored) summed next-token cross-entropy,
+      the row alone through the model; writes the list of sums
   generate_reference.py process OUT_SAFETENSORS
       a fixed logits tensor [4, 50], the ids each row has seen [4, 6], and the logits after
       transformers' processors for several settings (repetition penalty, temperature, top-k, top-p)
@@ -51,6 +54,18 @@ def generate(model_dir, prompts_json, max_new, out_json):
     json.dump(rows, open(out_json, "w"))
 
 
+def score(model_dir, rows_json, out_json):
+    cfg = json.load(open(f"{model_dir}/config.json"))
+    eager = cfg.get("model_type") == "gemma2"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager" if eager else "sdpa").eval()
+    sums = []
+    with torch.no_grad():
+        for row in json.load(open(rows_json)):
+            logits = model(input_ids=torch.tensor([row["ids"]])).logits[0].float()
+            sums.append(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(row["labels"][1:]), ignore_index=-100, reduction="sum").item())
+    json.dump(sums, open(out_json, "w"))
+
+
 def process(out_file):
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(4, 50, generator=gen) * 3
@@ -72,4 +87,4 @@ def process(out_file):
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"generate": generate, "process": process}[cmd](*rest)
+    {"generate": generate, "score": score, "process": process}[cmd](*rest)
