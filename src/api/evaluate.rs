@@ -110,7 +110,13 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
         let model = m.get();
         let ids = prompts.iter().map(|p| model.tokenizer.encode(p, true)).collect::<anyhow::Result<Vec<_>>>()?;
         let rows = match examples {
-            Some(e) => continuations(&ids, e),
+            Some(e) => {
+                let rows = continuations(&ids, e);
+                if rows.is_none() {
+                    tracing::debug!("evaluate: the objective's eval examples do not begin with these prompts (another format or tokenization): its eval_loss takes a pass of its own");
+                }
+                rows
+            }
             None if metrics.iter().any(|m| m == "loss") => Some(reference_rows(&model.tokenizer, &ids, &references)?),
             None => None,
         };

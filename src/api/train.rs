@@ -161,7 +161,7 @@ pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
         // a format function is checked when it runs
         g.remove("format");
         if g.get("metrics").and_then(|m| m.as_array()).is_some_and(|m| m.iter().any(|n| n.as_str() == Some("loss"))) {
-            return Err("eval_generate: leave \"loss\" out of metrics: the evaluation's eval_loss already is the loss over the eval set (scored in the same forward as the prompts)".into());
+            return Err("eval_generate: leave \"loss\" out of metrics: the evaluation's eval_loss already is the loss over the eval set".into());
         }
         super::evaluate::validate_options(&serde_json::Value::Object(g)).map_err(|e| format!("eval_generate: {e}"))?;
     }
