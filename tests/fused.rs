@@ -513,7 +513,8 @@ fn decode_linear_matches_linear_and_the_lora_update() {
 /// Training's evaluation and a generation's prompts run the fused kernels without dropout
 /// ([`ftscript::nn::inference_kernels`]): for every family (q/k norms, soft-capping, sliding
 /// windows, fused projections, routed experts) with LoRA on every projection, the last hidden
-/// states and the summed loss equal the op path's (fp32: to 1e-4; bf16: to its rounding), and a
+/// states and the summed loss equal the op path's (fp32: to 1e-4; bf16: to its rounding, and for
+/// routed experts a near-tied routing), and a
 /// scope after the adapters changed uses the new ones (what one scope derives from them, such
 /// as the joint gate/up update, is forgotten when it ends).
 #[test]
@@ -524,7 +525,11 @@ fn inference_on_the_fused_kernels_matches_the_op_path() {
     use ftscript::models::decoder::AttnMask;
     for name in ["llama_gqa", "qwen3", "gemma2", "gemma3", "phi3", "qwen3_moe"] {
         let model_dir = tiny(tmp.path(), name);
-        for (dtype, tol) in [("fp32", 1e-4), ("bf16", 3e-2)] {
+        // bf16: a token whose router logits nearly tie may take another expert on either path,
+        // which moves its hidden state more than rounding does (3.4e-2 on an H100, the summed
+        // loss then within 3.4e-5)
+        let bf16 = if name == "qwen3_moe" { 6e-2 } else { 3e-2 };
+        for (dtype, tol) in [("fp32", 1e-4), ("bf16", bf16)] {
             let mut m = ftscript::models::load(&model_dir, dtype, dev).unwrap();
             let spec = all_linear_lora(0.1, vec![]);
             let kind = m.net.kind;
