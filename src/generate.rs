@@ -139,14 +139,14 @@ fn generate_on(model: &LoadedModel, prompts: &[Vec<i64>], scoring: Option<&[Scor
     let (mut scored_ids, mut scored_valid, mut labels) = (vec![], vec![], vec![]);
     for (r, p) in prompts.iter().enumerate() {
         let n = width as usize - p.len();
-        let row: Vec<i64> = std::iter::repeat(pad).take(n).chain(p.iter().copied()).collect();
-        let real: Vec<bool> = std::iter::repeat(false).take(n).chain(std::iter::repeat(true).take(p.len())).collect();
+        let row: Vec<i64> = std::iter::repeat_n(pad, n).chain(p.iter().copied()).collect();
+        let real: Vec<bool> = std::iter::repeat_n(false, n).chain(std::iter::repeat_n(true, p.len())).collect();
         if let Some(c) = scoring.map(|sc| sc[r]) {
             let gap = longest as usize - c.continuation.len();
-            scored_ids.extend(row.iter().chain(c.continuation).copied().chain(std::iter::repeat(pad).take(gap)));
-            scored_valid.extend(real.iter().copied().chain(std::iter::repeat(true).take(c.continuation.len())).chain(std::iter::repeat(false).take(gap)));
+            scored_ids.extend(row.iter().chain(c.continuation).copied().chain(std::iter::repeat_n(pad, gap)));
+            scored_valid.extend(real.iter().copied().chain(std::iter::repeat_n(true, c.continuation.len())).chain(std::iter::repeat_n(false, gap)));
             // a row's first token is predicted from nothing (here: from its padding)
-            labels.extend(std::iter::repeat(IGNORE).take(n + 1).chain(c.labels[1..].iter().copied()).chain(std::iter::repeat(IGNORE).take(gap)));
+            labels.extend(std::iter::repeat_n(IGNORE, n + 1).chain(c.labels[1..].iter().copied()).chain(std::iter::repeat_n(IGNORE, gap)));
         }
         ids.extend(row);
         valid.extend(real);

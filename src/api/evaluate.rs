@@ -166,7 +166,7 @@ fn reference_rows(tok: &crate::tokenizer::Tokenizer, ids: &[Vec<i64>], reference
             if let Some(eos) = tok.eos_id.filter(|&e| continuation.last() != Some(&e)) {
                 continuation.push(eos);
             }
-            let labels = std::iter::repeat(IGNORE).take(p.len()).chain(continuation.iter().copied()).collect();
+            let labels = std::iter::repeat_n(IGNORE, p.len()).chain(continuation.iter().copied()).collect();
             Ok((continuation, labels))
         })
         .collect()
