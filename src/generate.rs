@@ -172,8 +172,7 @@ fn generate_on(model: &LoadedModel, prompts: &[Vec<i64>], scoring: Option<&[Scor
         }
         Some(_) => {
             let (all, real, labels) = scored_rows();
-            let positions = (real.cumsum(1, Kind::Int64) - 1).clamp_min(0);
-            let h = net.hidden(&all, &positions, &AttnMask::Padded(real), None, false);
+            let h = net.hidden(&all, &real_positions(&real), &AttnMask::Padded(real), None, false);
             (decoding.prompts(&input, ragged)?, Some(net.head_loss_sum(&h, &labels)))
         }
     };
@@ -230,6 +229,12 @@ fn generate_on(model: &LoadedModel, prompts: &[Vec<i64>], scoring: Option<&[Scor
         })
         .collect();
     Ok((rows, loss))
+}
+
+/// Each token's position `[B, T]` where `valid` `[B, T]` marks the real ones: real tokens count
+/// from 0 (a left-padded row starts where its prompt does; padding sits at 0).
+fn real_positions(valid: &Tensor) -> Tensor {
+    (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0)
 }
 
 /// Decoding steps replayed from CUDA graphs in this process (what tests and logs can check).
@@ -351,7 +356,7 @@ impl<'a> Decoding<'a> {
     /// attends to the real ones before it; `ragged`: some are not real), their keys written to
     /// slots `0..T`; positions count real tokens only.
     fn prefill(&mut self, ids: &Tensor, valid: &Tensor, ragged: bool) -> Tensor {
-        let positions = (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+        let positions = real_positions(valid);
         // without padding the causal mask serves (and costs no ops)
         let mask = if ragged { AttnMask::Padded(valid.shallow_clone()) } else { AttnMask::Causal };
         self.cache.at = None;

@@ -4,7 +4,7 @@
 use super::dataset::Dataset;
 use super::model::Model;
 use crate::data::format::{format_builtin, Formatted, TrainOn};
-use crate::data::format::{Example, IGNORE};
+use crate::data::format::{response_tokens, Example, IGNORE};
 use crate::generate::{Sampling, Scoring};
 use crate::script::options::{from_json, guard, parse, to_json};
 use crate::train::metrics::{corpus_bleu, exact_match_corpus, rouge_l_corpus};
@@ -27,6 +27,13 @@ pub struct EvaluateOptions {
     pub batch_size: Option<usize>,
     /// (prompt, prediction, reference) triples returned, the first ones (3).
     pub samples: Option<usize>,
+}
+
+impl EvaluateOptions {
+    /// The metrics asked for, else [`DEFAULT_METRICS`].
+    fn metrics(&self) -> Vec<String> {
+        self.metrics.clone().unwrap_or_else(|| DEFAULT_METRICS.iter().map(|s| s.to_string()).collect())
+    }
 }
 
 pub const METRICS: &[&str] = &["exact_match", "bleu", "rouge_l", "loss"];
@@ -102,7 +109,8 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
         return Err("evaluate: the dataset is empty".into());
     }
     let (prompts, references): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
-    let metrics: Vec<String> = o.metrics.clone().unwrap_or_else(|| DEFAULT_METRICS.iter().map(|s| s.to_string()).collect());
+    let metrics = o.metrics();
+    let wants_loss = metrics.iter().any(|m| m == "loss");
     let sampling = Sampling { max_new_tokens: o.max_new_tokens.unwrap_or(64), ..Default::default() };
     let started = std::time::Instant::now();
     let batch_size = o.batch_size.unwrap_or(16);
@@ -117,7 +125,7 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
                 }
                 rows
             }
-            None if metrics.iter().any(|m| m == "loss") => Some(reference_rows(&model.tokenizer, &ids, &references)?),
+            None if wants_loss => Some(reference_rows(&model.tokenizer, &ids, &references)?),
             None => None,
         };
         let scoring: Option<Vec<Scoring>> = rows.as_ref().map(|r| r.iter().map(|(continuation, labels)| Scoring { continuation, labels }).collect());
@@ -129,7 +137,7 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
         Ok((predictions, tokens, loss))
     })?;
     let mut out = scores(&metrics, &o, &prompts, &predictions, &references, started)?;
-    if metrics.iter().any(|m| m == "loss") {
+    if wants_loss {
         out.insert("loss".into(), Dynamic::from(loss.unwrap_or(f64::NAN) / scored as f64));
     }
     Ok((out, examples.and(loss)))
@@ -156,16 +164,13 @@ fn continuations(ids: &[Vec<i64>], examples: &[Example]) -> Option<Vec<(Vec<i64>
         .collect()
 }
 
-/// Each reference as the tokens scored after its prompt `ids`: its tokens and the EOS (not
-/// doubled), labelled; the prompt is not.
+/// Each reference as the tokens scored after its prompt `ids`: a pair's response as `train`
+/// tokenizes it ([`response_tokens`]: its tokens and the EOS), labelled; the prompt is not.
 fn reference_rows(tok: &crate::tokenizer::Tokenizer, ids: &[Vec<i64>], references: &[String]) -> anyhow::Result<Vec<(Vec<i64>, Vec<i64>)>> {
     ids.iter()
         .zip(references)
         .map(|(p, r)| {
-            let mut continuation = tok.encode(r, false)?;
-            if let Some(eos) = tok.eos_id.filter(|&e| continuation.last() != Some(&e)) {
-                continuation.push(eos);
-            }
+            let continuation = response_tokens(tok, r)?;
             let labels = std::iter::repeat_n(IGNORE, p.len()).chain(continuation.iter().copied()).collect();
             Ok((continuation, labels))
         })
@@ -188,7 +193,7 @@ pub fn evaluate_seq2seq(ctx: &NativeCallContext, m: &super::seq2seq::Seq2SeqMode
     let sampling = Sampling { max_new_tokens: o.max_new_tokens.unwrap_or(64), ..Default::default() };
     let started = std::time::Instant::now();
     let predictions = guard("evaluate", || m.0.borrow().generate(&sources, &sampling, o.batch_size.unwrap_or(16)))?;
-    let metrics: Vec<String> = o.metrics.clone().unwrap_or_else(|| DEFAULT_METRICS.iter().map(|s| s.to_string()).collect());
+    let metrics = o.metrics();
     if metrics.iter().any(|m| m == "loss") {
         return Err("evaluate: the `loss` metric is for a decoder model; an encoder-decoder model's loss is train's eval_loss".into());
     }

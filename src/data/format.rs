@@ -250,6 +250,21 @@ pub fn prompt_tokens(f: &Formatted, tok: &Tokenizer) -> Option<usize> {
     }
 }
 
+/// Appends the tokenizer's EOS to `ids` unless they already end with it.
+fn push_eos(tok: &Tokenizer, ids: &mut Vec<i64>) {
+    if let Some(eos) = tok.eos_id.filter(|e| ids.last() != Some(e)) {
+        ids.push(eos);
+    }
+}
+
+/// A pair's response as [`tokenize`] lays it after the prompt: `encode(response, false)` and
+/// the EOS (not doubled).
+pub fn response_tokens(tok: &Tokenizer, response: &str) -> Result<Vec<i64>> {
+    let mut ids = tok.encode(response, false)?;
+    push_eos(tok, &mut ids);
+    Ok(ids)
+}
+
 /// Pair: ids = encode(prompt, add_special=true) ++ encode(response, add_special=false) ++ [eos];
 /// labels = -100 on prompt tokens unless train_on_prompt; response ids and the EOS keep their
 /// labels (also when pad == eos). Text: encode(text, true) ++ [eos], all labelled. EOS is not
@@ -259,18 +274,10 @@ pub fn prompt_tokens(f: &Formatted, tok: &Tokenizer) -> Option<usize> {
 /// included, as transformers' `return_assistant_tokens_mask` does. Truncated to max_length (the
 /// start is kept).
 pub fn tokenize(f: &Formatted, tok: &Tokenizer, o: &TokenizeOptions) -> Result<Example> {
-    let push_eos = |ids: &mut Vec<i64>| {
-        if let Some(eos) = tok.eos_id {
-            if ids.last() != Some(&eos) {
-                ids.push(eos);
-            }
-        }
-    };
     let (mut input_ids, mut labels) = match f {
         Formatted::Pair { prompt, response } => {
             let p = encode_start(tok, prompt)?;
-            let mut r = tok.encode(response, false)?;
-            push_eos(&mut r);
+            let r = response_tokens(tok, response)?;
             let mut labels = if o.train_on_prompt { p.clone() } else { vec![IGNORE; p.len()] };
             labels.extend_from_slice(&r);
             let mut ids = p;
@@ -279,7 +286,7 @@ pub fn tokenize(f: &Formatted, tok: &Tokenizer, o: &TokenizeOptions) -> Result<E
         }
         Formatted::Text(text) => {
             let mut ids = encode_start(tok, text)?;
-            push_eos(&mut ids);
+            push_eos(tok, &mut ids);
             (ids.clone(), ids)
         }
         Formatted::Chat { text, learn } => {
