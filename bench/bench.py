@@ -33,6 +33,10 @@ def make_model(shape, out, device="cuda"):
         model = Model(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     write_tokenizer(out, cfg.vocab_size)
+    # the caching allocator would keep the init's memory from the ftscript and peer processes
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def write_tokenizer(out, vocab_size):

@@ -102,6 +102,24 @@ impl Tokenizer {
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
+    /// Token ids of a text the model continues (a prompt, a training text's start):
+    /// `encode(text, true)` without a doubled BOS (a chat template that writes `bos_token`
+    /// itself) and without an EOS the post-processor appends (it belongs after the response).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<i64>> {
+        let mut ids = self.encode(text, true)?;
+        if let Some(bos) = self.bos_id {
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0);
+            }
+        }
+        if let (Some(eos), Some(&last)) = (self.eos_id, ids.last()) {
+            if last == eos && self.encode(text, false)?.last() != Some(&eos) {
+                ids.pop();
+            }
+        }
+        Ok(ids)
+    }
+
     /// Token ids of `text` and, per token, the byte range of `text` it covers (empty for a
     /// special token the post-processor adds).
     pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {

@@ -157,9 +157,14 @@ fn multi_turn_chat_learns_every_assistant_turn_like_transformers_and_trl() {
             assert_eq!(ex.input_ids, ids, "conversation {i} ({what} template): token ids differ from apply_chat_template");
             assert_eq!(ex.labels, hf_labels, "conversation {i} ({what} template): labels differ from transformers' assistant mask");
         }
-        // train_on: "last" learns only the last assistant turn
-        let f = format_builtin("chat_template", &record, &format!("conversation {i}"), &plain, TrainOn::LastAssistantTurn).unwrap();
-        let last = tokenize(&f, &plain, &opts).unwrap();
-        assert!(last.n_labelled() > 0 && last.n_labelled() < hf_labels.iter().filter(|&&l| l != IGNORE).count(), "conversation {i}");
+        // train_on: "last" learns only the last assistant turn, of the same tokens
+        let last_turn = hf_labels.iter().rposition(|&l| l == IGNORE).unwrap() + 1;
+        let want: Vec<i64> = hf_labels.iter().enumerate().map(|(k, &l)| if k < last_turn { IGNORE } else { l }).collect();
+        for (what, tok) in [("marked", &marked), ("unmarked", &plain)] {
+            let f = format_builtin("chat_template", &record, &format!("conversation {i}"), tok, TrainOn::LastAssistantTurn).unwrap();
+            let last = tokenize(&f, tok, &opts).unwrap();
+            assert_eq!(last.input_ids, ids, "conversation {i} ({what} template), last turn: token ids differ from apply_chat_template");
+            assert_eq!(last.labels, want, "conversation {i} ({what} template): the last turn's labels");
+        }
     }
 }

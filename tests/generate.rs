@@ -255,6 +255,60 @@ print(`REF ${{scores.samples[0].reference}}`);
     }
 }
 
+/// A hook's generation from the chat template, as a user writes it: `m.generate(m.chat_prompt(..))`
+/// with a template that writes BOS while the tokenizer adds one (Llama 3's way) gives the tokens
+/// transformers generates from `apply_chat_template(..., add_generation_prompt=True)` (one BOS),
+/// not those of a doubled BOS.
+#[test]
+fn a_chat_prompt_generates_what_transformers_generates_from_the_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = with_template(tiny_llama(d), &format!("{{{{ bos_token }}}}{CHAT_TEMPLATE}"));
+    let question = "the quick brown fox jumps over";
+    // weights drawn wider than the tiny model's (std 0.25), so that what it generates depends on
+    // its prompt; transformers' answer to one BOS, checked to differ from its answer to two
+    let want = py_eval(&format!(
+        r#"
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({dir:?})
+model = AutoModelForCausalLM.from_pretrained({dir:?}, dtype=torch.float32).eval()
+torch.manual_seed(0)
+with torch.no_grad():
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.normal_(0, 0.25)
+model.save_pretrained({dir:?})
+ids = tok.apply_chat_template([{{"role": "user", "content": {question:?}}}], add_generation_prompt=True, return_dict=True, return_tensors="pt")["input_ids"]
+assert ids[0, 0] == tok.bos_token_id and ids[0, 1] != tok.bos_token_id
+def answer(ids):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=2)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+assert answer(ids) != answer(torch.cat([ids[:, :1], ids], 1))
+print(json.dumps(answer(ids)))
+"#,
+        dir = model.display().to_string()
+    ));
+    let t = run_recipe(
+        d,
+        "chat.rhai",
+        &format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+let prompt = m.chat_prompt("{question}");
+let ids = m.tokenizer.encode(prompt);
+print(`BOS ${{ids[0] == m.tokenizer.bos_id && ids[1] == m.tokenizer.bos_id}}`);
+print("ANSWER[" + m.generate(prompt, #{{ max_new_tokens: 12 }}) + "]END");
+"#,
+            model = model.display()
+        ),
+    );
+    // the tokenizer's own encoding doubles the BOS here
+    assert!(t.contains("BOS true"), "{t}");
+    let want: String = serde_json::from_str(want.trim()).unwrap();
+    assert!(t.contains(&format!("ANSWER[{want}]END")), "generate from chat_prompt vs transformers from apply_chat_template ({want:?}):\n{t}");
+}
+
 /// `generate` on an array batches prompts of like length together, longest first (a batch pads
 /// each prompt to its longest), and returns the continuations in the prompts' order: what each
 /// prompt alone gives. Fails when batches follow the array's order (a one-word prompt beside a
@@ -379,25 +433,32 @@ print(`RESULT steps=${{r.steps}} seen=${{seen.len()}}`);
 /// An evaluation's loss from its generation's prompts, as a user writes it: `train` with
 /// `eval_generate` logs the eval losses of the same run without it (its own loss pass) and says
 /// they came from the prompts' forward; after training, `evaluate`'s `loss` metric is that
-/// eval loss too (alpaca pairs: the response's tokens and EOS after the prompt), and asking for
-/// it leaves the predictions as they were. `loss` among `eval_generate`'s metrics is refused
-/// before training starts.
+/// eval loss too (the reference's tokens as `train` tokenizes the record), and asking for it
+/// leaves the predictions as they were. So for alpaca pairs, for pairs whose prompt is
+/// `chat_prompt`'s rendering, and for `messages` records, with a chat template that writes BOS
+/// while the tokenizer adds one (Llama 3's way): the prompts are tokenized as `train` tokenizes
+/// them, one BOS. `loss` among `eval_generate`'s metrics is refused before training starts.
 #[test]
 fn an_evaluation_scores_its_loss_in_the_forward_of_its_prompts() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model = tiny_model_and_text(d, 8);
-    let records: Vec<String> = (0..20).map(|i| serde_json::json!({"instruction": format!("say {} {}", i % 3, "word ".repeat(i % 7)), "output": format!("the quick brown fox {}", "jumps ".repeat(i % 5))}).to_string()).collect();
-    std::fs::write(d.join("qa.jsonl"), records.join("\n")).unwrap();
-    let recipe = |generate: &str, out: &str| {
+    std::fs::create_dir_all(d.join("bos")).unwrap();
+    let chat = with_template(tiny(&d.join("bos"), "llama_gqa"), &format!("{{{{ bos_token }}}}{CHAT_TEMPLATE}")).display().to_string();
+    let qa: Vec<(String, String)> = (0..20).map(|i| (format!("say {} {}", i % 3, "word ".repeat(i % 7)), format!("the quick brown fox {}", "jumps ".repeat(i % 5)))).collect();
+    let lines = |f: &dyn Fn(&(String, String)) -> serde_json::Value| qa.iter().map(|r| f(r).to_string()).collect::<Vec<_>>().join("\n");
+    std::fs::write(d.join("qa.jsonl"), lines(&|(q, a)| serde_json::json!({"instruction": q, "output": a}))).unwrap();
+    std::fs::write(d.join("chat.jsonl"), lines(&|(q, a)| serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}))).unwrap();
+    let recipe = |(model, data, format): (&str, &str, &str), generate: &str, out: &str| {
         format!(
             r#"
 let m = load_model("{model}", #{{ dtype: "fp32" }});
+let fmt = {format};
 m.add_lora(#{{ r: 4, alpha: 8 }});
-let data = load_dataset("qa.jsonl").split(7, 1);
-let r = train(m, #{{ train: data.train, eval: data.eval, format: "alpaca", batch_size: 4, eval_batch_size: 3, max_steps: 4, lr: 3e-2,
+let data = load_dataset("{data}").split(7, 1);
+let r = train(m, #{{ train: data.train, eval: data.eval, format: fmt, batch_size: 4, eval_batch_size: 3, max_steps: 4, lr: 3e-2,
     log_every: 1, eval_every: 2, output_dir: "{out}"{generate} }});
-let opts = #{{ format: "alpaca", max_new_tokens: 5, batch_size: 4, samples: 7 }};
+let opts = #{{ format: fmt, max_new_tokens: 5, batch_size: 4, samples: 7 }};
 let scored = evaluate(m, data.eval, opts + #{{ metrics: ["loss", "rouge_l"] }});
 let plain = evaluate(m, data.eval, opts + #{{ metrics: ["rouge_l"] }});
 print(`RESULT eval_loss=${{r.eval_loss}} loss=${{scored.loss}} same=${{scored.samples.map(|s| s.prediction) == plain.samples.map(|s| s.prediction)}} has_loss=${{"loss" in plain}}`);
@@ -409,21 +470,25 @@ print(`RESULT eval_loss=${{r.eval_loss}} loss=${{scored.loss}} same=${{scored.sa
         let at = line.find(&format!(" {key}=")).unwrap() + key.len() + 2;
         line[at..].split_whitespace().next().unwrap().parse().unwrap()
     };
-    let own = run_recipe(d, "own.rhai", &recipe("", "own"));
-    let shared = run_recipe(d, "shared.rhai", &recipe(", eval_generate: #{ metrics: [\"rouge_l\"], max_new_tokens: 5, batch_size: 4 }", "shared"));
-    assert!(shared.contains("eval_loss is scored in the forward of eval_generate's prompts") && !own.contains("eval_loss is scored"), "{shared}");
     let evals = |out: &str| -> Vec<f64> { metrics(&d.join(out).join("metrics.jsonl")).iter().filter_map(|m| m.get("eval_loss").and_then(|v| v.as_f64())).collect() };
-    let (a, b) = (evals("own"), evals("shared"));
-    assert_eq!(a.len(), 2, "{a:?}");
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-5 * x.abs(), "eval_loss of the loss pass {x} vs from the prompts' forward {y}");
+    let chat_pairs = "|r| #{ prompt: m.chat_prompt(r.instruction), response: r.output }";
+    for (name, case) in [("alpaca", (model.as_str(), "qa.jsonl", "\"alpaca\"")), ("chat_prompt", (chat.as_str(), "qa.jsonl", chat_pairs)), ("messages", (chat.as_str(), "chat.jsonl", "\"chat_template\""))] {
+        let own = run_recipe(d, &format!("own-{name}.rhai"), &recipe(case, "", &format!("own-{name}")));
+        let shared = run_recipe(d, &format!("shared-{name}.rhai"), &recipe(case, ", eval_generate: #{ metrics: [\"rouge_l\"], max_new_tokens: 5, batch_size: 4 }", &format!("shared-{name}")));
+        assert!(shared.contains("eval_loss is scored in the forward of eval_generate's prompts") && !own.contains("eval_loss is scored"), "{name}: {shared}");
+        let (a, b) = (evals(&format!("own-{name}")), evals(&format!("shared-{name}")));
+        assert_eq!(a.len(), 2, "{name}: {a:?}");
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * x.abs(), "{name}: eval_loss of the loss pass {x} vs from the prompts' forward {y}");
+        }
+        for t in [&own, &shared] {
+            let (eval_loss, loss) = (number(t, "eval_loss"), number(t, "loss"));
+            assert!((eval_loss - loss).abs() <= 1e-5 * eval_loss, "{name}: evaluate's loss {loss} vs train's eval_loss {eval_loss}");
+            assert!(t.contains("same=true has_loss=false"), "{name}: {t}");
+        }
     }
-    for t in [&own, &shared] {
-        let (eval_loss, loss) = (number(t, "eval_loss"), number(t, "loss"));
-        assert!((eval_loss - loss).abs() <= 1e-5 * eval_loss, "evaluate's loss {loss} vs train's eval_loss {eval_loss}");
-        assert!(t.contains("same=true has_loss=false"), "{t}");
-    }
+    let recipe = |generate: &str, out: &str| recipe((model.as_str(), "qa.jsonl", "\"alpaca\""), generate, out);
     std::fs::write(d.join("bad.rhai"), recipe(", eval_generate: #{ metrics: [\"loss\"] }", "bad")).unwrap();
     let out = ftscript(&["run", "bad.rhai"], d);
     let t = text(&out);

@@ -4,7 +4,7 @@
 use super::dataset::Dataset;
 use super::model::Model;
 use crate::data::format::{format_builtin, Formatted, TrainOn};
-use crate::data::format::{response_tokens, Example, IGNORE};
+use crate::data::format::{tokenize, Example, TokenizeOptions, IGNORE};
 use crate::generate::{Sampling, Scoring};
 use crate::script::options::{from_json, guard, parse, to_json};
 use crate::train::metrics::{corpus_bleu, exact_match_corpus, rouge_l_corpus};
@@ -52,10 +52,21 @@ pub fn validate_options(json: &serde_json::Value) -> Result<(), String> {
     Ok(())
 }
 
-/// Each record as (prompt, reference): by a format function, a template, or, for `messages`
-/// records, the conversation before the last message rendered with the chat template and that
-/// message's content.
-fn pairs(ctx: &NativeCallContext, m: &Model, ds: &Dataset, format: Option<&Dynamic>) -> Res<Vec<(String, String)>> {
+/// A record's prompt and reference answer, tokenized as `train` tokenizes them.
+struct Pair {
+    prompt: String,
+    /// The prompt's tokens: a pair's prompt as [`encode_prompt`](crate::tokenizer::Tokenizer::encode_prompt)
+    /// gives them, a conversation's start as its template renders them (no special tokens added).
+    ids: Vec<i64>,
+    reference: String,
+    /// The whole record as `train` tokenizes it (uncut), the reference's tokens labelled.
+    example: Example,
+}
+
+/// Each record as a [`Pair`]: by a format function, a template, or, for `messages` records, the
+/// conversation before the last message rendered with the chat template and that message's
+/// content.
+fn pairs(ctx: &NativeCallContext, m: &Model, ds: &Dataset, format: Option<&Dynamic>) -> Res<Vec<Pair>> {
     let model = m.get();
     let records = &ds.0.records;
     let mut out = Vec::with_capacity(records.len());
@@ -75,15 +86,19 @@ fn pairs(ctx: &NativeCallContext, m: &Model, ds: &Dataset, format: Option<&Dynam
             None if r.get("messages").is_some() => format_builtin("chat_template", r, &at, &model.tokenizer, TrainOn::LastAssistantTurn).map_err(|e| format!("evaluate: {e:#}"))?,
             None => format_builtin("alpaca", r, &at, &model.tokenizer, TrainOn::LastAssistantTurn).map_err(|e| format!("evaluate: {e:#} (or pass format: a template name or a function returning #{{prompt, response}})"))?,
         };
+        let tok = &model.tokenizer;
+        let failed = |e: anyhow::Error| format!("evaluate: {at}: {e:#}");
+        let example = tokenize(&formatted, tok, &TokenizeOptions { max_length: 0, train_on_prompt: false }).map_err(failed)?;
         out.push(match formatted {
-            Formatted::Pair { prompt, response } => (prompt, response),
+            Formatted::Pair { prompt, response } => Pair { ids: tok.encode_prompt(&prompt).map_err(failed)?, prompt, reference: response, example },
             Formatted::Chat { text, learn } => {
                 let Some(last) = learn.last() else { return Err(format!("evaluate: {at}: the conversation has no assistant message to compare with").into()) };
                 let reference = r
                     .get("messages")
                     .and_then(|m| m.as_array()?.last()?.get("content")?.as_str().map(String::from))
                     .unwrap_or_else(|| text[last.clone()].to_string());
-                (text[..last.start].to_string(), reference)
+                let prompt = text[..last.start].to_string();
+                Pair { ids: tok.encode(&prompt, false).map_err(failed)?, prompt, reference, example }
             }
             Formatted::Text(_) => return Err(format!("evaluate: {at}: the format gives plain text; evaluation needs a prompt and a reference (#{{prompt, response}})").into()),
         });
@@ -100,15 +115,17 @@ pub fn evaluate(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: &Map) ->
 /// eval examples, one per record), also their summed label loss, from the forward of the prompts
 /// the answers are generated from; `None` when an example and its record's prompt are not one
 /// the other's prefix (then the objective scores them in a pass of its own). The `loss` metric
-/// scores each reference the same way: its tokens and an EOS after the prompt, as `train`
-/// tokenizes a prompt/response pair.
+/// scores each reference the same way: its tokens as `train` tokenizes the record (a pair's
+/// response and EOS after the prompt; a conversation's last assistant turn as its template
+/// renders it).
 pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: &Map, examples: Option<&[Example]>) -> Res<(Map, Option<f64>)> {
     let o = options(opts)?;
     let pairs = pairs(ctx, m, ds, opts.get("format"))?;
     if pairs.is_empty() {
         return Err("evaluate: the dataset is empty".into());
     }
-    let (prompts, references): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+    let (prompts, references): (Vec<String>, Vec<String>) = pairs.iter().map(|p| (p.prompt.clone(), p.reference.clone())).unzip();
+    let (ids, own): (Vec<Vec<i64>>, Vec<Example>) = pairs.into_iter().map(|p| (p.ids, p.example)).unzip();
     let metrics = o.metrics();
     let wants_loss = metrics.iter().any(|m| m == "loss");
     let sampling = Sampling { max_new_tokens: o.max_new_tokens.unwrap_or(64), ..Default::default() };
@@ -116,16 +133,17 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
     let batch_size = o.batch_size.unwrap_or(16);
     let (predictions, scored, loss) = guard("evaluate", || {
         let model = m.get();
-        let ids = prompts.iter().map(|p| model.tokenizer.encode(p, true)).collect::<anyhow::Result<Vec<_>>>()?;
         let rows = match examples {
             Some(e) => {
-                let rows = continuations(&ids, e);
+                let rows = continuations(&ids, e).ok();
                 if rows.is_none() {
                     tracing::debug!("evaluate: the objective's eval examples do not begin with these prompts (another format or tokenization): its eval_loss takes a pass of its own");
                 }
                 rows
             }
-            None if wants_loss => Some(reference_rows(&model.tokenizer, &ids, &references)?),
+            None if wants_loss => Some(continuations(&ids, &own).map_err(|i| {
+                anyhow::anyhow!("evaluate: the `loss` metric: {}: the prompt's tokens alone are not the start of the whole record's tokens (a tokenizer merge across the prompt's end)", ds.0.place(i))
+            })?),
             None => None,
         };
         let scoring: Option<Vec<Scoring>> = rows.as_ref().map(|r| r.iter().map(|(continuation, labels)| Scoring { continuation, labels }).collect());
@@ -145,33 +163,23 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
 
 /// Each example's tokens after its record's prompt `ids`, and its labels over prompt and those
 /// tokens, when every example and its prompt are one the other's prefix (an example cut at
-/// `max_length` may end inside its prompt: it then continues with nothing).
-fn continuations(ids: &[Vec<i64>], examples: &[Example]) -> Option<Vec<(Vec<i64>, Vec<i64>)>> {
+/// `max_length` may end inside its prompt: it then continues with nothing); else the index of the
+/// first that is not.
+fn continuations(ids: &[Vec<i64>], examples: &[Example]) -> Result<Vec<(Vec<i64>, Vec<i64>)>, usize> {
     if ids.len() != examples.len() {
-        return None;
+        return Err(ids.len().min(examples.len()));
     }
     ids.iter()
         .zip(examples)
-        .map(|(p, e)| {
+        .enumerate()
+        .map(|(i, (p, e))| {
             let n = p.len().min(e.input_ids.len());
-            (p[..n] == e.input_ids[..n]).then(|| {
-                let continuation = e.input_ids[n..].to_vec();
-                let mut labels = e.labels.clone();
-                labels.resize(p.len() + continuation.len(), IGNORE);
-                (continuation, labels)
-            })
-        })
-        .collect()
-}
-
-/// Each reference as the tokens scored after its prompt `ids`: a pair's response as `train`
-/// tokenizes it ([`response_tokens`]: its tokens and the EOS), labelled; the prompt is not.
-fn reference_rows(tok: &crate::tokenizer::Tokenizer, ids: &[Vec<i64>], references: &[String]) -> anyhow::Result<Vec<(Vec<i64>, Vec<i64>)>> {
-    ids.iter()
-        .zip(references)
-        .map(|(p, r)| {
-            let continuation = response_tokens(tok, r)?;
-            let labels = std::iter::repeat_n(IGNORE, p.len()).chain(continuation.iter().copied()).collect();
+            if p[..n] != e.input_ids[..n] {
+                return Err(i);
+            }
+            let continuation = e.input_ids[n..].to_vec();
+            let mut labels = e.labels.clone();
+            labels.resize(p.len() + continuation.len(), IGNORE);
             Ok((continuation, labels))
         })
         .collect()

@@ -182,9 +182,13 @@ pub fn sampling(o: GenerateOptions) -> Sampling {
     }
 }
 
-/// Continuations of `prompts`, decoded `batch_size` prompts at a time ([`generate_scored`]).
+/// Continuations of `prompts`, decoded `batch_size` prompts at a time ([`generate_scored`]); a
+/// prompt is tokenized as `train` tokenizes a prompt ([`Tokenizer::encode_prompt`]: one BOS
+/// when a chat template writes it too, no EOS after it).
+///
+/// [`Tokenizer::encode_prompt`]: crate::tokenizer::Tokenizer::encode_prompt
 pub fn generate_texts(m: &LoadedModel, prompts: &[String], s: &Sampling, batch_size: usize) -> anyhow::Result<Vec<String>> {
-    let ids = prompts.iter().map(|p| m.tokenizer.encode(p, true)).collect::<anyhow::Result<Vec<_>>>()?;
+    let ids = prompts.iter().map(|p| m.tokenizer.encode_prompt(p)).collect::<anyhow::Result<Vec<_>>>()?;
     Ok(generate_scored(m, &ids, None, s, batch_size)?.0)
 }
 

@@ -633,8 +633,12 @@ fn train_fn(ctx: NativeCallContext, m: &mut Model, opts: Map) -> Res<Map> {
     let eval_generate = match opts.get("eval_generate") {
         None => None,
         Some(g) => {
-            let g = g.clone().try_cast::<Map>().ok_or("train: eval_generate must be a map of evaluate's options (#{metrics, max_new_tokens, ...})")?;
+            let mut g = g.clone().try_cast::<Map>().ok_or("train: eval_generate must be a map of evaluate's options (#{metrics, max_new_tokens, ...})")?;
             let ds = eval_ds.clone().ok_or("train: eval_generate scores the eval set: pass eval: a Dataset")?;
+            // the eval records' prompts and references as training formats them, unless told otherwise
+            if let Some(format) = opts.get("format").filter(|_| !g.contains_key("format")) {
+                g.insert("format".into(), format.clone());
+            }
             Some((m.clone(), ds, g))
         }
     };

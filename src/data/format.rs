@@ -199,10 +199,17 @@ fn chat_template(record: &Value, at: &str, tok: &Tokenizer, train_on: TrainOn) -
     };
     match train_on {
         TrainOn::LastAssistantTurn => {
+            // the conversation through its last assistant message, tokenized as a whole as
+            // below; the learnt tokens are that message as rendered
+            let (text, marked) = render(&messages[..=last], false)?;
+            if let Some(span) = marked.last() {
+                return Ok(Formatted::Chat { learn: vec![span.clone()], text });
+            }
             let (prompt, _) = render(&messages[..last], true)?;
-            let (full, _) = render(&messages[..=last], false)?;
-            let response = full.strip_prefix(prompt.as_str()).ok_or_else(not_a_prefix)?;
-            Ok(Formatted::Pair { response: response.to_string(), prompt })
+            if !text.starts_with(prompt.as_str()) {
+                return Err(not_a_prefix());
+            }
+            Ok(Formatted::Chat { learn: vec![prompt.len()..text.len()], text })
         }
         TrainOn::AllAssistantTurns => {
             let (text, marked) = render(messages, false)?;
@@ -225,27 +232,10 @@ fn chat_template(record: &Value, at: &str, tok: &Tokenizer, train_on: TrainOn) -
     }
 }
 
-/// `encode(text, true)`, without a doubled BOS (a template that writes `bos_token` itself) and
-/// without an EOS the post-processor appends (it belongs after the response, not the prompt).
-fn encode_start(tok: &Tokenizer, text: &str) -> Result<Vec<i64>> {
-    let mut ids = tok.encode(text, true)?;
-    if let Some(bos) = tok.bos_id {
-        if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
-            ids.remove(0);
-        }
-    }
-    if let (Some(eos), Some(&last)) = (tok.eos_id, ids.last()) {
-        if last == eos && tok.encode(text, false)?.last() != Some(&eos) {
-            ids.pop();
-        }
-    }
-    Ok(ids)
-}
-
 /// Tokens of a pair's prompt (BOS included where the tokenizer adds it); `None` for plain text.
 pub fn prompt_tokens(f: &Formatted, tok: &Tokenizer) -> Option<usize> {
     match f {
-        Formatted::Pair { prompt, .. } => encode_start(tok, prompt).ok().map(|p| p.len()),
+        Formatted::Pair { prompt, .. } => tok.encode_prompt(prompt).ok().map(|p| p.len()),
         Formatted::Text(_) | Formatted::Chat { .. } => None,
     }
 }
@@ -259,15 +249,15 @@ fn push_eos(tok: &Tokenizer, ids: &mut Vec<i64>) {
 
 /// A pair's response as [`tokenize`] lays it after the prompt: `encode(response, false)` and
 /// the EOS (not doubled).
-pub fn response_tokens(tok: &Tokenizer, response: &str) -> Result<Vec<i64>> {
+fn response_tokens(tok: &Tokenizer, response: &str) -> Result<Vec<i64>> {
     let mut ids = tok.encode(response, false)?;
     push_eos(tok, &mut ids);
     Ok(ids)
 }
 
-/// Pair: ids = encode(prompt, add_special=true) ++ encode(response, add_special=false) ++ [eos];
+/// Pair: ids = encode_prompt(prompt) ++ encode(response, add_special=false) ++ [eos];
 /// labels = -100 on prompt tokens unless train_on_prompt; response ids and the EOS keep their
-/// labels (also when pad == eos). Text: encode(text, true) ++ [eos], all labelled. EOS is not
+/// labels (also when pad == eos). Text: encode_prompt(text) ++ [eos], all labelled. EOS is not
 /// added twice. Chat: encode(text, false), as transformers tokenizes a rendered chat template (the
 /// template writes BOS and each turn's end itself); a token is learnt when it lies between the
 /// token holding the first byte of a learnt range and the one holding its last byte, both
@@ -276,7 +266,7 @@ pub fn response_tokens(tok: &Tokenizer, response: &str) -> Result<Vec<i64>> {
 pub fn tokenize(f: &Formatted, tok: &Tokenizer, o: &TokenizeOptions) -> Result<Example> {
     let (mut input_ids, mut labels) = match f {
         Formatted::Pair { prompt, response } => {
-            let p = encode_start(tok, prompt)?;
+            let p = tok.encode_prompt(prompt)?;
             let r = response_tokens(tok, response)?;
             let mut labels = if o.train_on_prompt { p.clone() } else { vec![IGNORE; p.len()] };
             labels.extend_from_slice(&r);
@@ -285,7 +275,7 @@ pub fn tokenize(f: &Formatted, tok: &Tokenizer, o: &TokenizeOptions) -> Result<E
             (ids, labels)
         }
         Formatted::Text(text) => {
-            let mut ids = encode_start(tok, text)?;
+            let mut ids = tok.encode_prompt(text)?;
             push_eos(tok, &mut ids);
             (ids.clone(), ids)
         }
@@ -447,10 +437,9 @@ pub(crate) mod tests {
             {"role": "assistant", "content": "bye"},
         ]});
         let f = format_builtin("chat_template", &r, "record 0", &t, TrainOn::LastAssistantTurn).unwrap();
-        assert_eq!(
-            f,
-            pair("<|user|> hello </s> <|assistant|> world </s> <|user|> good </s> <|assistant|> ", "bye </s> ")
-        );
+        let text = "<|user|> hello </s> <|assistant|> world </s> <|user|> good </s> <|assistant|> bye </s> ";
+        let start = text.len() - "bye </s> ".len();
+        assert_eq!(f, Formatted::Chat { text: text.into(), learn: vec![start..text.len()] });
         let e = format_builtin("chat_template", &json!({"messages": [{"role": "user", "content": "x"}]}), "record 3", &t, TrainOn::LastAssistantTurn)
             .unwrap_err()
             .to_string();

@@ -156,9 +156,14 @@ pub fn tiny_chat_model(d: &Path) -> PathBuf {
 
 /// The tiny model at `model`, given a chat template.
 pub fn with_chat_template(model: PathBuf) -> PathBuf {
+    with_template(model, CHAT_TEMPLATE)
+}
+
+/// The tiny model at `model`, given the chat `template`.
+pub fn with_template(model: PathBuf, template: &str) -> PathBuf {
     let path = model.join("tokenizer_config.json");
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    config["chat_template"] = CHAT_TEMPLATE.into();
+    config["chat_template"] = template.into();
     std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
     model
 }
