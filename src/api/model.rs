@@ -310,12 +310,12 @@ pub fn register(engine: &mut Engine) {
             guard("chat_prompt", || chat_prompt(&m.get(), messages))
         });
     FuncRegistration::new("loss")
-        .with_comments(["/// Mean next-token negative log-likelihood (natural log) of `text`."])
+        .with_comments(["/// Mean next-token negative log-likelihood (natural log) of `text` (tokenized as a prompt: one BOS, as generate)."])
         .with_params_info(["model: &mut Model", "text: &str", "f64"])
         .register_into_engine(engine, |m: &mut Model, text: &str| -> Res<f64> {
             guard("loss", || {
                 let m = m.get();
-                let ids = m.tokenizer.encode(text, true)?;
+                let ids = m.tokenizer.encode_prompt(text)?;
                 generate::loss_of_ids(&m, &ids)
             })
         });
