@@ -59,8 +59,15 @@ struct Pair {
     /// gives them, a conversation's start as its template renders them (no special tokens added).
     ids: Vec<i64>,
     reference: String,
+    /// The record as formatted, for [`Pair::example`].
+    formatted: Formatted,
+}
+
+impl Pair {
     /// The whole record as `train` tokenizes it (uncut), the reference's tokens labelled.
-    example: Example,
+    fn example(&self, tok: &crate::tokenizer::Tokenizer) -> anyhow::Result<Example> {
+        tokenize(&self.formatted, tok, &TokenizeOptions { max_length: 0, train_on_prompt: false })
+    }
 }
 
 /// Each record as a [`Pair`]: by a format function, a template, or, for `messages` records, the
@@ -88,9 +95,8 @@ fn pairs(ctx: &NativeCallContext, m: &Model, ds: &Dataset, format: Option<&Dynam
         };
         let tok = &model.tokenizer;
         let failed = |e: anyhow::Error| format!("evaluate: {at}: {e:#}");
-        let example = tokenize(&formatted, tok, &TokenizeOptions { max_length: 0, train_on_prompt: false }).map_err(failed)?;
-        out.push(match formatted {
-            Formatted::Pair { prompt, response } => Pair { ids: tok.encode_prompt(&prompt).map_err(failed)?, prompt, reference: response, example },
+        out.push(match &formatted {
+            Formatted::Pair { prompt, response } => Pair { ids: tok.encode_prompt(prompt).map_err(failed)?, prompt: prompt.clone(), reference: response.clone(), formatted },
             Formatted::Chat { text, learn } => {
                 let Some(last) = learn.last() else { return Err(format!("evaluate: {at}: the conversation has no assistant message to compare with").into()) };
                 let reference = r
@@ -98,7 +104,7 @@ fn pairs(ctx: &NativeCallContext, m: &Model, ds: &Dataset, format: Option<&Dynam
                     .and_then(|m| m.as_array()?.last()?.get("content")?.as_str().map(String::from))
                     .unwrap_or_else(|| text[last.clone()].to_string());
                 let prompt = text[..last.start].to_string();
-                Pair { ids: tok.encode(&prompt, false).map_err(failed)?, prompt, reference, example }
+                Pair { ids: tok.encode(&prompt, false).map_err(failed)?, prompt, reference, formatted }
             }
             Formatted::Text(_) => return Err(format!("evaluate: {at}: the format gives plain text; evaluation needs a prompt and a reference (#{{prompt, response}})").into()),
         });
@@ -124,8 +130,6 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
     if pairs.is_empty() {
         return Err("evaluate: the dataset is empty".into());
     }
-    let (prompts, references): (Vec<String>, Vec<String>) = pairs.iter().map(|p| (p.prompt.clone(), p.reference.clone())).unzip();
-    let (ids, own): (Vec<Vec<i64>>, Vec<Example>) = pairs.into_iter().map(|p| (p.ids, p.example)).unzip();
     let metrics = o.metrics();
     let wants_loss = metrics.iter().any(|m| m == "loss");
     let sampling = Sampling { max_new_tokens: o.max_new_tokens.unwrap_or(64), ..Default::default() };
@@ -133,6 +137,7 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
     let batch_size = o.batch_size.unwrap_or(16);
     let (predictions, scored, loss) = guard("evaluate", || {
         let model = m.get();
+        let ids: Vec<Vec<i64>> = pairs.iter().map(|p| p.ids.clone()).collect();
         let rows = match examples {
             Some(e) => {
                 let rows = continuations(&ids, e).ok();
@@ -141,9 +146,12 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
                 }
                 rows
             }
-            None if wants_loss => Some(continuations(&ids, &own).map_err(|i| {
-                anyhow::anyhow!("evaluate: the `loss` metric: {}: the prompt's tokens alone are not the start of the whole record's tokens (a tokenizer merge across the prompt's end)", ds.0.place(i))
-            })?),
+            None if wants_loss => {
+                let own = pairs.iter().map(|p| p.example(&model.tokenizer)).collect::<anyhow::Result<Vec<_>>>()?;
+                Some(continuations(&ids, &own).map_err(|i| {
+                    anyhow::anyhow!("evaluate: the `loss` metric: {}: the prompt's tokens alone are not the start of the whole record's tokens (a tokenizer merge across the prompt's end)", ds.0.place(i))
+                })?)
+            }
             None => None,
         };
         let scoring: Option<Vec<Scoring>> = rows.as_ref().map(|r| r.iter().map(|(continuation, labels)| Scoring { continuation, labels }).collect());
@@ -154,6 +162,7 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
         let tokens = rows.iter().flatten().map(|(_, labels)| labels.iter().skip(1).filter(|&&l| l != IGNORE).count()).sum::<usize>();
         Ok((predictions, tokens, loss))
     })?;
+    let (prompts, references): (Vec<String>, Vec<String>) = pairs.into_iter().map(|p| (p.prompt, p.reference)).unzip();
     let mut out = scores(&metrics, &o, &prompts, &predictions, &references, started)?;
     if wants_loss {
         out.insert("loss".into(), Dynamic::from(loss.unwrap_or(f64::NAN) / scored as f64));
