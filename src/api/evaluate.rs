@@ -170,11 +170,15 @@ pub fn evaluate_scoring(ctx: &NativeCallContext, m: &Model, ds: &Dataset, opts: 
     Ok((out, examples.and(loss)))
 }
 
+/// A scored row after its prompt: the continuation's tokens, and the labels over prompt and
+/// continuation.
+type ScoredRow = (Vec<i64>, Vec<i64>);
+
 /// Each example's tokens after its record's prompt `ids`, and its labels over prompt and those
 /// tokens, when every example and its prompt are one the other's prefix (an example cut at
 /// `max_length` may end inside its prompt: it then continues with nothing); else the index of the
 /// first that is not.
-fn continuations(ids: &[Vec<i64>], examples: &[Example]) -> Result<Vec<(Vec<i64>, Vec<i64>)>, usize> {
+fn continuations(ids: &[Vec<i64>], examples: &[Example]) -> Result<Vec<ScoredRow>, usize> {
     if ids.len() != examples.len() {
         return Err(ids.len().min(examples.len()));
     }

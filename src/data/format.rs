@@ -209,7 +209,8 @@ fn chat_template(record: &Value, at: &str, tok: &Tokenizer, train_on: TrainOn) -
             if !text.starts_with(prompt.as_str()) {
                 return Err(not_a_prefix());
             }
-            Ok(Formatted::Chat { learn: vec![prompt.len()..text.len()], text })
+            let last_turn = prompt.len()..text.len();
+            Ok(Formatted::Chat { learn: vec![last_turn], text })
         }
         TrainOn::AllAssistantTurns => {
             let (text, marked) = render(messages, false)?;
