@@ -23,12 +23,14 @@ LORA = dict(r=8, alpha=32, dropout=0.05, targets=["q_proj", "v_proj"])
 
 
 def words_tokenizer(out, vocab_size):
-    """`t0 … t{V-1}`, one word one token, split on whitespace; BOS t1, EOS t2, pad t0."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """`t0 … t{V-1}`, one word one token, split on whitespace; BOS t1, EOS t2, pad t0, each matched
+    only as a whole word (else `t12546` would be read as BOS and an unknown `2546`)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t1", eos_token="t2", pad_token="t0").save_pretrained(out)
+    word = lambda s: AddedToken(s, single_word=True, special=True)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=word("t1"), eos_token=word("t2"), pad_token=word("t0")).save_pretrained(out)
 
 
 def records(a, n, path):

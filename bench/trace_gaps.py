@@ -1,12 +1,16 @@
 """Where the GPU waited, from a profile's Chrome trace (`train`'s `profile` option writes
 `<output_dir>/profile/trace.json`).
 
-usage: python3 bench/trace_gaps.py TRACE [--min-ms 0.5] [--top 15]
+usage: python3 bench/trace_gaps.py TRACE [--min-ms 0.5] [--top 15] [--timeline MS] [--ops N]
 
 Prints the GPU's busy time over the traced span, its idle time in gaps of at least `--min-ms`,
 and the longest such gaps, each with the kernels on either side and the host work that
 overlapped it most (CPU ops and CUDA runtime calls: a synchronization, a graph's capture, the
-tokenizer...). A gap is time when no kernel, copy or memset ran on any stream.
+tokenizer...). A gap is time when no kernel, copy or memset ran on any stream. `--timeline MS`
+also prints, for each MS-long window of the span, the GPU's busy time and its three costliest
+kernels there (a prefill, a run of decoding steps and a training step look different).
+`--ops N` prints the N host ops (by name and input shapes) whose kernels took the most GPU time,
+with their count and achieved TFLOP/s where the op is a matrix product.
 """
 import argparse, json
 
@@ -19,6 +23,8 @@ def main():
     ap.add_argument("trace")
     ap.add_argument("--min-ms", type=float, default=0.5)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--timeline", type=float, default=None)
+    ap.add_argument("--ops", type=int, default=0)
     a = ap.parse_args()
     events = json.load(open(a.trace))["traceEvents"]
     timed = [e for e in events if e.get("ph") == "X" and "ts" in e and "dur" in e]
@@ -51,6 +57,46 @@ def main():
             if len(names) == 4:
                 break
         print(f"{length / 1000:8.2f} ms at +{(at - start) / 1000:.0f} ms after {left['name'][:40]!r} before {right['name'][:40]!r}; host: {'; '.join(names)}")
+
+    if a.timeline:
+        width = a.timeline * 1000
+        windows = {}
+        for e in gpu:
+            w = windows.setdefault(int((e["ts"] - start) // width), {})
+            w[e["name"]] = w.get(e["name"], 0.0) + e["dur"]
+        for i in sorted(windows):
+            w = windows[i]
+            top = sorted(w.items(), key=lambda kv: -kv[1])[:3]
+            print(f"+{i * a.timeline:7.0f} ms: busy {sum(w.values()) / 1000:6.1f} ms; "
+                  + "; ".join(f"{n[:44]} {d / 1000:.1f}" for n, d in top))
+
+    if a.ops:
+        by_ops(host, gpu, a.ops)
+
+
+def by_ops(host, gpu, top):
+    """GPU time by launching op and its input shapes: a kernel's "External id" names the
+    innermost host op it was launched from."""
+    ops = {e["args"]["External id"]: e for e in host if e.get("cat") == "cpu_op" and "External id" in e.get("args", {})}
+    totals = {}
+    for k in gpu:
+        op = ops.get(k.get("args", {}).get("External id"))
+        if op is None:
+            continue
+        dims = op["args"].get("Input Dims", [])
+        key = (op["name"], json.dumps(dims))
+        t = totals.setdefault(key, [0.0, set(), set()])
+        t[0] += k["dur"]
+        t[1].add(op["args"]["External id"])
+        t[2].add(k["name"][:40])
+    for (name, dims), (us, calls, kernels) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        d = json.loads(dims)
+        rate = ""
+        if name in ("aten::mm", "aten::addmm") and len(d) >= 2:
+            x, w = d[-2], d[-1]
+            if len(x) == 2 and len(w) == 2:
+                rate = f", {2 * x[0] * x[1] * w[1] * len(calls) / us / 1e6:.0f} TFLOP/s"
+        print(f"{us / 1000:9.1f} ms {len(calls):5d}x {name} {dims[:90]}{rate}; {', '.join(sorted(kernels))[:90]}")
 
 
 if __name__ == "__main__":

@@ -514,7 +514,8 @@ fn decode_linear_matches_linear_and_the_lora_update() {
 /// ([`ftscript::nn::inference_kernels`]): for every family (q/k norms, soft-capping, sliding
 /// windows, fused projections, routed experts) with LoRA on every projection, the last hidden
 /// states and the summed loss equal the op path's (fp32: to 1e-4; bf16: to its rounding, except
-/// for routed experts at the few tokens whose router logits nearly tie), and a
+/// for routed experts at the few tokens whose router logits nearly tie), causal and left-padded
+/// (attention by FlashAttention-2 and the memory-efficient kernel there, cuDNN's on the op path), and a
 /// scope after the adapters changed uses the new ones (what one scope derives from them, such
 /// as the joint gate/up update, is forgotten when it ends).
 #[test]
@@ -537,12 +538,20 @@ fn inference_on_the_fused_kernels_matches_the_op_path() {
             ftscript::nn::peft::add_lora(&mut m.net, &spec, kind).unwrap();
             let ids = Tensor::randint_low(3, 250, [3, 40], (Kind::Int64, dev));
             let positions = Tensor::arange(40, (Kind::Int64, dev)).view([1, 40]).repeat([3, 1]);
-            let forward = || tch::no_grad(|| {
-                let h = m.net.hidden(&ids, &positions, &AttnMask::Causal, None, false);
-                let loss = m.net.head_loss_sum(&h, &ids).double_value(&[]);
+            // a batch of prompts as generation lays them out: left-padded by 0, 5 and 17 (the
+            // attention's mask a tensor), each row's positions counting its real tokens
+            let valid = Tensor::arange(40, (Kind::Int64, dev)).view([1, 40]).ge_tensor(&Tensor::from_slice(&[0i64, 5, 17]).to_device(dev).view([3, 1]));
+            let real_positions = (valid.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+            let real_labels = ids.where_self(&valid, &Tensor::from(ftscript::data::format::IGNORE).to_device(dev));
+            let forward = |padded: bool| tch::no_grad(|| {
+                let (mask, positions, labels) = if padded { (AttnMask::Padded(valid.shallow_clone()), &real_positions, &real_labels) } else { (AttnMask::Causal, &positions, &ids) };
+                let h = m.net.hidden(&ids, positions, &mask, None, false);
+                let loss = m.net.head_loss_sum(&h, labels).double_value(&[]);
+                // the padding's hidden states are nobody's: left out of the comparison
+                let h = if padded { &h * valid.unsqueeze(-1).to_kind(h.kind()) } else { h };
                 (h, loss)
             });
-            for draw in 0..2 {
+            for (draw, padded) in [(0, false), (1, false), (2, true)] {
                 tch::no_grad(|| {
                     for lin in m.net.linears() {
                         if let Some(l) = lin.lora() {
@@ -550,15 +559,15 @@ fn inference_on_the_fused_kernels_matches_the_op_path() {
                         }
                     }
                 });
-                let (h_ops, loss_ops) = forward();
-                let (h_fused, loss_fused) = ftscript::nn::inference_kernels(forward);
+                let (h_ops, loss_ops) = forward(padded);
+                let (h_fused, loss_fused) = ftscript::nn::inference_kernels(|| forward(padded));
                 // each token's largest difference, relative to the largest hidden value
                 let per_token = (&h_fused - &h_ops).abs().amax([-1], false) / h_ops.abs().max();
                 let h_err = per_token.max().double_value(&[]);
                 let over = i64::try_from(per_token.ge(tol).sum(Kind::Int64)).unwrap();
                 let allowed = if routed && dtype == "bf16" { per_token.numel() as i64 / 16 } else { 0 };
                 let loss_err = (loss_fused - loss_ops).abs() / loss_ops.abs();
-                println!("{name} {dtype} adapters {draw}: hidden rel {h_err:.2e} ({over} tokens over {tol:.0e}), loss {loss_fused} vs {loss_ops} (rel {loss_err:.2e})");
+                println!("{name} {dtype} adapters {draw} (left-padded: {padded}): hidden rel {h_err:.2e} ({over} tokens over {tol:.0e}), loss {loss_fused} vs {loss_ops} (rel {loss_err:.2e})");
                 assert!(over <= allowed && loss_err < tol / 10.0, "{name} {dtype} adapters {draw}: the fused forward differs from the ops (hidden {h_err:.2e} at {over} tokens, loss {loss_err:.2e})");
             }
         }

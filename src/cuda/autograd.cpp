@@ -586,6 +586,27 @@ extern "C" int ftscript_add_rms_norm(const char* src, const at::Tensor* h, const
   });
 }
 
+// Attention of a forward without autograd, q [B, H, T, d] over k, v [B, H, S, d], causal or by
+// the bool `mask` (null: none; true where a key is seen), by libtorch's SDPA with cuDNN's kernel
+// left out: FlashAttention-2 where no mask is given, else the memory-efficient kernel. cuDNN
+// builds an execution plan for each new shape (1.1 s for a 256-row prefill on an H100), and a
+// generation's prompts change shape with every batch. `*out` [B, H, T, d].
+extern "C" int ftscript_attention_without_cudnn(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                                                const at::Tensor* mask, int causal, double scale, at::Tensor** out,
+                                                char* err, size_t err_len) {
+  return ftscript_guarded(err, err_len, [&] {
+    at::NoGradGuard no_grad;
+    auto& ctx = at::globalContext();
+    struct Restore {
+      bool was;
+      ~Restore() { at::globalContext().setSDPUseCuDNN(was); }
+    } restore{ctx.userEnabledCuDNNSDP()};
+    ctx.setSDPUseCuDNN(false);
+    auto m = mask ? std::optional<at::Tensor>(*mask) : std::nullopt;
+    *out = new at::Tensor(at::scaled_dot_product_attention(*q, *k, *v, m, 0.0, causal != 0, scale, false));
+  });
+}
+
 // Causal attention (no dropout) of q [B, H, T, d] over k, v [B, H, T, d] (bf16 or fp16) by the
 // kernel libtorch's SDPA picks for them, cuDNN's (`*cudnn` = 1) or FlashAttention-2's, keeping
 // what its backward reads besides q, k and v: `*out` [B, H, T, d], the rows' log-sum-exp `*lse`

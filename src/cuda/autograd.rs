@@ -22,6 +22,7 @@ extern "C" {
     fn ftscript_overlap_lora(on: i32);
     fn ftscript_flash_attention(q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, scale: f64, out: *mut *mut C_tensor, lse: *mut *mut C_tensor, seed: *mut *mut C_tensor, offset: *mut *mut C_tensor, cudnn: *mut i32, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_flash_attention_backward(dout: *const C_tensor, q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, out: *const C_tensor, lse: *const C_tensor, seed: *const C_tensor, offset: *const C_tensor, cudnn: i32, scale: f64, dq: *mut *mut C_tensor, dk: *mut *mut C_tensor, dv: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_attention_without_cudnn(q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, mask: *const C_tensor, causal: i32, scale: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_backward(roots: *const *const C_tensor, grads: *const *const C_tensor, n: i32, err: *mut c_char, err_len: usize) -> i32;
 }
 
@@ -93,6 +94,16 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, valid: &Tensor, at: 
     fused(q, |out, err, len| unsafe {
         ftscript_decode_attention(SOURCE.as_ptr() as *const c_char, q.as_ptr(), k.as_ptr(), v.as_ptr(), valid.as_ptr(), at.as_ptr(), window, scale, softcap, out, err, len)
     })
+}
+
+/// Attention without autograd of `q` `[B, H, T, d]` over `k`, `v` `[B, H, S, d]` (as many heads),
+/// `[B, H, T, d]`: causal, or by `mask` (`[B, 1, T, S]` bool, true where a key is seen), by
+/// libtorch's SDPA without cuDNN's kernel (`src/cuda/autograd.cpp` says why).
+/// `None` off the GPU or if libtorch fails.
+pub fn attention_without_cudnn(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool, scale: f64) -> Option<Tensor> {
+    let mask = mask.map_or(std::ptr::null(), |m| m.as_ptr());
+    // SAFETY: the inputs are live tensors (the mask null or one); on success `out` is allocated with `new`.
+    fused(q, |out, err, len| unsafe { ftscript_attention_without_cudnn(q.as_ptr(), k.as_ptr(), v.as_ptr(), mask, causal as i32, scale, out, err, len) })
 }
 
 /// A decoding step's heads from the output of a joint q/k/v projection, in one kernel (no

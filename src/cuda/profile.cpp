@@ -24,7 +24,8 @@ std::set<ActivityType> activities(bool cuda) {
 
 extern "C" int ftscript_profile_start(int cuda, char* err, size_t err_len) {
   try {
-    ProfilerConfig config(ProfilerState::KINETO);
+    // with the ops' input shapes (a trace then tells which GEMM a kernel computed)
+    ProfilerConfig config(ProfilerState::KINETO, true);
     prof::prepareProfiler(config, activities(cuda));
     prof::enableProfiler(config, activities(cuda));
     return 0;

@@ -181,6 +181,13 @@ impl Attention {
         };
         let is_causal = explicit.is_none() && t > 1;
         let y = match self.softcap {
+            // a prompt's or an evaluation's forward on the GPU: not by cuDNN's kernel, which
+            // would plan each batch's new shape anew
+            None if step_at.is_none() && crate::nn::decode_fusion(q, train) => {
+                let (k, v) = (repeat_heads(k, self.n_heads), repeat_heads(v, self.n_heads));
+                crate::cuda::autograd::attention_without_cudnn(q, &k, &v, explicit.as_ref(), is_causal, self.scale_or_default())
+                    .unwrap_or_else(|| Tensor::scaled_dot_product_attention(q, &k, &v, explicit.as_ref(), 0.0, is_causal, self.scale, false))
+            }
             None => Tensor::scaled_dot_product_attention(q, k, v, explicit.as_ref(), 0.0, is_causal, self.scale, self.n_kv_heads != self.n_heads),
             Some(cap) => {
                 let (k, v) = (repeat_heads(k, self.n_heads), repeat_heads(v, self.n_heads));
