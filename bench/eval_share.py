@@ -1,7 +1,7 @@
 """Evaluation's share of a LoRA training run's wall time, with generation-based evaluation.
 
 One random-init model (bench.py's shapes), LoRA r=8 α=32 on q_proj+v_proj, bf16, alpaca-format
-records of ~2,048 tokens, batch 4, `gradient_checkpointing: "auto"`; every `--every` steps the
+records cut to `--seq` tokens (2,048), batch 4, `gradient_checkpointing: "auto"`; every `--every` steps the
 eval set of `--prompts` records is scored: its loss, and `eval_generate` (greedy answers of
 `--new` tokens, `--gen-batch` prompts at a time, BLEU and ROUGE-L against the references). Prints each
 evaluation's `eval_seconds` (the loss pass and the generation), and their sum as a share of
@@ -43,7 +43,9 @@ def main():
     rng = random.Random(3)
     with open(os.path.join(work, "train.jsonl"), "w") as f:
         for _ in range(4 * a.steps):
-            f.write(json.dumps({"instruction": words(rng, 128, vocab), "output": words(rng, a.seq - 160, vocab)}) + "\n")
+            # longer than max_length: every row is cut to it (one sequence length for the whole
+            # run, and no EOS for greedy decoding to learn to answer with at once)
+            f.write(json.dumps({"instruction": words(rng, 128, vocab), "output": words(rng, a.seq, vocab)}) + "\n")
     with open(os.path.join(work, "eval.jsonl"), "w") as f:
         for _ in range(a.prompts):
             f.write(json.dumps({"instruction": words(rng, 128, vocab), "output": words(rng, a.new, vocab)}) + "\n")
