@@ -74,9 +74,22 @@ print(`RESULT ${{t0.elapsed}} ${{r.steps}}`);
         print(json.dumps(row))
     if a.profile:
         print(open(os.path.join(out, "profile", "summary.txt")).read())
+    # each log window's training rate (tokens over the window's wall time, evaluations left out):
+    # whether training slows after an evaluation shows here
+    rates, last = [], (0, 0.0)
+    for r in steps:
+        # an evaluation after step s runs after that step's log line: in the next window
+        evaluated = sum(e["eval_seconds"] for e in evals if last[0] <= e["step"] < r["step"])
+        window = r["elapsed_sec"] - last[1] - evaluated
+        if window > 0:
+            rates.append(f"{last[0] + 1}-{r['step']}: {(r['step'] - last[0]) * 4 * a.seq / window:.0f}")
+        last = (r["step"], r["elapsed_sec"])
+    print("training tok/s by log window (steps):", ", ".join(rates))
     spent = sum(e["eval_seconds"] for e in evals)
+    before_last = sum(e["eval_seconds"] for e in evals if e["step"] < steps[-1]["step"])
     print(f"EVAL SHARE {a.shape}: {len(evals)} evaluations of {a.prompts} records ({a.new} new tokens each) took {spent:.1f} s "
-          f"of train's {wall:.1f} s = {100 * spent / wall:.1f}%; training at {steps[-1]['tokens_per_sec']:.0f} tok/s", flush=True)
+          f"of train's {wall:.1f} s = {100 * spent / wall:.1f}%; training at {steps[-1]['step'] * 4 * a.seq / (steps[-1]['elapsed_sec'] - before_last):.0f} tok/s "
+          "(evaluations left out)", flush=True)
 
 
 if __name__ == "__main__":
