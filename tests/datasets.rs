@@ -117,13 +117,7 @@ fn multi_turn_chat_learns_every_assistant_turn_like_transformers_and_trl() {
     use ftscript::data::format::{format_builtin, tokenize, TokenizeOptions, TrainOn, IGNORE};
     let tmp = tempfile::tempdir().unwrap();
     let model = common::tiny_llama(tmp.path());
-    let set_template = |template: &str| {
-        let path = model.join("tokenizer_config.json");
-        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        config["chat_template"] = template.into();
-        std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        ftscript::tokenizer::Tokenizer::from_dir(&model, Some(0), Some(1), None).unwrap()
-    };
+    let set_template = |template: &str| ftscript::tokenizer::Tokenizer::from_dir(&common::with_template(model.clone(), template), Some(0), Some(1), None).unwrap();
     let conversations = serde_json::json!([
         [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"},
          {"role": "user", "content": "good"}, {"role": "assistant", "content": "bye, café 🙂"}],
