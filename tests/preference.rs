@@ -325,7 +325,8 @@ print(`RESULT steps=${{r.steps}} loss=${{r.train_loss}}`);
 /// completions masked from each other) gives the loss, metrics and adapter gradients of the two
 /// sequences run apart: with a sliding window shorter than the row and soft-capping (Gemma 2), and
 /// with a sparse model's load-balancing loss (each prompt token counted once per sequence), with
-/// and without gradient checkpointing (kept or offloaded).
+/// and without gradient checkpointing (kept or offloaded), and with the rows padded to a multiple
+/// of 16 (`pad_to_multiple_of`) separate or shared.
 #[test]
 fn shared_prompts_train_as_separate_sequences() {
     use ftscript::models::Checkpointing;
@@ -347,35 +348,38 @@ fn shared_prompts_train_as_separate_sequences() {
         let ids = |n: usize, s: i64| -> Vec<i64> { (0..n as i64).map(|i| 3 + (i * 37 + s * 11) % 250).collect() };
         let pairs: Vec<ftscript::data::preference::Pair> =
             [(10, 5, 9), (4, 12, 3), (13, 6, 6)].iter().enumerate().map(|(k, &(p, c, r))| ftscript::data::preference::Pair { prompt: ids(p, k as i64), chosen: ids(c, 7 + k as i64), rejected: ids(r, 17 + k as i64) }).collect();
-        let cfg = BatchConfig { batch_size: 3, max_length: 24, pad_to_max_length: false, packing: false, pad_id: 0, shuffle: false, seed: 0 };
+        let cfg = BatchConfig { batch_size: 3, max_length: 24, pad_to_max_length: false, pad_to_multiple_of: 1, packing: false, pad_id: 0, shuffle: false, seed: 0 };
         let rows: Vec<Vec<usize>> = vec![vec![0], vec![1], vec![2]];
-        let run = |share: bool, checkpointing: Checkpointing| -> (f64, Vec<f64>, Vec<Tensor>) {
+        let run = |share: bool, checkpointing: Checkpointing, cfg: &BatchConfig| -> (f64, Vec<f64>, Vec<Tensor>) {
             let mut o = PreferenceObjective::pairs(Preference::Dpo { beta: 0.1, loss: DpoLoss::Sigmoid }, pairs.clone(), vec![]).share_prompts(Some(share));
-            o.prepare(&m.net, &cfg).unwrap();
+            o.prepare(&m.net, cfg).unwrap();
             for t in &adapters {
                 let mut g = t.grad();
                 if g.defined() {
                     let _ = g.zero_();
                 }
             }
-            let step = o.step(&m.net, Split::Train, &rows, &cfg, Some(Backward { weight: 1.0, checkpointing, seed: 0 })).unwrap();
+            let step = o.step(&m.net, Split::Train, &rows, cfg, Some(Backward { weight: 1.0, checkpointing, seed: 0 })).unwrap();
             let metrics = Vec::<f64>::try_from(step.metrics.unwrap().select(1, 0).to_kind(Kind::Double)).unwrap();
             (step.loss.double_value(&[]), metrics, adapters.iter().map(|t| t.grad().copy()).collect())
         };
-        let (loss, metrics, grads) = run(false, Checkpointing::Off);
+        let (loss, metrics, grads) = run(false, Checkpointing::Off, &cfg);
         let n = if family == "qwen3_moe" { 11 } else { 10 };
         assert_eq!(metrics.len(), n, "{family}: metrics {metrics:?}");
-        for checkpointing in [Checkpointing::Off, Checkpointing::On, Checkpointing::Offload] {
-            let (l, m2, g) = run(true, checkpointing);
-            assert!((l - loss).abs() < 1e-5 * loss.abs().max(1.0), "{family} {checkpointing:?}: shared loss {l}, separate {loss}");
+        // and with the rows padded further (`pad_to_multiple_of`), separate or shared
+        let padded = BatchConfig { pad_to_multiple_of: 16, ..cfg.clone() };
+        let variants = [(true, Checkpointing::Off, &cfg), (true, Checkpointing::On, &cfg), (true, Checkpointing::Offload, &cfg), (false, Checkpointing::Off, &padded), (true, Checkpointing::On, &padded)];
+        for (share, checkpointing, cfg) in variants {
+            let (l, m2, g) = run(share, checkpointing, cfg);
+            assert!((l - loss).abs() < 1e-5 * loss.abs().max(1.0), "{family} {checkpointing:?} share {share} pad to {}: loss {l}, separate {loss}", cfg.pad_to_multiple_of);
             for (i, (a, b)) in m2.iter().zip(&metrics).enumerate() {
-                assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{family} {checkpointing:?}: metric {i} shared {a}, separate {b}");
+                assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{family} {checkpointing:?} share {share} pad to {}: metric {i} {a}, separate {b}", cfg.pad_to_multiple_of);
             }
             let moved = grads.iter().filter(|g| g.abs().max().double_value(&[]) > 0.0).count();
             assert!(moved > grads.len() / 2, "{family}: only {moved} of {} adapters get a gradient", grads.len());
             for (a, b) in g.iter().zip(&grads) {
                 let err = rel_err(a, b);
-                assert!(err < 1e-4, "{family} {checkpointing:?}: adapter gradient differs by {err:.2e}");
+                assert!(err < 1e-4, "{family} {checkpointing:?} share {share} pad to {}: adapter gradient differs by {err:.2e}", cfg.pad_to_multiple_of);
             }
         }
     }

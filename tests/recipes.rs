@@ -271,6 +271,8 @@ fn mistakes_fail_before_the_first_step_and_name_the_fix() {
         ("early stopping on a metric no report has", "", "output_dir: \"o6\", on_eval: cb::early_stopping(#{ metric: \"eval_los\" })", &[], &["no metric `eval_los`", "did you mean `eval_loss`"], false, false),
         ("a hook reads a metric no report has", "", "output_dir: \"o7\", on_step: |s| if s.los > 9.0 { \"stop\" }", &[], &["has no key `los`"], false, false),
         ("expert stacks on a dense model", "target_parameters: [\"mlp.experts.down_proj\"]", "output_dir: \"o9\"", &[], &["target_parameters", "this model has no mixture-of-experts layers"], false, true),
+        ("pad_to_multiple_of of 0", "", "output_dir: \"o10\", pad_to_multiple_of: 0", &[], &["pad_to_multiple_of must be at least 1, got 0"], false, true),
+        ("pad_to_multiple_of misspelt", "", "output_dir: \"o11\", pad_to_multiple: 8", &[], &["unknown field `pad_to_multiple`", "did you mean `pad_to_multiple_of`"], true, true),
         ("max_length shorter than every prompt", "", "output_dir: \"o8\", max_length: 3, format: |r| #{ prompt: r.text, response: \"x\" }", &[], &["no example keeps a token to learn from", "max_length 3", "longest prompt has"], false, true),
     ];
     let mut failed = vec![];

@@ -63,6 +63,8 @@ pub struct TrainOptions {
     pub packing: Option<bool>,
     /// `longest` (per batch, default) or `max_length`.
     pub padding: Option<String>,
+    /// Each batch's width rounded up to a multiple of this.
+    pub pad_to_multiple_of: Option<usize>,
     pub train_on_prompt: Option<bool>,
     /// Multi-turn chat (`chat_template`): `all` assistant turns (default) or the `last` one.
     pub train_on: Option<String>,
@@ -496,6 +498,10 @@ fn train_config(run: &Run, spec: &crate::nn::peft::LoraSpec, pad_id: i64, kind: 
                 None | Some("longest") => false,
                 Some("max_length") => true,
                 Some(p) => anyhow::bail!("padding must be \"longest\" or \"max_length\", got \"{p}\""),
+            },
+            pad_to_multiple_of: match o.pad_to_multiple_of {
+                Some(0) => anyhow::bail!("pad_to_multiple_of must be at least 1, got 0"),
+                n => n.unwrap_or(1),
             },
             packing: o.packing.unwrap_or(false),
             pad_id,

@@ -153,7 +153,7 @@ impl Sequences {
                 (ids, p.len())
             })
             .collect();
-        let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(2);
+        let width = cfg.width(rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(2));
         let (b, t) = (rows.len() as i64, width as i64);
         let (mut ids, mut labels, mut completion) = (vec![], vec![], vec![]);
         let mut tokens = 0;
@@ -195,7 +195,7 @@ impl Sequences {
         if !share.unwrap_or(saving >= SHARE_PROMPT_SAVING) {
             return seq;
         }
-        let width = rows.iter().map(|(p, c, r)| p + c + r).max().unwrap_or(1).max(2);
+        let width = cfg.width(rows.iter().map(|(p, c, r)| p + c + r).max().unwrap_or(1).max(2));
         let t = seq.labels.size()[1] as usize;
         let (mut ids, mut positions, mut segments, mut weight) = (vec![], vec![], vec![], vec![]);
         let mut gather = vec![0i64; 2 * rows.len() * t];
