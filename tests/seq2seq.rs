@@ -205,6 +205,31 @@ m.save_adapter("adapter-{ckpt}");
     }
 }
 
+/// Batches padded further (`pad_to_multiple_of`) score as they are: the same eval loss (no
+/// dropout there; in training the dropout masks would be drawn over the larger shape).
+#[test]
+fn t5_padding_to_a_multiple_leaves_the_loss_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let dir = tiny_t5(d, "flan_t5");
+    let records: Vec<String> = (0..8).map(|i| serde_json::json!({"input": format!("summarize: record {i} of the {} fox", "quick ".repeat(i % 4)), "target": format!("fox {i}{}", " jumps".repeat(i % 3))}).to_string()).collect();
+    std::fs::write(d.join("pairs.jsonl"), records.join("\n")).unwrap();
+    let mut body = String::new();
+    for multiple in [1, 16] {
+        body.push_str(&format!(
+            r#"let m = load_model("{dir}");
+m.add_lora(#{{ r: 4, alpha: 8, seed: 7 }});
+let r = train(m, #{{ train: load_dataset("pairs.jsonl"), eval: load_dataset("pairs.jsonl"), batch_size: 4, eval_batch_size: 3, max_steps: 1, lr: 0.0, eval_every: 1, pad_to_multiple_of: {multiple}, output_dir: "run-{multiple}" }});
+"#,
+            dir = dir.display()
+        ));
+    }
+    run_recipe(d, "pad.rhai", &body);
+    let eval_loss = |m: &str| metrics(&d.join(format!("run-{m}/metrics.jsonl"))).iter().find_map(|r| r.get("eval_loss")?.as_f64()).unwrap();
+    let (plain, padded) = (eval_loss("1"), eval_loss("16"));
+    assert!((plain - padded).abs() <= 1e-6 * plain, "eval loss padded to 16: {padded}, as it is: {plain}");
+}
+
 /// The mistakes a user makes in a T5 recipe stop it with an error that names the call, the
 /// line and what to write instead: a target T5 does not have (with the closest name), a
 /// decoder-only option, a preference objective, a record without the fields the format reads,
