@@ -748,3 +748,25 @@ m.save_adapter("{out}/final");
     let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("straight/final/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["rank_pattern"].as_object().unwrap().len(), 21, "{config}");
 }
+
+/// A decoder's batches padded further (`pad_to_multiple_of`, rows of ragged lengths) score as
+/// they are: the same eval loss, in a recipe as a user writes it.
+#[test]
+fn padding_to_a_multiple_leaves_the_eval_loss_as_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_model_and_text(d, 10);
+    let mut body = String::new();
+    for multiple in [1, 16] {
+        body.push_str(&format!(
+            r#"let m = load_model("{model}", #{{ dtype: "fp32", device: "cpu" }});
+m.add_lora(#{{ r: 4, alpha: 8, seed: 7 }});
+train(m, #{{ train: load_dataset("data.jsonl"), eval: load_dataset("data.jsonl"), batch_size: 4, eval_batch_size: 3, max_steps: 1, lr: 0.0, eval_every: 1, pad_to_multiple_of: {multiple}, output_dir: "run-{multiple}" }});
+"#
+        ));
+    }
+    run_recipe(d, "pad.rhai", &body);
+    let eval_loss = |m: &str| metrics(&d.join(format!("run-{m}/metrics.jsonl"))).iter().find_map(|r| r.get("eval_loss")?.as_f64()).unwrap();
+    let (plain, padded) = (eval_loss("1"), eval_loss("16"));
+    assert!((plain - padded).abs() <= 1e-6 * plain, "eval loss padded to 16: {padded}, as it is: {plain}");
+}
