@@ -81,13 +81,11 @@ def by_ops(host, gpu, top):
     totals = {}
     for k in gpu:
         op = ops.get(k.get("args", {}).get("External id"))
-        if op is None:
-            continue
-        dims = op["args"].get("Input Dims", [])
-        key = (op["name"], json.dumps(dims))
+        # a kernel launched outside any op (ftscript's own, from C++) counts under its name
+        key = (op["name"], json.dumps(op["args"].get("Input Dims", []))) if op else (f"(no op) {k['name'][:40]}", "[]")
         t = totals.setdefault(key, [0.0, set(), set()])
         t[0] += k["dur"]
-        t[1].add(op["args"]["External id"])
+        t[1].add(op["args"]["External id"] if op else (k["ts"], k["name"]))
         t[2].add(k["name"][:40])
     for (name, dims), (us, calls, kernels) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
         d = json.loads(dims)
