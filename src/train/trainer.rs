@@ -403,7 +403,7 @@ pub fn train<M: TrainModel>(
     }
     // what backward keeps, and how many smaller micro-batches each planned one runs as
     let longest = lengths.iter().copied().max().unwrap_or(1).min(cfg.batch.max_length);
-    let row_len = if cfg.batch.packing { cfg.batch.max_length } else { cfg.batch.width(longest) } as u64;
+    let row_len = cfg.batch.width(if cfg.batch.packing { cfg.batch.max_length } else { longest }) as u64;
     let rows = cfg.batch.batch_size as u64;
     // a micro-batch of `examples` examples (the unit `split` divides)
     let needs = |examples: u64| net.activation_needs(examples * objective.rows_per_example() as u64, row_len);
