@@ -116,7 +116,7 @@ pub fn cross_entropy_grad_(logits: &Tensor, target: &Tensor, weight: f64) -> Opt
     let target = target.to_kind(Kind::Int64).contiguous();
     let loss = Tensor::empty([n], (Kind::Float, logits.device()));
     let row_bytes = vocab * logits.kind().elt_size_in_bytes() as i64;
-    let mut vec = (row_bytes % 16 == 0 && logits.data_ptr() as usize % 16 == 0) as i32;
+    let mut vec = (row_bytes % 16 == 0 && (logits.data_ptr() as usize).is_multiple_of(16)) as i32;
     let (mut z, mut t, mut l) = (logits.data_ptr(), target.data_ptr(), loss.data_ptr());
     let (mut v, mut w) = (vocab as i32, weight as f32);
     let mut params = [ptr(&mut z), ptr(&mut t), ptr(&mut l), ptr(&mut v), ptr(&mut w), ptr(&mut vec)];

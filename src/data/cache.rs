@@ -168,7 +168,7 @@ fn tokenize_parallel(items: &[Formatted], tok: &Tokenizer, o: &TokenizeOptions) 
                 match r {
                     Ok(ex) => out[start + j] = Some(ex),
                     Err(e) => {
-                        if first_error.as_ref().map_or(true, |(i, _)| start + j < *i) {
+                        if first_error.as_ref().is_none_or(|(i, _)| start + j < *i) {
                             first_error = Some((start + j, e));
                         }
                         // stop handing out work

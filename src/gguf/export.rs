@@ -164,12 +164,12 @@ fn tensor_type(ft: FileType, name: &str, n_dims: usize, row: usize, tied: bool, 
     }
     let base = ft.base();
     if !ft.by_quantize() {
-        return if row % base.block_size() == 0 { base } else { QuantType::F16 };
+        return if row.is_multiple_of(base.block_size()) { base } else { QuantType::F16 };
     }
     let mut ty = base;
     let is_head = name == "output.weight" || (tied && name == "token_embd.weight");
     if is_head {
-        ty = if row % base.block_size() != 0 { QuantType::Q8_0 } else { QuantType::Q6_K };
+        ty = if !row.is_multiple_of(base.block_size()) { QuantType::Q8_0 } else { QuantType::Q6_K };
     } else if matches!(ft, FileType::Q4KM | FileType::Q5KM) && (name.contains(".attn_v.") || name.contains(".ffn_down.")) {
         if let Some((i, n)) = layer {
             if use_more_bits(i, n) {
@@ -177,14 +177,14 @@ fn tensor_type(ft: FileType, name: &str, n_dims: usize, row: usize, tied: bool, 
             }
         }
     }
-    if row % ty.block_size() != 0 {
+    if !row.is_multiple_of(ty.block_size()) {
         ty = match ty {
             QuantType::Q4_K => QuantType::Q5_0,
             QuantType::Q5_K => QuantType::Q5_1,
             QuantType::Q6_K => QuantType::Q8_0,
             other => other,
         };
-        if row % ty.block_size() != 0 {
+        if !row.is_multiple_of(ty.block_size()) {
             ty = QuantType::F16;
         }
     }

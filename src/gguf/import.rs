@@ -255,7 +255,7 @@ impl<'a> Reader<'a> {
                 let min_size: u64 = match ety {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     10 | 11 | 12 | 8 => 8,
                     9 => 12,
                     other => bail!(
@@ -469,7 +469,7 @@ fn f32_at(b: &[u8], i: usize) -> f32 {
 /// Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, IQ4_NL. Anything else is an error naming the type.
 pub fn dequantize(ty: u32, data: &[u8], n: usize) -> Result<Vec<f32>> {
     let (name, bs, ts) = ggml_type_info(ty).ok_or_else(|| anyhow!("unknown ggml type {ty}"))?;
-    if n % bs != 0 {
+    if !n.is_multiple_of(bs) {
         bail!("{name}: element count {n} is not a multiple of the block size {bs}");
     }
     let need = n / bs * ts;
@@ -732,7 +732,7 @@ const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "qwen3", "qwen3moe", "gemma
 /// `d = head_dim / 2`; `to_llama_cpp` picks the direction. `data` is row-major with
 /// `rows = shape[0]`.
 pub fn permute_rotary_rows(data: &[f32], rows: usize, n_head: usize, to_llama_cpp: bool) -> Result<Vec<f32>> {
-    if n_head == 0 || rows % (2 * n_head) != 0 || data.len() % rows.max(1) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || !data.len().is_multiple_of(rows.max(1)) {
         bail!("cannot permute a tensor with {rows} rows over {n_head} heads");
     }
     let cols = data.len() / rows;

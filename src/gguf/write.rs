@@ -53,7 +53,7 @@ impl<'a> GgufWriter<'a> {
     /// Adds a tensor of PyTorch shape `shape` stored as `ty`; `bytes` makes its encoded data.
     pub fn add_tensor(&mut self, name: &str, shape: &[usize], ty: QuantType, bytes: TensorBytes<'a>) -> Result<()> {
         let ne: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
-        if ne[0] as usize % ty.block_size() != 0 {
+        if !(ne[0] as usize).is_multiple_of(ty.block_size()) {
             bail!("tensor {name}: a row of {} elements is not a whole number of {} blocks of {}", ne[0], ty.name(), ty.block_size());
         }
         if self.tensors.iter().any(|t| t.name == name) {

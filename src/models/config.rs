@@ -192,7 +192,7 @@ impl DecoderConfig {
     }
 
     fn check(&self) -> Result<()> {
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", self.num_attention_heads, self.num_key_value_heads);
         }
         if self.sliding_layers.len() != self.num_hidden_layers {
@@ -236,7 +236,7 @@ impl CommonConfig {
             ("num_key_value_heads", self.num_key_value_heads.unwrap_or(0), 1 << 12),
             ("head_dim", self.head_dim.unwrap_or(0), 1 << 14),
         ])?;
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none() {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) && self.head_dim.is_none() {
             bail!("hidden_size {} is not divisible by num_attention_heads {}", self.hidden_size, self.num_attention_heads);
         }
         let num_key_value_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);

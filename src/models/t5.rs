@@ -618,8 +618,8 @@ impl T5 {
         anyhow::ensure!(sources.iter().all(|ids| !ids.is_empty()), "generate: a source has no tokens");
         let (b, len) = (sources.len() as i64, sources.iter().map(Vec::len).max().unwrap_or(0));
         let pad = self.config.pad_token_id;
-        let padded: Vec<i64> = sources.iter().flat_map(|ids| ids.iter().copied().chain(std::iter::repeat(pad).take(len - ids.len()))).collect();
-        let real: Vec<i64> = sources.iter().flat_map(|ids| std::iter::repeat(1).take(ids.len()).chain(std::iter::repeat(0).take(len - ids.len()))).collect();
+        let padded: Vec<i64> = sources.iter().flat_map(|ids| ids.iter().copied().chain(std::iter::repeat_n(pad, len - ids.len()))).collect();
+        let real: Vec<i64> = sources.iter().flat_map(|ids| std::iter::repeat_n(1, ids.len()).chain(std::iter::repeat_n(0, len - ids.len()))).collect();
         let src = Tensor::from_slice(&padded).view([b, len as i64]).to_device(self.device);
         let mask = Tensor::from_slice(&real).view([b, len as i64]).to_device(self.device);
         let encoded = self.encode(&src, &mask, false);

@@ -129,7 +129,7 @@ impl Experts {
     /// Grouped, a block never waits for the host, so a decoding step can be recorded as a CUDA graph.
     pub fn groupable_as(&self, device: Device, kind: Kind) -> bool {
         let aligned = |t: &Tensor| t.size()[1..].iter().all(|d| d % 8 == 0);
-        let lora_ranks_aligned = [&self.gate_up_lora, &self.down_lora].iter().all(|l| l.as_ref().map_or(true, |l| (l.a.size()[0] / self.count()) % 8 == 0));
+        let lora_ranks_aligned = [&self.gate_up_lora, &self.down_lora].iter().all(|l| l.as_ref().is_none_or(|l| (l.a.size()[0] / self.count()) % 8 == 0));
         device.is_cuda() && matches!(kind, Kind::BFloat16 | Kind::Half) && aligned(&self.gate_up) && aligned(&self.down) && lora_ranks_aligned
     }
 

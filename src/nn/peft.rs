@@ -668,7 +668,7 @@ pub fn install_adapters(linears: Vec<&mut Linear>, files: &AdapterFiles, kind: K
         let key_a = format!("base_model.model.{}.lora_A.weight", lin.name);
         let key_b = format!("base_model.model.{}.lora_B.weight", lin.name);
         if !weights.contains(&key_a) {
-            if !matches!(lin.adapter, Some(Adapter::Copy(_))) || !spec.modules_to_save.iter().any(|m| lin.name == *m) {
+            if !matches!(lin.adapter, Some(Adapter::Copy(_))) || !spec.modules_to_save.contains(&lin.name) {
                 lin.adapter = None;
             }
             continue;

@@ -86,7 +86,9 @@ impl Flavor {
     }
 }
 
-/// NF4: quantiles of N(0, 1) normalised to [-1, 1] (bitsandbytes' `get_4bit_type("nf4")`).
+/// NF4: quantiles of N(0, 1) normalised to [-1, 1] (bitsandbytes' `get_4bit_type("nf4")`,
+/// written as it prints them).
+#[allow(clippy::excessive_precision)]
 const NF4: [f32; 16] = [
     -1.0,
     -0.6961928009986877,
@@ -118,6 +120,7 @@ const FP4_MAG_ORDER: [i64; 8] = [0, 1, 6, 7, 4, 5, 2, 3];
 /// consecutive magnitudes of [`FP4_MAG_ORDER`]: the midpoints written as short float literals
 /// (0.583333 is not the fp32 midpoint 7/12, and values such as a bf16 7/12 fall on the other
 /// side of it).
+#[allow(clippy::excessive_precision)]
 const FP4_CUDA_PIVOTS: [f32; 7] = [0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333];
 
 /// The 16 code values (fp32) as bitsandbytes' `get_4bit_type` returns them (FP4's code 8 is +0).

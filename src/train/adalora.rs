@@ -89,7 +89,7 @@ impl RankAllocator {
             (self.target_budget, true)
         } else {
             let c = 1.0 - (step - s.tinit) as f64 / (self.total_step - s.tfinal - s.tinit) as f64;
-            (((self.init_budget - self.target_budget) as f64 * c.powf(3.0) + self.target_budget as f64) as i64, step % s.delta_t == 0)
+            (((self.init_budget - self.target_budget) as f64 * c.powf(3.0) + self.target_budget as f64) as i64, step.is_multiple_of(s.delta_t))
         }
     }
 

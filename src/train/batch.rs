@@ -98,7 +98,7 @@ pub fn collate(examples: &[Example], rows: &[Row], cfg: &BatchConfig) -> Batch {
                 labels[start] = -100;
             }
             pos.extend(0..n as i64);
-            seg.extend(std::iter::repeat(k as i64).take(n));
+            seg.extend(std::iter::repeat_n(k as i64, n));
         }
         flat.push((ids, labels, pos, seg));
     }
@@ -111,12 +111,12 @@ pub fn collate(examples: &[Example], rows: &[Row], cfg: &BatchConfig) -> Batch {
     for (i, l, p, s) in flat {
         let pad = width - i.len();
         n_tokens += i.len() as i64;
-        valid.extend(std::iter::repeat(true).take(i.len()).chain(std::iter::repeat(false).take(pad)));
+        valid.extend(std::iter::repeat_n(true, i.len()).chain(std::iter::repeat_n(false, pad)));
         let last_pos = p.last().copied().unwrap_or(-1);
-        ids.extend(i.into_iter().chain(std::iter::repeat(cfg.pad_id).take(pad)));
-        labels.extend(l.into_iter().chain(std::iter::repeat(-100).take(pad)));
+        ids.extend(i.into_iter().chain(std::iter::repeat_n(cfg.pad_id, pad)));
+        labels.extend(l.into_iter().chain(std::iter::repeat_n(-100, pad)));
         pos.extend(p.into_iter().chain((1..=pad as i64).map(|k| last_pos + k)));
-        seg.extend(s.into_iter().chain(std::iter::repeat(-1).take(pad)));
+        seg.extend(s.into_iter().chain(std::iter::repeat_n(-1, pad)));
     }
     let n_label_tokens = {
         let mut n = 0;

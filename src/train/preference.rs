@@ -160,8 +160,8 @@ impl Sequences {
         for (row, prompt) in &rows {
             tokens += row.len() as i64;
             let pad = width - row.len();
-            ids.extend(row.iter().copied().chain(std::iter::repeat(cfg.pad_id).take(pad)));
-            labels.extend(row.iter().copied().chain(std::iter::repeat(-100).take(pad)));
+            ids.extend(row.iter().copied().chain(std::iter::repeat_n(cfg.pad_id, pad)));
+            labels.extend(row.iter().copied().chain(std::iter::repeat_n(-100, pad)));
             // position t predicts token t + 1
             completion.extend((1..width).map(|k| (k >= *prompt && k < row.len()) as u8 as f32));
         }
@@ -201,11 +201,11 @@ impl Sequences {
         let mut gather = vec![0i64; 2 * rows.len() * t];
         for (k, ((prompt, chosen, rejected), &(p, c, r))) in triples.iter().zip(&rows).enumerate() {
             let row = prompt[..p].iter().chain(&chosen[..c]).chain(&rejected[..r]);
-            ids.extend(row.copied().chain(std::iter::repeat(cfg.pad_id).take(width - p - c - r)));
-            positions.extend((0..p + c).chain(p..p + r).chain(std::iter::repeat(0).take(width - p - c - r)).map(|x| x as i64));
+            ids.extend(row.copied().chain(std::iter::repeat_n(cfg.pad_id, width - p - c - r)));
+            positions.extend((0..p + c).chain(p..p + r).chain(std::iter::repeat_n(0, width - p - c - r)).map(|x| x as i64));
             // 0 the prompt (seen by both completions), 1 chosen, 2 rejected, 3 padding
-            segments.extend([(0i64, p), (1, c), (2, r), (3, width - p - c - r)].iter().flat_map(|&(s, n)| std::iter::repeat(s).take(n)));
-            weight.extend([(2.0f32, p), (1.0, c + r), (0.0, width - p - c - r)].iter().flat_map(|&(w, n)| std::iter::repeat(w).take(n)));
+            segments.extend([(0i64, p), (1, c), (2, r), (3, width - p - c - r)].iter().flat_map(|&(s, n)| std::iter::repeat_n(s, n)));
+            weight.extend([(2.0f32, p), (1.0, c + r), (0.0, width - p - c - r)].iter().flat_map(|&(w, n)| std::iter::repeat_n(w, n)));
             let base = (k * width) as i64;
             for i in 0..t {
                 // the chosen sequence is the row's start; the rejected one skips the chosen tokens

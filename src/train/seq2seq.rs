@@ -42,7 +42,7 @@ impl Seq2SeqSft {
         let pairs: Vec<&Pair> = rows.iter().flatten().map(|&i| &self.pairs(split)[i]).collect();
         let pad = |seqs: Vec<&[i64]>, value: i64| -> Tensor {
             let width = seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1).next_multiple_of(multiple.max(1));
-            let flat: Vec<i64> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(value).take(width - s.len()))).collect();
+            let flat: Vec<i64> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(value, width - s.len()))).collect();
             Tensor::from_slice(&flat).view([seqs.len() as i64, width as i64])
         };
         let ids = pad(pairs.iter().map(|p| p.source.as_slice()).collect(), self.pad_id);
