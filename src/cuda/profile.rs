@@ -95,9 +95,11 @@ impl Summary {
         let mut kinds: std::collections::HashMap<&'static str, (f64, usize)> = Default::default();
         for (name, ms) in events {
             let k = kinds.entry(kind_of(&name)).or_default();
-            k.0 += ms; k.1 += 1;
+            k.0 += ms;
+            k.1 += 1;
             let e = kernels.entry(name).or_default();
-            e.0 += ms; e.1 += 1;
+            e.0 += ms;
+            e.1 += 1;
         }
         let sorted = |m: Vec<(String, (f64, usize))>| {
             let mut v: Vec<(String, f64, usize)> = m.into_iter().map(|(k, (ms, n))| (k, ms, n)).collect();

@@ -26,7 +26,11 @@ pub struct BatchConfig {
 impl BatchConfig {
     /// The width of a batch whose longest row has `longest` tokens.
     pub fn width(&self, longest: usize) -> usize {
-        let width = if self.pad_to_max_length { self.max_length.max(longest) } else { longest };
+        self.rounded(if self.pad_to_max_length { self.max_length.max(longest) } else { longest })
+    }
+
+    /// `width` rounded up to a multiple of `pad_to_multiple_of`.
+    pub fn rounded(&self, width: usize) -> usize {
         width.next_multiple_of(self.pad_to_multiple_of.max(1))
     }
 }

@@ -37,11 +37,11 @@ impl Seq2SeqSft {
     }
 
     /// `(source ids, source mask, labels)` of the micro-batch `rows` (one pair a row), right-padded
-    /// to the longest (rounded up to a multiple of `multiple`).
-    fn collate(&self, split: Split, rows: &[Row], multiple: usize) -> (Tensor, Tensor, Tensor) {
+    /// to the longest (rounded up as `cfg` says; `padding: "max_length"` does not apply).
+    fn collate(&self, split: Split, rows: &[Row], cfg: &BatchConfig) -> (Tensor, Tensor, Tensor) {
         let pairs: Vec<&Pair> = rows.iter().flatten().map(|&i| &self.pairs(split)[i]).collect();
         let pad = |seqs: Vec<&[i64]>, value: i64| -> Tensor {
-            let width = seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1).next_multiple_of(multiple.max(1));
+            let width = cfg.rounded(seqs.iter().map(|s| s.len()).max().unwrap_or(1).max(1));
             let flat: Vec<i64> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(value, width - s.len()))).collect();
             Tensor::from_slice(&flat).view([seqs.len() as i64, width as i64])
         };
@@ -64,7 +64,7 @@ impl Objective<T5> for Seq2SeqSft {
     }
 
     fn step(&self, net: &T5, split: Split, rows: &[Row], cfg: &BatchConfig, backward: Option<Backward>) -> Result<Step> {
-        let (ids, mask, labels) = self.collate(split, rows, cfg.pad_to_multiple_of);
+        let (ids, mask, labels) = self.collate(split, rows, cfg);
         let put = |t: &Tensor| crate::cuda::upload(t, net.device);
         let (ids, mask, labels) = (put(&ids), put(&mask), put(&labels));
         let tokens = rows.iter().flatten().map(|&i| self.pairs(split)[i].source.len() + self.pairs(split)[i].target.len()).sum::<usize>() as i64;
