@@ -8,6 +8,9 @@ the tokens it did generate are counted. Tokens/s is generated tokens over the wa
 generation calls (after one warm-up call on each side).
 
 usage: python3 bench/generate_bench.py [SHAPE] [--batch 1] [--prompts 8] [--prompt-len 128] [--new 128] [--no-peer]
+                                        [--profile DIR]
+  --profile: after the timed calls, ftscript generates one batch again with `profile: DIR` and the
+  summary of where the GPU's time went is printed (bench/trace_gaps.py reads DIR/trace.json)
   needs target/release/ftscript (FTSCRIPT=path; LD_LIBRARY_PATH to torch/lib on the GPU machine)
 """
 import argparse, json, os, random, sys, tempfile, time
@@ -56,6 +59,8 @@ let tokens = 0;
 for o in out {{ tokens += o.split(" ").len(); }}
 print(`RESULT ${{secs}} ${{tokens}}`);
 """)
+        if a.profile:
+            f.write(f'm.generate(prompts.extract(0, {a.batch}), opts + #{{ profile: "{a.profile}" }});\n')
     stdout = run_recipe(recipe)
     _, secs, tokens = [l for l in stdout.splitlines() if l.startswith("RESULT")][-1].split()
     secs, tokens = float(secs), int(tokens)
@@ -96,6 +101,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128); ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--no-peer", action="store_true", help="ftscript alone (to compare two builds: FTSCRIPT=path)")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", help="a directory for a profile of one more batch on ftscript's side")
     a = ap.parse_args()
     model_dir = f"/tmp/gen-model-{a.shape}"
     adapter_dir = os.path.join(model_dir, "adapter")
@@ -110,13 +116,14 @@ def main():
     work = tempfile.mkdtemp(prefix="gen-bench-", dir="/tmp")
     ours = ftscript_run(model_dir, adapter_dir, a, work)
     print(json.dumps(ours), flush=True)
-    if a.no_peer:
-        return
-    peer = peer_json(__file__, [a.shape, "--batch", str(a.batch), "--prompts", str(a.prompts), "--prompt-len", str(a.prompt_len), "--new", str(a.new)],
+    if a.profile:
+        print(open(os.path.join(a.profile, "summary.txt")).read(), flush=True)
+    peer = None if a.no_peer else peer_json(__file__, [a.shape, "--batch", str(a.batch), "--prompts", str(a.prompts), "--prompt-len", str(a.prompt_len), "--new", str(a.new)],
                      "transformers")
-    print(json.dumps(peer), flush=True)
-    print(f"RATIO generate {a.shape} batch {a.batch}: ftscript {ours['tokens_per_s']} tok/s vs transformers+peft {peer['tokens_per_s']} = "
-          f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x", flush=True)
+    if peer:
+        print(json.dumps(peer), flush=True)
+        print(f"RATIO generate {a.shape} batch {a.batch}: ftscript {ours['tokens_per_s']} tok/s vs transformers+peft {peer['tokens_per_s']} = "
+              f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x", flush=True)
     if a.batch == 1:
         # batch-1 decoding reads every weight once a token: the memory-bandwidth limit
         import torch
@@ -125,8 +132,9 @@ def main():
         bandwidth = 4.8e12 if "H200" in name else 3.35e12 if "H100" in name else None
         if bandwidth:
             limit = bandwidth / weights
+            theirs = f", transformers+peft at {100 * peer['tokens_per_s'] / limit:.1f}%" if peer else ""
             print(f"BANDWIDTH {a.shape} on {name}: {weights / 1e9:.2f} GB of weights a token at {bandwidth / 1e12:.2f} TB/s: limit {limit:.0f} tok/s; "
-                  f"ftscript at {100 * ours['tokens_per_s'] / limit:.1f}%, transformers+peft at {100 * peer['tokens_per_s'] / limit:.1f}%", flush=True)
+                  f"ftscript at {100 * ours['tokens_per_s'] / limit:.1f}%{theirs}", flush=True)
 
 
 if __name__ == "__main__":

@@ -377,6 +377,38 @@ fn a_failing_callback_keeps_a_checkpoint_and_names_its_line() {
     assert!(d.join("f/checkpoint-3/adapter_model.safetensors").exists(), "no checkpoint at the failing step:\n{t}");
 }
 
+/// `generate(..., #{profile: dir})` as a recipe asks where a generation's time goes: the call
+/// writes a Chrome trace of its ops and a summary, and returns the text the unprofiled call does.
+#[test]
+fn a_profiled_generation_writes_its_trace_and_gives_the_same_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = setup(d);
+    let t = run_recipe(
+        d,
+        "profile.rhai",
+        &format!(
+            r#"
+let m = load_model("{model}", #{{ dtype: "fp32" }});
+m.add_lora(#{{ r: 4, alpha: 8 }});
+let prompts = ["record 1:", "record 22: the quick"];
+let plain = m.generate(prompts, #{{ max_new_tokens: 5 }});
+let profiled = m.generate(prompts, #{{ max_new_tokens: 5, profile: "gen-profile" }});
+let one = m.generate("record 3:", #{{ max_new_tokens: 3, profile: "one" }});
+print(`SAME ${{plain == profiled}} ${{one == m.generate("record 3:", #{{ max_new_tokens: 3 }})}}`);
+"#
+        ),
+    );
+    assert!(t.contains("SAME true true"), "{t}");
+    for dir in ["gen-profile", "one"] {
+        let summary = std::fs::read_to_string(d.join(dir).join("summary.txt")).unwrap_or_else(|e| panic!("{dir}/summary.txt: {e}\n{t}"));
+        assert!(summary.starts_with("generate\nwall "), "{summary}");
+        let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join(dir).join("trace.json")).unwrap()).unwrap();
+        let names: Vec<&str> = trace["traceEvents"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+        assert!(names.iter().any(|n| n.contains("linear") || n.contains("mm")), "{dir}: {names:?}");
+    }
+}
+
 /// `with_adapters_disabled` as a recipe uses it: inside the closure the trained model generates
 /// and scores as the base model loaded fresh does; outside, the adapters are back; `train`
 /// inside it is refused with a message.

@@ -68,6 +68,16 @@ pub struct GenerateOptions {
     pub batch_size: Option<usize>,
     /// On a GPU, replay each decoding step from a CUDA graph (default true; false: op by op).
     pub cuda_graph: Option<bool>,
+    /// A directory for a profile of the call (`trace.json`, `summary.txt`), as train's `profile`.
+    pub profile: Option<String>,
+}
+
+impl GenerateOptions {
+    /// `f` under the profiler when the options ask for a profile.
+    pub fn profiled<T>(&self, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let dir = self.profile.as_deref().map(crate::api::write_path).transpose()?;
+        crate::cuda::profile::profiled(dir.as_deref(), "generate", f)
+    }
 }
 
 /// What `load_model` returns: a [`Model`] (a decoder), or a [`Seq2SeqModel`] when config.json
@@ -168,7 +178,7 @@ fn memory(m: &LoadedModel) -> Map {
     map
 }
 
-pub fn sampling(o: GenerateOptions) -> Sampling {
+pub fn sampling(o: &GenerateOptions) -> Sampling {
     let d = Sampling::default();
     Sampling {
         max_new_tokens: o.max_new_tokens.unwrap_or(d.max_new_tokens),
@@ -177,7 +187,7 @@ pub fn sampling(o: GenerateOptions) -> Sampling {
         top_k: o.top_k.unwrap_or(d.top_k),
         repetition_penalty: o.repetition_penalty.unwrap_or(d.repetition_penalty),
         seed: o.seed.unwrap_or(d.seed),
-        stop: o.stop.unwrap_or_default(),
+        stop: o.stop.clone().unwrap_or_default(),
         cuda_graph: o.cuda_graph.unwrap_or(d.cuda_graph),
     }
 }
@@ -278,11 +288,11 @@ pub fn register(engine: &mut Engine) {
             guard("generate", || generate_text(&m.get(), prompt, &Sampling::default()))
         });
     FuncRegistration::new("generate")
-        .with_comments(["/// Generates with #{max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed, stop: [strings]}; stops at EOS."])
+        .with_comments(["/// Generates with #{max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed, stop: [strings], profile: dir (trace.json and summary.txt of the call)}; stops at EOS."])
         .with_params_info(["model: &mut Model", "prompt: &str", "options: Map", "String"])
         .register_into_engine(engine, |m: &mut Model, prompt: &str, opts: Map| -> Res<String> {
-            let s = sampling(parse("generate", &opts)?);
-            guard("generate", || generate_text(&m.get(), prompt, &s))
+            let o: GenerateOptions = parse("generate", &opts)?;
+            guard("generate", || o.profiled(|| generate_text(&m.get(), prompt, &sampling(&o))))
         });
     FuncRegistration::new("generate")
         .with_comments(["/// Continuations of an array of prompts, decoded together (left-padded, one KV cache, each row stopping at its EOS); greedy, up to 64 new tokens."])
@@ -293,14 +303,13 @@ pub fn register(engine: &mut Engine) {
             Ok(out.into_iter().map(Dynamic::from).collect())
         });
     FuncRegistration::new("generate")
-        .with_comments(["/// Continuations of an array of prompts with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, batch_size (all at once)}."])
+        .with_comments(["/// Continuations of an array of prompts with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, batch_size (all at once), profile}."])
         .with_params_info(["model: &mut Model", "prompts: Array", "options: Map", "Array"])
         .register_into_engine(engine, |m: &mut Model, prompts: Array, opts: Map| -> Res<Array> {
             let prompts = strings(prompts, "generate: prompts")?;
             let o: GenerateOptions = parse("generate", &opts)?;
             let batch = o.batch_size.unwrap_or(prompts.len());
-            let s = sampling(o);
-            let out = guard("generate", || generate_texts(&m.get(), &prompts, &s, batch))?;
+            let out = guard("generate", || o.profiled(|| generate_texts(&m.get(), &prompts, &sampling(&o), batch)))?;
             Ok(out.into_iter().map(Dynamic::from).collect())
         });
     FuncRegistration::new("chat_prompt")

@@ -214,15 +214,14 @@ pub fn register(engine: &mut Engine) {
         .with_params_info(["model: &mut Seq2SeqModel", "source: &str", "String"])
         .register_into_engine(engine, |m: &mut Seq2SeqModel, source: &str| -> Res<String> { guard("generate", || Ok(m.0.borrow().generate(&[source.to_string()], &Sampling::default(), 1)?.remove(0))) });
     FuncRegistration::new("generate")
-        .with_comments(["/// The target text for `source` with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop}."])
+        .with_comments(["/// The target text for `source` with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, profile}."])
         .with_params_info(["model: &mut Seq2SeqModel", "source: &str", "options: Map", "String"])
         .register_into_engine(engine, |m: &mut Seq2SeqModel, source: &str, opts: Map| -> Res<String> {
             let o: GenerateOptions = parse("generate", &opts)?;
             if o.batch_size.is_some() {
                 return Err("generate: batch_size applies to an array of prompts".into());
             }
-            let s = sampling(o);
-            guard("generate", || Ok(m.0.borrow().generate(&[source.to_string()], &s, 1)?.remove(0)))
+            guard("generate", || o.profiled(|| Ok(m.0.borrow().generate(&[source.to_string()], &sampling(&o), 1)?.remove(0))))
         });
     FuncRegistration::new("generate")
         .with_comments(["/// The target texts for an array of sources, decoded together (right-padded, one encoder pass, one decoder cache; each row stopping at its EOS); greedy, up to 64 new tokens."])
@@ -233,14 +232,13 @@ pub fn register(engine: &mut Engine) {
             Ok(out.into_iter().map(Dynamic::from).collect())
         });
     FuncRegistration::new("generate")
-        .with_comments(["/// The target texts for an array of sources with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, batch_size (all at once)}."])
+        .with_comments(["/// The target texts for an array of sources with #{max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, batch_size (all at once), profile}."])
         .with_params_info(["model: &mut Seq2SeqModel", "sources: Array", "options: Map", "Array"])
         .register_into_engine(engine, |m: &mut Seq2SeqModel, sources: Array, opts: Map| -> Res<Array> {
             let sources = super::model::strings(sources, "generate: sources")?;
             let o: GenerateOptions = parse("generate", &opts)?;
             let batch = o.batch_size.unwrap_or(sources.len());
-            let s = sampling(o);
-            let out = guard("generate", || m.0.borrow().generate(&sources, &s, batch))?;
+            let out = guard("generate", || o.profiled(|| m.0.borrow().generate(&sources, &sampling(&o), batch)))?;
             Ok(out.into_iter().map(Dynamic::from).collect())
         });
     FuncRegistration::new("load_adapter")

@@ -1,6 +1,7 @@
 //! libtorch's profiler (Kineto, what `torch.profiler` drives) over chosen training steps
-//! (`train(..., #{profile: #{start: 5, steps: 2}})`): a Chrome trace of CPU ops and GPU kernels
-//! (open it in Perfetto or `chrome://tracing`), and a summary of GPU time by kind of kernel.
+//! (`train(..., #{profile: #{start: 5, steps: 2}})`) or one generation (`generate(prompts,
+//! #{profile: dir})`): a Chrome trace of CPU ops and GPU kernels (open it in Perfetto or
+//! `chrome://tracing`), and a summary of GPU time by kind of kernel.
 
 use super::message;
 use anyhow::{bail, Result};
@@ -17,6 +18,16 @@ extern "C" {
 /// A running profile.
 pub struct Profiler {
     started: Instant,
+}
+
+/// `f` profiled into `dir` (see [`Profiler::finish`]) when a `dir` is given; the profile is
+/// written whether `f` succeeds or not.
+pub fn profiled<T>(dir: Option<&Path>, header: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(dir) = dir else { return f() };
+    let running = start(tch::Cuda::is_available())?;
+    let result = f();
+    running.finish(dir, header)?;
+    result
 }
 
 /// Starts recording CPU ops, and GPU activity when `cuda`.
@@ -58,13 +69,27 @@ impl Profiler {
         });
         Ok(Summary::of(wall_ms, events))
     }
+
+    /// Stops once the GPUs are idle and writes `trace.json` and `summary.txt` (headed by
+    /// `header`; also logged) into `dir`.
+    pub fn finish(self, dir: &Path, header: &str) -> Result<()> {
+        for i in 0..tch::Cuda::device_count() {
+            tch::Cuda::synchronize(i);
+        }
+        std::fs::create_dir_all(dir)?;
+        let summary = self.stop(&dir.join("trace.json"))?;
+        let text = format!("{header}\n{}", summary.table(25));
+        crate::nn::weights::write_atomic(&dir.join("summary.txt"), text.as_bytes())?;
+        tracing::info!("profile written to {}:\n{text}", dir.display());
+        Ok(())
+    }
 }
 
 /// What a kernel does, from its name (cuBLAS, flash-attention, ATen and ftscript kernels).
 pub fn kind_of(kernel: &str) -> &'static str {
     let k = kernel.to_ascii_lowercase();
     let has = |words: &[&str]| words.iter().any(|w| k.contains(w));
-    if has(&["swiglu", "rope_", "dequant4", "lora_dx"]) {
+    if has(&["swiglu", "rope_", "dequant4", "lora_dx", "decode_linear", "decode_qkv"]) {
         "ftscript fused kernels"
     } else if has(&["flash", "fmha", "attention", "sdpa"]) {
         "attention"

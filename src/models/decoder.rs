@@ -684,7 +684,8 @@ impl Decoder {
             Some(l) => l.forward(&h, train),
             None => {
                 let w = self.embedding_weight();
-                let step = crate::nn::decode_fusion(&h, train).then(|| crate::cuda::autograd::decode_linear(&h, &w, None, None)).flatten();
+                let settled = w.data_ptr() == self.embed_tokens.data_ptr();
+                let step = crate::nn::decode_fusion(&h, train).then(|| crate::cuda::autograd::decode_linear(&h, &w, None, None, settled)).flatten();
                 step.unwrap_or_else(|| h.matmul(&w.tr()))
             }
         };

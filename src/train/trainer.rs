@@ -173,21 +173,11 @@ pub trait Hooks {
 
 /// Stops `running` once the GPUs are idle and writes `profile/trace.json` and
 /// `profile/summary.txt` (also logged) under `dir`.
-fn write_profile(running: crate::cuda::profile::Profiler, net: &dyn TrainModel, dir: &std::path::Path, p: ProfileSteps, evaluated: bool) -> Result<()> {
-    for d in net.devices() {
-        if let tch::Device::Cuda(i) = d {
-            tch::Cuda::synchronize(i as i64);
-        }
-    }
-    let out = dir.join("profile");
-    std::fs::create_dir_all(&out)?;
-    let summary = running.stop(&out.join("trace.json"))?;
+fn write_profile(running: crate::cuda::profile::Profiler, dir: &std::path::Path, p: ProfileSteps, evaluated: bool) -> Result<()> {
     let last = p.start + p.steps - 1;
     let evaluation = if evaluated { format!(" and the evaluation after step {last}") } else { String::new() };
-    let text = format!("steps {}..={last}{evaluation} (times are totals over the {} steps)\n{}", p.start, p.steps, summary.table(25));
-    crate::nn::weights::write_atomic(&out.join("summary.txt"), text.as_bytes())?;
-    tracing::info!("profile written to {}:\n{text}", out.display());
-    Ok(())
+    let header = format!("steps {}..={last}{evaluation} (times are totals over the {} steps)", p.start, p.steps);
+    running.finish(&dir.join("profile"), &header)
 }
 
 /// Sums of a step's (or an evaluation's) loss and metrics, as read back from the device:
@@ -693,7 +683,7 @@ pub fn train<M: TrainModel>(
             // the last profiled step's evaluation, if one falls there, is in the profile too
             if let Some(p) = cfg.profile.filter(|p| p.start + p.steps == state.step + 1) {
                 if let Some(running) = profiler.take() {
-                    progress.suspend(|| write_profile(running, net, &cfg.output_dir, p, evaluates))?;
+                    progress.suspend(|| write_profile(running, &cfg.output_dir, p, evaluates))?;
                 }
             }
             stop |= super::interrupt::interrupted();
