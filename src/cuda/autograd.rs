@@ -16,7 +16,7 @@ extern "C" {
     fn ftscript_add_rms_norm(src: *const c_char, h: *const C_tensor, delta: *const C_tensor, w: *const C_tensor, eps: f64, sum: *mut *mut C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_decode_attention(src: *const c_char, q: *const C_tensor, k: *const C_tensor, v: *const C_tensor, valid: *const C_tensor, at: *const C_tensor, window: i64, scale: f64, softcap: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_decode_qkv(src: *const c_char, qkv: *const C_tensor, cos: *const C_tensor, sin: *const C_tensor, qw: *const C_tensor, kw: *const C_tensor, eps: f64, kc: *const C_tensor, vc: *const C_tensor, at: *const C_tensor, heads: i64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
-    fn ftscript_decode_linear(src: *const c_char, x: *const C_tensor, w: *const C_tensor, bias: *const C_tensor, xa: *const C_tensor, lb: *const C_tensor, early: i32, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_decode_linear(src: *const c_char, x: *const C_tensor, w: *const C_tensor, bias: *const C_tensor, xa: *const C_tensor, lb: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_swiglu_halves(src: *const c_char, gu: *const C_tensor, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_softcap_softmax(src: *const c_char, x: *const C_tensor, allowed: *const C_tensor, scale: f64, cap: f64, out: *mut *mut C_tensor, err: *mut c_char, err_len: usize) -> i32;
     fn ftscript_overlap_lora(on: i32);
@@ -133,10 +133,8 @@ pub const DECODE_ROWS: i64 = 8;
 /// `x Wᵀ + bias` then `+ xa Bᵀ` (a LoRA update, `xa = s·x·Aᵀ` `[rows, r]`, `lora_b` `[out, r]`), each
 /// rounded, in one kernel for at most [`DECODE_ROWS`] rows of `x` `[.., in]` (decoding steps, where cuBLAS's
 /// GEMV leaves bandwidth unused and the update would be another launch). No autograd; `None`
-/// off the GPU or where the kernel does not fit (more rows, `in` not a multiple of 8). `settled`:
-/// `w` was written before the step began (a weight the model holds, not one made just now), so
-/// the kernel may start reading it while the kernel before it finishes (on sm_90 and later).
-pub fn decode_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>, settled: bool) -> Option<Tensor> {
+/// off the GPU or where the kernel does not fit (more rows, `in` not a multiple of 8).
+pub fn decode_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option<(&Tensor, &Tensor)>) -> Option<Tensor> {
     let (size, (out, inp)) = (x.size(), (w.size()[0], w.size()[1]));
     let kind = x.kind();
     let fits = |t: &Tensor| t.is_contiguous() && t.kind() == kind;
@@ -155,7 +153,7 @@ pub fn decode_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, lora: Option
     }
     let (xa, lb) = lora.map_or((std::ptr::null(), std::ptr::null()), |(xa, b)| (xa.as_ptr(), b.as_ptr()));
     let b = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-    fused(x, |o, err, len| unsafe { ftscript_decode_linear(SOURCE.as_ptr() as *const c_char, x.as_ptr(), w.as_ptr(), b, xa, lb, settled as i32, o, err, len) })
+    fused(x, |o, err, len| unsafe { ftscript_decode_linear(SOURCE.as_ptr() as *const c_char, x.as_ptr(), w.as_ptr(), b, xa, lb, o, err, len) })
 }
 
 /// `silu(gate) · up` for `gu` `[.., 2·I]` holding each row's gate and up side by side (the

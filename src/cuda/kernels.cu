@@ -96,23 +96,6 @@ __device__ __forceinline__ Chunk<S> load8(const typename S::T* __restrict__ p) {
   return c;
 }
 
-// Programmatic dependent launch (sm_90 on; rtc.cpp launches the decoding step's kernels with it):
-// such a kernel may start while the one before it in the stream still runs. `pdl_trigger` lets
-// the kernel after this one start (once every block has called it); `pdl_wait` returns when the
-// kernel before has finished and its writes are visible. A kernel reads only what no kernel
-// writes (weights) before `pdl_wait`, and writes nothing. Without the launch attribute, or below
-// sm_90, both do nothing.
-__device__ __forceinline__ void pdl_trigger() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // 4-bit dequantization (bitsandbytes' dequantize_4bit): element i = code[nibble i] ·
 // absmax[i / blocksize] in fp32, then cast. Byte j holds element 2j in its high nibble and
 // 2j+1 in its low one. One thread per 4 packed bytes (8 elements; a block of 64 never splits).
@@ -187,8 +170,6 @@ __device__ void swiglu_fwd(const typename S::T* g, const typename S::T* u, typen
 // aligned when `vec`: the caller checks).
 template <typename S>
 __device__ void swiglu_halves(const typename S::T* gu, typename S::T* out, long long n, int width, int vec) {
-  pdl_trigger();
-  pdl_wait();
   long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
   if (e >= n) return;
   const typename S::T* g = gu + e / width * 2 * width + e % width;
@@ -446,8 +427,6 @@ __device__ void add_rms_norm(const typename S::T* __restrict__ h, const typename
                              const typename S::T* __restrict__ w, typename S::T* __restrict__ sum,
                              typename S::T* __restrict__ out, float* __restrict__ rstd, int dim, float eps) {
   __shared__ float partial[32];
-  pdl_trigger();
-  pdl_wait();
   const size_t base = (size_t)blockIdx.x * dim;
   Chunk<S> sc[RMS_CHUNKS];
   float sq = 0.0f;
@@ -540,9 +519,7 @@ __device__ void add_rms_norm_rows(const typename S::T* __restrict__ h, const typ
                                   typename S::T* __restrict__ out, float* __restrict__ rstd, int dim, float eps,
                                   long long rows) {
   const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  pdl_trigger();
   if (row >= rows) return;  // a whole warp: the shuffles below see all 32 lanes
-  pdl_wait();
   const int e = (threadIdx.x % 32) * 8;
   const bool mine = e < dim;
   const size_t base = (size_t)row * dim;
@@ -683,8 +660,6 @@ __device__ void decode_attention(const typename S::T* __restrict__ q, const type
   __shared__ float partial[32];
   const float minus_inf = __int_as_float(0xff800000);
   const int bh = blockIdx.x, b = bh / heads, h = bh % heads, g = h / (heads / kv_heads);
-  pdl_trigger();
-  pdl_wait();
   for (int i = threadIdx.x; i < dim; i += blockDim.x) qs[i] = S::load(q[(long long)bh * dim + i]);
   __syncthreads();
   const long long kv = ((long long)b * kv_heads + g) * cap * dim;
@@ -774,9 +749,7 @@ __device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row,
                            int b, int heads, int kv_heads, int dim, int cap) {
   const int per_row = heads + 2 * kv_heads;
   const int head = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  pdl_trigger();
-  if (head >= b * per_row) return;
-  pdl_wait();  // a whole warp: the shuffles below see all 32 lanes
+  if (head >= b * per_row) return;  // a whole warp: the shuffles below see all 32 lanes
   const int r = head / per_row, hh = head % per_row, lane = threadIdx.x % 32, e = lane * 8;
   const bool mine = e < dim;
   Chunk<S> x;
@@ -834,30 +807,18 @@ template <typename S, int ROWS>
 __device__ void decode_linear_rows(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
                                    const typename S::T* __restrict__ bias, const typename S::T* __restrict__ xa,
                                    const typename S::T* __restrict__ lb, typename S::T* __restrict__ y, int in, int out,
-                                   int rank, int early) {
+                                   int rank) {
   const int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-  pdl_trigger();
   if (o >= out) return;
   const typename S::T* wr = w + (long long)o * in;
   float acc[ROWS];
 #pragma unroll
   for (int n = 0; n < ROWS; n++) acc[n] = 0.0f;
-  Chunk<S> wc[DECODE_BATCH];
-  // when W was written before the step began (`early`), its first loads are issued while the
-  // kernel before may still be running
-  if (early) {
+  for (int base = lane * 8; base < in; base += 256 * DECODE_BATCH) {
+    Chunk<S> wc[DECODE_BATCH];
 #pragma unroll
     for (int u = 0; u < DECODE_BATCH; u++) {
-      if (lane * 8 + u * 256 < in) wc[u] = load8<S>(wr + lane * 8 + u * 256);
-    }
-  }
-  pdl_wait();
-  for (int base = lane * 8; base < in; base += 256 * DECODE_BATCH) {
-    if (!early || base != lane * 8) {
-#pragma unroll
-      for (int u = 0; u < DECODE_BATCH; u++) {
-        if (base + u * 256 < in) wc[u] = load8<S>(wr + base + u * 256);
-      }
+      if (base + u * 256 < in) wc[u] = load8<S>(wr + base + u * 256);
     }
 #pragma unroll
     for (int u = 0; u < DECODE_BATCH; u++) {
@@ -905,16 +866,16 @@ __device__ void decode_linear_rows(const typename S::T* __restrict__ x, const ty
 template <typename S>
 __device__ void decode_linear(const typename S::T* x, const typename S::T* w, const typename S::T* bias,
                               const typename S::T* xa, const typename S::T* lb, typename S::T* y, int rows, int in,
-                              int out, int rank, int early) {
+                              int out, int rank) {
   switch (rows) {
-    case 1: decode_linear_rows<S, 1>(x, w, bias, xa, lb, y, in, out, rank, early); break;
-    case 2: decode_linear_rows<S, 2>(x, w, bias, xa, lb, y, in, out, rank, early); break;
-    case 3: decode_linear_rows<S, 3>(x, w, bias, xa, lb, y, in, out, rank, early); break;
-    case 4: decode_linear_rows<S, 4>(x, w, bias, xa, lb, y, in, out, rank, early); break;
-    case 5: decode_linear_rows<S, 5>(x, w, bias, xa, lb, y, in, out, rank, early); break;
-    case 6: decode_linear_rows<S, 6>(x, w, bias, xa, lb, y, in, out, rank, early); break;
-    case 7: decode_linear_rows<S, 7>(x, w, bias, xa, lb, y, in, out, rank, early); break;
-    default: decode_linear_rows<S, DECODE_ROWS>(x, w, bias, xa, lb, y, in, out, rank, early); break;
+    case 1: decode_linear_rows<S, 1>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 2: decode_linear_rows<S, 2>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 3: decode_linear_rows<S, 3>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 4: decode_linear_rows<S, 4>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 5: decode_linear_rows<S, 5>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 6: decode_linear_rows<S, 6>(x, w, bias, xa, lb, y, in, out, rank); break;
+    case 7: decode_linear_rows<S, 7>(x, w, bias, xa, lb, y, in, out, rank); break;
+    default: decode_linear_rows<S, DECODE_ROWS>(x, w, bias, xa, lb, y, in, out, rank); break;
   }
 }
 
@@ -932,9 +893,8 @@ __device__ void decode_linear(const typename S::T* x, const typename S::T* w, co
     decode_qkv<S>(qkv, row, c, s, qw, kw, eps, q, kc, vc, at, b, heads, kv_heads, dim, cap);                       \
   }                                                                                                                \
   extern "C" __global__ void decode_linear_##suffix(const S::T* x, const S::T* w, const S::T* b, const S::T* xa,   \
-                                                   const S::T* lb, S::T* y, int rows, int in, int out, int rank,   \
-                                                   int early) {                                                    \
-    decode_linear<S>(x, w, b, xa, lb, y, rows, in, out, rank, early);                                              \
+                                                   const S::T* lb, S::T* y, int rows, int in, int out, int rank) { \
+    decode_linear<S>(x, w, b, xa, lb, y, rows, in, out, rank);                                                     \
   }                                                                                                                \
   extern "C" __global__ void swiglu_bwd_##suffix(const S::T* dy, const S::T* g, const S::T* u, S::T* dg, S::T* du, \
                                                  long long n, int vec) {                                          \

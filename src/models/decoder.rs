@@ -684,8 +684,7 @@ impl Decoder {
             Some(l) => l.forward(&h, train),
             None => {
                 let w = self.embedding_weight();
-                let settled = w.data_ptr() == self.embed_tokens.data_ptr();
-                let step = crate::nn::decode_fusion(&h, train).then(|| crate::cuda::autograd::decode_linear(&h, &w, None, None, settled)).flatten();
+                let step = crate::nn::decode_fusion(&h, train).then(|| crate::cuda::autograd::decode_linear(&h, &w, None, None)).flatten();
                 step.unwrap_or_else(|| h.matmul(&w.tr()))
             }
         };

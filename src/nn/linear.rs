@@ -169,7 +169,7 @@ impl Linear {
             None => None,
             Some(a) => Some(a.as_lora()?.down(x, false)),
         };
-        crate::cuda::autograd::decode_linear(x, w, self.bias.as_ref(), lora.as_ref().map(|(xa, b)| (xa, b)), true)
+        crate::cuda::autograd::decode_linear(x, w, self.bias.as_ref(), lora.as_ref().map(|(xa, b)| (xa, b)))
     }
 
     /// `layers`' projections of one input `x` (q, k, v; or gate, up). While training on a GPU
@@ -348,8 +348,8 @@ impl Projections {
                 vec![a, b]
             })
         });
-        let xa = lora.as_ref().map(|ab| super::adapters::lora::down_rows(&x2, &ab[0]));
-        let fused = crate::cuda::autograd::decode_linear(&x2, &joint.weight, joint.bias.as_ref(), xa.as_ref().zip(lora.as_ref().map(|ab| &ab[1])), true);
+        let xa = lora.as_ref().map(|ab| x2.matmul(&ab[0].tr()));
+        let fused = crate::cuda::autograd::decode_linear(&x2, &joint.weight, joint.bias.as_ref(), xa.as_ref().zip(lora.as_ref().map(|ab| &ab[1])));
         let y = fused.unwrap_or_else(|| {
             let mut y = x2.linear(&joint.weight, joint.bias.as_ref());
             if let (Some(xa), Some(ab)) = (&xa, &lora) {
