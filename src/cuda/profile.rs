@@ -21,13 +21,15 @@ pub struct Profiler {
 }
 
 /// `f` profiled into `dir` (see [`Profiler::finish`]) when a `dir` is given; the profile is
-/// written whether `f` succeeds or not.
+/// written whether `f` succeeds or not, and an error of `f` comes first.
 pub fn profiled<T>(dir: Option<&Path>, header: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let Some(dir) = dir else { return f() };
     let running = start(tch::Cuda::is_available())?;
     let result = f();
-    running.finish(dir, header)?;
-    result
+    let written = running.finish(dir, header);
+    let value = result?;
+    written?;
+    Ok(value)
 }
 
 /// Starts recording CPU ops, and GPU activity when `cuda`.
