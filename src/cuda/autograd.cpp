@@ -19,7 +19,7 @@
 #include <vector>
 
 extern "C" int ftscript_rtc_launch(const char* src, int device, const char* name, unsigned grid, unsigned block,
-                                   void** params, char* err, size_t err_len);
+                                   void** params, int programmatic, char* err, size_t err_len);
 
 namespace {
 using torch::autograd::AutogradContext;
@@ -28,8 +28,11 @@ using torch::autograd::variable_list;
 // kernels.cu's text, handed over (static, NUL-terminated) by every call from Rust.
 const char* kernel_source = nullptr;
 
-// Launches `base`_<dtype of `like`> over `threads` threads, in blocks of `block`, on `like`'s GPU.
-void launch(const char* base, const at::Tensor& like, long long threads, void** params, unsigned block = 256) {
+// Launches `base`_<dtype of `like`> over `threads` threads, in blocks of `block`, on `like`'s GPU;
+// `programmatic` for the kernels that wait for the kernel before them themselves (kernels.cu's
+// pdl_wait), which may then start while it finishes.
+void launch(const char* base, const at::Tensor& like, long long threads, void** params, unsigned block = 256,
+            bool programmatic = false) {
   if (threads <= 0) return;
   std::string name = base;
   switch (like.scalar_type()) {
@@ -40,7 +43,7 @@ void launch(const char* base, const at::Tensor& like, long long threads, void** 
   }
   char err[4096] = {0};
   if (ftscript_rtc_launch(kernel_source, like.get_device(), name.c_str(), (unsigned)((threads + block - 1) / block), block,
-                          params, err, sizeof err) != 0)
+                          params, programmatic ? 1 : 0, err, sizeof err) != 0)
     throw std::runtime_error(err);
 }
 
@@ -146,9 +149,9 @@ struct AddRmsNorm : public torch::autograd::Function<AddRmsNorm> {
     long long n = rows;
     void* params[] = {&ph, &pd, &pw, &ps, &po, &pr, &d, &e, &n};
     if (dim <= 256)  // a warp per row
-      launch("add_rms_norm_rows", hc, rows * 32, params);
+      launch("add_rms_norm_rows", hc, rows * 32, params, 256, true);
     else
-      launch("add_rms_norm", hc, rows * threads, params);
+      launch("add_rms_norm", hc, rows * threads, params, threads, true);
     ctx->save_for_backward({sum, wc, rstd});
     ctx->saved_data["has_delta"] = has_delta;
     if (has_delta) return {sum, out};
@@ -449,7 +452,7 @@ extern "C" int ftscript_decode_attention(const char* src, const at::Tensor* q, c
     void *pq = qc.data_ptr(), *pk = k->data_ptr(), *pv = v->data_ptr(), *pm = valid->data_ptr(), *pa = at->data_ptr(),
          *po = o.data_ptr();
     void* params[] = {&pq, &pk, &pv, &pm, &pa, &po, &heads, &kv_heads, &cap, &dim, &win, &sc, &cp};
-    launch("decode_attention", qc, (long long)b * heads * 256, params, 256);  // kernels.cu's DECODE_THREADS
+    launch("decode_attention", qc, (long long)b * heads * 256, params, 256, true);  // kernels.cu's DECODE_THREADS
     *out = new at::Tensor(o);
   });
 }
@@ -484,7 +487,7 @@ extern "C" int ftscript_decode_qkv(const char* src, const at::Tensor* qkv, const
     float e = (float)eps;
     int ib = (int)b, ih = (int)heads, ikv = (int)kv_heads, id = (int)dim, icap = (int)cap;
     void* params[] = {&pqkv, &row, &pc, &ps, &pqw, &pkw, &e, &pq, &pk, &pv, &pat, &ib, &ih, &ikv, &id, &icap};
-    launch("decode_qkv", q, b * (heads + 2 * kv_heads) * 32, params, 256);  // a warp per head
+    launch("decode_qkv", q, b * (heads + 2 * kv_heads) * 32, params, 256, true);  // a warp per head
     *out = new at::Tensor(q);
   });
 }
@@ -511,7 +514,7 @@ extern "C" int ftscript_decode_linear(const char* src, const at::Tensor* x, cons
     void* py = y.data_ptr();
     int r = (int)rows, i = (int)in, oo = (int)o, k = (int)rank;
     void* params[] = {&px, &pw, &pb, &pxa, &plb, &py, &r, &i, &oo, &k};
-    launch("decode_linear", y, o * 32, params, 256);  // a warp per output
+    launch("decode_linear", y, o * 32, params, 256, true);  // a warp per output
     *out = new at::Tensor(y);
   });
 }
@@ -530,7 +533,7 @@ extern "C" int ftscript_swiglu_halves(const char* src, const at::Tensor* gu, at:
     const void* pg = gu->data_ptr();
     void* po = o.data_ptr();
     void* params[] = {&pg, &po, &n, &w, &vec};
-    launch("swiglu_halves", o, (n + 7) / 8, params);
+    launch("swiglu_halves", o, (n + 7) / 8, params, 256, true);
     *out = new at::Tensor(o);
   });
 }

@@ -96,6 +96,22 @@ __device__ __forceinline__ Chunk<S> load8(const typename S::T* __restrict__ p) {
   return c;
 }
 
+// Programmatic dependent launch (sm_90 on; rtc.cpp launches the decoding step's kernels with it):
+// such a kernel may start while the one before it in the stream still runs. `pdl_trigger` lets
+// the kernel after this one start (once every block has called it); `pdl_wait` returns when the
+// kernel before has finished and its writes are visible, so a kernel reads and writes global
+// memory only after it. Without the launch attribute, or below sm_90, both do nothing.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // 4-bit dequantization (bitsandbytes' dequantize_4bit): element i = code[nibble i] ·
 // absmax[i / blocksize] in fp32, then cast. Byte j holds element 2j in its high nibble and
 // 2j+1 in its low one. One thread per 4 packed bytes (8 elements; a block of 64 never splits).
@@ -170,6 +186,8 @@ __device__ void swiglu_fwd(const typename S::T* g, const typename S::T* u, typen
 // aligned when `vec`: the caller checks).
 template <typename S>
 __device__ void swiglu_halves(const typename S::T* gu, typename S::T* out, long long n, int width, int vec) {
+  pdl_trigger();
+  pdl_wait();
   long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8;
   if (e >= n) return;
   const typename S::T* g = gu + e / width * 2 * width + e % width;
@@ -427,6 +445,8 @@ __device__ void add_rms_norm(const typename S::T* __restrict__ h, const typename
                              const typename S::T* __restrict__ w, typename S::T* __restrict__ sum,
                              typename S::T* __restrict__ out, float* __restrict__ rstd, int dim, float eps) {
   __shared__ float partial[32];
+  pdl_trigger();
+  pdl_wait();
   const size_t base = (size_t)blockIdx.x * dim;
   Chunk<S> sc[RMS_CHUNKS];
   float sq = 0.0f;
@@ -519,7 +539,9 @@ __device__ void add_rms_norm_rows(const typename S::T* __restrict__ h, const typ
                                   typename S::T* __restrict__ out, float* __restrict__ rstd, int dim, float eps,
                                   long long rows) {
   const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  pdl_trigger();
   if (row >= rows) return;  // a whole warp: the shuffles below see all 32 lanes
+  pdl_wait();
   const int e = (threadIdx.x % 32) * 8;
   const bool mine = e < dim;
   const size_t base = (size_t)row * dim;
@@ -660,6 +682,8 @@ __device__ void decode_attention(const typename S::T* __restrict__ q, const type
   __shared__ float partial[32];
   const float minus_inf = __int_as_float(0xff800000);
   const int bh = blockIdx.x, b = bh / heads, h = bh % heads, g = h / (heads / kv_heads);
+  pdl_trigger();
+  pdl_wait();
   for (int i = threadIdx.x; i < dim; i += blockDim.x) qs[i] = S::load(q[(long long)bh * dim + i]);
   __syncthreads();
   const long long kv = ((long long)b * kv_heads + g) * cap * dim;
@@ -749,7 +773,9 @@ __device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row,
                            int b, int heads, int kv_heads, int dim, int cap) {
   const int per_row = heads + 2 * kv_heads;
   const int head = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  pdl_trigger();
   if (head >= b * per_row) return;  // a whole warp: the shuffles below see all 32 lanes
+  pdl_wait();
   const int r = head / per_row, hh = head % per_row, lane = threadIdx.x % 32, e = lane * 8;
   const bool mine = e < dim;
   Chunk<S> x;
@@ -809,8 +835,10 @@ __device__ void decode_linear_rows(const typename S::T* __restrict__ x, const ty
                                    const typename S::T* __restrict__ lb, typename S::T* __restrict__ y, int in, int out,
                                    int rank) {
   const int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  pdl_trigger();
   if (o >= out) return;
   const typename S::T* wr = w + (long long)o * in;
+  pdl_wait();
   float acc[ROWS];
 #pragma unroll
   for (int n = 0; n < ROWS; n++) acc[n] = 0.0f;

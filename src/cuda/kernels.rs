@@ -11,7 +11,7 @@ pub(super) const SOURCE: &str = concat!(include_str!("kernels.cu"), "\0");
 
 extern "C" {
     fn ftscript_rtc_compile(src: *const c_char, arch: i32, err: *mut c_char, err_len: usize) -> i64;
-    fn ftscript_rtc_launch(src: *const c_char, device: i32, name: *const c_char, grid: u32, block: u32, params: *mut *mut c_void, err: *mut c_char, err_len: usize) -> i32;
+    fn ftscript_rtc_launch(src: *const c_char, device: i32, name: *const c_char, grid: u32, block: u32, params: *mut *mut c_void, programmatic: i32, err: *mut c_char, err_len: usize) -> i32;
 }
 
 static DISABLED: AtomicBool = AtomicBool::new(false);
@@ -57,7 +57,7 @@ fn launch(device: usize, name: &str, threads: i64, params: &mut [*mut c_void]) -
     let name_c = CString::new(name).unwrap();
     // SAFETY: params point at live argument values matching the kernel's signature; the
     // tensors they reference outlive the launch (stream-ordered by the caching allocator).
-    checked(|err, len| unsafe { ftscript_rtc_launch(SOURCE.as_ptr() as *const c_char, device as i32, name_c.as_ptr(), grid as u32, block as u32, params.as_mut_ptr(), err, len) })
+    checked(|err, len| unsafe { ftscript_rtc_launch(SOURCE.as_ptr() as *const c_char, device as i32, name_c.as_ptr(), grid as u32, block as u32, params.as_mut_ptr(), 0, err, len) })
 }
 
 /// Compiles the kernels for compute capability `arch` (e.g. 90) without a GPU: the cubin's

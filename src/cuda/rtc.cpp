@@ -33,6 +33,24 @@ typedef int (*cuLaunchKernel_t)(void*, unsigned, unsigned, unsigned, unsigned, u
 typedef int (*cuDevicePrimaryCtxRetain_t)(void**, int);
 typedef int (*cuCtxGetCurrent_t)(void**);
 typedef int (*cuCtxSetCurrent_t)(void*);
+// cuda.h's CUlaunchConfig and CUlaunchAttribute, for cuLaunchKernelEx
+struct LaunchAttribute {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    long long align8;
+    int programmatic_stream_serialization;
+  } value;
+};
+struct LaunchConfig {
+  unsigned grid[3], block[3], shared;
+  void* stream;
+  LaunchAttribute* attrs;
+  unsigned n_attrs;
+};
+typedef int (*cuLaunchKernelEx_t)(const LaunchConfig*, void*, void**, void**);
+const int kProgrammaticStreamSerialization = 6;  // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 
 struct Api {
   nvrtcCreateProgram_t create;
@@ -46,6 +64,7 @@ struct Api {
   cuModuleLoadData_t load;
   cuModuleGetFunction_t function;
   cuLaunchKernel_t launch;
+  cuLaunchKernelEx_t launch_ex;  // null on a driver before CUDA 12
   cuDevicePrimaryCtxRetain_t primary_ctx;
   cuCtxGetCurrent_t get_ctx;
   cuCtxSetCurrent_t set_ctx;
@@ -60,6 +79,7 @@ bool tried = false;
 std::map<int, void*> modules;                        // device → module
 std::map<int, void*> contexts;                       // device → its primary context
 std::map<std::pair<int, std::string>, void*> funcs;  // (device, kernel) → function
+std::map<int, int> archs;                            // device → compute capability, major·10 + minor
 
 // libnvrtc sits beside the libcudart that libtorch_cuda loaded (torch's pip wheels keep both
 // in nvidia/cu13/lib); fall back to the loader's search path. NVRTC opens its builtins library
@@ -128,6 +148,7 @@ Api* get_api(bool compile_only = false) {
   a.load = (cuModuleLoadData_t)sym(cuda, "cuModuleLoadData");
   a.function = (cuModuleGetFunction_t)sym(cuda, "cuModuleGetFunction");
   a.launch = (cuLaunchKernel_t)sym(cuda, "cuLaunchKernel");
+  a.launch_ex = (cuLaunchKernelEx_t)dlsym(cuda, "cuLaunchKernelEx");
   a.primary_ctx = (cuDevicePrimaryCtxRetain_t)sym(cuda, "cuDevicePrimaryCtxRetain");
   a.get_ctx = (cuCtxGetCurrent_t)sym(cuda, "cuCtxGetCurrent");
   a.set_ctx = (cuCtxSetCurrent_t)sym(cuda, "cuCtxSetCurrent");
@@ -174,6 +195,7 @@ void* module_for(int device, const char* src, std::string& err) {
   api->attribute(&major, 75, dev);  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
   api->attribute(&minor, 76, dev);  // ..._MINOR
   std::vector<char> cubin;
+  archs[device] = major * 10 + minor;
   if (!compile(api, src, major * 10 + minor, cubin, err)) return nullptr;
   void* module = nullptr;
   if (api->load(&module, cubin.data()) != 0) {
@@ -186,9 +208,11 @@ void* module_for(int device, const char* src, std::string& err) {
 }  // namespace
 
 // Launches kernel `name` of `src` on GPU `device` over a 1-D grid, on torch's current stream
-// there. Returns 0, or -1 with a message in `err`.
+// there; `programmatic` (for kernels that call kernels.cu's pdl_wait before touching what the
+// kernel before wrote) lets it start while that kernel finishes, on sm_90 and later. Returns 0,
+// or -1 with a message in `err`.
 extern "C" int ftscript_rtc_launch(const char* src, int device, const char* name, unsigned grid, unsigned block,
-                                   void** params, char* err, size_t err_len) {
+                                   void** params, int programmatic, char* err, size_t err_len) {
   std::string msg;
   try {
     std::lock_guard<std::mutex> lock(mutex);
@@ -220,7 +244,17 @@ extern "C" int ftscript_rtc_launch(const char* src, int device, const char* name
       }
       if (fn) {
         void* stream = impl->getStream(d).native_handle();
-        if (api->launch(fn, grid, 1, 1, block, 1, 1, 0, stream, params, nullptr) != 0) msg = std::string("launch of ") + name + " failed";
+        int rc = 0;
+        if (programmatic && api->launch_ex && archs[device] >= 90) {
+          LaunchAttribute pdl{};
+          pdl.id = kProgrammaticStreamSerialization;
+          pdl.value.programmatic_stream_serialization = 1;
+          LaunchConfig config{{grid, 1, 1}, {block, 1, 1}, 0, stream, &pdl, 1};
+          rc = api->launch_ex(&config, fn, params, nullptr);
+        } else {
+          rc = api->launch(fn, grid, 1, 1, block, 1, 1, 0, stream, params, nullptr);
+        }
+        if (rc != 0) msg = std::string("launch of ") + name + " failed (CUDA error " + std::to_string(rc) + ")";
       }
       impl->setDevice(previous);
     }

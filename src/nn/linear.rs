@@ -348,7 +348,7 @@ impl Projections {
                 vec![a, b]
             })
         });
-        let xa = lora.as_ref().map(|ab| x2.matmul(&ab[0].tr()));
+        let xa = lora.as_ref().map(|ab| super::adapters::lora::down_rows(&x2, &ab[0]));
         let fused = crate::cuda::autograd::decode_linear(&x2, &joint.weight, joint.bias.as_ref(), xa.as_ref().zip(lora.as_ref().map(|ab| &ab[1])));
         let y = fused.unwrap_or_else(|| {
             let mut y = x2.linear(&joint.weight, joint.bias.as_ref());

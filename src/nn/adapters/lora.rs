@@ -2,6 +2,13 @@
 
 use tch::{Kind, Tensor};
 
+/// A decoding step's `x · (s·A)ᵀ` for the prepared `s·A` `[r, in]`: the GEMV kernel of the base
+/// projections where it fits (so the step's kernels follow each other without a cuBLAS launch
+/// between them), else `matmul`.
+pub(crate) fn down_rows(x: &Tensor, scaled_a: &Tensor) -> Tensor {
+    crate::cuda::autograd::decode_linear(x, scaled_a, None, None).unwrap_or_else(|| x.matmul(&scaled_a.tr()))
+}
+
 /// A LoRA adapter (Hu et al., 2021) for a linear layer `W: [out, in]`:
 ///
 /// `y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ` with `A: [r, in]`, `B: [out, r]`,
@@ -46,7 +53,7 @@ impl Lora {
         if super::super::decode_fusion(x, train) {
             // a decoding step: `s·A` and `B` in x's dtype, made once per generation
             let ab = super::super::prepared(&self.a, "lora", || vec![self.scaled_a(x.kind()), self.b.to_kind(x.kind())]);
-            return (x.matmul(&ab[0].tr()), ab[1].shallow_clone());
+            return (down_rows(x, &ab[0]), ab[1].shallow_clone());
         }
         let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let (a, b) = if self.a.kind() == x.kind() {
