@@ -318,9 +318,10 @@ impl Projections {
         dx.view(shape.as_slice())
     }
 
-    /// Every projection of `x` side by side, `[.., Σ out]`, from one GEMM of the joint weight
-    /// (and, with LoRA adapters, one GEMM by the stacked `s·A`s and one by the block-diagonal
-    /// `B`s): for a decoding step, where each launch costs more than its work. `None` where the
+    /// Every projection of `x` side by side, `[.., Σ out]`, from one product by the joint weight
+    /// (and, with LoRA adapters, one by the stacked `s·A`s and one by the block-diagonal `B`s; at
+    /// up to 8 rows on a GPU each a `decode_linear` GEMV, the `B` product inside the joint one):
+    /// for a decoding step, where each launch costs more than its work. `None` where the
     /// layers have no joint weight or an adapter other than plain LoRA.
     pub fn forward_joint(&self, x: &Tensor) -> Option<Tensor> {
         let (layers, joint) = match self {
