@@ -49,12 +49,13 @@ def write_tokenizer(out, vocab_size):
     tok.save_pretrained(out)
 
 
-def run_recipe(recipe):
-    """`ftscript run RECIPE` (the release binary, or `FTSCRIPT`), free to read and write /tmp;
-    exits with its output if it fails. Returns its stdout."""
+def run_recipe(recipe, writes=()):
+    """`ftscript run RECIPE` (the release binary, or `FTSCRIPT`), free to read and write /tmp
+    and to write the directories `writes`; exits with its output if it fails. Returns its stdout."""
     env = dict(os.environ, FTSCRIPT_LOG=os.environ.get("FTSCRIPT_LOG", "info"))
     binary = os.environ.get("FTSCRIPT", os.path.join(ROOT, "target/release/ftscript"))
-    p = subprocess.run([binary, "run", *SANDBOX, recipe], env=env, capture_output=True, text=True)
+    extra = [arg for d in writes for arg in ("--allow-write", d)]
+    p = subprocess.run([binary, "run", *SANDBOX, *extra, recipe], env=env, capture_output=True, text=True)
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
         raise SystemExit("ftscript failed")

@@ -61,7 +61,7 @@ print(`RESULT ${{secs}} ${{tokens}}`);
 """)
         if a.profile:
             f.write(f'm.generate(prompts.extract(0, {a.batch}), opts + #{{ profile: "{a.profile}" }});\n')
-    stdout = run_recipe(recipe)
+    stdout = run_recipe(recipe, [a.profile] if a.profile else [])
     _, secs, tokens = [l for l in stdout.splitlines() if l.startswith("RESULT")][-1].split()
     secs, tokens = float(secs), int(tokens)
     # a row that met EOS early would make the number look better than it is: say so
@@ -103,6 +103,8 @@ def main():
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", help="a directory for a profile of one more batch on ftscript's side")
     a = ap.parse_args()
+    if a.profile:
+        a.profile = os.path.abspath(a.profile)
     model_dir = f"/tmp/gen-model-{a.shape}"
     adapter_dir = os.path.join(model_dir, "adapter")
     if a.peer_only:
