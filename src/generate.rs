@@ -22,11 +22,15 @@ pub struct Sampling {
     pub stop: Vec<String>,
     /// On a GPU, replay the decoding step from a CUDA graph (off: op by op).
     pub cuda_graph: bool,
+    /// The KV cache holds the whole generation (prompts and `max_new_tokens`) from the start
+    /// when that takes at most this many bytes; a larger one starts with room for
+    /// [`FIRST_ROOM`] new tokens and doubles when full.
+    pub whole_cache_bytes: i64,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: 0, stop: vec![], cuda_graph: true }
+        Sampling { max_new_tokens: 64, temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: 0, stop: vec![], cuda_graph: true, whole_cache_bytes: 1 << 30 }
     }
 }
 
@@ -156,7 +160,7 @@ fn generate_on(model: &LoadedModel, prompts: &[Vec<i64>], scoring: Option<&[Scor
     // the cache's slots: the prompts', then the continuations', which are never valid: the new
     // tokens overwrite them from the prompts' end on (as if there had been no continuation)
     let slots = Tensor::cat(&[&valid, &Tensor::zeros([b, after], (Kind::Bool, device))], 1);
-    let mut decoding = Decoding::new(net, &slots, width + after.max(s.max_new_tokens as i64), s.cuda_graph);
+    let mut decoding = Decoding::new(net, &slots, width + after.max(s.max_new_tokens as i64), s);
     let scored_rows = || {
         let all = Tensor::from_slice(&scored_ids).view([b, width + longest]).to_device(device);
         let real = Tensor::from_slice(&scored_valid).view([b, width + longest]).to_device(device);
@@ -252,9 +256,10 @@ const FIRST_ROOM: i64 = 64;
 /// Decoding over a fixed-capacity [`KvCache`]: every step reads the same buffers (the tokens,
 /// their positions, the slot they are written to, which slots hold keys) and has the same
 /// shapes, so on a GPU the step is recorded once as a CUDA graph and replayed: one launch a
-/// token instead of one per op. The cache starts with room for [`FIRST_ROOM`] new tokens and
-/// doubles when full (the graph is then recorded again), so its memory follows the longest row
-/// rather than `max_new_tokens`. Models split across GPUs, sparse models whose experts cannot
+/// token instead of one per op. A cache for the whole generation that would take more than
+/// [`Sampling::whole_cache_bytes`] starts with room for [`FIRST_ROOM`] new tokens and doubles
+/// when full (the graph is then recorded again), so its memory follows the longest row rather
+/// than `max_new_tokens`. Models split across GPUs, sparse models whose experts cannot
 /// take the grouped GEMM (fp32, unaligned widths) and rotary scalings that depend on the
 /// sequence's length decode op by op.
 struct Decoding<'a> {
@@ -284,10 +289,11 @@ enum Graph {
 impl<'a> Decoding<'a> {
     /// Decoding of `valid.size()[0]` rows of up to `limit` tokens, the first `valid.size()[1]`
     /// of them the prompts (`valid` marks their real tokens).
-    fn new(net: &'a crate::models::decoder::Decoder, valid: &Tensor, limit: i64, cuda_graph: bool) -> Decoding<'a> {
+    fn new(net: &'a crate::models::decoder::Decoder, valid: &Tensor, limit: i64, s: &Sampling) -> Decoding<'a> {
         let (b, width) = valid.size2().unwrap();
         let device = net.device;
-        let capacity = limit.min(width + FIRST_ROOM);
+        let cuda_graph = s.cuda_graph;
+        let capacity = if limit * net.cache_bytes_per_position(b) <= s.whole_cache_bytes { limit } else { limit.min(width + FIRST_ROOM) };
         let all = Tensor::zeros([b, capacity], (Kind::Bool, device));
         all.narrow(1, 0, width).copy_(valid);
         let fixed = net.ropes.iter().all(|r| !r.depends_on_length());

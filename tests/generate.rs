@@ -11,10 +11,10 @@ use tch::{Device, Kind};
 /// Greedy batched generation of 8 prompts of 3–40 tokens equals transformers' `generate` with
 /// left padding, on the tiny `name` model, fp32 CPU; and each prompt alone gives its row.
 fn batched_greedy_matches_transformers(name: &str) {
-    batched_greedy_matches_transformers_for(name, 12);
+    batched_greedy_matches_transformers_for(name, 12, Sampling::default().whole_cache_bytes);
 }
 
-fn batched_greedy_matches_transformers_for(name: &str, max_new: usize) -> Vec<Vec<i64>> {
+fn batched_greedy_matches_transformers_for(name: &str, max_new: usize, whole_cache_bytes: i64) -> Vec<Vec<i64>> {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let model_dir = tiny(d, name);
@@ -24,7 +24,7 @@ fn batched_greedy_matches_transformers_for(name: &str, max_new: usize) -> Vec<Ve
     py("generate_reference.py", &["generate", model_dir.to_str().unwrap(), d.join("prompts.json").to_str().unwrap(), &max_new.to_string(), d.join("hf.json").to_str().unwrap()]);
     let theirs: Vec<Vec<i64>> = serde_json::from_str(&std::fs::read_to_string(d.join("hf.json")).unwrap()).unwrap();
     let model = ftscript::models::load(&model_dir, "fp32", Device::Cpu).unwrap();
-    let s = Sampling { max_new_tokens: max_new, ..Default::default() };
+    let s = Sampling { max_new_tokens: max_new, whole_cache_bytes, ..Default::default() };
     let ours = generate_batch(&model, &prompts, &s).unwrap();
     assert_eq!(ours, theirs, "{name}: batched greedy tokens differ from transformers'");
     assert!(ours.iter().map(Vec::len).sum::<usize>() > 8, "{name}: the rows should generate something: {ours:?}");
@@ -87,11 +87,12 @@ fn scoring_matches_transformers(device: Device, tolerance: f64) {
     }
 }
 
-/// Long generations: the KV cache, first sized for 64 new tokens, grows twice (to 128, then to
-/// 150) while the rows decode, and the tokens stay transformers'.
+/// Long generations: the KV cache (allowed no bytes for the whole generation), first sized for
+/// 64 new tokens, grows twice (to 128, then to 150) while the rows decode, and the tokens stay
+/// transformers'.
 #[test]
 fn a_generation_longer_than_the_caches_first_room_matches_transformers() {
-    let ours = batched_greedy_matches_transformers_for("llama_gqa", 150);
+    let ours = batched_greedy_matches_transformers_for("llama_gqa", 150, 0);
     assert!(ours.iter().any(|r| r.len() > 128), "no row ran past 128 new tokens, so the cache did not grow twice: {:?}", ours.iter().map(Vec::len).collect::<Vec<_>>());
 }
 
@@ -136,7 +137,7 @@ fn batched_greedy_generation_matches_transformers_on_qwen3_moe() {
 }
 
 /// On a GPU each decoding step is replayed from a CUDA graph (recorded again when the KV cache
-/// grows): for every family (GQA, q/k norms and sliding windows, soft-capping, two rotary
+/// grows, in the greedy runs): for every family (GQA, q/k norms and sliding windows, soft-capping, two rotary
 /// tables, routed experts in bf16) with LoRA adapters attached unmerged, greedy and seeded
 /// sampling give the tokens of op-by-op decoding, in fp32 and bf16, and the graph did run; in
 /// fp32 the greedy tokens are also transformers' (on the CPU).
@@ -150,7 +151,7 @@ fn cuda_graph_decoding_gives_the_tokens_of_op_by_op_decoding() {
     let lengths = [3usize, 40, 17, 8, 25, 5, 33, 12];
     let prompts: Vec<Vec<i64>> = lengths.iter().enumerate().map(|(r, &n)| (0..n).map(|i| 3 + ((i * 31 + r * 97 + 7) % 290) as i64).collect()).collect();
     std::fs::write(d.join("prompts.json"), serde_json::to_string(&prompts).unwrap()).unwrap();
-    // past the cache's first room of 64 new tokens: the graph is recorded again after it grows
+    // past the cache's first room of 64 new tokens
     let max_new = 80;
     for name in ["llama_gqa", "qwen3", "gemma2", "gemma3", "qwen3_moe"] {
         let model_dir = tiny(d, name);
@@ -167,7 +168,10 @@ fn cuda_graph_decoding_gives_the_tokens_of_op_by_op_decoding() {
                 }
             });
             for temperature in [0.0, 0.8] {
-                let s = Sampling { max_new_tokens: max_new, temperature, top_k: 50, seed: 7, ..Default::default() };
+                // greedy: the cache grows past its first room (and the graph is recorded again);
+                // sampled: it holds the whole generation from the start
+                let whole_cache_bytes = if temperature == 0.0 { 0 } else { Sampling::default().whole_cache_bytes };
+                let s = Sampling { max_new_tokens: max_new, temperature, top_k: 50, seed: 7, whole_cache_bytes, ..Default::default() };
                 let before = ftscript::generate::cuda_graph_replays();
                 let graphed = generate_batch(&m, &prompts, &s).unwrap();
                 let replays = ftscript::generate::cuda_graph_replays() - before;

@@ -189,6 +189,7 @@ pub fn sampling(o: &GenerateOptions) -> Sampling {
         seed: o.seed.unwrap_or(d.seed),
         stop: o.stop.clone().unwrap_or_default(),
         cuda_graph: o.cuda_graph.unwrap_or(d.cuda_graph),
+        ..d
     }
 }
 

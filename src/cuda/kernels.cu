@@ -96,6 +96,42 @@ __device__ __forceinline__ Chunk<S> load8(const typename S::T* __restrict__ p) {
   return c;
 }
 
+// One 16-byte word of a weight that streams from memory once (decode_linear's W). How it is
+// loaded is a tuning knob, a define given to NVRTC (`FTSCRIPT_NVRTC_DEFINES`, see rtc.cpp):
+// DECODE_W_LOAD 0 a plain load; 1 read-only, not kept in L1 (`ld.global.nc.L1::no_allocate`);
+// 2 that, fetching 256 bytes into L2 at a time; 3 that, marked first to evict from L2.
+#ifndef DECODE_W_LOAD
+#define DECODE_W_LOAD 0
+#endif
+__device__ __forceinline__ U4 load_streamed(const U4* p) {
+  U4 r;
+#if DECODE_W_LOAD == 1 || (DECODE_W_LOAD > 1 && __CUDA_ARCH__ < 800)
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+#elif DECODE_W_LOAD == 2
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+#elif DECODE_W_LOAD == 3
+  unsigned long long policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "l"(policy));
+#else
+  r = *p;
+#endif
+  return r;
+}
+
+template <typename S>
+__device__ __forceinline__ Chunk<S> load8_streamed(const typename S::T* __restrict__ p) {
+  Chunk<S> c;
+  const U4* src = reinterpret_cast<const U4*>(p);
+  U4* dst = reinterpret_cast<U4*>(c.v);
+#pragma unroll
+  for (int k = 0; k < (int)(sizeof(c.v) / 16); k++) dst[k] = load_streamed(src + k);
+  return c;
+}
+
 // Programmatic dependent launch (sm_90 on; rtc.cpp launches the decoding step's kernels with it):
 // such a kernel may start while the one before it in the stream still runs. `pdl_trigger` lets
 // the kernel after this one start (once every block has called it); `pdl_wait` returns when the
@@ -819,49 +855,29 @@ __device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row,
   }
 }
 
-// A linear layer at decoding sizes (a GEMV for each of `ROWS` ≤ 8 rows): `y[n, o] =
-// Σ_i x[n, i] W[o, i] (+ bias[o])`, rounded, then `+ Σ_k xa[n, k] B[o, k]` (a LoRA update from
-// `xa` = s·x·Aᵀ [N, rank]; null for none), rounded again, as `linear` then `addmm_` round. A warp
-// per output o, each lane reading 16 bytes of W's row at a time (in a multiple of 8, rows
-// 16-byte aligned: the caller checks), DECODE_BATCH of them issued before any is used (the
-// weights stream from memory once: what keeps the bandwidth busy is loads in flight), the
-// products summed in fp32 in the order of i, then across the lanes by shuffles; the update's
-// rank-long products likewise, a lane per rank index.
 #define DECODE_ROWS 8
+#ifndef DECODE_BATCH
 #define DECODE_BATCH 8
-template <typename S, int ROWS>
-__device__ void decode_linear_rows(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
-                                   const typename S::T* __restrict__ bias, const typename S::T* __restrict__ xa,
-                                   const typename S::T* __restrict__ lb, typename S::T* __restrict__ y, int in, int out,
-                                   int rank) {
-  const int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-  pdl_trigger();
-  if (o >= out) return;
-  const typename S::T* wr = w + (long long)o * in;
-  pdl_wait();
-  float acc[ROWS];
+#endif
+// DECODE_EARLY 1: the first DECODE_BATCH words of W are loaded before `pdl_wait` (W is no
+// kernel's output, so its reads may overlap the kernel before; a tuning knob like DECODE_W_LOAD).
+#ifndef DECODE_EARLY
+#define DECODE_EARLY 0
+#endif
+template <typename S, int B>
+__device__ __forceinline__ void fetch_w(Chunk<S> (&wc)[B], const typename S::T* __restrict__ wr, int base, int in) {
 #pragma unroll
-  for (int n = 0; n < ROWS; n++) acc[n] = 0.0f;
-  for (int base = lane * 8; base < in; base += 256 * DECODE_BATCH) {
-    Chunk<S> wc[DECODE_BATCH];
-#pragma unroll
-    for (int u = 0; u < DECODE_BATCH; u++) {
-      if (base + u * 256 < in) wc[u] = load8<S>(wr + base + u * 256);
-    }
-#pragma unroll
-    for (int u = 0; u < DECODE_BATCH; u++) {
-      const int i = base + u * 256;
-      if (i < in) {
-#pragma unroll
-        for (int n = 0; n < ROWS; n++) {
-          const Chunk<S> xc = load8<S>(x + (long long)n * in + i);
-#pragma unroll
-          for (int k = 0; k < 8; k++) acc[n] = __fmaf_rn(S::load(wc[u].v[k]), S::load(xc.v[k]), acc[n]);
-        }
-      }
-    }
+  for (int u = 0; u < B; u++) {
+    if (base + u * 256 < in) wc[u] = load8_streamed<S>(wr + base + u * 256);
   }
-  // the LoRA update's dot products over the rank, spread over the lanes as the main one is
+}
+// The end of [`decode_linear_rows`] for output `o`: each lane's partial sums `acc` added across
+// the warp, the bias added and rounded, the LoRA update's dot products over the rank (spread
+// over the lanes as the main one is) added and rounded again; lane n writes row n.
+template <typename S, int ROWS>
+__device__ __forceinline__ void decode_linear_out(float (&acc)[ROWS], const typename S::T* __restrict__ bias,
+                                                  const typename S::T* __restrict__ xa, const typename S::T* __restrict__ lb,
+                                                  typename S::T* __restrict__ y, int o, int out, int rank, int lane) {
   float upd[ROWS];
 #pragma unroll
   for (int n = 0; n < ROWS; n++) upd[n] = 0.0f;
@@ -878,7 +894,6 @@ __device__ void decode_linear_rows(const typename S::T* __restrict__ x, const ty
     if (xa) upd[n] = warp_sum(upd[n]);
   }
   if (lane >= ROWS) return;
-  // lane n writes row n
   float v = 0.0f, u = 0.0f;
 #pragma unroll
   for (int n = 0; n < ROWS; n++) {
@@ -888,6 +903,135 @@ __device__ void decode_linear_rows(const typename S::T* __restrict__ x, const ty
   v = S::load(S::cvt(bias ? v + S::load(bias[o]) : v));
   if (xa) v += u;
   y[(long long)lane * out + o] = S::cvt(v);
+}
+
+// DECODE_BULK 1 (sm_90 on; a tuning knob like DECODE_W_LOAD): [`decode_linear_rows`] with W's
+// row streamed by the copy engine (`cp.async.bulk`, completing on an mbarrier) into a ring of
+// BULK_STAGES pieces of BULK_PIECE bytes a warp in shared memory, rather than by each lane's
+// loads; the same products in the same order, so the same result.
+#ifndef DECODE_BULK
+#define DECODE_BULK 0
+#endif
+#if DECODE_BULK && __CUDA_ARCH__ >= 900
+#define BULK_PIECE 2048
+#define BULK_STAGES 2
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void bulk_piece(void* dst, const void* src, int bytes, unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+__device__ __forceinline__ void bulk_wait(unsigned long long* bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done) {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done)
+                 : "r"(smem_addr(bar)), "r"(parity)
+                 : "memory");
+  }
+}
+// The ring and its mbarriers, one allocation for every instantiation of the kernel below.
+__device__ __forceinline__ unsigned char (*bulk_ring())[BULK_STAGES][BULK_PIECE] {
+  __shared__ alignas(128) unsigned char ring[8][BULK_STAGES][BULK_PIECE];
+  return ring;
+}
+__device__ __forceinline__ unsigned long long (*bulk_bars())[BULK_STAGES] {
+  __shared__ alignas(8) unsigned long long bars[8][BULK_STAGES];
+  return bars;
+}
+template <typename S, int ROWS>
+__device__ void decode_linear_bulk(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
+                                   const typename S::T* __restrict__ bias, const typename S::T* __restrict__ xa,
+                                   const typename S::T* __restrict__ lb, typename S::T* __restrict__ y, int in, int out,
+                                   int rank) {
+  typedef typename S::T T;
+  unsigned char(*ring)[BULK_STAGES][BULK_PIECE] = bulk_ring();
+  unsigned long long(*bars)[BULK_STAGES] = bulk_bars();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, o = blockIdx.x * 8 + warp;
+  pdl_trigger();
+  if (o >= out) return;
+  const char* wr = reinterpret_cast<const char*>(w + (long long)o * in);
+  const int bytes = in * (int)sizeof(T), pieces = (bytes + BULK_PIECE - 1) / BULK_PIECE;
+  if (lane == 0) {
+    for (int s = 0; s < BULK_STAGES; s++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bars[warp][s])) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    // W is no kernel's output: its first pieces are asked for before the wait
+    for (int p = 0; p < BULK_STAGES && p < pieces; p++)
+      bulk_piece(ring[warp][p], wr + p * BULK_PIECE, min(BULK_PIECE, bytes - p * BULK_PIECE), &bars[warp][p]);
+  }
+  __syncwarp();
+  pdl_wait();
+  float acc[ROWS];
+#pragma unroll
+  for (int n = 0; n < ROWS; n++) acc[n] = 0.0f;
+  for (int p = 0; p < pieces; p++) {
+    const int s = p % BULK_STAGES, first = p * (BULK_PIECE / (int)sizeof(T));
+    const int count = min(BULK_PIECE, bytes - p * BULK_PIECE) / (int)sizeof(T);
+    bulk_wait(&bars[warp][s], (p / BULK_STAGES) & 1);
+    const T* piece = reinterpret_cast<const T*>(ring[warp][s]);
+    for (int e = lane * 8; e < count; e += 256) {
+      const Chunk<S> wc = load8<S>(piece + e);
+#pragma unroll
+      for (int n = 0; n < ROWS; n++) {
+        const Chunk<S> xc = load8<S>(x + (long long)n * in + first + e);
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc[n] = __fmaf_rn(S::load(wc.v[k]), S::load(xc.v[k]), acc[n]);
+      }
+    }
+    __syncwarp();
+    if (lane == 0 && p + BULK_STAGES < pieces) {
+      const int q = p + BULK_STAGES;
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      bulk_piece(ring[warp][s], wr + q * BULK_PIECE, min(BULK_PIECE, bytes - q * BULK_PIECE), &bars[warp][s]);
+    }
+  }
+  decode_linear_out<S, ROWS>(acc, bias, xa, lb, y, o, out, rank, lane);
+}
+#endif
+
+// A linear layer at decoding sizes (a GEMV for each of `ROWS` ≤ 8 rows): `y[n, o] =
+// Σ_i x[n, i] W[o, i] (+ bias[o])`, rounded, then `+ Σ_k xa[n, k] B[o, k]` (a LoRA update from
+// `xa` = s·x·Aᵀ [N, rank]; null for none), rounded again, as `linear` then `addmm_` round. A warp
+// per output o, each lane reading 16 bytes of W's row at a time (in a multiple of 8, rows
+// 16-byte aligned: the caller checks), DECODE_BATCH of them issued before any is used (the
+// weights stream from memory once: what keeps the bandwidth busy is loads in flight), the
+// products summed in fp32 in the order of i, then across the lanes by shuffles; the update's
+// rank-long products likewise, a lane per rank index.
+template <typename S, int ROWS>
+__device__ void decode_linear_rows(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
+                                   const typename S::T* __restrict__ bias, const typename S::T* __restrict__ xa,
+                                   const typename S::T* __restrict__ lb, typename S::T* __restrict__ y, int in, int out,
+                                   int rank) {
+#if DECODE_BULK && __CUDA_ARCH__ >= 900
+  return decode_linear_bulk<S, ROWS>(x, w, bias, xa, lb, y, in, out, rank);
+#endif
+  const int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  pdl_trigger();
+  if (o >= out) return;
+  const typename S::T* wr = w + (long long)o * in;
+  Chunk<S> wc[DECODE_BATCH];
+  if (DECODE_EARLY) fetch_w<S, DECODE_BATCH>(wc, wr, lane * 8, in);
+  pdl_wait();
+  float acc[ROWS];
+#pragma unroll
+  for (int n = 0; n < ROWS; n++) acc[n] = 0.0f;
+  for (int base = lane * 8; base < in; base += 256 * DECODE_BATCH) {
+    if (!DECODE_EARLY || base != lane * 8) fetch_w<S, DECODE_BATCH>(wc, wr, base, in);
+#pragma unroll
+    for (int u = 0; u < DECODE_BATCH; u++) {
+      const int i = base + u * 256;
+      if (i < in) {
+#pragma unroll
+        for (int n = 0; n < ROWS; n++) {
+          const Chunk<S> xc = load8<S>(x + (long long)n * in + i);
+#pragma unroll
+          for (int k = 0; k < 8; k++) acc[n] = __fmaf_rn(S::load(wc[u].v[k]), S::load(xc.v[k]), acc[n]);
+        }
+      }
+    }
+  }
+  decode_linear_out<S, ROWS>(acc, bias, xa, lb, y, o, out, rank, lane);
 }
 
 // [`decode_linear_rows`] for `rows` (1 to DECODE_ROWS) known at run time.

@@ -11,10 +11,12 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -160,16 +162,23 @@ Api* get_api(bool compile_only = false) {
   return api;
 }
 
-// `src` compiled by NVRTC for sm_<arch> into `cubin`; false with the log in `err`.
+// `src` compiled by NVRTC for sm_<arch> into `cubin`; false with the log in `err`. The
+// environment's FTSCRIPT_NVRTC_DEFINES ("NAME=VALUE ...") adds `-D` defines: the kernels' tuning
+// knobs (kernels.cu's DECODE_W_LOAD, DECODE_BATCH, DECODE_EARLY), for benchmarks to compare.
 bool compile(Api* a, const char* src, int arch, std::vector<char>& cubin, std::string& err) {
-  std::string flag = "--gpu-architecture=sm_" + std::to_string(arch);
-  const char* opts[] = {flag.c_str(), "--std=c++17", "--fmad=false"};
+  std::vector<std::string> flags = {"--gpu-architecture=sm_" + std::to_string(arch), "--std=c++17", "--fmad=false"};
+  if (const char* defines = std::getenv("FTSCRIPT_NVRTC_DEFINES")) {
+    std::istringstream words(defines);
+    for (std::string d; words >> d;) flags.push_back("-D" + d);
+  }
+  std::vector<const char*> opts;
+  for (auto& f : flags) opts.push_back(f.c_str());
   void* prog = nullptr;
   if (a->create(&prog, src, "ftscript_kernels.cu", 0, nullptr, nullptr) != 0) {
     err = "nvrtcCreateProgram failed";
     return false;
   }
-  bool ok = a->compile(prog, 3, opts) == 0;
+  bool ok = a->compile(prog, (int)opts.size(), opts.data()) == 0;
   if (!ok) {
     size_t n = 0;
     a->log_size(prog, &n);
