@@ -84,18 +84,6 @@ struct Chunk {
   }
 };
 
-// Eight elements at `p` (16-byte aligned, all eight in range) as 16-byte words, unconditionally
-// (no element-by-element fallback for the compiler to branch to, so that loads can be batched).
-template <typename S>
-__device__ __forceinline__ Chunk<S> load8(const typename S::T* __restrict__ p) {
-  Chunk<S> c;
-  const U4* src = reinterpret_cast<const U4*>(p);
-  U4* dst = reinterpret_cast<U4*>(c.v);
-#pragma unroll
-  for (int k = 0; k < (int)(sizeof(c.v) / 16); k++) dst[k] = src[k];
-  return c;
-}
-
 // One 16-byte word of a weight that streams from memory once (decode_linear's W). How it is
 // loaded is a tuning knob, a define given to NVRTC (`FTSCRIPT_NVRTC_DEFINES`, see rtc.cpp):
 // DECODE_W_LOAD 0 a plain load; 1 read-only, not kept in L1 (`ld.global.nc.L1::no_allocate`);
@@ -122,13 +110,16 @@ __device__ __forceinline__ U4 load_streamed(const U4* p) {
   return r;
 }
 
-template <typename S>
-__device__ __forceinline__ Chunk<S> load8_streamed(const typename S::T* __restrict__ p) {
+// Eight elements at `p` (16-byte aligned, all eight in range) as 16-byte words, unconditionally
+// (no element-by-element fallback for the compiler to branch to, so that loads can be batched);
+// STREAMED: by `load_streamed`.
+template <typename S, bool STREAMED = false>
+__device__ __forceinline__ Chunk<S> load8(const typename S::T* __restrict__ p) {
   Chunk<S> c;
   const U4* src = reinterpret_cast<const U4*>(p);
   U4* dst = reinterpret_cast<U4*>(c.v);
 #pragma unroll
-  for (int k = 0; k < (int)(sizeof(c.v) / 16); k++) dst[k] = load_streamed(src + k);
+  for (int k = 0; k < (int)(sizeof(c.v) / 16); k++) dst[k] = STREAMED ? load_streamed(src + k) : src[k];
   return c;
 }
 
@@ -868,7 +859,7 @@ template <typename S, int B>
 __device__ __forceinline__ void fetch_w(Chunk<S> (&wc)[B], const typename S::T* __restrict__ wr, int base, int in) {
 #pragma unroll
   for (int u = 0; u < B; u++) {
-    if (base + u * 256 < in) wc[u] = load8_streamed<S>(wr + base + u * 256);
+    if (base + u * 256 < in) wc[u] = load8<S, true>(wr + base + u * 256);
   }
 }
 // The end of [`decode_linear_rows`] for output `o`: each lane's partial sums `acc` added across
@@ -913,8 +904,12 @@ __device__ __forceinline__ void decode_linear_out(float (&acc)[ROWS], const type
 #define DECODE_BULK 0
 #endif
 #if DECODE_BULK && __CUDA_ARCH__ >= 900
+#ifndef BULK_PIECE
 #define BULK_PIECE 2048
+#endif
+#ifndef BULK_STAGES
 #define BULK_STAGES 2
+#endif
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void bulk_piece(void* dst, const void* src, int bytes, unsigned long long* bar) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
