@@ -40,6 +40,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 failed=()
 run() { echo "== $*"; "$@" || failed+=("$1"); }
 [ "${1:-}" = "--skip-kernels" ] || run .gpu/fused --include-ignored --test-threads=1
+# decode_linear's plain loads (what GPUs before sm_90 run) on this one too
+[ "${1:-}" = "--skip-kernels" ] || run env FTSCRIPT_NVRTC_DEFINES=DECODE_BULK=0 .gpu/fused --include-ignored --exact decode_linear_matches_linear_and_the_lora_update
 [ "${1:-}" = "--skip-kernels" ] || run .gpu/quant --include-ignored --exact cuda_dequant_kernel_matches_op_path matches_bitsandbytes_cuda_fixture
 run .gpu/training --include-ignored --exact offloaded_checkpoints_train_like_kept_ones a_memory_budget_keeps_the_peak_within_it_and_trains_the_same kept_attention_back_propagates_as_recomputation_on_the_gpu --nocapture
 run .gpu/recipes --exact a_hook_generates_with_the_model_and_sees_the_adapters_of_its_step a_failing_callback_keeps_a_checkpoint_and_names_its_line

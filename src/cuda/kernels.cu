@@ -84,42 +84,15 @@ struct Chunk {
   }
 };
 
-// One 16-byte word of a weight that streams from memory once (decode_linear's W). How it is
-// loaded is a tuning knob, a define given to NVRTC (`FTSCRIPT_NVRTC_DEFINES`, see rtc.cpp):
-// DECODE_W_LOAD 0 a plain load; 1 read-only, not kept in L1 (`ld.global.nc.L1::no_allocate`);
-// 2 that, fetching 256 bytes into L2 at a time; 3 that, marked first to evict from L2.
-#ifndef DECODE_W_LOAD
-#define DECODE_W_LOAD 0
-#endif
-__device__ __forceinline__ U4 load_streamed(const U4* p) {
-  U4 r;
-#if DECODE_W_LOAD == 1 || (DECODE_W_LOAD > 1 && __CUDA_ARCH__ < 800)
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-#elif DECODE_W_LOAD == 2
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-#elif DECODE_W_LOAD == 3
-  unsigned long long policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "l"(policy));
-#else
-  r = *p;
-#endif
-  return r;
-}
-
 // Eight elements at `p` (16-byte aligned, all eight in range) as 16-byte words, unconditionally
-// (no element-by-element fallback for the compiler to branch to, so that loads can be batched);
-// STREAMED: by `load_streamed`.
-template <typename S, bool STREAMED = false>
+// (no element-by-element fallback for the compiler to branch to, so that loads can be batched).
+template <typename S>
 __device__ __forceinline__ Chunk<S> load8(const typename S::T* __restrict__ p) {
   Chunk<S> c;
   const U4* src = reinterpret_cast<const U4*>(p);
   U4* dst = reinterpret_cast<U4*>(c.v);
 #pragma unroll
-  for (int k = 0; k < (int)(sizeof(c.v) / 16); k++) dst[k] = STREAMED ? load_streamed(src + k) : src[k];
+  for (int k = 0; k < (int)(sizeof(c.v) / 16); k++) dst[k] = src[k];
   return c;
 }
 
@@ -847,21 +820,11 @@ __device__ void decode_qkv(const typename S::T* __restrict__ qkv, long long row,
 }
 
 #define DECODE_ROWS 8
+// The tuning knobs of `decode_linear` are defines that FTSCRIPT_NVRTC_DEFINES can set (rtc.cpp),
+// for benchmarks to compare: DECODE_BULK, BULK_PIECE, BULK_STAGES (below), DECODE_BATCH.
 #ifndef DECODE_BATCH
 #define DECODE_BATCH 8
 #endif
-// DECODE_EARLY 1: the first DECODE_BATCH words of W are loaded before `pdl_wait` (W is no
-// kernel's output, so its reads may overlap the kernel before; a tuning knob like DECODE_W_LOAD).
-#ifndef DECODE_EARLY
-#define DECODE_EARLY 0
-#endif
-template <typename S, int B>
-__device__ __forceinline__ void fetch_w(Chunk<S> (&wc)[B], const typename S::T* __restrict__ wr, int base, int in) {
-#pragma unroll
-  for (int u = 0; u < B; u++) {
-    if (base + u * 256 < in) wc[u] = load8<S, true>(wr + base + u * 256);
-  }
-}
 // The end of [`decode_linear_rows`] for output `o`: each lane's partial sums `acc` added across
 // the warp, the bias added and rounded, the LoRA update's dot products over the rank (spread
 // over the lanes as the main one is) added and rounded again; lane n writes row n.
@@ -896,12 +859,13 @@ __device__ __forceinline__ void decode_linear_out(float (&acc)[ROWS], const type
   y[(long long)lane * out + o] = S::cvt(v);
 }
 
-// DECODE_BULK 1 (sm_90 on; a tuning knob like DECODE_W_LOAD): [`decode_linear_rows`] with W's
-// row streamed by the copy engine (`cp.async.bulk`, completing on an mbarrier) into a ring of
-// BULK_STAGES pieces of BULK_PIECE bytes a warp in shared memory, rather than by each lane's
-// loads; the same products in the same order, so the same result.
+// On sm_90 and later (DECODE_BULK 1, the default) [`decode_linear_rows`] has W's rows streamed
+// by the copy engine (`cp.async.bulk`, completing on an mbarrier) into a ring of BULK_STAGES
+// pieces of BULK_PIECE bytes a warp in shared memory, rather than by each lane's loads; the
+// same products in the same order, so the same result. The first pieces are asked for before
+// `pdl_wait` (W is no kernel's output). An H100 decoded a 7B 11-13% faster so (bench/README).
 #ifndef DECODE_BULK
-#define DECODE_BULK 0
+#define DECODE_BULK 1
 #endif
 #if DECODE_BULK && __CUDA_ARCH__ >= 900
 #ifndef BULK_PIECE
@@ -910,6 +874,9 @@ __device__ __forceinline__ void decode_linear_out(float (&acc)[ROWS], const type
 #ifndef BULK_STAGES
 #define BULK_STAGES 2
 #endif
+// a piece holds whole sweeps of the warp (256 elements; fp32: 1024 bytes), so each lane sums its
+// elements in the order of i as the plain path does
+static_assert(BULK_PIECE % 1024 == 0, "BULK_PIECE: a multiple of 1024 bytes");
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void bulk_piece(void* dst, const void* src, int bytes, unsigned long long* bar) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
@@ -926,7 +893,8 @@ __device__ __forceinline__ void bulk_wait(unsigned long long* bar, unsigned pari
                  : "memory");
   }
 }
-// The ring and its mbarriers, one allocation for every instantiation of the kernel below.
+// The ring and its mbarriers (a block is 8 warps: the launch's 256 threads), one allocation
+// for every instantiation of the kernel below.
 __device__ __forceinline__ unsigned char (*bulk_ring())[BULK_STAGES][BULK_PIECE] {
   __shared__ alignas(128) unsigned char ring[8][BULK_STAGES][BULK_PIECE];
   return ring;
@@ -988,11 +956,11 @@ __device__ void decode_linear_bulk(const typename S::T* __restrict__ x, const ty
 // A linear layer at decoding sizes (a GEMV for each of `ROWS` ≤ 8 rows): `y[n, o] =
 // Σ_i x[n, i] W[o, i] (+ bias[o])`, rounded, then `+ Σ_k xa[n, k] B[o, k]` (a LoRA update from
 // `xa` = s·x·Aᵀ [N, rank]; null for none), rounded again, as `linear` then `addmm_` round. A warp
-// per output o, each lane reading 16 bytes of W's row at a time (in a multiple of 8, rows
-// 16-byte aligned: the caller checks), DECODE_BATCH of them issued before any is used (the
-// weights stream from memory once: what keeps the bandwidth busy is loads in flight), the
-// products summed in fp32 in the order of i, then across the lanes by shuffles; the update's
-// rank-long products likewise, a lane per rank index.
+// per output o; below sm_90 (or with DECODE_BULK 0) each lane reads 16 bytes of W's row at a
+// time (in a multiple of 8, rows 16-byte aligned: the caller checks), DECODE_BATCH of them
+// issued before any is used (the weights stream from memory once: what keeps the bandwidth
+// busy is loads in flight), the products summed in fp32 in the order of i, then across the
+// lanes by shuffles; the update's rank-long products likewise, a lane per rank index.
 template <typename S, int ROWS>
 __device__ void decode_linear_rows(const typename S::T* __restrict__ x, const typename S::T* __restrict__ w,
                                    const typename S::T* __restrict__ bias, const typename S::T* __restrict__ xa,
@@ -1005,14 +973,16 @@ __device__ void decode_linear_rows(const typename S::T* __restrict__ x, const ty
   pdl_trigger();
   if (o >= out) return;
   const typename S::T* wr = w + (long long)o * in;
-  Chunk<S> wc[DECODE_BATCH];
-  if (DECODE_EARLY) fetch_w<S, DECODE_BATCH>(wc, wr, lane * 8, in);
   pdl_wait();
   float acc[ROWS];
 #pragma unroll
   for (int n = 0; n < ROWS; n++) acc[n] = 0.0f;
   for (int base = lane * 8; base < in; base += 256 * DECODE_BATCH) {
-    if (!DECODE_EARLY || base != lane * 8) fetch_w<S, DECODE_BATCH>(wc, wr, base, in);
+    Chunk<S> wc[DECODE_BATCH];
+#pragma unroll
+    for (int u = 0; u < DECODE_BATCH; u++) {
+      if (base + u * 256 < in) wc[u] = load8<S>(wr + base + u * 256);
+    }
 #pragma unroll
     for (int u = 0; u < DECODE_BATCH; u++) {
       const int i = base + u * 256;

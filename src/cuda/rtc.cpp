@@ -164,7 +164,7 @@ Api* get_api(bool compile_only = false) {
 
 // `src` compiled by NVRTC for sm_<arch> into `cubin`; false with the log in `err`. The
 // environment's FTSCRIPT_NVRTC_DEFINES ("NAME=VALUE ...") adds `-D` defines: the kernels' tuning
-// knobs (kernels.cu's DECODE_W_LOAD, DECODE_BATCH, DECODE_EARLY), for benchmarks to compare.
+// knobs (kernels.cu's DECODE_BULK, DECODE_BATCH...), for benchmarks to compare.
 bool compile(Api* a, const char* src, int arch, std::vector<char>& cubin, std::string& err) {
   std::vector<std::string> flags = {"--gpu-architecture=sm_" + std::to_string(arch), "--std=c++17", "--fmad=false"};
   if (const char* defines = std::getenv("FTSCRIPT_NVRTC_DEFINES")) {
