@@ -249,7 +249,18 @@ pub fn cuda_graph_replays() -> usize {
     GRAPH_REPLAYS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// New tokens a generation's KV cache first has room for (beyond the prompts); the room doubles
+thread_local! {
+    /// KV caches grown on this thread (what tests can check; a generation runs on its caller's thread).
+    static CACHE_GROWTHS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times a generation on this thread has grown its KV cache.
+pub fn cache_growths() -> usize {
+    CACHE_GROWTHS.with(|n| n.get())
+}
+
+/// New tokens a generation's KV cache first has room for (beyond the prompts) where a cache for
+/// the whole generation would take more than [`Sampling::whole_cache_bytes`]; the room doubles
 /// when a step needs more, up to `max_new_tokens`.
 const FIRST_ROOM: i64 = 64;
 
@@ -327,6 +338,7 @@ impl<'a> Decoding<'a> {
         }
         let grown = self.limit.min((2 * capacity).max(len));
         tracing::debug!("generate: the KV cache grows from {capacity} to {grown} positions");
+        CACHE_GROWTHS.with(|n| n.set(n.get() + 1));
         let cache = self.net.new_cache(b, grown);
         for ((k, v), (gk, gv)) in self.cache.layers.iter().zip(&cache.layers) {
             gk.narrow(2, 0, capacity).copy_(k);

@@ -87,13 +87,20 @@ fn scoring_matches_transformers(device: Device, tolerance: f64) {
     }
 }
 
-/// Long generations: the KV cache (allowed no bytes for the whole generation), first sized for
-/// 64 new tokens, grows twice (to 128, then to 150) while the rows decode, and the tokens stay
-/// transformers'.
+/// Long generations: a KV cache allowed no bytes for the whole generation is first sized for 64
+/// new tokens and grows twice (to 128, then to 150) while the rows decode; one allowed the
+/// default holds the 150 from the start and never grows; the tokens stay transformers' either way.
 #[test]
 fn a_generation_longer_than_the_caches_first_room_matches_transformers() {
+    let before = ftscript::generate::cache_growths();
     let ours = batched_greedy_matches_transformers_for("llama_gqa", 150, 0);
     assert!(ours.iter().any(|r| r.len() > 128), "no row ran past 128 new tokens, so the cache did not grow twice: {:?}", ours.iter().map(Vec::len).collect::<Vec<_>>());
+    // the batch's (and those of three of its prompts alone, as long as each runs)
+    let growths = ftscript::generate::cache_growths() - before;
+    assert!(growths >= 2, "a cache sized for 64 new tokens grew {growths} times");
+    let before = ftscript::generate::cache_growths();
+    assert_eq!(batched_greedy_matches_transformers_for("llama_gqa", 150, Sampling::default().whole_cache_bytes), ours);
+    assert_eq!(ftscript::generate::cache_growths() - before, 0, "a cache for the whole generation grew");
 }
 
 #[test]
