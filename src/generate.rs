@@ -23,8 +23,9 @@ pub struct Sampling {
     /// On a GPU, replay the decoding step from a CUDA graph (off: op by op).
     pub cuda_graph: bool,
     /// The KV cache holds the whole generation (prompts and `max_new_tokens`) from the start
-    /// when that takes at most this many bytes; a larger one starts with room for
-    /// [`FIRST_ROOM`] new tokens and doubles when full.
+    /// when that takes at most this many bytes (and 4,096 positions, what the decoding attention
+    /// kernel takes); a larger one starts with room for [`FIRST_ROOM`] new tokens and doubles
+    /// when full.
     pub whole_cache_bytes: i64,
 }
 
@@ -304,7 +305,9 @@ impl<'a> Decoding<'a> {
         let (b, width) = valid.size2().unwrap();
         let device = net.device;
         let cuda_graph = s.cuda_graph;
-        let capacity = if limit * net.cache_bytes_per_position(b) <= s.whole_cache_bytes { limit } else { limit.min(width + FIRST_ROOM) };
+        // (a cache past the attention kernel's positions would keep every step off the kernel)
+        let whole = limit * net.cache_bytes_per_position(b) <= s.whole_cache_bytes && limit <= crate::cuda::autograd::DECODE_MAX_CAP;
+        let capacity = if whole { limit } else { limit.min(width + FIRST_ROOM) };
         let all = Tensor::zeros([b, capacity], (Kind::Bool, device));
         all.narrow(1, 0, width).copy_(valid);
         let fixed = net.ropes.iter().all(|r| !r.depends_on_length());

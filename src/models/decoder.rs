@@ -773,13 +773,13 @@ impl Decoder {
         Ok((h, routes))
     }
 
-    /// An empty [`KvCache`] for `b` rows of `capacity` positions, each layer's on its device.
     /// The bytes a [`KvCache`] of `b` rows takes a position: keys and values, `2 · b · kv_heads ·
     /// head_dim` elements each layer.
     pub fn cache_bytes_per_position(&self, b: i64) -> i64 {
         self.layers.iter().map(|l| 2 * b * l.self_attn.n_kv_heads * l.self_attn.head_dim).sum::<i64>() * self.kind.elt_size_in_bytes() as i64
     }
 
+    /// An empty [`KvCache`] for `b` rows of `capacity` positions, each layer's on its device.
     pub fn new_cache(&self, b: i64, capacity: i64) -> KvCache {
         let shapes = self.layers.iter().map(|l| (l.device, l.self_attn.n_kv_heads, l.self_attn.head_dim));
         KvCache::new(shapes, b, capacity, self.kind)
