@@ -81,16 +81,18 @@ pub fn softcap_softmax(x: &Tensor, allowed: &Tensor, scale: f64, cap: f64) -> Op
 
 /// The most cache positions [`decode_attention`] takes (kernels.cu's DECODE_MAX_CAP).
 pub const DECODE_MAX_CAP: i64 = 4096;
+/// The largest head size [`decode_attention`] takes (kernels.cu's DECODE_MAX_DIM).
+pub const DECODE_MAX_DIM: i64 = 256;
 
 /// One decoding step's attention over a fixed-capacity KV cache, in one kernel (no autograd):
 /// `q` `[B, heads, 1, d]`, `k`, `v` `[B, kv_heads, cap, d]`, the keys `valid` `[B, cap]` marks and,
 /// with a `window`, those fewer than `window` slots behind `at` (`[1]`, the step's slot);
 /// `softmax(q kᵀ · scale)` (soft-capped at ±`softcap` first, if given) times `v`, in fp32.
 /// Returns `[B, 1, heads·d]`; `None` off the GPU or past the kernel's sizes (cap
-/// [`DECODE_MAX_CAP`], d 256, a multiple of 8).
+/// [`DECODE_MAX_CAP`], d [`DECODE_MAX_DIM`] and a multiple of 8).
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, valid: &Tensor, at: &Tensor, window: Option<i64>, scale: f64, softcap: Option<f64>) -> Option<Tensor> {
-    if k.size()[2] > DECODE_MAX_CAP || k.size()[3] > 256 || k.size()[3] % 8 != 0 {
+    if k.size()[2] > DECODE_MAX_CAP || k.size()[3] > DECODE_MAX_DIM || k.size()[3] % 8 != 0 {
         return None;
     }
     let (window, softcap) = (window.unwrap_or(0), softcap.unwrap_or(0.0));
