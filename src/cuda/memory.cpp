@@ -81,3 +81,16 @@ extern "C" int64_t ftscript_cuda_set_memory_fraction(int device, double fraction
 #else
 extern "C" int64_t ftscript_cuda_set_memory_fraction(int, double) { return -2; }
 #endif
+
+// Sets the caching allocators' options at run time, in PYTORCH_CUDA_ALLOC_CONF's syntax
+// (torch.cuda.memory._set_allocator_settings), e.g. "expandable_segments:True".
+#include <c10/core/AllocatorConfig.h>
+#include <string>
+extern "C" int64_t ftscript_cuda_set_allocator_settings(const char* settings) {
+  try {
+    c10::CachingAllocator::setAllocatorSettings(std::string(settings));
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}

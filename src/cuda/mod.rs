@@ -15,6 +15,7 @@ extern "C" {
     fn ftscript_cuda_mem_info(device: i32, free: *mut i64, total: *mut i64) -> i64;
     fn ftscript_cuda_empty_cache() -> i64;
     fn ftscript_cuda_set_memory_fraction(device: i32, fraction: f64) -> i64;
+    fn ftscript_cuda_set_allocator_settings(settings: *const std::ffi::c_char) -> i64;
 }
 
 fn index(device: tch::Device) -> Option<i32> {
@@ -57,23 +58,34 @@ pub fn mem_info(device: tch::Device) -> Option<(u64, u64)> {
 
 /// Caps the caching allocator on `device` at `bytes` until the returned guard drops: past the
 /// cap an allocation frees cached blocks, then fails as out of memory. Off CUDA it does nothing.
+/// While the cap holds the allocator grows and shrinks its segments in place (PyTorch's
+/// `expandable_segments`), so what it reserves stays near what tensors take, unless the user set
+/// `PYTORCH_CUDA_ALLOC_CONF`.
 pub fn limit_memory(device: tch::Device, bytes: u64) -> anyhow::Result<MemoryCap> {
-    let (Some(i), Some((_, total))) = (index(device), mem_info(device)) else { return Ok(MemoryCap(None)) };
+    let (Some(i), Some((_, total))) = (index(device), mem_info(device)) else { return Ok(MemoryCap(None, false)) };
     let fraction = (bytes as f64 / total as f64).min(1.0);
     match unsafe { ftscript_cuda_set_memory_fraction(i, fraction) } {
-        0 => Ok(MemoryCap(Some(i))),
+        0 => Ok(MemoryCap(Some(i), std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() && set_allocator_settings(c"expandable_segments:True"))),
         -2 => anyhow::bail!("this ftscript was built without CUDA's headers, so it cannot cap the GPU memory it uses (memory_budget); rebuild after scripts/setup.sh"),
         _ => anyhow::bail!("could not cap the CUDA caching allocator on {device:?} at {fraction:.3} of its memory"),
     }
 }
 
-/// A cap of [`limit_memory`]; dropping it lifts the cap.
-pub struct MemoryCap(Option<i32>);
+fn set_allocator_settings(settings: &std::ffi::CStr) -> bool {
+    unsafe { ftscript_cuda_set_allocator_settings(settings.as_ptr()) == 0 }
+}
+
+/// A cap of [`limit_memory`] on a device, and whether it turned expandable segments on;
+/// dropping it lifts the cap and turns them off again.
+pub struct MemoryCap(Option<i32>, bool);
 
 impl Drop for MemoryCap {
     fn drop(&mut self) {
         if let Some(i) = self.0 {
             unsafe { ftscript_cuda_set_memory_fraction(i, 1.0) };
+        }
+        if self.1 {
+            set_allocator_settings(c"expandable_segments:False");
         }
     }
 }
