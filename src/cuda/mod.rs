@@ -62,29 +62,33 @@ pub fn mem_info(device: tch::Device) -> Option<(u64, u64)> {
 /// `expandable_segments`), so what it reserves stays near what tensors take, unless the user set
 /// `PYTORCH_CUDA_ALLOC_CONF`.
 pub fn limit_memory(device: tch::Device, bytes: u64) -> anyhow::Result<MemoryCap> {
-    let (Some(i), Some((_, total))) = (index(device), mem_info(device)) else { return Ok(MemoryCap(None, false)) };
+    let (Some(i), Some((_, total))) = (index(device), mem_info(device)) else { return Ok(MemoryCap(None)) };
     let fraction = (bytes as f64 / total as f64).min(1.0);
     match unsafe { ftscript_cuda_set_memory_fraction(i, fraction) } {
-        0 => Ok(MemoryCap(Some(i), std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() && set_allocator_settings(c"expandable_segments:True"))),
+        0 => {
+            set_allocator_settings(c"expandable_segments:True");
+            Ok(MemoryCap(Some(i)))
+        }
         -2 => anyhow::bail!("this ftscript was built without CUDA's headers, so it cannot cap the GPU memory it uses (memory_budget); rebuild after scripts/setup.sh"),
         _ => anyhow::bail!("could not cap the CUDA caching allocator on {device:?} at {fraction:.3} of its memory"),
     }
 }
 
-fn set_allocator_settings(settings: &std::ffi::CStr) -> bool {
-    unsafe { ftscript_cuda_set_allocator_settings(settings.as_ptr()) == 0 }
+/// Sets the caching allocator's options (`PYTORCH_CUDA_ALLOC_CONF`'s syntax), unless the user
+/// set that variable: theirs stand.
+fn set_allocator_settings(settings: &std::ffi::CStr) {
+    if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() && unsafe { ftscript_cuda_set_allocator_settings(settings.as_ptr()) } != 0 {
+        tracing::debug!("could not set the CUDA caching allocator's {settings:?}");
+    }
 }
 
-/// A cap of [`limit_memory`] on a device, and whether it turned expandable segments on;
-/// dropping it lifts the cap and turns them off again.
-pub struct MemoryCap(Option<i32>, bool);
+/// A cap of [`limit_memory`]; dropping it lifts the cap and turns expandable segments off again.
+pub struct MemoryCap(Option<i32>);
 
 impl Drop for MemoryCap {
     fn drop(&mut self) {
         if let Some(i) = self.0 {
             unsafe { ftscript_cuda_set_memory_fraction(i, 1.0) };
-        }
-        if self.1 {
             set_allocator_settings(c"expandable_segments:False");
         }
     }
