@@ -66,7 +66,11 @@ pub fn limit_memory(device: tch::Device, bytes: u64) -> anyhow::Result<MemoryCap
     let fraction = (bytes as f64 / total as f64).min(1.0);
     match unsafe { ftscript_cuda_set_memory_fraction(i, fraction) } {
         0 => {
-            set_allocator_settings(c"expandable_segments:True");
+            let mut caps = LIVE_CAPS.lock().unwrap_or_else(|e| e.into_inner());
+            if *caps == 0 {
+                set_allocator_settings(c"expandable_segments:True");
+            }
+            *caps += 1;
             Ok(MemoryCap(Some(i)))
         }
         -2 => anyhow::bail!("this ftscript was built without CUDA's headers, so it cannot cap the GPU memory it uses (memory_budget); rebuild after scripts/setup.sh"),
@@ -82,14 +86,23 @@ fn set_allocator_settings(settings: &std::ffi::CStr) {
     }
 }
 
-/// A cap of [`limit_memory`]; dropping it lifts the cap and turns expandable segments off again.
+/// How many [`MemoryCap`]s hold: the allocator's settings are process-wide while caps are per
+/// device, so expandable segments go off only when the last cap drops.
+static LIVE_CAPS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+/// A cap of [`limit_memory`]; dropping it lifts the cap, and the last one to drop turns
+/// expandable segments off again.
 pub struct MemoryCap(Option<i32>);
 
 impl Drop for MemoryCap {
     fn drop(&mut self) {
         if let Some(i) = self.0 {
             unsafe { ftscript_cuda_set_memory_fraction(i, 1.0) };
-            set_allocator_settings(c"expandable_segments:False");
+            let mut caps = LIVE_CAPS.lock().unwrap_or_else(|e| e.into_inner());
+            *caps -= 1;
+            if *caps == 0 {
+                set_allocator_settings(c"expandable_segments:False");
+            }
         }
     }
 }
