@@ -573,3 +573,55 @@ fn inference_on_the_fused_kernels_matches_the_op_path() {
         }
     }
 }
+
+/// Attention kept for backward (`flash_attention`, what checkpointed and offloaded layers keep)
+/// reads grouped key/value heads as they are on the GPU, with no copy repeating them for each
+/// query head: its output and its q, k and v gradients (the shared heads' summed over their
+/// query heads) are as near an fp64 reference as those of the same kernel over repeated heads
+/// (within 1.5× their error, and 1% of the largest value), for 8 query heads over 2 and over
+/// 1 (multi-query), at head sizes 64 and 128.
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn kept_attention_reads_shared_heads_as_repeated_ones() {
+    use ftscript::nn::attention::{flash_attention, flash_attention_backward, repeat_heads};
+    let Some((dev, _rng)) = cuda() else { return };
+    tch::manual_seed(9);
+    let (b, heads, t) = (2i64, 8i64, 384i64);
+    for kv_heads in [2i64, 1] {
+        for dim in [64i64, 128] {
+            let scale = 1.0 / (dim as f64).sqrt();
+            let q = Tensor::randn([b, heads, t, dim], (Kind::BFloat16, dev));
+            let k = Tensor::randn([b, kv_heads, t, dim], (Kind::BFloat16, dev));
+            let v = Tensor::randn([b, kv_heads, t, dim], (Kind::BFloat16, dev));
+            let dy = Tensor::randn([b, t, heads * dim], (Kind::BFloat16, dev));
+            // fp64 reference: the heads repeated in the graph, so k's and v's gradients sum theirs
+            let (qd, kd, vd) = (leaf(&q.to_kind(Kind::Double)), leaf(&k.to_kind(Kind::Double)), leaf(&v.to_kind(Kind::Double)));
+            let (kr, vr) = (repeat_heads(&kd, heads), repeat_heads(&vd, heads));
+            let causal = Tensor::ones([t, t], (Kind::Bool, dev)).tril(0);
+            let p = (qd.matmul(&kr.transpose(2, 3)) * scale).masked_fill(&causal.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Double);
+            let want = p.matmul(&vr).transpose(1, 2).reshape([b, t, heads * dim]);
+            autograd::backward(&[(&want, &dy.to_kind(Kind::Double))]).unwrap();
+            let wants = [want.detach(), qd.grad(), kd.grad(), vd.grad()];
+            let off = |got: &[Tensor; 4]| -> Vec<f64> {
+                got.iter().zip(&wants).map(|(g, w)| (g.to_kind(Kind::Double) - w).abs().max().double_value(&[]) / w.abs().max().double_value(&[])).collect()
+            };
+            let run = |k: &Tensor, v: &Tensor| -> ([Tensor; 4], bool) {
+                let (y, saved) = flash_attention(&q, k, v, scale).expect("no attention kernel for bf16 on this GPU");
+                let shared = saved.gpu.as_ref().expect("a GPU kernel ran").shared_heads;
+                let (dq, dk, dv) = flash_attention_backward(&dy, &q, k, v, &y, &saved, scale).unwrap();
+                ([y, dq, dk, dv], shared)
+            };
+            let (shared, read_shared) = run(&k, &v);
+            assert!(read_shared, "{kv_heads} key/value heads, d {dim}: the kernel refused shared heads (they were repeated)");
+            assert_eq!(shared[2].size(), k.size(), "k's gradient has k's heads");
+            let (repeated, _) = run(&repeat_heads(&k, heads), &repeat_heads(&v, heads));
+            let fold = |g: &Tensor| g.reshape([b, kv_heads, heads / kv_heads, t, dim]).sum_dim_intlist(2, false, Kind::Float);
+            let repeated = [repeated[0].shallow_clone(), repeated[1].shallow_clone(), fold(&repeated[2]), fold(&repeated[3])];
+            let (a, r) = (off(&shared), off(&repeated));
+            println!("kept attention, {heads} heads over {kv_heads}, d {dim}: off fp64 (y, dq, dk, dv) shared {a:?}, repeated {r:?}");
+            for (i, name) in ["y", "dq", "dk", "dv"].iter().enumerate() {
+                assert!(a[i] <= r[i] * 1.5 + 1e-3 && a[i] < 1e-2, "{kv_heads} key/value heads, d {dim}: {name} {:.2e} off fp64, repeated heads {:.2e}", a[i], r[i]);
+            }
+        }
+    }
+}

@@ -610,8 +610,9 @@ extern "C" int ftscript_attention_without_cudnn(const at::Tensor* q, const at::T
   });
 }
 
-// Causal attention (no dropout) of q [B, H, T, d] over k, v [B, H, T, d] (bf16 or fp16) by the
-// kernel libtorch's SDPA picks for them, cuDNN's (`*cudnn` = 1) or FlashAttention-2's, keeping
+// Causal attention (no dropout) of q [B, H, T, d] over k, v [B, H_kv, T, d] (bf16 or fp16; H a
+// multiple of H_kv, each key/value head read by H / H_kv query heads, which both kernels do
+// without copies) by the kernel libtorch's SDPA picks for them, cuDNN's (`*cudnn` = 1) or FlashAttention-2's, keeping
 // what its backward reads besides q, k and v: `*out` [B, H, T, d], the rows' log-sum-exp `*lse`
 // (fp32) and the kernel's RNG state `*seed`, `*offset` (unused without dropout, handed back as
 // given). No graph is recorded.
@@ -620,7 +621,8 @@ extern "C" int ftscript_flash_attention(const at::Tensor* q, const at::Tensor* k
                                         int* cudnn, char* err, size_t err_len) {
   return ftscript_guarded(err, err_len, [&] {
     at::NoGradGuard no_grad;
-    *cudnn = at::_fused_sdp_choice(*q, *k, *v, {}, 0.0, true, scale, false) == (int64_t)at::SDPBackend::cudnn_attention;
+    bool grouped = k->size(1) != q->size(1);
+    *cudnn = at::_fused_sdp_choice(*q, *k, *v, {}, 0.0, true, scale, grouped) == (int64_t)at::SDPBackend::cudnn_attention;
     if (*cudnn) {
       auto r = at::_scaled_dot_product_cudnn_attention(*q, *k, *v, std::nullopt, true, 0.0, true, false, scale);
       *out = new at::Tensor(std::get<0>(r));
@@ -639,6 +641,7 @@ extern "C" int ftscript_flash_attention(const at::Tensor* q, const at::Tensor* k
 
 // The gradients `*dq`, `*dk`, `*dv` of ftscript_flash_attention's output from `dout` (its shape
 // and layout), from the forward's inputs, `out`, `lse`, RNG state and kernel; no graph is recorded.
+// `*dk`, `*dv` have k's and v's heads (a shared head's gradient sums its query heads').
 extern "C" int ftscript_flash_attention_backward(const at::Tensor* dout, const at::Tensor* q, const at::Tensor* k,
                                                  const at::Tensor* v, const at::Tensor* out, const at::Tensor* lse,
                                                  const at::Tensor* seed, const at::Tensor* offset, int cudnn,

@@ -200,8 +200,8 @@ pub fn backward(roots: &[(&Tensor, &Tensor)]) -> anyhow::Result<()> {
     super::call("backward", |err, len| unsafe { ftscript_backward(r.as_ptr(), g.as_ptr(), r.len() as i32, err, len) })
 }
 
-/// libtorch's causal FlashAttention on a GPU (bf16 or fp16, as many key/value heads as query
-/// heads `[B, H, T, d]`), without a graph, by the kernel SDPA picks (cuDNN's or FlashAttention-2's):
+/// libtorch's causal FlashAttention on a GPU (bf16 or fp16; q `[B, H, T, d]`, k and v
+/// `[B, H_kv, T, d]`, `H` a multiple of `H_kv`), without a graph, by the kernel SDPA picks (cuDNN's or FlashAttention-2's):
 /// `([out, lse, seed, offset], cudnn)`, the output `[B, H, T, d]`, each row's log-sum-exp of its
 /// scores (fp32), the kernel's RNG state, and whether cuDNN's kernel ran: what
 /// [`flash_attention_backward`] reads. An error where the kernel refuses the inputs.

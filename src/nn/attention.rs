@@ -1,6 +1,7 @@
 //! What attention layers share: the mask kind, the per-forward inputs every layer reads (rotary
 //! cos/sin and the mask, copied to each device of a split model), and the KV cache.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor};
 
 /// Which keys each query may attend to.
@@ -39,16 +40,18 @@ pub struct FlashSaved {
 }
 
 /// The GPU kernel of a [`flash_attention`] forward, whose backward must match it: cuDNN's or
-/// FlashAttention-2's, with its RNG state (unused without dropout, handed back as given).
+/// FlashAttention-2's, with its RNG state (unused without dropout, handed back as given), and
+/// whether it read shared key/value heads as they are (`false`: repeated for each query head).
 pub struct GpuKernel {
     pub cudnn: bool,
     pub seed: Tensor,
     pub offset: Tensor,
+    pub shared_heads: bool,
 }
 
 impl GpuKernel {
     pub fn shallow_clone(&self) -> GpuKernel {
-        GpuKernel { cudnn: self.cudnn, seed: self.seed.shallow_clone(), offset: self.offset.shallow_clone() }
+        GpuKernel { cudnn: self.cudnn, seed: self.seed.shallow_clone(), offset: self.offset.shallow_clone(), shared_heads: self.shared_heads }
     }
 }
 
@@ -56,22 +59,35 @@ impl GpuKernel {
 /// (each key/value head shared by `H / H_kv` query heads), without a graph: the output as
 /// `[B, T, H·d]` and what [`flash_attention_backward`] needs, so that backward need not run the
 /// forward again. libtorch's kernels: on a GPU in bf16/fp16 the one its SDPA picks (cuDNN's on
-/// H100/H200, else FlashAttention-2), on the CPU its FlashAttention in any float type; `None`
-/// where they do not serve (fp32 on a GPU, `d` not a multiple of 8 or above 256).
+/// H100/H200, else FlashAttention-2), which read shared key/value heads as they are, on the CPU
+/// its FlashAttention in any float type, over the heads repeated; `None` where they do not serve
+/// (fp32 on a GPU, `d` not a multiple of 8 or above 256).
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Option<(Tensor, FlashSaved)> {
     let (b, h, t, d) = q.size4().ok()?;
     if !flash_attention_serves(q.device(), q.kind(), d) {
         return None;
     }
     let _no_graph = tch::no_grad_guard();
-    let (k, v) = (repeat_heads(k, h), repeat_heads(v, h));
     let (out, saved) = if q.device().is_cuda() {
-        if GPU_KERNELS_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+        if GPU_KERNELS_FAILED.load(Ordering::Relaxed) {
             return None;
         }
-        let ([out, lse, seed, offset], cudnn) = crate::cuda::autograd::flash_attention(q, &k, &v, scale).inspect_err(gpu_kernels_failed).ok()?;
-        (out, FlashSaved { lse, gpu: Some(GpuKernel { cudnn, seed, offset }) })
+        let shared = k.size()[1] != h && !SHARED_HEADS_REFUSED.load(Ordering::Relaxed);
+        let kernel = |shared: bool| {
+            let (k, v) = if shared { (k.shallow_clone(), v.shallow_clone()) } else { (repeat_heads(k, h), repeat_heads(v, h)) };
+            crate::cuda::autograd::flash_attention(q, &k, &v, scale)
+        };
+        let ran = match kernel(shared) {
+            Err(e) if shared => {
+                shared_heads_refused(&e);
+                kernel(false).map(|r| (r, false))
+            }
+            r => r.map(|r| (r, shared)),
+        };
+        let (([out, lse, seed, offset], cudnn), shared_heads) = ran.inspect_err(gpu_kernels_failed).ok()?;
+        (out, FlashSaved { lse, gpu: Some(GpuKernel { cudnn, seed, offset, shared_heads }) })
     } else {
+        let (k, v) = (repeat_heads(k, h), repeat_heads(v, h));
         let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, &k, &v, 0.0, true, None::<Tensor>, scale).ok()?;
         (out, FlashSaved { lse, gpu: None })
     };
@@ -86,11 +102,21 @@ pub fn flash_attention_serves(device: Device, kind: Kind, head_dim: i64) -> bool
 
 /// Set once a GPU attention kernel called without a graph has failed: no later forward keeps
 /// attention's output (backward recomputes attention instead).
-static GPU_KERNELS_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static GPU_KERNELS_FAILED: AtomicBool = AtomicBool::new(false);
 
 fn gpu_kernels_failed(e: &anyhow::Error) {
-    if !GPU_KERNELS_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    if !GPU_KERNELS_FAILED.swap(true, Ordering::Relaxed) {
         tracing::warn!("attention's kernels refused a kept forward or its backward; attention is recomputed in backward from now on: {e:#}");
+    }
+}
+
+/// Set once a GPU attention kernel has refused key/value heads shared by several query heads:
+/// from then on they are repeated for each query head first.
+static SHARED_HEADS_REFUSED: AtomicBool = AtomicBool::new(false);
+
+fn shared_heads_refused(e: &anyhow::Error) {
+    if !SHARED_HEADS_REFUSED.swap(true, Ordering::Relaxed) {
+        tracing::info!("attention's kernel refused shared key/value heads; they are repeated for each query head from now on: {e:#}");
     }
 }
 
@@ -102,17 +128,28 @@ pub fn flash_attention_backward(dy: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor,
     let _no_graph = tch::no_grad_guard();
     let heads = |x: &Tensor| x.view([b, t, h, d]).transpose(1, 2);
     let (dout, out) = (heads(dy), heads(y));
-    let (kr, vr) = (repeat_heads(k, h), repeat_heads(v, h));
-    let (dq, dk, dv) = match &saved.gpu {
-        Some(g) => {
-            let grads = crate::cuda::autograd::flash_attention_backward(&dout, q, &kr, &vr, [&out, &saved.lse, &g.seed, &g.offset], g.cudnn, scale);
-            let [dq, dk, dv] = grads.inspect_err(gpu_kernels_failed)?;
-            (dq, dk, dv)
-        }
-        None => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(&dout, q, &kr, &vr, &out, &saved.lse, 0.0, true, None::<Tensor>, scale)?,
-    };
     // a shared key/value head's gradient sums those of the query heads that read it
-    let fold = |g: Tensor| if kv_heads == h { g } else { g.reshape([b, kv_heads, h / kv_heads, t, d]).sum_dim_intlist(2, false, g.kind()) };
+    let fold = |g: Tensor| if g.size()[1] == kv_heads { g } else { g.reshape([b, kv_heads, h / kv_heads, t, d]).sum_dim_intlist(2, false, g.kind()) };
+    let repeated = || (repeat_heads(k, h), repeat_heads(v, h));
+    let [dq, dk, dv] = match &saved.gpu {
+        Some(g) => {
+            // the forward's output and statistics serve whichever form of k and v the backward reads
+            let kernel = |(k, v): (Tensor, Tensor)| crate::cuda::autograd::flash_attention_backward(&dout, q, &k, &v, [&out, &saved.lse, &g.seed, &g.offset], g.cudnn, scale);
+            let grads = match g.shared_heads {
+                true => kernel((k.shallow_clone(), v.shallow_clone())).or_else(|e| {
+                    shared_heads_refused(&e);
+                    kernel(repeated())
+                }),
+                false => kernel(repeated()),
+            };
+            grads.inspect_err(gpu_kernels_failed)?
+        }
+        None => {
+            let (kr, vr) = repeated();
+            let (dq, dk, dv) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(&dout, q, &kr, &vr, &out, &saved.lse, 0.0, true, None::<Tensor>, scale)?;
+            [dq, dk, dv]
+        }
+    };
     Ok((dq, fold(dk), fold(dv)))
 }
 
