@@ -581,6 +581,53 @@ train(m, #{{ train: load_dataset("{o}/data.jsonl"), batch_size: 4, max_length: 3
     }
 }
 
+/// `gradient_checkpointing: "auto"` on a GPU, when a step runs out of memory anyway (a test-only
+/// cap: micro-batches of more than 2 rows fail as a CUDA OOM would), retries it with the next
+/// more frugal setting down the ladder (no checkpointing, the first layers, each layer,
+/// offloading), then, with `on_oom: "halve"`, with smaller micro-batches, and trains the same
+/// numbers as a run planned that way (no dropout); a setting the user forced is not changed.
+/// Ignored unless asked for (`--include-ignored`, on a GPU).
+#[test]
+#[ignore = "needs a GPU: cargo test --release -- --include-ignored, where CUDA is"]
+fn auto_checkpointing_steps_down_when_a_step_runs_out_of_memory() {
+    assert!(tch::Cuda::is_available(), "this test needs CUDA");
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let model = tiny_and_text(d, "llama_wide", 16);
+    let (m, o) = (model.as_str(), d.to_str().unwrap());
+    let train = |name: &str, extra: &str| {
+        std::fs::write(
+            d.join(format!("{name}.rhai")),
+            format!(
+                r#"
+let m = load_model("{m}", #{{ dtype: "fp32", device: "cuda" }});
+m.add_lora(#{{ r: 8, alpha: 16, dropout: 0.0, targets: ["q_proj", "v_proj"], seed: 5 }});
+train(m, #{{ train: load_dataset("{o}/data.jsonl"), shuffle: false, max_steps: 2, lr: 1e-3, log_every: 1, output_dir: "{o}/{name}", {extra} }});
+"#
+            ),
+        )
+        .unwrap();
+        ftscript(&["run", &format!("{name}.rhai")], d)
+    };
+    let out = train("halved", r#"batch_size: 4, inject_oom_rows: 2, on_oom: "halve""#);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for step in ["out of memory with no checkpointing; from now on checkpointing the first", "from now on checkpointing each layer", "from now on offloading", "runs as 2 of 2"] {
+        assert!(t.contains(step), "expected `{step}`:\n{t}");
+    }
+    let out = train("planned", r#"batch_size: 2, grad_accum: 2, gradient_checkpointing: "offload""#);
+    assert!(out.status.success(), "{}", text(&out));
+    let (a, b) = (losses(&d.join("halved/metrics.jsonl")), losses(&d.join("planned/metrics.jsonl")));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "stepped down {a:?} vs planned {b:?}");
+    }
+    // forced: no step down, the error names the step and what to lower
+    let out = train("forced", "batch_size: 4, inject_oom_rows: 2, gradient_checkpointing: false");
+    let t = text(&out);
+    assert!(!out.status.success() && !t.contains("from now on") && t.contains("step 1: out of memory in a micro-batch of 4 rows"), "{t}");
+}
+
 /// `memory_budget` on a GPU, as a user sets it: under a budget between the weights and what
 /// keeping every activation peaks at, training picks a more frugal way (checkpointing the first
 /// layers, then each layer, then offloading, then smaller micro-batches), peaks within the budget, and trains the same numbers

@@ -808,11 +808,6 @@ impl Decoder {
         layer.attention_recompute_backward(x, dh, cos_sin, mask, outputs, attention)
     }
 
-    /// Linear layers with an adapter in one decoder layer (the first), for memory planning.
-    pub fn adapted_per_layer(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.linears().iter().filter(|x| x.adapter.is_some()).count())
-    }
-
     /// Final norm, output projection and summed next-token cross-entropy from the last hidden
     /// states `h` `[B, T, H]`, back-propagated (scaled by `weight`) into `h`'s graph; returns the
     /// summed loss (detached): the norm keeps its graph, the projection and the loss are

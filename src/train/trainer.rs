@@ -109,7 +109,7 @@ impl TrainModel for Decoder {
         self.head_device
     }
     fn activation_needs(&self, rows: u64, row_len: u64) -> super::memory::Needs {
-        super::memory::decoder_needs(&self.config, rows, row_len, self.kind, self.adapted_per_layer() as u64, self.device.is_cuda())
+        super::memory::decoder_needs(&self.config, rows, row_len, self.kind, super::memory::decoder_adapters_keep(self), self.device.is_cuda())
     }
     fn set_dtype(&mut self, kind: Kind) {
         Decoder::set_dtype(self, kind)
@@ -525,9 +525,13 @@ pub fn train<M: TrainModel>(
                         let largest = window_rows.iter().map(|r| r.len().div_ceil(split)).max().unwrap_or(1);
                         zero_grads(&params)?;
                         crate::cuda::empty_cache();
-                        let frugal = budget.and_then(|_| super::memory::more_frugal(checkpointing, &modes, &one));
+                        // what backward keeps was planned (under a budget, or by "auto" from the
+                        // GPU's free memory): the next more frugal way
+                        let planned = budget.is_some() || (cfg.gradient_checkpointing.is_none() && net.devices().iter().any(|d| d.is_cuda()));
+                        let frugal = if planned { super::memory::more_frugal(checkpointing, &modes, &one) } else { None };
                         if let Some(next) = frugal {
-                            tracing::warn!("step {}: out of memory within memory_budget with {}; from now on {}", queued + 1, checkpointing.describe(), next.describe());
+                            let within = if budget.is_some() { " within memory_budget" } else { "" };
+                            tracing::warn!("step {}: out of memory{within} with {}; from now on {}", queued + 1, checkpointing.describe(), next.describe());
                             checkpointing = next;
                             crate::cuda::autograd::overlap_lora(checkpointing == Checkpointing::Off);
                             continue;

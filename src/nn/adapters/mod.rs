@@ -35,6 +35,16 @@ impl Adapter {
         }
     }
 
+    /// The dropout probability on the adapter's input (none for a trained copy of the weight).
+    pub fn dropout(&self) -> f64 {
+        match self {
+            Adapter::Lora(l) => l.dropout,
+            Adapter::Dora(d) => d.lora.dropout,
+            Adapter::AdaLora(a) => a.dropout,
+            Adapter::Copy(_) => 0.0,
+        }
+    }
+
     /// The weight used in place of the base weight, for a kind that replaces it.
     pub fn replaced_weight(&self) -> Option<&Tensor> {
         match self {
