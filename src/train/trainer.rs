@@ -411,7 +411,8 @@ pub fn train<M: TrainModel>(
             super::memory::ladder(layers).into_iter().filter(|&m| one.of(m).is_some()).collect()
         }
     };
-    let budget = cfg.memory_budget.filter(|_| net.devices().iter().any(|d| d.is_cuda()));
+    let on_gpu = net.devices().iter().any(|d| d.is_cuda());
+    let budget = cfg.memory_budget.filter(|_| on_gpu);
     if cfg.memory_budget.is_some() && budget.is_none() {
         tracing::info!("memory_budget caps GPU memory; on the CPU it is not applied");
     }
@@ -525,10 +526,9 @@ pub fn train<M: TrainModel>(
                         let largest = window_rows.iter().map(|r| r.len().div_ceil(split)).max().unwrap_or(1);
                         zero_grads(&params)?;
                         crate::cuda::empty_cache();
-                        // what backward keeps was planned (under a budget, or by "auto" from the
-                        // GPU's free memory): the next more frugal way
-                        let planned = budget.is_some() || (cfg.gradient_checkpointing.is_none() && net.devices().iter().any(|d| d.is_cuda()));
-                        let frugal = if planned { super::memory::more_frugal(checkpointing, &modes, &one) } else { None };
+                        // on a GPU, the next more frugal of `modes` (more than one where what
+                        // backward keeps was ours to choose: "auto", with or without a budget)
+                        let frugal = if on_gpu { super::memory::more_frugal(checkpointing, &modes, &one) } else { None };
                         if let Some(next) = frugal {
                             let within = if budget.is_some() { " within memory_budget" } else { "" };
                             tracing::warn!("step {}: out of memory{within} with {}; from now on {}", queued + 1, checkpointing.describe(), next.describe());
